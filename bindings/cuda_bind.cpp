@@ -1,0 +1,406 @@
+// Python bindings of the CUDA backend: device queries and one self-test entry per kernel
+// (numpy in, run on the current GPU, numpy out) so that pytest can compare every op with a reference.
+// Compiles without CUDA too: then cuda_built() is False, cuda_device_count() is 0 and the op entries
+// raise RuntimeError("CUDA backend not built").
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef X2L_HAVE_CUDA
+#include "common.h"
+#include "cuda_backend.h"
+#endif
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// Names of the per-op entries (also the stubs of a CPU-only build).
+const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
+                                "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
+                                "cuda_attention", "cuda_pipeline_selftest"};
+
+#ifdef X2L_HAVE_CUDA
+
+using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
+using U8Array = nb::ndarray<nb::numpy, const uint8_t, nb::c_contig, nb::device::cpu>;
+using I32Array = nb::ndarray<nb::numpy, const int32_t, nb::c_contig, nb::device::cpu>;
+using OutF32 = nb::ndarray<nb::numpy, float>;
+
+OutF32 make_out(std::vector<float>&& v, std::vector<size_t> shape) {
+    auto* heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    return OutF32(heap->data(), shape.size(), shape.data(), owner);
+}
+
+size_t numel(const std::vector<size_t>& shape) {
+    size_t n = 1;
+    for (size_t s : shape) n *= s;
+    return n;
+}
+
+template <typename A>
+std::vector<size_t> shape_of(const A& a) {
+    std::vector<size_t> s(a.ndim());
+    for (size_t i = 0; i < a.ndim(); ++i) s[i] = a.shape(i);
+    return s;
+}
+
+// Device copy of a host array (RAII).
+x2l::CudaDeviceBuffer to_device(const void* p, size_t bytes) {
+    x2l::CudaDeviceBuffer b(bytes ? bytes : 16);
+    if (bytes) b.upload(p, bytes);
+    return b;
+}
+
+std::vector<float> from_device(const x2l::CudaDeviceBuffer& b, size_t n) {
+    std::vector<float> out(n);
+    if (n) b.download(out.data(), n * sizeof(float));
+    return out;
+}
+
+// Runs `launch(stream)` on a fresh stream and waits, so kernel faults surface here as x2l::Error.
+template <typename Fn>
+void run_sync(Fn&& launch) {
+    x2l::CudaStream s;
+    launch(s.handle());
+    s.synchronize();
+}
+
+void require_device() {
+    if (x2l::cuda_device_count() == 0) throw x2l::Error("no CUDA device available");
+}
+
+x2l::DType cuda_type(uint32_t type_id) {
+    x2l::DType t = static_cast<x2l::DType>(type_id);
+    if (!x2l::cuda_matmul_supported(t)) throw x2l::Error("type id " + std::to_string(type_id) + " not supported by the CUDA kernels");
+    return t;
+}
+
+nb::dict device_info_dict(int dev) {
+    const x2l::CudaDeviceInfo info = x2l::cuda_device_info(dev);
+    nb::dict d;
+    d["name"] = info.name;
+    d["total_mem"] = info.total_mem;
+    d["free_mem"] = info.free_mem;
+    d["cc_major"] = info.cc_major;
+    d["cc_minor"] = info.cc_minor;
+    d["integrated"] = info.integrated;
+    d["can_map_host_memory"] = info.can_map_host_memory;
+    d["multiprocessors"] = info.multiprocessors;
+    return d;
+}
+
+OutF32 op_matmul(uint32_t type_id, U8Array w, int64_t rows, int64_t n, F32Array x) {
+    require_device();
+    const x2l::DType t = cuda_type(type_id);
+    if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != n) throw x2l::Error("x must have shape [T, n]");
+    const size_t rb = x2l::cuda_row_bytes(t, n);
+    if (rb == 0 || w.nbytes() != rb * static_cast<size_t>(rows)) throw x2l::Error("w must hold rows * row_bytes(n) bytes");
+    const int64_t T = static_cast<int64_t>(x.shape(0));
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dw = to_device(w.data(), w.nbytes());
+        auto dx = to_device(x.data(), x.nbytes());
+        x2l::CudaDeviceBuffer dy(static_cast<size_t>(T * rows) * sizeof(float) + 16);
+        run_sync([&](void* s) {
+            x2l::cuda_matmul(t, dw.data(), rows, n, static_cast<const float*>(dx.data()), T, static_cast<float*>(dy.data()), s);
+        });
+        out = from_device(dy, static_cast<size_t>(T * rows));
+    }
+    return make_out(std::move(out), {static_cast<size_t>(T), static_cast<size_t>(rows)});
+}
+
+OutF32 op_get_rows(uint32_t type_id, U8Array table, int64_t n_rows, int64_t n, I32Array ids) {
+    require_device();
+    const x2l::DType t = cuda_type(type_id);
+    const size_t rb = x2l::cuda_row_bytes(t, n);
+    if (rb == 0 || table.nbytes() != rb * static_cast<size_t>(n_rows)) throw x2l::Error("table must hold n_rows * row_bytes(n) bytes");
+    const int64_t n_ids = static_cast<int64_t>(ids.size());
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dt = to_device(table.data(), table.nbytes());
+        auto di = to_device(ids.data(), ids.nbytes());
+        x2l::CudaDeviceBuffer dy(static_cast<size_t>(n_ids * n) * sizeof(float) + 16);
+        run_sync([&](void* s) {
+            x2l::cuda_get_rows(t, dt.data(), n_rows, n, static_cast<const int32_t*>(di.data()), n_ids,
+                               static_cast<float*>(dy.data()), s);
+        });
+        out = from_device(dy, static_cast<size_t>(n_ids * n));
+    }
+    return make_out(std::move(out), {static_cast<size_t>(n_ids), static_cast<size_t>(n)});
+}
+
+// Row-wise ops take x [..., n] and treat the leading dims as rows.
+void rows_of(const F32Array& x, int64_t& n_rows, int64_t& n) {
+    if (x.ndim() < 1 || x.shape(x.ndim() - 1) == 0) throw x2l::Error("x must have a non-empty last dimension");
+    n = static_cast<int64_t>(x.shape(x.ndim() - 1));
+    n_rows = static_cast<int64_t>(x.size()) / n;
+}
+
+void check_vec(const std::optional<F32Array>& v, int64_t n, const char* what) {
+    if (v && static_cast<int64_t>(v->size()) != n) throw x2l::Error(std::string(what) + " must have n elements");
+}
+
+OutF32 op_norm(F32Array x, std::optional<F32Array> w, std::optional<F32Array> b, float eps, bool layer) {
+    require_device();
+    int64_t n_rows, n;
+    rows_of(x, n_rows, n);
+    check_vec(w, n, "w");
+    check_vec(b, n, "b");
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        x2l::CudaDeviceBuffer dw, db;
+        if (w) dw = to_device(w->data(), w->nbytes());
+        if (b) db = to_device(b->data(), b->nbytes());
+        x2l::CudaDeviceBuffer dy(x.nbytes() + 16);
+        const float* pw = w ? static_cast<const float*>(dw.data()) : nullptr;
+        const float* pb = b ? static_cast<const float*>(db.data()) : nullptr;
+        run_sync([&](void* s) {
+            if (layer)
+                x2l::cuda_layer_norm(static_cast<const float*>(dx.data()), pw, pb, static_cast<float*>(dy.data()), n_rows, n, eps, s);
+            else
+                x2l::cuda_rms_norm(static_cast<const float*>(dx.data()), pw, static_cast<float*>(dy.data()), n_rows, n, eps, s);
+        });
+        out = from_device(dy, x.size());
+    }
+    return make_out(std::move(out), shape_of(x));
+}
+
+OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_scale, bool neox, bool in_place) {
+    require_device();
+    if (x.ndim() != 3) throw x2l::Error("x must have shape [T, n_head, head_dim]");
+    const int64_t T = static_cast<int64_t>(x.shape(0)), H = static_cast<int64_t>(x.shape(1)), D = static_cast<int64_t>(x.shape(2));
+    if (static_cast<int64_t>(pos.size()) != T) throw x2l::Error("pos must have T entries");
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        auto dp = to_device(pos.data(), pos.nbytes());
+        x2l::CudaDeviceBuffer dy;
+        if (!in_place) dy = x2l::CudaDeviceBuffer(x.nbytes() + 16);
+        float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
+        run_sync([&](void* s) {
+            x2l::cuda_rope(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()), T, H, D, H * D,
+                           n_rot, freq_base, freq_scale, neox ? x2l::RopeMode::Neox : x2l::RopeMode::Norm, s);
+        });
+        out = from_device(in_place ? dx : dy, x.size());
+    }
+    return make_out(std::move(out), shape_of(x));
+}
+
+OutF32 op_softmax(F32Array x, float scale) {
+    require_device();
+    int64_t n_rows, n;
+    rows_of(x, n_rows, n);
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        x2l::CudaDeviceBuffer dy(x.nbytes() + 16);
+        run_sync([&](void* s) {
+            x2l::cuda_softmax(static_cast<const float*>(dx.data()), static_cast<float*>(dy.data()), n_rows, n, scale, s);
+        });
+        out = from_device(dy, x.size());
+    }
+    return make_out(std::move(out), shape_of(x));
+}
+
+// kind: 0 swiglu(a, b), 1 gelu erf(a), 2 gelu tanh(a), 3 add(a, b), 4 mul(a, b)
+OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
+    require_device();
+    const int64_t n = static_cast<int64_t>(a.size());
+    int64_t period = n;
+    if (kind == 0 && (!b || b->size() != a.size())) throw x2l::Error("gate and up must have the same size");
+    if (kind >= 3) {
+        if (!b || b->size() == 0 || a.size() % b->size() != 0) throw x2l::Error("b's size must divide a's size");
+        period = static_cast<int64_t>(b->size());
+    }
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto da = to_device(a.data(), a.nbytes());
+        x2l::CudaDeviceBuffer db;
+        if (b) db = to_device(b->data(), b->nbytes());
+        x2l::CudaDeviceBuffer dy(a.nbytes() + 16);
+        const float* pa = static_cast<const float*>(da.data());
+        const float* pb = static_cast<const float*>(db.data());
+        float* py = static_cast<float*>(dy.data());
+        run_sync([&](void* s) {
+            switch (kind) {
+                case 0: x2l::cuda_swiglu(pa, pb, py, n, s); break;
+                case 1: x2l::cuda_gelu(pa, py, n, false, s); break;
+                case 2: x2l::cuda_gelu(pa, py, n, true, s); break;
+                case 3: x2l::cuda_add(pa, pb, py, n, period, s); break;
+                default: x2l::cuda_mul(pa, pb, py, n, period, s); break;
+            }
+        });
+        out = from_device(dy, a.size());
+    }
+    return make_out(std::move(out), shape_of(a));
+}
+
+// segments: list of (k_type, k bytes as uint8 array, v_type, v bytes, n_tokens). K/V of a segment are
+// [n_tokens, n_kv_head, head_dim] in their type, or [n_kv_head, n_tokens, head_dim] with head_major.
+OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, bool causal, int window, int n_splits,
+                    bool head_major) {
+    require_device();
+    if (q.ndim() != 3) throw x2l::Error("q must have shape [n_q, n_head, head_dim]");
+    const int n_q = static_cast<int>(q.shape(0)), n_head = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
+    struct HostSeg {
+        uint32_t kt, vt;
+        U8Array k, v;
+        int64_t n;
+    };
+    std::vector<HostSeg> hs;
+    for (nb::handle h : segments) {
+        nb::tuple t = nb::cast<nb::tuple>(h);
+        if (t.size() != 5) throw x2l::Error("segment must be (k_type, k, v_type, v, n_tokens)");
+        hs.push_back({nb::cast<uint32_t>(t[0]), nb::cast<uint32_t>(t[2]), nb::cast<U8Array>(t[1]), nb::cast<U8Array>(t[3]),
+                      nb::cast<int64_t>(t[4])});
+    }
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        std::vector<x2l::CudaDeviceBuffer> bufs;
+        std::vector<x2l::CudaKVSegment> segs;
+        for (const HostSeg& s : hs) {
+            x2l::CudaKVSegment seg;
+            seg.k_type = s.kt;
+            seg.v_type = s.vt;
+            seg.n_tokens = s.n;
+            for (int kv = 0; kv < 2; ++kv) {
+                const U8Array& arr = kv ? s.v : s.k;
+                const uint32_t type = kv ? s.vt : s.kt;
+                const size_t row = x2l::cuda_row_bytes(static_cast<x2l::DType>(type), D);
+                if (row == 0) throw x2l::Error("KV type/head_dim combination not supported");
+                if (arr.nbytes() != row * static_cast<size_t>(s.n) * n_kv_head) throw x2l::Error("segment K/V size mismatch");
+                bufs.push_back(to_device(arr.data(), arr.nbytes()));
+                const int64_t ts = head_major ? static_cast<int64_t>(row) : static_cast<int64_t>(row) * n_kv_head;
+                const int64_t hstr = head_major ? static_cast<int64_t>(row) * s.n : static_cast<int64_t>(row);
+                (kv ? seg.v : seg.k) = bufs.back().data();
+                (kv ? seg.v_tok_stride : seg.k_tok_stride) = ts;
+                (kv ? seg.v_head_stride : seg.k_head_stride) = hstr;
+            }
+            segs.push_back(seg);
+        }
+        auto dq = to_device(q.data(), q.nbytes());
+        x2l::CudaDeviceBuffer dout(q.nbytes() + 16);
+        const size_t ws_bytes = x2l::cuda_attention_workspace_bytes(n_q, n_head, D, n_splits > 0 ? n_splits : 64);
+        x2l::CudaDeviceBuffer ws(ws_bytes);
+        x2l::CudaSegmentTable table;
+        run_sync([&](void* s) {
+            table.assign(segs, D, s);
+            x2l::CudaAttentionParams p;
+            p.q = static_cast<const float*>(dq.data());
+            p.out = static_cast<float*>(dout.data());
+            p.n_q = n_q;
+            p.n_head = n_head;
+            p.n_kv_head = n_kv_head;
+            p.head_dim = D;
+            p.scale = scale;
+            p.causal = causal;
+            p.window = window;
+            p.n_splits = n_splits;
+            p.workspace = ws.data();
+            p.workspace_bytes = ws.size();
+            x2l::cuda_attention(p, table, s);
+        });
+        out = from_device(dout, q.size());
+    }
+    return make_out(std::move(out), shape_of(q));
+}
+
+// Streams data [n_layers, m] through a CudaLayerPipeline (n_slots, optionally zero-copy) while a
+// "layer" kernel on the compute stream reads each slot (out = slot + 0): returns what the kernels saw.
+OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
+    require_device();
+    if (data.ndim() != 2) throw x2l::Error("data must have shape [n_layers, m]");
+    const int L = static_cast<int>(data.shape(0));
+    const size_t m = data.shape(1), bytes = m * sizeof(float);
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        x2l::CudaHostBuffer host(data.nbytes() + 16, zero_copy);
+        std::memcpy(host.data(), data.data(), data.nbytes());
+        x2l::CudaStream compute;
+        x2l::CudaDeviceBuffer zeros(bytes + 16), dout(data.nbytes() + 16);
+        zeros.zero(compute.handle());
+        x2l::CudaLayerPipeline pipe(bytes, n_slots, zero_copy);
+        std::vector<void*> where(static_cast<size_t>(L), nullptr);
+        auto stage = [&](int l) {
+            pipe.begin(l);
+            where[l] = pipe.stage(static_cast<const char*>(host.data()) + l * bytes, bytes);
+            pipe.end();
+        };
+        if (L > 0) stage(0);
+        for (int l = 0; l < L; ++l) {
+            if (l + 1 < L && l + 1 - n_slots < l) stage(l + 1);  // overlap the next copy with this layer
+            pipe.wait_ready(l, compute.handle());
+            x2l::cuda_add(static_cast<const float*>(where[l]), static_cast<const float*>(zeros.data()),
+                          static_cast<float*>(dout.data()) + l * m, static_cast<int64_t>(m), static_cast<int64_t>(m),
+                          compute.handle());
+            pipe.release(l, compute.handle());
+            if (n_slots == 1 && l + 1 < L) stage(l + 1);  // one slot: refill only after release
+        }
+        compute.synchronize();
+        out = from_device(dout, data.size());
+    }
+    return make_out(std::move(out), shape_of(data));
+}
+
+#endif  // X2L_HAVE_CUDA
+
+}  // namespace
+
+void bind_cuda(nb::module_& m) {
+#ifdef X2L_HAVE_CUDA
+    m.def("cuda_built", []() { return true; }, "True when the CUDA backend was compiled in.");
+    m.def("cuda_device_count", []() { return x2l::cuda_device_count(); },
+          "Number of usable CUDA devices (0 without a driver or device).");
+    m.def("cuda_device_info", &device_info_dict, "dev"_a = 0,
+          "dict: name, total_mem, free_mem (MemAvailable on integrated GPUs), cc_major, cc_minor, integrated, "
+          "can_map_host_memory, multiprocessors.");
+    m.def("cuda_matmul", &op_matmul, "type_id"_a, "w"_a, "rows"_a, "n"_a, "x"_a,
+          "y[T, rows] = x[T, n] @ W.T on the GPU; w: raw rows of the given ggml type (uint8 array).");
+    m.def("cuda_get_rows", &op_get_rows, "type_id"_a, "table"_a, "n_rows"_a, "n"_a, "ids"_a,
+          "Dequantized rows table[ids] -> float32 [len(ids), n].");
+    m.def("cuda_rms_norm", [](F32Array x, std::optional<F32Array> w, float eps) { return op_norm(x, w, std::nullopt, eps, false); },
+          "x"_a, "w"_a = nb::none(), "eps"_a = 1e-6f);
+    m.def("cuda_layer_norm", [](F32Array x, std::optional<F32Array> w, std::optional<F32Array> b, float eps) {
+              return op_norm(x, w, b, eps, true);
+          }, "x"_a, "w"_a = nb::none(), "b"_a = nb::none(), "eps"_a = 1e-5f);
+    m.def("cuda_rope", &op_rope, "x"_a, "pos"_a, "n_rot"_a, "freq_base"_a = 10000.f, "freq_scale"_a = 1.f,
+          "neox"_a = false, "in_place"_a = false, "x: [T, n_head, head_dim]; NORM pairs (2i, 2i+1), NEOX (i, i + n_rot/2).");
+    m.def("cuda_softmax", &op_softmax, "x"_a, "scale"_a = 1.f);
+    m.def("cuda_swiglu", [](F32Array g, F32Array u) { return op_elementwise(0, g, u); }, "gate"_a, "up"_a);
+    m.def("cuda_gelu", [](F32Array x, bool tanh_approx) { return op_elementwise(tanh_approx ? 2 : 1, x, std::nullopt); },
+          "x"_a, "tanh_approx"_a = false);
+    m.def("cuda_add", [](F32Array a, F32Array b) { return op_elementwise(3, a, b); }, "a"_a, "b"_a,
+          "a + b; b is broadcast when its size divides a's (row bias).");
+    m.def("cuda_mul", [](F32Array a, F32Array b) { return op_elementwise(4, a, b); }, "a"_a, "b"_a);
+    m.def("cuda_attention", &op_attention, "q"_a, "segments"_a, "n_kv_head"_a, "scale"_a = 0.f, "causal"_a = true,
+          "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false,
+          "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.");
+    m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
+          "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
+#else
+    m.def("cuda_built", []() { return false; }, "True when the CUDA backend was compiled in.");
+    m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: backend not built).");
+    m.def("cuda_device_info", [](nb::args, nb::kwargs) -> nb::object { throw std::runtime_error("CUDA backend not built"); });
+    for (const char* name : kOpNames)
+        m.def(name, [](nb::args, nb::kwargs) -> nb::object { throw std::runtime_error("CUDA backend not built"); });
+#endif
+}

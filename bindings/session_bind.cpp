@@ -1,0 +1,133 @@
+// Bindings for the LLM session and the sampler.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "backend.h"
+#include "common.h"
+#include "session.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+x2l::DType kv_type_from_name(const std::string& s) {
+    if (s == "f32") return x2l::DType::F32;
+    if (s == "f16") return x2l::DType::F16;
+    if (s == "q8_0") return x2l::DType::Q8_0;
+    if (s == "q4_0") return x2l::DType::Q4_0;
+    throw x2l::Error("kv_type must be one of f32, f16, q8_0, q4_0 (got '" + s + "')");
+}
+
+nb::ndarray<nb::numpy, float> to_numpy(std::vector<float>&& v, size_t rows, size_t cols) {
+    auto* heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    if (rows == 0) {
+        size_t shape[1] = {cols};
+        return nb::ndarray<nb::numpy, float>(heap->data(), 1, shape, owner);
+    }
+    size_t shape[2] = {rows, cols};
+    return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
+}
+
+}  // namespace
+
+void bind_session(nb::module_& m) {
+    m.def("cpu_features", &x2l::cpu_features);
+    m.def("default_threads", &x2l::default_threads);
+
+    nb::class_<x2l::Sampler>(m, "Sampler")
+        .def("__init__", [](x2l::Sampler* self, float temperature, int top_k, float top_p, float min_p,
+                            float repeat_penalty, int repeat_last_n, uint64_t seed) {
+            x2l::SamplerParams p;
+            p.temperature = temperature;
+            p.top_k = top_k;
+            p.top_p = top_p;
+            p.min_p = min_p;
+            p.repeat_penalty = repeat_penalty;
+            p.repeat_last_n = repeat_last_n;
+            p.seed = seed;
+            new (self) x2l::Sampler(p);
+        }, "temperature"_a = 0.0f, "top_k"_a = 0, "top_p"_a = 1.0f, "min_p"_a = 0.0f, "repeat_penalty"_a = 1.0f,
+           "repeat_last_n"_a = 64, "seed"_a = 0)
+        .def("sample", [](x2l::Sampler& s, nb::ndarray<nb::numpy, const float, nb::ndim<1>, nb::c_contig> logits,
+                          const std::vector<int32_t>& history) {
+            std::vector<float> l(logits.data(), logits.data() + logits.shape(0));
+            return s.sample(l.data(), static_cast<int32_t>(l.size()), history.data(), static_cast<int64_t>(history.size()));
+        }, "logits"_a, "history"_a = std::vector<int32_t>{});
+
+    nb::class_<x2l::LlmSession>(m, "LlmSession")
+        .def("__init__", [](x2l::LlmSession* self, const std::string& path, int n_threads, int64_t n_ctx,
+                            const std::string& kv_type, int64_t n_batch) {
+            x2l::SessionOptions o;
+            o.n_threads = n_threads;
+            o.n_ctx = n_ctx;
+            o.kv_type = kv_type_from_name(kv_type);
+            o.n_batch = n_batch;
+            nb::gil_scoped_release nogil;
+            new (self) x2l::LlmSession(path, o);
+        }, "path"_a, "n_threads"_a = 0, "n_ctx"_a = 0, "kv_type"_a = "f16", "n_batch"_a = 256)
+        .def("eval", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
+            std::vector<float> all;
+            {
+                nb::gil_scoped_release nogil;
+                s.eval(tokens, all_logits ? &all : nullptr);
+            }
+            if (!all_logits) return nb::none();
+            size_t nv = static_cast<size_t>(s.model().config().n_vocab);
+            return nb::cast(to_numpy(std::move(all), tokens.size(), nv));
+        }, "tokens"_a, "all_logits"_a = false,
+           "Append tokens to the context. With all_logits, returns [n, n_vocab] float32 logits.")
+        .def("logits", [](const x2l::LlmSession& s) {
+            std::vector<float> v = s.last_logits();
+            return to_numpy(std::move(v), 0, s.last_logits().size());
+        }, "Logits of the last evaluated token, [n_vocab] float32.")
+        .def("sample", [](x2l::LlmSession& s, x2l::Sampler& sampler) { return s.sample(sampler); }, "sampler"_a)
+        .def("truncate", &x2l::LlmSession::truncate, "n"_a)
+        .def_prop_ro("history", [](const x2l::LlmSession& s) { return s.history(); })
+        .def_prop_ro("n_past", &x2l::LlmSession::n_past)
+        .def_prop_ro("n_ctx", &x2l::LlmSession::n_ctx)
+        .def_prop_ro("n_threads", &x2l::LlmSession::n_threads)
+        .def_prop_ro("tokenizer", [](x2l::LlmSession& s) -> const x2l::Tokenizer& { return s.tokenizer(); },
+                     nb::rv_policy::reference_internal)
+        .def("metadata", [](const x2l::LlmSession& s, const std::string& key) -> nb::object {
+            const x2l::GGUFValue* v = s.file().find(key);
+            if (!v) return nb::none();
+            if (v->type == x2l::GGUFType::STRING) return nb::str(v->str.c_str(), v->str.size());
+            if (v->is_int()) return nb::int_(v->i);
+            if (v->is_float()) return nb::float_(v->f);
+            return nb::none();
+        }, "key"_a)
+        .def("info", [](const x2l::LlmSession& s) {
+            const x2l::LlmConfig& c = s.model().config();
+            nb::dict d;
+            d["path"] = s.file().path();
+            d["arch"] = c.arch;
+            d["n_vocab"] = c.n_vocab;
+            d["n_ctx_train"] = c.n_ctx_train;
+            d["n_embd"] = c.n_embd;
+            d["n_layer"] = c.n_layer;
+            d["n_head"] = c.n_head;
+            d["n_head_kv"] = c.n_head_kv;
+            d["head_dim"] = c.head_dim;
+            d["n_ff"] = c.n_ff;
+            d["rope_base"] = c.rope_base;
+            d["tied_output"] = c.tied_output;
+            d["n_ctx"] = s.n_ctx();
+            d["n_threads"] = s.n_threads();
+            d["kv_type"] = std::string(x2l::type_info(s.options().kv_type).name);
+            d["backend"] = "cpu";
+            d["cpu_features"] = x2l::cpu_features();
+            return d;
+        })
+        .def("memory", [](const x2l::LlmSession& s) {
+            nb::dict d;
+            d["weights_bytes"] = s.model().weight_bytes();
+            d["kv_bytes"] = s.kv_bytes();
+            d["workspace_bytes"] = s.workspace_bytes();
+            d["file_bytes"] = s.file().file_size();
+            return d;
+        });
+}

@@ -1,0 +1,429 @@
+// Attention over a list of KV segments in temporal order (flash-attention style online softmax).
+//
+// One block = one KV head x a tile of QR query rows (row = (token, query head of that KV head's
+// group), so GQA heads share every K/V tile they read) x one KV split. Per tile of 32 keys:
+//   1. the block dequantizes K rows into shared memory as f32 (segment type: F32/F16/Q8_0/Q4_0,
+//      read in place: quantized H-KV is never expanded in global memory),
+//   2. lane j of each warp scores key j against the warp's RPW rows,
+//   3. the warp updates each row's running max / sum (base-2 exponent; scale*log2e folded into q),
+//   4. the block loads the V tile into the same buffer and each lane accumulates head_dim/32 output
+//      columns of the warp's rows.
+// Decode (few rows) splits the keys over gridDim.x blocks; attn_combine_kernel merges the partial
+// (max, sum, acc) states. Prefill tiles skip keys no row of the block can see (causal / window).
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <string>
+
+#include "common.h"
+#include "cuda/common.cuh"
+#include "cuda/formats.cuh"
+#include "cuda_backend.h"
+
+namespace x2l {
+namespace cudak {
+namespace {
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnThreads = kAttnWarps * 32;
+constexpr int kKT = 32;                   // keys per tile: one per lane when scoring
+constexpr int kMaxHeadDim = 256;
+constexpr int kDSlots = kMaxHeadDim / 32;  // output columns per lane
+constexpr int kMaxSplits = 64;
+
+struct AttnArgs {
+    const float* q;
+    int64_t q_tok_stride;     // floats
+    float* out;
+    int64_t out_tok_stride;   // floats
+    const CudaKVSegment* segs;
+    int n_segs;
+    int n_q, n_head, n_kv_head, head_dim, n_rep;
+    int64_t n_kv;
+    float scale_log2;         // softmax scale * log2(e)
+    int causal, window;
+    int n_splits;
+    int64_t split_len;        // keys per split (multiple of kKT)
+    float* ws_acc;            // [n_splits, n_q * n_head, head_dim]
+    float* ws_ml;             // [n_splits, n_q * n_head, 2]: running max (log2 domain), sum
+};
+
+// Dequantize rows [first, first + nk) of one KV head into tile[kKT][D + 1]; rows >= nk are zeroed
+// (V rows multiply p = 0, and 0 * garbage could be NaN).
+template <typename F>
+__device__ void load_tile(const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D, float* tile) {
+    const int upr = D / F::VPT;  // units per row
+    const int DP = D + 1;
+    for (int i = threadIdx.x; i < kKT * upr; i += kAttnThreads) {
+        const int jj = i / upr, u = i - jj * upr;
+        float v[F::VPT];
+        if (jj < nk) {
+            F::load(base + (first + jj) * tok_stride, u, v);
+        } else {
+#pragma unroll
+            for (int c = 0; c < F::VPT; ++c) v[c] = 0.f;
+        }
+        float* dst = tile + jj * DP + F::pos0(u);
+#pragma unroll
+        for (int g = 0; g < F::NG; ++g)
+#pragma unroll
+            for (int c = 0; c < F::G; ++c) dst[g * F::GAP + c] = v[g * F::G + c];
+    }
+}
+
+__device__ void load_tile_any(uint32_t type, const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D,
+                              float* tile) {
+    switch (type) {
+        case kF16: load_tile<Fmt<kF16>>(base, tok_stride, first, nk, D, tile); break;
+        case kQ8_0: load_tile<Fmt<kQ8_0>>(base, tok_stride, first, nk, D, tile); break;
+        case kQ4_0: load_tile<Fmt<kQ4_0>>(base, tok_stride, first, nk, D, tile); break;
+        case kF32: load_tile<Fmt<kF32>>(base, tok_stride, first, nk, D, tile); break;
+        default:  // rejected on the host (CudaSegmentTable); zeros keep a bad table harmless
+            for (int i = threadIdx.x; i < kKT * (D + 1); i += kAttnThreads) tile[i] = 0.f;
+    }
+}
+
+// grid (n_splits, ceil(n_q * n_rep / QR), n_kv_head), block kAttnThreads, dynamic shared memory
+// (QR * D + kKT * (D + 1) + QR * kKT) floats. RPW = query rows per warp, QR = 4 * RPW rows per block.
+template <int RPW>
+__global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
+    constexpr int QR = kAttnWarps * RPW;
+    extern __shared__ float smem[];
+    const int D = a.head_dim, DP = D + 1;
+    float* qs = smem;            // [QR][D]
+    float* kv = qs + QR * D;     // [kKT][D + 1]: K tile, then V tile; odd stride = conflict-free columns
+    float* ps = kv + kKT * DP;   // [QR][kKT] probabilities of the current tile
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int split = blockIdx.x, hk = blockIdx.z;
+    const int rows = a.n_q * a.n_rep;  // query rows of this KV head
+    const int row0 = blockIdx.y * QR;
+
+    // Query rows (scaled), zero for rows past the end.
+    for (int i = threadIdx.x; i < QR * D; i += kAttnThreads) {
+        const int r = i / D, d = i - r * D, gr = row0 + r;
+        float val = 0.f;
+        if (gr < rows) {
+            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+            val = a.q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
+        }
+        qs[i] = val;
+    }
+
+    // Visible kv range [lo, hi] of each row this warp owns; query t sits at kv index n_kv - n_q + t.
+    int64_t lo[RPW], hi[RPW];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        if (gr < rows) {
+            const int64_t qpos = a.n_kv - a.n_q + gr / a.n_rep;
+            hi[i] = a.causal ? qpos : a.n_kv - 1;
+            lo[i] = a.window > 0 ? qpos - a.window + 1 : 0;
+        } else {
+            hi[i] = -1;  // sees nothing
+            lo[i] = 0;
+        }
+    }
+    // Union over the block's rows (tokens are monotonic in the row index), uniform across the block.
+    const int last_row = min(row0 + QR, rows) - 1;
+    const int64_t qpos_first = a.n_kv - a.n_q + row0 / a.n_rep;
+    const int64_t qpos_last = a.n_kv - a.n_q + last_row / a.n_rep;
+    const int64_t blk_hi = a.causal ? qpos_last : a.n_kv - 1;
+    const int64_t blk_lo = a.window > 0 ? qpos_first - a.window + 1 : 0;
+
+    float m[RPW], l[RPW], acc[RPW][kDSlots];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+#pragma unroll
+        for (int k = 0; k < kDSlots; ++k) acc[i][k] = 0.f;
+    }
+    __syncthreads();
+
+    const int64_t kv_begin = static_cast<int64_t>(split) * a.split_len;
+    const int64_t kv_end = min(a.n_kv, kv_begin + a.split_len);
+    const float* qw = qs + warp * RPW * D;
+    float* pw = ps + warp * RPW * kKT;
+
+    int64_t seg_start = 0;
+    for (int si = 0; si < a.n_segs && seg_start < kv_end; ++si) {
+        const CudaKVSegment seg = a.segs[si];
+        const int64_t seg_end = seg_start + seg.n_tokens;
+        const int64_t j_begin = max(max(seg_start, kv_begin), blk_lo);
+        const int64_t j_end = min(min(seg_end, kv_end), blk_hi + 1);
+        const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
+        const uint8_t* vbase = static_cast<const uint8_t*>(seg.v) + hk * seg.v_head_stride;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kKT) {
+            const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), j_end - j0));
+            load_tile_any(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, kv);
+            __syncthreads();
+
+            // Scores of key `lane` against the warp's rows.
+            float sc[RPW];
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) sc[i] = 0.f;
+            const float* krow = kv + lane * DP;
+            for (int d = 0; d < D; ++d) {
+                const float kd = krow[d];
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) sc[i] += qw[i * D + d] * kd;
+            }
+            const int64_t j = j0 + lane;
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) {
+                const bool visible = lane < nk && j >= lo[i] && j <= hi[i];
+                const float s = visible ? sc[i] : -INFINITY;
+                const float m_new = fmaxf(m[i], warp_max(s));
+                // All-masked so far: keep the state empty (exp2(-inf - -inf) would be NaN).
+                const float p = m_new == -INFINITY ? 0.f : exp2f(s - m_new);
+                const float alpha = m_new == -INFINITY ? 1.f : exp2f(m[i] - m_new);
+                l[i] = l[i] * alpha + warp_sum(p);
+                m[i] = m_new;
+#pragma unroll
+                for (int k = 0; k < kDSlots; ++k) acc[i][k] *= alpha;
+                pw[i * kKT + lane] = p;
+            }
+            __syncthreads();  // K tile fully read
+
+            load_tile_any(seg.v_type, vbase, seg.v_tok_stride, j0 - seg_start, nk, D, kv);
+            __syncthreads();
+            for (int jj = 0; jj < nk; ++jj) {
+                const float* vrow = kv + jj * DP;
+                float p[RPW];
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) p[i] = pw[i * kKT + jj];
+#pragma unroll
+                for (int k = 0; k < kDSlots; ++k) {
+                    const int d = lane + 32 * k;
+                    if (d < D) {
+                        const float vd = vrow[d];
+#pragma unroll
+                        for (int i = 0; i < RPW; ++i) acc[i][k] += p[i] * vd;
+                    }
+                }
+            }
+            __syncthreads();  // V tile and probabilities fully read before the next tile
+        }
+        seg_start = seg_end;
+    }
+
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        if (gr >= rows) continue;
+        const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+        if (a.n_splits == 1) {
+            const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+            float* o = a.out + static_cast<int64_t>(t) * a.out_tok_stride + static_cast<int64_t>(h) * D;
+#pragma unroll
+            for (int k = 0; k < kDSlots; ++k) {
+                const int d = lane + 32 * k;
+                if (d < D) o[d] = acc[i][k] * inv;
+            }
+        } else {
+            const size_t slot = static_cast<size_t>(split) * a.n_q * a.n_head + static_cast<size_t>(t) * a.n_head + h;
+            float* o = a.ws_acc + slot * D;
+#pragma unroll
+            for (int k = 0; k < kDSlots; ++k) {
+                const int d = lane + 32 * k;
+                if (d < D) o[d] = acc[i][k];
+            }
+            if (lane == 0) {
+                a.ws_ml[2 * slot] = m[i];
+                a.ws_ml[2 * slot + 1] = l[i];
+            }
+        }
+    }
+}
+
+// Merge split states: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. grid n_q * n_head.
+__global__ void attn_combine_kernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml, int n_splits,
+                                    int n_q, int n_head, int D, float* __restrict__ out, int64_t out_tok_stride) {
+    const int row = blockIdx.x;  // t * n_head + h
+    const size_t n_rows = static_cast<size_t>(n_q) * n_head;
+    float M = -INFINITY;
+    for (int s = 0; s < n_splits; ++s) M = fmaxf(M, ws_ml[2 * (s * n_rows + row)]);
+    float L = 0.f;
+    for (int s = 0; s < n_splits; ++s) {
+        const float ms = ws_ml[2 * (s * n_rows + row)];
+        if (ms != -INFINITY) L += exp2f(ms - M) * ws_ml[2 * (s * n_rows + row) + 1];
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    const int t = row / n_head, h = row % n_head;
+    float* o = out + static_cast<int64_t>(t) * out_tok_stride + static_cast<int64_t>(h) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < n_splits; ++s) {
+            const float ms = ws_ml[2 * (s * n_rows + row)];
+            if (ms != -INFINITY) acc += exp2f(ms - M) * ws_acc[(s * n_rows + row) * D + d];
+        }
+        o[d] = acc * inv;
+    }
+}
+
+size_t smem_bytes(int rpw, int D) {
+    const int qr = kAttnWarps * rpw;
+    return sizeof(float) * (static_cast<size_t>(qr) * D + static_cast<size_t>(kKT) * (D + 1) + qr * kKT);
+}
+
+template <int RPW>
+void launch_attn(const AttnArgs& a, dim3 grid, cudaStream_t s) {
+    const size_t smem = smem_bytes(RPW, a.head_dim);
+    if (smem > 48 * 1024) {
+        // Above the default limit (large head_dim): opt in; every target arch allows >= 99 KB.
+        check(cudaFuncSetAttribute(attn_kernel<RPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)),
+              "cudaFuncSetAttribute(attn_kernel)");
+    }
+    attn_kernel<RPW><<<grid, kAttnThreads, smem, s>>>(a);
+    check_launch("attn_kernel");
+}
+
+int kv_align(uint32_t type) {
+    switch (type) {
+        case kF32: return Fmt<kF32>::ALIGN;
+        case kF16: return Fmt<kF16>::ALIGN;
+        case kQ8_0: return Fmt<kQ8_0>::ALIGN;
+        case kQ4_0: return Fmt<kQ4_0>::ALIGN;
+        default: return 0;
+    }
+}
+
+int kv_block(uint32_t type) {
+    switch (type) {
+        case kF32: return Fmt<kF32>::QK;
+        case kF16: return Fmt<kF16>::QK;
+        case kQ8_0: return Fmt<kQ8_0>::QK;
+        case kQ4_0: return Fmt<kQ4_0>::QK;
+        default: return 0;
+    }
+}
+
+}  // namespace
+}  // namespace cudak
+
+using namespace cudak;
+
+bool cuda_kv_type_supported(DType t) { return kv_align(static_cast<uint32_t>(t)) != 0; }
+
+void CudaSegmentTable::assign(const std::vector<CudaKVSegment>& segs, int head_dim, void* stream) {
+    const char* fn = "CudaSegmentTable::assign";
+    if (head_dim <= 0 || head_dim > kMaxHeadDim) throw_arg(fn, "head_dim must be in 1..256");
+    int64_t total = 0;
+    for (size_t i = 0; i < segs.size(); ++i) {
+        const CudaKVSegment& s = segs[i];
+        const std::string where = " (segment " + std::to_string(i) + ")";
+        if (s.n_tokens < 0) throw Error(std::string(fn) + ": negative n_tokens" + where);
+        for (int kv = 0; kv < 2; ++kv) {
+            const uint32_t type = kv ? s.v_type : s.k_type;
+            const void* p = kv ? s.v : s.k;
+            const int64_t ts = kv ? s.v_tok_stride : s.k_tok_stride, hs = kv ? s.v_head_stride : s.k_head_stride;
+            const int al = kv_align(type);
+            if (al == 0) throw Error(std::string(fn) + ": KV type must be f32, f16, q8_0 or q4_0" + where);
+            if (head_dim % kv_block(type) != 0)
+                throw Error(std::string(fn) + ": head_dim is not a multiple of the KV type's block" + where);
+            if (s.n_tokens == 0) continue;
+            if (!p) throw Error(std::string(fn) + ": null K/V pointer" + where);
+            if (!aligned(p, al) || ts % al != 0 || hs % al != 0)
+                throw Error(std::string(fn) + ": K/V pointer or stride misaligned for its type" + where);
+        }
+        total += s.n_tokens;
+    }
+    host_ = segs;
+    n_kv_ = total;
+    const size_t bytes = segs.size() * sizeof(CudaKVSegment);
+    if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
+    // Pageable source: the runtime stages it before returning, so host_ may change afterwards.
+    if (bytes) cuda_copy_h2d_async(dev_.data(), host_.data(), bytes, stream);
+}
+
+size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits) {
+    if (n_splits <= 1) return 0;
+    return sizeof(float) * static_cast<size_t>(n_splits) * n_q * n_head * (head_dim + 2);
+}
+
+void cuda_attention(const CudaAttentionParams& p, void* stream) {
+    const char* fn = "cuda_attention";
+    if (p.n_q < 0 || p.n_head <= 0 || p.n_kv_head <= 0 || p.n_head % p.n_kv_head != 0)
+        throw_arg(fn, "need n_head > 0 and a multiple of n_kv_head > 0");
+    if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0)
+        throw_arg(fn, "head_dim must be a multiple of 4 in 4..256");
+    if (p.n_kv < 0 || p.n_segments < 0 || (p.n_segments > 0 && !p.segments)) throw_arg(fn, "bad segments");
+    if (p.n_q == 0) return;
+    const int n_rep = p.n_head / p.n_kv_head;
+    const int64_t rows = static_cast<int64_t>(p.n_q) * n_rep;
+    const int rpw = rows <= kAttnWarps ? 1 : 4;
+    const int qr = kAttnWarps * rpw;
+    const int64_t row_tiles = (rows + qr - 1) / qr;
+    if (row_tiles > 65535 || p.n_kv_head > 65535) throw_arg(fn, "too many query rows for one launch");
+    const cudaStream_t s = as_stream(stream);
+
+    AttnArgs a{};
+    a.q = p.q;
+    a.q_tok_stride = p.q_tok_stride ? p.q_tok_stride : static_cast<int64_t>(p.n_head) * p.head_dim;
+    a.out = p.out;
+    a.out_tok_stride = p.out_tok_stride ? p.out_tok_stride : static_cast<int64_t>(p.n_head) * p.head_dim;
+    a.segs = p.segments;
+    a.n_segs = p.n_segments;
+    a.n_q = p.n_q;
+    a.n_head = p.n_head;
+    a.n_kv_head = p.n_kv_head;
+    a.head_dim = p.head_dim;
+    a.n_rep = n_rep;
+    a.n_kv = p.n_kv;
+    const float scale = p.scale > 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
+    a.scale_log2 = scale * 1.4426950408889634f;
+    a.causal = p.causal ? 1 : 0;
+    a.window = p.window;
+
+    // Splits: enough blocks to fill the device when rows alone do not, each split >= 4 tiles of keys.
+    const int64_t base_blocks = row_tiles * p.n_kv_head;
+    int64_t splits = p.n_splits;
+    if (splits <= 0) {
+        int dev = 0, sms = 1;
+        check(cudaGetDevice(&dev), "cudaGetDevice");
+        check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+        splits = base_blocks >= sms ? 1 : (2 * sms + base_blocks - 1) / base_blocks;
+        splits = std::min<int64_t>(splits, (p.n_kv + 4 * kKT - 1) / (4 * kKT));
+    }
+    splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
+    splits = std::min<int64_t>(splits, std::max<int64_t>(1, (p.n_kv + kKT - 1) / kKT));
+    while (splits > 1 && cuda_attention_workspace_bytes(p.n_q, p.n_head, p.head_dim, static_cast<int>(splits)) >
+                             (p.workspace ? p.workspace_bytes : 0))
+        --splits;
+    int64_t split_len = p.n_kv;
+    if (splits > 1) {
+        split_len = (p.n_kv + splits - 1) / splits;
+        split_len = (split_len + kKT - 1) / kKT * kKT;
+        splits = (p.n_kv + split_len - 1) / split_len;  // rounding may leave fewer non-empty splits
+    }
+    a.n_splits = static_cast<int>(splits);
+    a.split_len = std::max<int64_t>(split_len, 1);
+    if (splits > 1) {
+        a.ws_acc = static_cast<float*>(p.workspace);
+        a.ws_ml = a.ws_acc + static_cast<size_t>(splits) * p.n_q * p.n_head * p.head_dim;
+    }
+
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.n_kv_head));
+    if (rpw == 1)
+        launch_attn<1>(a, grid, s);
+    else
+        launch_attn<4>(a, grid, s);
+
+    if (splits > 1) {
+        const int threads = std::min(256, (p.head_dim + 31) / 32 * 32);
+        attn_combine_kernel<<<static_cast<unsigned>(static_cast<int64_t>(p.n_q) * p.n_head), threads, 0, s>>>(
+            a.ws_acc, a.ws_ml, a.n_splits, p.n_q, p.n_head, p.head_dim, p.out, a.out_tok_stride);
+        check_launch("attn_combine_kernel");
+    }
+}
+
+void cuda_attention(CudaAttentionParams p, const CudaSegmentTable& table, void* stream) {
+    p.segments = table.device_data();
+    p.n_segments = table.size();
+    p.n_kv = table.n_kv();
+    cuda_attention(p, stream);
+}
+
+}  // namespace x2l

@@ -1,0 +1,244 @@
+// Norms, RoPE, softmax and elementwise kernels (f32 activations).
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "common.h"
+#include "cuda/common.cuh"
+#include "cuda_backend.h"
+
+namespace x2l {
+namespace cudak {
+namespace {
+
+constexpr int kRowThreads = 256;  // one block per row for the row-wise reductions
+constexpr int kEwThreads = 256;
+
+// Block-wide sum/max for kRowThreads threads; every thread gets the result. `red` holds 32 floats.
+__device__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // `red` may still be read from a previous reduction
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : 0.f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// grid n_rows
+__global__ void __launch_bounds__(kRowThreads)
+rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ w, float* __restrict__ y, int64_t n, float eps) {
+    __shared__ float red[32];
+    const float* xr = x + static_cast<size_t>(blockIdx.x) * n;
+    float* yr = y + static_cast<size_t>(blockIdx.x) * n;
+    float ss = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, red);
+    const float sc = rsqrtf(ss / static_cast<float>(n) + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * sc * (w ? w[i] : 1.f);
+}
+
+// grid n_rows. Two passes (mean, then squared deviations) for accuracy on rows with a large mean.
+__global__ void __launch_bounds__(kRowThreads)
+layer_norm_kernel(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                  float* __restrict__ y, int64_t n, float eps) {
+    __shared__ float red[32];
+    const float* xr = x + static_cast<size_t>(blockIdx.x) * n;
+    float* yr = y + static_cast<size_t>(blockIdx.x) * n;
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += xr[i];
+    const float mean = block_sum(s, red) / static_cast<float>(n);
+    float v = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const float d = xr[i] - mean;
+        v += d * d;
+    }
+    const float inv = rsqrtf(block_sum(v, red) / static_cast<float>(n) + eps);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        yr[i] = (xr[i] - mean) * inv * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+}
+
+// grid n_rows
+__global__ void __launch_bounds__(kRowThreads)
+softmax_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, float scale) {
+    __shared__ float red[32];
+    const float* xr = x + static_cast<size_t>(blockIdx.x) * n;
+    float* yr = y + static_cast<size_t>(blockIdx.x) * n;
+    float mx = -INFINITY;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, xr[i] * scale);
+    mx = block_max(mx, red);
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += expf(xr[i] * scale - mx);
+    const float inv = 1.f / block_sum(s, red);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = expf(xr[i] * scale - mx) * inv;
+}
+
+// One thread per (token, rotated pair); the angle is computed once and applied to every head.
+// The angle is formed and reduced in double: pos * inv_freq reaches 1e5 rad at long contexts, where
+// float rounding (and the fast-math sin/cos) would be off by 1e-2 rad.
+__global__ void rope_kernel(const float* __restrict__ x, float* __restrict__ y, const int32_t* __restrict__ pos,
+                            int64_t n_tokens, int n_head, int head_dim, int64_t tok_stride, int n_rot,
+                            double log2_base, double freq_scale, int neox) {
+    const int half = n_rot / 2;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= n_tokens * half) return;
+    const int64_t t = idx / half;
+    const int i = static_cast<int>(idx - t * half);
+    const double inv_freq = exp2(-2.0 * i / n_rot * log2_base);
+    double sn, cs;
+    sincos(static_cast<double>(pos[t]) * freq_scale * inv_freq, &sn, &cs);
+    const float s = static_cast<float>(sn), c = static_cast<float>(cs);
+    const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+    for (int h = 0; h < n_head; ++h) {
+        const int64_t base = t * tok_stride + static_cast<int64_t>(h) * head_dim;
+        const float x0 = x[base + i0], x1 = x[base + i1];
+        y[base + i0] = x0 * c - x1 * s;
+        y[base + i1] = x0 * s + x1 * c;
+    }
+}
+
+// Copies the unrotated tail dims [n_rot, head_dim) when rope writes out of place.
+__global__ void rope_tail_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n_tokens, int n_head,
+                                 int head_dim, int64_t tok_stride, int n_rot) {
+    const int tail = head_dim - n_rot;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= n_tokens * n_head * tail) return;
+    const int64_t th = idx / tail;
+    const int d = n_rot + static_cast<int>(idx - th * tail);
+    const int64_t t = th / n_head;
+    const int h = static_cast<int>(th - t * n_head);
+    const int64_t off = t * tok_stride + static_cast<int64_t>(h) * head_dim + d;
+    y[off] = x[off];
+}
+
+__global__ void swiglu_kernel(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y, int64_t n) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const float a = g[i];
+        y[i] = a / (1.f + expf(-a)) * u[i];
+    }
+}
+
+__global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int tanh_approx) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const float v = x[i];
+        if (tanh_approx)
+            y[i] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        else
+            y[i] = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    }
+}
+
+// op 0: add, 1: mul
+__global__ void binary_kernel(const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const float bv = b[b_period == n ? i : i % b_period];
+        y[i] = op == 0 ? a[i] + bv : a[i] * bv;
+    }
+}
+
+// Grid-stride launches: enough blocks to fill any target GPU, capped so huge n loops instead.
+unsigned ew_grid(int64_t n) {
+    const int64_t blocks = (n + kEwThreads - 1) / kEwThreads;
+    return static_cast<unsigned>(blocks < 65535 ? blocks : 65535);
+}
+
+void check_rows(const char* fn, int64_t n_rows, int64_t n) {
+    if (n_rows < 0 || n_rows > 0x7FFFFFFF || n <= 0) throw_arg(fn, "bad shape");
+}
+
+}  // namespace
+}  // namespace cudak
+
+using namespace cudak;
+
+void cuda_rms_norm(const float* x, const float* w, float* y, int64_t n_rows, int64_t n, float eps, void* stream) {
+    check_rows("cuda_rms_norm", n_rows, n);
+    if (n_rows == 0) return;
+    rms_norm_kernel<<<static_cast<unsigned>(n_rows), kRowThreads, 0, as_stream(stream)>>>(x, w, y, n, eps);
+    check_launch("rms_norm_kernel");
+}
+
+void cuda_layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n_rows, int64_t n, float eps,
+                     void* stream) {
+    check_rows("cuda_layer_norm", n_rows, n);
+    if (n_rows == 0) return;
+    layer_norm_kernel<<<static_cast<unsigned>(n_rows), kRowThreads, 0, as_stream(stream)>>>(x, w, b, y, n, eps);
+    check_launch("layer_norm_kernel");
+}
+
+void cuda_softmax(const float* x, float* y, int64_t n_rows, int64_t n, float scale, void* stream) {
+    check_rows("cuda_softmax", n_rows, n);
+    if (n_rows == 0) return;
+    softmax_kernel<<<static_cast<unsigned>(n_rows), kRowThreads, 0, as_stream(stream)>>>(x, y, n, scale);
+    check_launch("softmax_kernel");
+}
+
+void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, int64_t n_head, int64_t head_dim,
+               int64_t tok_stride, int n_rot, float freq_base, float freq_scale, RopeMode mode, void* stream) {
+    const char* fn = "cuda_rope";
+    if (n_tokens < 0 || n_head <= 0 || head_dim <= 0 || n_head > 0x7FFFFFFF || head_dim > 0x7FFFFFFF)
+        throw_arg(fn, "bad shape");
+    if (n_rot <= 0 || n_rot % 2 != 0 || n_rot > head_dim) throw_arg(fn, "n_rot must be even and in 2..head_dim");
+    if (tok_stride < n_head * head_dim) throw_arg(fn, "tok_stride smaller than n_head * head_dim");
+    if (!(freq_base > 0.f)) throw_arg(fn, "freq_base must be > 0");
+    if (mode != RopeMode::Norm && mode != RopeMode::Neox) throw_arg(fn, "mode must be Norm (0) or Neox (2)");
+    if (n_tokens == 0) return;
+    const cudaStream_t s = as_stream(stream);
+    const int64_t pairs = n_tokens * (n_rot / 2);
+    rope_kernel<<<grid_for(pairs, 128), 128, 0, s>>>(x, y, pos, n_tokens, static_cast<int>(n_head),
+                                                     static_cast<int>(head_dim), tok_stride, n_rot,
+                                                     std::log2(static_cast<double>(freq_base)),
+                                                     static_cast<double>(freq_scale), mode == RopeMode::Neox);
+    check_launch("rope_kernel");
+    if (x != y && n_rot < head_dim) {
+        const int64_t tail = n_tokens * n_head * (head_dim - n_rot);
+        rope_tail_kernel<<<grid_for(tail, 256), 256, 0, s>>>(x, y, n_tokens, static_cast<int>(n_head),
+                                                            static_cast<int>(head_dim), tok_stride, n_rot);
+        check_launch("rope_tail_kernel");
+    }
+}
+
+void cuda_swiglu(const float* gate, const float* up, float* y, int64_t n, void* stream) {
+    if (n < 0) throw_arg("cuda_swiglu", "bad n");
+    if (n == 0) return;
+    swiglu_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(gate, up, y, n);
+    check_launch("swiglu_kernel");
+}
+
+void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stream) {
+    if (n < 0) throw_arg("cuda_gelu", "bad n");
+    if (n == 0) return;
+    gelu_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, y, n, tanh_approx ? 1 : 0);
+    check_launch("gelu_kernel");
+}
+
+static void binary(const char* fn, const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op,
+                   void* stream) {
+    if (n < 0 || b_period <= 0 || n % b_period != 0) throw_arg(fn, "n must be a multiple of b_period > 0");
+    if (n == 0) return;
+    binary_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(a, b, y, n, b_period, op);
+    check_launch("binary_kernel");
+}
+
+void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream) {
+    binary("cuda_add", a, b, y, n, b_period, 0, stream);
+}
+
+void cuda_mul(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream) {
+    binary("cuda_mul", a, b, y, n, b_period, 1, stream);
+}
+
+}  // namespace x2l

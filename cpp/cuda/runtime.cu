@@ -1,0 +1,362 @@
+// Devices, memory, streams, events and the layer-pipelined copy helper.
+#include <cuda_runtime.h>
+
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "common.h"
+#include "cuda/common.cuh"
+#include "cuda_backend.h"
+
+namespace x2l {
+
+namespace cudak {
+
+void throw_cuda(cudaError_t e, const char* what) {
+    (void)cudaGetLastError();  // reset the last-error slot (sticky errors stay sticky regardless)
+    std::string msg = std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e) + " (" +
+                      cudaGetErrorName(e) + ")";
+    if (e == cudaErrorMemoryAllocation) throw BudgetError(msg);
+    throw Error(msg);
+}
+
+void throw_arg(const char* fn, const char* msg) { throw Error(std::string(fn) + ": " + msg); }
+
+}  // namespace cudak
+
+using cudak::check;
+
+// ---------------------------------------------------------------- devices
+
+int cuda_device_count() {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) {
+        // No driver (cudaErrorInsufficientDriver), no device (cudaErrorNoDevice), ...: the CPU backend
+        // takes over. Clear the error so it is not reported by an unrelated later call.
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+namespace {
+
+// MemAvailable from /proc/meminfo in bytes, 0 when unreadable.
+size_t meminfo_available() {
+    std::ifstream f("/proc/meminfo");
+    std::string line;
+    while (std::getline(f, line)) {
+        if (line.rfind("MemAvailable:", 0) == 0) {
+            std::istringstream is(line.substr(13));
+            unsigned long long kb = 0;
+            is >> kb;
+            return static_cast<size_t>(kb) * 1024;
+        }
+    }
+    return 0;
+}
+
+int attr(cudaDeviceAttr a, int dev) {
+    int v = 0;
+    check(cudaDeviceGetAttribute(&v, a, dev), "cudaDeviceGetAttribute");
+    return v;
+}
+
+}  // namespace
+
+CudaDeviceInfo cuda_device_info(int dev) {
+    const int n = cuda_device_count();
+    if (dev < 0 || dev >= n) throw Error("cuda_device_info: no CUDA device " + std::to_string(dev));
+    cudaDeviceProp prop{};
+    check(cudaGetDeviceProperties(&prop, dev), "cudaGetDeviceProperties");
+    CudaDeviceInfo info;
+    info.name = prop.name;
+    info.total_mem = prop.totalGlobalMem;
+    info.cc_major = attr(cudaDevAttrComputeCapabilityMajor, dev);
+    info.cc_minor = attr(cudaDevAttrComputeCapabilityMinor, dev);
+    info.integrated = attr(cudaDevAttrIntegrated, dev) != 0;
+    info.can_map_host_memory = attr(cudaDevAttrCanMapHostMemory, dev) != 0;
+    info.multiprocessors = attr(cudaDevAttrMultiProcessorCount, dev);
+
+    // cudaMemGetInfo reports on the current device (and creates its context).
+    int prev = 0;
+    check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != dev) check(cudaSetDevice(dev), "cudaSetDevice");
+    size_t free_b = 0, total_b = 0;
+    const cudaError_t e = cudaMemGetInfo(&free_b, &total_b);
+    if (prev != dev) check(cudaSetDevice(prev), "cudaSetDevice");
+    check(e, "cudaMemGetInfo");
+    info.free_mem = free_b;
+    if (info.integrated) {
+        // Jetson: device memory is the shared LPDDR; cudaMemGetInfo ignores reclaimable page cache and
+        // under-reports what can still be allocated, MemAvailable is the kernel's own estimate.
+        const size_t avail = meminfo_available();
+        if (avail > 0) info.free_mem = avail;
+    }
+    return info;
+}
+
+void cuda_set_device(int dev) { check(cudaSetDevice(dev), "cudaSetDevice"); }
+
+int cuda_get_device() {
+    int d = 0;
+    check(cudaGetDevice(&d), "cudaGetDevice");
+    return d;
+}
+
+void cuda_device_synchronize() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
+
+// ---------------------------------------------------------------- device buffer
+
+CudaDeviceBuffer::CudaDeviceBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes == 0) return;
+    check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+}
+
+CudaDeviceBuffer::~CudaDeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);  // errors here are from earlier work; a destructor cannot report them
+}
+
+CudaDeviceBuffer::CudaDeviceBuffer(CudaDeviceBuffer&& o) noexcept
+    : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+
+CudaDeviceBuffer& CudaDeviceBuffer::operator=(CudaDeviceBuffer&& o) noexcept {
+    if (this != &o) {
+        if (ptr_) cudaFree(ptr_);
+        ptr_ = std::exchange(o.ptr_, nullptr);
+        bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+}
+
+void CudaDeviceBuffer::upload(const void* host_src, size_t bytes, size_t offset, void* stream) {
+    if (offset + bytes > bytes_) throw Error("CudaDeviceBuffer::upload: out of range");
+    if (bytes == 0) return;
+    char* dst = static_cast<char*>(ptr_) + offset;
+    if (stream)
+        check(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cudak::as_stream(stream)), "cudaMemcpyAsync");
+    else
+        check(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+}
+
+void CudaDeviceBuffer::download(void* host_dst, size_t bytes, size_t offset, void* stream) const {
+    if (offset + bytes > bytes_) throw Error("CudaDeviceBuffer::download: out of range");
+    if (bytes == 0) return;
+    const char* src = static_cast<const char*>(ptr_) + offset;
+    if (stream)
+        check(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cudak::as_stream(stream)), "cudaMemcpyAsync");
+    else
+        check(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
+}
+
+void CudaDeviceBuffer::zero(void* stream) {
+    if (bytes_ == 0) return;
+    if (stream)
+        check(cudaMemsetAsync(ptr_, 0, bytes_, cudak::as_stream(stream)), "cudaMemsetAsync");
+    else
+        check(cudaMemset(ptr_, 0, bytes_), "cudaMemset");
+}
+
+// ---------------------------------------------------------------- pinned host buffer
+
+CudaHostBuffer::CudaHostBuffer(size_t bytes, bool mapped) : bytes_(bytes) {
+    if (bytes == 0) return;
+    const unsigned flags = mapped ? (cudaHostAllocMapped | cudaHostAllocPortable) : cudaHostAllocPortable;
+    check(cudaHostAlloc(&host_, bytes, flags), "cudaHostAlloc");
+    if (mapped) {
+        const cudaError_t e = cudaHostGetDevicePointer(&dev_, host_, 0);
+        if (e != cudaSuccess) {
+            cudaFreeHost(host_);
+            host_ = nullptr;
+            check(e, "cudaHostGetDevicePointer");
+        }
+    }
+}
+
+CudaHostBuffer::~CudaHostBuffer() {
+    if (host_) cudaFreeHost(host_);
+}
+
+CudaHostBuffer::CudaHostBuffer(CudaHostBuffer&& o) noexcept
+    : host_(std::exchange(o.host_, nullptr)), dev_(std::exchange(o.dev_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+
+CudaHostBuffer& CudaHostBuffer::operator=(CudaHostBuffer&& o) noexcept {
+    if (this != &o) {
+        if (host_) cudaFreeHost(host_);
+        host_ = std::exchange(o.host_, nullptr);
+        dev_ = std::exchange(o.dev_, nullptr);
+        bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+}
+
+void* cuda_mapped_device_ptr(const void* host_ptr) {
+    void* d = nullptr;
+    check(cudaHostGetDevicePointer(&d, const_cast<void*>(host_ptr), 0), "cudaHostGetDevicePointer");
+    return d;
+}
+
+// ---------------------------------------------------------------- streams and events
+
+CudaStream::CudaStream(bool non_blocking) {
+    cudaStream_t s = nullptr;
+    check(cudaStreamCreateWithFlags(&s, non_blocking ? cudaStreamNonBlocking : cudaStreamDefault), "cudaStreamCreate");
+    s_ = s;
+}
+
+CudaStream::~CudaStream() {
+    if (s_) cudaStreamDestroy(cudak::as_stream(s_));
+}
+
+CudaStream::CudaStream(CudaStream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+
+CudaStream& CudaStream::operator=(CudaStream&& o) noexcept {
+    if (this != &o) {
+        if (s_) cudaStreamDestroy(cudak::as_stream(s_));
+        s_ = std::exchange(o.s_, nullptr);
+    }
+    return *this;
+}
+
+void CudaStream::synchronize() const { check(cudaStreamSynchronize(cudak::as_stream(s_)), "cudaStreamSynchronize"); }
+
+static cudaEvent_t as_event(void* e) { return static_cast<cudaEvent_t>(e); }
+
+CudaEvent::CudaEvent(bool timing) {
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming), "cudaEventCreate");
+    e_ = e;
+}
+
+CudaEvent::~CudaEvent() {
+    if (e_) cudaEventDestroy(as_event(e_));
+}
+
+CudaEvent::CudaEvent(CudaEvent&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+
+CudaEvent& CudaEvent::operator=(CudaEvent&& o) noexcept {
+    if (this != &o) {
+        if (e_) cudaEventDestroy(as_event(e_));
+        e_ = std::exchange(o.e_, nullptr);
+    }
+    return *this;
+}
+
+void CudaEvent::record(void* stream) { check(cudaEventRecord(as_event(e_), cudak::as_stream(stream)), "cudaEventRecord"); }
+
+void CudaEvent::wait_in(void* stream) const {
+    check(cudaStreamWaitEvent(cudak::as_stream(stream), as_event(e_), 0), "cudaStreamWaitEvent");
+}
+
+void CudaEvent::synchronize() const { check(cudaEventSynchronize(as_event(e_)), "cudaEventSynchronize"); }
+
+bool CudaEvent::done() const {
+    const cudaError_t e = cudaEventQuery(as_event(e_));
+    if (e == cudaErrorNotReady) return false;
+    check(e, "cudaEventQuery");
+    return true;
+}
+
+float CudaEvent::elapsed_ms_since(const CudaEvent& start) const {
+    float ms = 0.f;
+    check(cudaEventElapsedTime(&ms, as_event(start.e_), as_event(e_)), "cudaEventElapsedTime");
+    return ms;
+}
+
+void cuda_copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream) {
+    if (bytes == 0) return;
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cudak::as_stream(stream)), "cudaMemcpyAsync(H2D)");
+}
+
+void cuda_copy_d2h_async(void* dst, const void* src, size_t bytes, void* stream) {
+    if (bytes == 0) return;
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cudak::as_stream(stream)), "cudaMemcpyAsync(D2H)");
+}
+
+void cuda_copy_d2d_async(void* dst, const void* src, size_t bytes, void* stream) {
+    if (bytes == 0) return;
+    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cudak::as_stream(stream)), "cudaMemcpyAsync(D2D)");
+}
+
+// ---------------------------------------------------------------- layer pipeline
+
+CudaLayerPipeline::CudaLayerPipeline(size_t slot_bytes, int n_slots, bool zero_copy)
+    : zero_copy_(zero_copy), slot_bytes_(slot_bytes), copy_stream_(true) {
+    if (zero_copy) return;
+    if (n_slots < 1) throw Error("CudaLayerPipeline: n_slots must be >= 1");
+    slots_.resize(static_cast<size_t>(n_slots));
+    for (auto& s : slots_) s.buf = CudaDeviceBuffer(slot_bytes);
+}
+
+CudaLayerPipeline::~CudaLayerPipeline() {
+    // Copies may still target the slots: finish them before the buffers are freed.
+    if (copy_stream_.handle()) cudaStreamSynchronize(cudak::as_stream(copy_stream_.handle()));
+}
+
+void CudaLayerPipeline::begin(int layer) {
+    if (open_ >= 0) throw Error("CudaLayerPipeline::begin: previous layer not ended");
+    if (layer < 0) throw Error("CudaLayerPipeline::begin: negative layer");
+    if (zero_copy_) {
+        open_ = 0;
+        return;
+    }
+    const int idx = layer % n_slots();
+    Slot& s = slots_[static_cast<size_t>(idx)];
+    if (s.layer >= 0 && !s.released_recorded)
+        throw Error("CudaLayerPipeline::begin: slot still holds layer " + std::to_string(s.layer) +
+                    " (release() it first, or reset())");
+    // The slot's previous layer may still be read by compute work enqueued before release().
+    if (s.released_recorded) s.released.wait_in(copy_stream_.handle());
+    s.released_recorded = false;
+    s.layer = layer;
+    open_ = idx;
+    offset_ = 0;
+}
+
+void* CudaLayerPipeline::stage(const void* host_src, size_t bytes) {
+    if (open_ < 0) throw Error("CudaLayerPipeline::stage: call begin() first");
+    if (zero_copy_) return cuda_mapped_device_ptr(host_src);
+    const size_t off = (offset_ + 255) & ~size_t(255);
+    if (off + bytes > slot_bytes_) throw BudgetError("CudaLayerPipeline::stage: slot full");
+    Slot& s = slots_[static_cast<size_t>(open_)];
+    char* dst = static_cast<char*>(s.buf.data()) + off;
+    cuda_copy_h2d_async(dst, host_src, bytes, copy_stream_.handle());
+    offset_ = off + bytes;
+    return dst;
+}
+
+void CudaLayerPipeline::end() {
+    if (open_ < 0) throw Error("CudaLayerPipeline::end: call begin() first");
+    if (!zero_copy_) slots_[static_cast<size_t>(open_)].ready.record(copy_stream_.handle());
+    open_ = -1;
+}
+
+void CudaLayerPipeline::reset() {
+    cudak::check(cudaStreamSynchronize(cudak::as_stream(copy_stream_.handle())), "cudaStreamSynchronize");
+    for (auto& s : slots_) {
+        s.layer = -1;
+        s.released_recorded = false;
+    }
+    open_ = -1;
+    offset_ = 0;
+}
+
+void CudaLayerPipeline::wait_ready(int layer, void* compute_stream) {
+    if (zero_copy_) return;
+    Slot& s = slots_[static_cast<size_t>(layer % n_slots())];
+    if (s.layer != layer) throw Error("CudaLayerPipeline::wait_ready: layer " + std::to_string(layer) + " is not staged");
+    s.ready.wait_in(compute_stream);
+}
+
+void CudaLayerPipeline::release(int layer, void* compute_stream) {
+    if (zero_copy_) return;
+    Slot& s = slots_[static_cast<size_t>(layer % n_slots())];
+    if (s.layer != layer) throw Error("CudaLayerPipeline::release: layer " + std::to_string(layer) + " is not staged");
+    s.released.record(compute_stream);
+    s.released_recorded = true;
+}
+
+}  // namespace x2l

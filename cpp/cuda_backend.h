@@ -1,0 +1,296 @@
+// CUDA backend: device discovery, memory/stream ownership and kernel launch wrappers.
+//
+// Plain C++ (no CUDA types), so any .cpp file may include it. The definitions live in cpp/cuda/*.cu
+// and exist only when the build compiled them (X2L_HAVE_CUDA=1); callers guard with that macro.
+//
+// Conventions
+// - Every pointer passed to a launch wrapper is device-accessible (cudaMalloc, or mapped pinned host
+//   memory on integrated GPUs), except where a comment says "host".
+// - `stream` is a cudaStream_t passed as void*; nullptr is the legacy default stream.
+// - Launch wrappers only enqueue: they validate arguments on the host, launch, and check the launch.
+//   Faults inside a kernel surface at the next synchronizing call.
+// - Every CUDA failure throws x2l::Error carrying cudaGetErrorString's text (x2l::BudgetError, a
+//   subclass, for out-of-memory).
+// - Activations are f32, row-major, contiguous unless a stride is given. Weight/KV rows use the
+//   ggml block layouts of quant.h.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant.h"
+
+namespace x2l {
+
+// ---------------------------------------------------------------- devices
+
+// Number of usable CUDA devices; 0 when the driver or device is missing (never throws).
+int cuda_device_count();
+
+struct CudaDeviceInfo {
+    std::string name;
+    size_t total_mem = 0;        // bytes
+    size_t free_mem = 0;         // bytes; MemAvailable of /proc/meminfo on integrated GPUs (shared DRAM)
+    int cc_major = 0, cc_minor = 0;
+    bool integrated = false;     // Jetson: host and device share one DRAM
+    bool can_map_host_memory = false;
+    int multiprocessors = 0;
+};
+CudaDeviceInfo cuda_device_info(int dev);
+
+void cuda_set_device(int dev);
+int cuda_get_device();
+void cuda_device_synchronize();
+
+// ---------------------------------------------------------------- memory (RAII, move-only)
+
+// Device memory (cudaMalloc) of the device current at construction.
+class CudaDeviceBuffer {
+  public:
+    CudaDeviceBuffer() = default;
+    explicit CudaDeviceBuffer(size_t bytes);
+    ~CudaDeviceBuffer();
+    CudaDeviceBuffer(CudaDeviceBuffer&& o) noexcept;
+    CudaDeviceBuffer& operator=(CudaDeviceBuffer&& o) noexcept;
+    CudaDeviceBuffer(const CudaDeviceBuffer&) = delete;
+    CudaDeviceBuffer& operator=(const CudaDeviceBuffer&) = delete;
+
+    void* data() const { return ptr_; }
+    size_t size() const { return bytes_; }
+    // Copies; with a stream they are asynchronous (host memory must then be pinned to overlap).
+    void upload(const void* host_src, size_t bytes, size_t offset = 0, void* stream = nullptr);
+    void download(void* host_dst, size_t bytes, size_t offset = 0, void* stream = nullptr) const;
+    void zero(void* stream = nullptr);
+
+  private:
+    void* ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+// Page-locked host memory (cudaHostAlloc). mapped=true also maps it into the device address space:
+// device_ptr() then lets kernels read it in place (zero-copy, the natural choice on Jetson where
+// "host" and "device" memory are the same DRAM).
+class CudaHostBuffer {
+  public:
+    CudaHostBuffer() = default;
+    explicit CudaHostBuffer(size_t bytes, bool mapped = false);
+    ~CudaHostBuffer();
+    CudaHostBuffer(CudaHostBuffer&& o) noexcept;
+    CudaHostBuffer& operator=(CudaHostBuffer&& o) noexcept;
+    CudaHostBuffer(const CudaHostBuffer&) = delete;
+    CudaHostBuffer& operator=(const CudaHostBuffer&) = delete;
+
+    void* data() const { return host_; }
+    void* device_ptr() const { return dev_; }  // nullptr unless mapped
+    size_t size() const { return bytes_; }
+    bool mapped() const { return dev_ != nullptr; }
+
+  private:
+    void* host_ = nullptr;
+    void* dev_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+// Device address of a byte inside mapped pinned memory (cudaHostGetDevicePointer).
+void* cuda_mapped_device_ptr(const void* host_ptr);
+
+// ---------------------------------------------------------------- streams and events
+
+class CudaStream {
+  public:
+    // non_blocking: no implicit synchronization with the legacy default stream.
+    explicit CudaStream(bool non_blocking = true);
+    ~CudaStream();
+    CudaStream(CudaStream&& o) noexcept;
+    CudaStream& operator=(CudaStream&& o) noexcept;
+    CudaStream(const CudaStream&) = delete;
+    CudaStream& operator=(const CudaStream&) = delete;
+
+    void* handle() const { return s_; }
+    void synchronize() const;
+
+  private:
+    void* s_ = nullptr;
+};
+
+class CudaEvent {
+  public:
+    explicit CudaEvent(bool timing = false);
+    ~CudaEvent();
+    CudaEvent(CudaEvent&& o) noexcept;
+    CudaEvent& operator=(CudaEvent&& o) noexcept;
+    CudaEvent(const CudaEvent&) = delete;
+    CudaEvent& operator=(const CudaEvent&) = delete;
+
+    void* handle() const { return e_; }
+    void record(void* stream);
+    void wait_in(void* stream) const;  // `stream` waits (on the device) until this event completes
+    void synchronize() const;          // the host waits
+    bool done() const;
+    float elapsed_ms_since(const CudaEvent& start) const;  // both created with timing=true
+
+  private:
+    void* e_ = nullptr;
+};
+
+// Asynchronous host-to-device copy on `stream` (host memory pinned for it to overlap).
+void cuda_copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream);
+void cuda_copy_d2h_async(void* dst, const void* src, size_t bytes, void* stream);
+void cuda_copy_d2d_async(void* dst, const void* src, size_t bytes, void* stream);
+
+// Layer-pipelined upload of per-layer data (the L-KV reload of DESIGN §1/§2): layer l+1 is copied on
+// a dedicated copy stream into one of n_slots device slots while the compute stream runs layer l.
+// Per slot: a "ready" event (copies landed, compute waits on it) and a "free" event (compute done
+// reading, the next copy into that slot waits on it).
+//
+//   pipe.begin(0); p0 = pipe.stage(src0, n0); pipe.end();
+//   for l: { pipe.begin(l+1); ...stage...; pipe.end();        // overlaps with layer l below
+//            pipe.wait_ready(l, compute); run layer l on compute; pipe.release(l, compute); }
+//
+// zero_copy (integrated GPUs): no slots and no copies; stage() returns the device address of the
+// mapped pinned source itself, and the other calls do nothing. The source must then be a
+// CudaHostBuffer allocated with mapped=true.
+class CudaLayerPipeline {
+  public:
+    CudaLayerPipeline(size_t slot_bytes, int n_slots, bool zero_copy);
+    ~CudaLayerPipeline();
+    CudaLayerPipeline(const CudaLayerPipeline&) = delete;
+    CudaLayerPipeline& operator=(const CudaLayerPipeline&) = delete;
+
+    bool zero_copy() const { return zero_copy_; }
+    void* copy_stream() const { return copy_stream_.handle(); }
+    int n_slots() const { return static_cast<int>(slots_.size()); }
+
+    void begin(int layer);
+    // Enqueue a copy of `bytes` from (pinned) host memory; returns where the data will be on the
+    // device. Offsets inside a slot are 256-byte aligned. Throws when the slot is full.
+    void* stage(const void* host_src, size_t bytes);
+    void end();
+    void wait_ready(int layer, void* compute_stream);
+    void release(int layer, void* compute_stream);
+    // Forget every slot's layer (start of a new pass). The compute stream must be done with them.
+    void reset();
+
+  private:
+    struct Slot {
+        CudaDeviceBuffer buf;
+        CudaEvent ready, released;
+        int layer = -1;
+        bool released_recorded = false;
+    };
+    bool zero_copy_;
+    size_t slot_bytes_;
+    CudaStream copy_stream_;
+    std::vector<Slot> slots_;
+    int open_ = -1;       // slot being staged, -1 outside begin()/end()
+    size_t offset_ = 0;   // bytes used in the open slot
+};
+
+// ---------------------------------------------------------------- kernels: matmul and friends
+
+// Formats the kernels read: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K.
+bool cuda_matmul_supported(DType t);
+// Bytes of a row of n values of type t as the kernels read it (ggml layout); 0 if unsupported.
+size_t cuda_row_bytes(DType t, int64_t n);
+
+// y[n_tokens, rows] = x[n_tokens, n] · W^T, W = rows × cuda_row_bytes(w_type, n) bytes, dequantized in
+// the kernel. n: a multiple of the block size (4 for F32/F16). x 16-byte aligned.
+// n_tokens <= 8 uses a warp-per-row matvec (decode); larger uses a shared-memory tiled kernel.
+void cuda_matmul(DType w_type, const void* w, int64_t rows, int64_t n, const float* x, int64_t n_tokens,
+                 float* y, void* stream);
+
+// dst[i, :] = dequantize(table row ids[i]) for i < n_ids; dst [n_ids, n]. Ids outside
+// [0, n_table_rows) give zero rows. (Embedding lookup; also the dequantize test path.)
+void cuda_get_rows(DType type, const void* table, int64_t n_table_rows, int64_t n, const int32_t* ids,
+                   int64_t n_ids, float* dst, void* stream);
+
+// ---------------------------------------------------------------- kernels: elementwise and norms
+
+// y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * w; x, y: [n_rows, n]; w: [n] or nullptr (= 1).
+void cuda_rms_norm(const float* x, const float* w, float* y, int64_t n_rows, int64_t n, float eps, void* stream);
+// y = (x - mean) / sqrt(var + eps) * w + b per row; w, b may be nullptr.
+void cuda_layer_norm(const float* x, const float* w, const float* b, float* y, int64_t n_rows, int64_t n,
+                     float eps, void* stream);
+
+// Rotary embedding on x[n_tokens, n_head, head_dim] (token stride tok_stride floats, heads contiguous);
+// y has the same layout and may equal x. The first n_rot dims of each head rotate by
+// pos[t] * freq_scale * freq_base^(-2i/n_rot); the rest are copied. mode 0 (NORM): pairs (2i, 2i+1),
+// mode 2 (NEOX): pairs (i, i + n_rot/2) — ggml's mode values. pos: device int32 [n_tokens].
+enum class RopeMode : int { Norm = 0, Neox = 2 };
+void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, int64_t n_head, int64_t head_dim,
+               int64_t tok_stride, int n_rot, float freq_base, float freq_scale, RopeMode mode, void* stream);
+
+// y[r, :] = softmax(x[r, :] * scale); x, y: [n_rows, n].
+void cuda_softmax(const float* x, float* y, int64_t n_rows, int64_t n, float scale, void* stream);
+// y = silu(gate) * up (SwiGLU); all [n].
+void cuda_swiglu(const float* gate, const float* up, float* y, int64_t n, void* stream);
+// y = gelu(x); tanh_approx selects the tanh form, else the exact erf form.
+void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stream);
+// y[i] = a[i] + b[i % b_period] / a[i] * b[i % b_period]; b_period = n for same-shape operands,
+// the row length for a broadcast bias/scale.
+void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
+void cuda_mul(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
+
+// ---------------------------------------------------------------- kernels: attention over KV segments
+
+// One piece of the KV sequence (sink, a chunk's L-KV or H-KV, the new tokens...). Row (token j, kv
+// head h) of K starts at k + j*k_tok_stride + h*k_head_stride bytes and holds head_dim values of
+// k_type (F32, F16, Q8_0 or Q4_0); same for V. Keys are post-RoPE. Token-major
+// [n_tokens, n_kv_head, head_dim] and head-major [n_kv_head, n_tokens, head_dim] are both strides.
+struct CudaKVSegment {
+    const void* k = nullptr;
+    const void* v = nullptr;
+    int64_t k_tok_stride = 0, k_head_stride = 0;  // bytes
+    int64_t v_tok_stride = 0, v_head_stride = 0;  // bytes
+    int64_t n_tokens = 0;
+    uint32_t k_type = 1, v_type = 1;              // DType ids (default F16)
+};
+
+bool cuda_kv_type_supported(DType t);
+
+// Owns the device copy of a list of segments in temporal order (kernels read descriptors from device
+// memory, so a mixed cache of hundreds of chunks costs no launch-parameter space). Build it once per
+// question per layer; assign() validates against head_dim and uploads stream-ordered on `stream`.
+class CudaSegmentTable {
+  public:
+    void assign(const std::vector<CudaKVSegment>& segs, int head_dim, void* stream);
+    const CudaKVSegment* device_data() const { return static_cast<const CudaKVSegment*>(dev_.data()); }
+    int size() const { return static_cast<int>(host_.size()); }
+    int64_t n_kv() const { return n_kv_; }
+    const std::vector<CudaKVSegment>& host() const { return host_; }
+
+  private:
+    std::vector<CudaKVSegment> host_;
+    CudaDeviceBuffer dev_;
+    int64_t n_kv_ = 0;
+};
+
+struct CudaAttentionParams {
+    const float* q = nullptr;       // [n_q, n_head, head_dim] post-RoPE; tokens q_tok_stride floats apart
+    int64_t q_tok_stride = 0;       // 0 = n_head * head_dim
+    float* out = nullptr;           // [n_q, n_head, head_dim]
+    int64_t out_tok_stride = 0;     // 0 = n_head * head_dim
+    int n_q = 0, n_head = 0, n_kv_head = 0, head_dim = 0;  // head_dim <= 256; n_head % n_kv_head == 0
+    const CudaKVSegment* segments = nullptr;  // device-accessible (CudaSegmentTable::device_data())
+    int n_segments = 0;
+    int64_t n_kv = 0;               // total tokens of the segments
+    float scale = 0.f;              // 0 = 1/sqrt(head_dim)
+    // The new tokens are the last n_q entries of the KV sequence: query t sits at kv index
+    // n_kv - n_q + t. causal: it sees kv indices <= that; window > 0: only the last `window` of them.
+    bool causal = true;
+    int window = 0;
+    // Split-KV (flash-decoding): n_splits blocks share one row's keys and a second kernel merges their
+    // partial softmax states. 0 = choose from the device size; 1 = off. Needs workspace.
+    int n_splits = 0;
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+};
+
+// Workspace needed for a given split count (0 for n_splits <= 1).
+size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits);
+// Online-softmax attention over the segments; convenient overload takes the table.
+void cuda_attention(const CudaAttentionParams& p, void* stream);
+void cuda_attention(CudaAttentionParams p, const CudaSegmentTable& table, void* stream);
+
+}  // namespace x2l

@@ -1,0 +1,78 @@
+#include "kv_cache.h"
+
+#include <cstring>
+
+#include "common.h"
+
+namespace x2l {
+
+static bool kv_type_ok(DType t) {
+    return t == DType::F32 || t == DType::F16 || t == DType::Q8_0 || t == DType::Q4_0;
+}
+
+KVSegment::KVSegment(DType type, int n_layer, int n_head_kv, int head_dim, int64_t capacity)
+    : type_(type), n_layer_(n_layer), n_head_kv_(n_head_kv), head_dim_(head_dim), cap_(capacity) {
+    if (!kv_type_ok(type)) throw Error(std::string("unsupported KV cache type ") + type_info(type).name);
+    if (head_dim % type_info(type).block_size != 0) {
+        throw Error(std::string("head_dim ") + std::to_string(head_dim) + " is not a multiple of the " +
+                    type_info(type).name + " block size");
+    }
+    if (capacity < 0) throw Error("negative KV capacity");
+    row_bytes_ = x2l::row_bytes(type, head_dim);
+    size_t bytes = row_bytes_ * static_cast<size_t>(n_layer) * n_head_kv * static_cast<size_t>(capacity);
+    k_.resize(bytes);
+    v_.resize(bytes);
+    pos_.resize(static_cast<size_t>(capacity));
+}
+
+size_t KVSegment::used_bytes() const {
+    return 2 * row_bytes_ * static_cast<size_t>(n_layer_) * n_head_kv_ * static_cast<size_t>(n_) +
+           static_cast<size_t>(n_) * sizeof(int32_t);
+}
+
+int64_t KVSegment::append(const int32_t* positions, int64_t count) {
+    if (n_ + count > cap_) {
+        throw BudgetError("KV cache is full: " + std::to_string(n_) + " + " + std::to_string(count) +
+                          " entries exceed the context size " + std::to_string(cap_));
+    }
+    int64_t first = n_;
+    std::memcpy(pos_.data() + n_, positions, static_cast<size_t>(count) * sizeof(int32_t));
+    n_ += count;
+    return first;
+}
+
+void KVSegment::store(int layer, int64_t i, const float* k, const float* v) {
+    for (int h = 0; h < n_head_kv_; ++h) {
+        size_t off = offset(layer, h, i);
+        quantize_row(type_, k + static_cast<int64_t>(h) * head_dim_, k_.data() + off, head_dim_);
+        quantize_row(type_, v + static_cast<int64_t>(h) * head_dim_, v_.data() + off, head_dim_);
+    }
+}
+
+void KVSegment::truncate(int64_t n) {
+    if (n < 0 || n > n_) throw Error("invalid KV truncation");
+    n_ = n;
+}
+
+KVCache::KVCache(DType type, int n_layer, int n_head_kv, int head_dim, int64_t n_ctx)
+    : tail_(new KVSegment(type, n_layer, n_head_kv, head_dim, n_ctx)) {}
+
+void KVCache::set_prefix(std::vector<const KVSegment*> prefix) {
+    int64_t n = 0;
+    for (const KVSegment* s : prefix) {
+        if (s->n_layer() != tail_->n_layer() || s->n_head_kv() != tail_->n_head_kv() ||
+            s->head_dim() != tail_->head_dim()) {
+            throw Error("KV segment geometry does not match the model");
+        }
+        n += s->size();
+    }
+    prefix_ = std::move(prefix);
+    n_prefix_ = n;
+}
+
+void KVCache::truncate(int64_t n_total) {
+    if (n_total < n_prefix_) throw Error("cannot truncate into the borrowed prefix");
+    tail_->truncate(n_total - n_prefix_);
+}
+
+}  // namespace x2l

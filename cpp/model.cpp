@@ -1,0 +1,289 @@
+#include "model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+
+namespace x2l {
+
+size_t Workspace::bytes() const {
+    size_t f = x.capacity() + xn.capacity() + q.capacity() + k.capacity() + v.capacity() + attn.capacity() +
+               gate.capacity() + up.capacity() + scores.capacity() + vtmp.capacity();
+    return f * sizeof(float) + qbuf.capacity() + act.capacity();
+}
+
+namespace {
+
+Weight load_weight(const GGUFFile& f, const std::string& name, int64_t n_in, int64_t n_out, size_t& total) {
+    const GGUFTensor& t = f.require_tensor(name, {n_in, n_out});
+    const TypeInfo& ti = type_info(t.type);
+    if (!ti.compute) {
+        throw FormatError("tensor '" + name + "' has type " + ti.name + ", which this runtime does not support");
+    }
+    Weight w;
+    w.type = t.type;
+    w.n_in = n_in;
+    w.n_out = n_out;
+    w.data = t.data;
+    w.row_bytes = row_bytes(t.type, n_in);
+    total += t.nbytes;
+    return w;
+}
+
+std::vector<float> load_vector(const GGUFFile& f, const std::string& name, int64_t n, size_t& total) {
+    const GGUFTensor& t = f.require_tensor(name, {n});
+    if (t.type != DType::F32 && t.type != DType::F16 && t.type != DType::BF16) {
+        throw FormatError("tensor '" + name + "' must be f32, f16 or bf16 (got " + type_info(t.type).name + ")");
+    }
+    std::vector<float> out(static_cast<size_t>(n));
+    dequantize_row(t.type, t.data, out.data(), n);
+    total += t.nbytes;
+    return out;
+}
+
+int positive_key(const GGUFFile& f, const std::string& key) {
+    int64_t v = f.get_int(key);
+    if (v <= 0 || v > (1 << 24)) throw FormatError("metadata key '" + key + "' has invalid value " + std::to_string(v));
+    return static_cast<int>(v);
+}
+
+}  // namespace
+
+std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
+    std::unique_ptr<LlmModel> m(new LlmModel());
+    LlmConfig& c = m->cfg_;
+    c.arch = f.get_str("general.architecture");
+    if (c.arch != "llama" && c.arch != "qwen2") {
+        throw FormatError("unsupported architecture '" + c.arch + "' (supported: llama, qwen2)");
+    }
+    const std::string a = c.arch + ".";
+    c.n_embd = positive_key(f, a + "embedding_length");
+    c.n_layer = positive_key(f, a + "block_count");
+    c.n_head = positive_key(f, a + "attention.head_count");
+    c.n_head_kv = f.has(a + "attention.head_count_kv") ? positive_key(f, a + "attention.head_count_kv") : c.n_head;
+    c.n_ff = positive_key(f, a + "feed_forward_length");
+    c.n_ctx_train = f.has(a + "context_length") ? positive_key(f, a + "context_length") : 4096;
+    c.head_dim = f.has(a + "attention.key_length") ? positive_key(f, a + "attention.key_length") : c.n_embd / c.n_head;
+    if (f.has(a + "attention.value_length") && f.get_int(a + "attention.value_length") != c.head_dim) {
+        throw FormatError("attention.value_length != key_length is not supported");
+    }
+    c.rope_dim = f.has(a + "rope.dimension_count") ? positive_key(f, a + "rope.dimension_count") : c.head_dim;
+    c.rms_eps = static_cast<float>(f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5));
+    c.rope_base = static_cast<float>(f.get_float(a + "rope.freq_base", 10000.0));
+    c.rope_type = c.arch == "qwen2" ? RopeType::Neox : RopeType::Norm;
+    if (c.n_head % c.n_head_kv != 0) throw FormatError("head_count must be a multiple of head_count_kv");
+    if (c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 || c.head_dim > 256) {
+        throw FormatError("unsupported rope.dimension_count / head size");
+    }
+    std::string scaling = f.get_str(a + "rope.scaling.type", "none");
+    if (scaling != "none" && !(scaling == "linear" && f.get_float(a + "rope.scaling.factor", 1.0) == 1.0)) {
+        throw FormatError("rope scaling '" + scaling + "' is not supported");
+    }
+    if (c.rms_eps <= 0.0f || !(c.rope_base > 0.0f)) throw FormatError("invalid rms epsilon or rope base");
+
+    const GGUFTensor& te = f.require_tensor("token_embd.weight", {c.n_embd, -1});
+    c.n_vocab = static_cast<int>(te.ne[1]);
+    if (c.n_vocab <= 0) throw FormatError("token_embd.weight has no rows");
+
+    size_t& total = m->weight_bytes_;
+    m->tok_embd_ = load_weight(f, "token_embd.weight", c.n_embd, c.n_vocab, total);
+    m->output_norm_ = load_vector(f, "output_norm.weight", c.n_embd, total);
+    if (f.find_tensor("output.weight")) {
+        m->output_ = load_weight(f, "output.weight", c.n_embd, c.n_vocab, total);
+    } else {
+        c.tied_output = true;
+        m->output_ = m->tok_embd_;
+    }
+
+    const int64_t q_dim = static_cast<int64_t>(c.n_head) * c.head_dim;
+    const int64_t kv_dim = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    m->layers_.resize(c.n_layer);
+    for (int l = 0; l < c.n_layer; ++l) {
+        const std::string p = "blk." + std::to_string(l) + ".";
+        LlmLayer& L = m->layers_[l];
+        L.attn_norm = load_vector(f, p + "attn_norm.weight", c.n_embd, total);
+        L.ffn_norm = load_vector(f, p + "ffn_norm.weight", c.n_embd, total);
+        L.wq = load_weight(f, p + "attn_q.weight", c.n_embd, q_dim, total);
+        L.wk = load_weight(f, p + "attn_k.weight", c.n_embd, kv_dim, total);
+        L.wv = load_weight(f, p + "attn_v.weight", c.n_embd, kv_dim, total);
+        L.wo = load_weight(f, p + "attn_output.weight", q_dim, c.n_embd, total);
+        L.w_gate = load_weight(f, p + "ffn_gate.weight", c.n_embd, c.n_ff, total);
+        L.w_up = load_weight(f, p + "ffn_up.weight", c.n_embd, c.n_ff, total);
+        L.w_down = load_weight(f, p + "ffn_down.weight", c.n_ff, c.n_embd, total);
+        if (f.find_tensor(p + "attn_q.bias")) {
+            L.bq = load_vector(f, p + "attn_q.bias", q_dim, total);
+            L.bk = load_vector(f, p + "attn_k.bias", kv_dim, total);
+            L.bv = load_vector(f, p + "attn_v.bias", kv_dim, total);
+        } else if (c.arch == "qwen2") {
+            throw FormatError("missing required tensor '" + p + "attn_q.bias' (qwen2 has q/k/v biases)");
+        }
+    }
+
+    m->inv_freq_.resize(c.rope_dim / 2);
+    for (int i = 0; i < c.rope_dim / 2; ++i) {
+        m->inv_freq_[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_base), 2.0 * i / c.rope_dim));
+    }
+    return m;
+}
+
+void LlmModel::embed(const int32_t* tokens, int64_t n, float* out) const {
+    for (int64_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= cfg_.n_vocab) {
+            throw Error("token id " + std::to_string(tokens[i]) + " is out of range [0, " + std::to_string(cfg_.n_vocab) + ")");
+        }
+        dequantize_row(tok_embd_.type, tok_embd_.row(tokens[i]), out + i * cfg_.n_embd, cfg_.n_embd);
+    }
+}
+
+void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
+                       int64_t n_logits, float* logits) const {
+    const LlmConfig& c = cfg_;
+    if (n <= 0) return;
+    if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
+    const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
+                  KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
+    const int nth = pool.n_threads();
+    ws.xn.resize(n * std::max(E, QD));
+    ws.q.resize(n * QD);
+    ws.k.resize(n * KD);
+    ws.v.resize(n * KD);
+    ws.attn.resize(n * QD);
+    ws.gate.resize(n * FF);
+    ws.up.resize(n * FF);
+    ws.scores.resize(static_cast<size_t>(nth) * (cache.capacity() + 1));
+    ws.qbuf.resize(static_cast<size_t>(nth) * row_bytes(DType::Q8_0, ((c.head_dim + 31) / 32) * 32));
+    ws.vtmp.resize(static_cast<size_t>(nth) * c.head_dim);
+
+    KVSegment& tail = cache.tail();
+    const int64_t first = tail.append(pos, n);
+    // Token-parallel helper: elementwise work is tiny for one token, so skip the pool then.
+    auto per_token = [&](const std::function<void(int64_t)>& fn) {
+        if (n == 1) {
+            fn(0);
+        } else {
+            pool.parallel_for(n, [&](int64_t b, int64_t e) {
+                for (int64_t t = b; t < e; ++t) fn(t);
+            });
+        }
+    };
+
+    try {
+        for (int l = 0; l < c.n_layer; ++l) {
+            const LlmLayer& L = layers_[l];
+            per_token([&](int64_t t) { rmsnorm(x + t * E, L.attn_norm.data(), ws.xn.data() + t * E, E, c.rms_eps); });
+            MatmulJob qkv[3] = {{&L.wq, ws.q.data(), L.bq.empty() ? nullptr : L.bq.data()},
+                                {&L.wk, ws.k.data(), L.bk.empty() ? nullptr : L.bk.data()},
+                                {&L.wv, ws.v.data(), L.bv.empty() ? nullptr : L.bv.data()}};
+            matmul(pool, ws.xn.data(), n, E, qkv, 3, ws.act);
+            per_token([&](int64_t t) {
+                rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
+                rope(ws.k.data() + t * KD, c.n_head_kv, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
+                tail.store(l, first + t, ws.k.data() + t * KD, ws.v.data() + t * KD);
+            });
+            attention(pool, ws, l, n, first, cache);
+            matmul(pool, L.wo, ws.attn.data(), n, ws.xn.data(), ws.act);
+            per_token([&](int64_t t) {
+                add(x + t * E, ws.xn.data() + t * E, E);
+                rmsnorm(x + t * E, L.ffn_norm.data(), ws.xn.data() + t * E, E, c.rms_eps);
+            });
+            MatmulJob ffn[2] = {{&L.w_gate, ws.gate.data(), nullptr}, {&L.w_up, ws.up.data(), nullptr}};
+            matmul(pool, ws.xn.data(), n, E, ffn, 2, ws.act);
+            per_token([&](int64_t t) { silu_mul(ws.gate.data() + t * FF, ws.up.data() + t * FF, FF); });
+            matmul(pool, L.w_down, ws.gate.data(), n, ws.xn.data(), ws.act);
+            per_token([&](int64_t t) { add(x + t * E, ws.xn.data() + t * E, E); });
+        }
+        if (n_logits > 0) {
+            const int64_t t0 = n - n_logits;
+            for (int64_t t = t0; t < n; ++t) rmsnorm(x + t * E, output_norm_.data(), ws.xn.data() + (t - t0) * E, E, c.rms_eps);
+            matmul(pool, output_, ws.xn.data(), n_logits, logits, ws.act);
+        }
+    } catch (...) {
+        tail.truncate(first);  // leave the cache as it was before the call
+        throw;
+    }
+}
+
+// Scores of one query head against a segment's keys, for entries [0, count).
+static void score_segment(const KVSegment& s, int layer, int kvh, int64_t count, const float* q, const uint8_t* q8,
+                          float scale, float* out) {
+    const int hd = s.head_dim();
+    switch (s.type()) {
+        case DType::F32:
+            for (int64_t i = 0; i < count; ++i) out[i] = dot_f32(reinterpret_cast<const float*>(s.k_row(layer, kvh, i)), q, hd) * scale;
+            break;
+        case DType::F16:
+            for (int64_t i = 0; i < count; ++i) out[i] = dot_f16_f32(reinterpret_cast<const uint16_t*>(s.k_row(layer, kvh, i)), q, hd) * scale;
+            break;
+        default:  // quantized keys: integer dot against the Q8_0 query, dequantized in the kernel
+            for (int64_t i = 0; i < count; ++i) out[i] = vec_dot(s.type(), hd, s.k_row(layer, kvh, i), q8) * scale;
+            break;
+    }
+}
+
+static void accumulate_segment(const KVSegment& s, int layer, int kvh, int64_t count, const float* p, float* out,
+                               float* tmp) {
+    const int hd = s.head_dim();
+    for (int64_t i = 0; i < count; ++i) {
+        if (p[i] == 0.0f) continue;
+        const uint8_t* row = s.v_row(layer, kvh, i);
+        switch (s.type()) {
+            case DType::F32: axpy_f32(p[i], reinterpret_cast<const float*>(row), out, hd); break;
+            case DType::F16: axpy_f16(p[i], reinterpret_cast<const uint16_t*>(row), out, hd); break;
+            default:
+                dequantize_row(s.type(), row, tmp, hd);
+                axpy_f32(p[i], tmp, out, hd);
+                break;
+        }
+    }
+}
+
+void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first,
+                         const KVCache& cache) const {
+    const LlmConfig& c = cfg_;
+    const int hd = c.head_dim;
+    const int group = c.n_head / c.n_head_kv;
+    const int64_t QD = static_cast<int64_t>(c.n_head) * hd;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const size_t score_stride = static_cast<size_t>(cache.capacity() + 1);
+    const size_t q8_stride = ws.qbuf.size() / pool.n_threads();
+    const auto& prefix = cache.prefix();
+    const KVSegment& tail = cache.tail();
+    bool need_q8 = tail.type() == DType::Q8_0 || tail.type() == DType::Q4_0;
+    for (const KVSegment* s : prefix) need_q8 |= s->type() == DType::Q8_0 || s->type() == DType::Q4_0;
+
+    const int64_t n_tasks = n * c.n_head;
+    pool.run([&](int ith, int nth) {
+        float* scores = ws.scores.data() + ith * score_stride;
+        uint8_t* q8 = ws.qbuf.data() + ith * q8_stride;
+        float* tmp = ws.vtmp.data() + static_cast<size_t>(ith) * hd;
+        for (int64_t task = ith; task < n_tasks; task += nth) {
+            const int64_t t = task / c.n_head;
+            const int h = static_cast<int>(task % c.n_head);
+            const int kvh = h / group;
+            const float* q = ws.q.data() + t * QD + static_cast<int64_t>(h) * hd;
+            if (need_q8) quantize_row(DType::Q8_0, q, q8, hd);
+            // Scores over the prefix segments, then the tail up to this token (causal).
+            int64_t off = 0;
+            for (const KVSegment* s : prefix) {
+                score_segment(*s, layer, kvh, s->size(), q, q8, scale, scores + off);
+                off += s->size();
+            }
+            const int64_t n_tail = first + t + 1;
+            score_segment(tail, layer, kvh, n_tail, q, q8, scale, scores + off);
+            const int64_t n_vis = off + n_tail;
+            softmax(scores, n_vis);
+            float* out = ws.attn.data() + t * QD + static_cast<int64_t>(h) * hd;
+            std::memset(out, 0, sizeof(float) * hd);
+            off = 0;
+            for (const KVSegment* s : prefix) {
+                accumulate_segment(*s, layer, kvh, s->size(), scores + off, out, tmp);
+                off += s->size();
+            }
+            accumulate_segment(tail, layer, kvh, n_tail, scores + off, out, tmp);
+        }
+    });
+}
+
+}  // namespace x2l

@@ -1,0 +1,80 @@
+// Decoder-only LLM (llama and qwen2 architectures) over GGUF weights: GQA, RMSNorm, SwiGLU,
+// RoPE (NORM for llama, NEOX for qwen2), optional q/k/v biases, tied or separate output.
+// Weights are read in place from the memory-mapped file.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf.h"
+#include "kv_cache.h"
+#include "ops.h"
+
+namespace x2l {
+
+struct LlmConfig {
+    std::string arch;
+    int n_vocab = 0;
+    int n_ctx_train = 0;
+    int n_embd = 0;
+    int n_layer = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;
+    int n_ff = 0;
+    int rope_dim = 0;
+    float rms_eps = 1e-6f;
+    float rope_base = 10000.0f;
+    RopeType rope_type = RopeType::Norm;
+    bool tied_output = false;
+};
+
+struct LlmLayer {
+    std::vector<float> attn_norm, ffn_norm;  // [n_embd]
+    Weight wq, wk, wv, wo;                   // wq: [n_embd -> n_head*head_dim] ...
+    std::vector<float> bq, bk, bv;           // empty when the model has no qkv bias
+    Weight w_gate, w_up, w_down;
+};
+
+// Scratch activations for one forward call; grows on demand and is reused across calls.
+struct Workspace {
+    std::vector<float> x, xn, q, k, v, attn, gate, up;  // [n_tokens, *]
+    std::vector<float> scores;                           // [n_threads, n_ctx]
+    std::vector<uint8_t> qbuf;                           // [n_threads, q8 rows] for quantized K
+    std::vector<float> vtmp;                             // [n_threads, head_dim]
+    std::vector<uint8_t> act;                            // matmul activation scratch
+    size_t bytes() const;
+};
+
+class LlmModel {
+  public:
+    // Validates hyper-parameters, tensor presence, shapes and types; throws FormatError.
+    static std::unique_ptr<LlmModel> load(const GGUFFile& f);
+
+    const LlmConfig& config() const { return cfg_; }
+    size_t weight_bytes() const { return weight_bytes_; }
+
+    // Input embeddings of tokens: out [n, n_embd]. Throws Error on an out-of-range id.
+    void embed(const int32_t* tokens, int64_t n, float* out) const;
+
+    // Runs n tokens given by their input embeddings x [n, n_embd] (overwritten) at positions pos[n],
+    // appending their K/V to the cache tail. Token i attends to every cache entry before it (all
+    // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
+    // n_logits tokens of the batch (0 = none).
+    void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
+                 int64_t n_logits, float* logits) const;
+
+  private:
+    void attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first_entry,
+                   const KVCache& cache) const;
+
+    LlmConfig cfg_;
+    Weight tok_embd_, output_;
+    std::vector<float> output_norm_;
+    std::vector<LlmLayer> layers_;
+    std::vector<float> inv_freq_;  // [rope_dim / 2]
+    size_t weight_bytes_ = 0;
+};
+
+}  // namespace x2l

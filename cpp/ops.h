@@ -1,0 +1,60 @@
+// CPU kernels used by the model forward passes: matmul over quantized weights, norms, RoPE,
+// activations. Multithreaded through ThreadPool; the SIMD lives in quant.cpp's dot products.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "quant.h"
+#include "threadpool.h"
+
+namespace x2l {
+
+// A 2-D weight matrix as stored in GGUF: n_out rows of n_in values (ggml ne = [n_in, n_out]).
+struct Weight {
+    DType type = DType::F32;
+    int64_t n_in = 0, n_out = 0;
+    const uint8_t* data = nullptr;
+    size_t row_bytes = 0;
+    const uint8_t* row(int64_t r) const { return data + static_cast<size_t>(r) * row_bytes; }
+    size_t nbytes() const { return row_bytes * static_cast<size_t>(n_out); }
+    bool valid() const { return data != nullptr; }
+};
+
+// One matmul target in a fused call: y [n_tokens, w.n_out] = x [n_tokens, n_in] · w^T (+ bias).
+struct MatmulJob {
+    const Weight* w;
+    float* y;
+    const float* bias = nullptr;  // [n_out] or null
+};
+
+// Runs several matmuls that share the same input x [n_tokens, n_in] in one parallel region: x is
+// converted once to each weight's dot_type (scratch holds those rows), then output rows are split
+// across threads. Fusing q/k/v and gate/up halves the number of thread wake-ups per layer.
+void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, const MatmulJob* jobs, int n_jobs,
+            std::vector<uint8_t>& scratch);
+inline void matmul(ThreadPool& pool, const Weight& w, const float* x, int64_t n_tokens, float* y,
+                   std::vector<uint8_t>& scratch, const float* bias = nullptr) {
+    MatmulJob j{&w, y, bias};
+    matmul(pool, x, n_tokens, w.n_in, &j, 1, scratch);
+}
+
+// y[i] = x[i] / rms(x) * w[i]  (y may alias x)
+void rmsnorm(const float* x, const float* w, float* y, int64_t n, float eps);
+// y = (x - mean) / sqrt(var + eps) * w + b
+void layernorm(const float* x, const float* w, const float* b, float* y, int64_t n, float eps);
+
+enum class RopeType { Norm = 0, Neox = 2 };  // ggml ids: NORM rotates adjacent pairs, NEOX rotates halves
+
+// Rotates n_heads heads of head_dim values (first rope_dim dims of each head) in place at position pos.
+// inv_freq: [rope_dim / 2] with inv_freq[i] = base^(-2i / rope_dim).
+void rope(float* x, int n_heads, int head_dim, int rope_dim, int32_t pos, const float* inv_freq, RopeType type);
+
+// In-place softmax over n values; returns nothing, handles -inf entries.
+void softmax(float* x, int64_t n);
+
+void silu_mul(float* gate, const float* up, int64_t n);  // gate = silu(gate) * up
+void gelu_erf(float* x, int64_t n);
+void gelu_tanh(float* x, int64_t n);
+void add(float* y, const float* x, int64_t n);  // y += x
+
+}  // namespace x2l

@@ -1,0 +1,72 @@
+// Weight and activation formats (ggml-compatible block layouts): row sizes, (de)quantization and dot products.
+//
+// Every format stores a row of `n` values as n / block_size blocks of block_bytes bytes.
+// Dot products pair a weight row of type W with an activation row converted to dot_type(W)
+// (e.g. Q4_1 weights with Q8_1 activations, K-quants with Q8_K), exactly as ggml does, so that
+// activations are quantized once per matmul and every weight row reuses them.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace x2l {
+
+// Numeric ids are ggml's `enum ggml_type` values (they are what GGUF files store).
+enum class DType : uint32_t {
+    F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q8_1 = 9,
+    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14, Q8_K = 15,
+    I8 = 24, I16 = 25, I32 = 26, I64 = 27, F64 = 28, BF16 = 30,
+};
+
+struct TypeInfo {
+    const char* name;     // "q4_0" ...
+    int64_t block_size;   // values per block (1 for plain types)
+    size_t block_bytes;   // bytes per block
+    bool compute;         // true when dequantize_row / vec_dot support it as a weight type
+};
+
+// nullptr for an id that is not a known ggml type.
+const TypeInfo* type_info(uint32_t type_id);
+inline const TypeInfo& type_info(DType t) { return *type_info(static_cast<uint32_t>(t)); }
+
+// Bytes for a row of n values; n must be a multiple of the block size.
+size_t row_bytes(DType t, int64_t n);
+
+// src: row_bytes(t, n) bytes; dst: n floats. Bit-identical to gguf.quants.dequantize.
+void dequantize_row(DType t, const void* src, float* dst, int64_t n);
+
+// Supported for F32, F16, BF16, Q8_0, Q8_1, Q8_K, Q4_0, Q4_1, Q5_0 (ggml reference rounding).
+void quantize_row(DType t, const float* src, void* dst, int64_t n);
+
+// The activation format that vec_dot expects for weight type w (F32 for F32/F16/BF16).
+DType dot_type(DType w);
+
+// Dot product of one weight row (type w) with one activation row (type dot_type(w)); n values.
+float vec_dot(DType w, int64_t n, const void* w_row, const void* act_row);
+
+// Scalar half/bfloat16 conversions (IEEE round-to-nearest-even like numpy).
+float fp16_to_fp32(uint16_t h);
+uint16_t fp32_to_fp16(float f);
+float bf16_to_fp32(uint16_t h);
+uint16_t fp32_to_bf16(float f);
+
+// Bulk conversions (SIMD where available).
+void fp16_to_fp32_row(const uint16_t* src, float* dst, int64_t n);
+void fp32_to_fp16_row(const float* src, uint16_t* dst, int64_t n);
+
+// Plain float helpers used by attention and norms (SIMD where available).
+float dot_f32(const float* a, const float* b, int64_t n);
+float dot_f16_f32(const uint16_t* a, const float* b, int64_t n);      // a: fp16 row
+void axpy_f32(float a, const float* x, float* y, int64_t n);            // y += a * x
+void axpy_f16(float a, const uint16_t* x, float* y, int64_t n);         // y += a * fp16 x
+
+// ---- Test-only hooks (not for production code paths) ----
+// Forces vec_dot, the activation quantizers and the float helpers onto their portable scalar
+// code so tests can check it on machines that have SIMD. Process-wide; set it only while no
+// other thread is computing.
+void set_force_scalar(bool on);
+
+// The exact software half conversions used when the CPU has no hardware conversion.
+float fp16_to_fp32_sw(uint16_t h);
+uint16_t fp32_to_fp16_sw(float f);
+
+}  // namespace x2l

@@ -1,0 +1,63 @@
+// LlmSession: one loaded model (mmap'd GGUF, weights, tokenizer), a thread pool, a KV cache and
+// the token history it holds. The Python Session builds its friendly API on top of this.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gguf.h"
+#include "kv_cache.h"
+#include "model.h"
+#include "sampler.h"
+#include "threadpool.h"
+#include "tokenizer.h"
+
+namespace x2l {
+
+struct SessionOptions {
+    int n_threads = 0;        // 0: all hardware threads
+    int64_t n_ctx = 0;        // 0: min(model's training context, 4096)
+    DType kv_type = DType::F16;
+    int64_t n_batch = 256;    // tokens per forward call during prompt processing
+};
+
+class LlmSession {
+  public:
+    LlmSession(const std::string& path, const SessionOptions& opt);
+
+    const GGUFFile& file() const { return *file_; }
+    const LlmModel& model() const { return *model_; }
+    const Tokenizer& tokenizer() const { return *tokenizer_; }
+    const SessionOptions& options() const { return opt_; }
+    int n_threads() const { return pool_->n_threads(); }
+
+    // Appends tokens to the context (in n_batch pieces). Returns logits of the last token in
+    // last_logits(); when all_logits is set, every token's logits are written to all_out [n, n_vocab].
+    void eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out = nullptr);
+    const std::vector<float>& last_logits() const { return last_logits_; }
+    // Samples the next token from the last logits, using the token history for penalties.
+    int32_t sample(Sampler& s);
+
+    const std::vector<int32_t>& history() const { return history_; }
+    int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
+    int64_t n_ctx() const { return cache_->capacity(); }
+    void truncate(int64_t n);  // keep the first n tokens of the context
+
+    size_t kv_bytes() const { return cache_->tail_bytes(); }
+    size_t workspace_bytes() const { return ws_.bytes(); }
+
+  private:
+    SessionOptions opt_;
+    std::unique_ptr<GGUFFile> file_;
+    std::unique_ptr<LlmModel> model_;
+    std::unique_ptr<Tokenizer> tokenizer_;
+    std::unique_ptr<ThreadPool> pool_;
+    std::unique_ptr<KVCache> cache_;
+    Workspace ws_;
+    std::vector<float> x_;  // [n_batch, n_embd] input embeddings
+    std::vector<float> last_logits_;
+    std::vector<int32_t> history_;
+};
+
+}  // namespace x2l
