@@ -8,6 +8,7 @@
 #include <nanobind/stl/string.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -23,12 +24,12 @@ using namespace nb::literals;
 
 namespace {
 
-// Names of the per-op entries (also the stubs of a CPU-only build).
+#ifndef X2L_HAVE_CUDA
+// The per-op entries, registered as stubs in a CPU-only build.
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
                                 "cuda_attention", "cuda_pipeline_selftest"};
-
-#ifdef X2L_HAVE_CUDA
+#else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
 using U8Array = nb::ndarray<nb::numpy, const uint8_t, nb::c_contig, nb::device::cpu>;
@@ -54,9 +55,12 @@ std::vector<size_t> shape_of(const A& a) {
     return s;
 }
 
+// Device buffer of exactly `bytes` (a few bytes when empty, so that kernels get a valid pointer).
+x2l::CudaDeviceBuffer device_buffer(size_t bytes) { return x2l::CudaDeviceBuffer(bytes ? bytes : 16); }
+
 // Device copy of a host array (RAII).
 x2l::CudaDeviceBuffer to_device(const void* p, size_t bytes) {
-    x2l::CudaDeviceBuffer b(bytes ? bytes : 16);
+    x2l::CudaDeviceBuffer b = device_buffer(bytes);
     if (bytes) b.upload(p, bytes);
     return b;
 }
@@ -111,7 +115,7 @@ OutF32 op_matmul(uint32_t type_id, U8Array w, int64_t rows, int64_t n, F32Array 
         nb::gil_scoped_release nogil;
         auto dw = to_device(w.data(), w.nbytes());
         auto dx = to_device(x.data(), x.nbytes());
-        x2l::CudaDeviceBuffer dy(static_cast<size_t>(T * rows) * sizeof(float) + 16);
+        x2l::CudaDeviceBuffer dy = device_buffer(static_cast<size_t>(T * rows) * sizeof(float));
         run_sync([&](void* s) {
             x2l::cuda_matmul(t, dw.data(), rows, n, static_cast<const float*>(dx.data()), T, static_cast<float*>(dy.data()), s);
         });
@@ -131,7 +135,7 @@ OutF32 op_get_rows(uint32_t type_id, U8Array table, int64_t n_rows, int64_t n, I
         nb::gil_scoped_release nogil;
         auto dt = to_device(table.data(), table.nbytes());
         auto di = to_device(ids.data(), ids.nbytes());
-        x2l::CudaDeviceBuffer dy(static_cast<size_t>(n_ids * n) * sizeof(float) + 16);
+        x2l::CudaDeviceBuffer dy = device_buffer(static_cast<size_t>(n_ids * n) * sizeof(float));
         run_sync([&](void* s) {
             x2l::cuda_get_rows(t, dt.data(), n_rows, n, static_cast<const int32_t*>(di.data()), n_ids,
                                static_cast<float*>(dy.data()), s);
@@ -165,7 +169,7 @@ OutF32 op_norm(F32Array x, std::optional<F32Array> w, std::optional<F32Array> b,
         x2l::CudaDeviceBuffer dw, db;
         if (w) dw = to_device(w->data(), w->nbytes());
         if (b) db = to_device(b->data(), b->nbytes());
-        x2l::CudaDeviceBuffer dy(x.nbytes() + 16);
+        x2l::CudaDeviceBuffer dy = device_buffer(x.nbytes());
         const float* pw = w ? static_cast<const float*>(dw.data()) : nullptr;
         const float* pb = b ? static_cast<const float*>(db.data()) : nullptr;
         run_sync([&](void* s) {
@@ -190,7 +194,7 @@ OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_
         auto dx = to_device(x.data(), x.nbytes());
         auto dp = to_device(pos.data(), pos.nbytes());
         x2l::CudaDeviceBuffer dy;
-        if (!in_place) dy = x2l::CudaDeviceBuffer(x.nbytes() + 16);
+        if (!in_place) dy = device_buffer(x.nbytes());
         float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
         run_sync([&](void* s) {
             x2l::cuda_rope(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()), T, H, D, H * D,
@@ -209,7 +213,7 @@ OutF32 op_softmax(F32Array x, float scale) {
     {
         nb::gil_scoped_release nogil;
         auto dx = to_device(x.data(), x.nbytes());
-        x2l::CudaDeviceBuffer dy(x.nbytes() + 16);
+        x2l::CudaDeviceBuffer dy = device_buffer(x.nbytes());
         run_sync([&](void* s) {
             x2l::cuda_softmax(static_cast<const float*>(dx.data()), static_cast<float*>(dy.data()), n_rows, n, scale, s);
         });
@@ -234,7 +238,7 @@ OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
         auto da = to_device(a.data(), a.nbytes());
         x2l::CudaDeviceBuffer db;
         if (b) db = to_device(b->data(), b->nbytes());
-        x2l::CudaDeviceBuffer dy(a.nbytes() + 16);
+        x2l::CudaDeviceBuffer dy = device_buffer(a.nbytes());
         const float* pa = static_cast<const float*>(da.data());
         const float* pb = static_cast<const float*>(db.data());
         float* py = static_cast<float*>(dy.data());
@@ -297,7 +301,7 @@ OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, b
             segs.push_back(seg);
         }
         auto dq = to_device(q.data(), q.nbytes());
-        x2l::CudaDeviceBuffer dout(q.nbytes() + 16);
+        x2l::CudaDeviceBuffer dout = device_buffer(q.nbytes());
         const size_t ws_bytes = x2l::cuda_attention_workspace_bytes(n_q, n_head, D, n_splits > 0 ? n_splits : 64);
         x2l::CudaDeviceBuffer ws(ws_bytes);
         x2l::CudaSegmentTable table;
@@ -333,10 +337,10 @@ OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
     std::vector<float> out;
     {
         nb::gil_scoped_release nogil;
-        x2l::CudaHostBuffer host(data.nbytes() + 16, zero_copy);
+        x2l::CudaHostBuffer host(data.nbytes() ? data.nbytes() : 16, zero_copy);
         std::memcpy(host.data(), data.data(), data.nbytes());
         x2l::CudaStream compute;
-        x2l::CudaDeviceBuffer zeros(bytes + 16), dout(data.nbytes() + 16);
+        x2l::CudaDeviceBuffer zeros = device_buffer(bytes), dout = device_buffer(data.nbytes());
         zeros.zero(compute.handle());
         x2l::CudaLayerPipeline pipe(bytes, n_slots, zero_copy);
         std::vector<void*> where(static_cast<size_t>(L), nullptr);
@@ -347,7 +351,7 @@ OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
         };
         if (L > 0) stage(0);
         for (int l = 0; l < L; ++l) {
-            if (l + 1 < L && l + 1 - n_slots < l) stage(l + 1);  // overlap the next copy with this layer
+            if (n_slots > 1 && l + 1 < L) stage(l + 1);  // overlap the next copy with this layer
             pipe.wait_ready(l, compute.handle());
             x2l::cuda_add(static_cast<const float*>(where[l]), static_cast<const float*>(zeros.data()),
                           static_cast<float*>(dout.data()) + l * m, static_cast<int64_t>(m), static_cast<int64_t>(m),

@@ -73,6 +73,9 @@ nb::object gguf_value_to_py(const x2l::GGUFValue& v) {
 }  // namespace
 
 void bind_session(nb::module_& m);  // session_bind.cpp
+void bind_x2l(nb::module_& m);      // x2l_bind.cpp
+void bind_cuda(nb::module_& m);     // cuda_bind.cpp
+void bind_vision(nb::module_& m);   // vision_bind.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "x2l-edge native core";
@@ -179,6 +182,9 @@ NB_MODULE(_core, m) {
         return x2l::vec_dot(t, n, w_row.c_str(), act.data());
     }, "type_id"_a, "w_row"_a, "x"_a, "Dot product of a quantized weight row with float32 x (x quantized as the kernel does).");
 
+    m.def("set_force_scalar", &x2l::set_force_scalar, "on"_a,
+          "Test-only: route dot products and quantizers through the portable scalar code.");
+
     // ------------------------------------------------------------------ tokenizer
     nb::class_<x2l::Tokenizer>(m, "Tokenizer")
         .def_static("from_gguf", [](const std::string& path) {
@@ -204,4 +210,7 @@ NB_MODULE(_core, m) {
         .def_ro("pre_type", &x2l::Tokenizer::pre_type);
 
     bind_session(m);
+    bind_x2l(m);
+    bind_cuda(m);
+    bind_vision(m);
 }

@@ -58,7 +58,9 @@ class CudaDeviceBuffer {
 
     void* data() const { return ptr_; }
     size_t size() const { return bytes_; }
-    // Copies; with a stream they are asynchronous (host memory must then be pinned to overlap).
+    // With a stream: enqueued on it (host memory must be pinned for the copy to overlap). Without:
+    // complete on return (upload/zero), or after the legacy default stream's work (download) — work
+    // on non-blocking streams is not ordered with these, synchronize those streams first.
     void upload(const void* host_src, size_t bytes, size_t offset = 0, void* stream = nullptr);
     void download(void* host_dst, size_t bytes, size_t offset = 0, void* stream = nullptr) const;
     void zero(void* stream = nullptr);

@@ -20,23 +20,57 @@ KVSegment::KVSegment(DType type, int n_layer, int n_head_kv, int head_dim, int64
     if (capacity < 0) throw Error("negative KV capacity");
     row_bytes_ = x2l::row_bytes(type, head_dim);
     size_t bytes = row_bytes_ * static_cast<size_t>(n_layer) * n_head_kv * static_cast<size_t>(capacity);
-    k_.resize(bytes);
-    v_.resize(bytes);
-    pos_.resize(static_cast<size_t>(capacity));
+    storage_.resize(2 * bytes);
+    pos_storage_.resize(static_cast<size_t>(capacity));
+    k_ = storage_.data();
+    v_ = storage_.data() + bytes;
+    pos_ = pos_storage_.data();
 }
 
-size_t KVSegment::used_bytes() const {
+std::unique_ptr<KVSegment> KVSegment::view(DType type, int n_layer, int n_head_kv, int head_dim, int64_t n,
+                                           const uint8_t* k, const uint8_t* v, const int32_t* pos) {
+    std::unique_ptr<KVSegment> s(new KVSegment(type, n_layer, n_head_kv, head_dim, 0));
+    s->cap_ = n;
+    s->n_ = n;
+    // Views are never written: store()/append() check view_ before touching these.
+    s->k_ = const_cast<uint8_t*>(k);
+    s->v_ = const_cast<uint8_t*>(v);
+    s->pos_ = const_cast<int32_t*>(pos);
+    s->view_ = true;
+    return s;
+}
+
+void KVSegment::assign_meta(const KVSegment& src) {
+    if (view_) throw Error("cannot write into a read-only KV view");
+    if (src.type_ != type_ || src.n_layer_ != n_layer_ || src.n_head_kv_ != n_head_kv_ || src.head_dim_ != head_dim_) {
+        throw Error("KV segment geometry or type mismatch");
+    }
+    if (src.n_ > cap_) throw BudgetError("KV working buffer too small for the reloaded chunk");
+    std::memcpy(pos_, src.pos_, static_cast<size_t>(src.n_) * sizeof(int32_t));
+    n_ = src.n_;
+}
+
+void KVSegment::copy_layer(const KVSegment& src, int layer) {
+    const size_t bytes = row_bytes_ * static_cast<size_t>(src.n_);
+    for (int h = 0; h < n_head_kv_; ++h) {
+        std::memcpy(k_ + offset(layer, h, 0), src.k_row(layer, h, 0), bytes);
+        std::memcpy(v_ + offset(layer, h, 0), src.v_row(layer, h, 0), bytes);
+    }
+}
+
+size_t KVSegment::used_bytes() const {  // rows in use, both K and V, plus positions
     return 2 * row_bytes_ * static_cast<size_t>(n_layer_) * n_head_kv_ * static_cast<size_t>(n_) +
            static_cast<size_t>(n_) * sizeof(int32_t);
 }
 
 int64_t KVSegment::append(const int32_t* positions, int64_t count) {
+    if (view_) throw Error("cannot append to a read-only KV view");
     if (n_ + count > cap_) {
         throw BudgetError("KV cache is full: " + std::to_string(n_) + " + " + std::to_string(count) +
                           " entries exceed the context size " + std::to_string(cap_));
     }
     int64_t first = n_;
-    std::memcpy(pos_.data() + n_, positions, static_cast<size_t>(count) * sizeof(int32_t));
+    std::memcpy(pos_ + n_, positions, static_cast<size_t>(count) * sizeof(int32_t));
     n_ += count;
     return first;
 }
@@ -44,8 +78,8 @@ int64_t KVSegment::append(const int32_t* positions, int64_t count) {
 void KVSegment::store(int layer, int64_t i, const float* k, const float* v) {
     for (int h = 0; h < n_head_kv_; ++h) {
         size_t off = offset(layer, h, i);
-        quantize_row(type_, k + static_cast<int64_t>(h) * head_dim_, k_.data() + off, head_dim_);
-        quantize_row(type_, v + static_cast<int64_t>(h) * head_dim_, v_.data() + off, head_dim_);
+        quantize_row(type_, k + static_cast<int64_t>(h) * head_dim_, k_ + off, head_dim_);
+        quantize_row(type_, v + static_cast<int64_t>(h) * head_dim_, v_ + off, head_dim_);
     }
 }
 

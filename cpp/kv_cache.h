@@ -16,6 +16,10 @@ namespace x2l {
 class KVSegment {
   public:
     KVSegment(DType type, int n_layer, int n_head_kv, int head_dim, int64_t capacity);
+    // A read-only view of rows stored elsewhere (e.g. a memory-mapped saved index); k and v hold
+    // [n_layer][n_head_kv][n] rows each, positions n entries. The memory must outlive the view.
+    static std::unique_ptr<KVSegment> view(DType type, int n_layer, int n_head_kv, int head_dim, int64_t n,
+                                           const uint8_t* k, const uint8_t* v, const int32_t* pos);
 
     DType type() const { return type_; }
     int n_layer() const { return n_layer_; }
@@ -24,12 +28,19 @@ class KVSegment {
     int64_t size() const { return n_; }
     int64_t capacity() const { return cap_; }
     size_t row_bytes() const { return row_bytes_; }
-    size_t nbytes() const { return k_.size() + v_.size() + pos_.size() * sizeof(int32_t); }
+    size_t nbytes() const { return 2 * layer_bytes() * n_layer_ + static_cast<size_t>(cap_) * sizeof(int32_t); }
+    size_t layer_bytes() const { return row_bytes_ * n_head_kv_ * static_cast<size_t>(cap_); }  // K (or V) of one layer
+    bool is_view() const { return view_; }
+    const uint8_t* k_data() const { return k_; }
+    const uint8_t* v_data() const { return v_; }
+    const int32_t* pos_data() const { return pos_; }
     size_t used_bytes() const;  // bytes of the entries in use
 
     // Row of entry i for (layer, kv head). Layout: [layer][head][entry] rows of row_bytes.
-    const uint8_t* k_row(int layer, int head, int64_t i) const { return k_.data() + offset(layer, head, i); }
-    const uint8_t* v_row(int layer, int head, int64_t i) const { return v_.data() + offset(layer, head, i); }
+    const uint8_t* k_row(int layer, int head, int64_t i) const { return k_ + offset(layer, head, i); }
+    const uint8_t* v_row(int layer, int head, int64_t i) const { return v_ + offset(layer, head, i); }
+    uint8_t* k_row_mut(int layer, int head, int64_t i) { return k_ + offset(layer, head, i); }
+    uint8_t* v_row_mut(int layer, int head, int64_t i) { return v_ + offset(layer, head, i); }
     int32_t pos(int64_t i) const { return pos_[i]; }
 
     // Reserves entries [n, n + count) and returns the first index; positions are set now.
@@ -37,6 +48,10 @@ class KVSegment {
     // Stores float K and V rows ([n_head_kv, head_dim] each) of entry i for one layer, converting to type().
     void store(int layer, int64_t i, const float* k, const float* v);
     void truncate(int64_t n);  // drop entries >= n
+    // Makes this segment hold the same entries as src (same geometry and type; capacity >= src size):
+    // positions and size now, rows of one layer per call, so a reload can proceed layer by layer.
+    void assign_meta(const KVSegment& src);
+    void copy_layer(const KVSegment& src, int layer);
 
   private:
     size_t offset(int layer, int head, int64_t i) const {
@@ -46,8 +61,12 @@ class KVSegment {
     int n_layer_, n_head_kv_, head_dim_;
     int64_t cap_, n_ = 0;
     size_t row_bytes_;
-    std::vector<uint8_t> k_, v_;
-    std::vector<int32_t> pos_;
+    std::vector<uint8_t> storage_;  // owned rows (empty for views)
+    std::vector<int32_t> pos_storage_;
+    uint8_t* k_ = nullptr;
+    uint8_t* v_ = nullptr;
+    int32_t* pos_ = nullptr;
+    bool view_ = false;
 };
 
 class KVCache {

@@ -138,7 +138,7 @@ void LlmModel::embed(const int32_t* tokens, int64_t n, float* out) const {
 }
 
 void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
-                       int64_t n_logits, float* logits) const {
+                       int64_t n_logits, float* logits, const ForwardHooks* hooks) const {
     const LlmConfig& c = cfg_;
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
@@ -177,12 +177,14 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
                                 {&L.wk, ws.k.data(), L.bk.empty() ? nullptr : L.bk.data()},
                                 {&L.wv, ws.v.data(), L.bv.empty() ? nullptr : L.bv.data()}};
             matmul(pool, ws.xn.data(), n, E, qkv, 3, ws.act);
+            if (hooks && hooks->on_qk) hooks->on_qk(l, ws.q.data(), ws.k.data(), n);
             per_token([&](int64_t t) {
                 rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
                 rope(ws.k.data() + t * KD, c.n_head_kv, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
                 tail.store(l, first + t, ws.k.data() + t * KD, ws.v.data() + t * KD);
             });
-            attention(pool, ws, l, n, first, cache);
+            if (hooks && hooks->before_attention) hooks->before_attention(l);
+            attention(pool, ws, l, n, first, cache, hooks);
             matmul(pool, L.wo, ws.attn.data(), n, ws.xn.data(), ws.act);
             per_token([&](int64_t t) {
                 add(x + t * E, ws.xn.data() + t * E, E);
@@ -194,15 +196,18 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
             matmul(pool, L.w_down, ws.gate.data(), n, ws.xn.data(), ws.act);
             per_token([&](int64_t t) { add(x + t * E, ws.xn.data() + t * E, E); });
         }
-        if (n_logits > 0) {
-            const int64_t t0 = n - n_logits;
-            for (int64_t t = t0; t < n; ++t) rmsnorm(x + t * E, output_norm_.data(), ws.xn.data() + (t - t0) * E, E, c.rms_eps);
-            matmul(pool, output_, ws.xn.data(), n_logits, logits, ws.act);
-        }
+        if (n_logits > 0) this->logits(pool, ws, x + (n - n_logits) * E, n_logits, logits);
     } catch (...) {
         tail.truncate(first);  // leave the cache as it was before the call
         throw;
     }
+}
+
+void LlmModel::logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const {
+    const int64_t E = cfg_.n_embd;
+    if (ws.xn.size() < static_cast<size_t>(n * E)) ws.xn.resize(n * E);
+    for (int64_t t = 0; t < n; ++t) rmsnorm(x + t * E, output_norm_.data(), ws.xn.data() + t * E, E, cfg_.rms_eps);
+    matmul(pool, output_, ws.xn.data(), n, out, ws.act);
 }
 
 // Scores of one query head against a segment's keys, for entries [0, count).
@@ -240,7 +245,7 @@ static void accumulate_segment(const KVSegment& s, int layer, int kvh, int64_t c
 }
 
 void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first,
-                         const KVCache& cache) const {
+                         const KVCache& cache, const ForwardHooks* hooks) const {
     const LlmConfig& c = cfg_;
     const int hd = c.head_dim;
     const int group = c.n_head / c.n_head_kv;
@@ -254,6 +259,10 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
     for (const KVSegment* s : prefix) need_q8 |= s->type() == DType::Q8_0 || s->type() == DType::Q4_0;
 
     const int64_t n_tasks = n * c.n_head;
+    // Attention observation (X²L importance and scorer statistics): per-thread partial sums.
+    const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
+    const int64_t obs_n = observe ? hooks->obs_end - hooks->obs_begin : 0;
+    if (observe) ws.obs_part.assign(static_cast<size_t>(pool.n_threads()) * c.n_head_kv * obs_n, 0.0f);
     pool.run([&](int ith, int nth) {
         float* scores = ws.scores.data() + ith * score_stride;
         uint8_t* q8 = ws.qbuf.data() + ith * q8_stride;
@@ -274,6 +283,11 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
             score_segment(tail, layer, kvh, n_tail, q, q8, scale, scores + off);
             const int64_t n_vis = off + n_tail;
             softmax(scores, n_vis);
+            if (observe && t >= hooks->obs_from) {
+                float* acc = ws.obs_part.data() + (static_cast<size_t>(ith) * c.n_head_kv + kvh) * obs_n;
+                const int64_t e1 = std::min(hooks->obs_end, n_vis);
+                for (int64_t e = hooks->obs_begin; e < e1; ++e) acc[e - hooks->obs_begin] += scores[e];
+            }
             float* out = ws.attn.data() + t * QD + static_cast<int64_t>(h) * hd;
             std::memset(out, 0, sizeof(float) * hd);
             off = 0;
@@ -284,6 +298,13 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
             accumulate_segment(tail, layer, kvh, n_tail, scores + off, out, tmp);
         }
     });
+    if (observe) {
+        float* dst = hooks->obs + static_cast<size_t>(layer) * c.n_head_kv * obs_n;
+        for (int th = 0; th < pool.n_threads(); ++th) {
+            const float* src = ws.obs_part.data() + static_cast<size_t>(th) * c.n_head_kv * obs_n;
+            for (int64_t i = 0; i < c.n_head_kv * obs_n; ++i) dst[i] += src[i];
+        }
+    }
 }
 
 }  // namespace x2l

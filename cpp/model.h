@@ -3,6 +3,7 @@
 // Weights are read in place from the memory-mapped file.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -37,6 +38,20 @@ struct LlmLayer {
     Weight w_gate, w_up, w_down;
 };
 
+// Optional instrumentation of a forward pass, used by the X²L prefill, scorers and reload.
+struct ForwardHooks {
+    // Per layer, before RoPE: q [n, n_head*head_dim] and k [n, n_head_kv*head_dim] of the batch.
+    std::function<void(int layer, const float* q, const float* k, int64_t n)> on_qk;
+    // Called before layer `layer` reads the cache (the reload engine blocks here until that layer's
+    // rows have arrived).
+    std::function<void(int layer)> before_attention;
+    // Attention observation: for batch queries t >= obs_from, the softmax probabilities over cache
+    // entries [obs_begin, obs_end) are summed over the query heads of each KV head into
+    // obs[layer][kv_head][entry - obs_begin] (a buffer of n_layer * n_head_kv * (end - begin)).
+    float* obs = nullptr;
+    int64_t obs_from = 0, obs_begin = 0, obs_end = 0;
+};
+
 // Scratch activations for one forward call; grows on demand and is reused across calls.
 struct Workspace {
     std::vector<float> x, xn, q, k, v, attn, gate, up;  // [n_tokens, *]
@@ -44,6 +59,7 @@ struct Workspace {
     std::vector<uint8_t> qbuf;                           // [n_threads, q8 rows] for quantized K
     std::vector<float> vtmp;                             // [n_threads, head_dim]
     std::vector<uint8_t> act;                            // matmul activation scratch
+    std::vector<float> obs_part;                         // [n_threads, n_head_kv, obs entries]
     size_t bytes() const;
 };
 
@@ -63,11 +79,16 @@ class LlmModel {
     // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
     // n_logits tokens of the batch (0 = none).
     void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
-                 int64_t n_logits, float* logits) const;
+                 int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr) const;
+
+    // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
+    void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;
+    const Weight& token_embedding() const { return tok_embd_; }
+    const float* inv_freq() const { return inv_freq_.data(); }
 
   private:
     void attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first_entry,
-                   const KVCache& cache) const;
+                   const KVCache& cache, const ForwardHooks* hooks) const;
 
     LlmConfig cfg_;
     Weight tok_embd_, output_;

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common.h"
+
 namespace x2l {
 
 void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, const MatmulJob* jobs, int n_jobs,
@@ -14,6 +16,7 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
     int n_act = 0;
     size_t total = 0;
     int job_act[16];
+    if (n_jobs > 16) throw Error("matmul: too many fused jobs");
     for (int j = 0; j < n_jobs; ++j) {
         DType at = dot_type(jobs[j].w->type);
         int k = 0;
@@ -45,7 +48,8 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
     int64_t total_rows = 0;
     for (int j = 0; j < n_jobs; ++j) total_rows += jobs[j].w->n_out;
     // Rows are processed in blocks so a block of weight rows stays in L1 while every token uses it.
-    const int64_t kRowBlock = n_tokens == 1 ? 1 : 8;
+    const int64_t kRowBlock = n_tokens == 1 ? 4 : 8;
+    constexpr int64_t kRowBlockMax = 8;
     const int64_t kTokBlock = 64;
 
     pool.run([&](int ith, int nth) {
@@ -65,6 +69,7 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
                 float* y = jobs[j].y;
                 const float* bias = jobs[j].bias;
                 const int64_t n_out = w.n_out;
+                float tmp[kRowBlockMax];
                 for (int64_t rb = jb - base; rb < je - base; rb += kRowBlock) {
                     int64_t re = std::min(rb + kRowBlock, je - base);
                     for (int64_t tb = 0; tb < n_tokens; tb += kTokBlock) {
@@ -72,10 +77,9 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
                         for (int64_t t = tb; t < te; ++t) {
                             const uint8_t* a = act + t * arow;
                             float* yt = y + t * n_out;
-                            for (int64_t r = rb; r < re; ++r) {
-                                float v = vec_dot(w.type, n_in, w.row(r), a);
-                                yt[r] = bias ? v + bias[r] : v;
-                            }
+                            // Several rows per call: the kernel reuses the activation block across rows.
+                            vec_dot_rows(w.type, n_in, w.row(rb), w.row_bytes, re - rb, a, tmp);
+                            for (int64_t r = rb; r < re; ++r) yt[r] = bias ? tmp[r - rb] + bias[r] : tmp[r - rb];
                         }
                     }
                 }

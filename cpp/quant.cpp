@@ -6,10 +6,12 @@
 //   3. dequantize_row / quantize_row (reference arithmetic, bit-identical to gguf-py)
 //   4. dot kernels: a portable scalar reference for every type, then AVX2+FMA (x86-64) and
 //      NEON (aarch64) versions; vec_dot picks the SIMD one unless set_force_scalar(true).
+//      vec_dot_rows runs 4 weight rows per activation pass (AVX2, 32-value formats).
 //   5. plain float helpers (dot_f32, axpy, fp16 rows).
 //
 // Every SIMD kernel computes the same integer block sums as the scalar reference, so the two
-// differ only by float summation order (a few ulp of the result).
+// differ only by float summation order (a few ulp of the result). The activation quantizers'
+// SIMD versions are bit-identical to their scalar versions.
 #include "quant.h"
 
 #include <algorithm>
@@ -567,14 +569,45 @@ float vd_bf16_ref(int64_t n, const void* w, const void* a) {
     return dot_bf16_ref(static_cast<const uint16_t*>(w), static_cast<const float*>(a), n);
 }
 
+// Scalar block dots: integer sums of one block.
+inline int dot32_i8(const int8_t* q, const int8_t* y) {
+    int s = 0;
+    for (int j = 0; j < QK; ++j) s += q[j] * y[j];
+    return s;
+}
+
+// sum(nibble * y) over a 4-bit block: low nibbles pair with y[0..15], high with y[16..31].
+inline int dot_nibbles(const uint8_t* qs, const int8_t* y) {
+    int lo = 0, hi = 0;
+    for (int j = 0; j < 16; ++j) lo += (qs[j] & 0x0f) * y[j];
+    for (int j = 0; j < 16; ++j) hi += (qs[j] >> 4) * y[j + 16];
+    return lo + hi;
+}
+
+inline int sum32_i8(const int8_t* y) {
+    int s = 0;
+    for (int j = 0; j < QK; ++j) s += y[j];
+    return s;
+}
+
+// sum(q5 * y) with the 5-bit values (nibble | qh bit << 4) - offset.
+inline int dot_q5(const uint8_t* qs, const uint8_t* qh_bytes, int offset, const int8_t* y) {
+    const uint32_t qh = load_u32(qh_bytes);
+    int s = 0;
+    for (int j = 0; j < 16; ++j) {
+        const int lo = ((qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1u) << 4)) - offset;
+        const int hi = ((qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1u) << 4)) - offset;
+        s += lo * y[j] + hi * y[j + 16];
+    }
+    return s;
+}
+
 float vd_q4_0_ref(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockQ4_0*>(w);
     const auto* y = static_cast<const BlockQ8_0*>(a);
     float acc = 0.0f;
     for (int64_t i = 0; i < n / QK; ++i) {
-        int sumi = 0;
-        for (int j = 0; j < 16; ++j)
-            sumi += ((x[i].qs[j] & 0x0f) - 8) * y[i].qs[j] + ((x[i].qs[j] >> 4) - 8) * y[i].qs[j + 16];
+        const int sumi = dot_nibbles(x[i].qs, y[i].qs) - 8 * sum32_i8(y[i].qs);  // values are nibble - 8
         acc += static_cast<float>(sumi) * (h2f(x[i].d) * h2f(y[i].d));
     }
     return acc;
@@ -585,8 +618,7 @@ float vd_q4_1_ref(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_1*>(a);
     float acc = 0.0f;
     for (int64_t i = 0; i < n / QK; ++i) {
-        int sumi = 0;
-        for (int j = 0; j < 16; ++j) sumi += (x[i].qs[j] & 0x0f) * y[i].qs[j] + (x[i].qs[j] >> 4) * y[i].qs[j + 16];
+        const int sumi = dot_nibbles(x[i].qs, y[i].qs);
         // sum(d q + m)(dy qy) = d dy sum(q qy) + m (dy sum qy), the last factor being Q8_1's s
         acc += static_cast<float>(sumi) * (h2f(x[i].d) * h2f(y[i].d)) + h2f(x[i].m) * h2f(y[i].s);
     }
@@ -598,13 +630,7 @@ float vd_q5_0_ref(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_0*>(a);
     float acc = 0.0f;
     for (int64_t i = 0; i < n / QK; ++i) {
-        const uint32_t qh = load_u32(x[i].qh);
-        int sumi = 0;
-        for (int j = 0; j < 16; ++j) {
-            int lo = ((x[i].qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1u) << 4)) - 16;
-            int hi = ((x[i].qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1u) << 4)) - 16;
-            sumi += lo * y[i].qs[j] + hi * y[i].qs[j + 16];
-        }
+        const int sumi = dot_q5(x[i].qs, x[i].qh, 16, y[i].qs);
         acc += static_cast<float>(sumi) * (h2f(x[i].d) * h2f(y[i].d));
     }
     return acc;
@@ -615,13 +641,7 @@ float vd_q5_1_ref(int64_t n, const void* w, const void* a) {
     const auto* y = static_cast<const BlockQ8_1*>(a);
     float acc = 0.0f;
     for (int64_t i = 0; i < n / QK; ++i) {
-        const uint32_t qh = load_u32(x[i].qh);
-        int sumi = 0;
-        for (int j = 0; j < 16; ++j) {
-            int lo = (x[i].qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1u) << 4);
-            int hi = (x[i].qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1u) << 4);
-            sumi += lo * y[i].qs[j] + hi * y[i].qs[j + 16];
-        }
+        const int sumi = dot_q5(x[i].qs, x[i].qh, 0, y[i].qs);
         acc += static_cast<float>(sumi) * (h2f(x[i].d) * h2f(y[i].d)) + h2f(x[i].m) * h2f(y[i].s);
     }
     return acc;
@@ -631,11 +651,8 @@ float vd_q8_0_ref(int64_t n, const void* w, const void* a) {
     const auto* x = static_cast<const BlockQ8_0*>(w);
     const auto* y = static_cast<const BlockQ8_0*>(a);
     float acc = 0.0f;
-    for (int64_t i = 0; i < n / QK; ++i) {
-        int sumi = 0;
-        for (int j = 0; j < QK; ++j) sumi += x[i].qs[j] * y[i].qs[j];
-        acc += static_cast<float>(sumi) * (h2f(x[i].d) * h2f(y[i].d));
-    }
+    for (int64_t i = 0; i < n / QK; ++i)
+        acc += static_cast<float>(dot32_i8(x[i].qs, y[i].qs)) * (h2f(x[i].d) * h2f(y[i].d));
     return acc;
 }
 
@@ -731,95 +748,127 @@ inline __m256i expand_bits(uint32_t bits) {
 
 inline __m256i loadu256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-// Two independent accumulators hide the FMA latency; unrolled by 4 to thin the loop overhead.
-template <class F>
-inline float two_acc_loop(int64_t nb, F&& block) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+// ---- 32-value formats: R weight rows against one activation row.
+// vec_dot runs these with R = 1, vec_dot_rows with R = 4 (the activation block is loaded and
+// its scale converted once for all R rows). Per row the arithmetic is fixed: two FMA chains
+// (even / odd blocks of the unrolled part, leftover blocks on chain 0), so a row's result is
+// bit-identical whether it is computed alone or in a group, and never depends on how a caller
+// splits rows between threads.
+
+// Integer block dots against Q8_0 activations. corr(qy) is activation-only work, shared by
+// the R rows. [32 q] . [32 qy] -> 8 x i32 partial sums.
+struct IdotQ8_0 {
+    using Block = BlockQ8_0;
+    static __m256i corr(__m256i) { return _mm256_setzero_si256(); }
+    static __m256i dot(const Block& b, __m256i qy, __m256i) { return dot_s8s8(loadu256(b.qs), qy); }
+};
+struct IdotQ4_0 {
+    using Block = BlockQ4_0;
+    // sum((q - 8) qy) = sum(q qy) - 8 sum(qy)
+    static __m256i corr(__m256i qy) { return dot_u8s8(_mm256_set1_epi8(8), qy); }
+    static __m256i dot(const Block& b, __m256i qy, __m256i c) {
+        return _mm256_sub_epi32(dot_u8s8(unpack_nibbles(b.qs), qy), c);
+    }
+};
+struct IdotQ5_0 {
+    using Block = BlockQ5_0;
+    static __m256i corr(__m256i qy) { return dot_u8s8(_mm256_set1_epi8(16), qy); }
+    static __m256i dot(const Block& b, __m256i qy, __m256i c) {
+        const __m256i hb = _mm256_and_si256(expand_bits(load_u32(b.qh)), _mm256_set1_epi8(16));
+        const __m256i q = _mm256_or_si256(unpack_nibbles(b.qs), hb);  // 0..31, value q - 16
+        return _mm256_sub_epi32(dot_u8s8(q, qy), c);
+    }
+};
+// Against Q8_1 activations (unsigned q; the min m enters through Q8_1's s).
+struct IdotQ4_1 {
+    using Block = BlockQ4_1;
+    static __m256i dot(const Block& b, __m256i qy) { return dot_u8s8(unpack_nibbles(b.qs), qy); }
+};
+struct IdotQ5_1 {
+    using Block = BlockQ5_1;
+    static __m256i dot(const Block& b, __m256i qy) {
+        const __m256i hb = _mm256_and_si256(expand_bits(load_u32(b.qh)), _mm256_set1_epi8(16));
+        return dot_u8s8(_mm256_or_si256(unpack_nibbles(b.qs), hb), qy);
+    }
+};
+
+// Weights scaled by d only, Q8_0 activations. Unrolled by 4 to thin the loop overhead.
+template <class K, int R>
+void rows_x_q8_0(int64_t n, const uint8_t* w, size_t stride, const void* a, float* out) {
+    using Block = typename K::Block;
+    const auto* y = static_cast<const BlockQ8_0*>(a);
+    const Block* x[R];
+    __m256 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) {
+        x[r] = reinterpret_cast<const Block*>(w + static_cast<size_t>(r) * stride);
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+    }
+    auto step = [&](int64_t i, __m256* acc) {
+        const __m256i qy = loadu256(y[i].qs);
+        const __m256i c = K::corr(qy);
+        const float dy = hs(y[i].d);
+        for (int r = 0; r < R; ++r) {
+            const __m256i p = K::dot(x[r][i], qy, c);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(hs(x[r][i].d) * dy), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    };
+    const int64_t nb = n / QK;
     int64_t i = 0;
     for (; i + 3 < nb; i += 4) {
-        acc0 = block(i, acc0);
-        acc1 = block(i + 1, acc1);
-        acc0 = block(i + 2, acc0);
-        acc1 = block(i + 3, acc1);
+        step(i, acc0);
+        step(i + 1, acc1);
+        step(i + 2, acc0);
+        step(i + 3, acc1);
     }
-    for (; i < nb; ++i) acc0 = block(i, acc0);
-    return hsum(_mm256_add_ps(acc0, acc1));
+    for (; i < nb; ++i) step(i, acc0);
+    for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
-float vd_q8_0_avx2(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockQ8_0*>(w);
-    const auto* y = static_cast<const BlockQ8_0*>(a);
-    return two_acc_loop(n / QK, [&](int64_t i, __m256 acc) {
-        const __m256i p = dot_s8s8(loadu256(x[i].qs), loadu256(y[i].qs));
-        const __m256 d = _mm256_set1_ps(hs(x[i].d) * hs(y[i].d));
-        return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    });
-}
-
-float vd_q4_0_avx2(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockQ4_0*>(w);
-    const auto* y = static_cast<const BlockQ8_0*>(a);
-    const __m256i eight = _mm256_set1_epi8(8);
-    return two_acc_loop(n / QK, [&](int64_t i, __m256 acc) {
+// Weights d*q + m, Q8_1 activations: per block d*dy*sum(q qy) + m*sy. The m*sy terms are summed
+// as scalars in two chains like the vector accumulators (unrolled by 2: measured faster than 4).
+template <class K, int R>
+void rows_x_q8_1(int64_t n, const uint8_t* w, size_t stride, const void* a, float* out) {
+    using Block = typename K::Block;
+    const auto* y = static_cast<const BlockQ8_1*>(a);
+    const Block* x[R];
+    __m256 acc0[R], acc1[R];
+    float m0[R], m1[R];
+    for (int r = 0; r < R; ++r) {
+        x[r] = reinterpret_cast<const Block*>(w + static_cast<size_t>(r) * stride);
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+        m0[r] = m1[r] = 0.0f;
+    }
+    auto step = [&](int64_t i, __m256* acc, float* m) {
         const __m256i qy = loadu256(y[i].qs);
-        // sum((q - 8) qy) = sum(q qy) - 8 sum(qy)
-        const __m256i p = _mm256_sub_epi32(dot_u8s8(unpack_nibbles(x[i].qs), qy), dot_u8s8(eight, qy));
-        const __m256 d = _mm256_set1_ps(hs(x[i].d) * hs(y[i].d));
-        return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    });
-}
-
-float vd_q5_0_avx2(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockQ5_0*>(w);
-    const auto* y = static_cast<const BlockQ8_0*>(a);
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    return two_acc_loop(n / QK, [&](int64_t i, __m256 acc) {
-        const __m256i qy = loadu256(y[i].qs);
-        const __m256i hb = _mm256_and_si256(expand_bits(load_u32(x[i].qh)), sixteen);
-        const __m256i q = _mm256_or_si256(unpack_nibbles(x[i].qs), hb);  // 0..31
-        const __m256i p = _mm256_sub_epi32(dot_u8s8(q, qy), dot_u8s8(sixteen, qy));
-        const __m256 d = _mm256_set1_ps(hs(x[i].d) * hs(y[i].d));
-        return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
-    });
-}
-
-// Q4_1 / Q5_1 x Q8_1: per block d*dy*sum(q qy) + m*sy; the m*sy terms are summed as scalars,
-// in two chains like the vector accumulators (unrolled by 2 only: measured faster than 4 here).
-template <class F>
-inline float two_acc_loop_m(int64_t nb, F&& block) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float m0 = 0.0f, m1 = 0.0f;
+        const float dy = hs(y[i].d), sy = hs(y[i].s);
+        for (int r = 0; r < R; ++r) {
+            const __m256i p = K::dot(x[r][i], qy);
+            m[r] = std::fma(hs(x[r][i].m), sy, m[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(hs(x[r][i].d) * dy), _mm256_cvtepi32_ps(p), acc[r]);
+        }
+    };
+    const int64_t nb = n / QK;
     int64_t i = 0;
     for (; i + 1 < nb; i += 2) {
-        acc0 = block(i, acc0, m0);
-        acc1 = block(i + 1, acc1, m1);
+        step(i, acc0, m0);
+        step(i + 1, acc1, m1);
     }
-    if (i < nb) acc0 = block(i, acc0, m0);
-    return hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1);
+    if (i < nb) step(i, acc0, m0);
+    for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (m0[r] + m1[r]);
 }
 
-float vd_q4_1_avx2(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockQ4_1*>(w);
-    const auto* y = static_cast<const BlockQ8_1*>(a);
-    return two_acc_loop_m(n / QK, [&](int64_t i, __m256 acc, float& m) {
-        const __m256i p = dot_u8s8(unpack_nibbles(x[i].qs), loadu256(y[i].qs));
-        m += hs(x[i].m) * hs(y[i].s);
-        return _mm256_fmadd_ps(_mm256_set1_ps(hs(x[i].d) * hs(y[i].d)), _mm256_cvtepi32_ps(p), acc);
-    });
+template <void (*Rows)(int64_t, const uint8_t*, size_t, const void*, float*)>
+float one_row(int64_t n, const void* w, const void* a) {
+    float r;
+    Rows(n, static_cast<const uint8_t*>(w), 0, a, &r);
+    return r;
 }
 
-float vd_q5_1_avx2(int64_t n, const void* w, const void* a) {
-    const auto* x = static_cast<const BlockQ5_1*>(w);
-    const auto* y = static_cast<const BlockQ8_1*>(a);
-    const __m256i sixteen = _mm256_set1_epi8(16);
-    return two_acc_loop_m(n / QK, [&](int64_t i, __m256 acc, float& m) {
-        const __m256i hb = _mm256_and_si256(expand_bits(load_u32(x[i].qh)), sixteen);
-        const __m256i q = _mm256_or_si256(unpack_nibbles(x[i].qs), hb);
-        const __m256i p = dot_u8s8(q, loadu256(y[i].qs));
-        m += hs(x[i].m) * hs(y[i].s);
-        return _mm256_fmadd_ps(_mm256_set1_ps(hs(x[i].d) * hs(y[i].d)), _mm256_cvtepi32_ps(p), acc);
-    });
-}
+float vd_q8_0_avx2(int64_t n, const void* w, const void* a) { return one_row<rows_x_q8_0<IdotQ8_0, 1>>(n, w, a); }
+float vd_q4_0_avx2(int64_t n, const void* w, const void* a) { return one_row<rows_x_q8_0<IdotQ4_0, 1>>(n, w, a); }
+float vd_q5_0_avx2(int64_t n, const void* w, const void* a) { return one_row<rows_x_q8_0<IdotQ5_0, 1>>(n, w, a); }
+float vd_q4_1_avx2(int64_t n, const void* w, const void* a) { return one_row<rows_x_q8_1<IdotQ4_1, 1>>(n, w, a); }
+float vd_q5_1_avx2(int64_t n, const void* w, const void* a) { return one_row<rows_x_q8_1<IdotQ5_1, 1>>(n, w, a); }
 
 // Broadcast 16-bit lane j (0..7) of each 128-bit half: pshufb selectors.
 alignas(32) constexpr uint8_t kWordSel[8][32] = {
@@ -1310,6 +1359,24 @@ const DotKernels* dot_kernels(DType w) {
     }
 }
 
+// Kernels computing 4 rows at once (bit-identical per row to the single-row SIMD kernel).
+using Rows4Fn = void (*)(int64_t, const uint8_t*, size_t, const void*, float*);
+Rows4Fn rows4_kernel(DType w) {
+#if defined(X2L_AVX2)
+    switch (w) {
+        case DType::Q8_0: return rows_x_q8_0<IdotQ8_0, 4>;
+        case DType::Q4_0: return rows_x_q8_0<IdotQ4_0, 4>;
+        case DType::Q5_0: return rows_x_q8_0<IdotQ5_0, 4>;
+        case DType::Q4_1: return rows_x_q8_1<IdotQ4_1, 4>;
+        case DType::Q5_1: return rows_x_q8_1<IdotQ5_1, 4>;
+        default: return nullptr;
+    }
+#else
+    (void)w;
+    return nullptr;
+#endif
+}
+
 }  // namespace
 
 // ================================================================================= public API
@@ -1403,6 +1470,20 @@ float vec_dot(DType w, int64_t n, const void* w_row, const void* act_row) {
     const DotKernels* k = dot_kernels(w);
     if (!k) unsupported("vec_dot", w);
     return (use_simd() ? k->simd : k->ref)(n, w_row, act_row);
+}
+
+void vec_dot_rows(DType w, int64_t n, const void* w_rows, size_t w_stride, int64_t n_rows, const void* act_row,
+                  float* out) {
+    const DotKernels* k = dot_kernels(w);
+    if (!k) unsupported("vec_dot_rows", w);
+    const auto* base = static_cast<const uint8_t*>(w_rows);
+    const bool simd = use_simd();
+    int64_t r = 0;
+    if (Rows4Fn fn4 = simd ? rows4_kernel(w) : nullptr) {
+        for (; r + 4 <= n_rows; r += 4) fn4(n, base + static_cast<size_t>(r) * w_stride, w_stride, act_row, out + r);
+    }
+    const VecDotFn one = simd ? k->simd : k->ref;
+    for (; r < n_rows; ++r) out[r] = one(n, base + static_cast<size_t>(r) * w_stride, act_row);
 }
 
 float fp16_to_fp32(uint16_t h) { return h2f(h); }

@@ -59,6 +59,12 @@ float dot_f16_f32(const uint16_t* a, const float* b, int64_t n);      // a: fp16
 void axpy_f32(float a, const float* x, float* y, int64_t n);            // y += a * x
 void axpy_f16(float a, const uint16_t* x, float* y, int64_t n);         // y += a * fp16 x
 
+// out[r] = vec_dot(w, n, w_rows + r * w_stride, act_row) for r in [0, n_rows), bit-identical to
+// calling vec_dot row by row (so results never depend on how rows are grouped or split between
+// threads), but faster for the 32-value formats on AVX2: 4 rows share each activation block.
+void vec_dot_rows(DType w, int64_t n, const void* w_rows, size_t w_stride, int64_t n_rows, const void* act_row,
+                  float* out);
+
 // ---- Test-only hooks (not for production code paths) ----
 // Forces vec_dot, the activation quantizers and the float helpers onto their portable scalar
 // code so tests can check it on machines that have SIMD. Process-wide; set it only while no

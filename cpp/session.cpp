@@ -27,40 +27,51 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
     last_logits_.assign(c.n_vocab, 0.0f);
 }
 
+void run_tokens(const LlmModel& model, ThreadPool& pool, Workspace& ws, KVCache& cache,
+                const std::vector<int32_t>& tokens, int32_t start_pos, int64_t n_batch,
+                std::vector<float>& last_logits, std::vector<float>* all_out, const ForwardHooks* hooks) {
+    const LlmConfig& c = model.config();
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    if (n == 0) return;
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= c.n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
+    }
+    if (all_out) all_out->resize(static_cast<size_t>(n) * c.n_vocab);
+    last_logits.resize(c.n_vocab);
+    std::vector<float> x;
+    std::vector<int32_t> pos;
+    const int64_t entries_before = cache.size();
+    try {
+        for (int64_t b = 0; b < n; b += n_batch) {
+            const int64_t m = std::min(n_batch, n - b);
+            x.resize(static_cast<size_t>(m) * c.n_embd);
+            model.embed(tokens.data() + b, m, x.data());
+            pos.resize(m);
+            for (int64_t i = 0; i < m; ++i) pos[i] = static_cast<int32_t>(start_pos + b + i);
+            const bool last = b + m == n;
+            if (all_out) {
+                model.forward(pool, ws, x.data(), m, pos.data(), cache, m, all_out->data() + b * c.n_vocab, hooks);
+                if (last) std::memcpy(last_logits.data(), all_out->data() + (n - 1) * c.n_vocab, sizeof(float) * c.n_vocab);
+            } else {
+                model.forward(pool, ws, x.data(), m, pos.data(), cache, last ? 1 : 0, last_logits.data(), hooks);
+            }
+        }
+    } catch (...) {
+        cache.truncate(entries_before);
+        throw;
+    }
+}
+
 void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out) {
-    const LlmConfig& c = model_->config();
     const int64_t n = static_cast<int64_t>(tokens.size());
     if (n == 0) return;
     if (n_past() + n > n_ctx()) {
         throw BudgetError("context is full: " + std::to_string(n_past()) + " + " + std::to_string(n) +
                           " tokens exceed n_ctx=" + std::to_string(n_ctx()));
     }
-    for (int32_t t : tokens) {
-        if (t < 0 || t >= c.n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
-    }
-    if (all_out) all_out->resize(static_cast<size_t>(n) * c.n_vocab);
-    const int64_t start = n_past();
-    std::vector<int32_t> pos;
-    try {
-        for (int64_t b = 0; b < n; b += opt_.n_batch) {
-            const int64_t m = std::min(opt_.n_batch, n - b);
-            x_.resize(static_cast<size_t>(m) * c.n_embd);
-            model_->embed(tokens.data() + b, m, x_.data());
-            pos.resize(m);
-            for (int64_t i = 0; i < m; ++i) pos[i] = static_cast<int32_t>(start + b + i);
-            const bool last = b + m == n;
-            if (all_out) {
-                model_->forward(*pool_, ws_, x_.data(), m, pos.data(), *cache_, m, all_out->data() + b * c.n_vocab);
-                if (last) std::memcpy(last_logits_.data(), all_out->data() + (n - 1) * c.n_vocab, sizeof(float) * c.n_vocab);
-            } else {
-                model_->forward(*pool_, ws_, x_.data(), m, pos.data(), *cache_, last ? 1 : 0, last_logits_.data());
-            }
-            history_.insert(history_.end(), tokens.begin() + b, tokens.begin() + b + m);
-        }
-    } catch (...) {
-        truncate(start);
-        throw;
-    }
+    run_tokens(*model_, *pool_, ws_, *cache_, tokens, static_cast<int32_t>(n_past()), opt_.n_batch, last_logits_,
+               all_out, nullptr);
+    history_.insert(history_.end(), tokens.begin(), tokens.end());
 }
 
 int32_t LlmSession::sample(Sampler& s) {

@@ -22,6 +22,12 @@ struct SessionOptions {
     int64_t n_batch = 256;    // tokens per forward call during prompt processing
 };
 
+// Runs tokens through the model in n_batch pieces at positions start_pos.., appending to cache's
+// tail; writes the last token's logits to last_logits and, if all_out, every token's logits.
+void run_tokens(const LlmModel& model, ThreadPool& pool, Workspace& ws, KVCache& cache,
+                const std::vector<int32_t>& tokens, int32_t start_pos, int64_t n_batch,
+                std::vector<float>& last_logits, std::vector<float>* all_out, const ForwardHooks* hooks);
+
 class LlmSession {
   public:
     LlmSession(const std::string& path, const SessionOptions& opt);
@@ -45,6 +51,9 @@ class LlmSession {
     void truncate(int64_t n);  // keep the first n tokens of the context
 
     size_t kv_bytes() const { return cache_->tail_bytes(); }
+    // Shared compute resources for other users of the model (the X²L prefill and decoder).
+    ThreadPool& pool() { return *pool_; }
+    Workspace& workspace() { return ws_; }
     size_t workspace_bytes() const { return ws_.bytes(); }
 
   private:

@@ -36,6 +36,7 @@ void ThreadPool::worker(int ith) {
             X2L_PAUSE();
             if (++spins == 1024) {
                 spins = 0;
+                std::this_thread::yield();
                 if (std::chrono::steady_clock::now() - spin_start > std::chrono::milliseconds(2)) {
                     std::unique_lock<std::mutex> lock(mu_);
                     sleepers_.fetch_add(1);
@@ -66,7 +67,15 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
     }
     if (sleepers_.load() > 0) cv_.notify_all();
     fn(0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) != 0) X2L_PAUSE();
+    // Spin briefly, then yield: on an oversubscribed machine a descheduled worker would otherwise
+    // keep this thread burning its whole time slice.
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        if (spins < 4096) {
+            X2L_PAUSE();
+        } else {
+            std::this_thread::yield();
+        }
+    }
     job_ = nullptr;
 }
 

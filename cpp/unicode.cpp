@@ -7,6 +7,7 @@
 #include "unicode.h"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace x2l {
 namespace unicode {
@@ -110,26 +111,22 @@ int cp_to_byte(uint32_t cp) {
 // ------------------------------------------------------------------ splitters
 namespace {
 
-// Per-code-point flags used by the matchers: the table classes plus the literal characters the
-// patterns name.
+// Per-code-point flags used by the matchers: the table classes, the literal characters the
+// patterns name, and the UTF-8 length in the top two bits. One byte per code point keeps the
+// decoded form small; byte offsets are recovered by summing lengths while scanning.
 enum : uint8_t {
     F_L = kLetter, F_N = kNumber, F_S = kSpace,
     F_NL = 8,       // \r or \n
     F_SP = 16,      // ' ' (U+0020), the optional prefix in " ?..."
     F_APOS = 32,    // '\''
 };
+constexpr int kLenShift = 6;
+inline size_t cp_len(uint8_t f) { return size_t(f >> kLenShift) + 1; }
 
-struct Cps {
-    std::vector<uint8_t> f;     // flags
-    std::vector<uint32_t> cp;   // code points (kInvalidCp for malformed bytes)
-    std::vector<size_t> off;    // byte offset of each code point, plus the total length at the end
-};
-
-void decode_all(std::string_view text, Cps& c) {
+std::vector<uint8_t> decode_all(std::string_view text) {
     const size_t n = text.size();
-    c.f.reserve(n);
-    c.cp.reserve(n);
-    c.off.reserve(n + 1);
+    std::vector<uint8_t> f;
+    f.reserve(n);
     size_t i = 0;
     while (i < n) {
         size_t len = 1;
@@ -140,20 +137,18 @@ void decode_all(std::string_view text, Cps& c) {
         if (cp == '\r' || cp == '\n') fl |= F_NL;
         else if (cp == ' ') fl |= F_SP;
         else if (cp == '\'') fl |= F_APOS;
-        c.f.push_back(fl);
-        c.cp.push_back(cp);
-        c.off.push_back(i);
+        f.push_back(uint8_t(fl | ((len - 1) << kLenShift)));
         i += len;
     }
-    c.off.push_back(n);
+    return f;
 }
 
 inline bool is_other(uint8_t f) { return (f & (F_L | F_N | F_S)) == 0; }  // [^\s\p{L}\p{N}]
 
 struct Matcher {
     const uint8_t* f;
-    const uint32_t* cp;
-    size_t end;  // exclusive; lookaheads treat it as end of input
+    std::string_view text;
+    size_t end;  // exclusive code point index; lookaheads treat it as end of input
 
     size_t run(size_t i, uint8_t mask) const {
         while (i < end && (f[i] & mask)) ++i;
@@ -170,15 +165,20 @@ struct Matcher {
         if (c == 0x17F) return 's';
         return c;
     }
-    // 's|'t|'re|'ve|'m|'ll|'d, optionally case-insensitive. Returns the match end or i.
-    size_t contraction(size_t i, bool ci) const {
+    // 's|'t|'re|'ve|'m|'ll|'d, optionally case-insensitive; b is the byte offset of code point i.
+    // Returns the match end or i.
+    size_t contraction(size_t i, size_t b, bool ci) const {
         if (!(f[i] & F_APOS) || i + 1 >= end) return i;
-        auto at = [&](size_t k) { return ci ? fold(cp[k]) : cp[k]; };
-        const uint32_t a = at(i + 1);
+        size_t len1, len2;
+        ++b;  // the apostrophe is one byte
+        uint32_t a = utf8_decode(text.data() + b, text.size() - b, &len1);
+        if (ci) a = fold(a);
         if (a == 's' || a == 't' || a == 'm' || a == 'd') return i + 2;
         if (i + 2 < end) {
-            const uint32_t b = at(i + 2);
-            if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) return i + 3;
+            b += len1;
+            uint32_t c = utf8_decode(text.data() + b, text.size() - b, &len2);
+            if (ci) c = fold(c);
+            if ((a == 'r' && c == 'e') || (a == 'v' && c == 'e') || (a == 'l' && c == 'l')) return i + 3;
         }
         return i;
     }
@@ -189,8 +189,8 @@ struct Matcher {
         return j - 1;                          // give the last space back to the next token
     }
 
-    size_t gpt2(size_t i) const {
-        size_t j = contraction(i, false);
+    size_t gpt2(size_t i, size_t b) const {
+        size_t j = contraction(i, b, false);
         if (j > i) return j;
         // " ?X+" for X in L, N, other: a leading ' ' is never X itself, so only one start to try.
         const size_t k = ((f[i] & F_SP) && i + 1 < end) ? i + 1 : i;
@@ -201,8 +201,8 @@ struct Matcher {
         return i;
     }
 
-    size_t qwen(size_t i, size_t max_digits) const {
-        size_t j = contraction(i, true);
+    size_t qwen(size_t i, size_t b, size_t max_digits) const {
+        size_t j = contraction(i, b, true);
         if (j > i) return j;
         // [^\r\n\p{L}\p{N}]?\p{L}+
         if (f[i] & F_L) return run(i, F_L);
@@ -227,59 +227,65 @@ struct Matcher {
     }
 };
 
-// Applies one matcher over [begin, end) of the code points, emitting matches and gaps.
+// Applies one matcher over code points [begin, end) starting at byte offset b, emitting matches
+// and unmatched gaps. Returns the byte offset of end.
 template <typename Match>
-void split_range(const Cps& c, std::string_view text, size_t begin, size_t end, Match match,
-                 std::vector<std::string_view>& out) {
-    auto emit = [&](size_t a, size_t b) { out.emplace_back(text.data() + c.off[a], c.off[b] - c.off[a]); };
-    size_t gap = end;  // start of pending unmatched code points, or end when none
+size_t split_range(const uint8_t* f, std::string_view text, size_t begin, size_t end, size_t b, Match match,
+                   std::vector<std::string_view>& out) {
+    size_t gap = SIZE_MAX;  // byte offset where pending unmatched code points start
     size_t i = begin;
     while (i < end) {
-        const size_t j = match(i);
+        const size_t j = match(i, b);
         if (j > i) {
-            if (gap < i) emit(gap, i);
-            gap = end;
-            emit(i, j);
+            if (gap != SIZE_MAX) out.emplace_back(text.data() + gap, b - gap);
+            gap = SIZE_MAX;
+            size_t e = b;
+            for (size_t k = i; k < j; ++k) e += cp_len(f[k]);
+            out.emplace_back(text.data() + b, e - b);
+            b = e;
             i = j;
         } else {
-            if (gap == end) gap = i;
+            if (gap == SIZE_MAX) gap = b;
+            b += cp_len(f[i]);
             ++i;
         }
     }
-    if (gap < end) emit(gap, end);
+    if (gap != SIZE_MAX) out.emplace_back(text.data() + gap, b - gap);
+    return b;
 }
 
 }  // namespace
 
 void pre_tokenize(PreSplit kind, std::string_view text, std::vector<std::string_view>& out) {
     if (text.empty()) return;
-    Cps c;
-    decode_all(text, c);
-    const size_t n = c.f.size();
-    Matcher m{c.f.data(), c.cp.data(), n};
+    const std::vector<uint8_t> f = decode_all(text);
+    const size_t n = f.size();
+    const Matcher m{f.data(), text, n};
     switch (kind) {
         case PreSplit::GPT2:
-            split_range(c, text, 0, n, [&](size_t i) { return m.gpt2(i); }, out);
+            split_range(f.data(), text, 0, n, 0, [&](size_t i, size_t b) { return m.gpt2(i, b); }, out);
             break;
         case PreSplit::Qwen2:
-            split_range(c, text, 0, n, [&](size_t i) { return m.qwen(i, 1); }, out);
+            split_range(f.data(), text, 0, n, 0, [&](size_t i, size_t b) { return m.qwen(i, b, 1); }, out);
             break;
         case PreSplit::Llama3:
-            split_range(c, text, 0, n, [&](size_t i) { return m.qwen(i, 3); }, out);
+            split_range(f.data(), text, 0, n, 0, [&](size_t i, size_t b) { return m.qwen(i, b, 3); }, out);
             break;
         case PreSplit::SmolLM: {
             // Digits(individual_digits=true) first: each \p{N} is its own piece and the GPT2
             // regex then runs on the text between digits, which ends there (lookaheads included).
-            size_t a = 0;
-            for (size_t i = 0; i <= n; ++i) {
-                if (i < n && !(c.f[i] & F_N)) continue;
+            size_t a = 0, b = 0;
+            for (size_t i = 0; i < n; ++i) {
+                if (!(f[i] & F_N)) continue;
                 if (a < i) {
-                    Matcher seg{c.f.data(), c.cp.data(), i};
-                    split_range(c, text, a, i, [&](size_t k) { return seg.gpt2(k); }, out);
+                    const Matcher seg{f.data(), text, i};
+                    b = split_range(f.data(), text, a, i, b, [&](size_t k, size_t o) { return seg.gpt2(k, o); }, out);
                 }
-                if (i < n) out.emplace_back(text.data() + c.off[i], c.off[i + 1] - c.off[i]);
+                out.emplace_back(text.data() + b, cp_len(f[i]));
+                b += cp_len(f[i]);
                 a = i + 1;
             }
+            if (a < n) split_range(f.data(), text, a, n, b, [&](size_t k, size_t o) { return m.gpt2(k, o); }, out);
             break;
         }
     }

@@ -7,17 +7,23 @@ import pytest
 import x2l_edge
 from x2l_edge import _core
 
-# Max |logit difference| / std(reference logits), per weight type. f32 is exact up to summation
-# order; f16 adds weight rounding; q8_0 and q4_0 add weight quantization plus Q8 activations.
-TOL = {"f32": 2e-4, "f16": 5e-3, "q8_0": 4e-2, "q4_0": 0.25}
+# Max |logit difference| / std(reference logits) against transformers running the SAME weights
+# (the GGUF dequantized by transformers' own loader). f32/f16 weights meet f32 activations, so only
+# summation order differs. Q8_0/Q4_0 weights meet Q8_0-quantized activations (as in llama.cpp);
+# these tiny random models (weights ~N(0, 0.2)) amplify that rounding: measured 0.16 (q8_0) and
+# 0.19 (q4_0), while the weight rounding alone moves transformers' own logits by 0.16 and 3.8.
+TOL_DEQ = {"f32": 1e-4, "f16": 1e-4, "q8_0": 0.3, "q4_0": 0.35}
+# Against the original float checkpoint, for the lossless types.
+TOL_HF = {"f32": 2e-4, "f16": 1.5e-2}
 PROMPT_IDS = [5, 17, 42, 99, 3, 250, 77, 12, 300, 8, 64, 128, 9, 31, 200, 150, 2, 11]
 
 
-def _hf_logits(hf_dir, ids):
+def _hf_logits(hf_dir, ids, gguf_file=None):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kw)
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy(), model
@@ -42,14 +48,19 @@ def hf_ref(tiny_hf):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0", "q4_0"])
 def test_logits_match_transformers(arch, outtype, tiny_gguf, hf_ref):
-    ref, _ = hf_ref(arch)
-    s = x2l_edge.Session(tiny_gguf(arch, outtype), n_threads=2, kv_type="f32")
+    import os
+
+    path = tiny_gguf(arch, outtype)
+    ref_deq, _ = _hf_logits(os.path.dirname(path), PROMPT_IDS, gguf_file=os.path.basename(path))
+    s = x2l_edge.Session(path, n_threads=2, kv_type="f32")
     ours = s.eval(PROMPT_IDS, all_logits=True)
-    assert ours.shape == ref.shape
-    err = _rel_err(ours, ref)
-    assert err < TOL[outtype], f"{arch}/{outtype}: max|diff|/std = {err:.2e}"
-    # Argmax agrees everywhere for the lossless types.
-    if outtype in ("f32", "f16"):
+    assert ours.shape == ref_deq.shape
+    err = _rel_err(ours, ref_deq)
+    assert err < TOL_DEQ[outtype], f"{arch}/{outtype}: max|diff|/std vs dequantized reference = {err:.2e}"
+    if outtype in TOL_HF:
+        ref, _ = hf_ref(arch)
+        err = _rel_err(ours, ref)
+        assert err < TOL_HF[outtype], f"{arch}/{outtype}: max|diff|/std vs checkpoint = {err:.2e}"
         assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -82,20 +93,28 @@ def test_incremental_equals_batched(arch, tiny_gguf):
     np.testing.assert_allclose(np.stack(rows), full, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kv_type,tol", [("f16", 5e-3), ("q8_0", 5e-2), ("q4_0", 0.3)])
-def test_kv_cache_types(kv_type, tol, tiny_hf, tmp_path):
-    # q8_0/q4_0 KV rows need head_dim % 32 == 0: 2 heads of 32.
-    import convert
-    import tiny_models
+@pytest.mark.parametrize("kv_type,min_corr,min_top1", [("f16", 0.999, 0.95), ("q8_0", 0.998, 0.9), ("q4_0", 0.95, 0.8)])
+def test_kv_cache_types(kv_type, min_corr, min_top1, smollm2_path):
+    """Quantized KV rows (read in place by attention) against an f32 cache, on real weights.
 
-    hf = tiny_models.make_tiny_qwen2(tmp_path / "hf", seed=3, num_attention_heads=2, num_key_value_heads=1)
-    path = str(tmp_path / "m.gguf")
-    convert.convert(str(hf), path, "f32", progress=False)
-    ref, _ = _hf_logits(hf, PROMPT_IDS)
-    s = x2l_edge.Session(path, n_threads=2, kv_type=kv_type)
-    ours = s.eval(PROMPT_IDS, all_logits=True)
-    assert _rel_err(ours, ref) < tol
-    assert s.memory()["kv_bytes"] > 0
+    The shipped Q4_1 model meets Q8_1-quantized activations, which turns any tiny perturbation
+    into a rounding flip somewhere: llama.cpp's own Q4_1 logits correlate 0.9995 (mean) with a
+    float forward of the same weights. The bounds sit just under that noise floor.
+    """
+    text = ("The history of the Roman Empire spans many centuries. It began when Augustus became the first "
+            "emperor in 27 BC, and the western half collapsed in 476 AD. During this time, Roman law, "
+            "engineering and language spread across Europe, North Africa and the Middle East. ") * 2
+    ref_s = x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=256, kv_type="f32")
+    ids = ref_s.tokenize(text)
+    ref = ref_s.eval(ids, all_logits=True)
+    s = x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=256, kv_type=kv_type)
+    ours = s.eval(ids, all_logits=True)
+    corr = float(np.mean([np.corrcoef(ours[i], ref[i])[0, 1] for i in range(len(ids))]))
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).mean()
+    assert corr > min_corr and top1 >= min_top1, (corr, top1)
+    # The cache really is smaller: bytes per entry follow the row format.
+    ratio = {"f16": 2.0, "q8_0": 32 * 4 / 34, "q4_0": 32 * 4 / 18}[kv_type]
+    assert abs(ref_s.memory()["kv_bytes"] / s.memory()["kv_bytes"] - ratio) < 0.05 * ratio
 
 
 def test_context_overflow_and_bad_tokens(tiny_gguf):
@@ -153,7 +172,8 @@ def test_smollm2_logits_vs_dequantized_reference(smollm2_path, smollm2_session):
 
 def test_smollm2_chat_answer(smollm2_session):
     s = smollm2_session
-    answer = s.chat("What is the capital of France?", max_tokens=32)
-    assert "Paris" in answer, answer
+    answer = s.chat("What is the capital of France?", system="You are a helpful assistant.", max_tokens=32)
+    assert answer.startswith("The capital of France is Paris"), answer
+    answer = s.chat("What color is the sky on a clear day?", max_tokens=32)  # the model's default system prompt
     words = answer.split()
-    assert len(words) >= 3 and all(w.isascii() for w in words), answer
+    assert "blue" in answer and len(words) >= 8 and all(w.isascii() for w in words), answer

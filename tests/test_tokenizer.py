@@ -241,7 +241,10 @@ def synthetic_lines(n, seed):
         parts = []
         for _ in range(rng.randint(3, 25)):
             r = rng.random()
-            if r < 0.55:
+            if r < 0.3:  # pseudo-words give the trainer enough distinct material for ~1000 merges
+                word = "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiouy") for _ in range(rng.randint(1, 4)))
+                parts.append(word.capitalize() if rng.random() < 0.2 else word)
+            elif r < 0.55:
                 parts.append(rng.choice(WORDS))
             elif r < 0.65:
                 parts.append(rng.choice(CONTR))
@@ -379,8 +382,7 @@ def test_smollm2_transformers_gguf_loader(smollm2):
     transformers = pytest.importorskip("transformers")
     path = smollm2["path"]
     hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    texts = [t for t in TRICKY + synthetic_lines(200, seed=4) if not any(unicodedata.category(c)[0] == "N" for c in t)]
-    assert len(texts) > 50
+    texts = ["".join(c for c in t if unicodedata.category(c)[0] != "N") for t in TRICKY + synthetic_lines(300, seed=4)]
     for text in texts:
         assert smollm2["tok"].encode(text) == hf.encode(text, add_special_tokens=False), text
 
@@ -431,7 +433,7 @@ def train_bpe(pre: str, lines, vocab_size=1000):
 def trained(request, tmp_path_factory):
     pre = request.param
     tokens, merges, types = train_bpe(pre, synthetic_lines(3000, seed=10))
-    assert 900 <= len(tokens) <= 1001 + len(USER_DEFINED)
+    assert 990 <= len(tokens) <= 1000 + len(USER_DEFINED)
     path = write_gguf(tmp_path_factory.mktemp("tok") / f"{pre}.gguf", tokens=tokens, merges=merges, types=types,
                       pre=pre, bos=tokens.index("<|im_start|>"), eos=tokens.index("<|endoftext|>"), add_bos=True)
     return {"pre": pre, "tok": Core.from_gguf(path), "ref": hf_reference(tokens, merges, types, pre),

@@ -6,7 +6,10 @@
 or, from Python, ``convert(hf_dir, out_path, outtype="f16", progress=True)``.
 
 HF_DIR holds config.json, *.safetensors (optionally sharded with
-model.safetensors.index.json), tokenizer.json and tokenizer_config.json.
+model.safetensors.index.json), tokenizer.json (or a slow Qwen2 tokenizer's vocab.json +
+merges.txt) and tokenizer_config.json; for LLaVA-OneVision also the processor files
+(chat_template.json, video_preprocessor_config.json), for Video-XL the CLIP tower's
+config.json (see VideoXLHandler._tower_config).
 
 The output follows llama.cpp's names, metadata keys and tensor layouts, so llama.cpp
 itself can load it (the tests check this with llama-cpp-python). Tensors are streamed:
@@ -15,10 +18,20 @@ converted and written before the next one is touched, so peak memory is about on
 tensor, not the model.
 
 One handler class per Hugging Face architecture (see ``HANDLERS``) turns config.json
-into GGUF metadata and HF tensor names into GGUF tensors. Multimodal models
-(LLaVA-OneVision, Video-XL) are meant to be added as handlers that reuse
-``LlamaLikeText`` for their language model under a different name prefix and add their
-vision tower / projector / beacon tensors next to it.
+into GGUF metadata and HF tensor names into GGUF tensors:
+
+    LlamaForCausalLM, Qwen2ForCausalLM          text only (x2l.model_kind = text)
+    LlavaOnevisionForConditionalGeneration      SigLIP + MLP projector + Qwen2/Llama, bilinear pooling
+    LlavaQwenForCausalLM (Video-XL)             CLIP-L/14-336 + MLP projector + Qwen2 + beacon (VST) weights
+
+Multimodal handlers reuse ``LlamaLikeText`` for the language model under their name
+prefix and add the vision tower (v.*), projector (mm.*), VST tensors and the clip.* /
+x2l.* keys described in docs/gguf_layout.md. Every file also gets the X²L defaults
+(x2l.chunk_frames, ratio_low, ratio_high, pin_ends, top_k).
+
+Type rules: 2-D weights follow --outtype (F16 where a row is not a whole number of quant
+blocks), 1-D tensors and the vision position/class embeddings and the VST embedding stay
+F32, and the 4-D patch-embedding kernel is F32 for --outtype f32, else F16.
 """
 from __future__ import annotations
 
@@ -26,6 +39,7 @@ import argparse
 import json
 import mmap
 import os
+import re
 import struct
 import sys
 from dataclasses import dataclass
@@ -199,6 +213,16 @@ def pick_type(shape: tuple[int, ...], wanted) -> tuple[Any, str | None]:
     return wanted, None
 
 
+def spec_type(spec, wanted) -> tuple[Any, str | None]:
+    """GGML type for a TensorSpec: its ``store`` rule, else pick_type()."""
+    Q = gguf.GGMLQuantizationType
+    if spec.store == "f32":
+        return Q.F32, None
+    if spec.store == "conv":
+        return (Q.F32 if wanted == Q.F32 else Q.F16), None
+    return pick_type(spec.shape, wanted)
+
+
 def encoded_layout(shape: tuple[int, ...], qtype) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, nbytes) of the array gguf.quants.quantize() returns for this tensor."""
     Q = gguf.GGMLQuantizationType
@@ -318,17 +342,25 @@ def _default_template(template: str | list) -> str:
     return ""
 
 
-def _load_chat_template(hf_dir: Path, tok_cfg: dict) -> str | list | None:
-    """tokenizer_config.json first, then the newer standalone files (processors use chat_template.json)."""
+def _load_chat_template(hf_dir: Path, tok_cfg: dict, prefer_processor: bool = False) -> str | list | None:
+    """tokenizer_config.json first, then the newer standalone files (processors use chat_template.json).
+
+    With prefer_processor (multimodal models) the standalone files win: a processor's template
+    knows the <image>/<video> content parts, the tokenizer's copy is often the text-only one.
+    """
+    def standalone() -> str | list | None:
+        jinja = hf_dir / "chat_template.jinja"
+        if jinja.exists():
+            return jinja.read_text(encoding="utf-8")
+        as_json = hf_dir / "chat_template.json"
+        if as_json.exists():
+            return _read_json(as_json).get("chat_template")
+        return None
+    if prefer_processor:
+        return standalone() or tok_cfg.get("chat_template") or None
     if tok_cfg.get("chat_template"):
         return tok_cfg["chat_template"]
-    jinja = hf_dir / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
-    as_json = hf_dir / "chat_template.json"
-    if as_json.exists():
-        return _read_json(as_json).get("chat_template")
-    return None
+    return standalone()
 
 
 def _token_text(value: Any) -> str | None:
@@ -367,7 +399,47 @@ def _looks_special(text: str) -> bool:
     return text.startswith("<|") and text.endswith("|>")
 
 
-def load_bpe_vocab(hf_dir: Path, config: dict, vocab_size: int) -> Vocab:
+def _slow_qwen2_tokenizer_json(hf_dir: Path) -> dict:
+    """Build the parts of a tokenizer.json we read from a slow Qwen2 tokenizer's files.
+
+    vocab.json + merges.txt hold the BPE; the added tokens come from tokenizer_config.json's
+    added_tokens_decoder (with their "special" flag) or else added_tokens.json. Only
+    Qwen2Tokenizer is accepted, because its pre-tokenizer (the Qwen2 split regex) is fixed
+    by the class and not written to any file.
+    """
+    tok_cfg_path = hf_dir / "tokenizer_config.json"
+    tok_cfg = _read_json(tok_cfg_path) if tok_cfg_path.exists() else {}
+    cls = tok_cfg.get("tokenizer_class")
+    if cls not in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        raise ConvertError(f"{hf_dir} has vocab.json + merges.txt but no tokenizer.json, and tokenizer_class is "
+                           f"{cls!r}; without tokenizer.json only Qwen2Tokenizer is supported")
+    vocab = _read_json(hf_dir / "vocab.json")
+    merges = []
+    with open(hf_dir / "merges.txt", encoding="utf-8") as f:
+        for line in f:
+            line = line.rstrip("\r\n")
+            if line and not line.startswith("#version"):
+                merges.append(line)
+    added = []
+    decoder = tok_cfg.get("added_tokens_decoder") or {}
+    if decoder:
+        for tid, info in decoder.items():
+            added.append({"id": int(tid), "content": info["content"], "special": bool(info.get("special"))})
+    elif (hf_dir / "added_tokens.json").exists():
+        for text, tid in _read_json(hf_dir / "added_tokens.json").items():
+            added.append({"id": int(tid), "content": text, "special": _looks_special(text)})
+    return {
+        "model": {"type": "BPE", "vocab": vocab, "merges": merges},
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": _QWEN2_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ]},
+        "added_tokens": sorted(added, key=lambda a: a["id"]),
+    }
+
+
+def load_bpe_vocab(hf_dir: Path, config: dict, vocab_size: int, *, prefer_processor_template: bool = False) -> Vocab:
     """Read a byte-level BPE tokenizer.json (+ tokenizer_config.json) into a Vocab.
 
     Tokens are ordered by id and padded with "[PAD{i}]" (type UNUSED) up to the model's
@@ -375,12 +447,15 @@ def load_bpe_vocab(hf_dir: Path, config: dict, vocab_size: int) -> Vocab:
     the tokenizer has tokens.
     """
     tok_path = hf_dir / "tokenizer.json"
-    if not tok_path.exists():
+    if tok_path.exists():
+        tok = _read_json(tok_path)
+    elif (hf_dir / "vocab.json").exists() and (hf_dir / "merges.txt").exists():
+        tok = _slow_qwen2_tokenizer_json(hf_dir)  # e.g. Video-XL ships only the slow Qwen2 tokenizer files
+    else:
         if (hf_dir / "tokenizer.model").exists():
             raise ConvertError(f"{hf_dir} has a SentencePiece tokenizer.model and no tokenizer.json; "
                                "only byte-level BPE tokenizers (tokenizer.json) are supported")
         raise ConvertError(f"no tokenizer.json in {hf_dir}")
-    tok = _read_json(tok_path)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise ConvertError(f"tokenizer.json model type is {model.get('type')!r} (SentencePiece-style); "
@@ -438,7 +513,7 @@ def load_bpe_vocab(hf_dir: Path, config: dict, vocab_size: int) -> Vocab:
 
     return Vocab(pre=pre, tokens=tokens, types=types, merges=merges, bos_id=bos_id, eos_id=eos_id,
                  pad_id=pad_id, unk_id=unk_id, add_bos=add_bos, add_eos=add_eos,
-                 chat_template=_load_chat_template(hf_dir, tok_cfg))
+                 chat_template=_load_chat_template(hf_dir, tok_cfg, prefer_processor_template))
 
 
 # ----------------------------------------------------------------------------- model handlers
@@ -450,6 +525,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
     source: str  # HF tensor name (or a description) for messages
+    # How the GGML type is chosen: "auto" = --outtype for 2-D tensors (F16 where rows are not
+    # whole blocks), F32 for 1-D; "f32" = always F32 (position/class embeddings, VST embedding);
+    # "conv" = F32 when --outtype is f32, else F16 (the 4-D patch-embedding kernel).
+    store: str = "auto"
 
 
 def permute_for_norm_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -509,19 +588,19 @@ class TextHParams:
     tied: bool
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "TextHParams":
-        n_embd, n_head = _require(cfg, "hidden_size"), _require(cfg, "num_attention_heads")
+    def from_config(cls, cfg: dict, where: str = "config.json") -> "TextHParams":
+        n_embd, n_head = _require(cfg, "hidden_size", where), _require(cfg, "num_attention_heads", where)
         theta, scaling = rope_settings(cfg)
         return cls(
-            n_vocab=_require(cfg, "vocab_size"),
-            n_ctx=_require(cfg, "max_position_embeddings"),
+            n_vocab=_require(cfg, "vocab_size", where),
+            n_ctx=_require(cfg, "max_position_embeddings", where),
             n_embd=n_embd,
-            n_layer=_require(cfg, "num_hidden_layers"),
-            n_ff=_require(cfg, "intermediate_size"),
+            n_layer=_require(cfg, "num_hidden_layers", where),
+            n_ff=_require(cfg, "intermediate_size", where),
             n_head=n_head,
             n_head_kv=cfg.get("num_key_value_heads") or n_head,  # HF's default: no GQA
             head_dim=cfg.get("head_dim") or n_embd // n_head,
-            rms_eps=float(_require(cfg, "rms_norm_eps")),
+            rms_eps=float(_require(cfg, "rms_norm_eps", where)),
             rope_theta=theta,
             rope_scaling=scaling,
             tied=bool(cfg.get("tie_word_embeddings", False)),
@@ -532,6 +611,8 @@ class ModelHandler:
     """Base class: one subclass per Hugging Face architecture (config.json "architectures")."""
     hf_arch = ""
     gguf_arch = ""
+    model_kind = "text"  # x2l.model_kind
+    is_video = False     # writes x2l.frames_default
 
     def __init__(self, hf_dir: Path, config: dict):
         self.hf_dir, self.config = hf_dir, config
@@ -640,24 +721,72 @@ def _loader(ckpt: SafetensorsCheckpoint, name: str, transform: Callable | None) 
     return load
 
 
+# ----------------------------------------------------------------------------- shared text decoder
+
+TEXT_ROPE_TYPES = {"llama": ("linear", "llama3"), "qwen2": ("linear",)}  # beyond "default"
+
+# transformers' class defaults for keys that diff-serialized configs (e.g. a multimodal
+# model's nested text_config) may leave out. Structural keys are still cross-checked
+# against the tensor shapes.
+TEXT_CONFIG_DEFAULTS = {
+    "qwen2": {"vocab_size": 151936, "hidden_act": "silu", "max_position_embeddings": 32768,
+              "rms_norm_eps": 1e-6, "num_key_value_heads": 32},
+    "llama": {"vocab_size": 32000, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+}
+
+
+def check_text_config(cfg: dict, hp: TextHParams, gguf_arch: str, owner: str) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConvertError(f"hidden_act {act!r} is not supported (llama.cpp's {gguf_arch} uses silu)")
+    types = TEXT_ROPE_TYPES[gguf_arch]
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] not in types:
+        raise ConvertError(f"rope scaling type {hp.rope_scaling['rope_type']!r} is not supported for "
+                           f"{owner} (supported: default, {', '.join(types)})")
+
+
+def make_text_decoder(gguf_arch: str, cfg: dict, hp: TextHParams, owner: str, *,
+                      prefix: str = "model.", lm_head: str = "lm_head.weight") -> LlamaLikeText:
+    """The llama.cpp-layout decoder for a llama or qwen2 config, under an HF name prefix."""
+    if gguf_arch == "llama":
+        if cfg.get("mlp_bias"):
+            raise ConvertError(f"{owner} with mlp_bias=true is not supported")
+        bias = bool(cfg.get("attention_bias"))
+        # GGUF "llama" uses interleaved RoPE, so q/k rows must be permuted (see permute_for_norm_rope).
+        return LlamaLikeText(hp, permute_qk=True, qkv_bias=bias, o_bias=bias, prefix=prefix, lm_head=lm_head)
+    if gguf_arch == "qwen2":
+        if cfg.get("use_sliding_window"):
+            raise ConvertError("Qwen2 with use_sliding_window=true is not supported")
+        # GGUF "qwen2" uses NEOX (rotate-half) RoPE like HF: no permutation.
+        return LlamaLikeText(hp, permute_qk=False, qkv_bias=True, o_bias=False, prefix=prefix, lm_head=lm_head)
+    raise ConvertError(f"{owner}: unsupported language model type {gguf_arch!r} (supported: llama, qwen2)")
+
+
+def rope_freq_tensors(hp: TextHParams) -> list[TensorSpec]:
+    """llama3 rope scaling travels as the rope_freqs tensor, as in llama.cpp."""
+    sc = hp.rope_scaling
+    if not sc or sc["rope_type"] != "llama3":
+        return []
+    factors = llama3_rope_factors(sc, hp.rope_theta, hp.head_dim)
+    return [TensorSpec("rope_freqs.weight", factors.shape, lambda: factors, "llama3 rope_scaling")]
+
+
+def _check_unused(ckpt, used: set[str], owner: str) -> None:
+    unused = [n for n in ckpt.names() if n not in used]
+    if unused:
+        # Refusing instead of dropping them keeps us from silently losing weights.
+        shown = ", ".join(repr(n) for n in unused[:5]) + (" ..." if len(unused) > 5 else "")
+        raise ConvertError(f"{len(unused)} checkpoint tensor(s) have no GGUF mapping for {owner}: {shown}")
+
+
 class LlamaLikeHandler(ModelHandler):
     """Shared logic for plain llama-layout causal LMs; subclasses set the per-arch details."""
-    permute_qk = False
-    rope_types = ("linear",)  # beyond "default"
 
     def __init__(self, hf_dir: Path, config: dict):
         super().__init__(hf_dir, config)
         self.hp = TextHParams.from_config(config)
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConvertError(f"hidden_act {act!r} is not supported (llama.cpp's {self.gguf_arch} uses silu)")
-        if self.hp.rope_scaling and self.hp.rope_scaling["rope_type"] not in self.rope_types:
-            raise ConvertError(f"rope scaling type {self.hp.rope_scaling['rope_type']!r} is not supported for "
-                               f"{self.hf_arch} (supported: default, {', '.join(self.rope_types)})")
-        self.text = self._make_text()
-
-    def _make_text(self) -> LlamaLikeText:
-        raise NotImplementedError
+        check_text_config(config, self.hp, self.gguf_arch, self.hf_arch)
+        self.text = make_text_decoder(self.gguf_arch, config, self.hp, self.hf_arch)
 
     def write_metadata(self, w) -> None:
         self.text.write_metadata(w)
@@ -665,49 +794,693 @@ class LlamaLikeHandler(ModelHandler):
     def load_vocab(self) -> Vocab:
         return load_bpe_vocab(self.hf_dir, self.config, self.hp.n_vocab)
 
-    def extra_tensors(self) -> list[TensorSpec]:
-        return []
-
     def tensor_plan(self, ckpt: SafetensorsCheckpoint) -> list[TensorSpec]:
         specs, used = self.text.tensor_plan(ckpt)
-        unused = [n for n in ckpt.names() if n not in used]
-        if unused:
-            # Refusing instead of dropping them keeps us from silently losing weights.
-            shown = ", ".join(repr(n) for n in unused[:5]) + (" ..." if len(unused) > 5 else "")
-            raise ConvertError(f"{len(unused)} checkpoint tensor(s) have no GGUF mapping for {self.hf_arch}: {shown}")
-        return self.extra_tensors() + specs
+        _check_unused(ckpt, used, self.hf_arch)
+        return rope_freq_tensors(self.hp) + specs
 
 
 class LlamaHandler(LlamaLikeHandler):
     hf_arch, gguf_arch = "LlamaForCausalLM", "llama"
-    rope_types = ("linear", "llama3")
-
-    def _make_text(self) -> LlamaLikeText:
-        if self.config.get("mlp_bias"):
-            raise ConvertError("LlamaForCausalLM with mlp_bias=true is not supported")
-        bias = bool(self.config.get("attention_bias"))
-        # GGUF "llama" uses interleaved RoPE, so q/k rows must be permuted (see permute_for_norm_rope).
-        return LlamaLikeText(self.hp, permute_qk=True, qkv_bias=bias, o_bias=bias)
-
-    def extra_tensors(self) -> list[TensorSpec]:
-        sc = self.hp.rope_scaling
-        if not sc or sc["rope_type"] != "llama3":
-            return []
-        factors = llama3_rope_factors(sc, self.hp.rope_theta, self.hp.head_dim)
-        return [TensorSpec("rope_freqs.weight", factors.shape, lambda: factors, "llama3 rope_scaling")]
 
 
 class Qwen2Handler(LlamaLikeHandler):
     hf_arch, gguf_arch = "Qwen2ForCausalLM", "qwen2"
 
-    def _make_text(self) -> LlamaLikeText:
-        if self.config.get("use_sliding_window"):
-            raise ConvertError("Qwen2 with use_sliding_window=true is not supported")
-        # GGUF "qwen2" uses NEOX (rotate-half) RoPE like HF: no permutation.
-        return LlamaLikeText(self.hp, permute_qk=False, qkv_bias=True, o_bias=False)
+
+# ----------------------------------------------------------------------------- vision towers
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+
+# HF hidden_act -> x2l.vision.act
+_VISION_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "quick_gelu": "quick_gelu", "gelu": "gelu"}
+# PIL resample codes (HF image processors store these) -> x2l.image.resample
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+SIGLIP_CONFIG_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                          "num_attention_heads": 12, "image_size": 224, "patch_size": 16,
+                          "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+CLIP_CONFIG_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                        "num_attention_heads": 12, "image_size": 224, "patch_size": 32,
+                        "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+# Towers a Video-XL config may name by a path that does not exist here (mm_vision_tower is
+# usually the trainer's local path). Only the head count cannot be read from the weights.
+KNOWN_CLIP_TOWERS = {
+    "clip-vit-large-patch14-336": dict(CLIP_CONFIG_DEFAULTS, hidden_size=1024, intermediate_size=4096,
+                                       num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
+    "clip-vit-large-patch14": dict(CLIP_CONFIG_DEFAULTS, hidden_size=1024, intermediate_size=4096,
+                                   num_hidden_layers=24, num_attention_heads=16, image_size=224, patch_size=14),
+}
 
 
-HANDLERS: dict[str, type[ModelHandler]] = {h.hf_arch: h for h in (LlamaHandler, Qwen2Handler)}
+class RenamedCheckpoint:
+    """A checkpoint seen under canonical tensor names (``rename(original) -> canonical``).
+
+    Lets one handler accept several naming schemes of the same model (e.g. the hub's
+    transformers-4 names and what transformers 5 writes) without caring which it got.
+    """
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, rename: Callable[[str], str]):
+        self.ckpt, self.orig = ckpt, {}
+        for name in ckpt.names():
+            canon = rename(name)
+            if canon in self.orig:
+                raise ConvertError(f"checkpoint tensors {self.orig[canon]!r} and {name!r} are both {canon!r} "
+                                   "(two naming schemes mixed in one checkpoint)")
+            self.orig[canon] = name
+
+    def names(self) -> list[str]:
+        return list(self.orig)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.orig
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.ckpt.shape(self.orig[name])
+
+    def load(self, name: str) -> np.ndarray:
+        return self.ckpt.load(self.orig[name])
+
+
+def _take(ckpt, specs: list[TensorSpec], used: set[str], gguf_name: str, hf_name: str,
+          shape: tuple[int, ...], store: str = "auto", what: str = "tensor") -> None:
+    """Plan one HF tensor -> GGUF tensor, checking that it exists with the expected shape."""
+    if hf_name not in ckpt:
+        raise ConvertError(f"checkpoint is missing {what} {hf_name!r} (needed for {gguf_name})")
+    if tuple(ckpt.shape(hf_name)) != tuple(shape):
+        raise ConvertError(f"{what} {hf_name!r} has shape {list(ckpt.shape(hf_name))}, expected {list(shape)}")
+    specs.append(TensorSpec(gguf_name, tuple(shape), _loader(ckpt, hf_name, None), hf_name, store))
+    used.add(hf_name)
+
+
+def _layer_indices(ckpt, prefix: str) -> set[int]:
+    out = set()
+    for n in ckpt.names():
+        if n.startswith(prefix):
+            head = n[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                out.add(int(head))
+    return out
+
+
+def _close(a, b) -> bool:
+    return a is not None and len(a) == len(b) and np.allclose(np.asarray(a, np.float64), b, atol=1e-6)
+
+
+@dataclass
+class VisionTower:
+    """A ViT tower (SigLIP or CLIP) as the runtime needs it, plus where its tensors are."""
+    kind: str            # "siglip" | "clip"
+    prefix: str          # HF name prefix of the tower, up to and including the dot before "embeddings"
+    image_size: int
+    patch_size: int
+    width: int
+    n_ff: int
+    n_head: int
+    eps: float
+    act: str             # x2l.vision.act
+    n_layer_hf: int      # layers in the checkpoint
+    select_hf: int       # HF hidden_states index, as configured
+    drop_cls: bool
+    mean: list[float]
+    std: list[float]
+    resize: str          # x2l.image.resize
+    resample: str        # x2l.image.resample
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_pos(self) -> int:
+        return self.grid ** 2 + (1 if self.kind == "clip" else 0)
+
+    def stored_layers(self) -> tuple[int, int]:
+        """(layers to store, select_layer relative to them); layers past the selected one are dropped.
+
+        hidden_states[0] is the embedding output (after CLIP's pre-LN) and hidden_states[i] the
+        output of layer i-1, so select index s (s < 0 counts from the end of n+1 states) needs
+        exactly s layers; -1 then means "output of the last stored layer".
+        """
+        n, s = self.n_layer_hf, self.select_hf
+        if not -(n + 1) <= s <= n:
+            raise ConvertError(f"vision select layer {s} is out of range for a {n}-layer tower "
+                               f"(hidden_states has {n + 1} entries)")
+        keep = s if s >= 0 else n + 1 + s
+        if keep == 0:  # the embeddings themselves: store one layer (a tower needs >= 1) and never run it
+            return min(1, n), 0
+        return keep, -1
+
+
+def vision_shapes(ckpt, prefix: str, kind: str, declared: dict, where: str) -> dict:
+    """Tower dimensions read from the tensors, cross-checked with the config values in ``declared``."""
+    emb = prefix + "embeddings."
+    for n in (emb + "patch_embedding.weight", emb + "position_embedding.weight", prefix + "encoder.layers.0.mlp.fc1.weight"):
+        if n not in ckpt:
+            raise ConvertError(f"checkpoint is missing vision tensor {n!r}")
+    width, chans, ph, pw = ckpt.shape(emb + "patch_embedding.weight")
+    if chans != 3 or ph != pw:
+        raise ConvertError(f"vision tensor {emb}patch_embedding.weight has shape {[width, chans, ph, pw]}; "
+                           "expected [width, 3, patch, patch]")
+    n_pos = ckpt.shape(emb + "position_embedding.weight")[0]
+    n_patch = n_pos - (1 if kind == "clip" else 0)
+    grid = int(round(n_patch ** 0.5))
+    if grid * grid != n_patch:
+        raise ConvertError(f"vision position embedding has {n_pos} rows, which is not a square patch grid"
+                           + (" plus CLS" if kind == "clip" else ""))
+    layers = _layer_indices(ckpt, prefix + "encoder.layers.")
+    if layers != set(range(len(layers))):
+        raise ConvertError(f"vision encoder layers under {prefix}encoder.layers. are not numbered 0..N-1: {sorted(layers)}")
+    got = {"hidden_size": width, "patch_size": ph, "image_size": grid * ph, "num_hidden_layers": len(layers),
+           "intermediate_size": ckpt.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0]}
+    for key, value in got.items():
+        if declared.get(key) is not None and declared[key] != value:
+            raise ConvertError(f"{where} has {key}={declared[key]}, but the checkpoint's vision tensors give {value}")
+    return got
+
+
+def vision_tensor_plan(ckpt, vt: VisionTower) -> tuple[list[TensorSpec], set[str]]:
+    """v.* tensors (llama.cpp clip names) for the layers the selected feature needs."""
+    p, emb, W, F = vt.prefix, vt.prefix + "embeddings.", vt.width, vt.n_ff
+    specs, used = [], set()
+
+    def take(g, h, shape, store="auto"):
+        _take(ckpt, specs, used, g, h, shape, store, "vision tensor")
+
+    take("v.patch_embd.weight", emb + "patch_embedding.weight", (W, 3, vt.patch_size, vt.patch_size), "conv")
+    if vt.kind == "siglip":
+        take("v.patch_embd.bias", emb + "patch_embedding.bias", (W,))
+    else:
+        take("v.class_embd", emb + "class_embedding", (W,), "f32")
+    take("v.position_embd.weight", emb + "position_embedding.weight", (vt.n_pos, W), "f32")
+    if vt.kind == "clip":
+        take("v.pre_ln.weight", p + "pre_layrnorm.weight", (W,))
+        take("v.pre_ln.bias", p + "pre_layrnorm.bias", (W,))
+    n_keep, _ = vt.stored_layers()
+    for i in range(vt.n_layer_hf):
+        h, b = f"{p}encoder.layers.{i}.", f"v.blk.{i}."
+        if i >= n_keep:  # past the selected hidden state: never run, deliberately not stored
+            used.update(n for n in ckpt.names() if n.startswith(h))
+            continue
+        for g, hf, (rows, cols) in (("ln1", "layer_norm1", (W, 0)), ("attn_q", "self_attn.q_proj", (W, W)),
+                                    ("attn_k", "self_attn.k_proj", (W, W)), ("attn_v", "self_attn.v_proj", (W, W)),
+                                    ("attn_out", "self_attn.out_proj", (W, W)), ("ln2", "layer_norm2", (W, 0)),
+                                    ("ffn_up", "mlp.fc1", (F, W)), ("ffn_down", "mlp.fc2", (W, F))):
+            take(f"{b}{g}.weight", f"{h}{hf}.weight", (rows, cols) if cols else (rows,))
+            take(f"{b}{g}.bias", f"{h}{hf}.bias", (rows,))
+    if p + "post_layernorm.weight" in ckpt:  # kept for completeness; features are taken before it
+        take("v.post_ln.weight", p + "post_layernorm.weight", (W,))
+        take("v.post_ln.bias", p + "post_layernorm.bias", (W,))
+    if vt.kind == "siglip":  # SigLIP's attention-pooling head: unused by LLaVA models
+        used.update(n for n in ckpt.names() if n.startswith(p + "head."))
+    return specs, used
+
+
+def projector_plan(ckpt, names: tuple[str, str], n_embd: int, width: int) -> tuple[list[TensorSpec], set[str]]:
+    """mm.0 / mm.2 (Linear, GELU, Linear) from the two HF linear layers' name prefixes."""
+    specs, used = [], set()
+    for g, h, shape in (("mm.0", names[0], (n_embd, width)), ("mm.2", names[1], (n_embd, n_embd))):
+        _take(ckpt, specs, used, f"{g}.weight", f"{h}.weight", shape, what="projector tensor")
+        _take(ckpt, specs, used, f"{g}.bias", f"{h}.bias", shape[:1], what="projector tensor")
+    return specs, used
+
+
+def _preprocessor_size(pre: dict) -> int | None:
+    """The square side an HF image/video processor config resizes or crops to, if it says."""
+    for key in ("crop_size", "size"):
+        v = pre.get(key)
+        if isinstance(v, int):
+            return v
+        if isinstance(v, dict):
+            if v.get("height") is not None and v.get("height") == v.get("width"):
+                return v["height"]
+            if key == "size" and v.get("shortest_edge") is not None:
+                return v["shortest_edge"]
+    return None
+
+
+def _preprocessor_resample(pre: dict | None, source: str) -> str:
+    if not pre or pre.get("resample") is None:
+        return "bicubic"
+    value = pre["resample"]
+    name = _RESAMPLE.get(value, value if isinstance(value, str) else None)
+    if name not in ("bicubic", "bilinear"):
+        raise ConvertError(f"{source}: resample={value!r} is not supported (bicubic or bilinear)")
+    if name != "bicubic":
+        _log(True, f"convert: warning: {source} resamples with {name}, not bicubic")
+    return name
+
+
+def _check_rescale(pre: dict | None, source: str) -> None:
+    if not pre:
+        return
+    if pre.get("do_rescale") is False or pre.get("do_normalize") is False:
+        raise ConvertError(f"{source}: do_rescale/do_normalize = false is not supported")
+    factor = pre.get("rescale_factor")
+    if factor is not None and abs(factor - 1 / 255) > 1e-9:
+        raise ConvertError(f"{source}: rescale_factor {factor} is not supported (1/255)")
+
+
+# ----------------------------------------------------------------------------- X²L defaults
+
+# Written into every file (x2l.*); the runtime uses them when the caller gives no value.
+X2L_DEFAULTS = {"chunk_frames": 10, "ratio_low": 2, "ratio_high": 32, "pin_ends": False, "top_k": 3}
+FRAMES_DEFAULT = 32  # x2l.frames_default, video models only
+
+
+def write_x2l_defaults(w, model_kind: str, video: bool) -> None:
+    w.add_string("x2l.model_kind", model_kind)
+    for key, value in X2L_DEFAULTS.items():
+        if isinstance(value, bool):
+            w.add_bool(f"x2l.{key}", value)
+        else:
+            w.add_uint32(f"x2l.{key}", value)
+    if video:
+        w.add_uint32("x2l.frames_default", FRAMES_DEFAULT)
+
+
+# ----------------------------------------------------------------------------- multimodal handlers
+
+class MultimodalHandler(ModelHandler):
+    """LLM (LlamaLikeText under a prefix) + ViT tower + 2-layer MLP projector (+ model extras).
+
+    Subclasses fill in, in __init__: hp, text, gguf_arch, pool_mode, pool_stride, newline,
+    image_token_id, video_token_id, proj_names; and in prepare(ckpt): self.vision (a
+    VisionTower; some dimensions only come from the tensor shapes).
+    tensor_plan() runs before write_metadata() in convert().
+    """
+    model_kind = ""
+    is_video = True
+    hp: TextHParams
+    text: LlamaLikeText
+    vision: VisionTower | None = None
+    pool_mode = "none"
+    pool_stride = 2
+    newline = "none"
+    image_token_id = -1
+    video_token_id = -1
+    proj_names: tuple[str, str] = ("", "")
+
+    def view(self, ckpt: SafetensorsCheckpoint):
+        return ckpt
+
+    def prepare(self, ckpt) -> None:
+        raise NotImplementedError
+
+    def extra_plan(self, ckpt) -> tuple[list[TensorSpec], set[str]]:
+        return [], set()
+
+    def tokens_per_frame(self) -> int:
+        g = self.vision.grid
+        if self.pool_mode == "bilinear":
+            g = -(-g // self.pool_stride)  # F.interpolate to ceil(g / stride)
+        elif self.pool_mode == "avg":
+            g = g // self.pool_stride      # avg_pool2d floors
+        return g * g
+
+    def tensor_plan(self, ckpt: SafetensorsCheckpoint) -> list[TensorSpec]:
+        ckpt = self.view(ckpt)
+        self.prepare(ckpt)
+        specs, used = self.text.tensor_plan(ckpt)
+        specs = rope_freq_tensors(self.hp) + specs
+        for more, more_used in (self.extra_plan(ckpt), vision_tensor_plan(ckpt, self.vision),
+                                projector_plan(ckpt, self.proj_names, self.hp.n_embd, self.vision.width)):
+            specs += more
+            used |= more_used
+        _check_unused(ckpt, used, self.hf_arch)
+        return specs
+
+    def write_metadata(self, w) -> None:
+        assert self.vision is not None, "tensor_plan() must run before write_metadata()"
+        self.text.write_metadata(w)
+        vt = self.vision
+        n_keep, select = vt.stored_layers()
+        w.add_bool("clip.has_vision_encoder", True)
+        w.add_string("clip.projector_type", "mlp")
+        w.add_uint32("clip.vision.image_size", vt.image_size)
+        w.add_uint32("clip.vision.patch_size", vt.patch_size)
+        w.add_uint32("clip.vision.embedding_length", vt.width)
+        w.add_uint32("clip.vision.feed_forward_length", vt.n_ff)
+        w.add_uint32("clip.vision.block_count", n_keep)
+        w.add_uint32("clip.vision.projection_dim", self.hp.n_embd)
+        w.add_uint32("clip.vision.attention.head_count", vt.n_head)
+        w.add_float32("clip.vision.attention.layer_norm_epsilon", vt.eps)
+        w.add_array("clip.vision.image_mean", [float(x) for x in vt.mean])
+        w.add_array("clip.vision.image_std", [float(x) for x in vt.std])
+        w.add_string("x2l.vision.kind", vt.kind)
+        w.add_string("x2l.vision.act", vt.act)
+        w.add_int32("x2l.vision.select_layer", select)
+        w.add_bool("x2l.vision.drop_cls", vt.drop_cls)
+        w.add_string("x2l.image.resize", vt.resize)
+        w.add_string("x2l.image.resample", vt.resample)
+        w.add_string("x2l.pool.mode", self.pool_mode)
+        w.add_uint32("x2l.pool.stride", self.pool_stride)
+        w.add_bool("x2l.pool.after_projector", True)
+        w.add_string("x2l.video.newline", self.newline)
+        w.add_uint32("x2l.tokens_per_frame", self.tokens_per_frame())
+        w.add_int32("x2l.image_token_id", self.image_token_id)
+        w.add_int32("x2l.video_token_id", self.video_token_id)
+
+
+def _llava_ov_canonical(name: str) -> str:
+    """Any LLaVA-OneVision tensor name -> the form transformers 5 saves.
+
+    Hub (transformers 4) files: language_model.model.*, language_model.lm_head.weight,
+    vision_tower.vision_model.*, multi_modal_projector.*, image_newline. transformers 5
+    saves the same but vision_tower.* without "vision_model."; in memory (and in files
+    written from a raw state_dict) it uses model.language_model.*, model.vision_tower.*,
+    model.multi_modal_projector.*, model.image_newline and lm_head.weight.
+    """
+    for old, new in (("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
+                     ("model.multi_modal_projector.", "multi_modal_projector."),
+                     ("model.image_newline", "image_newline"), ("lm_head.", "language_model.lm_head.")):
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    if name.startswith("vision_tower.vision_model."):
+        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+    return name
+
+
+# LlavaOnevisionConfig's class defaults, for keys a diff-serialized config.json leaves out.
+LLAVA_OV_DEFAULTS = {"image_token_index": 151646, "video_token_index": 151647, "projector_hidden_act": "gelu",
+                     "vision_feature_select_strategy": "full", "vision_feature_layer": -1,
+                     "multimodal_projector_bias": True}
+
+
+class LlavaOnevisionHandler(MultimodalHandler):
+    """LLaVA-OneVision (transformers LlavaOnevisionForConditionalGeneration), video path.
+
+    SigLIP -> hidden_states[vision_feature_layer] (before post-LN) -> all tokens ("full")
+    -> Linear, GELU, Linear -> bilinear resize of the g x g grid to ceil(g/2) -> frames
+    concatenated, one image_newline after the whole video.
+    """
+    hf_arch, model_kind = "LlavaOnevisionForConditionalGeneration", "llava_onevision"
+    pool_mode, pool_stride, newline = "bilinear", 2, "end"
+    proj_names = ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2")
+
+    def __init__(self, hf_dir: Path, config: dict):
+        super().__init__(hf_dir, config)
+        top = {**LLAVA_OV_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+        tc = config.get("text_config")
+        if not isinstance(tc, dict):
+            raise ConvertError("config.json is missing required key 'text_config'")
+        arch = tc.get("model_type")
+        if arch not in TEXT_CONFIG_DEFAULTS:
+            raise ConvertError(f"config.json text_config.model_type is {arch!r}; supported: "
+                               f"{', '.join(TEXT_CONFIG_DEFAULTS)}")
+        self.text_cfg = {**TEXT_CONFIG_DEFAULTS[arch], **{k: v for k, v in tc.items() if v is not None}}
+        self.gguf_arch = arch
+        self.hp = TextHParams.from_config(self.text_cfg, "config.json text_config")
+        check_text_config(self.text_cfg, self.hp, arch, self.hf_arch)
+        self.text = make_text_decoder(arch, self.text_cfg, self.hp, self.hf_arch,
+                                      prefix="language_model.model.", lm_head="language_model.lm_head.weight")
+        self.tie_declared = bool(self.text_cfg.get("tie_word_embeddings") or config.get("tie_word_embeddings"))
+
+        vc = config.get("vision_config")
+        if not isinstance(vc, dict):
+            raise ConvertError("config.json is missing required key 'vision_config'")
+        if vc.get("model_type") != "siglip_vision_model":
+            raise ConvertError(f"config.json vision_config.model_type is {vc.get('model_type')!r}; "
+                               "only siglip_vision_model is supported for LLaVA-OneVision")
+        self.vision_cfg = {**SIGLIP_CONFIG_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
+        if top["vision_feature_select_strategy"] != "full":
+            raise ConvertError(f"vision_feature_select_strategy {top['vision_feature_select_strategy']!r} is not "
+                               "supported for a SigLIP tower (it has no CLS token): expected 'full'")
+        layer = top["vision_feature_layer"]
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ConvertError(f"vision_feature_layer {layer!r} is not supported (one integer layer index)")
+        self.select = layer
+        if top["projector_hidden_act"] != "gelu":
+            raise ConvertError(f"projector_hidden_act {top['projector_hidden_act']!r} is not supported (gelu)")
+        if not top["multimodal_projector_bias"]:
+            raise ConvertError("multimodal_projector_bias=false is not supported")
+        act = self.vision_cfg["hidden_act"]
+        if act not in _VISION_ACTS:
+            raise ConvertError(f"vision_config.hidden_act {act!r} is not supported ({', '.join(_VISION_ACTS)})")
+        self.act = _VISION_ACTS[act]
+        self.image_token_id = int(top.get("image_token_id", top["image_token_index"]))
+        self.video_token_id = int(top.get("video_token_id", top["video_token_index"]))
+        for key, tid in (("image_token_index", self.image_token_id), ("video_token_index", self.video_token_id)):
+            if not 0 <= tid < self.hp.n_vocab:
+                raise ConvertError(f"config.json {key} {tid} is outside the vocabulary (size {self.hp.n_vocab})")
+
+    def view(self, ckpt):
+        return RenamedCheckpoint(ckpt, _llava_ov_canonical)
+
+    def _preprocessing(self, image_size: int) -> tuple[list[float], list[float], str]:
+        pre, source = None, None
+        for rel in ("video_preprocessor_config.json", "video_processor/preprocessor_config.json",
+                    "processor_config.json", "preprocessor_config.json"):
+            path = self.hf_dir / rel
+            if not path.exists():
+                continue
+            data = _read_json(path)
+            if rel == "processor_config.json":  # transformers 5 may nest the sub-processors
+                data = data.get("video_processor") or data.get("image_processor")
+                if not isinstance(data, dict):
+                    continue
+            pre, source = data, rel
+            break
+        if pre is None:
+            return SIGLIP_MEAN, SIGLIP_STD, "bicubic"
+        _check_rescale(pre, source)
+        size = _preprocessor_size(pre)
+        if size is not None and size != image_size:
+            _log(True, f"convert: warning: {source} resizes to {size}, but the SigLIP tower's input is "
+                       f"{image_size}x{image_size}; the runtime resizes to {image_size}")
+        for key, want in (("image_mean", SIGLIP_MEAN), ("image_std", SIGLIP_STD)):
+            if pre.get(key) is not None and not _close(pre[key], want):
+                # transformers 5's video processor class defaults are CLIP's; SigLIP was trained with 0.5.
+                _log(True, f"convert: warning: {source} has {key}={pre[key]}, but LLaVA-OneVision's SigLIP "
+                           f"tower uses {want}; writing {want}")
+        return SIGLIP_MEAN, SIGLIP_STD, _preprocessor_resample(pre, source)
+
+    def prepare(self, ckpt) -> None:
+        vc = self.vision_cfg
+        dims = vision_shapes(ckpt, "vision_tower.", "siglip", vc, "config.json vision_config")
+        mean, std, resample = self._preprocessing(dims["image_size"])
+        self.vision = VisionTower(
+            kind="siglip", prefix="vision_tower.", image_size=dims["image_size"], patch_size=dims["patch_size"],
+            width=dims["hidden_size"], n_ff=dims["intermediate_size"], n_head=int(vc["num_attention_heads"]),
+            eps=float(vc["layer_norm_eps"]), act=self.act, n_layer_hf=dims["num_hidden_layers"],
+            select_hf=self.select, drop_cls=False, mean=mean, std=std, resize="square", resample=resample)
+        if dims["hidden_size"] % self.vision.n_head:
+            raise ConvertError(f"vision hidden_size {dims['hidden_size']} is not a multiple of "
+                               f"num_attention_heads {self.vision.n_head}")
+        has_head = self.text.lm_head in ckpt
+        if not has_head and not self.tie_declared:
+            raise ConvertError(f"checkpoint is missing tensor {self.text.lm_head!r} (needed for output.weight; "
+                               "config.json does not declare tied embeddings)")
+        self.hp.tied = not has_head
+
+    def extra_plan(self, ckpt):
+        specs, used = [], set()
+        _take(ckpt, specs, used, "mm.image_newline", "image_newline", (self.hp.n_embd,), what="tensor")
+        return specs, used
+
+    def load_vocab(self) -> Vocab:
+        cfg = dict(self.text_cfg)
+        cfg.update({k: self.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if self.config.get(k) is not None})
+        vocab = load_bpe_vocab(self.hf_dir, cfg, self.hp.n_vocab, prefer_processor_template=True)
+        for tid, text in ((self.image_token_id, "<image>"), (self.video_token_id, "<video>")):
+            if vocab.tokens[tid] != text:
+                _log(True, f"convert: warning: token {tid} is {vocab.tokens[tid]!r}, expected {text!r}")
+        return vocab
+
+
+# conv_qwen ("qwen_1_5"): ChatML with the default system prompt; used when the checkpoint has no template.
+QWEN_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_BEACON_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.beacon_(\w+?)_proj\.(weight|bias)$")
+
+
+class VideoXLHandler(MultimodalHandler):
+    """Video-XL (LlavaQwenForCausalLM, model_type llava_qwen): Qwen2 + CLIP-L/14-336 + beacon (VST) weights.
+
+    CLIP -> hidden_states[mm_vision_select_layer] -> drop CLS -> Linear, GELU, Linear ->
+    2x2 average pool -> frames concatenated, no newline. VST rows use their own q/k/v.
+    """
+    hf_arch, model_kind, gguf_arch = "LlavaQwenForCausalLM", "videoxl", "qwen2"
+    proj_names = ("model.mm_projector.0", "model.mm_projector.2")
+    prefix_vision = "model.vision_tower.vision_tower.vision_model."
+
+    def __init__(self, hf_dir: Path, config: dict):
+        super().__init__(hf_dir, config)
+        cfg = dict(config)
+        # LlavaQwenForCausalLM.__init__ forces rope_scaling = None: plain RoPE whatever the config says.
+        cfg.pop("rope_scaling", None)
+        if isinstance(cfg.get("rope_parameters"), dict):
+            cfg["rope_parameters"] = {"rope_type": "default",
+                                      "rope_theta": cfg["rope_parameters"].get("rope_theta", cfg.get("rope_theta", 10000.0))}
+        self.text_cfg = cfg
+        self.hp = TextHParams.from_config(cfg)
+        check_text_config(cfg, self.hp, "qwen2", self.hf_arch)
+        self.text = make_text_decoder("qwen2", cfg, self.hp, self.hf_arch)
+
+        if config.get("mm_vision_select_layer") is None:
+            raise ConvertError("config.json is missing required key 'mm_vision_select_layer' (Video-XL's vision "
+                               "feature layer; -1 and -2 are both plausible, so it is not guessed)")
+        self.select = config["mm_vision_select_layer"]
+        if not isinstance(self.select, int) or isinstance(self.select, bool):
+            raise ConvertError(f"mm_vision_select_layer {self.select!r} is not an integer")
+        feature = config.get("mm_vision_select_feature", "patch")
+        if feature != "patch":
+            raise ConvertError(f"mm_vision_select_feature {feature!r} is not supported (patch)")
+        proj = config.get("mm_projector_type", "linear")
+        if proj != "mlp2x_gelu":
+            raise ConvertError(f"mm_projector_type {proj!r} is not supported (mlp2x_gelu)")
+        mode = config.get("mm_spatial_pool_mode", "average")
+        modes = {"average": "avg", "bilinear": "bilinear"}
+        if mode not in modes:
+            raise ConvertError(f"mm_spatial_pool_mode {mode!r} is not supported ({', '.join(modes)})")
+        self.pool_mode = modes[mode]
+        stride = config.get("mm_spatial_pool_stride")
+        if stride is None:
+            _log(True, "convert: note: config.json has no mm_spatial_pool_stride; using 2 (as Video-XL's eval does)")
+            stride = 2
+        if not isinstance(stride, int) or stride < 1:
+            raise ConvertError(f"mm_spatial_pool_stride {stride!r} is not a positive integer")
+        self.pool_stride = stride
+
+        self.vst_window = int(_require(config, "beacon_window"))
+        beacon_stride = config.get("beacon_stride", self.vst_window)
+        if beacon_stride != self.vst_window:
+            raise ConvertError(f"beacon_stride {beacon_stride} != beacon_window {self.vst_window} is not supported")
+        accum = _require(config, "beacon_accum")
+        if not isinstance(accum, bool):
+            raise ConvertError(f"beacon_accum {accum!r} is not a bool")
+        self.vst_accum = accum
+        ratios = config.get("beacon_ratio")
+        if ratios is not None and (not isinstance(ratios, list) or not all(isinstance(r, int) for r in ratios)):
+            raise ConvertError(f"beacon_ratio {ratios!r} is not a list of integers")
+        self.vst_ratios = ratios
+        self.vst_param: list[str] = []
+        self.tower_cfg, self.tower_pre, self.tower_source = self._tower_config()
+
+    def _tower_config(self) -> tuple[dict, dict | None, str]:
+        """CLIP hyper-parameters the weights do not show (heads, eps, act) and its preprocessor config.
+
+        mm_vision_tower is the training machine's path or a hub id: use it if it is a directory
+        here (absolute, relative to HF_DIR, or its last component inside HF_DIR), else a known
+        tower by name.
+        """
+        tower = _require(self.config, "mm_vision_tower")
+        name = str(tower).rstrip("/").split("/")[-1]
+        tried = []
+        for d in (Path(tower), self.hf_dir / tower, self.hf_dir / name):
+            if d in tried:
+                continue
+            tried.append(d)
+            if (d / "config.json").is_file():
+                raw = _read_json(d / "config.json")
+                vc = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else raw
+                vc = {**CLIP_CONFIG_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
+                pre = _read_json(d / "preprocessor_config.json") if (d / "preprocessor_config.json").is_file() else None
+                return vc, pre, str(d / "config.json")
+        if name in KNOWN_CLIP_TOWERS:
+            return dict(KNOWN_CLIP_TOWERS[name]), None, f"known tower {name}"
+        raise ConvertError(f"cannot find the vision tower's config: mm_vision_tower={tower!r} is not a directory "
+                           f"with config.json here (tried {', '.join(str(t) for t in tried)}) and not a known tower "
+                           f"({', '.join(KNOWN_CLIP_TOWERS)}); copy the tower's config.json (and "
+                           f"preprocessor_config.json) to {self.hf_dir / name}/")
+
+    def prepare(self, ckpt) -> None:
+        vc, where = self.tower_cfg, self.tower_source
+        dims = vision_shapes(ckpt, self.prefix_vision, "clip", vc, where)
+        if self.config.get("mm_hidden_size") not in (None, dims["hidden_size"]):
+            raise ConvertError(f"config.json mm_hidden_size {self.config['mm_hidden_size']} != the CLIP width "
+                               f"{dims['hidden_size']} of the checkpoint")
+        act = vc["hidden_act"]
+        if act not in _VISION_ACTS:
+            raise ConvertError(f"{where}: hidden_act {act!r} is not supported ({', '.join(_VISION_ACTS)})")
+        pre, src = self.tower_pre, f"{Path(where).parent}/preprocessor_config.json"
+        mean, std = CLIP_MEAN, CLIP_STD
+        if pre:
+            _check_rescale(pre, src)
+            if pre.get("do_center_crop") is False:
+                raise ConvertError(f"{src}: do_center_crop=false is not supported (CLIP: shortest side + center crop)")
+            crop = _preprocessor_size(pre)
+            if crop is not None and crop != dims["image_size"]:
+                raise ConvertError(f"{src} crops to {crop}, but the CLIP tower's input is {dims['image_size']}")
+            mean, std = pre.get("image_mean") or CLIP_MEAN, pre.get("image_std") or CLIP_STD
+        self.vision = VisionTower(
+            kind="clip", prefix=self.prefix_vision, image_size=dims["image_size"], patch_size=dims["patch_size"],
+            width=dims["hidden_size"], n_ff=dims["intermediate_size"], n_head=int(vc["num_attention_heads"]),
+            eps=float(vc["layer_norm_eps"]), act=_VISION_ACTS[act], n_layer_hf=dims["num_hidden_layers"],
+            select_hf=self.select, drop_cls=True, mean=[float(x) for x in mean], std=[float(x) for x in std],
+            resize="shortest_center_crop", resample=_preprocessor_resample(pre, src))
+        if dims["hidden_size"] % self.vision.n_head:
+            raise ConvertError(f"{where}: hidden_size {dims['hidden_size']} is not a multiple of "
+                               f"num_attention_heads {self.vision.n_head}")
+        if self.vision.grid // self.pool_stride < 1:
+            raise ConvertError(f"mm_spatial_pool_stride {self.pool_stride} is larger than the patch grid")
+
+    def extra_plan(self, ckpt):
+        """Beacon (VST) weights: found by name, cross-checked against config beacon_param."""
+        hp = self.hp
+        found: set[str] = set()
+        for n in ckpt.names():
+            m = _BEACON_RE.match(n)
+            if m:
+                found.add("mlp" if m.group(2) == "mlp" else m.group(3))
+        unsupported = sorted(found - {"q", "k", "v"})
+        if unsupported:
+            raise ConvertError(f"beacon weights for {unsupported} are not supported (only q, k, v)")
+        declared = self.config.get("beacon_param")
+        if not found:
+            raise ConvertError("checkpoint has no beacon (VST) projections (model.layers.N.self_attn.beacon_"
+                               "{q,k,v}_proj): not a Video-XL checkpoint")
+        if not declared:
+            _log(True, f"convert: warning: config.json has no beacon_param (PyTorch would then build no beacon "
+                       f"projections), but the checkpoint has trained beacon_{{{','.join(sorted(found))}}}_proj "
+                       "weights; converting them")
+        elif set(declared) != found:
+            raise ConvertError(f"config.json beacon_param {declared} does not match the beacon projections in the "
+                               f"checkpoint ({sorted(found)}); upstream would initialise missing ones as copies of "
+                               "q/k/v_proj and ignore extra ones, this converter refuses to guess")
+        self.vst_param = [k for k in ("q", "k", "v") if k in found]
+        specs, used = [], set()
+        _take(ckpt, specs, used, "vst_embd.weight", "model.beacon_embed_tokens.weight", (1, hp.n_embd), "f32",
+              "beacon tensor")
+        q_dim, kv_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        for i in range(hp.n_layer):
+            for k in self.vst_param:
+                rows = q_dim if k == "q" else kv_dim
+                h, g = f"model.layers.{i}.self_attn.beacon_{k}_proj", f"blk.{i}.vst_{k}"
+                _take(ckpt, specs, used, f"{g}.weight", f"{h}.weight", (rows, hp.n_embd), what="beacon tensor")
+                _take(ckpt, specs, used, f"{g}.bias", f"{h}.bias", (rows,), what="beacon tensor")
+        return specs, used
+
+    def write_metadata(self, w) -> None:
+        super().write_metadata(w)
+        w.add_array("x2l.vst.param", self.vst_param)
+        w.add_uint32("x2l.vst.window", self.vst_window)
+        if self.vst_ratios:
+            w.add_array("x2l.vst.train_ratios", [int(r) for r in self.vst_ratios])
+        w.add_bool("x2l.vst.accum", self.vst_accum)
+
+    def load_vocab(self) -> Vocab:
+        vocab = load_bpe_vocab(self.hf_dir, self.config, self.hp.n_vocab)
+        if not vocab.chat_template:
+            _log(True, "convert: note: no chat template in the checkpoint; writing Video-XL's qwen_1_5 ChatML template")
+            vocab.chat_template = QWEN_CHATML_TEMPLATE
+        return vocab
+
+
+HANDLERS: dict[str, type[ModelHandler]] = {
+    h.hf_arch: h for h in (LlamaHandler, Qwen2Handler, LlavaOnevisionHandler, VideoXLHandler)}
+
 
 
 def make_handler(hf_dir: Path, config: dict) -> ModelHandler:
@@ -745,13 +1518,14 @@ def convert(hf_dir, out_path, outtype: str = "f16", progress: bool = True) -> Pa
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(config.get("_name_or_path") or hf_dir.resolve().name)
     handler.write_metadata(writer)
+    write_x2l_defaults(writer, handler.model_kind, handler.is_video)
     vocab.write(writer)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     types = []
     for spec in specs:
-        qtype, note = pick_type(spec.shape, wanted)
+        qtype, note = spec_type(spec, wanted)
         if note:
             _log(True, f"convert: {spec.name}: {note}")  # a deviation from --outtype is always worth seeing
         shape, dtype, nbytes = encoded_layout(spec.shape, qtype)

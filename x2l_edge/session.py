@@ -32,6 +32,69 @@ def _held_suffix(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+def _prefill(core, ids: list[int]) -> None:
+    """Make core's context equal ids, reusing the longest common prefix already in its cache."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    common = 0
+    for a, b in zip(core.history, ids):
+        if a != b:
+            break
+        common += 1
+    common = min(common, len(ids) - 1)  # re-evaluate at least the last token to get its logits
+    core.truncate(common)
+    if len(ids) > core.n_ctx:
+        raise _core.BudgetError(f"prompt has {len(ids)} tokens but only {core.n_ctx} fit")
+    core.eval(ids[common:])
+
+
+def _generate_ids(core, prompt_ids, *, stop_ids, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                  repeat_penalty=1.0, repeat_last_n=64, seed=0) -> Iterator[int]:
+    """Greedy/sampled generation on any core with eval/sample/truncate/history (LlmSession, X2LDecoder)."""
+    if max_tokens < 0:
+        raise ValueError("max_tokens must be >= 0")
+    sampler = _core.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    stops = set(stop_ids)
+    _prefill(core, [int(i) for i in prompt_ids])
+
+    def gen():
+        for i in range(max_tokens):
+            tok = core.sample(sampler)
+            if tok in stops:
+                return
+            yield tok
+            if i + 1 < max_tokens:
+                if core.n_past >= core.n_ctx:
+                    return  # context full: stop cleanly
+                core.eval([tok])
+
+    return gen()
+
+
+def _stream_text(tok, ids: Iterator[int], stop: Sequence[str]) -> Iterator[str]:
+    """Turn token ids into text pieces: whole UTF-8 characters only, cut at the first stop string."""
+    buf = b""
+    pending = ""
+    for t in ids:
+        buf += tok.token_bytes(t)
+        text, buf = _utf8_split(buf)
+        pending += text
+        for s in stop:
+            idx = pending.find(s)
+            if idx >= 0:
+                if idx:
+                    yield pending[:idx]
+                return
+        hold = _held_suffix(pending, stop)
+        if len(pending) > hold:
+            yield pending[:len(pending) - hold]
+            pending = pending[len(pending) - hold:]
+    pending += buf.decode("utf-8", errors="replace")
+    if pending:
+        yield pending
+
+
 class Session:
     """A loaded model with its context.
 
@@ -91,62 +154,16 @@ class Session:
     def reset(self) -> None:
         self._s.truncate(0)
 
-    def _prefill(self, ids: list[int]) -> None:
-        """Make the context equal ids, reusing the longest common prefix already in the cache."""
-        if not ids:
-            raise ValueError("the prompt is empty")
-        hist = self._s.history
-        common = 0
-        for a, b in zip(hist, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # re-evaluate at least the last token to get its logits
-        self._s.truncate(common)
-        if len(ids) > self._s.n_ctx:
-            raise _core.BudgetError(f"prompt has {len(ids)} tokens but n_ctx is {self._s.n_ctx}")
-        self._s.eval(ids[common:])
-
     def generate_ids(self, prompt_ids: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                      repeat_last_n: int = 64, seed: int = 0, stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-        """Yield generated token ids (stop tokens excluded)."""
-        if max_tokens < 0:
-            raise ValueError("max_tokens must be >= 0")
-        sampler = _core.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-        stops = self._stop_ids if stop_ids is None else set(stop_ids)
-        self._prefill([int(i) for i in prompt_ids])
-        for i in range(max_tokens):
-            tok = self._s.sample(sampler)
-            if tok in stops:
-                return
-            yield tok
-            if i + 1 < max_tokens:
-                if self._s.n_past >= self._s.n_ctx:
-                    return  # context full: stop cleanly
-                self._s.eval([tok])
+        """Yield generated token ids (stop tokens excluded), reusing the cached common prefix."""
+        return _generate_ids(self._s, prompt_ids, stop_ids=self._stop_ids if stop_ids is None else stop_ids,
+                             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
 
     def _stream(self, prompt_ids, stop: Sequence[str], gen) -> Iterator[str]:
-        buf = b""
-        pending = ""
-        for tok in self.generate_ids(prompt_ids, **gen):
-            buf += self._tok.token_bytes(tok)
-            text, buf = _utf8_split(buf)
-            pending += text
-            for s in stop:
-                idx = pending.find(s)
-                if idx >= 0:
-                    if idx:
-                        yield pending[:idx]
-                    return
-            hold = _held_suffix(pending, stop)
-            if len(pending) > hold:
-                yield pending[:len(pending) - hold]
-                pending = pending[len(pending) - hold:]
-        pending += buf.decode("utf-8", errors="replace")
-        if pending:
-            yield pending
+        return _stream_text(self._tok, self.generate_ids(prompt_ids, **gen), stop)
 
     # ------------------------------------------------------------------ text API
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
@@ -181,6 +198,32 @@ class Session:
         """Answer a user message (str) or a list of {'role','content'} messages with the model's template."""
         prompt = self.chat_prompt(messages, system=system)
         return self.generate(prompt, stream=stream, add_bos=False, **gen)
+
+    # ------------------------------------------------------------------ X²L
+    def prefill_text(self, text: str, *, chunk_tokens: int = 512, system: str | None = None,
+                     progress=None, **x2l_options):
+        """Index a long text with bi-level KV compression (the same path video takes): the text is cut into
+        chunks of chunk_tokens tokens; returns a VideoContext to ask questions on.
+
+        Options: ratio_low (2), ratio_high (32), low_type ('f16'), high_type ('q8_0'), pin_ends, two_pass,
+        obs_window, pool_kernel, max_host_bytes, max_device_bytes, top_k (default for questions), scorer."""
+        from .x2l import VideoContext, prefill_chunks, split_template
+
+        if not isinstance(text, str) or not text:
+            raise ValueError("text must be a non-empty str")
+        if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be a positive int")
+        top_k = x2l_options.pop("top_k", 3)
+        scorer = x2l_options.pop("scorer", "keys")
+        prefix, suffix = split_template(self, system)
+        ids = self.tokenize(text, special=False)
+        chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
+        index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
+                                      progress=progress, **x2l_options)
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=top_k,
+                           default_scorer=scorer)
+        ctx.prefill_stats = stats
+        return ctx
 
     def _tok_adds_bos(self) -> bool:
         return bool(self._s.metadata("tokenizer.ggml.add_bos_token") or False)

@@ -138,8 +138,12 @@ void CudaDeviceBuffer::upload(const void* host_src, size_t bytes, size_t offset,
     char* dst = static_cast<char*>(ptr_) + offset;
     if (stream)
         check(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, cudak::as_stream(stream)), "cudaMemcpyAsync");
-    else
+    else {
+        // cudaMemcpy from pageable memory may return before the DMA lands, and kernels on
+        // non-blocking streams are not ordered after the legacy stream: wait so the data is there.
         check(cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
+        check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+    }
 }
 
 void CudaDeviceBuffer::download(void* host_dst, size_t bytes, size_t offset, void* stream) const {
@@ -156,8 +160,10 @@ void CudaDeviceBuffer::zero(void* stream) {
     if (bytes_ == 0) return;
     if (stream)
         check(cudaMemsetAsync(ptr_, 0, bytes_, cudak::as_stream(stream)), "cudaMemsetAsync");
-    else
-        check(cudaMemset(ptr_, 0, bytes_), "cudaMemset");
+    else {
+        check(cudaMemset(ptr_, 0, bytes_), "cudaMemset");  // asynchronous for device memory
+        check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+    }
 }
 
 // ---------------------------------------------------------------- pinned host buffer
@@ -195,8 +201,21 @@ CudaHostBuffer& CudaHostBuffer::operator=(CudaHostBuffer&& o) noexcept {
 
 void* cuda_mapped_device_ptr(const void* host_ptr) {
     void* d = nullptr;
-    check(cudaHostGetDevicePointer(&d, const_cast<void*>(host_ptr), 0), "cudaHostGetDevicePointer");
-    return d;
+    const cudaError_t e = cudaHostGetDevicePointer(&d, const_cast<void*>(host_ptr), 0);
+    if (e == cudaSuccess) return d;
+    // With unified addressing, pinned host memory has the same address on the device; this covers
+    // a pointer into the middle of an allocation should the lookup above insist on its start.
+    int dev = 0, uva = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && cudaDeviceGetAttribute(&uva, cudaDevAttrUnifiedAddressing, dev) == cudaSuccess &&
+        uva) {
+        cudaPointerAttributes pa{};
+        if (cudaPointerGetAttributes(&pa, host_ptr) == cudaSuccess && pa.type == cudaMemoryTypeHost) {
+            (void)cudaGetLastError();
+            return const_cast<void*>(host_ptr);
+        }
+    }
+    check(e, "cudaHostGetDevicePointer");
+    return nullptr;
 }
 
 // ---------------------------------------------------------------- streams and events

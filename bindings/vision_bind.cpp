@@ -1,0 +1,153 @@
+// Bindings for the vision encoder: _core.VisionEncoder.from_gguf(path, n_threads=0).
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+
+#include <memory>
+#include <mutex>
+
+#include "backend.h"
+#include "common.h"
+#include "gguf.h"
+#include "threadpool.h"
+#include "vision.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+// Owns everything the encoder points into (the mapping) or needs (the pool). One call computes at
+// a time: the pool is not re-entrant and the GIL is released while it runs.
+struct PyVisionEncoder {
+    std::unique_ptr<x2l::GGUFFile> file;
+    std::unique_ptr<x2l::VisionEncoder> enc;
+    std::unique_ptr<x2l::ThreadPool> pool;
+    std::mutex mu;
+};
+
+using PixelArray = nb::ndarray<nb::numpy, const float, nb::c_contig>;
+
+nb::ndarray<nb::numpy, float> to_numpy(std::vector<float>&& v, size_t rows, size_t cols) {
+    auto* heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    size_t shape[2] = {rows, cols};
+    return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
+}
+
+nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x2l::VisionEncoder::Stage stage) {
+    const x2l::VisionConfig& c = self.enc->config();
+    const size_t S = static_cast<size_t>(c.image_size);
+    if (px.ndim() != 4 || px.shape(1) != 3 || px.shape(2) != S || px.shape(3) != S) {
+        std::string got = "[";
+        for (size_t d = 0; d < px.ndim(); ++d) got += (d ? ", " : "") + std::to_string(px.shape(d));
+        throw x2l::Error("pixels must have shape [n_frames, 3, " + std::to_string(S) + ", " + std::to_string(S) +
+                         "], got " + got + "]");
+    }
+    const int64_t n = static_cast<int64_t>(px.shape(0));
+    const int64_t rows = n * self.enc->rows_per_frame(stage), cols = self.enc->cols(stage);
+    std::vector<float> out(static_cast<size_t>(rows * cols));
+    {
+        nb::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> lock(self.mu);
+        self.enc->encode(*self.pool, px.data(), n, out.data(), stage);
+    }
+    return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
+}
+
+const char* kind_name(x2l::VisionKind k) { return k == x2l::VisionKind::Siglip ? "siglip" : "clip"; }
+const char* act_name(x2l::VisionAct a) {
+    switch (a) {
+        case x2l::VisionAct::GeluTanh: return "gelu_tanh";
+        case x2l::VisionAct::QuickGelu: return "quick_gelu";
+        case x2l::VisionAct::GeluErf: return "gelu";
+    }
+    return "?";
+}
+const char* pool_name(x2l::PoolMode p) {
+    switch (p) {
+        case x2l::PoolMode::None: return "none";
+        case x2l::PoolMode::Bilinear: return "bilinear";
+        case x2l::PoolMode::Avg: return "avg";
+    }
+    return "?";
+}
+
+}  // namespace
+
+void bind_vision(nb::module_& m) {
+    using Stage = x2l::VisionEncoder::Stage;
+    nb::class_<PyVisionEncoder>(m, "VisionEncoder")
+        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+            if (n_threads < 0) throw x2l::Error("n_threads must be >= 0");
+            auto self = std::make_unique<PyVisionEncoder>();
+            nb::gil_scoped_release nogil;
+            self->file = x2l::GGUFFile::open(path);
+            self->enc = x2l::VisionEncoder::load(*self->file);
+            self->pool = std::make_unique<x2l::ThreadPool>(n_threads > 0 ? n_threads : x2l::default_threads());
+            return self;
+        }, "path"_a, "n_threads"_a = 0,
+           "Load the vision tower and projector of a GGUF file (FormatError when it has none).")
+        .def("encode", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Pooled); }, "pixels"_a,
+             "pixels float32 [F, 3, S, S] (resized, normalised) -> [F * tokens_per_frame, n_embd] frame tokens.")
+        .def("hidden_states", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Features); },
+             "pixels"_a, "Selected encoder features (CLS dropped when the model drops it): [F * n_feat, width].")
+        .def("projected", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Projected); },
+             "pixels"_a, "Projector output before pooling: [F * n_feat, n_embd].")
+        .def_prop_ro("tokens_per_frame", [](const PyVisionEncoder& s) { return s.enc->tokens_per_frame(); })
+        .def_prop_ro("n_embd", [](const PyVisionEncoder& s) { return s.enc->n_embd_out(); })
+        .def_prop_ro("n_threads", [](const PyVisionEncoder& s) { return s.pool->n_threads(); })
+        .def_prop_ro("weight_bytes", [](const PyVisionEncoder& s) { return s.enc->weight_bytes(); })
+        .def_prop_rw("batch_frames", [](const PyVisionEncoder& s) { return s.enc->batch_frames(); },
+                     [](PyVisionEncoder& s, int n) {
+                         std::lock_guard<std::mutex> lock(s.mu);
+                         s.enc->set_batch_frames(n);
+                     }, "Frames encoded together per internal batch (bounds activation memory).")
+        .def_prop_ro("image_newline", [](const PyVisionEncoder& s) -> nb::object {
+            const std::vector<float>& nl = s.enc->image_newline();
+            if (nl.empty()) return nb::none();
+            std::vector<float> copy(nl);
+            auto* heap = new std::vector<float>(std::move(copy));
+            nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+            size_t shape[1] = {heap->size()};
+            return nb::cast(nb::ndarray<nb::numpy, float>(heap->data(), 1, shape, owner));
+        })
+        .def_prop_ro("config", [](const PyVisionEncoder& s) {
+            const x2l::VisionConfig& c = s.enc->config();
+            nb::dict d;
+            d["kind"] = kind_name(c.kind);
+            d["act"] = act_name(c.act);
+            d["image_size"] = c.image_size;
+            d["patch_size"] = c.patch_size;
+            d["grid"] = c.grid;
+            d["n_patches"] = c.n_patches;
+            d["n_tokens"] = c.n_tokens;
+            d["width"] = c.width;
+            d["n_ff"] = c.n_ff;
+            d["n_head"] = c.n_head;
+            d["head_dim"] = c.head_dim;
+            d["n_layer_stored"] = c.n_layer_stored;
+            d["select_layer"] = c.select_layer;
+            d["n_layer_run"] = c.n_layer_run;
+            d["eps"] = c.eps;
+            d["has_cls"] = c.has_cls;
+            d["drop_cls"] = c.drop_cls;
+            d["n_feat"] = c.n_feat;
+            d["n_embd"] = c.n_embd;
+            d["pool"] = pool_name(c.pool);
+            d["pool_stride"] = c.pool_stride;
+            d["pool_grid"] = c.pool_grid;
+            d["tokens_per_frame"] = c.tokens_per_frame;
+            nb::list mean, std_;
+            for (float v : c.image_mean) mean.append(v);
+            for (float v : c.image_std) std_.append(v);
+            d["image_mean"] = mean;
+            d["image_std"] = std_;
+            d["resize"] = c.resize;
+            d["resample"] = c.resample;
+            d["newline"] = c.newline;
+            d["has_image_newline"] = !s.enc->image_newline().empty();
+            return d;
+        });
+}

@@ -1,0 +1,202 @@
+// Bindings for the X²L path: bi-level prefill, the video index (tiered KV store), chunk scoring and
+// selection, and the decoder that reloads L-KVs asynchronously and answers on the mixed cache.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include "common.h"
+#include "x2l.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+x2l::DType tier_type(const std::string& s) {
+    if (s == "f32") return x2l::DType::F32;
+    if (s == "f16") return x2l::DType::F16;
+    if (s == "q8_0") return x2l::DType::Q8_0;
+    if (s == "q4_0") return x2l::DType::Q4_0;
+    throw x2l::Error("KV tier type must be f32, f16, q8_0 or q4_0 (got '" + s + "')");
+}
+
+nb::bytes segment_rows(const x2l::KVSegment& s, int layer, int head, bool value) {
+    if (layer < 0 || layer >= s.n_layer() || head < 0 || head >= s.n_head_kv()) throw x2l::Error("layer/head out of range");
+    const uint8_t* p = value ? s.v_row(layer, head, 0) : s.k_row(layer, head, 0);
+    return nb::bytes(reinterpret_cast<const char*>(p), s.row_bytes() * static_cast<size_t>(s.size()));
+}
+
+const x2l::ChunkKV& chunk_at(const x2l::VideoIndex& ix, int c) {
+    if (c < 0 || c >= static_cast<int>(ix.chunks.size())) throw x2l::Error("chunk index out of range");
+    return ix.chunks[c];
+}
+
+nb::ndarray<nb::numpy, float> to_np(std::vector<float>&& v, size_t rows, size_t cols) {
+    auto* heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+    if (rows == 0) {
+        size_t shape[1] = {cols};
+        return nb::ndarray<nb::numpy, float>(heap->data(), 1, shape, owner);
+    }
+    size_t shape[2] = {rows, cols};
+    return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
+}
+
+}  // namespace
+
+void bind_x2l(nb::module_& m) {
+    nb::class_<x2l::VideoIndex>(m, "VideoIndex")
+        .def_prop_ro("n_chunks", [](const x2l::VideoIndex& ix) { return ix.chunks.size(); })
+        .def_prop_ro("next_pos", [](const x2l::VideoIndex& ix) { return ix.next_pos; })
+        .def_prop_ro("sink_tokens", [](const x2l::VideoIndex& ix) { return ix.sink_tokens; })
+        .def("memory", [](const x2l::VideoIndex& ix) {
+            x2l::TierBytes b = ix.bytes();
+            nb::dict d;
+            d["sink_bytes"] = b.sink;
+            d["low_bytes"] = b.low;
+            d["high_bytes"] = b.high;
+            d["signature_bytes"] = b.signatures;
+            return d;
+        })
+        .def("settings", [](const x2l::VideoIndex& ix) {
+            nb::dict d;
+            d["ratio_low"] = ix.ratio_low;
+            d["ratio_high"] = ix.ratio_high;
+            d["pin_ends"] = ix.pin_ends;
+            d["two_pass"] = ix.two_pass;
+            d["compressor"] = ix.compressor;
+            return d;
+        })
+        .def("chunk_info", [](const x2l::VideoIndex& ix, int c) {
+            const x2l::ChunkKV& ch = chunk_at(ix, c);
+            nb::dict d;
+            d["tok_begin"] = ch.tok_begin;
+            d["tok_end"] = ch.tok_end;
+            d["pos_begin"] = ch.pos_begin;
+            d["pos_end"] = ch.pos_end;
+            d["n_frames"] = ch.n_frames;
+            d["low_entries"] = ch.low->size();
+            d["high_entries"] = ch.high->size();
+            d["low_bytes"] = ch.low->used_bytes();
+            d["high_bytes"] = ch.high->used_bytes();
+            d["low_type"] = std::string(x2l::type_info(ch.low->type()).name);
+            d["high_type"] = std::string(x2l::type_info(ch.high->type()).name);
+            d["low_mapped"] = ch.low->is_view();
+            return d;
+        }, "chunk"_a)
+        .def("low_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
+            return segment_rows(*chunk_at(ix, c).low, layer, head, value);
+        }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
+        .def("high_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
+            return segment_rows(*chunk_at(ix, c).high, layer, head, value);
+        }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
+        .def("save", [](const x2l::VideoIndex& ix, const std::string& path) {
+            nb::gil_scoped_release nogil;
+            ix.save(path);
+        }, "path"_a)
+        .def_static("load", [](const std::string& path) {
+            nb::gil_scoped_release nogil;
+            return x2l::VideoIndex::load(path);
+        }, "path"_a);
+
+    nb::class_<x2l::X2LPrefill>(m, "X2LPrefill")
+        .def("__init__", [](x2l::X2LPrefill* self, x2l::LlmSession& s, int ratio_low, int ratio_high,
+                            const std::string& low_type, const std::string& high_type, bool pin_ends, bool two_pass,
+                            int obs_window, int pool_kernel, size_t max_host_bytes, size_t max_device_bytes) {
+            x2l::X2LOptions o;
+            o.ratio_low = ratio_low;
+            o.ratio_high = ratio_high;
+            o.low_type = tier_type(low_type);
+            o.high_type = tier_type(high_type);
+            o.pin_ends = pin_ends;
+            o.two_pass = two_pass;
+            o.obs_window = obs_window;
+            o.pool_kernel = pool_kernel;
+            o.max_host_bytes = max_host_bytes;
+            o.max_device_bytes = max_device_bytes;
+            new (self) x2l::X2LPrefill(s, o);
+        }, "session"_a, "ratio_low"_a = 2, "ratio_high"_a = 32, "low_type"_a = "f16", "high_type"_a = "q8_0",
+           "pin_ends"_a = false, "two_pass"_a = true, "obs_window"_a = 0, "pool_kernel"_a = 5,
+           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, nb::keep_alive<1, 2>())
+        .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
+            nb::gil_scoped_release nogil;
+            p.add_sink(tokens);
+        }, "tokens"_a)
+        .def("add_chunk_tokens", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens, int n_frames, bool is_last) {
+            nb::gil_scoped_release nogil;
+            p.add_chunk_tokens(tokens, n_frames, is_last);
+        }, "tokens"_a, "n_frames"_a = 1, "is_last"_a = false)
+        .def("add_chunk_embd", [](x2l::X2LPrefill& p, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
+                                  int n_frames, bool is_last) {
+            nb::gil_scoped_release nogil;
+            p.add_chunk_embd(embd.data(), static_cast<int64_t>(embd.shape(0)), n_frames, is_last);
+        }, "embd"_a, "n_frames"_a = 1, "is_last"_a = false)
+        .def("finish", [](x2l::X2LPrefill& p) { return p.finish(); })
+        .def("stats", [](const x2l::X2LPrefill& p) {
+            nb::dict d;
+            d["input_tokens"] = p.stats().input_tokens;
+            d["forward_tokens"] = p.stats().forward_tokens;
+            d["seconds"] = p.stats().seconds;
+            d["working_bytes"] = p.working_bytes();
+            return d;
+        });
+
+    m.def("select_chunks", [](const x2l::VideoIndex& ix, const std::vector<float>& scores, int top_k,
+                              size_t budget_bytes, bool include_first, bool include_last) {
+        x2l::SelectOptions o;
+        o.top_k = top_k;
+        o.budget_bytes = budget_bytes;
+        o.include_first = include_first;
+        o.include_last = include_last;
+        return x2l::select_chunks(ix, scores, o);
+    }, "index"_a, "scores"_a, "top_k"_a = 3, "budget_bytes"_a = 0, "include_first"_a = false,
+       "include_last"_a = false);
+
+    nb::class_<x2l::X2LDecoder>(m, "X2LDecoder")
+        .def(nb::init<x2l::LlmSession&, const x2l::VideoIndex&, int64_t>(), "session"_a, "index"_a,
+             "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
+        .def("scores", [](x2l::X2LDecoder& d, const std::vector<int32_t>& q, const std::string& scorer) {
+            x2l::Scorer sc = x2l::scorer_from_name(scorer);
+            nb::gil_scoped_release nogil;
+            return d.scores(q, sc);
+        }, "question"_a, "scorer"_a = "keys")
+        .def("prepare", [](x2l::X2LDecoder& d, const std::vector<int>& sel) {
+            nb::gil_scoped_release nogil;
+            d.prepare(sel);
+        }, "selected"_a)
+        .def_prop_ro("selected", &x2l::X2LDecoder::selected)
+        .def("eval", [](x2l::X2LDecoder& d, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
+            std::vector<float> all;
+            {
+                nb::gil_scoped_release nogil;
+                d.eval(tokens, all_logits ? &all : nullptr);
+            }
+            if (!all_logits) return nb::none();
+            size_t nv = d.last_logits().size();
+            return nb::cast(to_np(std::move(all), tokens.size(), nv));
+        }, "tokens"_a, "all_logits"_a = false)
+        .def("logits", [](const x2l::X2LDecoder& d) {
+            std::vector<float> v = d.last_logits();
+            size_t n = v.size();
+            return to_np(std::move(v), 0, n);
+        })
+        .def("sample", &x2l::X2LDecoder::sample, "sampler"_a)
+        .def("truncate", &x2l::X2LDecoder::truncate, "n"_a)
+        .def_prop_ro("history", [](const x2l::X2LDecoder& d) { return d.history(); })
+        .def_prop_ro("n_past", &x2l::X2LDecoder::n_past)
+        .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
+        .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
+        .def("resident_bytes", &x2l::X2LDecoder::resident_bytes)
+        .def("working_bytes", &x2l::X2LDecoder::working_bytes)
+        .def("reload_stats", [](const x2l::X2LDecoder& d) {
+            const x2l::ReloadStats& s = d.reload_stats();
+            nb::dict r;
+            r["bytes"] = s.bytes;
+            r["copy_seconds"] = s.copy_seconds;
+            r["wait_seconds"] = s.wait_seconds;
+            r["n_chunks"] = s.n_chunks;
+            return r;
+        });
+}

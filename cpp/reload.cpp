@@ -1,0 +1,71 @@
+#include "reload.h"
+
+#include <chrono>
+
+#include "common.h"
+
+namespace x2l {
+
+Reloader::~Reloader() { join(); }
+
+void Reloader::join() {
+    if (worker_.joinable()) worker_.join();
+}
+
+std::vector<const KVSegment*> Reloader::start(const std::vector<const KVSegment*>& src) {
+    join();
+    stats_ = ReloadStats{};
+    stats_.n_chunks = static_cast<int>(src.size());
+    n_layer_ = src.empty() ? 0 : src[0]->n_layer();
+    // Recycle buffers; (re)allocate only when a chunk needs more room than the buffer has.
+    if (buffers_.size() < src.size()) buffers_.resize(src.size());
+    std::vector<const KVSegment*> out;
+    for (size_t i = 0; i < src.size(); ++i) {
+        const KVSegment& s = *src[i];
+        auto& b = buffers_[i];
+        if (!b || b->capacity() < s.size() || b->type() != s.type() || b->n_layer() != s.n_layer() ||
+            b->n_head_kv() != s.n_head_kv() || b->head_dim() != s.head_dim()) {
+            b = std::make_unique<KVSegment>(s.type(), s.n_layer(), s.n_head_kv(), s.head_dim(), s.size());
+        }
+        b->assign_meta(s);
+        stats_.bytes += s.used_bytes();
+        out.push_back(b.get());
+    }
+    layers_ready_.store(0);
+    if (src.empty()) return out;
+    std::vector<const KVSegment*> srcs = src;
+    worker_ = std::thread([this, srcs] {
+        auto t0 = std::chrono::steady_clock::now();
+        for (int l = 0; l < n_layer_; ++l) {
+            for (size_t i = 0; i < srcs.size(); ++i) buffers_[i]->copy_layer(*srcs[i], l);
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                layers_ready_.store(l + 1);
+            }
+            cv_.notify_all();
+        }
+        stats_.copy_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    });
+    return out;
+}
+
+void Reloader::wait_layer(int layer) {
+    if (layers_ready_.load() > layer || n_layer_ == 0) return;
+    auto t0 = std::chrono::steady_clock::now();
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return layers_ready_.load() > layer; });
+    stats_.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void Reloader::wait_all() {
+    if (n_layer_ > 0) wait_layer(n_layer_ - 1);
+    join();
+}
+
+size_t Reloader::working_bytes() const {
+    size_t b = 0;
+    for (const auto& s : buffers_) b += s ? s->nbytes() : 0;
+    return b;
+}
+
+}  // namespace x2l

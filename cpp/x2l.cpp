@@ -1,0 +1,337 @@
+#include "x2l.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <numeric>
+
+#include "common.h"
+#include "compress.h"
+
+namespace x2l {
+
+namespace {
+
+bool tier_type_ok(DType t) {
+    return t == DType::F32 || t == DType::F16 || t == DType::Q8_0 || t == DType::Q4_0;
+}
+
+// Positions [start, start + n).
+std::vector<int32_t> iota_pos(int32_t start, int64_t n) {
+    std::vector<int32_t> p(n);
+    std::iota(p.begin(), p.end(), start);
+    return p;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- prefill
+
+X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
+    if (o.ratio_low < 1 || o.ratio_high < 1) throw Error("compression ratios must be >= 1");
+    if (o.ratio_low > o.ratio_high) throw Error("ratio_low must not exceed ratio_high");
+    if (!tier_type_ok(o.low_type) || !tier_type_ok(o.high_type) || !tier_type_ok(o.work_type)) {
+        throw Error("KV tier types must be f32, f16, q8_0 or q4_0");
+    }
+    if (o.obs_window < 0 || o.pool_kernel < 1) throw Error("obs_window must be >= 0 and pool_kernel >= 1");
+    const LlmConfig& c = s.model().config();
+    ix_.reset(new VideoIndex(c.n_layer, c.n_head_kv, c.head_dim, c.n_embd));
+    ix_->ratio_low = o.ratio_low;
+    ix_->ratio_high = o.ratio_high;
+    ix_->pin_ends = o.pin_ends;
+    ix_->two_pass = o.two_pass;
+    ix_->compressor = "snapkv";
+    ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
+}
+
+void X2LPrefill::ensure_cache(int64_t n) {
+    const LlmConfig& c = s_.model().config();
+    int64_t want = std::max(n, o_.max_chunk_tokens);
+    if (!cache_ || cache_->tail().capacity() < want) {
+        cache_.reset(new KVCache(o_.work_type, c.n_layer, c.n_head_kv, c.head_dim, want));
+    }
+}
+
+void X2LPrefill::add_sink(const std::vector<int32_t>& tokens) {
+    if (!ix_) throw Error("prefill already finished");
+    if (!ix_->chunks.empty() || ix_->sink->size() > 0) throw Error("the sink must be added once, before any chunk");
+    if (tokens.empty()) return;
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    ensure_cache(n);
+    cache_->set_prefix({});
+    cache_->clear();
+    std::vector<float> logits;
+    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, 0, s_.options().n_batch, logits, nullptr, nullptr);
+    const LlmConfig& c = s_.model().config();
+    std::vector<int32_t> keep(static_cast<size_t>(c.n_layer) * c.n_head_kv * n);
+    for (size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<int32_t>(i % n);
+    ix_->sink = gather_segment(cache_->tail(), 0, keep, n, o_.low_type);
+    ix_->sink_tokens = tokens;
+    ix_->next_pos = static_cast<int32_t>(n);
+    n_input_ = n;
+    stats_.input_tokens += n;
+    stats_.forward_tokens += n;
+    cache_->clear();
+}
+
+void X2LPrefill::add_chunk_tokens(const std::vector<int32_t>& tokens, int n_frames, bool is_last) {
+    const LlmConfig& c = s_.model().config();
+    std::vector<float> embd(tokens.size() * static_cast<size_t>(c.n_embd));
+    s_.model().embed(tokens.data(), static_cast<int64_t>(tokens.size()), embd.data());
+    add_chunk_embd(embd.data(), static_cast<int64_t>(tokens.size()), n_frames, is_last);
+}
+
+void X2LPrefill::run_level(const float* embd, int64_t n, const std::vector<const KVSegment*>& prefix,
+                           std::vector<float>& importance, bool want_key_sig, std::vector<float>& key_sig) {
+    const LlmConfig& c = s_.model().config();
+    const int64_t E = c.n_embd, KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    ensure_cache(n);
+    cache_->set_prefix(prefix);
+    cache_->clear();
+    importance.assign(static_cast<size_t>(c.n_layer) * c.n_head_kv * n, 0.0f);
+    if (want_key_sig) key_sig.assign(static_cast<size_t>(c.n_layer) * KD, 0.0f);
+
+    ForwardHooks hooks;
+    hooks.obs = importance.data();
+    hooks.obs_begin = cache_->n_prefix();
+    hooks.obs_end = cache_->n_prefix() + n;
+    if (want_key_sig) {
+        hooks.on_qk = [&](int layer, const float*, const float* k, int64_t m) {
+            float* dst = key_sig.data() + static_cast<size_t>(layer) * KD;
+            for (int64_t t = 0; t < m; ++t) {
+                for (int64_t i = 0; i < KD; ++i) dst[i] += k[t * KD + i];
+            }
+        };
+    }
+    const int64_t n_batch = s_.options().n_batch;
+    const int64_t obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
+    for (int64_t b = 0; b < n; b += n_batch) {
+        const int64_t m = std::min(n_batch, n - b);
+        x_.assign(embd + b * E, embd + (b + m) * E);
+        std::vector<int32_t> pos = iota_pos(ix_->next_pos + static_cast<int32_t>(b), m);
+        hooks.obs_from = std::max<int64_t>(0, obs_start - b);
+        s_.model().forward(s_.pool(), s_.workspace(), x_.data(), m, pos.data(), *cache_, 0, nullptr, &hooks);
+    }
+    stats_.forward_tokens += n;
+    // Votes per query that could see the entry: entry e is visible to the queries at or after it.
+    for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
+        float* imp = importance.data() + lh * n;
+        for (int64_t e = 0; e < n; ++e) imp[e] /= static_cast<float>(n - std::max(e, obs_start));
+    }
+    if (want_key_sig) {
+        for (float& v : key_sig) v /= static_cast<float>(n);
+    }
+}
+
+void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last) {
+    if (!ix_) throw Error("prefill already finished");
+    if (done_last_) throw Error("a chunk was added after the one marked last");
+    if (n <= 0) throw Error("empty chunk");
+    if (n_frames < 1 || n_frames > n) throw Error("n_frames must be in [1, chunk tokens]");
+    auto t0 = std::chrono::steady_clock::now();
+    const LlmConfig& c = s_.model().config();
+    const int64_t E = c.n_embd;
+    const size_t i = ix_->chunks.size();
+    const bool pinned = o_.pin_ends && (i == 0 || is_last);
+
+    ChunkKV ch;
+    ch.tok_begin = n_input_;
+    ch.tok_end = n_input_ + n;
+    ch.pos_begin = ix_->next_pos;
+    ch.pos_end = ix_->next_pos + static_cast<int32_t>(n);
+    ch.n_frames = n_frames;
+    ch.emb_sig.assign(static_cast<size_t>(n_frames) * E, 0.0f);
+    for (int f = 0; f < n_frames; ++f) {
+        int64_t a = f * n / n_frames, b = (f + 1) * n / n_frames;
+        float* dst = ch.emb_sig.data() + static_cast<size_t>(f) * E;
+        for (int64_t t = a; t < b; ++t) {
+            for (int64_t k = 0; k < E; ++k) dst[k] += embd[t * E + k];
+        }
+        for (int64_t k = 0; k < E; ++k) dst[k] /= static_cast<float>(b - a);
+    }
+
+    std::vector<const KVSegment*> low_prefix{ix_->sink.get()}, high_prefix{ix_->sink.get()};
+    for (const auto& p : ix_->chunks) {
+        low_prefix.push_back(p.low.get());
+        high_prefix.push_back(p.high.get());
+    }
+    const int64_t m_low = std::max<int64_t>(1, n / o_.ratio_low);
+    const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
+    std::vector<float> importance;
+    // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
+    run_level(embd, n, low_prefix, importance, true, ch.key_sig);
+    auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
+    ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
+    if (o_.two_pass) {
+        // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
+        std::vector<float> unused;
+        run_level(embd, n, high_prefix, importance, false, unused);
+    }
+    keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
+    ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
+    cache_->clear();
+
+    ix_->chunks.push_back(std::move(ch));
+    ix_->next_pos += static_cast<int32_t>(n);
+    n_input_ += n;
+    stats_.input_tokens += n;
+    done_last_ = is_last;
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    check_budget();
+}
+
+void X2LPrefill::check_budget() const {
+    TierBytes b = ix_->bytes();
+    if (o_.max_host_bytes && b.low > o_.max_host_bytes) {
+        throw BudgetError("L-KV tier needs " + std::to_string(b.low) + " bytes, over max_host_bytes=" +
+                          std::to_string(o_.max_host_bytes));
+    }
+    size_t dev = b.sink + b.high + working_bytes();
+    if (o_.max_device_bytes && dev > o_.max_device_bytes) {
+        throw BudgetError("sink + H-KV tier + working buffers need " + std::to_string(dev) +
+                          " bytes, over max_device_bytes=" + std::to_string(o_.max_device_bytes));
+    }
+}
+
+std::unique_ptr<VideoIndex> X2LPrefill::finish() {
+    if (!ix_) throw Error("prefill already finished");
+    if (ix_->chunks.empty()) throw Error("nothing was prefilled: no chunks");
+    cache_.reset();
+    return std::move(ix_);
+}
+
+// ---------------------------------------------------------------------------------------- decode
+
+X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens) : s_(s), ix_(ix) {
+    const LlmConfig& c = s.model().config();
+    if (ix.n_layer != c.n_layer || ix.n_head_kv != c.n_head_kv || ix.head_dim != c.head_dim || ix.n_embd != c.n_embd) {
+        throw Error("this video index was built with a different model");
+    }
+    if (max_tail_tokens <= 0) throw Error("max_tail_tokens must be > 0");
+    cache_.reset(new KVCache(s.options().kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail_tokens));
+    prepare({});
+}
+
+void X2LDecoder::set_prefix(const std::vector<const KVSegment*>& prefix) {
+    cache_->set_prefix(prefix);
+    cache_->clear();
+    history_.clear();
+}
+
+std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scorer scorer) {
+    const LlmConfig& c = s_.model().config();
+    if (question.empty()) throw Error("the question is empty");
+    if (scorer == Scorer::Embedding) {
+        std::vector<float> q(question.size() * static_cast<size_t>(c.n_embd));
+        s_.model().embed(question.data(), static_cast<int64_t>(question.size()), q.data());
+        return score_embedding(ix_, q.data(), static_cast<int64_t>(question.size()));
+    }
+    // One question pass over the H-only cache: attention mass per entry and mean pre-RoPE queries.
+    reloader_.wait_all();
+    std::vector<const KVSegment*> prefix{ix_.sink.get()};
+    for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
+    set_prefix(prefix);
+    if (static_cast<int64_t>(question.size()) > cache_->tail().capacity()) throw BudgetError("question too long");
+    const int64_t n_entries = cache_->n_prefix();
+    const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
+    std::vector<float> obs(static_cast<size_t>(c.n_layer) * c.n_head_kv * n_entries, 0.0f);
+    std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f);
+    ForwardHooks hooks;
+    hooks.obs = obs.data();
+    hooks.obs_begin = 0;
+    hooks.obs_end = n_entries;
+    hooks.obs_from = 0;
+    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
+        float* dst = q_mean.data() + static_cast<size_t>(layer) * QD;
+        for (int64_t t = 0; t < m; ++t) {
+            for (int64_t i = 0; i < QD; ++i) dst[i] += q[t * QD + i];
+        }
+    };
+    std::vector<float> logits;
+    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, ix_.next_pos, s_.options().n_batch, logits,
+               nullptr, &hooks);
+    cache_->clear();
+    std::vector<float> out;
+    if (scorer == Scorer::Keys) {
+        for (float& v : q_mean) v /= static_cast<float>(question.size());
+        out = score_keys(ix_, q_mean, c.n_head);
+    } else {
+        std::vector<float> mass(n_entries, 0.0f);
+        for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
+            for (int64_t e = 0; e < n_entries; ++e) mass[e] += obs[lh * n_entries + e];
+        }
+        out = score_attention(ix_, mass);
+    }
+    prepare(selected_);  // restore the mixed cache of the current selection
+    return out;
+}
+
+void X2LDecoder::prepare(const std::vector<int>& selected) {
+    const int n = static_cast<int>(ix_.chunks.size());
+    std::vector<int> sel = selected;
+    std::sort(sel.begin(), sel.end());
+    if (std::adjacent_find(sel.begin(), sel.end()) != sel.end()) throw Error("selection has duplicate chunks");
+    for (int c : sel) {
+        if (c < 0 || c >= n) throw Error("chunk index " + std::to_string(c) + " out of range [0, " + std::to_string(n) + ")");
+    }
+    reloader_.wait_all();
+    std::vector<const KVSegment*> src;
+    for (int c : sel) src.push_back(ix_.chunks[c].low.get());
+    std::vector<const KVSegment*> work = reloader_.start(src);
+    std::vector<const KVSegment*> prefix{ix_.sink.get()};
+    size_t k = 0;
+    for (int c = 0; c < n; ++c) {
+        if (k < sel.size() && sel[k] == c) {
+            prefix.push_back(work[k++]);
+        } else {
+            prefix.push_back(ix_.chunks[c].high.get());
+        }
+    }
+    set_prefix(prefix);
+    selected_ = sel;
+    reload_pending_ = !sel.empty();
+}
+
+void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out) {
+    if (tokens.empty()) return;
+    if (n_past() + static_cast<int64_t>(tokens.size()) > n_ctx()) {
+        throw BudgetError("question/answer budget of " + std::to_string(n_ctx()) + " tokens exceeded");
+    }
+    ForwardHooks hooks;
+    if (reload_pending_) hooks.before_attention = [this](int layer) { reloader_.wait_layer(layer); };
+    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, ix_.next_pos + static_cast<int32_t>(n_past()),
+               s_.options().n_batch, last_logits_, all_out, reload_pending_ ? &hooks : nullptr);
+    if (reload_pending_) {
+        reloader_.wait_all();
+        reload_pending_ = false;
+    }
+    history_.insert(history_.end(), tokens.begin(), tokens.end());
+}
+
+int32_t X2LDecoder::sample(Sampler& sampler) {
+    if (last_logits_.empty()) throw Error("nothing evaluated yet");
+    std::vector<float> logits = last_logits_;
+    return sampler.sample(logits.data(), static_cast<int32_t>(logits.size()), history_.data(), n_past());
+}
+
+void X2LDecoder::truncate(int64_t n) {
+    if (n < 0 || n > n_past()) throw Error("truncate: n out of range");
+    cache_->truncate(cache_->n_prefix() + n);
+    history_.resize(static_cast<size_t>(n));
+}
+
+size_t X2LDecoder::resident_bytes() const {
+    size_t b = ix_.sink->used_bytes();
+    size_t k = 0;
+    for (size_t c = 0; c < ix_.chunks.size(); ++c) {
+        if (k < selected_.size() && selected_[k] == static_cast<int>(c)) {
+            b += ix_.chunks[c].low->used_bytes();  // its reloaded copy in the working set
+            ++k;
+        } else {
+            b += ix_.chunks[c].high->used_bytes();
+        }
+    }
+    return b + cache_->tail().nbytes();
+}
+
+}  // namespace x2l

@@ -1,0 +1,109 @@
+// Video-X²L over the LLM: chunked bi-level prefill into a VideoIndex, then per question: chunk
+// scoring, top-k selection, asynchronous L-KV reload and decoding on the mixed cache
+// sink + [L-KV(c) if c selected else H-KV(c)] in temporal order.
+//
+// Compression here is the training-free rule (compress.h): the chunk is run in full on top of its
+// memory, then each layer/KV head keeps the entries the chunk's queries attended to most, with the
+// positions they had (keys are stored post-RoPE, so any mix of L and H chunks is consistent).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kv_store.h"
+#include "reload.h"
+#include "select.h"
+#include "session.h"
+
+namespace x2l {
+
+struct X2LOptions {
+    int ratio_low = 2;
+    int ratio_high = 32;
+    DType low_type = DType::F16;    // host tier
+    DType high_type = DType::Q8_0;  // device tier
+    DType work_type = DType::F16;   // the chunk's full KV while it is being compressed
+    bool pin_ends = false;          // first/last chunk at ratio_low in the H pass too (official code)
+    bool two_pass = true;           // official semantics; false = one pass, L and H cut from it
+    int obs_window = 0;             // queries at the chunk's end that vote; 0 = all (per-entry mean)
+    int pool_kernel = 5;            // neighbour smoothing of the votes
+    size_t max_host_bytes = 0;      // budget for the L tier (0 = unlimited)
+    size_t max_device_bytes = 0;    // budget for sink + H tier + working buffers (0 = unlimited)
+    int64_t max_chunk_tokens = 0;   // 0: grows with the largest chunk seen
+};
+
+struct PrefillStats {
+    int64_t input_tokens = 0;      // tokens of the input (sink + chunks)
+    int64_t forward_tokens = 0;    // token-forwards spent (both passes)
+    double seconds = 0.0;
+};
+
+class X2LPrefill {
+  public:
+    X2LPrefill(LlmSession& s, const X2LOptions& o);
+    void add_sink(const std::vector<int32_t>& tokens);
+    // A chunk as token ids (text) or input embeddings [n, n_embd] (video features). n_frames splits
+    // the chunk into equal parts for the embedding signature.
+    void add_chunk_tokens(const std::vector<int32_t>& tokens, int n_frames, bool is_last);
+    void add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last);
+    std::unique_ptr<VideoIndex> finish();
+    const PrefillStats& stats() const { return stats_; }
+    size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
+
+  private:
+    void ensure_cache(int64_t n);
+    // Runs rows x [n, n_embd] on top of `prefix`, filling the tail; importance gets the votes.
+    void run_level(const float* embd, int64_t n, const std::vector<const KVSegment*>& prefix,
+                   std::vector<float>& importance, bool want_key_sig, std::vector<float>& key_sig);
+    void check_budget() const;
+
+    LlmSession& s_;
+    X2LOptions o_;
+    std::unique_ptr<VideoIndex> ix_;
+    std::unique_ptr<KVCache> cache_;
+    std::vector<float> x_;
+    PrefillStats stats_;
+    int64_t n_input_ = 0;
+    bool done_last_ = false;
+};
+
+// Answers questions on one index; a question's tokens and answer go in its own tail.
+class X2LDecoder {
+  public:
+    X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens);
+
+    // Relevance of each chunk to the question (tokens are the question as the model will see it).
+    std::vector<float> scores(const std::vector<int32_t>& question, Scorer scorer);
+    // Builds the mixed cache for this selection and starts the asynchronous reload.
+    void prepare(const std::vector<int>& selected);
+    const std::vector<int>& selected() const { return selected_; }
+
+    // Same contract as LlmSession: append tokens after the mixed cache, logits of the last one.
+    void eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out = nullptr);
+    const std::vector<float>& last_logits() const { return last_logits_; }
+    int32_t sample(Sampler& sampler);
+    const std::vector<int32_t>& history() const { return history_; }
+    int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
+    int64_t n_ctx() const { return cache_->tail().capacity(); }
+    void truncate(int64_t n);
+    int64_t cache_entries() const { return cache_->n_prefix(); }  // entries before the tail
+    size_t resident_bytes() const;   // sink + H + reloaded working buffers + tail
+    const ReloadStats& reload_stats() const { return reloader_.stats(); }
+    size_t working_bytes() const { return reloader_.working_bytes(); }
+
+  private:
+    void set_prefix(const std::vector<const KVSegment*>& prefix);
+    LlmSession& s_;
+    const VideoIndex& ix_;
+    std::unique_ptr<KVCache> cache_;
+    Reloader reloader_;
+    bool reload_pending_ = false;
+    std::vector<int> selected_;
+    std::vector<float> x_, last_logits_;
+    std::vector<int32_t> history_;
+};
+
+}  // namespace x2l

@@ -1,0 +1,437 @@
+"""CUDA backend: every kernel against a numpy reference.
+
+The GPU tests are skipped on machines without a CUDA device; the first tests run everywhere and check
+that the module imports and reports "no device" cleanly, and that the backend was compiled in
+whenever the toolchain was there.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+
+from x2l_edge import _core
+
+gguf = pytest.importorskip("gguf")
+from gguf import quants  # noqa: E402
+
+F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 14
+WEIGHT_TYPES = [F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K]
+TYPE_NAMES = {F32: "f32", F16: "f16", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0", Q8_0: "q8_0", Q4_K: "q4_k", Q6_K: "q6_k"}
+
+
+def _device_count() -> int:
+    fn = getattr(_core, "cuda_device_count", None)
+    return fn() if fn else 0
+
+
+HAS_GPU = _device_count() > 0
+gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+
+
+# ---------------------------------------------------------------- tests that run everywhere
+
+
+def test_bindings_registered():
+    for name in ("cuda_built", "cuda_device_count", "cuda_device_info", "cuda_matmul", "cuda_attention"):
+        assert hasattr(_core, name), f"_core.{name} missing (bind_cuda not called from module.cpp?)"
+
+
+def test_device_count_never_crashes():
+    n = _core.cuda_device_count()
+    assert isinstance(n, int) and n >= 0
+    assert _core.cuda_device_count() == n  # a failed probe leaves no error state behind
+
+
+def test_cuda_built_when_nvcc_present():
+    if os.environ.get("X2L_CUDA", "").upper() == "OFF" or "X2L_CUDA=OFF" in os.environ.get("CMAKE_ARGS", ""):
+        pytest.skip("a CPU-only build was requested (X2L_CUDA=OFF)")
+    # The same candidates as CMakeLists.txt (X2L_CUDA=AUTO builds the backend whenever one exists).
+    candidates = ["/usr/local/cuda/bin/nvcc", "/usr/local/bin/nvcc", "/opt/cuda/bin/nvcc"]
+    if not (shutil.which("nvcc") or any(os.path.exists(c) for c in candidates)):
+        pytest.skip("no nvcc on this machine")
+    assert _core.cuda_built() is True
+
+
+def test_ops_refuse_cleanly_without_backend_or_device():
+    if HAS_GPU:
+        pytest.skip("a device is present")
+    x = np.zeros((1, 32), np.float32)
+    w = np.zeros(34, np.uint8)
+    with pytest.raises(RuntimeError):
+        _core.cuda_matmul(Q8_0, w, 1, 32, x)
+    with pytest.raises(RuntimeError):
+        _core.cuda_rms_norm(x)
+    with pytest.raises(RuntimeError):
+        _core.cuda_device_info(0)
+
+
+# ---------------------------------------------------------------- data helpers
+
+
+def _set_f16(blocks: np.ndarray, off: int, values: np.ndarray) -> None:
+    blocks[:, off:off + 2] = values.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def random_rows(rng, type_id: int, rows: int, n: int):
+    """Random raw rows of a ggml type (uint8 [rows, row_bytes]) and their values (float64 [rows, n]).
+
+    Quantized rows are random bytes (every bit pattern, including all Q4_K scale packings), with the
+    fp16 scale fields overwritten by finite values of a sensible magnitude."""
+    if type_id == F32:
+        w = rng.standard_normal((rows, n)).astype(np.float32)
+        return w.view(np.uint8), w.astype(np.float64)
+    if type_id == F16:
+        w = rng.standard_normal((rows, n)).astype(np.float16)
+        return w.view(np.uint8), w.astype(np.float64)
+    qt = gguf.GGMLQuantizationType(type_id)
+    bs, bb = gguf.GGML_QUANT_SIZES[qt]
+    nb = rows * n // bs
+    b = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
+    if type_id in (Q8_0, Q4_0, Q5_0):
+        _set_f16(b, 0, rng.uniform(-0.05, 0.05, nb))
+    elif type_id == Q4_1:
+        _set_f16(b, 0, rng.uniform(-0.05, 0.05, nb))
+        _set_f16(b, 2, rng.uniform(-0.5, 0.5, nb))
+    elif type_id == Q4_K:
+        _set_f16(b, 0, rng.uniform(0, 0.003, nb))
+        _set_f16(b, 2, rng.uniform(0, 0.003, nb))
+    elif type_id == Q6_K:
+        _set_f16(b, 208, rng.uniform(-1e-3, 1e-3, nb))
+    raw = np.ascontiguousarray(b.reshape(rows, n // bs * bb))
+    return raw, quants.dequantize(raw, qt).astype(np.float64).reshape(rows, n)
+
+
+def quantize_like(type_id: int, x: np.ndarray):
+    """Store float values x [..., D] as type_id: raw uint8 rows and the values the kernel will read."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size == 0:
+        return np.zeros(0, np.uint8), x.astype(np.float64)
+    if type_id == F32:
+        return x.view(np.uint8), x.astype(np.float64)
+    if type_id == F16:
+        h = x.astype(np.float16)
+        return h.view(np.uint8), h.astype(np.float64)
+    qt = gguf.GGMLQuantizationType(type_id)
+    raw = quants.quantize(x, qt)
+    return np.ascontiguousarray(raw), quants.dequantize(raw, qt).astype(np.float64).reshape(x.shape)
+
+
+def assert_matmul_close(y, ref, bound, rel=5e-5):
+    # Error of a float32 dot product relative to sum |w||x| (summation order differs from numpy's).
+    err = np.abs(y.astype(np.float64) - ref)
+    assert np.all(err <= rel * bound + 1e-6), f"max err {err.max()} (bound scale {bound.max()})"
+
+
+# ---------------------------------------------------------------- device
+
+
+@gpu
+def test_device_info():
+    info = _core.cuda_device_info(0)
+    for key in ("name", "total_mem", "free_mem", "cc_major", "cc_minor", "integrated", "can_map_host_memory",
+                "multiprocessors"):
+        assert key in info
+    assert info["total_mem"] > 0 and info["free_mem"] > 0
+    assert info["cc_major"] >= 5 and info["multiprocessors"] > 0
+    with pytest.raises(RuntimeError):
+        _core.cuda_device_info(_core.cuda_device_count())
+
+
+# ---------------------------------------------------------------- matmul / get_rows
+
+
+def _n_values(type_id: int):
+    # A size whose last 64-value K step is partial, and a larger one.
+    if type_id in (F32, F16):
+        return [36, 520]
+    if type_id in (Q4_K, Q6_K):
+        return [256, 768]
+    return [96, 512]
+
+
+MATMUL_CASES = [(rows, T) for rows, T in [(67, 1), (67, 3), (130, 8), (130, 9), (70, 70)]]
+
+
+@gpu
+@pytest.mark.parametrize("type_id", WEIGHT_TYPES, ids=lambda t: TYPE_NAMES[t])
+@pytest.mark.parametrize("rows,T", MATMUL_CASES)
+@pytest.mark.parametrize("which_n", [0, 1])
+def test_matmul(type_id, rows, T, which_n):
+    rng = np.random.default_rng(1000 * type_id + 10 * rows + T + which_n)
+    n = _n_values(type_id)[which_n]
+    raw, w = random_rows(rng, type_id, rows, n)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    y = _core.cuda_matmul(type_id, raw, rows, n, x)
+    assert y.shape == (T, rows) and y.dtype == np.float32
+    x64 = x.astype(np.float64)
+    assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
+
+
+@gpu
+@pytest.mark.parametrize("type_id", [Q4_K, Q6_K, Q8_0, F16])
+def test_matmul_decode_realistic(type_id):
+    # Decode-shaped: one token, a few thousand rows of a 4096-wide layer.
+    rng = np.random.default_rng(7 + type_id)
+    rows, n = 3000, 4096
+    raw, w = random_rows(rng, type_id, rows, n)
+    x = rng.standard_normal((1, n)).astype(np.float32)
+    y = _core.cuda_matmul(type_id, raw, rows, n, x)
+    x64 = x.astype(np.float64)
+    assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
+
+
+@gpu
+def test_matmul_rejects_bad_shapes():
+    rng = np.random.default_rng(3)
+    raw, _ = random_rows(rng, Q8_0, 4, 64)
+    with pytest.raises(RuntimeError):  # n not a multiple of the block
+        _core.cuda_matmul(Q8_0, raw, 4, 48, np.zeros((1, 48), np.float32))
+    with pytest.raises(RuntimeError):  # unsupported type (Q5_1)
+        _core.cuda_matmul(7, raw, 4, 64, np.zeros((1, 64), np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("type_id", WEIGHT_TYPES, ids=lambda t: TYPE_NAMES[t])
+def test_get_rows(type_id):
+    rng = np.random.default_rng(50 + type_id)
+    n_rows, n = 10, _n_values(type_id)[1]
+    raw, w = random_rows(rng, type_id, n_rows, n)
+    ids = np.array([3, 0, 9, 3, -1, 10], np.int32)  # the last two are out of range: zero rows
+    y = _core.cuda_get_rows(type_id, raw, n_rows, n, ids)
+    ref = np.zeros((len(ids), n))
+    ref[:4] = w[ids[:4]]
+    # Same float32 arithmetic as gguf's dequantizer, except that the GPU may fuse q*d + m into one
+    # rounding (Q4_1, Q4_K): allow an ulp of the row's scale.
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6 * np.abs(w).max())
+
+
+# ---------------------------------------------------------------- norms and elementwise
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 64, 1000, 4099])
+@pytest.mark.parametrize("with_w", [True, False])
+def test_rms_norm(n, with_w):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((5, n)) * 3 + 1).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32) if with_w else None
+    y = _core.cuda_rms_norm(x, w, 1e-6)
+    x64 = x.astype(np.float64)
+    ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * (w if with_w else 1.0)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("n", [3, 768, 1025])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm(n, affine):
+    rng = np.random.default_rng(n + 1)
+    x = (rng.standard_normal((4, n)) * 2 + 50).astype(np.float32)  # large mean: needs the two-pass variance
+    w = rng.standard_normal(n).astype(np.float32) if affine else None
+    b = rng.standard_normal(n).astype(np.float32) if affine else None
+    y = _core.cuda_layer_norm(x, w, b, 1e-5)
+    x64 = x.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    if affine:
+        ref = ref * w + b
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def rope_ref(x, pos, n_rot, base, scale, neox):
+    x = x.astype(np.float64)
+    y = x.copy()
+    half = n_rot // 2
+    inv = base ** (-2.0 * np.arange(half) / n_rot)
+    theta = pos.astype(np.float64)[:, None] * scale * inv[None, :]  # [T, half]
+    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    i0 = np.arange(half) if neox else 2 * np.arange(half)
+    i1 = i0 + half if neox else i0 + 1
+    a, b = x[:, :, i0], x[:, :, i1]
+    y[:, :, i0] = a * c - b * s
+    y[:, :, i1] = a * s + b * c
+    return y
+
+
+@gpu
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot,head_dim", [(64, 64), (32, 64), (128, 128)])
+@pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (1e6, 0.25)])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rope(neox, n_rot, head_dim, base, scale, in_place):
+    rng = np.random.default_rng(n_rot + head_dim)
+    pos = np.array([0, 1, 5, 100, 4095, 40000, 123456], np.int32)
+    x = rng.standard_normal((len(pos), 3, head_dim)).astype(np.float32)
+    y = _core.cuda_rope(x, pos, n_rot, base, scale, neox, in_place)
+    np.testing.assert_allclose(y, rope_ref(x, pos, n_rot, base, scale, neox), rtol=0, atol=2e-5)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 33, 1000, 5000])
+def test_softmax(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((6, n)) * 5).astype(np.float32)
+    y = _core.cuda_softmax(x, 0.5)
+    z = x.astype(np.float64) * 0.5
+    e = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-7)
+
+
+@gpu
+def test_swiglu():
+    rng = np.random.default_rng(11)
+    g = (rng.standard_normal(10001) * 4).astype(np.float32)
+    u = rng.standard_normal(10001).astype(np.float32)
+    g64 = g.astype(np.float64)
+    ref = g64 / (1 + np.exp(-g64)) * u
+    np.testing.assert_allclose(_core.cuda_swiglu(g, u), ref, rtol=1e-5, atol=1e-6)
+
+
+@gpu
+@pytest.mark.parametrize("tanh_approx", [False, True])
+def test_gelu(tanh_approx):
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(7777) * 4).astype(np.float32)
+    x64 = x.astype(np.float64)
+    if tanh_approx:
+        ref = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    else:
+        ref = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    np.testing.assert_allclose(_core.cuda_gelu(x, tanh_approx), ref, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("b_shape", [(6, 50), (50,)])
+def test_add_mul(b_shape):
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((6, 50)).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    np.testing.assert_array_equal(_core.cuda_add(a, b), a + b)
+    np.testing.assert_array_equal(_core.cuda_mul(a, b), a * b)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def make_segments(rng, specs, n_kv_head, head_dim, head_major=False):
+    """specs: [(k_type, v_type, n_tokens)]. Returns the binding's segment tuples and the float64
+    K, V [n_kv, n_kv_head, head_dim] that the kernel should see."""
+    segs, ks, vs = [], [], []
+    for kt, vt, n in specs:
+        parts = []
+        for t in (kt, vt):
+            vals = rng.standard_normal((n, n_kv_head, head_dim)).astype(np.float32)
+            if head_major:
+                raw, deq = quantize_like(t, vals.transpose(1, 0, 2).reshape(-1, head_dim))
+                deq = deq.reshape(n_kv_head, n, head_dim).transpose(1, 0, 2)
+            else:
+                raw, deq = quantize_like(t, vals.reshape(-1, head_dim))
+                deq = deq.reshape(n, n_kv_head, head_dim)
+            parts.append((np.ascontiguousarray(raw).reshape(-1).view(np.uint8), deq))
+        segs.append((kt, parts[0][0], vt, parts[1][0], n))
+        ks.append(parts[0][1])
+        vs.append(parts[1][1])
+    return segs, np.concatenate(ks), np.concatenate(vs)
+
+
+def attention_ref(q, K, V, n_kv_head, scale, causal, window):
+    q = q.astype(np.float64)
+    n_q, H, D = q.shape
+    n_rep = H // n_kv_head
+    n_kv = K.shape[0]
+    Kh = np.repeat(K, n_rep, axis=1)  # [n_kv, H, D]: query head h uses kv head h // n_rep
+    Vh = np.repeat(V, n_rep, axis=1)
+    s = np.einsum("thd,jhd->thj", q, Kh) * scale
+    j = np.arange(n_kv)
+    qpos = n_kv - n_q + np.arange(n_q)
+    vis = np.ones((n_q, n_kv), bool)
+    if causal:
+        vis &= j[None, :] <= qpos[:, None]
+    if window > 0:
+        vis &= j[None, :] > qpos[:, None] - window
+    s = np.where(vis[:, None, :], s, -np.inf)
+    out = np.zeros_like(q)
+    mx = s.max(-1, keepdims=True)
+    ok = np.isfinite(mx[..., 0])
+    p = np.exp(s - np.where(np.isfinite(mx), mx, 0))
+    p = np.where(vis[:, None, :], p, 0)
+    den = p.sum(-1, keepdims=True)
+    o = np.einsum("thj,jhd->thd", p / np.where(den > 0, den, 1), Vh)
+    out[ok] = o[ok]
+    return out
+
+
+MIXED = [(F16, F16, 5), (Q8_0, Q8_0, 45), (Q4_0, Q4_0, 40), (F16, F16, 77), (F32, F32, 3), (Q8_0, Q4_0, 0),
+         (Q8_0, F16, 33), (F16, F16, 1)]
+
+ATTN_CASES = {
+    # name: (n_q, n_head, n_kv_head, head_dim, specs, causal, window)
+    "decode_mha": (1, 4, 4, 64, MIXED, True, 0),
+    "decode_gqa7_d128": (1, 14, 2, 128, MIXED, True, 0),
+    "decode_long": (1, 8, 2, 64, [(F16, F16, 4), (Q8_0, Q8_0, 1500), (F16, F16, 700), (Q4_0, Q4_0, 300)], True, 0),
+    "prefill_causal": (37, 8, 2, 64, MIXED[:-1] + [(F16, F16, 37)], True, 0),
+    "prefill_window": (20, 4, 1, 64, [(Q8_0, Q8_0, 64), (F16, F16, 20)], True, 16),
+    "noncausal_vision": (50, 4, 4, 64, [(F32, F32, 50)], False, 0),
+    "d80_f16": (3, 6, 3, 80, [(F16, F16, 70), (F32, F16, 3)], True, 0),
+    "d256_q8": (1, 8, 1, 256, [(Q8_0, Q8_0, 90), (F16, F16, 1)], True, 0),
+    "d256_prefill": (9, 4, 2, 256, [(Q4_0, Q8_0, 40), (F16, F16, 9)], True, 0),
+}
+
+
+@gpu
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("n_splits", [1, 3, 0])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_attention(case, n_splits, head_major):
+    n_q, H, KVH, D, specs, causal, window = ATTN_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    segs, K, V = make_segments(rng, specs, KVH, D, head_major)
+    q = rng.standard_normal((n_q, H, D)).astype(np.float32)
+    scale = 1.0 / math.sqrt(D)
+    out = _core.cuda_attention(q, segs, KVH, scale, causal, window, n_splits, head_major)
+    ref = attention_ref(q, K, V, KVH, scale, causal, window)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=3e-5)
+
+
+@gpu
+def test_attention_default_scale_and_empty_cache():
+    rng = np.random.default_rng(5)
+    segs, K, V = make_segments(rng, [(F16, F16, 10)], 2, 64)
+    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    out = _core.cuda_attention(q, segs, 2)  # scale 0 -> 1/sqrt(head_dim)
+    np.testing.assert_allclose(out, attention_ref(q, K, V, 2, 1 / 8, True, 0), rtol=1e-4, atol=3e-5)
+    empty = _core.cuda_attention(q, [], 2)
+    np.testing.assert_array_equal(empty, np.zeros_like(q))
+
+
+@gpu
+def test_attention_rejects_unsupported_kv():
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 2, 80)).astype(np.float32)
+    raw = np.zeros(10 * 80 * 2, np.uint8)
+    with pytest.raises(RuntimeError):  # q8_0 rows need head_dim % 32 == 0
+        _core.cuda_attention(q, [(Q8_0, raw, Q8_0, raw, 10)], 1)
+    q256 = rng.standard_normal((1, 2, 256)).astype(np.float32)
+    raw_q4k = np.zeros(144, np.uint8)  # one token, one kv head, one Q4_K super-block
+    with pytest.raises(RuntimeError):  # q4_k is not a KV type
+        _core.cuda_attention(q256, [(Q4_K, raw_q4k, Q4_K, raw_q4k, 1)], 1)
+
+
+# ---------------------------------------------------------------- layer pipeline
+
+
+@gpu
+@pytest.mark.parametrize("n_slots", [1, 2, 3])
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_layer_pipeline(n_slots, zero_copy):
+    if zero_copy and not _core.cuda_device_info(0)["can_map_host_memory"]:
+        pytest.skip("device cannot map host memory")
+    rng = np.random.default_rng(n_slots)
+    data = rng.standard_normal((7, 10000)).astype(np.float32)
+    out = _core.cuda_pipeline_selftest(data, n_slots, zero_copy)
+    np.testing.assert_array_equal(out, data)

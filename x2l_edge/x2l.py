@@ -1,0 +1,185 @@
+"""Video-X²L on a Session: bi-level prefill into a tiered KV index, then per question scoring,
+top-k selection, asynchronous L-KV reload and decoding on the mixed cache.
+
+    ctx = session.prefill_text(long_text, chunk_tokens=512)       # or session.prefill(video) for video
+    ctx.scores("Where is the key?", scorer="keys")                  # per-chunk relevance (numpy)
+    ctx.ask("Where is the key?", top_k=3)                           # select, reload, answer
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import _core
+
+SCORERS = ("attention", "keys", "embedding", "external")
+_MARK = "\x00X2L_CONTENT\x00"
+
+
+def split_template(session, system: str | None) -> tuple[str, str]:
+    """(prefix, suffix) of a one-user-message chat prompt: the sink is the prefix (system prompt and
+    the start of the user turn); each question is sent as '\\n' + question + suffix."""
+    prompt = session.chat_prompt([{"role": "user", "content": _MARK}], system=system)
+    if prompt.count(_MARK) != 1:
+        raise ValueError("cannot locate the user message in the chat template")
+    prefix, suffix = prompt.split(_MARK)
+    return prefix, suffix
+
+
+class VideoContext:
+    """A prefilled input (video or long text): its sink, per-chunk L-KVs (host tier) and H-KVs
+    (quantized, device tier), and a decoder that answers questions on mixed caches."""
+
+    def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
+                 max_answer_tokens: int = 512, default_top_k: int = 3, default_scorer: str = "keys"):
+        self.session = session
+        self.index = index
+        self.question_prefix = question_prefix
+        self.question_suffix = question_suffix
+        self.default_top_k = default_top_k
+        self.default_scorer = default_scorer
+        self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def n_chunks(self) -> int:
+        return self.index.n_chunks
+
+    def chunk_info(self, i: int) -> dict:
+        return self.index.chunk_info(i)
+
+    def memory(self) -> dict:
+        """Bytes per tier: sink, H (device), L (host), signatures, the reload working set and what the
+        current mixed cache keeps resident."""
+        m = dict(self.index.memory())
+        m["working_bytes"] = self._dec.working_bytes()
+        m["resident_bytes"] = self._dec.resident_bytes()
+        m["device_bytes"] = m["sink_bytes"] + m["high_bytes"] + m["working_bytes"]
+        m["host_bytes"] = m["low_bytes"]
+        return m
+
+    def question_ids(self, question: str) -> list[int]:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty str")
+        return self.session.tokenize(self.question_prefix + question + self.question_suffix)
+
+    # ------------------------------------------------------------------ selection
+    def scores(self, question: str, scorer: str | None = None) -> np.ndarray:
+        """Relevance of every chunk to the question: 'attention' (question attention mass over the H-only
+        cache), 'keys' (cosine of mean pre-RoPE query and key), 'embedding' (input-embedding similarity)."""
+        scorer = scorer or self.default_scorer
+        if scorer == "external":
+            raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS} (got {scorer!r})")
+        return np.asarray(self._dec.scores(self.question_ids(question), scorer), dtype=np.float32)
+
+    def select(self, scores: Sequence[float] | None = None, *, question: str | None = None,
+               scorer: str | None = None, top_k: int | None = None, budget_bytes: int = 0,
+               include_first: bool = False, include_last: bool = False) -> list[int]:
+        """Top-k chunks (by count, or by the extra bytes their L-KVs need when budget_bytes > 0)."""
+        if scores is None:
+            if question is None:
+                raise ValueError("give scores or a question")
+            scores = self.scores(question, scorer)
+        scores = [float(s) for s in scores]
+        if len(scores) != self.n_chunks:
+            raise ValueError(f"got {len(scores)} scores for {self.n_chunks} chunks")
+        k = self.default_top_k if top_k is None else int(top_k)
+        if k < 0 or budget_bytes < 0:
+            raise ValueError("top_k and budget_bytes must be >= 0")
+        return list(_core.select_chunks(self.index, scores, top_k=k, budget_bytes=int(budget_bytes),
+                                        include_first=include_first, include_last=include_last))
+
+    def reload(self, chunks: Iterable[int]) -> None:
+        """Build the mixed cache for these chunks; their L-KVs are copied on a background thread, layer by
+        layer, while the question's prefill runs."""
+        self._dec.prepare(sorted(int(c) for c in chunks))
+
+    @property
+    def selected(self) -> list[int]:
+        return list(self._dec.selected)
+
+    def reload_stats(self) -> dict:
+        return dict(self._dec.reload_stats())
+
+    # ------------------------------------------------------------------ answering
+    def generate(self, question: str, *, chunks: Iterable[int] | None = None, top_k: int | None = None,
+                 scorer: str | None = None, scores: Sequence[float] | None = None, budget_bytes: int = 0,
+                 include_first: bool = False, include_last: bool = False, max_tokens: int = 64,
+                 stop: Sequence[str] = (), stream: bool = False, **sampling):
+        """Answer a question: choose chunks (given, from scores, or from a scorer), reload, decode."""
+        from .session import _generate_ids, _stream_text
+
+        if chunks is None:
+            k = self.default_top_k if top_k is None else top_k
+            if k == 0 and budget_bytes == 0 and not include_first and not include_last:
+                chunks = []
+            elif scores is not None or (scorer or self.default_scorer) != "external":
+                chunks = self.select(scores, question=question, scorer=scorer, top_k=k, budget_bytes=budget_bytes,
+                                     include_first=include_first, include_last=include_last)
+            else:
+                raise ValueError("scorer='external' needs scores= or chunks=")
+        self.reload(chunks)
+        ids = _generate_ids(self._dec, self.question_ids(question), stop_ids=self.session._stop_ids,
+                            max_tokens=max_tokens, **sampling)
+        it = _stream_text(self.session._tok, ids, [s for s in ([stop] if isinstance(stop, str) else stop) if s])
+        return it if stream else "".join(it)
+
+    ask = generate
+
+    def logits(self, question: str, chunks: Iterable[int]) -> np.ndarray:
+        """Logits of every question token on the mixed cache for these chunks (for tests and analysis)."""
+        self.reload(chunks)
+        return self._dec.eval(self.question_ids(question), all_logits=True)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        self.index.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, session, path: str | os.PathLike, *, system: str | None = None, **kw) -> "VideoContext":
+        """Load a saved index (the L tier stays memory-mapped). The question suffix is rebuilt from the
+        session's chat template; pass question_prefix/question_suffix to override."""
+        index = _core.VideoIndex.load(os.fspath(path))
+        if "question_suffix" not in kw:
+            kw["question_suffix"] = split_template(session, system)[1]
+        return cls(session, index, **kw)
+
+
+def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chunks: int | None = None,
+                   ratio_low: int = 2, ratio_high: int = 32, low_type: str = "f16", high_type: str = "q8_0",
+                   pin_ends: bool = False, two_pass: bool = True, obs_window: int = 0, pool_kernel: int = 5,
+                   max_host_bytes: int = 0, max_device_bytes: int = 0, frames_per_chunk: int | None = None,
+                   progress: Callable[[int, int | None], object] | None = None):
+    """Run the bi-level prefill over chunks given as token-id lists or embedding arrays [n, n_embd].
+
+    Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
+    lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly."""
+    p = _core.X2LPrefill(session._s, ratio_low=ratio_low, ratio_high=ratio_high, low_type=low_type,
+                         high_type=high_type, pin_ends=pin_ends, two_pass=two_pass, obs_window=obs_window,
+                         pool_kernel=pool_kernel, max_host_bytes=max_host_bytes, max_device_bytes=max_device_bytes)
+    p.add_sink(list(sink_ids))
+    it = iter(chunks)
+    nxt = next(it, None)
+    if nxt is None:
+        raise ValueError("nothing to prefill: no chunks")
+    done = 0
+    while nxt is not None:
+        cur, nxt = nxt, next(it, None)
+        last = nxt is None
+        if isinstance(cur, np.ndarray) and cur.dtype != np.int32 and cur.ndim == 2:
+            nf = frames_per_chunk or 1
+            p.add_chunk_embd(np.ascontiguousarray(cur, dtype=np.float32), n_frames=max(1, min(nf, len(cur))),
+                             is_last=last)
+        else:
+            ids = [int(t) for t in cur]
+            nf = frames_per_chunk or max(1, len(ids) // 64)
+            p.add_chunk_tokens(ids, n_frames=max(1, min(nf, len(ids))), is_last=last)
+        done += 1
+        if progress is not None and progress(done, n_chunks) is False:
+            raise KeyboardInterrupt("prefill stopped by the progress callback")
+    stats = p.stats()
+    return p.finish(), stats
