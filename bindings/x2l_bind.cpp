@@ -157,11 +157,12 @@ void bind_x2l(nb::module_& m) {
     nb::class_<x2l::X2LDecoder>(m, "X2LDecoder")
         .def(nb::init<x2l::LlmSession&, const x2l::VideoIndex&, int64_t>(), "session"_a, "index"_a,
              "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
-        .def("scores", [](x2l::X2LDecoder& d, const std::vector<int32_t>& q, const std::string& scorer) {
+        .def("scores", [](x2l::X2LDecoder& d, const std::vector<int32_t>& q, const std::string& scorer,
+                          int64_t content_begin, int64_t content_end) {
             x2l::Scorer sc = x2l::scorer_from_name(scorer);
             nb::gil_scoped_release nogil;
-            return d.scores(q, sc);
-        }, "question"_a, "scorer"_a = "keys")
+            return d.scores(q, sc, content_begin, content_end);
+        }, "question"_a, "scorer"_a = "keys", "content_begin"_a = 0, "content_end"_a = 0)
         .def("prepare", [](x2l::X2LDecoder& d, const std::vector<int>& sel) {
             nb::gil_scoped_release nogil;
             d.prepare(sel);
@@ -188,6 +189,15 @@ void bind_x2l(nb::module_& m) {
         .def_prop_ro("n_past", &x2l::X2LDecoder::n_past)
         .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
         .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
+        .def("prefix_rows", [](x2l::X2LDecoder& d, size_t i, int layer, int head, bool value) {
+            {
+                nb::gil_scoped_release nogil;
+                d.wait_reload();
+            }
+            if (i >= d.prefix_segments().size()) throw x2l::Error("segment index out of range");
+            return segment_rows(*d.prefix_segments()[i], layer, head, value);
+        }, "segment"_a, "layer"_a, "head"_a, "value"_a = false,
+           "Rows of the i-th segment of the mixed cache (0 = sink, 1 + c = chunk c), after the reload completed.")
         .def("resident_bytes", &x2l::X2LDecoder::resident_bytes)
         .def("working_bytes", &x2l::X2LDecoder::working_bytes)
         .def("reload_stats", [](const x2l::X2LDecoder& d) {

@@ -143,13 +143,15 @@ void cuda_copy_d2d_async(void* dst, const void* src, size_t bytes, void* stream)
 
 // Layer-pipelined upload of per-layer data (the L-KV reload of DESIGN §1/§2): layer l+1 is copied on
 // a dedicated copy stream into one of n_slots device slots while the compute stream runs layer l.
-// Per slot: a "ready" event (copies landed, compute waits on it) and a "free" event (compute done
-// reading, the next copy into that slot waits on it).
+// Per slot: a "ready" event (copies landed, compute waits on it) and a "released" event (compute done
+// reading, the next copy into that slot waits on it). Layer l uses slot l % n_slots; begin() throws
+// if that slot's previous layer was not released (with one slot: stage l+1 after release(l), no overlap).
 //
 //   pipe.begin(0); p0 = pipe.stage(src0, n0); pipe.end();
 //   for l: { pipe.begin(l+1); ...stage...; pipe.end();        // overlaps with layer l below
 //            pipe.wait_ready(l, compute); run layer l on compute; pipe.release(l, compute); }
 //
+// Sources must be pinned (CudaHostBuffer) for the copies to be asynchronous.
 // zero_copy (integrated GPUs): no slots and no copies; stage() returns the device address of the
 // mapped pinned source itself, and the other calls do nothing. The source must then be a
 // CudaHostBuffer allocated with mapped=true.

@@ -45,11 +45,16 @@ struct ForwardHooks {
     // Called before layer `layer` reads the cache (the reload engine blocks here until that layer's
     // rows have arrived).
     std::function<void(int layer)> before_attention;
-    // Attention observation: for batch queries t >= obs_from, the softmax probabilities over cache
+    // Attention observation: for batch queries t in [obs_from, obs_to), the softmax probabilities over cache
     // entries [obs_begin, obs_end) are summed over the query heads of each KV head into
     // obs[layer][kv_head][entry - obs_begin] (a buffer of n_layer * n_head_kv * (end - begin)).
     float* obs = nullptr;
-    int64_t obs_from = 0, obs_begin = 0, obs_end = 0;
+    int64_t obs_from = 0, obs_to = INT64_MAX;  // batch queries [obs_from, obs_to) vote
+    int64_t obs_begin = 0, obs_end = 0;
+    // Optional second accumulator over the same entries for batch queries [base_from, base_to)
+    // (the scorers' question-independent baseline: the chat-template tokens around the question).
+    float* obs_base = nullptr;
+    int64_t base_from = 0, base_to = 0;
 };
 
 // Scratch activations for one forward call; grows on demand and is reused across calls.

@@ -18,31 +18,40 @@ Scorer scorer_from_name(const std::string& name) {
 std::vector<float> score_keys(const VideoIndex& ix, const std::vector<float>& q_mean, int n_head) {
     const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim;
     const int group = n_head / H;
+    const size_t nc = ix.chunks.size();
     if (q_mean.size() != static_cast<size_t>(L) * n_head * hd) throw Error("score_keys: bad query size");
-    std::vector<float> scores(ix.chunks.size(), 0.0f);
-    std::vector<float> qg(static_cast<size_t>(H) * hd);
-    const int l0 = L > 1 ? 1 : 0;
+    std::vector<float> scores(nc, 0.0f);
+    if (nc == 0) return scores;
+    // Chunk keys share a large common component (same model, same kind of input): compare the
+    // question with each chunk's deviation from the mean chunk, or every chunk scores alike.
+    const size_t KD = static_cast<size_t>(H) * hd;
+    std::vector<double> center(static_cast<size_t>(L) * KD, 0.0);
+    for (const auto& ch : ix.chunks) {
+        for (size_t i = 0; i < center.size(); ++i) center[i] += ch.key_sig[i] / static_cast<double>(nc);
+    }
+    // Per layer and query head: the attention logit the mean question query would give each chunk's
+    // mean (centred) key, standardised across chunks so that every head votes with the same weight.
+    std::vector<double> dots(nc);
+    const int l0 = L > 1 ? 1 : 0;  // layer 0 mostly sees token identity
     for (int l = l0; l < L; ++l) {
-        // Average the query heads that share each KV head.
-        std::fill(qg.begin(), qg.end(), 0.0f);
         for (int h = 0; h < n_head; ++h) {
             const float* q = q_mean.data() + (static_cast<size_t>(l) * n_head + h) * hd;
-            float* d = qg.data() + static_cast<size_t>(h / group) * hd;
-            for (int i = 0; i < hd; ++i) d[i] += q[i] / group;
-        }
-        double qn = 0.0;
-        for (float v : qg) qn += static_cast<double>(v) * v;
-        for (size_t c = 0; c < ix.chunks.size(); ++c) {
-            const float* k = ix.chunks[c].key_sig.data() + static_cast<size_t>(l) * H * hd;
-            double dot = 0.0, kn = 0.0;
-            for (size_t i = 0; i < qg.size(); ++i) {
-                dot += static_cast<double>(qg[i]) * k[i];
-                kn += static_cast<double>(k[i]) * k[i];
+            const size_t koff = static_cast<size_t>(l) * KD + static_cast<size_t>(h / group) * hd;
+            double mean = 0.0;
+            for (size_t c = 0; c < nc; ++c) {
+                const float* k = ix.chunks[c].key_sig.data() + koff;
+                double d = 0.0;
+                for (int i = 0; i < hd; ++i) d += static_cast<double>(q[i]) * (k[i] - center[koff + i]);
+                dots[c] = d;
+                mean += d / static_cast<double>(nc);
             }
-            scores[c] += static_cast<float>(dot / (std::sqrt(qn * kn) + 1e-12));
+            double var = 0.0;
+            for (double d : dots) var += (d - mean) * (d - mean) / static_cast<double>(nc);
+            const double sd = std::sqrt(var) + 1e-12;
+            for (size_t c = 0; c < nc; ++c) scores[c] += static_cast<float>((dots[c] - mean) / sd);
         }
     }
-    for (float& s : scores) s /= static_cast<float>(L - l0);
+    for (float& v : scores) v /= static_cast<float>((L - l0) * n_head);
     return scores;
 }
 
@@ -52,6 +61,15 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
     for (int64_t t = 0; t < n_q; ++t) {
         for (int i = 0; i < E; ++i) qm[i] += q[t * E + i] / static_cast<double>(n_q);
     }
+    // Centre the frame embeddings on their mean, for the same reason as the keys.
+    std::vector<double> center(E, 0.0);
+    int64_t n_frames = 0;
+    for (const auto& ch : ix.chunks) {
+        for (int f = 0; f < ch.n_frames; ++f, ++n_frames) {
+            for (int i = 0; i < E; ++i) center[i] += ch.emb_sig[static_cast<size_t>(f) * E + i];
+        }
+    }
+    for (double& v : center) v /= static_cast<double>(std::max<int64_t>(1, n_frames));
     std::vector<float> scores(ix.chunks.size());
     for (size_t c = 0; c < ix.chunks.size(); ++c) {
         const auto& ch = ix.chunks[c];
@@ -59,7 +77,7 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
         for (int f = 0; f < ch.n_frames; ++f) {
             const float* v = ch.emb_sig.data() + static_cast<size_t>(f) * E;
             double d = 0.0;
-            for (int i = 0; i < E; ++i) d += qm[i] * v[i];
+            for (int i = 0; i < E; ++i) d += qm[i] * (v[i] - center[i]);
             best = std::max(best, static_cast<float>(d));
         }
         scores[c] = best;

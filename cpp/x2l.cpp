@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 
@@ -28,6 +29,7 @@ std::vector<int32_t> iota_pos(int32_t start, int64_t n) {
 // ---------------------------------------------------------------------------------------- prefill
 
 X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
+    o_.work_type = s.options().kv_type;
     if (o.ratio_low < 1 || o.ratio_high < 1) throw Error("compression ratios must be >= 1");
     if (o.ratio_low > o.ratio_high) throw Error("ratio_low must not exceed ratio_high");
     if (!tier_type_ok(o.low_type) || !tier_type_ok(o.high_type) || !tier_type_ok(o.work_type)) {
@@ -218,49 +220,82 @@ void X2LDecoder::set_prefix(const std::vector<const KVSegment*>& prefix) {
     history_.clear();
 }
 
-std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scorer scorer) {
+std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scorer scorer, int64_t content_begin,
+                                      int64_t content_end) {
     const LlmConfig& c = s_.model().config();
-    if (question.empty()) throw Error("the question is empty");
+    const int64_t nq = static_cast<int64_t>(question.size());
+    if (nq == 0) throw Error("the question is empty");
+    if (content_end <= 0) content_end += nq;
+    if (content_begin < 0 || content_begin >= content_end || content_end > nq) throw Error("bad question content range");
+    const int64_t n_content = content_end - content_begin;
     if (scorer == Scorer::Embedding) {
-        std::vector<float> q(question.size() * static_cast<size_t>(c.n_embd));
-        s_.model().embed(question.data(), static_cast<int64_t>(question.size()), q.data());
-        return score_embedding(ix_, q.data(), static_cast<int64_t>(question.size()));
+        std::vector<float> q(static_cast<size_t>(n_content) * c.n_embd);
+        s_.model().embed(question.data() + content_begin, n_content, q.data());
+        return score_embedding(ix_, q.data(), n_content);
     }
-    // One question pass over the H-only cache: attention mass per entry and mean pre-RoPE queries.
+    // One question pass over the H-only cache: attention mass per entry and mean pre-RoPE queries,
+    // for the question's own tokens and, as a baseline, for the template tokens around it. Scores
+    // are contrastive (content minus baseline): attention sinks, recency and the query direction
+    // every question shares cancel out.
     reloader_.wait_all();
     std::vector<const KVSegment*> prefix{ix_.sink.get()};
     for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
     set_prefix(prefix);
-    if (static_cast<int64_t>(question.size()) > cache_->tail().capacity()) throw BudgetError("question too long");
+    if (nq > cache_->tail().capacity()) throw BudgetError("question too long");
+    if (nq > s_.options().n_batch) throw BudgetError("question longer than n_batch tokens");
     const int64_t n_entries = cache_->n_prefix();
     const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
+    const int64_t n_base = nq - n_content;
     std::vector<float> obs(static_cast<size_t>(c.n_layer) * c.n_head_kv * n_entries, 0.0f);
-    std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f);
+    std::vector<float> obs_base(obs.size(), 0.0f);
+    std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f), q_base(q_mean.size(), 0.0f);
     ForwardHooks hooks;
     hooks.obs = obs.data();
     hooks.obs_begin = 0;
     hooks.obs_end = n_entries;
-    hooks.obs_from = 0;
-    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
+    hooks.obs_from = content_begin;
+    hooks.obs_to = content_end;
+    if (n_base > 0) {
+        // The baseline is the template tail after the question (its head is usually one "\n").
+        hooks.obs_base = obs_base.data();
+        hooks.base_from = content_end;
+        hooks.base_to = nq;
+    }
+    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t) {
         float* dst = q_mean.data() + static_cast<size_t>(layer) * QD;
-        for (int64_t t = 0; t < m; ++t) {
-            for (int64_t i = 0; i < QD; ++i) dst[i] += q[t * QD + i];
+        float* bdst = q_base.data() + static_cast<size_t>(layer) * QD;
+        for (int64_t t = 0; t < nq; ++t) {
+            float* d = (t >= content_begin && t < content_end) ? dst : (t >= content_end ? bdst : nullptr);
+            if (!d) continue;
+            for (int64_t i = 0; i < QD; ++i) d[i] += q[t * QD + i];
         }
     };
+    // One forward call for the whole question, so batch indices are question indices.
     std::vector<float> logits;
     run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, ix_.next_pos, s_.options().n_batch, logits,
                nullptr, &hooks);
     cache_->clear();
+    const int64_t n_tail = nq - content_end;
     std::vector<float> out;
     if (scorer == Scorer::Keys) {
-        for (float& v : q_mean) v /= static_cast<float>(question.size());
+        for (size_t i = 0; i < q_mean.size(); ++i) {
+            q_mean[i] /= static_cast<float>(n_content);
+            if (n_tail > 0) q_mean[i] -= q_base[i] / static_cast<float>(n_tail);
+        }
         out = score_keys(ix_, q_mean, c.n_head);
     } else {
-        std::vector<float> mass(n_entries, 0.0f);
+        std::vector<float> mass(n_entries, 0.0f), base(n_entries, 0.0f);
         for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
-            for (int64_t e = 0; e < n_entries; ++e) mass[e] += obs[lh * n_entries + e];
+            for (int64_t e = 0; e < n_entries; ++e) {
+                mass[e] += obs[lh * n_entries + e] / static_cast<float>(n_content);
+                if (n_tail > 0) base[e] += obs_base[lh * n_entries + e] / static_cast<float>(n_tail);
+            }
         }
         out = score_attention(ix_, mass);
+        if (n_tail > 0) {
+            std::vector<float> b = score_attention(ix_, base);
+            for (size_t i = 0; i < out.size(); ++i) out[i] = std::log(out[i] + 1e-9f) - std::log(b[i] + 1e-9f);
+        }
     }
     prepare(selected_);  // restore the mixed cache of the current selection
     return out;

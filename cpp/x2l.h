@@ -25,7 +25,8 @@ struct X2LOptions {
     int ratio_high = 32;
     DType low_type = DType::F16;    // host tier
     DType high_type = DType::Q8_0;  // device tier
-    DType work_type = DType::F16;   // the chunk's full KV while it is being compressed
+    DType work_type = DType::F16;   // the chunk's full KV while it is being compressed (X2LPrefill
+                                    // uses the session's kv_type)
     bool pin_ends = false;          // first/last chunk at ratio_low in the H pass too (official code)
     bool two_pass = true;           // official semantics; false = one pass, L and H cut from it
     int obs_window = 0;             // queries at the chunk's end that vote; 0 = all (per-entry mean)
@@ -75,8 +76,11 @@ class X2LDecoder {
   public:
     X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens);
 
-    // Relevance of each chunk to the question (tokens are the question as the model will see it).
-    std::vector<float> scores(const std::vector<int32_t>& question, Scorer scorer);
+    // Relevance of each chunk to the question. tokens: the question as the model will see it (with
+    // its template); only tokens [content_begin, content_end) vote, so the template's own tokens
+    // (identical for every question) do not drown the content. content_end <= 0 counts from the end.
+    std::vector<float> scores(const std::vector<int32_t>& question, Scorer scorer, int64_t content_begin = 0,
+                              int64_t content_end = 0);
     // Builds the mixed cache for this selection and starts the asynchronous reload.
     void prepare(const std::vector<int>& selected);
     const std::vector<int>& selected() const { return selected_; }
@@ -90,6 +94,10 @@ class X2LDecoder {
     int64_t n_ctx() const { return cache_->tail().capacity(); }
     void truncate(int64_t n);
     int64_t cache_entries() const { return cache_->n_prefix(); }  // entries before the tail
+    // The mixed cache's segments before the tail: sink, then one per chunk (its working copy of the
+    // L-KVs when selected, else its H-KVs). Rows of reloaded chunks are complete after wait_reload().
+    const std::vector<const KVSegment*>& prefix_segments() const { return cache_->prefix(); }
+    void wait_reload() { reloader_.wait_all(); reload_pending_ = false; }
     size_t resident_bytes() const;   // sink + H + reloaded working buffers + tail
     const ReloadStats& reload_stats() const { return reloader_.stats(); }
     size_t working_bytes() const { return reloader_.working_bytes(); }

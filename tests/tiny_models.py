@@ -10,6 +10,13 @@ tokenizer.json, tokenizer_config.json) and returns its path.
     make_tiny_qwen2(dir)   Qwen2ForCausalLM, Qwen2-style tokenizer (Split regex + ByteLevel),
                            tied embeddings, random q/k/v biases, specials appended after the
                            BPE vocab and config vocab_size padded past the tokenizer.
+    make_tiny_llava_onevision(dir)  LlavaOnevisionForConditionalGeneration: SigLIP 70px/14 (5x5 grid,
+                           pooled to 3x3) + Qwen2 as above with <image>/<video> specials,
+                           processor chat_template.json and video_preprocessor_config.json;
+                           layout="saved" | "hub" | "state_dict" picks the tensor names.
+    make_tiny_videoxl(dir) Video-XL (LlavaQwenForCausalLM), written by hand with the real
+                           checkpoint's names: Qwen2 + beacon q/k/v + CLIP 56px/14 (3 layers)
+                           + mm_projector, slow Qwen2 tokenizer files, tower config folder.
 
 Keyword overrides go into the model config (e.g. ``intermediate_size=80``); the
 extra keywords ``dtype`` (a torch dtype for the saved weights) and ``max_shard_size``
@@ -309,8 +316,8 @@ def make_tiny_llava_onevision(out_dir, seed: int = 0, layout: str = "saved", **o
 
         if layout == "hub":
             saved = load_file(out / "model.safetensors")
-            renamed = {("vision_tower.vision_model." + k[len("vision_tower."):] if k.startswith("vision_tower.") else k): v
-                       for k, v in saved.items()}
+            renamed = {("vision_tower.vision_model." + k[len("vision_tower."):]
+                        if k.startswith("vision_tower.") else k): v for k, v in saved.items()}
         elif layout == "state_dict":
             renamed = dict(model.state_dict())
             if text["tie_word_embeddings"]:

@@ -937,7 +937,8 @@ class VisionTower:
 def vision_shapes(ckpt, prefix: str, kind: str, declared: dict, where: str) -> dict:
     """Tower dimensions read from the tensors, cross-checked with the config values in ``declared``."""
     emb = prefix + "embeddings."
-    for n in (emb + "patch_embedding.weight", emb + "position_embedding.weight", prefix + "encoder.layers.0.mlp.fc1.weight"):
+    for n in (emb + "patch_embedding.weight", emb + "position_embedding.weight",
+              prefix + "encoder.layers.0.mlp.fc1.weight"):
         if n not in ckpt:
             raise ConvertError(f"checkpoint is missing vision tensor {n!r}")
     width, chans, ph, pw = ckpt.shape(emb + "patch_embedding.weight")
@@ -952,7 +953,8 @@ def vision_shapes(ckpt, prefix: str, kind: str, declared: dict, where: str) -> d
                            + (" plus CLS" if kind == "clip" else ""))
     layers = _layer_indices(ckpt, prefix + "encoder.layers.")
     if layers != set(range(len(layers))):
-        raise ConvertError(f"vision encoder layers under {prefix}encoder.layers. are not numbered 0..N-1: {sorted(layers)}")
+        raise ConvertError(f"vision encoder layers under {prefix}encoder.layers. are not numbered 0..N-1: "
+                           f"{sorted(layers)}")
     got = {"hidden_size": width, "patch_size": ph, "image_size": grid * ph, "num_hidden_layers": len(layers),
            "intermediate_size": ckpt.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0]}
     for key, value in got.items():
@@ -995,6 +997,8 @@ def vision_tensor_plan(ckpt, vt: VisionTower) -> tuple[list[TensorSpec], set[str
         take("v.post_ln.bias", p + "post_layernorm.bias", (W,))
     if vt.kind == "siglip":  # SigLIP's attention-pooling head: unused by LLaVA models
         used.update(n for n in ckpt.names() if n.startswith(p + "head."))
+    if emb + "position_ids" in ckpt:  # a buffer (arange) that transformers < 4.31 saved
+        used.add(emb + "position_ids")
     return specs, used
 
 
@@ -1321,8 +1325,8 @@ class VideoXLHandler(MultimodalHandler):
         # LlavaQwenForCausalLM.__init__ forces rope_scaling = None: plain RoPE whatever the config says.
         cfg.pop("rope_scaling", None)
         if isinstance(cfg.get("rope_parameters"), dict):
-            cfg["rope_parameters"] = {"rope_type": "default",
-                                      "rope_theta": cfg["rope_parameters"].get("rope_theta", cfg.get("rope_theta", 10000.0))}
+            theta = cfg["rope_parameters"].get("rope_theta", cfg.get("rope_theta", 10000.0))
+            cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
         self.text_cfg = cfg
         self.hp = TextHParams.from_config(cfg)
         check_text_config(cfg, self.hp, "qwen2", self.hf_arch)

@@ -74,7 +74,14 @@ class VideoContext:
             raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS} (got {scorer!r})")
-        return np.asarray(self._dec.scores(self.question_ids(question), scorer), dtype=np.float32)
+        ids = self.question_ids(question)
+        # Only the question's own tokens vote: the template around it is the same for every question.
+        head = len(self.session.tokenize(self.question_prefix))
+        tail = len(self.session.tokenize(self.question_suffix))
+        begin, end = head, len(ids) - tail
+        if end <= begin:
+            begin, end = 0, len(ids)
+        return np.asarray(self._dec.scores(ids, scorer, begin, end), dtype=np.float32)
 
     def select(self, scores: Sequence[float] | None = None, *, question: str | None = None,
                scorer: str | None = None, top_k: int | None = None, budget_bytes: int = 0,

@@ -1,0 +1,208 @@
+"""Video-X²L core on text chunks: exactness against the plain forward, tiers, reload, save/load, scorers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import x2l_edge
+from x2l_edge import _core
+from x2l_edge.x2l import VideoContext, prefill_chunks, split_template
+
+CHUNK = 24
+
+
+def _chunks(session, n_chunks=4):
+    text = ("the model reads a long video and answers questions about what happens in each scene "
+            "while the cache keeps only the tokens that matter for the next frame. ") * 6
+    ids = session.tokenize(text, special=False)[: n_chunks * CHUNK]
+    return [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)]
+
+
+def _context(session, chunks, **kw):
+    prefix, suffix = split_template(session, "be brief")
+    index, _ = prefill_chunks(session, chunks, sink_ids=session.tokenize(prefix), **kw)
+    return VideoContext(session, index, question_suffix=suffix)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny random qwen2 with head_dim 32 (so q8_0/q4_0 KV rows fit), GQA 4:2."""
+    import convert
+    import tiny_models
+
+    d = tmp_path_factory.mktemp("x2l_tiny")
+    hf = tiny_models.make_tiny_qwen2(d / "hf", seed=5, hidden_size=128, intermediate_size=256)
+    path = d / "m.gguf"
+    convert.convert(str(hf), str(path), "f32", progress=False)
+    return x2l_edge.Session(path, n_threads=2, kv_type="f32", n_ctx=512)
+
+
+@pytest.mark.parametrize("two_pass", [True, False])
+def test_uncompressed_x2l_equals_full_forward(tiny, two_pass):
+    """Ratio 1 keeps every entry: the chunked prefill + mixed cache must reproduce the plain causal
+    forward over sink + chunks + question exactly (positions, causality, segment order, reload)."""
+    chunks = _chunks(tiny)
+    ctx = _context(tiny, chunks, ratio_low=1, ratio_high=1, low_type="f32", high_type="f32", two_pass=two_pass)
+    q = "what does the cache keep?"
+    ours_all = ctx.logits(q, range(len(chunks)))
+    ours_none = ctx.logits(q, [])
+    ref_ids = list(ctx.index.sink_tokens) + [t for c in chunks for t in c] + ctx.question_ids(q)
+    tiny.reset()
+    ref = tiny.eval(ref_ids, all_logits=True)[-len(ctx.question_ids(q)):]
+    np.testing.assert_allclose(ours_all, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_topk0_is_h_only_and_all_is_l_only(tiny):
+    """top_k=0 decodes on exactly the H-KVs and top_k=all on exactly the L-KVs: index A (L=2x, H=6x)
+    with no chunk reloaded equals index B whose L level is A's H level (6x, same pass, same types)."""
+    chunks = _chunks(tiny)
+    a = _context(tiny, chunks, ratio_low=2, ratio_high=6, low_type="f16", high_type="f16")
+    b = _context(tiny, chunks, ratio_low=6, ratio_high=6, low_type="f16", high_type="f16")
+    q = "what is in each scene?"
+    np.testing.assert_array_equal(a.logits(q, []), b.logits(q, range(len(chunks))))
+    # and with everything reloaded, A runs on its L level, which differs from its H level
+    assert not np.allclose(a.logits(q, range(len(chunks))), a.logits(q, []))
+    for c in range(len(chunks)):
+        for layer in (0, 1):
+            assert a.index.high_rows(c, layer, 1) == b.index.low_rows(c, layer, 1)
+            assert a.index.high_rows(c, layer, 0, value=True) == b.index.low_rows(c, layer, 0, value=True)
+
+
+def test_reloaded_rows_are_bit_identical_and_buffers_recycled(tiny):
+    chunks = _chunks(tiny, 5)
+    ctx = _context(tiny, chunks, ratio_low=2, ratio_high=8)
+    for sel in ([1, 3], [0, 2, 4], [4]):
+        ctx.reload(sel)
+        for c in range(len(chunks)):
+            for layer in range(2):
+                for head in range(2):
+                    for value in (False, True):
+                        got = ctx._dec.prefix_rows(1 + c, layer, head, value)
+                        want = (ctx.index.low_rows if c in sel else ctx.index.high_rows)(c, layer, head, value)
+                        assert got == want
+        st = ctx.reload_stats()
+        assert st["n_chunks"] == len(sel)
+        assert st["bytes"] == sum(ctx.chunk_info(c)["low_bytes"] for c in sel)
+    # answers do not depend on what was reloaded before (recycled buffers are fully rewritten)
+    q = "what matters?"
+    first = ctx.logits(q, [2])
+    ctx.logits(q, [0, 1, 3, 4])
+    np.testing.assert_array_equal(ctx.logits(q, [2]), first)
+
+
+def test_memory_accounting_equals_tensor_bytes(tiny):
+    chunks = _chunks(tiny)
+    ctx = _context(tiny, chunks, ratio_low=2, ratio_high=8, low_type="f16", high_type="q8_0")
+    info = tiny.info
+    L, H, hd = info["n_layer"], info["n_head_kv"], info["head_dim"]
+    row = {"f16": hd * 2, "q8_0": hd // 32 * 34 if hd % 32 == 0 else None, "f32": hd * 4}
+    low = high = 0
+    for c in range(ctx.n_chunks):
+        ci = ctx.chunk_info(c)
+        assert ci["low_entries"] == CHUNK // 2 and ci["high_entries"] == CHUNK // 8
+        low += ci["low_entries"] * (2 * L * H * row["f16"] + 4)
+        high += ci["high_entries"] * (2 * L * H * row[ci["high_type"]] + 4)
+    m = ctx.memory()
+    assert m["low_bytes"] == low and m["high_bytes"] == high
+    assert m["sink_bytes"] == len(ctx.index.sink_tokens) * (2 * L * H * row["f16"] + 4)
+    assert m["host_bytes"] == m["low_bytes"] and m["device_bytes"] >= m["high_bytes"] + m["sink_bytes"]
+
+
+def test_save_load_roundtrip_answers_identically(tiny, tmp_path):
+    chunks = _chunks(tiny)
+    ctx = _context(tiny, chunks, ratio_low=2, ratio_high=6)
+    q = "which tokens matter?"
+    want = {tuple(sel): ctx.logits(q, sel) for sel in ([], [1], [0, 3])}
+    want_answer = ctx.ask(q, chunks=[1], max_tokens=8)
+    path = tmp_path / "video.x2l"
+    ctx.save(path)
+    loaded = VideoContext.load(tiny, path, system="be brief")
+    assert loaded.n_chunks == ctx.n_chunks
+    assert all(loaded.chunk_info(c)["low_mapped"] for c in range(loaded.n_chunks))
+    for sel, logits in want.items():
+        np.testing.assert_array_equal(loaded.logits(q, list(sel)), logits)
+    assert loaded.ask(q, chunks=[1], max_tokens=8) == want_answer
+    (tmp_path / "bad.x2l").write_bytes(b"not an index at all" * 10)
+    with pytest.raises(x2l_edge.FormatError):
+        VideoContext.load(tiny, tmp_path / "bad.x2l")
+    raw = path.read_bytes()
+    (tmp_path / "cut.x2l").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(x2l_edge.FormatError, match="truncated"):
+        VideoContext.load(tiny, tmp_path / "cut.x2l")
+
+
+def test_selection_rules(tiny):
+    chunks = _chunks(tiny, 5)
+    ctx = _context(tiny, chunks, ratio_low=2, ratio_high=8)
+    scores = [0.1, 0.9, 0.5, 0.8, 0.2]
+    assert ctx.select(scores, top_k=2) == [1, 3]
+    assert ctx.select(scores, top_k=0) == []
+    assert ctx.select(scores, top_k=1, include_first=True, include_last=True) == [0, 1, 4]
+    extra = [ctx.chunk_info(c)["low_bytes"] - ctx.chunk_info(c)["high_bytes"] for c in range(5)]
+    assert ctx.select(scores, budget_bytes=extra[1] + extra[3]) == [1, 3]
+    assert ctx.select(scores, budget_bytes=extra[1] + extra[3] - 1) == [1, 2] or \
+        ctx.select(scores, budget_bytes=extra[1] + extra[3] - 1) == [1]
+    with pytest.raises(ValueError):
+        ctx.select([1.0, 2.0], top_k=1)
+    with pytest.raises(x2l_edge.Error):
+        ctx.reload([7])
+    with pytest.raises(ValueError):
+        ctx.scores("q?", scorer="magic")
+    # external scores drive the answer
+    out = ctx.ask("what matters?", scores=scores, top_k=2, max_tokens=4)
+    assert ctx.selected == [1, 3] and isinstance(out, str)
+
+
+def test_budgets_fail_early(tiny):
+    chunks = _chunks(tiny)
+    with pytest.raises(x2l_edge.BudgetError, match="max_host_bytes"):
+        _context(tiny, chunks, ratio_low=2, ratio_high=8, max_host_bytes=1000)
+    with pytest.raises(x2l_edge.BudgetError, match="max_device_bytes"):
+        _context(tiny, chunks, ratio_low=2, ratio_high=8, max_device_bytes=1000)
+    with pytest.raises(x2l_edge.Error):
+        _context(tiny, chunks, ratio_low=8, ratio_high=2)
+
+
+def test_prefill_text_progress_and_interrupt(tiny):
+    text = "the model reads a long video and answers questions. " * 40
+    seen = []
+    ctx = tiny.prefill_text(text, chunk_tokens=32, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] == ctx.n_chunks and len(seen) == ctx.n_chunks
+    with pytest.raises(KeyboardInterrupt):
+        tiny.prefill_text(text, chunk_tokens=32, progress=lambda d, t: d < 2)
+    # the session still works after an interrupted prefill
+    assert isinstance(tiny.generate("the model", max_tokens=3), str)
+
+
+def test_single_pass_costs_one_pass(tiny):
+    chunks = _chunks(tiny)
+    prefix, _ = split_template(tiny, None)
+    sink = tiny.tokenize(prefix)
+    _, two = prefill_chunks(tiny, chunks, sink_ids=sink, two_pass=True)
+    _, one = prefill_chunks(tiny, chunks, sink_ids=sink, two_pass=False)
+    n = sum(len(c) for c in chunks)
+    assert two["forward_tokens"] == len(sink) + 2 * n
+    assert one["forward_tokens"] == len(sink) + n
+
+
+def test_scorers_rank_planted_chunk(smollm2_path):
+    """A chunk containing the question's content, planted among filler chunks, on real weights.
+
+    The embedding scorer must rank it first. The key scorer (contrastive mean pre-RoPE query vs the
+    chunk's centred mean key) must rank it in its top 2: it ranks it first at some positions but
+    the first chunk after the prompt is an outlier it sometimes prefers (see the issue notes). The
+    attention scorer does not meet this bar yet and is not asserted here.
+    """
+    s = x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=256)
+    filler = "The grass is green and the sky is blue. We walked along the road and talked about the weather. "
+    planted = "The purple xylophone sang a melody. The purple xylophone sang a melody. "
+    for pos in (1, 3):
+        chunks = [s.tokenize(filler * 3 if i != pos else filler + planted + filler, special=False)[:64]
+                  for i in range(5)]
+        ctx = _context(s, chunks, ratio_low=2, ratio_high=16)
+        r = ctx.scores("What did the purple xylophone sing?", "embedding")
+        assert int(np.argmax(r)) == pos, r
+        r = ctx.scores("What did the purple xylophone sing?", "keys")
+        assert pos in np.argsort(-r)[:2], r
+        assert len(ctx.scores("What did the purple xylophone sing?", "attention")) == 5
