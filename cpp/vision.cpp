@@ -78,8 +78,15 @@ void softmax_ftz(float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// Row-parallel elementwise work; rows are cheap, so split them evenly over the pool.
-void per_row(ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+// Below this many floats of work a parallel region costs more than it saves (tiny test models).
+constexpr int64_t kMinParallelWork = 1 << 14;
+
+// Row-parallel elementwise work over n rows of row_len values.
+void per_row(ThreadPool& pool, int64_t n, int64_t row_len, const std::function<void(int64_t)>& fn) {
+    if (n * row_len < kMinParallelWork) {
+        for (int64_t r = 0; r < n; ++r) fn(r);
+        return;
+    }
     pool.parallel_for(n, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) fn(r);
     });
@@ -321,7 +328,7 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
     const int64_t rows = n * T;
 
     // ---- patch embedding: im2col [n * NP, 3*p*p] (channel, ky, kx order = conv weight order), then matmul.
-    per_row(pool, n * NP, [&](int64_t r) {
+    per_row(pool, n * NP, K, [&](int64_t r) {
         const int64_t b = r / NP, pi = r % NP, py = pi / G, px = pi % G;
         float* dst = s.patches.data() + r * K;
         for (int ch = 0; ch < 3; ++ch) {
@@ -335,7 +342,7 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
     // SigLIP: patches are the tokens, so write straight into x. CLIP: token 0 is the CLS.
     float* emb = c.has_cls ? s.xn.data() : s.x.data();  // [n * NP, W]
     matmul(pool, patch_w_, s.patches.data(), n * NP, emb, s.act, patch_b_.empty() ? nullptr : patch_b_.data());
-    per_row(pool, rows, [&](int64_t r) {
+    per_row(pool, rows, W, [&](int64_t r) {
         const int64_t b = r / T, t = r % T;
         float* y = s.x.data() + r * W;
         const float* pos = pos_embd_.data() + t * W;
@@ -350,7 +357,7 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
 
     // ---- encoder layers (pre-LN transformer)
     for (const VisionLayer& L : layers_) {
-        per_row(pool, rows, [&](int64_t r) {
+        per_row(pool, rows, W, [&](int64_t r) {
             layernorm(s.x.data() + r * W, L.ln1_w.data(), L.ln1_b.data(), s.xn.data() + r * W, W, c.eps);
         });
         MatmulJob qkv[3] = {{&L.wq, s.q.data(), L.bq.data()},
@@ -359,15 +366,15 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
         matmul(pool, s.xn.data(), rows, W, qkv, 3, s.act);
         attention(pool, s, n);
         matmul(pool, L.wo, s.attn.data(), rows, s.xn.data(), s.act, L.bo.data());
-        per_row(pool, rows, [&](int64_t r) {
+        per_row(pool, rows, W, [&](int64_t r) {
             float* x = s.x.data() + r * W;
             add(x, s.xn.data() + r * W, W);
             layernorm(x, L.ln2_w.data(), L.ln2_b.data(), s.xn.data() + r * W, W, c.eps);
         });
         matmul(pool, L.w_up, s.xn.data(), rows, s.ff.data(), s.act, L.b_up.data());
-        per_row(pool, rows, [&](int64_t r) { activate(c.act, s.ff.data() + r * FF, FF); });
+        per_row(pool, rows, FF, [&](int64_t r) { activate(c.act, s.ff.data() + r * FF, FF); });
         matmul(pool, L.w_down, s.ff.data(), rows, s.xn.data(), s.act, L.b_down.data());
-        per_row(pool, rows, [&](int64_t r) { add(s.x.data() + r * W, s.xn.data() + r * W, W); });
+        per_row(pool, rows, W, [&](int64_t r) { add(s.x.data() + r * W, s.xn.data() + r * W, W); });
     }
 }
 
@@ -381,7 +388,8 @@ void VisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n) const {
     const int64_t W = c.width, T = c.n_tokens, H = c.n_head, hd = c.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-    pool.parallel_for(n * H, [&](int64_t b0, int64_t b1) {
+    const bool small = n * H * T * T * hd < kMinParallelWork * 4;
+    auto transpose = [&](int64_t b0, int64_t b1) {
         for (int64_t bh = b0; bh < b1; ++bh) {
             const int64_t b = bh / H, h = bh % H;
             float* kt = s.kt.data() + bh * hd * T;  // [hd, T]
@@ -395,13 +403,18 @@ void VisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n) const {
                 }
             }
         }
-    });
+    };
+    if (small) {
+        transpose(0, n * H);
+    } else {
+        pool.parallel_for(n * H, transpose);
+    }
 
     const int64_t R = kAttnRows;
     const int64_t n_qblk = (T + R - 1) / R;
     const int64_t n_tasks = n * H * n_qblk;
     std::atomic<int64_t> next{0};
-    pool.run([&](int ith, int) {
+    auto worker = [&](int ith, int) {
         float* sc = s.scores.data() + static_cast<size_t>(ith) * R * T;  // [R, T]
         for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
             const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
@@ -424,7 +437,12 @@ void VisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n) const {
                 for (int64_t e = 0; e < hd; ++e) o[e] = dot_f32(srow, vt + e * T, T);
             }
         }
-    });
+    };
+    if (small) {
+        worker(0, 1);
+    } else {
+        pool.run(worker);
+    }
 }
 
 void VisionEncoder::pool_frame(const float* in, float* out, int64_t stride, int64_t C) const {
@@ -509,7 +527,7 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
         }
         // projector: Linear -> GELU(erf) -> Linear
         matmul(pool, mm0_, feat, n * NF, s.h1.data(), s.act, mm0_b_.data());
-        per_row(pool, n * NF, [&](int64_t r) { gelu_erf(s.h1.data() + r * E, E); });
+        per_row(pool, n * NF, E, [&](int64_t r) { gelu_erf(s.h1.data() + r * E, E); });
         float* proj = stage == Stage::Projected ? out + f0 * NF * E : s.h2.data();  // [n * NF, E]
         matmul(pool, mm2_, s.h1.data(), n * NF, proj, s.act, mm2_b_.data());
         if (stage == Stage::Projected) continue;
@@ -522,12 +540,17 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
         // Pool each frame; split channels across threads so one frame still uses the whole pool.
         const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(pool.n_threads() * 4, E / 64));
         const int64_t chunk = (E + n_chunks - 1) / n_chunks;
-        pool.parallel_for(n * n_chunks, [&](int64_t jb, int64_t je) {
+        auto pool_chunks = [&](int64_t jb, int64_t je) {
             for (int64_t j = jb; j < je; ++j) {
                 const int64_t b = j / n_chunks, c0 = (j % n_chunks) * chunk, cw = std::min(chunk, E - c0);
                 if (cw > 0) pool_frame(proj + b * NF * E + c0, out + (f0 + b) * TPF * E + c0, E, cw);
             }
-        });
+        };
+        if (n * NF * E < kMinParallelWork) {
+            pool_chunks(0, n * n_chunks);
+        } else {
+            pool.parallel_for(n * n_chunks, pool_chunks);
+        }
     }
 }
 

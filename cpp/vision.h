@@ -92,7 +92,8 @@ class VisionEncoder {
 
     // pixels: [n_frames, 3, image_size, image_size] float32, already resized and normalised.
     // out: [n_frames * rows_per_frame(stage), cols(stage)], frame-major, row-major grid inside a frame.
-    // Thread-safe (const): all scratch is local to the call.
+    // All scratch is local to the call, so concurrent calls are safe as long as each uses its own
+    // pool (a ThreadPool runs one parallel region at a time).
     void encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out,
                 Stage stage = Stage::Pooled) const;
 

@@ -957,6 +957,11 @@ def vision_shapes(ckpt, prefix: str, kind: str, declared: dict, where: str) -> d
                            f"{sorted(layers)}")
     got = {"hidden_size": width, "patch_size": ph, "image_size": grid * ph, "num_hidden_layers": len(layers),
            "intermediate_size": ckpt.shape(prefix + "encoder.layers.0.mlp.fc1.weight")[0]}
+    # A conv with stride = patch floors the grid: 384 px at patch 14 gives 27x27 (378 px used), as in
+    # the real LLaVA-OneVision SigLIP. Keep the declared size when it floors to the same grid.
+    decl_size = declared.get("image_size")
+    if decl_size is not None and decl_size != got["image_size"] and decl_size // ph == grid:
+        got["image_size"] = decl_size
     for key, value in got.items():
         if declared.get(key) is not None and declared[key] != value:
             raise ConvertError(f"{where} has {key}={declared[key]}, but the checkpoint's vision tensors give {value}")

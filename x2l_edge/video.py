@@ -53,17 +53,22 @@ Preprocessing
 -------------
 ``preprocess(rgb, image_size=, mean=, std=, resize=)`` -> ``float32 [3, S, S]`` reproduces the
 Hugging Face (PIL backend) image processors: PIL bicubic resize on uint8 (support scaled for
-downsampling, a = -0.5, 22-bit fixed-point coefficients, rounding to uint8 after the horizontal and
-after the vertical pass), HF center crop (``top = (h - S) // 2``), ``x * (1/255)`` in float64 cast
-to float32, then ``(x - mean) / std`` in float32.
+downsampling, a = -0.5, 22-bit fixed-point coefficients, int32 accumulation, rounding to uint8
+after each of the two passes), HF center crop (``top = (h - S) // 2``), ``x * (1/255)`` in float64
+cast to float32, then ``(x - mean) / std`` in float32.
 
 * ``resize="shortest_center_crop"`` (CLIP / Video-XL): shortest side to ``S``, long side
   ``int(S * long / short)``, center crop ``S x S``.
 * ``resize="square"`` (SigLIP / LLaVA-OneVision video): resize straight to ``S x S``.
 
-The resize runs as two separable passes, each a banded matrix product in float64 on
-integer-valued data (exact), precomputed per (in size, out size, crop) and cached; only the output
-pixels that survive the crop are computed.
+The resize is separable: per axis, the taps (input index, int32 coefficient) are precomputed per
+(in size, out size, crop) and cached, and each pass is ``ksize`` vectorised gather-multiply-adds
+in int32, exactly Pillow's arithmetic (no BLAS, so no thread oversubscription).  Only the output
+pixels that survive the crop are computed.  Pass order: Pillow >= 12 runs the vertical pass first
+when the height shrinks by more than twice as many pixels as the width (``pass_order="auto"``, the
+default, matching the installed Pillow 13); older Pillow always runs horizontal first
+(``pass_order="horizontal_first"``).  The two orders can differ by a few levels on some pixels,
+only for such shapes (e.g. portrait 1080x1920 -> 384x384); landscape video frames are unaffected.
 """
 from __future__ import annotations
 
@@ -788,123 +793,118 @@ def _bilinear(x: np.ndarray) -> np.ndarray:
 
 
 _FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
-_BLOCK = 32  # output pixels per banded matrix block
+_PASS_ORDERS = ("auto", "horizontal_first")
 
 
 @lru_cache(maxsize=64)
-def _axis_weights(in_size: int, out_size: int, lo: int, hi: int, resample: str):
+def _axis_taps(in_size: int, out_size: int, lo: int, hi: int, resample: str):
     """Pillow's precompute_coeffs + normalize_coeffs_8bpc for outputs [lo, hi) of in_size -> out_size.
 
-    Returns (first input row used, number used, blocks): each block (o0, o1, i0, i1, W) with W a
-    float64 [i1 - i0, o1 - o0] matrix of the 22-bit integer coefficients (outputs relative to lo,
-    inputs relative to the first input used).
+    Returns (first input used, number of inputs used, taps); each tap is (idx, k): for every output
+    the input row (relative to the first used; clamped where the coefficient is 0) and its int32
+    22-bit fixed-point coefficient as a column [n_out, 1].
     """
     fn, fsupport = _FILTERS[resample]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
     support = fsupport * filterscale
     ksize = int(math.ceil(support)) * 2 + 1
-    xx = np.arange(lo, hi, dtype=np.float64)
-    center = (xx + 0.5) * scale
+    center = (np.arange(lo, hi, dtype=np.float64) + 0.5) * scale
     ss = 1.0 / filterscale
     # C (int) casts truncate toward zero
-    xmin = np.trunc(center - support + 0.5).astype(np.int64)
-    xmin = np.maximum(xmin, 0)
-    xmax = np.trunc(center + support + 0.5).astype(np.int64)
-    xmax = np.minimum(xmax, in_size) - xmin
+    xmin = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    xmax = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - xmin
     k = np.arange(ksize, dtype=np.int64)
     valid = k[None, :] < xmax[:, None]
-    w = fn((k[None, :] + xmin[:, None] - center[:, None] + 0.5) * ss)
-    w = np.where(valid, w, 0.0)
-    ww = np.zeros(len(xx))
-    for j in range(ksize):  # sequential sum in C order (exact float parity with Pillow)
+    w = np.where(valid, fn((k[None, :] + xmin[:, None] - center[:, None] + 0.5) * ss), 0.0)
+    ww = np.zeros(len(center))
+    for j in range(ksize):  # sequential sum in C order (bit-identical normalisation)
         ww = ww + w[:, j]
     w = np.where(ww[:, None] != 0.0, w / np.where(ww == 0.0, 1.0, ww)[:, None], w)
     one = float(1 << _PRECISION_BITS)
-    kk = np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one))
-    kk = np.where(valid, kk, 0.0)
+    kk = np.where(valid, np.where(w < 0, np.trunc(-0.5 + w * one), np.trunc(0.5 + w * one)), 0.0)
+    kk = kk.astype(np.int32)
     first = int(xmin.min())
-    last = int((xmin + xmax).max())
-    blocks = []
-    n_out = hi - lo
-    for o0 in range(0, n_out, _BLOCK):
-        o1 = min(n_out, o0 + _BLOCK)
-        i0 = int(xmin[o0:o1].min())
-        i1 = int((xmin[o0:o1] + xmax[o0:o1]).max())
-        W = np.zeros((i1 - i0, o1 - o0), dtype=np.float64)
-        for j in range(o1 - o0):
-            o = o0 + j
-            W[xmin[o] - i0: xmin[o] - i0 + xmax[o], j] = kk[o, : xmax[o]]
-        blocks.append((o0, o1, i0 - first, i1 - first, W))
-    return first, last - first, tuple(blocks)
+    used = int((xmin + xmax).max()) - first
+    idx = np.minimum(xmin[:, None] - first + k[None, :], used - 1)
+    taps = tuple(
+        (np.ascontiguousarray(idx[:, j]), np.ascontiguousarray(kk[:, j: j + 1]))
+        for j in range(ksize)
+        if kk[:, j].any()
+    )
+    return first, used, taps
 
 
-def _round_clip(acc: np.ndarray) -> np.ndarray:
-    """Pillow's clip8((1 << (PRECISION_BITS-1)) + sum) on exact float64 integer sums."""
-    np.add(acc, float(1 << (_PRECISION_BITS - 1)), out=acc)
-    np.multiply(acc, 1.0 / (1 << _PRECISION_BITS), out=acc)
-    np.floor(acc, out=acc)
-    np.clip(acc, 0.0, 255.0, out=acc)
-    return acc
+def _resample_axis0(x: np.ndarray, taps) -> np.ndarray:
+    """One Pillow 8-bit pass along axis 0 of a C-contiguous uint8 [n_in, M] array:
+    out[o] = clip8(2^21 + sum_j k[o, j] * x[idx[o, j]]) in int32, exactly as Resample.c."""
+    n_out, M = taps[0][0].shape[0], x.shape[1]
+    acc = np.full((n_out, M), 1 << (_PRECISION_BITS - 1), dtype=np.int32)
+    gathered = np.empty((n_out, M), dtype=np.uint8)
+    prod = np.empty((n_out, M), dtype=np.int32)
+    for idx, kcol in taps:
+        np.take(x, idx, axis=0, out=gathered)
+        np.multiply(gathered, kcol, out=prod)
+        acc += prod
+    acc >>= _PRECISION_BITS
+    np.clip(acc, 0, 255, out=acc)
+    return acc.astype(np.uint8)
 
 
-def _resample_rows(x: np.ndarray, blocks, n_out: int) -> np.ndarray:
-    """Resample axis 0 of a 2-D float64 array with banded blocks: out[o] = sum_i W[i, o] x[i]."""
-    out = np.empty((n_out, x.shape[1]), dtype=np.float64)
-    for o0, o1, i0, i1, W in blocks:
-        np.matmul(W.T, x[i0:i1], out=out[o0:o1])
-    return _round_clip(out)
+def _vertical_first(h: int, w: int, out_h: int, out_w: int, pass_order: str) -> bool:
+    if pass_order == "horizontal_first":
+        return False
+    # Pillow >= 12 (ImagingResampleInner): "If height is being scaled down more than twice the
+    # amount the width is, run the vertical pass first".  Older Pillow is always horizontal first.
+    return (h - out_h) > 0 and (h - out_h) > (w - out_w) * 2
 
 
-def _resample_cols(x: np.ndarray, blocks, n_out: int) -> np.ndarray:
-    """Resample axis 1 of a 2-D float64 array."""
-    out = np.empty((x.shape[0], n_out), dtype=np.float64)
-    for o0, o1, i0, i1, W in blocks:
-        np.matmul(x[:, i0:i1], W, out=out[:, o0:o1])
-    return _round_clip(out)
-
-
-def _resize_chw(rgb: np.ndarray, out_h: int, out_w: int, crop: tuple, resample: str) -> np.ndarray:
-    """PIL-exact resize of uint8 [H, W, 3] to (out_h, out_w), cropped to rows/cols [top, top+ch) x
-    [left, left+cw); returns float64 [3, ch, cw] holding integers 0..255."""
-    h, w = rgb.shape[:2]
-    top, left, ch, cw = crop
+def _resize_hwc(rgb: np.ndarray, out_h: int, out_w: int, crop: tuple, resample: str,
+                pass_order: str = "auto") -> np.ndarray:
+    """PIL-exact resize of uint8 [H, W, 3] to (out_h, out_w), keeping only rows [top, top+ch) and
+    columns [left, left+cw) of the result (only those are computed).  Returns uint8 [ch, cw, 3]."""
     if resample not in _FILTERS:
         raise ValueError(f"unsupported resample {resample!r}; supported: {sorted(_FILTERS)}")
-    need_v = out_h != h
-    need_h = out_w != w
+    if pass_order not in _PASS_ORDERS:
+        raise ValueError(f"pass_order must be one of {_PASS_ORDERS}, got {pass_order!r}")
+    h, w, c = rgb.shape
+    top, left, ch, cw = crop
+    need_v, need_h = out_h != h, out_w != w
     if need_v:
-        vfirst, vcount, vblocks = _axis_weights(h, out_h, top, top + ch, resample)
-        rows = rgb[vfirst: vfirst + vcount]
-    else:
-        rows = rgb[top: top + ch]
-    # [R, W, 3] -> [3, R, W] float64
-    x = np.transpose(rows, (2, 0, 1)).astype(np.float64)
-    c, r = x.shape[0], x.shape[1]
+        vfirst, vcount, vtaps = _axis_taps(h, out_h, top, top + ch, resample)
     if need_h:
-        hfirst, hcount, hblocks = _axis_weights(w, out_w, left, left + cw, resample)
-        x = _resample_cols(x.reshape(c * r, w)[:, hfirst: hfirst + hcount], hblocks, cw).reshape(c, r, cw)
-    else:
-        x = x[:, :, left: left + cw]
+        hfirst, hcount, htaps = _axis_taps(w, out_w, left, left + cw, resample)
+
+    def hpass(x):  # [R, Wu, 3] -> [R, cw, 3]
+        r, wu = x.shape[0], x.shape[1]
+        xt = np.ascontiguousarray(np.transpose(x, (1, 0, 2))).reshape(wu, r * c)
+        return np.transpose(_resample_axis0(xt, htaps).reshape(cw, r, c), (1, 0, 2))
+
+    def vpass(x):  # [Hu, Wc, 3] -> [ch, Wc, 3]
+        hu, wc = x.shape[0], x.shape[1]
+        return _resample_axis0(np.ascontiguousarray(x).reshape(hu, wc * c), vtaps).reshape(ch, wc, c)
+
+    if need_v and need_h and _vertical_first(h, w, out_h, out_w, pass_order):
+        return hpass(vpass(rgb[vfirst: vfirst + vcount, hfirst: hfirst + hcount]))
+    x = rgb[vfirst: vfirst + vcount] if need_v else rgb[top: top + ch]
+    x = hpass(x[:, hfirst: hfirst + hcount]) if need_h else x[:, left: left + cw]
     if need_v:
-        # rows axis -> axis 0: [R, 3*cw]
-        xr = np.ascontiguousarray(np.transpose(x, (1, 0, 2))).reshape(r, c * cw)
-        xr = _resample_rows(xr, vblocks, ch)
-        x = np.transpose(xr.reshape(ch, c, cw), (1, 0, 2))
+        x = vpass(x)
     return x
 
 
-def pil_resize(rgb: np.ndarray, size: tuple, resample: str = "bicubic") -> np.ndarray:
-    """``np.asarray(Image.fromarray(rgb).resize((w, h), BICUBIC))`` without Pillow (bit-exact).
+def pil_resize(rgb: np.ndarray, size: tuple, resample: str = "bicubic", pass_order: str = "auto") -> np.ndarray:
+    """``np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))`` without Pillow (bit-exact).
 
-    ``size`` is (width, height) like PIL.  Input and output uint8 [H, W, 3].
+    ``size`` is (width, height) like PIL; uint8 [H, W, 3] in and out.  ``pass_order="auto"``
+    follows Pillow >= 12 (vertical pass first when the height shrinks more than twice as much as
+    the width); ``"horizontal_first"`` reproduces older Pillow releases.
     """
     rgb = _as_rgb(rgb, allow_convert=False, what="image")
     w, h = int(size[0]), int(size[1])
     if w <= 0 or h <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    x = _resize_chw(rgb, h, w, (0, 0, h, w), resample)
-    return np.ascontiguousarray(np.transpose(x, (1, 2, 0))).astype(np.uint8)
+    return np.ascontiguousarray(_resize_hwc(rgb, h, w, (0, 0, h, w), resample, pass_order))
 
 
 # ============================================================================ preprocessing
@@ -955,6 +955,7 @@ def preprocess(
     std=CLIP_STD,
     resize: str = "square",
     resample: str = "bicubic",
+    pass_order: str = "auto",
     allow_convert: bool = False,
     out: Optional[np.ndarray] = None,
 ) -> np.ndarray:
@@ -968,12 +969,11 @@ def preprocess(
         raise ValueError(f"image_size must be positive, got {image_size}")
     lut = _norm_lut(_check_vec3("mean", mean), _check_vec3("std", std))
     oh, ow, crop = _geometry(rgb.shape[0], rgb.shape[1], S, resize)
-    x = _resize_chw(rgb, oh, ow, crop, resample)
-    u8 = x.astype(np.uint8)
+    u8 = _resize_hwc(rgb, oh, ow, crop, resample, pass_order)
     if out is None:
         out = np.empty((3, S, S), dtype=np.float32)
     for c in range(3):
-        np.take(lut[c], u8[c], out=out[c])
+        np.take(lut[c], u8[:, :, c], out=out[c])
     return out
 
 
@@ -1002,6 +1002,7 @@ class VideoPreprocessor:
     std: tuple = CLIP_STD
     resize: str = "square"
     resample: str = "bicubic"
+    pass_order: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", int(self.image_size))
@@ -1013,10 +1014,12 @@ class VideoPreprocessor:
             raise ValueError(f"resize must be one of {_RESIZE_MODES}, got {self.resize!r}")
         if self.resample not in _FILTERS:
             raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {self.resample!r}")
+        if self.pass_order not in _PASS_ORDERS:
+            raise ValueError(f"pass_order must be one of {_PASS_ORDERS}, got {self.pass_order!r}")
 
     def _kw(self):
         return dict(image_size=self.image_size, mean=self.mean, std=self.std, resize=self.resize,
-                    resample=self.resample)
+                    resample=self.resample, pass_order=self.pass_order)
 
     def __call__(self, rgb, *, allow_convert: bool = False) -> np.ndarray:
         return preprocess(rgb, allow_convert=allow_convert, **self._kw())
