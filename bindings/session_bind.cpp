@@ -80,6 +80,20 @@ void bind_session(nb::module_& m) {
             return nb::cast(to_numpy(std::move(all), tokens.size(), nv));
         }, "tokens"_a, "all_logits"_a = false,
            "Append tokens to the context. With all_logits, returns [n, n_vocab] float32 logits.")
+        .def("eval_embd", [](x2l::LlmSession& s, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
+                             bool all_logits) -> nb::object {
+            if (static_cast<int64_t>(embd.shape(1)) != s.model().config().n_embd) {
+                throw x2l::Error("embeddings must be [n, n_embd=" + std::to_string(s.model().config().n_embd) + "]");
+            }
+            std::vector<float> all;
+            {
+                nb::gil_scoped_release nogil;
+                s.eval_embd(embd.data(), static_cast<int64_t>(embd.shape(0)), all_logits ? &all : nullptr);
+            }
+            if (!all_logits) return nb::none();
+            size_t nv = static_cast<size_t>(s.model().config().n_vocab);
+            return nb::cast(to_numpy(std::move(all), embd.shape(0), nv));
+        }, "embd"_a, "all_logits"_a = false, "Append input embeddings [n, n_embd] (e.g. video features).")
         .def("logits", [](const x2l::LlmSession& s) {
             std::vector<float> v = s.last_logits();
             return to_numpy(std::move(v), 0, s.last_logits().size());

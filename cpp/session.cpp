@@ -74,6 +74,35 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     history_.insert(history_.end(), tokens.begin(), tokens.end());
 }
 
+void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all_out) {
+    const LlmConfig& c = model_->config();
+    if (n <= 0) return;
+    if (n_past() + n > n_ctx()) {
+        throw BudgetError("context is full: " + std::to_string(n_past()) + " + " + std::to_string(n) +
+                          " embeddings exceed n_ctx=" + std::to_string(n_ctx()));
+    }
+    if (all_out) all_out->resize(static_cast<size_t>(n) * c.n_vocab);
+    const int64_t start = n_past();
+    const int64_t entries_before = cache_->size();
+    std::vector<int32_t> pos;
+    try {
+        for (int64_t b = 0; b < n; b += opt_.n_batch) {
+            const int64_t m = std::min(opt_.n_batch, n - b);
+            x_.assign(embd + b * c.n_embd, embd + (b + m) * c.n_embd);
+            pos.resize(m);
+            for (int64_t i = 0; i < m; ++i) pos[i] = static_cast<int32_t>(start + b + i);
+            const bool last = b + m == n;
+            float* out = all_out ? all_out->data() + b * c.n_vocab : last_logits_.data();
+            model_->forward(*pool_, ws_, x_.data(), m, pos.data(), *cache_, all_out ? m : (last ? 1 : 0), out);
+            if (all_out && last) std::memcpy(last_logits_.data(), all_out->data() + (n - 1) * c.n_vocab, sizeof(float) * c.n_vocab);
+        }
+    } catch (...) {
+        cache_->truncate(entries_before);
+        throw;
+    }
+    history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
+}
+
 int32_t LlmSession::sample(Sampler& s) {
     std::vector<float> logits = last_logits_;  // penalties modify a copy
     return s.sample(logits.data(), static_cast<int32_t>(logits.size()), history_.data(), n_past());

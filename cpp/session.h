@@ -42,6 +42,10 @@ class LlmSession {
     // last_logits(); when all_logits is set, every token's logits are written to all_out [n, n_vocab].
     void eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out = nullptr);
     const std::vector<float>& last_logits() const { return last_logits_; }
+    // Appends input embeddings embd [n, n_embd] (e.g. projected video features); they count in the
+    // history as kEmbeddingToken so prefix reuse never matches them.
+    void eval_embd(const float* embd, int64_t n, std::vector<float>* all_out = nullptr);
+    static constexpr int32_t kEmbeddingToken = -1;
     // Samples the next token from the last logits, using the token history for penalties.
     int32_t sample(Sampler& s);
 

@@ -50,6 +50,20 @@ def main(argv=None) -> int:
     _add_model(p_gen)
     p_gen.add_argument("-p", "--prompt", required=True)
     _add_gen(p_gen)
+    p_ask = sub.add_parser("ask", help="answer a question about a video (Video-X²L or full KV)")
+    p_ask.add_argument("model", help="path to a multimodal GGUF (tools/convert.py)")
+    p_ask.add_argument("video", help="video file")
+    p_ask.add_argument("question")
+    p_ask.add_argument("-t", "--threads", type=int, default=0)
+    p_ask.add_argument("--n-ctx", type=int, default=0)
+    p_ask.add_argument("--mode", choices=["x2l", "full"], default="x2l")
+    p_ask.add_argument("--max-frames", type=int, default=None, help="frames sampled uniformly (default: model's)")
+    p_ask.add_argument("--fps", type=float, default=None, help="sample by rate instead of count")
+    p_ask.add_argument("--chunk-frames", type=int, default=None)
+    p_ask.add_argument("--top-k", type=int, default=None, help="chunks whose L-KVs are reloaded")
+    p_ask.add_argument("--scorer", choices=["keys", "attention", "embedding"], default=None)
+    p_ask.add_argument("-n", "--max-tokens", type=int, default=64)
+    p_ask.add_argument("-s", "--system", default=None)
     p_info = sub.add_parser("info", help="print model information")
     _add_model(p_info)
     a = ap.parse_args(argv)
@@ -57,6 +71,8 @@ def main(argv=None) -> int:
     from . import Session, FormatError, BudgetError, Error
 
     try:
+        if a.cmd == "ask":
+            return _ask(a)
         s = Session(_model_arg(a), n_threads=a.threads, n_ctx=a.n_ctx)
         if a.cmd == "info":
             for k, v in {**s.info, **s.memory()}.items():
@@ -98,6 +114,53 @@ def main(argv=None) -> int:
     except (FormatError, BudgetError, Error, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+class ProgressBar:
+    """A one-line stderr progress bar: frames decoded and encoded so far."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream, self.t0 = label, stream, time.perf_counter()
+
+    def __call__(self, done, total):
+        el = time.perf_counter() - self.t0
+        if total:
+            w = 30
+            fill = int(w * done / total)
+            bar = "#" * fill + "." * (w - fill)
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {el:5.1f}s")
+        else:
+            self.stream.write(f"\r{self.label} {done} {el:5.1f}s")
+        self.stream.flush()
+
+    def close(self):
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _ask(a) -> int:
+    from . import Session
+
+    s = Session(a.model, n_threads=a.threads, n_ctx=a.n_ctx or (0 if a.mode == "x2l" else 32768))
+    bar = ProgressBar("frames")
+    t0 = time.perf_counter()
+    kw = dict(system=a.system, max_frames=a.max_frames, fps=a.fps, chunk_frames=a.chunk_frames, progress=bar)
+    if a.mode == "full":
+        answer = s.ask(a.video, a.question, mode="full", max_tokens=a.max_tokens, **kw)
+        bar.close()
+        print(answer)
+    else:
+        ctx = s.prefill(a.video, **kw)
+        bar.close()
+        t1 = time.perf_counter()
+        chunks = ctx.select(question=a.question, scorer=a.scorer, top_k=a.top_k)
+        answer = ctx.ask(a.question, chunks=chunks, max_tokens=a.max_tokens)
+        print(answer)
+        m = ctx.memory()
+        print(f"[chunks {ctx.n_chunks}, reloaded {chunks}; KV bytes: H {m['high_bytes']:,} (device), "
+              f"L {m['low_bytes']:,} (host), resident {m['resident_bytes']:,}; prefill {t1 - t0:.1f}s, "
+              f"answer {time.perf_counter() - t1:.1f}s]", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def _held_suffix(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
+
+
 def _prefill(core, ids: list[int]) -> None:
     """Make core's context equal ids, reusing the longest common prefix already in its cache."""
     if not ids:
@@ -215,6 +218,7 @@ class Session:
             raise ValueError("chunk_tokens must be a positive int")
         top_k = x2l_options.pop("top_k", 3)
         scorer = x2l_options.pop("scorer", "keys")
+        x2l_options.setdefault("high_type", self._default_high_type())
         prefix, suffix = split_template(self, system)
         ids = self.tokenize(text, special=False)
         chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
@@ -224,6 +228,144 @@ class Session:
                            default_scorer=scorer)
         ctx.prefill_stats = stats
         return ctx
+
+    # ------------------------------------------------------------------ video
+    @property
+    def has_vision(self) -> bool:
+        return bool(self._s.metadata("clip.has_vision_encoder"))
+
+    def _meta(self, key, default=None):
+        if not hasattr(self, "_gguf"):
+            self._gguf = _core.GGUFFile.open(self.path)
+        v = self._gguf.get(key)
+        return default if v is None else v
+
+    @property
+    def vision(self):
+        """The C++ vision tower + projector + pooling (loaded on first use)."""
+        if not hasattr(self, "_vision"):
+            if not self.has_vision:
+                raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
+            self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads)
+        return self._vision
+
+    @property
+    def preprocessor(self):
+        if not hasattr(self, "_pre"):
+            from .video import VideoPreprocessor
+
+            self._pre = VideoPreprocessor.from_gguf_metadata(self._meta)
+        return self._pre
+
+    def encode_frames(self, pixels) -> "np.ndarray":
+        """Preprocessed frames float32 [F, 3, S, S] -> LLM input embeddings [F * tokens_per_frame, n_embd]."""
+        import numpy as np
+
+        return self.vision.encode(np.ascontiguousarray(pixels, dtype=np.float32))
+
+    def video_chunks(self, video, *, chunk_frames: int | None = None, max_frames: int | None = None,
+                     fps: float | None = None, progress=None, allow_convert: bool = False):
+        """Decode, preprocess and encode a video chunk by chunk: yields embeddings [n_tokens, n_embd] of
+        chunk_frames frames each (the model's trailing newline is appended to the last chunk). Frames are
+        streamed: only one chunk's frames are held at a time."""
+        import numpy as np
+
+        from .video import open_video
+
+        chunk_frames = int(chunk_frames or self._meta("x2l.chunk_frames", 10))
+        if chunk_frames < 1:
+            raise ValueError("chunk_frames must be >= 1")
+        if max_frames is None and fps is None:
+            max_frames = int(self._meta("x2l.frames_default", 32))
+        enc = self.vision
+        pre = self.preprocessor
+        newline = enc.image_newline if self._meta("x2l.video.newline", "none") == "end" else None
+        vid = open_video(video, max_frames=max_frames, fps=fps, allow_convert=allow_convert)
+        buf = []
+        pending = None  # hold one chunk back so the newline can go after the last frame
+
+        def flush():
+            return self.encode_frames(pre.batch(buf, allow_convert=allow_convert))
+
+        n_frames = 0
+        for frame in vid.frames(progress=progress):
+            buf.append(frame.rgb)
+            n_frames += 1
+            if len(buf) == chunk_frames:
+                if pending is not None:
+                    yield pending
+                pending = flush()
+                buf = []
+        if buf:
+            if pending is not None:
+                yield pending
+            pending = flush()
+        if pending is None:
+            from .video import VideoError
+
+            raise VideoError(f"no frames could be read from {video!r}")
+        if newline is not None:
+            pending = np.concatenate([pending, np.asarray(newline, dtype=np.float32)[None, :]], axis=0)
+        yield pending
+
+    def prefill(self, video, *, system: str | None = None, chunk_frames: int | None = None,
+                max_frames: int | None = None, fps: float | None = None, progress=None, **x2l_options):
+        """Index a video with bi-level KV compression: frames are decoded, encoded and prefilled chunk by
+        chunk (bounded memory); returns a VideoContext for any number of questions."""
+        from .x2l import VideoContext, prefill_chunks, split_template
+
+        top_k = x2l_options.pop("top_k", self._meta("x2l.top_k", 3))
+        scorer = x2l_options.pop("scorer", "keys")
+        x2l_options.setdefault("ratio_low", int(self._meta("x2l.ratio_low", 2)))
+        x2l_options.setdefault("ratio_high", int(self._meta("x2l.ratio_high", 32)))
+        x2l_options.setdefault("pin_ends", bool(self._meta("x2l.pin_ends", False)))
+        x2l_options.setdefault("high_type", self._default_high_type())
+        prefix, suffix = split_template(self, system)
+        chunk_frames = int(chunk_frames or self._meta("x2l.chunk_frames", 10))
+        chunks = self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
+                                   progress=progress)
+        index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), frames_per_chunk=chunk_frames,
+                                      **x2l_options)
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=top_k,
+                           default_scorer=scorer)
+        ctx.prefill_stats = stats
+        return ctx
+
+    def ask(self, video, question: str, *, mode: str = "x2l", system: str | None = None, top_k: int | None = None,
+            scorer: str | None = None, max_frames: int | None = None, fps: float | None = None,
+            chunk_frames: int | None = None, max_tokens: int = 64, progress=None, stream: bool = False,
+            **options):
+        """Answer a question about a video. mode='x2l' (bi-level compression + selective reload) or
+        'full' (uncompressed KV baseline: every visual token in the cache)."""
+        if mode == "full":
+            return self._ask_full(video, question, system=system, max_frames=max_frames, fps=fps,
+                                  chunk_frames=chunk_frames, max_tokens=max_tokens, progress=progress,
+                                  stream=stream, **options)
+        if mode != "x2l":
+            raise ValueError("mode must be 'x2l' or 'full'")
+        sampling = {k: options.pop(k) for k in list(options) if k in _SAMPLING}
+        ctx = self.prefill(video, system=system, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
+                           progress=progress, **options)
+        return ctx.ask(question, top_k=top_k, scorer=scorer, max_tokens=max_tokens, stream=stream, **sampling)
+
+    def _ask_full(self, video, question, *, system, max_frames, fps, chunk_frames, max_tokens, progress, stream,
+                  **sampling):
+        from .x2l import split_template
+
+        prefix, suffix = split_template(self, system)
+        self.reset()
+        self._s.eval(self.tokenize(prefix))
+        for embd in self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
+                                      progress=progress):
+            self._s.eval_embd(embd)
+        ids = list(self._s.history) + self.tokenize("\n" + question + suffix)
+        gen = _generate_ids(self._s, ids, stop_ids=self._stop_ids, max_tokens=max_tokens, **sampling)
+        it = _stream_text(self._tok, gen, [])
+        return it if stream else "".join(it)
+
+    def _default_high_type(self) -> str:
+        # H-KVs are q8_0 rows; heads narrower than a 32-value block (tiny test models) stay f16.
+        return "q8_0" if self.info["head_dim"] % 32 == 0 else "f16"
 
     def _tok_adds_bos(self) -> bool:
         return bool(self._s.metadata("tokenizer.ggml.add_bos_token") or False)

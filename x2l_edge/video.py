@@ -462,25 +462,45 @@ class _IterableVideo(Video):
                 self.duration_s = self.n_frames_total / self.fps
 
     def _decimate(self, stream):
-        """max_frames over a stream of unknown length: keep every s-th, halve at 2F (see module doc)."""
+        """max_frames over a stream of unknown length (see module doc): keep every s-th candidate,
+        halving the kept list and doubling s when it reaches 2F, plus the latest candidate; at the
+        end pick, for each target of linspace(0, n-1, F), the nearest kept candidate (in order)."""
         F = self._max_frames
-        kept = []
+        kept = []  # (position among candidates, Frame), positions multiples of stride
         stride = 1
-        n = 0
+        last = None
         for pos, (i, ts, arr) in enumerate(stream):
-            n = pos + 1
-            if pos % stride:
-                continue
-            kept.append((i, ts, self._convert(arr, i).copy()))  # sources may reuse their buffers
-            if len(kept) >= 2 * F:
-                kept = kept[::2]
-                stride *= 2
+            rgb = self._convert(arr, i)
+            if pos % stride == 0:
+                kept.append((pos, Frame(i, ts, rgb.copy())))  # sources may reuse their buffers
+                if len(kept) >= 2 * F:
+                    kept = kept[::2]
+                    stride *= 2
+                last = None
+            else:
+                last = (pos, Frame(i, ts, rgb))  # the stream's last frame is never overwritten
+        if last is not None:
+            kept.append(last)
         if not kept:
             return
-        pick = uniform_indices(len(kept), F)
-        self.sample_indices = np.array([kept[j][0] for j in pick], dtype=np.int64)
+        n = kept[-1][0] + 1
+        pos = np.array([p for p, _ in kept], dtype=np.float64)
+        m = len(kept)
+        if m <= F:
+            pick = list(range(m))
+        else:
+            pick, lo = [], 0
+            for j, q in enumerate(np.linspace(0, n - 1, F)):
+                hi = m - (F - j)
+                k = int(np.searchsorted(pos, q))
+                best = min((c for c in (k - 1, k) if lo <= c <= hi), key=lambda c: abs(pos[c] - q), default=None)
+                if best is None:
+                    best = min(max(k, lo), hi)
+                pick.append(best)
+                lo = best + 1
+        self.sample_indices = np.array([kept[j][1].index for j in pick], dtype=np.int64)
         for j in pick:
-            yield Frame(*kept[j])
+            yield kept[j][1]
 
 
 class _FileVideo(Video):
