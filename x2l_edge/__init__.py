@@ -32,5 +32,6 @@ __version__ = "0.1.0"
 
 from .session import Session  # noqa: E402
 from . import models  # noqa: E402
+from . import video  # noqa: E402  (cv2 is imported lazily, on first file access)
 
-__all__ = ["Session", "GGUFFile", "FormatError", "BudgetError", "Error", "models"]
+__all__ = ["Session", "GGUFFile", "FormatError", "BudgetError", "Error", "models", "video"]

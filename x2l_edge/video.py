@@ -27,8 +27,9 @@ Sampling (all selection happens before decoding; skipped frames are never conver
   (demux + decode, no colour conversion) establishes the true count (two-pass).
   For iterables of unknown length the count cannot be known in advance: frames are decimated on
   the fly (keep every ``s``-th frame, halve the kept list and double ``s`` whenever it reaches
-  ``2F``), which holds at most ``2F`` frames, and ``F`` of the kept frames are chosen uniformly at
-  the end (approximately uniform; such a source yields nothing until it is exhausted).  Sized
+  ``2F``; the latest frame is kept too), which holds at most ``2F`` frames; at the end, for each
+  target of ``linspace(0, n-1, F)`` the nearest kept frame is chosen (first and last frame exact,
+  the others within ``s/2``; such a source yields nothing until it is exhausted).  Sized
   sequences (lists, tuples) are sampled exactly.
 * ``fps=r``: one frame every ``1/r`` seconds by timestamp: for the targets ``t_k = t0 + k/r``
   (``t0`` = ``start``, else 0 for files / arrays, else the first frame's timestamp), the first
@@ -36,13 +37,15 @@ Sampling (all selection happens before decoding; skipped frames are never conver
   well, the fps-selected frames are then uniformly subsampled to at most ``F``.
 * neither: every frame.  ``start`` / ``end`` (seconds) restrict to ``start <= t < end``.
 
-Timestamps of files and arrays are ``index / fps`` (constant frame rate assumed); arrays and
-iterables without timestamps need ``source_fps=`` for timestamps, ``fps=``, ``start=``, ``end=``.
+Files are read up to the frame count in their header (checked against the file for uniform
+sampling, see above).  Timestamps of files and arrays are ``index / fps`` (constant frame rate
+assumed); arrays and iterables without timestamps need ``source_fps=`` for timestamps, ``fps=``,
+``start=`` and ``end=``.  Frames from arrays are views into the array (no copy).
 
 Seeking: on every jump the reader picks ``grab()`` (skip without colour conversion) or
 ``CAP_PROP_POS_FRAMES`` (container seek + decode from the previous key frame) by their measured
 cost.  Measured on a 5-minute 640x360 30 fps file (2 CPU cores), 32 uniform frames: mp4v
-0.5 s with seeks vs 8.7 s with grab(); MJPG 1.4 s vs 22 s; both give the exact frames.  FFV1 in
+0.4-0.5 s with seeks vs 8.7 s with grab() only; MJPG 0.8-1.4 s vs 22 s; both exact.  FFV1 in
 Matroska seeks slowly (~0.5 s) and the cost model then prefers grab() for short gaps.  A seek
 whose reported position disagrees with the request disables seeking for that file (reopen +
 grab()).  Decoding stops after ``max_failures`` consecutive failed reads, so a file whose header
@@ -64,9 +67,9 @@ cast to float32, then ``(x - mean) / std`` in float32.
 The resize is separable: per axis, the taps (input index, int32 coefficient) are precomputed per
 (in size, out size, crop) and cached, and each pass is ``ksize`` vectorised gather-multiply-adds
 in int32, exactly Pillow's arithmetic (no BLAS, so no thread oversubscription).  Only the output
-pixels that survive the crop are computed.  Pass order: Pillow >= 12 runs the vertical pass first
-when the height shrinks by more than twice as many pixels as the width (``pass_order="auto"``, the
-default, matching the installed Pillow 13); older Pillow always runs horizontal first
+pixels that survive the crop are computed.  Pass order: recent Pillow (13.0; not yet 12.0) runs
+the vertical pass first when the height shrinks by more than twice as many pixels as the width
+(``pass_order="auto"``, the default); older Pillow always runs the horizontal pass first
 (``pass_order="horizontal_first"``).  The two orders can differ by a few levels on some pixels,
 only for such shapes (e.g. portrait 1080x1920 -> 384x384); landscape video frames are unaffected.
 """
@@ -874,8 +877,8 @@ def _resample_axis0(x: np.ndarray, taps) -> np.ndarray:
 def _vertical_first(h: int, w: int, out_h: int, out_w: int, pass_order: str) -> bool:
     if pass_order == "horizontal_first":
         return False
-    # Pillow >= 12 (ImagingResampleInner): "If height is being scaled down more than twice the
-    # amount the width is, run the vertical pass first".  Older Pillow is always horizontal first.
+    # Recent Pillow (13.0; after 12.0) ImagingResampleInner: "If height is being scaled down more
+    # than twice the amount the width is, run the vertical pass first".  Older: horizontal first.
     return (h - out_h) > 0 and (h - out_h) > (w - out_w) * 2
 
 
@@ -917,14 +920,15 @@ def pil_resize(rgb: np.ndarray, size: tuple, resample: str = "bicubic", pass_ord
     """``np.asarray(Image.fromarray(rgb).resize((w, h), Image.BICUBIC))`` without Pillow (bit-exact).
 
     ``size`` is (width, height) like PIL; uint8 [H, W, 3] in and out.  ``pass_order="auto"``
-    follows Pillow >= 12 (vertical pass first when the height shrinks more than twice as much as
-    the width); ``"horizontal_first"`` reproduces older Pillow releases.
+    follows recent Pillow (13.0: vertical pass first when the height shrinks more than twice as
+    much as the width); ``"horizontal_first"`` reproduces older Pillow releases.
     """
     rgb = _as_rgb(rgb, allow_convert=False, what="image")
     w, h = int(size[0]), int(size[1])
     if w <= 0 or h <= 0:
         raise ValueError(f"size must be positive, got {size}")
-    return np.ascontiguousarray(_resize_hwc(rgb, h, w, (0, 0, h, w), resample, pass_order))
+    out = _resize_hwc(rgb, h, w, (0, 0, h, w), resample, pass_order)
+    return out.copy() if np.shares_memory(out, rgb) else np.ascontiguousarray(out)
 
 
 # ============================================================================ preprocessing
