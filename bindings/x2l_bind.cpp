@@ -67,6 +67,7 @@ void bind_x2l(nb::module_& m) {
             d["pin_ends"] = ix.pin_ends;
             d["two_pass"] = ix.two_pass;
             d["compressor"] = ix.compressor;
+            d["dense_positions"] = ix.dense_positions;
             return d;
         })
         .def("chunk_info", [](const x2l::VideoIndex& ix, int c) {
@@ -104,7 +105,8 @@ void bind_x2l(nb::module_& m) {
     nb::class_<x2l::X2LPrefill>(m, "X2LPrefill")
         .def("__init__", [](x2l::X2LPrefill* self, x2l::LlmSession& s, int ratio_low, int ratio_high,
                             const std::string& low_type, const std::string& high_type, bool pin_ends, bool two_pass,
-                            int obs_window, int pool_kernel, size_t max_host_bytes, size_t max_device_bytes) {
+                            int obs_window, int pool_kernel, size_t max_host_bytes, size_t max_device_bytes,
+                            const std::string& compressor) {
             x2l::X2LOptions o;
             o.ratio_low = ratio_low;
             o.ratio_high = ratio_high;
@@ -116,10 +118,11 @@ void bind_x2l(nb::module_& m) {
             o.pool_kernel = pool_kernel;
             o.max_host_bytes = max_host_bytes;
             o.max_device_bytes = max_device_bytes;
+            o.compressor = compressor;
             new (self) x2l::X2LPrefill(s, o);
         }, "session"_a, "ratio_low"_a = 2, "ratio_high"_a = 32, "low_type"_a = "f16", "high_type"_a = "q8_0",
            "pin_ends"_a = false, "two_pass"_a = true, "obs_window"_a = 0, "pool_kernel"_a = 5,
-           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, nb::keep_alive<1, 2>())
+           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, "compressor"_a = "snapkv", nb::keep_alive<1, 2>())
         .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
             nb::gil_scoped_release nogil;
             p.add_sink(tokens);

@@ -50,6 +50,27 @@ void KVSegment::assign_meta(const KVSegment& src) {
     n_ = src.n_;
 }
 
+void KVSegment::shift_positions(int32_t delta) {
+    if (view_) throw Error("cannot write into a read-only KV view");
+    for (int64_t i = 0; i < n_; ++i) pos_[i] += delta;
+}
+
+void KVSegment::move_entry(int64_t i, int32_t new_pos, const RopeSpec& spec) {
+    if (view_) throw Error("cannot write into a read-only KV view");
+    const int32_t delta = new_pos - pos_[i];
+    if (delta == 0) return;
+    std::vector<float> row(head_dim_);
+    for (int l = 0; l < n_layer_; ++l) {
+        for (int h = 0; h < n_head_kv_; ++h) {
+            uint8_t* k = k_ + offset(l, h, i);
+            dequantize_row(type_, k, row.data(), head_dim_);
+            rope(row.data(), 1, head_dim_, spec.rope_dim, delta, spec.inv_freq, spec.type);
+            quantize_row(type_, row.data(), k, head_dim_);
+        }
+    }
+    pos_[i] = new_pos;
+}
+
 void KVSegment::copy_layer(const KVSegment& src, int layer) {
     const size_t bytes = row_bytes_ * static_cast<size_t>(src.n_);
     for (int h = 0; h < n_head_kv_; ++h) {

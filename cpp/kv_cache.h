@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "ops.h"
 #include "quant.h"
 
 namespace x2l {
@@ -52,6 +53,10 @@ class KVSegment {
     // positions and size now, rows of one layer per call, so a reload can proceed layer by layer.
     void assign_meta(const KVSegment& src);
     void copy_layer(const KVSegment& src, int layer);
+    void shift_positions(int32_t delta);  // after a re-rotation of the keys by delta positions
+    // Re-rotates entry i's keys (every layer and head) from its position to new_pos (RoPE is a
+    // rotation per frequency pair, so R(new) = R(new - old) R(old)) and records new_pos.
+    void move_entry(int64_t i, int32_t new_pos, const RopeSpec& rope);
 
   private:
     size_t offset(int layer, int head, int64_t i) const {

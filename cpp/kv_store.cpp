@@ -154,6 +154,7 @@ void VideoIndex::save(const std::string& path) const {
         w.pod<int32_t>(ratio_high);
         w.pod<int32_t>(pin_ends ? 1 : 0);
         w.pod<int32_t>(two_pass ? 1 : 0);
+        w.pod<int32_t>(dense_positions ? 1 : 0);
         w.pod<int32_t>(next_pos);
         w.pod<uint32_t>(static_cast<uint32_t>(compressor.size()));
         w.bytes(compressor.data(), compressor.size());
@@ -217,6 +218,7 @@ std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path) {
         ix->ratio_high = r.pod<int32_t>();
         ix->pin_ends = r.pod<int32_t>() != 0;
         ix->two_pass = r.pod<int32_t>() != 0;
+        ix->dense_positions = r.pod<int32_t>() != 0;
         ix->next_pos = r.pod<int32_t>();
         uint32_t clen = r.pod<uint32_t>();
         if (clen > 64) throw FormatError("corrupt video index header");

@@ -37,6 +37,9 @@ class VideoIndex {
     bool pin_ends = false;
     bool two_pass = true;
     std::string compressor = "snapkv";
+    // Beacon indexes number cache entries densely (Video-XL): a mixed cache re-rotates the keys of
+    // every chunk to its new place. SnapKV indexes keep the tokens' original positions.
+    bool dense_positions = false;
     int32_t next_pos = 0;  // position of the first token after the indexed input
     std::unique_ptr<KVSegment> sink;
     std::vector<ChunkKV> chunks;

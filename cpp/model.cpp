@@ -120,6 +120,26 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
             throw FormatError("missing required tensor '" + p + "attn_q.bias' (qwen2 has q/k/v biases)");
         }
     }
+    // Beacon (Video-XL) weights: all three projections in every layer, or none.
+    if (const GGUFTensor* ve = f.find_tensor("vst_embd.weight")) {
+        if (ve->type != DType::F32 && ve->type != DType::F16) throw FormatError("vst_embd.weight must be f32 or f16");
+        f.require_tensor("vst_embd.weight", {c.n_embd, 1});
+        m->vst_embd_.resize(c.n_embd);
+        dequantize_row(ve->type, ve->data, m->vst_embd_.data(), c.n_embd);
+        total += ve->nbytes;
+        for (int l = 0; l < c.n_layer; ++l) {
+            const std::string p = "blk." + std::to_string(l) + ".";
+            LlmLayer& L = m->layers_[l];
+            L.vst_q = load_weight(f, p + "vst_q.weight", c.n_embd, q_dim, total);
+            L.vst_k = load_weight(f, p + "vst_k.weight", c.n_embd, kv_dim, total);
+            L.vst_v = load_weight(f, p + "vst_v.weight", c.n_embd, kv_dim, total);
+            if (f.find_tensor(p + "vst_q.bias")) {
+                L.vst_bq = load_vector(f, p + "vst_q.bias", q_dim, total);
+                L.vst_bk = load_vector(f, p + "vst_k.bias", kv_dim, total);
+                L.vst_bv = load_vector(f, p + "vst_v.bias", kv_dim, total);
+            }
+        }
+    }
 
     m->inv_freq_.resize(c.rope_dim / 2);
     for (int i = 0; i < c.rope_dim / 2; ++i) {
@@ -177,6 +197,7 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
                                 {&L.wk, ws.k.data(), L.bk.empty() ? nullptr : L.bk.data()},
                                 {&L.wv, ws.v.data(), L.bv.empty() ? nullptr : L.bv.data()}};
             matmul(pool, ws.xn.data(), n, E, qkv, 3, ws.act);
+            if (hooks && hooks->vst_rows) beacon_qkv(pool, ws, L, n, hooks->vst_rows);
             if (hooks && hooks->on_qk) hooks->on_qk(l, ws.q.data(), ws.k.data(), n);
             per_token([&](int64_t t) {
                 rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
@@ -200,6 +221,31 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
     } catch (...) {
         tail.truncate(first);  // leave the cache as it was before the call
         throw;
+    }
+}
+
+void LlmModel::beacon_qkv(ThreadPool& pool, Workspace& ws, const LlmLayer& L, int64_t n, const uint8_t* vst) const {
+    if (!L.vst_q.valid()) throw Error("this model has no beacon (VST) weights");
+    const int64_t E = cfg_.n_embd, QD = L.vst_q.n_out, KD = L.vst_k.n_out;
+    std::vector<int64_t> rows;
+    for (int64_t t = 0; t < n; ++t) {
+        if (vst[t]) rows.push_back(t);
+    }
+    if (rows.empty()) return;
+    const int64_t m = static_cast<int64_t>(rows.size());
+    ws.vx.resize(m * E);
+    ws.vq.resize(m * QD);
+    ws.vk.resize(m * KD);
+    ws.vv.resize(m * KD);
+    for (int64_t i = 0; i < m; ++i) std::memcpy(ws.vx.data() + i * E, ws.xn.data() + rows[i] * E, sizeof(float) * E);
+    MatmulJob jobs[3] = {{&L.vst_q, ws.vq.data(), L.vst_bq.empty() ? nullptr : L.vst_bq.data()},
+                         {&L.vst_k, ws.vk.data(), L.vst_bk.empty() ? nullptr : L.vst_bk.data()},
+                         {&L.vst_v, ws.vv.data(), L.vst_bv.empty() ? nullptr : L.vst_bv.data()}};
+    matmul(pool, ws.vx.data(), m, E, jobs, 3, ws.act);
+    for (int64_t i = 0; i < m; ++i) {
+        std::memcpy(ws.q.data() + rows[i] * QD, ws.vq.data() + i * QD, sizeof(float) * QD);
+        std::memcpy(ws.k.data() + rows[i] * KD, ws.vk.data() + i * KD, sizeof(float) * KD);
+        std::memcpy(ws.v.data() + rows[i] * KD, ws.vv.data() + i * KD, sizeof(float) * KD);
     }
 }
 

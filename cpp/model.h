@@ -36,6 +36,9 @@ struct LlmLayer {
     Weight wq, wk, wv, wo;                   // wq: [n_embd -> n_head*head_dim] ...
     std::vector<float> bq, bk, bv;           // empty when the model has no qkv bias
     Weight w_gate, w_up, w_down;
+    // Video-XL beacon (VST) projections: used instead of wq/wk/wv for summarization-token rows.
+    Weight vst_q, vst_k, vst_v;
+    std::vector<float> vst_bq, vst_bk, vst_bv;
 };
 
 // Optional instrumentation of a forward pass, used by the X²L prefill, scorers and reload.
@@ -55,6 +58,9 @@ struct ForwardHooks {
     // (the scorers' question-independent baseline: the chat-template tokens around the question).
     float* obs_base = nullptr;
     int64_t base_from = 0, base_to = 0;
+    // Rows (of the batch) that are beacon summarization tokens: their q/k/v come from the VST
+    // projections (Video-XL). Not instrumentation, but it rides along with the other options.
+    const uint8_t* vst_rows = nullptr;
 };
 
 // Scratch activations for one forward call; grows on demand and is reused across calls.
@@ -65,6 +71,7 @@ struct Workspace {
     std::vector<float> vtmp;                             // [n_threads, head_dim]
     std::vector<uint8_t> act;                            // matmul activation scratch
     std::vector<float> obs_part;                         // [n_threads, n_head_kv, obs entries]
+    std::vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
     size_t bytes() const;
 };
 
@@ -89,9 +96,13 @@ class LlmModel {
     // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
     void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;
     const Weight& token_embedding() const { return tok_embd_; }
+    bool has_beacon() const { return !vst_embd_.empty(); }
+    const std::vector<float>& vst_embedding() const { return vst_embd_; }  // [n_embd]
     const float* inv_freq() const { return inv_freq_.data(); }
 
   private:
+    // Recomputes q/k/v of the beacon rows with the VST projections (same normalised input).
+    void beacon_qkv(ThreadPool& pool, Workspace& ws, const LlmLayer& L, int64_t n, const uint8_t* vst) const;
     void attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first_entry,
                    const KVCache& cache, const ForwardHooks* hooks) const;
 
@@ -100,6 +111,7 @@ class LlmModel {
     std::vector<float> output_norm_;
     std::vector<LlmLayer> layers_;
     std::vector<float> inv_freq_;  // [rope_dim / 2]
+    std::vector<float> vst_embd_;  // [n_embd], empty without beacon weights
     size_t weight_bytes_ = 0;
 };
 

@@ -4,18 +4,21 @@
 #include <cmath>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace x2l {
 
 void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, const MatmulJob* jobs, int n_jobs,
             std::vector<uint8_t>& scratch) {
-    // Convert the activations once per distinct dot type. [n_tokens, act_row_bytes] per type.
+    // Convert the activations once per distinct dot type: quantized rows [n_tokens, act_row] for
+    // the vec_dot path, and the gemm layout when a job of that type has a tiled kernel.
     DType act_types[4];
-    size_t act_offset[4];
-    size_t act_row[4];
+    size_t act_offset[4], act_row[4], gemm_offset[4];
+    bool act_gemm[4];
     int n_act = 0;
     size_t total = 0;
     int job_act[16];
+    bool job_gemm[16];
     if (n_jobs > 16) throw Error("matmul: too many fused jobs");
     for (int j = 0; j < n_jobs; ++j) {
         DType at = dot_type(jobs[j].w->type);
@@ -24,32 +27,49 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
         if (k == n_act) {
             act_types[k] = at;
             act_row[k] = at == DType::F32 ? 0 : row_bytes(at, n_in);
-            act_offset[k] = total;
-            total += act_row[k] * static_cast<size_t>(n_tokens);
+            act_gemm[k] = false;
             ++n_act;
         }
         job_act[j] = k;
+        job_gemm[j] = gemm_supported(jobs[j].w->type);
+        act_gemm[k] = act_gemm[k] || job_gemm[j];
+    }
+    for (int k = 0; k < n_act; ++k) {
+        act_offset[k] = total;
+        total += act_row[k] * static_cast<size_t>(n_tokens);
+        gemm_offset[k] = total;
+        if (act_gemm[k]) total += gemm_acts_bytes(act_types[k], n_tokens, n_in);
     }
     if (scratch.size() < total) scratch.resize(total);
+    GemmActs gacts[4];
     for (int k = 0; k < n_act; ++k) {
-        if (act_types[k] == DType::F32) continue;
+        const DType at = act_types[k];
+        if (act_gemm[k]) gacts[k] = gemm_acts(at, x, n_tokens, n_in, scratch.data() + gemm_offset[k]);
+        if (at == DType::F32) continue;
         uint8_t* dst = scratch.data() + act_offset[k];
-        DType at = act_types[k];
-        size_t rb = act_row[k];
+        const size_t rb = act_row[k];
+        const bool pack = act_gemm[k];
+        const GemmActs& ga = gacts[k];
+        auto convert = [&](int64_t t) {
+            quantize_row(at, x + t * n_in, dst + t * rb, n_in);
+            if (pack) gemm_pack_token(ga, t, dst + t * rb);
+        };
         if (n_tokens == 1) {
-            quantize_row(at, x, dst, n_in);
+            convert(0);
         } else {
             pool.parallel_for(n_tokens, [&](int64_t b, int64_t e) {
-                for (int64_t t = b; t < e; ++t) quantize_row(at, x + t * n_in, dst + t * rb, n_in);
+                for (int64_t t = b; t < e; ++t) convert(t);
             });
         }
     }
 
     int64_t total_rows = 0;
     for (int j = 0; j < n_jobs; ++j) total_rows += jobs[j].w->n_out;
-    // Rows are processed in blocks so a block of weight rows stays in L1 while every token uses it.
-    const int64_t kRowBlock = n_tokens == 1 ? 4 : 8;
-    constexpr int64_t kRowBlockMax = 8;
+    // Rows are split in blocks that match the kernels' row groups: 16 rows (two 8-lane groups)
+    // for the tiled kernels, 8 for decode; the vec_dot path keeps a block of rows in L1 while
+    // every token uses it. Each output's value does not depend on the split.
+    const int64_t kRowBlock = n_tokens == 1 ? 8 : 16;
+    constexpr int64_t kRowBlockMax = 16;
     const int64_t kTokBlock = 64;
 
     pool.run([&](int ith, int nth) {
@@ -63,12 +83,17 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
             const Weight& w = *jobs[j].w;
             int64_t jb = std::max(r0, base), je = std::min(r1, base + w.n_out);
             if (jb < je) {
-                const uint8_t* act = act_types[job_act[j]] == DType::F32 ? reinterpret_cast<const uint8_t*>(x)
-                                                                          : scratch.data() + act_offset[job_act[j]];
-                size_t arow = act_types[job_act[j]] == DType::F32 ? n_in * sizeof(float) : act_row[job_act[j]];
                 float* y = jobs[j].y;
                 const float* bias = jobs[j].bias;
                 const int64_t n_out = w.n_out;
+                if (job_gemm[j]) {
+                    gemm(w.type, w.data, w.row_bytes, jb - base, je - base, gacts[job_act[j]], y, n_out, bias);
+                    base += w.n_out;
+                    continue;
+                }
+                const uint8_t* act = act_types[job_act[j]] == DType::F32 ? reinterpret_cast<const uint8_t*>(x)
+                                                                          : scratch.data() + act_offset[job_act[j]];
+                size_t arow = act_types[job_act[j]] == DType::F32 ? n_in * sizeof(float) : act_row[job_act[j]];
                 float tmp[kRowBlockMax];
                 for (int64_t rb = jb - base; rb < je - base; rb += kRowBlock) {
                     int64_t re = std::min(rb + kRowBlock, je - base);

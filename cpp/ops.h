@@ -49,6 +49,13 @@ enum class RopeType { Norm = 0, Neox = 2 };  // ggml ids: NORM rotates adjacent 
 // inv_freq: [rope_dim / 2] with inv_freq[i] = base^(-2i / rope_dim).
 void rope(float* x, int n_heads, int head_dim, int rope_dim, int32_t pos, const float* inv_freq, RopeType type);
 
+// RoPE parameters of a model, for re-rotating cached keys to new positions.
+struct RopeSpec {
+    const float* inv_freq = nullptr;  // [rope_dim / 2]
+    int rope_dim = 0;
+    RopeType type = RopeType::Norm;
+};
+
 // In-place softmax over n values; returns nothing, handles -inf entries.
 void softmax(float* x, int64_t n);
 

@@ -1,8 +1,10 @@
 #include "reload.h"
 
 #include <chrono>
+#include <cstring>
 
 #include "common.h"
+#include "quant.h"
 
 namespace x2l {
 
@@ -13,7 +15,27 @@ void Reloader::join() {
 }
 
 std::vector<const KVSegment*> Reloader::start(const std::vector<const KVSegment*>& src) {
+    return start(src, std::vector<int32_t>(src.size(), 0), RopeSpec{});
+}
+
+// Copies one layer of src into dst, rotating every key row by delta positions.
+static void copy_layer_rotated(const KVSegment& src, KVSegment& dst, int layer, int32_t delta, const RopeSpec& spec) {
+    const int hd = src.head_dim();
+    std::vector<float> row(hd);
+    for (int h = 0; h < src.n_head_kv(); ++h) {
+        for (int64_t i = 0; i < src.size(); ++i) {
+            dequantize_row(src.type(), src.k_row(layer, h, i), row.data(), hd);
+            rope(row.data(), 1, hd, spec.rope_dim, delta, spec.inv_freq, spec.type);
+            quantize_row(dst.type(), row.data(), dst.k_row_mut(layer, h, i), hd);
+            std::memcpy(dst.v_row_mut(layer, h, i), src.v_row(layer, h, i), src.row_bytes());
+        }
+    }
+}
+
+std::vector<const KVSegment*> Reloader::start(const std::vector<const KVSegment*>& src,
+                                              const std::vector<int32_t>& delta, const RopeSpec& spec) {
     join();
+    if (delta.size() != src.size()) throw Error("reload: one delta per segment");
     stats_ = ReloadStats{};
     stats_.n_chunks = static_cast<int>(src.size());
     n_layer_ = src.empty() ? 0 : src[0]->n_layer();
@@ -28,16 +50,23 @@ std::vector<const KVSegment*> Reloader::start(const std::vector<const KVSegment*
             b = std::make_unique<KVSegment>(s.type(), s.n_layer(), s.n_head_kv(), s.head_dim(), s.size());
         }
         b->assign_meta(s);
+        b->shift_positions(delta[i]);
         stats_.bytes += s.used_bytes();
         out.push_back(b.get());
     }
     layers_ready_.store(0);
     if (src.empty()) return out;
     std::vector<const KVSegment*> srcs = src;
-    worker_ = std::thread([this, srcs] {
+    worker_ = std::thread([this, srcs, delta, spec] {
         auto t0 = std::chrono::steady_clock::now();
         for (int l = 0; l < n_layer_; ++l) {
-            for (size_t i = 0; i < srcs.size(); ++i) buffers_[i]->copy_layer(*srcs[i], l);
+            for (size_t i = 0; i < srcs.size(); ++i) {
+                if (delta[i] == 0) {
+                    buffers_[i]->copy_layer(*srcs[i], l);
+                } else {
+                    copy_layer_rotated(*srcs[i], *buffers_[i], l, delta[i], spec);
+                }
+            }
             {
                 std::lock_guard<std::mutex> lock(mu_);
                 layers_ready_.store(l + 1);

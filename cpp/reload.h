@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kv_cache.h"
+#include "ops.h"
 
 namespace x2l {
 
@@ -31,6 +32,10 @@ class Reloader {
     // Starts copying src[i] into working buffer i. Returns the working segments (valid until the
     // next start); their rows are usable for layer l once wait_layer(l) returns.
     std::vector<const KVSegment*> start(const std::vector<const KVSegment*>& src);
+    // As start(), and the keys of src[i] are rotated by delta[i] positions on the way (the
+    // working copy then sits delta[i] positions later than its source).
+    std::vector<const KVSegment*> start(const std::vector<const KVSegment*>& src, const std::vector<int32_t>& delta,
+                                        const RopeSpec& rope);
     void wait_layer(int layer);
     void wait_all();
     const ReloadStats& stats() const { return stats_; }

@@ -42,7 +42,17 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->ratio_high = o.ratio_high;
     ix_->pin_ends = o.pin_ends;
     ix_->two_pass = o.two_pass;
-    ix_->compressor = "snapkv";
+    if (o.compressor != "snapkv" && o.compressor != "beacon") {
+        throw Error("compressor must be 'snapkv' or 'beacon' (got '" + o.compressor + "')");
+    }
+    if (o.compressor == "beacon") {
+        if (!s.model().has_beacon()) {
+            throw Error("compressor 'beacon' needs a model with beacon (VST) weights, e.g. a converted Video-XL");
+        }
+        if (!o.two_pass) throw Error("beacon compression runs one pass per level: use two_pass=True");
+    }
+    ix_->compressor = o.compressor;
+    ix_->dense_positions = o.compressor == "beacon";
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
 }
 
@@ -83,24 +93,28 @@ void X2LPrefill::add_chunk_tokens(const std::vector<int32_t>& tokens, int n_fram
     add_chunk_embd(embd.data(), static_cast<int64_t>(tokens.size()), n_frames, is_last);
 }
 
-void X2LPrefill::run_level(const float* embd, int64_t n, const std::vector<const KVSegment*>& prefix,
-                           std::vector<float>& importance, bool want_key_sig, std::vector<float>& key_sig) {
+void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
+                           std::vector<float>* importance, std::vector<float>* key_sig, const uint8_t* vst) {
     const LlmConfig& c = s_.model().config();
     const int64_t E = c.n_embd, KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
     ensure_cache(n);
     cache_->set_prefix(prefix);
     cache_->clear();
-    importance.assign(static_cast<size_t>(c.n_layer) * c.n_head_kv * n, 0.0f);
-    if (want_key_sig) key_sig.assign(static_cast<size_t>(c.n_layer) * KD, 0.0f);
-
     ForwardHooks hooks;
-    hooks.obs = importance.data();
-    hooks.obs_begin = cache_->n_prefix();
-    hooks.obs_end = cache_->n_prefix() + n;
-    if (want_key_sig) {
+    if (importance) {
+        importance->assign(static_cast<size_t>(c.n_layer) * c.n_head_kv * n, 0.0f);
+        hooks.obs = importance->data();
+        hooks.obs_begin = cache_->n_prefix();
+        hooks.obs_end = cache_->n_prefix() + n;
+    }
+    int64_t n_raw = n, b_cur = 0;
+    if (vst) n_raw = n - std::count(vst, vst + n, uint8_t(1));
+    if (key_sig) {
+        key_sig->assign(static_cast<size_t>(c.n_layer) * KD, 0.0f);
         hooks.on_qk = [&](int layer, const float*, const float* k, int64_t m) {
-            float* dst = key_sig.data() + static_cast<size_t>(layer) * KD;
+            float* dst = key_sig->data() + static_cast<size_t>(layer) * KD;
             for (int64_t t = 0; t < m; ++t) {
+                if (vst && vst[b_cur + t]) continue;
                 for (int64_t i = 0; i < KD; ++i) dst[i] += k[t * KD + i];
             }
         };
@@ -109,20 +123,71 @@ void X2LPrefill::run_level(const float* embd, int64_t n, const std::vector<const
     const int64_t obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
     for (int64_t b = 0; b < n; b += n_batch) {
         const int64_t m = std::min(n_batch, n - b);
+        b_cur = b;
         x_.assign(embd + b * E, embd + (b + m) * E);
-        std::vector<int32_t> pos = iota_pos(ix_->next_pos + static_cast<int32_t>(b), m);
+        std::vector<int32_t> pos = iota_pos(pos0 + static_cast<int32_t>(b), m);
         hooks.obs_from = std::max<int64_t>(0, obs_start - b);
+        hooks.vst_rows = vst ? vst + b : nullptr;
         s_.model().forward(s_.pool(), s_.workspace(), x_.data(), m, pos.data(), *cache_, 0, nullptr, &hooks);
     }
     stats_.forward_tokens += n;
-    // Votes per query that could see the entry: entry e is visible to the queries at or after it.
-    for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
-        float* imp = importance.data() + lh * n;
-        for (int64_t e = 0; e < n; ++e) imp[e] /= static_cast<float>(n - std::max(e, obs_start));
+    if (importance) {
+        // Votes per query that could see the entry: entry e is visible to the queries at or after it.
+        for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
+            float* imp = importance->data() + lh * n;
+            for (int64_t e = 0; e < n; ++e) imp[e] /= static_cast<float>(n - std::max(e, obs_start));
+        }
     }
-    if (want_key_sig) {
-        for (float& v : key_sig) v /= static_cast<float>(n);
+    if (key_sig) {
+        for (float& v : *key_sig) v /= static_cast<float>(std::max<int64_t>(1, n_raw));
     }
+}
+
+// Video-XL: X' = the chunk with one VST after every `ratio` raw tokens, run on top of the sink and
+// the earlier VSTs of the same level at dense positions; only the VST rows' K/V are kept.
+void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned) {
+    const LlmConfig& c = s_.model().config();
+    const int64_t E = c.n_embd;
+    const std::vector<float>& vst_embd = s_.model().vst_embedding();
+    for (int level = 0; level < 2; ++level) {
+        const int ratio = (level == 0 || pinned) ? o_.ratio_low : o_.ratio_high;
+        const int64_t m = n / ratio;
+        std::vector<float> rows;
+        std::vector<uint8_t> vst;
+        rows.reserve(static_cast<size_t>(n + m) * E);
+        for (int64_t t = 0; t < n; ++t) {
+            rows.insert(rows.end(), embd + t * E, embd + (t + 1) * E);
+            vst.push_back(0);
+            if ((t + 1) % ratio == 0 && (t + 1) / ratio <= m) {
+                rows.insert(rows.end(), vst_embd.begin(), vst_embd.end());
+                vst.push_back(1);
+            }
+        }
+        const int64_t total = static_cast<int64_t>(vst.size());
+        std::vector<const KVSegment*> prefix{ix_->sink.get()};
+        int32_t pos0 = static_cast<int32_t>(ix_->sink->size());
+        for (const auto& p : ix_->chunks) {
+            const KVSegment* seg = level == 0 ? p.low.get() : p.high.get();
+            prefix.push_back(seg);
+            pos0 += static_cast<int32_t>(seg->size());
+        }
+        run_level(rows.data(), total, pos0, prefix, nullptr, level == 0 ? &ch.key_sig : nullptr, vst.data());
+        std::vector<int32_t> vst_idx;
+        for (int64_t i = 0; i < total; ++i) {
+            if (vst[i]) vst_idx.push_back(static_cast<int32_t>(i));
+        }
+        const int64_t kept = static_cast<int64_t>(vst_idx.size());
+        // As memory, the kept VSTs are numbered densely after what precedes them (Video-XL re-applies
+        // RoPE over the compacted cache): move each from its slot in X' to pos0 + its rank.
+        const RopeSpec spec{s_.model().inv_freq(), c.rope_dim, c.rope_type};
+        for (int64_t j = 0; j < kept; ++j) cache_->tail().move_entry(vst_idx[j], pos0 + static_cast<int32_t>(j), spec);
+        std::vector<int32_t> keep;  // the same rows for every layer and head
+        keep.reserve(static_cast<size_t>(c.n_layer) * c.n_head_kv * kept);
+        for (int i = 0; i < c.n_layer * c.n_head_kv; ++i) keep.insert(keep.end(), vst_idx.begin(), vst_idx.end());
+        auto seg = gather_segment(cache_->tail(), 0, keep, kept, level == 0 ? o_.low_type : o_.high_type);
+        (level == 0 ? ch.low : ch.high) = std::move(seg);
+    }
+    cache_->clear();
 }
 
 void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last) {
@@ -152,6 +217,18 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
         for (int64_t k = 0; k < E; ++k) dst[k] /= static_cast<float>(b - a);
     }
 
+    if (o_.compressor == "beacon") {
+        if (n < o_.ratio_low) throw Error("chunk shorter than ratio_low: nothing to summarise");
+        add_chunk_beacon(ch, embd, n, pinned);
+        ix_->chunks.push_back(std::move(ch));
+        ix_->next_pos += static_cast<int32_t>(n);
+        n_input_ += n;
+        stats_.input_tokens += n;
+        done_last_ = is_last;
+        stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        check_budget();
+        return;
+    }
     std::vector<const KVSegment*> low_prefix{ix_->sink.get()}, high_prefix{ix_->sink.get()};
     for (const auto& p : ix_->chunks) {
         low_prefix.push_back(p.low.get());
@@ -161,13 +238,12 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
-    run_level(embd, n, low_prefix, importance, true, ch.key_sig);
+    run_level(embd, n, ix_->next_pos, low_prefix, &importance, &ch.key_sig, nullptr);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
     ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
-        std::vector<float> unused;
-        run_level(embd, n, high_prefix, importance, false, unused);
+        run_level(embd, n, ix_->next_pos, high_prefix, &importance, nullptr, nullptr);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
@@ -272,7 +348,7 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     };
     // One forward call for the whole question, so batch indices are question indices.
     std::vector<float> logits;
-    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, ix_.next_pos, s_.options().n_batch, logits,
+    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, question_pos(), s_.options().n_batch, logits,
                nullptr, &hooks);
     cache_->clear();
     const int64_t n_tail = nq - content_end;
@@ -310,21 +386,37 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
         if (c < 0 || c >= n) throw Error("chunk index " + std::to_string(c) + " out of range [0, " + std::to_string(n) + ")");
     }
     reloader_.wait_all();
+    // Every selected chunk is copied (its L-KVs into the working set). With dense positions
+    // (beacon), a chunk whose place in the mixed cache moved is re-rotated on the way, H or L.
     std::vector<const KVSegment*> src;
-    for (int c : sel) src.push_back(ix_.chunks[c].low.get());
-    std::vector<const KVSegment*> work = reloader_.start(src);
-    std::vector<const KVSegment*> prefix{ix_.sink.get()};
+    std::vector<int32_t> delta;
+    std::vector<int> slot(n, -1);
+    int32_t next = static_cast<int32_t>(ix_.sink->size());
     size_t k = 0;
     for (int c = 0; c < n; ++c) {
-        if (k < sel.size() && sel[k] == c) {
-            prefix.push_back(work[k++]);
-        } else {
-            prefix.push_back(ix_.chunks[c].high.get());
+        const bool chosen = k < sel.size() && sel[k] == c;
+        if (chosen) ++k;
+        const KVSegment* seg = chosen ? ix_.chunks[c].low.get() : ix_.chunks[c].high.get();
+        const int32_t d = (ix_.dense_positions && seg->size() > 0) ? next - seg->pos(0) : 0;
+        if (chosen || d != 0) {
+            slot[c] = static_cast<int>(src.size());
+            src.push_back(seg);
+            delta.push_back(d);
         }
+        next += static_cast<int32_t>(seg->size());
     }
+    const LlmConfig& cfg = s_.model().config();
+    RopeSpec spec{s_.model().inv_freq(), cfg.rope_dim, cfg.rope_type};
+    std::vector<const KVSegment*> work = reloader_.start(src, delta, spec);
+    std::vector<const KVSegment*> prefix{ix_.sink.get()};
+    for (int c = 0; c < n; ++c) prefix.push_back(slot[c] >= 0 ? work[slot[c]] : ix_.chunks[c].high.get());
     set_prefix(prefix);
     selected_ = sel;
-    reload_pending_ = !sel.empty();
+    reload_pending_ = !src.empty();
+}
+
+int32_t X2LDecoder::question_pos() const {
+    return ix_.dense_positions ? static_cast<int32_t>(cache_->n_prefix()) : ix_.next_pos;
 }
 
 void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out) {
@@ -334,7 +426,7 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
     ForwardHooks hooks;
     if (reload_pending_) hooks.before_attention = [this](int layer) { reloader_.wait_layer(layer); };
-    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, ix_.next_pos + static_cast<int32_t>(n_past()),
+    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, question_pos() + static_cast<int32_t>(n_past()),
                s_.options().n_batch, last_logits_, all_out, reload_pending_ ? &hooks : nullptr);
     if (reload_pending_) {
         reloader_.wait_all();

@@ -34,6 +34,10 @@ struct X2LOptions {
     size_t max_host_bytes = 0;      // budget for the L tier (0 = unlimited)
     size_t max_device_bytes = 0;    // budget for sink + H tier + working buffers (0 = unlimited)
     int64_t max_chunk_tokens = 0;   // 0: grows with the largest chunk seen
+    // "snapkv": training-free selection (any model). "beacon": Video-XL's learned summarization
+    // tokens (needs VST weights): one VST after every `ratio` raw tokens, VST rows through their own
+    // q/k/v projections, only the VSTs' K/V kept, dense positions.
+    std::string compressor = "snapkv";
 };
 
 struct PrefillStats {
@@ -57,8 +61,12 @@ class X2LPrefill {
   private:
     void ensure_cache(int64_t n);
     // Runs rows x [n, n_embd] on top of `prefix`, filling the tail; importance gets the votes.
-    void run_level(const float* embd, int64_t n, const std::vector<const KVSegment*>& prefix,
-                   std::vector<float>& importance, bool want_key_sig, std::vector<float>& key_sig);
+    // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
+    // (when non-null) gets the attention votes, key_sig (when non-null) the mean pre-RoPE key of
+    // the non-VST rows; vst marks beacon rows (or null).
+    void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
+                   std::vector<float>* importance, std::vector<float>* key_sig, const uint8_t* vst);
+    void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void check_budget() const;
 
     LlmSession& s_;
@@ -104,6 +112,7 @@ class X2LDecoder {
 
   private:
     void set_prefix(const std::vector<const KVSegment*>& prefix);
+    int32_t question_pos() const;  // position of the first token after the cache prefix
     LlmSession& s_;
     const VideoIndex& ix_;
     std::unique_ptr<KVCache> cache_;

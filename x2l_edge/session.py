@@ -320,6 +320,8 @@ class Session:
         x2l_options.setdefault("ratio_high", int(self._meta("x2l.ratio_high", 32)))
         x2l_options.setdefault("pin_ends", bool(self._meta("x2l.pin_ends", False)))
         x2l_options.setdefault("high_type", self._default_high_type())
+        # Video-XL ships learned summarisation tokens: use them; other models compress training-free.
+        x2l_options.setdefault("compressor", "beacon" if self._meta("x2l.vst.param") else "snapkv")
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or self._meta("x2l.chunk_frames", 10))
         chunks = self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
