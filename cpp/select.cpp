@@ -85,14 +85,18 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
     return scores;
 }
 
-std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass) {
+std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass, const std::vector<float>& base) {
     std::vector<float> scores(ix.chunks.size(), 0.0f);
     size_t off = ix.sink->size();
     for (size_t c = 0; c < ix.chunks.size(); ++c) {
         const int64_t n = ix.chunks[c].high->size();
-        double s = 0.0;
-        for (int64_t i = 0; i < n && off + i < mass.size(); ++i) s += mass[off + i];
-        scores[c] = n > 0 ? static_cast<float>(s / n) : 0.0f;
+        // The entry the question's own tokens favour most over what the template tokens already
+        // attend to: a needle is a few entries, so a maximum finds it where a chunk mean dilutes it.
+        float best = -INFINITY;
+        for (int64_t i = 0; i < n && off + i < mass.size(); ++i) {
+            best = std::max(best, mass[off + i] - (base.empty() ? 0.0f : base[off + i]));
+        }
+        scores[c] = n > 0 ? best : 0.0f;
         off += static_cast<size_t>(n);
     }
     return scores;

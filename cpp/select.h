@@ -21,11 +21,11 @@ std::vector<float> score_keys(const VideoIndex& ix, const std::vector<float>& q_
 // frame score = mean over question tokens of the dot product, chunk score = max over its frames.
 std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t n_q);
 
-// attention: mass [n_entries] the question put on every cache entry of the H-only cache (sink
-// first, then the chunks' H entries in order), summed over layers and heads; a chunk's score is
-// the mass on its entries divided by its entry count (so chunks pinned at the low ratio are not
-// favoured for their size).
-std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass);
+// attention: mass [n_entries] the question's own tokens put on every entry of the H-only cache
+// (sink first, then the chunks' H entries in order), per token, summed over layers and heads;
+// base: the same for the template tokens around the question (or empty). A chunk's score is the
+// largest per-entry excess mass(e) - base(e) among its entries.
+std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass, const std::vector<float>& base);
 
 struct SelectOptions {
     int top_k = 3;                // chunks to reload (ignored when budget_bytes > 0)

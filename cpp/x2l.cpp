@@ -367,11 +367,8 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
                 if (n_tail > 0) base[e] += obs_base[lh * n_entries + e] / static_cast<float>(n_tail);
             }
         }
-        out = score_attention(ix_, mass);
-        if (n_tail > 0) {
-            std::vector<float> b = score_attention(ix_, base);
-            for (size_t i = 0; i < out.size(); ++i) out[i] = std::log(out[i] + 1e-9f) - std::log(b[i] + 1e-9f);
-        }
+        if (n_tail == 0) base.clear();
+        out = score_attention(ix_, mass, base);
     }
     prepare(selected_);  // restore the mixed cache of the current selection
     return out;
