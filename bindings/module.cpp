@@ -76,6 +76,7 @@ void bind_session(nb::module_& m);  // session_bind.cpp
 void bind_x2l(nb::module_& m);      // x2l_bind.cpp
 void bind_cuda(nb::module_& m);     // cuda_bind.cpp
 void bind_vision(nb::module_& m);   // vision_bind.cpp
+void bind_gemm(nb::module_& m);     // gemm_bind.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "x2l-edge native core";
@@ -213,4 +214,5 @@ NB_MODULE(_core, m) {
     bind_x2l(m);
     bind_cuda(m);
     bind_vision(m);
+    bind_gemm(m);
 }

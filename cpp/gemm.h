@@ -42,6 +42,7 @@ struct GemmActs {
     const float* s = nullptr;       // Q8_1: s as stored (fp16 of d * sum q), as float
     const int32_t* sum = nullptr;   // sum of the block's values (Q8_K: unused)
     const int16_t* bsums = nullptr; // Q8_K: the 16 sums of 16 values, [t][b][16]
+    const int16_t* bsums32 = nullptr;  // Q8_K: the 8 sums of 32 values, [t][b][8]
 };
 
 // Bytes of buffer that gemm_acts() needs for n_tokens rows of dot type `at` (0 for F32).

@@ -65,9 +65,9 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
 
     int64_t total_rows = 0;
     for (int j = 0; j < n_jobs; ++j) total_rows += jobs[j].w->n_out;
-    // Rows are split in blocks that match the kernels' row groups: 16 rows (two 8-lane groups)
-    // for the tiled kernels, 8 for decode; the vec_dot path keeps a block of rows in L1 while
-    // every token uses it. Each output's value does not depend on the split.
+    // Rows are split in blocks that match the tiled kernels' row groups (16 rows when several
+    // tokens share each weight load, 8 for decode); the vec_dot path keeps a block of rows in L1
+    // while every token uses it. No output's value depends on the split (see gemm.h).
     const int64_t kRowBlock = n_tokens == 1 ? 8 : 16;
     constexpr int64_t kRowBlockMax = 16;
     const int64_t kTokBlock = 64;
@@ -87,24 +87,25 @@ void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, co
                 const float* bias = jobs[j].bias;
                 const int64_t n_out = w.n_out;
                 if (job_gemm[j]) {
+                    // Tiled kernels: every token of the call against these rows.
                     gemm(w.type, w.data, w.row_bytes, jb - base, je - base, gacts[job_act[j]], y, n_out, bias);
-                    base += w.n_out;
-                    continue;
-                }
-                const uint8_t* act = act_types[job_act[j]] == DType::F32 ? reinterpret_cast<const uint8_t*>(x)
-                                                                          : scratch.data() + act_offset[job_act[j]];
-                size_t arow = act_types[job_act[j]] == DType::F32 ? n_in * sizeof(float) : act_row[job_act[j]];
-                float tmp[kRowBlockMax];
-                for (int64_t rb = jb - base; rb < je - base; rb += kRowBlock) {
-                    int64_t re = std::min(rb + kRowBlock, je - base);
-                    for (int64_t tb = 0; tb < n_tokens; tb += kTokBlock) {
-                        int64_t te = std::min(tb + kTokBlock, n_tokens);
-                        for (int64_t t = tb; t < te; ++t) {
-                            const uint8_t* a = act + t * arow;
-                            float* yt = y + t * n_out;
-                            // Several rows per call: the kernel reuses the activation block across rows.
-                            vec_dot_rows(w.type, n_in, w.row(rb), w.row_bytes, re - rb, a, tmp);
-                            for (int64_t r = rb; r < re; ++r) yt[r] = bias ? tmp[r - rb] + bias[r] : tmp[r - rb];
+                } else {
+                    const uint8_t* act = act_types[job_act[j]] == DType::F32
+                                             ? reinterpret_cast<const uint8_t*>(x)
+                                             : scratch.data() + act_offset[job_act[j]];
+                    size_t arow = act_types[job_act[j]] == DType::F32 ? n_in * sizeof(float) : act_row[job_act[j]];
+                    float tmp[kRowBlockMax];
+                    for (int64_t rb = jb - base; rb < je - base; rb += kRowBlock) {
+                        int64_t re = std::min(rb + kRowBlock, je - base);
+                        for (int64_t tb = 0; tb < n_tokens; tb += kTokBlock) {
+                            int64_t te = std::min(tb + kTokBlock, n_tokens);
+                            for (int64_t t = tb; t < te; ++t) {
+                                const uint8_t* a = act + t * arow;
+                                float* yt = y + t * n_out;
+                                // Several rows per call: the kernel reuses the activation block across rows.
+                                vec_dot_rows(w.type, n_in, w.row(rb), w.row_bytes, re - rb, a, tmp);
+                                for (int64_t r = rb; r < re; ++r) yt[r] = bias ? tmp[r - rb] + bias[r] : tmp[r - rb];
+                            }
                         }
                     }
                 }

@@ -1,0 +1,150 @@
+"""Benchmark tools: needle generators (deterministic, needles in the stated chunk), the synthetic video-needle
+generator (readable files, needle frames where stated), and the runner's JSON schema on a tiny model.
+Fast checks only; the heavy runs live in bench/."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import x2l_edge
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import eval_needles as E  # noqa: E402
+import video_needles as V  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    return x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=1024)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_gguf):
+    return tiny_gguf("llama", "f32")
+
+
+@pytest.mark.parametrize("task", E.TASKS)
+def test_needle_generators_are_deterministic(smol, task):
+    tok = E.Tok(smol)
+    a = E.make_sample(task, 3, tok, n_tokens=512, chunk_tokens=128)
+    b = E.make_sample(task, 3, tok, n_tokens=512, chunk_tokens=128)
+    c = E.make_sample(task, 4, tok, n_tokens=512, chunk_tokens=128)
+    assert a == b
+    assert a["context"] != c["context"]
+    assert a["n_tokens"] >= (400 if task == "cwe" else 500)  # cwe sizes its list from an estimate
+    for ans in a["answers"]:
+        assert ans in a["context"]
+    # the checker accepts the expected answer and rejects a wrong one
+    good = ", ".join(a["answers"]) if task != "cwe" else f'"{a["answers"][0]}"'
+    assert E.is_correct(a, good)[0]
+    assert not E.is_correct(a, "42")[0]
+    if task == "cwe":
+        assert a["target_count"] > a["other_max_count"]
+
+
+@pytest.mark.parametrize("task", ["single", "multikey", "multivalue"])
+def test_needles_land_in_the_stated_chunk(smol, task):
+    """The needle's tokens lie inside chunk_info(c)'s token range of the index that prefill_text builds."""
+    tok = E.Tok(smol)
+    ct = 128
+    smp = E.make_sample(task, 1, tok, n_tokens=3 * ct, chunk_tokens=ct)
+    ctx = smol.prefill_text(smp["context"], chunk_tokens=ct, ratio_low=2, ratio_high=16)
+    sink = len(ctx.index.sink_tokens)
+    ids = tok.ids(smp["context"])
+    assert ctx.n_chunks == -(-len(ids) // ct)
+    for (t0, t1), chunks, text in zip(smp["needle_token_spans"], smp["needle_chunks_all"], smp["needle_texts"]):
+        assert len(chunks) == 1, "a needle crosses a chunk boundary"
+        info = ctx.chunk_info(chunks[0])
+        assert info["tok_begin"] <= sink + t0 and sink + t1 <= info["tok_end"]
+        # and those tokens really are the needle
+        assert smol.detokenize(ids[t0:t1]).strip() == text
+    assert set(smp["needle_chunks"]) <= {c for cs in smp["needle_chunks_all"] for c in cs}
+
+
+def test_video_needles_are_readable_and_where_stated(tmp_path):
+    from x2l_edge.video import open_video
+
+    path = V.generate(str(tmp_path), items=1, n_chunks=3, chunk_frames=3, needle_frames=2, size=64, fps=2)
+    spec = json.loads(Path(path).read_text())
+    assert len(spec["items"]) == len(V.TASKS)
+    for it in spec["items"]:
+        frames = np.stack([f.rgb for f in open_video(str(tmp_path / it["video"]))])
+        assert frames.shape == (9, 64, 64, 3)
+        _, ref = V.make_item(it["task"], it["idx"], n_chunks=3, chunk_frames=3, needle_frames=2, size=64)
+        np.testing.assert_array_equal(frames, ref)  # FFV1: lossless, and the generator is deterministic
+        # the white card (255) is on exactly the needle frames; haystack frames stay <= 225
+        card = [(f[24:40, 8:56] == 255).all(axis=-1).mean() > 0.2 for f in frames]
+        assert [i for i, c in enumerate(card) if c] == it["needle_frames"]
+        assert it["needle_chunks"] == sorted({f // 3 for f in it["needle_frames"]})
+        assert sorted(n["chunk"] for n in it["needles"]) == sorted(
+            c for n in it["needles"] for c in {f // 3 for f in n["frames"]})
+        # 4 rotations, the correct option moves with them
+        rots = it["rotations"]
+        assert len(rots) == 4 and len({r["answer"] for r in rots}) == 4
+        for r in rots:
+            assert r["options"]["ABCD".index(r["answer"])] == it["answer"]
+    meta, _ = V.make_item("counting", 0, n_chunks=6, chunk_frames=2, needle_frames=1, size=32)
+    assert meta["count"] == len(meta["needle_chunks"])
+    assert V.parse_letter(" (B) TELESCOPE", ["a", "b", "c", "d"]) == "B"
+    assert V.parse_letter("it is a red star", ["a blue moon", "a red star", "x", "y"]) == "B"
+
+
+def test_runner_json_schema_on_a_tiny_model(tiny_llama, tmp_path):
+    import run
+
+    out = tmp_path / "r"
+    rc = run.main(["--model", tiny_llama, "--lengths", "48", "96", "--systems", "x2l_full", "x2l", "llama_cpp",
+                   "--decode", "4", "--chunk-tokens", "32", "--top-k", "1", "--ratio-high", "8", "--out", str(out),
+                   "--timeout", "120"])
+    assert rc == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    for k in ("bench", "command", "model", "threads", "lengths", "systems", "cpu", "x2l", "results"):
+        assert k in res
+    assert res["lengths"] == [48, 96]
+    rows = {(r["system"], r["length"]): r for r in res["results"]}
+    assert set(rows) == {(s, n) for s in ("x2l_full", "x2l", "llama_cpp") for n in (48, 96)}
+    for (system, n), r in rows.items():
+        if r.get("skipped"):
+            assert system == "llama_cpp"  # only when llama-cpp-python is missing
+            continue
+        assert "error" not in r, r.get("error")
+        for k in ("prefill_tok_s", "decode_tok_s", "ttft_s", "question_ttft_s", "peak_rss_bytes", "kv",
+                  "prompt_tokens", "answer"):
+            assert k in r, (system, k)
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["context_tokens"] >= n
+    x = rows[("x2l", 96)]
+    for k in ("sink_bytes", "high_bytes", "low_bytes", "resident_bytes", "used_bytes", "decode_cache_entries"):
+        assert k in x["kv"]
+    assert set(x["reload"]) >= {"bytes", "copy_seconds"}
+    assert x["n_chunks"] >= 3 and len(x["selected"]) == 1
+    assert x["kv"]["decode_cache_entries"] < rows[("x2l_full", 96)]["kv"]["decode_cache_entries"]
+    md = out.with_suffix(".md").read_text()
+    assert "Decode tokens/s" in md and "X²L tiers" in md
+
+
+def test_needle_eval_writes_partial_results_and_resumes(tiny_llama, tmp_path):
+    out = str(tmp_path / "nd")
+    args = ["--model", tiny_llama, "--tasks", "single", "cwe", "--samples", "1", "--tokens", "384", "--chunk-tokens",
+            "128", "--ratio-high", "8", "--ks", "1", "--scorers", "keys", "embedding", "--out", out]
+    assert E.main(args) == 0
+    res = json.loads(Path(out + ".json").read_text())
+    assert res["samples_done"] == 2
+    cells = res["summary"]["single"]["modes"]
+    assert set(cells) == {"full", "l_only", "h_only", "oracle", "keys@1", "embedding@1"}
+    for c in cells.values():
+        assert {"acc", "chunk_recall", "cache_bytes", "seconds", "n"} <= set(c)
+    assert cells["l_only"]["chunk_recall"] == 1.0 and cells["h_only"]["chunk_recall"] == 0.0
+    lines = Path(out + ".jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # a second run with the same settings resumes: nothing new is computed
+    assert E.main(args + ["--samples", "2", "--tasks", "single"]) == 0
+    assert len(Path(out + ".jsonl").read_text().splitlines()) == 3
+    assert "single" in Path(out + ".md").read_text()
