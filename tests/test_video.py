@@ -385,9 +385,11 @@ def test_write_video_errors(tmp_path):
         write_video(tmp_path / "g.avi", [np.zeros((8, 8), np.uint8)], 10, "MJPG")
 
 
-def test_import_does_not_need_cv2():
+def test_import_does_not_need_cv2(tmp_path):
     code = "import sys, x2l_edge.video as v; assert 'cv2' not in sys.modules; print('ok')"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy())
+    # cwd: a neutral folder, so `python -c` imports the installed package, not the source tree
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                       cwd=tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
