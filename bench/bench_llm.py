@@ -75,6 +75,12 @@ def bench_llamacpp(path, threads, pp_ids, tg_n, reps):
 
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=len(pp_ids) + tg_n + 64,
                           n_batch=512, n_ubatch=512, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def last_logits():
+        # llama-cpp-python only fills llm.scores with logits_all=True; read the context's logits.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
     llm.eval(pp_ids[:8])
     llm.reset()
     pp, tg = [], []
@@ -85,11 +91,11 @@ def bench_llamacpp(path, threads, pp_ids, tg_n, reps):
         pp.append(len(pp_ids) / (time.perf_counter() - t0))
         llm.reset()
         llm.eval(pp_ids[:16])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         t0 = time.perf_counter()
         for _ in range(tg_n):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
         tg.append(tg_n / (time.perf_counter() - t0))
     return {"pp_tok_s": max(pp), "tg_tok_s": max(tg), "pp_all": pp, "tg_all": tg,
             "version": llama_cpp.__version__}
