@@ -6,6 +6,7 @@
 
 #include "backend.h"
 #include "common.h"
+#include "numpy_util.h"
 #include "session.h"
 
 namespace nb = nanobind;
@@ -21,16 +22,6 @@ x2l::DType kv_type_from_name(const std::string& s) {
     throw x2l::Error("kv_type must be one of f32, f16, q8_0, q4_0 (got '" + s + "')");
 }
 
-nb::ndarray<nb::numpy, float> to_numpy(std::vector<float>&& v, size_t rows, size_t cols) {
-    auto* heap = new std::vector<float>(std::move(v));
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-    if (rows == 0) {
-        size_t shape[1] = {cols};
-        return nb::ndarray<nb::numpy, float>(heap->data(), 1, shape, owner);
-    }
-    size_t shape[2] = {rows, cols};
-    return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
-}
 
 }  // namespace
 
@@ -77,7 +68,7 @@ void bind_session(nb::module_& m) {
             }
             if (!all_logits) return nb::none();
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
-            return nb::cast(to_numpy(std::move(all), tokens.size(), nv));
+            return nb::cast(x2l_bind::to_numpy(std::move(all), tokens.size(), nv));
         }, "tokens"_a, "all_logits"_a = false,
            "Append tokens to the context. With all_logits, returns [n, n_vocab] float32 logits.")
         .def("eval_embd", [](x2l::LlmSession& s, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
@@ -92,11 +83,11 @@ void bind_session(nb::module_& m) {
             }
             if (!all_logits) return nb::none();
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
-            return nb::cast(to_numpy(std::move(all), embd.shape(0), nv));
+            return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
         }, "embd"_a, "all_logits"_a = false, "Append input embeddings [n, n_embd] (e.g. video features).")
         .def("logits", [](const x2l::LlmSession& s) {
             std::vector<float> v = s.last_logits();
-            return to_numpy(std::move(v), 0, s.last_logits().size());
+            return x2l_bind::to_numpy(std::move(v), 0, s.last_logits().size());
         }, "Logits of the last evaluated token, [n_vocab] float32.")
         .def("sample", [](x2l::LlmSession& s, x2l::Sampler& sampler) { return s.sample(sampler); }, "sampler"_a)
         .def("truncate", &x2l::LlmSession::truncate, "n"_a)

@@ -7,6 +7,7 @@
 #include <nanobind/stl/vector.h>
 
 #include "common.h"
+#include "numpy_util.h"
 #include "x2l.h"
 
 namespace nb = nanobind;
@@ -33,16 +34,6 @@ const x2l::ChunkKV& chunk_at(const x2l::VideoIndex& ix, int c) {
     return ix.chunks[c];
 }
 
-nb::ndarray<nb::numpy, float> to_np(std::vector<float>&& v, size_t rows, size_t cols) {
-    auto* heap = new std::vector<float>(std::move(v));
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
-    if (rows == 0) {
-        size_t shape[1] = {cols};
-        return nb::ndarray<nb::numpy, float>(heap->data(), 1, shape, owner);
-    }
-    size_t shape[2] = {rows, cols};
-    return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
-}
 
 }  // namespace
 
@@ -179,12 +170,12 @@ void bind_x2l(nb::module_& m) {
             }
             if (!all_logits) return nb::none();
             size_t nv = d.last_logits().size();
-            return nb::cast(to_np(std::move(all), tokens.size(), nv));
+            return nb::cast(x2l_bind::to_numpy(std::move(all), tokens.size(), nv));
         }, "tokens"_a, "all_logits"_a = false)
         .def("logits", [](const x2l::X2LDecoder& d) {
             std::vector<float> v = d.last_logits();
             size_t n = v.size();
-            return to_np(std::move(v), 0, n);
+            return x2l_bind::to_numpy(std::move(v), 0, n);
         })
         .def("sample", &x2l::X2LDecoder::sample, "sampler"_a)
         .def("truncate", &x2l::X2LDecoder::truncate, "n"_a)

@@ -220,15 +220,21 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     if (o_.compressor == "beacon") {
         if (n < o_.ratio_low) throw Error("chunk shorter than ratio_low: nothing to summarise");
         add_chunk_beacon(ch, embd, n, pinned);
-        ix_->chunks.push_back(std::move(ch));
-        ix_->next_pos += static_cast<int32_t>(n);
-        n_input_ += n;
-        stats_.input_tokens += n;
-        done_last_ = is_last;
-        stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        check_budget();
-        return;
+    } else {
+        add_chunk_snapkv(ch, embd, n, pinned);
     }
+    ix_->chunks.push_back(std::move(ch));
+    ix_->next_pos += static_cast<int32_t>(n);
+    n_input_ += n;
+    stats_.input_tokens += n;
+    done_last_ = is_last;
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    check_budget();
+}
+
+// Training-free: run the chunk in full, then keep per layer/KV head the entries its queries voted for.
+void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned) {
+    const LlmConfig& c = s_.model().config();
     std::vector<const KVSegment*> low_prefix{ix_->sink.get()}, high_prefix{ix_->sink.get()};
     for (const auto& p : ix_->chunks) {
         low_prefix.push_back(p.low.get());
@@ -248,14 +254,6 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
     cache_->clear();
-
-    ix_->chunks.push_back(std::move(ch));
-    ix_->next_pos += static_cast<int32_t>(n);
-    n_input_ += n;
-    stats_.input_tokens += n;
-    done_last_ = is_last;
-    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    check_budget();
 }
 
 void X2LPrefill::check_budget() const {

@@ -67,6 +67,7 @@ class X2LPrefill {
     void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
                    std::vector<float>* importance, std::vector<float>* key_sig, const uint8_t* vst);
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
+    void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void check_budget() const;
 
     LlmSession& s_;
