@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "weights.h"
 
 namespace x2l {
 
@@ -16,38 +17,11 @@ size_t Workspace::bytes() const {
 
 namespace {
 
-Weight load_weight(const GGUFFile& f, const std::string& name, int64_t n_in, int64_t n_out, size_t& total) {
-    const GGUFTensor& t = f.require_tensor(name, {n_in, n_out});
-    const TypeInfo& ti = type_info(t.type);
-    if (!ti.compute) {
-        throw FormatError("tensor '" + name + "' has type " + ti.name + ", which this runtime does not support");
-    }
-    Weight w;
-    w.type = t.type;
-    w.n_in = n_in;
-    w.n_out = n_out;
-    w.data = t.data;
-    w.row_bytes = row_bytes(t.type, n_in);
-    total += t.nbytes;
-    return w;
-}
-
 std::vector<float> load_vector(const GGUFFile& f, const std::string& name, int64_t n, size_t& total) {
-    const GGUFTensor& t = f.require_tensor(name, {n});
-    if (t.type != DType::F32 && t.type != DType::F16 && t.type != DType::BF16) {
-        throw FormatError("tensor '" + name + "' must be f32, f16 or bf16 (got " + type_info(t.type).name + ")");
-    }
-    std::vector<float> out(static_cast<size_t>(n));
-    dequantize_row(t.type, t.data, out.data(), n);
-    total += t.nbytes;
-    return out;
+    return load_floats(f, name, {n}, total);
 }
 
-int positive_key(const GGUFFile& f, const std::string& key) {
-    int64_t v = f.get_int(key);
-    if (v <= 0 || v > (1 << 24)) throw FormatError("metadata key '" + key + "' has invalid value " + std::to_string(v));
-    return static_cast<int>(v);
-}
+int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 24); }
 
 }  // namespace
 

@@ -6,48 +6,13 @@
 #include <cstring>
 
 #include "common.h"
+#include "weights.h"
 
 namespace x2l {
 
 namespace {
 
-Weight load_weight(const GGUFFile& f, const std::string& name, int64_t n_in, int64_t n_out, size_t& total) {
-    const GGUFTensor& t = f.require_tensor(name, {n_in, n_out});
-    const TypeInfo& ti = type_info(t.type);
-    if (!ti.compute) {
-        throw FormatError("tensor '" + name + "' has type " + ti.name + ", which this runtime does not support");
-    }
-    if (n_in % ti.block_size != 0) {
-        throw FormatError("tensor '" + name + "' has type " + ti.name + " but its rows (" + std::to_string(n_in) +
-                          ") are not a whole number of blocks");
-    }
-    Weight w;
-    w.type = t.type;
-    w.n_in = n_in;
-    w.n_out = n_out;
-    w.data = t.data;
-    w.row_bytes = row_bytes(t.type, n_in);
-    total += t.nbytes;
-    return w;
-}
-
-// Any float tensor of exactly n elements (given as its ggml ne) read into f32.
-std::vector<float> load_floats(const GGUFFile& f, const std::string& name, std::vector<int64_t> ne, size_t& total) {
-    const GGUFTensor& t = f.require_tensor(name, ne);
-    if (t.type != DType::F32 && t.type != DType::F16 && t.type != DType::BF16) {
-        throw FormatError("tensor '" + name + "' must be f32, f16 or bf16 (got " + type_info(t.type).name + ")");
-    }
-    std::vector<float> out(static_cast<size_t>(t.n_elements()));
-    dequantize_row(t.type, t.data, out.data(), t.n_elements());
-    total += t.nbytes;
-    return out;
-}
-
-int positive_key(const GGUFFile& f, const std::string& key) {
-    int64_t v = f.get_int(key);
-    if (v <= 0 || v > (1 << 20)) throw FormatError("metadata key '" + key + "' has invalid value " + std::to_string(v));
-    return static_cast<int>(v);
-}
+int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 20); }
 
 void quick_gelu(float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + std::exp(-1.702f * x[i]));
