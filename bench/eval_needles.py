@@ -330,7 +330,7 @@ def run_sample(s, tok: Tok, smp: dict, a) -> dict:
     for c in rec["needle_chunks"]:
         info = ctx.chunk_info(c)
         assert info["tok_begin"] == sink + c * smp["chunk_tokens"], (info, sink, c)
-    ctx.question_suffix = ctx.question_suffix + ap  # answer prefix after the assistant header
+    ctx.answer_prefix = ap  # after the assistant header; decoded, not scored
     infos = [ctx.chunk_info(c) for c in range(ctx.n_chunks)]
     needle = set(rec["needle_chunks"])
 

@@ -15,7 +15,7 @@ namespace x2l {
 
 namespace {
 
-constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '1'};
+constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '2'};
 constexpr size_t kAlign = 64;
 
 class Writer {
@@ -136,7 +136,7 @@ TierBytes VideoIndex::bytes() const {
     for (const auto& c : chunks) {
         b.low += c.low->used_bytes();
         b.high += c.high->used_bytes();
-        b.signatures += (c.key_sig.size() + c.emb_sig.size()) * sizeof(float);
+        b.signatures += (c.key_sig.size() + c.emb_sig.size()) * sizeof(float) + c.low_pos.size() * sizeof(int32_t);
     }
     return b;
 }
@@ -173,6 +173,8 @@ void VideoIndex::save(const std::string& path) const {
             w.bytes(c.key_sig.data(), c.key_sig.size() * sizeof(float));
             w.pod<uint64_t>(c.emb_sig.size());
             w.bytes(c.emb_sig.data(), c.emb_sig.size() * sizeof(float));
+            w.pod<uint64_t>(c.low_pos.size());
+            w.bytes(c.low_pos.data(), c.low_pos.size() * sizeof(int32_t));
             w.align();
             write_segment(w, *c.high);
             write_segment(w, *c.low);
@@ -200,7 +202,11 @@ std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path) {
     if (map == MAP_FAILED) throw Error("cannot mmap '" + path + "'");
     const uint8_t* base = static_cast<const uint8_t*>(map);
     if (std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
+        const bool other_version = std::memcmp(base, kMagic, sizeof(kMagic) - 2) == 0;
         munmap(map, size);
+        if (other_version) {
+            throw FormatError("'" + path + "' was saved by another x2l-edge version: index the video again");
+        }
         throw FormatError("'" + path + "' is not an x2l video index (bad magic)");
     }
     std::unique_ptr<VideoIndex> ix;
@@ -248,9 +254,16 @@ std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path) {
             if (nemb > (1u << 28)) throw FormatError("corrupt video index chunk");
             c.emb_sig.resize(nemb);
             std::memcpy(c.emb_sig.data(), r.take(nemb * sizeof(float)), nemb * sizeof(float));
+            uint64_t npos = r.pod<uint64_t>();
+            if (npos > (1u << 28)) throw FormatError("corrupt video index chunk");
+            c.low_pos.resize(npos);
+            std::memcpy(c.low_pos.data(), r.take(npos * sizeof(int32_t)), npos * sizeof(int32_t));
             r.align();
             c.high = read_segment(r, *ix, false);  // device tier: resident
             c.low = read_segment(r, *ix, true);    // host tier: stays in the mapping
+            if (!c.low_pos.empty() && c.low_pos.size() != static_cast<size_t>(nl) * nh * c.low->size()) {
+                throw FormatError("corrupt video index chunk (L row positions)");
+            }
         }
     } catch (...) {
         if (ix) {

@@ -17,8 +17,16 @@ struct ChunkKV {
     int32_t pos_begin = 0, pos_end = 0;  // positions those tokens had
     int n_frames = 1;                    // frames (video) or sub-blocks (text) in the chunk
     std::unique_ptr<KVSegment> low, high;
-    std::vector<float> key_sig;  // [n_layer, n_head_kv * head_dim] mean pre-RoPE key of the chunk
+    std::vector<float> key_sig;  // [n_layer, n_head_kv * head_dim] mean pre-RoPE key of the chunk's L entries
     std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
+    // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
+    // different tokens per layer and head, while low->pos() holds one position per entry (those of
+    // layer 0, head 0). Empty when every head keeps the same tokens (beacon).
+    std::vector<int32_t> low_pos;
+    int32_t low_row_pos(int layer, int head, int64_t e) const {
+        return low_pos.empty() ? low->pos(e)
+                               : low_pos[(static_cast<size_t>(layer) * low->n_head_kv() + head) * low->size() + e];
+    }
 };
 
 struct TierBytes {

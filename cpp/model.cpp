@@ -282,9 +282,8 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
     // Attention observation (X²L importance and scorer statistics): per-thread partial sums.
     const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
     const int64_t obs_n = observe ? hooks->obs_end - hooks->obs_begin : 0;
-    const bool base = observe && hooks->obs_base;
     const size_t part = static_cast<size_t>(c.n_head_kv) * obs_n;  // one accumulator per thread
-    if (observe) ws.obs_part.assign(static_cast<size_t>(pool.n_threads()) * part * (base ? 2 : 1), 0.0f);
+    if (observe) ws.obs_part.assign(static_cast<size_t>(pool.n_threads()) * part, 0.0f);
     pool.run([&](int ith, int nth) {
         float* scores = ws.scores.data() + ith * score_stride;
         uint8_t* q8 = ws.qbuf.data() + ith * q8_stride;
@@ -305,18 +304,10 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
             score_segment(tail, layer, kvh, n_tail, q, q8, scale, scores + off);
             const int64_t n_vis = off + n_tail;
             softmax(scores, n_vis);
-            if (observe) {
-                float* acc = nullptr;
-                if (t >= hooks->obs_from && t < hooks->obs_to) {
-                    acc = ws.obs_part.data() + static_cast<size_t>(ith) * part;
-                } else if (base && t >= hooks->base_from && t < hooks->base_to) {
-                    acc = ws.obs_part.data() + (static_cast<size_t>(pool.n_threads()) + ith) * part;
-                }
-                if (acc) {
-                    acc += static_cast<size_t>(kvh) * obs_n;
-                    const int64_t e1 = std::min(hooks->obs_end, n_vis);
-                    for (int64_t e = hooks->obs_begin; e < e1; ++e) acc[e - hooks->obs_begin] += scores[e];
-                }
+            if (observe && t >= hooks->obs_from && t < hooks->obs_to) {
+                float* acc = ws.obs_part.data() + static_cast<size_t>(ith) * part + static_cast<size_t>(kvh) * obs_n;
+                const int64_t e1 = std::min(hooks->obs_end, n_vis);
+                for (int64_t e = hooks->obs_begin; e < e1; ++e) acc[e - hooks->obs_begin] += scores[e];
             }
             float* out = ws.attn.data() + t * QD + static_cast<int64_t>(h) * hd;
             std::memset(out, 0, sizeof(float) * hd);
@@ -329,12 +320,10 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
         }
     });
     if (observe) {
-        for (int which = 0; which < (base ? 2 : 1); ++which) {
-            float* dst = (which ? hooks->obs_base : hooks->obs) + static_cast<size_t>(layer) * part;
-            for (int th = 0; th < pool.n_threads(); ++th) {
-                const float* src = ws.obs_part.data() + (static_cast<size_t>(which) * pool.n_threads() + th) * part;
-                for (size_t i = 0; i < part; ++i) dst[i] += src[i];
-            }
+        float* dst = hooks->obs + static_cast<size_t>(layer) * part;
+        for (int th = 0; th < pool.n_threads(); ++th) {
+            const float* src = ws.obs_part.data() + static_cast<size_t>(th) * part;
+            for (size_t i = 0; i < part; ++i) dst[i] += src[i];
         }
     }
 }

@@ -54,10 +54,6 @@ struct ForwardHooks {
     float* obs = nullptr;
     int64_t obs_from = 0, obs_to = INT64_MAX;  // batch queries [obs_from, obs_to) vote
     int64_t obs_begin = 0, obs_end = 0;
-    // Optional second accumulator over the same entries for batch queries [base_from, base_to)
-    // (the scorers' question-independent baseline: the chat-template tokens around the question).
-    float* obs_base = nullptr;
-    int64_t base_from = 0, base_to = 0;
     // Rows (of the batch) that are beacon summarization tokens: their q/k/v come from the VST
     // projections (Video-XL). Not instrumentation, but it rides along with the other options.
     const uint8_t* vst_rows = nullptr;

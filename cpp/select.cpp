@@ -5,6 +5,8 @@
 #include <numeric>
 
 #include "common.h"
+#include "quant.h"
+#include "threadpool.h"
 
 namespace x2l {
 
@@ -85,20 +87,81 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
     return scores;
 }
 
-std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass, const std::vector<float>& base) {
-    std::vector<float> scores(ix.chunks.size(), 0.0f);
-    size_t off = ix.sink->size();
-    for (size_t c = 0; c < ix.chunks.size(); ++c) {
-        const int64_t n = ix.chunks[c].high->size();
-        // The entry the question's own tokens favour most over what the template tokens already
-        // attend to: a needle is a few entries, so a maximum finds it where a chunk mean dilutes it.
-        float best = -INFINITY;
-        for (int64_t i = 0; i < n && off + i < mass.size(); ++i) {
-            best = std::max(best, mass[off + i] - (base.empty() ? 0.0f : base[off + i]));
+// Every chunk's L keys of one (layer, KV head), in chunk order, turned back to pre-RoPE: R(-pos)
+// undoes the rotation applied at prefill, so a key matches a query by content, not by distance.
+static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec,
+                              float* out) {  // out: [n_low_entries, head_dim]
+    const int hd = ix.head_dim;
+    for (const auto& ch : ix.chunks) {
+        const KVSegment& seg = *ch.low;
+        for (int64_t e = 0; e < seg.size(); ++e, out += hd) {
+            dequantize_row(seg.type(), seg.k_row(layer, head, e), out, hd);
+            rope(out, 1, hd, rope_spec.rope_dim, -ch.low_row_pos(layer, head, e), rope_spec.inv_freq, rope_spec.type);
         }
-        scores[c] = n > 0 ? best : 0.0f;
-        off += static_cast<size_t>(n);
     }
+}
+
+std::vector<float> mean_pre_rope_keys(const ChunkKV& ch, const RopeSpec& rope_spec) {
+    const KVSegment& seg = *ch.low;
+    const int L = seg.n_layer(), H = seg.n_head_kv(), hd = seg.head_dim();
+    std::vector<float> out(static_cast<size_t>(L) * H * hd, 0.0f), k(hd);
+    for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < H; ++h) {
+            float* dst = out.data() + (static_cast<size_t>(l) * H + h) * hd;
+            for (int64_t e = 0; e < seg.size(); ++e) {
+                dequantize_row(seg.type(), seg.k_row(l, h, e), k.data(), hd);
+                rope(k.data(), 1, hd, rope_spec.rope_dim, -ch.low_row_pos(l, h, e), rope_spec.inv_freq, rope_spec.type);
+                for (int i = 0; i < hd; ++i) dst[i] += k[i] / static_cast<float>(seg.size());
+            }
+        }
+    }
+    return out;
+}
+
+std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                                   int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool) {
+    const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim, group = n_head / H;
+    const size_t nc = ix.chunks.size();
+    const int64_t QD = static_cast<int64_t>(n_head) * hd;
+    std::vector<float> scores(nc, 0.0f);
+    std::vector<int> owner;  // chunk of each L entry
+    for (size_t c = 0; c < nc; ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].low->size()), static_cast<int>(c));
+    const int64_t n_all = static_cast<int64_t>(owner.size());
+    if (n_all == 0 || content_end <= content_begin) return scores;
+    const int64_t n_content = content_end - content_begin, n_tail = n_q - content_end;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const int l0 = L > 1 ? 1 : 0;  // layer 0 mostly sees token identity
+    const int n_lh = (L - l0) * H;
+    std::vector<double> mass(static_cast<size_t>(n_lh) * nc, 0.0);  // [layer, kv head, chunk]
+    pool.run([&](int ith, int nth) {
+        std::vector<float> keys(static_cast<size_t>(n_all) * hd), p(static_cast<size_t>(n_all));
+        for (int lh = ith; lh < n_lh; lh += nth) {
+            const int l = l0 + lh / H, h = lh % H;
+            double* m = mass.data() + static_cast<size_t>(lh) * nc;
+            low_keys_pre_rope(ix, l, h, rope_spec, keys.data());
+            for (int g = 0; g < group; ++g) {
+                for (int64_t t = content_begin; t < n_q; ++t) {
+                    // Softmax of this token's query over every L entry of every chunk: the chunks
+                    // compete for the token's attention, as they would in the full cache.
+                    const float* q = q_tok + (static_cast<size_t>(l) * n_q + t) * QD + static_cast<size_t>(h * group + g) * hd;
+                    float mx = -INFINITY;
+                    for (int64_t e = 0; e < n_all; ++e) {
+                        p[e] = scale * dot_f32(q, keys.data() + static_cast<size_t>(e) * hd, hd);
+                        mx = std::max(mx, p[e]);
+                    }
+                    double sum = 0.0;
+                    for (int64_t e = 0; e < n_all; ++e) sum += (p[e] = std::exp(p[e] - mx));
+                    // Contrastive: the question's own tokens minus the template tokens after it.
+                    const double w = t < content_end ? 1.0 / (n_content * sum) : -1.0 / (n_tail * sum);
+                    for (int64_t e = 0; e < n_all; ++e) m[owner[e]] += w * p[e];
+                }
+            }
+        }
+    });
+    for (int lh = 0; lh < n_lh; ++lh) {  // a fixed order: the scores do not depend on the thread count
+        for (size_t c = 0; c < nc; ++c) scores[c] += static_cast<float>(mass[static_cast<size_t>(lh) * nc + c]);
+    }
+    for (float& v : scores) v /= static_cast<float>((L - l0) * n_head);
     return scores;
 }
 

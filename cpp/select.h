@@ -5,11 +5,17 @@
 #include <vector>
 
 #include "kv_store.h"
+#include "ops.h"
+#include "threadpool.h"
 
 namespace x2l {
 
 enum class Scorer { Attention, Keys, Embedding };
 Scorer scorer_from_name(const std::string& name);  // throws Error for unknown names
+
+// The retrieval signature of the keys scorer: [n_layer, n_head_kv * head_dim] mean pre-RoPE key of
+// the chunk's L entries (each key rotated back by R(-pos) with its own position).
+std::vector<float> mean_pre_rope_keys(const ChunkKV& ch, const RopeSpec& rope);
 
 // keys: q_mean [n_layer, n_head * head_dim] mean pre-RoPE query of the question; the query heads of
 // each KV-head group are averaged and compared (cosine over all KV heads) with the chunk's mean
@@ -21,11 +27,15 @@ std::vector<float> score_keys(const VideoIndex& ix, const std::vector<float>& q_
 // frame score = mean over question tokens of the dot product, chunk score = max over its frames.
 std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t n_q);
 
-// attention: mass [n_entries] the question's own tokens put on every entry of the H-only cache
-// (sink first, then the chunks' H entries in order), per token, summed over layers and heads;
-// base: the same for the template tokens around the question (or empty). A chunk's score is the
-// largest per-entry excess mass(e) - base(e) among its entries.
-std::vector<float> score_attention(const VideoIndex& ix, const std::vector<float>& mass, const std::vector<float>& base);
+// attention: the question's own pre-RoPE queries q_tok [n_layer, n_q, n_head * head_dim] (from its
+// pass over the H-only cache) attend to every chunk's L keys turned back to pre-RoPE: per layer
+// (1..n_layer-1), query head and question token, a softmax over all L entries; a chunk's score is
+// the mass its entries get from the content tokens [content_begin, content_end) minus the mass from
+// the template tokens after them, averaged over layers and heads. The L tier rather than the H
+// tier, because H has often dropped what the question asks for; no RoPE, so that recency and
+// distance do not outvote content. The L tier lives in host memory, where this scan runs.
+std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                                   int64_t content_end, int n_head, const RopeSpec& rope, ThreadPool& pool);
 
 struct SelectOptions {
     int top_k = 3;                // chunks to reload (ignored when budget_bytes > 0)

@@ -94,9 +94,9 @@ void X2LPrefill::add_chunk_tokens(const std::vector<int32_t>& tokens, int n_fram
 }
 
 void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                           std::vector<float>* importance, std::vector<float>* key_sig, const uint8_t* vst) {
+                           std::vector<float>* importance, const uint8_t* vst) {
     const LlmConfig& c = s_.model().config();
-    const int64_t E = c.n_embd, KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    const int64_t E = c.n_embd;
     ensure_cache(n);
     cache_->set_prefix(prefix);
     cache_->clear();
@@ -107,23 +107,10 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
         hooks.obs_begin = cache_->n_prefix();
         hooks.obs_end = cache_->n_prefix() + n;
     }
-    int64_t n_raw = n, b_cur = 0;
-    if (vst) n_raw = n - std::count(vst, vst + n, uint8_t(1));
-    if (key_sig) {
-        key_sig->assign(static_cast<size_t>(c.n_layer) * KD, 0.0f);
-        hooks.on_qk = [&](int layer, const float*, const float* k, int64_t m) {
-            float* dst = key_sig->data() + static_cast<size_t>(layer) * KD;
-            for (int64_t t = 0; t < m; ++t) {
-                if (vst && vst[b_cur + t]) continue;
-                for (int64_t i = 0; i < KD; ++i) dst[i] += k[t * KD + i];
-            }
-        };
-    }
     const int64_t n_batch = s_.options().n_batch;
     const int64_t obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
     for (int64_t b = 0; b < n; b += n_batch) {
         const int64_t m = std::min(n_batch, n - b);
-        b_cur = b;
         x_.assign(embd + b * E, embd + (b + m) * E);
         std::vector<int32_t> pos = iota_pos(pos0 + static_cast<int32_t>(b), m);
         hooks.obs_from = std::max<int64_t>(0, obs_start - b);
@@ -137,9 +124,6 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
             float* imp = importance->data() + lh * n;
             for (int64_t e = 0; e < n; ++e) imp[e] /= static_cast<float>(n - std::max(e, obs_start));
         }
-    }
-    if (key_sig) {
-        for (float& v : *key_sig) v /= static_cast<float>(std::max<int64_t>(1, n_raw));
     }
 }
 
@@ -171,7 +155,7 @@ void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, boo
             prefix.push_back(seg);
             pos0 += static_cast<int32_t>(seg->size());
         }
-        run_level(rows.data(), total, pos0, prefix, nullptr, level == 0 ? &ch.key_sig : nullptr, vst.data());
+        run_level(rows.data(), total, pos0, prefix, nullptr, vst.data());
         std::vector<int32_t> vst_idx;
         for (int64_t i = 0; i < total; ++i) {
             if (vst[i]) vst_idx.push_back(static_cast<int32_t>(i));
@@ -223,6 +207,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     } else {
         add_chunk_snapkv(ch, embd, n, pinned);
     }
+    ch.key_sig = mean_pre_rope_keys(ch, RopeSpec{s_.model().inv_freq(), c.rope_dim, c.rope_type});
     ix_->chunks.push_back(std::move(ch));
     ix_->next_pos += static_cast<int32_t>(n);
     n_input_ += n;
@@ -244,12 +229,14 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
-    run_level(embd, n, ix_->next_pos, low_prefix, &importance, &ch.key_sig, nullptr);
+    run_level(embd, n, ix_->next_pos, low_prefix, &importance, nullptr);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
     ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
+    ch.low_pos.resize(keep.size());
+    for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
-        run_level(embd, n, ix_->next_pos, high_prefix, &importance, nullptr, nullptr);
+        run_level(embd, n, ix_->next_pos, high_prefix, &importance, nullptr);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
@@ -307,66 +294,43 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
         s_.model().embed(question.data() + content_begin, n_content, q.data());
         return score_embedding(ix_, q.data(), n_content);
     }
-    // One question pass over the H-only cache: attention mass per entry and mean pre-RoPE queries,
-    // for the question's own tokens and, as a baseline, for the template tokens around it. Scores
-    // are contrastive (content minus baseline): attention sinks, recency and the query direction
-    // every question shares cancel out.
+    // One question pass over the H-only cache gives the question's pre-RoPE queries per layer (the
+    // tokens see the video only through H, which is what this question would see without reload).
+    // Scores are contrastive (the question's own tokens minus the template tokens after it):
+    // attention sinks and the query direction every question shares cancel out.
     reloader_.wait_all();
     std::vector<const KVSegment*> prefix{ix_.sink.get()};
     for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
     set_prefix(prefix);
     if (nq > cache_->tail().capacity()) throw BudgetError("question too long");
     if (nq > s_.options().n_batch) throw BudgetError("question longer than n_batch tokens");
-    const int64_t n_entries = cache_->n_prefix();
     const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
-    const int64_t n_base = nq - n_content;
-    std::vector<float> obs(static_cast<size_t>(c.n_layer) * c.n_head_kv * n_entries, 0.0f);
-    std::vector<float> obs_base(obs.size(), 0.0f);
-    std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f), q_base(q_mean.size(), 0.0f);
+    std::vector<float> q_tok(static_cast<size_t>(c.n_layer) * nq * QD, 0.0f);  // [n_layer, nq, QD]
     ForwardHooks hooks;
-    hooks.obs = obs.data();
-    hooks.obs_begin = 0;
-    hooks.obs_end = n_entries;
-    hooks.obs_from = content_begin;
-    hooks.obs_to = content_end;
-    if (n_base > 0) {
-        // The baseline is the template tail after the question (its head is usually one "\n").
-        hooks.obs_base = obs_base.data();
-        hooks.base_from = content_end;
-        hooks.base_to = nq;
-    }
-    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t) {
-        float* dst = q_mean.data() + static_cast<size_t>(layer) * QD;
-        float* bdst = q_base.data() + static_cast<size_t>(layer) * QD;
-        for (int64_t t = 0; t < nq; ++t) {
-            float* d = (t >= content_begin && t < content_end) ? dst : (t >= content_end ? bdst : nullptr);
-            if (!d) continue;
-            for (int64_t i = 0; i < QD; ++i) d[i] += q[t * QD + i];
-        }
+    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
+        // One forward call for the whole question, so batch indices are question indices.
+        std::copy(q, q + m * QD, q_tok.data() + static_cast<size_t>(layer) * nq * QD);
     };
-    // One forward call for the whole question, so batch indices are question indices.
     std::vector<float> logits;
     run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, question_pos(), s_.options().n_batch, logits,
                nullptr, &hooks);
     cache_->clear();
-    const int64_t n_tail = nq - content_end;
     std::vector<float> out;
     if (scorer == Scorer::Keys) {
-        for (size_t i = 0; i < q_mean.size(); ++i) {
-            q_mean[i] /= static_cast<float>(n_content);
-            if (n_tail > 0) q_mean[i] -= q_base[i] / static_cast<float>(n_tail);
+        const int64_t n_tail = nq - content_end;
+        std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f);
+        for (int l = 0; l < c.n_layer; ++l) {
+            float* dst = q_mean.data() + static_cast<size_t>(l) * QD;
+            for (int64_t t = content_begin; t < nq; ++t) {
+                const float* q = q_tok.data() + (static_cast<size_t>(l) * nq + t) * QD;
+                const float w = t < content_end ? 1.0f / n_content : -1.0f / n_tail;
+                for (int64_t i = 0; i < QD; ++i) dst[i] += w * q[i];
+            }
         }
         out = score_keys(ix_, q_mean, c.n_head);
     } else {
-        std::vector<float> mass(n_entries, 0.0f), base(n_entries, 0.0f);
-        for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
-            for (int64_t e = 0; e < n_entries; ++e) {
-                mass[e] += obs[lh * n_entries + e] / static_cast<float>(n_content);
-                if (n_tail > 0) base[e] += obs_base[lh * n_entries + e] / static_cast<float>(n_tail);
-            }
-        }
-        if (n_tail == 0) base.clear();
-        out = score_attention(ix_, mass, base);
+        const RopeSpec rope{s_.model().inv_freq(), c.rope_dim, c.rope_type};
+        out = score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, rope, s_.pool());
     }
     prepare(selected_);  // restore the mixed cache of the current selection
     return out;

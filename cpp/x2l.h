@@ -60,12 +60,10 @@ class X2LPrefill {
 
   private:
     void ensure_cache(int64_t n);
-    // Runs rows x [n, n_embd] on top of `prefix`, filling the tail; importance gets the votes.
     // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
-    // (when non-null) gets the attention votes, key_sig (when non-null) the mean pre-RoPE key of
-    // the non-VST rows; vst marks beacon rows (or null).
+    // (when non-null) gets the attention votes; vst marks beacon rows (or null).
     void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                   std::vector<float>* importance, std::vector<float>* key_sig, const uint8_t* vst);
+                   std::vector<float>* importance, const uint8_t* vst);
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void check_budget() const;

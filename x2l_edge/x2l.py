@@ -33,11 +33,15 @@ class VideoContext:
     (quantized, device tier), and a decoder that answers questions on mixed caches."""
 
     def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
-                 max_answer_tokens: int = 512, default_top_k: int = 3, default_scorer: str = "keys"):
+                 answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = 3,
+                 default_scorer: str = "keys"):
         self.session = session
         self.index = index
         self.question_prefix = question_prefix
         self.question_suffix = question_suffix
+        # Text the answer starts with (after the assistant header), e.g. "Best Option: (". It is part
+        # of every decode but not of scoring: its tokens often name what the question asks about.
+        self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
         self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
@@ -60,21 +64,24 @@ class VideoContext:
         m["host_bytes"] = m["low_bytes"]
         return m
 
-    def question_ids(self, question: str) -> list[int]:
+    def question_ids(self, question: str, *, answer_prefix: bool = True) -> list[int]:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty str")
-        return self.session.tokenize(self.question_prefix + question + self.question_suffix)
+        text = self.question_prefix + question + self.question_suffix
+        return self.session.tokenize(text + self.answer_prefix if answer_prefix else text)
 
     # ------------------------------------------------------------------ selection
     def scores(self, question: str, scorer: str | None = None) -> np.ndarray:
-        """Relevance of every chunk to the question: 'attention' (question attention mass over the H-only
-        cache), 'keys' (cosine of mean pre-RoPE query and key), 'embedding' (input-embedding similarity)."""
+        """Relevance of every chunk to the question: 'attention' (the question's queries, from a pass over
+        the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), 'keys' (mean
+        pre-RoPE question query vs each chunk's mean pre-RoPE L key), 'embedding' (input-embedding
+        similarity). All contrast the question with the chat-template tokens after it."""
         scorer = scorer or self.default_scorer
         if scorer == "external":
             raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS} (got {scorer!r})")
-        ids = self.question_ids(question)
+        ids = self.question_ids(question, answer_prefix=False)
         # Only the question's own tokens vote: the template around it is the same for every question.
         head = len(self.session.tokenize(self.question_prefix))
         tail = len(self.session.tokenize(self.question_suffix))
