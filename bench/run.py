@@ -580,7 +580,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio-high", type=int, default=32)
     ap.add_argument("--single-pass", action="store_true")
     ap.add_argument("--top-k", type=int, default=3)
-    ap.add_argument("--scorer", default="keys", choices=["keys", "attention", "embedding"])
+    ap.add_argument("--scorer", default="attention", choices=["keys", "attention", "embedding"])
     ap.add_argument("--hf-max-tokens", type=int, default=8192, help="skip transformers above this length")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per worker")
     ap.add_argument("--reps", type=int, default=1, help="interleaved passes; per metric the best is reported")

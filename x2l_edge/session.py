@@ -217,7 +217,7 @@ class Session:
         if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError("chunk_tokens must be a positive int")
         top_k = x2l_options.pop("top_k", 3)
-        scorer = x2l_options.pop("scorer", "keys")
+        scorer = x2l_options.pop("scorer", "attention")
         x2l_options.setdefault("high_type", self._default_high_type())
         prefix, suffix = split_template(self, system)
         ids = self.tokenize(text, special=False)
@@ -315,7 +315,7 @@ class Session:
         from .x2l import VideoContext, prefill_chunks, split_template
 
         top_k = x2l_options.pop("top_k", self._meta("x2l.top_k", 3))
-        scorer = x2l_options.pop("scorer", "keys")
+        scorer = x2l_options.pop("scorer", "attention")
         x2l_options.setdefault("ratio_low", int(self._meta("x2l.ratio_low", 2)))
         x2l_options.setdefault("ratio_high", int(self._meta("x2l.ratio_high", 32)))
         x2l_options.setdefault("pin_ends", bool(self._meta("x2l.pin_ends", False)))

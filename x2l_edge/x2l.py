@@ -2,7 +2,7 @@
 top-k selection, asynchronous L-KV reload and decoding on the mixed cache.
 
     ctx = session.prefill_text(long_text, chunk_tokens=512)       # or session.prefill(video) for video
-    ctx.scores("Where is the key?", scorer="keys")                  # per-chunk relevance (numpy)
+    ctx.scores("Where is the key?", scorer="attention")             # per-chunk relevance (numpy)
     ctx.ask("Where is the key?", top_k=3)                           # select, reload, answer
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class VideoContext:
 
     def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
                  answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = 3,
-                 default_scorer: str = "keys"):
+                 default_scorer: str = "attention"):
         self.session = session
         self.index = index
         self.question_prefix = question_prefix
