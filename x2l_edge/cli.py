@@ -1,4 +1,4 @@
-"""Command line: `x2l-edge chat|generate|info`."""
+"""Command line: `x2l-edge chat|generate|info|ask|demo`."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +64,12 @@ def main(argv=None) -> int:
     p_ask.add_argument("--scorer", choices=["keys", "attention", "embedding"], default=None)
     p_ask.add_argument("-n", "--max-tokens", type=int, default=64)
     p_ask.add_argument("-s", "--system", default=None)
+    p_demo = sub.add_parser("demo", help="the shipped tiny video-language model on a generated needle video "
+                                         "(H-only, X²L and full KV)")
+    p_demo.add_argument("--minutes", type=float, default=2.0, help="video length (one frame per second)")
+    p_demo.add_argument("--seed", type=int, default=0, help="which generated video")
+    p_demo.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p_demo.add_argument("--top-k", type=int, default=None, help="chunks X²L reloads (default: the model's)")
     p_info = sub.add_parser("info", help="print model information")
     _add_model(p_info)
     a = ap.parse_args(argv)
@@ -73,6 +79,13 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "ask":
             return _ask(a)
+        if a.cmd == "demo":
+            from . import demo
+
+            if a.minutes <= 0:
+                raise ValueError("--minutes must be > 0")
+            demo.run(minutes=a.minutes, seed=a.seed, threads=a.threads, top_k=a.top_k)
+            return 0
         s = Session(_model_arg(a), n_threads=a.threads, n_ctx=a.n_ctx)
         if a.cmd == "info":
             for k, v in {**s.info, **s.memory()}.items():
