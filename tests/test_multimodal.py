@@ -110,6 +110,6 @@ def test_cli_ask(llava, tmp_path, capsys):
     rc = cli.main(["ask", path, str(video), "what is shown?", "--max-frames", "4", "--chunk-frames", "2",
                    "--top-k", "1", "-n", "4", "-t", "1", "--scorer", "embedding"])
     out = capsys.readouterr()
-    assert rc == 0
+    assert rc == 0, out.err
     assert "frames [" in out.err and "4/4" in out.err and "reloaded" in out.err
     assert cli.main(["ask", path, str(tmp_path / "nope.mp4"), "q?"]) == 2

@@ -132,8 +132,9 @@ def main(argv=None) -> int:
 class ProgressBar:
     """A one-line stderr progress bar: frames decoded and encoded so far."""
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream, self.t0 = label, stream, time.perf_counter()
+    def __init__(self, label: str, stream=None):
+        # sys.stderr looked up now, not at import: it may have been replaced since (tests, notebooks)
+        self.label, self.stream, self.t0 = label, stream or sys.stderr, time.perf_counter()
 
     def __call__(self, done, total):
         el = time.perf_counter() - self.t0
