@@ -135,8 +135,9 @@ def main(argv=None) -> int:
                 frame = T.draw(spec, np.random.default_rng([a.seed, 12, qi, i]))[None]
                 embd = session.encode_frames(session.preprocessor.batch(frame))
                 right = reader.tokens_right(embd, spec.caption)
-                res, t_pre, _ = ask_all(session, full_session, frame, T.QUESTIONS[qk], top_k=a.top_k,
+                res, t_pre, ctx = ask_all(session, full_session, frame, T.QUESTIONS[qk], top_k=a.top_k,
                                         ratio_low=a.ratio_low, ratio_high=a.ratio_high)
+                cfg["scorer"] = ctx.default_scorer
                 expected = spec.answer(qk)
                 for m in MODES:
                     res[m]["correct"] = T.answer_ok(res[m]["answer"], expected, qk)
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
                 vid = T.needle_video(a.seed * 100003 + L * 1009 + i, L)
                 res, t_pre, ctx = ask_all(session, full_session, vid.frames, T.QUESTIONS["word"], top_k=a.top_k,
                                           ratio_low=a.ratio_low, ratio_high=a.ratio_high)
+                cfg["scorer"] = ctx.default_scorer
                 for m in MODES:
                     res[m]["correct"] = T.answer_ok(res[m]["answer"], vid.word, "word")
                 mem = ctx.memory()
@@ -212,8 +214,8 @@ def write_report(cfg: dict, items: list, seconds: float, out_prefix: str) -> Non
           f"Model: {Path(cfg['model']).name} — SmolLM2-135M-Instruct (frozen, Q4_1) + the shipped tiny SigLIP "
           f"({T.IMAGE_SIZE} px, patch {T.PATCH_SIZE}, width {T.WIDTH}, {T.N_LAYER} layers) + projector; "
           f"{T.TOKENS_PER_FRAME} tokens per frame, {cfg['chunk_frames']} frames per chunk, ratio_low "
-          f"{cfg['ratio_low']}, ratio_high {cfg['ratio_high']}, X²L top_k {cfg['top_k']}, scorer: the session's "
-          "default.",
+          f"{cfg['ratio_low']}, ratio_high {cfg['ratio_high']}, X²L top_k {cfg['top_k']}, scorer "
+          f"`{cfg.get('scorer', '?')}`.",
           "Cells: correct/n (accuracy, 95 % Wilson interval); an answer is right when the first colour / shape / "
           "digit / word of the asked kind that it names is the expected one. `read`: frames whose 9 visual tokens "
           "are all nearest (L2) to the right caption token's embedding (vision side alone). `selected`: X²L "
