@@ -13,25 +13,17 @@ is included on both sides.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import cpu_name, write_json  # noqa: E402
 CACHE = os.path.join(ROOT, "bench", ".cache")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _prompt_ids(n: int, vocab: int) -> list[int]:
@@ -148,13 +140,10 @@ def main(argv=None) -> int:
     out = {
         "bench": "llm_cpu", "command": "python bench/bench_llm.py " + " ".join(argv or sys.argv[1:]),
         "threads": a.threads, "pp_tokens": a.pp, "tg_tokens": a.tg, "reps": a.reps,
-        "cpu": _cpu_name(), "cpu_features": _core.cpu_features(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": cpu_name(), "cpu_features": _core.cpu_features(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": results,
     }
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print("wrote", a.out)
+    write_json(a.out, out)
     return 0
 
 

@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,10 +59,7 @@ def main(argv=None) -> int:
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
     for k, r in rows.items():
         print(f"{k:18s} {r['seconds']:7.2f} s  forward tokens {r['forward_tokens']:6d}  x{r['cost_vs_one_pass']:.2f}")
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print("wrote", a.out)
+    write_json(a.out, out)
     return 0
 
 

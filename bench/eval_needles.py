@@ -33,12 +33,15 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_common import build_info, cpu_name  # noqa: E402
 
 TASKS = ("single", "multikey", "multivalue", "cwe")
 SCORERS = ("keys", "attention", "embedding")
@@ -432,34 +435,6 @@ def markdown(summary: dict, meta: dict) -> str:
 
 
 
-def _build_info() -> dict:
-    """Which x2l-edge build ran: git HEAD (+ whether the C++ tree was dirty) and the extension module's path."""
-    from x2l_edge import _core
-
-    info = {"core": getattr(_core, "__file__", None)}
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        info["git_head"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "cpp", "bindings"], capture_output=True,
-                               text=True, timeout=10).stdout.split()
-        info["cpp_dirty"] = bool(dirty)
-        if info["core"]:
-            info["core_mtime"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(info["core"])))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown cpu"
-
-
 def _parse_samples(spec: str, tasks) -> dict:
     """'8' (every task) or 'single=10,multikey=8,cwe=4' (others: 0)."""
     if "=" not in spec:
@@ -518,8 +493,8 @@ def main(argv=None) -> int:
     if a.no_full:
         modes.remove("full")
     meta = dict(config, command="python bench/eval_needles.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                threads=a.threads, cpu=_cpu_name(), cpu_features=_core.cpu_features(),
-                time=time.strftime("%Y-%m-%d %H:%M:%S"), build=_build_info(), samples=n_per, scorers=a.scorers, ks=a.ks)
+                threads=a.threads, cpu=cpu_name(), cpu_features=_core.cpu_features(),
+                time=time.strftime("%Y-%m-%d %H:%M:%S"), build=build_info(), samples=n_per, scorers=a.scorers, ks=a.ks)
 
     def write():
         summary = aggregate(records, modes, a.tasks)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -43,6 +42,8 @@ LABELS = {"x2l_full": "x2l-edge full KV", "x2l": "x2l-edge X²L", "llama_cpp": "
 
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
+
+from bench_common import build_info, cpu_name  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -80,34 +81,6 @@ def rss_peak() -> int:
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-
-
-def _build_info() -> dict:
-    """Which x2l-edge build ran: git HEAD (+ whether the C++ tree was dirty) and the extension module's path."""
-    from x2l_edge import _core
-
-    info = {"core": getattr(_core, "__file__", None)}
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        info["git_head"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                          text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "cpp", "bindings"], capture_output=True,
-                               text=True, timeout=10).stdout.split()
-        info["cpp_dirty"] = bool(dirty)
-        if info["core"]:
-            info["core_mtime"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(info["core"])))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------------------------- prompt
@@ -604,8 +577,8 @@ def main(argv=None) -> int:
     s = x2l_edge.Session(a.model, n_threads=1, n_ctx=16)
     out = {"bench": "long_context", "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": os.path.basename(a.model), "threads": a.threads, "decode": a.decode, "lengths": a.lengths,
-           "systems": a.systems, "cpu": _cpu_name(), "cpu_features": _core.cpu_features(),
-           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "build": _build_info(), "reps": a.reps,
+           "systems": a.systems, "cpu": cpu_name(), "cpu_features": _core.cpu_features(),
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "build": build_info(), "reps": a.reps,
            "x2l": {"chunk_tokens": a.chunk_tokens, "ratio_low": a.ratio_low, "ratio_high": a.ratio_high,
                    "single_pass": a.single_pass, "top_k": a.top_k, "scorer": a.scorer},
            "results": []}

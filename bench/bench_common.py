@@ -1,0 +1,46 @@
+"""What every benchmark records beside its numbers: the CPU, the x2l-edge build, and the JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_info() -> dict:
+    """Which x2l-edge build ran: git HEAD (+ whether the C++ tree was dirty) and the extension module's path."""
+    from x2l_edge import _core
+
+    info = {"core": getattr(_core, "__file__", None)}
+    try:
+        info["git_head"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                          text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "cpp", "bindings"], capture_output=True,
+                               text=True, timeout=10).stdout.split()
+        info["cpp_dirty"] = bool(dirty)
+        if info["core"]:
+            info["core_mtime"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(info["core"])))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+    """Writes obj to path (creating its folder) and says so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=indent)
+    print("wrote", path)
