@@ -95,6 +95,7 @@ class LlmModel {
     bool has_beacon() const { return !vst_embd_.empty(); }
     const std::vector<float>& vst_embedding() const { return vst_embd_; }  // [n_embd]
     const float* inv_freq() const { return inv_freq_.data(); }
+    RopeSpec rope_spec() const { return RopeSpec{inv_freq(), config().rope_dim, config().rope_type}; }
 
   private:
     // Recomputes q/k/v of the beacon rows with the VST projections (same normalised input).

@@ -87,17 +87,18 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
     return scores;
 }
 
-// Every chunk's L keys of one (layer, KV head), in chunk order, turned back to pre-RoPE: R(-pos)
-// undoes the rotation applied at prefill, so a key matches a query by content, not by distance.
-static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec,
-                              float* out) {  // out: [n_low_entries, head_dim]
-    const int hd = ix.head_dim;
+// L key of entry e of one (layer, KV head) turned back to pre-RoPE: R(-pos) undoes the rotation
+// applied at prefill, so a key matches a query by content, not by distance. out: [head_dim]
+static void low_key_pre_rope(const ChunkKV& ch, int layer, int head, int64_t e, const RopeSpec& rope_spec, float* out) {
+    const KVSegment& seg = *ch.low;
+    dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
+    rope(out, 1, seg.head_dim(), rope_spec.rope_dim, -ch.low_row_pos(layer, head, e), rope_spec.inv_freq, rope_spec.type);
+}
+
+// Every chunk's pre-RoPE L keys of one (layer, KV head), in chunk order. out: [n_low_entries, head_dim]
+static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec, float* out) {
     for (const auto& ch : ix.chunks) {
-        const KVSegment& seg = *ch.low;
-        for (int64_t e = 0; e < seg.size(); ++e, out += hd) {
-            dequantize_row(seg.type(), seg.k_row(layer, head, e), out, hd);
-            rope(out, 1, hd, rope_spec.rope_dim, -ch.low_row_pos(layer, head, e), rope_spec.inv_freq, rope_spec.type);
-        }
+        for (int64_t e = 0; e < ch.low->size(); ++e, out += ix.head_dim) low_key_pre_rope(ch, layer, head, e, rope_spec, out);
     }
 }
 
@@ -109,8 +110,7 @@ std::vector<float> mean_pre_rope_keys(const ChunkKV& ch, const RopeSpec& rope_sp
         for (int h = 0; h < H; ++h) {
             float* dst = out.data() + (static_cast<size_t>(l) * H + h) * hd;
             for (int64_t e = 0; e < seg.size(); ++e) {
-                dequantize_row(seg.type(), seg.k_row(l, h, e), k.data(), hd);
-                rope(k.data(), 1, hd, rope_spec.rope_dim, -ch.low_row_pos(l, h, e), rope_spec.inv_freq, rope_spec.type);
+                low_key_pre_rope(ch, l, h, e, rope_spec, k.data());
                 for (int i = 0; i < hd; ++i) dst[i] += k[i] / static_cast<float>(seg.size());
             }
         }

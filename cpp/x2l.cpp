@@ -163,7 +163,7 @@ void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, boo
         const int64_t kept = static_cast<int64_t>(vst_idx.size());
         // As memory, the kept VSTs are numbered densely after what precedes them (Video-XL re-applies
         // RoPE over the compacted cache): move each from its slot in X' to pos0 + its rank.
-        const RopeSpec spec{s_.model().inv_freq(), c.rope_dim, c.rope_type};
+        const RopeSpec spec = s_.model().rope_spec();
         for (int64_t j = 0; j < kept; ++j) cache_->tail().move_entry(vst_idx[j], pos0 + static_cast<int32_t>(j), spec);
         std::vector<int32_t> keep;  // the same rows for every layer and head
         keep.reserve(static_cast<size_t>(c.n_layer) * c.n_head_kv * kept);
@@ -207,7 +207,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     } else {
         add_chunk_snapkv(ch, embd, n, pinned);
     }
-    ch.key_sig = mean_pre_rope_keys(ch, RopeSpec{s_.model().inv_freq(), c.rope_dim, c.rope_type});
+    ch.key_sig = mean_pre_rope_keys(ch, s_.model().rope_spec());
     ix_->chunks.push_back(std::move(ch));
     ix_->next_pos += static_cast<int32_t>(n);
     n_input_ += n;
@@ -329,8 +329,8 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
         }
         out = score_keys(ix_, q_mean, c.n_head);
     } else {
-        const RopeSpec rope{s_.model().inv_freq(), c.rope_dim, c.rope_type};
-        out = score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, rope, s_.pool());
+        out = score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(),
+                              s_.pool());
     }
     prepare(selected_);  // restore the mixed cache of the current selection
     return out;
@@ -364,8 +364,7 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
         }
         next += static_cast<int32_t>(seg->size());
     }
-    const LlmConfig& cfg = s_.model().config();
-    RopeSpec spec{s_.model().inv_freq(), cfg.rope_dim, cfg.rope_type};
+    const RopeSpec spec = s_.model().rope_spec();
     std::vector<const KVSegment*> work = reloader_.start(src, delta, spec);
     std::vector<const KVSegment*> prefix{ix_.sink.get()};
     for (int c = 0; c < n; ++c) prefix.push_back(slot[c] >= 0 ? work[slot[c]] : ix_.chunks[c].high.get());
