@@ -11,7 +11,8 @@ namespace x2l {
 
 size_t Workspace::bytes() const {
     size_t f = x.capacity() + xn.capacity() + q.capacity() + k.capacity() + v.capacity() + attn.capacity() +
-               gate.capacity() + up.capacity() + scores.capacity() + vtmp.capacity();
+               gate.capacity() + up.capacity() + scores.capacity() + vtmp.capacity() + tiles.capacity() +
+               attn_part.capacity();
     return f * sizeof(float) + qbuf.capacity() + act.capacity();
 }
 
@@ -266,6 +267,23 @@ static void accumulate_segment(const KVSegment& s, int layer, int kvh, int64_t c
 
 void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first,
                          const KVCache& cache, const ForwardHooks* hooks) const {
+    // Observed queries (X²L importance) need normalised probabilities per entry: the row path.
+    // Every other multi-token batch takes the tiled path; a single token (decode) is memory-bound
+    // and the row path already reads each key once per query head.
+    const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
+    if (n < kTiledAttentionMinTokens || !tiled_attention_supported()) {
+        attention_rows(pool, ws, layer, 0, n, first, cache, hooks);
+        return;
+    }
+    const int64_t ob = observe ? std::clamp<int64_t>(hooks->obs_from, 0, n) : n;
+    const int64_t oe = observe ? std::clamp<int64_t>(hooks->obs_to, ob, n) : n;
+    if (ob > 0) attention_tiled(pool, ws, layer, 0, ob, first, cache);
+    if (oe > ob) attention_rows(pool, ws, layer, ob, oe, first, cache, hooks);
+    if (n > oe) attention_tiled(pool, ws, layer, oe, n, first, cache);
+}
+
+void LlmModel::attention_rows(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
+                              int64_t first, const KVCache& cache, const ForwardHooks* hooks) const {
     const LlmConfig& c = cfg_;
     const int hd = c.head_dim;
     const int group = c.n_head / c.n_head_kv;
@@ -278,7 +296,7 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
     bool need_q8 = tail.type() == DType::Q8_0 || tail.type() == DType::Q4_0;
     for (const KVSegment* s : prefix) need_q8 |= s->type() == DType::Q8_0 || s->type() == DType::Q4_0;
 
-    const int64_t n_tasks = n * c.n_head;
+    const int64_t n_tasks = (t_end - t_begin) * c.n_head;
     // Attention observation (X²L importance and scorer statistics): per-thread partial sums.
     const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
     const int64_t obs_n = observe ? hooks->obs_end - hooks->obs_begin : 0;
@@ -289,7 +307,7 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
         uint8_t* q8 = ws.qbuf.data() + ith * q8_stride;
         float* tmp = ws.vtmp.data() + static_cast<size_t>(ith) * hd;
         for (int64_t task = ith; task < n_tasks; task += nth) {
-            const int64_t t = task / c.n_head;
+            const int64_t t = t_begin + task / c.n_head;
             const int h = static_cast<int>(task % c.n_head);
             const int kvh = h / group;
             const float* q = ws.q.data() + t * QD + static_cast<int64_t>(h) * hd;
@@ -324,6 +342,238 @@ void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, 
         for (int th = 0; th < pool.n_threads(); ++th) {
             const float* src = ws.obs_part.data() + static_cast<size_t>(th) * part;
             for (size_t i = 0; i < part; ++i) dst[i] += src[i];
+        }
+    }
+}
+
+namespace {
+
+// 16 floats as one GCC/Clang vector: AVX-512 registers where the build has them, pairs of AVX2 or
+// quads of NEON/SSE registers otherwise; the compiler picks the instructions.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+    f32x16 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float hmax16(f32x16 v) {
+    float m = v[0];
+    for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
+    return m;
+}
+inline float hsum16(f32x16 v) {
+    float s = 0.0f;
+    for (int i = 0; i < 16; ++i) s += v[i];
+    return s;
+}
+inline f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
+
+// exp_neg (ops.h) on 16 lanes: the same polynomial, floor done by truncate-and-correct.
+inline f32x16 exp_neg16(f32x16 x) {
+    x = vmax(x, f32x16{} - 87.0f);
+    const f32x16 t = x * 1.44269504089f + 0.5f;
+    const i32x16 n0 = __builtin_convertvector(t, i32x16);          // truncation toward zero
+    const i32x16 n = n0 + (__builtin_convertvector(n0, f32x16) > t);  // true is -1: floor for t < 0
+    const f32x16 nf = __builtin_convertvector(n, f32x16);
+    const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    f32x16 p = f32x16{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const i32x16 bits = (n + 127) << 23;
+    f32x16 scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+constexpr int kTileKeys = 64;  // one K/V tile: 4 vectors of scores per query row
+
+// One query row against one K/V tile with online softmax. q: [hd] (pre-scaled), kt: [hd, kTileKeys]
+// (transposed tile), vt: [kTileKeys, hd], nv: visible entries of the tile (a prefix, causal).
+// m, l: the row's running max and sum; o: [hd] its unnormalised output. NV = hd / 16.
+template <int NV>
+void tile_row(const float* q, const float* kt, const float* vt, int nv, float& m, float& l, float* o) {
+    f32x16 s[4] = {};
+    for (int d = 0; d < NV * 16; ++d) {
+        const float qd = q[d];
+        const float* kr = kt + d * kTileKeys;
+        for (int b = 0; b < 4; ++b) s[b] += qd * load16(kr + 16 * b);
+    }
+    const f32x16 ninf = f32x16{} - INFINITY;
+    f32x16 mx = ninf;
+    for (int b = 0; b < 4; ++b) {
+        f32x16 idx;
+        for (int i = 0; i < 16; ++i) idx[i] = static_cast<float>(16 * b + i);
+        s[b] = idx < static_cast<float>(nv) ? s[b] : ninf;
+        mx = vmax(mx, s[b]);
+    }
+    const float m_new = std::max(m, hmax16(mx));
+    const float corr = m == -INFINITY ? 0.0f : exp_neg(m - m_new);
+    f32x16 sum = {};
+    for (int b = 0; b < 4; ++b) {
+        f32x16 idx;
+        for (int i = 0; i < 16; ++i) idx[i] = static_cast<float>(16 * b + i);
+        s[b] = idx < static_cast<float>(nv) ? exp_neg16(s[b] - m_new) : f32x16{};
+        sum += s[b];
+    }
+    m = m_new;
+    l = l * corr + hsum16(sum);
+    f32x16 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = load16(o + 16 * v) * corr;
+    float p[kTileKeys];
+    std::memcpy(p, s, sizeof(p));
+    for (int j = 0; j < nv; ++j) {
+        const float* vr = vt + static_cast<size_t>(j) * NV * 16;
+        for (int v = 0; v < NV; ++v) acc[v] += p[j] * load16(vr + 16 * v);
+    }
+    for (int v = 0; v < NV; ++v) store16(o + 16 * v, acc[v]);
+}
+
+using TileRowFn = void (*)(const float*, const float*, const float*, int, float&, float&, float*);
+
+TileRowFn tile_row_for(int head_dim) {
+    switch (head_dim) {
+        case 16: return tile_row<1>;
+        case 32: return tile_row<2>;
+        case 64: return tile_row<4>;
+        case 128: return tile_row<8>;
+        case 256: return tile_row<16>;
+        default: return nullptr;
+    }
+}
+
+}  // namespace
+
+bool LlmModel::tiled_attention_supported() const { return tile_row_for(cfg_.head_dim) != nullptr; }
+
+// Flash-style attention for batches: one task is a block of kTileTokens tokens times the query heads
+// of one KV head (GQA rows share their keys). Keys and values are dequantized to f32 once per tile of
+// kTileKeys entries, K transposed so that a row's scores are vector FMAs over the tile, and each row
+// keeps a running max and sum (online softmax), so no [n_ctx] score row is materialised.
+void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
+                               int64_t first, const KVCache& cache) const {
+    constexpr int BK = kTileKeys, BT = kTileTokens;
+    const LlmConfig& c = cfg_;
+    const int hd = c.head_dim, group = c.n_head / c.n_head_kv, H = c.n_head_kv;
+    const TileRowFn row_fn = tile_row_for(hd);
+    const int rows_max = BT * group;
+    const int64_t QD = static_cast<int64_t>(c.n_head) * hd;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    const auto& prefix = cache.prefix();
+    const KVSegment& tail = cache.tail();
+    // Per thread: Kt [hd, BK], V [BK, hd], Q [rows, hd], O [rows, hd], m [rows], l [rows]
+    const size_t stride = static_cast<size_t>(2 * hd * BK + rows_max * (2 * hd + 2));
+    if (ws.tiles.size() < stride * pool.n_threads()) ws.tiles.assign(stride * pool.n_threads(), 0.0f);
+    int64_t n_prefix = 0;
+    for (const KVSegment* seg : prefix) n_prefix += seg->size();
+    const int64_t n_blocks = (t_end - t_begin + BT - 1) / BT;
+    const int64_t base_tasks = n_blocks * H;
+    // Few (block, KV head) tasks, as in decode: split the entries too (flash-decoding) so that every
+    // thread has work, then merge the partial softmaxes. Splits are tile-aligned.
+    const int nth_all = pool.n_threads();
+    const int64_t most_entries = n_prefix + first + t_end;
+    int64_t n_split = 1;
+    if (base_tasks < 2 * nth_all) {
+        n_split = std::clamp<int64_t>((2 * nth_all + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, most_entries / (4 * BK)));
+    }
+    const int64_t n_tasks = base_tasks * n_split;
+    const size_t part_stride = static_cast<size_t>(rows_max) * (hd + 2);  // o [rows, hd], m [rows], l [rows]
+    if (n_split > 1 && ws.attn_part.size() < n_tasks * part_stride) ws.attn_part.resize(n_tasks * part_stride);
+    pool.run([&](int ith, int nth) {
+        float* kt = ws.tiles.data() + stride * ith;
+        float* vt = kt + hd * BK;
+        float* qs = vt + BK * hd;
+        for (int64_t task = ith; task < n_tasks; task += nth) {
+            const int64_t split = task / base_tasks, base = task % base_tasks;
+            const int kvh = static_cast<int>(base % H);
+            const int64_t tb = t_begin + (base / H) * BT, te = std::min(t_end, tb + BT);
+            const int rows = static_cast<int>(te - tb) * group;
+            // This task's entries [e0, e1) of the concatenation prefix + tail (tail up to its last token).
+            const int64_t n_vis = n_prefix + first + te;
+            const int64_t span = (n_vis + n_split - 1) / n_split;
+            const int64_t e0 = std::min(n_vis, split * ((span + BK - 1) / BK) * BK);
+            const int64_t e1 = n_split == 1 ? n_vis : std::min(n_vis, e0 + ((span + BK - 1) / BK) * BK);
+            float* o = n_split > 1 ? ws.attn_part.data() + task * part_stride : qs + static_cast<size_t>(rows_max) * hd;
+            float* m = o + static_cast<size_t>(rows_max) * hd;
+            float* l = m + rows_max;
+            // row r: token tb + r / group, query head kvh * group + r % group
+            auto head_offset = [&](int r) {
+                return (tb + r / group) * QD + static_cast<int64_t>(kvh * group + r % group) * hd;
+            };
+            for (int r = 0; r < rows; ++r) {
+                const float* q = ws.q.data() + head_offset(r);
+                for (int d = 0; d < hd; ++d) qs[static_cast<size_t>(r) * hd + d] = q[d] * scale;
+            }
+            std::fill(o, o + static_cast<size_t>(rows) * hd, 0.0f);
+            std::fill(m, m + rows, -INFINITY);
+            std::fill(l, l + rows, 0.0f);
+            // Entries [a, b) of one segment. The prefix is visible to every row; tail entry e is
+            // visible to the token t with first + t >= e.
+            auto run_segment = [&](const KVSegment& seg, int64_t a, int64_t b, bool causal) {
+                for (int64_t j0 = a; j0 < b; j0 += BK) {
+                    const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
+                    for (int j = 0; j < nb; ++j) {
+                        float krow[256];  // head_dim <= 256 (tile_row_for)
+                        dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
+                        for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
+                        dequantize_row(seg.type(), seg.v_row(layer, kvh, j0 + j), vt + static_cast<size_t>(j) * hd, hd);
+                    }
+                    for (int r = 0; r < rows; ++r) {
+                        int nv = nb;
+                        if (causal) nv = static_cast<int>(std::clamp<int64_t>(first + tb + r / group + 1 - j0, 0, nb));
+                        if (nv == 0) continue;
+                        row_fn(qs + static_cast<size_t>(r) * hd, kt, vt, nv, m[r], l[r], o + static_cast<size_t>(r) * hd);
+                    }
+                }
+            };
+            int64_t g = 0;  // first entry of the segment in the concatenation
+            for (const KVSegment* seg : prefix) {
+                const int64_t a = std::max(e0, g), b = std::min(e1, g + seg->size());
+                if (a < b) run_segment(*seg, a - g, b - g, false);
+                g += seg->size();
+            }
+            if (std::max(e0, g) < e1) run_segment(tail, std::max(e0, g) - g, e1 - g, true);
+            if (n_split > 1) continue;  // merged below
+            for (int r = 0; r < rows; ++r) {
+                const float inv = 1.0f / l[r];
+                const float* orow = o + static_cast<size_t>(r) * hd;
+                float* out = ws.attn.data() + head_offset(r);
+                for (int d = 0; d < hd; ++d) out[d] = orow[d] * inv;
+            }
+        }
+    });
+    if (n_split == 1) return;
+    // Merge the splits of every (block, KV head): rescale each partial to the common max.
+    for (int64_t base = 0; base < base_tasks; ++base) {
+        const int kvh = static_cast<int>(base % H);
+        const int64_t tb = t_begin + (base / H) * BT, te = std::min(t_end, tb + BT);
+        const int rows = static_cast<int>(te - tb) * group;
+        for (int r = 0; r < rows; ++r) {
+            float mx = -INFINITY;
+            for (int64_t sp = 0; sp < n_split; ++sp) {
+                const float* part = ws.attn_part.data() + (sp * base_tasks + base) * part_stride;
+                mx = std::max(mx, part[static_cast<size_t>(rows_max) * hd + r]);
+            }
+            float* out = ws.attn.data() + (tb + r / group) * QD + static_cast<int64_t>(kvh * group + r % group) * hd;
+            std::fill(out, out + hd, 0.0f);
+            float sum = 0.0f;
+            for (int64_t sp = 0; sp < n_split; ++sp) {
+                const float* part = ws.attn_part.data() + (sp * base_tasks + base) * part_stride;
+                const float pm = part[static_cast<size_t>(rows_max) * hd + r];
+                if (pm == -INFINITY) continue;  // nothing of this split was visible to the row
+                const float w = exp_neg(pm - mx);
+                sum += w * part[static_cast<size_t>(rows_max) * (hd + 1) + r];
+                const float* po = part + static_cast<size_t>(r) * hd;
+                for (int d = 0; d < hd; ++d) out[d] += w * po[d];
+            }
+            const float inv = 1.0f / sum;
+            for (int d = 0; d < hd; ++d) out[d] *= inv;
         }
     }
 }

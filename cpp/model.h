@@ -65,6 +65,8 @@ struct Workspace {
     std::vector<float> scores;                           // [n_threads, n_ctx]
     std::vector<uint8_t> qbuf;                           // [n_threads, q8 rows] for quantized K
     std::vector<float> vtmp;                             // [n_threads, head_dim]
+    std::vector<float> tiles;                            // [n_threads, tiled-attention scratch]
+    std::vector<float> attn_part;                        // [tasks, rows, head_dim + 2] split softmax partials
     std::vector<uint8_t> act;                            // matmul activation scratch
     std::vector<float> obs_part;                         // [n_threads, n_head_kv, obs entries]
     std::vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
@@ -102,6 +104,15 @@ class LlmModel {
     void beacon_qkv(ThreadPool& pool, Workspace& ws, const LlmLayer& L, int64_t n, const uint8_t* vst) const;
     void attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first_entry,
                    const KVCache& cache, const ForwardHooks* hooks) const;
+    // Batch tokens [t_begin, t_end): one softmax row per (token, head); the only path that observes.
+    void attention_rows(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
+                        int64_t first_entry, const KVCache& cache, const ForwardHooks* hooks) const;
+    // Batch tokens [t_begin, t_end): tiled, online softmax, keys dequantized once per tile.
+    void attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
+                         int64_t first_entry, const KVCache& cache) const;
+    static constexpr int64_t kTiledAttentionMinTokens = 1;
+    bool tiled_attention_supported() const;  // head_dim 16, 32, 64, 128 or 256
+    static constexpr int kTileTokens = 16;
 
     LlmConfig cfg_;
     Weight tok_embd_, output_;

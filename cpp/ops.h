@@ -1,7 +1,9 @@
 // CPU kernels used by the model forward passes: matmul over quantized weights, norms, RoPE,
 // activations. Multithreaded through ThreadPool; the SIMD lives in quant.cpp's dot products.
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "quant.h"
@@ -58,6 +60,25 @@ struct RopeSpec {
 
 // In-place softmax over n values; returns nothing, handles -inf entries.
 void softmax(float* x, int64_t n);
+
+// exp(x) for x <= 0 to ~2 ulp (Cephes-style: 2^n by exponent bits, degree-6 polynomial on the
+// remainder). Inline and branch-free so loops over it vectorize; x < -87 gives ~0, not 0.
+inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = std::floor(x * 1.44269504089f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
 
 void silu_mul(float* gate, const float* up, int64_t n);  // gate = silu(gate) * up
 void gelu_erf(float* x, int64_t n);
