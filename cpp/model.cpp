@@ -267,19 +267,11 @@ static void accumulate_segment(const KVSegment& s, int layer, int kvh, int64_t c
 
 void LlmModel::attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first,
                          const KVCache& cache, const ForwardHooks* hooks) const {
-    // Observed queries (X²L importance) need normalised probabilities per entry: the row path.
-    // Every other multi-token batch takes the tiled path; a single token (decode) is memory-bound
-    // and the row path already reads each key once per query head.
-    const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
-    if (n < kTiledAttentionMinTokens || !tiled_attention_supported()) {
+    if (tiled_attention_supported()) {
+        attention_tiled(pool, ws, layer, 0, n, first, cache, hooks);
+    } else {
         attention_rows(pool, ws, layer, 0, n, first, cache, hooks);
-        return;
     }
-    const int64_t ob = observe ? std::clamp<int64_t>(hooks->obs_from, 0, n) : n;
-    const int64_t oe = observe ? std::clamp<int64_t>(hooks->obs_to, ob, n) : n;
-    if (ob > 0) attention_tiled(pool, ws, layer, 0, ob, first, cache);
-    if (oe > ob) attention_rows(pool, ws, layer, ob, oe, first, cache, hooks);
-    if (n > oe) attention_tiled(pool, ws, layer, oe, n, first, cache);
 }
 
 void LlmModel::attention_rows(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
@@ -398,13 +390,19 @@ constexpr int kTileKeys = 64;  // one K/V tile: 4 vectors of scores per query ro
 // (transposed tile), vt: [kTileKeys, hd], nv: visible entries of the tile (a prefix, causal).
 // m, l: the row's running max and sum; o: [hd] its unnormalised output. NV = hd / 16.
 template <int NV>
-void tile_row(const float* q, const float* kt, const float* vt, int nv, float& m, float& l, float* o) {
-    f32x16 s[4] = {};
+inline void tile_scores(const float* q, const float* kt, f32x16 s[4]) {
+    for (int b = 0; b < 4; ++b) s[b] = f32x16{};
     for (int d = 0; d < NV * 16; ++d) {
         const float qd = q[d];
         const float* kr = kt + d * kTileKeys;
         for (int b = 0; b < 4; ++b) s[b] += qd * load16(kr + 16 * b);
     }
+}
+
+template <int NV>
+void tile_row(const float* q, const float* kt, const float* vt, int nv, float& m, float& l, float* o) {
+    f32x16 s[4];
+    tile_scores<NV>(q, kt, s);
     const f32x16 ninf = f32x16{} - INFINITY;
     f32x16 mx = ninf;
     for (int b = 0; b < 4; ++b) {
@@ -435,33 +433,85 @@ void tile_row(const float* q, const float* kt, const float* vt, int nv, float& m
     for (int v = 0; v < NV; ++v) store16(o + 16 * v, acc[v]);
 }
 
-using TileRowFn = void (*)(const float*, const float*, const float*, int, float&, float&, float*);
+// The final probabilities exp(s - m) / l of one row over the first nv entries of a tile: p [kTileKeys].
+template <int NV>
+void tile_probs(const float* q, const float* kt, int nv, float m, float inv_l, float* p) {
+    f32x16 s[4];
+    tile_scores<NV>(q, kt, s);
+    for (int b = 0; b < 4; ++b) store16(p + 16 * b, exp_neg16(s[b] - m) * inv_l);
+    for (int j = nv; j < kTileKeys; ++j) p[j] = 0.0f;
+}
 
-TileRowFn tile_row_for(int head_dim) {
+struct TileFns {
+    void (*row)(const float*, const float*, const float*, int, float&, float&, float*);
+    void (*probs)(const float*, const float*, int, float, float, float*);
+};
+
+TileFns tile_fns_for(int head_dim) {
     switch (head_dim) {
-        case 16: return tile_row<1>;
-        case 32: return tile_row<2>;
-        case 64: return tile_row<4>;
-        case 128: return tile_row<8>;
-        case 256: return tile_row<16>;
-        default: return nullptr;
+        case 16: return {tile_row<1>, tile_probs<1>};
+        case 32: return {tile_row<2>, tile_probs<2>};
+        case 64: return {tile_row<4>, tile_probs<4>};
+        case 128: return {tile_row<8>, tile_probs<8>};
+        case 256: return {tile_row<16>, tile_probs<16>};
+        default: return {nullptr, nullptr};
     }
 }
 
 }  // namespace
 
-bool LlmModel::tiled_attention_supported() const { return tile_row_for(cfg_.head_dim) != nullptr; }
+bool LlmModel::tiled_attention_supported() const { return tile_fns_for(cfg_.head_dim).row != nullptr; }
+
+// Adds the final attention probabilities of the observed rows of one task (token block tb, KV head kvh)
+// over the observed entries to acc [obs entries] (this KV head's slice of a per-thread accumulator).
+static void observe_rows(const LlmModel& model, int layer, int kvh, int64_t tb, int rows, int group, int64_t first,
+                         const float* qs, float* kt, const float* m, const float* l, const TileFns& fns,
+                         const std::vector<const KVSegment*>& prefix, const KVSegment& tail, const ForwardHooks& hooks,
+                         int64_t n_vis, float* acc_all, int64_t obs_n) {
+    constexpr int BK = kTileKeys;
+    const int hd = model.config().head_dim;
+    float* acc = acc_all + static_cast<size_t>(kvh) * obs_n;
+    auto observe_segment = [&](const KVSegment& seg, int64_t g, int64_t a, int64_t b, bool causal) {
+        for (int64_t j0 = a; j0 < b; j0 += BK) {
+            const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
+            for (int j = 0; j < nb; ++j) {
+                float krow[256];
+                dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
+                for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
+            }
+            for (int r = 0; r < rows; ++r) {
+                const int64_t t = tb + r / group;
+                if (t < hooks.obs_from || t >= hooks.obs_to) continue;
+                int nv = nb;
+                if (causal) nv = static_cast<int>(std::clamp<int64_t>(first + t + 1 - j0, 0, nb));
+                if (nv == 0) continue;
+                float p[BK];
+                fns.probs(qs + static_cast<size_t>(r) * hd, kt, nv, m[r], 1.0f / l[r], p);
+                float* dst = acc + (g + j0 - hooks.obs_begin);
+                for (int j = 0; j < nv; ++j) dst[j] += p[j];
+            }
+        }
+    };
+    int64_t g = 0;
+    for (const KVSegment* seg : prefix) {
+        const int64_t a = std::max(hooks.obs_begin, g), b = std::min({hooks.obs_end, g + seg->size(), n_vis});
+        if (a < b) observe_segment(*seg, g, a - g, b - g, false);
+        g += seg->size();
+    }
+    const int64_t a = std::max(hooks.obs_begin, g), b = std::min(hooks.obs_end, n_vis);
+    if (a < b) observe_segment(tail, g, a - g, b - g, true);
+}
 
 // Flash-style attention for batches: one task is a block of kTileTokens tokens times the query heads
 // of one KV head (GQA rows share their keys). Keys and values are dequantized to f32 once per tile of
 // kTileKeys entries, K transposed so that a row's scores are vector FMAs over the tile, and each row
 // keeps a running max and sum (online softmax), so no [n_ctx] score row is materialised.
 void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
-                               int64_t first, const KVCache& cache) const {
+                               int64_t first, const KVCache& cache, const ForwardHooks* hooks) const {
     constexpr int BK = kTileKeys, BT = kTileTokens;
     const LlmConfig& c = cfg_;
     const int hd = c.head_dim, group = c.n_head / c.n_head_kv, H = c.n_head_kv;
-    const TileRowFn row_fn = tile_row_for(hd);
+    const TileFns fns = tile_fns_for(hd);
     const int rows_max = BT * group;
     const int64_t QD = static_cast<int64_t>(c.n_head) * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -478,8 +528,14 @@ void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64
     // thread has work, then merge the partial softmaxes. Splits are tile-aligned.
     const int nth_all = pool.n_threads();
     const int64_t most_entries = n_prefix + first + t_end;
+    // Observation (X²L importance): the final probabilities of the observed queries over entries
+    // [obs_begin, obs_end), summed per KV head; recomputed per tile once each row's max and sum are known.
+    const bool observe = hooks && hooks->obs && hooks->obs_end > hooks->obs_begin;
+    const int64_t obs_n = observe ? hooks->obs_end - hooks->obs_begin : 0;
+    const size_t obs_part = static_cast<size_t>(H) * obs_n;
+    if (observe) ws.obs_part.assign(static_cast<size_t>(nth_all) * obs_part, 0.0f);
     int64_t n_split = 1;
-    if (base_tasks < 2 * nth_all) {
+    if (base_tasks < 2 * nth_all && !observe) {
         n_split = std::clamp<int64_t>((2 * nth_all + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, most_entries / (4 * BK)));
     }
     const int64_t n_tasks = base_tasks * n_split;
@@ -528,7 +584,7 @@ void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64
                         int nv = nb;
                         if (causal) nv = static_cast<int>(std::clamp<int64_t>(first + tb + r / group + 1 - j0, 0, nb));
                         if (nv == 0) continue;
-                        row_fn(qs + static_cast<size_t>(r) * hd, kt, vt, nv, m[r], l[r], o + static_cast<size_t>(r) * hd);
+                        fns.row(qs + static_cast<size_t>(r) * hd, kt, vt, nv, m[r], l[r], o + static_cast<size_t>(r) * hd);
                     }
                 }
             };
@@ -539,6 +595,8 @@ void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64
                 g += seg->size();
             }
             if (std::max(e0, g) < e1) run_segment(tail, std::max(e0, g) - g, e1 - g, true);
+            if (observe) observe_rows(*this, layer, kvh, tb, rows, group, first, qs, kt, m, l, fns, prefix, tail,
+                                      *hooks, n_vis, ws.obs_part.data() + static_cast<size_t>(ith) * obs_part, obs_n);
             if (n_split > 1) continue;  // merged below
             for (int r = 0; r < rows; ++r) {
                 const float inv = 1.0f / l[r];
@@ -548,6 +606,13 @@ void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64
             }
         }
     });
+    if (observe) {
+        float* dst = hooks->obs + static_cast<size_t>(layer) * obs_part;
+        for (int th = 0; th < nth_all; ++th) {  // a fixed order: sums do not depend on scheduling
+            const float* src = ws.obs_part.data() + static_cast<size_t>(th) * obs_part;
+            for (size_t i = 0; i < obs_part; ++i) dst[i] += src[i];
+        }
+    }
     if (n_split == 1) return;
     // Merge the splits of every (block, KV head): rescale each partial to the common max.
     for (int64_t base = 0; base < base_tasks; ++base) {

@@ -104,13 +104,12 @@ class LlmModel {
     void beacon_qkv(ThreadPool& pool, Workspace& ws, const LlmLayer& L, int64_t n, const uint8_t* vst) const;
     void attention(ThreadPool& pool, Workspace& ws, int layer, int64_t n, int64_t first_entry,
                    const KVCache& cache, const ForwardHooks* hooks) const;
-    // Batch tokens [t_begin, t_end): one softmax row per (token, head); the only path that observes.
+    // Batch tokens [t_begin, t_end): one softmax row per (token, head), for head sizes without a tiled kernel.
     void attention_rows(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
                         int64_t first_entry, const KVCache& cache, const ForwardHooks* hooks) const;
     // Batch tokens [t_begin, t_end): tiled, online softmax, keys dequantized once per tile.
     void attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64_t t_begin, int64_t t_end,
-                         int64_t first_entry, const KVCache& cache) const;
-    static constexpr int64_t kTiledAttentionMinTokens = 1;
+                         int64_t first_entry, const KVCache& cache, const ForwardHooks* hooks) const;
     bool tiled_attention_supported() const;  // head_dim 16, 32, 64, 128 or 256
     static constexpr int kTileTokens = 16;
 
