@@ -17,7 +17,7 @@ struct ChunkKV {
     int32_t pos_begin = 0, pos_end = 0;  // positions those tokens had
     int n_frames = 1;                    // frames (video) or sub-blocks (text) in the chunk
     std::unique_ptr<KVSegment> low, high;
-    std::vector<float> key_sig;  // [n_layer, n_head_kv * head_dim] mean pre-RoPE key of the chunk's L entries
+    std::vector<float> key_sig;  // [n_layer, n_head_kv, n, head_dim] distinctive pre-RoPE L keys (select.h)
     std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
     // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
     // different tokens per layer and head, while low->pos() holds one position per entry (those of

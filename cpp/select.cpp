@@ -17,46 +17,6 @@ Scorer scorer_from_name(const std::string& name) {
     throw Error("unknown scorer '" + name + "' (attention, keys, embedding, or external scores from Python)");
 }
 
-std::vector<float> score_keys(const VideoIndex& ix, const std::vector<float>& q_mean, int n_head) {
-    const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim;
-    const int group = n_head / H;
-    const size_t nc = ix.chunks.size();
-    if (q_mean.size() != static_cast<size_t>(L) * n_head * hd) throw Error("score_keys: bad query size");
-    std::vector<float> scores(nc, 0.0f);
-    if (nc == 0) return scores;
-    // Chunk keys share a large common component (same model, same kind of input): compare the
-    // question with each chunk's deviation from the mean chunk, or every chunk scores alike.
-    const size_t KD = static_cast<size_t>(H) * hd;
-    std::vector<double> center(static_cast<size_t>(L) * KD, 0.0);
-    for (const auto& ch : ix.chunks) {
-        for (size_t i = 0; i < center.size(); ++i) center[i] += ch.key_sig[i] / static_cast<double>(nc);
-    }
-    // Per layer and query head: the attention logit the mean question query would give each chunk's
-    // mean (centred) key, standardised across chunks so that every head votes with the same weight.
-    std::vector<double> dots(nc);
-    const int l0 = L > 1 ? 1 : 0;  // layer 0 mostly sees token identity
-    for (int l = l0; l < L; ++l) {
-        for (int h = 0; h < n_head; ++h) {
-            const float* q = q_mean.data() + (static_cast<size_t>(l) * n_head + h) * hd;
-            const size_t koff = static_cast<size_t>(l) * KD + static_cast<size_t>(h / group) * hd;
-            double mean = 0.0;
-            for (size_t c = 0; c < nc; ++c) {
-                const float* k = ix.chunks[c].key_sig.data() + koff;
-                double d = 0.0;
-                for (int i = 0; i < hd; ++i) d += static_cast<double>(q[i]) * (k[i] - center[koff + i]);
-                dots[c] = d;
-                mean += d / static_cast<double>(nc);
-            }
-            double var = 0.0;
-            for (double d : dots) var += (d - mean) * (d - mean) / static_cast<double>(nc);
-            const double sd = std::sqrt(var) + 1e-12;
-            for (size_t c = 0; c < nc; ++c) scores[c] += static_cast<float>((dots[c] - mean) / sd);
-        }
-    }
-    for (float& v : scores) v /= static_cast<float>((L - l0) * n_head);
-    return scores;
-}
-
 std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t n_q) {
     const int E = ix.n_embd;
     std::vector<double> qm(E, 0.0);
@@ -102,30 +62,50 @@ static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const R
     }
 }
 
-std::vector<float> mean_pre_rope_keys(const ChunkKV& ch, const RopeSpec& rope_spec) {
-    const KVSegment& seg = *ch.low;
+std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const EntryPos& pos,
+                                          const RopeSpec& rope_spec, int n_keys) {
     const int L = seg.n_layer(), H = seg.n_head_kv(), hd = seg.head_dim();
-    std::vector<float> out(static_cast<size_t>(L) * H * hd, 0.0f), k(hd);
+    const int64_t m = std::min<int64_t>(n_keys, n);
+    std::vector<float> out(static_cast<size_t>(L) * H * m * hd);
+    std::vector<float> keys(static_cast<size_t>(n) * hd), dist(n);
+    std::vector<double> mean(hd);
+    std::vector<int64_t> order(n);
     for (int l = 0; l < L; ++l) {
         for (int h = 0; h < H; ++h) {
-            float* dst = out.data() + (static_cast<size_t>(l) * H + h) * hd;
-            for (int64_t e = 0; e < seg.size(); ++e) {
-                low_key_pre_rope(ch, l, h, e, rope_spec, k.data());
-                for (int i = 0; i < hd; ++i) dst[i] += k[i] / static_cast<float>(seg.size());
+            std::fill(mean.begin(), mean.end(), 0.0);
+            for (int64_t e = 0; e < n; ++e) {
+                float* k = keys.data() + e * hd;
+                dequantize_row(seg.type(), seg.k_row(l, h, e), k, hd);
+                rope(k, 1, hd, rope_spec.rope_dim, -pos(l, h, e), rope_spec.inv_freq, rope_spec.type);
+                for (int i = 0; i < hd; ++i) mean[i] += k[i] / static_cast<double>(n);
             }
+            for (int64_t e = 0; e < n; ++e) {
+                double d2 = 0.0;
+                for (int i = 0; i < hd; ++i) d2 += (keys[e * hd + i] - mean[i]) * (keys[e * hd + i] - mean[i]);
+                dist[e] = static_cast<float>(d2);
+            }
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return dist[a] > dist[b]; });
+            std::sort(order.begin(), order.begin() + m);  // entry order
+            float* dst = out.data() + (static_cast<size_t>(l) * H + h) * m * hd;
+            for (int64_t i = 0; i < m; ++i) std::copy_n(keys.data() + order[i] * hd, hd, dst + i * hd);
         }
     }
     return out;
 }
 
-std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                                   int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool) {
+namespace {
+
+// The contrastive question-to-keys mass shared by the attention and keys scorers. fill_keys(l, h, out)
+// writes the n_all candidate keys of (layer l, KV head h) in chunk order, owner[e] their chunks.
+template <class FillKeys>
+std::vector<float> contrastive_mass(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                                    int64_t content_end, int n_head, ThreadPool& pool, const std::vector<int>& owner,
+                                    FillKeys fill_keys) {
     const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim, group = n_head / H;
     const size_t nc = ix.chunks.size();
     const int64_t QD = static_cast<int64_t>(n_head) * hd;
     std::vector<float> scores(nc, 0.0f);
-    std::vector<int> owner;  // chunk of each L entry
-    for (size_t c = 0; c < nc; ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].low->size()), static_cast<int>(c));
     const int64_t n_all = static_cast<int64_t>(owner.size());
     if (n_all == 0 || content_end <= content_begin) return scores;
     const int64_t n_content = content_end - content_begin, n_tail = n_q - content_end;
@@ -138,10 +118,10 @@ std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int
         for (int lh = ith; lh < n_lh; lh += nth) {
             const int l = l0 + lh / H, h = lh % H;
             double* m = mass.data() + static_cast<size_t>(lh) * nc;
-            low_keys_pre_rope(ix, l, h, rope_spec, keys.data());
+            fill_keys(l, h, keys.data());
             for (int g = 0; g < group; ++g) {
                 for (int64_t t = content_begin; t < n_q; ++t) {
-                    // Softmax of this token's query over every L entry of every chunk: the chunks
+                    // Softmax of this token's query over every candidate key of every chunk: the chunks
                     // compete for the token's attention, as they would in the full cache.
                     const float* q = q_tok + (static_cast<size_t>(l) * n_q + t) * QD + static_cast<size_t>(h * group + g) * hd;
                     float mx = -INFINITY;
@@ -163,6 +143,37 @@ std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int
     }
     for (float& v : scores) v /= static_cast<float>((L - l0) * n_head);
     return scores;
+}
+
+}  // namespace
+
+std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                              int64_t content_end, int n_head, ThreadPool& pool) {
+    const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim;
+    const size_t per_lh = static_cast<size_t>(hd);
+    std::vector<int> owner;
+    std::vector<int64_t> n_sig(ix.chunks.size());
+    for (size_t c = 0; c < ix.chunks.size(); ++c) {
+        const size_t sz = ix.chunks[c].key_sig.size();
+        if (sz % (static_cast<size_t>(L) * H * per_lh) != 0) throw Error("key signature of chunk " + std::to_string(c) + " has a bad size");
+        n_sig[c] = static_cast<int64_t>(sz / (static_cast<size_t>(L) * H * per_lh));
+        owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
+    }
+    return contrastive_mass(ix, q_tok, n_q, content_begin, content_end, n_head, pool, owner, [&](int l, int h, float* out) {
+        for (size_t c = 0; c < ix.chunks.size(); ++c) {
+            const size_t n = static_cast<size_t>(n_sig[c]) * hd;
+            std::copy_n(ix.chunks[c].key_sig.data() + (static_cast<size_t>(l) * H + h) * n, n, out);
+            out += n;
+        }
+    });
+}
+
+std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                                   int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool) {
+    std::vector<int> owner;  // chunk of each L entry
+    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].low->size()), static_cast<int>(c));
+    return contrastive_mass(ix, q_tok, n_q, content_begin, content_end, n_head, pool, owner,
+                            [&](int l, int h, float* out) { low_keys_pre_rope(ix, l, h, rope_spec, out); });
 }
 
 std::vector<int> select_chunks(const VideoIndex& ix, const std::vector<float>& scores, const SelectOptions& o) {

@@ -1,6 +1,7 @@
 // Chunk relevance scorers and top-k selection for selective L-KV reloading.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,15 +14,21 @@ namespace x2l {
 enum class Scorer { Attention, Keys, Embedding };
 Scorer scorer_from_name(const std::string& name);  // throws Error for unknown names
 
-// The retrieval signature of the keys scorer: [n_layer, n_head_kv * head_dim] mean pre-RoPE key of
-// the chunk's L entries (each key rotated back by R(-pos) with its own position).
-std::vector<float> mean_pre_rope_keys(const ChunkKV& ch, const RopeSpec& rope);
+// The retrieval signature of the keys scorer, kept beside the H tier so that scoring never reads the
+// L tier: per layer and KV head, the n_keys keys (pre-RoPE: each rotated back by R(-pos) with its own
+// position) farthest from the mean pre-RoPE key, in entry order; fewer when there are fewer entries.
+// [n_layer, n_head_kv, n, head_dim]. Distinctive keys are where a chunk differs from its filler: the
+// needle, the rare word, the odd frame. seg: the chunk's entries [0, n), before compression where
+// the prefill still has them (compression keeps what the chunk's own queries attend to, which is
+// not what a later question will look for).
+using EntryPos = std::function<int32_t(int layer, int head, int64_t entry)>;
+std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const EntryPos& pos, const RopeSpec& rope,
+                                          int n_keys);
 
-// keys: q_mean [n_layer, n_head * head_dim] mean pre-RoPE query of the question; the query heads of
-// each KV-head group are averaged and compared (cosine over all KV heads) with the chunk's mean
-// pre-RoPE key, per layer; the chunk score is the mean over layers 1..n_layer-1 (layer 0 mostly
-// sees token identity).
-std::vector<float> score_keys(const VideoIndex& ix, const std::vector<float>& q_mean, int n_head);
+// keys: the attention scorer's contrastive softmax (below), over every chunk's signature keys
+// instead of its L keys: cheap (n_keys entries per chunk) and resident.
+std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                              int64_t content_end, int n_head, ThreadPool& pool);
 
 // embedding: question input embeddings q [n_q, n_embd] against each frame's mean input embedding:
 // frame score = mean over question tokens of the dot product, chunk score = max over its frames.

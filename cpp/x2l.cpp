@@ -207,7 +207,10 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     } else {
         add_chunk_snapkv(ch, embd, n, pinned);
     }
-    ch.key_sig = mean_pre_rope_keys(ch, s_.model().rope_spec());
+    if (ch.key_sig.empty()) {  // beacon: from the chunk's L entries (VST rows)
+        ch.key_sig = distinct_pre_rope_keys(*ch.low, ch.low->size(), [&](int l, int h, int64_t e) { return ch.low_row_pos(l, h, e); },
+                                            s_.model().rope_spec(), kKeySignatureEntries);
+    }
     ix_->chunks.push_back(std::move(ch));
     ix_->next_pos += static_cast<int32_t>(n);
     n_input_ += n;
@@ -230,6 +233,9 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
     run_level(embd, n, ix_->next_pos, low_prefix, &importance, nullptr);
+    const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV
+    ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
+                                        kKeySignatureEntries);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
     ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
     ch.low_pos.resize(keep.size());
@@ -315,23 +321,10 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, question_pos(), s_.options().n_batch, logits,
                nullptr, &hooks);
     cache_->clear();
-    std::vector<float> out;
-    if (scorer == Scorer::Keys) {
-        const int64_t n_tail = nq - content_end;
-        std::vector<float> q_mean(static_cast<size_t>(c.n_layer) * QD, 0.0f);
-        for (int l = 0; l < c.n_layer; ++l) {
-            float* dst = q_mean.data() + static_cast<size_t>(l) * QD;
-            for (int64_t t = content_begin; t < nq; ++t) {
-                const float* q = q_tok.data() + (static_cast<size_t>(l) * nq + t) * QD;
-                const float w = t < content_end ? 1.0f / n_content : -1.0f / n_tail;
-                for (int64_t i = 0; i < QD; ++i) dst[i] += w * q[i];
-            }
-        }
-        out = score_keys(ix_, q_mean, c.n_head);
-    } else {
-        out = score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(),
-                              s_.pool());
-    }
+    std::vector<float> out =
+        scorer == Scorer::Keys
+            ? score_keys(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.pool())
+            : score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(), s_.pool());
     prepare(selected_);  // restore the mixed cache of the current selection
     return out;
 }

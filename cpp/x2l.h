@@ -20,6 +20,11 @@
 
 namespace x2l {
 
+// Keys scorer: signature keys kept per chunk, layer and KV head (select.h distinct_pre_rope_keys).
+// 8 gave the planted chunk first 7/7 and the single needle in the top 3 9/12 on SmolLM2; the mean
+// key alone (1) gave 2/7 and 4/12.
+constexpr int kKeySignatureEntries = 8;
+
 struct X2LOptions {
     int ratio_low = 2;
     int ratio_high = 32;

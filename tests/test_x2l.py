@@ -192,10 +192,7 @@ def test_single_pass_costs_one_pass(tiny):
 def test_scorers_rank_planted_chunk(smollm2_path):
     """A chunk containing the question's content, planted among filler chunks, on real weights.
 
-    The embedding and attention scorers must rank it first at every position, in both prefill
-    modes. The key scorer (contrastive mean pre-RoPE query vs the mean pre-RoPE L key) does not
-    meet that bar: it prefers the first chunk, whose keys were computed with the least context
-    (see the issue notes), so it is only checked to return one finite score per chunk.
+    Every in-model scorer must rank it first at every position, in both prefill modes.
     """
     s = x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=256)
     filler = "The grass is green and the sky is blue. We walked along the road and talked about the weather. "
@@ -206,11 +203,10 @@ def test_scorers_rank_planted_chunk(smollm2_path):
             chunks = [s.tokenize(filler * 3 if i != pos else filler + planted + filler, special=False)[:64]
                       for i in range(5)]
             ctx = _context(s, chunks, ratio_low=2, ratio_high=16, two_pass=two_pass)
-            for scorer in ("embedding", "attention"):
+            for scorer in ("embedding", "attention", "keys"):
                 r = ctx.scores(question, scorer)
+                assert r.shape == (5,) and np.isfinite(r).all()
                 assert int(np.argmax(r)) == pos, (scorer, two_pass, r)
-            r = ctx.scores(question, "keys")
-            assert r.shape == (5,) and np.isfinite(r).all()
             if pos == 2:  # an answer prefix is decoded, not scored
                 before = ctx.scores(question, "attention")
                 ctx.answer_prefix = "The purple xylophone sang"

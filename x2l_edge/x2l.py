@@ -73,9 +73,10 @@ class VideoContext:
     # ------------------------------------------------------------------ selection
     def scores(self, question: str, scorer: str | None = None) -> np.ndarray:
         """Relevance of every chunk to the question: 'attention' (the question's queries, from a pass over
-        the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), 'keys' (mean
-        pre-RoPE question query vs each chunk's mean pre-RoPE L key), 'embedding' (input-embedding
-        similarity). All contrast the question with the chat-template tokens after it."""
+        the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), 'keys' (the same
+        queries attend only to a resident signature: the 8 most distinctive pre-RoPE keys per chunk,
+        layer and KV head, taken before compression; never reads the L tier), 'embedding'
+        (input-embedding similarity). All contrast the question with the chat-template tokens after it."""
         scorer = scorer or self.default_scorer
         if scorer == "external":
             raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
