@@ -440,8 +440,8 @@ def markdown(out: dict) -> str:
          f"greedy tokens after the prompt; best of {out.get('reps', 1)} interleaved pass(es) per metric. X²L: chunk_tokens={out['x2l']['chunk_tokens']}, "
          f"ratio_low={out['x2l']['ratio_low']}, ratio_high={out['x2l']['ratio_high']}, "
          f"two_pass={not out['x2l']['single_pass']}, top_k={out['x2l']['top_k']}, scorer={out['x2l']['scorer']}. "
-         "The machine was shared with other jobs (builds, test suites) during the run: single passes varied by up to "
-         "several times (every pass is under all_reps in the JSON); read small differences as noise.", ""]
+         (out.get("note") or "Every pass is under all_reps in the JSON; on a shared machine read small differences "
+          "as noise."), ""]
 
     def table(title, fn):
         L.append(f"### {title}")
@@ -558,6 +558,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per worker")
     ap.add_argument("--reps", type=int, default=1, help="interleaved passes; per metric the best is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a sentence for the report (e.g. what else ran on the machine)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "run_smollm2"), help="output path without suffix")
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     ap.add_argument("--prompt-file", help=argparse.SUPPRESS)
@@ -578,7 +579,7 @@ def main(argv=None) -> int:
     out = {"bench": "long_context", "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": os.path.basename(a.model), "threads": a.threads, "decode": a.decode, "lengths": a.lengths,
            "systems": a.systems, "cpu": cpu_name(), "cpu_features": _core.cpu_features(),
-           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "build": build_info(), "reps": a.reps,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "build": build_info(), "reps": a.reps, "note": a.note,
            "x2l": {"chunk_tokens": a.chunk_tokens, "ratio_low": a.ratio_low, "ratio_high": a.ratio_high,
                    "single_pass": a.single_pass, "top_k": a.top_k, "scorer": a.scorer},
            "results": []}
