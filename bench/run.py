@@ -440,7 +440,7 @@ def markdown(out: dict) -> str:
          f"greedy tokens after the prompt; best of {out.get('reps', 1)} interleaved pass(es) per metric. X²L: chunk_tokens={out['x2l']['chunk_tokens']}, "
          f"ratio_low={out['x2l']['ratio_low']}, ratio_high={out['x2l']['ratio_high']}, "
          f"two_pass={not out['x2l']['single_pass']}, top_k={out['x2l']['top_k']}, scorer={out['x2l']['scorer']}. "
-         (out.get("note") or "Every pass is under all_reps in the JSON; on a shared machine read small differences "
+         + (out.get("note") or "Every pass is under all_reps in the JSON; on a shared machine read small differences "
           "as noise."), ""]
 
     def table(title, fn):

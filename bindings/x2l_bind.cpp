@@ -84,6 +84,20 @@ void bind_x2l(nb::module_& m) {
         .def("high_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
             return segment_rows(*chunk_at(ix, c).high, layer, head, value);
         }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
+        .def("low_positions", [](const x2l::VideoIndex& ix, int c) {
+            // Positions of the L entries per layer and KV head (SnapKV keeps different tokens per
+            // head): flat [n_layer, n_head_kv, low_entries].
+            const x2l::ChunkKV& ch = chunk_at(ix, c);
+            const int L = ch.low->n_layer(), H = ch.low->n_head_kv();
+            std::vector<int32_t> out;
+            out.reserve(static_cast<size_t>(L) * H * ch.low->size());
+            for (int l = 0; l < L; ++l) {
+                for (int h = 0; h < H; ++h) {
+                    for (int64_t e = 0; e < ch.low->size(); ++e) out.push_back(ch.low_row_pos(l, h, e));
+                }
+            }
+            return out;
+        }, "chunk"_a)
         .def("save", [](const x2l::VideoIndex& ix, const std::string& path) {
             nb::gil_scoped_release nogil;
             ix.save(path);

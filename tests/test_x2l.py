@@ -25,8 +25,8 @@ def _context(session, chunks, **kw):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Tiny random qwen2 with head_dim 32 (so q8_0/q4_0 KV rows fit), GQA 4:2."""
+def tiny_hf(tmp_path_factory):
+    """Tiny random qwen2 with head_dim 32 (so q8_0/q4_0 KV rows fit), GQA 4:2: (HF dir, f32 GGUF)."""
     import convert
     import tiny_models
 
@@ -34,7 +34,45 @@ def tiny(tmp_path_factory):
     hf = tiny_models.make_tiny_qwen2(d / "hf", seed=5, hidden_size=128, intermediate_size=256)
     path = d / "m.gguf"
     convert.convert(str(hf), str(path), "f32", progress=False)
-    return x2l_edge.Session(path, n_threads=2, kv_type="f32", n_ctx=512)
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    return x2l_edge.Session(tiny_hf[1], n_threads=2, kv_type="f32", n_ctx=512)
+
+
+def test_snapkv_keeps_the_entries_reference_attention_votes_for(tiny, tiny_hf):
+    """The training-free compressor against transformers' own attention probabilities: per layer and KV
+    head, an entry's vote is the attention it gets from the chunk's queries (summed over the group's
+    query heads, divided by the queries that can see it), smoothed over 5 neighbours; the kept L
+    entries must be the top half by that vote."""
+    import torch
+    import transformers
+
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _chunks(tiny, n_chunks=2)[0] + _chunks(tiny, n_chunks=2)[1]  # 48 tokens
+    index, _ = prefill_chunks(tiny, [chunk], sink_ids=sink, ratio_low=2, ratio_high=8, low_type="f32",
+                              high_type="f32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        att = model(torch.tensor([sink + chunk]), output_attentions=True).attentions
+    S, n = len(sink), len(chunk)
+    cfg = model.config
+    H, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    kept = np.array(index.low_positions(0)).reshape(cfg.num_hidden_layers, H, n // 2) - S
+    for layer in range(cfg.num_hidden_layers):
+        a = att[layer][0].numpy()  # [n_head, T, T]
+        for h in range(H):
+            votes = a[h * group:(h + 1) * group, S:, S:].sum((0, 1)) / (n - np.arange(n))
+            smooth = np.array([votes[max(0, i - 2):i + 3].mean() for i in range(n)])
+            k = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert len(np.unique(k)) == n // 2
+            # the kept set is the top half (up to float noise at a tie)
+            assert smooth[k].min() >= smooth[dropped].max() - 1e-5 * smooth.max(), (layer, h)
 
 
 @pytest.mark.parametrize("two_pass", [True, False])
