@@ -47,18 +47,20 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
     return scores;
 }
 
-// L key of entry e of one (layer, KV head) turned back to pre-RoPE: R(-pos) undoes the rotation
-// applied at prefill, so a key matches a query by content, not by distance. out: [head_dim]
-static void low_key_pre_rope(const ChunkKV& ch, int layer, int head, int64_t e, const RopeSpec& rope_spec, float* out) {
-    const KVSegment& seg = *ch.low;
+// Key of entry e of one (layer, KV head) turned back to pre-RoPE: R(-pos) undoes the rotation applied
+// at prefill, so a key matches a query by content, not by distance. out: [head_dim]
+static void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope_spec,
+                         float* out) {
     dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
-    rope(out, 1, seg.head_dim(), rope_spec.rope_dim, -ch.low_row_pos(layer, head, e), rope_spec.inv_freq, rope_spec.type);
+    rope(out, 1, seg.head_dim(), rope_spec.rope_dim, -pos, rope_spec.inv_freq, rope_spec.type);
 }
 
 // Every chunk's pre-RoPE L keys of one (layer, KV head), in chunk order. out: [n_low_entries, head_dim]
 static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec, float* out) {
     for (const auto& ch : ix.chunks) {
-        for (int64_t e = 0; e < ch.low->size(); ++e, out += ix.head_dim) low_key_pre_rope(ch, layer, head, e, rope_spec, out);
+        for (int64_t e = 0; e < ch.low->size(); ++e, out += ix.head_dim) {
+            key_pre_rope(*ch.low, layer, head, e, ch.low_row_pos(layer, head, e), rope_spec, out);
+        }
     }
 }
 
@@ -75,8 +77,7 @@ std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const
             std::fill(mean.begin(), mean.end(), 0.0);
             for (int64_t e = 0; e < n; ++e) {
                 float* k = keys.data() + e * hd;
-                dequantize_row(seg.type(), seg.k_row(l, h, e), k, hd);
-                rope(k, 1, hd, rope_spec.rope_dim, -pos(l, h, e), rope_spec.inv_freq, rope_spec.type);
+                key_pre_rope(seg, l, h, e, pos(l, h, e), rope_spec, k);
                 for (int i = 0; i < hd; ++i) mean[i] += k[i] / static_cast<double>(n);
             }
             for (int64_t e = 0; e < n; ++e) {
