@@ -99,6 +99,14 @@ namespace {
 
 // The contrastive question-to-keys mass shared by the attention and keys scorers. fill_keys(l, h, out)
 // writes the n_all candidate keys of (layer l, KV head h) in chunk order, owner[e] their chunks.
+//
+// Per question token t and chunk c, d_t(c) is the attention mass c's keys get from t (a softmax over all
+// candidates of all chunks, averaged over layers 1.. and query heads) minus the mean mass from the
+// template tokens after the question (attention sinks and the direction every question shares cancel).
+// The score adds the mean over the question's tokens and, with twice the weight, the max: the mean alone
+// lets the words a question shares with its distractors ("the special magic number for") outvote the one
+// word that tells them apart. Both terms are scaled to a max |value| of 1 over the chunks. On held-out
+// SmolLM2 needles (28 each) this took multi-key chunk-recall@3 from 16 to 23 and single from 27 to 28.
 template <class FillKeys>
 std::vector<float> contrastive_mass(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                                     int64_t content_end, int n_head, ThreadPool& pool, const std::vector<int>& owner,
@@ -110,15 +118,15 @@ std::vector<float> contrastive_mass(const VideoIndex& ix, const float* q_tok, in
     const int64_t n_all = static_cast<int64_t>(owner.size());
     if (n_all == 0 || content_end <= content_begin) return scores;
     const int64_t n_content = content_end - content_begin, n_tail = n_q - content_end;
+    const int64_t n_t = n_q - content_begin;  // tokens that vote: the content, then the tail
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const int l0 = L > 1 ? 1 : 0;  // layer 0 mostly sees token identity
     const int n_lh = (L - l0) * H;
-    std::vector<double> mass(static_cast<size_t>(n_lh) * nc, 0.0);  // [layer, kv head, chunk]
+    std::vector<double> mass(static_cast<size_t>(n_lh) * n_t * nc, 0.0);  // [layer, kv head, token, chunk]
     pool.run([&](int ith, int nth) {
         std::vector<float> keys(static_cast<size_t>(n_all) * hd), p(static_cast<size_t>(n_all));
         for (int lh = ith; lh < n_lh; lh += nth) {
             const int l = l0 + lh / H, h = lh % H;
-            double* m = mass.data() + static_cast<size_t>(lh) * nc;
             fill_keys(l, h, keys.data());
             for (int g = 0; g < group; ++g) {
                 for (int64_t t = content_begin; t < n_q; ++t) {
@@ -132,17 +140,31 @@ std::vector<float> contrastive_mass(const VideoIndex& ix, const float* q_tok, in
                     }
                     double sum = 0.0;
                     for (int64_t e = 0; e < n_all; ++e) sum += (p[e] = std::exp(p[e] - mx));
-                    // Contrastive: the question's own tokens minus the template tokens after it.
-                    const double w = t < content_end ? 1.0 / (n_content * sum) : -1.0 / (n_tail * sum);
-                    for (int64_t e = 0; e < n_all; ++e) m[owner[e]] += w * p[e];
+                    double* m = mass.data() + (static_cast<size_t>(lh) * n_t + (t - content_begin)) * nc;
+                    for (int64_t e = 0; e < n_all; ++e) m[owner[e]] += p[e] / sum;
                 }
             }
         }
     });
-    for (int lh = 0; lh < n_lh; ++lh) {  // a fixed order: the scores do not depend on the thread count
-        for (size_t c = 0; c < nc; ++c) scores[c] += static_cast<float>(mass[static_cast<size_t>(lh) * nc + c]);
+    // Average over layers and query heads in a fixed order: the scores do not depend on the thread count.
+    std::vector<double> d(static_cast<size_t>(n_t) * nc, 0.0);  // [token, chunk]
+    for (int lh = 0; lh < n_lh; ++lh) {
+        for (size_t i = 0; i < d.size(); ++i) d[i] += mass[static_cast<size_t>(lh) * n_t * nc + i] / ((L - l0) * n_head);
     }
-    for (float& v : scores) v /= static_cast<float>((L - l0) * n_head);
+    std::vector<double> base(nc, 0.0), mean(nc, 0.0), best(nc, -INFINITY);
+    for (int64_t t = n_content; t < n_t; ++t) {
+        for (size_t c = 0; c < nc; ++c) base[c] += d[t * nc + c] / static_cast<double>(n_tail);
+    }
+    for (int64_t t = 0; t < n_content; ++t) {
+        for (size_t c = 0; c < nc; ++c) {
+            const double v = d[t * nc + c] - base[c];
+            mean[c] += v / static_cast<double>(n_content);
+            best[c] = std::max(best[c], v);
+        }
+    }
+    double mean_abs = 1e-30, best_abs = 1e-30;
+    for (size_t c = 0; c < nc; ++c) mean_abs = std::max(mean_abs, std::fabs(mean[c])), best_abs = std::max(best_abs, std::fabs(best[c]));
+    for (size_t c = 0; c < nc; ++c) scores[c] = static_cast<float>(mean[c] / mean_abs + 2.0 * best[c] / best_abs);
     return scores;
 }
 
