@@ -462,16 +462,6 @@ TileFns tile_fns_for(int head_dim) {
 
 bool LlmModel::tiled_attention_supported() const { return tile_fns_for(cfg_.head_dim).row != nullptr; }
 
-// Keys [j0, j0 + nb) of one (layer, KV head) as f32, transposed: kt [head_dim, kTileKeys].
-static void load_key_tile(const KVSegment& seg, int layer, int kvh, int64_t j0, int nb, float* kt) {
-    const int hd = seg.head_dim();
-    for (int j = 0; j < nb; ++j) {
-        float krow[256];  // head_dim <= 256 (tile_fns_for)
-        dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
-        for (int d = 0; d < hd; ++d) kt[d * kTileKeys + j] = krow[d];
-    }
-}
-
 // Adds the final attention probabilities of the observed rows of one task (token block tb, KV head kvh)
 // over the observed entries to acc [obs entries] (this KV head's slice of a per-thread accumulator).
 static void observe_rows(const LlmModel& model, int layer, int kvh, int64_t tb, int rows, int group, int64_t first,
@@ -484,7 +474,11 @@ static void observe_rows(const LlmModel& model, int layer, int kvh, int64_t tb, 
     auto observe_segment = [&](const KVSegment& seg, int64_t g, int64_t a, int64_t b, bool causal) {
         for (int64_t j0 = a; j0 < b; j0 += BK) {
             const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
-            load_key_tile(seg, layer, kvh, j0, nb, kt);
+            for (int j = 0; j < nb; ++j) {
+                float krow[256];
+                dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
+                for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
+            }
             for (int r = 0; r < rows; ++r) {
                 const int64_t t = tb + r / group;
                 if (t < hooks.obs_from || t >= hooks.obs_to) continue;
@@ -580,8 +574,10 @@ void LlmModel::attention_tiled(ThreadPool& pool, Workspace& ws, int layer, int64
             auto run_segment = [&](const KVSegment& seg, int64_t a, int64_t b, bool causal) {
                 for (int64_t j0 = a; j0 < b; j0 += BK) {
                     const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
-                    load_key_tile(seg, layer, kvh, j0, nb, kt);
                     for (int j = 0; j < nb; ++j) {
+                        float krow[256];  // head_dim <= 256 (tile_row_for)
+                        dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
+                        for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
                         dequantize_row(seg.type(), seg.v_row(layer, kvh, j0 + j), vt + static_cast<size_t>(j) * hd, hd);
                     }
                     for (int r = 0; r < rows; ++r) {
