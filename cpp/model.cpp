@@ -363,21 +363,13 @@ inline float hsum16(f32x16 v) {
 }
 inline f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
 
-// exp_neg (ops.h) on 16 lanes: the same polynomial, floor done by truncate-and-correct.
+// exp_neg (ops.h) on 16 lanes: the same exp_remainder, floor done by truncate-and-correct.
 inline f32x16 exp_neg16(f32x16 x) {
     x = vmax(x, f32x16{} - 87.0f);
     const f32x16 t = x * 1.44269504089f + 0.5f;
     const i32x16 n0 = __builtin_convertvector(t, i32x16);          // truncation toward zero
     const i32x16 n = n0 + (__builtin_convertvector(n0, f32x16) > t);  // true is -1: floor for t < 0
-    const f32x16 nf = __builtin_convertvector(n, f32x16);
-    const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    f32x16 p = f32x16{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    const f32x16 p = exp_remainder(x, __builtin_convertvector(n, f32x16));
     const i32x16 bits = (n + 127) << 23;
     f32x16 scale;
     std::memcpy(&scale, &bits, sizeof(scale));

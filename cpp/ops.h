@@ -61,19 +61,26 @@ struct RopeSpec {
 // In-place softmax over n values; returns nothing, handles -inf entries.
 void softmax(float* x, int64_t n);
 
-// exp(x) for x <= 0 to ~2 ulp (Cephes-style: 2^n by exponent bits, degree-6 polynomial on the
-// remainder). Inline and branch-free so loops over it vectorize; x < -87 gives ~0, not 0.
-inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = std::floor(x * 1.44269504089f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
+// e^(x - n ln2) for the integer-valued n = round(x / ln2): Cephes's degree-6 polynomial on the
+// remainder (ln2 split in two for precision). T is float or a GCC float vector (the attention kernel),
+// so the scalar and vector exp share one set of coefficients.
+template <class T>
+inline T exp_remainder(T x, T n) {
+    const T r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    return p * r * r + r + 1.0f;
+}
+
+// exp(x) for x <= 0 to ~2 ulp (Cephes-style: 2^n by exponent bits times exp_remainder). Inline and
+// branch-free so loops over it vectorize; x < -87 gives ~0, not 0.
+inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = std::floor(x * 1.44269504089f + 0.5f);
+    const float p = exp_remainder(x, n);
     const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
