@@ -143,21 +143,27 @@ def forward(tower, projector, px):
     return pooled.permute(0, 2, 3, 1).reshape(b, T.TOKENS_PER_FRAME, c)
 
 
-def gguf_tensors(tower, projector, newline: np.ndarray) -> dict[str, np.ndarray]:
-    """Trained weights under the names tools/convert.py gives a LLaVA-OneVision SigLIP tower."""
-    sd = {k: v.detach().float().numpy() for k, v in _inner(tower).state_dict().items()}
-    out = {"v.patch_embd.weight": sd["embeddings.patch_embedding.weight"],
-           "v.patch_embd.bias": sd["embeddings.patch_embedding.bias"],
-           "v.position_embd.weight": sd["embeddings.position_embedding.weight"]}
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+def _tower_names() -> dict[str, str]:
+    """{GGUF name: tower state-dict name}, as tools/convert.py names a LLaVA-OneVision SigLIP tower."""
+    m = {"v.patch_embd.weight": "embeddings.patch_embedding.weight",
+         "v.patch_embd.bias": "embeddings.patch_embedding.bias",
+         "v.position_embd.weight": "embeddings.position_embedding.weight"}
+    layer = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_out": "self_attn.out_proj", "ln1": "layer_norm1", "ln2": "layer_norm2", "ffn_up": "mlp.fc1",
              "ffn_down": "mlp.fc2"}
     for i in range(T.N_LAYER):
-        for g, h in names.items():
+        for g, h in layer.items():
             for part in ("weight", "bias"):
-                out[f"v.blk.{i}.{g}.{part}"] = sd[f"encoder.layers.{i}.{h}.{part}"]
-    out["v.post_ln.weight"] = sd["post_layernorm.weight"]
-    out["v.post_ln.bias"] = sd["post_layernorm.bias"]
+                m[f"v.blk.{i}.{g}.{part}"] = f"encoder.layers.{i}.{h}.{part}"
+    m["v.post_ln.weight"] = "post_layernorm.weight"
+    m["v.post_ln.bias"] = "post_layernorm.bias"
+    return m
+
+
+def gguf_tensors(tower, projector, newline: np.ndarray) -> dict[str, np.ndarray]:
+    """Trained weights under the names tools/convert.py gives a LLaVA-OneVision SigLIP tower."""
+    sd = {k: v.detach().float().numpy() for k, v in _inner(tower).state_dict().items()}
+    out = {g: sd[h] for g, h in _tower_names().items()}
     psd = {k: v.detach().float().numpy() for k, v in projector.state_dict().items()}
     for g, h in (("mm.0", "0"), ("mm.2", "2")):
         out[f"{g}.weight"] = psd[f"{h}.weight"]
@@ -170,20 +176,9 @@ def load_gguf_tensors(tower, projector, tensors: dict[str, np.ndarray]) -> None:
     """Inverse of gguf_tensors (used by tests and evaluation: the shipped f16 values into a PyTorch model)."""
     import torch
 
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-             "attn_out": "self_attn.out_proj", "ln1": "layer_norm1", "ln2": "layer_norm2", "ffn_up": "mlp.fc1",
-             "ffn_down": "mlp.fc2"}
-    m = {"embeddings.patch_embedding.weight": "v.patch_embd.weight",
-         "embeddings.patch_embedding.bias": "v.patch_embd.bias",
-         "embeddings.position_embedding.weight": "v.position_embd.weight",
-         "post_layernorm.weight": "v.post_ln.weight", "post_layernorm.bias": "v.post_ln.bias"}
-    for i in range(T.N_LAYER):
-        for g, h in names.items():
-            for part in ("weight", "bias"):
-                m[f"encoder.layers.{i}.{h}.{part}"] = f"v.blk.{i}.{g}.{part}"
     params = dict(_inner(tower).named_parameters())
     with torch.no_grad():
-        for hf, g in m.items():
+        for g, hf in _tower_names().items():
             params[hf].copy_(torch.from_numpy(np.asarray(tensors[g], np.float32)).reshape(params[hf].shape))
         pp = dict(projector.named_parameters())
         for g, h in (("mm.0", "0"), ("mm.2", "2")):
