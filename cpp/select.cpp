@@ -173,13 +173,13 @@ std::vector<float> contrastive_mass(const VideoIndex& ix, const float* q_tok, in
 std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                               int64_t content_end, int n_head, ThreadPool& pool) {
     const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim;
-    const size_t per_lh = static_cast<size_t>(hd);
+    const size_t per_key = static_cast<size_t>(L) * H * hd;  // one signature key of every layer and KV head
     std::vector<int> owner;
     std::vector<int64_t> n_sig(ix.chunks.size());
     for (size_t c = 0; c < ix.chunks.size(); ++c) {
         const size_t sz = ix.chunks[c].key_sig.size();
-        if (sz % (static_cast<size_t>(L) * H * per_lh) != 0) throw Error("key signature of chunk " + std::to_string(c) + " has a bad size");
-        n_sig[c] = static_cast<int64_t>(sz / (static_cast<size_t>(L) * H * per_lh));
+        if (sz % per_key != 0) throw Error("key signature of chunk " + std::to_string(c) + " has a bad size");
+        n_sig[c] = static_cast<int64_t>(sz / per_key);
         owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
     }
     return contrastive_mass(ix, q_tok, n_q, content_begin, content_end, n_head, pool, owner, [&](int l, int h, float* out) {

@@ -36,9 +36,10 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
 
 // attention: the question's own pre-RoPE queries q_tok [n_layer, n_q, n_head * head_dim] (from its
 // pass over the H-only cache) attend to every chunk's L keys turned back to pre-RoPE: per layer
-// (1..n_layer-1), query head and question token, a softmax over all L entries; a chunk's score is
-// the mass its entries get from the content tokens [content_begin, content_end) minus the mass from
-// the template tokens after them, averaged over layers and heads. The L tier rather than the H
+// (1..n_layer-1), query head and question token, a softmax over all L entries. Per content token
+// [content_begin, content_end), a chunk's mass (averaged over layers and heads) minus its mean mass
+// from the template tokens after the content; the chunk score is the mean of that over the content
+// tokens plus twice its max, each scaled to a max |value| of 1 over the chunks. The L tier rather than the H
 // tier, because H has often dropped what the question asks for; no RoPE, so that recency and
 // distance do not outvote content. The L tier lives in host memory, where this scan runs.
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
