@@ -25,7 +25,7 @@ using EntryPos = std::function<int32_t(int layer, int head, int64_t entry)>;
 std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const EntryPos& pos, const RopeSpec& rope,
                                           int n_keys);
 
-// keys: the attention scorer's contrastive softmax (below), over every chunk's signature keys
+// keys: the attention scorer's softmax and peak statistic (below), over every chunk's signature keys
 // instead of its L keys: cheap (n_keys entries per chunk) and resident.
 std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                               int64_t content_end, int n_head, ThreadPool& pool);
@@ -36,12 +36,14 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
 
 // attention: the question's own pre-RoPE queries q_tok [n_layer, n_q, n_head * head_dim] (from its
 // pass over the H-only cache) attend to every chunk's L keys turned back to pre-RoPE: per layer
-// (1..n_layer-1), query head and question token, a softmax over all L entries. Per content token
-// [content_begin, content_end), a chunk's mass (averaged over layers and heads) minus its mean mass
-// from the template tokens after the content; the chunk score is the mean of that over the content
-// tokens plus twice its max, each scaled to a max |value| of 1 over the chunks. The L tier rather than the H
-// tier, because H has often dropped what the question asks for; no RoPE, so that recency and
-// distance do not outvote content. The L tier lives in host memory, where this scan runs.
+// (1..n_layer-1), query head and token from content_begin on, a softmax over all L entries. m_t(c) is
+// chunk c's mass from token t, averaged over layers and heads; the score is the peak significance
+//   (max over content tokens [content_begin, content_end) of m_t(c) - median over all voting tokens)
+//   / sqrt(median)
+// so a chunk ranks high when one question token singles it out, not when it draws mass from every
+// token (the first chunk does, whatever the question). The L tier rather than the H tier, because H
+// has often dropped what the question asks for; no RoPE, so that recency and distance do not outvote
+// content. The L tier lives in host memory, where this scan runs.
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                                    int64_t content_end, int n_head, const RopeSpec& rope, ThreadPool& pool);
 

@@ -302,8 +302,8 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     }
     // One question pass over the H-only cache gives the question's pre-RoPE queries per layer (the
     // tokens see the video only through H, which is what this question would see without reload).
-    // Scores are contrastive (the question's own tokens minus the template tokens after it):
-    // attention sinks and the query direction every question shares cancel out.
+    // The template tokens after the content vote too: they set each chunk's typical mass (the median),
+    // against which the content tokens' peak is measured.
     reloader_.wait_all();
     std::vector<const KVSegment*> prefix{ix_.sink.get()};
     for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
