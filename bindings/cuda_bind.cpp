@@ -7,6 +7,8 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -28,7 +30,7 @@ namespace {
 // The per-op entries, registered as stubs in a CPU-only build.
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
-                                "cuda_attention", "cuda_pipeline_selftest"};
+                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -365,6 +367,56 @@ OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
     return make_out(std::move(out), shape_of(data));
 }
 
+// Host-to-device bandwidth of the L-KV reload path against plain copies of the same bytes: the
+// layer pipeline (pinned source, n_slots device slots, one layer per stage, nothing computed), one
+// cudaMemcpy from pinned memory and one from pageable memory. Best of reps, GB/s (1e9 bytes/s).
+nb::dict op_copy_bandwidth(size_t layer_bytes, int n_layers, int n_slots, int reps) {
+    require_device();
+    if (layer_bytes == 0 || n_layers <= 0 || n_slots <= 0 || reps <= 0) throw x2l::Error("bad copy bandwidth arguments");
+    const size_t total = layer_bytes * static_cast<size_t>(n_layers);
+    double pipe_best = 0, pinned_best = 0, pageable_best = 0;
+    {
+        nb::gil_scoped_release nogil;
+        x2l::CudaHostBuffer pinned(total);
+        std::vector<uint8_t> pageable(total, 1);
+        std::memset(pinned.data(), 1, total);
+        x2l::CudaDeviceBuffer dst = device_buffer(total);
+        x2l::CudaStream compute;
+        x2l::CudaLayerPipeline pipe(layer_bytes, n_slots, false);
+        using clock = std::chrono::steady_clock;
+        auto gbps = [&](clock::time_point t0) {
+            return static_cast<double>(total) / std::chrono::duration<double>(clock::now() - t0).count() / 1e9;
+        };
+        for (int r = 0; r <= reps; ++r) {  // r == 0 warms up
+            pipe.reset();
+            auto t0 = clock::now();
+            for (int l = 0; l < n_layers; ++l) {
+                pipe.begin(l);
+                pipe.stage(static_cast<const uint8_t*>(pinned.data()) + l * layer_bytes, layer_bytes);
+                pipe.end();
+                pipe.wait_ready(l, compute.handle());
+                pipe.release(l, compute.handle());
+            }
+            compute.synchronize();
+            const double a = gbps(t0);
+            t0 = clock::now();
+            dst.upload(pinned.data(), total);
+            const double b = gbps(t0);
+            t0 = clock::now();
+            dst.upload(pageable.data(), total);
+            const double c = gbps(t0);
+            if (r > 0) pipe_best = std::max(pipe_best, a), pinned_best = std::max(pinned_best, b), pageable_best = std::max(pageable_best, c);
+        }
+    }
+    nb::dict d;
+    d["bytes"] = total;
+    d["layers"] = n_layers;
+    d["pipeline_gbps"] = pipe_best;
+    d["memcpy_pinned_gbps"] = pinned_best;
+    d["memcpy_pageable_gbps"] = pageable_best;
+    return d;
+}
+
 #endif  // X2L_HAVE_CUDA
 
 }  // namespace
@@ -400,6 +452,8 @@ void bind_cuda(nb::module_& m) {
           "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
           "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
+    m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,
+          "GB/s of the layer-pipelined reload vs one cudaMemcpy (pinned, pageable) of the same bytes.");
 #else
     m.def("cuda_built", []() { return false; }, "True when the CUDA backend was compiled in.");
     m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: backend not built).");

@@ -51,15 +51,17 @@ void bind_session(nb::module_& m) {
 
     nb::class_<x2l::LlmSession>(m, "LlmSession")
         .def("__init__", [](x2l::LlmSession* self, const std::string& path, int n_threads, int64_t n_ctx,
-                            const std::string& kv_type, int64_t n_batch) {
+                            const std::string& kv_type, int64_t n_batch, int device) {
             x2l::SessionOptions o;
+            o.device = device;
             o.n_threads = n_threads;
             o.n_ctx = n_ctx;
             o.kv_type = kv_type_from_name(kv_type);
             o.n_batch = n_batch;
             nb::gil_scoped_release nogil;
             new (self) x2l::LlmSession(path, o);
-        }, "path"_a, "n_threads"_a = 0, "n_ctx"_a = 0, "kv_type"_a = "f16", "n_batch"_a = 256)
+        }, "path"_a, "n_threads"_a = 0, "n_ctx"_a = 0, "kv_type"_a = "f16", "n_batch"_a = 256,
+           "device"_a = -1)
         .def("eval", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
             std::vector<float> all;
             {
@@ -123,7 +125,8 @@ void bind_session(nb::module_& m) {
             d["n_ctx"] = s.n_ctx();
             d["n_threads"] = s.n_threads();
             d["kv_type"] = std::string(x2l::type_info(s.options().kv_type).name);
-            d["backend"] = "cpu";
+            d["backend"] = s.cuda() ? "cuda" : "cpu";
+            d["device"] = s.device_name();
             d["cpu_features"] = x2l::cpu_features();
             return d;
         })

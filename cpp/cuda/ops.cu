@@ -1,4 +1,5 @@
 // Norms, RoPE, softmax and elementwise kernels (f32 activations).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -140,6 +141,12 @@ __global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, 
     }
 }
 
+__global__ void f32_to_f16_kernel(const float* __restrict__ x, __half* __restrict__ y, int64_t n) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+        y[i] = __float2half_rn(x[i]);
+}
+
 // op 0: add, 1: mul
 __global__ void binary_kernel(const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -223,6 +230,13 @@ void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stre
     if (n == 0) return;
     gelu_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, y, n, tanh_approx ? 1 : 0);
     check_launch("gelu_kernel");
+}
+
+void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream) {
+    if (n < 0) throw_arg("cuda_f32_to_f16", "bad n");
+    if (n == 0) return;
+    f32_to_f16_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, static_cast<__half*>(y), n);
+    check_launch("f32_to_f16_kernel");
 }
 
 static void binary(const char* fn, const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op,

