@@ -162,6 +162,11 @@ void bind_x2l(nb::module_& m) {
     }, "index"_a, "scores"_a, "top_k"_a = 3, "budget_bytes"_a = 0, "include_first"_a = false,
        "include_last"_a = false);
 
+    m.def("peak_significance", [](nb::ndarray<const double, nb::ndim<2>, nb::c_contig> mass, int64_t n_content) {
+        return x2l::peak_significance(mass.data(), static_cast<int64_t>(mass.shape(0)), n_content, mass.shape(1));
+    }, "mass"_a, "n_content"_a,
+          "The attention/keys scorers' chunk score from per-token masses [n_tokens, n_chunks] (float64).");
+
     nb::class_<x2l::X2LDecoder>(m, "X2LDecoder")
         .def(nb::init<x2l::LlmSession&, const x2l::VideoIndex&, int64_t>(), "session"_a, "index"_a,
              "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())

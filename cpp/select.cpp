@@ -95,6 +95,25 @@ std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const
     return out;
 }
 
+std::vector<float> peak_significance(const double* mass, int64_t n_tokens, int64_t n_content, size_t n_chunks) {
+    if (n_content <= 0 || n_content > n_tokens) throw Error("peak_significance: need 0 < n_content <= n_tokens");
+    std::vector<float> scores(n_chunks);
+    std::vector<double> column(static_cast<size_t>(n_tokens));
+    for (size_t c = 0; c < n_chunks; ++c) {
+        double peak = -INFINITY;
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            column[t] = mass[t * n_chunks + c];
+            if (t < n_content) peak = std::max(peak, column[t]);
+        }
+        const auto mid = column.begin() + n_tokens / 2;
+        std::nth_element(column.begin(), mid, column.end());
+        double median = *mid;
+        if (n_tokens % 2 == 0) median = 0.5 * (median + *std::max_element(column.begin(), mid));
+        scores[c] = static_cast<float>((peak - median) / std::sqrt(std::max(median, 0.0) + 1e-12));
+    }
+    return scores;
+}
+
 namespace {
 
 // The question-to-keys mass shared by the attention and keys scorers. fill_keys(l, h, out) writes the
@@ -107,9 +126,10 @@ namespace {
 // The median is the mass the chunk draws whatever the token asks for: its size, attention sinks, and the
 // early-context bias (question tokens favour the first chunk over later ones); the peak is the one
 // token (often the key word) that singles the chunk out; sqrt(median) scales the excess the way count
-// noise scales. This replaced mean-minus-tail-baseline aggregation, which put the first chunk into
-// 97 % of top-3 selections: on 40 SmolLM2 needles per task (dumped scorer inputs) multi-key top-1 went
-// from 9 to 30 and top-3 from 32 to 38, single top-1 from 22 to 39 (top-3 40 both).
+// noise scales. It replaced mean-minus-tail-baseline aggregation, chosen on dumped scorer inputs of
+// SmolLM2 needles idx 0-39 and then checked on fresh ones (idx 50-89, 40 per task): multi-key
+// chunk-recall@3 26 -> 40, top-1 9 -> 23; single top-1 24 -> 39 (top-3 40 both). The first chunk
+// still makes the top 3 of nearly every question (its keys are computed with the least context).
 template <class FillKeys>
 std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                                     int64_t content_end, int n_head, ThreadPool& pool, const std::vector<int>& owner,
@@ -117,9 +137,8 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, in
     const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim, group = n_head / H;
     const size_t nc = ix.chunks.size();
     const int64_t QD = static_cast<int64_t>(n_head) * hd;
-    std::vector<float> scores(nc, 0.0f);
     const int64_t n_all = static_cast<int64_t>(owner.size());
-    if (n_all == 0 || content_end <= content_begin) return scores;
+    if (n_all == 0 || content_end <= content_begin) return std::vector<float>(nc, 0.0f);
     const int64_t n_content = content_end - content_begin;
     const int64_t n_t = n_q - content_begin;  // tokens that vote: the content, then the tail
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -154,20 +173,7 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, in
     for (int lh = 0; lh < n_lh; ++lh) {
         for (size_t i = 0; i < d.size(); ++i) d[i] += mass[static_cast<size_t>(lh) * n_t * nc + i] / ((L - l0) * n_head);
     }
-    std::vector<double> column(static_cast<size_t>(n_t));
-    for (size_t c = 0; c < nc; ++c) {
-        double peak = -INFINITY;
-        for (int64_t t = 0; t < n_t; ++t) {
-            column[t] = d[t * nc + c];
-            if (t < n_content) peak = std::max(peak, column[t]);
-        }
-        const auto mid = column.begin() + n_t / 2;
-        std::nth_element(column.begin(), mid, column.end());
-        double median = *mid;
-        if (n_t % 2 == 0) median = 0.5 * (median + *std::max_element(column.begin(), mid));
-        scores[c] = static_cast<float>((peak - median) / std::sqrt(std::max(median, 0.0) + 1e-12));
-    }
-    return scores;
+    return peak_significance(d.data(), n_t, n_content, nc);
 }
 
 }  // namespace

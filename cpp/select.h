@@ -47,6 +47,12 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                                    int64_t content_end, int n_head, const RopeSpec& rope, ThreadPool& pool);
 
+// The chunk score of the attention and keys scorers from per-token masses mass [n_tokens, n_chunks]
+// (row t: how much of token t's attention each chunk draws; the first n_content rows are the
+// question's content, the rest the template after it):
+//   (max over content rows - median over all rows) / sqrt(median).
+std::vector<float> peak_significance(const double* mass, int64_t n_tokens, int64_t n_content, size_t n_chunks);
+
 struct SelectOptions {
     int top_k = 3;                // chunks to reload (ignored when budget_bytes > 0)
     size_t budget_bytes = 0;      // reload the best chunks whose extra L bytes fit this budget

@@ -252,3 +252,23 @@ def test_scorers_rank_planted_chunk(smollm2_path):
                 assert ctx.question_ids(question)[-len(s.tokenize(" sang")):] == s.tokenize(" sang")
                 ctx.answer_prefix = ""
 
+
+
+def test_peak_significance_matches_numpy_and_ignores_uniform_excess():
+    """The scorers' aggregation against a numpy reference of its formula, and the property it exists
+    for: a chunk that draws extra mass from every token (the first chunk does, whatever the question)
+    does not outrank the chunk one token singles out."""
+    rng = np.random.default_rng(0)
+    for n_t, n_content, nc in ((23, 17, 9), (6, 5, 4), (1, 1, 3), (8, 2, 2)):
+        mass = rng.dirichlet(np.ones(nc), n_t)
+        ref = (mass[:n_content].max(0) - np.median(mass, 0)) / np.sqrt(np.median(mass, 0) + 1e-12)
+        np.testing.assert_allclose(_core.peak_significance(np.ascontiguousarray(mass), n_content), ref, rtol=1e-5)
+    mass = np.full((20, 6), 0.1)
+    mass[:, 0] += 0.3   # every token favours chunk 0
+    mass[4, 3] += 0.2   # one question token singles out chunk 3
+    s = _core.peak_significance(mass, 15)
+    assert int(np.argmax(s)) == 3 and s[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(_core.Error):
+        _core.peak_significance(mass, 0)
+    with pytest.raises(_core.Error):
+        _core.peak_significance(mass, 21)
