@@ -181,6 +181,10 @@ void bind_x2l(nb::module_& m) {
             d.prepare(sel);
         }, "selected"_a)
         .def_prop_ro("selected", &x2l::X2LDecoder::selected)
+        .def("wait_reload", [](x2l::X2LDecoder& d) {
+            nb::gil_scoped_release nogil;
+            d.wait_reload();
+        }, "Block until the last prepare()'s L-KV copies have landed (to time a reload without overlap).")
         .def("eval", [](x2l::X2LDecoder& d, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
             std::vector<float> all;
             {
@@ -202,6 +206,7 @@ void bind_x2l(nb::module_& m) {
         .def_prop_ro("n_past", &x2l::X2LDecoder::n_past)
         .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
         .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
+        .def_prop_ro("on_device", &x2l::X2LDecoder::on_device)
         .def("prefix_rows", [](x2l::X2LDecoder& d, size_t i, int layer, int head, bool value) {
             {
                 nb::gil_scoped_release nogil;

@@ -13,13 +13,13 @@ constexpr size_t kF16 = 2;
 constexpr int kMaxSplitRows = 8, kMaxSplits = 64;
 }  // namespace
 
-CudaLlm::DevWeight CudaLlm::upload(const Weight& w, const std::string& name) {
+CudaLlm::Matrix CudaLlm::upload(const Weight& w, const std::string& name) {
     if (!cuda_matmul_supported(w.type)) {
         throw Error("the CUDA backend cannot read " + name + " (type " + type_info(w.type).name +
                     "); use f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k or q6_k weights, or device='cpu'");
     }
     if (cuda_row_bytes(w.type, w.n_in) != w.row_bytes) throw Error("unexpected row layout of " + name);
-    DevWeight d;
+    Matrix d;
     d.type = w.type;
     d.n_in = w.n_in;
     d.n_out = w.n_out;
@@ -38,26 +38,22 @@ static CudaDeviceBuffer upload_floats(const std::vector<float>& v, size_t& total
     return b;
 }
 
-CudaLlm::CudaLlm(const LlmModel& model, int device, int64_t n_ctx, int64_t n_batch)
-    : cfg_(model.config()), device_(device), n_ctx_(n_ctx), n_batch_(n_batch) {
+CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), device_(device) {
     if (device < 0 || device >= cuda_device_count()) {
         throw Error("CUDA device " + std::to_string(device) + " is not available (" +
                     std::to_string(cuda_device_count()) + " usable devices)");
     }
-    if (n_ctx <= 0 || n_batch <= 0) throw Error("n_ctx and n_batch must be > 0");
     const LlmConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) throw Error("the CUDA attention kernel needs head_dim % 4 == 0 and <= 256");
     cuda_set_device(device);
-    name_ = cuda_device_info(device).name;
-    stream_.reset(new CudaStream(true));
-
-    const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
-                  KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff, V = c.n_vocab;
+    const CudaDeviceInfo info = cuda_device_info(device);
+    name_ = info.name;
+    integrated_ = info.integrated && info.can_map_host_memory;
     const auto& src = model.layers();
     layers_.resize(src.size());
     for (size_t l = 0; l < src.size(); ++l) {
         const LlmLayer& L = src[l];
-        DevLayer& d = layers_[l];
+        Layer& d = layers_[l];
         const std::string p = "blk." + std::to_string(l) + ".";
         if (L.vst_q.valid()) throw Error("beacon (Video-XL) models run on the CPU backend only; use device='cpu'");
         d.attn_norm = upload_floats(L.attn_norm, weight_bytes_);
@@ -72,63 +68,86 @@ CudaLlm::CudaLlm(const LlmModel& model, int device, int64_t n_ctx, int64_t n_bat
         d.w_gate = upload(L.w_gate, p + "ffn_gate");
         d.w_up = upload(L.w_up, p + "ffn_up");
         d.w_down = upload(L.w_down, p + "ffn_down");
-        d.k = CudaDeviceBuffer(static_cast<size_t>(n_ctx) * KD * kF16);
-        d.v = CudaDeviceBuffer(static_cast<size_t>(n_ctx) * KD * kF16);
     }
     output_ = upload(model.output_weight(), "output");
     output_norm_ = upload_floats(model.output_norm(), weight_bytes_);
+}
 
+// ------------------------------------------------------------------------------------ context
+
+CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch)
+    : llm_(llm), n_ctx_(n_ctx), n_batch_(n_batch) {
+    if (n_ctx <= 0 || n_batch <= 0) throw Error("n_ctx and n_batch must be > 0");
+    const LlmConfig& c = llm.config();
+    cuda_set_device(llm.device());
+    stream_.reset(new CudaStream(true));
+    const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
+                  KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff, V = c.n_vocab;
+    for (int l = 0; l < c.n_layer; ++l) {
+        k_.emplace_back(static_cast<size_t>(n_ctx) * KD * kF16);
+        v_.emplace_back(static_cast<size_t>(n_ctx) * KD * kF16);
+    }
     const size_t f = sizeof(float);
     x_ = CudaDeviceBuffer(n_batch * E * f);
     xn_ = CudaDeviceBuffer(n_batch * std::max(E, QD) * f);
     q_ = CudaDeviceBuffer(n_batch * QD * f);
-    k_ = CudaDeviceBuffer(n_batch * KD * f);
-    v_ = CudaDeviceBuffer(n_batch * KD * f);
+    k_new_ = CudaDeviceBuffer(n_batch * KD * f);
+    v_new_ = CudaDeviceBuffer(n_batch * KD * f);
     attn_ = CudaDeviceBuffer(n_batch * QD * f);
     gate_ = CudaDeviceBuffer(n_batch * FF * f);
     up_ = CudaDeviceBuffer(n_batch * FF * f);
     pos_ = CudaDeviceBuffer(n_batch * sizeof(int32_t));
     logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
-    tables_.resize(layers_.size());
+    tables_.resize(static_cast<size_t>(c.n_layer));
 }
 
-CudaLlm::~CudaLlm() = default;
-
-size_t CudaLlm::kv_bytes() const {
-    return static_cast<size_t>(n_past_) * cfg_.n_head_kv * cfg_.head_dim * kF16 * 2 * cfg_.n_layer;
+void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int64_t n_prefix, int32_t pos0,
+                             std::function<void(int, void*)> before_attention) {
+    if (!per_layer.empty() && per_layer.size() != k_.size()) throw Error("set_prefix: one segment list per layer");
+    prefix_ = std::move(per_layer);
+    n_prefix_ = n_prefix;
+    pos0_ = pos0;
+    before_attention_ = std::move(before_attention);
+    n_past_ = 0;
 }
 
-size_t CudaLlm::device_bytes() const {
-    size_t b = weight_bytes_;
-    for (const auto& L : layers_) b += L.k.size() + L.v.size();
-    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_, &v_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_}) b += p->size();
+size_t CudaContext::kv_bytes() const {
+    const LlmConfig& c = llm_.config();
+    return static_cast<size_t>(n_past_) * c.n_head_kv * c.head_dim * kF16 * 2 * c.n_layer;
+}
+
+size_t CudaContext::device_bytes() const {
+    size_t b = 0;
+    for (size_t l = 0; l < k_.size(); ++l) b += k_[l].size() + v_[l].size();
+    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_})
+        b += p->size();
     return b;
 }
 
-void CudaLlm::truncate(int64_t n) {
+void CudaContext::truncate(int64_t n) {
     if (n < 0 || n > n_past_) throw Error("truncate: n out of range");
     n_past_ = n;  // later tokens overwrite the rows beyond n
 }
 
-void CudaLlm::matmul(const DevWeight& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias) {
+void CudaContext::matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias) {
     void* s = stream_->handle();
     cuda_matmul(w.type, w.buf.data(), w.n_out, w.n_in, x, n, y, s);
     if (bias.size()) cuda_add(y, static_cast<const float*>(bias.data()), y, n * w.n_out, w.n_out, s);
 }
 
-void CudaLlm::forward(const float* x, int64_t n, int64_t n_logits, float* logits) {
+void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* logits) {
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
     if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
-    cuda_set_device(device_);
+    cuda_set_device(llm_.device());
     const int64_t before = n_past_, first_logit = n - n_logits;
     try {
         for (int64_t b = 0; b < n; b += n_batch_) {
             const int64_t m = std::min(n_batch_, n - b);
             // Rows of this batch among the last n_logits of the call: always the batch's last ones.
             const int64_t from = std::max(b, first_logit), k = std::max<int64_t>(0, b + m - from);
-            forward_batch(x + b * cfg_.n_embd, m, k, k ? logits + (from - first_logit) * cfg_.n_vocab : nullptr);
+            forward_batch(x + b * llm_.config().n_embd, m, k, k ? logits + (from - first_logit) * llm_.config().n_vocab : nullptr);
         }
     } catch (...) {
         n_past_ = before;
@@ -136,8 +155,8 @@ void CudaLlm::forward(const float* x, int64_t n, int64_t n_logits, float* logits
     }
 }
 
-void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits) {
-    const LlmConfig& c = cfg_;
+void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits) {
+    const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
     void* s = stream_->handle();
@@ -145,14 +164,14 @@ void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, fl
     float* x = static_cast<float*>(x_.data());
     float* xn = static_cast<float*>(xn_.data());
     float* q = static_cast<float*>(q_.data());
-    float* k = static_cast<float*>(k_.data());
-    float* v = static_cast<float*>(v_.data());
+    float* k = static_cast<float*>(k_new_.data());
+    float* v = static_cast<float*>(v_new_.data());
     float* attn = static_cast<float*>(attn_.data());
     float* gate = static_cast<float*>(gate_.data());
     float* up = static_cast<float*>(up_.data());
     const int32_t* pos = static_cast<const int32_t*>(pos_.data());
     std::vector<int32_t> pos_host(m);
-    for (int64_t i = 0; i < m; ++i) pos_host[i] = static_cast<int32_t>(first + i);
+    for (int64_t i = 0; i < m; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
     // Pageable sources: the runtime stages them before returning, so the host vectors may go.
     x_.upload(x_host, m * E * sizeof(float), 0, s);
     pos_.upload(pos_host.data(), m * sizeof(int32_t), 0, s);
@@ -160,7 +179,7 @@ void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, fl
     const CudaDeviceBuffer none;
 
     for (int l = 0; l < c.n_layer; ++l) {
-        DevLayer& L = layers_[l];
+        const CudaLlm::Layer& L = llm_.layers()[l];
         cuda_rms_norm(x, static_cast<const float*>(L.attn_norm.data()), xn, m, E, c.rms_eps, s);
         matmul(L.wq, xn, m, q, L.bq);  // [m, QD]
         matmul(L.wk, xn, m, k, L.bk);  // [m, KD]
@@ -168,8 +187,8 @@ void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, fl
         cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
         cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
         // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the batch's rows are contiguous.
-        uint8_t* kc = static_cast<uint8_t*>(L.k.data());
-        uint8_t* vc = static_cast<uint8_t*>(L.v.data());
+        uint8_t* kc = static_cast<uint8_t*>(k_[l].data());
+        uint8_t* vc = static_cast<uint8_t*>(v_[l].data());
         cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
         cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
 
@@ -180,7 +199,10 @@ void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, fl
         seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
         seg.n_tokens = first + m;
         seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
-        tables_[l].assign({seg}, c.head_dim, s);
+        std::vector<CudaKVSegment> segs = prefix_.empty() ? std::vector<CudaKVSegment>{} : prefix_[l];
+        segs.push_back(seg);
+        if (before_attention_) before_attention_(l, s);
+        tables_[l].assign(segs, c.head_dim, s);
         CudaAttentionParams p;
         p.q = q;
         p.out = attn;
@@ -203,13 +225,178 @@ void CudaLlm::forward_batch(const float* x_host, int64_t m, int64_t n_logits, fl
         cuda_add(x, xn, x, m * E, m * E, s);
     }
     if (n_logits > 0) {
-        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(output_norm_.data()), xn, n_logits, E,
+        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(llm_.output_norm().data()), xn, n_logits, E,
                       c.rms_eps, s);
-        matmul(output_, xn, n_logits, static_cast<float*>(logits_.data()), none);
+        matmul(llm_.output(), xn, n_logits, static_cast<float*>(logits_.data()), none);
         logits_.download(logits, n_logits * c.n_vocab * sizeof(float), 0, s);
     }
     stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
     n_past_ = first + m;
+}
+
+// ------------------------------------------------------------------------------------ X²L tiers
+
+CudaKVSegment CudaX2L::layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v, int head_dim) {
+    // KVSegment rows are [layer][head][entry]: within a layer, head-major with cap entries per head.
+    CudaKVSegment seg;
+    seg.k = k;
+    seg.v = v;
+    seg.k_tok_stride = seg.v_tok_stride = static_cast<int64_t>(s.row_bytes);
+    seg.k_head_stride = seg.v_head_stride = static_cast<int64_t>(s.row_bytes) * s.cap;
+    seg.n_tokens = s.n;
+    seg.k_type = seg.v_type = static_cast<uint32_t>(s.type);
+    (void)head_dim;
+    return seg;
+}
+
+namespace {
+
+void check_kv_type(const KVSegment& seg, const char* what) {
+    if (!cuda_kv_type_supported(seg.type()) || seg.head_dim() % static_cast<int>(type_info(seg.type()).block_size) != 0) {
+        throw Error(std::string("the CUDA attention kernel cannot read the ") + what + " tier's " +
+                    type_info(seg.type()).name + " rows (head_dim " + std::to_string(seg.head_dim()) +
+                    "); index the video with f16/q8_0/q4_0 tiers or use device='cpu'");
+    }
+}
+
+}  // namespace
+
+CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch)
+    : llm_(llm), ix_(ix) {
+    if (ix.dense_positions) throw Error("beacon indexes (dense positions) are decoded on the CPU backend only");
+    cuda_set_device(llm.device());
+    auto fill = [](DevSegment& d, const KVSegment& seg) {
+        d.layer_bytes = seg.layer_bytes();
+        d.row_bytes = seg.row_bytes();
+        d.cap = seg.capacity();
+        d.n = seg.size();
+        d.type = seg.type();
+    };
+    auto upload = [&](const KVSegment& seg, const char* what) {  // sink and H: resident on the device
+        check_kv_type(seg, what);
+        DevSegment d;
+        fill(d, seg);
+        const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
+        d.dev = CudaDeviceBuffer(std::max<size_t>(2 * block, 256));
+        d.dev.upload(seg.k_data(), block, 0);
+        d.dev.upload(seg.v_data(), block, block);
+        d.k = static_cast<const uint8_t*>(d.dev.data());
+        d.v = d.k + block;
+        return d;
+    };
+    sink_ = upload(*ix.sink, "sink");
+    for (const auto& ch : ix.chunks) high_.push_back(upload(*ch.high, "H"));
+    for (const auto& ch : ix.chunks) {  // L: pinned host memory, the source of the reload DMA
+        const KVSegment& seg = *ch.low;
+        check_kv_type(seg, "L");
+        DevSegment d;
+        fill(d, seg);
+        const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
+        d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), llm.integrated()));
+        std::memcpy(d.host->data(), seg.k_data(), block);
+        std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, seg.v_data(), block);
+        // Integrated GPUs read the mapped rows in place; discrete ones copy them per question.
+        d.k = static_cast<const uint8_t*>(llm.integrated() ? d.host->device_ptr() : d.host->data());
+        d.v = d.k + block;
+        low_.push_back(std::move(d));
+    }
+    copy_begin_.reset(new CudaEvent(true));
+    copy_end_.reset(new CudaEvent(true));
+    ctx_.reset(new CudaContext(llm, max_tail_tokens, n_batch));
+    prepare({});
+}
+
+CudaX2L::~CudaX2L() {
+    try {
+        wait_reload();  // no copy may target freed buffers
+    } catch (...) {
+    }
+}
+
+void CudaX2L::prepare(const std::vector<int>& selected) {
+    const int L = llm_.config().n_layer, hd = llm_.config().head_dim;
+    const int n = static_cast<int>(ix_.chunks.size());
+    for (size_t i = 0; i < selected.size(); ++i) {
+        if (selected[i] < 0 || selected[i] >= n || (i > 0 && selected[i] <= selected[i - 1]))
+            throw Error("CudaX2L::prepare: selection must be sorted, unique chunk indices");
+    }
+    wait_reload();
+    cuda_device_synchronize();  // the tail's stream is done with the previous working set
+    const bool copy = !llm_.integrated() && !selected.empty();
+    // [layer][selected chunk] -> where that chunk's K and V rows of the layer live for this question
+    std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> where(L);
+    stats_ = ReloadStats();
+    stats_.n_chunks = static_cast<int>(selected.size());
+    if (copy) {
+        size_t slot = 0;
+        for (int c : selected) slot += 2 * ((low_[c].layer_bytes + 255) & ~size_t(255));
+        if (!pipe_ || slot > pipe_slot_bytes_) {
+            pipe_.reset();
+            pipe_.reset(new CudaLayerPipeline(slot, L, false));
+            pipe_slot_bytes_ = slot;
+        } else {
+            pipe_->reset();
+        }
+        copy_begin_->record(pipe_->copy_stream());
+        for (int l = 0; l < L; ++l) {
+            pipe_->begin(l);
+            for (int c : selected) {
+                const DevSegment& d = low_[c];
+                const size_t off = static_cast<size_t>(l) * d.layer_bytes;
+                const void* k = pipe_->stage(d.k + off, d.layer_bytes);
+                const void* v = pipe_->stage(d.v + off, d.layer_bytes);
+                where[l].emplace_back(static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v));
+                stats_.bytes += 2 * d.layer_bytes;
+            }
+            pipe_->end();
+        }
+        copy_end_->record(pipe_->copy_stream());
+        pending_ = true;
+    } else {
+        for (int l = 0; l < L; ++l) {
+            for (int c : selected) {
+                const size_t off = static_cast<size_t>(l) * low_[c].layer_bytes;
+                where[l].emplace_back(low_[c].k + off, low_[c].v + off);
+            }
+        }
+    }
+    std::vector<std::vector<CudaKVSegment>> per_layer(L);
+    int64_t n_prefix = sink_.n;
+    for (int l = 0; l < L; ++l) {
+        auto& segs = per_layer[l];
+        segs.push_back(layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes, hd));
+        size_t k = 0;
+        for (int c = 0; c < n; ++c) {
+            if (k < selected.size() && selected[k] == c) {
+                segs.push_back(layer_view(low_[c], where[l][k].first, where[l][k].second, hd));
+                if (l == 0) n_prefix += low_[c].n;
+                ++k;
+            } else {
+                const DevSegment& h = high_[c];
+                segs.push_back(layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes, hd));
+                if (l == 0) n_prefix += h.n;
+            }
+        }
+    }
+    std::function<void(int, void*)> wait;
+    if (copy) wait = [this](int layer, void* stream) { pipe_->wait_ready(layer, stream); };
+    ctx_->set_prefix(std::move(per_layer), n_prefix, ix_.next_pos, std::move(wait));
+    selected_ = selected;
+}
+
+void CudaX2L::wait_reload() {
+    if (!pending_) return;
+    copy_end_->synchronize();
+    stats_.copy_seconds = copy_end_->elapsed_ms_since(*copy_begin_) / 1e3;
+    pending_ = false;
+}
+
+size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_slot_bytes_ * static_cast<size_t>(llm_.config().n_layer) : 0; }
+
+size_t CudaX2L::resident_bytes() const {
+    size_t b = sink_.dev.size() + working_bytes() + ctx_->device_bytes();
+    for (const auto& h : high_) b += h.dev.size();
+    return b;
 }
 
 }  // namespace x2l

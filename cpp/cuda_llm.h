@@ -1,68 +1,151 @@
-// The decoder LLM on a CUDA device: weights uploaded once, an f16 KV cache in device memory, and the
-// forward pass of LlmModel::forward built from the kernels of cuda_backend.h. LlmSession routes
-// eval/eval_embd/truncate here when it was opened with a device; the token embedding stays on the
-// host (one row per token is looked up there and uploaded with the batch).
+// The decoder LLM on a CUDA device, built from the kernels of cuda_backend.h:
+//   CudaLlm     - the weights, uploaded once (owned by LlmSession when it was opened with a device);
+//   CudaContext - one f16 KV cache plus activations on that device, with an optional prefix of
+//                 borrowed KV segments that every query attends to first (the X²L mixed cache);
+//   CudaX2L     - one video index on the device (Video-X²L's tiers): sink and H-KVs resident in device
+//                 memory, L-KVs in pinned host memory, and per question the selected chunks' L-KVs
+//                 copied layer by layer on a copy stream while the question's prefill runs (each
+//                 layer waits on its own event), then decoding on sink + [L or H per chunk] + tail.
+// The token embedding stays on the host: callers look rows up there and pass embeddings.
 //
 // Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cuda_backend.h"
+#include "kv_store.h"
 #include "model.h"
+#include "reload.h"
 
 namespace x2l {
 
 class CudaLlm {
   public:
-    // Uploads every weight of `model` to device `device`. Throws Error for weight or KV layouts the
-    // kernels do not read (message names the tensor), BudgetError when device memory runs out.
-    CudaLlm(const LlmModel& model, int device, int64_t n_ctx, int64_t n_batch);
-    ~CudaLlm();
+    // Uploads every weight of `model` to device `device`. Throws Error for layouts the kernels do not
+    // read (the message names the tensor), BudgetError when device memory runs out.
+    CudaLlm(const LlmModel& model, int device);
     CudaLlm(const CudaLlm&) = delete;
     CudaLlm& operator=(const CudaLlm&) = delete;
 
-    // Runs n input embeddings x [n, n_embd] (host) at positions n_past().. in n_batch pieces,
-    // appending their K/V; logits of the last n_logits rows go to logits [n_logits, n_vocab] (host).
-    // On failure the cache is left as it was before the call.
-    void forward(const float* x, int64_t n, int64_t n_logits, float* logits);
-    int64_t n_past() const { return n_past_; }
-    void truncate(int64_t n);  // keep the first n cache entries
-
-    size_t weight_bytes() const { return weight_bytes_; }
-    size_t kv_bytes() const;  // bytes of the cache entries in use
-    size_t device_bytes() const;  // everything this object holds on the device
-    const std::string& device_name() const { return name_; }
-
-  private:
-    struct DevWeight {
+    struct Matrix {
         CudaDeviceBuffer buf;
         DType type = DType::F32;
         int64_t n_in = 0, n_out = 0;
     };
-    struct DevLayer {
+    struct Layer {
         CudaDeviceBuffer attn_norm, ffn_norm, bq, bk, bv;  // f32; biases empty when absent
-        DevWeight wq, wk, wv, wo, w_gate, w_up, w_down;
-        CudaDeviceBuffer k, v;  // [n_ctx, n_head_kv, head_dim] f16, token-major
+        Matrix wq, wk, wv, wo, w_gate, w_up, w_down;
     };
-    DevWeight upload(const Weight& w, const std::string& name);
-    void matmul(const DevWeight& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias);
-    void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits);
+    const LlmConfig& config() const { return cfg_; }
+    int device() const { return device_; }
+    const std::string& device_name() const { return name_; }
+    bool integrated() const { return integrated_; }
+    size_t weight_bytes() const { return weight_bytes_; }
+    const std::vector<Layer>& layers() const { return layers_; }
+    const Matrix& output() const { return output_; }
+    const CudaDeviceBuffer& output_norm() const { return output_norm_; }
 
+  private:
+    Matrix upload(const Weight& w, const std::string& name);
     LlmConfig cfg_;
     int device_ = 0;
     std::string name_;
-    int64_t n_ctx_ = 0, n_batch_ = 0, n_past_ = 0;
+    bool integrated_ = false;
     size_t weight_bytes_ = 0;
-    std::vector<DevLayer> layers_;
-    DevWeight output_;
+    std::vector<Layer> layers_;
+    Matrix output_;
     CudaDeviceBuffer output_norm_;
-    // Activations for n_batch tokens.
-    CudaDeviceBuffer x_, xn_, q_, k_, v_, attn_, gate_, up_, pos_, logits_, attn_ws_;
-    std::vector<CudaSegmentTable> tables_;  // one per layer: the cache as one f16 segment
-    std::unique_ptr<CudaStream> stream_;  // created after the device is selected
+};
+
+class CudaContext {
+  public:
+    CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch);
+    CudaContext(const CudaContext&) = delete;
+    CudaContext& operator=(const CudaContext&) = delete;
+
+    // Segments before the cache's own entries, per layer (device-accessible), n_prefix entries each;
+    // the own entries then sit at positions pos0 + i. before_attention(layer, stream) runs before
+    // layer `layer`'s attention is enqueued (the reload makes the stream wait for that layer there).
+    // Clears the own entries.
+    void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int64_t n_prefix, int32_t pos0,
+                    std::function<void(int, void*)> before_attention = nullptr);
+
+    // Runs n input embeddings x [n, n_embd] (host) in n_batch pieces, appending their K/V; logits
+    // of the last n_logits rows go to logits [n_logits, n_vocab] (host). On failure the cache is left
+    // as it was before the call.
+    void forward(const float* x, int64_t n, int64_t n_logits, float* logits);
+    int64_t n_past() const { return n_past_; }
+    int64_t n_ctx() const { return n_ctx_; }
+    void truncate(int64_t n);  // keep the first n own entries
+
+    size_t kv_bytes() const;      // own entries in use
+    size_t device_bytes() const;  // everything this object holds on the device
+    void* stream() const { return stream_->handle(); }
+
+  private:
+    void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits);
+    void matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias);
+
+    const CudaLlm& llm_;
+    int64_t n_ctx_ = 0, n_batch_ = 0, n_past_ = 0;
+    std::vector<CudaDeviceBuffer> k_, v_;  // per layer [n_ctx, n_head_kv, head_dim] f16, token-major
+    CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_;
+    std::vector<std::vector<CudaKVSegment>> prefix_;  // [layer][segment]
+    int64_t n_prefix_ = 0;
+    int32_t pos0_ = 0;
+    std::function<void(int, void*)> before_attention_;
+    std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
+    std::unique_ptr<CudaStream> stream_;    // created after the device is selected
+};
+
+class CudaX2L {
+  public:
+    // Uploads the sink and every chunk's H-KVs, copies the L-KVs into pinned host memory (mapped on
+    // integrated GPUs, where the device reads them in place and nothing is copied per question).
+    // Throws Error for indexes it cannot serve: dense positions (beacon), KV types the attention
+    // kernel does not read.
+    CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch);
+    ~CudaX2L();
+    CudaX2L(const CudaX2L&) = delete;
+    CudaX2L& operator=(const CudaX2L&) = delete;
+
+    // Mixed cache for this selection (sorted chunk indices); starts the layer-pipelined copy of their
+    // L-KVs. The tail is cleared; its tokens sit at positions ix.next_pos + i.
+    void prepare(const std::vector<int>& selected);
+    CudaContext& tail() { return *ctx_; }
+    // Blocks until every copy of the last prepare() has landed; fills the copy statistics.
+    void wait_reload();
+    const ReloadStats& stats() const { return stats_; }
+    size_t resident_bytes() const;  // device: sink + H + working set + tail cache
+    size_t working_bytes() const;   // device buffers the reloaded L-KVs occupy
+
+  private:
+    struct DevSegment {            // one KVSegment's rows on the device (or in mapped pinned memory)
+        CudaDeviceBuffer dev;
+        std::unique_ptr<CudaHostBuffer> host;  // L tier only
+        const uint8_t* k = nullptr;            // [n_layer][n_head_kv][cap] rows
+        const uint8_t* v = nullptr;
+        size_t layer_bytes = 0, row_bytes = 0;
+        int64_t cap = 0, n = 0;
+        DType type = DType::F16;
+    };
+    static CudaKVSegment layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v, int head_dim);
+
+    const CudaLlm& llm_;
+    const VideoIndex& ix_;
+    DevSegment sink_;
+    std::vector<DevSegment> high_, low_;
+    std::unique_ptr<CudaLayerPipeline> pipe_;
+    size_t pipe_slot_bytes_ = 0;
+    std::unique_ptr<CudaEvent> copy_begin_, copy_end_;
+    bool pending_ = false;
+    std::vector<int> selected_;
+    ReloadStats stats_;
+    std::unique_ptr<CudaContext> ctx_;
 };
 
 }  // namespace x2l

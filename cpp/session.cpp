@@ -11,6 +11,17 @@
 
 namespace x2l {
 
+#ifdef X2L_HAVE_CUDA
+struct CudaSessionState {
+    std::unique_ptr<CudaLlm> llm;
+    std::unique_ptr<CudaContext> ctx;  // the session's own chat context
+};
+#else
+struct CudaSessionState {};
+#endif
+
+void CudaSessionStateDeleter::operator()(CudaSessionState* p) const { delete p; }
+
 LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt_(opt) {
     if (opt_.n_threads < 0) throw Error("n_threads must be >= 0");
     if (opt_.n_batch <= 0) throw Error("n_batch must be > 0");
@@ -29,7 +40,9 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
     if (opt_.device >= 0) {
 #ifdef X2L_HAVE_CUDA
         if (opt_.kv_type != DType::F16) throw Error("the CUDA backend keeps an f16 KV cache; use kv_type='f16'");
-        cuda_.reset(new CudaLlm(*model_, opt_.device, opt_.n_ctx, opt_.n_batch));
+        cuda_.reset(new CudaSessionState);
+        cuda_->llm.reset(new CudaLlm(*model_, opt_.device));
+        cuda_->ctx.reset(new CudaContext(*cuda_->llm, opt_.n_ctx, opt_.n_batch));
 #else
         throw Error("this build of x2l-edge has no CUDA backend (it was built without nvcc); use device='cpu'");
 #endif
@@ -41,24 +54,23 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
 
 LlmSession::~LlmSession() = default;
 
-void CudaLlmDeleter::operator()(CudaLlm* p) const {
+const CudaLlm* LlmSession::cuda() const {
 #ifdef X2L_HAVE_CUDA
-    delete p;
-#else
-    (void)p;  // never allocated without the CUDA backend
+    if (cuda_) return cuda_->llm.get();
 #endif
+    return nullptr;
 }
 
 size_t LlmSession::kv_bytes() const {
 #ifdef X2L_HAVE_CUDA
-    if (cuda_) return cuda_->kv_bytes();
+    if (cuda_) return cuda_->ctx->kv_bytes();
 #endif
     return cache_->tail_bytes();
 }
 
 std::string LlmSession::device_name() const {
 #ifdef X2L_HAVE_CUDA
-    if (cuda_) return cuda_->device_name();
+    if (cuda_) return cuda_->llm->device_name();
 #endif
     return "cpu";
 }
@@ -163,10 +175,10 @@ void LlmSession::eval_cuda(const float* x, int64_t n, std::vector<float>* all_ou
     const int64_t V = model_->config().n_vocab;
     if (all_out) {
         all_out->resize(static_cast<size_t>(n) * V);
-        cuda_->forward(x, n, n, all_out->data());
+        cuda_->ctx->forward(x, n, n, all_out->data());
         std::memcpy(last_logits_.data(), all_out->data() + (n - 1) * V, sizeof(float) * V);
     } else {
-        cuda_->forward(x, n, 1, last_logits_.data());
+        cuda_->ctx->forward(x, n, 1, last_logits_.data());
     }
 #else
     throw Error("no CUDA backend in this build");
@@ -181,7 +193,7 @@ int32_t LlmSession::sample(Sampler& s) {
 void LlmSession::truncate(int64_t n) {
     if (n < 0 || n > n_past()) throw Error("truncate: n out of range");
 #ifdef X2L_HAVE_CUDA
-    if (cuda_) cuda_->truncate(n);
+    if (cuda_) cuda_->ctx->truncate(n);
 #endif
     if (!cuda_) cache_->truncate(n);
     history_.resize(static_cast<size_t>(n));

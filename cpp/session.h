@@ -16,9 +16,9 @@
 namespace x2l {
 
 class CudaLlm;
-// Defined in session.cpp, where CudaLlm is complete in CUDA builds (and never created otherwise).
-struct CudaLlmDeleter {
-    void operator()(CudaLlm* p) const;
+struct CudaSessionState;  // the device weights and this session's device context (session.cpp)
+struct CudaSessionStateDeleter {
+    void operator()(CudaSessionState* p) const;
 };
 
 struct SessionOptions {
@@ -63,9 +63,10 @@ class LlmSession {
     void truncate(int64_t n);  // keep the first n tokens of the context
 
     size_t kv_bytes() const;
-    // The CUDA LLM when the session was opened with a device (eval/eval_embd/truncate run there;
-    // the X²L prefill and decoder still use the CPU model through pool() and workspace()).
-    const CudaLlm* cuda() const { return cuda_.get(); }
+    // The device weights when the session was opened with a device (eval/eval_embd/truncate run
+    // there, and X²L decoders answer there); null on the CPU backend. The X²L prefill and the
+    // scorers use the CPU model through pool() and workspace().
+    const CudaLlm* cuda() const;
     std::string device_name() const;  // "cpu" or the CUDA device's name
     // Shared compute resources for other users of the model (the X²L prefill and decoder).
     ThreadPool& pool() { return *pool_; }
@@ -80,7 +81,7 @@ class LlmSession {
     std::unique_ptr<Tokenizer> tokenizer_;
     std::unique_ptr<ThreadPool> pool_;
     std::unique_ptr<KVCache> cache_;
-    std::unique_ptr<CudaLlm, CudaLlmDeleter> cuda_;
+    std::unique_ptr<CudaSessionState, CudaSessionStateDeleter> cuda_;
     Workspace ws_;
     std::vector<float> x_;  // [n_batch, n_embd] input embeddings
     std::vector<float> last_logits_;

