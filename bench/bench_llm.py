@@ -22,17 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import cpu_name, write_json  # noqa: E402
+from bench_common import cpu_name, prompt_ids, write_json  # noqa: E402
 CACHE = os.path.join(ROOT, "bench", ".cache")
-
-
-def _prompt_ids(n: int, vocab: int) -> list[int]:
-    # Deterministic pseudo-text token ids (avoid special ids at the start of the vocab).
-    ids, x = [], 12345
-    for _ in range(n):
-        x = (x * 1103515245 + 12345) % (2**31)
-        ids.append(200 + x % (vocab - 400))
-    return ids
 
 
 def bench_x2l(path, threads, pp_ids, tg_n, reps):
@@ -122,7 +113,7 @@ def main(argv=None) -> int:
         import x2l_edge
 
         vocab = x2l_edge.Session(path, n_threads=1, n_ctx=16).info["n_vocab"]
-        ids = _prompt_ids(a.pp, vocab)
+        ids = prompt_ids(a.pp, vocab)
         row = {"model": os.path.basename(path)}
         # Interleave the two runtimes so drifting machine load hits both alike.
         x = bench_x2l(path, a.threads, ids, a.tg, a.reps)

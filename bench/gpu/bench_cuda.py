@@ -22,15 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bench_common import ROOT, build_info, cpu_name, write_json  # noqa: E402
-
-
-def prompt_ids(n: int, vocab: int) -> list[int]:
-    ids, x = [], 12345
-    for _ in range(n):
-        x = (x * 1103515245 + 12345) % (2**31)
-        ids.append(200 + x % (vocab - 400))
-    return ids
+from bench_common import ROOT, build_info, cpu_name, prompt_ids, write_json  # noqa: E402
 
 
 def synthetic_smollm2(out_dir: str, outtype: str = "q4_1") -> str:
