@@ -546,20 +546,45 @@ def test_x2l_decoder_stays_on_the_cpu_without_a_device(tiny_gguf):
     assert ctx._dec.on_device is False
 
 
-@gpu
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_cuda_x2l_decoder_matches_cpu(tiny_gguf, arch):
-    """The mixed cache on the device (sink and q8_0 H-KVs resident, f16 L-KVs copied layer by layer from
-    pinned memory during the question's prefill) against the CPU decoder on the same index."""
+@pytest.fixture(scope="module")
+def tiny_hd32(tmp_path_factory):
+    """Tiny llama/qwen2 GGUFs with head_dim 32 (2 heads, 1 KV head), so that H-KVs can be q8_0 rows."""
+    import convert
+    import tiny_models
+
+    base = tmp_path_factory.mktemp("hd32")
+    out = {}
+    for arch, make in (("llama", tiny_models.make_tiny_llama), ("qwen2", tiny_models.make_tiny_qwen2)):
+        hf = make(base / arch, seed=5, num_attention_heads=2, num_key_value_heads=1)
+        out[arch] = str(base / f"{arch}.gguf")
+        convert.convert(str(hf), out[arch], "f16", progress=False)
+    return out
+
+
+def _x2l_pair(path, device):
     from x2l_edge import Session
 
-    path = tiny_gguf(arch, "f16")
     text = " ".join(f"item {i} is a {['red', 'blue', 'green'][i % 3]} box near the door." for i in range(40))
+    s = Session(path, device=device, n_threads=2)
+    assert s.info["head_dim"] == 32
+    return s.prefill_text(text, chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
+
+
+def test_x2l_q8_h_tier_on_the_cpu(tiny_hd32):
+    """The CPU half of the device comparison below (runs everywhere, so the test's own set-up is checked)."""
+    ctx = _x2l_pair(tiny_hd32["llama"], "cpu")
+    assert not ctx._dec.on_device and ctx.n_chunks >= 4
+    a = ctx.logits("Which colour is item 7?", [0, 2, 3])
+    assert a.ndim == 2 and np.isfinite(a).all()
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
+    """The mixed cache on the device (sink and q8_0 H-KVs resident, f16 L-KVs copied layer by layer from
+    pinned memory during the question's prefill) against the CPU decoder on the same index."""
     q = "Which colour is item 7?"
-    cpu = Session(path, device="cpu", n_threads=2)
-    dev = Session(path, device="cuda:0", n_threads=2)
-    kw = dict(chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
-    cctx, dctx = cpu.prefill_text(text, **kw), dev.prefill_text(text, **kw)  # both prefill on the CPU
+    cctx, dctx = _x2l_pair(tiny_hd32[arch], "cpu"), _x2l_pair(tiny_hd32[arch], "cuda:0")  # both prefill on the CPU
     assert dctx._dec.on_device and not cctx._dec.on_device
     np.testing.assert_array_equal(cctx.scores(q, "attention"), dctx.scores(q, "attention"))
     for chunks in ([], [1], [0, 2, 3], list(range(dctx.n_chunks))):
