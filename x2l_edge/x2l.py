@@ -76,7 +76,9 @@ class VideoContext:
         the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), 'keys' (the same
         queries attend only to a resident signature: the 8 most distinctive pre-RoPE keys per chunk,
         layer and KV head, taken before compression; never reads the L tier), 'embedding'
-        (input-embedding similarity). All contrast the question with the chat-template tokens after it."""
+        (input-embedding similarity). attention and keys score a chunk by its peak significance: the
+        most mass one question token gives it, minus its median mass over the question and the template
+        tokens after it, over sqrt(median) (select.h peak_significance)."""
         scorer = scorer or self.default_scorer
         if scorer == "external":
             raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
