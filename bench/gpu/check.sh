@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# One call on a machine with a GPU: build the CUDA backend for that GPU, run every CUDA test, and
-# run compute-sanitizer's memcheck over a subset. Logs go to $OUT (or ./gpu-out).
+# On a machine with a GPU: build the CUDA backend for that GPU, run every CUDA test (kernels, the LLM
+# and the X²L decoder against the CPU backend), compute-sanitizer's memcheck over a subset, and
+# bench/gpu/bench_cuda.py. Logs and cuda_bench.json go to $OUT (or ./gpu-out); copy the JSON to
+# bench/results/cuda_<device>.json.
 # Usage: bash bench/gpu/check.sh [stage...]   stages: build tests sanitize bench (default: all)
+# Under a 10-minute limit per call, run "build tests" in one call and "sanitize bench" in the next
+# (the build folder stays on a warm machine).
 # Needs nvcc, cmake, ninja, nanobind, numpy, pytest and the `gguf` package (wheels in .whl/ are
 # installed first when present). Not yet run on a GPU: no GPU has been lent to this project so far.
 set -u
