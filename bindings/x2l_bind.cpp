@@ -207,6 +207,7 @@ void bind_x2l(nb::module_& m) {
         .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
         .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
         .def_prop_ro("on_device", &x2l::X2LDecoder::on_device)
+        .def_prop_ro("device_note", &x2l::X2LDecoder::device_note)
         .def("prefix_rows", [](x2l::X2LDecoder& d, size_t i, int layer, int head, bool value) {
             {
                 nb::gil_scoped_release nogil;

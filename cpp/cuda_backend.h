@@ -261,6 +261,8 @@ bool cuda_kv_type_supported(DType t);
 class CudaSegmentTable {
   public:
     void assign(const std::vector<CudaKVSegment>& segs, int head_dim, void* stream);
+    // Allocates room for n segments now (assign() then reuses it without a device allocation).
+    void reserve(int n);
     const CudaKVSegment* device_data() const { return static_cast<const CudaKVSegment*>(dev_.data()); }
     int size() const { return static_cast<int>(host_.size()); }
     int64_t n_kv() const { return n_kv_; }

@@ -107,6 +107,9 @@ void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, 
     if (!per_layer.empty() && per_layer.size() != k_.size()) throw Error("set_prefix: one segment list per layer");
     prefix_ = std::move(per_layer);
     n_prefix_ = n_prefix;
+    // Size the device segment tables now: a cudaMalloc inside the first forward would serialize it
+    // with the reload copies in flight.
+    for (size_t l = 0; l < tables_.size(); ++l) tables_[l].reserve((prefix_.empty() ? 0 : prefix_[l].size()) + 1);
     pos0_ = pos0;
     before_attention_ = std::move(before_attention);
     n_past_ = 0;
@@ -308,59 +311,20 @@ CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_toke
 
 CudaX2L::~CudaX2L() {
     try {
+        cuda_set_device(llm_.device());
         wait_reload();  // no copy may target freed buffers
     } catch (...) {
     }
 }
 
-void CudaX2L::prepare(const std::vector<int>& selected) {
+// The mixed cache's segments of every layer: sink, then per chunk its H rows or, when selected, the
+// rows in `where` [layer][k-th selected chunk] (K, V). Returns the prefix length in entries.
+int64_t CudaX2L::build_prefix(const std::vector<int>& selected,
+                              const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where,
+                              std::vector<std::vector<CudaKVSegment>>& per_layer) const {
     const int L = llm_.config().n_layer, hd = llm_.config().head_dim;
     const int n = static_cast<int>(ix_.chunks.size());
-    for (size_t i = 0; i < selected.size(); ++i) {
-        if (selected[i] < 0 || selected[i] >= n || (i > 0 && selected[i] <= selected[i - 1]))
-            throw Error("CudaX2L::prepare: selection must be sorted, unique chunk indices");
-    }
-    wait_reload();
-    cuda_device_synchronize();  // the tail's stream is done with the previous working set
-    const bool copy = !llm_.integrated() && !selected.empty();
-    // [layer][selected chunk] -> where that chunk's K and V rows of the layer live for this question
-    std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> where(L);
-    stats_ = ReloadStats();
-    stats_.n_chunks = static_cast<int>(selected.size());
-    if (copy) {
-        size_t slot = 0;
-        for (int c : selected) slot += 2 * ((low_[c].layer_bytes + 255) & ~size_t(255));
-        if (!pipe_ || slot > pipe_slot_bytes_) {
-            pipe_.reset();
-            pipe_.reset(new CudaLayerPipeline(slot, L, false));
-            pipe_slot_bytes_ = slot;
-        } else {
-            pipe_->reset();
-        }
-        copy_begin_->record(pipe_->copy_stream());
-        for (int l = 0; l < L; ++l) {
-            pipe_->begin(l);
-            for (int c : selected) {
-                const DevSegment& d = low_[c];
-                const size_t off = static_cast<size_t>(l) * d.layer_bytes;
-                const void* k = pipe_->stage(d.k + off, d.layer_bytes);
-                const void* v = pipe_->stage(d.v + off, d.layer_bytes);
-                where[l].emplace_back(static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v));
-                stats_.bytes += 2 * d.layer_bytes;
-            }
-            pipe_->end();
-        }
-        copy_end_->record(pipe_->copy_stream());
-        pending_ = true;
-    } else {
-        for (int l = 0; l < L; ++l) {
-            for (int c : selected) {
-                const size_t off = static_cast<size_t>(l) * low_[c].layer_bytes;
-                where[l].emplace_back(low_[c].k + off, low_[c].v + off);
-            }
-        }
-    }
-    std::vector<std::vector<CudaKVSegment>> per_layer(L);
+    per_layer.assign(L, {});
     int64_t n_prefix = sink_.n;
     for (int l = 0; l < L; ++l) {
         auto& segs = per_layer[l];
@@ -378,14 +342,91 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
             }
         }
     }
+    return n_prefix;
+}
+
+void CudaX2L::prepare(const std::vector<int>& selected) {
+    const int L = llm_.config().n_layer;
+    const int n = static_cast<int>(ix_.chunks.size());
+    for (size_t i = 0; i < selected.size(); ++i) {
+        if (selected[i] < 0 || selected[i] >= n || (i > 0 && selected[i] <= selected[i - 1]))
+            throw Error("CudaX2L::prepare: selection must be sorted, unique chunk indices");
+    }
+    cuda_set_device(llm_.device());
+    wait_reload();
+    cuda_device_synchronize();  // the tail's stream is done with the previous working set
+    // From here on the context must never keep a prefix into buffers that a failure below frees: it is
+    // first reset to the H-only cache (which cannot fail), then given the mixed cache once it is built.
+    std::vector<std::vector<CudaKVSegment>> per_layer;
+    const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> none(L);
+    ctx_->set_prefix({}, 0, ix_.next_pos);
+    selected_.clear();
+    stats_ = ReloadStats();
+    const bool copy = !llm_.integrated() && !selected.empty();
+    // [layer][selected chunk] -> where that chunk's K and V rows of the layer live for this question
+    std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> where(L);
+    try {
+        if (copy) {
+            size_t slot = 0;
+            for (int c : selected) slot += 2 * ((low_[c].layer_bytes + 255) & ~size_t(255));
+            if (!pipe_ || slot > pipe_slot_bytes_) {
+                pipe_.reset();  // free the old slots first: the device may not hold both
+                pipe_slot_bytes_ = 0;
+                pipe_.reset(new CudaLayerPipeline(slot, L, false));
+                pipe_slot_bytes_ = slot;
+            } else {
+                pipe_->reset();
+            }
+            copy_begin_->record(pipe_->copy_stream());
+            for (int l = 0; l < L; ++l) {
+                pipe_->begin(l);
+                for (int c : selected) {
+                    const DevSegment& d = low_[c];
+                    const size_t off = static_cast<size_t>(l) * d.layer_bytes;
+                    const void* k = pipe_->stage(d.k + off, d.layer_bytes);
+                    const void* v = pipe_->stage(d.v + off, d.layer_bytes);
+                    where[l].emplace_back(static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v));
+                    stats_.bytes += 2 * d.layer_bytes;
+                }
+                pipe_->end();
+            }
+            copy_end_->record(pipe_->copy_stream());
+            pending_ = true;
+        } else {
+            for (int l = 0; l < L; ++l) {
+                for (int c : selected) {
+                    const size_t off = static_cast<size_t>(l) * low_[c].layer_bytes;
+                    where[l].emplace_back(low_[c].k + off, low_[c].v + off);
+                }
+            }
+        }
+    } catch (...) {
+        // Leave the H-only mixed cache: no chunk reloaded, nothing pointing into freed slots.
+        try {
+            if (pipe_) pipe_->reset();
+        } catch (...) {
+        }
+        pending_ = false;
+        stats_ = ReloadStats();
+        const int64_t n_prefix = build_prefix({}, none, per_layer);
+        ctx_->set_prefix(std::move(per_layer), n_prefix, ix_.next_pos);
+        throw;
+    }
+    const int64_t n_prefix = build_prefix(selected, where, per_layer);
     std::function<void(int, void*)> wait;
-    if (copy) wait = [this](int layer, void* stream) { pipe_->wait_ready(layer, stream); };
+    if (copy) {
+        wait = [this](int layer, void* stream) {
+            if (pipe_) pipe_->wait_ready(layer, stream);
+        };
+    }
     ctx_->set_prefix(std::move(per_layer), n_prefix, ix_.next_pos, std::move(wait));
+    stats_.n_chunks = static_cast<int>(selected.size());
     selected_ = selected;
 }
 
 void CudaX2L::wait_reload() {
     if (!pending_) return;
+    cuda_set_device(llm_.device());
     copy_end_->synchronize();
     stats_.copy_seconds = copy_end_->elapsed_ms_since(*copy_begin_) / 1e3;
     pending_ = false;

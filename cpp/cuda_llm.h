@@ -12,6 +12,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <memory>
 #include <string>
 #include <vector>
@@ -114,7 +115,8 @@ class CudaX2L {
     CudaX2L& operator=(const CudaX2L&) = delete;
 
     // Mixed cache for this selection (sorted chunk indices); starts the layer-pipelined copy of their
-    // L-KVs. The tail is cleared; its tokens sit at positions ix.next_pos + i.
+    // L-KVs. The tail is cleared; its tokens sit at positions ix.next_pos + i. If it throws (device
+    // memory for the working set), the mixed cache is the H-only one and nothing is selected.
     void prepare(const std::vector<int>& selected);
     CudaContext& tail() { return *ctx_; }
     // Blocks until every copy of the last prepare() has landed; fills the copy statistics.
@@ -134,6 +136,9 @@ class CudaX2L {
         DType type = DType::F16;
     };
     static CudaKVSegment layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v, int head_dim);
+    int64_t build_prefix(const std::vector<int>& selected,
+                         const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where,
+                         std::vector<std::vector<CudaKVSegment>>& per_layer) const;
 
     const CudaLlm& llm_;
     const VideoIndex& ix_;

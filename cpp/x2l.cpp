@@ -283,7 +283,18 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     if (max_tail_tokens <= 0) throw Error("max_tail_tokens must be > 0");
     cache_.reset(new KVCache(s.options().kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail_tokens));
 #ifdef X2L_HAVE_CUDA
-    if (s.cuda() && !ix.dense_positions) gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
+    if (s.cuda()) {
+        if (ix.dense_positions) {
+            device_note_ = "beacon indexes (dense positions) are decoded on the CPU backend";
+        } else {
+            try {
+                gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
+            } catch (const BudgetError& e) {
+                // Device or pinned memory too small for this index: answer on the CPU instead.
+                device_note_ = std::string("the index does not fit the device (") + e.what() + "); decoding on the CPU";
+            }
+        }
+    }
 #endif
     prepare({});
 }
@@ -380,8 +391,9 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
         // The CPU cache keeps the H-only prefix the scorers read; the answer runs on the device.
         std::vector<const KVSegment*> prefix{ix_.sink.get()};
         for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
-        set_prefix(prefix);
-        gpu_->prepare(sel);
+        selected_.clear();
+        set_prefix(prefix);      // clears the history, as the device tail is cleared below
+        gpu_->prepare(sel);      // on failure: H-only on the device, nothing selected
         selected_ = sel;
         return;
     }

@@ -122,6 +122,8 @@ class X2LDecoder {
     // memory, L pinned on the host and copied per question), and eval() runs there. Scoring still
     // runs on the CPU, and prefix_segments() then describes the H-only scoring cache.
     bool on_device() const { return static_cast<bool>(gpu_); }
+    // Why a session with a device decodes this index on the CPU ("" otherwise).
+    const std::string& device_note() const { return device_note_; }
 
   private:
     void set_prefix(const std::vector<const KVSegment*>& prefix);
@@ -135,6 +137,7 @@ class X2LDecoder {
     std::vector<float> x_, last_logits_;
     std::vector<int32_t> history_;
     std::unique_ptr<CudaX2L, CudaX2LDeleter> gpu_;
+    std::string device_note_;
 };
 
 }  // namespace x2l

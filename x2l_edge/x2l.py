@@ -8,6 +8,7 @@ top-k selection, asynchronous L-KV reload and decoding on the mixed cache.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -45,6 +46,8 @@ class VideoContext:
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
         self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
+        if getattr(session, "device", "cpu") != "cpu" and not self._dec.on_device:
+            warnings.warn(f"x2l-edge: {self._dec.device_note}", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ inspection
     @property

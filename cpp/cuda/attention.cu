@@ -12,6 +12,7 @@
 // (max, sum, acc) states. Prefill tiles skip keys no row of the block can see (causal / window).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -336,6 +337,11 @@ void CudaSegmentTable::assign(const std::vector<CudaKVSegment>& segs, int head_d
     if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
     // Pageable source: the runtime stages it before returning, so host_ may change afterwards.
     if (bytes) cuda_copy_h2d_async(dev_.data(), host_.data(), bytes, stream);
+}
+
+void CudaSegmentTable::reserve(int n) {
+    const size_t bytes = static_cast<size_t>(std::max(n, 0)) * sizeof(CudaKVSegment);
+    if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
 }
 
 size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits) {

@@ -87,7 +87,8 @@ softmax_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, fl
 // One thread per (token, rotated pair); the angle is computed once and applied to every head.
 // The angle is formed and reduced in double: pos * inv_freq reaches 1e5 rad at long contexts, where
 // float rounding (and the fast-math sin/cos) would be off by 1e-2 rad.
-__global__ void rope_kernel(const float* __restrict__ x, float* __restrict__ y, const int32_t* __restrict__ pos,
+// x and y may be the same buffer (in-place rotation), so neither is __restrict__.
+__global__ void rope_kernel(const float* x, float* y, const int32_t* __restrict__ pos,
                             int64_t n_tokens, int n_head, int head_dim, int64_t tok_stride, int n_rot,
                             double log2_base, double freq_scale, int neox) {
     const int half = n_rot / 2;
@@ -122,7 +123,7 @@ __global__ void rope_tail_kernel(const float* __restrict__ x, float* __restrict_
     y[off] = x[off];
 }
 
-__global__ void swiglu_kernel(const float* __restrict__ g, const float* __restrict__ u, float* __restrict__ y, int64_t n) {
+__global__ void swiglu_kernel(const float* g, const float* __restrict__ u, float* y, int64_t n) {  // y may be g
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float a = g[i];
