@@ -94,6 +94,23 @@ class CudaHostBuffer {
     size_t bytes_ = 0;
 };
 
+// Page-locks memory someone else owns (cudaHostRegister), so that copies from it are asynchronous DMA
+// without a second, pinned copy of the data; mapped=true also maps it for the device (device_ptr()).
+// Read-only file mappings are retried with cudaHostRegisterReadOnly. Throws Error when the driver
+// refuses (callers then copy into a CudaHostBuffer). The memory must outlive the registration.
+class CudaHostRegistration {
+  public:
+    CudaHostRegistration(const void* host, size_t bytes, bool mapped);
+    ~CudaHostRegistration();
+    CudaHostRegistration(const CudaHostRegistration&) = delete;
+    CudaHostRegistration& operator=(const CudaHostRegistration&) = delete;
+    void* device_ptr() const { return dev_; }  // nullptr unless mapped
+
+  private:
+    void* host_ = nullptr;
+    void* dev_ = nullptr;
+};
+
 // Device address of a byte inside mapped pinned memory (cudaHostGetDevicePointer).
 void* cuda_mapped_device_ptr(const void* host_ptr);
 

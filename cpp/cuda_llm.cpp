@@ -295,11 +295,23 @@ CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_toke
         DevSegment d;
         fill(d, seg);
         const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
-        d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), llm.integrated()));
-        std::memcpy(d.host->data(), seg.k_data(), block);
-        std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, seg.v_data(), block);
+        const uint8_t* k = seg.k_data();
+        if (block > 0 && seg.v_data() == k + block) {  // K then V in one range: lock it where it is
+            try {
+                d.registered.reset(new CudaHostRegistration(k, 2 * block, llm.integrated()));
+            } catch (const Error&) {
+                d.registered.reset();  // e.g. pages shared with a registered neighbour: copy instead
+            }
+        }
+        if (d.registered) {
+            d.k = llm.integrated() ? static_cast<const uint8_t*>(d.registered->device_ptr()) : k;
+        } else {
+            d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), llm.integrated()));
+            std::memcpy(d.host->data(), k, block);
+            std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, seg.v_data(), block);
+            d.k = static_cast<const uint8_t*>(llm.integrated() ? d.host->device_ptr() : d.host->data());
+        }
         // Integrated GPUs read the mapped rows in place; discrete ones copy them per question.
-        d.k = static_cast<const uint8_t*>(llm.integrated() ? d.host->device_ptr() : d.host->data());
         d.v = d.k + block;
         low_.push_back(std::move(d));
     }
@@ -433,6 +445,12 @@ void CudaX2L::wait_reload() {
 }
 
 size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_slot_bytes_ * static_cast<size_t>(llm_.config().n_layer) : 0; }
+
+size_t CudaX2L::host_copy_bytes() const {
+    size_t b = 0;
+    for (const auto& d : low_) b += d.host ? d.host->size() : 0;
+    return b;
+}
 
 size_t CudaX2L::resident_bytes() const {
     size_t b = sink_.dev.size() + working_bytes() + ctx_->device_bytes();

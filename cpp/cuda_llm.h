@@ -105,8 +105,9 @@ class CudaContext {
 
 class CudaX2L {
   public:
-    // Uploads the sink and every chunk's H-KVs, copies the L-KVs into pinned host memory (mapped on
-    // integrated GPUs, where the device reads them in place and nothing is copied per question).
+    // Uploads the sink and every chunk's H-KVs and page-locks the L-KVs where they are (a pinned copy
+    // when the driver refuses); mapped on integrated GPUs, where the device reads them in place and
+    // nothing is copied per question.
     // Throws Error for indexes it cannot serve: dense positions (beacon), KV types the attention
     // kernel does not read.
     CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch);
@@ -124,11 +125,14 @@ class CudaX2L {
     const ReloadStats& stats() const { return stats_; }
     size_t resident_bytes() const;  // device: sink + H + working set + tail cache
     size_t working_bytes() const;   // device buffers the reloaded L-KVs occupy
+    size_t host_copy_bytes() const;  // L bytes that had to be copied into pinned memory (0 when all registered)
 
   private:
     struct DevSegment {            // one KVSegment's rows on the device (or in mapped pinned memory)
         CudaDeviceBuffer dev;
-        std::unique_ptr<CudaHostBuffer> host;  // L tier only
+        // L tier only: the index's own rows page-locked in place, or (when the driver refuses) a pinned copy.
+        std::unique_ptr<CudaHostRegistration> registered;
+        std::unique_ptr<CudaHostBuffer> host;
         const uint8_t* k = nullptr;            // [n_layer][n_head_kv][cap] rows
         const uint8_t* v = nullptr;
         size_t layer_bytes = 0, row_bytes = 0;

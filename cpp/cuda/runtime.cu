@@ -199,6 +199,31 @@ CudaHostBuffer& CudaHostBuffer::operator=(CudaHostBuffer&& o) noexcept {
     return *this;
 }
 
+CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool mapped) {
+    if (!host || bytes == 0) return;
+    void* p = const_cast<void*>(host);  // registration does not write
+    const unsigned flags = cudaHostRegisterPortable | (mapped ? cudaHostRegisterMapped : 0u);
+    cudaError_t e = cudaHostRegister(p, bytes, flags);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        e = cudaHostRegister(p, bytes, flags | cudaHostRegisterReadOnly);  // e.g. a read-only file mapping
+    }
+    check(e, "cudaHostRegister");
+    host_ = p;
+    if (mapped) {
+        e = cudaHostGetDevicePointer(&dev_, host_, 0);
+        if (e != cudaSuccess) {
+            cudaHostUnregister(host_);
+            host_ = nullptr;
+            check(e, "cudaHostGetDevicePointer");
+        }
+    }
+}
+
+CudaHostRegistration::~CudaHostRegistration() {
+    if (host_) cudaHostUnregister(host_);
+}
+
 void* cuda_mapped_device_ptr(const void* host_ptr) {
     void* d = nullptr;
     const cudaError_t e = cudaHostGetDevicePointer(&d, const_cast<void*>(host_ptr), 0);
