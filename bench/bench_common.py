@@ -53,3 +53,16 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
         x = (x * 1103515245 + 12345) % (2**31)
         ids.append(200 + x % (vocab - 400))
     return ids
+
+
+def greedy_decode_rate(core, n: int) -> float:
+    """Tokens/s of n greedy single-token evals on a core session (_core.LlmSession), continuing from its
+    last logits: one eval call per token, so per-call overhead counts as it would for a user."""
+    import numpy as np
+
+    tok = int(np.argmax(core.logits()))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        core.eval([tok])
+        tok = int(np.argmax(core.logits()))
+    return n / (time.perf_counter() - t0)

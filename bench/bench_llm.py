@@ -22,13 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import cpu_name, prompt_ids, write_json  # noqa: E402
+from bench_common import cpu_name, greedy_decode_rate, prompt_ids, write_json  # noqa: E402
 CACHE = os.path.join(ROOT, "bench", ".cache")
 
 
 def bench_x2l(path, threads, pp_ids, tg_n, reps):
-    import numpy as np
-
     import x2l_edge
 
     s = x2l_edge.Session(path, n_threads=threads, n_ctx=len(pp_ids) + tg_n + 64, n_batch=512)
@@ -43,12 +41,7 @@ def bench_x2l(path, threads, pp_ids, tg_n, reps):
         pp.append(len(pp_ids) / (time.perf_counter() - t0))
         core.truncate(0)
         core.eval(pp_ids[:16])
-        tok = int(np.argmax(core.logits()))
-        t0 = time.perf_counter()
-        for _ in range(tg_n):
-            core.eval([tok])
-            tok = int(np.argmax(core.logits()))
-        tg.append(tg_n / (time.perf_counter() - t0))
+        tg.append(greedy_decode_rate(core, tg_n))
     return {"pp_tok_s": max(pp), "tg_tok_s": max(tg), "pp_all": pp, "tg_all": tg}
 
 

@@ -22,7 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bench_common import ROOT, build_info, cpu_name, prompt_ids, write_json  # noqa: E402
+from bench_common import ROOT, build_info, cpu_name, greedy_decode_rate, prompt_ids, write_json  # noqa: E402
 
 
 def synthetic_smollm2(out_dir: str, outtype: str = "q4_1") -> str:
@@ -45,8 +45,6 @@ def synthetic_smollm2(out_dir: str, outtype: str = "q4_1") -> str:
 
 
 def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads: int) -> dict:
-    import numpy as np
-
     import x2l_edge
 
     s = x2l_edge.Session(path, n_threads=threads, n_ctx=n_ctx_tokens + tg + 8, n_batch=512, device=device)
@@ -61,12 +59,7 @@ def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads
         t0 = time.perf_counter()
         core.eval(ids)
         pp.append(len(ids) / (time.perf_counter() - t0))
-        tok = int(np.argmax(core.logits()))
-        t0 = time.perf_counter()
-        for _ in range(tg):
-            core.eval([tok])
-            tok = int(np.argmax(core.logits()))
-        dec.append(tg / (time.perf_counter() - t0))
+        dec.append(greedy_decode_rate(core, tg))
         core.truncate(len(ids))
     return {"device": s.info.get("device", device), "prefill_tok_s": max(pp), "decode_tok_s": max(dec),
             "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
