@@ -296,23 +296,25 @@ CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_toke
         fill(d, seg);
         const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
         const uint8_t* k = seg.k_data();
-        if (block > 0 && seg.v_data() == k + block) {  // K then V in one range: lock it where it is
+        const uint8_t* v = seg.v_data();
+        if (block > 0 && v >= k + block && v <= k + block + 64) {  // K, then V (64-byte aligned): one range
             try {
-                d.registered.reset(new CudaHostRegistration(k, 2 * block, llm.integrated()));
+                d.registered.reset(new CudaHostRegistration(k, static_cast<size_t>(v - k) + block, llm.integrated()));
             } catch (const Error&) {
                 d.registered.reset();  // e.g. pages shared with a registered neighbour: copy instead
             }
         }
+        // Integrated GPUs read the mapped rows in place; discrete ones copy them per question.
         if (d.registered) {
             d.k = llm.integrated() ? static_cast<const uint8_t*>(d.registered->device_ptr()) : k;
+            d.v = d.k + (v - k);
         } else {
             d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), llm.integrated()));
             std::memcpy(d.host->data(), k, block);
-            std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, seg.v_data(), block);
+            std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, v, block);
             d.k = static_cast<const uint8_t*>(llm.integrated() ? d.host->device_ptr() : d.host->data());
+            d.v = d.k + block;
         }
-        // Integrated GPUs read the mapped rows in place; discrete ones copy them per question.
-        d.v = d.k + block;
         low_.push_back(std::move(d));
     }
     copy_begin_.reset(new CudaEvent(true));
