@@ -86,7 +86,7 @@ void bind_gemm(nb::module_& m) {
         {
             nb::gil_scoped_release nogil;
             x2l::ThreadPool pool(n_threads);
-            std::vector<uint8_t> scratch;
+            x2l::aligned_vector<uint8_t> scratch;
             x2l::matmul(pool, wt, x.data(), T, y.data(), scratch, bias ? bias->data() : nullptr);
         }
         return to_numpy(std::move(y), static_cast<size_t>(T), static_cast<size_t>(wt.n_out));
@@ -108,7 +108,7 @@ void bind_gemm(nb::module_& m) {
         {
             nb::gil_scoped_release nogil;
             x2l::ThreadPool pool(n_threads);
-            std::vector<uint8_t> scratch;
+            x2l::aligned_vector<uint8_t> scratch;
             x2l::matmul(pool, x.data(), T, n_in, jobs.data(), static_cast<int>(jobs.size()), scratch);
         }
         nb::list out;
@@ -139,7 +139,7 @@ void bind_gemm(nb::module_& m) {
         std::vector<float> y(static_cast<size_t>(T * wt.n_out));
         {
             nb::gil_scoped_release nogil;
-            std::vector<uint8_t> act(at == x2l::DType::F32 ? 0 : x2l::row_bytes(at, n_in));
+            x2l::aligned_vector<uint8_t> act(at == x2l::DType::F32 ? 0 : x2l::row_bytes(at, n_in));
             for (int64_t t = 0; t < T; ++t) {
                 const float* xt = x.data() + t * n_in;
                 const void* a = xt;

@@ -61,15 +61,15 @@ struct ForwardHooks {
 
 // Scratch activations for one forward call; grows on demand and is reused across calls.
 struct Workspace {
-    std::vector<float> x, xn, q, k, v, attn, gate, up;  // [n_tokens, *]
-    std::vector<float> scores;                           // [n_threads, n_ctx]
-    std::vector<uint8_t> qbuf;                           // [n_threads, q8 rows] for quantized K
-    std::vector<float> vtmp;                             // [n_threads, head_dim]
-    std::vector<float> tiles;                            // [n_threads, tiled-attention scratch]
-    std::vector<float> attn_part;                        // [tasks, rows, head_dim + 2] split softmax partials
-    std::vector<uint8_t> act;                            // matmul activation scratch
-    std::vector<float> obs_part;                         // [n_threads, n_head_kv, obs entries]
-    std::vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
+    aligned_vector<float> x, xn, q, k, v, attn, gate, up;  // [n_tokens, *]
+    aligned_vector<float> scores;                           // [n_threads, n_ctx]
+    aligned_vector<uint8_t> qbuf;                           // [n_threads, q8 rows] for quantized K
+    aligned_vector<float> vtmp;                             // [n_threads, head_dim]
+    aligned_vector<float> tiles;                            // [n_threads, tiled-attention scratch]
+    aligned_vector<float> attn_part;                        // [tasks, rows, head_dim + 2] split softmax partials
+    aligned_vector<uint8_t> act;                            // matmul activation scratch
+    aligned_vector<float> obs_part;                         // [n_threads, n_head_kv, obs entries]
+    aligned_vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
     size_t bytes() const;
 };
 

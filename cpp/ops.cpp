@@ -9,7 +9,7 @@
 namespace x2l {
 
 void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, const MatmulJob* jobs, int n_jobs,
-            std::vector<uint8_t>& scratch) {
+            aligned_vector<uint8_t>& scratch) {
     // Convert the activations once per distinct dot type: quantized rows [n_tokens, act_row] for
     // the vec_dot path, and the gemm layout when a job of that type has a tiled kernel.
     DType act_types[4];

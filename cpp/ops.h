@@ -9,6 +9,31 @@
 #include "quant.h"
 #include "threadpool.h"
 
+#include <new>
+
+namespace x2l {
+
+// Allocator for work buffers the kernels stream with 64-byte vector loads: a plain std::vector's
+// offset within a cache line depends on the heap's history, which made the same run 15 % slower or
+// faster depending on allocation order.
+template <class T>
+struct CacheLineAllocator {
+    using value_type = T;
+    CacheLineAllocator() = default;
+    template <class U>
+    CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}
+    T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T* p, size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const CacheLineAllocator<U>&) const noexcept { return true; }
+    template <class U>
+    bool operator!=(const CacheLineAllocator<U>&) const noexcept { return false; }
+};
+template <class T>
+using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
+
+}  // namespace x2l
+
 namespace x2l {
 
 // A 2-D weight matrix as stored in GGUF: n_out rows of n_in values (ggml ne = [n_in, n_out]).
@@ -33,9 +58,9 @@ struct MatmulJob {
 // converted once to each weight's dot_type (scratch holds those rows), then output rows are split
 // across threads. Fusing q/k/v and gate/up halves the number of thread wake-ups per layer.
 void matmul(ThreadPool& pool, const float* x, int64_t n_tokens, int64_t n_in, const MatmulJob* jobs, int n_jobs,
-            std::vector<uint8_t>& scratch);
+            aligned_vector<uint8_t>& scratch);
 inline void matmul(ThreadPool& pool, const Weight& w, const float* x, int64_t n_tokens, float* y,
-                   std::vector<uint8_t>& scratch, const float* bias = nullptr) {
+                   aligned_vector<uint8_t>& scratch, const float* bias = nullptr) {
     MatmulJob j{&w, y, bias};
     matmul(pool, x, n_tokens, w.n_in, &j, 1, scratch);
 }

@@ -72,7 +72,7 @@ struct VisionEncoder::Scratch {
     std::vector<float> scores;   // [n_threads, kAttnRows, n_tokens]
     std::vector<float> feat;     // [n * n_feat, width] features without CLS (when dropped)
     std::vector<float> h1, h2;   // [n * n_feat, n_embd] projector hidden / output
-    std::vector<uint8_t> act;    // matmul activation scratch
+    aligned_vector<uint8_t> act;  // matmul activation scratch
 };
 
 std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
