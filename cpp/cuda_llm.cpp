@@ -100,16 +100,20 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch)
     logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
     tables_.resize(static_cast<size_t>(c.n_layer));
+    set_prefix({}, 0);  // no prefix: the own entries at positions 0..
 }
 
-void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int64_t n_prefix, int32_t pos0,
+void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0,
                              std::function<void(int, void*)> before_attention) {
     if (!per_layer.empty() && per_layer.size() != k_.size()) throw Error("set_prefix: one segment list per layer");
-    prefix_ = std::move(per_layer);
-    n_prefix_ = n_prefix;
-    // Size the device segment tables now: a cudaMalloc inside the first forward would serialize it
-    // with the reload copies in flight.
-    for (size_t l = 0; l < tables_.size(); ++l) tables_[l].reserve((prefix_.empty() ? 0 : prefix_[l].size()) + 1);
+    segments_ = std::move(per_layer);
+    segments_.resize(k_.size());
+    for (size_t l = 0; l < segments_.size(); ++l) {
+        segments_[l].emplace_back();  // the slot of the cache's own entries, filled per forward
+        // Size the device segment table now: a cudaMalloc inside the first forward would serialize
+        // it with the reload copies in flight.
+        tables_[l].reserve(static_cast<int>(segments_[l].size()));
+    }
     pos0_ = pos0;
     before_attention_ = std::move(before_attention);
     n_past_ = 0;
@@ -158,6 +162,18 @@ void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* lo
     }
 }
 
+void CudaContext::eval(const float* x, int64_t n, std::vector<float>& last_logits, std::vector<float>* all_out) {
+    const int64_t V = llm_.config().n_vocab;
+    last_logits.resize(V);
+    if (!all_out) {
+        forward(x, n, 1, last_logits.data());
+        return;
+    }
+    all_out->resize(static_cast<size_t>(n) * V);
+    forward(x, n, n, all_out->data());
+    std::copy_n(all_out->data() + (n - 1) * V, V, last_logits.data());
+}
+
 void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
@@ -195,17 +211,15 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
         cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
 
-        CudaKVSegment seg;
+        CudaKVSegment& seg = segments_[l].back();  // the cache's own entries, after the prefix
         seg.k = kc;
         seg.v = vc;
         seg.k_tok_stride = seg.v_tok_stride = KD * static_cast<int64_t>(kF16);
         seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
         seg.n_tokens = first + m;
         seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
-        std::vector<CudaKVSegment> segs = prefix_.empty() ? std::vector<CudaKVSegment>{} : prefix_[l];
-        segs.push_back(seg);
         if (before_attention_) before_attention_(l, s);
-        tables_[l].assign(segs, c.head_dim, s);
+        tables_[l].assign(segments_[l], c.head_dim, s);
         CudaAttentionParams p;
         p.q = q;
         p.out = attn;
@@ -239,7 +253,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
 
 // ------------------------------------------------------------------------------------ X²L tiers
 
-CudaKVSegment CudaX2L::layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v, int head_dim) {
+CudaKVSegment CudaX2L::layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v) {
     // KVSegment rows are [layer][head][entry]: within a layer, head-major with cap entries per head.
     CudaKVSegment seg;
     seg.k = k;
@@ -248,7 +262,6 @@ CudaKVSegment CudaX2L::layer_view(const DevSegment& s, const uint8_t* k, const u
     seg.k_head_stride = seg.v_head_stride = static_cast<int64_t>(s.row_bytes) * s.cap;
     seg.n_tokens = s.n;
     seg.k_type = seg.v_type = static_cast<uint32_t>(s.type);
-    (void)head_dim;
     return seg;
 }
 
@@ -332,31 +345,28 @@ CudaX2L::~CudaX2L() {
 }
 
 // The mixed cache's segments of every layer: sink, then per chunk its H rows or, when selected, the
-// rows in `where` [layer][k-th selected chunk] (K, V). Returns the prefix length in entries.
-int64_t CudaX2L::build_prefix(const std::vector<int>& selected,
-                              const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where,
-                              std::vector<std::vector<CudaKVSegment>>& per_layer) const {
-    const int L = llm_.config().n_layer, hd = llm_.config().head_dim;
+// rows in `where` [layer][k-th selected chunk] (K, V).
+std::vector<std::vector<CudaKVSegment>> CudaX2L::build_prefix(
+    const std::vector<int>& selected,
+    const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where) const {
+    const int L = llm_.config().n_layer;
     const int n = static_cast<int>(ix_.chunks.size());
-    per_layer.assign(L, {});
-    int64_t n_prefix = sink_.n;
+    std::vector<std::vector<CudaKVSegment>> per_layer(L);
     for (int l = 0; l < L; ++l) {
         auto& segs = per_layer[l];
-        segs.push_back(layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes, hd));
+        segs.push_back(layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes));
         size_t k = 0;
         for (int c = 0; c < n; ++c) {
             if (k < selected.size() && selected[k] == c) {
-                segs.push_back(layer_view(low_[c], where[l][k].first, where[l][k].second, hd));
-                if (l == 0) n_prefix += low_[c].n;
+                segs.push_back(layer_view(low_[c], where[l][k].first, where[l][k].second));
                 ++k;
             } else {
                 const DevSegment& h = high_[c];
-                segs.push_back(layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes, hd));
-                if (l == 0) n_prefix += h.n;
+                segs.push_back(layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes));
             }
         }
     }
-    return n_prefix;
+    return per_layer;
 }
 
 void CudaX2L::prepare(const std::vector<int>& selected) {
@@ -370,10 +380,8 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     wait_reload();
     cuda_device_synchronize();  // the tail's stream is done with the previous working set
     // From here on the context must never keep a prefix into buffers that a failure below frees: it is
-    // first reset to the H-only cache (which cannot fail), then given the mixed cache once it is built.
-    std::vector<std::vector<CudaKVSegment>> per_layer;
-    const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> none(L);
-    ctx_->set_prefix({}, 0, ix_.next_pos);
+    // first emptied, then given the mixed cache once it is built (the H-only one if the copy fails).
+    ctx_->set_prefix({}, ix_.next_pos);
     selected_.clear();
     stats_ = ReloadStats();
     const bool copy = !llm_.integrated() && !selected.empty();
@@ -422,18 +430,17 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
         }
         pending_ = false;
         stats_ = ReloadStats();
-        const int64_t n_prefix = build_prefix({}, none, per_layer);
-        ctx_->set_prefix(std::move(per_layer), n_prefix, ix_.next_pos);
+        ctx_->set_prefix(build_prefix({}, std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>(L)),
+                         ix_.next_pos);
         throw;
     }
-    const int64_t n_prefix = build_prefix(selected, where, per_layer);
     std::function<void(int, void*)> wait;
     if (copy) {
         wait = [this](int layer, void* stream) {
             if (pipe_) pipe_->wait_ready(layer, stream);
         };
     }
-    ctx_->set_prefix(std::move(per_layer), n_prefix, ix_.next_pos, std::move(wait));
+    ctx_->set_prefix(build_prefix(selected, where), ix_.next_pos, std::move(wait));
     stats_.n_chunks = static_cast<int>(selected.size());
     selected_ = selected;
 }
@@ -447,12 +454,6 @@ void CudaX2L::wait_reload() {
 }
 
 size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_slot_bytes_ * static_cast<size_t>(llm_.config().n_layer) : 0; }
-
-size_t CudaX2L::host_copy_bytes() const {
-    size_t b = 0;
-    for (const auto& d : low_) b += d.host ? d.host->size() : 0;
-    return b;
-}
 
 size_t CudaX2L::resident_bytes() const {
     size_t b = sink_.dev.size() + working_bytes() + ctx_->device_bytes();

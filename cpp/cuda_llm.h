@@ -68,17 +68,20 @@ class CudaContext {
     CudaContext(const CudaContext&) = delete;
     CudaContext& operator=(const CudaContext&) = delete;
 
-    // Segments before the cache's own entries, per layer (device-accessible), n_prefix entries each;
-    // the own entries then sit at positions pos0 + i. before_attention(layer, stream) runs before
+    // Segments before the cache's own entries, per layer (device-accessible, the same entries in
+    // every layer); the own entries then sit at positions pos0 + i. before_attention(layer, stream) runs before
     // layer `layer`'s attention is enqueued (the reload makes the stream wait for that layer there).
     // Clears the own entries.
-    void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int64_t n_prefix, int32_t pos0,
+    void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0,
                     std::function<void(int, void*)> before_attention = nullptr);
 
     // Runs n input embeddings x [n, n_embd] (host) in n_batch pieces, appending their K/V; logits
     // of the last n_logits rows go to logits [n_logits, n_vocab] (host). On failure the cache is left
     // as it was before the call.
     void forward(const float* x, int64_t n, int64_t n_logits, float* logits);
+    // The eval contract of LlmSession and X2LDecoder on top of forward(): the last row's logits into
+    // last_logits [n_vocab]; with all_out, every row's into all_out [n, n_vocab].
+    void eval(const float* x, int64_t n, std::vector<float>& last_logits, std::vector<float>* all_out);
     int64_t n_past() const { return n_past_; }
     int64_t n_ctx() const { return n_ctx_; }
     void truncate(int64_t n);  // keep the first n own entries
@@ -95,8 +98,7 @@ class CudaContext {
     int64_t n_ctx_ = 0, n_batch_ = 0, n_past_ = 0;
     std::vector<CudaDeviceBuffer> k_, v_;  // per layer [n_ctx, n_head_kv, head_dim] f16, token-major
     CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_;
-    std::vector<std::vector<CudaKVSegment>> prefix_;  // [layer][segment]
-    int64_t n_prefix_ = 0;
+    std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries
     int32_t pos0_ = 0;
     std::function<void(int, void*)> before_attention_;
     std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
@@ -125,7 +127,6 @@ class CudaX2L {
     const ReloadStats& stats() const { return stats_; }
     size_t resident_bytes() const;  // device: sink + H + working set + tail cache
     size_t working_bytes() const;   // device buffers the reloaded L-KVs occupy
-    size_t host_copy_bytes() const;  // L bytes that had to be copied into pinned memory (0 when all registered)
 
   private:
     struct DevSegment {            // one KVSegment's rows on the device (or in mapped pinned memory)
@@ -139,10 +140,10 @@ class CudaX2L {
         int64_t cap = 0, n = 0;
         DType type = DType::F16;
     };
-    static CudaKVSegment layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v, int head_dim);
-    int64_t build_prefix(const std::vector<int>& selected,
-                         const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where,
-                         std::vector<std::vector<CudaKVSegment>>& per_layer) const;
+    static CudaKVSegment layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v);
+    std::vector<std::vector<CudaKVSegment>> build_prefix(
+        const std::vector<int>& selected,
+        const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where) const;
 
     const CudaLlm& llm_;
     const VideoIndex& ix_;

@@ -1,6 +1,5 @@
 #include "kv_cache.h"
 
-#include <cstdint>
 #include <cstring>
 
 #include "common.h"
@@ -21,15 +20,13 @@ KVSegment::KVSegment(DType type, int n_layer, int n_head_kv, int head_dim, int64
     if (capacity < 0) throw Error("negative KV capacity");
     row_bytes_ = x2l::row_bytes(type, head_dim);
     size_t bytes = row_bytes_ * static_cast<size_t>(n_layer) * n_head_kv * static_cast<size_t>(capacity);
-    // K and V each start on a 64-byte boundary: the attention kernels stream rows with 64-byte vector
-    // loads, and a malloc'd block's offset within a cache line otherwise depends on the heap's history
-    // (measured: X²L prefill at 8k tokens 25 s or 29 s depending only on where the buffers landed).
-    constexpr size_t kAlign = 64;
-    const size_t k_bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-    storage_.resize(k_bytes + bytes + kAlign);
+    // K and V each start on a 64-byte boundary (aligned_vector, and V after K rounded up): the
+    // attention kernels stream rows with 64-byte vector loads, and a malloc'd block's offset within a
+    // cache line otherwise follows the heap's history (X²L prefill at 8k: 25 s or 29 s on the same code).
+    const size_t k_bytes = (bytes + 63) / 64 * 64;
+    storage_.resize(k_bytes + bytes);
     pos_storage_.resize(static_cast<size_t>(capacity));
-    const uintptr_t base = reinterpret_cast<uintptr_t>(storage_.data());
-    k_ = storage_.data() + ((kAlign - base % kAlign) % kAlign);
+    k_ = storage_.data();
     v_ = k_ + k_bytes;
     pos_ = pos_storage_.data();
 }

@@ -66,7 +66,7 @@ class KVSegment {
     int n_layer_, n_head_kv_, head_dim_;
     int64_t cap_, n_ = 0;
     size_t row_bytes_;
-    std::vector<uint8_t> storage_;  // owned rows (empty for views)
+    aligned_vector<uint8_t> storage_;  // owned rows, K then V, each 64-byte aligned (empty for views)
     std::vector<int32_t> pos_storage_;
     uint8_t* k_ = nullptr;
     uint8_t* v_ = nullptr;

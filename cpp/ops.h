@@ -4,12 +4,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "quant.h"
 #include "threadpool.h"
-
-#include <new>
 
 namespace x2l {
 
@@ -31,10 +30,6 @@ struct CacheLineAllocator {
 };
 template <class T>
 using aligned_vector = std::vector<T, CacheLineAllocator<T>>;
-
-}  // namespace x2l
-
-namespace x2l {
 
 // A 2-D weight matrix as stored in GGUF: n_out rows of n_in values (ggml ne = [n_in, n_out]).
 struct Weight {

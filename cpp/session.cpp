@@ -119,12 +119,9 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
 #ifdef X2L_HAVE_CUDA
     if (cuda_) {
-        for (int32_t t : tokens) {
-            if (t < 0 || t >= model_->config().n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
-        }
         std::vector<float> x(static_cast<size_t>(n) * model_->config().n_embd);  // [n, n_embd]
-        model_->embed(tokens.data(), n, x.data());
-        eval_cuda(x.data(), n, all_out);
+        model_->embed(tokens.data(), n, x.data());  // throws on an out-of-range id
+        cuda_->ctx->eval(x.data(), n, last_logits_, all_out);
         history_.insert(history_.end(), tokens.begin(), tokens.end());
         return;
     }
@@ -143,7 +140,7 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
     }
 #ifdef X2L_HAVE_CUDA
     if (cuda_) {
-        eval_cuda(embd, n, all_out);
+        cuda_->ctx->eval(embd, n, last_logits_, all_out);
         history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
         return;
     }
@@ -170,21 +167,6 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
     history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
 }
 
-void LlmSession::eval_cuda(const float* x, int64_t n, std::vector<float>* all_out) {
-#ifdef X2L_HAVE_CUDA
-    const int64_t V = model_->config().n_vocab;
-    if (all_out) {
-        all_out->resize(static_cast<size_t>(n) * V);
-        cuda_->ctx->forward(x, n, n, all_out->data());
-        std::memcpy(last_logits_.data(), all_out->data() + (n - 1) * V, sizeof(float) * V);
-    } else {
-        cuda_->ctx->forward(x, n, 1, last_logits_.data());
-    }
-#else
-    throw Error("no CUDA backend in this build");
-#endif
-}
-
 int32_t LlmSession::sample(Sampler& s) {
     std::vector<float> logits = last_logits_;  // penalties modify a copy
     return s.sample(logits.data(), static_cast<int32_t>(logits.size()), history_.data(), n_past());
@@ -195,7 +177,7 @@ void LlmSession::truncate(int64_t n) {
 #ifdef X2L_HAVE_CUDA
     if (cuda_) cuda_->ctx->truncate(n);
 #endif
-    if (!cuda_) cache_->truncate(n);
+    if (!cuda_) cache_->truncate(n);  // (with a device the one-entry CPU cache is never filled)
     history_.resize(static_cast<size_t>(n));
 }
 

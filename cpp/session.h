@@ -74,7 +74,6 @@ class LlmSession {
     size_t workspace_bytes() const { return ws_.bytes(); }
 
   private:
-    void eval_cuda(const float* x, int64_t n, std::vector<float>* all_out);  // x [n, n_embd] on the host
     SessionOptions opt_;
     std::unique_ptr<GGUFFile> file_;
     std::unique_ptr<LlmModel> model_;

@@ -353,9 +353,7 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     // The template tokens after the content vote too: they set each chunk's typical mass (the median),
     // against which the content tokens' peak is measured.
     reloader_.wait_all();
-    std::vector<const KVSegment*> prefix{ix_.sink.get()};
-    for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
-    set_prefix(prefix);
+    set_prefix(high_prefix());
     if (nq > cache_->tail().capacity()) throw BudgetError("question too long");
     if (nq > s_.options().n_batch) throw BudgetError("question longer than n_batch tokens");
     const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
@@ -389,10 +387,8 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
 #ifdef X2L_HAVE_CUDA
     if (gpu_) {
         // The CPU cache keeps the H-only prefix the scorers read; the answer runs on the device.
-        std::vector<const KVSegment*> prefix{ix_.sink.get()};
-        for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
         selected_.clear();
-        set_prefix(prefix);      // clears the history, as the device tail is cleared below
+        set_prefix(high_prefix());  // clears the history, as the device tail is cleared below
         gpu_->prepare(sel);      // on failure: H-only on the device, nothing selected
         selected_ = sel;
         return;
@@ -426,6 +422,12 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
     reload_pending_ = !src.empty();
 }
 
+std::vector<const KVSegment*> X2LDecoder::high_prefix() const {
+    std::vector<const KVSegment*> prefix{ix_.sink.get()};
+    for (const auto& ch : ix_.chunks) prefix.push_back(ch.high.get());
+    return prefix;
+}
+
 int32_t X2LDecoder::question_pos() const {
     return ix_.dense_positions ? static_cast<int32_t>(cache_->n_prefix()) : ix_.next_pos;
 }
@@ -437,21 +439,10 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
 #ifdef X2L_HAVE_CUDA
     if (gpu_) {
-        const LlmConfig& c = s_.model().config();
         const int64_t n = static_cast<int64_t>(tokens.size());
-        for (int32_t t : tokens) {
-            if (t < 0 || t >= c.n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
-        }
-        std::vector<float> x(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
-        s_.model().embed(tokens.data(), n, x.data());
-        last_logits_.resize(c.n_vocab);
-        if (all_out) {
-            all_out->resize(static_cast<size_t>(n) * c.n_vocab);
-            gpu_->tail().forward(x.data(), n, n, all_out->data());
-            std::copy_n(all_out->data() + (n - 1) * c.n_vocab, c.n_vocab, last_logits_.data());
-        } else {
-            gpu_->tail().forward(x.data(), n, 1, last_logits_.data());
-        }
+        std::vector<float> x(static_cast<size_t>(n) * s_.model().config().n_embd);  // [n, n_embd]
+        s_.model().embed(tokens.data(), n, x.data());  // throws on an out-of-range id
+        gpu_->tail().eval(x.data(), n, last_logits_, all_out);
         gpu_->wait_reload();  // already landed (every layer waited for it); records the copy time
         history_.insert(history_.end(), tokens.begin(), tokens.end());
         return;

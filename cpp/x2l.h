@@ -127,6 +127,7 @@ class X2LDecoder {
 
   private:
     void set_prefix(const std::vector<const KVSegment*>& prefix);
+    std::vector<const KVSegment*> high_prefix() const;  // sink + every chunk's H-KVs (the H-only cache)
     int32_t question_pos() const;  // position of the first token after the cache prefix
     LlmSession& s_;
     const VideoIndex& ix_;

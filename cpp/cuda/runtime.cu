@@ -168,18 +168,25 @@ void CudaDeviceBuffer::zero(void* stream) {
 
 // ---------------------------------------------------------------- pinned host buffer
 
+// The device address of freshly pinned, mapped host memory; if the lookup fails, `unpin` releases
+// the pinning (host is set to null) and the error is thrown.
+template <class Unpin>
+static void* mapped_or_unpin(void*& host, Unpin unpin) {
+    void* dev = nullptr;
+    const cudaError_t e = cudaHostGetDevicePointer(&dev, host, 0);
+    if (e != cudaSuccess) {
+        unpin(host);
+        host = nullptr;
+        check(e, "cudaHostGetDevicePointer");
+    }
+    return dev;
+}
+
 CudaHostBuffer::CudaHostBuffer(size_t bytes, bool mapped) : bytes_(bytes) {
     if (bytes == 0) return;
     const unsigned flags = mapped ? (cudaHostAllocMapped | cudaHostAllocPortable) : cudaHostAllocPortable;
     check(cudaHostAlloc(&host_, bytes, flags), "cudaHostAlloc");
-    if (mapped) {
-        const cudaError_t e = cudaHostGetDevicePointer(&dev_, host_, 0);
-        if (e != cudaSuccess) {
-            cudaFreeHost(host_);
-            host_ = nullptr;
-            check(e, "cudaHostGetDevicePointer");
-        }
-    }
+    if (mapped) dev_ = mapped_or_unpin(host_, cudaFreeHost);
 }
 
 CudaHostBuffer::~CudaHostBuffer() {
@@ -210,14 +217,7 @@ CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool 
     }
     check(e, "cudaHostRegister");
     host_ = p;
-    if (mapped) {
-        e = cudaHostGetDevicePointer(&dev_, host_, 0);
-        if (e != cudaSuccess) {
-            cudaHostUnregister(host_);
-            host_ = nullptr;
-            check(e, "cudaHostGetDevicePointer");
-        }
-    }
+    if (mapped) dev_ = mapped_or_unpin(host_, cudaHostUnregister);
 }
 
 CudaHostRegistration::~CudaHostRegistration() {
