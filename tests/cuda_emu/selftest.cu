@@ -1,0 +1,193 @@
+// Self-test of the CUDA emulator (run by tests/test_cuda_emu.py): each case is a small CUDA program,
+// correct or with one planted bug of the kind the emulator exists to expose. Usage: selftest CASE
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#define CHECK(x)                                                                                 \
+    do {                                                                                         \
+        cudaError_t e_ = (x);                                                                    \
+        if (e_ != cudaSuccess) {                                                                 \
+            std::printf("error %s: %s\n", cudaGetErrorName(e_), cudaGetErrorString(e_));         \
+            return 3;                                                                            \
+        }                                                                                        \
+    } while (0)
+
+// Block sum of x[0..n) by 256 threads; `racy` leaves out the barrier between the shared-memory
+// writes of the warp leaders and the reads of warp 0.
+__global__ void block_sum_kernel(const float* x, int n, float* out, int racy) {
+    __shared__ float red[8];
+    float v = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[i];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    if (!racy) __syncthreads();
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < 8 ? red[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) *out = v;
+    }
+}
+
+__global__ void scale_kernel(const float* x, float* y, int n, float s) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = s * x[i];
+}
+
+__global__ void read_at_kernel(const float* x, long idx, float* out) { *out = x[idx]; }
+
+__global__ void shfl_after_exit_kernel(float* out) {
+    if (threadIdx.x >= 16) return;
+    float v = __shfl_xor_sync(0xffffffffu, 1.f, 1);
+    out[threadIdx.x] = v;
+}
+
+__global__ void dyn_smem_kernel(float* out) {
+    extern __shared__ float buf[];
+    buf[threadIdx.x] = static_cast<float>(threadIdx.x);
+    __syncthreads();
+    out[threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
+static int reduce(bool racy) {
+    const int n = 1000;
+    std::vector<float> h(n);
+    double want = 0;
+    for (int i = 0; i < n; ++i) want += (h[i] = static_cast<float>(i % 7) - 2.f);
+    float *x, *out;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&x), n * sizeof(float)));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&out), sizeof(float)));
+    CHECK(cudaMemcpy(x, h.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+    block_sum_kernel<<<1, 256>>>(x, n, out, racy ? 1 : 0);
+    CHECK(cudaGetLastError());
+    float got = 0;
+    CHECK(cudaMemcpy(&got, out, sizeof(float), cudaMemcpyDeviceToHost));
+    std::printf("sum %g want %g\n", got, want);
+    return 0;
+}
+
+// A copy stream uploads, the compute stream scales; with `wait`, the compute stream waits on the
+// copy's event first.
+static int streams(bool wait) {
+    const int n = 4096;
+    float *hx, *d_x, *d_y;
+    CHECK(cudaHostAlloc(reinterpret_cast<void**>(&hx), n * sizeof(float), cudaHostAllocDefault));
+    for (int i = 0; i < n; ++i) hx[i] = static_cast<float>(i);
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d_x), n * sizeof(float)));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d_y), n * sizeof(float)));
+    cudaStream_t copy, compute;
+    cudaEvent_t ready;
+    CHECK(cudaStreamCreateWithFlags(&copy, cudaStreamNonBlocking));
+    CHECK(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking));
+    CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    CHECK(cudaMemcpyAsync(d_x, hx, n * sizeof(float), cudaMemcpyHostToDevice, copy));
+    CHECK(cudaEventRecord(ready, copy));
+    if (wait) CHECK(cudaStreamWaitEvent(compute, ready, 0));
+    scale_kernel<<<(n + 255) / 256, 256, 0, compute>>>(d_x, d_y, n, 2.f);
+    CHECK(cudaGetLastError());
+    std::vector<float> y(n);
+    CHECK(cudaStreamSynchronize(compute));
+    CHECK(cudaMemcpy(y.data(), d_y, n * sizeof(float), cudaMemcpyDeviceToHost));
+    int bad = 0;
+    for (int i = 0; i < n; ++i) bad += y[i] != 2.f * i;
+    std::printf("wrong %d of %d\n", bad, n);
+    CHECK(cudaStreamSynchronize(copy));
+    return 0;
+}
+
+// The host reads a pinned buffer that an async device-to-host copy targets, before and after
+// synchronizing the stream.
+static int pinned_read() {
+    float *h, *d;
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CHECK(cudaHostAlloc(reinterpret_cast<void**>(&h), sizeof(float), cudaHostAllocDefault));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d), sizeof(float)));
+    const float one = 1.f;
+    *h = 0.f;
+    CHECK(cudaMemcpy(d, &one, sizeof(float), cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpyAsync(h, d, sizeof(float), cudaMemcpyDeviceToHost, s));
+    const float before = *h;
+    CHECK(cudaStreamSynchronize(s));
+    std::printf("before %g after %g\n", before, *h);
+    return 0;
+}
+
+static int host_deref() {
+    float* d;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d), 64 * sizeof(float)));
+    std::printf("writing\n");
+    std::fflush(stdout);
+    d[3] = 1.f;  // a device pointer used on the host
+    std::printf("survived\n");
+    return 0;
+}
+
+static int out_of_bounds() {
+    float *d, *out;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d), 1024 * sizeof(float)));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&out), sizeof(float)));
+    read_at_kernel<<<1, 1>>>(d, 1024 + 64, out);
+    CHECK(cudaDeviceSynchronize());
+    std::printf("survived\n");
+    return 0;
+}
+
+static int shfl_after_exit() {
+    float* out;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&out), 32 * sizeof(float)));
+    shfl_after_exit_kernel<<<1, 32>>>(out);
+    CHECK(cudaGetLastError());
+    const cudaError_t e = cudaDeviceSynchronize();
+    std::printf("sync %s: %s\n", cudaGetErrorName(e), cudaGetErrorString(e));
+    std::printf("later %s\n", cudaGetErrorName(cudaMemset(out, 0, 4)));  // the failure is sticky
+    return 0;
+}
+
+static int smem_limit() {
+    float* out;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&out), 256 * sizeof(float)));
+    const size_t big = 64 * 1024;
+    dyn_smem_kernel<<<1, 256, big>>>(out);
+    std::printf("without attribute %s\n", cudaGetErrorName(cudaGetLastError()));
+    CHECK(cudaFuncSetAttribute(dyn_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(big)));
+    dyn_smem_kernel<<<1, 256, big>>>(out);
+    std::printf("with attribute %s\n", cudaGetErrorName(cudaGetLastError()));
+    float h[256];
+    CHECK(cudaMemcpy(h, out, sizeof h, cudaMemcpyDeviceToHost));
+    std::printf("reversed %d\n", h[0] == 255.f && h[255] == 0.f);
+    return 0;
+}
+
+// float -> half bits for the floats read from stdin, one per line of output.
+static int half_bits() {
+    float f;
+    while (std::scanf("%f", &f) == 1) {
+        const __half h = __float2half_rn(f);
+        __half_raw r = h;
+        std::printf("%u %.9g\n", static_cast<unsigned>(r.x), __half2float(h));
+    }
+    return 0;
+}
+
+int main(int argc, char** argv) {
+    const std::string c = argc > 1 ? argv[1] : "";
+    if (c == "reduce") return reduce(false);
+    if (c == "reduce_racy") return reduce(true);
+    if (c == "streams") return streams(true);
+    if (c == "streams_missing_wait") return streams(false);
+    if (c == "pinned_read") return pinned_read();
+    if (c == "host_deref") return host_deref();
+    if (c == "out_of_bounds") return out_of_bounds();
+    if (c == "shfl_after_exit") return shfl_after_exit();
+    if (c == "smem_limit") return smem_limit();
+    if (c == "half_bits") return half_bits();
+    std::printf("unknown case %s\n", c.c_str());
+    return 2;
+}
