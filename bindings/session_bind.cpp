@@ -136,6 +136,7 @@ void bind_session(nb::module_& m) {
             d["kv_bytes"] = s.kv_bytes();
             d["workspace_bytes"] = s.workspace_bytes();
             d["file_bytes"] = s.file().file_size();
+            d["device_bytes"] = s.device_bytes();  // weights + KV + work buffers on the GPU
             return d;
         });
 }

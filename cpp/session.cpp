@@ -68,6 +68,13 @@ size_t LlmSession::kv_bytes() const {
     return cache_->tail_bytes();
 }
 
+size_t LlmSession::device_bytes() const {
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) return cuda_->llm->weight_bytes() + cuda_->ctx->device_bytes();
+#endif
+    return 0;
+}
+
 std::string LlmSession::device_name() const {
 #ifdef X2L_HAVE_CUDA
     if (cuda_) return cuda_->llm->device_name();

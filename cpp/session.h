@@ -68,6 +68,7 @@ class LlmSession {
     // scorers use the CPU model through pool() and workspace().
     const CudaLlm* cuda() const;
     std::string device_name() const;  // "cpu" or the CUDA device's name
+    size_t device_bytes() const;      // device memory held (weights, KV cache, work buffers); 0 on the CPU
     // Shared compute resources for other users of the model (the X²L prefill and decoder).
     ThreadPool& pool() { return *pool_; }
     Workspace& workspace() { return ws_; }

@@ -615,6 +615,35 @@ def _x2l_pair(path, device):
     return s.prefill_text(text, chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
 
 
+SMALL_DEVICE = HAS_GPU and _core.cuda_device_info(0)["total_mem"] <= (4 << 20)
+
+
+@pytest.mark.skipif(not SMALL_DEVICE, reason="needs a device of <= 4 MiB (tests/cuda_emu/run.py: X2L_EMU_MEM_MB=1)")
+def test_small_device_runs_out_of_memory_cleanly(tiny_hd32):
+    """A KV cache that does not fit raises BudgetError and leaks nothing; an X²L index that does not
+    fit next to the session decodes on the CPU with a RuntimeWarning, with the CPU's logits."""
+    from x2l_edge import Session
+
+    path = tiny_hd32["llama"]
+    free = lambda: _core.cuda_device_info(0)["free_mem"]  # noqa: E731
+    free0 = free()
+    with pytest.raises(_core.BudgetError, match="cudaMalloc"):
+        _core.LlmSession(path, n_ctx=1 << 16, device=0)
+    assert free() == free0
+    s = Session(path, device="cuda:0", n_threads=2, n_ctx=256, n_batch=64)
+    used = free0 - free()
+    assert 0.9 * used <= s.memory()["device_bytes"] <= used
+    text = " ".join(f"item {i} is a {['red', 'blue', 'green'][i % 3]} box near the door." for i in range(40))
+    kw = dict(chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
+    before = free()
+    with pytest.warns(RuntimeWarning, match="does not fit the device.*decoding on the CPU"):
+        ctx = s.prefill_text(text, **kw)
+    assert not ctx._dec.on_device and free() == before  # the partial upload was released
+    cpu = Session(path, device="cpu", n_threads=2, n_ctx=256, n_batch=64).prefill_text(text, **kw)
+    q = "Which colour is item 7?"
+    np.testing.assert_array_equal(ctx.logits(q, [1, 2]), cpu.logits(q, [1, 2]))
+
+
 def test_x2l_q8_h_tier_on_the_cpu(tiny_hd32):
     """The CPU half of the device comparison below (runs everywhere, so the test's own set-up is checked)."""
     ctx = _x2l_pair(tiny_hd32["llama"], "cpu")

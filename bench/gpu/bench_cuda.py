@@ -11,6 +11,12 @@ greedy, tokens/s over the loop. X²L time to first token on an --x2l-tokens cont
 ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefill, against reload,
 wait, then prefill. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
 chunks of 256 tokens, against one cudaMemcpy of the same bytes.
+
+    python bench/gpu/bench_cuda.py --smoke --out /tmp/smoke.json   # any CUDA build, the emulator's too
+
+--smoke runs every step of the script on a tiny model with tiny sizes, so that the script itself is
+checked before a GPU is lent (tests/cuda_emu builds a _core that runs the CUDA code on the CPU). Its
+timings mean nothing; it never writes to bench/results.
 """
 from __future__ import annotations
 
@@ -65,6 +71,21 @@ def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads
             "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
 
 
+def tiny_model(out_dir: str) -> str:
+    """The tests' tiny llama with head_dim 32 (q8_0 H-KV rows need it), for --smoke."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert
+    import tiny_models
+
+    out = os.path.join(out_dir, "tiny-hd32-f16.gguf")
+    if not os.path.exists(out):
+        hf = tiny_models.make_tiny_llama(os.path.join(out_dir, "tiny-hd32-hf"), seed=5, num_attention_heads=2,
+                                         num_key_value_heads=1)
+        convert.convert(str(hf), out, "f16", progress=False)
+    return out
+
+
 def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps: int, threads: int) -> dict:
     """Time to first token of an X²L question with the L-KV reload overlapped with the question's
     prefill (layer l computes while layer l+1 copies) and without (reload, wait, then prefill)."""
@@ -108,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--x2l-tokens", type=int, default=8192, help="context of the X²L time-to-first-token test")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="every step on a tiny model (checks the script; timings meaningless)")
     a = ap.parse_args(argv)
 
     from x2l_edge import _core, models
@@ -115,9 +137,20 @@ def main(argv=None) -> int:
     if _core.cuda_device_count() == 0:
         print("no CUDA device: nothing to measure", file=sys.stderr)
         return 2
-    if _core.cuda_emulated():
-        print("this _core is the CPU emulator build (tests/cuda_emu): it has no GPU timings to give", file=sys.stderr)
+    if _core.cuda_emulated() and not a.smoke:
+        print("this _core is the CPU emulator build (tests/cuda_emu): it has no GPU timings to give (--smoke checks the script)",
+              file=sys.stderr)
         return 2
+    chunk, n_layers_reload, per_layer = 512, 30, 256 * 3 * 64 * 2 * 2  # SmolLM2: 256 tokens x 3 KV heads x 64 dims x f16 x (K, V)
+    if a.smoke:
+        if not a.out:
+            print("--smoke needs --out (it never writes to bench/results)", file=sys.stderr)
+            return 2
+        import tempfile
+
+        a.model = a.model or tiny_model(tempfile.mkdtemp(prefix="x2l_smoke_"))
+        a.contexts, a.tg, a.reps, a.x2l_tokens = [64], 4, 1, 256
+        chunk, n_layers_reload, per_layer = 64, 4, 4096
     path = a.model
     if path is None:
         try:
@@ -126,7 +159,8 @@ def main(argv=None) -> int:
             path = synthetic_smollm2(os.path.join(ROOT, "bench", ".cache"))
     info = _core.cuda_device_info(0)
     res = {"bench": "cuda", "model": os.path.basename(path), "gpu": info, "cpu": cpu_name(), "build": build_info(),
-           "contexts": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "contexts": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": a.smoke,
+           "emulated": bool(_core.cuda_emulated())}
     for n in a.contexts:
         row = {"cuda": speed(path, "cuda:0", n, a.tg, a.reps, a.cpu_threads)}
         if not a.skip_cpu:
@@ -136,14 +170,12 @@ def main(argv=None) -> int:
         res["contexts"][str(n)] = row
         print(n, {k: (round(v["prefill_tok_s"], 1), round(v["decode_tok_s"], 1)) if isinstance(v, dict) else round(v, 2)
                   for k, v in row.items()}, flush=True)
-    res["x2l_ttft"] = {"cuda": x2l_ttft(path, "cuda:0", a.x2l_tokens, 512, 3, a.reps, a.cpu_threads)}
+    res["x2l_ttft"] = {"cuda": x2l_ttft(path, "cuda:0", a.x2l_tokens, chunk, 3, a.reps, a.cpu_threads)}
     if not a.skip_cpu:
-        res["x2l_ttft"]["cpu"] = x2l_ttft(path, "cpu", a.x2l_tokens, 512, 3, 1, a.cpu_threads)
+        res["x2l_ttft"]["cpu"] = x2l_ttft(path, "cpu", a.x2l_tokens, chunk, 3, 1, a.cpu_threads)
     print("x2l ttft", {k: (round(v["ttft_overlap_s"], 4), round(v["ttft_serial_s"], 4)) for k, v in res["x2l_ttft"].items()},
           flush=True)
-    # One chunk's L-KV of SmolLM2 per layer: 256 tokens x 3 KV heads x 64 dims x f16 x (K, V).
-    per_layer = 256 * 3 * 64 * 2 * 2
-    res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, 30, 2, 5) for k in (1, 3, 8)}
+    res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
     print("reload", res["reload"], flush=True)
     tag = re.sub(r"[^a-z0-9]+", "_", info["name"].lower()).strip("_")
     write_json(a.out or os.path.join(ROOT, "bench", "results", f"cuda_{tag}.json"), res)

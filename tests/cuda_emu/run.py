@@ -4,9 +4,11 @@
 
 The module is built with X2L_CUDA=EMU (CMakeLists.txt): cpp/cuda/*.cu are rewritten by cu2cpp.py and
 compiled as C++ against tests/cuda_emu/include, so every kernel, launch wrapper, stream, event and the
-layer-pipelined reload run here, on a machine without a GPU, against the CPU backend. Three passes: a
+layer-pipelined reload run here, on a machine without a GPU, against the CPU backend. Four passes: a
 discrete GPU (copies through the pipeline), an integrated one (X2L_EMU_INTEGRATED=1: Jetson's
-zero-copy path), and the copy-ordering tests again with copies run early (X2L_EMU_EARLY_COPIES=1). This says nothing about speed, and it is not a GPU: see include/cuda_runtime.h for
+zero-copy path), the copy-ordering tests again with copies run early (X2L_EMU_EARLY_COPIES=1), and
+a 1 MiB device for the out-of-memory paths (X2L_EMU_MEM_MB=1);
+then bench/gpu/bench_cuda.py --smoke, so the GPU benchmark script has run before a GPU is lent. This says nothing about speed, and it is not a GPU: see include/cuda_runtime.h for
 what the emulator models. Needs cmake, ninja and nanobind (the `test` extra installs them).
 """
 from __future__ import annotations
@@ -58,11 +60,22 @@ def main() -> int:
         # reads (a missing release wait) corrupts it. The passes above run copies as late as possible,
         # which exposes the opposite, a kernel that does not wait for its copy.
         ("discrete GPU, early copies", {"X2L_EMU_EARLY_COPIES": "1"}, ["-k", "pipeline or x2l or bandwidth"]),
+        ("1 MiB GPU (out of device memory)", {"X2L_EMU_MEM_MB": "1"}, ["-k", "small_device"]),
     ]
     rc = 0
     for name, extra_env, extra_args in passes:
         print(f"cuda_emu: tests/test_cuda.py, emulated {name}", flush=True)
         r = subprocess.run(base + extra_args + args.pytest_args, env={**env, **extra_env}, cwd=ROOT)
+        rc = rc or r.returncode
+    # The GPU benchmark script, every step on a tiny model, so that a lent GPU's minutes are not spent
+    # on a bug in the script (timings from the emulator mean nothing and are not kept).
+    print("cuda_emu: bench/gpu/bench_cuda.py --smoke", flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu", "bench_cuda.py"), "--smoke", "--cpu-threads", "2",
+                            "--out", os.path.join(tmp, "smoke.json")], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+        print(f"cuda_emu: bench smoke {'ok' if r.returncode == 0 else 'FAILED'}", flush=True)
         rc = rc or r.returncode
     return rc
 
