@@ -2,7 +2,9 @@
 
 The GPU tests are skipped on machines without a CUDA device; the first tests run everywhere and check
 that the module imports and reports "no device" cleanly, and that the backend was compiled in
-whenever the toolchain was there.
+whenever the toolchain was there. `python tests/cuda_emu/run.py` runs this file against a build of the
+CUDA sources on a CPU emulator of CUDA (device name "x2l-edge CUDA emulator"), so CI executes the GPU
+tests too; that is not a GPU run.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@
 # (the build folder stays on a warm machine).
 # Needs nvcc, cmake, ninja, nanobind, numpy, pytest and the `gguf` package (wheels in .whl/ are
 # installed first when present). Not yet run on a GPU: no GPU has been lent to this project so far.
+# Every stage's code has run under the CPU emulator of CUDA (python tests/cuda_emu/run.py: the CUDA
+# tests and bench_cuda.py --smoke), so what is left to find here is what only a GPU shows.
 set -u
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 stages=${*:-build tests sanitize bench}
