@@ -174,6 +174,14 @@ void CudaContext::eval(const float* x, int64_t n, std::vector<float>& last_logit
     std::copy_n(all_out->data() + (n - 1) * V, V, last_logits.data());
 }
 
+void CudaContext::eval_tokens(const LlmModel& model, const std::vector<int32_t>& tokens, std::vector<float>& last_logits,
+                              std::vector<float>* all_out) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    std::vector<float> x(static_cast<size_t>(n) * llm_.config().n_embd);  // [n, n_embd]
+    model.embed(tokens.data(), n, x.data());  // throws on an out-of-range id
+    eval(x.data(), n, last_logits, all_out);
+}
+
 void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,

@@ -82,6 +82,9 @@ class CudaContext {
     // The eval contract of LlmSession and X2LDecoder on top of forward(): the last row's logits into
     // last_logits [n_vocab]; with all_out, every row's into all_out [n, n_vocab].
     void eval(const float* x, int64_t n, std::vector<float>& last_logits, std::vector<float>* all_out);
+    // The same for token ids: their rows of `model`'s embedding (on the host) through eval().
+    void eval_tokens(const LlmModel& model, const std::vector<int32_t>& tokens, std::vector<float>& last_logits,
+                     std::vector<float>* all_out);
     int64_t n_past() const { return n_past_; }
     int64_t n_ctx() const { return n_ctx_; }
     void truncate(int64_t n);  // keep the first n own entries

@@ -126,9 +126,7 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
 #ifdef X2L_HAVE_CUDA
     if (cuda_) {
-        std::vector<float> x(static_cast<size_t>(n) * model_->config().n_embd);  // [n, n_embd]
-        model_->embed(tokens.data(), n, x.data());  // throws on an out-of-range id
-        cuda_->ctx->eval(x.data(), n, last_logits_, all_out);
+        cuda_->ctx->eval_tokens(*model_, tokens, last_logits_, all_out);
         history_.insert(history_.end(), tokens.begin(), tokens.end());
         return;
     }

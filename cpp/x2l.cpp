@@ -439,10 +439,7 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
 #ifdef X2L_HAVE_CUDA
     if (gpu_) {
-        const int64_t n = static_cast<int64_t>(tokens.size());
-        std::vector<float> x(static_cast<size_t>(n) * s_.model().config().n_embd);  // [n, n_embd]
-        s_.model().embed(tokens.data(), n, x.data());  // throws on an out-of-range id
-        gpu_->tail().eval(x.data(), n, last_logits_, all_out);
+        gpu_->tail().eval_tokens(s_.model(), tokens, last_logits_, all_out);
         gpu_->wait_reload();  // already landed (every layer waited for it); records the copy time
         history_.insert(history_.end(), tokens.begin(), tokens.end());
         return;

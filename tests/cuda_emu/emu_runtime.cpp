@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -77,6 +78,7 @@ void fail_sticky(const std::string& detail) {
     if (g_sticky != cudaSuccess) return g_sticky
 
 const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+constexpr int kSmemPerBlock = 48 * 1024;  // dynamic shared memory a kernel gets without opting in
 size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 // ---------------------------------------------------------------- device memory
@@ -96,14 +98,18 @@ size_t g_dev_used = 0;
 int g_access_depth = 0;            // > 0 while device work runs
 const char* g_kernel = nullptr;    // the kernel running, for fault messages
 
-const DeviceAlloc* find_dev(const void* p) {
+// The entry of an address map (keyed by start, with a .size) whose [start, start + max(size, 1))
+// holds p.
+template <class T>
+const T* entry_at(const std::map<uintptr_t, T>& m, const void* p) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    auto it = g_dev.upper_bound(a);
-    if (it == g_dev.begin()) return nullptr;
+    auto it = m.upper_bound(a);
+    if (it == m.begin()) return nullptr;
     --it;
-    const DeviceAlloc& d = it->second;
-    return a < reinterpret_cast<uintptr_t>(d.user) + d.size || (d.size == 0 && a == it->first) ? &d : nullptr;
+    return a - it->first < std::max<size_t>(it->second.size, 1) ? &it->second : nullptr;
 }
+
+const DeviceAlloc* find_dev(const void* p) { return entry_at(g_dev, p); }
 // The allocation whose mapping (guards included) holds p, for fault messages.
 const DeviceAlloc* find_mapping(const void* p) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -135,20 +141,15 @@ struct DeviceAccess {
 struct PinnedRange {
     char* p = nullptr;
     size_t size = 0;
-    unsigned flags = 0;
     bool allocated = false;  // cudaHostAlloc (else cudaHostRegister)
     bool mapped = false;
 };
-std::map<uintptr_t, PinnedRange> g_pinned;
+std::map<uintptr_t, PinnedRange> g_pinned;  // keyed by p
 
+// The pinned range holding all of [p, p + bytes).
 const PinnedRange* find_pinned(const void* p, size_t bytes = 1) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    auto it = g_pinned.upper_bound(a);
-    if (it == g_pinned.begin()) return nullptr;
-    --it;
-    const PinnedRange& r = it->second;
-    const uintptr_t b = reinterpret_cast<uintptr_t>(r.p);
-    return a >= b && a + (bytes ? bytes : 1) <= b + r.size ? &r : nullptr;
+    const PinnedRange* r = entry_at(g_pinned, p);
+    return r && static_cast<const char*>(p) + std::max<size_t>(bytes, 1) <= r->p + r->size ? r : nullptr;
 }
 
 // ---------------------------------------------------------------- fault messages
@@ -315,6 +316,7 @@ constexpr int kMaxThreads = 1024;
 struct BlockRun {
     uint3 block{0, 0, 0};
     dim3 block_dim, grid_dim;
+    int n_threads = 0;  // block_dim.x * y * z
     KernelBody* body = nullptr;
     std::vector<uint8_t> smem;
     uint64_t shfl[kMaxThreads / 32][2][32];
@@ -434,7 +436,8 @@ void yield_to_scheduler() {
 // Warp-major: each warp runs as far as it can (through its shuffles) before the next warp starts,
 // so warps drift apart as much as the barriers allow; a missing __syncthreads() then shows up as a
 // warp reading shared memory that a warp ahead of it has already overwritten (or not yet written).
-bool run_block(int n, bool reverse) {
+bool run_block(bool reverse) {
+    const int n = g_run->n_threads;
     for (int i = 0; i < n; ++i) {
         ThreadState& f = g_fibers[static_cast<size_t>(i)];
         const unsigned bx = g_run->block_dim.x, by = g_run->block_dim.y;
@@ -482,10 +485,7 @@ bool run_block(int n, bool reverse) {
 
 // ---------------------------------------------------------------- kernel execution
 
-struct FuncAttr {
-    int max_dynamic_smem = 48 * 1024;
-};
-std::map<const void*, FuncAttr> g_func_attrs;
+std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 uint64_t g_launches = 0;
 
 size_t smem_optin() { return cfg().integrated ? 166912 : 101376; }  // sm_87 / sm_89 opt-in limits
@@ -493,27 +493,25 @@ size_t smem_optin() { return cfg().integrated ? 166912 : 101376; }  // sm_87 / s
 void execute_kernel(const std::string& name, dim3 grid, dim3 block, size_t smem, bool reverse,
                     const std::shared_ptr<KernelBody>& body) {
     DeviceAccess access;
-    const int n = static_cast<int>(block.x * block.y * block.z);
-    if (g_fibers.size() < static_cast<size_t>(n)) g_fibers.resize(static_cast<size_t>(n));
     std::unique_ptr<BlockRun> run(new BlockRun);
     run->block_dim = block;
     run->grid_dim = grid;
+    run->n_threads = static_cast<int>(block.x * block.y * block.z);
     run->body = body.get();
+    if (g_fibers.size() < static_cast<size_t>(run->n_threads)) g_fibers.resize(static_cast<size_t>(run->n_threads));
     g_run = run.get();
     g_kernel = name.c_str();
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
-                run->block = uint3{x, y, z};
-                run->smem.assign(smem, 0xFF);  // NaN floats: uninitialized shared memory is not zero
-                if (!run_block(n, reverse)) {
-                    fail_sticky("kernel " + name + ", block (" + std::to_string(x) + "," + std::to_string(y) + "," +
-                                std::to_string(z) + "): " + run->error);
-                    g_run = nullptr;
-                    g_kernel = nullptr;
-                    return;
-                }
-            }
+    const uint64_t n_blocks = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+    for (uint64_t i = 0; i < n_blocks; ++i) {
+        run->block = uint3{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                           static_cast<unsigned>(i / (static_cast<uint64_t>(grid.x) * grid.y))};
+        run->smem.assign(smem, 0xFF);  // NaN floats: uninitialized shared memory is not zero
+        if (!run_block(reverse)) {
+            fail_sticky("kernel " + name + ", block (" + std::to_string(run->block.x) + "," + std::to_string(run->block.y) +
+                        "," + std::to_string(run->block.z) + "): " + run->error);
+            break;
+        }
+    }
     g_run = nullptr;
     g_kernel = nullptr;
 }
@@ -534,7 +532,7 @@ void syncthreads() {
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask) {
     ThreadState* f = g_current;
     const int w = f->linear / 32, lane = f->linear % 32;
-    const int n = static_cast<int>(g_run->block_dim.x * g_run->block_dim.y * g_run->block_dim.z);
+    const int n = g_run->n_threads;
     if (mask != 0xFFFFFFFFu || n < 32 * (w + 1)) {
         g_run->error = "a warp shuffle needs the full mask and a full warp here (mask " + std::to_string(mask) + ", " +
                        std::to_string(n) + " threads)";
@@ -555,7 +553,7 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int val
     if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return fail(cudaErrorInvalidValue, "unsupported function attribute");
     if (value < 0 || static_cast<size_t>(value) > smem_optin())
         return fail(cudaErrorInvalidValue, "dynamic shared memory " + std::to_string(value) + " above the device's opt-in limit");
-    g_func_attrs[func].max_dynamic_smem = value;
+    g_max_dynamic_smem[func] = value;
     return cudaSuccess;
 }
 
@@ -575,8 +573,8 @@ void launch(const char* name, const void* func, dim3 grid, dim3 block, size_t sm
                                                 std::to_string(block.z) + ")");
         return;
     }
-    auto it = g_func_attrs.find(func);
-    const size_t limit = it == g_func_attrs.end() ? 48 * 1024 : static_cast<size_t>(it->second.max_dynamic_smem);
+    auto it = g_max_dynamic_smem.find(func);
+    const size_t limit = static_cast<size_t>(it == g_max_dynamic_smem.end() ? kSmemPerBlock : it->second);
     if (smem > limit) {
         fail(cudaErrorInvalidValue, std::string("launch of ") + name + ": " + std::to_string(smem) +
                                         " bytes of dynamic shared memory, limit " + std::to_string(limit));
@@ -634,7 +632,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int dev) {
     std::memset(prop, 0, sizeof *prop);
     std::snprintf(prop->name, sizeof prop->name, "x2l-edge CUDA emulator (CPU%s)", cfg().integrated ? ", integrated" : "");
     prop->totalGlobalMem = cfg().mem_bytes;
-    prop->sharedMemPerBlock = 48 * 1024;
+    prop->sharedMemPerBlock = kSmemPerBlock;
     prop->multiProcessorCount = 4;
     prop->major = 8;
     prop->minor = cfg().integrated ? 7 : 9;
@@ -756,7 +754,7 @@ cudaError_t cudaFree(void* p) {
     return cudaSuccess;
 }
 
-static cudaError_t add_pinned(void* p, size_t bytes, unsigned flags, bool allocated, bool mapped) {
+static cudaError_t add_pinned(void* p, size_t bytes, bool allocated, bool mapped) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     auto it = g_pinned.lower_bound(a);
     if (it != g_pinned.end() && it->first < a + bytes)
@@ -765,7 +763,7 @@ static cudaError_t add_pinned(void* p, size_t bytes, unsigned flags, bool alloca
         --it;
         if (it->first + it->second.size > a) return fail(cudaErrorHostMemoryAlreadyRegistered, "host range overlaps a pinned range");
     }
-    g_pinned[a] = PinnedRange{static_cast<char*>(p), bytes, flags, allocated, mapped};
+    g_pinned[a] = PinnedRange{static_cast<char*>(p), bytes, allocated, mapped};
     return cudaSuccess;
 }
 
@@ -776,7 +774,7 @@ cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned flags) {
     void* m = std::aligned_alloc(kPage, round_up(std::max<size_t>(bytes, 1), kPage));
     if (!m) return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
     std::memset(m, 0xFF, round_up(std::max<size_t>(bytes, 1), kPage));
-    if (cudaError_t e = add_pinned(m, bytes, flags, true, (flags & cudaHostAllocMapped) != 0)) {
+    if (cudaError_t e = add_pinned(m, bytes, true, (flags & cudaHostAllocMapped) != 0)) {
         std::free(m);
         return e;
     }
@@ -801,7 +799,7 @@ cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned flags) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     if (!p || bytes == 0) return fail(cudaErrorInvalidValue, "cudaHostRegister of an empty range");
-    return add_pinned(p, bytes, flags, false, (flags & cudaHostRegisterMapped) != 0);
+    return add_pinned(p, bytes, false, (flags & cudaHostRegisterMapped) != 0);
 }
 
 cudaError_t cudaHostUnregister(void* p) {
