@@ -30,7 +30,7 @@ namespace {
 // The per-op entries, registered as stubs in a CPU-only build.
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
-                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth"};
+                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -224,13 +224,34 @@ OutF32 op_softmax(F32Array x, float scale) {
     return make_out(std::move(out), shape_of(x));
 }
 
-// kind: 0 swiglu(a, b), 1 gelu erf(a), 2 gelu tanh(a), 3 add(a, b), 4 mul(a, b)
+OutF32 op_pool2d(F32Array x, int out_grid, const std::string& kind, int stride) {
+    require_device();
+    if (x.ndim() != 4 || x.shape(1) != x.shape(2)) throw x2l::Error("x must have shape [n, g, g, C]");
+    if (kind != "avg" && kind != "bilinear") throw x2l::Error("kind must be 'avg' or 'bilinear'");
+    const int64_t n = static_cast<int64_t>(x.shape(0)), g = static_cast<int64_t>(x.shape(1)),
+                  C = static_cast<int64_t>(x.shape(3));
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        x2l::CudaDeviceBuffer dy = device_buffer(sizeof(float) * n * out_grid * out_grid * C);
+        run_sync([&](void* s) {
+            x2l::cuda_pool2d(static_cast<const float*>(dx.data()), static_cast<float*>(dy.data()), n, static_cast<int>(g),
+                             out_grid, C, kind == "avg" ? x2l::PoolKind::Avg : x2l::PoolKind::Bilinear, stride, s);
+        });
+        out = from_device(dy, static_cast<size_t>(n * out_grid * out_grid * C));
+    }
+    return make_out(std::move(out), {static_cast<size_t>(n), static_cast<size_t>(out_grid), static_cast<size_t>(out_grid),
+                                     static_cast<size_t>(C)});
+}
+
+// kind: 0 swiglu(a, b), 1 gelu erf(a), 2 gelu tanh(a), 3 add(a, b), 4 mul(a, b), 5 quick_gelu(a)
 OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
     require_device();
     const int64_t n = static_cast<int64_t>(a.size());
     int64_t period = n;
     if (kind == 0 && (!b || b->size() != a.size())) throw x2l::Error("gate and up must have the same size");
-    if (kind >= 3) {
+    if (kind == 3 || kind == 4) {
         if (!b || b->size() == 0 || a.size() % b->size() != 0) throw x2l::Error("b's size must divide a's size");
         period = static_cast<int64_t>(b->size());
     }
@@ -247,8 +268,9 @@ OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
         run_sync([&](void* s) {
             switch (kind) {
                 case 0: x2l::cuda_swiglu(pa, pb, py, n, s); break;
-                case 1: x2l::cuda_gelu(pa, py, n, false, s); break;
-                case 2: x2l::cuda_gelu(pa, py, n, true, s); break;
+                case 1: x2l::cuda_gelu(pa, py, n, x2l::GeluMode::Erf, s); break;
+                case 2: x2l::cuda_gelu(pa, py, n, x2l::GeluMode::Tanh, s); break;
+                case 5: x2l::cuda_gelu(pa, py, n, x2l::GeluMode::Quick, s); break;
                 case 3: x2l::cuda_add(pa, pb, py, n, period, s); break;
                 default: x2l::cuda_mul(pa, pb, py, n, period, s); break;
             }
@@ -260,8 +282,10 @@ OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
 
 // segments: list of (k_type, k bytes as uint8 array, v_type, v bytes, n_tokens). K/V of a segment are
 // [n_tokens, n_kv_head, head_dim] in their type, or [n_kv_head, n_tokens, head_dim] with head_major.
-OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, bool causal, int window, int n_splits,
-                    bool head_major) {
+// observe_from >= 0 also runs cuda_attention_votes over the last segment (the "own" entries) for the
+// query rows >= observe_from and returns (out, votes [n_kv_head, n_own]).
+nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, bool causal, int window, int n_splits,
+                        bool head_major, int observe_from) {
     require_device();
     if (q.ndim() != 3) throw x2l::Error("q must have shape [n_q, n_head, head_dim]");
     const int n_q = static_cast<int>(q.shape(0)), n_head = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
@@ -277,7 +301,8 @@ OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, b
         hs.push_back({nb::cast<uint32_t>(t[0]), nb::cast<uint32_t>(t[2]), nb::cast<U8Array>(t[1]), nb::cast<U8Array>(t[3]),
                       nb::cast<int64_t>(t[4])});
     }
-    std::vector<float> out;
+    if (observe_from >= 0 && hs.empty()) throw x2l::Error("observe_from needs at least one segment");
+    std::vector<float> out, votes;
     {
         nb::gil_scoped_release nogil;
         std::vector<x2l::CudaDeviceBuffer> bufs;
@@ -307,6 +332,12 @@ OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, b
         const size_t ws_bytes = x2l::cuda_attention_workspace_bytes(n_q, n_head, D, n_splits > 0 ? n_splits : 64);
         x2l::CudaDeviceBuffer ws(ws_bytes);
         x2l::CudaSegmentTable table;
+        const int64_t n_own = segs.empty() ? 0 : segs.back().n_tokens;
+        x2l::CudaDeviceBuffer lse, dvotes;
+        if (observe_from >= 0) {
+            lse = device_buffer(sizeof(float) * n_q * n_head);
+            dvotes = device_buffer(sizeof(float) * n_kv_head * n_own);
+        }
         run_sync([&](void* s) {
             table.assign(segs, D, s);
             x2l::CudaAttentionParams p;
@@ -322,11 +353,22 @@ OutF32 op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, b
             p.n_splits = n_splits;
             p.workspace = ws.data();
             p.workspace_bytes = ws.size();
+            if (observe_from >= 0) {
+                p.lse = static_cast<float*>(lse.data());
+                dvotes.zero(s);
+            }
             x2l::cuda_attention(p, table, s);
+            if (observe_from >= 0) {
+                x2l::cuda_attention_votes(p.q, 0, p.lse, n_q, n_head, n_kv_head, D, scale, segs.back(), n_own, observe_from,
+                                          static_cast<float*>(dvotes.data()), n_own, s);
+            }
         });
         out = from_device(dout, q.size());
+        if (observe_from >= 0) votes = from_device(dvotes, static_cast<size_t>(n_kv_head * n_own));
     }
-    return make_out(std::move(out), shape_of(q));
+    nb::object o = nb::cast(make_out(std::move(out), shape_of(q)));
+    if (observe_from < 0) return o;
+    return nb::make_tuple(o, make_out(std::move(votes), {static_cast<size_t>(n_kv_head), static_cast<size_t>(hs.back().n)}));
 }
 
 // Streams data [n_layers, m] through a CudaLayerPipeline (n_slots, optionally zero-copy) while a
@@ -449,14 +491,21 @@ void bind_cuda(nb::module_& m) {
           "neox"_a = false, "in_place"_a = false, "x: [T, n_head, head_dim]; NORM pairs (2i, 2i+1), NEOX (i, i + n_rot/2).");
     m.def("cuda_softmax", &op_softmax, "x"_a, "scale"_a = 1.f);
     m.def("cuda_swiglu", [](F32Array g, F32Array u) { return op_elementwise(0, g, u); }, "gate"_a, "up"_a);
-    m.def("cuda_gelu", [](F32Array x, bool tanh_approx) { return op_elementwise(tanh_approx ? 2 : 1, x, std::nullopt); },
-          "x"_a, "tanh_approx"_a = false);
+    m.def("cuda_gelu", [](F32Array x, const std::string& approximate) {
+              if (approximate != "none" && approximate != "tanh" && approximate != "quick")
+                  throw x2l::Error("approximate must be 'none', 'tanh' or 'quick'");
+              return op_elementwise(approximate == "none" ? 1 : approximate == "tanh" ? 2 : 5, x, std::nullopt);
+          }, "x"_a, "approximate"_a = "none", "gelu (erf), its tanh approximation, or CLIP's quick_gelu.");
+    m.def("cuda_pool2d", &op_pool2d, "x"_a, "out_grid"_a, "kind"_a = "avg", "stride"_a = 2,
+          "x [n, g, g, C] -> [n, out_grid, out_grid, C]: 'avg' (stride x stride blocks) or 'bilinear' resize.");
     m.def("cuda_add", [](F32Array a, F32Array b) { return op_elementwise(3, a, b); }, "a"_a, "b"_a,
           "a + b; b is broadcast when its size divides a's (row bias).");
     m.def("cuda_mul", [](F32Array a, F32Array b) { return op_elementwise(4, a, b); }, "a"_a, "b"_a);
     m.def("cuda_attention", &op_attention, "q"_a, "segments"_a, "n_kv_head"_a, "scale"_a = 0.f, "causal"_a = true,
-          "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false,
-          "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.");
+          "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false, "observe_from"_a = -1,
+          "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.\n"
+          "observe_from >= 0: returns (out, votes [n_kv_head, n_own]), the softmax probabilities of query rows >=\n"
+          "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
           "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
     m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,

@@ -1,4 +1,4 @@
-// Bindings for the vision encoder: _core.VisionEncoder.from_gguf(path, n_threads=0).
+// Bindings for the vision encoder: _core.VisionEncoder.from_gguf(path, n_threads=0, device=-1).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -12,6 +12,9 @@
 #include "gguf.h"
 #include "threadpool.h"
 #include "vision.h"
+#if X2L_HAVE_CUDA
+#include "cuda_vision.h"
+#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -24,6 +27,9 @@ struct PyVisionEncoder {
     std::unique_ptr<x2l::GGUFFile> file;
     std::unique_ptr<x2l::VisionEncoder> enc;
     std::unique_ptr<x2l::ThreadPool> pool;
+#if X2L_HAVE_CUDA
+    std::unique_ptr<x2l::CudaVision> cuda;  // set when opened with a device: encode() runs there
+#endif
     std::mutex mu;
 };
 
@@ -51,6 +57,11 @@ nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x
     {
         nb::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(self.mu);
+#if X2L_HAVE_CUDA
+        if (self.cuda) {
+            self.cuda->encode(px.data(), n, out.data(), stage);
+        } else
+#endif
         self.enc->encode(*self.pool, px.data(), n, out.data(), stage);
     }
     return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
@@ -79,16 +90,26 @@ const char* pool_name(x2l::PoolMode p) {
 void bind_vision(nb::module_& m) {
     using Stage = x2l::VisionEncoder::Stage;
     nb::class_<PyVisionEncoder>(m, "VisionEncoder")
-        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+        .def_static("from_gguf", [](const std::string& path, int n_threads, int device) {
             if (n_threads < 0) throw x2l::Error("n_threads must be >= 0");
+            if (device < -1) throw x2l::Error("device must be -1 (CPU) or a CUDA device index");
             auto self = std::make_unique<PyVisionEncoder>();
             nb::gil_scoped_release nogil;
             self->file = x2l::GGUFFile::open(path);
             self->enc = x2l::VisionEncoder::load(*self->file);
             self->pool = std::make_unique<x2l::ThreadPool>(n_threads > 0 ? n_threads : x2l::default_threads());
+            if (device >= 0) {
+#if X2L_HAVE_CUDA
+                self->cuda = std::make_unique<x2l::CudaVision>(*self->enc, device);
+#else
+                throw x2l::Error("this build has no CUDA backend");
+#endif
+            }
             return self;
-        }, "path"_a, "n_threads"_a = 0,
-           "Load the vision tower and projector of a GGUF file (FormatError when it has none).")
+        }, "path"_a, "n_threads"_a = 0, "device"_a = -1,
+           "Load the vision tower and projector of a GGUF file (FormatError when it has none). device >= 0 runs\n"
+           "encode / hidden_states / projected on that CUDA device (Error when its kernels cannot read a weight,\n"
+           "BudgetError when it does not fit).")
         .def("encode", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Pooled); }, "pixels"_a,
              "pixels float32 [F, 3, S, S] (resized, normalised) -> [F * tokens_per_frame, n_embd] frame tokens.")
         .def("hidden_states", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Features); },
@@ -99,11 +120,34 @@ void bind_vision(nb::module_& m) {
         .def_prop_ro("n_embd", [](const PyVisionEncoder& s) { return s.enc->n_embd_out(); })
         .def_prop_ro("n_threads", [](const PyVisionEncoder& s) { return s.pool->n_threads(); })
         .def_prop_ro("weight_bytes", [](const PyVisionEncoder& s) { return s.enc->weight_bytes(); })
-        .def_prop_rw("batch_frames", [](const PyVisionEncoder& s) { return s.enc->batch_frames(); },
+        .def_prop_rw("batch_frames", [](const PyVisionEncoder& s) {
+#if X2L_HAVE_CUDA
+                         if (s.cuda) return s.cuda->batch_frames();
+#endif
+                         return s.enc->batch_frames();
+                     },
                      [](PyVisionEncoder& s, int n) {
                          std::lock_guard<std::mutex> lock(s.mu);
                          s.enc->set_batch_frames(n);
+#if X2L_HAVE_CUDA
+                         if (s.cuda) {
+                             nb::gil_scoped_release nogil;
+                             s.cuda->set_batch_frames(n);
+                         }
+#endif
                      }, "Frames encoded together per internal batch (bounds activation memory).")
+        .def_prop_ro("device", [](const PyVisionEncoder& s) -> std::string {
+#if X2L_HAVE_CUDA
+            if (s.cuda) return "cuda:" + std::to_string(s.cuda->device());
+#endif
+            return "cpu";
+        }, "Where encode() runs: 'cpu' or 'cuda:N'.")
+        .def_prop_ro("device_bytes", [](const PyVisionEncoder& s) -> size_t {
+#if X2L_HAVE_CUDA
+            if (s.cuda) return s.cuda->device_bytes();
+#endif
+            return 0;
+        }, "Device memory held (weights + one batch of activations); 0 on the CPU.")
         .def_prop_ro("image_newline", [](const PyVisionEncoder& s) -> nb::object {
             const std::vector<float>& nl = s.enc->image_newline();
             if (nl.empty()) return nb::none();

@@ -148,6 +148,8 @@ void bind_x2l(nb::module_& m) {
             d["forward_tokens"] = p.stats().forward_tokens;
             d["seconds"] = p.stats().seconds;
             d["working_bytes"] = p.working_bytes();
+            d["on_device"] = p.on_device();
+            d["device_note"] = p.device_note();
             return d;
         });
 

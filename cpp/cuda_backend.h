@@ -246,8 +246,15 @@ void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, i
 void cuda_softmax(const float* x, float* y, int64_t n_rows, int64_t n, float scale, void* stream);
 // y = silu(gate) * up (SwiGLU); all [n].
 void cuda_swiglu(const float* gate, const float* up, float* y, int64_t n, void* stream);
-// y = gelu(x); tanh_approx selects the tanh form, else the exact erf form.
-void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stream);
+// y = gelu(x): the exact erf form, the tanh approximation, or CLIP's quick_gelu x * sigmoid(1.702 x).
+enum class GeluMode : int { Erf = 0, Tanh = 1, Quick = 2 };
+void cuda_gelu(const float* x, float* y, int64_t n, GeluMode mode, void* stream);
+// Spatial pooling of n_frames square grids of channel vectors: x [n_frames, grid, grid, channels] ->
+// y [n_frames, out_grid, out_grid, channels]. Avg: mean of stride x stride blocks (out_grid * stride
+// <= grid); Bilinear: resize to out_grid (torch's bilinear, align_corners=False; stride unused).
+enum class PoolKind : int { Avg = 0, Bilinear = 1 };
+void cuda_pool2d(const float* x, float* y, int64_t n_frames, int grid, int out_grid, int64_t channels, PoolKind kind,
+                 int stride, void* stream);
 // y[i] = a[i] + b[i % b_period] / a[i] * b[i % b_period]; b_period = n for same-shape operands,
 // the row length for a broadcast bias/scale.
 void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
@@ -310,7 +317,20 @@ struct CudaAttentionParams {
     int n_splits = 0;
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
+    // [n_q, n_head] or nullptr: each row's log-sum-exp of its scaled scores in base 2
+    // (max + log2(sum), scores already multiplied by scale * log2(e)), for cuda_attention_votes.
+    // Forces n_splits = 1.
+    float* lse = nullptr;
 };
+
+// Attention observation (X²L compression): for the attention call that wrote `lse` with these q rows,
+// adds to votes[kv_head * votes_stride + e] the softmax probability that each query row t in
+// [obs_from, n_q) gave to entry e of `own`, summed over the KV head's query heads. `own` holds the
+// last n_own kv entries of that call (the cache's own entries; query t is entry n_own - n_q + t and
+// sees entries <= that); only its K side is read. Same q layout and scale as CudaAttentionParams.
+void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse, int n_q, int n_head, int n_kv_head,
+                          int head_dim, float scale, const CudaKVSegment& own, int64_t n_own, int obs_from, float* votes,
+                          int64_t votes_stride, void* stream);
 
 // Workspace needed for a given split count (0 for n_splits <= 1).
 size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits);

@@ -13,23 +13,23 @@ constexpr size_t kF16 = 2;
 constexpr int kMaxSplitRows = 8, kMaxSplits = 64;
 }  // namespace
 
-CudaLlm::Matrix CudaLlm::upload(const Weight& w, const std::string& name) {
+CudaMatrix cuda_upload_weight(const Weight& w, const std::string& name, size_t& total) {
     if (!cuda_matmul_supported(w.type)) {
         throw Error("the CUDA backend cannot read " + name + " (type " + type_info(w.type).name +
                     "); use f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k or q6_k weights, or device='cpu'");
     }
     if (cuda_row_bytes(w.type, w.n_in) != w.row_bytes) throw Error("unexpected row layout of " + name);
-    Matrix d;
+    CudaMatrix d;
     d.type = w.type;
     d.n_in = w.n_in;
     d.n_out = w.n_out;
     d.buf = CudaDeviceBuffer(w.nbytes());
     d.buf.upload(w.data, w.nbytes());
-    weight_bytes_ += w.nbytes();
+    total += w.nbytes();
     return d;
 }
 
-static CudaDeviceBuffer upload_floats(const std::vector<float>& v, size_t& total) {
+CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total) {
     CudaDeviceBuffer b;
     if (v.empty()) return b;
     b = CudaDeviceBuffer(v.size() * sizeof(float));
@@ -56,21 +56,21 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
         Layer& d = layers_[l];
         const std::string p = "blk." + std::to_string(l) + ".";
         if (L.vst_q.valid()) throw Error("beacon (Video-XL) models run on the CPU backend only; use device='cpu'");
-        d.attn_norm = upload_floats(L.attn_norm, weight_bytes_);
-        d.ffn_norm = upload_floats(L.ffn_norm, weight_bytes_);
-        d.bq = upload_floats(L.bq, weight_bytes_);
-        d.bk = upload_floats(L.bk, weight_bytes_);
-        d.bv = upload_floats(L.bv, weight_bytes_);
-        d.wq = upload(L.wq, p + "attn_q");
-        d.wk = upload(L.wk, p + "attn_k");
-        d.wv = upload(L.wv, p + "attn_v");
-        d.wo = upload(L.wo, p + "attn_output");
-        d.w_gate = upload(L.w_gate, p + "ffn_gate");
-        d.w_up = upload(L.w_up, p + "ffn_up");
-        d.w_down = upload(L.w_down, p + "ffn_down");
+        d.attn_norm = cuda_upload_floats(L.attn_norm, weight_bytes_);
+        d.ffn_norm = cuda_upload_floats(L.ffn_norm, weight_bytes_);
+        d.bq = cuda_upload_floats(L.bq, weight_bytes_);
+        d.bk = cuda_upload_floats(L.bk, weight_bytes_);
+        d.bv = cuda_upload_floats(L.bv, weight_bytes_);
+        d.wq = cuda_upload_weight(L.wq, p + "attn_q", weight_bytes_);
+        d.wk = cuda_upload_weight(L.wk, p + "attn_k", weight_bytes_);
+        d.wv = cuda_upload_weight(L.wv, p + "attn_v", weight_bytes_);
+        d.wo = cuda_upload_weight(L.wo, p + "attn_output", weight_bytes_);
+        d.w_gate = cuda_upload_weight(L.w_gate, p + "ffn_gate", weight_bytes_);
+        d.w_up = cuda_upload_weight(L.w_up, p + "ffn_up", weight_bytes_);
+        d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down", weight_bytes_);
     }
-    output_ = upload(model.output_weight(), "output");
-    output_norm_ = upload_floats(model.output_norm(), weight_bytes_);
+    output_ = cuda_upload_weight(model.output_weight(), "output", weight_bytes_);
+    output_norm_ = cuda_upload_floats(model.output_norm(), weight_bytes_);
 }
 
 // ------------------------------------------------------------------------------------ context
@@ -99,6 +99,7 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch)
     pos_ = CudaDeviceBuffer(n_batch * sizeof(int32_t));
     logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
+    lse_ = CudaDeviceBuffer(n_batch * c.n_head * f);
     tables_.resize(static_cast<size_t>(c.n_layer));
     set_prefix({}, 0);  // no prefix: the own entries at positions 0..
 }
@@ -127,9 +128,16 @@ size_t CudaContext::kv_bytes() const {
 size_t CudaContext::device_bytes() const {
     size_t b = 0;
     for (size_t l = 0; l < k_.size(); ++l) b += k_[l].size() + v_[l].size();
-    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_})
+    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_, &lse_})
         b += p->size();
     return b;
+}
+
+void CudaContext::set_observer(float* votes, int64_t votes_stride, int64_t obs_start) {
+    if (votes && (votes_stride <= 0 || obs_start < 0)) throw Error("set_observer: bad stride or obs_start");
+    votes_ = votes;
+    votes_stride_ = votes_stride;
+    obs_start_ = obs_start;
 }
 
 void CudaContext::truncate(int64_t n) {
@@ -137,10 +145,13 @@ void CudaContext::truncate(int64_t n) {
     n_past_ = n;  // later tokens overwrite the rows beyond n
 }
 
+void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
+    cuda_matmul(w.type, w.buf.data(), w.n_out, w.n_in, x, n, y, stream);
+    if (bias.size()) cuda_add(y, static_cast<const float*>(bias.data()), y, n * w.n_out, w.n_out, stream);
+}
+
 void CudaContext::matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias) {
-    void* s = stream_->handle();
-    cuda_matmul(w.type, w.buf.data(), w.n_out, w.n_in, x, n, y, s);
-    if (bias.size()) cuda_add(y, static_cast<const float*>(bias.data()), y, n * w.n_out, w.n_out, s);
+    cuda_linear(w, x, n, y, bias, stream_->handle());
 }
 
 void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* logits) {
@@ -238,7 +249,14 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         p.causal = true;
         p.workspace = attn_ws_.data();
         p.workspace_bytes = attn_ws_.size();
+        if (votes_) p.lse = static_cast<float*>(lse_.data());
         cuda_attention(p, tables_[l], s);  // [m, QD]
+        if (votes_) {
+            if (first + m > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
+            cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
+                                 static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
+                                 votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
+        }
 
         matmul(L.wo, attn, m, xn, none);
         cuda_add(x, xn, x, m * E, m * E, s);
@@ -261,7 +279,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
 
 // ------------------------------------------------------------------------------------ X²L tiers
 
-CudaKVSegment CudaX2L::layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v) {
+CudaKVSegment cuda_layer_view(const CudaKVRows& s, const uint8_t* k, const uint8_t* v) {
     // KVSegment rows are [layer][head][entry]: within a layer, head-major with cap entries per head.
     CudaKVSegment seg;
     seg.k = k;
@@ -283,38 +301,40 @@ void check_kv_type(const KVSegment& seg, const char* what) {
     }
 }
 
+void fill_geometry(CudaKVRows& d, const KVSegment& seg) {
+    d.layer_bytes = seg.layer_bytes();
+    d.row_bytes = seg.row_bytes();
+    d.cap = seg.capacity();
+    d.n = seg.size();
+    d.type = seg.type();
+}
+
 }  // namespace
+
+CudaKVRows cuda_upload_rows(const KVSegment& seg, const char* what) {
+    check_kv_type(seg, what);
+    CudaKVRows d;
+    fill_geometry(d, seg);
+    const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
+    d.dev = CudaDeviceBuffer(std::max<size_t>(2 * block, 256));
+    d.dev.upload(seg.k_data(), block, 0);
+    d.dev.upload(seg.v_data(), block, block);
+    d.k = static_cast<const uint8_t*>(d.dev.data());
+    d.v = d.k + block;
+    return d;
+}
 
 CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch)
     : llm_(llm), ix_(ix) {
     if (ix.dense_positions) throw Error("beacon indexes (dense positions) are decoded on the CPU backend only");
     cuda_set_device(llm.device());
-    auto fill = [](DevSegment& d, const KVSegment& seg) {
-        d.layer_bytes = seg.layer_bytes();
-        d.row_bytes = seg.row_bytes();
-        d.cap = seg.capacity();
-        d.n = seg.size();
-        d.type = seg.type();
-    };
-    auto upload = [&](const KVSegment& seg, const char* what) {  // sink and H: resident on the device
-        check_kv_type(seg, what);
-        DevSegment d;
-        fill(d, seg);
-        const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
-        d.dev = CudaDeviceBuffer(std::max<size_t>(2 * block, 256));
-        d.dev.upload(seg.k_data(), block, 0);
-        d.dev.upload(seg.v_data(), block, block);
-        d.k = static_cast<const uint8_t*>(d.dev.data());
-        d.v = d.k + block;
-        return d;
-    };
-    sink_ = upload(*ix.sink, "sink");
-    for (const auto& ch : ix.chunks) high_.push_back(upload(*ch.high, "H"));
+    sink_ = cuda_upload_rows(*ix.sink, "sink");  // sink and H: resident on the device
+    for (const auto& ch : ix.chunks) high_.push_back(cuda_upload_rows(*ch.high, "H"));
     for (const auto& ch : ix.chunks) {  // L: pinned host memory, the source of the reload DMA
         const KVSegment& seg = *ch.low;
         check_kv_type(seg, "L");
-        DevSegment d;
-        fill(d, seg);
+        CudaKVRows d;
+        fill_geometry(d, seg);
         const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
         const uint8_t* k = seg.k_data();
         const uint8_t* v = seg.v_data();
@@ -362,15 +382,15 @@ std::vector<std::vector<CudaKVSegment>> CudaX2L::build_prefix(
     std::vector<std::vector<CudaKVSegment>> per_layer(L);
     for (int l = 0; l < L; ++l) {
         auto& segs = per_layer[l];
-        segs.push_back(layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes));
+        segs.push_back(cuda_layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes));
         size_t k = 0;
         for (int c = 0; c < n; ++c) {
             if (k < selected.size() && selected[k] == c) {
-                segs.push_back(layer_view(low_[c], where[l][k].first, where[l][k].second));
+                segs.push_back(cuda_layer_view(low_[c], where[l][k].first, where[l][k].second));
                 ++k;
             } else {
-                const DevSegment& h = high_[c];
-                segs.push_back(layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes));
+                const CudaKVRows& h = high_[c];
+                segs.push_back(cuda_layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes));
             }
         }
     }
@@ -411,7 +431,7 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
             for (int l = 0; l < L; ++l) {
                 pipe_->begin(l);
                 for (int c : selected) {
-                    const DevSegment& d = low_[c];
+                    const CudaKVRows& d = low_[c];
                     const size_t off = static_cast<size_t>(l) * d.layer_bytes;
                     const void* k = pipe_->stage(d.k + off, d.layer_bytes);
                     const void* v = pipe_->stage(d.v + off, d.layer_bytes);
@@ -467,6 +487,83 @@ size_t CudaX2L::resident_bytes() const {
     size_t b = sink_.dev.size() + working_bytes() + ctx_->device_bytes();
     for (const auto& h : high_) b += h.dev.size();
     return b;
+}
+
+// ------------------------------------------------------------------------------------ prefill
+
+CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch) : llm_(llm), n_batch_(n_batch) {
+    if (n_batch <= 0) throw Error("n_batch must be > 0");
+}
+
+const CudaKVRows& CudaPrefill::resident(const KVSegment* seg) {
+    for (const auto& r : resident_) {
+        // The same object with the same rows (a segment is never refilled while the prefill runs).
+        if (r.first == seg && r.second.n == seg->size() && r.second.cap == seg->capacity()) return r.second;
+    }
+    resident_.emplace_back(seg, cuda_upload_rows(*seg, "prefix"));
+    return resident_.back().second;
+}
+
+size_t CudaPrefill::device_bytes() const {
+    size_t b = votes_.size() + (ctx_ ? ctx_->device_bytes() : 0);
+    for (const auto& r : resident_) b += r.second.dev.size();
+    return b;
+}
+
+void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
+                      int64_t obs_start, KVSegment& tail, std::vector<float>* importance) {
+    const LlmConfig& c = llm_.config();
+    if (n <= 0) throw Error("CudaPrefill::run: empty input");
+    if (tail.size() != 0 || tail.capacity() < n) throw Error("CudaPrefill::run: the tail must be empty and hold n entries");
+    cuda_set_device(llm_.device());
+    const int64_t HK = static_cast<int64_t>(c.n_head_kv) * c.n_layer;
+    if (!ctx_ || ctx_->n_ctx() < n) {
+        ctx_.reset();
+        votes_ = CudaDeviceBuffer();
+        ctx_.reset(new CudaContext(llm_, n, n_batch_));
+        votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
+    }
+    const int64_t stride = ctx_->n_ctx();
+    std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(c.n_layer));
+    for (const KVSegment* seg : prefix) {
+        if (seg->size() == 0) continue;
+        const CudaKVRows& r = resident(seg);
+        for (int l = 0; l < c.n_layer; ++l) {
+            per_layer[l].push_back(cuda_layer_view(r, r.k + l * r.layer_bytes, r.v + l * r.layer_bytes));
+        }
+    }
+    ctx_->set_prefix(std::move(per_layer), pos0);
+    if (importance) {
+        votes_.zero(ctx_->stream());
+        ctx_->set_observer(static_cast<float*>(votes_.data()), stride, obs_start);
+    } else {
+        ctx_->set_observer(nullptr, 0, 0);
+    }
+    ctx_->forward(x, n, 0, nullptr);  // synchronizes: the rows and votes are complete
+
+    // The new entries back to the host: [n, n_head_kv, head_dim] f16 per layer -> tail's layout and type.
+    const int64_t KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) pos[i] = pos0 + static_cast<int32_t>(i);
+    tail.append(pos.data(), n);
+    std::vector<uint16_t> kh(static_cast<size_t>(n * KD)), vh(kh.size());
+    std::vector<float> kf(static_cast<size_t>(KD)), vf(kf.size());
+    for (int l = 0; l < c.n_layer; ++l) {
+        ctx_->k_cache(l).download(kh.data(), kh.size() * sizeof(uint16_t));
+        ctx_->v_cache(l).download(vh.data(), vh.size() * sizeof(uint16_t));
+        for (int64_t i = 0; i < n; ++i) {
+            fp16_to_fp32_row(kh.data() + i * KD, kf.data(), KD);
+            fp16_to_fp32_row(vh.data() + i * KD, vf.data(), KD);
+            tail.store(l, i, kf.data(), vf.data());
+        }
+    }
+    if (importance) {
+        importance->assign(static_cast<size_t>(HK * n), 0.0f);
+        std::vector<float> all(static_cast<size_t>(HK * stride));
+        votes_.download(all.data(), all.size() * sizeof(float));
+        for (int64_t lh = 0; lh < HK; ++lh) std::copy_n(all.data() + lh * stride, n, importance->data() + lh * n);
+        ctx_->set_observer(nullptr, 0, 0);
+    }
 }
 
 }  // namespace x2l

@@ -24,6 +24,19 @@
 
 namespace x2l {
 
+// A weight matrix in device memory, in the layout cuda_matmul reads (shared by the LLM and the vision tower).
+struct CudaMatrix {
+    CudaDeviceBuffer buf;
+    DType type = DType::F32;
+    int64_t n_in = 0, n_out = 0;
+};
+// Uploads w (Error naming `name` when the kernels cannot read its type or layout); adds its bytes to total.
+CudaMatrix cuda_upload_weight(const Weight& w, const std::string& name, size_t& total);
+// Uploads an f32 vector (an empty buffer for an empty vector); adds its bytes to total.
+CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total);
+// y [n, w.n_out] = x [n, w.n_in] · w^T (+ bias [w.n_out] when it is not empty), enqueued on stream.
+void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream);
+
 class CudaLlm {
   public:
     // Uploads every weight of `model` to device `device`. Throws Error for layouts the kernels do not
@@ -32,11 +45,7 @@ class CudaLlm {
     CudaLlm(const CudaLlm&) = delete;
     CudaLlm& operator=(const CudaLlm&) = delete;
 
-    struct Matrix {
-        CudaDeviceBuffer buf;
-        DType type = DType::F32;
-        int64_t n_in = 0, n_out = 0;
-    };
+    using Matrix = CudaMatrix;
     struct Layer {
         CudaDeviceBuffer attn_norm, ffn_norm, bq, bk, bv;  // f32; biases empty when absent
         Matrix wq, wk, wv, wo, w_gate, w_up, w_down;
@@ -51,7 +60,6 @@ class CudaLlm {
     const CudaDeviceBuffer& output_norm() const { return output_norm_; }
 
   private:
-    Matrix upload(const Weight& w, const std::string& name);
     LlmConfig cfg_;
     int device_ = 0;
     std::string name_;
@@ -89,6 +97,15 @@ class CudaContext {
     int64_t n_ctx() const { return n_ctx_; }
     void truncate(int64_t n);  // keep the first n own entries
 
+    // Attention observation for later forward() calls (X²L compression, cuda_attention_votes): every
+    // layer adds the softmax probabilities that queries at own index >= obs_start give to the own
+    // entries into votes[layer][kv_head][entry] (device, n_layer * n_head_kv * votes_stride floats,
+    // votes_stride >= the own entries). nullptr turns it off.
+    void set_observer(float* votes, int64_t votes_stride, int64_t obs_start);
+    // The own entries' K or V rows of one layer: [n_ctx, n_head_kv, head_dim] f16, token-major.
+    const CudaDeviceBuffer& k_cache(int layer) const { return k_[layer]; }
+    const CudaDeviceBuffer& v_cache(int layer) const { return v_[layer]; }
+
     size_t kv_bytes() const;      // own entries in use
     size_t device_bytes() const;  // everything this object holds on the device
     void* stream() const { return stream_->handle(); }
@@ -100,13 +117,32 @@ class CudaContext {
     const CudaLlm& llm_;
     int64_t n_ctx_ = 0, n_batch_ = 0, n_past_ = 0;
     std::vector<CudaDeviceBuffer> k_, v_;  // per layer [n_ctx, n_head_kv, head_dim] f16, token-major
-    CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_;
+    CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_, lse_;
+    float* votes_ = nullptr;
+    int64_t votes_stride_ = 0, obs_start_ = 0;
     std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries
     int32_t pos0_ = 0;
     std::function<void(int, void*)> before_attention_;
     std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
     std::unique_ptr<CudaStream> stream_;    // created after the device is selected
 };
+
+// One KVSegment's rows on the device (or in mapped pinned memory), in its [layer][head][entry] layout.
+struct CudaKVRows {
+    CudaDeviceBuffer dev;
+    // L tier only: the index's own rows page-locked in place, or (when the driver refuses) a pinned copy.
+    std::unique_ptr<CudaHostRegistration> registered;
+    std::unique_ptr<CudaHostBuffer> host;
+    const uint8_t* k = nullptr;            // [n_layer][n_head_kv][cap] rows
+    const uint8_t* v = nullptr;
+    size_t layer_bytes = 0, row_bytes = 0;
+    int64_t cap = 0, n = 0;
+    DType type = DType::F16;
+};
+// Copies seg's rows to device memory (Error naming `what` when the attention kernel cannot read its type).
+CudaKVRows cuda_upload_rows(const KVSegment& seg, const char* what);
+// Layer l's rows of r (k, v: where that layer's K and V rows start) as an attention segment.
+CudaKVSegment cuda_layer_view(const CudaKVRows& r, const uint8_t* k, const uint8_t* v);
 
 class CudaX2L {
   public:
@@ -132,26 +168,14 @@ class CudaX2L {
     size_t working_bytes() const;   // device buffers the reloaded L-KVs occupy
 
   private:
-    struct DevSegment {            // one KVSegment's rows on the device (or in mapped pinned memory)
-        CudaDeviceBuffer dev;
-        // L tier only: the index's own rows page-locked in place, or (when the driver refuses) a pinned copy.
-        std::unique_ptr<CudaHostRegistration> registered;
-        std::unique_ptr<CudaHostBuffer> host;
-        const uint8_t* k = nullptr;            // [n_layer][n_head_kv][cap] rows
-        const uint8_t* v = nullptr;
-        size_t layer_bytes = 0, row_bytes = 0;
-        int64_t cap = 0, n = 0;
-        DType type = DType::F16;
-    };
-    static CudaKVSegment layer_view(const DevSegment& s, const uint8_t* k, const uint8_t* v);
     std::vector<std::vector<CudaKVSegment>> build_prefix(
         const std::vector<int>& selected,
         const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where) const;
 
     const CudaLlm& llm_;
     const VideoIndex& ix_;
-    DevSegment sink_;
-    std::vector<DevSegment> high_, low_;
+    CudaKVRows sink_;
+    std::vector<CudaKVRows> high_, low_;
     std::unique_ptr<CudaLayerPipeline> pipe_;
     size_t pipe_slot_bytes_ = 0;
     std::unique_ptr<CudaEvent> copy_begin_, copy_end_;
@@ -159,6 +183,37 @@ class CudaX2L {
     std::vector<int> selected_;
     ReloadStats stats_;
     std::unique_ptr<CudaContext> ctx_;
+};
+
+// The forward of the X²L bi-level prefill (training-free "snapkv" compression) on the device: each
+// level of a chunk runs on top of device copies of the segments it attends to (sink + earlier chunks'
+// L or H), and the attention votes that drive the compression are computed there too
+// (cuda_attention_votes). The chunk's full KV and its votes come back to the host, where the entry
+// selection and the tier rows are made exactly as on the CPU (O(entries), cheap next to the forward).
+// Segments are uploaded on first use and stay resident until the prefill ends: during the prefill the
+// device holds the sink and both tiers of every chunk indexed so far.
+class CudaPrefill {
+  public:
+    CudaPrefill(const CudaLlm& llm, int64_t n_batch);
+    CudaPrefill(const CudaPrefill&) = delete;
+    CudaPrefill& operator=(const CudaPrefill&) = delete;
+
+    // Runs x [n, n_embd] (host) at positions pos0.. on top of `prefix` (host segments, temporal order,
+    // alive until this object goes). Appends the n new entries to `tail` (host, empty; its type may be
+    // any KV type: the device's f16 rows are converted). With importance: importance
+    // [n_layer * n_head_kv * n] = the summed softmax probabilities that queries >= obs_start gave to each
+    // new entry (per layer and KV head; the caller normalises). BudgetError when the device is full.
+    void run(const float* x, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix, int64_t obs_start,
+             KVSegment& tail, std::vector<float>* importance);
+    size_t device_bytes() const;
+
+  private:
+    const CudaKVRows& resident(const KVSegment* seg);
+    const CudaLlm& llm_;
+    int64_t n_batch_;
+    std::unique_ptr<CudaContext> ctx_;
+    CudaDeviceBuffer votes_;  // [n_layer, n_head_kv, ctx capacity]
+    std::vector<std::pair<const KVSegment*, CudaKVRows>> resident_;
 };
 
 }  // namespace x2l

@@ -286,24 +286,26 @@ int64_t VisionEncoder::rows_per_frame(Stage s) const {
 
 int64_t VisionEncoder::cols(Stage s) const { return s == Stage::Features ? cfg_.width : cfg_.n_embd; }
 
+void VisionEncoder::im2col_row(const float* pixels, int64_t r, float* dst) const {
+    const int64_t P = cfg_.patch_size, G = cfg_.grid, S = cfg_.image_size, NP = cfg_.n_patches;
+    const int64_t b = r / NP, pi = r % NP, py = pi / G, px = pi % G;
+    for (int ch = 0; ch < 3; ++ch) {
+        const float* plane = pixels + (b * 3 + ch) * S * S;
+        for (int64_t ky = 0; ky < P; ++ky) {
+            std::memcpy(dst, plane + (py * P + ky) * S + px * P, sizeof(float) * P);
+            dst += P;
+        }
+    }
+}
+
 void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n) const {
     const VisionConfig& c = cfg_;
-    const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, P = c.patch_size, G = c.grid, FF = c.n_ff;
-    const int64_t S = c.image_size, K = 3 * P * P;
+    const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, P = c.patch_size, FF = c.n_ff;
+    const int64_t K = 3 * P * P;
     const int64_t rows = n * T;
 
     // ---- patch embedding: im2col [n * NP, 3*p*p] (channel, ky, kx order = conv weight order), then matmul.
-    per_row(pool, n * NP, K, [&](int64_t r) {
-        const int64_t b = r / NP, pi = r % NP, py = pi / G, px = pi % G;
-        float* dst = s.patches.data() + r * K;
-        for (int ch = 0; ch < 3; ++ch) {
-            const float* plane = pixels + (b * 3 + ch) * S * S;
-            for (int64_t ky = 0; ky < P; ++ky) {
-                std::memcpy(dst, plane + (py * P + ky) * S + px * P, sizeof(float) * P);
-                dst += P;
-            }
-        }
-    });
+    per_row(pool, n * NP, K, [&](int64_t r) { im2col_row(pixels, r, s.patches.data() + r * K); });
     // SigLIP: patches are the tokens, so write straight into x. CLIP: token 0 is the CLS.
     float* emb = c.has_cls ? s.xn.data() : s.x.data();  // [n * NP, W]
     matmul(pool, patch_w_, s.patches.data(), n * NP, emb, s.act, patch_b_.empty() ? nullptr : patch_b_.data());

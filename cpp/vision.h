@@ -97,10 +97,15 @@ class VisionEncoder {
     void encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out,
                 Stage stage = Stage::Pooled) const;
 
+    // Row r (frame r / n_patches, patch r % n_patches in row-major grid order) of the im2col matrix
+    // [n * n_patches, 3*p*p] of pixels [n, 3, S, S], in the conv weight's (channel, ky, kx) order.
+    void im2col_row(const float* pixels, int64_t r, float* dst) const;
+
     static constexpr int kBatchTokens = 1024;
     static constexpr int kAttnRows = 16;  // query rows per attention task
 
   private:
+    friend class CudaVision;  // reads the weights and pooling settings to upload them
     VisionEncoder() = default;
     struct Scratch;
     // Runs the tower on n frames; leaves the selected features in s.x [n * n_tokens, width].

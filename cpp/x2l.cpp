@@ -58,6 +58,23 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->compressor = o.compressor;
     ix_->dense_positions = o.compressor == "beacon";
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
+#ifdef X2L_HAVE_CUDA
+    if (s.cuda()) {
+        if (o.compressor == "snapkv") {
+            gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch));
+        } else {
+            device_note_ = "beacon compression prefills on the CPU backend";
+        }
+    }
+#endif
+}
+
+void CudaPrefillDeleter::operator()(CudaPrefill* p) const {
+#ifdef X2L_HAVE_CUDA
+    delete p;
+#else
+    (void)p;  // never created without the CUDA backend
+#endif
 }
 
 void X2LPrefill::ensure_cache(int64_t n) {
@@ -73,12 +90,20 @@ void X2LPrefill::add_sink(const std::vector<int32_t>& tokens) {
     if (!ix_->chunks.empty() || ix_->sink->size() > 0) throw Error("the sink must be added once, before any chunk");
     if (tokens.empty()) return;
     const int64_t n = static_cast<int64_t>(tokens.size());
-    ensure_cache(n);
-    cache_->set_prefix({});
-    cache_->clear();
-    std::vector<float> logits;
-    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, 0, s_.options().n_batch, logits, nullptr, nullptr);
     const LlmConfig& c = s_.model().config();
+    if (gpu_) {
+        std::vector<float> embd(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
+        s_.model().embed(tokens.data(), n, embd.data());
+        run_level(embd.data(), n, 0, {}, nullptr, nullptr);  // counts the forward tokens
+    } else {
+        ensure_cache(n);
+        cache_->set_prefix({});
+        cache_->clear();
+        std::vector<float> logits;
+        run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, 0, s_.options().n_batch, logits, nullptr,
+                   nullptr);
+        stats_.forward_tokens += n;
+    }
     std::vector<int32_t> keep(static_cast<size_t>(c.n_layer) * c.n_head_kv * n);
     for (size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<int32_t>(i % n);
     ix_->sink = gather_segment(cache_->tail(), 0, keep, n, o_.low_type);
@@ -86,7 +111,6 @@ void X2LPrefill::add_sink(const std::vector<int32_t>& tokens) {
     ix_->next_pos = static_cast<int32_t>(n);
     n_input_ = n;
     stats_.input_tokens += n;
-    stats_.forward_tokens += n;
     cache_->clear();
 }
 
@@ -104,22 +128,39 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
     ensure_cache(n);
     cache_->set_prefix(prefix);
     cache_->clear();
-    ForwardHooks hooks;
-    if (importance) {
-        importance->assign(static_cast<size_t>(c.n_layer) * c.n_head_kv * n, 0.0f);
-        hooks.obs = importance->data();
-        hooks.obs_begin = cache_->n_prefix();
-        hooks.obs_end = cache_->n_prefix() + n;
-    }
-    const int64_t n_batch = s_.options().n_batch;
     const int64_t obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
-    for (int64_t b = 0; b < n; b += n_batch) {
-        const int64_t m = std::min(n_batch, n - b);
-        x_.assign(embd + b * E, embd + (b + m) * E);
-        std::vector<int32_t> pos = iota_pos(pos0 + static_cast<int32_t>(b), m);
-        hooks.obs_from = std::max<int64_t>(0, obs_start - b);
-        hooks.vst_rows = vst ? vst + b : nullptr;
-        s_.model().forward(s_.pool(), s_.workspace(), x_.data(), m, pos.data(), *cache_, 0, nullptr, &hooks);
+    bool done = false;
+#ifdef X2L_HAVE_CUDA
+    if (gpu_ && !vst) {
+        try {
+            gpu_->run(embd, n, pos0, prefix, obs_start, cache_->tail(), importance);
+            done = true;
+        } catch (const BudgetError& e) {
+            // The device is full (the prefix grows with every chunk): go on on the CPU, which needs
+            // nothing from the device (the index lives on the host).
+            gpu_.reset();
+            device_note_ = std::string("the prefill does not fit the device (") + e.what() + "); continuing on the CPU";
+            cache_->clear();
+        }
+    }
+#endif
+    if (!done) {
+        ForwardHooks hooks;
+        if (importance) {
+            importance->assign(static_cast<size_t>(c.n_layer) * c.n_head_kv * n, 0.0f);
+            hooks.obs = importance->data();
+            hooks.obs_begin = cache_->n_prefix();
+            hooks.obs_end = cache_->n_prefix() + n;
+        }
+        const int64_t n_batch = s_.options().n_batch;
+        for (int64_t b = 0; b < n; b += n_batch) {
+            const int64_t m = std::min(n_batch, n - b);
+            x_.assign(embd + b * E, embd + (b + m) * E);
+            std::vector<int32_t> pos = iota_pos(pos0 + static_cast<int32_t>(b), m);
+            hooks.obs_from = std::max<int64_t>(0, obs_start - b);
+            hooks.vst_rows = vst ? vst + b : nullptr;
+            s_.model().forward(s_.pool(), s_.workspace(), x_.data(), m, pos.data(), *cache_, 0, nullptr, &hooks);
+        }
     }
     stats_.forward_tokens += n;
     if (importance) {

@@ -45,6 +45,11 @@ struct X2LOptions {
     std::string compressor = "snapkv";
 };
 
+class CudaPrefill;
+struct CudaPrefillDeleter {
+    void operator()(CudaPrefill* p) const;
+};
+
 struct PrefillStats {
     int64_t input_tokens = 0;      // tokens of the input (sink + chunks)
     int64_t forward_tokens = 0;    // token-forwards spent (both passes)
@@ -62,6 +67,11 @@ class X2LPrefill {
     std::unique_ptr<VideoIndex> finish();
     const PrefillStats& stats() const { return stats_; }
     size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
+    // True while the forward passes run on the session's CUDA device (CudaPrefill: snapkv compression;
+    // the selection and the tiers are made on the host either way).
+    bool on_device() const { return static_cast<bool>(gpu_); }
+    // Why a session with a device prefills on the CPU ("" otherwise), e.g. the device ran out of memory.
+    const std::string& device_note() const { return device_note_; }
 
   private:
     void ensure_cache(int64_t n);
@@ -81,6 +91,8 @@ class X2LPrefill {
     PrefillStats stats_;
     int64_t n_input_ = 0;
     bool done_last_ = false;
+    std::unique_ptr<CudaPrefill, CudaPrefillDeleter> gpu_;
+    std::string device_note_;
 };
 
 class CudaX2L;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import zlib
 
@@ -302,16 +303,66 @@ def test_swiglu():
 
 
 @gpu
-@pytest.mark.parametrize("tanh_approx", [False, True])
-def test_gelu(tanh_approx):
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
+def test_gelu(approximate):
     rng = np.random.default_rng(12)
     x = (rng.standard_normal(7777) * 4).astype(np.float32)
     x64 = x.astype(np.float64)
-    if tanh_approx:
+    if approximate == "tanh":
         ref = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    elif approximate == "quick":
+        ref = x64 / (1 + np.exp(-1.702 * x64))
     else:
         ref = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
-    np.testing.assert_allclose(_core.cuda_gelu(x, tanh_approx), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_core.cuda_gelu(x, approximate), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(_core.Error, match="approximate"):
+        _core.cuda_gelu(x, "fast")
+
+
+def _bilinear_ref(x: np.ndarray, out: int) -> np.ndarray:
+    """torch's upsample_bilinear2d (align_corners=False, output size given) in float64, per axis."""
+    g = x.shape[1]
+
+    def taps(o):
+        src = max((o + 0.5) * g / out - 0.5, 0.0)
+        i0 = int(src)
+        i1 = min(i0 + 1, g - 1)
+        l1 = min(max(src - i0, 0.0), 1.0)
+        return i0, i1, 1 - l1, l1
+
+    x = x.astype(np.float64)
+    y = np.zeros((x.shape[0], out, out, x.shape[3]))
+    for oy in range(out):
+        y0, y1, h0, h1 = taps(oy)
+        for ox in range(out):
+            x0, x1, w0, w1 = taps(ox)
+            y[:, oy, ox] = h0 * (w0 * x[:, y0, x0] + w1 * x[:, y0, x1]) + h1 * (w0 * x[:, y1, x0] + w1 * x[:, y1, x1])
+    return y
+
+
+@gpu
+@pytest.mark.parametrize("g,out", [(5, 3), (27, 14), (4, 2), (6, 6)])
+def test_pool2d_bilinear(g, out):
+    rng = np.random.default_rng(g)
+    x = rng.standard_normal((3, g, g, 40)).astype(np.float32)
+    got = _core.cuda_pool2d(x, out, "bilinear")
+    np.testing.assert_allclose(got, _bilinear_ref(x, out), rtol=1e-5, atol=1e-5)
+    torch = pytest.importorskip("torch")  # and the independent reference, when it is installed
+    want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(out, out), mode="bilinear",
+                                           align_corners=False).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("g,stride", [(4, 2), (5, 2), (27, 3)])
+def test_pool2d_avg(g, stride):
+    rng = np.random.default_rng(g * stride)
+    x = rng.standard_normal((2, g, g, 33)).astype(np.float32)
+    pg = g // stride
+    want = x[:, :pg * stride, :pg * stride].reshape(2, pg, stride, pg, stride, 33).mean(axis=(2, 4))
+    np.testing.assert_allclose(_core.cuda_pool2d(x, pg, "avg", stride), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(_core.Error, match="out_grid"):
+        _core.cuda_pool2d(x, pg + 1, "avg", stride)
 
 
 @gpu
@@ -405,6 +456,37 @@ def test_attention(case, n_splits, head_major):
     out = _core.cuda_attention(q, segs, KVH, scale, causal, window, n_splits, head_major)
     ref = attention_ref(q, K, V, KVH, scale, causal, window)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=3e-5)
+
+
+def attention_probs_ref(q, K, n_kv_head, scale):
+    """Causal softmax probabilities [n_q, n_head, n_kv] (float64); query t is kv index n_kv - n_q + t."""
+    q = q.astype(np.float64)
+    n_q, H, _ = q.shape
+    s = np.einsum("thd,jhd->thj", q, np.repeat(K, H // n_kv_head, axis=1)) * scale
+    vis = np.arange(K.shape[0])[None, :] <= (K.shape[0] - n_q + np.arange(n_q))[:, None]
+    s = np.where(vis[:, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@gpu
+@pytest.mark.parametrize("n_q,H,KVH,D,own,obs", [(37, 8, 2, 64, 37, 0), (20, 4, 1, 32, 50, 5), (70, 6, 3, 96, 70, 69),
+                                                 (33, 2, 2, 128, 33, 40)])
+def test_attention_votes(n_q, H, KVH, D, own, obs):
+    """cuda_attention_votes (the X²L compression votes): per KV head, the probabilities that query rows >= obs
+    give to each entry of the last segment, summed over the head's query heads and the rows."""
+    rng = np.random.default_rng(n_q * 7 + own)
+    segs, K, V = make_segments(rng, [(Q8_0, Q8_0, 40), (F16, F16, 13), (F16, F16, own)], KVH, D)
+    q = rng.standard_normal((n_q, H, D)).astype(np.float32)
+    scale = 1.0 / math.sqrt(D)
+    out, votes = _core.cuda_attention(q, segs, KVH, scale, observe_from=obs)
+    np.testing.assert_allclose(out, attention_ref(q, K, V, KVH, scale, True, 0), rtol=1e-4, atol=3e-5)
+    p = attention_probs_ref(q, K, KVH, scale)[obs:, :, -own:]  # [rows, H, own]
+    want = p.reshape(p.shape[0], KVH, H // KVH, own).sum(axis=(0, 2))
+    assert votes.shape == (KVH, own)
+    np.testing.assert_allclose(votes, want, rtol=1e-4, atol=1e-6)
+    if obs >= n_q:
+        assert not votes.any()
 
 
 @gpu
@@ -589,13 +671,15 @@ def tiny_hd32(tmp_path_factory):
     return out
 
 
-def _x2l_pair(path, device):
+X2L_TEXT = " ".join(f"item {i} is a {['red', 'blue', 'green'][i % 3]} box near the door." for i in range(40))
+
+
+def _x2l_pair(path, device, **kw):
     from x2l_edge import Session
 
-    text = " ".join(f"item {i} is a {['red', 'blue', 'green'][i % 3]} box near the door." for i in range(40))
-    s = Session(path, device=device, n_threads=2)
+    s = Session(path, device=device, n_threads=2, n_batch=kw.pop("n_batch", 256))
     assert s.info["head_dim"] == 32
-    return s.prefill_text(text, chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
+    return s.prefill_text(X2L_TEXT, **{"chunk_tokens": 48, "ratio_low": 2, "ratio_high": 8, "high_type": "q8_0", **kw})
 
 
 SMALL_DEVICE = HAS_GPU and _core.cuda_device_info(0)["total_mem"] <= (4 << 20)
@@ -603,8 +687,8 @@ SMALL_DEVICE = HAS_GPU and _core.cuda_device_info(0)["total_mem"] <= (4 << 20)
 
 @pytest.mark.skipif(not SMALL_DEVICE, reason="needs a device of <= 4 MiB (tests/cuda_emu/run.py: X2L_EMU_MEM_MB=1)")
 def test_small_device_runs_out_of_memory_cleanly(tiny_hd32):
-    """A KV cache that does not fit raises BudgetError and leaks nothing; an X²L index that does not
-    fit next to the session decodes on the CPU with a RuntimeWarning, with the CPU's logits."""
+    """A KV cache that does not fit raises BudgetError and leaks nothing; an X²L prefill and index that
+    do not fit next to the session run on the CPU with RuntimeWarnings, with the CPU's logits."""
     from x2l_edge import Session
 
     path = tiny_hd32["llama"]
@@ -619,9 +703,13 @@ def test_small_device_runs_out_of_memory_cleanly(tiny_hd32):
     text = " ".join(f"item {i} is a {['red', 'blue', 'green'][i % 3]} box near the door." for i in range(40))
     kw = dict(chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
     before = free()
-    with pytest.warns(RuntimeWarning, match="does not fit the device.*decoding on the CPU"):
+    with pytest.warns(RuntimeWarning) as caught:
         ctx = s.prefill_text(text, **kw)
-    assert not ctx._dec.on_device and free() == before  # the partial upload was released
+    notes = [str(w.message) for w in caught]
+    assert any(re.search("prefill does not fit the device.*continuing on the CPU", m) for m in notes), notes
+    assert any(re.search("does not fit the device.*decoding on the CPU", m) for m in notes), notes
+    assert not ctx.prefill_stats["on_device"] and not ctx._dec.on_device
+    assert free() == before  # the partial uploads were released
     cpu = Session(path, device="cpu", n_threads=2, n_ctx=256, n_batch=64).prefill_text(text, **kw)
     q = "Which colour is item 7?"
     np.testing.assert_array_equal(ctx.logits(q, [1, 2]), cpu.logits(q, [1, 2]))
@@ -640,8 +728,14 @@ def test_x2l_q8_h_tier_on_the_cpu(tiny_hd32):
 def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     """The mixed cache on the device (sink and q8_0 H-KVs resident, f16 L-KVs copied layer by layer from
     pinned memory during the question's prefill) against the CPU decoder on the same index."""
+    from x2l_edge import Session
+    from x2l_edge.x2l import VideoContext
+
     q = "Which colour is item 7?"
-    cctx, dctx = _x2l_pair(tiny_hd32[arch], "cpu"), _x2l_pair(tiny_hd32[arch], "cuda:0")  # both prefill on the CPU
+    cctx = _x2l_pair(tiny_hd32[arch], "cpu")
+    # The same index (prefilled on the CPU) decoded on the device.
+    dctx = VideoContext(Session(tiny_hd32[arch], device="cuda:0", n_threads=2), cctx.index,
+                        question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix)
     assert dctx._dec.on_device and not cctx._dec.on_device
     np.testing.assert_array_equal(cctx.scores(q, "attention"), dctx.scores(q, "attention"))
     zero_copy = _core.cuda_device_info(0)["integrated"]  # Jetson: L read in place, nothing copied
@@ -664,3 +758,160 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
         ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=6)))
     assert len(ids[0]) == 6 and ids[0][:4] == ids[1][:4]
     assert dctx.memory()["resident_bytes"] > 0
+
+
+# ---------------------------------------------------------------- vision tower
+
+
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory):
+    """vision(kind, outtype) -> GGUF of a tiny LLaVA-OneVision ('ov': SigLIP, bilinear pooling, gelu_tanh)
+    or Video-XL ('xl': CLIP with CLS, pre-LN, quick_gelu, 2x2 average pooling) from tools/convert.py."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import convert
+    import tiny_models
+
+    base, cache = tmp_path_factory.mktemp("cuda_vision"), {}
+    hf = {"ov": tiny_models.make_tiny_llava_onevision(base / "ov", seed=11),
+          "xl": tiny_models.make_tiny_videoxl(base / "xl", seed=12)}
+
+    def get(kind: str, outtype: str) -> str:
+        if (kind, outtype) not in cache:
+            cache[kind, outtype] = str(convert.convert(hf[kind], base / f"{kind}-{outtype}.gguf", outtype, progress=False))
+        return cache[kind, outtype]
+    return get
+
+
+def _pixels(n: int, size: int, seed: int) -> np.ndarray:
+    return (1.5 * np.random.default_rng(seed).standard_normal((n, 3, size, size))).astype(np.float32)
+
+
+def _max_rel(a, b) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["ov", "xl"])
+@pytest.mark.parametrize("outtype", ["f32", "f16", "q8_0"])
+def test_cuda_vision_matches_cpu(tiny_vision, tmp_path, kind, outtype):
+    """Every stage of the tower on the device (features, projector output, pooled tokens) against the
+    CPU encoder. The CPU multiplies q8_0 weights with q8-quantized activations, so for q8_0 the
+    reference is the CPU on the same weights dequantized to f32 (tools/requantize.py)."""
+    path = tiny_vision(kind, outtype)
+    ref_path = path
+    if outtype == "q8_0":
+        from requantize import requantize
+
+        ref_path = str(tmp_path / "dequantized.gguf")
+        requantize(path, ref_path, "f32", progress=False)
+    cpu = _core.VisionEncoder.from_gguf(ref_path, n_threads=2)
+    dev = _core.VisionEncoder.from_gguf(path, n_threads=2, device=0)
+    assert (cpu.device, dev.device) == ("cpu", "cuda:0")
+    assert dev.device_bytes >= dev.weight_bytes > 0 and cpu.device_bytes == 0
+    px = _pixels(3, cpu.config["image_size"], seed=1)
+    for stage in ("hidden_states", "projected", "encode"):
+        a, b = getattr(cpu, stage)(px), getattr(dev, stage)(px)
+        assert np.isfinite(b).all(), stage
+        assert _max_rel(b, a) < 1e-4, (stage, _max_rel(b, a))
+
+
+@gpu
+def test_cuda_vision_batches_and_bad_input(tiny_vision):
+    """Frames are independent: batches of 1, 2 and 5 frames give the same tokens (an uneven last batch
+    included); zero frames and wrong shapes are refused or empty, and the encoder stays usable."""
+    dev = _core.VisionEncoder.from_gguf(tiny_vision("xl", "f16"), n_threads=2, device=0)
+    px = _pixels(5, dev.config["image_size"], seed=2)
+    dev.batch_frames = 2
+    assert dev.batch_frames == 2
+    a = dev.encode(px)
+    dev.batch_frames = 1
+    b = dev.encode(px)
+    dev.batch_frames = 5
+    c = dev.encode(px)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.abs(a).max())
+    np.testing.assert_allclose(a, c, rtol=0, atol=1e-6 * np.abs(a).max())
+    assert a.shape == (5 * dev.tokens_per_frame, dev.n_embd)
+    assert dev.encode(px[:0]).shape == (0, dev.n_embd)
+    with pytest.raises(_core.Error, match="shape"):
+        dev.encode(px[:, :2])
+    with pytest.raises(_core.Error):
+        dev.batch_frames = 0
+    np.testing.assert_array_equal(dev.encode(px), c)
+
+
+def test_vision_device_argument_is_checked(tiny_vision):
+    path = tiny_vision("ov", "f16")
+    with pytest.raises(_core.Error, match="device"):
+        _core.VisionEncoder.from_gguf(path, device=-2)
+    if not _core.cuda_built():
+        with pytest.raises(_core.Error, match="no CUDA backend"):
+            _core.VisionEncoder.from_gguf(path, device=0)
+    elif not HAS_GPU:
+        with pytest.raises(_core.Error, match="not available"):
+            _core.VisionEncoder.from_gguf(path, device=0)
+
+
+@gpu
+def test_session_encodes_frames_on_its_device(tiny_vision):
+    from x2l_edge import Session
+
+    path = tiny_vision("ov", "f16")
+    dev, cpu = Session(path, device="cuda:0", n_threads=2), Session(path, device="cpu", n_threads=2)
+    assert (dev.vision.device, cpu.vision.device) == ("cuda:0", "cpu")
+    px = _pixels(2, cpu.vision.config["image_size"], seed=3)
+    a, b = cpu.encode_frames(px), dev.encode_frames(px)
+    assert a.shape == b.shape == (2 * cpu.vision.tokens_per_frame, cpu.vision.n_embd)
+    assert _max_rel(b, a) < 1e-4
+
+
+def test_session_vision_falls_back_to_the_cpu(tiny_vision, monkeypatch):
+    """A device session whose vision tower cannot be put on the device encodes on the CPU, with a warning."""
+    from x2l_edge import Session
+
+    path = tiny_vision("ov", "f16")
+    s = Session(path, device="cpu", n_threads=2)
+    s.device = "cuda:0"  # as if the LLM had been opened on a device
+    real = _core.VisionEncoder.from_gguf
+    calls = []
+
+    def from_gguf(p, n_threads=0, device=-1):
+        calls.append(device)
+        if device >= 0:
+            raise _core.BudgetError("cudaMalloc: out of memory")
+        return real(p, n_threads=n_threads)
+
+    monkeypatch.setattr(_core.VisionEncoder, "from_gguf", from_gguf)
+    with pytest.warns(RuntimeWarning, match=r"vision tower does not run on cuda:0 \(cudaMalloc: out of memory\)"):
+        enc = s.vision
+    assert calls == [0, -1] and enc.device == "cpu"
+    px = _pixels(1, enc.config["image_size"], seed=4)
+    np.testing.assert_array_equal(s.encode_frames(px), real(path, n_threads=2).encode(px))
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("obs_window", [0, 16])
+def test_cuda_prefill_matches_cpu(tiny_hd32, arch, obs_window):
+    """The bi-level prefill's forward and attention votes on the device (chunks of 48 tokens in batches of
+    32, so the votes add up across batches) against the CPU prefill: the same entries are kept almost
+    everywhere (f32 device math vs the CPU's, near-ties may flip), and questions see the same video."""
+    kw = dict(n_batch=32, obs_window=obs_window)
+    cctx, dctx = _x2l_pair(tiny_hd32[arch], "cpu", **kw), _x2l_pair(tiny_hd32[arch], "cuda:0", **kw)
+    assert dctx.prefill_stats["on_device"] and not cctx.prefill_stats["on_device"]
+    assert dctx.prefill_stats["forward_tokens"] == cctx.prefill_stats["forward_tokens"]
+    assert dctx.n_chunks == cctx.n_chunks >= 10
+    same = total = 0
+    for c in range(cctx.n_chunks):
+        for key in ("low_entries", "high_entries", "pos_begin", "pos_end"):
+            assert cctx.chunk_info(c)[key] == dctx.chunk_info(c)[key]
+        a = np.asarray(cctx.index.low_positions(c))
+        b = np.asarray(dctx.index.low_positions(c))
+        same += int((a == b).sum())
+        total += a.size
+    assert same / total > 0.97, same / total
+    q = "Which colour is item 7?"
+    np.testing.assert_allclose(dctx.scores(q, "attention"), cctx.scores(q, "attention"), rtol=0, atol=2e-2)
+    for chunks in ([], [1, 4]):
+        assert _rel_err(dctx.logits(q, chunks), cctx.logits(q, chunks)) < 3e-2, chunks

@@ -131,8 +131,10 @@ class Session:
     >>> s = Session(x2l_edge.models.smollm2_path())
     >>> s.chat("What is the capital of France?")
 
-    device: 'cpu', 'cuda:N' (the LLM forward of eval/generate/chat on that GPU, f16 KV cache in device
-    memory; not yet validated on a GPU, see issue 5) or 'auto' (the CPU backend for now). A CUDA device
+    device: 'cpu', 'cuda:N' (on that GPU: the LLM forward of eval/generate/chat with an f16 KV cache in
+    device memory, the vision tower, the forward passes and attention votes of the X²L bi-level prefill
+    (snapkv), and the X²L decoder's mixed cache with the L-KV reload; entry selection and the chunk
+    scorers stay on the CPU; not yet validated on a GPU, see issue 5) or 'auto' (the CPU backend for now). A CUDA device
     that is missing at run time falls back to the CPU backend with a one-line RuntimeWarning.
     """
 
@@ -148,8 +150,8 @@ class Session:
                                    device=index)
         self._tok = self._s.tokenizer
         self.path = path
-        # Where eval/generate/chat run. The X²L prefill and decoder (prefill_video, ask) use the CPU
-        # backend on either device.
+        # Where eval/generate/chat, the vision tower, the X²L prefill's forward passes and the X²L
+        # decoder run (each falls back to the CPU with a RuntimeWarning when it cannot use the device).
         self.device = "cpu" if index < 0 else f"cuda:{index}"
         self.chat_template = self._s.metadata("tokenizer.chat_template")
         self._stop_ids = {i for i in (self._tok.eos_id, self._tok.eot_id) if i is not None and i >= 0}
@@ -275,11 +277,20 @@ class Session:
 
     @property
     def vision(self):
-        """The C++ vision tower + projector + pooling (loaded on first use)."""
+        """The C++ vision tower + projector + pooling (loaded on first use), on the session's device."""
         if not hasattr(self, "_vision"):
             if not self.has_vision:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
-            self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads)
+            self._vision = None
+            if self.device != "cpu":
+                try:
+                    self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads,
+                                                                 device=int(self.device.split(":")[1]))
+                except _core.Error as e:  # a weight type the kernels do not read, or no room next to the LLM
+                    warnings.warn(f"x2l-edge: the vision tower does not run on {self.device} ({e}); encoding "
+                                  "frames on the CPU", RuntimeWarning, stacklevel=2)
+            if self._vision is None:
+                self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads)
         return self._vision
 
     @property

@@ -203,4 +203,6 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
         if progress is not None and progress(done, n_chunks) is False:
             raise KeyboardInterrupt("prefill stopped by the progress callback")
     stats = p.stats()
+    if getattr(session, "device", "cpu") != "cpu" and stats["device_note"]:
+        warnings.warn(f"x2l-edge: {stats['device_note']}", RuntimeWarning, stacklevel=3)
     return p.finish(), stats

@@ -9,8 +9,11 @@ Method (both backends, one Session each, same GGUF): prefill = one eval of an n-
 empty context (n_batch 512), best of --reps; decode = --tg single-token evals right after that prompt,
 greedy, tokens/s over the loop. X²L time to first token on an --x2l-tokens context (chunks of 512,
 ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefill, against reload,
-wait, then prefill. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
-chunks of 256 tokens, against one cudaMemcpy of the same bytes.
+wait, then prefill; and the bi-level prefill's input tokens/s (both passes, device vs CPU). Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
+chunks of 256 tokens, against one cudaMemcpy of the same bytes. Vision: frames/s of the tower +
+projector + pooling on a random-weight LLaVA-OneVision-shaped model (SigLIP-so400m: 384 px / 14 -> 729
+tokens, width 1152, MLP 4304, 16 heads, --vision-layers layers; projector to 896; bilinear pooling to
+14 x 14), f16 weights, --vision-frames frames per call, against the CPU encoder.
 
     python bench/gpu/bench_cuda.py --smoke --out /tmp/smoke.json   # any CUDA build, the emulator's too
 
@@ -86,6 +89,82 @@ def tiny_model(out_dir: str) -> str:
     return out
 
 
+def vision_model(out_dir: str, n_layers: int, smoke: bool) -> str:
+    """A random-weight LLaVA-OneVision GGUF with the 0.5B model's vision tower shape (tiny when smoke)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import convert
+    import tiny_models
+
+    name = "vision-tiny" if smoke else f"vision-so400m-{n_layers}l"
+    out = os.path.join(out_dir, name + "-f16.gguf")
+    if not os.path.exists(out):
+        kw = {}
+        if not smoke:
+            kw = dict(vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=n_layers,
+                                         num_attention_heads=16, image_size=384, patch_size=14),
+                      text_config=dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                                       intermediate_size=256, num_hidden_layers=1))
+        hf = tiny_models.make_tiny_llava_onevision(os.path.join(out_dir, name + "-hf"), seed=3, **kw)
+        convert.convert(str(hf), out, "f16", progress=False)
+    return out
+
+
+def vision_speed(path: str, device: int, n_frames: int, reps: int, threads: int) -> dict:
+    """Frames/s of VisionEncoder.encode (pixels in host memory -> pooled tokens in host memory)."""
+    import numpy as np
+
+    from x2l_edge import _core
+
+    enc = _core.VisionEncoder.from_gguf(path, n_threads=threads, device=device)
+    c = enc.config
+    px = np.random.default_rng(0).standard_normal((n_frames, 3, c["image_size"], c["image_size"])).astype(np.float32)
+    enc.encode(px[:1])  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = enc.encode(px)
+        best = min(best, time.perf_counter() - t0)
+    assert np.isfinite(out).all()
+    return {"device": enc.device, "frames": n_frames, "tokens_per_frame": enc.tokens_per_frame,
+            "n_tokens": c["n_tokens"], "width": c["width"], "layers": c["n_layer_run"], "batch_frames": enc.batch_frames,
+            "seconds": best, "frames_per_s": n_frames / best, "device_bytes": enc.device_bytes}
+
+
+def transformers_vision_speed(hf_dir: str, n_frames: int, reps: int) -> dict:
+    """The anchor: transformers' LlavaOnevision vision tower (all layers up to the selected one) + projector +
+    bilinear pooling on the same random weights, float16 on the GPU (float32 on the CPU when torch has no GPU)."""
+    import math
+
+    import torch
+    import transformers
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    model = transformers.LlavaOnevisionForConditionalGeneration.from_pretrained(hf_dir, dtype=dtype).to(dev).eval()
+    cfg = model.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    px = torch.randn(n_frames, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, dtype=dtype, device=dev)
+
+    def run():
+        hs = model.model.vision_tower(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        x = model.model.multi_modal_projector(hs)
+        n, _, c = x.shape
+        x = x.view(n, g, g, c).permute(0, 3, 1, 2)
+        x = torch.nn.functional.interpolate(x, size=[math.ceil(g / 2)] * 2, mode="bilinear")
+        return x.permute(0, 2, 3, 1).reshape(n, -1, c).float().cpu()  # to host memory, as encode() returns
+
+    with torch.inference_mode():
+        run()  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+    return {"device": dev, "dtype": str(dtype), "frames": n_frames, "seconds": best, "frames_per_s": n_frames / best,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
 def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps: int, threads: int) -> dict:
     """Time to first token of an X²L question with the L-KV reload overlapped with the question's
     prefill (layer l computes while layer l+1 copies) and without (reload, wait, then prefill)."""
@@ -115,7 +194,9 @@ def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps
     st = dict(dec.reload_stats())
     return {"device": s.device, "n_tokens": len(ids), "n_chunks": ctx.n_chunks, "chunks": chunks,
             "question_tokens": len(q), "ttft_overlap_s": min(overlap[1:]), "ttft_serial_s": min(serial[1:]),
-            "reload_wait_s": min(copy[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory()}
+            "reload_wait_s": min(copy[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory(),
+            "prefill_s": ctx.prefill_stats["seconds"], "prefill_on_device": ctx.prefill_stats["on_device"],
+            "prefill_tok_s": ctx.prefill_stats["input_tokens"] / max(ctx.prefill_stats["seconds"], 1e-9)}
 
 
 def main(argv=None) -> int:
@@ -128,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-threads", type=int, default=0, help="CPU backend threads (0 = all cores)")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--x2l-tokens", type=int, default=8192, help="context of the X²L time-to-first-token test")
+    ap.add_argument("--vision-layers", type=int, default=26, help="SigLIP layers run (LLaVA-OneVision runs 26 of 27)")
+    ap.add_argument("--vision-frames", type=int, default=16)
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="every step on a tiny model (checks the script; timings meaningless)")
     a = ap.parse_args(argv)
@@ -174,9 +257,24 @@ def main(argv=None) -> int:
     if not a.skip_cpu:
         res["x2l_ttft"]["cpu"] = x2l_ttft(path, "cpu", a.x2l_tokens, chunk, 3, 1, a.cpu_threads)
     print("x2l ttft", {k: (round(v["ttft_overlap_s"], 4), round(v["ttft_serial_s"], 4)) for k, v in res["x2l_ttft"].items()},
-          flush=True)
+          "bi-level prefill tok/s", {k: round(v["prefill_tok_s"], 1) for k, v in res["x2l_ttft"].items()}, flush=True)
     res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
     print("reload", res["reload"], flush=True)
+    cache = os.path.join(ROOT, "bench", ".cache") if not a.smoke else os.path.dirname(path)
+    vpath = vision_model(cache, a.vision_layers, a.smoke)
+    frames = 2 if a.smoke else a.vision_frames
+    res["vision"] = {"model": os.path.basename(vpath), "cuda": vision_speed(vpath, 0, frames, a.reps, a.cpu_threads)}
+    if not a.skip_cpu:
+        res["vision"]["cpu"] = vision_speed(vpath, -1, max(1, frames // 4), 1, a.cpu_threads)
+        res["vision"]["ratio"] = res["vision"]["cuda"]["frames_per_s"] / res["vision"]["cpu"]["frames_per_s"]
+    try:
+        res["vision"]["transformers"] = transformers_vision_speed(vpath[: -len("-f16.gguf")] + "-hf", frames, a.reps)
+        res["vision"]["ratio_vs_transformers"] = (res["vision"]["cuda"]["frames_per_s"] /
+                                                  res["vision"]["transformers"]["frames_per_s"])
+    except ImportError as e:
+        res["vision"]["transformers"] = f"not measured: {e}"
+    print("vision frames/s", {k: round(v["frames_per_s"], 2) for k, v in res["vision"].items() if isinstance(v, dict)},
+          flush=True)
     tag = re.sub(r"[^a-z0-9]+", "_", info["name"].lower()).strip("_")
     write_json(a.out or os.path.join(ROOT, "bench", "results", f"cuda_{tag}.json"), res)
     return 0

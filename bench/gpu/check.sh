@@ -41,6 +41,6 @@ sanitize)
   ;;
 bench)
   export X2L_CORE_PATH=$(ls $PWD/build-gpu/_core*.so)
-  timeout 420 python3 bench/gpu/bench_cuda.py --out "$OUT/cuda_bench.json" ${X2L_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -20
+  timeout 540 python3 bench/gpu/bench_cuda.py --out "$OUT/cuda_bench.json" ${X2L_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -20
   ;;
 esac; done

@@ -47,6 +47,7 @@ struct AttnArgs {
     int64_t split_len;        // keys per split (multiple of kKT)
     float* ws_acc;            // [n_splits, n_q * n_head, head_dim]
     float* ws_ml;             // [n_splits, n_q * n_head, 2]: running max (log2 domain), sum
+    float* lse;               // [n_q, n_head] or null: max + log2(sum) of the scaled scores (n_splits == 1)
 };
 
 // Dequantize rows [first, first + nk) of one KV head into tile[kKT][D + 1]; rows >= nk are zeroed
@@ -222,6 +223,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
                 const int d = lane + 32 * k;
                 if (d < D) o[d] = acc[i][k] * inv;
             }
+            if (a.lse && lane == 0) a.lse[static_cast<int64_t>(t) * a.n_head + h] = l[i] > 0.f ? m[i] + log2f(l[i]) : -INFINITY;
         } else {
             const size_t slot = static_cast<size_t>(split) * a.n_q * a.n_head + static_cast<size_t>(t) * a.n_head + h;
             float* o = a.ws_acc + slot * D;
@@ -237,6 +239,56 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         }
     }
 }
+
+// Attention observation (X²L compression votes). grid (ceil(n_own / kKT), n_kv_head), block kAttnThreads.
+// Block (tile, hk) owns entries [tile * kKT, +kKT) of KV head hk's own segment and adds to each the
+// probabilities exp2(q·k * scale_log2 - lse) of every observed query row of that KV head that sees it
+// (query t sits at own index n_own - n_q + t). Warps take query rows in turn; lane j scores entry j.
+struct VotesArgs {
+    const float* q;
+    int64_t q_tok_stride;
+    const float* lse;  // [n_q, n_head]
+    CudaKVSegment own;
+    int64_t n_own;
+    int n_q, n_head, n_rep, head_dim, obs_from;
+    float scale_log2;
+    float* votes;      // [n_kv_head, votes_stride]
+    int64_t votes_stride;
+};
+
+__global__ void __launch_bounds__(kAttnThreads) attn_votes_kernel(VotesArgs a) {
+    extern __shared__ float smem[];
+    const int D = a.head_dim, DP = D + 1;
+    float* kt = smem;             // [kKT][D + 1]
+    float* part = kt + kKT * DP;  // [kAttnWarps][kKT]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hk = blockIdx.y;
+    const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kKT;
+    const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), a.n_own - e0));
+    load_tile_any(a.own.k_type, static_cast<const uint8_t*>(a.own.k) + hk * a.own.k_head_stride, a.own.k_tok_stride, e0,
+                  nk, D, kt);
+    __syncthreads();
+    const int64_t q_base = a.n_own - a.n_q;  // own index of query 0
+    // Queries before t_first see none of this tile's entries.
+    const int t_first = static_cast<int>(max(static_cast<int64_t>(a.obs_from), e0 - q_base));
+    const int64_t e = e0 + lane;
+    const float* krow = kt + lane * DP;
+    float acc = 0.f;
+    for (int r = t_first * a.n_rep + warp; r < a.n_q * a.n_rep; r += kAttnWarps) {
+        const int t = r / a.n_rep, h = hk * a.n_rep + r % a.n_rep;
+        const float* qr = a.q + static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D;
+        float dot = 0.f;
+        for (int d = 0; d < D; ++d) dot += qr[d] * krow[d];
+        if (lane < nk && e <= q_base + t) acc += exp2f(dot * a.scale_log2 - a.lse[static_cast<int64_t>(t) * a.n_head + h]);
+    }
+    part[warp * kKT + lane] = acc;
+    __syncthreads();
+    if (warp == 0 && lane < nk) {
+        float sum = 0.f;
+        for (int w = 0; w < kAttnWarps; ++w) sum += part[w * kKT + lane];
+        a.votes[hk * a.votes_stride + e] += sum;
+    }
+}
+
 
 // Merge split states: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. grid n_q * n_head.
 __global__ void attn_combine_kernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml, int n_splits,
@@ -382,10 +434,11 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     a.scale_log2 = scale * 1.4426950408889634f;
     a.causal = p.causal ? 1 : 0;
     a.window = p.window;
+    a.lse = p.lse;
 
     // Splits: enough blocks to fill the device when rows alone do not, each split >= 4 tiles of keys.
     const int64_t base_blocks = row_tiles * p.n_kv_head;
-    int64_t splits = p.n_splits;
+    int64_t splits = p.lse ? 1 : p.n_splits;  // the log-sum-exp is written by the unsplit kernel
     if (splits <= 0) {
         int dev = 0, sms = 1;
         check(cudaGetDevice(&dev), "cudaGetDevice");
@@ -423,6 +476,40 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
             a.ws_acc, a.ws_ml, a.n_splits, p.n_q, p.n_head, p.head_dim, p.out, a.out_tok_stride);
         check_launch("attn_combine_kernel");
     }
+}
+
+void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse, int n_q, int n_head, int n_kv_head,
+                          int head_dim, float scale, const CudaKVSegment& own, int64_t n_own, int obs_from, float* votes,
+                          int64_t votes_stride, void* stream) {
+    const char* fn = "cuda_attention_votes";
+    if (n_q < 0 || n_head <= 0 || n_kv_head <= 0 || n_head % n_kv_head != 0) throw_arg(fn, "bad head counts");
+    if (head_dim <= 0 || head_dim > kMaxHeadDim) throw_arg(fn, "head_dim must be in 1..256");
+    if (n_own < n_q || votes_stride < n_own) throw_arg(fn, "need n_q <= n_own <= votes_stride");
+    if (obs_from < 0) throw_arg(fn, "obs_from must be >= 0");
+    const int al = kv_align(own.k_type);
+    if (al == 0 || head_dim % kv_block(own.k_type) != 0) throw_arg(fn, "unsupported key type for this head_dim");
+    if (!aligned(own.k, al) || own.k_tok_stride % al != 0 || own.k_head_stride % al != 0) throw_arg(fn, "misaligned keys");
+    if (n_q == 0 || n_own == 0 || obs_from >= n_q) return;
+    const int64_t tiles = (n_own + kKT - 1) / kKT;
+    if (tiles > 0x7FFFFFFF || n_kv_head > 65535) throw_arg(fn, "too many entries for one launch");
+    VotesArgs a{};
+    a.q = q;
+    a.q_tok_stride = q_tok_stride ? q_tok_stride : static_cast<int64_t>(n_head) * head_dim;
+    a.lse = lse;
+    a.own = own;
+    a.n_own = n_own;
+    a.n_q = n_q;
+    a.n_head = n_head;
+    a.n_rep = n_head / n_kv_head;
+    a.head_dim = head_dim;
+    a.obs_from = obs_from;
+    a.scale_log2 = (scale > 0.f ? scale : 1.f / std::sqrt(static_cast<float>(head_dim))) * 1.4426950408889634f;
+    a.votes = votes;
+    a.votes_stride = votes_stride;
+    const size_t smem = sizeof(float) * (kKT * (head_dim + 1) + kAttnWarps * kKT);
+    attn_votes_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(n_kv_head)), kAttnThreads, smem,
+                        as_stream(stream)>>>(a);
+    check_launch("attn_votes_kernel");
 }
 
 void cuda_attention(CudaAttentionParams p, const CudaSegmentTable& table, void* stream) {

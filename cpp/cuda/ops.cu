@@ -131,14 +131,63 @@ __global__ void swiglu_kernel(const float* g, const float* __restrict__ u, float
     }
 }
 
-__global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int tanh_approx) {
+// mode 0: gelu (erf), 1: gelu (tanh approximation), 2: quick_gelu x * sigmoid(1.702 x) (CLIP)
+__global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int mode) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float v = x[i];
-        if (tanh_approx)
+        if (mode == 1)
             y[i] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        else if (mode == 2)
+            y[i] = v / (1.f + expf(-1.702f * v));
         else
             y[i] = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    }
+}
+
+// One thread per (frame, output cell, channel): x [n, g, g, C] -> y [n, pg, pg, C].
+// avg: the mean of each stride x stride block (avg_pool2d, kernel = stride, no padding).
+// bilinear: torch's upsample_bilinear2d with align_corners=False and an output size (not a scale):
+// src = max((dst + 0.5) * g / pg - 0.5, 0), right tap clamped at the edge, taps summed as
+// h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d) - the CPU encoder's order.
+struct Tap {
+    int i0, i1;
+    float l0, l1;
+};
+__device__ Tap bilinear_tap(int o, int g, int pg) {
+    const float scale = static_cast<float>(g) / static_cast<float>(pg);
+    const float src = fmaxf(__fsub_rn(__fmul_rn(scale, static_cast<float>(o) + 0.5f), 0.5f), 0.f);
+    Tap t;
+    t.i0 = static_cast<int>(src);
+    t.i1 = t.i0 + (t.i0 < g - 1 ? 1 : 0);
+    t.l1 = fminf(fmaxf(src - static_cast<float>(t.i0), 0.f), 1.f);
+    t.l0 = 1.f - t.l1;
+    return t;
+}
+
+__global__ void pool2d_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int g, int pg, int C,
+                              int stride, int bilinear) {
+    const int64_t total = n * pg * pg * C;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int c = static_cast<int>(i % C);
+        const int64_t cell = i / C;
+        const int ox = static_cast<int>(cell % pg), oy = static_cast<int>((cell / pg) % pg);
+        const int64_t b = cell / (static_cast<int64_t>(pg) * pg);
+        const float* f = x + b * g * g * C + c;  // this frame's channel c; cell (r, q) at (r * g + q) * C
+        if (bilinear) {
+            const Tap ty = bilinear_tap(oy, g, pg), tx = bilinear_tap(ox, g, pg);
+            const float* r0 = f + static_cast<int64_t>(ty.i0) * g * C;
+            const float* r1 = f + static_cast<int64_t>(ty.i1) * g * C;
+            const int64_t c0 = static_cast<int64_t>(tx.i0) * C, c1 = static_cast<int64_t>(tx.i1) * C;
+            y[i] = ty.l0 * (tx.l0 * r0[c0] + tx.l1 * r0[c1]) + ty.l1 * (tx.l0 * r1[c0] + tx.l1 * r1[c1]);
+        } else {
+            float s = 0.f;
+            for (int ky = 0; ky < stride; ++ky)
+                for (int kx = 0; kx < stride; ++kx)
+                    s += f[(static_cast<int64_t>(oy * stride + ky) * g + ox * stride + kx) * C];
+            y[i] = s / static_cast<float>(stride * stride);
+        }
     }
 }
 
@@ -226,11 +275,28 @@ void cuda_swiglu(const float* gate, const float* up, float* y, int64_t n, void* 
     check_launch("swiglu_kernel");
 }
 
-void cuda_gelu(const float* x, float* y, int64_t n, bool tanh_approx, void* stream) {
+void cuda_gelu(const float* x, float* y, int64_t n, GeluMode mode, void* stream) {
     if (n < 0) throw_arg("cuda_gelu", "bad n");
+    if (mode != GeluMode::Erf && mode != GeluMode::Tanh && mode != GeluMode::Quick) throw_arg("cuda_gelu", "bad mode");
     if (n == 0) return;
-    gelu_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, y, n, tanh_approx ? 1 : 0);
+    gelu_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, y, n, static_cast<int>(mode));
     check_launch("gelu_kernel");
+}
+
+void cuda_pool2d(const float* x, float* y, int64_t n_frames, int grid, int out_grid, int64_t channels, PoolKind kind,
+                 int stride, void* stream) {
+    const char* fn = "cuda_pool2d";
+    if (n_frames < 0 || grid <= 0 || out_grid <= 0 || channels <= 0 || channels > 0x7FFFFFFF) throw_arg(fn, "bad shape");
+    if (kind == PoolKind::Avg) {
+        if (stride <= 0 || out_grid * stride > grid) throw_arg(fn, "out_grid * stride must be <= grid");
+    } else if (kind != PoolKind::Bilinear) {
+        throw_arg(fn, "bad kind");
+    }
+    const int64_t total = n_frames * out_grid * out_grid * channels;
+    if (total == 0) return;
+    pool2d_kernel<<<ew_grid(total), kEwThreads, 0, as_stream(stream)>>>(
+        x, y, n_frames, grid, out_grid, static_cast<int>(channels), stride, kind == PoolKind::Bilinear ? 1 : 0);
+    check_launch("pool2d_kernel");
 }
 
 void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream) {

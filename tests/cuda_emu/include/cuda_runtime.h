@@ -235,6 +235,11 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 // ---------------------------------------------------------------- device math
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+// Round-to-nearest arithmetic that the compiler must not contract into an fma (plain float ops here:
+// the emulator is built without fma contraction on x86-64's baseline ISA).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 template <class T> inline T min(T a, T b) { return b < a ? b : a; }
