@@ -302,6 +302,7 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
                       nb::cast<int64_t>(t[4])});
     }
     if (observe_from >= 0 && hs.empty()) throw x2l::Error("observe_from needs at least one segment");
+    const int64_t n_own = hs.empty() ? 0 : hs.back().n;  // the observed ("own") entries: the last segment
     std::vector<float> out, votes;
     {
         nb::gil_scoped_release nogil;
@@ -332,7 +333,6 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
         const size_t ws_bytes = x2l::cuda_attention_workspace_bytes(n_q, n_head, D, n_splits > 0 ? n_splits : 64);
         x2l::CudaDeviceBuffer ws(ws_bytes);
         x2l::CudaSegmentTable table;
-        const int64_t n_own = segs.empty() ? 0 : segs.back().n_tokens;
         x2l::CudaDeviceBuffer lse, dvotes;
         if (observe_from >= 0) {
             lse = device_buffer(sizeof(float) * n_q * n_head);
@@ -368,7 +368,7 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
     }
     nb::object o = nb::cast(make_out(std::move(out), shape_of(q)));
     if (observe_from < 0) return o;
-    return nb::make_tuple(o, make_out(std::move(votes), {static_cast<size_t>(n_kv_head), static_cast<size_t>(hs.back().n)}));
+    return nb::make_tuple(o, make_out(std::move(votes), {static_cast<size_t>(n_kv_head), static_cast<size_t>(n_own)}));
 }
 
 // Streams data [n_layers, m] through a CudaLayerPipeline (n_slots, optionally zero-copy) while a

@@ -199,6 +199,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
     void* s = stream_->handle();
     const int64_t first = n_past_;
+    if (votes_ && first + m > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
     float* x = static_cast<float*>(x_.data());
     float* xn = static_cast<float*>(xn_.data());
     float* q = static_cast<float*>(q_.data());
@@ -252,7 +253,6 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         if (votes_) p.lse = static_cast<float*>(lse_.data());
         cuda_attention(p, tables_[l], s);  // [m, QD]
         if (votes_) {
-            if (first + m > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
             cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
                                  static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
                                  votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
@@ -523,7 +523,6 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         ctx_.reset(new CudaContext(llm_, n, n_batch_));
         votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
     }
-    const int64_t stride = ctx_->n_ctx();
     std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(c.n_layer));
     for (const KVSegment* seg : prefix) {
         if (seg->size() == 0) continue;
@@ -535,7 +534,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     ctx_->set_prefix(std::move(per_layer), pos0);
     if (importance) {
         votes_.zero(ctx_->stream());
-        ctx_->set_observer(static_cast<float*>(votes_.data()), stride, obs_start);
+        ctx_->set_observer(static_cast<float*>(votes_.data()), n, obs_start);  // [n_layer, n_head_kv, n]
     } else {
         ctx_->set_observer(nullptr, 0, 0);
     }
@@ -558,10 +557,8 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         }
     }
     if (importance) {
-        importance->assign(static_cast<size_t>(HK * n), 0.0f);
-        std::vector<float> all(static_cast<size_t>(HK * stride));
-        votes_.download(all.data(), all.size() * sizeof(float));
-        for (int64_t lh = 0; lh < HK; ++lh) std::copy_n(all.data() + lh * stride, n, importance->data() + lh * n);
+        importance->resize(static_cast<size_t>(HK * n));
+        votes_.download(importance->data(), importance->size() * sizeof(float));
         ctx_->set_observer(nullptr, 0, 0);
     }
 }

@@ -212,7 +212,7 @@ class CudaPrefill {
     const CudaLlm& llm_;
     int64_t n_batch_;
     std::unique_ptr<CudaContext> ctx_;
-    CudaDeviceBuffer votes_;  // [n_layer, n_head_kv, ctx capacity]
+    CudaDeviceBuffer votes_;  // room for [n_layer, n_head_kv, ctx capacity]; a run uses [.., .., n]
     std::vector<std::pair<const KVSegment*, CudaKVRows>> resident_;
 };
 

@@ -83,8 +83,7 @@ void CudaVision::allocate(int batch) {
     const int64_t B = batch, T = c.n_tokens, W = c.width, NF = c.n_feat, E = c.n_embd;
     const int64_t K = 3 * static_cast<int64_t>(c.patch_size) * c.patch_size;
     // Release the old set first so that a smaller batch fits where a larger one did not.
-    for (CudaDeviceBuffer* b : {&patches_, &x_, &xn_, &q_, &k_, &v_, &attn_, &ff_, &feat_, &h1_, &h2_, &pooled_})
-        *b = CudaDeviceBuffer();
+    for (CudaDeviceBuffer* b : activations(*this)) *b = CudaDeviceBuffer();
     frame_kv_.clear();
     batch_ = 0;
     patches_host_.assign(static_cast<size_t>(B * c.n_patches * K), 0.0f);
@@ -114,8 +113,7 @@ void CudaVision::allocate(int batch) {
 
 size_t CudaVision::device_bytes() const {
     size_t b = weight_bytes_;
-    for (const CudaDeviceBuffer* p : {&patches_, &x_, &xn_, &q_, &k_, &v_, &attn_, &ff_, &feat_, &h1_, &h2_, &pooled_})
-        b += p->size();
+    for (const CudaDeviceBuffer* p : activations(*this)) b += p->size();
     return b + frame_kv_.size() * sizeof(CudaKVSegment);
 }
 

@@ -7,6 +7,7 @@
 //
 // Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
 #pragma once
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -44,6 +45,12 @@ class CudaVision {
         CudaMatrix wq, wk, wv, wo, w_up, w_down;
     };
     void allocate(int batch);
+    // Every activation buffer (const or not with self), to release them together and to count them.
+    template <class Self>
+    static auto activations(Self& self) {
+        return std::array{&self.patches_, &self.x_, &self.xn_, &self.q_, &self.k_, &self.v_,
+                          &self.attn_, &self.ff_, &self.feat_, &self.h1_, &self.h2_, &self.pooled_};
+    }
     void run_tower(int64_t n);  // leaves the selected hidden state in x_ [n * n_tokens, width]
 
     const VisionEncoder& enc_;

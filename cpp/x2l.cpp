@@ -91,19 +91,9 @@ void X2LPrefill::add_sink(const std::vector<int32_t>& tokens) {
     if (tokens.empty()) return;
     const int64_t n = static_cast<int64_t>(tokens.size());
     const LlmConfig& c = s_.model().config();
-    if (gpu_) {
-        std::vector<float> embd(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
-        s_.model().embed(tokens.data(), n, embd.data());
-        run_level(embd.data(), n, 0, {}, nullptr, nullptr);  // counts the forward tokens
-    } else {
-        ensure_cache(n);
-        cache_->set_prefix({});
-        cache_->clear();
-        std::vector<float> logits;
-        run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, tokens, 0, s_.options().n_batch, logits, nullptr,
-                   nullptr);
-        stats_.forward_tokens += n;
-    }
+    std::vector<float> embd(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
+    s_.model().embed(tokens.data(), n, embd.data());
+    run_level(embd.data(), n, 0, {}, nullptr, nullptr);  // on the device when there is one; counts the forward
     std::vector<int32_t> keep(static_cast<size_t>(c.n_layer) * c.n_head_kv * n);
     for (size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<int32_t>(i % n);
     ix_->sink = gather_segment(cache_->tail(), 0, keep, n, o_.low_type);

@@ -289,7 +289,6 @@ __global__ void __launch_bounds__(kAttnThreads) attn_votes_kernel(VotesArgs a) {
     }
 }
 
-
 // Merge split states: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. grid n_q * n_head.
 __global__ void attn_combine_kernel(const float* __restrict__ ws_acc, const float* __restrict__ ws_ml, int n_splits,
                                     int n_q, int n_head, int D, float* __restrict__ out, int64_t out_tok_stride) {
@@ -331,6 +330,12 @@ void launch_attn(const AttnArgs& a, dim3 grid, cudaStream_t s) {
     }
     attn_kernel<RPW><<<grid, kAttnThreads, smem, s>>>(a);
     check_launch("attn_kernel");
+}
+
+// The softmax scale times log2(e) (scores are exponentiated base 2); scale 0 = 1/sqrt(head_dim). The
+// attention kernel and the votes that read its log-sum-exp must use the same value.
+float scale_log2(float scale, int head_dim) {
+    return (scale > 0.f ? scale : 1.f / std::sqrt(static_cast<float>(head_dim))) * 1.4426950408889634f;
 }
 
 int kv_align(uint32_t type) {
@@ -430,8 +435,7 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     a.head_dim = p.head_dim;
     a.n_rep = n_rep;
     a.n_kv = p.n_kv;
-    const float scale = p.scale > 0.f ? p.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
-    a.scale_log2 = scale * 1.4426950408889634f;
+    a.scale_log2 = scale_log2(p.scale, p.head_dim);
     a.causal = p.causal ? 1 : 0;
     a.window = p.window;
     a.lse = p.lse;
@@ -503,7 +507,7 @@ void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse
     a.n_rep = n_head / n_kv_head;
     a.head_dim = head_dim;
     a.obs_from = obs_from;
-    a.scale_log2 = (scale > 0.f ? scale : 1.f / std::sqrt(static_cast<float>(head_dim))) * 1.4426950408889634f;
+    a.scale_log2 = scale_log2(scale, head_dim);
     a.votes = votes;
     a.votes_stride = votes_stride;
     const size_t smem = sizeof(float) * (kKT * (head_dim + 1) + kAttnWarps * kKT);
