@@ -74,40 +74,35 @@ def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads
             "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
 
 
-def tiny_model(out_dir: str) -> str:
-    """The tests' tiny llama with head_dim 32 (q8_0 H-KV rows need it), for --smoke."""
+def converted(out_dir: str, name: str, make: str, **kw) -> str:
+    """tests/tiny_models.<make>(**kw) converted to f16 by tools/convert.py, cached as out_dir/name-f16.gguf
+    (the checkpoint stays beside it as name-hf)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import convert
     import tiny_models
 
-    out = os.path.join(out_dir, "tiny-hd32-f16.gguf")
+    out = os.path.join(out_dir, name + "-f16.gguf")
     if not os.path.exists(out):
-        hf = tiny_models.make_tiny_llama(os.path.join(out_dir, "tiny-hd32-hf"), seed=5, num_attention_heads=2,
-                                         num_key_value_heads=1)
+        hf = getattr(tiny_models, make)(os.path.join(out_dir, name + "-hf"), **kw)
         convert.convert(str(hf), out, "f16", progress=False)
     return out
+
+
+def tiny_model(out_dir: str) -> str:
+    """The tests' tiny llama with head_dim 32 (q8_0 H-KV rows need it), for --smoke."""
+    return converted(out_dir, "tiny-hd32", "make_tiny_llama", seed=5, num_attention_heads=2, num_key_value_heads=1)
 
 
 def vision_model(out_dir: str, n_layers: int, smoke: bool) -> str:
     """A random-weight LLaVA-OneVision GGUF with the 0.5B model's vision tower shape (tiny when smoke)."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert
-    import tiny_models
-
-    name = "vision-tiny" if smoke else f"vision-so400m-{n_layers}l"
-    out = os.path.join(out_dir, name + "-f16.gguf")
-    if not os.path.exists(out):
-        kw = {}
-        if not smoke:
-            kw = dict(vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=n_layers,
-                                         num_attention_heads=16, image_size=384, patch_size=14),
-                      text_config=dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
-                                       intermediate_size=256, num_hidden_layers=1))
-        hf = tiny_models.make_tiny_llava_onevision(os.path.join(out_dir, name + "-hf"), seed=3, **kw)
-        convert.convert(str(hf), out, "f16", progress=False)
-    return out
+    if smoke:
+        return converted(out_dir, "vision-tiny", "make_tiny_llava_onevision", seed=3)
+    return converted(out_dir, f"vision-so400m-{n_layers}l", "make_tiny_llava_onevision", seed=3,
+                     vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=n_layers,
+                                        num_attention_heads=16, image_size=384, patch_size=14),
+                     text_config=dict(hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
+                                      intermediate_size=256, num_hidden_layers=1))
 
 
 def vision_speed(path: str, device: int, n_frames: int, reps: int, threads: int) -> dict:
