@@ -146,7 +146,10 @@ void bind_x2l(nb::module_& m) {
             nb::dict d;
             d["input_tokens"] = p.stats().input_tokens;
             d["forward_tokens"] = p.stats().forward_tokens;
+            d["device_forward_tokens"] = p.stats().device_forward_tokens;
             d["seconds"] = p.stats().seconds;
+            d["device_peak_bytes"] = p.stats().device_peak_bytes;
+            d["streamed_bytes"] = p.stats().streamed_bytes;
             d["working_bytes"] = p.working_bytes();
             d["on_device"] = p.on_device();
             d["device_note"] = p.device_note();

@@ -75,7 +75,7 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
 
 // ------------------------------------------------------------------------------------ context
 
-CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch)
+CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool with_logits)
     : llm_(llm), n_ctx_(n_ctx), n_batch_(n_batch) {
     if (n_ctx <= 0 || n_batch <= 0) throw Error("n_ctx and n_batch must be > 0");
     const LlmConfig& c = llm.config();
@@ -97,15 +97,14 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch)
     gate_ = CudaDeviceBuffer(n_batch * FF * f);
     up_ = CudaDeviceBuffer(n_batch * FF * f);
     pos_ = CudaDeviceBuffer(n_batch * sizeof(int32_t));
-    logits_ = CudaDeviceBuffer(n_batch * V * f);
+    if (with_logits) logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
     lse_ = CudaDeviceBuffer(n_batch * c.n_head * f);
     tables_.resize(static_cast<size_t>(c.n_layer));
     set_prefix({}, 0);  // no prefix: the own entries at positions 0..
 }
 
-void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0,
-                             std::function<void(int, void*)> before_attention) {
+void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0, CudaPrefixHooks hooks) {
     if (!per_layer.empty() && per_layer.size() != k_.size()) throw Error("set_prefix: one segment list per layer");
     segments_ = std::move(per_layer);
     segments_.resize(k_.size());
@@ -116,7 +115,7 @@ void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, 
         tables_[l].reserve(static_cast<int>(segments_[l].size()));
     }
     pos0_ = pos0;
-    before_attention_ = std::move(before_attention);
+    hooks_ = std::move(hooks);
     n_past_ = 0;
 }
 
@@ -157,6 +156,7 @@ void CudaContext::matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, fl
 void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* logits) {
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
+    if (n_logits > 0 && logits_.size() == 0) throw Error("this context was made without logits");
     if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
     cuda_set_device(llm_.device());
     const int64_t before = n_past_, first_logit = n - n_logits;
@@ -238,7 +238,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
         seg.n_tokens = first + m;
         seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
-        if (before_attention_) before_attention_(l, s);
+        if (hooks_.before) hooks_.before(l, s, segments_[l]);
         tables_[l].assign(segments_[l], c.head_dim, s);
         CudaAttentionParams p;
         p.q = q;
@@ -257,6 +257,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
                                  static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
                                  votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
         }
+        if (hooks_.after) hooks_.after(l, s);
 
         matmul(L.wo, attn, m, xn, none);
         cuda_add(x, xn, x, m * E, m * E, s);
@@ -324,40 +325,41 @@ CudaKVRows cuda_upload_rows(const KVSegment& seg, const char* what) {
     return d;
 }
 
+CudaKVRows cuda_pin_rows(const KVSegment& seg, const char* what, bool mapped) {
+    check_kv_type(seg, what);
+    CudaKVRows d;
+    fill_geometry(d, seg);
+    const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
+    const uint8_t* k = seg.k_data();
+    const uint8_t* v = seg.v_data();
+    if (block > 0 && v >= k + block && v <= k + block + 64) {  // K, then V (64-byte aligned): one range
+        try {
+            d.registered.reset(new CudaHostRegistration(k, static_cast<size_t>(v - k) + block, mapped));
+        } catch (const Error&) {
+            d.registered.reset();  // e.g. pages shared with a registered neighbour: copy instead
+        }
+    }
+    // Mapped (integrated GPUs): the device reads the rows in place; otherwise they are a DMA source.
+    if (d.registered) {
+        d.k = mapped ? static_cast<const uint8_t*>(d.registered->device_ptr()) : k;
+        d.v = d.k + (v - k);
+    } else {
+        d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), mapped));
+        std::memcpy(d.host->data(), k, block);
+        std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, v, block);
+        d.k = static_cast<const uint8_t*>(mapped ? d.host->device_ptr() : d.host->data());
+        d.v = d.k + block;
+    }
+    return d;
+}
+
 CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch)
     : llm_(llm), ix_(ix) {
     if (ix.dense_positions) throw Error("beacon indexes (dense positions) are decoded on the CPU backend only");
     cuda_set_device(llm.device());
     sink_ = cuda_upload_rows(*ix.sink, "sink");  // sink and H: resident on the device
     for (const auto& ch : ix.chunks) high_.push_back(cuda_upload_rows(*ch.high, "H"));
-    for (const auto& ch : ix.chunks) {  // L: pinned host memory, the source of the reload DMA
-        const KVSegment& seg = *ch.low;
-        check_kv_type(seg, "L");
-        CudaKVRows d;
-        fill_geometry(d, seg);
-        const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
-        const uint8_t* k = seg.k_data();
-        const uint8_t* v = seg.v_data();
-        if (block > 0 && v >= k + block && v <= k + block + 64) {  // K, then V (64-byte aligned): one range
-            try {
-                d.registered.reset(new CudaHostRegistration(k, static_cast<size_t>(v - k) + block, llm.integrated()));
-            } catch (const Error&) {
-                d.registered.reset();  // e.g. pages shared with a registered neighbour: copy instead
-            }
-        }
-        // Integrated GPUs read the mapped rows in place; discrete ones copy them per question.
-        if (d.registered) {
-            d.k = llm.integrated() ? static_cast<const uint8_t*>(d.registered->device_ptr()) : k;
-            d.v = d.k + (v - k);
-        } else {
-            d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), llm.integrated()));
-            std::memcpy(d.host->data(), k, block);
-            std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, v, block);
-            d.k = static_cast<const uint8_t*>(llm.integrated() ? d.host->device_ptr() : d.host->data());
-            d.v = d.k + block;
-        }
-        low_.push_back(std::move(d));
-    }
+    for (const auto& ch : ix.chunks) low_.push_back(cuda_pin_rows(*ch.low, "L", llm.integrated()));  // the reload's source
     copy_begin_.reset(new CudaEvent(true));
     copy_end_.reset(new CudaEvent(true));
     ctx_.reset(new CudaContext(llm, max_tail_tokens, n_batch));
@@ -462,9 +464,9 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
                          ix_.next_pos);
         throw;
     }
-    std::function<void(int, void*)> wait;
+    CudaPrefixHooks wait;
     if (copy) {
-        wait = [this](int layer, void* stream) {
+        wait.before = [this](int layer, void* stream, std::vector<CudaKVSegment>&) {
             if (pipe_) pipe_->wait_ready(layer, stream);
         };
     }
@@ -495,23 +497,45 @@ CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch) : llm_(llm), n_bat
     if (n_batch <= 0) throw Error("n_batch must be > 0");
 }
 
-const CudaKVRows& CudaPrefill::resident(const KVSegment* seg) {
-    for (const auto& r : resident_) {
-        // The same object with the same rows (a segment is never refilled while the prefill runs).
-        if (r.first == seg && r.second.n == seg->size() && r.second.cap == seg->capacity()) return r.second;
+CudaPrefill::~CudaPrefill() {
+    try {
+        cuda_set_device(llm_.device());
+        cuda_device_synchronize();  // no kernel or copy may still touch what the members free
+    } catch (...) {
     }
+}
+
+namespace {
+// The rows cached for seg, if they are still its rows (a segment is never refilled while the prefill runs).
+const CudaKVRows* find_rows(const std::deque<std::pair<const KVSegment*, CudaKVRows>>& cache, const KVSegment* seg) {
+    for (const auto& r : cache) {
+        if (r.first == seg && r.second.n == seg->size() && r.second.cap == seg->capacity()) return &r.second;
+    }
+    return nullptr;
+}
+}  // namespace
+
+const CudaKVRows& CudaPrefill::resident(const KVSegment* seg) {
+    if (const CudaKVRows* r = find_rows(resident_, seg)) return *r;
     resident_.emplace_back(seg, cuda_upload_rows(*seg, "prefix"));
     return resident_.back().second;
+}
+
+const CudaKVRows& CudaPrefill::pinned(const KVSegment* seg) {
+    if (const CudaKVRows* r = find_rows(pinned_, seg)) return *r;
+    pinned_.emplace_back(seg, cuda_pin_rows(*seg, "L", llm_.integrated()));
+    return pinned_.back().second;
 }
 
 size_t CudaPrefill::device_bytes() const {
     size_t b = votes_.size() + (ctx_ ? ctx_->device_bytes() : 0);
     for (const auto& r : resident_) b += r.second.dev.size();
+    if (pipe_) b += pipe_slot_bytes_ * kCopySlots;
     return b;
 }
 
-void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                      int64_t obs_start, KVSegment& tail, std::vector<float>* importance) {
+void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
+                       KVSegment& tail, std::vector<float>* importance) {
     const LlmConfig& c = llm_.config();
     if (n <= 0) throw Error("CudaPrefill::run: empty input");
     if (tail.size() != 0 || tail.capacity() < n) throw Error("CudaPrefill::run: the tail must be empty and hold n entries");
@@ -520,25 +544,101 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     if (!ctx_ || ctx_->n_ctx() < n) {
         ctx_.reset();
         votes_ = CudaDeviceBuffer();
-        ctx_.reset(new CudaContext(llm_, n, n_batch_));
+        ctx_.reset(new CudaContext(llm_, n, n_batch_, /*with_logits=*/false));
         votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
     }
-    std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(c.n_layer));
-    for (const KVSegment* seg : prefix) {
-        if (seg->size() == 0) continue;
-        const CudaKVRows& r = resident(seg);
-        for (int l = 0; l < c.n_layer; ++l) {
-            per_layer[l].push_back(cuda_layer_view(r, r.k + l * r.layer_bytes, r.v + l * r.layer_bytes));
+    // Per layer: resident views, mapped views (integrated), and placeholders that the hooks below point
+    // at the copy slot holding that layer of the streamed segments.
+    const int L = c.n_layer;
+    std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(L));
+    std::vector<const CudaKVRows*> streamed;  // discrete GPUs: L-tier segments copied per layer
+    std::vector<size_t> streamed_at;          // their places in a layer's segment list
+    for (const PrefixSegment& p : prefix) {
+        if (!p.seg) throw Error("CudaPrefill::run: null prefix segment");
+        if (p.seg->size() == 0) continue;
+        const CudaKVRows& r = p.on_host ? pinned(p.seg) : resident(p.seg);
+        const bool copied = p.on_host && !llm_.integrated();
+        if (copied) {
+            streamed.push_back(&r);
+            streamed_at.push_back(per_layer[0].size());
+        }
+        for (int l = 0; l < L; ++l) {
+            per_layer[l].push_back(copied ? cuda_layer_view(r, nullptr, nullptr)
+                                          : cuda_layer_view(r, r.k + l * r.layer_bytes, r.v + l * r.layer_bytes));
         }
     }
-    ctx_->set_prefix(std::move(per_layer), pos0);
+    CudaPrefixHooks hooks;
+    int64_t step = 0, staged = 0;  // forward's (batch, layer) steps: attended to / copied so far
+    std::vector<std::vector<std::pair<const void*, const void*>>> where(kCopySlots);  // [slot][streamed] K, V
+    if (!streamed.empty()) {
+        size_t slot = 0;
+        for (const CudaKVRows* r : streamed) slot += 2 * ((r->layer_bytes + 255) & ~size_t(255));
+        if (!pipe_ || slot > pipe_slot_bytes_) {
+            pipe_.reset();  // free the old slots first: the device may not hold both
+            pipe_slot_bytes_ = 0;
+            // The prefix grows by one chunk per level: room for a few more, so that the slots are
+            // not reallocated for every chunk.
+            const size_t want = slot + slot / 4;
+            pipe_.reset(new CudaLayerPipeline(want, kCopySlots, false));
+            pipe_slot_bytes_ = want;
+        } else {
+            pipe_->reset();
+        }
+        // Each batch of the forward walks every layer, so step t = batch * L + layer is staged in slot
+        // t % kCopySlots once step t - kCopySlots released it: the copy of the next layer overlaps the
+        // current layer's compute.
+        const int64_t total = ((n + n_batch_ - 1) / n_batch_) * L;
+        auto stage = [&](int64_t t) {
+            pipe_->begin(static_cast<int>(t));
+            auto& w = where[static_cast<size_t>(t % kCopySlots)];
+            w.clear();
+            const size_t off_layer = static_cast<size_t>(t % L);
+            for (const CudaKVRows* r : streamed) {
+                const size_t off = off_layer * r->layer_bytes;
+                const void* k = pipe_->stage(r->k + off, r->layer_bytes);
+                const void* v = pipe_->stage(r->v + off, r->layer_bytes);
+                w.emplace_back(k, v);
+                streamed_bytes_ += 2 * r->layer_bytes;
+            }
+            pipe_->end();
+        };
+        hooks.before = [&, total, stage](int, void* stream, std::vector<CudaKVSegment>& segs) {
+            while (staged < total && staged <= step + kCopySlots - 1) stage(staged++);
+            pipe_->wait_ready(static_cast<int>(step), stream);
+            const auto& w = where[static_cast<size_t>(step % kCopySlots)];
+            for (size_t j = 0; j < streamed.size(); ++j) {
+                segs[streamed_at[j]].k = w[j].first;
+                segs[streamed_at[j]].v = w[j].second;
+            }
+        };
+        hooks.after = [&](int, void* stream) {
+            pipe_->release(static_cast<int>(step), stream);
+            ++step;
+        };
+    }
+    ctx_->set_prefix(std::move(per_layer), pos0, std::move(hooks));
     if (importance) {
         votes_.zero(ctx_->stream());
         ctx_->set_observer(static_cast<float*>(votes_.data()), n, obs_start);  // [n_layer, n_head_kv, n]
     } else {
         ctx_->set_observer(nullptr, 0, 0);
     }
-    ctx_->forward(x, n, 0, nullptr);  // synchronizes: the rows and votes are complete
+    try {
+        ctx_->forward(x, n, 0, nullptr);  // synchronizes: the rows and votes are complete
+    } catch (...) {
+        // The hooks point into this frame, and queued work may still read the copy slots.
+        try {
+            cuda_device_synchronize();
+            ctx_->set_prefix({}, 0);
+            if (pipe_) pipe_->reset();
+        } catch (...) {
+        }
+        throw;
+    }
+    // Drop the hooks (they point into this frame). This empties the context's count of own entries;
+    // their rows stay in its K/V buffers, read below.
+    ctx_->set_prefix({}, 0);
+    peak_bytes_ = std::max(peak_bytes_, device_bytes());
 
     // The new entries back to the host: [n, n_head_kv, head_dim] f16 per layer -> tail's layout and type.
     const int64_t KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;

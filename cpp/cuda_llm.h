@@ -11,6 +11,7 @@
 // Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
 #pragma once
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <utility>
 #include <memory>
@@ -70,18 +71,28 @@ class CudaLlm {
     CudaDeviceBuffer output_norm_;
 };
 
+// Callbacks around each layer's attention in CudaContext::forward (the reload and the streamed
+// prefill prefix use them to order the compute stream against their copies).
+struct CudaPrefixHooks {
+    // Before layer `layer`'s attention is enqueued on `stream`. May re-point the prefix segments of
+    // that layer (`segments`: the prefix, then the cache's own entries, which it must leave alone).
+    std::function<void(int layer, void* stream, std::vector<CudaKVSegment>& segments)> before;
+    // After that attention (and the votes that read the prefix) were enqueued.
+    std::function<void(int layer, void* stream)> after;
+};
+
 class CudaContext {
   public:
-    CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch);
+    // with_logits=false: no [n_batch, n_vocab] logits buffer (forward() must then ask for no logits);
+    // the X²L prefill never reads logits, and for a 152k vocabulary that buffer is ~0.3 GB at n_batch 512.
+    CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool with_logits = true);
     CudaContext(const CudaContext&) = delete;
     CudaContext& operator=(const CudaContext&) = delete;
 
     // Segments before the cache's own entries, per layer (device-accessible, the same entries in
-    // every layer); the own entries then sit at positions pos0 + i. before_attention(layer, stream) runs before
-    // layer `layer`'s attention is enqueued (the reload makes the stream wait for that layer there).
-    // Clears the own entries.
-    void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0,
-                    std::function<void(int, void*)> before_attention = nullptr);
+    // every layer); the own entries then sit at positions pos0 + i. hooks run around every layer's
+    // attention (the reload makes the stream wait for that layer's copy there). Clears the own entries.
+    void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, int32_t pos0, CudaPrefixHooks hooks = {});
 
     // Runs n input embeddings x [n, n_embd] (host) in n_batch pieces, appending their K/V; logits
     // of the last n_logits rows go to logits [n_logits, n_vocab] (host). On failure the cache is left
@@ -122,7 +133,7 @@ class CudaContext {
     int64_t votes_stride_ = 0, obs_start_ = 0;
     std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries
     int32_t pos0_ = 0;
-    std::function<void(int, void*)> before_attention_;
+    CudaPrefixHooks hooks_;
     std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
     std::unique_ptr<CudaStream> stream_;    // created after the device is selected
 };
@@ -141,6 +152,9 @@ struct CudaKVRows {
 };
 // Copies seg's rows to device memory (Error naming `what` when the attention kernel cannot read its type).
 CudaKVRows cuda_upload_rows(const KVSegment& seg, const char* what);
+// Page-locks seg's rows where they are (a pinned copy when the driver refuses); mapped=true (integrated
+// GPUs) makes k/v device pointers the kernels read in place, otherwise k/v are host DMA sources.
+CudaKVRows cuda_pin_rows(const KVSegment& seg, const char* what, bool mapped);
 // Layer l's rows of r (k, v: where that layer's K and V rows start) as an attention segment.
 CudaKVSegment cuda_layer_view(const CudaKVRows& r, const uint8_t* k, const uint8_t* v);
 
@@ -186,34 +200,50 @@ class CudaX2L {
 };
 
 // The forward of the X²L bi-level prefill (training-free "snapkv" compression) on the device: each
-// level of a chunk runs on top of device copies of the segments it attends to (sink + earlier chunks'
-// L or H), and the attention votes that drive the compression are computed there too
-// (cuda_attention_votes). The chunk's full KV and its votes come back to the host, where the entry
-// selection and the tier rows are made exactly as on the CPU (O(entries), cheap next to the forward).
-// Segments are uploaded on first use and stay resident until the prefill ends: during the prefill the
-// device holds the sink and both tiers of every chunk indexed so far.
+// level of a chunk runs on top of the segments it attends to (sink + earlier chunks' L or H), and the
+// attention votes that drive the compression are computed there too (cuda_attention_votes). The
+// chunk's full KV and its votes come back to the host, where the entry selection and the tier rows are
+// made exactly as on the CPU (O(entries), cheap next to the forward).
+// Memory follows the X²L tiers: the sink and H-KVs are copied to the device on first use and stay
+// there (as they will for decoding); L-KVs stay in host memory, page-locked on first use, and are
+// streamed layer by layer through a two-slot copy pipeline (layer l computes while layer l+1 copies;
+// read in place on integrated GPUs). So the device holds the sink, the H tier and two layers' worth
+// of L prefix, not the whole L tier, however long the video.
 class CudaPrefill {
   public:
     CudaPrefill(const CudaLlm& llm, int64_t n_batch);
+    ~CudaPrefill();
     CudaPrefill(const CudaPrefill&) = delete;
     CudaPrefill& operator=(const CudaPrefill&) = delete;
 
-    // Runs x [n, n_embd] (host) at positions pos0.. on top of `prefix` (host segments, temporal order,
-    // alive until this object goes). Appends the n new entries to `tail` (host, empty; its type may be
-    // any KV type: the device's f16 rows are converted). With importance: importance
-    // [n_layer * n_head_kv * n] = the summed softmax probabilities that queries >= obs_start gave to each
-    // new entry (per layer and KV head; the caller normalises). BudgetError when the device is full.
-    void run(const float* x, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix, int64_t obs_start,
+    struct PrefixSegment {
+        const KVSegment* seg = nullptr;  // alive and unchanged until this object goes
+        bool on_host = false;            // an L-tier segment: streamed from page-locked host memory
+    };
+    // Runs x [n, n_embd] (host) at positions pos0.. on top of `prefix` (temporal order). Appends the n
+    // new entries to `tail` (host, empty; its type may be any KV type: the device's f16 rows are
+    // converted). With importance: importance [n_layer * n_head_kv * n] = the summed softmax
+    // probabilities that queries >= obs_start gave to each new entry (per layer and KV head; the caller
+    // normalises). BudgetError when the device is full.
+    void run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
              KVSegment& tail, std::vector<float>* importance);
-    size_t device_bytes() const;
+    size_t device_bytes() const;       // held now: context, votes, resident segments, copy slots
+    size_t peak_device_bytes() const { return peak_bytes_; }
+    size_t streamed_bytes() const { return streamed_bytes_; }  // L prefix bytes copied host -> device so far
 
   private:
     const CudaKVRows& resident(const KVSegment* seg);
+    const CudaKVRows& pinned(const KVSegment* seg);
     const CudaLlm& llm_;
     int64_t n_batch_;
     std::unique_ptr<CudaContext> ctx_;
     CudaDeviceBuffer votes_;  // room for [n_layer, n_head_kv, ctx capacity]; a run uses [.., .., n]
-    std::vector<std::pair<const KVSegment*, CudaKVRows>> resident_;
+    // deques: a run keeps references to earlier entries while it adds more
+    std::deque<std::pair<const KVSegment*, CudaKVRows>> resident_, pinned_;
+    static constexpr int kCopySlots = 2;
+    std::unique_ptr<CudaLayerPipeline> pipe_;  // discrete GPUs: kCopySlots layers of streamed L prefix
+    size_t pipe_slot_bytes_ = 0;
+    size_t streamed_bytes_ = 0, peak_bytes_ = 0;
 };
 
 }  // namespace x2l

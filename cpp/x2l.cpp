@@ -62,6 +62,7 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     if (s.cuda()) {
         if (o.compressor == "snapkv") {
             gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch));
+            on_device_ = true;
         } else {
             device_note_ = "beacon compression prefills on the CPU backend";
         }
@@ -75,6 +76,18 @@ void CudaPrefillDeleter::operator()(CudaPrefill* p) const {
 #else
     (void)p;  // never created without the CUDA backend
 #endif
+}
+
+// Keeps the device prefill's figures and frees what it holds (its page-locked L rows included, which
+// the decoder's CudaX2L registers again).
+void X2LPrefill::release_device() {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) {
+        stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
+        stats_.streamed_bytes = gpu_->streamed_bytes();
+    }
+#endif
+    gpu_.reset();
 }
 
 void X2LPrefill::ensure_cache(int64_t n) {
@@ -93,7 +106,7 @@ void X2LPrefill::add_sink(const std::vector<int32_t>& tokens) {
     const LlmConfig& c = s_.model().config();
     std::vector<float> embd(static_cast<size_t>(n) * c.n_embd);  // [n, n_embd]
     s_.model().embed(tokens.data(), n, embd.data());
-    run_level(embd.data(), n, 0, {}, nullptr, nullptr);  // on the device when there is one; counts the forward
+    run_level(embd.data(), n, 0, {}, false, nullptr, nullptr);  // on the device when there is one; counts the forward
     std::vector<int32_t> keep(static_cast<size_t>(c.n_layer) * c.n_head_kv * n);
     for (size_t i = 0; i < keep.size(); ++i) keep[i] = static_cast<int32_t>(i % n);
     ix_->sink = gather_segment(cache_->tail(), 0, keep, n, o_.low_type);
@@ -112,7 +125,7 @@ void X2LPrefill::add_chunk_tokens(const std::vector<int32_t>& tokens, int n_fram
 }
 
 void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                           std::vector<float>* importance, const uint8_t* vst) {
+                           bool low_tier, std::vector<float>* importance, const uint8_t* vst) {
     const LlmConfig& c = s_.model().config();
     const int64_t E = c.n_embd;
     ensure_cache(n);
@@ -122,13 +135,19 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
     bool done = false;
 #ifdef X2L_HAVE_CUDA
     if (gpu_ && !vst) {
+        std::vector<CudaPrefill::PrefixSegment> segs;
+        for (size_t i = 0; i < prefix.size(); ++i) segs.push_back({prefix[i], low_tier && i > 0});
         try {
-            gpu_->run(embd, n, pos0, prefix, obs_start, cache_->tail(), importance);
+            gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance);
             done = true;
+            stats_.device_forward_tokens += n;
+            stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
+            stats_.streamed_bytes = gpu_->streamed_bytes();
         } catch (const BudgetError& e) {
-            // The device is full (the prefix grows with every chunk): go on on the CPU, which needs
+            // The device is full (the H tier grows with every chunk): go on on the CPU, which needs
             // nothing from the device (the index lives on the host).
-            gpu_.reset();
+            release_device();
+            on_device_ = false;
             device_note_ = std::string("the prefill does not fit the device (") + e.what() + "); continuing on the CPU";
             cache_->clear();
         }
@@ -190,7 +209,7 @@ void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, boo
             prefix.push_back(seg);
             pos0 += static_cast<int32_t>(seg->size());
         }
-        run_level(rows.data(), total, pos0, prefix, nullptr, vst.data());
+        run_level(rows.data(), total, pos0, prefix, level == 0, nullptr, vst.data());
         std::vector<int32_t> vst_idx;
         for (int64_t i = 0; i < total; ++i) {
             if (vst[i]) vst_idx.push_back(static_cast<int32_t>(i));
@@ -267,7 +286,7 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
-    run_level(embd, n, ix_->next_pos, low_prefix, &importance, nullptr);
+    run_level(embd, n, ix_->next_pos, low_prefix, true, &importance, nullptr);
     const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV
     ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
                                         kKeySignatureEntries);
@@ -277,7 +296,7 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
-        run_level(embd, n, ix_->next_pos, high_prefix, &importance, nullptr);
+        run_level(embd, n, ix_->next_pos, high_prefix, false, &importance, nullptr);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
@@ -301,6 +320,7 @@ std::unique_ptr<VideoIndex> X2LPrefill::finish() {
     if (!ix_) throw Error("prefill already finished");
     if (ix_->chunks.empty()) throw Error("nothing was prefilled: no chunks");
     cache_.reset();
+    release_device();
     return std::move(ix_);
 }
 

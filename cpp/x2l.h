@@ -53,7 +53,12 @@ struct CudaPrefillDeleter {
 struct PrefillStats {
     int64_t input_tokens = 0;      // tokens of the input (sink + chunks)
     int64_t forward_tokens = 0;    // token-forwards spent (both passes)
+    int64_t device_forward_tokens = 0;  // of which on the CUDA device
     double seconds = 0.0;
+    // Device prefill only (CudaPrefill): the most device memory it held, and the L-prefix bytes it
+    // streamed host -> device (0 on integrated GPUs, which read the L tier in place).
+    size_t device_peak_bytes = 0;
+    size_t streamed_bytes = 0;
 };
 
 class X2LPrefill {
@@ -64,12 +69,13 @@ class X2LPrefill {
     // the chunk into equal parts for the embedding signature.
     void add_chunk_tokens(const std::vector<int32_t>& tokens, int n_frames, bool is_last);
     void add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last);
+    // Hands the index over; the device prefill's buffers and page-locked L rows are released here.
     std::unique_ptr<VideoIndex> finish();
     const PrefillStats& stats() const { return stats_; }
     size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
-    // True while the forward passes run on the session's CUDA device (CudaPrefill: snapkv compression;
-    // the selection and the tiers are made on the host either way).
-    bool on_device() const { return static_cast<bool>(gpu_); }
+    // True while (and, after finish(), if to the end) the forward passes run on the session's CUDA device
+    // (CudaPrefill: snapkv compression; the selection and the tiers are made on the host either way).
+    bool on_device() const { return on_device_; }
     // Why a session with a device prefills on the CPU ("" otherwise), e.g. the device ran out of memory.
     const std::string& device_note() const { return device_note_; }
 
@@ -77,8 +83,10 @@ class X2LPrefill {
     void ensure_cache(int64_t n);
     // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
     // (when non-null) gets the attention votes; vst marks beacon rows (or null).
+    // low_tier: prefix[1..] are L-KVs (prefix[0] is the sink), which the device prefill streams from host memory.
     void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                   std::vector<float>* importance, const uint8_t* vst);
+                   bool low_tier, std::vector<float>* importance, const uint8_t* vst);
+    void release_device();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void check_budget() const;
@@ -92,6 +100,7 @@ class X2LPrefill {
     int64_t n_input_ = 0;
     bool done_last_ = false;
     std::unique_ptr<CudaPrefill, CudaPrefillDeleter> gpu_;
+    bool on_device_ = false;
     std::string device_note_;
 };
 

@@ -14,11 +14,21 @@ def resolve_device(device: str) -> int:
     """The CUDA device index for Session's device argument, or -1 for the CPU backend.
 
     'cpu' -> -1. 'cuda' / 'cuda:N' -> N when this build has the CUDA backend and device N exists;
-    otherwise the CPU backend, with a one-line RuntimeWarning. 'auto' -> the CPU backend for now: the
-    CUDA LLM path has not been validated on a GPU yet, so nothing picks it unless asked by name."""
+    otherwise the CPU backend, with a one-line RuntimeWarning. 'auto' -> 0 when this build has the
+    CUDA backend and a device is present at run time (Session then checks it, see _auto_probe), -1
+    otherwise: silently in a build without the CUDA backend, with a one-line RuntimeWarning in one
+    whose device is missing. The CPU emulator of CUDA (tests/cuda_emu) is never picked by 'auto'."""
     if not isinstance(device, str):
         raise TypeError("device must be a str: 'auto', 'cpu' or 'cuda:N'")
-    if device in ("auto", "cpu"):
+    if device == "cpu":
+        return -1
+    if device == "auto":
+        if not _core.cuda_built() or _core.cuda_emulated():
+            return -1
+        if _core.cuda_device_count() > 0:
+            return 0
+        warnings.warn("x2l-edge: no usable CUDA device at run time; running on the CPU backend", RuntimeWarning,
+                      stacklevel=3)
         return -1
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if not m:
@@ -33,6 +43,54 @@ def resolve_device(device: str) -> int:
     warnings.warn(f"x2l-edge: {device} is not available ({why}); running on the CPU backend", RuntimeWarning,
                   stacklevel=3)
     return -1
+
+
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+_PROBE_MIN_CORR = 0.95
+_probed: dict = {}  # (model file, its mtime, device) -> None (agrees) or why not
+
+
+def _auto_probe(dev, path: str, n_threads: int) -> str | None:
+    """None when `dev` (an LlmSession on a device) computes what the CPU backend computes for this
+    model: the logits of a short probe prompt, row by row, correlate above _PROBE_MIN_CORR (quantized
+    weights meet q8 activations on the CPU and f32 ones on the device, so the two never agree exactly;
+    a broken kernel or an unsupported GPU gives NaNs or noise). Otherwise why not. Leaves dev empty."""
+    import numpy as np
+
+    ids = list(dev.tokenizer.encode(_PROBE_TEXT, parse_special=False, add_bos=True))[:16] or [0, 1, 2]
+    cpu = _core.LlmSession(path, n_threads=n_threads, n_ctx=len(ids), n_batch=len(ids), device=-1)
+    ref = np.asarray(cpu.eval(ids, all_logits=True), dtype=np.float64)
+    try:
+        got = np.asarray(dev.eval(ids, all_logits=True), dtype=np.float64)
+    finally:
+        dev.truncate(0)
+    if not np.isfinite(got).all():
+        return f"its logits on a {len(ids)}-token probe are not finite"
+    corr = min(float(np.corrcoef(r, g)[0, 1]) for r, g in zip(ref, got))
+    if not corr > _PROBE_MIN_CORR:
+        return f"its logits disagree with the CPU backend's (correlation {corr:.3f} on a {len(ids)}-token probe)"
+    return None
+
+
+def _open_auto(path: str, index: int, **kw):
+    """The LlmSession for device='auto' on CUDA device `index` and None, or None and why the CPU backend
+    must run instead: kv_type other than f16, weights the kernels cannot read, not enough device
+    memory, or a failed probe (_auto_probe, run once per model file and device in a process)."""
+    if kw["kv_type"] != "f16":
+        return None, f"the CUDA backend keeps an f16 KV cache, kv_type is {kw['kv_type']}"
+    try:
+        dev = _core.LlmSession(path, device=index, **kw)
+    except _core.FormatError:
+        raise  # a broken file is broken on every backend
+    except _core.Error as e:  # BudgetError included
+        return None, str(e)
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, index)
+    if key not in _probed:
+        _probed[key] = _auto_probe(dev, path, kw["n_threads"])
+    if _probed[key]:
+        return None, _probed[key]
+    return dev, None
 
 
 def _utf8_split(buf: bytes) -> tuple[str, bytes]:
@@ -134,8 +192,11 @@ class Session:
     device: 'cpu', 'cuda:N' (on that GPU: the LLM forward of eval/generate/chat with an f16 KV cache in
     device memory, the vision tower, the forward passes and attention votes of the X²L bi-level prefill
     (snapkv), and the X²L decoder's mixed cache with the L-KV reload; entry selection and the chunk
-    scorers stay on the CPU; not yet validated on a GPU, see issue 5) or 'auto' (the CPU backend for now). A CUDA device
-    that is missing at run time falls back to the CPU backend with a one-line RuntimeWarning.
+    scorers stay on the CPU; not yet validated on a GPU, see issue 5) or 'auto' (the default): cuda:0 when this
+    build has the CUDA backend, a device is present, the model fits it and its logits on a short probe
+    agree with the CPU backend's; the CPU backend otherwise. A device that cannot be used at run time
+    falls back to the CPU backend with a one-line RuntimeWarning (not in a build without CUDA, where
+    'auto' is simply the CPU).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int = 0, n_ctx: int = 0,
@@ -146,8 +207,16 @@ class Session:
         if not isinstance(n_threads, int) or n_threads < 0:
             raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
         index = resolve_device(device)
-        self._s = _core.LlmSession(path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch,
-                                   device=index)
+        kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch)
+        self._s = None
+        if device == "auto" and index >= 0:
+            self._s, why = _open_auto(path, index, **kw)
+            if why:
+                warnings.warn(f"x2l-edge: device='auto' does not use cuda:{index} ({why}); running on the CPU backend",
+                              RuntimeWarning, stacklevel=2)
+                index = -1
+        if self._s is None:
+            self._s = _core.LlmSession(path, device=index, **kw)
         self._tok = self._s.tokenizer
         self.path = path
         # Where eval/generate/chat, the vision tower, the X²L prefill's forward passes and the X²L

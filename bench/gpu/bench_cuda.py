@@ -191,7 +191,11 @@ def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps
             "question_tokens": len(q), "ttft_overlap_s": min(overlap[1:]), "ttft_serial_s": min(serial[1:]),
             "reload_wait_s": min(copy[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory(),
             "prefill_s": ctx.prefill_stats["seconds"], "prefill_on_device": ctx.prefill_stats["on_device"],
-            "prefill_tok_s": ctx.prefill_stats["input_tokens"] / max(ctx.prefill_stats["seconds"], 1e-9)}
+            "prefill_tok_s": ctx.prefill_stats["input_tokens"] / max(ctx.prefill_stats["seconds"], 1e-9),
+            # the device prefill streams the L prefix from page-locked host memory (0 on Jetson: read in place)
+            "prefill_device_peak_bytes": ctx.prefill_stats["device_peak_bytes"],
+            "prefill_streamed_bytes": ctx.prefill_stats["streamed_bytes"],
+            "prefill_streamed_gb_s": ctx.prefill_stats["streamed_bytes"] / max(ctx.prefill_stats["seconds"], 1e-9) / 1e9}
 
 
 def main(argv=None) -> int:
