@@ -1,6 +1,7 @@
 #include "cuda_llm.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "common.h"
@@ -139,6 +140,12 @@ void CudaContext::set_observer(float* votes, int64_t votes_stride, int64_t obs_s
     obs_start_ = obs_start;
 }
 
+void CudaContext::set_query_capture(float* dst, int64_t rows) {
+    if (dst && rows <= 0) throw Error("set_query_capture: rows must be > 0");
+    q_capture_ = dst;
+    q_capture_rows_ = dst ? rows : 0;
+}
+
 void CudaContext::truncate(int64_t n) {
     if (n < 0 || n > n_past_) throw Error("truncate: n out of range");
     n_past_ = n;  // later tokens overwrite the rows beyond n
@@ -200,6 +207,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
     void* s = stream_->handle();
     const int64_t first = n_past_;
     if (votes_ && first + m > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
+    if (q_capture_ && first + m > q_capture_rows_) throw Error("set_query_capture: more rows than the capture holds");
     float* x = static_cast<float*>(x_.data());
     float* xn = static_cast<float*>(xn_.data());
     float* q = static_cast<float*>(q_.data());
@@ -223,6 +231,10 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         matmul(L.wq, xn, m, q, L.bq);  // [m, QD]
         matmul(L.wk, xn, m, k, L.bk);  // [m, KD]
         matmul(L.wv, xn, m, v, L.bv);  // [m, KD]
+        if (q_capture_) {
+            cuda_copy_d2d_async(q_capture_ + (static_cast<int64_t>(l) * q_capture_rows_ + first) * QD, q,
+                                static_cast<size_t>(m * QD) * sizeof(float), s);
+        }
         cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
         cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
         // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the batch's rows are contiguous.
@@ -430,6 +442,15 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
                 pipe_->reset();
             }
             copy_begin_->record(pipe_->copy_stream());
+            if (landed_.size() != static_cast<size_t>(L)) {
+                landed_.clear();
+                reached_.clear();
+                for (int l = 0; l < L; ++l) {
+                    landed_.emplace_back(true);
+                    reached_.emplace_back(true);
+                }
+            }
+            reached_recorded_.assign(static_cast<size_t>(L), 0);
             for (int l = 0; l < L; ++l) {
                 pipe_->begin(l);
                 for (int c : selected) {
@@ -441,6 +462,7 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
                     stats_.bytes += 2 * d.layer_bytes;
                 }
                 pipe_->end();
+                landed_[l].record(pipe_->copy_stream());
             }
             copy_end_->record(pipe_->copy_stream());
             pending_ = true;
@@ -467,7 +489,12 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     CudaPrefixHooks wait;
     if (copy) {
         wait.before = [this](int layer, void* stream, std::vector<CudaKVSegment>&) {
-            if (pipe_) pipe_->wait_ready(layer, stream);
+            if (!pipe_) return;
+            if (!reached_recorded_[layer]) {  // the first batch is the one that can stall
+                reached_[layer].record(stream);
+                reached_recorded_[layer] = 1;
+            }
+            pipe_->wait_ready(layer, stream);
         };
     }
     ctx_->set_prefix(build_prefix(selected, where), ix_.next_pos, std::move(wait));
@@ -475,11 +502,45 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     selected_ = selected;
 }
 
+std::vector<float> CudaX2L::question_queries(const LlmModel& model, const std::vector<int32_t>& tokens) {
+    const LlmConfig& c = llm_.config();
+    const int64_t nq = static_cast<int64_t>(tokens.size());
+    if (nq == 0) throw Error("the question is empty");
+    const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
+    prepare({});  // H-only: the video as this question sees it without reload
+    CudaDeviceBuffer captured(static_cast<size_t>(c.n_layer * nq * QD) * sizeof(float));  // [n_layer, nq, QD]
+    ctx_->set_query_capture(static_cast<float*>(captured.data()), nq);
+    std::vector<float> last_logits;
+    try {
+        ctx_->eval_tokens(model, tokens, last_logits, nullptr);  // synchronizes
+    } catch (...) {
+        ctx_->set_query_capture(nullptr, 0);
+        throw;
+    }
+    ctx_->set_query_capture(nullptr, 0);
+    ctx_->truncate(0);
+    std::vector<float> q(static_cast<size_t>(c.n_layer * nq * QD));
+    captured.download(q.data(), q.size() * sizeof(float));
+    return q;
+}
+
 void CudaX2L::wait_reload() {
     if (!pending_) return;
     cuda_set_device(llm_.device());
+    const auto t0 = std::chrono::steady_clock::now();
     copy_end_->synchronize();
     stats_.copy_seconds = copy_end_->elapsed_ms_since(*copy_begin_) / 1e3;
+    bool any_reached = false;
+    double stalled_ms = 0;
+    for (size_t l = 0; l < reached_recorded_.size(); ++l) {
+        if (!reached_recorded_[l]) continue;
+        any_reached = true;
+        reached_[l].synchronize();
+        stalled_ms += std::max(0.0f, landed_[l].elapsed_ms_since(reached_[l]));  // > 0: compute got there first
+    }
+    // Nothing reached yet: the host blocked here, before the question (reload, wait, then prefill).
+    stats_.wait_seconds = any_reached ? stalled_ms / 1e3
+                                      : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pending_ = false;
 }
 

@@ -113,6 +113,10 @@ class CudaContext {
     // entries into votes[layer][kv_head][entry] (device, n_layer * n_head_kv * votes_stride floats,
     // votes_stride >= the own entries). nullptr turns it off.
     void set_observer(float* votes, int64_t votes_stride, int64_t obs_start);
+    // Query capture for later forward() calls (the X²L scorers' question pass): every layer copies the
+    // pre-RoPE queries of own rows < rows into dst [n_layer, rows, n_head * head_dim] (device f32).
+    // nullptr turns it off.
+    void set_query_capture(float* dst, int64_t rows);
     // The own entries' K or V rows of one layer: [n_ctx, n_head_kv, head_dim] f16, token-major.
     const CudaDeviceBuffer& k_cache(int layer) const { return k_[layer]; }
     const CudaDeviceBuffer& v_cache(int layer) const { return v_[layer]; }
@@ -131,6 +135,8 @@ class CudaContext {
     CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_, lse_;
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;
+    float* q_capture_ = nullptr;
+    int64_t q_capture_rows_ = 0;
     std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries
     int32_t pos0_ = 0;
     CudaPrefixHooks hooks_;
@@ -175,7 +181,13 @@ class CudaX2L {
     // memory for the working set), the mixed cache is the H-only one and nothing is selected.
     void prepare(const std::vector<int>& selected);
     CudaContext& tail() { return *ctx_; }
-    // Blocks until every copy of the last prepare() has landed; fills the copy statistics.
+    // The question pass of the attention and keys scorers: `tokens` (at ix.next_pos..) on the H-only
+    // mixed cache; returns their pre-RoPE queries [n_layer, n_tokens, n_head * head_dim] (host). Leaves
+    // the H-only mixed cache with an empty tail (prepare() the selection again afterwards).
+    std::vector<float> question_queries(const LlmModel& model, const std::vector<int32_t>& tokens);
+    // Blocks until every copy of the last prepare() has landed; fills the copy statistics: copy_seconds
+    // (first copy to last, device clock) and wait_seconds (how long the question's compute stream stalled
+    // on layers whose copy had not landed yet, plus the host's wait here when it blocks before that).
     void wait_reload();
     const ReloadStats& stats() const { return stats_; }
     size_t resident_bytes() const;  // device: sink + H + working set + tail cache
@@ -193,6 +205,10 @@ class CudaX2L {
     std::unique_ptr<CudaLayerPipeline> pipe_;
     size_t pipe_slot_bytes_ = 0;
     std::unique_ptr<CudaEvent> copy_begin_, copy_end_;
+    // Per layer (timing events): its copy landed (copy stream), the question's compute reached its
+    // attention (compute stream, first batch only). Their gaps are the stalls in stats().wait_seconds.
+    std::vector<CudaEvent> landed_, reached_;
+    std::vector<char> reached_recorded_;
     bool pending_ = false;
     std::vector<int> selected_;
     ReloadStats stats_;

@@ -406,18 +406,24 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     reloader_.wait_all();
     set_prefix(high_prefix());
     if (nq > cache_->tail().capacity()) throw BudgetError("question too long");
-    if (nq > s_.options().n_batch) throw BudgetError("question longer than n_batch tokens");
     const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
-    std::vector<float> q_tok(static_cast<size_t>(c.n_layer) * nq * QD, 0.0f);  // [n_layer, nq, QD]
-    ForwardHooks hooks;
-    hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
-        // One forward call for the whole question, so batch indices are question indices.
-        std::copy(q, q + m * QD, q_tok.data() + static_cast<size_t>(layer) * nq * QD);
-    };
-    std::vector<float> logits;
-    run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, question_pos(), s_.options().n_batch, logits,
-               nullptr, &hooks);
-    cache_->clear();
+    std::vector<float> q_tok;  // [n_layer, nq, QD]
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) q_tok = gpu_->question_queries(s_.model(), question);  // the question pass on the device
+#endif
+    if (q_tok.empty()) {
+        if (nq > s_.options().n_batch) throw BudgetError("question longer than n_batch tokens");
+        q_tok.assign(static_cast<size_t>(c.n_layer) * nq * QD, 0.0f);
+        ForwardHooks hooks;
+        hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
+            // One forward call for the whole question, so batch indices are question indices.
+            std::copy(q, q + m * QD, q_tok.data() + static_cast<size_t>(layer) * nq * QD);
+        };
+        std::vector<float> logits;
+        run_tokens(s_.model(), s_.pool(), s_.workspace(), *cache_, question, question_pos(), s_.options().n_batch,
+                   logits, nullptr, &hooks);
+        cache_->clear();
+    }
     std::vector<float> out =
         scorer == Scorer::Keys
             ? score_keys(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.pool())

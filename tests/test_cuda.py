@@ -868,7 +868,13 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     dctx = VideoContext(Session(tiny_hd32[arch], device="cuda:0", n_threads=2), cctx.index,
                         question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix)
     assert dctx._dec.on_device and not cctx._dec.on_device
-    np.testing.assert_array_equal(cctx.scores(q, "attention"), dctx.scores(q, "attention"))
+    # The scorers' question pass runs on the device (f32 math, q8_0 H rows read with f32 queries), so the
+    # scores agree to rounding, not bit for bit as they did while it ran on the CPU.
+    for scorer in ("attention", "keys"):
+        a, b = cctx.scores(q, scorer), dctx.scores(q, scorer)
+        np.testing.assert_allclose(b, a, rtol=2e-3, atol=2e-3 * np.abs(a).max())
+        assert not np.array_equal(a, b)  # computed by the device's forward, not by the CPU's
+        assert list(np.argsort(-a)[:3]) == list(np.argsort(-b)[:3]), scorer
     zero_copy = _core.cuda_device_info(0)["integrated"]  # Jetson: L read in place, nothing copied
     for chunks in ([], [1], [0, 2, 3], list(range(dctx.n_chunks))):
         a = cctx.logits(q, chunks)
@@ -880,6 +886,11 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
         assert st["n_chunks"] == len(chunks)
         if not zero_copy:
             assert (st["bytes"] > 0) == bool(chunks)
+        # The compute stream's stalls on layers whose copy had not landed, timed by device events: they
+        # are disjoint and inside the copy's span.
+        assert 0 <= st["wait_seconds"] <= st["copy_seconds"] + 1e-3, st
+        if _core.cuda_emulated() and chunks and not zero_copy and os.environ.get("X2L_EMU_EARLY_COPIES") != "1":
+            assert st["wait_seconds"] > 0, st  # the emulator runs a copy only once the compute waits for it
     # Decode after the reload: the greedy token ids agree.
     from x2l_edge.session import _generate_ids
 

@@ -173,12 +173,13 @@ def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps
     q = ctx.question_ids("How far away is the copper?")
     chunks = list(range(1, ctx.n_chunks, max(1, ctx.n_chunks // top_k)))[:top_k]
     dec = ctx._dec
-    overlap, serial, copy = [], [], []
+    overlap, serial, copy, stall = [], [], [], []
     for _ in range(reps + 1):  # the first round warms up
         t0 = time.perf_counter()
         dec.prepare(chunks)
         dec.eval(q)
         overlap.append(time.perf_counter() - t0)
+        stall.append(dict(dec.reload_stats())["wait_seconds"])  # the compute stream's stalls on the copies
         t0 = time.perf_counter()
         dec.prepare(chunks)
         dec.wait_reload()
@@ -187,9 +188,15 @@ def x2l_ttft(path: str, device: str, n_tokens: int, chunk: int, top_k: int, reps
         serial.append(time.perf_counter() - t0)
         copy.append(t1 - t0)
     st = dict(dec.reload_stats())
+    score = []  # the attention scorer's question pass (on the device when the decoder is) + host scoring
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        ctx.scores("How far away is the copper?", "attention")
+        score.append(time.perf_counter() - t0)
     return {"device": s.device, "n_tokens": len(ids), "n_chunks": ctx.n_chunks, "chunks": chunks,
             "question_tokens": len(q), "ttft_overlap_s": min(overlap[1:]), "ttft_serial_s": min(serial[1:]),
-            "reload_wait_s": min(copy[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory(),
+            "reload_wait_s": min(copy[1:]), "reload_stall_overlap_s": min(stall[1:]),
+            "score_attention_s": min(score[1:]), "reload_bytes": st["bytes"], "memory": ctx.memory(),
             "prefill_s": ctx.prefill_stats["seconds"], "prefill_on_device": ctx.prefill_stats["on_device"],
             "prefill_tok_s": ctx.prefill_stats["input_tokens"] / max(ctx.prefill_stats["seconds"], 1e-9),
             # the device prefill streams the L prefix from page-locked host memory (0 on Jetson: read in place)
