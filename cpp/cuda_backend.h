@@ -182,6 +182,9 @@ class CudaLayerPipeline {
     bool zero_copy() const { return zero_copy_; }
     void* copy_stream() const { return copy_stream_.handle(); }
     int n_slots() const { return static_cast<int>(slots_.size()); }
+    size_t slot_bytes() const { return slot_bytes_; }
+    // Offsets inside a slot are multiples of 256 bytes: a stage() of `bytes` takes at most aligned(bytes).
+    static size_t aligned(size_t bytes) { return (bytes + 255) & ~size_t(255); }
 
     void begin(int layer);
     // Enqueue a copy of `bytes` from (pinned) host memory; returns where the data will be on the

@@ -314,6 +314,17 @@ void check_kv_type(const KVSegment& seg, const char* what) {
     }
 }
 
+// `pipe`, reset, when its slots hold `need` bytes; otherwise a new one with n_slots slots of `alloc`
+// (>= need) bytes, made after the old one is freed (the device may not hold both).
+void reserve_pipeline(std::unique_ptr<CudaLayerPipeline>& pipe, size_t need, size_t alloc, int n_slots) {
+    if (pipe && need <= pipe->slot_bytes()) {
+        pipe->reset();
+        return;
+    }
+    pipe.reset();
+    pipe.reset(new CudaLayerPipeline(alloc, n_slots, false));
+}
+
 void fill_geometry(CudaKVRows& d, const KVSegment& seg) {
     d.layer_bytes = seg.layer_bytes();
     d.row_bytes = seg.row_bytes();
@@ -432,15 +443,8 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     try {
         if (copy) {
             size_t slot = 0;
-            for (int c : selected) slot += 2 * ((low_[c].layer_bytes + 255) & ~size_t(255));
-            if (!pipe_ || slot > pipe_slot_bytes_) {
-                pipe_.reset();  // free the old slots first: the device may not hold both
-                pipe_slot_bytes_ = 0;
-                pipe_.reset(new CudaLayerPipeline(slot, L, false));
-                pipe_slot_bytes_ = slot;
-            } else {
-                pipe_->reset();
-            }
+            for (int c : selected) slot += 2 * CudaLayerPipeline::aligned(low_[c].layer_bytes);
+            reserve_pipeline(pipe_, slot, slot, L);
             copy_begin_->record(pipe_->copy_stream());
             if (landed_.size() != static_cast<size_t>(L)) {
                 landed_.clear();
@@ -544,7 +548,7 @@ void CudaX2L::wait_reload() {
     pending_ = false;
 }
 
-size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_slot_bytes_ * static_cast<size_t>(llm_.config().n_layer) : 0; }
+size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_->slot_bytes() * static_cast<size_t>(pipe_->n_slots()) : 0; }
 
 size_t CudaX2L::resident_bytes() const {
     size_t b = sink_.dev.size() + working_bytes() + ctx_->device_bytes();
@@ -591,7 +595,7 @@ const CudaKVRows& CudaPrefill::pinned(const KVSegment* seg) {
 size_t CudaPrefill::device_bytes() const {
     size_t b = votes_.size() + (ctx_ ? ctx_->device_bytes() : 0);
     for (const auto& r : resident_) b += r.second.dev.size();
-    if (pipe_) b += pipe_slot_bytes_ * kCopySlots;
+    if (pipe_) b += pipe_->slot_bytes() * static_cast<size_t>(pipe_->n_slots());
     return b;
 }
 
@@ -633,18 +637,10 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     std::vector<std::vector<std::pair<const void*, const void*>>> where(kCopySlots);  // [slot][streamed] K, V
     if (!streamed.empty()) {
         size_t slot = 0;
-        for (const CudaKVRows* r : streamed) slot += 2 * ((r->layer_bytes + 255) & ~size_t(255));
-        if (!pipe_ || slot > pipe_slot_bytes_) {
-            pipe_.reset();  // free the old slots first: the device may not hold both
-            pipe_slot_bytes_ = 0;
-            // The prefix grows by one chunk per level: room for a few more, so that the slots are
-            // not reallocated for every chunk.
-            const size_t want = slot + slot / 4;
-            pipe_.reset(new CudaLayerPipeline(want, kCopySlots, false));
-            pipe_slot_bytes_ = want;
-        } else {
-            pipe_->reset();
-        }
+        for (const CudaKVRows* r : streamed) slot += 2 * CudaLayerPipeline::aligned(r->layer_bytes);
+        // The prefix grows by one chunk per level: room for a few more, so that the slots are not
+        // reallocated for every chunk.
+        reserve_pipeline(pipe_, slot, slot + slot / 4, kCopySlots);
         // Each batch of the forward walks every layer, so step t = batch * L + layer is staged in slot
         // t % kCopySlots once step t - kCopySlots released it: the copy of the next layer overlaps the
         // current layer's compute.

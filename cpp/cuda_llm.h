@@ -203,7 +203,6 @@ class CudaX2L {
     CudaKVRows sink_;
     std::vector<CudaKVRows> high_, low_;
     std::unique_ptr<CudaLayerPipeline> pipe_;
-    size_t pipe_slot_bytes_ = 0;
     std::unique_ptr<CudaEvent> copy_begin_, copy_end_;
     // Per layer (timing events): its copy landed (copy stream), the question's compute reached its
     // attention (compute stream, first batch only). Their gaps are the stalls in stats().wait_seconds.
@@ -258,7 +257,6 @@ class CudaPrefill {
     std::deque<std::pair<const KVSegment*, CudaKVRows>> resident_, pinned_;
     static constexpr int kCopySlots = 2;
     std::unique_ptr<CudaLayerPipeline> pipe_;  // discrete GPUs: kCopySlots layers of streamed L prefix
-    size_t pipe_slot_bytes_ = 0;
     size_t streamed_bytes_ = 0, peak_bytes_ = 0;
 };
 

@@ -47,7 +47,7 @@ def resolve_device(device: str) -> int:
 
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 _PROBE_MIN_CORR = 0.95
-_probed: dict = {}  # (model file, its mtime, device) -> None (agrees) or why not
+_probed: dict = {}  # (model file, its mtime and size, device) -> None (agrees) or why not
 
 
 def _auto_probe(dev, path: str, n_threads: int) -> str | None:
@@ -192,9 +192,9 @@ class Session:
     device: 'cpu', 'cuda:N' (on that GPU: the LLM forward of eval/generate/chat with an f16 KV cache in
     device memory, the vision tower, the forward passes and attention votes of the X²L bi-level prefill
     (snapkv), the scorers' question pass, and the X²L decoder's mixed cache with the L-KV reload; entry
-    selection and the scoring arithmetic stay on the host; not yet validated on a GPU, see issue 5) or 'auto' (the default): cuda:0 when this
-    build has the CUDA backend, a device is present, the model fits it and its logits on a short probe
-    agree with the CPU backend's; the CPU backend otherwise. A device that cannot be used at run time
+    selection and the scoring arithmetic stay on the host; not yet validated on a GPU, see issue 5) or
+    'auto' (the default): cuda:0 when this build has the CUDA backend, a device is present, the model
+    fits it and its logits on a short probe agree with the CPU backend's; the CPU backend otherwise. A device that cannot be used at run time
     falls back to the CPU backend with a one-line RuntimeWarning (not in a build without CUDA, where
     'auto' is simply the CPU).
     """

@@ -363,7 +363,7 @@ void CudaLayerPipeline::begin(int layer) {
 void* CudaLayerPipeline::stage(const void* host_src, size_t bytes) {
     if (open_ < 0) throw Error("CudaLayerPipeline::stage: call begin() first");
     if (zero_copy_) return cuda_mapped_device_ptr(host_src);
-    const size_t off = (offset_ + 255) & ~size_t(255);
+    const size_t off = aligned(offset_);
     if (off + bytes > slot_bytes_) throw BudgetError("CudaLayerPipeline::stage: slot full");
     Slot& s = slots_[static_cast<size_t>(open_)];
     char* dst = static_cast<char*>(s.buf.data()) + off;
