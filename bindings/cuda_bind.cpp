@@ -30,7 +30,8 @@ namespace {
 // The per-op entries, registered as stubs in a CPU-only build.
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
-                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d"};
+                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d",
+                                "cuda_rerotate_keys", "cuda_set_rows"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -205,6 +206,52 @@ OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_
         out = from_device(in_place ? dx : dy, x.size());
     }
     return make_out(std::move(out), shape_of(x));
+}
+
+nb::ndarray<nb::numpy, uint8_t> op_rerotate_keys(uint32_t type_id, U8Array rows, int head_dim, int n_rot, float freq_base,
+                                                 bool neox, int32_t delta, bool in_place) {
+    require_device();
+    const x2l::DType t = static_cast<x2l::DType>(type_id);
+    if (rows.ndim() != 2) throw x2l::Error("rows must have shape [n_rows, row_bytes]");
+    const int64_t n_rows = static_cast<int64_t>(rows.shape(0));
+    const size_t stride = rows.shape(1);
+    auto* out = new std::vector<uint8_t>(rows.nbytes());
+    nb::capsule owner(out, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
+    {
+        nb::gil_scoped_release nogil;
+        auto src = to_device(rows.data(), rows.nbytes());
+        x2l::CudaDeviceBuffer dst;
+        if (!in_place) dst = device_buffer(rows.nbytes());
+        void* pd = in_place ? src.data() : dst.data();
+        run_sync([&](void* s) {
+            x2l::cuda_rerotate_keys(t, src.data(), pd, n_rows, stride, head_dim, n_rot, freq_base,
+                                    neox ? x2l::RopeMode::Neox : x2l::RopeMode::Norm, delta, s);
+        });
+        if (!out->empty()) (in_place ? src : dst).download(out->data(), out->size());
+    }
+    const size_t shape[2] = {static_cast<size_t>(n_rows), stride};
+    return nb::ndarray<nb::numpy, uint8_t>(out->data(), 2, shape, owner);
+}
+
+OutF32 op_set_rows(F32Array src, I32Array ids, F32Array dst) {
+    require_device();
+    if (src.ndim() != 2 || dst.ndim() != 2 || src.shape(1) != dst.shape(1)) throw x2l::Error("src [k, n] and dst [m, n]");
+    if (ids.size() != src.shape(0)) throw x2l::Error("one id per src row");
+    const int64_t n = static_cast<int64_t>(src.shape(1));
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto ds = to_device(src.data(), src.nbytes());
+        auto di = to_device(ids.data(), ids.nbytes());
+        auto dd = to_device(dst.data(), dst.nbytes());
+        run_sync([&](void* s) {
+            x2l::cuda_set_rows(static_cast<const float*>(ds.data()), static_cast<const int32_t*>(di.data()),
+                               static_cast<int64_t>(ids.size()), n, static_cast<float*>(dd.data()),
+                               static_cast<int64_t>(dst.shape(0)), s);
+        });
+        out = from_device(dd, dst.size());
+    }
+    return make_out(std::move(out), shape_of(dst));
 }
 
 OutF32 op_softmax(F32Array x, float scale) {
@@ -489,6 +536,10 @@ void bind_cuda(nb::module_& m) {
           }, "x"_a, "w"_a = nb::none(), "b"_a = nb::none(), "eps"_a = 1e-5f);
     m.def("cuda_rope", &op_rope, "x"_a, "pos"_a, "n_rot"_a, "freq_base"_a = 10000.f, "freq_scale"_a = 1.f,
           "neox"_a = false, "in_place"_a = false, "x: [T, n_head, head_dim]; NORM pairs (2i, 2i+1), NEOX (i, i + n_rot/2).");
+    m.def("cuda_rerotate_keys", &op_rerotate_keys, "type_id"_a, "rows"_a, "head_dim"_a, "n_rot"_a, "freq_base"_a = 10000.f,
+          "neox"_a = false, "delta"_a = 0, "in_place"_a = false,
+          "Key rows [n_rows, row_bytes] of a ggml type (f32, f16, q8_0, q4_0) rotated by delta more positions.");
+    m.def("cuda_set_rows", &op_set_rows, "src"_a, "ids"_a, "dst"_a, "dst[ids[i]] = src[i]; returns the new dst.");
     m.def("cuda_softmax", &op_softmax, "x"_a, "scale"_a = 1.f);
     m.def("cuda_swiglu", [](F32Array g, F32Array u) { return op_elementwise(0, g, u); }, "gate"_a, "up"_a);
     m.def("cuda_gelu", [](F32Array x, const std::string& approximate) {

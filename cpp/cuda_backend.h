@@ -190,6 +190,9 @@ class CudaLayerPipeline {
     // Enqueue a copy of `bytes` from (pinned) host memory; returns where the data will be on the
     // device. Offsets inside a slot are 256-byte aligned. Throws when the slot is full.
     void* stage(const void* host_src, size_t bytes);
+    // Room for `bytes` in the open slot (256-byte aligned) that the caller fills itself with work
+    // enqueued on copy_stream() before end() (e.g. a kernel writing a transformed copy). Not zero_copy.
+    void* take(size_t bytes);
     void end();
     void wait_ready(int layer, void* compute_stream);
     void release(int layer, void* compute_stream);
@@ -245,6 +248,13 @@ enum class RopeMode : int { Norm = 0, Neox = 2 };
 void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, int64_t n_head, int64_t head_dim,
                int64_t tok_stride, int n_rot, float freq_base, float freq_scale, RopeMode mode, void* stream);
 
+// Rotates rows of post-RoPE keys by `delta` more positions (X²L dense positions: a chunk whose place in
+// the mixed cache moved). n_rows rows of `type` (F32, F16, Q8_0, Q4_0), row_stride bytes apart, each one
+// head of head_dim values; quantized rows are dequantized, rotated in f32 and quantized again with the
+// CPU's rules. Same pairs and frequencies as cuda_rope. dst may equal src.
+void cuda_rerotate_keys(DType type, const void* src, void* dst, int64_t n_rows, size_t row_stride, int head_dim, int n_rot,
+                        float freq_base, RopeMode mode, int32_t delta, void* stream);
+
 // y[r, :] = softmax(x[r, :] * scale); x, y: [n_rows, n].
 void cuda_softmax(const float* x, float* y, int64_t n_rows, int64_t n, float scale, void* stream);
 // y = silu(gate) * up (SwiGLU); all [n].
@@ -262,6 +272,10 @@ void cuda_pool2d(const float* x, float* y, int64_t n_frames, int grid, int out_g
 // the row length for a broadcast bias/scale.
 void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
 void cuda_mul(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);
+// dst[ids[i], :] = src[i, :] for i < n_ids: src [n_ids, n], dst [n_dst_rows, n] (f32); ids (device)
+// outside [0, n_dst_rows) are skipped. The scatter after a matmul over gathered rows (cuda_get_rows).
+void cuda_set_rows(const float* src, const int32_t* ids, int64_t n_ids, int64_t n, float* dst, int64_t n_dst_rows,
+                   void* stream);
 // y[i] = f16(x[i]) (round to nearest even): storing new K/V rows into an f16 cache.
 void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream);
 

@@ -56,7 +56,6 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
         const LlmLayer& L = src[l];
         Layer& d = layers_[l];
         const std::string p = "blk." + std::to_string(l) + ".";
-        if (L.vst_q.valid()) throw Error("beacon (Video-XL) models run on the CPU backend only; use device='cpu'");
         d.attn_norm = cuda_upload_floats(L.attn_norm, weight_bytes_);
         d.ffn_norm = cuda_upload_floats(L.ffn_norm, weight_bytes_);
         d.bq = cuda_upload_floats(L.bq, weight_bytes_);
@@ -69,6 +68,15 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
         d.w_gate = cuda_upload_weight(L.w_gate, p + "ffn_gate", weight_bytes_);
         d.w_up = cuda_upload_weight(L.w_up, p + "ffn_up", weight_bytes_);
         d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down", weight_bytes_);
+        if (L.vst_q.valid()) {
+            has_beacon_ = true;
+            d.vst_q = cuda_upload_weight(L.vst_q, p + "vst_q", weight_bytes_);
+            d.vst_k = cuda_upload_weight(L.vst_k, p + "vst_k", weight_bytes_);
+            d.vst_v = cuda_upload_weight(L.vst_v, p + "vst_v", weight_bytes_);
+            d.vst_bq = cuda_upload_floats(L.vst_bq, weight_bytes_);
+            d.vst_bk = cuda_upload_floats(L.vst_bk, weight_bytes_);
+            d.vst_bv = cuda_upload_floats(L.vst_bv, weight_bytes_);
+        }
     }
     output_ = cuda_upload_weight(model.output_weight(), "output", weight_bytes_);
     output_norm_ = cuda_upload_floats(model.output_norm(), weight_bytes_);
@@ -128,7 +136,8 @@ size_t CudaContext::kv_bytes() const {
 size_t CudaContext::device_bytes() const {
     size_t b = 0;
     for (size_t l = 0; l < k_.size(); ++l) b += k_[l].size() + v_[l].size();
-    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_, &lse_})
+    for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_, &lse_,
+                                      &vst_ids_, &vst_x_, &vst_q_, &vst_k_, &vst_v_})
         b += p->size();
     return b;
 }
@@ -160,9 +169,10 @@ void CudaContext::matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, fl
     cuda_linear(w, x, n, y, bias, stream_->handle());
 }
 
-void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* logits) {
+void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst) {
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
+    if (vst && !llm_.has_beacon()) throw Error("this model has no beacon (VST) weights");
     if (n_logits > 0 && logits_.size() == 0) throw Error("this context was made without logits");
     if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
     cuda_set_device(llm_.device());
@@ -172,7 +182,8 @@ void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* lo
             const int64_t m = std::min(n_batch_, n - b);
             // Rows of this batch among the last n_logits of the call: always the batch's last ones.
             const int64_t from = std::max(b, first_logit), k = std::max<int64_t>(0, b + m - from);
-            forward_batch(x + b * llm_.config().n_embd, m, k, k ? logits + (from - first_logit) * llm_.config().n_vocab : nullptr);
+            forward_batch(x + b * llm_.config().n_embd, m, k, k ? logits + (from - first_logit) * llm_.config().n_vocab : nullptr,
+                          vst ? vst + b : nullptr);
         }
     } catch (...) {
         n_past_ = before;
@@ -200,7 +211,25 @@ void CudaContext::eval_tokens(const LlmModel& model, const std::vector<int32_t>&
     eval(x.data(), n, last_logits, all_out);
 }
 
-void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits) {
+void CudaContext::beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, float* q, float* k, float* v) {
+    const LlmConfig& c = llm_.config();
+    const int64_t E = c.n_embd, m = n_batch_;
+    void* s = stream_->handle();
+    const int32_t* ids = static_cast<const int32_t*>(vst_ids_.data());
+    float* vx = static_cast<float*>(vst_x_.data());
+    cuda_get_rows(DType::F32, xn_.data(), m, E, ids, n_vst, vx, s);  // [n_vst, E]: the VST rows' normed inputs
+    const std::pair<const CudaLlm::Matrix*, const CudaDeviceBuffer*> proj[3] = {
+        {&L.vst_q, &L.vst_bq}, {&L.vst_k, &L.vst_bk}, {&L.vst_v, &L.vst_bv}};
+    float* const out[3] = {q, k, v};
+    const CudaDeviceBuffer* const tmp[3] = {&vst_q_, &vst_k_, &vst_v_};
+    for (int i = 0; i < 3; ++i) {
+        float* y = static_cast<float*>(tmp[i]->data());
+        matmul(*proj[i].first, vx, n_vst, y, *proj[i].second);  // [n_vst, dim]
+        cuda_set_rows(y, ids, n_vst, proj[i].first->n_out, out[i], m, s);
+    }
+}
+
+void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits, const uint8_t* vst) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
@@ -224,6 +253,22 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
     pos_.upload(pos_host.data(), m * sizeof(int32_t), 0, s);
     const RopeMode mode = c.rope_type == RopeType::Neox ? RopeMode::Neox : RopeMode::Norm;
     const CudaDeviceBuffer none;
+    std::vector<int32_t> vst_rows;  // this batch's beacon rows
+    for (int64_t i = 0; vst && i < m; ++i) {
+        if (vst[i]) vst_rows.push_back(static_cast<int32_t>(i));
+    }
+    const int64_t n_vst = static_cast<int64_t>(vst_rows.size());
+    if (n_vst > 0) {
+        if (!vst_ids_.size()) {  // first beacon batch: room for a whole batch of VST rows
+            const size_t f = sizeof(float);
+            vst_ids_ = CudaDeviceBuffer(n_batch_ * sizeof(int32_t));
+            vst_x_ = CudaDeviceBuffer(n_batch_ * E * f);
+            vst_q_ = CudaDeviceBuffer(n_batch_ * QD * f);
+            vst_k_ = CudaDeviceBuffer(n_batch_ * KD * f);
+            vst_v_ = CudaDeviceBuffer(n_batch_ * KD * f);
+        }
+        vst_ids_.upload(vst_rows.data(), n_vst * sizeof(int32_t), 0, s);
+    }
 
     for (int l = 0; l < c.n_layer; ++l) {
         const CudaLlm::Layer& L = llm_.layers()[l];
@@ -231,6 +276,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
         matmul(L.wq, xn, m, q, L.bq);  // [m, QD]
         matmul(L.wk, xn, m, k, L.bk);  // [m, KD]
         matmul(L.wv, xn, m, v, L.bv);  // [m, KD]
+        if (n_vst > 0) beacon_qkv(L, n_vst, q, k, v);
         if (q_capture_) {
             cuda_copy_d2d_async(q_capture_ + (static_cast<int64_t>(l) * q_capture_rows_ + first) * QD, q,
                                 static_cast<size_t>(m * QD) * sizeof(float), s);
@@ -378,7 +424,6 @@ CudaKVRows cuda_pin_rows(const KVSegment& seg, const char* what, bool mapped) {
 
 CudaX2L::CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch)
     : llm_(llm), ix_(ix) {
-    if (ix.dense_positions) throw Error("beacon indexes (dense positions) are decoded on the CPU backend only");
     cuda_set_device(llm.device());
     sink_ = cuda_upload_rows(*ix.sink, "sink");  // sink and H: resident on the device
     for (const auto& ch : ix.chunks) high_.push_back(cuda_upload_rows(*ch.high, "H"));
@@ -397,33 +442,35 @@ CudaX2L::~CudaX2L() {
     }
 }
 
-// The mixed cache's segments of every layer: sink, then per chunk its H rows or, when selected, the
-// rows in `where` [layer][k-th selected chunk] (K, V).
-std::vector<std::vector<CudaKVSegment>> CudaX2L::build_prefix(
-    const std::vector<int>& selected,
-    const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where) const {
+// The mixed cache's segments of every layer: sink, then per chunk its L rows (chosen) or H rows, read
+// where `where` [layer][chunk] (K, V) says.
+std::vector<std::vector<CudaKVSegment>> CudaX2L::build_prefix(const std::vector<char>& chosen, const Where& where) const {
     const int L = llm_.config().n_layer;
     const int n = static_cast<int>(ix_.chunks.size());
     std::vector<std::vector<CudaKVSegment>> per_layer(L);
     for (int l = 0; l < L; ++l) {
         auto& segs = per_layer[l];
         segs.push_back(cuda_layer_view(sink_, sink_.k + l * sink_.layer_bytes, sink_.v + l * sink_.layer_bytes));
-        size_t k = 0;
         for (int c = 0; c < n; ++c) {
-            if (k < selected.size() && selected[k] == c) {
-                segs.push_back(cuda_layer_view(low_[c], where[l][k].first, where[l][k].second));
-                ++k;
-            } else {
-                const CudaKVRows& h = high_[c];
-                segs.push_back(cuda_layer_view(h, h.k + l * h.layer_bytes, h.v + l * h.layer_bytes));
-            }
+            segs.push_back(cuda_layer_view(chosen[c] ? low_[c] : high_[c], where[l][c].first, where[l][c].second));
         }
     }
     return per_layer;
 }
 
-void CudaX2L::prepare(const std::vector<int>& selected) {
+// Where the H-only mixed cache reads every chunk: its resident H rows.
+CudaX2L::Where CudaX2L::high_where() const {
     const int L = llm_.config().n_layer;
+    Where where(L);
+    for (int l = 0; l < L; ++l) {
+        for (const CudaKVRows& h : high_) where[l].emplace_back(h.k + l * h.layer_bytes, h.v + l * h.layer_bytes);
+    }
+    return where;
+}
+
+void CudaX2L::prepare(const std::vector<int>& selected) {
+    const LlmConfig& cfg = llm_.config();
+    const int L = cfg.n_layer;
     const int n = static_cast<int>(ix_.chunks.size());
     for (size_t i = 0; i < selected.size(); ++i) {
         if (selected[i] < 0 || selected[i] >= n || (i > 0 && selected[i] <= selected[i - 1]))
@@ -437,15 +484,36 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     ctx_->set_prefix({}, ix_.next_pos);
     selected_.clear();
     stats_ = ReloadStats();
-    const bool copy = !llm_.integrated() && !selected.empty();
-    // [layer][selected chunk] -> where that chunk's K and V rows of the layer live for this question
-    std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>> where(L);
+    std::vector<char> chosen(static_cast<size_t>(n), 0);
+    for (int c : selected) chosen[c] = 1;
+    // Dense positions (beacon): each chunk's keys sit right after what precedes it in this mixed cache,
+    // so a chunk behind one that changed tier moves by delta positions; its keys get a re-rotated copy
+    // in the working set (V does not depend on the position and is read where it is).
+    std::vector<int32_t> delta(static_cast<size_t>(n), 0);
+    int32_t next = static_cast<int32_t>(ix_.sink->size());
+    for (int c = 0; c < n; ++c) {
+        const KVSegment& seg = chosen[c] ? *ix_.chunks[c].low : *ix_.chunks[c].high;
+        if (ix_.dense_positions && seg.size() > 0) delta[c] = next - seg.pos(0);
+        next += static_cast<int32_t>(seg.size());
+    }
+    const int32_t tail_pos = ix_.dense_positions ? next : ix_.next_pos;
+    const bool discrete = !llm_.integrated();  // integrated: L rows are read in place, never copied
+    size_t slot = 0;                           // working-set bytes per layer
+    for (int c = 0; c < n; ++c) {
+        if (chosen[c] && discrete) {
+            slot += 2 * CudaLayerPipeline::aligned(low_[c].layer_bytes);
+        } else if (delta[c] != 0) {
+            slot += CudaLayerPipeline::aligned((chosen[c] ? low_[c] : high_[c]).layer_bytes);
+        }
+    }
+    const bool staged = slot > 0;
+    const RopeMode mode = cfg.rope_type == RopeType::Neox ? RopeMode::Neox : RopeMode::Norm;
+    Where where(L);  // [layer][chunk] -> where that chunk's K and V rows of the layer live for this question
     try {
-        if (copy) {
-            size_t slot = 0;
-            for (int c : selected) slot += 2 * CudaLayerPipeline::aligned(low_[c].layer_bytes);
+        if (staged) {
             reserve_pipeline(pipe_, slot, slot, L);
-            copy_begin_->record(pipe_->copy_stream());
+            void* cs = pipe_->copy_stream();
+            copy_begin_->record(cs);
             if (landed_.size() != static_cast<size_t>(L)) {
                 landed_.clear();
                 reached_.clear();
@@ -457,41 +525,59 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
             reached_recorded_.assign(static_cast<size_t>(L), 0);
             for (int l = 0; l < L; ++l) {
                 pipe_->begin(l);
-                for (int c : selected) {
-                    const CudaKVRows& d = low_[c];
+                for (int c = 0; c < n; ++c) {
+                    const CudaKVRows& d = chosen[c] ? low_[c] : high_[c];
                     const size_t off = static_cast<size_t>(l) * d.layer_bytes;
-                    const void* k = pipe_->stage(d.k + off, d.layer_bytes);
-                    const void* v = pipe_->stage(d.v + off, d.layer_bytes);
+                    const int64_t rows = static_cast<int64_t>(cfg.n_head_kv) * d.cap;  // the layer's K block
+                    const void* k = d.k + off;
+                    const void* v = d.v + off;
+                    if (chosen[c] && discrete) {  // the reload: host -> working set, keys rotated there
+                        void* kd = pipe_->stage(k, d.layer_bytes);
+                        v = pipe_->stage(v, d.layer_bytes);
+                        stats_.bytes += 2 * d.layer_bytes;
+                        if (delta[c] != 0)
+                            cuda_rerotate_keys(d.type, kd, kd, rows, d.row_bytes, cfg.head_dim, cfg.rope_dim, cfg.rope_base,
+                                               mode, delta[c], cs);
+                        k = kd;
+                    } else if (delta[c] != 0) {  // a rotated copy of the keys, read from where they are
+                        void* kd = pipe_->take(d.layer_bytes);
+                        cuda_rerotate_keys(d.type, k, kd, rows, d.row_bytes, cfg.head_dim, cfg.rope_dim, cfg.rope_base, mode,
+                                           delta[c], cs);
+                        k = kd;
+                    }
                     where[l].emplace_back(static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v));
-                    stats_.bytes += 2 * d.layer_bytes;
                 }
                 pipe_->end();
-                landed_[l].record(pipe_->copy_stream());
+                landed_[l].record(cs);
             }
-            copy_end_->record(pipe_->copy_stream());
+            copy_end_->record(cs);
             pending_ = true;
         } else {
             for (int l = 0; l < L; ++l) {
-                for (int c : selected) {
-                    const size_t off = static_cast<size_t>(l) * low_[c].layer_bytes;
-                    where[l].emplace_back(low_[c].k + off, low_[c].v + off);
+                for (int c = 0; c < n; ++c) {
+                    const CudaKVRows& d = chosen[c] ? low_[c] : high_[c];
+                    const size_t off = static_cast<size_t>(l) * d.layer_bytes;
+                    where[l].emplace_back(d.k + off, d.v + off);
                 }
             }
         }
     } catch (...) {
-        // Leave the H-only mixed cache: no chunk reloaded, nothing pointing into freed slots.
+        // Leave the H-only mixed cache: no chunk reloaded, nothing pointing into freed slots. (With
+        // dense positions the H-only cache needs no rotation: H rows were made at these positions.)
         try {
             if (pipe_) pipe_->reset();
         } catch (...) {
         }
         pending_ = false;
         stats_ = ReloadStats();
-        ctx_->set_prefix(build_prefix({}, std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>(L)),
-                         ix_.next_pos);
+        int32_t h_next = static_cast<int32_t>(ix_.sink->size());
+        for (const auto& ch : ix_.chunks) h_next += static_cast<int32_t>(ch.high->size());
+        ctx_->set_prefix(build_prefix(std::vector<char>(static_cast<size_t>(n), 0), high_where()),
+                         ix_.dense_positions ? h_next : ix_.next_pos);
         throw;
     }
     CudaPrefixHooks wait;
-    if (copy) {
+    if (staged) {
         wait.before = [this](int layer, void* stream, std::vector<CudaKVSegment>&) {
             if (!pipe_) return;
             if (!reached_recorded_[layer]) {  // the first batch is the one that can stall
@@ -501,7 +587,7 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
             pipe_->wait_ready(layer, stream);
         };
     }
-    ctx_->set_prefix(build_prefix(selected, where), ix_.next_pos, std::move(wait));
+    ctx_->set_prefix(build_prefix(chosen, where), tail_pos, std::move(wait));
     stats_.n_chunks = static_cast<int>(selected.size());
     selected_ = selected;
 }
@@ -600,7 +686,7 @@ size_t CudaPrefill::device_bytes() const {
 }
 
 void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
-                       KVSegment& tail, std::vector<float>* importance) {
+                       KVSegment& tail, std::vector<float>* importance, const uint8_t* vst) {
     const LlmConfig& c = llm_.config();
     if (n <= 0) throw Error("CudaPrefill::run: empty input");
     if (tail.size() != 0 || tail.capacity() < n) throw Error("CudaPrefill::run: the tail must be empty and hold n entries");
@@ -681,7 +767,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         ctx_->set_observer(nullptr, 0, 0);
     }
     try {
-        ctx_->forward(x, n, 0, nullptr);  // synchronizes: the rows and votes are complete
+        ctx_->forward(x, n, 0, nullptr, vst);  // synchronizes: the rows and votes are complete
     } catch (...) {
         // The hooks point into this frame, and queued work may still read the copy slots.
         try {
@@ -704,10 +790,18 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     tail.append(pos.data(), n);
     std::vector<uint16_t> kh(static_cast<size_t>(n * KD)), vh(kh.size());
     std::vector<float> kf(static_cast<size_t>(KD)), vf(kf.size());
+    const size_t head_bytes = static_cast<size_t>(c.head_dim) * kF16;
     for (int l = 0; l < c.n_layer; ++l) {
         ctx_->k_cache(l).download(kh.data(), kh.size() * sizeof(uint16_t));
         ctx_->v_cache(l).download(vh.data(), vh.size() * sizeof(uint16_t));
         for (int64_t i = 0; i < n; ++i) {
+            if (tail.type() == DType::F16) {  // the usual case (kv_type f16): the rows as they are
+                for (int h = 0; h < c.n_head_kv; ++h) {
+                    std::memcpy(tail.k_row_mut(l, h, i), kh.data() + i * KD + h * c.head_dim, head_bytes);
+                    std::memcpy(tail.v_row_mut(l, h, i), vh.data() + i * KD + h * c.head_dim, head_bytes);
+                }
+                continue;
+            }
             fp16_to_fp32_row(kh.data() + i * KD, kf.data(), KD);
             fp16_to_fp32_row(vh.data() + i * KD, vf.data(), KD);
             tail.store(l, i, kf.data(), vf.data());

@@ -5,7 +5,9 @@
 //   CudaX2L     - one video index on the device (Video-X²L's tiers): sink and H-KVs resident in device
 //                 memory, L-KVs in pinned host memory, and per question the selected chunks' L-KVs
 //                 copied layer by layer on a copy stream while the question's prefill runs (each
-//                 layer waits on its own event), then decoding on sink + [L or H per chunk] + tail.
+//                 layer waits on its own event), then decoding on sink + [L or H per chunk] + tail
+//                 (beacon indexes: keys of chunks whose dense positions moved re-rotated on the way);
+//   CudaPrefill - the forward passes of the X²L bi-level prefill (both compressors).
 // The token embedding stays on the host: callers look rows up there and pass embeddings.
 //
 // Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
@@ -50,12 +52,16 @@ class CudaLlm {
     struct Layer {
         CudaDeviceBuffer attn_norm, ffn_norm, bq, bk, bv;  // f32; biases empty when absent
         Matrix wq, wk, wv, wo, w_gate, w_up, w_down;
+        // Beacon (Video-XL) models: the VST rows' own projections (empty otherwise).
+        Matrix vst_q, vst_k, vst_v;
+        CudaDeviceBuffer vst_bq, vst_bk, vst_bv;
     };
     const LlmConfig& config() const { return cfg_; }
     int device() const { return device_; }
     const std::string& device_name() const { return name_; }
     bool integrated() const { return integrated_; }
     size_t weight_bytes() const { return weight_bytes_; }
+    bool has_beacon() const { return has_beacon_; }
     const std::vector<Layer>& layers() const { return layers_; }
     const Matrix& output() const { return output_; }
     const CudaDeviceBuffer& output_norm() const { return output_norm_; }
@@ -65,6 +71,7 @@ class CudaLlm {
     int device_ = 0;
     std::string name_;
     bool integrated_ = false;
+    bool has_beacon_ = false;
     size_t weight_bytes_ = 0;
     std::vector<Layer> layers_;
     Matrix output_;
@@ -96,8 +103,9 @@ class CudaContext {
 
     // Runs n input embeddings x [n, n_embd] (host) in n_batch pieces, appending their K/V; logits
     // of the last n_logits rows go to logits [n_logits, n_vocab] (host). On failure the cache is left
-    // as it was before the call.
-    void forward(const float* x, int64_t n, int64_t n_logits, float* logits);
+    // as it was before the call. vst (host, [n] or nullptr): rows flagged 1 are beacon (VST) rows, whose
+    // q/k/v come from the layer's VST projections (a beacon model only).
+    void forward(const float* x, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst = nullptr);
     // The eval contract of LlmSession and X2LDecoder on top of forward(): the last row's logits into
     // last_logits [n_vocab]; with all_out, every row's into all_out [n, n_vocab].
     void eval(const float* x, int64_t n, std::vector<float>& last_logits, std::vector<float>* all_out);
@@ -126,13 +134,18 @@ class CudaContext {
     void* stream() const { return stream_->handle(); }
 
   private:
-    void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits);
+    void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst);
+    // The VST rows' q/k/v over the ordinary ones (after the projections, before RoPE), as the CPU's beacon_qkv.
+    void beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, float* q, float* k, float* v);
     void matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias);
 
     const CudaLlm& llm_;
     int64_t n_ctx_ = 0, n_batch_ = 0, n_past_ = 0;
     std::vector<CudaDeviceBuffer> k_, v_;  // per layer [n_ctx, n_head_kv, head_dim] f16, token-major
     CudaDeviceBuffer x_, xn_, q_, k_new_, v_new_, attn_, gate_, up_, pos_, logits_, attn_ws_, lse_;
+    // Beacon models: the batch's VST row indices [n_batch] (int32), their normed inputs [n_batch, n_embd]
+    // and projections [n_batch, q or kv dim] (empty otherwise).
+    CudaDeviceBuffer vst_ids_, vst_x_, vst_q_, vst_k_, vst_v_;
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;
     float* q_capture_ = nullptr;
@@ -169,21 +182,22 @@ class CudaX2L {
     // Uploads the sink and every chunk's H-KVs and page-locks the L-KVs where they are (a pinned copy
     // when the driver refuses); mapped on integrated GPUs, where the device reads them in place and
     // nothing is copied per question.
-    // Throws Error for indexes it cannot serve: dense positions (beacon), KV types the attention
-    // kernel does not read.
+    // Throws Error for indexes it cannot serve (KV types the attention kernel does not read).
     CudaX2L(const CudaLlm& llm, const VideoIndex& ix, int64_t max_tail_tokens, int64_t n_batch);
     ~CudaX2L();
     CudaX2L(const CudaX2L&) = delete;
     CudaX2L& operator=(const CudaX2L&) = delete;
 
     // Mixed cache for this selection (sorted chunk indices); starts the layer-pipelined copy of their
-    // L-KVs. The tail is cleared; its tokens sit at positions ix.next_pos + i. If it throws (device
-    // memory for the working set), the mixed cache is the H-only one and nothing is selected.
+    // L-KVs. The tail is cleared; its tokens sit at positions ix.next_pos + i, or with dense positions
+    // (beacon) right after the mixed cache's entries, whose moved chunks get re-rotated key copies in the
+    // working set (on the copy stream, like the reload). If it throws (device memory for the working
+    // set), the mixed cache is the H-only one and nothing is selected.
     void prepare(const std::vector<int>& selected);
     CudaContext& tail() { return *ctx_; }
-    // The question pass of the attention and keys scorers: `tokens` (at ix.next_pos..) on the H-only
-    // mixed cache; returns their pre-RoPE queries [n_layer, n_tokens, n_head * head_dim] (host). Leaves
-    // the H-only mixed cache with an empty tail (prepare() the selection again afterwards).
+    // The question pass of the attention and keys scorers: `tokens` on the H-only mixed cache (placed as
+    // prepare() places a tail); returns their pre-RoPE queries [n_layer, n_tokens, n_head * head_dim]
+    // (host). Leaves the H-only mixed cache with an empty tail (prepare() the selection again afterwards).
     std::vector<float> question_queries(const LlmModel& model, const std::vector<int32_t>& tokens);
     // Blocks until every copy of the last prepare() has landed; fills the copy statistics: copy_seconds
     // (first copy to last, device clock) and wait_seconds (how long the question's compute stream stalled
@@ -191,12 +205,12 @@ class CudaX2L {
     void wait_reload();
     const ReloadStats& stats() const { return stats_; }
     size_t resident_bytes() const;  // device: sink + H + working set + tail cache
-    size_t working_bytes() const;   // device buffers the reloaded L-KVs occupy
+    size_t working_bytes() const;   // device buffers the reloaded L-KVs (and re-rotated keys) occupy
 
   private:
-    std::vector<std::vector<CudaKVSegment>> build_prefix(
-        const std::vector<int>& selected,
-        const std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>& where) const;
+    using Where = std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>;  // [layer][chunk] K, V
+    std::vector<std::vector<CudaKVSegment>> build_prefix(const std::vector<char>& chosen, const Where& where) const;
+    Where high_where() const;
 
     const CudaLlm& llm_;
     const VideoIndex& ix_;
@@ -214,7 +228,7 @@ class CudaX2L {
     std::unique_ptr<CudaContext> ctx_;
 };
 
-// The forward of the X²L bi-level prefill (training-free "snapkv" compression) on the device: each
+// The forward of the X²L bi-level prefill (either compressor: "snapkv" votes or "beacon" VST rows) on the device: each
 // level of a chunk runs on top of the segments it attends to (sink + earlier chunks' L or H), and the
 // attention votes that drive the compression are computed there too (cuda_attention_votes). The
 // chunk's full KV and its votes come back to the host, where the entry selection and the tier rows are
@@ -239,9 +253,10 @@ class CudaPrefill {
     // new entries to `tail` (host, empty; its type may be any KV type: the device's f16 rows are
     // converted). With importance: importance [n_layer * n_head_kv * n] = the summed softmax
     // probabilities that queries >= obs_start gave to each new entry (per layer and KV head; the caller
-    // normalises). BudgetError when the device is full.
+    // normalises). vst (host [n] or nullptr): the beacon rows (CudaContext::forward). BudgetError when
+    // the device is full.
     void run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
-             KVSegment& tail, std::vector<float>* importance);
+             KVSegment& tail, std::vector<float>* importance, const uint8_t* vst = nullptr);
     size_t device_bytes() const;       // held now: context, votes, resident segments, copy slots
     size_t peak_device_bytes() const { return peak_bytes_; }
     size_t streamed_bytes() const { return streamed_bytes_; }  // L prefix bytes copied host -> device so far

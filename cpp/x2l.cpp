@@ -60,12 +60,8 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
 #ifdef X2L_HAVE_CUDA
     if (s.cuda()) {
-        if (o.compressor == "snapkv") {
-            gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch));
-            on_device_ = true;
-        } else {
-            device_note_ = "beacon compression prefills on the CPU backend";
-        }
+        gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch));
+        on_device_ = true;
     }
 #endif
 }
@@ -134,11 +130,11 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
     const int64_t obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
     bool done = false;
 #ifdef X2L_HAVE_CUDA
-    if (gpu_ && !vst) {
+    if (gpu_) {
         std::vector<CudaPrefill::PrefixSegment> segs;
         for (size_t i = 0; i < prefix.size(); ++i) segs.push_back({prefix[i], low_tier && i > 0});
         try {
-            gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance);
+            gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance, vst);
             done = true;
             stats_.device_forward_tokens += n;
             stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
@@ -335,15 +331,11 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     cache_.reset(new KVCache(s.options().kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail_tokens));
 #ifdef X2L_HAVE_CUDA
     if (s.cuda()) {
-        if (ix.dense_positions) {
-            device_note_ = "beacon indexes (dense positions) are decoded on the CPU backend";
-        } else {
-            try {
-                gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
-            } catch (const BudgetError& e) {
-                // Device or pinned memory too small for this index: answer on the CPU instead.
-                device_note_ = std::string("the index does not fit the device (") + e.what() + "); decoding on the CPU";
-            }
+        try {
+            gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
+        } catch (const BudgetError& e) {
+            // Device or pinned memory too small for this index: answer on the CPU instead.
+            device_note_ = std::string("the index does not fit the device (") + e.what() + "); decoding on the CPU";
         }
     }
 #endif

@@ -74,7 +74,7 @@ class X2LPrefill {
     const PrefillStats& stats() const { return stats_; }
     size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
     // True while (and, after finish(), if to the end) the forward passes run on the session's CUDA device
-    // (CudaPrefill: snapkv compression; the selection and the tiers are made on the host either way).
+    // (CudaPrefill, either compressor; the selection and the tiers are made on the host either way).
     bool on_device() const { return on_device_; }
     // Why a session with a device prefills on the CPU ("" otherwise), e.g. the device ran out of memory.
     const std::string& device_note() const { return device_note_; }
@@ -140,8 +140,9 @@ class X2LDecoder {
     const ReloadStats& reload_stats() const;
     size_t working_bytes() const;
     // True when the session has a CUDA device: the mixed cache then lives there (sink and H in device
-    // memory, L pinned on the host and copied per question), and eval() runs there. Scoring still
-    // runs on the CPU, and prefix_segments() then describes the H-only scoring cache.
+    // memory, L pinned on the host and copied per question; with dense positions the keys of chunks
+    // that moved are re-rotated there), and eval() and the scorers' question pass run there. The
+    // scores themselves are computed on the CPU, and prefix_segments() then describes the H-only cache.
     bool on_device() const { return static_cast<bool>(gpu_); }
     // Why a session with a device decodes this index on the CPU ("" otherwise).
     const std::string& device_note() const { return device_note_; }

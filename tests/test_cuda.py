@@ -281,6 +281,78 @@ def test_rope(neox, n_rot, head_dim, base, scale, in_place):
     np.testing.assert_allclose(y, rope_ref(x, pos, n_rot, base, scale, neox), rtol=0, atol=2e-5)
 
 
+def _key_values(type_id: int, raw: np.ndarray, head_dim: int) -> np.ndarray:
+    if type_id == F32:
+        return raw.view(np.float32).astype(np.float64)
+    if type_id == F16:
+        return raw.view(np.float16).astype(np.float64)
+    return quants.dequantize(raw, gguf.GGMLQuantizationType(type_id)).astype(np.float64).reshape(len(raw), head_dim)
+
+
+@gpu
+@pytest.mark.parametrize("type_id", [F32, F16, Q8_0, Q4_0])
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [64, 32])
+@pytest.mark.parametrize("delta", [0, -37, 1000])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rerotate_keys(type_id, neox, n_rot, delta, in_place):
+    """Cached keys moved by delta positions (X²L dense positions): rows of every KV type rotated on the
+    device against a float64 RoPE of their values, and quantized again as the CPU quantizes."""
+    head_dim, base = 64, 1e6
+    rng = np.random.default_rng(n_rot + delta % 97)
+    raw, vals = quantize_like(type_id, rng.standard_normal((37, head_dim)).astype(np.float32))
+    raw = raw.reshape(37, -1)
+    out = _core.cuda_rerotate_keys(type_id, raw, head_dim, n_rot, base, neox, delta, in_place)
+    assert out.shape == raw.shape and out.dtype == np.uint8
+    if delta == 0:  # nothing moves: the rows come back as they were, quantized ones included
+        np.testing.assert_array_equal(out, raw)
+        return
+    want = rope_ref(vals[:, None, :], np.full(len(vals), delta, np.int32), n_rot, base, 1.0, neox)[:, 0, :]
+    got = _key_values(type_id, out, head_dim)
+    if type_id == F32:
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    elif type_id == F16:
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    else:
+        # The CPU's quantization of the rotated values (gguf's reference rules, which quant.cpp follows):
+        # the same bytes except where a value sits on a rounding edge, and never more than one step off.
+        ref_raw, ref = quantize_like(type_id, want.astype(np.float32))
+        same = np.mean(out.reshape(-1) == ref_raw.reshape(-1))
+        assert same > 0.97, same
+        blocks = want.reshape(len(want), -1, 32)
+        step = np.abs(blocks).max(axis=2, keepdims=True) / (127 if type_id == Q8_0 else 8)
+        err = np.abs(got.reshape(blocks.shape) - blocks)
+        # half a step of rounding, plus the scale stored as f16 (2^-11 relative, times up to 127 or 8)
+        assert (err <= (0.57 if type_id == Q8_0 else 1.01) * step + 1e-6).all(), (err / step).max()
+
+
+@gpu
+def test_rerotate_keys_composes_and_refuses_bad_rows():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    raw = x.view(np.uint8)
+    there = _core.cuda_rerotate_keys(F32, raw, 128, 128, 1e4, True, 250)
+    back = _core.cuda_rerotate_keys(F32, there, 128, 128, 1e4, True, -250).view(np.float32)
+    np.testing.assert_allclose(back, x, rtol=0, atol=1e-5)
+    with pytest.raises(_core.Error, match="f32, f16, q8_0 or q4_0"):
+        _core.cuda_rerotate_keys(Q4_1, raw, 128, 128)
+    with pytest.raises(_core.Error, match="head_dim"):
+        _core.cuda_rerotate_keys(Q8_0, np.zeros((2, 34), np.uint8), 16, 16)
+
+
+@gpu
+def test_set_rows():
+    rng = np.random.default_rng(0)
+    dst = rng.standard_normal((9, 12)).astype(np.float32)
+    src = rng.standard_normal((3, 12)).astype(np.float32)
+    ids = np.array([7, 0, 4], np.int32)
+    want = dst.copy()
+    want[ids] = src
+    np.testing.assert_array_equal(_core.cuda_set_rows(src, ids, dst), want)
+    # ids outside the destination are skipped, not written out of bounds
+    np.testing.assert_array_equal(_core.cuda_set_rows(src, np.array([9, -1, 2], np.int32), dst)[2], src[2])
+
+
 @gpu
 @pytest.mark.parametrize("n", [1, 33, 1000, 5000])
 def test_softmax(n):
@@ -900,6 +972,111 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
         ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=6)))
     assert len(ids[0]) == 6 and ids[0][:4] == ids[1][:4]
     assert dctx.memory()["resident_bytes"] > 0
+
+
+@pytest.fixture(scope="module")
+def videoxl_hd32(tmp_path_factory):
+    """A tiny Video-XL GGUF (beacon VST projections) with head_dim 32 (2 heads, 1 KV head), f16 weights."""
+    pytest.importorskip("torch")
+    import convert
+    import tiny_models
+
+    d = tmp_path_factory.mktemp("videoxl_hd32")
+    hf = tiny_models.make_tiny_videoxl(d / "hf", seed=4, num_attention_heads=2, num_key_value_heads=1)
+    return str(convert.convert(str(hf), d / "m.gguf", "f16", progress=False))
+
+
+BEACON_TEXT = "the model reads a long video and answers questions about every scene in it " * 6
+
+
+def _beacon_ctx(path, device, high_type, index=None):
+    from x2l_edge import Session
+    from x2l_edge.x2l import VideoContext, prefill_chunks
+
+    s = Session(path, device=device, n_threads=2, n_ctx=512, n_batch=24)
+    assert s.info["head_dim"] == 32
+    stats = None
+    if index is None:
+        ids = s.tokenize(BEACON_TEXT, special=False)
+        assert len(ids) >= 80
+        chunks = [ids[i:i + 16] for i in range(0, 80, 16)]
+        sink = s.tokenize("<|im_start|>user\n")
+        index, stats = prefill_chunks(s, chunks, sink_ids=sink, ratio_low=2, ratio_high=4, high_type=high_type,
+                                      compressor="beacon")
+        stats["sink_tokens"] = len(sink)
+    return VideoContext(s, index, question_suffix="<|im_end|>\n<|im_start|>assistant\n"), stats
+
+
+@gpu
+@pytest.mark.parametrize("high_type", ["f16", "q8_0"])
+def test_cuda_beacon_prefill_and_mixed_cache_match_cpu(videoxl_hd32, high_type):
+    """Video-XL's beacon mode on the device: the VST rows through their own q/k/v projections in the
+    prefill, and mixed caches with dense positions, where every chunk behind one that changed tier has its
+    keys re-rotated on the device (L rows after their copy, H rows into the working set) - against the
+    CPU backend, which test_beacon.py checks against a PyTorch reference of Video-XL."""
+    cctx, cst = _beacon_ctx(videoxl_hd32, "cpu", high_type)
+    dctx, dst = _beacon_ctx(videoxl_hd32, "cuda:0", high_type)
+    # The whole prefill ran on the device: both levels of every chunk, VST rows included.
+    assert dst["on_device"] and dst["device_forward_tokens"] == dst["forward_tokens"] == cst["forward_tokens"]
+    assert dst["forward_tokens"] == dst["sink_tokens"] + 5 * (16 + 8) + 5 * (16 + 4)
+    # The index the device built answers like the CPU's (decoded on the CPU: isolates the prefill).
+    xctx, _ = _beacon_ctx(videoxl_hd32, "cpu", high_type, index=dctx.index)
+    assert dctx._dec.on_device and not xctx._dec.on_device
+    for c in range(5):
+        assert xctx.chunk_info(c) == cctx.chunk_info(c)
+    q = "what happens?"
+    zero_copy = _core.cuda_device_info(0)["integrated"]
+    for chunks in ([], [2], [0, 3], [1, 2, 4], list(range(5))):
+        want = cctx.logits(q, chunks)
+        assert _rel_err(xctx.logits(q, chunks), want) < 2e-2, ("device prefill", chunks)
+        # The device mixed cache (the tail's positions and the moved keys) on the CPU's own index.
+        got = dctx.logits(q, chunks)
+        assert _rel_err(got, xctx.logits(q, chunks)) < 2e-2, ("device decode", chunks)
+        st = dctx.reload_stats()
+        assert st["n_chunks"] == len(chunks)
+        if not zero_copy:
+            assert (st["bytes"] > 0) == bool(chunks)
+        moved = bool(chunks) and chunks != list(range(5))  # H-only and all-L caches are where they were made
+        if moved or (chunks and not zero_copy):  # the working set (recycled: it keeps its size afterwards)
+            assert dctx.memory()["working_bytes"] > 0, chunks
+    for scorer in ("attention", "keys"):
+        a, b = cctx.scores(q, scorer), dctx.scores(q, scorer)
+        np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).max())
+    from x2l_edge.session import _generate_ids
+
+    ids = []
+    for ctx in (cctx, dctx):
+        ctx.reload([1, 3])
+        ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=5)))
+    assert len(ids[0]) == 5 and ids[0][:3] == ids[1][:3]
+
+
+@gpu
+def test_cuda_videoxl_video_end_to_end(videoxl_hd32, tmp_path):
+    """Session.prefill/ask of a Video-XL GGUF on the device: frames through the CLIP tower there, the beacon
+    prefill and the mixed caches there, no fallback notice anywhere; the answers' logits as on the CPU."""
+    import warnings
+
+    from x2l_edge import Session
+    from x2l_edge.video import write_video
+
+    video = tmp_path / "clip.avi"
+    write_video(str(video), list(np.random.default_rng(1).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)), fps=4,
+                codec="MJPG")
+    opts = dict(max_frames=8, chunk_frames=2, ratio_high=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a device fallback would warn
+        dev = Session(videoxl_hd32, device="cuda:0", n_threads=2, n_ctx=1024)
+        dctx = dev.prefill(str(video), **opts)
+        answer = dctx.ask("what happens?", top_k=2, max_tokens=4)
+    assert isinstance(answer, str) and dev.vision.device == "cuda:0"
+    assert dctx.index.settings()["compressor"] == "beacon" and dctx.index.settings()["dense_positions"]
+    assert dctx.prefill_stats["on_device"] and dctx._dec.on_device
+    assert dctx.prefill_stats["device_forward_tokens"] == dctx.prefill_stats["forward_tokens"]
+    cctx = Session(videoxl_hd32, device="cpu", n_threads=2, n_ctx=1024).prefill(str(video), **opts)
+    assert dctx.n_chunks == cctx.n_chunks == 4
+    for chunks in ([], [1], [0, 2]):
+        assert _rel_err(dctx.logits("what happens?", chunks), cctx.logits("what happens?", chunks)) < 3e-2, chunks
 
 
 # ---------------------------------------------------------------- vision tower

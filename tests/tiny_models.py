@@ -353,9 +353,9 @@ def make_tiny_videoxl(out_dir, seed: int = 0, select_layer: int | None = -2, **o
     which does not exist here; the tower's config.json and preprocessor_config.json are
     placed in HF_DIR/<its last path component>/.
 
-    select_layer=None leaves mm_vision_select_layer out of config.json. Other keyword
-    overrides update config.json (``dtype`` sets the saved weights' dtype, ``beacon=False``
-    omits the beacon tensors).
+    select_layer=None leaves mm_vision_select_layer out of config.json. num_attention_heads,
+    num_key_value_heads and num_hidden_layers reshape the LLM; other keyword overrides update
+    config.json (``dtype`` sets the saved weights' dtype, ``beacon=False`` omits the beacon tensors).
     """
     import torch
     import transformers
@@ -365,15 +365,19 @@ def make_tiny_videoxl(out_dir, seed: int = 0, select_layer: int | None = -2, **o
     overrides = dict(overrides)
     dtype = overrides.pop("dtype", torch.float32)
     with_beacon = overrides.pop("beacon", True)
+    # LLM shape overrides go to the Qwen2 config (and from there to config.json).
+    llm_shape = {k: overrides.pop(k) for k in ("num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+                 if k in overrides}
 
     tok = _train_tokenizer("qwen2")
     ids = _write_tokenizer(tok, out, bos=None, add_bos=False, chat_template=QWEN2_INSTRUCT_TEMPLATE, slow=True)
     vocab_size = (tok.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
 
-    qcfg = transformers.Qwen2Config(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-        vocab_size=vocab_size, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        eos_token_id=ids["<|im_end|>"], bos_token_id=ids["<|endoftext|>"])
+    qcfg = transformers.Qwen2Config(**{
+        "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": vocab_size, "max_position_embeddings": 256, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False, "eos_token_id": ids["<|im_end|>"], "bos_token_id": ids["<|endoftext|>"],
+        **llm_shape})
     llm = transformers.Qwen2ForCausalLM(qcfg)
     _randomize(llm, seed)
     ccfg = transformers.CLIPVisionConfig(

@@ -197,6 +197,17 @@ __global__ void f32_to_f16_kernel(const float* __restrict__ x, __half* __restric
         y[i] = __float2half_rn(x[i]);
 }
 
+// dst[ids[i], :] = src[i, :]; ids outside [0, n_dst) are skipped.
+__global__ void set_rows_kernel(const float* __restrict__ src, const int32_t* __restrict__ ids, int64_t n_ids, int64_t n,
+                                float* __restrict__ dst, int64_t n_dst) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_ids * n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t r = i / n;
+        const int32_t id = ids[r];
+        if (id >= 0 && id < n_dst) dst[id * n + (i - r * n)] = src[i];
+    }
+}
+
 // op 0: add, 1: mul
 __global__ void binary_kernel(const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -304,6 +315,14 @@ void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream) {
     if (n == 0) return;
     f32_to_f16_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, static_cast<__half*>(y), n);
     check_launch("f32_to_f16_kernel");
+}
+
+void cuda_set_rows(const float* src, const int32_t* ids, int64_t n_ids, int64_t n, float* dst, int64_t n_dst_rows,
+                   void* stream) {
+    if (n_ids < 0 || n <= 0 || n_dst_rows < 0) throw_arg("cuda_set_rows", "bad shape");
+    if (n_ids == 0) return;
+    set_rows_kernel<<<ew_grid(n_ids * n), kEwThreads, 0, as_stream(stream)>>>(src, ids, n_ids, n, dst, n_dst_rows);
+    check_launch("set_rows_kernel");
 }
 
 static void binary(const char* fn, const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op,

@@ -360,15 +360,20 @@ void CudaLayerPipeline::begin(int layer) {
     offset_ = 0;
 }
 
+void* CudaLayerPipeline::take(size_t bytes) {
+    if (open_ < 0) throw Error("CudaLayerPipeline::take: call begin() first");
+    if (zero_copy_) throw Error("CudaLayerPipeline::take: a zero-copy pipeline has no slots");
+    const size_t off = aligned(offset_);
+    if (off + bytes > slot_bytes_) throw BudgetError("CudaLayerPipeline: slot full");
+    offset_ = off + bytes;
+    return static_cast<char*>(slots_[static_cast<size_t>(open_)].buf.data()) + off;
+}
+
 void* CudaLayerPipeline::stage(const void* host_src, size_t bytes) {
     if (open_ < 0) throw Error("CudaLayerPipeline::stage: call begin() first");
     if (zero_copy_) return cuda_mapped_device_ptr(host_src);
-    const size_t off = aligned(offset_);
-    if (off + bytes > slot_bytes_) throw BudgetError("CudaLayerPipeline::stage: slot full");
-    Slot& s = slots_[static_cast<size_t>(open_)];
-    char* dst = static_cast<char*>(s.buf.data()) + off;
+    void* dst = take(bytes);
     cuda_copy_h2d_async(dst, host_src, bytes, copy_stream_.handle());
-    offset_ = off + bytes;
     return dst;
 }
 

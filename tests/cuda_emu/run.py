@@ -55,11 +55,11 @@ def main() -> int:
     passes = [
         ("discrete GPU", {}, []),
         ("integrated GPU (zero-copy L tier)", {"X2L_EMU_INTEGRATED": "1"},
-         ["-k", "pipeline or x2l or prefill or session or device or bandwidth or vision"]),
+         ["-k", "pipeline or x2l or prefill or session or device or bandwidth or vision or beacon or videoxl"]),
         # Copies as early as their stream allows: a copy that overwrites a slot a queued kernel still
         # reads (a missing release wait) corrupts it. The passes above run copies as late as possible,
         # which exposes the opposite, a kernel that does not wait for its copy.
-        ("discrete GPU, early copies", {"X2L_EMU_EARLY_COPIES": "1"}, ["-k", "pipeline or x2l or prefill or bandwidth"]),
+        ("discrete GPU, early copies", {"X2L_EMU_EARLY_COPIES": "1"}, ["-k", "pipeline or x2l or prefill or bandwidth or beacon or videoxl"]),
         ("1 MiB GPU (out of device memory)", {"X2L_EMU_MEM_MB": "1"}, ["-k", "small_device"]),
     ]
     rc = 0
