@@ -137,7 +137,7 @@ size_t CudaContext::device_bytes() const {
     size_t b = 0;
     for (size_t l = 0; l < k_.size(); ++l) b += k_[l].size() + v_[l].size();
     for (const CudaDeviceBuffer* p : {&x_, &xn_, &q_, &k_new_, &v_new_, &attn_, &gate_, &up_, &pos_, &logits_, &attn_ws_, &lse_,
-                                      &vst_ids_, &vst_x_, &vst_q_, &vst_k_, &vst_v_})
+                                      &vst_ids_, &vst_x_, &vst_q_, &vst_k_, &vst_v_, &x_all_, &pos_all_})
         b += p->size();
     return b;
 }
@@ -211,11 +211,10 @@ void CudaContext::eval_tokens(const LlmModel& model, const std::vector<int32_t>&
     eval(x.data(), n, last_logits, all_out);
 }
 
-void CudaContext::beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, float* q, float* k, float* v) {
+void CudaContext::beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, const int32_t* ids, float* q, float* k, float* v) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, m = n_batch_;
     void* s = stream_->handle();
-    const int32_t* ids = static_cast<const int32_t*>(vst_ids_.data());
     float* vx = static_cast<float*>(vst_x_.data());
     cuda_get_rows(DType::F32, xn_.data(), m, E, ids, n_vst, vx, s);  // [n_vst, E]: the VST rows' normed inputs
     const std::pair<const CudaLlm::Matrix*, const CudaDeviceBuffer*> proj[3] = {
@@ -229,15 +228,108 @@ void CudaContext::beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, float* q, f
     }
 }
 
+// This batch's beacon rows (indices into it) in ids; the VST scratch buffers on first use.
+int64_t CudaContext::vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t>& ids) {
+    const size_t before = ids.size();
+    for (int64_t i = 0; vst && i < m; ++i) {
+        if (vst[i]) ids.push_back(static_cast<int32_t>(i));
+    }
+    const int64_t n_vst = static_cast<int64_t>(ids.size() - before);
+    if (n_vst > 0 && !vst_x_.size()) {  // first beacon batch: room for a whole batch of VST rows
+        const LlmConfig& c = llm_.config();
+        const size_t f = sizeof(float), QD = static_cast<size_t>(c.n_head) * c.head_dim,
+                     KD = static_cast<size_t>(c.n_head_kv) * c.head_dim;
+        vst_x_ = CudaDeviceBuffer(n_batch_ * c.n_embd * f);
+        vst_q_ = CudaDeviceBuffer(n_batch_ * QD * f);
+        vst_k_ = CudaDeviceBuffer(n_batch_ * KD * f);
+        vst_v_ = CudaDeviceBuffer(n_batch_ * KD * f);
+    }
+    return n_vst;
+}
+
 void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits, const uint8_t* vst) {
+    const LlmConfig& c = llm_.config();
+    const int64_t E = c.n_embd;
+    void* s = stream_->handle();
+    const int64_t first = n_past_;
+    check_rows(first + m);
+    float* x = static_cast<float*>(x_.data());
+    std::vector<int32_t> pos_host(m), ids;
+    for (int64_t i = 0; i < m; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
+    const int64_t n_vst = vst_rows(vst, m, ids);
+    // Pageable sources: the runtime stages them before returning, so the host vectors may go.
+    x_.upload(x_host, m * E * sizeof(float), 0, s);
+    pos_.upload(pos_host.data(), m * sizeof(int32_t), 0, s);
+    if (n_vst > 0) {
+        if (vst_ids_.size() < static_cast<size_t>(m) * sizeof(int32_t)) vst_ids_ = CudaDeviceBuffer(n_batch_ * sizeof(int32_t));
+        vst_ids_.upload(ids.data(), n_vst * sizeof(int32_t), 0, s);
+    }
+    for (int l = 0; l < c.n_layer; ++l) {
+        layer_rows(l, x, first, m, static_cast<const int32_t*>(pos_.data()), n_vst,
+                   static_cast<const int32_t*>(vst_ids_.data()), true, true);
+    }
+    if (n_logits > 0) {
+        float* xn = static_cast<float*>(xn_.data());
+        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(llm_.output_norm().data()), xn, n_logits, E,
+                      c.rms_eps, s);
+        matmul(llm_.output(), xn, n_logits, static_cast<float*>(logits_.data()), CudaDeviceBuffer());
+        logits_.download(logits, n_logits * c.n_vocab * sizeof(float), 0, s);
+    }
+    stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
+    n_past_ = first + m;
+}
+
+void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint8_t* vst) {
+    if (n <= 0) return;
+    if (vst && !llm_.has_beacon()) throw Error("this model has no beacon (VST) weights");
+    if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
+    const LlmConfig& c = llm_.config();
+    const int64_t E = c.n_embd, first = n_past_;
+    check_rows(first + n);
+    cuda_set_device(llm_.device());
+    void* s = stream_->handle();
+    if (x_all_.size() < static_cast<size_t>(n * E) * sizeof(float)) {
+        x_all_ = CudaDeviceBuffer();
+        x_all_ = CudaDeviceBuffer(static_cast<size_t>(n * E) * sizeof(float));  // [n, E]: every row's hidden state
+        pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * sizeof(int32_t));
+    }
+    std::vector<int32_t> pos_host(n), ids;        // ids: each batch's VST rows, batch after batch
+    std::vector<std::pair<int64_t, int64_t>> at;  // per batch: its first VST id in ids, their count
+    for (int64_t i = 0; i < n; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
+    for (int64_t b = 0; b < n; b += n_batch_) {
+        const int64_t off = static_cast<int64_t>(ids.size());
+        at.emplace_back(off, vst_rows(vst ? vst + b : nullptr, std::min(n_batch_, n - b), ids));
+    }
+    x_all_.upload(x_host, static_cast<size_t>(n * E) * sizeof(float), 0, s);
+    pos_all_.upload(pos_host.data(), static_cast<size_t>(n) * sizeof(int32_t), 0, s);
+    if (!ids.empty()) {
+        if (vst_ids_.size() < ids.size() * sizeof(int32_t)) vst_ids_ = CudaDeviceBuffer(ids.size() * sizeof(int32_t));
+        vst_ids_.upload(ids.data(), ids.size() * sizeof(int32_t), 0, s);
+    }
+    float* x = static_cast<float*>(x_all_.data());
+    const int32_t* pos = static_cast<const int32_t*>(pos_all_.data());
+    const int32_t* vst_ids = static_cast<const int32_t*>(vst_ids_.data());
+    for (int l = 0; l < c.n_layer; ++l) {
+        for (int64_t b = 0, k = 0; b < n; b += n_batch_, ++k) {
+            const int64_t m = std::min(n_batch_, n - b);
+            layer_rows(l, x + b * E, first + b, m, pos + b, at[k].second, vst_ids + at[k].first, b == 0, b + m == n);
+        }
+    }
+    stream_->synchronize();  // kernel faults surface here, before the rows count as appended
+    n_past_ = first + n;
+}
+
+void CudaContext::check_rows(int64_t end) const {
+    if (votes_ && end > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
+    if (q_capture_ && end > q_capture_rows_) throw Error("set_query_capture: more rows than the capture holds");
+}
+
+void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst,
+                             const int32_t* vst_ids, bool first_rows, bool last_rows) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
     void* s = stream_->handle();
-    const int64_t first = n_past_;
-    if (votes_ && first + m > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
-    if (q_capture_ && first + m > q_capture_rows_) throw Error("set_query_capture: more rows than the capture holds");
-    float* x = static_cast<float*>(x_.data());
     float* xn = static_cast<float*>(xn_.data());
     float* q = static_cast<float*>(q_.data());
     float* k = static_cast<float*>(k_new_.data());
@@ -245,95 +337,63 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
     float* attn = static_cast<float*>(attn_.data());
     float* gate = static_cast<float*>(gate_.data());
     float* up = static_cast<float*>(up_.data());
-    const int32_t* pos = static_cast<const int32_t*>(pos_.data());
-    std::vector<int32_t> pos_host(m);
-    for (int64_t i = 0; i < m; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
-    // Pageable sources: the runtime stages them before returning, so the host vectors may go.
-    x_.upload(x_host, m * E * sizeof(float), 0, s);
-    pos_.upload(pos_host.data(), m * sizeof(int32_t), 0, s);
     const RopeMode mode = c.rope_type == RopeType::Neox ? RopeMode::Neox : RopeMode::Norm;
     const CudaDeviceBuffer none;
-    std::vector<int32_t> vst_rows;  // this batch's beacon rows
-    for (int64_t i = 0; vst && i < m; ++i) {
-        if (vst[i]) vst_rows.push_back(static_cast<int32_t>(i));
-    }
-    const int64_t n_vst = static_cast<int64_t>(vst_rows.size());
-    if (n_vst > 0) {
-        if (!vst_ids_.size()) {  // first beacon batch: room for a whole batch of VST rows
-            const size_t f = sizeof(float);
-            vst_ids_ = CudaDeviceBuffer(n_batch_ * sizeof(int32_t));
-            vst_x_ = CudaDeviceBuffer(n_batch_ * E * f);
-            vst_q_ = CudaDeviceBuffer(n_batch_ * QD * f);
-            vst_k_ = CudaDeviceBuffer(n_batch_ * KD * f);
-            vst_v_ = CudaDeviceBuffer(n_batch_ * KD * f);
-        }
-        vst_ids_.upload(vst_rows.data(), n_vst * sizeof(int32_t), 0, s);
-    }
+    const CudaLlm::Layer& L = llm_.layers()[l];
 
-    for (int l = 0; l < c.n_layer; ++l) {
-        const CudaLlm::Layer& L = llm_.layers()[l];
-        cuda_rms_norm(x, static_cast<const float*>(L.attn_norm.data()), xn, m, E, c.rms_eps, s);
-        matmul(L.wq, xn, m, q, L.bq);  // [m, QD]
-        matmul(L.wk, xn, m, k, L.bk);  // [m, KD]
-        matmul(L.wv, xn, m, v, L.bv);  // [m, KD]
-        if (n_vst > 0) beacon_qkv(L, n_vst, q, k, v);
-        if (q_capture_) {
-            cuda_copy_d2d_async(q_capture_ + (static_cast<int64_t>(l) * q_capture_rows_ + first) * QD, q,
-                                static_cast<size_t>(m * QD) * sizeof(float), s);
-        }
-        cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
-        cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
-        // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the batch's rows are contiguous.
-        uint8_t* kc = static_cast<uint8_t*>(k_[l].data());
-        uint8_t* vc = static_cast<uint8_t*>(v_[l].data());
-        cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
-        cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
-
-        CudaKVSegment& seg = segments_[l].back();  // the cache's own entries, after the prefix
-        seg.k = kc;
-        seg.v = vc;
-        seg.k_tok_stride = seg.v_tok_stride = KD * static_cast<int64_t>(kF16);
-        seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
-        seg.n_tokens = first + m;
-        seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
-        if (hooks_.before) hooks_.before(l, s, segments_[l]);
-        tables_[l].assign(segments_[l], c.head_dim, s);
-        CudaAttentionParams p;
-        p.q = q;
-        p.out = attn;
-        p.n_q = static_cast<int>(m);
-        p.n_head = c.n_head;
-        p.n_kv_head = c.n_head_kv;
-        p.head_dim = c.head_dim;
-        p.causal = true;
-        p.workspace = attn_ws_.data();
-        p.workspace_bytes = attn_ws_.size();
-        if (votes_) p.lse = static_cast<float*>(lse_.data());
-        cuda_attention(p, tables_[l], s);  // [m, QD]
-        if (votes_) {
-            cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
-                                 static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
-                                 votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
-        }
-        if (hooks_.after) hooks_.after(l, s);
-
-        matmul(L.wo, attn, m, xn, none);
-        cuda_add(x, xn, x, m * E, m * E, s);
-        cuda_rms_norm(x, static_cast<const float*>(L.ffn_norm.data()), xn, m, E, c.rms_eps, s);
-        matmul(L.w_gate, xn, m, gate, none);  // [m, FF]
-        matmul(L.w_up, xn, m, up, none);      // [m, FF]
-        cuda_swiglu(gate, up, gate, m * FF, s);
-        matmul(L.w_down, gate, m, xn, none);  // [m, E]
-        cuda_add(x, xn, x, m * E, m * E, s);
+    cuda_rms_norm(x, static_cast<const float*>(L.attn_norm.data()), xn, m, E, c.rms_eps, s);
+    matmul(L.wq, xn, m, q, L.bq);  // [m, QD]
+    matmul(L.wk, xn, m, k, L.bk);  // [m, KD]
+    matmul(L.wv, xn, m, v, L.bv);  // [m, KD]
+    if (n_vst > 0) beacon_qkv(L, n_vst, vst_ids, q, k, v);
+    if (q_capture_) {
+        cuda_copy_d2d_async(q_capture_ + (static_cast<int64_t>(l) * q_capture_rows_ + first) * QD, q,
+                            static_cast<size_t>(m * QD) * sizeof(float), s);
     }
-    if (n_logits > 0) {
-        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(llm_.output_norm().data()), xn, n_logits, E,
-                      c.rms_eps, s);
-        matmul(llm_.output(), xn, n_logits, static_cast<float*>(logits_.data()), none);
-        logits_.download(logits, n_logits * c.n_vocab * sizeof(float), 0, s);
+    cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
+    cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
+    // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the rows are contiguous.
+    uint8_t* kc = static_cast<uint8_t*>(k_[l].data());
+    uint8_t* vc = static_cast<uint8_t*>(v_[l].data());
+    cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
+    cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
+
+    CudaKVSegment& seg = segments_[l].back();  // the cache's own entries, after the prefix
+    seg.k = kc;
+    seg.v = vc;
+    seg.k_tok_stride = seg.v_tok_stride = KD * static_cast<int64_t>(kF16);
+    seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
+    seg.n_tokens = first + m;
+    seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
+    if (first_rows && hooks_.before) hooks_.before(l, s, segments_[l]);
+    tables_[l].assign(segments_[l], c.head_dim, s);
+    CudaAttentionParams p;
+    p.q = q;
+    p.out = attn;
+    p.n_q = static_cast<int>(m);
+    p.n_head = c.n_head;
+    p.n_kv_head = c.n_head_kv;
+    p.head_dim = c.head_dim;
+    p.causal = true;
+    p.workspace = attn_ws_.data();
+    p.workspace_bytes = attn_ws_.size();
+    if (votes_) p.lse = static_cast<float*>(lse_.data());
+    cuda_attention(p, tables_[l], s);  // [m, QD]
+    if (votes_) {
+        cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
+                             static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
+                             votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
     }
-    stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
-    n_past_ = first + m;
+    if (last_rows && hooks_.after) hooks_.after(l, s);
+
+    matmul(L.wo, attn, m, xn, none);
+    cuda_add(x, xn, x, m * E, m * E, s);
+    cuda_rms_norm(x, static_cast<const float*>(L.ffn_norm.data()), xn, m, E, c.rms_eps, s);
+    matmul(L.w_gate, xn, m, gate, none);  // [m, FF]
+    matmul(L.w_up, xn, m, up, none);      // [m, FF]
+    cuda_swiglu(gate, up, gate, m * FF, s);
+    matmul(L.w_down, gate, m, xn, none);  // [m, E]
+    cuda_add(x, xn, x, m * E, m * E, s);
 }
 
 // ------------------------------------------------------------------------------------ X²L tiers
@@ -719,7 +779,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         }
     }
     CudaPrefixHooks hooks;
-    int64_t step = 0, staged = 0;  // forward's (batch, layer) steps: attended to / copied so far
+    int64_t step = 0, staged = 0;  // layers attended to / copied so far (the forward is layer-major)
     std::vector<std::vector<std::pair<const void*, const void*>>> where(kCopySlots);  // [slot][streamed] K, V
     if (!streamed.empty()) {
         size_t slot = 0;
@@ -727,15 +787,15 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         // The prefix grows by one chunk per level: room for a few more, so that the slots are not
         // reallocated for every chunk.
         reserve_pipeline(pipe_, slot, slot + slot / 4, kCopySlots);
-        // Each batch of the forward walks every layer, so step t = batch * L + layer is staged in slot
-        // t % kCopySlots once step t - kCopySlots released it: the copy of the next layer overlaps the
-        // current layer's compute.
-        const int64_t total = ((n + n_batch_ - 1) / n_batch_) * L;
+        // The forward runs every row through layer l before layer l + 1 (forward_layer_major), so each
+        // layer of the L prefix is copied once per run: layer t is staged in slot t % kCopySlots once
+        // layer t - kCopySlots released it, and the copy of the next layer overlaps this one's compute.
+        const int64_t total = L;
         auto stage = [&](int64_t t) {
             pipe_->begin(static_cast<int>(t));
             auto& w = where[static_cast<size_t>(t % kCopySlots)];
             w.clear();
-            const size_t off_layer = static_cast<size_t>(t % L);
+            const size_t off_layer = static_cast<size_t>(t);
             for (const CudaKVRows* r : streamed) {
                 const size_t off = off_layer * r->layer_bytes;
                 const void* k = pipe_->stage(r->k + off, r->layer_bytes);
@@ -767,7 +827,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         ctx_->set_observer(nullptr, 0, 0);
     }
     try {
-        ctx_->forward(x, n, 0, nullptr, vst);  // synchronizes: the rows and votes are complete
+        ctx_->forward_layer_major(x, n, vst);  // synchronizes: the rows and votes are complete
     } catch (...) {
         // The hooks point into this frame, and queued work may still read the copy slots.
         try {

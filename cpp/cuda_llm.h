@@ -106,6 +106,11 @@ class CudaContext {
     // as it was before the call. vst (host, [n] or nullptr): rows flagged 1 are beacon (VST) rows, whose
     // q/k/v come from the layer's VST projections (a beacon model only).
     void forward(const float* x, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst = nullptr);
+    // forward() in layer-major order, for the X²L prefill (no logits): every layer runs over all n rows
+    // (n_batch at a time) before the next starts, so the hooks run once per layer (before the first
+    // piece's attention, after the last's) and a prefix streamed per layer is copied once per call,
+    // not once per n_batch rows. Holds the n rows' hidden states [n, n_embd] on the device.
+    void forward_layer_major(const float* x, int64_t n, const uint8_t* vst = nullptr);
     // The eval contract of LlmSession and X2LDecoder on top of forward(): the last row's logits into
     // last_logits [n_vocab]; with all_out, every row's into all_out [n, n_vocab].
     void eval(const float* x, int64_t n, std::vector<float>& last_logits, std::vector<float>* all_out);
@@ -135,8 +140,15 @@ class CudaContext {
 
   private:
     void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst);
+    // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos [m] and
+    // vst_ids [n_vst] (device). The hooks run when first_rows (before) / last_rows (after) of the layer.
+    void layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst, const int32_t* vst_ids,
+                    bool first_rows, bool last_rows);
+    void check_rows(int64_t end) const;  // the observer and the query capture hold own rows [0, end)
+    // Appends the indices of the flagged rows among vst[0, m) to ids; returns how many.
+    int64_t vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t>& ids);
     // The VST rows' q/k/v over the ordinary ones (after the projections, before RoPE), as the CPU's beacon_qkv.
-    void beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, float* q, float* k, float* v);
+    void beacon_qkv(const CudaLlm::Layer& L, int64_t n_vst, const int32_t* ids, float* q, float* k, float* v);
     void matmul(const CudaLlm::Matrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias);
 
     const CudaLlm& llm_;
@@ -146,6 +158,7 @@ class CudaContext {
     // Beacon models: the batch's VST row indices [n_batch] (int32), their normed inputs [n_batch, n_embd]
     // and projections [n_batch, q or kv dim] (empty otherwise).
     CudaDeviceBuffer vst_ids_, vst_x_, vst_q_, vst_k_, vst_v_;
+    CudaDeviceBuffer x_all_, pos_all_;  // forward_layer_major: [n, n_embd] hidden states, [n] positions
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;
     float* q_capture_ = nullptr;
@@ -228,16 +241,17 @@ class CudaX2L {
     std::unique_ptr<CudaContext> ctx_;
 };
 
-// The forward of the X²L bi-level prefill (either compressor: "snapkv" votes or "beacon" VST rows) on the device: each
-// level of a chunk runs on top of the segments it attends to (sink + earlier chunks' L or H), and the
-// attention votes that drive the compression are computed there too (cuda_attention_votes). The
+// The forward of the X²L bi-level prefill (either compressor: "snapkv" votes or "beacon" VST rows) on
+// the device: each level of a chunk runs on top of the segments it attends to (sink + earlier chunks'
+// L or H), and the attention votes that drive the compression are computed there too (cuda_attention_votes). The
 // chunk's full KV and its votes come back to the host, where the entry selection and the tier rows are
 // made exactly as on the CPU (O(entries), cheap next to the forward).
 // Memory follows the X²L tiers: the sink and H-KVs are copied to the device on first use and stay
 // there (as they will for decoding); L-KVs stay in host memory, page-locked on first use, and are
 // streamed layer by layer through a two-slot copy pipeline (layer l computes while layer l+1 copies;
 // read in place on integrated GPUs). So the device holds the sink, the H tier and two layers' worth
-// of L prefix, not the whole L tier, however long the video.
+// of L prefix, not the whole L tier, however long the video. The forward is layer-major
+// (CudaContext::forward_layer_major), so a run copies each layer of the prefix once, whatever n_batch.
 class CudaPrefill {
   public:
     CudaPrefill(const CudaLlm& llm, int64_t n_batch);
