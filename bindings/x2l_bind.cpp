@@ -111,7 +111,7 @@ void bind_x2l(nb::module_& m) {
         .def("__init__", [](x2l::X2LPrefill* self, x2l::LlmSession& s, int ratio_low, int ratio_high,
                             const std::string& low_type, const std::string& high_type, bool pin_ends, bool two_pass,
                             int obs_window, int pool_kernel, size_t max_host_bytes, size_t max_device_bytes,
-                            const std::string& compressor) {
+                            const std::string& compressor, int64_t prefill_low_cache_bytes) {
             x2l::X2LOptions o;
             o.ratio_low = ratio_low;
             o.ratio_high = ratio_high;
@@ -124,10 +124,12 @@ void bind_x2l(nb::module_& m) {
             o.max_host_bytes = max_host_bytes;
             o.max_device_bytes = max_device_bytes;
             o.compressor = compressor;
+            o.prefill_low_cache_bytes = prefill_low_cache_bytes;
             new (self) x2l::X2LPrefill(s, o);
         }, "session"_a, "ratio_low"_a = 2, "ratio_high"_a = 32, "low_type"_a = "f16", "high_type"_a = "q8_0",
            "pin_ends"_a = false, "two_pass"_a = true, "obs_window"_a = 0, "pool_kernel"_a = 5,
-           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, "compressor"_a = "snapkv", nb::keep_alive<1, 2>())
+           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, "compressor"_a = "snapkv",
+           "prefill_low_cache_bytes"_a = -1, nb::keep_alive<1, 2>())
         .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
             nb::gil_scoped_release nogil;
             p.add_sink(tokens);
@@ -150,6 +152,7 @@ void bind_x2l(nb::module_& m) {
             d["seconds"] = p.stats().seconds;
             d["device_peak_bytes"] = p.stats().device_peak_bytes;
             d["streamed_bytes"] = p.stats().streamed_bytes;
+            d["cached_low_bytes"] = p.stats().cached_low_bytes;
             d["working_bytes"] = p.working_bytes();
             d["on_device"] = p.on_device();
             d["device_note"] = p.device_note();

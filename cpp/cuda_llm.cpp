@@ -704,8 +704,15 @@ size_t CudaX2L::resident_bytes() const {
 
 // ------------------------------------------------------------------------------------ prefill
 
-CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch) : llm_(llm), n_batch_(n_batch) {
+CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes) : llm_(llm), n_batch_(n_batch) {
     if (n_batch <= 0) throw Error("n_batch must be > 0");
+    cuda_set_device(llm.device());
+    // Integrated GPUs read the L rows in place: a device copy would only duplicate them in the same DRAM.
+    if (llm.integrated()) {
+        low_budget_ = 0;
+    } else {
+        low_budget_ = low_cache_bytes >= 0 ? static_cast<size_t>(low_cache_bytes) : cuda_device_info(llm.device()).free_mem / 2;
+    }
 }
 
 CudaPrefill::~CudaPrefill() {
@@ -732,15 +739,52 @@ const CudaKVRows& CudaPrefill::resident(const KVSegment* seg) {
     return resident_.back().second;
 }
 
+// seg's rows in device memory when they are cached there or fit the L cache's budget (nullptr: stream them).
+const CudaKVRows* CudaPrefill::low_cached(const KVSegment* seg) {
+    if (const CudaKVRows* r = find_rows(low_cached_, seg)) return r;
+    size_t bytes = 2 * seg->layer_bytes() * static_cast<size_t>(seg->n_layer());
+    for (const auto& r : low_cached_) bytes += r.second.dev.size();
+    if (bytes > low_budget_) return nullptr;
+    try {
+        low_cached_.emplace_back(seg, cuda_upload_rows(*seg, "L"));
+    } catch (const BudgetError&) {
+        low_budget_ = 0;  // the device is fuller than it was: stream from now on
+        return nullptr;
+    }
+    return &low_cached_.back().second;
+}
+
 const CudaKVRows& CudaPrefill::pinned(const KVSegment* seg) {
     if (const CudaKVRows* r = find_rows(pinned_, seg)) return *r;
     pinned_.emplace_back(seg, cuda_pin_rows(*seg, "L", llm_.integrated()));
     return pinned_.back().second;
 }
 
+// Runs `alloc`; when the device is full and L rows are cached there, drops that cache for good (the
+// L prefix is streamed from then on) and tries again. Only while no view of the cache is in use.
+template <typename Fn>
+void CudaPrefill::with_room(Fn&& alloc) {
+    try {
+        alloc();
+    } catch (const BudgetError&) {
+        if (low_cached_.empty()) throw;
+        cuda_device_synchronize();
+        low_cached_.clear();
+        low_budget_ = 0;
+        alloc();
+    }
+}
+
+size_t CudaPrefill::cached_low_bytes() const {
+    size_t b = 0;
+    for (const auto& r : low_cached_) b += r.second.dev.size();
+    return b;
+}
+
 size_t CudaPrefill::device_bytes() const {
     size_t b = votes_.size() + (ctx_ ? ctx_->device_bytes() : 0);
     for (const auto& r : resident_) b += r.second.dev.size();
+    for (const auto& r : low_cached_) b += r.second.dev.size();
     if (pipe_) b += pipe_->slot_bytes() * static_cast<size_t>(pipe_->n_slots());
     return b;
 }
@@ -752,74 +796,97 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     if (tail.size() != 0 || tail.capacity() < n) throw Error("CudaPrefill::run: the tail must be empty and hold n entries");
     cuda_set_device(llm_.device());
     const int64_t HK = static_cast<int64_t>(c.n_head_kv) * c.n_layer;
+    for (const PrefixSegment& p : prefix) {
+        if (!p.seg) throw Error("CudaPrefill::run: null prefix segment");
+    }
+    // Device memory this run needs comes first (it may evict the L cache: no view of it exists yet).
     if (!ctx_ || ctx_->n_ctx() < n) {
         ctx_.reset();
         votes_ = CudaDeviceBuffer();
-        ctx_.reset(new CudaContext(llm_, n, n_batch_, /*with_logits=*/false));
-        votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
+        with_room([&] {
+            ctx_.reset(new CudaContext(llm_, n, n_batch_, /*with_logits=*/false));
+            votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
+        });
     }
-    // Per layer: resident views, mapped views (integrated), and placeholders that the hooks below point
-    // at the copy slot holding that layer of the streamed segments.
+    for (const PrefixSegment& p : prefix) {
+        if (!p.on_host && p.seg->size() > 0) with_room([&] { resident(p.seg); });
+    }
     const int L = c.n_layer;
-    std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(L));
     std::vector<const CudaKVRows*> streamed;  // discrete GPUs: L-tier segments copied per layer
     std::vector<size_t> streamed_at;          // their places in a layer's segment list
-    for (const PrefixSegment& p : prefix) {
-        if (!p.seg) throw Error("CudaPrefill::run: null prefix segment");
-        if (p.seg->size() == 0) continue;
-        const CudaKVRows& r = p.on_host ? pinned(p.seg) : resident(p.seg);
-        const bool copied = p.on_host && !llm_.integrated();
-        if (copied) {
-            streamed.push_back(&r);
-            streamed_at.push_back(per_layer[0].size());
-        }
-        for (int l = 0; l < L; ++l) {
-            per_layer[l].push_back(copied ? cuda_layer_view(r, nullptr, nullptr)
-                                          : cuda_layer_view(r, r.k + l * r.layer_bytes, r.v + l * r.layer_bytes));
-        }
-    }
-    CudaPrefixHooks hooks;
-    int64_t step = 0, staged = 0;  // layers attended to / copied so far (the forward is layer-major)
+    int64_t step = 0, staged = 0;             // layers attended to / copied so far (the forward is layer-major)
     std::vector<std::vector<std::pair<const void*, const void*>>> where(kCopySlots);  // [slot][streamed] K, V
-    if (!streamed.empty()) {
-        size_t slot = 0;
-        for (const CudaKVRows* r : streamed) slot += 2 * CudaLayerPipeline::aligned(r->layer_bytes);
-        // The prefix grows by one chunk per level: room for a few more, so that the slots are not
-        // reallocated for every chunk.
-        reserve_pipeline(pipe_, slot, slot + slot / 4, kCopySlots);
-        // The forward runs every row through layer l before layer l + 1 (forward_layer_major), so each
-        // layer of the L prefix is copied once per run: layer t is staged in slot t % kCopySlots once
-        // layer t - kCopySlots released it, and the copy of the next layer overlaps this one's compute.
-        const int64_t total = L;
-        auto stage = [&](int64_t t) {
-            pipe_->begin(static_cast<int>(t));
-            auto& w = where[static_cast<size_t>(t % kCopySlots)];
-            w.clear();
-            const size_t off_layer = static_cast<size_t>(t);
-            for (const CudaKVRows* r : streamed) {
-                const size_t off = off_layer * r->layer_bytes;
-                const void* k = pipe_->stage(r->k + off, r->layer_bytes);
-                const void* v = pipe_->stage(r->v + off, r->layer_bytes);
-                w.emplace_back(k, v);
-                streamed_bytes_ += 2 * r->layer_bytes;
+    // The context's prefix: per layer, resident views (sink, H, cached L), mapped views (integrated), and
+    // placeholders that the hooks point at the copy slot holding that layer of the streamed segments. If
+    // the copy slots or the segment tables do not fit while L rows are cached, the cache goes and the
+    // prefix is made again, streaming those rows.
+    for (int attempt = 0;; ++attempt) {
+        streamed.clear();
+        streamed_at.clear();
+        try {
+            std::vector<std::vector<CudaKVSegment>> per_layer(static_cast<size_t>(L));
+            for (const PrefixSegment& p : prefix) {
+                if (p.seg->size() == 0) continue;
+                const CudaKVRows* cached = p.on_host && !llm_.integrated() ? low_cached(p.seg) : nullptr;
+                const CudaKVRows& r = cached ? *cached : p.on_host ? pinned(p.seg) : resident(p.seg);
+                const bool copied = p.on_host && !llm_.integrated() && !cached;
+                if (copied) {
+                    streamed.push_back(&r);
+                    streamed_at.push_back(per_layer[0].size());
+                }
+                for (int l = 0; l < L; ++l) {
+                    per_layer[l].push_back(copied ? cuda_layer_view(r, nullptr, nullptr)
+                                                  : cuda_layer_view(r, r.k + l * r.layer_bytes, r.v + l * r.layer_bytes));
+                }
             }
-            pipe_->end();
-        };
-        hooks.before = [&, total, stage](int, void* stream, std::vector<CudaKVSegment>& segs) {
-            while (staged < total && staged <= step + kCopySlots - 1) stage(staged++);
-            pipe_->wait_ready(static_cast<int>(step), stream);
-            const auto& w = where[static_cast<size_t>(step % kCopySlots)];
-            for (size_t j = 0; j < streamed.size(); ++j) {
-                segs[streamed_at[j]].k = w[j].first;
-                segs[streamed_at[j]].v = w[j].second;
+            CudaPrefixHooks hooks;
+            if (!streamed.empty()) {
+                size_t slot = 0;
+                for (const CudaKVRows* r : streamed) slot += 2 * CudaLayerPipeline::aligned(r->layer_bytes);
+                // The prefix grows by one chunk per level: room for a few more, so that the slots are not
+                // reallocated for every chunk.
+                reserve_pipeline(pipe_, slot, slot + slot / 4, kCopySlots);
+                // The forward runs every row through layer l before layer l + 1 (forward_layer_major), so
+                // each layer of the L prefix is copied once per run: layer t is staged in slot t % kCopySlots
+                // once layer t - kCopySlots released it, and the copy of the next layer overlaps this
+                // one's compute.
+                auto stage = [&](int64_t t) {
+                    pipe_->begin(static_cast<int>(t));
+                    auto& w = where[static_cast<size_t>(t % kCopySlots)];
+                    w.clear();
+                    for (const CudaKVRows* r : streamed) {
+                        const size_t off = static_cast<size_t>(t) * r->layer_bytes;
+                        const void* k = pipe_->stage(r->k + off, r->layer_bytes);
+                        const void* v = pipe_->stage(r->v + off, r->layer_bytes);
+                        w.emplace_back(k, v);
+                        streamed_bytes_ += 2 * r->layer_bytes;
+                    }
+                    pipe_->end();
+                };
+                hooks.before = [&, L, stage](int, void* stream, std::vector<CudaKVSegment>& segs) {
+                    while (staged < L && staged <= step + kCopySlots - 1) stage(staged++);
+                    pipe_->wait_ready(static_cast<int>(step), stream);
+                    const auto& w = where[static_cast<size_t>(step % kCopySlots)];
+                    for (size_t j = 0; j < streamed.size(); ++j) {
+                        segs[streamed_at[j]].k = w[j].first;
+                        segs[streamed_at[j]].v = w[j].second;
+                    }
+                };
+                hooks.after = [&](int, void* stream) {
+                    pipe_->release(static_cast<int>(step), stream);
+                    ++step;
+                };
             }
-        };
-        hooks.after = [&](int, void* stream) {
-            pipe_->release(static_cast<int>(step), stream);
-            ++step;
-        };
+            ctx_->set_prefix(std::move(per_layer), pos0, std::move(hooks));
+            break;
+        } catch (const BudgetError&) {
+            ctx_->set_prefix({}, 0);  // no view of the cache is left
+            if (attempt > 0 || low_cached_.empty()) throw;
+            cuda_device_synchronize();
+            low_cached_.clear();
+            low_budget_ = 0;
+        }
     }
-    ctx_->set_prefix(std::move(per_layer), pos0, std::move(hooks));
     if (importance) {
         votes_.zero(ctx_->stream());
         ctx_->set_observer(static_cast<float*>(votes_.data()), n, obs_start);  // [n_layer, n_head_kv, n]

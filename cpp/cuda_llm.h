@@ -252,9 +252,12 @@ class CudaX2L {
 // read in place on integrated GPUs). So the device holds the sink, the H tier and two layers' worth
 // of L prefix, not the whole L tier, however long the video. The forward is layer-major
 // (CudaContext::forward_layer_major), so a run copies each layer of the prefix once, whatever n_batch.
+// Discrete GPUs with room to spare keep L rows in device memory too (low_cache_bytes of them; -1: half
+// the device memory free at construction), earliest chunks first since every later chunk attends to
+// them, and stream only the rest; the cache is dropped for good when the device fills up.
 class CudaPrefill {
   public:
-    CudaPrefill(const CudaLlm& llm, int64_t n_batch);
+    CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes = -1);
     ~CudaPrefill();
     CudaPrefill(const CudaPrefill&) = delete;
     CudaPrefill& operator=(const CudaPrefill&) = delete;
@@ -274,16 +277,21 @@ class CudaPrefill {
     size_t device_bytes() const;       // held now: context, votes, resident segments, copy slots
     size_t peak_device_bytes() const { return peak_bytes_; }
     size_t streamed_bytes() const { return streamed_bytes_; }  // L prefix bytes copied host -> device so far
+    size_t cached_low_bytes() const;                             // L rows held in device memory now
 
   private:
     const CudaKVRows& resident(const KVSegment* seg);
     const CudaKVRows& pinned(const KVSegment* seg);
+    const CudaKVRows* low_cached(const KVSegment* seg);
+    template <typename Fn>
+    void with_room(Fn&& alloc);
     const CudaLlm& llm_;
     int64_t n_batch_;
     std::unique_ptr<CudaContext> ctx_;
     CudaDeviceBuffer votes_;  // room for [n_layer, n_head_kv, ctx capacity]; a run uses [.., .., n]
     // deques: a run keeps references to earlier entries while it adds more
-    std::deque<std::pair<const KVSegment*, CudaKVRows>> resident_, pinned_;
+    std::deque<std::pair<const KVSegment*, CudaKVRows>> resident_, pinned_, low_cached_;
+    size_t low_budget_ = 0;  // bytes of L rows low_cached_ may hold
     static constexpr int kCopySlots = 2;
     std::unique_ptr<CudaLayerPipeline> pipe_;  // discrete GPUs: kCopySlots layers of streamed L prefix
     size_t streamed_bytes_ = 0, peak_bytes_ = 0;

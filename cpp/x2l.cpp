@@ -60,7 +60,7 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
 #ifdef X2L_HAVE_CUDA
     if (s.cuda()) {
-        gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch));
+        gpu_.reset(new CudaPrefill(*s.cuda(), s.options().n_batch, o.prefill_low_cache_bytes));
         on_device_ = true;
     }
 #endif
@@ -81,6 +81,7 @@ void X2LPrefill::release_device() {
     if (gpu_) {
         stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
         stats_.streamed_bytes = gpu_->streamed_bytes();
+        stats_.cached_low_bytes = std::max(stats_.cached_low_bytes, gpu_->cached_low_bytes());
     }
 #endif
     gpu_.reset();
@@ -139,6 +140,7 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
             stats_.device_forward_tokens += n;
             stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
             stats_.streamed_bytes = gpu_->streamed_bytes();
+            stats_.cached_low_bytes = std::max(stats_.cached_low_bytes, gpu_->cached_low_bytes());
         } catch (const BudgetError& e) {
             // The device is full (the H tier grows with every chunk): go on on the CPU, which needs
             // nothing from the device (the index lives on the host).

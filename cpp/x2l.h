@@ -38,6 +38,9 @@ struct X2LOptions {
     int pool_kernel = 5;            // neighbour smoothing of the votes
     size_t max_host_bytes = 0;      // budget for the L tier (0 = unlimited)
     size_t max_device_bytes = 0;    // budget for sink + H tier + working buffers (0 = unlimited)
+    // Device prefill on a discrete GPU: bytes of L-KVs it may keep in device memory instead of streaming
+    // them for every later chunk (-1: half the device memory free when the prefill starts; 0: stream all).
+    int64_t prefill_low_cache_bytes = -1;
     int64_t max_chunk_tokens = 0;   // 0: grows with the largest chunk seen
     // "snapkv": training-free selection (any model). "beacon": Video-XL's learned summarization
     // tokens (needs VST weights): one VST after every `ratio` raw tokens, VST rows through their own
@@ -56,9 +59,11 @@ struct PrefillStats {
     int64_t device_forward_tokens = 0;  // of which on the CUDA device
     double seconds = 0.0;
     // Device prefill only (CudaPrefill): the most device memory it held, and the L-prefix bytes it
-    // streamed host -> device (0 on integrated GPUs, which read the L tier in place).
+    // streamed host -> device (0 on integrated GPUs, which read the L tier in place, and for L rows
+    // cached in device memory).
     size_t device_peak_bytes = 0;
     size_t streamed_bytes = 0;
+    size_t cached_low_bytes = 0;  // L rows it kept in device memory instead (the most at a time)
 };
 
 class X2LPrefill {

@@ -847,7 +847,7 @@ def test_cuda_prefill_streams_the_low_tier(tmp_path):
     runs = {}
     for name, text in (("short", half), ("long", X2L_TEXT)):
         s = Session(path, device="cuda:0", n_threads=2, n_batch=32)
-        runs[name] = s.prefill_text(text, **kw)
+        runs[name] = s.prefill_text(text, **kw, prefill_low_cache_bytes=0)  # no L rows cached on the device
         st = runs[name].prefill_stats
         assert st["on_device"] and st["device_note"] == "", st
         assert st["device_peak_bytes"] > 0
@@ -918,6 +918,37 @@ def test_small_device_runs_out_of_memory_cleanly(tiny_hd32):
     else:  # the device ran the first chunks, then filled up with the growing H tier; the CPU went on
         assert _rel_err(ctx.logits(q, [1, 2]), cpu.logits(q, [1, 2])) < 3e-2
     print(f"1 MiB device: {st['device_forward_tokens']} of {st['forward_tokens']} prefill tokens on the device")
+
+
+EMU_2MIB = HAS_GPU and _core.cuda_emulated() and _core.cuda_device_info(0)["total_mem"] == (2 << 20)
+
+
+@pytest.mark.skipif(not EMU_2MIB, reason="needs the emulated 2 MiB device (tests/cuda_emu/run.py)")
+def test_small_device_prefill_drops_its_low_cache(tmp_path):
+    """The prefill caches L rows in device memory as told (here: without limit); when the device fills up it
+    drops that cache and streams the L prefix instead of leaving the device: the whole prefill still runs
+    there, with the same index as a prefill that streamed from the start."""
+    import convert
+    import tiny_models
+    from x2l_edge import Session
+
+    hf = tiny_models.make_tiny_llama(tmp_path / "hf", seed=9, num_attention_heads=2, num_key_value_heads=1,
+                                     num_hidden_layers=8)
+    path = str(convert.convert(str(hf), tmp_path / "deep.gguf", "f16", progress=False))
+    kw = dict(chunk_tokens=32, ratio_low=1, ratio_high=8, high_type="q8_0")  # big L rows: the cache fills up
+    stats, kept = {}, {}
+    for cache in (1 << 40, 0):
+        s = Session(path, device="cuda:0", n_threads=2, n_ctx=64, n_batch=16)
+        ctx = s.prefill_text(X2L_TEXT, **kw, prefill_low_cache_bytes=cache)
+        stats[cache] = st = ctx.prefill_stats
+        assert st["on_device"] and st["device_forward_tokens"] == st["forward_tokens"], st
+        kept[cache] = [np.asarray(ctx.index.low_positions(c)) for c in range(ctx.n_chunks)]
+        del ctx, s  # the next session needs the device memory
+    cached, streamed = stats[1 << 40], stats[0]
+    assert cached["cached_low_bytes"] > 0 and 0 < cached["streamed_bytes"] < streamed["streamed_bytes"], (cached, streamed)
+    assert len(kept[0]) == len(kept[1 << 40]) > 10
+    for a, b in zip(kept[1 << 40], kept[0]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_x2l_q8_h_tier_on_the_cpu(tiny_hd32):
@@ -1238,3 +1269,43 @@ def test_cuda_prefill_matches_cpu(tiny_hd32, arch, obs_window):
     np.testing.assert_allclose(dctx.scores(q, "attention"), cctx.scores(q, "attention"), rtol=0, atol=2e-2)
     for chunks in ([], [1, 4]):
         assert _rel_err(dctx.logits(q, chunks), cctx.logits(q, chunks)) < 3e-2, chunks
+
+
+@gpu
+def test_cuda_prefill_caches_the_low_tier_when_there_is_room(tiny_hd32):
+    """With room on a discrete GPU the prefill keeps L rows in device memory (prefill_low_cache_bytes,
+    default half the free memory), the earliest chunks first since every later chunk attends to them, and
+    streams only the rest; the index is the same whichever way the L prefix reached the device."""
+    from x2l_edge import Session
+
+    kw = dict(chunk_tokens=48, ratio_low=2, ratio_high=8, high_type="q8_0")
+
+    def run(**extra):
+        s = Session(tiny_hd32["llama"], device="cuda:0", n_threads=2, n_batch=32)
+        ctx = s.prefill_text(X2L_TEXT, **kw, **extra)
+        assert ctx.prefill_stats["on_device"] and ctx.prefill_stats["device_note"] == ""
+        return s, ctx
+
+    s, streamed = run(prefill_low_cache_bytes=0)
+    info = [streamed.index.chunk_info(c) for c in range(streamed.n_chunks)]
+    row_bytes = s.info["n_layer"] * s.info["n_head_kv"] * s.info["head_dim"] * 2 * 2  # f16 K and V, every layer
+    low = [i["low_entries"] * row_bytes for i in info]
+    _, auto = run()
+    _, part = run(prefill_low_cache_bytes=sum(low[:3]))  # room for the first three chunks' L rows
+    q = "Which colour is item 7?"
+    want = streamed.logits(q, [1, 4])
+    for ctx in (auto, part):
+        for c in range(streamed.n_chunks):
+            np.testing.assert_array_equal(ctx.index.low_positions(c), streamed.index.low_positions(c))
+        np.testing.assert_array_equal(ctx.logits(q, [1, 4]), want)
+    st = {name: ctx.prefill_stats for name, ctx in (("streamed", streamed), ("auto", auto), ("part", part))}
+    if _core.cuda_device_info(0)["integrated"]:  # the L rows are read in place: nothing cached, nothing copied
+        assert all(v["cached_low_bytes"] == 0 and v["streamed_bytes"] == 0 for v in st.values()), st
+        return
+    n = len(low)
+    assert st["streamed"]["cached_low_bytes"] == 0
+    assert st["streamed"]["streamed_bytes"] == sum(sum(low[:c]) for c in range(n))
+    assert st["auto"]["streamed_bytes"] == 0 and st["auto"]["cached_low_bytes"] == sum(low[:-1])
+    assert st["part"]["cached_low_bytes"] == sum(low[:3])
+    assert st["part"]["streamed_bytes"] == sum(sum(low[3:c]) for c in range(n))
+    # (Peak memory is not compared: on this 2-layer model the two copy slots hold the whole prefix too.)

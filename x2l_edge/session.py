@@ -313,7 +313,9 @@ class Session:
         chunks of chunk_tokens tokens; returns a VideoContext to ask questions on.
 
         Options: ratio_low (2), ratio_high (32), low_type ('f16'), high_type ('q8_0'), pin_ends, two_pass,
-        obs_window, pool_kernel, max_host_bytes, max_device_bytes, top_k (default for questions), scorer."""
+        obs_window, pool_kernel, max_host_bytes, max_device_bytes, prefill_low_cache_bytes (CUDA, discrete
+        GPUs: L-KV bytes the prefill may keep in device memory rather than stream; -1 = half the free
+        memory, 0 = stream all), top_k (default for questions), scorer."""
         from .x2l import VideoContext, prefill_chunks, split_template
 
         if not isinstance(text, str) or not text:

@@ -173,7 +173,8 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
                    ratio_low: int = 2, ratio_high: int = 32, low_type: str = "f16", high_type: str = "q8_0",
                    pin_ends: bool = False, two_pass: bool = True, obs_window: int = 0, pool_kernel: int = 5,
                    max_host_bytes: int = 0, max_device_bytes: int = 0, frames_per_chunk: int | None = None,
-                   compressor: str = "snapkv", progress: Callable[[int, int | None], object] | None = None):
+                   compressor: str = "snapkv", prefill_low_cache_bytes: int = -1,
+                   progress: Callable[[int, int | None], object] | None = None):
     """Run the bi-level prefill over chunks given as token-id lists or embedding arrays [n, n_embd].
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
@@ -181,7 +182,7 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
     p = _core.X2LPrefill(session._s, ratio_low=ratio_low, ratio_high=ratio_high, low_type=low_type,
                          high_type=high_type, pin_ends=pin_ends, two_pass=two_pass, obs_window=obs_window,
                          pool_kernel=pool_kernel, max_host_bytes=max_host_bytes, max_device_bytes=max_device_bytes,
-                         compressor=compressor)
+                         compressor=compressor, prefill_low_cache_bytes=prefill_low_cache_bytes)
     p.add_sink(list(sink_ids))
     it = iter(chunks)
     nxt = next(it, None)
