@@ -247,67 +247,31 @@ int64_t CudaContext::vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t
     return n_vst;
 }
 
-void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits, const uint8_t* vst) {
-    const LlmConfig& c = llm_.config();
-    const int64_t E = c.n_embd;
-    void* s = stream_->handle();
-    const int64_t first = n_past_;
-    check_rows(first + m);
-    float* x = static_cast<float*>(x_.data());
-    std::vector<int32_t> pos_host(m), ids;
-    for (int64_t i = 0; i < m; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
-    const int64_t n_vst = vst_rows(vst, m, ids);
-    // Pageable sources: the runtime stages them before returning, so the host vectors may go.
-    x_.upload(x_host, m * E * sizeof(float), 0, s);
-    pos_.upload(pos_host.data(), m * sizeof(int32_t), 0, s);
-    if (n_vst > 0) {
-        if (vst_ids_.size() < static_cast<size_t>(m) * sizeof(int32_t)) vst_ids_ = CudaDeviceBuffer(n_batch_ * sizeof(int32_t));
-        vst_ids_.upload(ids.data(), n_vst * sizeof(int32_t), 0, s);
-    }
-    for (int l = 0; l < c.n_layer; ++l) {
-        layer_rows(l, x, first, m, static_cast<const int32_t*>(pos_.data()), n_vst,
-                   static_cast<const int32_t*>(vst_ids_.data()), true, true);
-    }
-    if (n_logits > 0) {
-        float* xn = static_cast<float*>(xn_.data());
-        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(llm_.output_norm().data()), xn, n_logits, E,
-                      c.rms_eps, s);
-        matmul(llm_.output(), xn, n_logits, static_cast<float*>(logits_.data()), CudaDeviceBuffer());
-        logits_.download(logits, n_logits * c.n_vocab * sizeof(float), 0, s);
-    }
-    stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
-    n_past_ = first + m;
-}
-
-void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint8_t* vst) {
-    if (n <= 0) return;
-    if (vst && !llm_.has_beacon()) throw Error("this model has no beacon (VST) weights");
-    if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
+// Uploads n rows (x [n, n_embd] at the positions after the own entries, their VST flags) into x_buf and
+// pos_buf and runs every layer over them, n_batch rows at a time, layer-major (one piece when n <= n_batch).
+void CudaContext::run_rows(const float* x_host, int64_t n, const uint8_t* vst, CudaDeviceBuffer& x_buf,
+                           CudaDeviceBuffer& pos_buf) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, first = n_past_;
     check_rows(first + n);
-    cuda_set_device(llm_.device());
     void* s = stream_->handle();
-    if (x_all_.size() < static_cast<size_t>(n * E) * sizeof(float)) {
-        x_all_ = CudaDeviceBuffer();
-        x_all_ = CudaDeviceBuffer(static_cast<size_t>(n * E) * sizeof(float));  // [n, E]: every row's hidden state
-        pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * sizeof(int32_t));
-    }
-    std::vector<int32_t> pos_host(n), ids;        // ids: each batch's VST rows, batch after batch
-    std::vector<std::pair<int64_t, int64_t>> at;  // per batch: its first VST id in ids, their count
+    std::vector<int32_t> pos_host(n), ids;        // ids: each piece's VST rows, piece after piece
+    std::vector<std::pair<int64_t, int64_t>> at;  // per piece: its first VST id in ids, their count
     for (int64_t i = 0; i < n; ++i) pos_host[i] = static_cast<int32_t>(pos0_ + first + i);
     for (int64_t b = 0; b < n; b += n_batch_) {
         const int64_t off = static_cast<int64_t>(ids.size());
         at.emplace_back(off, vst_rows(vst ? vst + b : nullptr, std::min(n_batch_, n - b), ids));
     }
-    x_all_.upload(x_host, static_cast<size_t>(n * E) * sizeof(float), 0, s);
-    pos_all_.upload(pos_host.data(), static_cast<size_t>(n) * sizeof(int32_t), 0, s);
+    // Pageable sources: the runtime stages them before returning, so the host vectors may go.
+    x_buf.upload(x_host, static_cast<size_t>(n * E) * sizeof(float), 0, s);
+    pos_buf.upload(pos_host.data(), static_cast<size_t>(n) * sizeof(int32_t), 0, s);
     if (!ids.empty()) {
-        if (vst_ids_.size() < ids.size() * sizeof(int32_t)) vst_ids_ = CudaDeviceBuffer(ids.size() * sizeof(int32_t));
+        if (vst_ids_.size() < ids.size() * sizeof(int32_t))
+            vst_ids_ = CudaDeviceBuffer(std::max<size_t>(ids.size(), n_batch_) * sizeof(int32_t));
         vst_ids_.upload(ids.data(), ids.size() * sizeof(int32_t), 0, s);
     }
-    float* x = static_cast<float*>(x_all_.data());
-    const int32_t* pos = static_cast<const int32_t*>(pos_all_.data());
+    float* x = static_cast<float*>(x_buf.data());
+    const int32_t* pos = static_cast<const int32_t*>(pos_buf.data());
     const int32_t* vst_ids = static_cast<const int32_t*>(vst_ids_.data());
     for (int l = 0; l < c.n_layer; ++l) {
         for (int64_t b = 0, k = 0; b < n; b += n_batch_, ++k) {
@@ -315,8 +279,39 @@ void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint
             layer_rows(l, x + b * E, first + b, m, pos + b, at[k].second, vst_ids + at[k].first, b == 0, b + m == n);
         }
     }
+}
+
+void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits, float* logits, const uint8_t* vst) {
+    const LlmConfig& c = llm_.config();
+    const int64_t E = c.n_embd;
+    void* s = stream_->handle();
+    run_rows(x_host, m, vst, x_, pos_);
+    if (n_logits > 0) {
+        const float* x = static_cast<const float*>(x_.data());
+        float* xn = static_cast<float*>(xn_.data());
+        cuda_rms_norm(x + (m - n_logits) * E, static_cast<const float*>(llm_.output_norm().data()), xn, n_logits, E,
+                      c.rms_eps, s);
+        matmul(llm_.output(), xn, n_logits, static_cast<float*>(logits_.data()), CudaDeviceBuffer());
+        logits_.download(logits, n_logits * c.n_vocab * sizeof(float), 0, s);
+    }
+    stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
+    n_past_ += m;
+}
+
+void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint8_t* vst) {
+    if (n <= 0) return;
+    if (vst && !llm_.has_beacon()) throw Error("this model has no beacon (VST) weights");
+    if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
+    cuda_set_device(llm_.device());
+    const size_t x_bytes = static_cast<size_t>(n * llm_.config().n_embd) * sizeof(float);
+    if (x_all_.size() < x_bytes) {
+        x_all_ = CudaDeviceBuffer();
+        x_all_ = CudaDeviceBuffer(x_bytes);  // [n, n_embd]: every row's hidden state
+        pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * sizeof(int32_t));
+    }
+    run_rows(x_host, n, vst, x_all_, pos_all_);
     stream_->synchronize();  // kernel faults surface here, before the rows count as appended
-    n_past_ = first + n;
+    n_past_ += n;
 }
 
 void CudaContext::check_rows(int64_t end) const {
@@ -518,14 +513,32 @@ std::vector<std::vector<CudaKVSegment>> CudaX2L::build_prefix(const std::vector<
     return per_layer;
 }
 
-// Where the H-only mixed cache reads every chunk: its resident H rows.
-CudaX2L::Where CudaX2L::high_where() const {
+// Where every chunk's rows live in the index: its L rows (chosen) or its H rows, not copied or rotated.
+CudaX2L::Where CudaX2L::in_place(const std::vector<char>& chosen) const {
     const int L = llm_.config().n_layer;
     Where where(L);
     for (int l = 0; l < L; ++l) {
-        for (const CudaKVRows& h : high_) where[l].emplace_back(h.k + l * h.layer_bytes, h.v + l * h.layer_bytes);
+        for (size_t c = 0; c < chosen.size(); ++c) {
+            const CudaKVRows& d = chosen[c] ? low_[c] : high_[c];
+            where[l].emplace_back(d.k + l * d.layer_bytes, d.v + l * d.layer_bytes);
+        }
     }
     return where;
+}
+
+// The position of the tail's first token in the mixed cache of `chosen`. With dense positions (beacon)
+// each chunk's keys sit right after what precedes it, so delta (when non-null) gets how far each chunk
+// moved from the positions it was made at.
+int32_t CudaX2L::layout(const std::vector<char>& chosen, std::vector<int32_t>* delta) const {
+    if (delta) delta->assign(chosen.size(), 0);
+    if (!ix_.dense_positions) return ix_.next_pos;
+    int32_t next = static_cast<int32_t>(ix_.sink->size());
+    for (size_t c = 0; c < chosen.size(); ++c) {
+        const KVSegment& seg = chosen[c] ? *ix_.chunks[c].low : *ix_.chunks[c].high;
+        if (delta && seg.size() > 0) (*delta)[c] = next - seg.pos(0);
+        next += static_cast<int32_t>(seg.size());
+    }
+    return next;
 }
 
 void CudaX2L::prepare(const std::vector<int>& selected) {
@@ -546,17 +559,10 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     stats_ = ReloadStats();
     std::vector<char> chosen(static_cast<size_t>(n), 0);
     for (int c : selected) chosen[c] = 1;
-    // Dense positions (beacon): each chunk's keys sit right after what precedes it in this mixed cache,
-    // so a chunk behind one that changed tier moves by delta positions; its keys get a re-rotated copy
-    // in the working set (V does not depend on the position and is read where it is).
-    std::vector<int32_t> delta(static_cast<size_t>(n), 0);
-    int32_t next = static_cast<int32_t>(ix_.sink->size());
-    for (int c = 0; c < n; ++c) {
-        const KVSegment& seg = chosen[c] ? *ix_.chunks[c].low : *ix_.chunks[c].high;
-        if (ix_.dense_positions && seg.size() > 0) delta[c] = next - seg.pos(0);
-        next += static_cast<int32_t>(seg.size());
-    }
-    const int32_t tail_pos = ix_.dense_positions ? next : ix_.next_pos;
+    // Dense positions (beacon): a chunk behind one that changed tier moves by delta positions; its keys
+    // get a re-rotated copy in the working set (V does not depend on the position and is read where it is).
+    std::vector<int32_t> delta;
+    const int32_t tail_pos = layout(chosen, &delta);
     const bool discrete = !llm_.integrated();  // integrated: L rows are read in place, never copied
     size_t slot = 0;                           // working-set bytes per layer
     for (int c = 0; c < n; ++c) {
@@ -568,7 +574,7 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
     }
     const bool staged = slot > 0;
     const RopeMode mode = cfg.rope_type == RopeType::Neox ? RopeMode::Neox : RopeMode::Norm;
-    Where where(L);  // [layer][chunk] -> where that chunk's K and V rows of the layer live for this question
+    Where where = in_place(chosen);  // [layer][chunk] -> that chunk's K and V rows of the layer for this question
     try {
         if (staged) {
             reserve_pipeline(pipe_, slot, slot, L);
@@ -589,37 +595,27 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
                     const CudaKVRows& d = chosen[c] ? low_[c] : high_[c];
                     const size_t off = static_cast<size_t>(l) * d.layer_bytes;
                     const int64_t rows = static_cast<int64_t>(cfg.n_head_kv) * d.cap;  // the layer's K block
-                    const void* k = d.k + off;
-                    const void* v = d.v + off;
+                    auto& [k, v] = where[l][c];
                     if (chosen[c] && discrete) {  // the reload: host -> working set, keys rotated there
-                        void* kd = pipe_->stage(k, d.layer_bytes);
-                        v = pipe_->stage(v, d.layer_bytes);
+                        void* kd = pipe_->stage(d.k + off, d.layer_bytes);
+                        v = static_cast<const uint8_t*>(pipe_->stage(d.v + off, d.layer_bytes));
                         stats_.bytes += 2 * d.layer_bytes;
                         if (delta[c] != 0)
                             cuda_rerotate_keys(d.type, kd, kd, rows, d.row_bytes, cfg.head_dim, cfg.rope_dim, cfg.rope_base,
                                                mode, delta[c], cs);
-                        k = kd;
+                        k = static_cast<const uint8_t*>(kd);
                     } else if (delta[c] != 0) {  // a rotated copy of the keys, read from where they are
                         void* kd = pipe_->take(d.layer_bytes);
-                        cuda_rerotate_keys(d.type, k, kd, rows, d.row_bytes, cfg.head_dim, cfg.rope_dim, cfg.rope_base, mode,
-                                           delta[c], cs);
-                        k = kd;
+                        cuda_rerotate_keys(d.type, d.k + off, kd, rows, d.row_bytes, cfg.head_dim, cfg.rope_dim, cfg.rope_base,
+                                           mode, delta[c], cs);
+                        k = static_cast<const uint8_t*>(kd);
                     }
-                    where[l].emplace_back(static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v));
                 }
                 pipe_->end();
                 landed_[l].record(cs);
             }
             copy_end_->record(cs);
             pending_ = true;
-        } else {
-            for (int l = 0; l < L; ++l) {
-                for (int c = 0; c < n; ++c) {
-                    const CudaKVRows& d = chosen[c] ? low_[c] : high_[c];
-                    const size_t off = static_cast<size_t>(l) * d.layer_bytes;
-                    where[l].emplace_back(d.k + off, d.v + off);
-                }
-            }
         }
     } catch (...) {
         // Leave the H-only mixed cache: no chunk reloaded, nothing pointing into freed slots. (With
@@ -630,10 +626,8 @@ void CudaX2L::prepare(const std::vector<int>& selected) {
         }
         pending_ = false;
         stats_ = ReloadStats();
-        int32_t h_next = static_cast<int32_t>(ix_.sink->size());
-        for (const auto& ch : ix_.chunks) h_next += static_cast<int32_t>(ch.high->size());
-        ctx_->set_prefix(build_prefix(std::vector<char>(static_cast<size_t>(n), 0), high_where()),
-                         ix_.dense_positions ? h_next : ix_.next_pos);
+        const std::vector<char> none(static_cast<size_t>(n), 0);
+        ctx_->set_prefix(build_prefix(none, in_place(none)), layout(none, nullptr));
         throw;
     }
     CudaPrefixHooks wait;
@@ -742,9 +736,7 @@ const CudaKVRows& CudaPrefill::resident(const KVSegment* seg) {
 // seg's rows in device memory when they are cached there or fit the L cache's budget (nullptr: stream them).
 const CudaKVRows* CudaPrefill::low_cached(const KVSegment* seg) {
     if (const CudaKVRows* r = find_rows(low_cached_, seg)) return r;
-    size_t bytes = 2 * seg->layer_bytes() * static_cast<size_t>(seg->n_layer());
-    for (const auto& r : low_cached_) bytes += r.second.dev.size();
-    if (bytes > low_budget_) return nullptr;
+    if (cached_low_bytes() + 2 * seg->layer_bytes() * static_cast<size_t>(seg->n_layer()) > low_budget_) return nullptr;
     try {
         low_cached_.emplace_back(seg, cuda_upload_rows(*seg, "L"));
     } catch (const BudgetError&) {
@@ -784,7 +776,7 @@ size_t CudaPrefill::cached_low_bytes() const {
 size_t CudaPrefill::device_bytes() const {
     size_t b = votes_.size() + (ctx_ ? ctx_->device_bytes() : 0);
     for (const auto& r : resident_) b += r.second.dev.size();
-    for (const auto& r : low_cached_) b += r.second.dev.size();
+    b += cached_low_bytes();
     if (pipe_) b += pipe_->slot_bytes() * static_cast<size_t>(pipe_->n_slots());
     return b;
 }
@@ -820,7 +812,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     // placeholders that the hooks point at the copy slot holding that layer of the streamed segments. If
     // the copy slots or the segment tables do not fit while L rows are cached, the cache goes and the
     // prefix is made again, streaming those rows.
-    for (int attempt = 0;; ++attempt) {
+    with_room([&] {
         streamed.clear();
         streamed_at.clear();
         try {
@@ -878,15 +870,11 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
                 };
             }
             ctx_->set_prefix(std::move(per_layer), pos0, std::move(hooks));
-            break;
-        } catch (const BudgetError&) {
-            ctx_->set_prefix({}, 0);  // no view of the cache is left
-            if (attempt > 0 || low_cached_.empty()) throw;
-            cuda_device_synchronize();
-            low_cached_.clear();
-            low_budget_ = 0;
+        } catch (...) {
+            ctx_->set_prefix({}, 0);  // a failed attempt leaves no view of the L cache behind
+            throw;
         }
-    }
+    });
     if (importance) {
         votes_.zero(ctx_->stream());
         ctx_->set_observer(static_cast<float*>(votes_.data()), n, obs_start);  // [n_layer, n_head_kv, n]

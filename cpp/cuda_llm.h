@@ -140,6 +140,7 @@ class CudaContext {
 
   private:
     void forward_batch(const float* x_host, int64_t n, int64_t n_logits, float* logits, const uint8_t* vst);
+    void run_rows(const float* x_host, int64_t n, const uint8_t* vst, CudaDeviceBuffer& x_buf, CudaDeviceBuffer& pos_buf);
     // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos [m] and
     // vst_ids [n_vst] (device). The hooks run when first_rows (before) / last_rows (after) of the layer.
     void layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst, const int32_t* vst_ids,
@@ -223,7 +224,8 @@ class CudaX2L {
   private:
     using Where = std::vector<std::vector<std::pair<const uint8_t*, const uint8_t*>>>;  // [layer][chunk] K, V
     std::vector<std::vector<CudaKVSegment>> build_prefix(const std::vector<char>& chosen, const Where& where) const;
-    Where high_where() const;
+    Where in_place(const std::vector<char>& chosen) const;
+    int32_t layout(const std::vector<char>& chosen, std::vector<int32_t>* delta) const;
 
     const CudaLlm& llm_;
     const VideoIndex& ix_;

@@ -74,9 +74,8 @@ void CudaPrefillDeleter::operator()(CudaPrefill* p) const {
 #endif
 }
 
-// Keeps the device prefill's figures and frees what it holds (its page-locked L rows included, which
-// the decoder's CudaX2L registers again).
-void X2LPrefill::release_device() {
+// The device prefill's memory and copy figures, so far.
+void X2LPrefill::note_device_stats() {
 #ifdef X2L_HAVE_CUDA
     if (gpu_) {
         stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
@@ -84,6 +83,12 @@ void X2LPrefill::release_device() {
         stats_.cached_low_bytes = std::max(stats_.cached_low_bytes, gpu_->cached_low_bytes());
     }
 #endif
+}
+
+// Keeps the device prefill's figures and frees what it holds (its page-locked L rows included, which
+// the decoder's CudaX2L registers again).
+void X2LPrefill::release_device() {
+    note_device_stats();
     gpu_.reset();
 }
 
@@ -138,9 +143,7 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
             gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance, vst);
             done = true;
             stats_.device_forward_tokens += n;
-            stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
-            stats_.streamed_bytes = gpu_->streamed_bytes();
-            stats_.cached_low_bytes = std::max(stats_.cached_low_bytes, gpu_->cached_low_bytes());
+            note_device_stats();
         } catch (const BudgetError& e) {
             // The device is full (the H tier grows with every chunk): go on on the CPU, which needs
             // nothing from the device (the index lives on the host).

@@ -91,6 +91,7 @@ class X2LPrefill {
     // low_tier: prefix[1..] are L-KVs (prefix[0] is the sink), which the device prefill streams from host memory.
     void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
                    bool low_tier, std::vector<float>* importance, const uint8_t* vst);
+    void note_device_stats();
     void release_device();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);

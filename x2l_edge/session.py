@@ -191,12 +191,12 @@ class Session:
 
     device: 'cpu', 'cuda:N' (on that GPU: the LLM forward of eval/generate/chat with an f16 KV cache in
     device memory, the vision tower, the forward passes and attention votes of the X²L bi-level prefill
-    (snapkv), the scorers' question pass, and the X²L decoder's mixed cache with the L-KV reload; entry
-    selection and the scoring arithmetic stay on the host; not yet validated on a GPU, see issue 5) or
-    'auto' (the default): cuda:0 when this build has the CUDA backend, a device is present, the model
-    fits it and its logits on a short probe agree with the CPU backend's; the CPU backend otherwise. A device that cannot be used at run time
-    falls back to the CPU backend with a one-line RuntimeWarning (not in a build without CUDA, where
-    'auto' is simply the CPU).
+    (both compressors), the scorers' question pass, and the X²L decoder's mixed cache with the L-KV
+    reload; entry selection and the scoring arithmetic stay on the host; not yet validated on a GPU,
+    see issue 5) or 'auto' (the default): cuda:0 when this build has the CUDA backend, a device is
+    present, the model fits it and its logits on a short probe agree with the CPU backend's; the CPU
+    backend otherwise. A device that cannot be used at run time falls back to the CPU backend with a
+    one-line RuntimeWarning (not in a build without CUDA, where 'auto' is simply the CPU).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int = 0, n_ctx: int = 0,
