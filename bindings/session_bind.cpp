@@ -51,9 +51,10 @@ void bind_session(nb::module_& m) {
 
     nb::class_<x2l::LlmSession>(m, "LlmSession")
         .def("__init__", [](x2l::LlmSession* self, const std::string& path, int n_threads, int64_t n_ctx,
-                            const std::string& kv_type, int64_t n_batch, int device) {
+                            const std::string& kv_type, int64_t n_batch, int device, bool cuda_graphs) {
             x2l::SessionOptions o;
             o.device = device;
+            o.cuda_graphs = cuda_graphs;
             o.n_threads = n_threads;
             o.n_ctx = n_ctx;
             o.kv_type = kv_type_from_name(kv_type);
@@ -61,7 +62,7 @@ void bind_session(nb::module_& m) {
             nb::gil_scoped_release nogil;
             new (self) x2l::LlmSession(path, o);
         }, "path"_a, "n_threads"_a = 0, "n_ctx"_a = 0, "kv_type"_a = "f16", "n_batch"_a = 256,
-           "device"_a = -1)
+           "device"_a = -1, "cuda_graphs"_a = true)
         .def("eval", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
             std::vector<float> all;
             {
@@ -130,6 +131,8 @@ void bind_session(nb::module_& m) {
             d["cpu_features"] = x2l::cpu_features();
             return d;
         })
+        .def("graph_stats", [](const x2l::LlmSession& s) { return x2l_bind::graph_stats_dict(s.graph_stats()); },
+             "CUDA graph use of the device decode: captures, replays, note (why graphs were turned off).")
         .def("memory", [](const x2l::LlmSession& s) {
             nb::dict d;
             d["weights_bytes"] = s.model().weight_bytes();

@@ -227,6 +227,7 @@ void bind_x2l(nb::module_& m) {
            "Rows of the i-th segment of the mixed cache (0 = sink, 1 + c = chunk c), after the reload completed.")
         .def("resident_bytes", &x2l::X2LDecoder::resident_bytes)
         .def("working_bytes", &x2l::X2LDecoder::working_bytes)
+        .def("graph_stats", [](const x2l::X2LDecoder& d) { return x2l_bind::graph_stats_dict(d.graph_stats()); })
         .def("reload_stats", [](const x2l::X2LDecoder& d) {
             const x2l::ReloadStats& s = d.reload_stats();
             nb::dict r;

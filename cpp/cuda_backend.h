@@ -16,6 +16,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -153,6 +154,36 @@ class CudaEvent {
     void* e_ = nullptr;
 };
 
+// A CUDA graph: the work one stream's callback enqueues, captured once (nothing runs then) and
+// replayed by launch() at the cost of one launch. Kernel arguments and copy addresses are frozen at
+// capture; what must change from one replay to the next has to be read from memory (device buffers,
+// or pinned host memory that a captured copy reads). Work that cannot be captured (a copy from
+// pageable memory, a synchronization, an allocation) makes capture() throw Error, after which the
+// stream works as before.
+class CudaGraph {
+  public:
+    CudaGraph() = default;
+    ~CudaGraph();
+    CudaGraph(const CudaGraph&) = delete;
+    CudaGraph& operator=(const CudaGraph&) = delete;
+
+    // Captures what enqueue() puts on `stream` and instantiates it (replacing what this held).
+    void capture(void* stream, const std::function<void()>& enqueue);
+    void launch(void* stream) const;
+    bool ready() const { return exec_ != nullptr; }
+    void reset();
+
+  private:
+    void* graph_ = nullptr;
+    void* exec_ = nullptr;
+};
+
+// How often a context captured and replayed its decode graph; note: why it stopped using graphs, if it did.
+struct CudaGraphStats {
+    int64_t captures = 0, replays = 0;
+    std::string note;
+};
+
 // Asynchronous host-to-device copy on `stream` (host memory pinned for it to overlap).
 void cuda_copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream);
 void cuda_copy_d2h_async(void* dst, const void* src, size_t bytes, void* stream);
@@ -278,6 +309,9 @@ void cuda_set_rows(const float* src, const int32_t* ids, int64_t n_ids, int64_t 
                    void* stream);
 // y[i] = f16(x[i]) (round to nearest even): storing new K/V rows into an f16 cache.
 void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream);
+// The same into row *row (device int32, read when the kernel runs) of y [.., row_elems] halves: the
+// KV append of a replayed CUDA graph, whose row changes from one replay to the next.
+void cuda_f32_to_f16_at(const float* x, void* y, int64_t n, const int32_t* row, int64_t row_elems, void* stream);
 
 // ---------------------------------------------------------------- kernels: attention over KV segments
 
@@ -338,6 +372,16 @@ struct CudaAttentionParams {
     // (max + log2(sum), scores already multiplied by scale * log2(e)), for cuda_attention_votes.
     // Forces n_splits = 1.
     float* lse = nullptr;
+    // Replayed CUDA graphs (decode): the last segment (the cache's own entries) holds *own_len entries
+    // (device int32, read when the kernel runs) instead of its n_tokens, at most own_max; n_kv counts
+    // own_max for it, so the split layout chosen here suits every length up to that.
+    const int32_t* own_len = nullptr;
+    int64_t own_max = 0;
+    // n_batch independent problems of this shape in one launch (the vision tower's frames): problem b
+    // reads q + b * q_batch_stride floats and its own n_segments segments at segments + b * n_segments
+    // (n_kv tokens each), and writes out + b * out_batch_stride. n_batch > 1: no splits, lse or own_len.
+    int n_batch = 1;
+    int64_t q_batch_stride = 0, out_batch_stride = 0;
 };
 
 // Attention observation (X²L compression): for the attention call that wrote `lse` with these q rows,

@@ -126,6 +126,16 @@ void CudaContext::set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, 
     pos0_ = pos0;
     hooks_ = std::move(hooks);
     n_past_ = 0;
+    if (graph_) graph_->reset();  // it reads the old tables
+}
+
+void CudaContext::set_graphs(bool on) {
+    graphs_ = on;
+    if (!on && graph_) graph_->reset();
+}
+
+bool CudaContext::graph_eligible(const uint8_t* vst) const {
+    return graphs_ && !vst && !votes_ && !q_capture_ && !hooks_.before && !hooks_.after;
 }
 
 size_t CudaContext::kv_bytes() const {
@@ -285,6 +295,19 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd;
     void* s = stream_->handle();
+    if (m == 1 && graph_eligible(vst)) {
+        try {
+            decode_step(x_host, n_logits, logits);
+            return;
+        } catch (const BudgetError&) {
+            throw;
+        } catch (const Error& e) {
+            if (graph_ && graph_->ready()) throw;  // a replay failed: the device is in trouble, not the capture
+            // The driver would not capture this forward: run it as before, from now on.
+            graphs_ = false;
+            graph_stats_.note = e.what();
+        }
+    }
     run_rows(x_host, m, vst, x_, pos_);
     if (n_logits > 0) {
         const float* x = static_cast<const float*>(x_.data());
@@ -296,6 +319,59 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, int64_t n_logits
     }
     stream_->synchronize();  // kernel faults surface here, before the batch counts as appended
     n_past_ += m;
+}
+
+// One token through the decode graph. The graph is captured here when there is none (first token after
+// set_prefix(), or logits wanted now and not then): before the capture each layer's table gets the own
+// entries' segment, whose length the attention then reads from step_ at every replay.
+void CudaContext::decode_step(const float* x_host, int64_t n_logits, float* logits) {
+    const LlmConfig& c = llm_.config();
+    const int64_t E = c.n_embd, V = c.n_vocab;
+    void* s = stream_->handle();
+    const bool want_logits = n_logits > 0;
+    constexpr size_t kStepInts = 3;  // pos, row, own entries after this token
+    if (!step_host_) {
+        step_host_.reset(new CudaHostBuffer(static_cast<size_t>(E) * sizeof(float) + kStepInts * sizeof(int32_t)));
+        step_ = CudaDeviceBuffer(kStepInts * sizeof(int32_t));
+    }
+    if (want_logits && !logits_host_) logits_host_.reset(new CudaHostBuffer(static_cast<size_t>(V) * sizeof(float)));
+    if (!graph_) graph_.reset(new CudaGraph);
+    bool stale = !graph_->ready() || graph_logits_ != want_logits;
+    for (size_t l = 0; !stale && l < tables_.size(); ++l) stale = tables_[l].device_data() != graph_tables_[l];
+    float* x = static_cast<float*>(x_.data());
+    uint8_t* staged = static_cast<uint8_t*>(step_host_->data());
+    const int32_t* step = static_cast<const int32_t*>(step_.data());
+    if (stale) {
+        graph_->reset();
+        graph_tables_.clear();
+        for (int l = 0; l < c.n_layer; ++l) {
+            segments_[l].back() = own_segment(l, n_past_ + 1);  // the kernel reads the count from step_
+            tables_[l].assign(segments_[l], c.head_dim, s);
+            graph_tables_.push_back(tables_[l].device_data());
+        }
+        graph_->capture(s, [&] {
+            cuda_copy_h2d_async(x, staged, static_cast<size_t>(E) * sizeof(float), s);
+            cuda_copy_h2d_async(step_.data(), staged + E * sizeof(float), kStepInts * sizeof(int32_t), s);
+            for (int l = 0; l < c.n_layer; ++l) layer_rows(l, x, n_past_, 1, step, 0, nullptr, false, false, step);
+            if (want_logits) {
+                float* xn = static_cast<float*>(xn_.data());
+                cuda_rms_norm(x, static_cast<const float*>(llm_.output_norm().data()), xn, 1, E, c.rms_eps, s);
+                matmul(llm_.output(), xn, 1, static_cast<float*>(logits_.data()), CudaDeviceBuffer());
+                cuda_copy_d2h_async(logits_host_->data(), logits_.data(), static_cast<size_t>(V) * sizeof(float), s);
+            }
+        });
+        graph_logits_ = want_logits;
+        ++graph_stats_.captures;
+    }
+    std::memcpy(staged, x_host, static_cast<size_t>(E) * sizeof(float));
+    const int32_t ints[kStepInts] = {static_cast<int32_t>(pos0_ + n_past_), static_cast<int32_t>(n_past_),
+                                     static_cast<int32_t>(n_past_ + 1)};
+    std::memcpy(staged + E * sizeof(float), ints, sizeof(ints));
+    graph_->launch(s);
+    stream_->synchronize();  // the staging buffers are reused by the next token; faults surface here
+    if (want_logits) std::memcpy(logits, logits_host_->data(), static_cast<size_t>(V) * sizeof(float));
+    ++graph_stats_.replays;
+    n_past_ += 1;
 }
 
 void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint8_t* vst) {
@@ -314,13 +390,25 @@ void CudaContext::forward_layer_major(const float* x_host, int64_t n, const uint
     n_past_ += n;
 }
 
+CudaKVSegment CudaContext::own_segment(int l, int64_t n_tokens) const {
+    const LlmConfig& c = llm_.config();
+    CudaKVSegment seg;
+    seg.k = k_[l].data();
+    seg.v = v_[l].data();
+    seg.k_tok_stride = seg.v_tok_stride = static_cast<int64_t>(c.n_head_kv) * c.head_dim * static_cast<int64_t>(kF16);
+    seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
+    seg.n_tokens = n_tokens;
+    seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
+    return seg;
+}
+
 void CudaContext::check_rows(int64_t end) const {
     if (votes_ && end > votes_stride_) throw Error("set_observer: votes_stride is smaller than the own entries");
     if (q_capture_ && end > q_capture_rows_) throw Error("set_query_capture: more rows than the capture holds");
 }
 
 void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst,
-                             const int32_t* vst_ids, bool first_rows, bool last_rows) {
+                             const int32_t* vst_ids, bool first_rows, bool last_rows, const int32_t* step) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
@@ -350,19 +438,20 @@ void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const in
     // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the rows are contiguous.
     uint8_t* kc = static_cast<uint8_t*>(k_[l].data());
     uint8_t* vc = static_cast<uint8_t*>(v_[l].data());
-    cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
-    cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
-
     CudaKVSegment& seg = segments_[l].back();  // the cache's own entries, after the prefix
-    seg.k = kc;
-    seg.v = vc;
-    seg.k_tok_stride = seg.v_tok_stride = KD * static_cast<int64_t>(kF16);
-    seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF16);
-    seg.n_tokens = first + m;
-    seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F16);
-    if (first_rows && hooks_.before) hooks_.before(l, s, segments_[l]);
-    tables_[l].assign(segments_[l], c.head_dim, s);
     CudaAttentionParams p;
+    if (step) {  // graph capture: the row, and the own entries' count, come from step at run time
+        cuda_f32_to_f16_at(k, kc, KD, step + 1, KD, s);
+        cuda_f32_to_f16_at(v, vc, KD, step + 1, KD, s);
+        p.own_len = step + 2;
+        p.own_max = n_ctx_;
+    } else {
+        cuda_f32_to_f16(k, kc + first * KD * kF16, m * KD, s);
+        cuda_f32_to_f16(v, vc + first * KD * kF16, m * KD, s);
+        seg = own_segment(l, first + m);
+        if (first_rows && hooks_.before) hooks_.before(l, s, segments_[l]);
+        tables_[l].assign(segments_[l], c.head_dim, s);
+    }
     p.q = q;
     p.out = attn;
     p.n_q = static_cast<int>(m);
@@ -373,7 +462,10 @@ void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const in
     p.workspace = attn_ws_.data();
     p.workspace_bytes = attn_ws_.size();
     if (votes_) p.lse = static_cast<float*>(lse_.data());
-    cuda_attention(p, tables_[l], s);  // [m, QD]
+    p.segments = tables_[l].device_data();
+    p.n_segments = tables_[l].size();
+    p.n_kv = step ? tables_[l].n_kv() - tables_[l].host().back().n_tokens + n_ctx_ : tables_[l].n_kv();
+    cuda_attention(p, s);  // [m, QD]
     if (votes_) {
         cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
                              static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
@@ -686,6 +778,9 @@ void CudaX2L::wait_reload() {
     stats_.wait_seconds = any_reached ? stalled_ms / 1e3
                                       : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     pending_ = false;
+    // Every copy has landed and the stalls are counted: the per-layer waits have nothing left to do,
+    // and without hooks the tokens that follow can replay the decode graph.
+    ctx_->drop_hooks();
 }
 
 size_t CudaX2L::working_bytes() const { return pipe_ ? pipe_->slot_bytes() * static_cast<size_t>(pipe_->n_slots()) : 0; }

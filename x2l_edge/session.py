@@ -197,17 +197,20 @@ class Session:
     present, the model fits it and its logits on a short probe agree with the CPU backend's; the CPU
     backend otherwise. A device that cannot be used at run time falls back to the CPU backend with a
     one-line RuntimeWarning (not in a build without CUDA, where 'auto' is simply the CPU).
+
+    cuda_graphs: on a device, each generated token replays one captured CUDA graph instead of
+    launching every kernel (see graph_stats()); False launches them one by one.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_threads: int = 0, n_ctx: int = 0,
-                 kv_type: str = "f16", n_batch: int = 256, device: str = "auto"):
+                 kv_type: str = "f16", n_batch: int = 256, device: str = "auto", cuda_graphs: bool = True):
         path = os.fspath(model_path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
         if not isinstance(n_threads, int) or n_threads < 0:
             raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
         index = resolve_device(device)
-        kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch)
+        kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, cuda_graphs=bool(cuda_graphs))
         self._s = None
         if device == "auto" and index >= 0:
             self._s, why = _open_auto(path, index, **kw)
@@ -236,6 +239,11 @@ class Session:
     def memory(self) -> dict:
         """Bytes used: weights (mapped), KV cache, scratch workspace."""
         return self._s.memory()
+
+    def graph_stats(self) -> dict:
+        """The device decode's CUDA graph use: captures, replays, and a note saying why graphs were
+        turned off if the driver refused a capture (all zeros on the CPU backend)."""
+        return self._s.graph_stats()
 
     @property
     def n_ctx(self) -> int:

@@ -7,7 +7,8 @@ the L-KV reload bandwidth against plain cudaMemcpy. Writes bench/results/cuda_<d
 
 Method (both backends, one Session each, same GGUF): prefill = one eval of an n-token prompt into an
 empty context (n_batch 512), best of --reps; decode = --tg single-token evals right after that prompt,
-greedy, tokens/s over the loop. X²L time to first token on an --x2l-tokens context (chunks of 512,
+greedy, tokens/s over the loop; on the device with the decode CUDA graph (default) and with every kernel
+launched one by one (cuda_graphs=False, graph_decode_ratio). X²L time to first token on an --x2l-tokens context (chunks of 512,
 ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefill, against reload,
 wait, then prefill; and the bi-level prefill's input tokens/s (both passes, device vs CPU), on a
 discrete GPU also with every L row streamed (prefill_low_cache_bytes=0) against the default L cache in
@@ -55,10 +56,11 @@ def synthetic_smollm2(out_dir: str, outtype: str = "q4_1") -> str:
     return out
 
 
-def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads: int) -> dict:
+def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads: int, cuda_graphs: bool = True) -> dict:
     import x2l_edge
 
-    s = x2l_edge.Session(path, n_threads=threads, n_ctx=n_ctx_tokens + tg + 8, n_batch=512, device=device)
+    s = x2l_edge.Session(path, n_threads=threads, n_ctx=n_ctx_tokens + tg + 8, n_batch=512, device=device,
+                         cuda_graphs=cuda_graphs)
     if s.device != device:
         raise RuntimeError(f"asked for {device}, got {s.device}")
     core = s._s
@@ -73,7 +75,7 @@ def speed(path: str, device: str, n_ctx_tokens: int, tg: int, reps: int, threads
         dec.append(greedy_decode_rate(core, tg))
         core.truncate(len(ids))
     return {"device": s.info.get("device", device), "prefill_tok_s": max(pp), "decode_tok_s": max(dec),
-            "prefill_all": pp, "decode_all": dec, "memory": s.memory()}
+            "prefill_all": pp, "decode_all": dec, "memory": s.memory(), "graph_stats": s.graph_stats()}
 
 
 def converted(out_dir: str, name: str, make: str, **kw) -> str:
@@ -262,7 +264,10 @@ def main(argv=None) -> int:
            "contexts": {}, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": a.smoke,
            "emulated": bool(_core.cuda_emulated())}
     for n in a.contexts:
-        row = {"cuda": speed(path, "cuda:0", n, a.tg, a.reps, a.cpu_threads)}
+        row = {"cuda": speed(path, "cuda:0", n, a.tg, a.reps, a.cpu_threads),
+               # every kernel launched one by one (cuda_graphs=False): what the decode graph saves
+               "cuda_launches": speed(path, "cuda:0", n, a.tg, a.reps, a.cpu_threads, cuda_graphs=False)}
+        row["graph_decode_ratio"] = row["cuda"]["decode_tok_s"] / row["cuda_launches"]["decode_tok_s"]
         if not a.skip_cpu:
             row["cpu"] = speed(path, "cpu", n, a.tg, 1 if n > 2048 else a.reps, a.cpu_threads)
             row["prefill_ratio"] = row["cuda"]["prefill_tok_s"] / row["cpu"]["prefill_tok_s"]

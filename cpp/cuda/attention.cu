@@ -48,6 +48,9 @@ struct AttnArgs {
     float* ws_acc;            // [n_splits, n_q * n_head, head_dim]
     float* ws_ml;             // [n_splits, n_q * n_head, 2]: running max (log2 domain), sum
     float* lse;               // [n_q, n_head] or null: max + log2(sum) of the scaled scores (n_splits == 1)
+    const int32_t* own_len;   // device or null: the last segment's length, read at run time (n_kv counts own_max)
+    int64_t own_max;
+    int64_t q_batch_stride, out_batch_stride;  // floats between problems (blockIdx.z / n_kv_head)
 };
 
 // Dequantize rows [first, first + nk) of one KV head into tile[kKT][D + 1]; rows >= nk are zeroed
@@ -97,7 +100,17 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     float* ps = kv + kKT * DP;   // [QR][kKT] probabilities of the current tile
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int split = blockIdx.x, hk = blockIdx.z;
+    const int split = blockIdx.x, hk = blockIdx.z % a.n_kv_head, batch = blockIdx.z / a.n_kv_head;
+    const float* q = a.q + batch * a.q_batch_stride;
+    float* out = a.out + batch * a.out_batch_stride;
+    const CudaKVSegment* segs = a.segs + static_cast<int64_t>(batch) * a.n_segs;
+    // The KV length and split size: as launched, or (graph replay) from the own entries' count now.
+    int64_t n_kv = a.n_kv, split_len = a.split_len, own = -1;
+    if (a.own_len) {
+        own = *a.own_len;
+        n_kv = a.n_kv - a.own_max + own;
+        if (a.n_splits > 1) split_len = ((n_kv + a.n_splits - 1) / a.n_splits + kKT - 1) / kKT * kKT;
+    }
     const int rows = a.n_q * a.n_rep;  // query rows of this KV head
     const int row0 = blockIdx.y * QR;
 
@@ -107,7 +120,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         float val = 0.f;
         if (gr < rows) {
             const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
-            val = a.q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
+            val = q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
         }
         qs[i] = val;
     }
@@ -118,8 +131,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     for (int i = 0; i < RPW; ++i) {
         const int gr = row0 + warp * RPW + i;
         if (gr < rows) {
-            const int64_t qpos = a.n_kv - a.n_q + gr / a.n_rep;
-            hi[i] = a.causal ? qpos : a.n_kv - 1;
+            const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
+            hi[i] = a.causal ? qpos : n_kv - 1;
             lo[i] = a.window > 0 ? qpos - a.window + 1 : 0;
         } else {
             hi[i] = -1;  // sees nothing
@@ -128,9 +141,9 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     }
     // Union over the block's rows (tokens are monotonic in the row index), uniform across the block.
     const int last_row = min(row0 + QR, rows) - 1;
-    const int64_t qpos_first = a.n_kv - a.n_q + row0 / a.n_rep;
-    const int64_t qpos_last = a.n_kv - a.n_q + last_row / a.n_rep;
-    const int64_t blk_hi = a.causal ? qpos_last : a.n_kv - 1;
+    const int64_t qpos_first = n_kv - a.n_q + row0 / a.n_rep;
+    const int64_t qpos_last = n_kv - a.n_q + last_row / a.n_rep;
+    const int64_t blk_hi = a.causal ? qpos_last : n_kv - 1;
     const int64_t blk_lo = a.window > 0 ? qpos_first - a.window + 1 : 0;
 
     float m[RPW], l[RPW], acc[RPW][kDSlots];
@@ -143,14 +156,15 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     }
     __syncthreads();
 
-    const int64_t kv_begin = static_cast<int64_t>(split) * a.split_len;
-    const int64_t kv_end = min(a.n_kv, kv_begin + a.split_len);
+    const int64_t kv_begin = static_cast<int64_t>(split) * split_len;
+    const int64_t kv_end = min(n_kv, kv_begin + split_len);
     const float* qw = qs + warp * RPW * D;
     float* pw = ps + warp * RPW * kKT;
 
     int64_t seg_start = 0;
     for (int si = 0; si < a.n_segs && seg_start < kv_end; ++si) {
-        const CudaKVSegment seg = a.segs[si];
+        CudaKVSegment seg = segs[si];
+        if (own >= 0 && si == a.n_segs - 1) seg.n_tokens = own;
         const int64_t seg_end = seg_start + seg.n_tokens;
         const int64_t j_begin = max(max(seg_start, kv_begin), blk_lo);
         const int64_t j_end = min(min(seg_end, kv_end), blk_hi + 1);
@@ -217,7 +231,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
         if (a.n_splits == 1) {
             const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-            float* o = a.out + static_cast<int64_t>(t) * a.out_tok_stride + static_cast<int64_t>(h) * D;
+            float* o = out + static_cast<int64_t>(t) * a.out_tok_stride + static_cast<int64_t>(h) * D;
 #pragma unroll
             for (int k = 0; k < kDSlots; ++k) {
                 const int d = lane + 32 * k;
@@ -413,13 +427,18 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     if (p.head_dim <= 0 || p.head_dim > kMaxHeadDim || p.head_dim % 4 != 0)
         throw_arg(fn, "head_dim must be a multiple of 4 in 4..256");
     if (p.n_kv < 0 || p.n_segments < 0 || (p.n_segments > 0 && !p.segments)) throw_arg(fn, "bad segments");
+    if (p.own_len && (p.n_segments < 1 || p.own_max < p.n_q || p.own_max > p.n_kv || p.lse))
+        throw_arg(fn, "own_len needs a segment for the own entries, n_q <= own_max <= n_kv and no lse");
+    if (p.n_batch < 1 || (p.n_batch > 1 && (p.lse || p.own_len)))
+        throw_arg(fn, "n_batch must be >= 1, and batched problems take no lse or own_len");
     if (p.n_q == 0) return;
     const int n_rep = p.n_head / p.n_kv_head;
     const int64_t rows = static_cast<int64_t>(p.n_q) * n_rep;
     const int rpw = rows <= kAttnWarps ? 1 : 4;
     const int qr = kAttnWarps * rpw;
     const int64_t row_tiles = (rows + qr - 1) / qr;
-    if (row_tiles > 65535 || p.n_kv_head > 65535) throw_arg(fn, "too many query rows for one launch");
+    if (row_tiles > 65535 || static_cast<int64_t>(p.n_kv_head) * p.n_batch > 65535)
+        throw_arg(fn, "too many query rows or problems for one launch");
     const cudaStream_t s = as_stream(stream);
 
     AttnArgs a{};
@@ -439,10 +458,15 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     a.causal = p.causal ? 1 : 0;
     a.window = p.window;
     a.lse = p.lse;
+    a.own_len = p.own_len;
+    a.own_max = p.own_max;
+    a.q_batch_stride = p.q_batch_stride;
+    a.out_batch_stride = p.out_batch_stride;
 
     // Splits: enough blocks to fill the device when rows alone do not, each split >= 4 tiles of keys.
     const int64_t base_blocks = row_tiles * p.n_kv_head;
-    int64_t splits = p.lse ? 1 : p.n_splits;  // the log-sum-exp is written by the unsplit kernel
+    // The log-sum-exp is written by the unsplit kernel; batched problems fill the device by themselves.
+    int64_t splits = p.lse || p.n_batch > 1 ? 1 : p.n_splits;
     if (splits <= 0) {
         int dev = 0, sms = 1;
         check(cudaGetDevice(&dev), "cudaGetDevice");
@@ -468,7 +492,8 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
         a.ws_ml = a.ws_acc + static_cast<size_t>(splits) * p.n_q * p.n_head * p.head_dim;
     }
 
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_tiles), static_cast<unsigned>(p.n_kv_head));
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_tiles),
+                    static_cast<unsigned>(static_cast<int64_t>(p.n_kv_head) * p.n_batch));
     if (rpw == 1)
         launch_attn<1>(a, grid, s);
     else

@@ -191,7 +191,10 @@ __global__ void pool2d_kernel(const float* __restrict__ x, float* __restrict__ y
     }
 }
 
-__global__ void f32_to_f16_kernel(const float* __restrict__ x, __half* __restrict__ y, int64_t n) {
+// row (device, nullable): y is advanced by *row * row_elems halves, read when the kernel runs.
+__global__ void f32_to_f16_kernel(const float* __restrict__ x, __half* __restrict__ y, int64_t n,
+                                  const int32_t* __restrict__ row, int64_t row_elems) {
+    if (row) y += static_cast<int64_t>(*row) * row_elems;
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x)
         y[i] = __float2half_rn(x[i]);
@@ -313,7 +316,14 @@ void cuda_pool2d(const float* x, float* y, int64_t n_frames, int grid, int out_g
 void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream) {
     if (n < 0) throw_arg("cuda_f32_to_f16", "bad n");
     if (n == 0) return;
-    f32_to_f16_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, static_cast<__half*>(y), n);
+    f32_to_f16_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, static_cast<__half*>(y), n, nullptr, 0);
+    check_launch("f32_to_f16_kernel");
+}
+
+void cuda_f32_to_f16_at(const float* x, void* y, int64_t n, const int32_t* row, int64_t row_elems, void* stream) {
+    if (n < 0 || !row || row_elems < n) throw_arg("cuda_f32_to_f16_at", "need a row pointer and n <= row_elems");
+    if (n == 0) return;
+    f32_to_f16_kernel<<<ew_grid(n), kEwThreads, 0, as_stream(stream)>>>(x, static_cast<__half*>(y), n, row, row_elems);
     check_launch("f32_to_f16_kernel");
 }
 

@@ -310,6 +310,51 @@ float CudaEvent::elapsed_ms_since(const CudaEvent& start) const {
     return ms;
 }
 
+// ---------------------------------------------------------------- graphs
+
+CudaGraph::~CudaGraph() { reset(); }
+
+void CudaGraph::reset() {
+    if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+    exec_ = graph_ = nullptr;
+}
+
+void CudaGraph::capture(void* stream, const std::function<void()>& enqueue) {
+    reset();
+    const cudaStream_t s = cudak::as_stream(stream);
+    // Thread-local mode: a call of this thread that cannot be captured (an allocation, a synchronous
+    // copy) fails the capture instead of silently running outside it; other threads are unaffected.
+    check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    cudaGraph_t g = nullptr;
+    try {
+        enqueue();
+    } catch (...) {
+        cudaStreamEndCapture(s, &g);  // ends the (invalidated) capture; the stream is usable again
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        throw;
+    }
+    const cudaError_t e = cudaStreamEndCapture(s, &g);
+    if (e != cudaSuccess) {
+        if (g) cudaGraphDestroy(g);
+        cudak::throw_cuda(e, "cudaStreamEndCapture");
+    }
+    graph_ = g;
+    cudaGraphExec_t x = nullptr;
+    const cudaError_t ie = cudaGraphInstantiateWithFlags(&x, g, 0);
+    if (ie != cudaSuccess) {
+        reset();
+        cudak::throw_cuda(ie, "cudaGraphInstantiate");
+    }
+    exec_ = x;
+}
+
+void CudaGraph::launch(void* stream) const {
+    if (!exec_) throw Error("CudaGraph::launch: nothing captured");
+    check(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), cudak::as_stream(stream)), "cudaGraphLaunch");
+}
+
 void cuda_copy_h2d_async(void* dst, const void* src, size_t bytes, void* stream) {
     if (bytes == 0) return;
     check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cudak::as_stream(stream)), "cudaMemcpyAsync(H2D)");

@@ -43,6 +43,8 @@ struct Config {
     // Copies (and memsets) run as soon as their stream reaches them, kernels stay lazy: exposes a copy
     // that overwrites a buffer a queued kernel has yet to read (a missing wait in the other direction).
     bool early_copies = env_long("X2L_EMU_EARLY_COPIES", 0) != 0;
+    // Stream capture fails as on a driver that refuses it (the fallback of code that uses graphs).
+    bool refuse_capture = env_long("X2L_EMU_REFUSE_CAPTURE", 0) != 0;
 };
 const Config& cfg() {
     static Config c;
@@ -210,6 +212,15 @@ struct CUstream_st {
     std::deque<std::function<void()>> ops;
     uint64_t enqueued = 0, executed = 0;
     bool running = false;
+    CUgraph_st* capture = nullptr;  // being captured: enqueued work goes there instead
+    bool capture_invalid = false;
+};
+
+struct CUgraph_st {
+    std::vector<std::function<void()>> ops;
+};
+struct CUgraphExec_st {
+    std::vector<std::function<void()>> ops;
 };
 
 struct EventRecord {
@@ -228,9 +239,21 @@ struct CUevent_st {
 namespace x2l_emu {
 namespace {
 
-CUstream_st g_legacy_stream{true, true, {}, 0, 0, false};
+CUstream_st g_legacy_stream{true, true, {}, 0, 0, false, nullptr, false};
 std::set<CUstream_st*> g_streams;
 std::set<CUevent_st*> g_events;
+std::set<CUgraph_st*> g_graphs;
+std::set<CUgraphExec_st*> g_graph_execs;
+CUstream_st* g_capturing = nullptr;  // the stream being captured (one at a time here)
+
+// A call a GPU refuses while a capture is active (global / thread-local mode): fails, and so does the capture.
+cudaError_t capture_violation(const std::string& what) {
+    if (!g_capturing) return cudaSuccess;
+    g_capturing->capture_invalid = true;
+    return fail(cudaErrorStreamCaptureUnsupported, what + " while a stream is being captured");
+}
+#define EMU_CAPTURE_CHECK(what) \
+    if (cudaError_t ce_ = capture_violation(what)) return ce_
 
 double now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -264,6 +287,10 @@ void flush_device() {
 // Enqueue with the legacy stream's implicit ordering against blocking streams.
 void enqueue(cudaStream_t stream, std::function<void()> fn) {
     CUstream_st* s = resolve(stream);
+    if (s->capture) {  // recorded, not run; a graph launch enqueues it again
+        if (!s->capture_invalid) s->capture->ops.push_back(std::move(fn));
+        return;
+    }
     if (s->legacy) {
         std::vector<std::pair<CUstream_st*, uint64_t>> deps;
         for (CUstream_st* b : g_streams)
@@ -659,6 +686,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
 
 cudaError_t cudaDeviceSynchronize() {
     EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaDeviceSynchronize");
     flush_device();
     EMU_STICKY_CHECK;
     return cudaSuccess;
@@ -699,6 +727,8 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorHostMemoryAlreadyRegistered: return "cudaErrorHostMemoryAlreadyRegistered";
         case cudaErrorHostMemoryNotRegistered: return "cudaErrorHostMemoryNotRegistered";
         case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+        case cudaErrorStreamCaptureUnsupported: return "cudaErrorStreamCaptureUnsupported";
+        case cudaErrorStreamCaptureInvalidated: return "cudaErrorStreamCaptureInvalidated";
     }
     return "cudaErrorUnknown";
 }
@@ -717,6 +747,7 @@ const char* cudaGetErrorString(cudaError_t e) {
 cudaError_t cudaMalloc(void** p, size_t bytes) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
+    EMU_CAPTURE_CHECK("cudaMalloc");
     *p = nullptr;
     if (bytes > cfg().mem_bytes - std::min(cfg().mem_bytes, g_dev_used))
         return fail(cudaErrorMemoryAllocation, "cudaMalloc of " + std::to_string(bytes) + " bytes: the emulated device has " +
@@ -743,6 +774,7 @@ cudaError_t cudaMalloc(void** p, size_t bytes) {
 
 cudaError_t cudaFree(void* p) {
     EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaFree");
     if (!p) return cudaSuccess;
     flush_device();  // cudaFree synchronizes the device
     auto it = g_dev.find(reinterpret_cast<uintptr_t>(p));
@@ -771,6 +803,7 @@ cudaError_t cudaHostAlloc(void** p, size_t bytes, unsigned flags) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     *p = nullptr;
+    EMU_CAPTURE_CHECK("cudaHostAlloc");
     void* m = std::aligned_alloc(kPage, round_up(std::max<size_t>(bytes, 1), kPage));
     if (!m) return fail(cudaErrorMemoryAllocation, "cudaHostAlloc");
     std::memset(m, 0xFF, round_up(std::max<size_t>(bytes, 1), kPage));
@@ -786,6 +819,7 @@ cudaError_t cudaMallocHost(void** p, size_t bytes) { return cudaHostAlloc(p, byt
 cudaError_t cudaFreeHost(void* p) {
     EMU_LOCK;
     if (!p) return cudaSuccess;
+    EMU_CAPTURE_CHECK("cudaFreeHost");
     flush_device();
     auto it = g_pinned.find(reinterpret_cast<uintptr_t>(p));
     if (it == g_pinned.end() || !it->second.allocated) return fail(cudaErrorInvalidValue, "cudaFreeHost of a pointer cudaHostAlloc did not return");
@@ -799,11 +833,13 @@ cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned flags) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     if (!p || bytes == 0) return fail(cudaErrorInvalidValue, "cudaHostRegister of an empty range");
+    EMU_CAPTURE_CHECK("cudaHostRegister");
     return add_pinned(p, bytes, false, (flags & cudaHostRegisterMapped) != 0);
 }
 
 cudaError_t cudaHostUnregister(void* p) {
     EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaHostUnregister");
     flush_device();
     auto it = g_pinned.find(reinterpret_cast<uintptr_t>(p));
     if (it == g_pinned.end() || it->second.allocated)
@@ -893,6 +929,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
     Side ds, ss;
     const std::string err = check_copy(dst, src, bytes, kind, &ds, &ss);
     if (!err.empty()) return fail(cudaErrorInvalidValue, "cudaMemcpyAsync: " + err);
+    if (resolve(stream)->capture && (ss == Side::kPageable || ds == Side::kPageable))
+        EMU_CAPTURE_CHECK("cudaMemcpyAsync to or from pageable memory");
     if (ss == Side::kPageable) {
         // From pageable memory the data is staged before the call returns.
         std::shared_ptr<std::vector<char>> staged(new std::vector<char>(static_cast<const char*>(src), static_cast<const char*>(src) + bytes));
@@ -913,6 +951,7 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
     EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaMemcpy (synchronous)");
     if (cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, nullptr)) return e;
     flush_all(&g_legacy_stream);
     EMU_STICKY_CHECK;
@@ -936,7 +975,11 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t strea
     return cudaSuccess;
 }
 
-cudaError_t cudaMemset(void* p, int value, size_t bytes) { return cudaMemsetAsync(p, value, bytes, nullptr); }
+cudaError_t cudaMemset(void* p, int value, size_t bytes) {
+    EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaMemset (synchronous)");
+    return cudaMemsetAsync(p, value, bytes, nullptr);
+}
 
 // ---------------------------------------------------------------- streams
 
@@ -954,6 +997,7 @@ cudaError_t cudaStreamCreate(cudaStream_t* s) { return cudaStreamCreateWithFlags
 cudaError_t cudaStreamDestroy(cudaStream_t s) {
     EMU_LOCK;
     if (!s || !g_streams.count(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamDestroy of an unknown stream");
+    if (s->capture) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamDestroy of a stream being captured");
     flush_all(s);  // queued work still completes
     for (CUevent_st* e : g_events)
         if (e->stream == s) e->stream = nullptr;  // completed now
@@ -964,6 +1008,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t s) {
 
 cudaError_t cudaStreamSynchronize(cudaStream_t s) {
     EMU_LOCK;
+    EMU_CAPTURE_CHECK("cudaStreamSynchronize");
     if (!valid_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize of a destroyed stream");
     flush_all(resolve(s));
     EMU_STICKY_CHECK;
@@ -975,6 +1020,7 @@ cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
     EMU_STICKY_CHECK;
     if (!valid_stream(s) || !e || !g_events.count(e) || flags != 0)
         return fail(cudaErrorInvalidResourceHandle, "cudaStreamWaitEvent: bad stream or event");
+    if (resolve(s)->capture) EMU_CAPTURE_CHECK("cudaStreamWaitEvent on the capturing stream (not modelled by the emulator)");
     if (!e->rec || !e->stream) return cudaSuccess;  // never recorded, or already complete
     CUstream_st* src = e->stream;
     const uint64_t upto = e->seq;
@@ -1008,6 +1054,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     if (!e || !g_events.count(e) || !valid_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaEventRecord: bad event or stream");
+    if (resolve(s)->capture) EMU_CAPTURE_CHECK("cudaEventRecord on the capturing stream (not modelled by the emulator)");
     std::shared_ptr<EventRecord> rec(new EventRecord);
     enqueue(s, [rec] {
         rec->hit = true;
@@ -1053,5 +1100,84 @@ cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) 
     if (!start->rec || !end->rec) return fail(cudaErrorInvalidResourceHandle, "cudaEventElapsedTime: an event never recorded");
     if (!start->rec->hit || !end->rec->hit) return cudaErrorNotReady;
     *ms = static_cast<float>(end->rec->t_ms - start->rec->t_ms);
+    return cudaSuccess;
+}
+
+// ---------------------------------------------------------------- stream capture and graphs
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode) {
+    EMU_LOCK;
+    EMU_STICKY_CHECK;
+    if (!s || !g_streams.count(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamBeginCapture: the legacy or an unknown stream");
+    if (mode == cudaStreamCaptureModeRelaxed) return fail(cudaErrorInvalidValue, "cudaStreamBeginCapture: relaxed mode is not modelled");
+    if (g_capturing) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamBeginCapture: another capture is active (one at a time here)");
+    if (cfg().refuse_capture) return fail(cudaErrorStreamCaptureUnsupported, "cudaStreamBeginCapture: refused (X2L_EMU_REFUSE_CAPTURE)");
+    s->capture = new CUgraph_st;
+    s->capture_invalid = false;
+    g_capturing = s;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
+    EMU_LOCK;
+    *graph = nullptr;
+    if (!s || !g_streams.count(s) || !s->capture) return fail(cudaErrorInvalidValue, "cudaStreamEndCapture: the stream is not being captured");
+    CUgraph_st* g = s->capture;
+    const bool invalid = s->capture_invalid;
+    s->capture = nullptr;
+    s->capture_invalid = false;
+    g_capturing = nullptr;
+    if (invalid) {
+        delete g;
+        return fail(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture: the capture was invalidated by an earlier call");
+    }
+    g_graphs.insert(g);
+    *graph = g;
+    return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status) {
+    EMU_LOCK;
+    if (!valid_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaStreamIsCapturing: unknown stream");
+    const CUstream_st* st = resolve(s);
+    *status = !st->capture ? cudaStreamCaptureStatusNone
+                           : st->capture_invalid ? cudaStreamCaptureStatusInvalidated : cudaStreamCaptureStatusActive;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphInstantiateWithFlags(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags) {
+    EMU_LOCK;
+    EMU_STICKY_CHECK;
+    *exec = nullptr;
+    if (!graph || !g_graphs.count(graph) || flags != 0) return fail(cudaErrorInvalidValue, "cudaGraphInstantiate: unknown graph or flags");
+    CUgraphExec_st* x = new CUgraphExec_st;
+    x->ops = graph->ops;
+    g_graph_execs.insert(x);
+    *exec = x;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
+    EMU_LOCK;
+    EMU_STICKY_CHECK;
+    if (!exec || !g_graph_execs.count(exec)) return fail(cudaErrorInvalidResourceHandle, "cudaGraphLaunch: unknown graph exec");
+    if (!valid_stream(s)) return fail(cudaErrorInvalidResourceHandle, "cudaGraphLaunch on a destroyed stream");
+    if (resolve(s)->capture) EMU_CAPTURE_CHECK("cudaGraphLaunch into a capture (not modelled by the emulator)");
+    for (const std::function<void()>& op : exec->ops) enqueue(s, op);
+    if (cfg().early_copies) flush_all(resolve(s));
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+    EMU_LOCK;
+    if (!graph || !g_graphs.erase(graph)) return fail(cudaErrorInvalidResourceHandle, "cudaGraphDestroy of an unknown graph");
+    delete graph;
+    return cudaSuccess;
+}
+
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+    EMU_LOCK;
+    if (!exec || !g_graph_execs.erase(exec)) return fail(cudaErrorInvalidResourceHandle, "cudaGraphExecDestroy of an unknown graph exec");
+    delete exec;
     return cudaSuccess;
 }

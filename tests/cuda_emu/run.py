@@ -7,8 +7,8 @@ compiled as C++ against tests/cuda_emu/include, so every kernel, launch wrapper,
 layer-pipelined reload run here, on a machine without a GPU, against the CPU backend. Four passes: a
 discrete GPU (copies through the pipeline), an integrated one (X2L_EMU_INTEGRATED=1: Jetson's
 zero-copy path), the copy-ordering tests again with copies run early (X2L_EMU_EARLY_COPIES=1), and
-a 1 MiB device for the out-of-memory paths (X2L_EMU_MEM_MB=1) and a 2 MiB one where the prefill's L cache
-must give way;
+a 1 MiB device for the out-of-memory paths (X2L_EMU_MEM_MB=1), a 2 MiB one where the prefill's L cache
+must give way, and a driver that refuses stream capture (X2L_EMU_REFUSE_CAPTURE=1: decode without graphs);
 then bench/gpu/bench_cuda.py --smoke, so the GPU benchmark script has run before a GPU is lent. This says nothing about speed, and it is not a GPU: see include/cuda_runtime.h for
 what the emulator models. Needs cmake, ninja and nanobind (the `test` extra installs them).
 """
@@ -56,13 +56,14 @@ def main() -> int:
     passes = [
         ("discrete GPU", {}, []),
         ("integrated GPU (zero-copy L tier)", {"X2L_EMU_INTEGRATED": "1"},
-         ["-k", "pipeline or x2l or prefill or session or device or bandwidth or vision or beacon or videoxl"]),
+         ["-k", "pipeline or x2l or prefill or session or device or bandwidth or vision or beacon or videoxl or graph"]),
         # Copies as early as their stream allows: a copy that overwrites a slot a queued kernel still
         # reads (a missing release wait) corrupts it. The passes above run copies as late as possible,
         # which exposes the opposite, a kernel that does not wait for its copy.
-        ("discrete GPU, early copies", {"X2L_EMU_EARLY_COPIES": "1"}, ["-k", "pipeline or x2l or prefill or bandwidth or beacon or videoxl"]),
+        ("discrete GPU, early copies", {"X2L_EMU_EARLY_COPIES": "1"}, ["-k", "pipeline or x2l or prefill or bandwidth or beacon or videoxl or graph"]),
         ("1 MiB GPU (out of device memory)", {"X2L_EMU_MEM_MB": "1"}, ["-k", "small_device"]),
         ("2 MiB GPU (the prefill drops its L cache)", {"X2L_EMU_MEM_MB": "2"}, ["-k", "drops_its_low_cache"]),
+        ("driver that refuses stream capture", {"X2L_EMU_REFUSE_CAPTURE": "1"}, ["-k", "capture_is_refused"]),
     ]
     rc = 0
     for name, extra_env, extra_args in passes:

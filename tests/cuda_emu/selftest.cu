@@ -165,6 +165,45 @@ static int smem_limit() {
     return 0;
 }
 
+// A graph captured once reads its pinned input at every replay (the arguments stay as captured);
+// bad = 1 puts a copy from pageable memory into the capture, bad = 2 an allocation: a GPU refuses both.
+static int graph(int bad) {
+    const int n = 256;
+    float *pin, *d_x, *d_y;
+    std::vector<float> pageable(n, 1.f), y(n);
+    CHECK(cudaHostAlloc(reinterpret_cast<void**>(&pin), n * sizeof(float), cudaHostAllocDefault));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d_x), n * sizeof(float)));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d_y), n * sizeof(float)));
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    const cudaError_t copy = cudaMemcpyAsync(d_x, bad == 1 ? pageable.data() : pin, n * sizeof(float), cudaMemcpyHostToDevice, s);
+    std::printf("copy %s\n", cudaGetErrorName(copy));
+    if (bad == 2) {
+        float* more = nullptr;
+        std::printf("malloc %s\n", cudaGetErrorName(cudaMalloc(reinterpret_cast<void**>(&more), 4)));
+    }
+    scale_kernel<<<1, n, 0, s>>>(d_x, d_y, n, 3.f);
+    cudaGraph_t g = nullptr;
+    const cudaError_t end = cudaStreamEndCapture(s, &g);
+    std::printf("end %s graph %d\n", cudaGetErrorName(end), g != nullptr);
+    if (!g) return 0;
+    cudaGraphExec_t x;
+    CHECK(cudaGraphInstantiateWithFlags(&x, g, 0));
+    for (int r = 1; r <= 2; ++r) {
+        for (int i = 0; i < n; ++i) pin[i] = static_cast<float>(r * i);
+        CHECK(cudaGraphLaunch(x, s));
+        CHECK(cudaStreamSynchronize(s));
+        CHECK(cudaMemcpy(y.data(), d_y, n * sizeof(float), cudaMemcpyDeviceToHost));
+        int wrong = 0;
+        for (int i = 0; i < n; ++i) wrong += y[i] != 3.f * r * i;
+        std::printf("replay %d wrong %d\n", r, wrong);
+    }
+    CHECK(cudaGraphExecDestroy(x));
+    CHECK(cudaGraphDestroy(g));
+    return 0;
+}
+
 // float -> half bits for the floats read from stdin, one per line of output.
 static int half_bits() {
     float f;
@@ -188,6 +227,9 @@ int main(int argc, char** argv) {
     if (c == "shfl_after_exit") return shfl_after_exit();
     if (c == "smem_limit") return smem_limit();
     if (c == "half_bits") return half_bits();
+    if (c == "graph") return graph(0);
+    if (c == "graph_pageable") return graph(1);
+    if (c == "graph_malloc") return graph(2);
     std::printf("unknown case %s\n", c.c_str());
     return 2;
 }

@@ -17,6 +17,8 @@
 // - Device memory is its own mapping with guard pages on both sides and is inaccessible to host
 //   code except while device work runs, so a host dereference of a device pointer, or a kernel that
 //   reads past its allocation, stops the process with a message naming the address.
+// - Stream capture records instead of running (see cudaStreamBeginCapture below);
+//   X2L_EMU_REFUSE_CAPTURE=1 makes every capture fail, as a driver that refuses it would.
 #pragma once
 #include <cmath>
 #include <cstddef>
@@ -63,6 +65,8 @@ enum cudaError_t {
     cudaErrorHostMemoryAlreadyRegistered = 712,
     cudaErrorHostMemoryNotRegistered = 713,
     cudaErrorLaunchFailure = 719,
+    cudaErrorStreamCaptureUnsupported = 900,
+    cudaErrorStreamCaptureInvalidated = 901,
 };
 enum cudaMemcpyKind {
     cudaMemcpyHostToHost = 0,
@@ -100,8 +104,22 @@ struct cudaDeviceProp {
 
 struct CUstream_st;
 struct CUevent_st;
+struct CUgraph_st;
+struct CUgraphExec_st;
 typedef CUstream_st* cudaStream_t;
 typedef CUevent_st* cudaEvent_t;
+typedef CUgraph_st* cudaGraph_t;
+typedef CUgraphExec_st* cudaGraphExec_t;
+enum cudaStreamCaptureMode {
+    cudaStreamCaptureModeGlobal = 0,
+    cudaStreamCaptureModeThreadLocal = 1,
+    cudaStreamCaptureModeRelaxed = 2,
+};
+enum cudaStreamCaptureStatus {
+    cudaStreamCaptureStatusNone = 0,
+    cudaStreamCaptureStatusActive = 1,
+    cudaStreamCaptureStatusInvalidated = 2,
+};
 
 #define cudaStreamDefault 0x00u
 #define cudaStreamNonBlocking 0x01u
@@ -148,6 +166,19 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned flags);
 cudaError_t cudaStreamDestroy(cudaStream_t s);
 cudaError_t cudaStreamSynchronize(cudaStream_t s);
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
+
+// Stream capture and graphs: work enqueued on a capturing stream is recorded, not run (kernel
+// arguments and copy addresses as they were then); cudaGraphLaunch enqueues the recorded work again.
+// While a capture is active, what a GPU refuses to capture in the global and thread-local modes fails
+// it: copies to or from pageable memory, synchronous copies, synchronizations, allocations and frees.
+// Events on the capturing stream are not modelled (an error, so that code relying on them is noticed).
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus* status);
+cudaError_t cudaGraphInstantiateWithFlags(cudaGraphExec_t* exec, cudaGraph_t graph, unsigned long long flags = 0);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
 
 cudaError_t cudaEventCreate(cudaEvent_t* e);
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned flags);
