@@ -31,7 +31,7 @@ namespace {
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
                                 "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d",
-                                "cuda_rerotate_keys", "cuda_set_rows"};
+                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -231,6 +231,25 @@ nb::ndarray<nb::numpy, uint8_t> op_rerotate_keys(uint32_t type_id, U8Array rows,
     }
     const size_t shape[2] = {static_cast<size_t>(n_rows), stride};
     return nb::ndarray<nb::numpy, uint8_t>(out->data(), 2, shape, owner);
+}
+
+nb::bytes op_gather_rows(U8Array src, I32Array ids) {
+    require_device();
+    if (src.ndim() != 2) throw x2l::Error("src must be [rows, row_bytes] uint8");
+    const size_t row_bytes = src.shape(1);
+    std::vector<uint8_t> out(ids.size() * row_bytes);
+    {
+        nb::gil_scoped_release nogil;
+        auto ds = to_device(src.data(), src.nbytes());
+        auto di = to_device(ids.data(), ids.nbytes());
+        auto dd = device_buffer(out.size());
+        run_sync([&](void* s) {
+            x2l::cuda_gather_rows(ds.data(), static_cast<int64_t>(src.shape(0)), row_bytes, static_cast<const int32_t*>(di.data()),
+                                  static_cast<int64_t>(ids.size()), dd.data(), s);
+        });
+        if (!out.empty()) dd.download(out.data(), out.size());
+    }
+    return nb::bytes(reinterpret_cast<const char*>(out.data()), out.size());
 }
 
 OutF32 op_set_rows(F32Array src, I32Array ids, F32Array dst) {
@@ -539,6 +558,8 @@ void bind_cuda(nb::module_& m) {
     m.def("cuda_rerotate_keys", &op_rerotate_keys, "type_id"_a, "rows"_a, "head_dim"_a, "n_rot"_a, "freq_base"_a = 10000.f,
           "neox"_a = false, "delta"_a = 0, "in_place"_a = false,
           "Key rows [n_rows, row_bytes] of a ggml type (f32, f16, q8_0, q4_0) rotated by delta more positions.");
+    m.def("cuda_gather_rows", &op_gather_rows, "src"_a, "ids"_a,
+          "src [rows, row_bytes] uint8: the bytes of rows ids, as they are (zero rows for ids out of range).");
     m.def("cuda_set_rows", &op_set_rows, "src"_a, "ids"_a, "dst"_a, "dst[ids[i]] = src[i]; returns the new dst.");
     m.def("cuda_softmax", &op_softmax, "x"_a, "scale"_a = 1.f);
     m.def("cuda_swiglu", [](F32Array g, F32Array u) { return op_elementwise(0, g, u); }, "gate"_a, "up"_a);

@@ -152,6 +152,7 @@ void bind_x2l(nb::module_& m) {
             d["seconds"] = p.stats().seconds;
             d["device_peak_bytes"] = p.stats().device_peak_bytes;
             d["streamed_bytes"] = p.stats().streamed_bytes;
+            d["fetched_bytes"] = p.stats().fetched_bytes;
             d["cached_low_bytes"] = p.stats().cached_low_bytes;
             d["working_bytes"] = p.working_bytes();
             d["on_device"] = p.on_device();

@@ -307,6 +307,11 @@ void cuda_mul(const float* a, const float* b, float* y, int64_t n, int64_t b_per
 // outside [0, n_dst_rows) are skipped. The scatter after a matmul over gathered rows (cuda_get_rows).
 void cuda_set_rows(const float* src, const int32_t* ids, int64_t n_ids, int64_t n, float* dst, int64_t n_dst_rows,
                    void* stream);
+// dst[i, :] = src[ids[i], :] for i < n_ids: rows of row_bytes bytes (a multiple of 4) of any type, copied
+// as they are; ids (device) outside [0, n_src_rows) give zero rows. (The X²L prefill fetches only the
+// K/V rows it keeps.)
+void cuda_gather_rows(const void* src, int64_t n_src_rows, size_t row_bytes, const int32_t* ids, int64_t n_ids, void* dst,
+                      void* stream);
 // y[i] = f16(x[i]) (round to nearest even): storing new K/V rows into an f16 cache.
 void cuda_f32_to_f16(const float* x, void* y, int64_t n, void* stream);
 // The same into row *row (device int32, read when the kernel runs) of y [.., row_elems] halves: the

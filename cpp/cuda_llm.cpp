@@ -877,10 +877,14 @@ size_t CudaPrefill::device_bytes() const {
 }
 
 void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
-                       KVSegment& tail, std::vector<float>* importance, const uint8_t* vst) {
+                       KVSegment& tail, std::vector<float>* importance, const uint8_t* vst, const std::vector<int32_t>* keep) {
     const LlmConfig& c = llm_.config();
     if (n <= 0) throw Error("CudaPrefill::run: empty input");
     if (tail.size() != 0 || tail.capacity() < n) throw Error("CudaPrefill::run: the tail must be empty and hold n entries");
+    for (size_t j = 0; keep && j < keep->size(); ++j) {
+        if ((*keep)[j] < 0 || (*keep)[j] >= n || (j > 0 && (*keep)[j] <= (*keep)[j - 1]))
+            throw Error("CudaPrefill::run: keep must be sorted, unique rows in [0, n)");
+    }
     cuda_set_device(llm_.device());
     const int64_t HK = static_cast<int64_t>(c.n_head_kv) * c.n_layer;
     for (const PrefixSegment& p : prefix) {
@@ -994,26 +998,56 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
     peak_bytes_ = std::max(peak_bytes_, device_bytes());
 
     // The new entries back to the host: [n, n_head_kv, head_dim] f16 per layer -> tail's layout and type.
+    // With `keep` only those rows cross (gathered on the device first); the tail's other rows stay unset.
     const int64_t KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim;
     std::vector<int32_t> pos(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) pos[i] = pos0 + static_cast<int32_t>(i);
     tail.append(pos.data(), n);
-    std::vector<uint16_t> kh(static_cast<size_t>(n * KD)), vh(kh.size());
+    const size_t row_bytes = static_cast<size_t>(KD) * kF16;
+    CudaDeviceBuffer keep_ids, gathered;  // [n_rows] row ids; [2][n_rows, KD] f16 K, then V
+    const int64_t n_rows = keep ? static_cast<int64_t>(keep->size()) : n;
+    if (keep && n_rows < n && n_rows > 0) {
+        try {
+            keep_ids = CudaDeviceBuffer(static_cast<size_t>(n_rows) * sizeof(int32_t));
+            gathered = CudaDeviceBuffer(2 * static_cast<size_t>(n_rows) * row_bytes);
+            keep_ids.upload(keep->data(), keep_ids.size());
+        } catch (const BudgetError&) {
+            keep_ids = CudaDeviceBuffer();  // no room to gather: fetch every row instead
+            gathered = CudaDeviceBuffer();
+        }
+    }
+    const bool gather = gathered.size() > 0;
+    const int64_t n_fetch = gather ? n_rows : n;
+    std::vector<uint16_t> kh(static_cast<size_t>(n_fetch * KD)), vh(kh.size());
     std::vector<float> kf(static_cast<size_t>(KD)), vf(kf.size());
     const size_t head_bytes = static_cast<size_t>(c.head_dim) * kF16;
+    const size_t fetch_bytes = static_cast<size_t>(n_fetch) * row_bytes;
+    void* s = ctx_->stream();
     for (int l = 0; l < c.n_layer; ++l) {
-        ctx_->k_cache(l).download(kh.data(), kh.size() * sizeof(uint16_t));
-        ctx_->v_cache(l).download(vh.data(), vh.size() * sizeof(uint16_t));
-        for (int64_t i = 0; i < n; ++i) {
+        if (gather) {
+            uint8_t* g = static_cast<uint8_t*>(gathered.data());
+            const int32_t* ids = static_cast<const int32_t*>(keep_ids.data());
+            cuda_gather_rows(ctx_->k_cache(l).data(), n, row_bytes, ids, n_rows, g, s);
+            cuda_gather_rows(ctx_->v_cache(l).data(), n, row_bytes, ids, n_rows, g + fetch_bytes, s);
+            gathered.download(kh.data(), fetch_bytes, 0, s);  // pageable destination: complete on return
+            gathered.download(vh.data(), fetch_bytes, fetch_bytes, s);
+        } else {
+            ctx_->k_cache(l).download(kh.data(), fetch_bytes, 0, s);
+            ctx_->v_cache(l).download(vh.data(), fetch_bytes, 0, s);
+        }
+        fetched_bytes_ += 2 * fetch_bytes;
+        for (int64_t j = 0; j < n_rows; ++j) {
+            const int64_t i = keep ? (*keep)[j] : j;  // the tail's row
+            const int64_t f = gather ? j : i;         // the fetched row
             if (tail.type() == DType::F16) {  // the usual case (kv_type f16): the rows as they are
                 for (int h = 0; h < c.n_head_kv; ++h) {
-                    std::memcpy(tail.k_row_mut(l, h, i), kh.data() + i * KD + h * c.head_dim, head_bytes);
-                    std::memcpy(tail.v_row_mut(l, h, i), vh.data() + i * KD + h * c.head_dim, head_bytes);
+                    std::memcpy(tail.k_row_mut(l, h, i), kh.data() + f * KD + h * c.head_dim, head_bytes);
+                    std::memcpy(tail.v_row_mut(l, h, i), vh.data() + f * KD + h * c.head_dim, head_bytes);
                 }
                 continue;
             }
-            fp16_to_fp32_row(kh.data() + i * KD, kf.data(), KD);
-            fp16_to_fp32_row(vh.data() + i * KD, vf.data(), KD);
+            fp16_to_fp32_row(kh.data() + f * KD, kf.data(), KD);
+            fp16_to_fp32_row(vh.data() + f * KD, vf.data(), KD);
             tail.store(l, i, kf.data(), vf.data());
         }
     }

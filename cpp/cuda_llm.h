@@ -296,13 +296,16 @@ class CudaPrefill {
     // new entries to `tail` (host, empty; its type may be any KV type: the device's f16 rows are
     // converted). With importance: importance [n_layer * n_head_kv * n] = the summed softmax
     // probabilities that queries >= obs_start gave to each new entry (per layer and KV head; the caller
-    // normalises). vst (host [n] or nullptr): the beacon rows (CudaContext::forward). BudgetError when
-    // the device is full.
+    // normalises). vst (host [n] or nullptr): the beacon rows (CudaContext::forward). keep (sorted rows
+    // of [0, n) or nullptr = all): only these rows of the tail are filled, and only they are fetched
+    // from the device (beacon keeps its VST rows alone). BudgetError when the device is full.
     void run(const float* x, int64_t n, int32_t pos0, const std::vector<PrefixSegment>& prefix, int64_t obs_start,
-             KVSegment& tail, std::vector<float>* importance, const uint8_t* vst = nullptr);
+             KVSegment& tail, std::vector<float>* importance, const uint8_t* vst = nullptr,
+             const std::vector<int32_t>* keep = nullptr);
     size_t device_bytes() const;       // held now: context, votes, resident segments, copy slots
     size_t peak_device_bytes() const { return peak_bytes_; }
     size_t streamed_bytes() const { return streamed_bytes_; }  // L prefix bytes copied host -> device so far
+    size_t fetched_bytes() const { return fetched_bytes_; }    // new K/V rows copied device -> host so far
     size_t cached_low_bytes() const;                             // L rows held in device memory now
 
   private:
@@ -320,7 +323,7 @@ class CudaPrefill {
     size_t low_budget_ = 0;  // bytes of L rows low_cached_ may hold
     static constexpr int kCopySlots = 2;
     std::unique_ptr<CudaLayerPipeline> pipe_;  // discrete GPUs: kCopySlots layers of streamed L prefix
-    size_t streamed_bytes_ = 0, peak_bytes_ = 0;
+    size_t streamed_bytes_ = 0, fetched_bytes_ = 0, peak_bytes_ = 0;
 };
 
 }  // namespace x2l

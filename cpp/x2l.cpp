@@ -80,6 +80,7 @@ void X2LPrefill::note_device_stats() {
     if (gpu_) {
         stats_.device_peak_bytes = std::max(stats_.device_peak_bytes, gpu_->peak_device_bytes());
         stats_.streamed_bytes = gpu_->streamed_bytes();
+        stats_.fetched_bytes = gpu_->fetched_bytes();
         stats_.cached_low_bytes = std::max(stats_.cached_low_bytes, gpu_->cached_low_bytes());
     }
 #endif
@@ -127,7 +128,8 @@ void X2LPrefill::add_chunk_tokens(const std::vector<int32_t>& tokens, int n_fram
 }
 
 void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                           bool low_tier, std::vector<float>* importance, const uint8_t* vst) {
+                           bool low_tier, std::vector<float>* importance, const uint8_t* vst,
+                           const std::vector<int32_t>* keep) {
     const LlmConfig& c = s_.model().config();
     const int64_t E = c.n_embd;
     ensure_cache(n);
@@ -140,7 +142,7 @@ void X2LPrefill::run_level(const float* embd, int64_t n, int32_t pos0, const std
         std::vector<CudaPrefill::PrefixSegment> segs;
         for (size_t i = 0; i < prefix.size(); ++i) segs.push_back({prefix[i], low_tier && i > 0});
         try {
-            gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance, vst);
+            gpu_->run(embd, n, pos0, segs, obs_start, cache_->tail(), importance, vst, keep);
             done = true;
             stats_.device_forward_tokens += n;
             note_device_stats();
@@ -210,11 +212,11 @@ void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, boo
             prefix.push_back(seg);
             pos0 += static_cast<int32_t>(seg->size());
         }
-        run_level(rows.data(), total, pos0, prefix, level == 0, nullptr, vst.data());
         std::vector<int32_t> vst_idx;
         for (int64_t i = 0; i < total; ++i) {
             if (vst[i]) vst_idx.push_back(static_cast<int32_t>(i));
         }
+        run_level(rows.data(), total, pos0, prefix, level == 0, nullptr, vst.data(), &vst_idx);
         const int64_t kept = static_cast<int64_t>(vst_idx.size());
         // As memory, the kept VSTs are numbered densely after what precedes them (Video-XL re-applies
         // RoPE over the compacted cache): move each from its slot in X' to pos0 + its rank.

@@ -64,6 +64,7 @@ struct PrefillStats {
     size_t device_peak_bytes = 0;
     size_t streamed_bytes = 0;
     size_t cached_low_bytes = 0;  // L rows it kept in device memory instead (the most at a time)
+    size_t fetched_bytes = 0;     // new K/V rows copied device -> host (beacon: the VST rows alone)
 };
 
 class X2LPrefill {
@@ -87,10 +88,12 @@ class X2LPrefill {
   private:
     void ensure_cache(int64_t n);
     // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
-    // (when non-null) gets the attention votes; vst marks beacon rows (or null).
+    // (when non-null) gets the attention votes; vst marks beacon rows (or null); keep (or null = all):
+    // the tail rows the caller reads (the device fetches only those).
     // low_tier: prefix[1..] are L-KVs (prefix[0] is the sink), which the device prefill streams from host memory.
     void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                   bool low_tier, std::vector<float>* importance, const uint8_t* vst);
+                   bool low_tier, std::vector<float>* importance, const uint8_t* vst,
+                   const std::vector<int32_t>* keep = nullptr);
     void note_device_stats();
     void release_device();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);

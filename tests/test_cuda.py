@@ -354,6 +354,18 @@ def test_set_rows():
 
 
 @gpu
+def test_gather_rows():
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 256, (11, 24), dtype=np.uint8)  # e.g. 12 f16 values per row, bits as they are
+    ids = np.array([10, 0, 3, 3, 11, -1], np.int32)
+    got = np.frombuffer(_core.cuda_gather_rows(src, ids), np.uint8).reshape(6, 24)
+    np.testing.assert_array_equal(got[:4], src[[10, 0, 3, 3]])
+    assert not got[4:].any()  # out-of-range ids give zero rows
+    with pytest.raises(_core.Error, match="multiple of 4"):
+        _core.cuda_gather_rows(src[:, :6].copy(), ids)
+
+
+@gpu
 @pytest.mark.parametrize("n", [1, 33, 1000, 5000])
 def test_softmax(n):
     rng = np.random.default_rng(n)
@@ -1129,6 +1141,11 @@ def test_cuda_beacon_prefill_and_mixed_cache_match_cpu(videoxl_hd32, high_type):
     # The whole prefill ran on the device: both levels of every chunk, VST rows included.
     assert dst["on_device"] and dst["device_forward_tokens"] == dst["forward_tokens"] == cst["forward_tokens"]
     assert dst["forward_tokens"] == dst["sink_tokens"] + 5 * (16 + 8) + 5 * (16 + 4)
+    # Only the rows kept come back from the device: the sink's, then each chunk's 8 + 4 VST rows (K and
+    # V of every layer, f16 [n_head_kv * head_dim] per row), not the 24 + 20 rows of its forwards.
+    info = dctx.session.info
+    row = info["n_head_kv"] * info["head_dim"] * 2
+    assert dst["fetched_bytes"] == 2 * info["n_layer"] * row * (dst["sink_tokens"] + 5 * (8 + 4)), dst
     # The index the device built answers like the CPU's (decoded on the CPU: isolates the prefill).
     xctx, _ = _beacon_ctx(videoxl_hd32, "cpu", high_type, index=dctx.index)
     assert dctx._dec.on_device and not xctx._dec.on_device

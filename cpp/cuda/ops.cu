@@ -211,6 +211,17 @@ __global__ void set_rows_kernel(const float* __restrict__ src, const int32_t* __
     }
 }
 
+// dst[i, :] = src[ids[i], :], rows of `words` 32-bit words copied as they are; ids outside [0, n_src) give zeros.
+__global__ void gather_rows_kernel(const uint32_t* __restrict__ src, int64_t n_src, int64_t words,
+                                   const int32_t* __restrict__ ids, int64_t n_ids, uint32_t* __restrict__ dst) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_ids * words;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t r = i / words;
+        const int32_t id = ids[r];
+        dst[i] = id >= 0 && id < n_src ? src[id * words + (i - r * words)] : 0u;
+    }
+}
+
 // op 0: add, 1: mul
 __global__ void binary_kernel(const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -333,6 +344,17 @@ void cuda_set_rows(const float* src, const int32_t* ids, int64_t n_ids, int64_t 
     if (n_ids == 0) return;
     set_rows_kernel<<<ew_grid(n_ids * n), kEwThreads, 0, as_stream(stream)>>>(src, ids, n_ids, n, dst, n_dst_rows);
     check_launch("set_rows_kernel");
+}
+
+void cuda_gather_rows(const void* src, int64_t n_src_rows, size_t row_bytes, const int32_t* ids, int64_t n_ids, void* dst,
+                      void* stream) {
+    if (n_src_rows < 0 || n_ids < 0 || row_bytes == 0 || row_bytes % 4 != 0 || !aligned(src, 4) || !aligned(dst, 4))
+        throw_arg("cuda_gather_rows", "rows must be a multiple of 4 bytes, 4-byte aligned");
+    if (n_ids == 0) return;
+    const int64_t words = static_cast<int64_t>(row_bytes / 4);
+    gather_rows_kernel<<<ew_grid(n_ids * words), kEwThreads, 0, as_stream(stream)>>>(
+        static_cast<const uint32_t*>(src), n_src_rows, words, ids, n_ids, static_cast<uint32_t*>(dst));
+    check_launch("gather_rows_kernel");
 }
 
 static void binary(const char* fn, const float* a, const float* b, float* y, int64_t n, int64_t b_period, int op,
