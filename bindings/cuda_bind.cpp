@@ -31,7 +31,7 @@ namespace {
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
                                 "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d",
-                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows"};
+                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows", "cuda_matmul_speed"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -106,8 +106,16 @@ nb::dict device_info_dict(int dev) {
     return d;
 }
 
-OutF32 op_matmul(uint32_t type_id, U8Array w, int64_t rows, int64_t n, F32Array x) {
+x2l::MatmulKernel matmul_kernel(const std::string& kernel) {
+    if (kernel == "auto") return x2l::MatmulKernel::Auto;
+    if (kernel == "f32") return x2l::MatmulKernel::TiledF32;
+    if (kernel == "tensor_core") return x2l::MatmulKernel::TensorCore;
+    throw x2l::Error("kernel must be 'auto', 'f32' or 'tensor_core'");
+}
+
+OutF32 op_matmul(uint32_t type_id, U8Array w, int64_t rows, int64_t n, F32Array x, const std::string& kernel) {
     require_device();
+    const x2l::MatmulKernel k = matmul_kernel(kernel);
     const x2l::DType t = cuda_type(type_id);
     if (x.ndim() != 2 || static_cast<int64_t>(x.shape(1)) != n) throw x2l::Error("x must have shape [T, n]");
     const size_t rb = x2l::cuda_row_bytes(t, n);
@@ -120,7 +128,7 @@ OutF32 op_matmul(uint32_t type_id, U8Array w, int64_t rows, int64_t n, F32Array 
         auto dx = to_device(x.data(), x.nbytes());
         x2l::CudaDeviceBuffer dy = device_buffer(static_cast<size_t>(T * rows) * sizeof(float));
         run_sync([&](void* s) {
-            x2l::cuda_matmul(t, dw.data(), rows, n, static_cast<const float*>(dx.data()), T, static_cast<float*>(dy.data()), s);
+            x2l::cuda_matmul(t, dw.data(), rows, n, static_cast<const float*>(dx.data()), T, static_cast<float*>(dy.data()), s, k);
         });
         out = from_device(dy, static_cast<size_t>(T * rows));
     }
@@ -478,6 +486,38 @@ OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
 // Host-to-device bandwidth of the L-KV reload path against plain copies of the same bytes: the
 // layer pipeline (pinned source, n_slots device slots, one layer per stage, nothing computed), one
 // cudaMemcpy from pinned memory and one from pageable memory. Best of reps, GB/s (1e9 bytes/s).
+// Device time of cuda_matmul on zero-filled device buffers (weights of type_id [rows, n], x [T, n]):
+// best of reps launches timed with events, after one warm-up.
+nb::dict op_matmul_speed(uint32_t type_id, int64_t rows, int64_t n, int64_t T, const std::string& kernel, int reps) {
+    require_device();
+    const x2l::DType t = cuda_type(type_id);
+    const x2l::MatmulKernel k = matmul_kernel(kernel);
+    const size_t rb = x2l::cuda_row_bytes(t, n);
+    if (rb == 0 || rows <= 0 || T <= 0 || reps <= 0) throw x2l::Error("bad matmul speed arguments");
+    float best_ms = 0.f;
+    {
+        nb::gil_scoped_release nogil;
+        x2l::CudaDeviceBuffer w = device_buffer(rb * static_cast<size_t>(rows)), x = device_buffer(static_cast<size_t>(T * n) * 4),
+                              y = device_buffer(static_cast<size_t>(T * rows) * 4);
+        w.zero();
+        x.zero();
+        x2l::CudaStream s;
+        x2l::CudaEvent a(true), b(true);
+        for (int r = 0; r <= reps; ++r) {  // r == 0 warms up
+            a.record(s.handle());
+            x2l::cuda_matmul(t, w.data(), rows, n, static_cast<const float*>(x.data()), T, static_cast<float*>(y.data()), s.handle(), k);
+            b.record(s.handle());
+            b.synchronize();
+            const float ms = b.elapsed_ms_since(a);
+            if (r > 0 && (best_ms == 0.f || ms < best_ms)) best_ms = ms;
+        }
+    }
+    nb::dict d;
+    d["ms"] = best_ms;
+    d["tflops"] = 2.0 * static_cast<double>(rows) * n * T / (best_ms * 1e-3) / 1e12;
+    return d;
+}
+
 nb::dict op_copy_bandwidth(size_t layer_bytes, int n_layers, int n_slots, int reps) {
     require_device();
     if (layer_bytes == 0 || n_layers <= 0 || n_slots <= 0 || reps <= 0) throw x2l::Error("bad copy bandwidth arguments");
@@ -544,8 +584,9 @@ void bind_cuda(nb::module_& m) {
     m.def("cuda_device_info", &device_info_dict, "dev"_a = 0,
           "dict: name, total_mem, free_mem (MemAvailable on integrated GPUs), cc_major, cc_minor, integrated, "
           "can_map_host_memory, multiprocessors.");
-    m.def("cuda_matmul", &op_matmul, "type_id"_a, "w"_a, "rows"_a, "n"_a, "x"_a,
-          "y[T, rows] = x[T, n] @ W.T on the GPU; w: raw rows of the given ggml type (uint8 array).");
+    m.def("cuda_matmul", &op_matmul, "type_id"_a, "w"_a, "rows"_a, "n"_a, "x"_a, "kernel"_a = "auto",
+          "y[T, rows] = x[T, n] @ W.T on the GPU; w: raw rows of the given ggml type (uint8 array). kernel: 'auto'\n"
+          "(matvec up to 8 tokens, tiled f32 up to 63, tensor cores from 64), or force 'f32' / 'tensor_core' tiles.");
     m.def("cuda_get_rows", &op_get_rows, "type_id"_a, "table"_a, "n_rows"_a, "n"_a, "ids"_a,
           "Dequantized rows table[ids] -> float32 [len(ids), n].");
     m.def("cuda_rms_norm", [](F32Array x, std::optional<F32Array> w, float eps) { return op_norm(x, w, std::nullopt, eps, false); },
@@ -580,6 +621,8 @@ void bind_cuda(nb::module_& m) {
           "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
           "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
+    m.def("cuda_matmul_speed", &op_matmul_speed, "type_id"_a, "rows"_a, "n"_a, "T"_a, "kernel"_a = "auto", "reps"_a = 5,
+          "{ms, tflops}: device time of one cuda_matmul [T, n] x [rows, n]^T on zero-filled buffers (best of reps).");
     m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,
           "GB/s of the layer-pipelined reload vs one cudaMemcpy (pinned, pageable) of the same bytes.");
 #else

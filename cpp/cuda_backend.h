@@ -254,9 +254,12 @@ size_t cuda_row_bytes(DType t, int64_t n);
 
 // y[n_tokens, rows] = x[n_tokens, n] · W^T, W = rows × cuda_row_bytes(w_type, n) bytes, dequantized in
 // the kernel. n: a multiple of the block size (4 for F32/F16). x 16-byte aligned.
-// n_tokens <= 8 uses a warp-per-row matvec (decode); larger uses a shared-memory tiled kernel.
+// Auto: n_tokens <= 8 uses a warp-per-row matvec (decode); up to 63 a shared-memory tiled f32 kernel;
+// from 64 (prefill) the same tiles in f16 on tensor cores (WMMA, f32 accumulation). The others force
+// one tiled variant whatever n_tokens (tests, benchmarks).
+enum class MatmulKernel : int { Auto = 0, TiledF32 = 1, TensorCore = 2 };
 void cuda_matmul(DType w_type, const void* w, int64_t rows, int64_t n, const float* x, int64_t n_tokens,
-                 float* y, void* stream);
+                 float* y, void* stream, MatmulKernel kernel = MatmulKernel::Auto);
 
 // dst[i, :] = dequantize(table row ids[i]) for i < n_ids; dst [n_ids, n]. Ids outside
 // [0, n_table_rows) give zero rows. (Embedding lookup; also the dequantize test path.)

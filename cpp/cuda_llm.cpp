@@ -170,8 +170,9 @@ void CudaContext::truncate(int64_t n) {
     n_past_ = n;  // later tokens overwrite the rows beyond n
 }
 
-void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
-    cuda_matmul(w.type, w.buf.data(), w.n_out, w.n_in, x, n, y, stream);
+void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream,
+                 MatmulKernel kernel) {
+    cuda_matmul(w.type, w.buf.data(), w.n_out, w.n_in, x, n, y, stream, kernel);
     if (bias.size()) cuda_add(y, static_cast<const float*>(bias.data()), y, n * w.n_out, w.n_out, stream);
 }
 

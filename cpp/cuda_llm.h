@@ -39,7 +39,8 @@ CudaMatrix cuda_upload_weight(const Weight& w, const std::string& name, size_t& 
 // Uploads an f32 vector (an empty buffer for an empty vector); adds its bytes to total.
 CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total);
 // y [n, w.n_out] = x [n, w.n_in] · w^T (+ bias [w.n_out] when it is not empty), enqueued on stream.
-void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream);
+void cuda_linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream,
+                 MatmulKernel kernel = MatmulKernel::Auto);
 
 class CudaLlm {
   public:

@@ -19,6 +19,12 @@ GeluMode gelu_mode(VisionAct a) {
 }
 
 const float* f32(const CudaDeviceBuffer& b) { return static_cast<const float*>(b.data()); }
+
+// Every matmul of the tower runs on tensor cores (f16 operands, f32 sums), however many rows a batch
+// has: a frame's tokens then do not depend on the batch it was encoded in.
+void linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
+    cuda_linear(w, x, n, y, bias, stream, MatmulKernel::TensorCore);
+}
 float* f32(CudaDeviceBuffer& b) { return static_cast<float*>(b.data()); }
 }  // namespace
 
@@ -124,10 +130,10 @@ void CudaVision::run_tower(int64_t n) {
 
     // ---- patch embedding (conv as a matmul over im2col rows), positions, CLIP's CLS and pre-LN
     if (!c.has_cls) {
-        cuda_linear(patch_w_, f32(patches_), n * NP, f32(x_), patch_b_, s);  // [n * NP, W]: patches are the tokens
+        linear(patch_w_, f32(patches_), n * NP, f32(x_), patch_b_, s);  // [n * NP, W]: patches are the tokens
         cuda_add(f32(x_), f32(pos_embd_), f32(x_), rows * W, T * W, s);
     } else {
-        cuda_linear(patch_w_, f32(patches_), n * NP, f32(xn_), patch_b_, s);  // [n * NP, W]
+        linear(patch_w_, f32(patches_), n * NP, f32(xn_), patch_b_, s);  // [n * NP, W]
         float* tok = f32(q_);                                                  // [n * T, W]: CLS, then the patches
         for (int64_t b = 0; b < n; ++b) {
             cuda_copy_d2d_async(tok + b * T * W, class_embd_.data(), W * kF32, s);
@@ -140,9 +146,9 @@ void CudaVision::run_tower(int64_t n) {
     // ---- encoder layers (pre-LN transformer)
     for (const Layer& L : layers_) {
         cuda_layer_norm(f32(x_), f32(L.ln1_w), f32(L.ln1_b), f32(xn_), rows, W, c.eps, s);
-        cuda_linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
-        cuda_linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
-        cuda_linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
+        linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
+        linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
+        linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
         // Full self-attention inside each frame: the n frames as n problems of one launch.
         CudaAttentionParams p;
         p.q = f32(q_);
@@ -157,12 +163,12 @@ void CudaVision::run_tower(int64_t n) {
         p.n_segments = 1;
         p.n_kv = T;
         cuda_attention(p, s);
-        cuda_linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
+        linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
         cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
         cuda_layer_norm(f32(x_), f32(L.ln2_w), f32(L.ln2_b), f32(xn_), rows, W, c.eps, s);
-        cuda_linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
+        linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
         cuda_gelu(f32(ff_), f32(ff_), rows * FF, gelu_mode(c.act), s);
-        cuda_linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
+        linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
         cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
     }
 }
@@ -199,9 +205,9 @@ void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, Visio
             feat = f32(feat_);
         }
         // projector: Linear -> GELU(erf) -> Linear
-        cuda_linear(mm0_, feat, n * NF, f32(h1_), mm0_b_, s);
+        linear(mm0_, feat, n * NF, f32(h1_), mm0_b_, s);
         cuda_gelu(f32(h1_), f32(h1_), n * NF * E, GeluMode::Erf, s);
-        cuda_linear(mm2_, f32(h1_), n * NF, f32(h2_), mm2_b_, s);  // [n * NF, E]
+        linear(mm2_, f32(h1_), n * NF, f32(h2_), mm2_b_, s);  // [n * NF, E]
         if (stage == Stage::Projected || c.pool == PoolMode::None) {
             h2_.download(out + f0 * NF * E, n * NF * E * kF32, 0, s);  // NF == TPF without pooling
         } else {

@@ -167,6 +167,11 @@ def _n_values(type_id: int):
 MATMUL_CASES = [(rows, T) for rows, T in [(67, 1), (67, 3), (130, 8), (130, 9), (70, 70)]]
 
 
+def _f16_operands(x, w):
+    """What the tensor-core kernel multiplies: both operands rounded to f16 (then products and sums in f32)."""
+    return x.astype(np.float16).astype(np.float64), w.astype(np.float32).astype(np.float16).astype(np.float64)
+
+
 @gpu
 @pytest.mark.parametrize("type_id", WEIGHT_TYPES, ids=lambda t: TYPE_NAMES[t])
 @pytest.mark.parametrize("rows,T", MATMUL_CASES)
@@ -179,7 +184,45 @@ def test_matmul(type_id, rows, T, which_n):
     y = _core.cuda_matmul(type_id, raw, rows, n, x)
     assert y.shape == (T, rows) and y.dtype == np.float32
     x64 = x.astype(np.float64)
+    if T >= 64:  # the prefill's tensor-core kernel: f16 operands, f32 accumulation
+        x16, w16 = _f16_operands(x, w)
+        assert_matmul_close(y, x16 @ w16.T, np.abs(x64) @ np.abs(w).T)
+        assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T, rel=2e-3)  # f16 rounding: ~2^-11 per operand
+        # The f32 tiles on the same shape (what short batches run): float32 accuracy.
+        y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="f32")
     assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
+
+
+@gpu
+def test_matmul_speed_probe():
+    for kernel in ("tensor_core", "f32", "auto"):
+        r = _core.cuda_matmul_speed(Q4_0, 64, 128, 70, kernel, 1)
+        assert r["ms"] > 0 and r["tflops"] > 0, r
+    with pytest.raises(_core.Error):
+        _core.cuda_matmul_speed(Q4_0, 64, 100, 70, "auto", 1)  # n not a multiple of the block
+
+
+@gpu
+@pytest.mark.parametrize("type_id", [Q4_K, Q6_K, Q8_0, Q4_0, F16, F32], ids=lambda t: TYPE_NAMES[t])
+@pytest.mark.parametrize("rows,T", [(64, 64), (200, 3), (33, 130), (128, 300)])
+def test_matmul_tensor_cores(type_id, rows, T):
+    """The tensor-core kernel on any shape (forced): partial token and row tiles, K steps, every format,
+    against the f64 product of the f16-rounded operands it multiplies."""
+    rng = np.random.default_rng(77 + type_id + rows + T)
+    n = _n_values(type_id)[1]
+    raw, w = random_rows(rng, type_id, rows, n)
+    x = (3 * rng.standard_normal((T, n))).astype(np.float32)
+    y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
+    x16, w16 = _f16_operands(x, w)
+    assert_matmul_close(y, x16 @ w16.T, np.abs(x16) @ np.abs(w16).T)
+    with pytest.raises(_core.Error, match="kernel"):
+        _core.cuda_matmul(type_id, raw, rows, n, x, kernel="int8")
+    # Past f16's range an activation saturates at 65504 (finite sums), it does not become inf.
+    x[0, 0], x[1, 5] = 1e6, -7e4
+    y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
+    assert np.isfinite(y).all()
+    x16, _ = _f16_operands(np.clip(x, -65504, 65504), w)
+    assert_matmul_close(y, x16 @ w16.T, np.abs(x16) @ np.abs(w16).T)
 
 
 @gpu
@@ -773,6 +816,28 @@ def test_cuda_llm_matches_cpu(tiny_gguf, tmp_path, arch, outtype):
 
 @gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_cuda_llm_prefill_on_tensor_cores(tiny_gguf, arch):
+    """A batch of >= 64 rows runs every matmul on tensor cores (f16 operands, f32 sums): the prompt's
+    logits against the CPU backend, and against the same prompt in batches of 40 (f32 tiles). The f16
+    activations put the logits 1.9-2.3% (of their std, max over the 100 x vocab logits) from the CPU's;
+    measured against a float64 transformers run of the same f16 weights, that is 2.2-2.3%, next to the
+    CPU backend's own 1.4-2.7%."""
+    path = tiny_gguf(arch, "f16")
+    cpu = _core.LlmSession(path, n_threads=2, n_batch=128)
+    tc = _core.LlmSession(path, n_threads=2, n_batch=128, device=0)
+    f32 = _core.LlmSession(path, n_threads=2, n_batch=40, device=0)
+    rng = np.random.default_rng(11)
+    prompt = [int(t) for t in rng.integers(0, cpu.info()["n_vocab"], 100)]
+    a = cpu.eval(prompt, all_logits=True)
+    b = tc.eval(prompt, all_logits=True)
+    c = f32.eval(prompt, all_logits=True)
+    assert _rel_err(b, a) < 3e-2 and _rel_err(c, a) < 2e-3
+    assert _rel_err(b, c) > 1e-3  # the two kernels really ran
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.95
+
+
+@gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_graph_matches_launching_every_kernel(tiny_gguf, arch):
     """Single-token forwards replay one captured CUDA graph (the token's embedding, position and cache
     row read at run time): the same logits as the same forwards launched kernel by kernel, one capture
@@ -1244,7 +1309,9 @@ def _max_rel(a, b) -> float:
 def test_cuda_vision_matches_cpu(tiny_vision, tmp_path, kind, outtype):
     """Every stage of the tower on the device (features, projector output, pooled tokens) against the
     CPU encoder. The CPU multiplies q8_0 weights with q8-quantized activations, so for q8_0 the
-    reference is the CPU on the same weights dequantized to f32 (tools/requantize.py)."""
+    reference is the CPU on the same weights dequantized to f32 (tools/requantize.py). The device's
+    matmuls take f16 operands on tensor cores (f32 sums): ~2^-11 relative per operand, up to ~1.1e-3 of
+    the largest value after the tiny tower's layers and projector (a wrong kernel is off by O(1))."""
     path = tiny_vision(kind, outtype)
     ref_path = path
     if outtype == "q8_0":
@@ -1260,7 +1327,7 @@ def test_cuda_vision_matches_cpu(tiny_vision, tmp_path, kind, outtype):
     for stage in ("hidden_states", "projected", "encode"):
         a, b = getattr(cpu, stage)(px), getattr(dev, stage)(px)
         assert np.isfinite(b).all(), stage
-        assert _max_rel(b, a) < 1e-4, (stage, _max_rel(b, a))
+        assert _max_rel(b, a) < 3e-3, (stage, _max_rel(b, a))
 
 
 @gpu

@@ -13,7 +13,8 @@ ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefi
 wait, then prefill; and the bi-level prefill's input tokens/s (both passes, device vs CPU), on a
 discrete GPU also with every L row streamed (prefill_low_cache_bytes=0) against the default L cache in
 device memory. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
-chunks of 256 tokens, against one cudaMemcpy of the same bytes. Vision: frames/s of the tower +
+chunks of 256 tokens, against one cudaMemcpy of the same bytes. Matmul: device TFLOP/s of a 4096 x
+4096 layer on 512 tokens, tensor cores against the f32 tiles, f16/q8_0/q4_0/q4_k weights. Vision: frames/s of the tower +
 projector + pooling on a random-weight LLaVA-OneVision-shaped model (SigLIP-so400m: 384 px / 14 -> 729
 tokens, width 1152, MLP 4304, 16 heads, --vision-layers layers; projector to 896; bilinear pooling to
 14 x 14), f16 weights, --vision-frames frames per call, against the CPU encoder.
@@ -280,6 +281,16 @@ def main(argv=None) -> int:
         res["x2l_ttft"]["cpu"] = x2l_ttft(path, "cpu", a.x2l_tokens, chunk, 3, 1, a.cpu_threads)
     print("x2l ttft", {k: (round(v["ttft_overlap_s"], 4), round(v["ttft_serial_s"], 4)) for k, v in res["x2l_ttft"].items()},
           "bi-level prefill tok/s", {k: round(v["prefill_tok_s"], 1) for k, v in res["x2l_ttft"].items()}, flush=True)
+    # Prefill-shaped matmul (a 4096-wide layer, 512 tokens): tensor cores (what prefill batches >= 64 rows
+    # use) against the f32 tiles, device time of one launch, per weight type.
+    rows, n, T = (128, 256, 64) if a.smoke else (4096, 4096, 512)
+    res["matmul"] = {"shape": {"rows": rows, "n": n, "T": T}}
+    for name, tid in (("f16", 1), ("q8_0", 8), ("q4_0", 2), ("q4_k", 12)):
+        tc = _core.cuda_matmul_speed(tid, rows, n, T, "tensor_core", a.reps)
+        f32 = _core.cuda_matmul_speed(tid, rows, n, T, "f32", a.reps)
+        res["matmul"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
+    print("matmul TFLOP/s (tensor cores, f32 tiles)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
+                                                        for k, v in res["matmul"].items() if k != "shape"}, flush=True)
     res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
     print("reload", res["reload"], flush=True)
     cache = os.path.join(ROOT, "bench", ".cache") if not a.smoke else os.path.dirname(path)

@@ -3,9 +3,14 @@
 // Two kernels per weight format:
 // - matvec (T <= 8, decode): one warp per weight row; lane i reads units i, i+32, ... so a warp
 //   streams a contiguous run of the row; up to kMvTokens tokens reuse each dequantized unit.
-// - tiled (T > 8, prefill): a 64 tokens x 64 rows block tile, K steps of 64 values; the weight tile is
-//   dequantized once into shared memory and reused by all 64 tokens.
+// - tiled (T > 8): a 64 tokens x 64 rows block tile, K steps of 64 values; the weight tile is
+//   dequantized once into shared memory and reused by all 64 tokens. Two variants: tensor cores
+//   (T >= kTcMinT, the prefill: tiles converted to f16, WMMA 16x16x16 products accumulated in f32,
+//   as cuBLAS-backed f16 GEMMs do) and f32 FMA (short batches, and the reference the tests hold the
+//   tensor-core kernel to).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include "common.h"
 #include "cuda/common.cuh"
@@ -24,6 +29,11 @@ constexpr int kTileM = 64;    // tokens per tiled block
 constexpr int kTileN = 64;    // weight rows per tiled block
 constexpr int kTileK = 64;    // values per K step (every format's units tile it exactly)
 constexpr int kTileThreads = 256;
+
+constexpr int kTcMinT = 64;   // tokens from which the tensor-core kernel is used (a full token tile)
+constexpr int kTcThreads = 128;  // 4 warps in 2 x 2, each 32 tokens x 32 rows = 2 x 2 WMMA tiles
+constexpr int kTcLd = kTileK + 8;  // halves per shared row: 144 bytes, a multiple of 16 that staggers banks
+constexpr int kTcOutLd = kTileN + 4;  // floats per row of the epilogue's staging tile
 
 // Dot of one unit's values with x at the unit's positions (x 16-byte aligned at every group start).
 template <typename F>
@@ -150,6 +160,93 @@ matmul_tiled_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, i
     }
 }
 
+// f16 operand of the tensor-core kernel. Activations past f16's range (LLMs' rare "massive activations"
+// in the thousands stay well inside it) saturate at +-65504 instead of turning into inf and NaN sums.
+__device__ __forceinline__ __half to_half_sat(float v) { return __float2half_rn(fminf(fmaxf(v, -65504.f), 65504.f)); }
+
+// grid (ceil(rows / kTileN), ceil(T / kTileM)), block kTcThreads. The same tiles as matmul_tiled_kernel,
+// held in shared memory as f16 ([token][k] and [row][k], so the weight tile is WMMA's column-major B);
+// warp (wm, wn) accumulates tokens 32 wm.. x rows 32 wn.. in four f32 fragments. The epilogue stages the
+// 64 x 64 result through shared memory (aliasing the tiles) for bounds-checked, coalesced stores.
+template <typename F>
+__global__ void __launch_bounds__(kTcThreads)
+matmul_tc_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, int n_units, const float* __restrict__ x,
+                 int64_t n, float* __restrict__ y, int n_tokens) {
+    using namespace nvcuda;
+    constexpr int kUnitsPerStep = kTileK / F::VPT;
+    constexpr int kTileBytes = (kTileM + kTileN) * kTcLd * 2;
+    constexpr int kOutBytes = kTileM * kTcOutLd * 4;
+    __shared__ __align__(32) unsigned char smem[kTileBytes > kOutBytes ? kTileBytes : kOutBytes];
+    __half* xs = reinterpret_cast<__half*>(smem);  // [kTileM][kTcLd]: token, k
+    __half* ws = xs + kTileM * kTcLd;              // [kTileN][kTcLd]: weight row, k
+    const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+    const int tok0 = blockIdx.y * kTileM, row0 = blockIdx.x * kTileN;
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+    for (int64_t k0 = 0; k0 < n; k0 += kTileK) {
+        for (int i = tid; i < kTileM * (kTileK / 4); i += kTcThreads) {
+            const int tk = i / (kTileK / 4), q4 = i % (kTileK / 4);
+            const int64_t k = k0 + 4 * q4;
+            const int t = tok0 + tk;
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < n_tokens && k < n) a = *reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n + k);
+            __half* d = xs + tk * kTcLd + 4 * q4;
+            d[0] = to_half_sat(a.x);
+            d[1] = to_half_sat(a.y);
+            d[2] = to_half_sat(a.z);
+            d[3] = to_half_sat(a.w);
+        }
+        const int u0 = static_cast<int>(k0 / F::VPT);
+        for (int i = tid; i < kTileN * kUnitsPerStep; i += kTcThreads) {
+            const int r = i / kUnitsPerStep, u = u0 + i % kUnitsPerStep;
+            float v[F::VPT];
+            if (row0 + r < rows && u < n_units) {
+                F::load(w + static_cast<size_t>(row0 + r) * row_bytes, u, v);
+            } else {
+#pragma unroll
+                for (int j = 0; j < F::VPT; ++j) v[j] = 0.f;
+            }
+            __half* d = ws + r * kTcLd + (F::pos0(u) - static_cast<int>(k0));
+#pragma unroll
+            for (int g = 0; g < F::NG; ++g)
+#pragma unroll
+                for (int c = 0; c < F::G; ++c) d[g * F::GAP + c] = to_half_sat(v[g * F::G + c]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kTileK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> b[2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], xs + (wm * 32 + 16 * i) * kTcLd + kk, kTcLd);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], ws + (wn * 32 + 16 * j) * kTcLd + kk, kTcLd);
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();  // the tiles are read before the next step (or the epilogue) overwrites them
+    }
+    float* out = reinterpret_cast<float*>(smem);  // [kTileM][kTcOutLd]
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            wmma::store_matrix_sync(out + (wm * 32 + 16 * i) * kTcOutLd + wn * 32 + 16 * j, acc[i][j], kTcOutLd,
+                                    wmma::mem_row_major);
+    __syncthreads();
+    for (int i = tid; i < kTileM * kTileN; i += kTcThreads) {
+        const int t = tok0 + i / kTileN, r = row0 + i % kTileN;
+        if (t < n_tokens && r < rows) y[static_cast<size_t>(t) * rows + r] = out[(i / kTileN) * kTcOutLd + i % kTileN];
+    }
+}
+
 // grid n_ids, block 128: one block per gathered row.
 template <typename F>
 __global__ void get_rows_kernel(const uint8_t* __restrict__ table, size_t row_bytes, int64_t n_table_rows,
@@ -202,7 +299,7 @@ size_t cuda_row_bytes(DType t, int64_t n) {
 }
 
 void cuda_matmul(DType w_type, const void* w, int64_t rows, int64_t n, const float* x, int64_t n_tokens, float* y,
-                 void* stream) {
+                 void* stream, MatmulKernel kernel) {
     const char* fn = "cuda_matmul";
     if (rows < 0 || rows > 0x7FFFFFFF || n_tokens < 0 || n_tokens > 0x7FFFFFFF) throw_arg(fn, "bad shape");
     if (!aligned(x, 16)) throw_arg(fn, "x must be 16-byte aligned");
@@ -213,7 +310,8 @@ void cuda_matmul(DType w_type, const void* w, int64_t rows, int64_t n, const flo
         const size_t rb = checked_row_bytes<F>(fn, w, n);
         const int n_units = static_cast<int>(n / F::VPT);
         const auto* wp = static_cast<const uint8_t*>(w);
-        if (n_tokens <= kMvMaxT) {
+        const bool tc = kernel == MatmulKernel::TensorCore || (kernel == MatmulKernel::Auto && n_tokens >= kTcMinT);
+        if (kernel == MatmulKernel::Auto && n_tokens <= kMvMaxT) {
             const dim3 grid(grid_for(rows, kMvWarps), grid_for(n_tokens, kMvTokens));
             matvec_kernel<F><<<grid, kMvWarps * 32, 0, s>>>(wp, rb, static_cast<int>(rows), n_units, x, n, y,
                                                             static_cast<int>(n_tokens));
@@ -221,9 +319,15 @@ void cuda_matmul(DType w_type, const void* w, int64_t rows, int64_t n, const flo
         } else {
             if (grid_for(n_tokens, kTileM) > 65535) throw_arg(fn, "too many tokens for one launch");
             const dim3 grid(grid_for(rows, kTileN), grid_for(n_tokens, kTileM));
-            matmul_tiled_kernel<F><<<grid, kTileThreads, 0, s>>>(wp, rb, static_cast<int>(rows), n_units, x, n, y,
-                                                                 static_cast<int>(n_tokens));
-            check_launch("matmul_tiled_kernel");
+            if (tc) {
+                matmul_tc_kernel<F><<<grid, kTcThreads, 0, s>>>(wp, rb, static_cast<int>(rows), n_units, x, n, y,
+                                                                static_cast<int>(n_tokens));
+                check_launch("matmul_tc_kernel");
+            } else {
+                matmul_tiled_kernel<F><<<grid, kTileThreads, 0, s>>>(wp, rb, static_cast<int>(rows), n_units, x, n, y,
+                                                                     static_cast<int>(n_tokens));
+                check_launch("matmul_tiled_kernel");
+            }
         }
     });
     if (!ok) throw_arg(fn, "unsupported weight type");

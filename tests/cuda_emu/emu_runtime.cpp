@@ -551,6 +551,8 @@ const dim3& block_dim() { return g_run->block_dim; }
 const dim3& grid_dim() { return g_run->grid_dim; }
 void* dynamic_smem() { return g_run->smem.data(); }
 
+void device_fault(const char* what) { fail_sticky(what); }
+
 void syncthreads() {
     g_current->state = kAtBlockBarrier;
     yield_to_scheduler();

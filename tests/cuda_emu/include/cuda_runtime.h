@@ -34,6 +34,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static  // one block runs at a time, so a function-local static is the block's copy
+#define __align__(n) __attribute__((aligned(n)))
 
 // ---------------------------------------------------------------- vector types
 struct uint3 { unsigned x, y, z; };
@@ -207,6 +208,7 @@ const dim3& block_dim();
 const dim3& grid_dim();
 void* dynamic_smem();
 void syncthreads();
+void device_fault(const char* what);  // a kernel broke a device rule: a sticky launch failure
 uint64_t shfl_xor_bits(unsigned mask, uint64_t bits, int lane_mask);
 
 // A kernel invocation, type-erased: run(i) executes the body for the current fiber.
