@@ -82,6 +82,14 @@ def test_missing_event_wait_is_exposed(selftest):
     assert r.returncode == 0 and r.stdout.strip() == "wrong 4096 of 4096", r.stdout + r.stderr
 
 
+def test_wmma_product_and_alignment_rule(selftest):
+    r = run(selftest, "wmma")
+    assert r.returncode == 0 and r.stdout.strip() == "wrong 0", r.stdout + r.stderr
+    # A tile pointer off the 256-bit alignment WMMA requires is a launch failure, as it faults on a GPU.
+    r = run(selftest, "wmma_misaligned")
+    assert r.returncode == 0 and r.stdout.strip() == "sync cudaErrorLaunchFailure" and "256-bit" in r.stderr, r.stdout + r.stderr
+
+
 def test_graph_replays_read_their_inputs_then(selftest):
     r = run(selftest, "graph")
     out = r.stdout.split("\n")

@@ -2,6 +2,7 @@
 // correct or with one planted bug of the kind the emulator exists to expose. Usage: selftest CASE
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <cmath>
 #include <cstdio>
@@ -53,6 +54,52 @@ __global__ void dyn_smem_kernel(float* out) {
     buf[threadIdx.x] = static_cast<float>(threadIdx.x);
     __syncthreads();
     out[threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
+// One warp: C[16x16] = A[16x16] (row-major) x B[16x16] (column-major), f16 operands from shared memory.
+// `offset` shifts the A tile by that many halves (an offset of 8 breaks the 256-bit alignment rule).
+__global__ void wmma_kernel(const float* a, const float* b, float* c, int offset) {
+    __shared__ __align__(32) __half as[16 * 16 + 16], bs[16 * 16];
+    for (int i = threadIdx.x; i < 256; i += 32) {
+        as[offset + i] = __float2half_rn(a[i]);
+        bs[i] = __float2half_rn(b[i]);
+    }
+    __syncthreads();
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __half, nvcuda::wmma::col_major> fb;
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
+    nvcuda::wmma::fill_fragment(fc, 1.f);
+    nvcuda::wmma::load_matrix_sync(fa, as + offset, 16);
+    nvcuda::wmma::load_matrix_sync(fb, bs, 16);
+    nvcuda::wmma::mma_sync(fc, fa, fb, fc);
+    nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
+}
+
+static int wmma(int offset) {
+    std::vector<float> a(256), b(256), c(256);
+    for (int i = 0; i < 256; ++i) a[i] = static_cast<float>(i % 7) - 3.f, b[i] = static_cast<float>(i % 5) * 0.5f;
+    float *da, *db, *dc;
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&da), 1024));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&db), 1024));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&dc), 1024));
+    CHECK(cudaMemcpy(da, a.data(), 1024, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(db, b.data(), 1024, cudaMemcpyHostToDevice));
+    wmma_kernel<<<1, 32>>>(da, db, dc, offset);
+    const cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) {
+        std::printf("sync %s\n", cudaGetErrorName(e));
+        return 0;
+    }
+    CHECK(cudaMemcpy(c.data(), dc, 1024, cudaMemcpyDeviceToHost));
+    int wrong = 0;
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 16; ++j) {
+            float s = 1.f;
+            for (int k = 0; k < 16; ++k) s += a[i * 16 + k] * b[j * 16 + k];  // B column j is contiguous
+            wrong += c[i * 16 + j] != s;
+        }
+    std::printf("wrong %d\n", wrong);
+    return 0;
 }
 
 static int reduce(bool racy) {
@@ -227,6 +274,8 @@ int main(int argc, char** argv) {
     if (c == "shfl_after_exit") return shfl_after_exit();
     if (c == "smem_limit") return smem_limit();
     if (c == "half_bits") return half_bits();
+    if (c == "wmma") return wmma(0);
+    if (c == "wmma_misaligned") return wmma(8);
     if (c == "graph") return graph(0);
     if (c == "graph_pageable") return graph(1);
     if (c == "graph_malloc") return graph(2);
