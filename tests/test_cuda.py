@@ -1376,7 +1376,7 @@ def test_session_encodes_frames_on_its_device(tiny_vision):
     px = _pixels(2, cpu.vision.config["image_size"], seed=3)
     a, b = cpu.encode_frames(px), dev.encode_frames(px)
     assert a.shape == b.shape == (2 * cpu.vision.tokens_per_frame, cpu.vision.n_embd)
-    assert _max_rel(b, a) < 1e-4
+    assert _max_rel(b, a) < 3e-3  # f16 operands on tensor cores (test_cuda_vision_matches_cpu)
 
 
 def test_session_vision_falls_back_to_the_cpu(tiny_vision, monkeypatch):
