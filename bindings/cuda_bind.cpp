@@ -31,7 +31,7 @@ namespace {
 const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
                                 "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
                                 "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d",
-                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows", "cuda_matmul_speed"};
+                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows", "cuda_matmul_speed", "cuda_attention_speed"};
 #else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
@@ -110,6 +110,14 @@ x2l::MatmulKernel matmul_kernel(const std::string& kernel) {
     if (kernel == "auto") return x2l::MatmulKernel::Auto;
     if (kernel == "f32") return x2l::MatmulKernel::TiledF32;
     if (kernel == "tensor_core") return x2l::MatmulKernel::TensorCore;
+    throw x2l::Error("kernel must be 'auto', 'f32' or 'tensor_core'");
+}
+
+x2l::CudaAttentionParams::Kernel attention_kernel(const std::string& kernel) {
+    using AK = x2l::CudaAttentionParams::Kernel;
+    if (kernel == "auto") return AK::Auto;
+    if (kernel == "f32") return AK::F32;
+    if (kernel == "tensor_core") return AK::TensorCore;
     throw x2l::Error("kernel must be 'auto', 'f32' or 'tensor_core'");
 }
 
@@ -359,8 +367,9 @@ OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
 // observe_from >= 0 also runs cuda_attention_votes over the last segment (the "own" entries) for the
 // query rows >= observe_from and returns (out, votes [n_kv_head, n_own]).
 nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, bool causal, int window, int n_splits,
-                        bool head_major, int observe_from) {
+                        bool head_major, int observe_from, const std::string& kernel) {
     require_device();
+    const x2l::CudaAttentionParams::Kernel ak = attention_kernel(kernel);
     if (q.ndim() != 3) throw x2l::Error("q must have shape [n_q, n_head, head_dim]");
     const int n_q = static_cast<int>(q.shape(0)), n_head = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
     struct HostSeg {
@@ -425,6 +434,7 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
             p.causal = causal;
             p.window = window;
             p.n_splits = n_splits;
+            p.kernel = ak;
             p.workspace = ws.data();
             p.workspace_bytes = ws.size();
             if (observe_from >= 0) {
@@ -486,6 +496,23 @@ OutF32 op_pipeline_selftest(F32Array data, int n_slots, bool zero_copy) {
 // Host-to-device bandwidth of the L-KV reload path against plain copies of the same bytes: the
 // layer pipeline (pinned source, n_slots device slots, one layer per stage, nothing computed), one
 // cudaMemcpy from pinned memory and one from pageable memory. Best of reps, GB/s (1e9 bytes/s).
+// Best device time in ms of reps launches of `launch(stream)` on a fresh stream, after one warm-up.
+template <typename Fn>
+float best_device_ms(int reps, Fn&& launch) {
+    x2l::CudaStream s;
+    x2l::CudaEvent a(true), b(true);
+    float best = 0.f;
+    for (int r = 0; r <= reps; ++r) {
+        a.record(s.handle());
+        launch(s.handle());
+        b.record(s.handle());
+        b.synchronize();
+        const float ms = b.elapsed_ms_since(a);
+        if (r > 0 && (best == 0.f || ms < best)) best = ms;
+    }
+    return best;
+}
+
 // Device time of cuda_matmul on zero-filled device buffers (weights of type_id [rows, n], x [T, n]):
 // best of reps launches timed with events, after one warm-up.
 nb::dict op_matmul_speed(uint32_t type_id, int64_t rows, int64_t n, int64_t T, const std::string& kernel, int reps) {
@@ -501,20 +528,61 @@ nb::dict op_matmul_speed(uint32_t type_id, int64_t rows, int64_t n, int64_t T, c
                               y = device_buffer(static_cast<size_t>(T * rows) * 4);
         w.zero();
         x.zero();
-        x2l::CudaStream s;
-        x2l::CudaEvent a(true), b(true);
-        for (int r = 0; r <= reps; ++r) {  // r == 0 warms up
-            a.record(s.handle());
-            x2l::cuda_matmul(t, w.data(), rows, n, static_cast<const float*>(x.data()), T, static_cast<float*>(y.data()), s.handle(), k);
-            b.record(s.handle());
-            b.synchronize();
-            const float ms = b.elapsed_ms_since(a);
-            if (r > 0 && (best_ms == 0.f || ms < best_ms)) best_ms = ms;
-        }
+        best_ms = best_device_ms(reps, [&](void* s) {
+            x2l::cuda_matmul(t, w.data(), rows, n, static_cast<const float*>(x.data()), T, static_cast<float*>(y.data()), s, k);
+        });
     }
     nb::dict d;
     d["ms"] = best_ms;
     d["tflops"] = 2.0 * static_cast<double>(rows) * n * T / (best_ms * 1e-3) / 1e12;
+    return d;
+}
+
+// Device time of one prefill-shaped cuda_attention: n_q new rows (the last n_q of n_kv, causal) over one
+// segment of n_kv zero-filled K/V rows of kv_type, token-major; best of reps after a warm-up.
+nb::dict op_attention_speed(int n_q, int n_head, int n_kv_head, int head_dim, int64_t n_kv, uint32_t kv_type,
+                            const std::string& kernel, int reps) {
+    require_device();
+    const x2l::CudaAttentionParams::Kernel ak = attention_kernel(kernel);
+    const size_t row = x2l::cuda_row_bytes(static_cast<x2l::DType>(kv_type), head_dim);
+    if (row == 0 || n_q <= 0 || n_kv < n_q || n_head <= 0 || n_kv_head <= 0 || reps <= 0)
+        throw x2l::Error("bad attention speed arguments");
+    float best_ms = 0.f;
+    {
+        nb::gil_scoped_release nogil;
+        const size_t kv_bytes = row * static_cast<size_t>(n_kv) * n_kv_head;
+        x2l::CudaDeviceBuffer k = device_buffer(kv_bytes), v = device_buffer(kv_bytes),
+                              q = device_buffer(sizeof(float) * n_q * n_head * head_dim),
+                              out = device_buffer(sizeof(float) * n_q * n_head * head_dim);
+        k.zero();
+        v.zero();
+        q.zero();
+        x2l::CudaKVSegment seg;
+        seg.k = k.data();
+        seg.v = v.data();
+        seg.k_tok_stride = seg.v_tok_stride = static_cast<int64_t>(row) * n_kv_head;
+        seg.k_head_stride = seg.v_head_stride = static_cast<int64_t>(row);
+        seg.n_tokens = n_kv;
+        seg.k_type = seg.v_type = kv_type;
+        x2l::CudaSegmentTable table;
+        table.assign({seg}, head_dim, nullptr);
+        x2l::cuda_device_synchronize();  // the table is on the device before the timed stream reads it
+        x2l::CudaAttentionParams p;
+        p.q = static_cast<const float*>(q.data());
+        p.out = static_cast<float*>(out.data());
+        p.n_q = n_q;
+        p.n_head = n_head;
+        p.n_kv_head = n_kv_head;
+        p.head_dim = head_dim;
+        p.n_splits = 1;
+        p.kernel = ak;
+        best_ms = best_device_ms(reps, [&](void* s) { x2l::cuda_attention(p, table, s); });
+    }
+    // Causal: query t (kv index n_kv - n_q + t) sees n_kv - n_q + t + 1 keys; 2 products of head_dim each.
+    const double keys = static_cast<double>(n_q) * (n_kv - n_q) + 0.5 * n_q * (n_q + 1.0);
+    nb::dict d;
+    d["ms"] = best_ms;
+    d["tflops"] = 4.0 * keys * head_dim * n_head / (best_ms * 1e-3) / 1e12;
     return d;
 }
 
@@ -615,14 +683,18 @@ void bind_cuda(nb::module_& m) {
           "a + b; b is broadcast when its size divides a's (row bias).");
     m.def("cuda_mul", [](F32Array a, F32Array b) { return op_elementwise(4, a, b); }, "a"_a, "b"_a);
     m.def("cuda_attention", &op_attention, "q"_a, "segments"_a, "n_kv_head"_a, "scale"_a = 0.f, "causal"_a = true,
-          "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false, "observe_from"_a = -1,
+          "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false, "observe_from"_a = -1, "kernel"_a = "auto",
           "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.\n"
           "observe_from >= 0: returns (out, votes [n_kv_head, n_own]), the softmax probabilities of query rows >=\n"
-          "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).");
+          "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).\n"
+          "kernel: 'auto' (tensor cores from 64 query rows per KV head, head_dim <= 128), 'f32' or 'tensor_core'.");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
           "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
     m.def("cuda_matmul_speed", &op_matmul_speed, "type_id"_a, "rows"_a, "n"_a, "T"_a, "kernel"_a = "auto", "reps"_a = 5,
           "{ms, tflops}: device time of one cuda_matmul [T, n] x [rows, n]^T on zero-filled buffers (best of reps).");
+    m.def("cuda_attention_speed", &op_attention_speed, "n_q"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, "n_kv"_a,
+          "kv_type"_a = 1, "kernel"_a = "auto", "reps"_a = 5,
+          "{ms, tflops}: device time of one causal cuda_attention of n_q rows over n_kv zero-filled rows (best of reps).");
     m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,
           "GB/s of the layer-pipelined reload vs one cudaMemcpy (pinned, pageable) of the same bytes.");
 #else

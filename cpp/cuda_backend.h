@@ -390,6 +390,12 @@ struct CudaAttentionParams {
     // (n_kv tokens each), and writes out + b * out_batch_stride. n_batch > 1: no splits, lse or own_len.
     int n_batch = 1;
     int64_t q_batch_stride = 0, out_batch_stride = 0;
+    // Auto: tensor cores (f16 Q, K, V and probabilities, f32 sums) when a KV head has >= 64 query rows
+    // (n_q * n_head / n_kv_head: the prefill, the vision tower), head_dim <= 128 and no lse is asked
+    // for; the f32 kernel otherwise (decode, the X²L votes' forwards). The others force one
+    // (TensorCore needs head_dim <= 128 and no own_len).
+    enum class Kernel : int { Auto = 0, F32 = 1, TensorCore = 2 };
+    Kernel kernel = Kernel::Auto;
 };
 
 // Attention observation (X²L compression): for the attention call that wrote `lse` with these q rows,

@@ -14,7 +14,9 @@ wait, then prefill; and the bi-level prefill's input tokens/s (both passes, devi
 discrete GPU also with every L row streamed (prefill_low_cache_bytes=0) against the default L cache in
 device memory. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
 chunks of 256 tokens, against one cudaMemcpy of the same bytes. Matmul: device TFLOP/s of a 4096 x
-4096 layer on 512 tokens, tensor cores against the f32 tiles, f16/q8_0/q4_0/q4_k weights. Vision: frames/s of the tower +
+4096 layer on 512 tokens, tensor cores against the f32 tiles, f16/q8_0/q4_0/q4_k weights. Attention:
+a 1024-row causal chunk over 16k f16 / q8_0 KV rows (28 query, 4 KV heads of 128), tensor cores
+against the f32 kernel. Vision: frames/s of the tower +
 projector + pooling on a random-weight LLaVA-OneVision-shaped model (SigLIP-so400m: 384 px / 14 -> 729
 tokens, width 1152, MLP 4304, 16 heads, --vision-layers layers; projector to 896; bilinear pooling to
 14 x 14), f16 weights, --vision-frames frames per call, against the CPU encoder.
@@ -291,6 +293,16 @@ def main(argv=None) -> int:
         res["matmul"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
     print("matmul TFLOP/s (tensor cores, f32 tiles)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
                                                         for k, v in res["matmul"].items() if k != "shape"}, flush=True)
+    # Prefill-shaped attention (Qwen2-7B heads: 28 query / 4 KV heads of 128; a 1024-row chunk over a
+    # 16k-entry cache of f16 or q8_0 rows): tensor cores against the f32 kernel.
+    nq, nkv = (64, 256) if a.smoke else (1024, 16384)
+    res["attention"] = {"shape": {"n_q": nq, "n_kv": nkv, "n_head": 28, "n_kv_head": 4, "head_dim": 128}}
+    for name, tid in (("f16", 1), ("q8_0", 8)):
+        tc = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "tensor_core", a.reps)
+        f32 = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "f32", a.reps)
+        res["attention"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
+    print("attention TFLOP/s (tensor cores, f32)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
+                                                   for k, v in res["attention"].items() if k != "shape"}, flush=True)
     res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
     print("reload", res["reload"], flush=True)
     cache = os.path.join(ROOT, "bench", ".cache") if not a.smoke else os.path.dirname(path)

@@ -36,7 +36,7 @@ tests)
 sanitize)
   export X2L_CORE_PATH=$(ls $PWD/build-gpu/_core*.so)
   timeout 240 compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-      -k "${X2L_SAN_K:-get_rows or rms_norm or rope or softmax or attention or pipeline or matmul_decode or pool2d or gelu or set_rows or rerotate or decode_graph or gather_rows}" 2>&1 \
+      -k "${X2L_SAN_K:-get_rows or rms_norm or rope or softmax or attention or pipeline or matmul_decode or pool2d or gelu or set_rows or rerotate or decode_graph or gather_rows or tensor_cores}" 2>&1 \
     | tee "$OUT/memcheck.log" | tail -15
   ;;
 bench)

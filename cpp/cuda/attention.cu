@@ -10,7 +10,14 @@
 //      columns of the warp's rows.
 // Decode (few rows) splits the keys over gridDim.x blocks; attn_combine_kernel merges the partial
 // (max, sum, acc) states. Prefill tiles skip keys no row of the block can see (causal / window).
+//
+// attn_tc_kernel is the same online softmax on tensor cores, for blocks of 64 query rows (the prefill,
+// the vision tower): per tile of 64 keys, S = Q K^T and O += P V are WMMA products of f16 operands with
+// f32 sums; the softmax between them runs on f32 scores in shared memory, where O lives too (WMMA
+// fragments have no per-row access for the rescaling).
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -53,13 +60,16 @@ struct AttnArgs {
     int64_t q_batch_stride, out_batch_stride;  // floats between problems (blockIdx.z / n_kv_head)
 };
 
-// Dequantize rows [first, first + nk) of one KV head into tile[kKT][D + 1]; rows >= nk are zeroed
-// (V rows multiply p = 0, and 0 * garbage could be NaN).
-template <typename F>
-__device__ void load_tile(const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D, float* tile) {
+// Dequantize rows [first, first + nk) of one KV head into tile[ROWS][ld] as T (f32, or f16 for the
+// tensor cores); rows >= nk and columns [D, dp) are zeroed (V rows multiply p = 0, and 0 * garbage
+// could be NaN).
+__device__ __forceinline__ float tile_value(float v, float*) { return v; }
+__device__ __forceinline__ __half tile_value(float v, __half*) { return to_half_sat(v); }
+
+template <typename F, int ROWS, typename T>
+__device__ void load_tile(const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D, int dp, int ld, T* tile) {
     const int upr = D / F::VPT;  // units per row
-    const int DP = D + 1;
-    for (int i = threadIdx.x; i < kKT * upr; i += kAttnThreads) {
+    for (int i = threadIdx.x; i < ROWS * upr; i += kAttnThreads) {
         const int jj = i / upr, u = i - jj * upr;
         float v[F::VPT];
         if (jj < nk) {
@@ -68,23 +78,26 @@ __device__ void load_tile(const uint8_t* base, int64_t tok_stride, int64_t first
 #pragma unroll
             for (int c = 0; c < F::VPT; ++c) v[c] = 0.f;
         }
-        float* dst = tile + jj * DP + F::pos0(u);
+        T* dst = tile + jj * ld + F::pos0(u);
 #pragma unroll
         for (int g = 0; g < F::NG; ++g)
 #pragma unroll
-            for (int c = 0; c < F::G; ++c) dst[g * F::GAP + c] = v[g * F::G + c];
+            for (int c = 0; c < F::G; ++c) dst[g * F::GAP + c] = tile_value(v[g * F::G + c], dst);
     }
+    const int pad = dp - D;
+    for (int i = threadIdx.x; i < ROWS * pad; i += kAttnThreads) tile[(i / pad) * ld + D + i % pad] = tile_value(0.f, tile);
 }
 
-__device__ void load_tile_any(uint32_t type, const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D,
-                              float* tile) {
+template <int ROWS, typename T>
+__device__ void load_tile_any(uint32_t type, const uint8_t* base, int64_t tok_stride, int64_t first, int nk, int D, int dp,
+                              int ld, T* tile) {
     switch (type) {
-        case kF16: load_tile<Fmt<kF16>>(base, tok_stride, first, nk, D, tile); break;
-        case kQ8_0: load_tile<Fmt<kQ8_0>>(base, tok_stride, first, nk, D, tile); break;
-        case kQ4_0: load_tile<Fmt<kQ4_0>>(base, tok_stride, first, nk, D, tile); break;
-        case kF32: load_tile<Fmt<kF32>>(base, tok_stride, first, nk, D, tile); break;
+        case kF16: load_tile<Fmt<kF16>, ROWS>(base, tok_stride, first, nk, D, dp, ld, tile); break;
+        case kQ8_0: load_tile<Fmt<kQ8_0>, ROWS>(base, tok_stride, first, nk, D, dp, ld, tile); break;
+        case kQ4_0: load_tile<Fmt<kQ4_0>, ROWS>(base, tok_stride, first, nk, D, dp, ld, tile); break;
+        case kF32: load_tile<Fmt<kF32>, ROWS>(base, tok_stride, first, nk, D, dp, ld, tile); break;
         default:  // rejected on the host (CudaSegmentTable); zeros keep a bad table harmless
-            for (int i = threadIdx.x; i < kKT * (D + 1); i += kAttnThreads) tile[i] = 0.f;
+            for (int i = threadIdx.x; i < ROWS * ld; i += kAttnThreads) tile[i] = tile_value(0.f, tile);
     }
 }
 
@@ -172,7 +185,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         const uint8_t* vbase = static_cast<const uint8_t*>(seg.v) + hk * seg.v_head_stride;
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kKT) {
             const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), j_end - j0));
-            load_tile_any(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, kv);
+            load_tile_any<kKT>(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, D, D + 1, kv);
             __syncthreads();
 
             // Scores of key `lane` against the warp's rows.
@@ -202,7 +215,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
             }
             __syncthreads();  // K tile fully read
 
-            load_tile_any(seg.v_type, vbase, seg.v_tok_stride, j0 - seg_start, nk, D, kv);
+            load_tile_any<kKT>(seg.v_type, vbase, seg.v_tok_stride, j0 - seg_start, nk, D, D, D + 1, kv);
             __syncthreads();
             for (int jj = 0; jj < nk; ++jj) {
                 const float* vrow = kv + jj * DP;
@@ -254,6 +267,176 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     }
 }
 
+// ---------------------------------------------------------------- tensor cores
+
+constexpr int kTcRows = 64;     // query rows per block: 16 per warp
+constexpr int kTcKeys = 64;     // keys per tile
+constexpr int kTcMaxDim = 128;  // head_dim (padded to a multiple of 16) the shared memory is sized for
+constexpr int kTcSLd = kTcKeys + 4;   // floats per score row
+constexpr int kTcPLd = 2 * kTcSLd;    // halves per probability row: P overwrites its own score row
+
+// Shared memory of attn_tc_kernel for head_dim D, in bytes from the (32-byte aligned) base.
+struct TcLayout {
+    int dp, ldh, ldo;  // D padded to 16; halves per Q/K/V row; floats per O row
+    size_t q, kv, s, o, stats, total;
+};
+__host__ __device__ inline TcLayout tc_layout(int D) {
+    TcLayout t;
+    t.dp = (D + 15) / 16 * 16;
+    t.ldh = t.dp + 8;  // 16-byte multiple that staggers banks
+    t.ldo = t.dp + 4;
+    t.q = 0;
+    t.kv = t.q + sizeof(__half) * kTcRows * t.ldh;
+    t.s = t.kv + sizeof(__half) * kTcKeys * t.ldh;
+    t.o = t.s + sizeof(float) * kTcRows * kTcSLd;
+    t.stats = t.o + sizeof(float) * kTcRows * t.ldo;
+    t.total = t.stats + sizeof(float) * 3 * kTcRows;
+    return t;
+}
+
+// grid (1, ceil(n_q * n_rep / kTcRows), n_kv_head * n_batch), block kAttnThreads (4 warps), dynamic shared
+// memory tc_layout(head_dim).total. Warp w owns query rows 16w..16w+15 of the block; a.n_splits == 1.
+__global__ void __launch_bounds__(kAttnThreads) attn_tc_kernel(AttnArgs a) {
+    using namespace nvcuda;
+    extern __shared__ __align__(32) float tc_smem[];
+    const int D = a.head_dim;
+    const TcLayout L = tc_layout(D);
+    unsigned char* base = reinterpret_cast<unsigned char*>(tc_smem);
+    __half* qs = reinterpret_cast<__half*>(base + L.q);   // [64][ldh] scaled queries
+    __half* kv = reinterpret_cast<__half*>(base + L.kv);  // [64][ldh] the K tile, then the V tile
+    float* sf = reinterpret_cast<float*>(base + L.s);     // [64][kTcSLd] scores; row r's P over its start
+    __half* ps = reinterpret_cast<__half*>(sf);           // [64][kTcPLd]
+    float* os = reinterpret_cast<float*>(base + L.o);     // [64][ldo] unnormalised outputs
+    float* m_s = reinterpret_cast<float*>(base + L.stats);  // [64] running max (log2 domain)
+    float* l_s = m_s + kTcRows;                             // [64] running sum
+    float* al_s = l_s + kTcRows;                            // [64] this tile's rescale factor
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hk = blockIdx.z % a.n_kv_head, batch = blockIdx.z / a.n_kv_head;
+    const float* q = a.q + batch * a.q_batch_stride;
+    float* out = a.out + batch * a.out_batch_stride;
+    const CudaKVSegment* segs = a.segs + static_cast<int64_t>(batch) * a.n_segs;
+    const int64_t n_kv = a.n_kv;
+    const int rows = a.n_q * a.n_rep;
+    const int row0 = blockIdx.y * kTcRows;
+    const int dp = L.dp, ldh = L.ldh, ldo = L.ldo;
+
+    for (int i = threadIdx.x; i < kTcRows * dp; i += kAttnThreads) {
+        const int r = i / dp, d = i - r * dp, gr = row0 + r;
+        float val = 0.f;
+        if (gr < rows && d < D) {
+            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+            val = q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
+        }
+        qs[r * ldh + d] = to_half_sat(val);
+        os[r * ldo + d] = 0.f;
+    }
+    for (int i = threadIdx.x; i < kTcRows; i += kAttnThreads) {
+        m_s[i] = -INFINITY;
+        l_s[i] = 0.f;
+    }
+    // The keys any row of the block can see (tokens are monotonic in the row index).
+    const int last_row = min(row0 + kTcRows, rows) - 1;
+    const int64_t qpos_first = n_kv - a.n_q + row0 / a.n_rep;
+    const int64_t qpos_last = n_kv - a.n_q + last_row / a.n_rep;
+    const int64_t blk_hi = a.causal ? qpos_last : n_kv - 1;
+    const int64_t blk_lo = a.window > 0 ? qpos_first - a.window + 1 : 0;
+    __syncthreads();
+
+    const int wr = warp * 16;  // this warp's first row
+    int64_t seg_start = 0;
+    for (int si = 0; si < a.n_segs && seg_start < n_kv; ++si) {
+        const CudaKVSegment seg = segs[si];
+        const int64_t seg_end = seg_start + seg.n_tokens;
+        const int64_t j_begin = max(seg_start, blk_lo);
+        const int64_t j_end = min(min(seg_end, n_kv), blk_hi + 1);
+        const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
+        const uint8_t* vbase = static_cast<const uint8_t*>(seg.v) + hk * seg.v_head_stride;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kTcKeys) {
+            const int nk = static_cast<int>(min(static_cast<int64_t>(kTcKeys), j_end - j0));
+            load_tile_any<kTcKeys>(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, dp, ldh, kv);
+            __syncthreads();
+
+            // S = Q K^T for the warp's 16 rows x 64 keys (K^T is the column-major view of the K tile).
+            for (int n = 0; n < kTcKeys / 16; ++n) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.f);
+                for (int kk = 0; kk < dp; kk += 16) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+                    wmma::load_matrix_sync(fa, qs + wr * ldh + kk, ldh);
+                    wmma::load_matrix_sync(fb, kv + 16 * n * ldh + kk, ldh);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+                wmma::store_matrix_sync(sf + wr * kTcSLd + 16 * n, acc, kTcSLd, wmma::mem_row_major);
+            }
+            __syncwarp();
+
+            // Online softmax of the warp's rows: lane j takes keys j and j + 32.
+            for (int i = 0; i < 16; ++i) {
+                const int r = wr + i, gr = row0 + r;
+                float s0 = -INFINITY, s1 = -INFINITY;
+                if (gr < rows) {
+                    const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
+                    const int64_t hi = a.causal ? qpos : n_kv - 1;
+                    const int64_t lo = a.window > 0 ? qpos - a.window + 1 : 0;
+                    const int64_t ja = j0 + lane, jb = ja + 32;
+                    if (lane < nk && ja >= lo && ja <= hi) s0 = sf[r * kTcSLd + lane];
+                    if (lane + 32 < nk && jb >= lo && jb <= hi) s1 = sf[r * kTcSLd + lane + 32];
+                }
+                const float m_old = m_s[r];
+                const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));  // every lane has read row r by here
+                const float p0 = m_new == -INFINITY ? 0.f : exp2f(s0 - m_new);
+                const float p1 = m_new == -INFINITY ? 0.f : exp2f(s1 - m_new);
+                const float alpha = m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
+                const float sum = warp_sum(p0 + p1);
+                ps[r * kTcPLd + lane] = __float2half_rn(p0);
+                ps[r * kTcPLd + lane + 32] = __float2half_rn(p1);
+                if (lane == 0) {
+                    m_s[r] = m_new;
+                    l_s[r] = l_s[r] * alpha + sum;
+                    al_s[r] = alpha;
+                }
+            }
+            __syncwarp();
+            for (int i = 0; i < 16; ++i) {
+                const float alpha = al_s[wr + i];
+                for (int d = lane; d < dp; d += 32) os[(wr + i) * ldo + d] *= alpha;
+            }
+            __syncthreads();  // every warp is done with the K tile
+
+            load_tile_any<kTcKeys>(seg.v_type, vbase, seg.v_tok_stride, j0 - seg_start, nk, D, dp, ldh, kv);
+            __syncthreads();
+            // O += P V for the warp's 16 rows (rows of V past nk are zero, and so are their P columns).
+            for (int n = 0; n < dp / 16; ++n) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::load_matrix_sync(acc, os + wr * ldo + 16 * n, ldo, wmma::mem_row_major);
+                for (int kk = 0; kk < kTcKeys; kk += 16) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+                    wmma::load_matrix_sync(fa, ps + wr * kTcPLd + kk, kTcPLd);
+                    wmma::load_matrix_sync(fb, kv + kk * ldh + 16 * n, ldh);
+                    wmma::mma_sync(acc, fa, fb, acc);
+                }
+                wmma::store_matrix_sync(os + wr * ldo + 16 * n, acc, ldo, wmma::mem_row_major);
+            }
+            __syncthreads();  // the V tile, P and O are read before the next tile overwrites them
+        }
+        seg_start = seg_end;
+    }
+
+    for (int i = 0; i < 16; ++i) {
+        const int r = wr + i, gr = row0 + r;
+        if (gr >= rows) continue;
+        const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+        const float l = l_s[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        float* o = out + static_cast<int64_t>(t) * a.out_tok_stride + static_cast<int64_t>(h) * D;
+        for (int d = lane; d < D; d += 32) o[d] = os[r * ldo + d] * inv;
+        if (a.lse && lane == 0) a.lse[static_cast<int64_t>(t) * a.n_head + h] = l > 0.f ? m_s[r] + log2f(l) : -INFINITY;
+    }
+}
+
 // Attention observation (X²L compression votes). grid (ceil(n_own / kKT), n_kv_head), block kAttnThreads.
 // Block (tile, hk) owns entries [tile * kKT, +kKT) of KV head hk's own segment and adds to each the
 // probabilities exp2(q·k * scale_log2 - lse) of every observed query row of that KV head that sees it
@@ -278,8 +461,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_votes_kernel(VotesArgs a) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hk = blockIdx.y;
     const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kKT;
     const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), a.n_own - e0));
-    load_tile_any(a.own.k_type, static_cast<const uint8_t*>(a.own.k) + hk * a.own.k_head_stride, a.own.k_tok_stride, e0,
-                  nk, D, kt);
+    load_tile_any<kKT>(a.own.k_type, static_cast<const uint8_t*>(a.own.k) + hk * a.own.k_head_stride, a.own.k_tok_stride,
+                       e0, nk, D, D, D + 1, kt);
     __syncthreads();
     const int64_t q_base = a.n_own - a.n_q;  // own index of query 0
     // Queries before t_first see none of this tile's entries.
@@ -462,6 +645,27 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     a.own_max = p.own_max;
     a.q_batch_stride = p.q_batch_stride;
     a.out_batch_stride = p.out_batch_stride;
+
+    using Kernel = CudaAttentionParams::Kernel;
+    const bool tc_ok = p.head_dim <= kTcMaxDim && !p.own_len;
+    if (p.kernel == Kernel::TensorCore && !tc_ok) throw_arg(fn, "the tensor-core kernel needs head_dim <= 128 and no own_len");
+    // Auto keeps calls that write the log-sum-exp (the X²L votes) on f32 scores: the tensor cores' f16
+    // scores move it by ~1e-3, enough to flip near-tied entries of the compression's selection.
+    if (p.kernel == Kernel::TensorCore || (p.kernel == Kernel::Auto && tc_ok && !p.lse && rows >= kTcRows)) {
+        const int64_t tiles = (rows + kTcRows - 1) / kTcRows;
+        if (tiles > 65535) throw_arg(fn, "too many query rows for one launch");
+        a.n_splits = 1;
+        a.split_len = std::max<int64_t>(p.n_kv, 1);
+        const size_t smem = tc_layout(p.head_dim).total;
+        if (smem > 48 * 1024) {
+            check(cudaFuncSetAttribute(attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                  "cudaFuncSetAttribute(attn_tc_kernel)");
+        }
+        const dim3 grid(1, static_cast<unsigned>(tiles), static_cast<unsigned>(static_cast<int64_t>(p.n_kv_head) * p.n_batch));
+        attn_tc_kernel<<<grid, kAttnThreads, smem, s>>>(a);
+        check_launch("attn_tc_kernel");
+        return;
+    }
 
     // Splits: enough blocks to fill the device when rows alone do not, each split >= 4 tiles of keys.
     const int64_t base_blocks = row_tiles * p.n_kv_head;

@@ -1,5 +1,6 @@
 // Error checking and small device helpers shared by the CUDA sources (private to cpp/cuda).
 #pragma once
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -25,6 +26,10 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 inline bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
 inline unsigned grid_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+// f16 operand of the tensor-core kernels. Values past f16's range (LLMs' rare "massive activations" in
+// the thousands stay well inside it) saturate at +-65504 instead of turning into inf and NaN sums.
+__device__ __forceinline__ __half to_half_sat(float v) { return __float2half_rn(fminf(fmaxf(v, -65504.f), 65504.f)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

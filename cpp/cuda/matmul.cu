@@ -160,10 +160,6 @@ matmul_tiled_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, i
     }
 }
 
-// f16 operand of the tensor-core kernel. Activations past f16's range (LLMs' rare "massive activations"
-// in the thousands stay well inside it) saturate at +-65504 instead of turning into inf and NaN sums.
-__device__ __forceinline__ __half to_half_sat(float v) { return __float2half_rn(fminf(fmaxf(v, -65504.f), 65504.f)); }
-
 // grid (ceil(rows / kTileN), ceil(T / kTileM)), block kTcThreads. The same tiles as matmul_tiled_kernel,
 // held in shared memory as f16 ([token][k] and [row][k], so the weight tile is WMMA's column-major B);
 // warp (wm, wn) accumulates tokens 32 wm.. x rows 32 wn.. in four f32 fragments. The epilogue stages the

@@ -532,7 +532,7 @@ void execute_kernel(const std::string& name, dim3 grid, dim3 block, size_t smem,
     for (uint64_t i = 0; i < n_blocks; ++i) {
         run->block = uint3{static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
                            static_cast<unsigned>(i / (static_cast<uint64_t>(grid.x) * grid.y))};
-        run->smem.assign(smem, 0xFF);  // NaN floats: uninitialized shared memory is not zero
+        run->smem.assign(smem + 256, 0xFF);  // NaN floats: uninitialized shared memory is not zero
         if (!run_block(reverse)) {
             fail_sticky("kernel " + name + ", block (" + std::to_string(run->block.x) + "," + std::to_string(run->block.y) +
                         "," + std::to_string(run->block.z) + "): " + run->error);
@@ -549,7 +549,10 @@ const uint3& thread_idx() { return g_current->tid; }
 const uint3& block_idx() { return g_run->block; }
 const dim3& block_dim() { return g_run->block_dim; }
 const dim3& grid_dim() { return g_run->grid_dim; }
-void* dynamic_smem() { return g_run->smem.data(); }
+void* dynamic_smem() {  // 256-byte aligned, as a GPU's (WMMA checks 32)
+    const uintptr_t p = reinterpret_cast<uintptr_t>(g_run->smem.data());
+    return reinterpret_cast<void*>((p + 255) & ~uintptr_t(255));
+}
 
 void device_fault(const char* what) { fail_sticky(what); }
 

@@ -252,6 +252,8 @@ struct Launch {
 #define gridDim (::x2l_emu::grid_dim())
 
 inline void __syncthreads() { x2l_emu::syncthreads(); }
+// The warp's lanes wait for each other (the emulator's warp rendezvous, as in a shuffle).
+inline void __syncwarp(unsigned mask = 0xffffffffu) { (void)x2l_emu::shfl_xor_bits(mask, 0, 0); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {

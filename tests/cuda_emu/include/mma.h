@@ -55,13 +55,21 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, V x) {
 
 template <class Use, int M, int N, int K, class T, class L>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const T* p, unsigned ldm) {
-    static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads take a layout_t (not modelled)");
+    static_assert(!std::is_same<Use, accumulator>::value, "accumulator loads take a layout_t");
     if (!detail::leader()) return;
     detail::check(p, ldm, sizeof(T));
     using Fr = fragment<Use, M, N, K, T, L>;
     for (int r = 0; r < Fr::n_rows; ++r)
         for (int c = 0; c < Fr::n_cols; ++c)
             f.v[r * Fr::n_cols + c] = detail::value(detail::row_major_v<L>() ? p[r * ldm + c] : p[c * ldm + r]);
+}
+
+template <int M, int N, int K>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* p, unsigned ldm, layout_t layout) {
+    if (!detail::leader()) return;
+    detail::check(p, ldm, sizeof(float));
+    for (int r = 0; r < M; ++r)
+        for (int c = 0; c < N; ++c) f.v[r * N + c] = layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
 }
 
 template <int M, int N, int K, class TA, class LA, class TB, class LB>
