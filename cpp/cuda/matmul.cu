@@ -51,6 +51,24 @@ __device__ __forceinline__ float dot_unit(const float* v, const float* xp) {
     return s;
 }
 
+// The tiled kernels' loads. x[t, k .. k+4), zeros past the last token or the row's end (n % 4 == 0).
+__device__ __forceinline__ float4 load_x4(const float* __restrict__ x, int64_t n, int n_tokens, int t, int64_t k) {
+    if (t < n_tokens && k < n) return *reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n + k);
+    return make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+// Unit u of weight row r dequantized into v, zeros past the last row or unit (a partial tile).
+template <typename F>
+__device__ __forceinline__ void load_w_unit(const uint8_t* __restrict__ w, size_t row_bytes, int rows, int n_units, int r,
+                                            int u, float* v) {
+    if (r < rows && u < n_units) {
+        F::load(w + static_cast<size_t>(r) * row_bytes, u, v);
+    } else {
+#pragma unroll
+        for (int j = 0; j < F::VPT; ++j) v[j] = 0.f;
+    }
+}
+
 // grid (ceil(rows / kMvWarps), ceil(T / kMvTokens)), block kMvWarps * 32.
 template <typename F>
 __global__ void __launch_bounds__(kMvWarps * 32)
@@ -106,10 +124,7 @@ matmul_tiled_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, i
         // x tile: each thread loads float4s along k (coalesced along the token's row).
         for (int i = tid; i < kTileM * (kTileK / 4); i += kTileThreads) {
             const int tk = i / (kTileK / 4), q4 = i % (kTileK / 4);
-            const int64_t k = k0 + 4 * q4;
-            const int t = tok0 + tk;
-            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < n_tokens && k < n) a = *reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n + k);
+            const float4 a = load_x4(x, n, n_tokens, tok0 + tk, k0 + 4 * q4);
             xs[4 * q4 + 0][tk] = a.x;
             xs[4 * q4 + 1][tk] = a.y;
             xs[4 * q4 + 2][tk] = a.z;
@@ -120,12 +135,7 @@ matmul_tiled_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, i
         for (int i = tid; i < kTileN * kUnitsPerStep; i += kTileThreads) {
             const int r = i / kUnitsPerStep, u = u0 + i % kUnitsPerStep;
             float v[F::VPT];
-            if (row0 + r < rows && u < n_units) {
-                F::load(w + static_cast<size_t>(row0 + r) * row_bytes, u, v);
-            } else {
-#pragma unroll
-                for (int j = 0; j < F::VPT; ++j) v[j] = 0.f;
-            }
+            load_w_unit<F>(w, row_bytes, rows, n_units, row0 + r, u, v);
             const int kk = F::pos0(u) - static_cast<int>(k0);
 #pragma unroll
             for (int g = 0; g < F::NG; ++g)
@@ -187,10 +197,7 @@ matmul_tc_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, int 
     for (int64_t k0 = 0; k0 < n; k0 += kTileK) {
         for (int i = tid; i < kTileM * (kTileK / 4); i += kTcThreads) {
             const int tk = i / (kTileK / 4), q4 = i % (kTileK / 4);
-            const int64_t k = k0 + 4 * q4;
-            const int t = tok0 + tk;
-            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < n_tokens && k < n) a = *reinterpret_cast<const float4*>(x + static_cast<size_t>(t) * n + k);
+            const float4 a = load_x4(x, n, n_tokens, tok0 + tk, k0 + 4 * q4);
             __half* d = xs + tk * kTcLd + 4 * q4;
             d[0] = to_half_sat(a.x);
             d[1] = to_half_sat(a.y);
@@ -201,12 +208,7 @@ matmul_tc_kernel(const uint8_t* __restrict__ w, size_t row_bytes, int rows, int 
         for (int i = tid; i < kTileN * kUnitsPerStep; i += kTcThreads) {
             const int r = i / kUnitsPerStep, u = u0 + i % kUnitsPerStep;
             float v[F::VPT];
-            if (row0 + r < rows && u < n_units) {
-                F::load(w + static_cast<size_t>(row0 + r) * row_bytes, u, v);
-            } else {
-#pragma unroll
-                for (int j = 0; j < F::VPT; ++j) v[j] = 0.f;
-            }
+            load_w_unit<F>(w, row_bytes, rows, n_units, row0 + r, u, v);
             __half* d = ws + r * kTcLd + (F::pos0(u) - static_cast<int>(k0));
 #pragma unroll
             for (int g = 0; g < F::NG; ++g)
