@@ -17,7 +17,7 @@ constexpr int kMaxSplitRows = 8, kMaxSplits = 64;
 CudaMatrix cuda_upload_weight(const Weight& w, const std::string& name, size_t& total) {
     if (!cuda_matmul_supported(w.type)) {
         throw Error("the CUDA backend cannot read " + name + " (type " + type_info(w.type).name +
-                    "); use f32, f16, q8_0, q4_0, q4_1, q5_0, q4_k or q6_k weights, or device='cpu'");
+                    "); use f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k or q6_k weights, or device='cpu'");
     }
     if (cuda_row_bytes(w.type, w.n_in) != w.row_bytes) throw Error("unexpected row layout of " + name);
     CudaMatrix d;

@@ -22,9 +22,10 @@ from x2l_edge import _core
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
 
-F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K = 0, 1, 2, 3, 6, 8, 12, 14
-WEIGHT_TYPES = [F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K]
-TYPE_NAMES = {F32: "f32", F16: "f16", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0", Q8_0: "q8_0", Q4_K: "q4_k", Q6_K: "q6_k"}
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, BF16 = 0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30
+WEIGHT_TYPES = [F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K]
+TYPE_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0", Q5_1: "q5_1",
+              Q8_0: "q8_0", Q4_K: "q4_k", Q6_K: "q6_k"}
 
 
 def _device_count() -> int:
@@ -98,13 +99,17 @@ def random_rows(rng, type_id: int, rows: int, n: int):
     if type_id == F16:
         w = rng.standard_normal((rows, n)).astype(np.float16)
         return w.view(np.uint8), w.astype(np.float64)
+    if type_id == BF16:  # random bit patterns of finite numbers: every mantissa, sign and a range of exponents
+        bits = (rng.integers(0, 1 << 16, size=(rows, n), dtype=np.uint32) & 0x807F) | (rng.integers(110, 135, size=(rows, n), dtype=np.uint32) << 7)
+        w = (bits << 16).view(np.float32)
+        return np.ascontiguousarray(bits.astype(np.uint16)).view(np.uint8), w.astype(np.float64)
     qt = gguf.GGMLQuantizationType(type_id)
     bs, bb = gguf.GGML_QUANT_SIZES[qt]
     nb = rows * n // bs
     b = rng.integers(0, 256, size=(nb, bb), dtype=np.uint8)
     if type_id in (Q8_0, Q4_0, Q5_0):
         _set_f16(b, 0, rng.uniform(-0.05, 0.05, nb))
-    elif type_id == Q4_1:
+    elif type_id in (Q4_1, Q5_1):
         _set_f16(b, 0, rng.uniform(-0.05, 0.05, nb))
         _set_f16(b, 2, rng.uniform(-0.5, 0.5, nb))
     elif type_id == Q4_K:
@@ -157,7 +162,7 @@ def test_device_info():
 
 def _n_values(type_id: int):
     # A size whose last 64-value K step is partial, and a larger one.
-    if type_id in (F32, F16):
+    if type_id in (F32, F16, BF16):
         return [36, 520]
     if type_id in (Q4_K, Q6_K):
         return [256, 768]
@@ -212,7 +217,7 @@ def test_matmul_speed_probe():
 
 
 @gpu
-@pytest.mark.parametrize("type_id", [Q4_K, Q6_K, Q8_0, Q4_0, F16, F32], ids=lambda t: TYPE_NAMES[t])
+@pytest.mark.parametrize("type_id", [Q4_K, Q6_K, Q8_0, Q4_0, Q5_1, F16, BF16, F32], ids=lambda t: TYPE_NAMES[t])
 @pytest.mark.parametrize("rows,T", [(64, 64), (200, 3), (33, 130), (128, 300)])
 def test_matmul_tensor_cores(type_id, rows, T):
     """The tensor-core kernel on any shape (forced): partial token and row tiles, K steps, every format,
@@ -253,8 +258,8 @@ def test_matmul_rejects_bad_shapes():
     raw, _ = random_rows(rng, Q8_0, 4, 64)
     with pytest.raises(RuntimeError):  # n not a multiple of the block
         _core.cuda_matmul(Q8_0, raw, 4, 48, np.zeros((1, 48), np.float32))
-    with pytest.raises(RuntimeError):  # unsupported type (Q5_1)
-        _core.cuda_matmul(7, raw, 4, 64, np.zeros((1, 64), np.float32))
+    with pytest.raises(RuntimeError):  # unsupported type (Q5_K)
+        _core.cuda_matmul(Q5_K, raw, 4, 64, np.zeros((1, 64), np.float32))
 
 
 @gpu
@@ -805,7 +810,7 @@ def _rel_err(a, b) -> float:
 
 @gpu
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("outtype", ["f16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0", "q4_0"])
 def test_cuda_llm_matches_cpu(tiny_gguf, tmp_path, arch, outtype):
     """Prefill in uneven batches, decode steps, truncate and re-eval: the CUDA forward against the CPU
     backend, both with an f16 cache. The CPU multiplies quantized weights with q8-quantized
@@ -813,7 +818,7 @@ def test_cuda_llm_matches_cpu(tiny_gguf, tmp_path, arch, outtype):
     ones, so for quantized GGUFs the reference is the CPU on the same weights dequantized to f32."""
     path = tiny_gguf(arch, outtype)
     ref_path = path
-    if outtype != "f16":  # the same weights dequantized to f32 by tools/requantize.py
+    if outtype not in ("f16", "bf16"):  # the same weights dequantized to f32 by tools/requantize.py
         from requantize import requantize
 
         ref_path = str(tmp_path / "dequantized.gguf")

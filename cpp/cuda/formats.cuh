@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #define X2L_HD __host__ __device__ __forceinline__
 
@@ -19,12 +20,17 @@ namespace x2l {
 namespace cudak {
 
 // ggml type ids (x2l::DType values).
-enum : int { kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14 };
+enum : int { kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14, kBF16 = 30 };
 
 X2L_HD float half_bits_to_float(uint32_t h) {
     __half_raw r;
     r.x = static_cast<unsigned short>(h);
     return __half2float(__half(r));
+}
+X2L_HD float f32_bits(uint32_t b) {  // memcpy: portable between host and device, compiles to a move
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
 }
 // Loads at the alignment the block layouts guarantee (ggml blocks are packed: 2-byte aligned at best).
 X2L_HD uint32_t ld_u16(const uint8_t* p) { return *reinterpret_cast<const uint16_t*>(p); }
@@ -63,6 +69,20 @@ struct Fmt<kF16> {
         v[1] = half_bits_to_float(a.x >> 16);
         v[2] = half_bits_to_float(a.y & 0xFFFF);
         v[3] = half_bits_to_float(a.y >> 16);
+    }
+};
+
+// BF16: the high half of an f32 (converters write it for bf16 checkpoints).
+template <>
+struct Fmt<kBF16> {
+    static constexpr int QK = 4, BYTES = 8, ALIGN = 8, NG = 1, G = 4, GAP = 0, VPT = 4;
+    X2L_HD static int pos0(int u) { return 4 * u; }
+    X2L_HD static void load(const uint8_t* row, int u, float* v) {
+        const uint2 a = reinterpret_cast<const uint2*>(row)[u];
+        v[0] = f32_bits(a.x << 16);
+        v[1] = f32_bits(a.x & 0xFFFF0000u);
+        v[2] = f32_bits(a.y << 16);
+        v[3] = f32_bits(a.y & 0xFFFF0000u);
     }
 };
 
@@ -136,6 +156,29 @@ struct Fmt<kQ5_0> {
             const int hi = static_cast<int>(((q >> (8 * i + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4));
             v[i] = (lo - 16) * d;
             v[4 + i] = (hi - 16) * d;
+        }
+    }
+};
+
+// Q5_1 {fp16 d; fp16 m; uint8 qh[4]; uint8 qs[16]}: value = q*d + m, q as in Q5_0 (5 bits, no offset).
+template <>
+struct Fmt<kQ5_1> {
+    static constexpr int QK = 32, BYTES = 24, ALIGN = 4, NG = 2, G = 4, GAP = 16, VPT = 8;
+    X2L_HD static int pos0(int u) { return 32 * (u >> 2) + 4 * (u & 3); }
+    X2L_HD static void load(const uint8_t* row, int u, float* v) {
+        const uint8_t* b = row + (u >> 2) * BYTES;
+        const int s = u & 3;
+        const uint32_t dm = ld_u32(b);
+        const float d = half_bits_to_float(dm & 0xFFFF), m = half_bits_to_float(dm >> 16);
+        const uint32_t qh = ld_u32(b + 4);
+        const uint32_t q = ld_u32(b + 8 + 4 * s);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int j = 4 * s + i;
+            const uint32_t lo = ((q >> (8 * i)) & 0xF) | (((qh >> j) & 1) << 4);
+            const uint32_t hi = ((q >> (8 * i + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4);
+            v[i] = static_cast<float>(lo) * d + m;
+            v[4 + i] = static_cast<float>(hi) * d + m;
         }
     }
 };
@@ -216,6 +259,8 @@ inline bool dispatch_format(int type, F&& f) {
         case kQ4_0: f(Fmt<kQ4_0>{}); return true;
         case kQ4_1: f(Fmt<kQ4_1>{}); return true;
         case kQ5_0: f(Fmt<kQ5_0>{}); return true;
+        case kQ5_1: f(Fmt<kQ5_1>{}); return true;
+        case kBF16: f(Fmt<kBF16>{}); return true;
         case kQ4_K: f(Fmt<kQ4_K>{}); return true;
         case kQ6_K: f(Fmt<kQ6_K>{}); return true;
         default: return false;
