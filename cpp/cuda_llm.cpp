@@ -84,7 +84,7 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
 
 // ------------------------------------------------------------------------------------ context
 
-CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool with_logits)
+CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool row_major)
     : llm_(llm), n_ctx_(n_ctx), n_batch_(n_batch) {
     if (n_ctx <= 0 || n_batch <= 0) throw Error("n_ctx and n_batch must be > 0");
     const LlmConfig& c = llm.config();
@@ -97,7 +97,7 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, boo
         v_.emplace_back(static_cast<size_t>(n_ctx) * KD * kF16);
     }
     const size_t f = sizeof(float);
-    x_ = CudaDeviceBuffer(n_batch * E * f);
+    if (row_major) x_ = CudaDeviceBuffer(n_batch * E * f);  // forward_layer_major() keeps every row in x_all_
     xn_ = CudaDeviceBuffer(n_batch * std::max(E, QD) * f);
     q_ = CudaDeviceBuffer(n_batch * QD * f);
     k_new_ = CudaDeviceBuffer(n_batch * KD * f);
@@ -106,7 +106,7 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, boo
     gate_ = CudaDeviceBuffer(n_batch * FF * f);
     up_ = CudaDeviceBuffer(n_batch * FF * f);
     pos_ = CudaDeviceBuffer(n_batch * sizeof(int32_t));
-    if (with_logits) logits_ = CudaDeviceBuffer(n_batch * V * f);
+    if (row_major) logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
     lse_ = CudaDeviceBuffer(n_batch * c.n_head * f);
     tables_.resize(static_cast<size_t>(c.n_layer));
@@ -184,7 +184,7 @@ void CudaContext::forward(const float* x, int64_t n, int64_t n_logits, float* lo
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
     if (vst && !llm_.has_beacon()) throw Error("this model has no beacon (VST) weights");
-    if (n_logits > 0 && logits_.size() == 0) throw Error("this context was made without logits");
+    if (x_.size() == 0) throw Error("this context runs forward_layer_major() only");
     if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
     cuda_set_device(llm_.device());
     const int64_t before = n_past_, first_logit = n - n_logits;
@@ -896,7 +896,7 @@ void CudaPrefill::run(const float* x, int64_t n, int32_t pos0, const std::vector
         ctx_.reset();
         votes_ = CudaDeviceBuffer();
         with_room([&] {
-            ctx_.reset(new CudaContext(llm_, n, n_batch_, /*with_logits=*/false));
+            ctx_.reset(new CudaContext(llm_, n, n_batch_, /*row_major=*/false));
             votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
         });
     }

@@ -92,9 +92,10 @@ struct CudaPrefixHooks {
 
 class CudaContext {
   public:
-    // with_logits=false: no [n_batch, n_vocab] logits buffer (forward() must then ask for no logits);
-    // the X²L prefill never reads logits, and for a 152k vocabulary that buffer is ~0.3 GB at n_batch 512.
-    CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool with_logits = true);
+    // row_major=false: a context for forward_layer_major() only (the X²L prefill), without the buffers
+    // that only forward() and decoding use: [n_batch, n_vocab] logits (~0.3 GB at n_batch 512 for a 152k
+    // vocabulary) and the [n_batch, n_embd] hidden states; forward() then throws.
+    CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, bool row_major = true);
     CudaContext(const CudaContext&) = delete;
     CudaContext& operator=(const CudaContext&) = delete;
 
