@@ -439,6 +439,7 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
             p.workspace_bytes = ws.size();
             if (observe_from >= 0) {
                 p.lse = static_cast<float*>(lse.data());
+                p.lse_from = std::min(observe_from, n_q);
                 dvotes.zero(s);
             }
             x2l::cuda_attention(p, table, s);
@@ -687,7 +688,8 @@ void bind_cuda(nb::module_& m) {
           "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.\n"
           "observe_from >= 0: returns (out, votes [n_kv_head, n_own]), the softmax probabilities of query rows >=\n"
           "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).\n"
-          "kernel: 'auto' (tensor cores from 64 query rows per KV head, head_dim <= 128), 'f32' or 'tensor_core'.");
+          "kernel: 'auto' (tensor cores from 64 query rows per KV head, head_dim <= 128; the votes' log-sum-exp\n"
+          "then from a second pass on f32 scores), 'f32', or 'tensor_core' (log-sum-exp from its f16 operands).");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,
           "Copies data [n_layers, m] layer by layer through CudaLayerPipeline; returns what the kernels read.");
     m.def("cuda_matmul_speed", &op_matmul_speed, "type_id"_a, "rows"_a, "n"_a, "T"_a, "kernel"_a = "auto", "reps"_a = 5,

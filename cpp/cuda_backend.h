@@ -378,8 +378,10 @@ struct CudaAttentionParams {
     size_t workspace_bytes = 0;
     // [n_q, n_head] or nullptr: each row's log-sum-exp of its scaled scores in base 2
     // (max + log2(sum), scores already multiplied by scale * log2(e)), for cuda_attention_votes.
-    // Forces n_splits = 1.
+    // Forces n_splits = 1. Rows t < lse_from need none (they do not vote): the tensor-core path, whose
+    // log-sum-exp comes from a second f32 pass over the rows, skips them; the f32 kernel writes every row.
     float* lse = nullptr;
+    int lse_from = 0;
     // Replayed CUDA graphs (decode): the last segment (the cache's own entries) holds *own_len entries
     // (device int32, read when the kernel runs) instead of its n_tokens, at most own_max; n_kv counts
     // own_max for it, so the split layout chosen here suits every length up to that.
@@ -391,9 +393,9 @@ struct CudaAttentionParams {
     int n_batch = 1;
     int64_t q_batch_stride = 0, out_batch_stride = 0;
     // Auto: tensor cores (f16 Q, K, V and probabilities, f32 sums) when a KV head has >= 64 query rows
-    // (n_q * n_head / n_kv_head: the prefill, the vision tower), head_dim <= 128 and no lse is asked
-    // for; the f32 kernel otherwise (decode, the X²L votes' forwards). The others force one
-    // (TensorCore needs head_dim <= 128 and no own_len).
+    // (n_q * n_head / n_kv_head: the prefill, the vision tower) and head_dim <= 128, with lse (the X²L
+    // votes) from a second pass on f32 scores; the f32 kernel otherwise (decode). The others force one
+    // (TensorCore needs head_dim <= 128 and no own_len, and writes lse from its own f16-operand scores).
     enum class Kernel : int { Auto = 0, F32 = 1, TensorCore = 2 };
     Kernel kernel = Kernel::Auto;
 };

@@ -462,14 +462,19 @@ void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const in
     p.causal = true;
     p.workspace = attn_ws_.data();
     p.workspace_bytes = attn_ws_.size();
-    if (votes_) p.lse = static_cast<float*>(lse_.data());
+    // Rows of this batch that vote: from the observation window's start on.
+    const int obs_from = static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first)));
+    if (votes_) {
+        p.lse = static_cast<float*>(lse_.data());
+        p.lse_from = obs_from;
+    }
     p.segments = tables_[l].device_data();
     p.n_segments = tables_[l].size();
     p.n_kv = step ? tables_[l].n_kv() - tables_[l].host().back().n_tokens + n_ctx_ : tables_[l].n_kv();
     cuda_attention(p, s);  // [m, QD]
     if (votes_) {
         cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
-                             static_cast<int>(std::min<int64_t>(m, std::max<int64_t>(0, obs_start_ - first))),
+                             obs_from,
                              votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
     }
     if (last_rows && hooks_.after) hooks_.after(l, s);

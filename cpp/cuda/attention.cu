@@ -437,6 +437,96 @@ __global__ void __launch_bounds__(kAttnThreads) attn_tc_kernel(AttnArgs a) {
     }
 }
 
+// Log-sum-exp only, on the f32 scores of attn_kernel (same scaled queries, same summation order): the
+// rows that vote when the output comes from the tensor cores. grid (1, ceil(n_rows / QR), n_kv_head)
+// for the KV head's query rows [row_begin, row_begin + n_rows), block kAttnThreads, dynamic shared
+// memory (QR * D + kKT * (D + 1)) floats. Without V there is nothing to rescale per tile: each lane keeps
+// a running max and sum over the keys it scores, and the warp merges them once at the end.
+template <int RPW>
+__global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int row_begin) {
+    constexpr int QR = kAttnWarps * RPW;
+    extern __shared__ float smem[];
+    const int D = a.head_dim, DP = D + 1;
+    float* qs = smem;         // [QR][D]
+    float* kt = qs + QR * D;  // [kKT][D + 1]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, hk = blockIdx.z;
+    const int64_t n_kv = a.n_kv;
+    const int rows = a.n_q * a.n_rep;
+    const int row0 = row_begin + blockIdx.y * QR;
+
+    for (int i = threadIdx.x; i < QR * D; i += kAttnThreads) {
+        const int r = i / D, d = i - r * D, gr = row0 + r;
+        float val = 0.f;
+        if (gr < rows) {
+            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+            val = a.q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
+        }
+        qs[i] = val;
+    }
+    int64_t lo[RPW], hi[RPW];
+    float m[RPW], l[RPW];
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
+        hi[i] = gr < rows ? (a.causal ? qpos : n_kv - 1) : -1;
+        lo[i] = a.window > 0 ? qpos - a.window + 1 : 0;
+        m[i] = -INFINITY;
+        l[i] = 0.f;
+    }
+    const int last_row = min(row0 + QR, rows) - 1;
+    const int64_t blk_hi = a.causal ? n_kv - a.n_q + last_row / a.n_rep : n_kv - 1;
+    const int64_t blk_lo = a.window > 0 ? n_kv - a.n_q + row0 / a.n_rep - a.window + 1 : 0;
+    __syncthreads();
+
+    const float* qw = qs + warp * RPW * D;
+    int64_t seg_start = 0;
+    for (int si = 0; si < a.n_segs && seg_start < n_kv; ++si) {
+        const CudaKVSegment seg = a.segs[si];
+        const int64_t seg_end = seg_start + seg.n_tokens;
+        const int64_t j_begin = max(seg_start, blk_lo);
+        const int64_t j_end = min(min(seg_end, n_kv), blk_hi + 1);
+        const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += kKT) {
+            const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), j_end - j0));
+            load_tile_any<kKT>(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, D, D + 1, kt);
+            __syncthreads();
+            float sc[RPW];
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) sc[i] = 0.f;
+            const float* krow = kt + lane * DP;
+            for (int d = 0; d < D; ++d) {
+                const float kd = krow[d];
+#pragma unroll
+                for (int i = 0; i < RPW; ++i) sc[i] += qw[i * D + d] * kd;
+            }
+            const int64_t j = j0 + lane;
+#pragma unroll
+            for (int i = 0; i < RPW; ++i) {
+                if (lane >= nk || j < lo[i] || j > hi[i]) continue;
+                if (sc[i] > m[i]) {  // from -inf: l is 0, and 0 * exp2(-inf) is 0
+                    l[i] = l[i] * exp2f(m[i] - sc[i]) + 1.f;
+                    m[i] = sc[i];
+                } else {
+                    l[i] += exp2f(sc[i] - m[i]);
+                }
+            }
+            __syncthreads();  // the K tile is read
+        }
+        seg_start = seg_end;
+    }
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) {
+        const int gr = row0 + warp * RPW + i;
+        const float M = warp_max(m[i]);
+        const float L = warp_sum(m[i] == -INFINITY ? 0.f : l[i] * exp2f(m[i] - M));
+        if (gr < rows && lane == 0) {
+            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+            a.lse[static_cast<int64_t>(t) * a.n_head + h] = L > 0.f ? M + log2f(L) : -INFINITY;
+        }
+    }
+}
+
 // Attention observation (X²L compression votes). grid (ceil(n_own / kKT), n_kv_head), block kAttnThreads.
 // Block (tile, hk) owns entries [tile * kKT, +kKT) of KV head hk's own segment and adds to each the
 // probabilities exp2(q·k * scale_log2 - lse) of every observed query row of that KV head that sees it
@@ -614,6 +704,7 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
         throw_arg(fn, "own_len needs a segment for the own entries, n_q <= own_max <= n_kv and no lse");
     if (p.n_batch < 1 || (p.n_batch > 1 && (p.lse || p.own_len)))
         throw_arg(fn, "n_batch must be >= 1, and batched problems take no lse or own_len");
+    if (p.lse_from < 0 || p.lse_from > p.n_q) throw_arg(fn, "lse_from must be in 0..n_q");
     if (p.n_q == 0) return;
     const int n_rep = p.n_head / p.n_kv_head;
     const int64_t rows = static_cast<int64_t>(p.n_q) * n_rep;
@@ -649,9 +740,7 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     using Kernel = CudaAttentionParams::Kernel;
     const bool tc_ok = p.head_dim <= kTcMaxDim && !p.own_len;
     if (p.kernel == Kernel::TensorCore && !tc_ok) throw_arg(fn, "the tensor-core kernel needs head_dim <= 128 and no own_len");
-    // Auto keeps calls that write the log-sum-exp (the X²L votes) on f32 scores: the tensor cores' f16
-    // scores move it by ~1e-3, enough to flip near-tied entries of the compression's selection.
-    if (p.kernel == Kernel::TensorCore || (p.kernel == Kernel::Auto && tc_ok && !p.lse && rows >= kTcRows)) {
+    if (p.kernel == Kernel::TensorCore || (p.kernel == Kernel::Auto && tc_ok && rows >= kTcRows)) {
         const int64_t tiles = (rows + kTcRows - 1) / kTcRows;
         if (tiles > 65535) throw_arg(fn, "too many query rows for one launch");
         a.n_splits = 1;
@@ -661,9 +750,23 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
             check(cudaFuncSetAttribute(attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
                   "cudaFuncSetAttribute(attn_tc_kernel)");
         }
+        // Auto takes the log-sum-exp (the X²L votes) from f32 scores: the tensor cores' f16 scores move it
+        // by ~1e-3, enough to flip near-tied entries of the compression's selection. A second pass scores
+        // the voting rows again in f32 for it (QK^T without V: about half the f32 kernel's work).
+        const bool exact_lse = p.lse && p.kernel == Kernel::Auto;
+        if (exact_lse) a.lse = nullptr;
         const dim3 grid(1, static_cast<unsigned>(tiles), static_cast<unsigned>(static_cast<int64_t>(p.n_kv_head) * p.n_batch));
         attn_tc_kernel<<<grid, kAttnThreads, smem, s>>>(a);
         check_launch("attn_tc_kernel");
+        const int64_t lse_row0 = static_cast<int64_t>(p.lse_from) * n_rep, lse_rows = rows - lse_row0;
+        if (exact_lse && lse_rows > 0) {
+            constexpr int kLseRpw = 8, kLseQr = kAttnWarps * kLseRpw;
+            a.lse = p.lse;
+            const size_t lse_smem = sizeof(float) * (static_cast<size_t>(kLseQr) * p.head_dim + kKT * (p.head_dim + 1));
+            const dim3 lgrid(1, static_cast<unsigned>((lse_rows + kLseQr - 1) / kLseQr), static_cast<unsigned>(p.n_kv_head));
+            attn_lse_kernel<kLseRpw><<<lgrid, kAttnThreads, lse_smem, s>>>(a, static_cast<int>(lse_row0));
+            check_launch("attn_lse_kernel");
+        }
         return;
     }
 
