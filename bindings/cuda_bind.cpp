@@ -542,7 +542,7 @@ nb::dict op_matmul_speed(uint32_t type_id, int64_t rows, int64_t n, int64_t T, c
 // Device time of one prefill-shaped cuda_attention: n_q new rows (the last n_q of n_kv, causal) over one
 // segment of n_kv zero-filled K/V rows of kv_type, token-major; best of reps after a warm-up.
 nb::dict op_attention_speed(int n_q, int n_head, int n_kv_head, int head_dim, int64_t n_kv, uint32_t kv_type,
-                            const std::string& kernel, int reps) {
+                            const std::string& kernel, int reps, bool with_lse) {
     require_device();
     const x2l::CudaAttentionParams::Kernel ak = attention_kernel(kernel);
     const size_t row = x2l::cuda_row_bytes(static_cast<x2l::DType>(kv_type), head_dim);
@@ -554,7 +554,8 @@ nb::dict op_attention_speed(int n_q, int n_head, int n_kv_head, int head_dim, in
         const size_t kv_bytes = row * static_cast<size_t>(n_kv) * n_kv_head;
         x2l::CudaDeviceBuffer k = device_buffer(kv_bytes), v = device_buffer(kv_bytes),
                               q = device_buffer(sizeof(float) * n_q * n_head * head_dim),
-                              out = device_buffer(sizeof(float) * n_q * n_head * head_dim);
+                              out = device_buffer(sizeof(float) * n_q * n_head * head_dim),
+                              lse = device_buffer(sizeof(float) * n_q * n_head);
         k.zero();
         v.zero();
         q.zero();
@@ -577,6 +578,7 @@ nb::dict op_attention_speed(int n_q, int n_head, int n_kv_head, int head_dim, in
         p.head_dim = head_dim;
         p.n_splits = 1;
         p.kernel = ak;
+        if (with_lse) p.lse = static_cast<float*>(lse.data());  // every row votes (the X²L snapkv prefill)
         best_ms = best_device_ms(reps, [&](void* s) { x2l::cuda_attention(p, table, s); });
     }
     // Causal: query t (kv index n_kv - n_q + t) sees n_kv - n_q + t + 1 keys; 2 products of head_dim each.
@@ -695,8 +697,9 @@ void bind_cuda(nb::module_& m) {
     m.def("cuda_matmul_speed", &op_matmul_speed, "type_id"_a, "rows"_a, "n"_a, "T"_a, "kernel"_a = "auto", "reps"_a = 5,
           "{ms, tflops}: device time of one cuda_matmul [T, n] x [rows, n]^T on zero-filled buffers (best of reps).");
     m.def("cuda_attention_speed", &op_attention_speed, "n_q"_a, "n_head"_a, "n_kv_head"_a, "head_dim"_a, "n_kv"_a,
-          "kv_type"_a = 1, "kernel"_a = "auto", "reps"_a = 5,
-          "{ms, tflops}: device time of one causal cuda_attention of n_q rows over n_kv zero-filled rows (best of reps).");
+          "kv_type"_a = 1, "kernel"_a = "auto", "reps"_a = 5, "with_lse"_a = false,
+          "{ms, tflops}: device time of one causal cuda_attention of n_q rows over n_kv zero-filled rows (best of reps);\n"
+          "with_lse: every row also writes its log-sum-exp, as for the X²L votes.");
     m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,
           "GB/s of the layer-pipelined reload vs one cudaMemcpy (pinned, pageable) of the same bytes.");
 #else

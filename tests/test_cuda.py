@@ -200,9 +200,10 @@ def test_matmul(type_id, rows, T, which_n):
 
 @gpu
 def test_attention_speed_probe():
-    for kernel in ("tensor_core", "f32"):
-        r = _core.cuda_attention_speed(40, 4, 2, 64, 100, Q8_0, kernel, 1)
-        assert r["ms"] > 0 and r["tflops"] > 0, r
+    for kernel in ("tensor_core", "f32", "auto"):
+        for with_lse in (False, True):
+            r = _core.cuda_attention_speed(40, 4, 2, 64, 100, Q8_0, kernel, 1, with_lse=with_lse)
+            assert r["ms"] > 0 and r["tflops"] > 0, r
     with pytest.raises(_core.Error):
         _core.cuda_attention_speed(40, 4, 2, 64, 30, F16, "auto", 1)  # fewer cache rows than new rows
 

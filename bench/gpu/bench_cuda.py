@@ -301,6 +301,11 @@ def main(argv=None) -> int:
         tc = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "tensor_core", a.reps)
         f32 = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "f32", a.reps)
         res["attention"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
+    # The X²L snapkv prefill's attention (every row votes): tensor cores plus the f32 log-sum-exp pass
+    # (what auto runs) against the f32 kernel writing the log-sum-exp itself.
+    tc = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "auto", a.reps, with_lse=True)
+    f32 = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "f32", a.reps, with_lse=True)
+    res["attention"]["f16_votes"] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
     print("attention TFLOP/s (tensor cores, f32)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
                                                    for k, v in res["attention"].items() if k != "shape"}, flush=True)
     res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
