@@ -101,6 +101,33 @@ __device__ void load_tile_any(uint32_t type, const uint8_t* base, int64_t tok_st
     }
 }
 
+// Rows [row0, row0 + QR) of KV head hk's query rows, scaled by scale_log2, into qs[QR][D] (zero past the end).
+__device__ __forceinline__ void load_scaled_queries(const AttnArgs& a, const float* q, int row0, int hk, int QR, float* qs) {
+    const int D = a.head_dim, rows = a.n_q * a.n_rep;
+    for (int i = threadIdx.x; i < QR * D; i += kAttnThreads) {
+        const int r = i / D, d = i - r * D, gr = row0 + r;
+        float val = 0.f;
+        if (gr < rows) {
+            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
+            val = q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
+        }
+        qs[i] = val;
+    }
+}
+
+// Scores of the key in krow against a warp's RPW query rows qw[RPW][D] (one key per lane), in one fixed
+// summation order: the f32 attention and the log-sum-exp pass must agree on every score.
+template <int RPW>
+__device__ __forceinline__ void key_scores(const float* qw, const float* krow, int D, float* sc) {
+#pragma unroll
+    for (int i = 0; i < RPW; ++i) sc[i] = 0.f;
+    for (int d = 0; d < D; ++d) {
+        const float kd = krow[d];
+#pragma unroll
+        for (int i = 0; i < RPW; ++i) sc[i] += qw[i * D + d] * kd;
+    }
+}
+
 // grid (n_splits, ceil(n_q * n_rep / QR), n_kv_head), block kAttnThreads, dynamic shared memory
 // (QR * D + kKT * (D + 1) + QR * kKT) floats. RPW = query rows per warp, QR = 4 * RPW rows per block.
 template <int RPW>
@@ -127,16 +154,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     const int rows = a.n_q * a.n_rep;  // query rows of this KV head
     const int row0 = blockIdx.y * QR;
 
-    // Query rows (scaled), zero for rows past the end.
-    for (int i = threadIdx.x; i < QR * D; i += kAttnThreads) {
-        const int r = i / D, d = i - r * D, gr = row0 + r;
-        float val = 0.f;
-        if (gr < rows) {
-            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
-            val = q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
-        }
-        qs[i] = val;
-    }
+    load_scaled_queries(a, q, row0, hk, QR, qs);
 
     // Visible kv range [lo, hi] of each row this warp owns; query t sits at kv index n_kv - n_q + t.
     int64_t lo[RPW], hi[RPW];
@@ -188,16 +206,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
             load_tile_any<kKT>(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, D, D + 1, kv);
             __syncthreads();
 
-            // Scores of key `lane` against the warp's rows.
-            float sc[RPW];
-#pragma unroll
-            for (int i = 0; i < RPW; ++i) sc[i] = 0.f;
-            const float* krow = kv + lane * DP;
-            for (int d = 0; d < D; ++d) {
-                const float kd = krow[d];
-#pragma unroll
-                for (int i = 0; i < RPW; ++i) sc[i] += qw[i * D + d] * kd;
-            }
+            float sc[RPW];  // key `lane` against the warp's rows
+            key_scores<RPW>(qw, kv + lane * DP, D, sc);
             const int64_t j = j0 + lane;
 #pragma unroll
             for (int i = 0; i < RPW; ++i) {
@@ -454,15 +464,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
     const int rows = a.n_q * a.n_rep;
     const int row0 = row_begin + blockIdx.y * QR;
 
-    for (int i = threadIdx.x; i < QR * D; i += kAttnThreads) {
-        const int r = i / D, d = i - r * D, gr = row0 + r;
-        float val = 0.f;
-        if (gr < rows) {
-            const int t = gr / a.n_rep, h = hk * a.n_rep + gr % a.n_rep;
-            val = a.q[static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D + d] * a.scale_log2;
-        }
-        qs[i] = val;
-    }
+    load_scaled_queries(a, a.q, row0, hk, QR, qs);
     int64_t lo[RPW], hi[RPW];
     float m[RPW], l[RPW];
 #pragma unroll
@@ -492,14 +494,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
             load_tile_any<kKT>(seg.k_type, kbase, seg.k_tok_stride, j0 - seg_start, nk, D, D, D + 1, kt);
             __syncthreads();
             float sc[RPW];
-#pragma unroll
-            for (int i = 0; i < RPW; ++i) sc[i] = 0.f;
-            const float* krow = kt + lane * DP;
-            for (int d = 0; d < D; ++d) {
-                const float kd = krow[d];
-#pragma unroll
-                for (int i = 0; i < RPW; ++i) sc[i] += qw[i * D + d] * kd;
-            }
+            key_scores<RPW>(qw, kt + lane * DP, D, sc);
             const int64_t j = j0 + lane;
 #pragma unroll
             for (int i = 0; i < RPW; ++i) {
