@@ -148,3 +148,29 @@ def test_needle_eval_writes_partial_results_and_resumes(tiny_llama, tmp_path):
     assert E.main(args + ["--samples", "2", "--tasks", "single"]) == 0
     assert len(Path(out + ".jsonl").read_text().splitlines()) == 3
     assert "single" in Path(out + ".md").read_text()
+
+
+def test_kernel_resources_reads_ptxas_output():
+    """bench/gpu/kernel_resources.py: entries, spills, registers and shared memory from a ptxas -v log
+    (the format nvcc 12/13 print), and short kernel names from demangled ones."""
+    sys.path.insert(0, str(BENCH / "gpu"))
+    import kernel_resources as K
+
+    log = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_ZN3x2l5cudak12_GLOBAL__N_19attn_kernelILi4EEEvNS1_8AttnArgsE' for 'sm_87'
+ptxas info    : Function properties for _ZN3x2l5cudak12_GLOBAL__N_19attn_kernelILi4EEEvNS1_8AttnArgsE
+    8 bytes stack frame, 4 bytes spill stores, 20 bytes spill loads
+ptxas info    : Used 64 registers, used 1 barriers, 8 bytes cumulative stack size, 504 bytes cmem[0]
+ptxas info    : Compiling entry function '_ZN3x2l5cudak7rms_normEv' for 'sm_87'
+ptxas info    : Function properties for _ZN3x2l5cudak7rms_normEv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 16 registers, used 1 barriers, 128 bytes smem, 400 bytes cmem[0]
+"""
+    r = K.parse(log)
+    assert list(r) == ["_ZN3x2l5cudak12_GLOBAL__N_19attn_kernelILi4EEEvNS1_8AttnArgsE", "_ZN3x2l5cudak7rms_normEv"]
+    a, b = r.values()
+    assert a == {"stack": 8, "spill_stores": 4, "spill_loads": 20, "registers": 64, "smem_static": 0}
+    assert b == {"stack": 0, "spill_stores": 0, "spill_loads": 0, "registers": 16, "smem_static": 128}
+    pretty = "void x2l::cudak::(anonymous namespace)::get_rows_kernel<x2l::cudak::Fmt<14> >(unsigned char const*, long)"
+    assert K.short_name(pretty) == "get_rows_kernel<Fmt<q6_k> >"
+    assert K.short_name("x2l::cudak::(anonymous namespace)::attn_tc_kernel(x2l::cudak::AttnArgs)") == "attn_tc_kernel"
