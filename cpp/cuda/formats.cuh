@@ -138,7 +138,18 @@ struct Fmt<kQ4_1> {
     }
 };
 
-// Q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: bit j of qh (little-endian u32) is bit 4 of value j.
+// The 5-bit values of unit s of a Q5_0/Q5_1 block: nibbles from q = qs[4s..4s+3] (low: values 4s+i,
+// high: 16+4s+i), bit 4 of value j from bit j of qh (little-endian u32). out[i], out[4 + i]: 0..31.
+X2L_HD void q5_unit(uint32_t q, uint32_t qh, int s, int* out) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int j = 4 * s + i;
+        out[i] = static_cast<int>(((q >> (8 * i)) & 0xF) | (((qh >> j) & 1) << 4));
+        out[4 + i] = static_cast<int>(((q >> (8 * i + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4));
+    }
+}
+
+// Q5_0 {fp16 d; uint8 qh[4]; uint8 qs[16]}: value = (q - 16) * d, q as q5_unit reads it.
 template <>
 struct Fmt<kQ5_0> {
     static constexpr int QK = 32, BYTES = 22, ALIGN = 2, NG = 2, G = 4, GAP = 16, VPT = 8;
@@ -147,20 +158,14 @@ struct Fmt<kQ5_0> {
         const uint8_t* b = row + (u >> 2) * BYTES;
         const int s = u & 3;
         const float d = half_bits_to_float(ld_u16(b));
-        const uint32_t qh = ld_u32_a2(b + 2);
-        const uint32_t q = ld_u32_a2(b + 6 + 4 * s);
+        int q[8];
+        q5_unit(ld_u32_a2(b + 6 + 4 * s), ld_u32_a2(b + 2), s, q);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int j = 4 * s + i;
-            const int lo = static_cast<int>(((q >> (8 * i)) & 0xF) | (((qh >> j) & 1) << 4));
-            const int hi = static_cast<int>(((q >> (8 * i + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4));
-            v[i] = (lo - 16) * d;
-            v[4 + i] = (hi - 16) * d;
-        }
+        for (int i = 0; i < 8; ++i) v[i] = (q[i] - 16) * d;
     }
 };
 
-// Q5_1 {fp16 d; fp16 m; uint8 qh[4]; uint8 qs[16]}: value = q*d + m, q as in Q5_0 (5 bits, no offset).
+// Q5_1 {fp16 d; fp16 m; uint8 qh[4]; uint8 qs[16]}: value = q * d + m, q as q5_unit reads it.
 template <>
 struct Fmt<kQ5_1> {
     static constexpr int QK = 32, BYTES = 24, ALIGN = 4, NG = 2, G = 4, GAP = 16, VPT = 8;
@@ -170,16 +175,10 @@ struct Fmt<kQ5_1> {
         const int s = u & 3;
         const uint32_t dm = ld_u32(b);
         const float d = half_bits_to_float(dm & 0xFFFF), m = half_bits_to_float(dm >> 16);
-        const uint32_t qh = ld_u32(b + 4);
-        const uint32_t q = ld_u32(b + 8 + 4 * s);
+        int q[8];
+        q5_unit(ld_u32(b + 8 + 4 * s), ld_u32(b + 4), s, q);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int j = 4 * s + i;
-            const uint32_t lo = ((q >> (8 * i)) & 0xF) | (((qh >> j) & 1) << 4);
-            const uint32_t hi = ((q >> (8 * i + 4)) & 0xF) | (((qh >> (j + 16)) & 1) << 4);
-            v[i] = static_cast<float>(lo) * d + m;
-            v[4 + i] = static_cast<float>(hi) * d + m;
-        }
+        for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(q[i]) * d + m;
     }
 };
 
