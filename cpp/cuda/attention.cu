@@ -101,6 +101,20 @@ __device__ void load_tile_any(uint32_t type, const uint8_t* base, int64_t tok_st
     }
 }
 
+// Keys [lo, hi] that query row gr of a KV head sees (query t sits at kv index n_kv - n_q + t): up to
+// itself when causal, only the last `window` when window > 0. A row past the end sees none (hi = -1).
+struct KeyRange {
+    int64_t lo, hi;
+};
+__device__ __forceinline__ KeyRange row_keys(const AttnArgs& a, int64_t n_kv, int gr) {
+    const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
+    return {a.window > 0 ? qpos - a.window + 1 : 0, gr < a.n_q * a.n_rep ? (a.causal ? qpos : n_kv - 1) : -1};
+}
+// The keys any of rows [row0, row0 + n) sees (tokens are monotonic in the row index); row0 exists.
+__device__ __forceinline__ KeyRange block_keys(const AttnArgs& a, int64_t n_kv, int row0, int n) {
+    return {row_keys(a, n_kv, row0).lo, row_keys(a, n_kv, min(row0 + n, a.n_q * a.n_rep) - 1).hi};
+}
+
 // Rows [row0, row0 + QR) of KV head hk's query rows, scaled by scale_log2, into qs[QR][D] (zero past the end).
 __device__ __forceinline__ void load_scaled_queries(const AttnArgs& a, const float* q, int row0, int hk, int QR, float* qs) {
     const int D = a.head_dim, rows = a.n_q * a.n_rep;
@@ -157,25 +171,10 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
     load_scaled_queries(a, q, row0, hk, QR, qs);
 
     // Visible kv range [lo, hi] of each row this warp owns; query t sits at kv index n_kv - n_q + t.
-    int64_t lo[RPW], hi[RPW];
+    KeyRange vis[RPW];
 #pragma unroll
-    for (int i = 0; i < RPW; ++i) {
-        const int gr = row0 + warp * RPW + i;
-        if (gr < rows) {
-            const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
-            hi[i] = a.causal ? qpos : n_kv - 1;
-            lo[i] = a.window > 0 ? qpos - a.window + 1 : 0;
-        } else {
-            hi[i] = -1;  // sees nothing
-            lo[i] = 0;
-        }
-    }
-    // Union over the block's rows (tokens are monotonic in the row index), uniform across the block.
-    const int last_row = min(row0 + QR, rows) - 1;
-    const int64_t qpos_first = n_kv - a.n_q + row0 / a.n_rep;
-    const int64_t qpos_last = n_kv - a.n_q + last_row / a.n_rep;
-    const int64_t blk_hi = a.causal ? qpos_last : n_kv - 1;
-    const int64_t blk_lo = a.window > 0 ? qpos_first - a.window + 1 : 0;
+    for (int i = 0; i < RPW; ++i) vis[i] = row_keys(a, n_kv, row0 + warp * RPW + i);
+    const KeyRange blk = block_keys(a, n_kv, row0, QR);  // uniform across the block
 
     float m[RPW], l[RPW], acc[RPW][kDSlots];
 #pragma unroll
@@ -197,8 +196,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
         CudaKVSegment seg = segs[si];
         if (own >= 0 && si == a.n_segs - 1) seg.n_tokens = own;
         const int64_t seg_end = seg_start + seg.n_tokens;
-        const int64_t j_begin = max(max(seg_start, kv_begin), blk_lo);
-        const int64_t j_end = min(min(seg_end, kv_end), blk_hi + 1);
+        const int64_t j_begin = max(max(seg_start, kv_begin), blk.lo);
+        const int64_t j_end = min(min(seg_end, kv_end), blk.hi + 1);
         const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
         const uint8_t* vbase = static_cast<const uint8_t*>(seg.v) + hk * seg.v_head_stride;
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kKT) {
@@ -211,7 +210,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_kernel(AttnArgs a) {
             const int64_t j = j0 + lane;
 #pragma unroll
             for (int i = 0; i < RPW; ++i) {
-                const bool visible = lane < nk && j >= lo[i] && j <= hi[i];
+                const bool visible = lane < nk && j >= vis[i].lo && j <= vis[i].hi;
                 const float s = visible ? sc[i] : -INFINITY;
                 const float m_new = fmaxf(m[i], warp_max(s));
                 // All-masked so far: keep the state empty (exp2(-inf - -inf) would be NaN).
@@ -345,12 +344,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_tc_kernel(AttnArgs a) {
         m_s[i] = -INFINITY;
         l_s[i] = 0.f;
     }
-    // The keys any row of the block can see (tokens are monotonic in the row index).
-    const int last_row = min(row0 + kTcRows, rows) - 1;
-    const int64_t qpos_first = n_kv - a.n_q + row0 / a.n_rep;
-    const int64_t qpos_last = n_kv - a.n_q + last_row / a.n_rep;
-    const int64_t blk_hi = a.causal ? qpos_last : n_kv - 1;
-    const int64_t blk_lo = a.window > 0 ? qpos_first - a.window + 1 : 0;
+    const KeyRange blk = block_keys(a, n_kv, row0, kTcRows);
     __syncthreads();
 
     const int wr = warp * 16;  // this warp's first row
@@ -358,8 +352,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_tc_kernel(AttnArgs a) {
     for (int si = 0; si < a.n_segs && seg_start < n_kv; ++si) {
         const CudaKVSegment seg = segs[si];
         const int64_t seg_end = seg_start + seg.n_tokens;
-        const int64_t j_begin = max(seg_start, blk_lo);
-        const int64_t j_end = min(min(seg_end, n_kv), blk_hi + 1);
+        const int64_t j_begin = max(seg_start, blk.lo);
+        const int64_t j_end = min(min(seg_end, n_kv), blk.hi + 1);
         const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
         const uint8_t* vbase = static_cast<const uint8_t*>(seg.v) + hk * seg.v_head_stride;
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kTcKeys) {
@@ -386,14 +380,10 @@ __global__ void __launch_bounds__(kAttnThreads) attn_tc_kernel(AttnArgs a) {
             for (int i = 0; i < 16; ++i) {
                 const int r = wr + i, gr = row0 + r;
                 float s0 = -INFINITY, s1 = -INFINITY;
-                if (gr < rows) {
-                    const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
-                    const int64_t hi = a.causal ? qpos : n_kv - 1;
-                    const int64_t lo = a.window > 0 ? qpos - a.window + 1 : 0;
-                    const int64_t ja = j0 + lane, jb = ja + 32;
-                    if (lane < nk && ja >= lo && ja <= hi) s0 = sf[r * kTcSLd + lane];
-                    if (lane + 32 < nk && jb >= lo && jb <= hi) s1 = sf[r * kTcSLd + lane + 32];
-                }
+                const KeyRange vis = row_keys(a, n_kv, gr);
+                const int64_t ja = j0 + lane, jb = ja + 32;
+                if (lane < nk && ja >= vis.lo && ja <= vis.hi) s0 = sf[r * kTcSLd + lane];
+                if (lane + 32 < nk && jb >= vis.lo && jb <= vis.hi) s1 = sf[r * kTcSLd + lane + 32];
                 const float m_old = m_s[r];
                 const float m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));  // every lane has read row r by here
                 const float p0 = m_new == -INFINITY ? 0.f : exp2f(s0 - m_new);
@@ -465,20 +455,15 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
     const int row0 = row_begin + blockIdx.y * QR;
 
     load_scaled_queries(a, a.q, row0, hk, QR, qs);
-    int64_t lo[RPW], hi[RPW];
+    KeyRange vis[RPW];
     float m[RPW], l[RPW];
 #pragma unroll
     for (int i = 0; i < RPW; ++i) {
-        const int gr = row0 + warp * RPW + i;
-        const int64_t qpos = n_kv - a.n_q + gr / a.n_rep;
-        hi[i] = gr < rows ? (a.causal ? qpos : n_kv - 1) : -1;
-        lo[i] = a.window > 0 ? qpos - a.window + 1 : 0;
+        vis[i] = row_keys(a, n_kv, row0 + warp * RPW + i);
         m[i] = -INFINITY;
         l[i] = 0.f;
     }
-    const int last_row = min(row0 + QR, rows) - 1;
-    const int64_t blk_hi = a.causal ? n_kv - a.n_q + last_row / a.n_rep : n_kv - 1;
-    const int64_t blk_lo = a.window > 0 ? n_kv - a.n_q + row0 / a.n_rep - a.window + 1 : 0;
+    const KeyRange blk = block_keys(a, n_kv, row0, QR);
     __syncthreads();
 
     const float* qw = qs + warp * RPW * D;
@@ -486,8 +471,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
     for (int si = 0; si < a.n_segs && seg_start < n_kv; ++si) {
         const CudaKVSegment seg = a.segs[si];
         const int64_t seg_end = seg_start + seg.n_tokens;
-        const int64_t j_begin = max(seg_start, blk_lo);
-        const int64_t j_end = min(min(seg_end, n_kv), blk_hi + 1);
+        const int64_t j_begin = max(seg_start, blk.lo);
+        const int64_t j_end = min(min(seg_end, n_kv), blk.hi + 1);
         const uint8_t* kbase = static_cast<const uint8_t*>(seg.k) + hk * seg.k_head_stride;
         for (int64_t j0 = j_begin; j0 < j_end; j0 += kKT) {
             const int nk = static_cast<int>(min(static_cast<int64_t>(kKT), j_end - j0));
@@ -498,7 +483,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
             const int64_t j = j0 + lane;
 #pragma unroll
             for (int i = 0; i < RPW; ++i) {
-                if (lane >= nk || j < lo[i] || j > hi[i]) continue;
+                if (lane >= nk || j < vis[i].lo || j > vis[i].hi) continue;
                 if (sc[i] > m[i]) {  // from -inf: l is 0, and 0 * exp2(-inf) is 0
                     l[i] = l[i] * exp2f(m[i] - sc[i]) + 1.f;
                     m[i] = sc[i];
