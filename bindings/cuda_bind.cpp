@@ -555,7 +555,7 @@ nb::dict op_attention_speed(int n_q, int n_head, int n_kv_head, int head_dim, in
         x2l::CudaDeviceBuffer k = device_buffer(kv_bytes), v = device_buffer(kv_bytes),
                               q = device_buffer(sizeof(float) * n_q * n_head * head_dim),
                               out = device_buffer(sizeof(float) * n_q * n_head * head_dim),
-                              lse = device_buffer(sizeof(float) * n_q * n_head);
+                              lse = device_buffer(with_lse ? sizeof(float) * n_q * n_head : 0);
         k.zero();
         v.zero();
         q.zero();
