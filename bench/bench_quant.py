@@ -1,8 +1,8 @@
-"""Single-thread vec_dot throughput of cpp/quant.cpp (GB/s of weight bytes), optionally next to
+"""Single-thread vec_dot throughput of cpp/cpu/quant.cpp (GB/s of weight bytes), optionally next to
 llama.cpp's own kernels (libggml-cpu, e.g. from the llama-cpp-python wheel) on the same bytes.
 
 Calling _core.vec_dot from Python costs far more than the kernel, so this compiles a small C++
-harness against cpp/quant.cpp (-O3 -march=native, like the CMake build) and runs it.
+harness against cpp/cpu/quant.cpp (-O3 -march=native, like the CMake build) and runs it.
 
     python bench/bench_quant.py                 # x2l kernels, SIMD and forced-scalar
     python bench/bench_quant.py --ggml          # + libggml-cpu found in the llama_cpp package
@@ -31,7 +31,7 @@ HARNESS = r"""
 #include <cstring>
 #include <random>
 #include <vector>
-#include "quant.h"
+#include "cpu/quant.h"
 #ifdef WITH_GGML
 #include "ggml-cpu.h"
 #endif
@@ -146,7 +146,7 @@ def main():
         exe = Path(tmp) / "bench"
         march = "-mcpu=native" if os.uname().machine in ("aarch64", "arm64") else "-march=native"
         cmd = [args.cxx, "-std=c++17", "-O3", march, "-fno-math-errno", f"-I{ROOT / 'cpp'}", str(src),
-               str(ROOT / "cpp" / "quant.cpp"), "-o", str(exe)]
+               str(ROOT / "cpp" / "cpu" / "quant.cpp"), str(ROOT / "cpp" / "core" / "formats.cpp"), "-o", str(exe)]
         if lib is not None:
             cmd += ["-DWITH_GGML", f"-I{inc}", f"-L{lib}", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{lib}"]
         subprocess.run(cmd, check=True)

@@ -17,8 +17,8 @@
 #include <vector>
 
 #ifdef X2L_HAVE_CUDA
-#include "common.h"
-#include "cuda_backend.h"
+#include "core/common.h"
+#include "cuda/backend.h"
 #endif
 
 namespace nb = nanobind;

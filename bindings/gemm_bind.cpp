@@ -14,11 +14,11 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
-#include "gemm.h"
-#include "ops.h"
-#include "quant.h"
-#include "threadpool.h"
+#include "core/common.h"
+#include "cpu/gemm.h"
+#include "cpu/ops.h"
+#include "cpu/quant.h"
+#include "core/threadpool.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

@@ -9,11 +9,11 @@
 
 #include <cstring>
 
-#include "common.h"
-#include "gguf.h"
-#include "quant.h"
-#include "threadpool.h"
-#include "tokenizer.h"
+#include "core/common.h"
+#include "core/gguf.h"
+#include "cpu/quant.h"
+#include "core/threadpool.h"
+#include "llm/tokenizer.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda_backend.h"
+#include "cuda/backend.h"
 
 namespace x2l_bind {
 

@@ -4,10 +4,10 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "backend.h"
-#include "common.h"
+#include "cpu/features.h"
+#include "core/common.h"
 #include "numpy_util.h"
-#include "session.h"
+#include "llm/session.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

@@ -7,13 +7,13 @@
 #include <memory>
 #include <mutex>
 
-#include "backend.h"
-#include "common.h"
-#include "gguf.h"
-#include "threadpool.h"
-#include "vision.h"
+#include "cpu/features.h"
+#include "core/common.h"
+#include "core/gguf.h"
+#include "core/threadpool.h"
+#include "vision/vision.h"
 #if X2L_HAVE_CUDA
-#include "cuda_vision.h"
+#include "cuda/vision.h"
 #endif
 
 namespace nb = nanobind;

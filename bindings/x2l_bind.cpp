@@ -6,9 +6,9 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
-#include "common.h"
+#include "core/common.h"
 #include "numpy_util.h"
-#include "x2l.h"
+#include "x2l/x2l.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;

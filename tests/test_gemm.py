@@ -1,4 +1,4 @@
-"""The CPU matmul's tiled kernels (cpp/gemm.cpp) against the per-row vec_dot path.
+"""The CPU matmul's tiled kernels (cpp/cpu/gemm.cpp) against the per-row vec_dot path.
 
 For every weight type with a tiled kernel in this build, on random weights (quantized by
 _core.quantize; K-quants as random valid blocks, the core has no quantizer for them):

@@ -1,4 +1,4 @@
-"""Weight / activation formats (cpp/quant.cpp) against gguf-py, the reference implementation.
+"""Weight / activation formats (cpp/cpu/quant.cpp) against gguf-py, the reference implementation.
 
 - dequantize: bit-identical to gguf.quants.dequantize on random valid blocks.
 - quantize: bit-identical to gguf.quants.quantize where gguf-py implements the type.
@@ -360,7 +360,7 @@ def test_vec_dot_q8_0_integer_exactness():
 
 
 # ----------------------------------------------------------------------------- native C++ checks
-# Compiled straight against cpp/quant.cpp: the exhaustive fp16 conversion check, SIMD == scalar
+# Compiled straight against cpp/cpu/quant.cpp: the exhaustive fp16 conversion check, SIMD == scalar
 # for the activation quantizers, SIMD vs scalar vec_dot, vec_dot_rows == vec_dot bit for bit, and
 # the gguf-py reference vectors (generated here) replayed on both kernel paths. Run natively and,
 # when a cross compiler and qemu are installed, for aarch64 (NEON with and without dotprod).
@@ -371,7 +371,7 @@ CPP_CHECK = r"""
 #include <cstring>
 #include <random>
 #include <vector>
-#include "quant.h"
+#include "cpu/quant.h"
 using namespace x2l;
 static int fails = 0;
 #define CHECK(c, ...) do { if (!(c)) { if (++fails < 20) { std::printf("FAIL: " __VA_ARGS__); std::printf("\n"); } } } while (0)
@@ -541,7 +541,8 @@ def _compile_and_run(tmp_path, compiler, flags, runner=()):
     src.write_text(CPP_CHECK)
     exe = tmp_path / "quant_check"
     cmd = [compiler, "-std=c++17", "-O2", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unused-parameter",
-           *flags, f"-I{root / 'cpp'}", str(src), str(root / "cpp" / "quant.cpp"), "-o", str(exe)]
+           *flags, f"-I{root / 'cpp'}", str(src), str(root / "cpp" / "cpu" / "quant.cpp"),
+           str(root / "cpp" / "core" / "formats.cpp"), "-o", str(exe)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     vectors = tmp_path / "vectors.bin"
     write_reference_vectors(vectors)

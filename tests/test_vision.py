@@ -1,4 +1,4 @@
-"""Vision encoders (cpp/vision.cpp) against transformers on tiny random models.
+"""Vision encoders (cpp/vision/vision.cpp) against transformers on tiny random models.
 
 LLaVA-OneVision: SiglipVisionModel -> hidden_states[vision_feature_layer] -> projector ->
 bilinear pooling, exactly as LlavaOnevisionModel.get_video_features / apply_pooling do.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generate cpp/unicode_data.inc: code point class ranges for the BPE pre-tokenizers.
+"""Generate cpp/llm/unicode_data.inc: code point class ranges for the BPE pre-tokenizers.
 
 The pre-tokenizer regexes only ask three questions of a code point: is it a letter (\\p{L}),
 a number (\\p{N}) or whitespace (\\s)? We store maximal ranges of code points sharing the same
@@ -15,7 +15,7 @@ Unicode version: the Oniguruma bundled with `tokenizers` 0.23 classifies code po
 (`pip install unicodedata2==16.0.0` reproduces the committed table, which then matches HF on
 every code point) and falls back to the standard library otherwise; the header records which.
 
-Usage: python tools/gen_unicode_tables.py [--stdlib] [output]   (default: cpp/unicode_data.inc)
+Usage: python tools/gen_unicode_tables.py [--stdlib] [output]   (default: cpp/llm/unicode_data.inc)
 """
 import os
 import sys
@@ -74,7 +74,7 @@ def main():
     # Sanity: White_Space is str.isspace() minus the four information separators.
     assert WHITE_SPACE == {c for c in range(0x110000) if chr(c).isspace()} - set(range(0x1C, 0x20))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = args[0] if args else os.path.join(root, "cpp", "unicode_data.inc")
+    out = args[0] if args else os.path.join(root, "cpp", "llm", "unicode_data.inc")
     ranges = build_ranges()
     latin1 = [cp_class(cp) for cp in range(256)]
     lines = [

@@ -23,10 +23,10 @@
 #include <cmath>
 #include <string>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/common.cuh"
 #include "cuda/formats.cuh"
-#include "cuda_backend.h"
+#include "cuda/backend.h"
 
 namespace x2l {
 namespace cudak {

@@ -12,10 +12,10 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/common.cuh"
 #include "cuda/formats.cuh"
-#include "cuda_backend.h"
+#include "cuda/backend.h"
 
 namespace x2l {
 namespace cudak {

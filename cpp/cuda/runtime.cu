@@ -6,9 +6,9 @@
 #include <string>
 #include <utility>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/common.cuh"
-#include "cuda_backend.h"
+#include "cuda/backend.h"
 
 namespace x2l {
 

@@ -1,0 +1,222 @@
+#include "cuda/vision.h"
+
+#include <algorithm>
+
+#include "core/common.h"
+
+namespace x2l {
+
+namespace {
+constexpr size_t kF32 = sizeof(float);
+
+GeluMode gelu_mode(VisionAct a) {
+    switch (a) {
+        case VisionAct::GeluTanh: return GeluMode::Tanh;
+        case VisionAct::QuickGelu: return GeluMode::Quick;
+        case VisionAct::GeluErf: break;
+    }
+    return GeluMode::Erf;
+}
+
+const float* f32(const CudaDeviceBuffer& b) { return static_cast<const float*>(b.data()); }
+
+// Every matmul of the tower runs on tensor cores (f16 operands, f32 sums), however many rows a batch
+// has: a frame's tokens then do not depend on the batch it was encoded in.
+void linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
+    cuda_linear(w, x, n, y, bias, stream, MatmulKernel::TensorCore);
+}
+float* f32(CudaDeviceBuffer& b) { return static_cast<float*>(b.data()); }
+}  // namespace
+
+CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
+    : enc_(enc), cfg_(enc.config()), device_(device) {
+    if (device < 0 || device >= cuda_device_count()) {
+        throw Error("CUDA device " + std::to_string(device) + " is not available (" +
+                    std::to_string(cuda_device_count()) + " usable devices)");
+    }
+    const VisionConfig& c = cfg_;
+    if (c.head_dim % 4 != 0 || c.head_dim > 256) {
+        throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +
+                    std::to_string(c.head_dim) + ")");
+    }
+    cuda_set_device(device);
+    stream_.reset(new CudaStream(true));
+    size_t& total = weight_bytes_;
+    patch_w_ = cuda_upload_weight(enc.patch_w_, "v.patch_embd.weight", total);
+    patch_b_ = cuda_upload_floats(enc.patch_b_, total);
+    class_embd_ = cuda_upload_floats(enc.class_embd_, total);
+    pos_embd_ = cuda_upload_floats(enc.pos_embd_, total);
+    pre_ln_w_ = cuda_upload_floats(enc.pre_ln_w_, total);
+    pre_ln_b_ = cuda_upload_floats(enc.pre_ln_b_, total);
+    layers_.resize(enc.layers_.size());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const VisionLayer& L = enc.layers_[l];
+        Layer& d = layers_[l];
+        const std::string p = "v.blk." + std::to_string(l) + ".";
+        d.ln1_w = cuda_upload_floats(L.ln1_w, total);
+        d.ln1_b = cuda_upload_floats(L.ln1_b, total);
+        d.ln2_w = cuda_upload_floats(L.ln2_w, total);
+        d.ln2_b = cuda_upload_floats(L.ln2_b, total);
+        d.wq = cuda_upload_weight(L.wq, p + "attn_q.weight", total);
+        d.wk = cuda_upload_weight(L.wk, p + "attn_k.weight", total);
+        d.wv = cuda_upload_weight(L.wv, p + "attn_v.weight", total);
+        d.wo = cuda_upload_weight(L.wo, p + "attn_out.weight", total);
+        d.bq = cuda_upload_floats(L.bq, total);
+        d.bk = cuda_upload_floats(L.bk, total);
+        d.bv = cuda_upload_floats(L.bv, total);
+        d.bo = cuda_upload_floats(L.bo, total);
+        d.w_up = cuda_upload_weight(L.w_up, p + "ffn_up.weight", total);
+        d.b_up = cuda_upload_floats(L.b_up, total);
+        d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down.weight", total);
+        d.b_down = cuda_upload_floats(L.b_down, total);
+    }
+    mm0_ = cuda_upload_weight(enc.mm0_, "mm.0.weight", total);
+    mm0_b_ = cuda_upload_floats(enc.mm0_b_, total);
+    mm2_ = cuda_upload_weight(enc.mm2_, "mm.2.weight", total);
+    mm2_b_ = cuda_upload_floats(enc.mm2_b_, total);
+    allocate(batch_frames > 0 ? batch_frames : std::max(1, kBatchTokens / c.n_tokens));
+}
+
+void CudaVision::set_batch_frames(int n) {
+    if (n < 1) throw Error("batch_frames must be >= 1");
+    if (n != batch_) allocate(n);
+}
+
+void CudaVision::allocate(int batch) {
+    const VisionConfig& c = cfg_;
+    cuda_set_device(device_);
+    stream_->synchronize();  // nothing in flight may still use the old buffers
+    const int64_t B = batch, T = c.n_tokens, W = c.width, NF = c.n_feat, E = c.n_embd;
+    const int64_t K = 3 * static_cast<int64_t>(c.patch_size) * c.patch_size;
+    // Release the old set first so that a smaller batch fits where a larger one did not.
+    for (CudaDeviceBuffer* b : activations(*this)) *b = CudaDeviceBuffer();
+    frame_kv_ = CudaSegmentTable();
+    batch_ = 0;
+    patches_host_.assign(static_cast<size_t>(B * c.n_patches * K), 0.0f);
+    patches_ = CudaDeviceBuffer(B * c.n_patches * K * kF32);
+    for (CudaDeviceBuffer* b : {&x_, &xn_, &q_, &k_, &v_, &attn_}) *b = CudaDeviceBuffer(B * T * W * kF32);
+    ff_ = CudaDeviceBuffer(B * T * c.n_ff * kF32);
+    if (NF != T) feat_ = CudaDeviceBuffer(B * NF * W * kF32);
+    h1_ = CudaDeviceBuffer(B * NF * E * kF32);
+    h2_ = CudaDeviceBuffer(B * NF * E * kF32);
+    if (c.pool != PoolMode::None) pooled_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
+    // Segment b: frame b's keys and values, rows [b*T, (b+1)*T) of k_ / v_, heads side by side in a row.
+    std::vector<CudaKVSegment> frames(static_cast<size_t>(B));
+    const int64_t frame_bytes = T * W * static_cast<int64_t>(kF32);
+    for (int64_t b = 0; b < B; ++b) {
+        CudaKVSegment& seg = frames[b];
+        seg.k = static_cast<const uint8_t*>(k_.data()) + b * frame_bytes;
+        seg.v = static_cast<const uint8_t*>(v_.data()) + b * frame_bytes;
+        seg.k_tok_stride = seg.v_tok_stride = W * static_cast<int64_t>(kF32);
+        seg.k_head_stride = seg.v_head_stride = c.head_dim * static_cast<int64_t>(kF32);
+        seg.n_tokens = T;
+        seg.k_type = seg.v_type = static_cast<uint32_t>(DType::F32);
+    }
+    frame_kv_.assign(frames, c.head_dim, stream_->handle());
+    stream_->synchronize();
+    batch_ = batch;
+}
+
+size_t CudaVision::device_bytes() const {
+    size_t b = weight_bytes_;
+    for (const CudaDeviceBuffer* p : activations(*this)) b += p->size();
+    return b + static_cast<size_t>(frame_kv_.size()) * sizeof(CudaKVSegment);
+}
+
+void CudaVision::run_tower(int64_t n) {
+    const VisionConfig& c = cfg_;
+    void* s = stream_->handle();
+    const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, FF = c.n_ff, rows = n * T;
+
+    // ---- patch embedding (conv as a matmul over im2col rows), positions, CLIP's CLS and pre-LN
+    if (!c.has_cls) {
+        linear(patch_w_, f32(patches_), n * NP, f32(x_), patch_b_, s);  // [n * NP, W]: patches are the tokens
+        cuda_add(f32(x_), f32(pos_embd_), f32(x_), rows * W, T * W, s);
+    } else {
+        linear(patch_w_, f32(patches_), n * NP, f32(xn_), patch_b_, s);  // [n * NP, W]
+        float* tok = f32(q_);                                                  // [n * T, W]: CLS, then the patches
+        for (int64_t b = 0; b < n; ++b) {
+            cuda_copy_d2d_async(tok + b * T * W, class_embd_.data(), W * kF32, s);
+            cuda_copy_d2d_async(tok + (b * T + 1) * W, f32(xn_) + b * NP * W, NP * W * kF32, s);
+        }
+        cuda_add(tok, f32(pos_embd_), tok, rows * W, T * W, s);
+        cuda_layer_norm(tok, f32(pre_ln_w_), f32(pre_ln_b_), f32(x_), rows, W, c.eps, s);
+    }
+
+    // ---- encoder layers (pre-LN transformer)
+    for (const Layer& L : layers_) {
+        cuda_layer_norm(f32(x_), f32(L.ln1_w), f32(L.ln1_b), f32(xn_), rows, W, c.eps, s);
+        linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
+        linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
+        linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
+        // Full self-attention inside each frame: the n frames as n problems of one launch.
+        CudaAttentionParams p;
+        p.q = f32(q_);
+        p.out = f32(attn_);
+        p.q_batch_stride = p.out_batch_stride = T * W;
+        p.n_batch = static_cast<int>(n);
+        p.n_q = static_cast<int>(T);
+        p.n_head = p.n_kv_head = c.n_head;
+        p.head_dim = c.head_dim;
+        p.causal = false;
+        p.segments = frame_kv_.device_data();  // one segment per frame
+        p.n_segments = 1;
+        p.n_kv = T;
+        cuda_attention(p, s);
+        linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
+        cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
+        cuda_layer_norm(f32(x_), f32(L.ln2_w), f32(L.ln2_b), f32(xn_), rows, W, c.eps, s);
+        linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
+        cuda_gelu(f32(ff_), f32(ff_), rows * FF, gelu_mode(c.act), s);
+        linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
+        cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
+    }
+}
+
+void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) {
+    using Stage = VisionEncoder::Stage;
+    const VisionConfig& c = cfg_;
+    if (n_frames < 0) throw Error("n_frames must be >= 0");
+    if (n_frames == 0) return;
+    cuda_set_device(device_);
+    void* s = stream_->handle();
+    const int64_t W = c.width, T = c.n_tokens, E = c.n_embd, NF = c.n_feat, S = c.image_size, NP = c.n_patches;
+    const int64_t K = 3 * static_cast<int64_t>(c.patch_size) * c.patch_size, TPF = c.tokens_per_frame;
+    const int64_t frame_px = 3 * S * S;
+    const int64_t first_feat = NF == T ? 0 : 1;  // CLS is token 0 when it is dropped
+
+    for (int64_t f0 = 0; f0 < n_frames; f0 += batch_) {
+        const int64_t n = std::min<int64_t>(batch_, n_frames - f0);
+        const float* px = pixels + f0 * frame_px;
+        for (int64_t r = 0; r < n * NP; ++r) enc_.im2col_row(px, r, patches_host_.data() + r * K);
+        patches_.upload(patches_host_.data(), n * NP * K * kF32, 0, s);  // pageable: staged before it returns
+        run_tower(n);
+
+        if (stage == Stage::Features) {
+            for (int64_t b = 0; b < n; ++b)
+                x_.download(out + (f0 + b) * NF * W, NF * W * kF32, (b * T + first_feat) * W * kF32, s);
+            stream_->synchronize();
+            continue;
+        }
+        const float* feat = f32(x_);  // [n * NF, W]
+        if (NF != T) {
+            for (int64_t b = 0; b < n; ++b)
+                cuda_copy_d2d_async(f32(feat_) + b * NF * W, f32(x_) + (b * T + first_feat) * W, NF * W * kF32, s);
+            feat = f32(feat_);
+        }
+        // projector: Linear -> GELU(erf) -> Linear
+        linear(mm0_, feat, n * NF, f32(h1_), mm0_b_, s);
+        cuda_gelu(f32(h1_), f32(h1_), n * NF * E, GeluMode::Erf, s);
+        linear(mm2_, f32(h1_), n * NF, f32(h2_), mm2_b_, s);  // [n * NF, E]
+        if (stage == Stage::Projected || c.pool == PoolMode::None) {
+            h2_.download(out + f0 * NF * E, n * NF * E * kF32, 0, s);  // NF == TPF without pooling
+        } else {
+            cuda_pool2d(f32(h2_), f32(pooled_), n, c.feat_grid, c.pool_grid, E,
+                        c.pool == PoolMode::Avg ? PoolKind::Avg : PoolKind::Bilinear, c.pool_stride, s);
+            pooled_.download(out + f0 * TPF * E, n * TPF * E * kF32, 0, s);
+        }
+        stream_->synchronize();  // kernel faults surface here; the host buffers are reused next batch
+    }
+}
+
+}  // namespace x2l

@@ -1,0 +1,80 @@
+// The vision tower + projector + pooling of a VisionEncoder on a CUDA device (the same forward as
+// cpp/vision.cpp, built from the kernels of cuda_backend.h). Pixels come from the host and the result
+// goes back to the host; everything in between stays on the device:
+//   im2col (host) -> patch matmul -> [CLS] + positions [-> pre-LN] -> n_layer_run pre-LN blocks
+//   (per-frame bidirectional attention over f32 K/V) -> [drop CLS] -> projector -> pooling.
+// Frames are encoded batch_frames at a time; the activation buffers are sized for one batch.
+//
+// Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
+#pragma once
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "cuda/llm.h"
+#include "vision/vision.h"
+
+namespace x2l {
+
+class CudaVision {
+  public:
+    // Uploads the encoder's weights to `device`. Throws Error for layouts the kernels do not read (the
+    // message names the tensor), BudgetError when device memory runs out. `enc` must outlive this.
+    // batch_frames 0 chooses about kBatchTokens tokens per batch.
+    CudaVision(const VisionEncoder& enc, int device, int batch_frames = 0);
+    CudaVision(const CudaVision&) = delete;
+    CudaVision& operator=(const CudaVision&) = delete;
+
+    // Same contract as VisionEncoder::encode: pixels [n_frames, 3, S, S] (host) -> out (host)
+    // [n_frames * rows_per_frame(stage), cols(stage)]. One call at a time.
+    void encode(const float* pixels, int64_t n_frames, float* out,
+                VisionEncoder::Stage stage = VisionEncoder::Stage::Pooled);
+
+    int device() const { return device_; }
+    int batch_frames() const { return batch_; }
+    void set_batch_frames(int n);  // reallocates the activation buffers
+    size_t weight_bytes() const { return weight_bytes_; }
+    size_t device_bytes() const;   // weights + activations
+
+    static constexpr int kBatchTokens = 4096;
+
+  private:
+    struct Layer {
+        CudaDeviceBuffer ln1_w, ln1_b, ln2_w, ln2_b, bq, bk, bv, bo, b_up, b_down;
+        CudaMatrix wq, wk, wv, wo, w_up, w_down;
+    };
+    void allocate(int batch);
+    // Every activation buffer (const or not with self), to release them together and to count them.
+    template <class Self>
+    static auto activations(Self& self) {
+        return std::array{&self.patches_, &self.x_, &self.xn_, &self.q_, &self.k_, &self.v_,
+                          &self.attn_, &self.ff_, &self.feat_, &self.h1_, &self.h2_, &self.pooled_};
+    }
+    void run_tower(int64_t n);  // leaves the selected hidden state in x_ [n * n_tokens, width]
+
+    const VisionEncoder& enc_;
+    const VisionConfig& cfg_;
+    int device_ = 0;
+    int batch_ = 0;
+    size_t weight_bytes_ = 0;
+
+    CudaMatrix patch_w_;
+    CudaDeviceBuffer patch_b_, class_embd_, pos_embd_, pre_ln_w_, pre_ln_b_;
+    std::vector<Layer> layers_;
+    CudaMatrix mm0_, mm2_;
+    CudaDeviceBuffer mm0_b_, mm2_b_;
+
+    std::unique_ptr<CudaStream> stream_;
+    std::vector<float> patches_host_;  // [batch * n_patches, 3*p*p] im2col rows
+    // Activations for one batch (n = batch frames, T = n_tokens, W = width):
+    CudaDeviceBuffer patches_;         // [n * n_patches, 3*p*p]
+    CudaDeviceBuffer x_, xn_;          // [n * T, W] residual stream, normed input / sub-layer output
+    CudaDeviceBuffer q_, k_, v_, attn_;  // [n * T, W]
+    CudaDeviceBuffer ff_;              // [n * T, n_ff]
+    CudaDeviceBuffer feat_;            // [n * n_feat, W] (CLS dropped), when n_feat != T
+    CudaDeviceBuffer h1_, h2_, pooled_;  // [n * n_feat, n_embd] x 2, [n * tokens_per_frame, n_embd]
+    CudaSegmentTable frame_kv_;  // per frame of a batch, one segment: its K/V rows (f32)
+};
+
+}  // namespace x2l

@@ -1,0 +1,115 @@
+// Decoder-only LLM (llama and qwen2 architectures) over GGUF weights: GQA, RMSNorm, SwiGLU,
+// RoPE (NORM for llama, NEOX for qwen2), optional q/k/v biases, tied or separate output.
+// Weights are read in place from the memory-mapped file.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/gguf.h"
+#include "cpu/attention.h"
+#include "cpu/kv_cache.h"
+#include "cpu/ops.h"
+
+namespace x2l {
+
+struct LlmConfig {
+    std::string arch;
+    int n_vocab = 0;
+    int n_ctx_train = 0;
+    int n_embd = 0;
+    int n_layer = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int head_dim = 0;
+    int n_ff = 0;
+    int rope_dim = 0;
+    float rms_eps = 1e-6f;
+    float rope_base = 10000.0f;
+    RopeType rope_type = RopeType::Norm;
+    bool tied_output = false;
+};
+
+struct LlmLayer {
+    std::vector<float> attn_norm, ffn_norm;  // [n_embd]
+    Weight wq, wk, wv, wo;                   // wq: [n_embd -> n_head*head_dim] ...
+    std::vector<float> bq, bk, bv;           // empty when the model has no qkv bias
+    Weight w_gate, w_up, w_down;
+    // Video-XL beacon (VST) projections: used instead of wq/wk/wv for summarization-token rows.
+    Weight vst_q, vst_k, vst_v;
+    std::vector<float> vst_bq, vst_bk, vst_bv;
+};
+
+// Optional instrumentation of a forward pass, used by the X²L prefill, scorers and reload.
+struct ForwardHooks {
+    // Per layer, before RoPE: q [n, n_head*head_dim] and k [n, n_head_kv*head_dim] of the batch.
+    std::function<void(int layer, const float* q, const float* k, int64_t n)> on_qk;
+    // Called before layer `layer` reads the cache (the reload engine blocks here until that layer's
+    // rows have arrived).
+    std::function<void(int layer)> before_attention;
+    // Attention observation: for batch queries t in [obs_from, obs_to), the softmax probabilities over cache
+    // entries [obs_begin, obs_end) are summed over the query heads of each KV head into
+    // obs[layer][kv_head][entry - obs_begin] (a buffer of n_layer * n_head_kv * (end - begin)).
+    float* obs = nullptr;
+    int64_t obs_from = 0, obs_to = INT64_MAX;  // batch queries [obs_from, obs_to) vote
+    int64_t obs_begin = 0, obs_end = 0;
+    // Rows (of the batch) that are beacon summarization tokens: their q/k/v come from the VST
+    // projections (Video-XL). Not instrumentation, but it rides along with the other options.
+    const uint8_t* vst_rows = nullptr;
+};
+
+// Scratch activations for one forward call; grows on demand and is reused across calls.
+struct Workspace {
+    aligned_vector<float> x, xn, q, k, v, attn, gate, up;  // [n_tokens, *]
+    AttentionScratch attention;
+    aligned_vector<uint8_t> act;                            // matmul activation scratch
+    aligned_vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
+    size_t bytes() const;
+};
+
+class LlmModel {
+  public:
+    // Validates hyper-parameters, tensor presence, shapes and types; throws FormatError.
+    static std::unique_ptr<LlmModel> load(const GGUFFile& f);
+
+    const LlmConfig& config() const { return cfg_; }
+    size_t weight_bytes() const { return weight_bytes_; }
+
+    // Input embeddings of tokens: out [n, n_embd]. Throws Error on an out-of-range id.
+    void embed(const int32_t* tokens, int64_t n, float* out) const;
+
+    // Runs n tokens given by their input embeddings x [n, n_embd] (overwritten) at positions pos[n],
+    // appending their K/V to the cache tail. Token i attends to every cache entry before it (all
+    // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
+    // n_logits tokens of the batch (0 = none).
+    void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
+                 int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr) const;
+
+    // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
+    void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;
+    const Weight& token_embedding() const { return tok_embd_; }
+    // Read access for other backends (the CUDA LLM uploads these).
+    const std::vector<LlmLayer>& layers() const { return layers_; }
+    const Weight& output_weight() const { return output_; }
+    const std::vector<float>& output_norm() const { return output_norm_; }
+    bool has_beacon() const { return !vst_embd_.empty(); }
+    const std::vector<float>& vst_embedding() const { return vst_embd_; }  // [n_embd]
+    const float* inv_freq() const { return inv_freq_.data(); }
+    RopeSpec rope_spec() const { return RopeSpec{inv_freq(), config().rope_dim, config().rope_type}; }
+
+  private:
+    // Recomputes q/k/v of the beacon rows with the VST projections (same normalised input).
+    void beacon_qkv(ThreadPool& pool, Workspace& ws, const LlmLayer& L, int64_t n, const uint8_t* vst) const;
+
+    LlmConfig cfg_;
+    Weight tok_embd_, output_;
+    std::vector<float> output_norm_;
+    std::vector<LlmLayer> layers_;
+    std::vector<float> inv_freq_;  // [rope_dim / 2]
+    std::vector<float> vst_embd_;  // [n_embd], empty without beacon weights
+    size_t weight_bytes_ = 0;
+};
+
+}  // namespace x2l

@@ -1,0 +1,524 @@
+#include "vision/vision.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#include "core/common.h"
+#include "llm/weights.h"
+
+namespace x2l {
+
+namespace {
+
+int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 20); }
+
+void quick_gelu(float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + std::exp(-1.702f * x[i]));
+}
+
+void activate(VisionAct a, float* x, int64_t n) {
+    switch (a) {
+        case VisionAct::GeluTanh: gelu_tanh(x, n); break;
+        case VisionAct::QuickGelu: quick_gelu(x, n); break;
+        case VisionAct::GeluErf: gelu_erf(x, n); break;
+    }
+}
+
+// Softmax that returns exact zeros instead of denormals: exp(d) for d < -80 is below 2e-35, far
+// under float resolution next to the max entry's 1, and denormal probabilities make the P V
+// products run an order of magnitude slower (microcode assists on x86).
+void softmax_ftz(float* x, int64_t n) {
+    float mx = x[0];
+    for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float d = x[i] - mx;
+        const float e = d < -80.0f ? 0.0f : std::exp(d);
+        x[i] = e;
+        sum += e;
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// Below this many floats of work a parallel region costs more than it saves (tiny test models).
+constexpr int64_t kMinParallelWork = 1 << 14;
+
+// Row-parallel elementwise work over n rows of row_len values.
+void per_row(ThreadPool& pool, int64_t n, int64_t row_len, const std::function<void(int64_t)>& fn) {
+    if (n * row_len < kMinParallelWork) {
+        for (int64_t r = 0; r < n; ++r) fn(r);
+        return;
+    }
+    pool.parallel_for(n, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) fn(r);
+    });
+}
+
+}  // namespace
+
+// Activations of one batch of frames. Sized for the batch at the start of encode() and reused
+// across batches; nothing here outlives the call.
+struct VisionEncoder::Scratch {
+    std::vector<float> patches;  // [n * n_patches, 3*p*p] im2col rows
+    std::vector<float> x;        // [n * n_tokens, width] residual stream
+    std::vector<float> xn;       // [n * n_tokens, width] normed input / sub-layer output
+    std::vector<float> q, k, v;  // [n * n_tokens, width]
+    std::vector<float> attn;     // [n * n_tokens, width]
+    std::vector<float> ff;       // [n * n_tokens, n_ff]
+    std::vector<float> kt, vt;   // [n, n_head, head_dim, n_tokens] K, V transposed per head
+    std::vector<float> scores;   // [n_threads, kAttnRows, n_tokens]
+    std::vector<float> feat;     // [n * n_feat, width] features without CLS (when dropped)
+    std::vector<float> h1, h2;   // [n * n_feat, n_embd] projector hidden / output
+    aligned_vector<uint8_t> act;  // matmul activation scratch
+};
+
+std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
+    if (!f.get_bool("clip.has_vision_encoder", false)) throw FormatError("model has no vision encoder");
+    std::unique_ptr<VisionEncoder> m(new VisionEncoder());
+    VisionConfig& c = m->cfg_;
+
+    const std::string kind = f.get_str("x2l.vision.kind");
+    if (kind == "siglip") {
+        c.kind = VisionKind::Siglip;
+    } else if (kind == "clip") {
+        c.kind = VisionKind::Clip;
+    } else {
+        throw FormatError("unsupported x2l.vision.kind '" + kind + "' (supported: siglip, clip)");
+    }
+    const bool siglip = c.kind == VisionKind::Siglip;
+
+    c.image_size = positive_key(f, "clip.vision.image_size");
+    c.patch_size = positive_key(f, "clip.vision.patch_size");
+    c.width = positive_key(f, "clip.vision.embedding_length");
+    c.n_ff = positive_key(f, "clip.vision.feed_forward_length");
+    c.n_layer_stored = positive_key(f, "clip.vision.block_count");
+    c.n_head = positive_key(f, "clip.vision.attention.head_count");
+    c.eps = static_cast<float>(f.get_float("clip.vision.attention.layer_norm_epsilon", siglip ? 1e-6 : 1e-5));
+    if (!(c.eps > 0.0f)) throw FormatError("invalid clip.vision.attention.layer_norm_epsilon");
+    // A stride-p conv drops the last image_size % p pixels (SigLIP-384/14 gives 27 x 27 patches).
+    if (c.patch_size > c.image_size) throw FormatError("clip.vision.patch_size is larger than image_size");
+    if (c.width % c.n_head != 0) throw FormatError("clip.vision.embedding_length is not a multiple of head_count");
+    c.head_dim = c.width / c.n_head;
+    c.grid = c.image_size / c.patch_size;
+    c.n_patches = c.grid * c.grid;
+    c.has_cls = !siglip;
+    c.n_tokens = c.n_patches + (c.has_cls ? 1 : 0);
+    c.drop_cls = c.has_cls && f.get_bool("x2l.vision.drop_cls", true);
+
+    const std::string act = f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
+    if (act == "gelu_tanh" || act == "gelu_pytorch_tanh") {
+        c.act = VisionAct::GeluTanh;
+    } else if (act == "quick_gelu") {
+        c.act = VisionAct::QuickGelu;
+    } else if (act == "gelu") {
+        c.act = VisionAct::GeluErf;
+    } else {
+        throw FormatError("unsupported x2l.vision.act '" + act + "' (supported: gelu_tanh, quick_gelu, gelu)");
+    }
+
+    // HF hidden_states[i]: 0 = embeddings (after the pre-LN), i = output of layer i-1.
+    const int64_t sel = f.get_int("x2l.vision.select_layer");
+    const int64_t idx = sel >= 0 ? sel : c.n_layer_stored + 1 + sel;
+    if (idx < 0 || idx > c.n_layer_stored) {
+        throw FormatError("x2l.vision.select_layer " + std::to_string(sel) + " is out of range for " +
+                          std::to_string(c.n_layer_stored) + " stored layers");
+    }
+    c.select_layer = static_cast<int>(sel);
+    c.n_layer_run = static_cast<int>(idx);
+
+    const std::string proj = f.get_str("clip.projector_type", "mlp");
+    if (proj != "mlp") throw FormatError("unsupported clip.projector_type '" + proj + "' (supported: mlp)");
+
+    c.n_feat = c.drop_cls || !c.has_cls ? c.n_patches : c.n_tokens;
+    c.feat_grid = c.n_feat == c.n_patches ? c.grid : 0;
+    const std::string pool = f.get_str("x2l.pool.mode");
+    if (pool == "none") {
+        c.pool = PoolMode::None;
+    } else if (pool == "bilinear") {
+        c.pool = PoolMode::Bilinear;
+    } else if (pool == "avg") {
+        c.pool = PoolMode::Avg;
+    } else {
+        throw FormatError("unsupported x2l.pool.mode '" + pool + "' (supported: bilinear, avg, none)");
+    }
+    c.pool_stride = static_cast<int>(f.get_int("x2l.pool.stride", 2));
+    if (c.pool_stride < 1 || c.pool_stride > 64) throw FormatError("invalid x2l.pool.stride " + std::to_string(c.pool_stride));
+    if (!f.get_bool("x2l.pool.after_projector", true)) {
+        throw FormatError("x2l.pool.after_projector = false is not supported");
+    }
+    if (c.pool != PoolMode::None && c.feat_grid == 0) {
+        throw FormatError("pooling needs a square patch grid: set x2l.vision.drop_cls for a CLS model");
+    }
+    if (c.pool == PoolMode::None) {
+        c.pool_grid = c.feat_grid;
+        c.tokens_per_frame = c.n_feat;
+    } else {
+        // F.interpolate to ceil(g/s) for bilinear; avg_pool2d(kernel=stride=s) floors.
+        c.pool_grid = c.pool == PoolMode::Bilinear ? (c.grid + c.pool_stride - 1) / c.pool_stride : c.grid / c.pool_stride;
+        if (c.pool_grid < 1) throw FormatError("x2l.pool.stride is larger than the patch grid");
+        c.tokens_per_frame = c.pool_grid * c.pool_grid;
+    }
+    if (f.has("x2l.tokens_per_frame") && f.get_int("x2l.tokens_per_frame") != c.tokens_per_frame) {
+        throw FormatError("x2l.tokens_per_frame is " + std::to_string(f.get_int("x2l.tokens_per_frame")) +
+                          " but the vision settings give " + std::to_string(c.tokens_per_frame));
+    }
+
+    auto mean_std = [&](const std::string& key, double dflt) {
+        std::vector<float> out(3, static_cast<float>(dflt));
+        if (f.has(key)) {
+            std::vector<double> v = f.get_float_array(key);
+            if (v.size() != 3) throw FormatError("metadata key '" + key + "' must hold 3 values");
+            for (int i = 0; i < 3; ++i) out[i] = static_cast<float>(v[i]);
+        }
+        return out;
+    };
+    c.image_mean = mean_std("clip.vision.image_mean", 0.5);
+    c.image_std = mean_std("clip.vision.image_std", 0.5);
+    for (float s : c.image_std) {
+        if (!(s > 0.0f)) throw FormatError("clip.vision.image_std must be positive");
+    }
+    c.resize = f.get_str("x2l.image.resize", siglip ? "square" : "shortest_center_crop");
+    c.resample = f.get_str("x2l.image.resample", "bicubic");
+    c.newline = f.get_str("x2l.video.newline", "none");
+
+    // ---- tensors
+    size_t& total = m->weight_bytes_;
+    const int64_t W = c.width, P = c.patch_size, FF = c.n_ff;
+    const int64_t K = 3 * P * P;
+    {
+        // The conv kernel [width, 3, p, p] (ggml ne [p, p, 3, width]) is row-major per output channel,
+        // i.e. exactly a [width, 3*p*p] matrix; a converter may also store it flattened.
+        const char* name = "v.patch_embd.weight";
+        const GGUFTensor* t = f.find_tensor(name);
+        if (t && t->n_dims == 2) {
+            m->patch_w_ = load_weight(f, name, K, W, total);
+        } else {
+            f.require_tensor(name, {P, P, 3, W});
+            const TypeInfo& ti = type_info(t->type);
+            if (!ti.compute || K % ti.block_size != 0) {
+                throw FormatError(std::string("tensor 'v.patch_embd.weight' has unsupported type ") + ti.name);
+            }
+            Weight w;
+            w.type = t->type;
+            w.n_in = K;
+            w.n_out = W;
+            w.data = t->data;
+            w.row_bytes = row_bytes(t->type, K);
+            total += t->nbytes;
+            m->patch_w_ = w;
+        }
+    }
+    if (siglip) {
+        m->patch_b_ = load_floats(f, "v.patch_embd.bias", {W}, total);
+    } else {
+        m->class_embd_ = load_floats(f, "v.class_embd", {W}, total);
+        m->pre_ln_w_ = load_floats(f, "v.pre_ln.weight", {W}, total);
+        m->pre_ln_b_ = load_floats(f, "v.pre_ln.bias", {W}, total);
+    }
+    m->pos_embd_ = load_floats(f, "v.position_embd.weight", {W, c.n_tokens}, total);
+
+    m->layers_.resize(c.n_layer_run);
+    for (int l = 0; l < c.n_layer_run; ++l) {
+        const std::string p = "v.blk." + std::to_string(l) + ".";
+        VisionLayer& L = m->layers_[l];
+        L.ln1_w = load_floats(f, p + "ln1.weight", {W}, total);
+        L.ln1_b = load_floats(f, p + "ln1.bias", {W}, total);
+        L.ln2_w = load_floats(f, p + "ln2.weight", {W}, total);
+        L.ln2_b = load_floats(f, p + "ln2.bias", {W}, total);
+        L.wq = load_weight(f, p + "attn_q.weight", W, W, total);
+        L.wk = load_weight(f, p + "attn_k.weight", W, W, total);
+        L.wv = load_weight(f, p + "attn_v.weight", W, W, total);
+        L.wo = load_weight(f, p + "attn_out.weight", W, W, total);
+        L.bq = load_floats(f, p + "attn_q.bias", {W}, total);
+        L.bk = load_floats(f, p + "attn_k.bias", {W}, total);
+        L.bv = load_floats(f, p + "attn_v.bias", {W}, total);
+        L.bo = load_floats(f, p + "attn_out.bias", {W}, total);
+        L.w_up = load_weight(f, p + "ffn_up.weight", W, FF, total);
+        L.b_up = load_floats(f, p + "ffn_up.bias", {FF}, total);
+        L.w_down = load_weight(f, p + "ffn_down.weight", FF, W, total);
+        L.b_down = load_floats(f, p + "ffn_down.bias", {W}, total);
+    }
+
+    const GGUFTensor& mm0 = f.require_tensor("mm.0.weight", {W, -1});
+    c.n_embd = static_cast<int>(mm0.ne[1]);
+    if (c.n_embd <= 0) throw FormatError("mm.0.weight has no rows");
+    m->mm0_ = load_weight(f, "mm.0.weight", W, c.n_embd, total);
+    m->mm0_b_ = load_floats(f, "mm.0.bias", {c.n_embd}, total);
+    m->mm2_ = load_weight(f, "mm.2.weight", c.n_embd, c.n_embd, total);
+    m->mm2_b_ = load_floats(f, "mm.2.bias", {c.n_embd}, total);
+    if (f.find_tensor("mm.image_newline")) {
+        m->newline_ = load_floats(f, "mm.image_newline", {c.n_embd}, total);
+    } else if (c.newline != "none") {
+        throw FormatError("missing required tensor 'mm.image_newline' (x2l.video.newline is '" + c.newline + "')");
+    }
+
+    if (c.pool == PoolMode::Bilinear) {
+        // torch upsample_bilinear2d, align_corners=False, output size given (no scale factor):
+        // src = (dst + 0.5) * in/out - 0.5, clamped at 0; the right tap is clamped at the edge.
+        const int in = c.feat_grid, out = c.pool_grid;
+        const float scale = static_cast<float>(in) / static_cast<float>(out);
+        for (int o = 0; o < out; ++o) {
+            float src = std::max(scale * (static_cast<float>(o) + 0.5f) - 0.5f, 0.0f);
+            int i0 = static_cast<int>(src);
+            int i1 = i0 + (i0 < in - 1 ? 1 : 0);
+            float l1 = std::min(std::max(src - static_cast<float>(i0), 0.0f), 1.0f);
+            m->bl_i0_.push_back(i0);
+            m->bl_i1_.push_back(i1);
+            m->bl_l0_.push_back(1.0f - l1);
+            m->bl_l1_.push_back(l1);
+        }
+    }
+    m->batch_frames_ = std::max(1, kBatchTokens / c.n_tokens);
+    return m;
+}
+
+void VisionEncoder::set_batch_frames(int n) {
+    if (n < 1) throw Error("batch_frames must be >= 1");
+    batch_frames_ = n;
+}
+
+int64_t VisionEncoder::rows_per_frame(Stage s) const {
+    return s == Stage::Pooled ? cfg_.tokens_per_frame : cfg_.n_feat;
+}
+
+int64_t VisionEncoder::cols(Stage s) const { return s == Stage::Features ? cfg_.width : cfg_.n_embd; }
+
+void VisionEncoder::im2col_row(const float* pixels, int64_t r, float* dst) const {
+    const int64_t P = cfg_.patch_size, G = cfg_.grid, S = cfg_.image_size, NP = cfg_.n_patches;
+    const int64_t b = r / NP, pi = r % NP, py = pi / G, px = pi % G;
+    for (int ch = 0; ch < 3; ++ch) {
+        const float* plane = pixels + (b * 3 + ch) * S * S;
+        for (int64_t ky = 0; ky < P; ++ky) {
+            std::memcpy(dst, plane + (py * P + ky) * S + px * P, sizeof(float) * P);
+            dst += P;
+        }
+    }
+}
+
+void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n) const {
+    const VisionConfig& c = cfg_;
+    const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, P = c.patch_size, FF = c.n_ff;
+    const int64_t K = 3 * P * P;
+    const int64_t rows = n * T;
+
+    // ---- patch embedding: im2col [n * NP, 3*p*p] (channel, ky, kx order = conv weight order), then matmul.
+    per_row(pool, n * NP, K, [&](int64_t r) { im2col_row(pixels, r, s.patches.data() + r * K); });
+    // SigLIP: patches are the tokens, so write straight into x. CLIP: token 0 is the CLS.
+    float* emb = c.has_cls ? s.xn.data() : s.x.data();  // [n * NP, W]
+    matmul(pool, patch_w_, s.patches.data(), n * NP, emb, s.act, patch_b_.empty() ? nullptr : patch_b_.data());
+    per_row(pool, rows, W, [&](int64_t r) {
+        const int64_t b = r / T, t = r % T;
+        float* y = s.x.data() + r * W;
+        const float* pos = pos_embd_.data() + t * W;
+        if (c.has_cls) {
+            const float* src = t == 0 ? class_embd_.data() : emb + (b * NP + t - 1) * W;
+            for (int64_t i = 0; i < W; ++i) y[i] = src[i] + pos[i];
+            layernorm(y, pre_ln_w_.data(), pre_ln_b_.data(), y, W, c.eps);
+        } else {
+            add(y, pos, W);
+        }
+    });
+
+    // ---- encoder layers (pre-LN transformer)
+    for (const VisionLayer& L : layers_) {
+        per_row(pool, rows, W, [&](int64_t r) {
+            layernorm(s.x.data() + r * W, L.ln1_w.data(), L.ln1_b.data(), s.xn.data() + r * W, W, c.eps);
+        });
+        MatmulJob qkv[3] = {{&L.wq, s.q.data(), L.bq.data()},
+                            {&L.wk, s.k.data(), L.bk.data()},
+                            {&L.wv, s.v.data(), L.bv.data()}};
+        matmul(pool, s.xn.data(), rows, W, qkv, 3, s.act);
+        attention(pool, s, n);
+        matmul(pool, L.wo, s.attn.data(), rows, s.xn.data(), s.act, L.bo.data());
+        per_row(pool, rows, W, [&](int64_t r) {
+            float* x = s.x.data() + r * W;
+            add(x, s.xn.data() + r * W, W);
+            layernorm(x, L.ln2_w.data(), L.ln2_b.data(), s.xn.data() + r * W, W, c.eps);
+        });
+        matmul(pool, L.w_up, s.xn.data(), rows, s.ff.data(), s.act, L.b_up.data());
+        per_row(pool, rows, FF, [&](int64_t r) { activate(c.act, s.ff.data() + r * FF, FF); });
+        matmul(pool, L.w_down, s.ff.data(), rows, s.xn.data(), s.act, L.b_down.data());
+        per_row(pool, rows, W, [&](int64_t r) { add(s.x.data() + r * W, s.xn.data() + r * W, W); });
+    }
+}
+
+// Full (unmasked) self-attention inside each frame, per head:
+//   S = (Q * scale) K^T  [rows, T];  P = softmax(S);  O = P V  [rows, hd]
+// K and V are first transposed per (frame, head) to [hd, T] so that both products run over long
+// contiguous rows of length T (head_dim is only 64-72, too short for efficient per-key dots).
+// Tasks are (frame, head, block of query rows), handed out dynamically.
+void VisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n) const {
+    const VisionConfig& c = cfg_;
+    const int64_t W = c.width, T = c.n_tokens, H = c.n_head, hd = c.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+    const bool small = n * H * T * T * hd < kMinParallelWork * 4;
+    auto transpose = [&](int64_t b0, int64_t b1) {
+        for (int64_t bh = b0; bh < b1; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            float* kt = s.kt.data() + bh * hd * T;  // [hd, T]
+            float* vt = s.vt.data() + bh * hd * T;
+            for (int64_t j = 0; j < T; ++j) {
+                const float* kr = s.k.data() + (b * T + j) * W + h * hd;
+                const float* vr = s.v.data() + (b * T + j) * W + h * hd;
+                for (int64_t d = 0; d < hd; ++d) {
+                    kt[d * T + j] = kr[d];
+                    vt[d * T + j] = vr[d];
+                }
+            }
+        }
+    };
+    if (small) {
+        transpose(0, n * H);
+    } else {
+        pool.parallel_for(n * H, transpose);
+    }
+
+    const int64_t R = kAttnRows;
+    const int64_t n_qblk = (T + R - 1) / R;
+    const int64_t n_tasks = n * H * n_qblk;
+    std::atomic<int64_t> next{0};
+    auto worker = [&](int ith, int) {
+        float* sc = s.scores.data() + static_cast<size_t>(ith) * R * T;  // [R, T]
+        for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
+            const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
+            const float* kt = s.kt.data() + bh * hd * T;
+            const float* vt = s.vt.data() + bh * hd * T;
+            const int64_t t0 = qb * R, t1 = std::min(T, t0 + R);
+            for (int64_t t = t0; t < t1; ++t) {
+                const float* q = s.q.data() + (b * T + t) * W + h * hd;
+                float* srow = sc + (t - t0) * T;
+                std::fill(srow, srow + T, 0.0f);
+                int64_t d = 0;
+                for (; d + 4 <= hd; d += 4) {  // four key rows per pass: a quarter of the stores
+                    const float a0 = q[d] * scale, a1 = q[d + 1] * scale, a2 = q[d + 2] * scale, a3 = q[d + 3] * scale;
+                    const float *k0 = kt + d * T, *k1 = k0 + T, *k2 = k1 + T, *k3 = k2 + T;
+                    for (int64_t j = 0; j < T; ++j) srow[j] += a0 * k0[j] + a1 * k1[j] + a2 * k2[j] + a3 * k3[j];
+                }
+                for (; d < hd; ++d) axpy_f32(q[d] * scale, kt + d * T, srow, T);
+                softmax_ftz(srow, T);
+                float* o = s.attn.data() + (b * T + t) * W + h * hd;  // [hd] slice of [rows, W]
+                for (int64_t e = 0; e < hd; ++e) o[e] = dot_f32(srow, vt + e * T, T);
+            }
+        }
+    };
+    if (small) {
+        worker(0, 1);
+    } else {
+        pool.run(worker);
+    }
+}
+
+void VisionEncoder::pool_frame(const float* in, float* out, int64_t stride, int64_t C) const {
+    const VisionConfig& c = cfg_;
+    const int g = c.feat_grid, pg = c.pool_grid;
+    if (c.pool == PoolMode::Avg) {
+        // avg_pool2d(kernel = stride = s, no padding): the mean of each s x s block.
+        const int st = c.pool_stride;
+        const float div = static_cast<float>(st * st);
+        for (int oy = 0; oy < pg; ++oy) {
+            for (int ox = 0; ox < pg; ++ox) {
+                float* o = out + (static_cast<int64_t>(oy) * pg + ox) * stride;
+                std::fill(o, o + C, 0.0f);
+                for (int ky = 0; ky < st; ++ky) {
+                    for (int kx = 0; kx < st; ++kx) {
+                        add(o, in + (static_cast<int64_t>(oy * st + ky) * g + ox * st + kx) * stride, C);
+                    }
+                }
+                for (int64_t i = 0; i < C; ++i) o[i] /= div;
+            }
+        }
+    } else {  // Bilinear, same tap order as torch: h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d)
+        for (int oy = 0; oy < pg; ++oy) {
+            const float* r0 = in + static_cast<int64_t>(bl_i0_[oy]) * g * stride;
+            const float* r1 = in + static_cast<int64_t>(bl_i1_[oy]) * g * stride;
+            const float h0 = bl_l0_[oy], h1 = bl_l1_[oy];
+            for (int ox = 0; ox < pg; ++ox) {
+                const int64_t c0 = static_cast<int64_t>(bl_i0_[ox]) * stride, c1 = static_cast<int64_t>(bl_i1_[ox]) * stride;
+                const float w0 = bl_l0_[ox], w1 = bl_l1_[ox];
+                float* o = out + (static_cast<int64_t>(oy) * pg + ox) * stride;
+                for (int64_t i = 0; i < C; ++i) {
+                    o[i] = h0 * (w0 * r0[c0 + i] + w1 * r0[c1 + i]) + h1 * (w0 * r1[c0 + i] + w1 * r1[c1 + i]);
+                }
+            }
+        }
+    }
+}
+
+void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out, Stage stage) const {
+    const VisionConfig& c = cfg_;
+    if (n_frames < 0) throw Error("n_frames must be >= 0");
+    if (n_frames == 0) return;
+    const int64_t W = c.width, T = c.n_tokens, E = c.n_embd, NF = c.n_feat, S = c.image_size;
+    const int64_t B = std::min<int64_t>(batch_frames_, n_frames);
+    const int64_t frame_px = 3 * S * S;
+
+    Scratch s;
+    s.patches.resize(static_cast<size_t>(B * c.n_patches * 3 * c.patch_size * c.patch_size));
+    s.x.resize(B * T * W);
+    s.xn.resize(B * T * W);
+    s.q.resize(B * T * W);
+    s.k.resize(B * T * W);
+    s.v.resize(B * T * W);
+    s.attn.resize(B * T * W);
+    s.ff.resize(B * T * c.n_ff);
+    s.kt.resize(B * T * W);
+    s.vt.resize(B * T * W);
+    s.scores.resize(static_cast<size_t>(pool.n_threads()) * kAttnRows * T);
+    if (stage != Stage::Features) {
+        if (NF != T) s.feat.resize(B * NF * W);
+        s.h1.resize(B * NF * E);
+        if (stage == Stage::Pooled) s.h2.resize(B * NF * E);
+    }
+    const int64_t first_feat = NF == T ? 0 : 1;  // CLS is token 0 when it is dropped
+
+    for (int64_t f0 = 0; f0 < n_frames; f0 += B) {
+        const int64_t n = std::min(B, n_frames - f0);
+        run_tower(pool, s, pixels + f0 * frame_px, n);
+        if (stage == Stage::Features) {
+            float* dst = out + f0 * NF * W;
+            for (int64_t b = 0; b < n; ++b) {
+                std::memcpy(dst + b * NF * W, s.x.data() + (b * T + first_feat) * W, sizeof(float) * NF * W);
+            }
+            continue;
+        }
+        const float* feat = s.x.data();  // [n * NF, W]
+        if (NF != T) {
+            for (int64_t b = 0; b < n; ++b) {
+                std::memcpy(s.feat.data() + b * NF * W, s.x.data() + (b * T + first_feat) * W, sizeof(float) * NF * W);
+            }
+            feat = s.feat.data();
+        }
+        // projector: Linear -> GELU(erf) -> Linear
+        matmul(pool, mm0_, feat, n * NF, s.h1.data(), s.act, mm0_b_.data());
+        per_row(pool, n * NF, E, [&](int64_t r) { gelu_erf(s.h1.data() + r * E, E); });
+        float* proj = stage == Stage::Projected ? out + f0 * NF * E : s.h2.data();  // [n * NF, E]
+        matmul(pool, mm2_, s.h1.data(), n * NF, proj, s.act, mm2_b_.data());
+        if (stage == Stage::Projected) continue;
+
+        const int64_t TPF = c.tokens_per_frame;
+        if (c.pool == PoolMode::None) {
+            std::memcpy(out + f0 * TPF * E, proj, sizeof(float) * n * NF * E);
+            continue;
+        }
+        // Pool each frame; split channels across threads so one frame still uses the whole pool.
+        const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(pool.n_threads() * 4, E / 64));
+        const int64_t chunk = (E + n_chunks - 1) / n_chunks;
+        auto pool_chunks = [&](int64_t jb, int64_t je) {
+            for (int64_t j = jb; j < je; ++j) {
+                const int64_t b = j / n_chunks, c0 = (j % n_chunks) * chunk, cw = std::min(chunk, E - c0);
+                if (cw > 0) pool_frame(proj + b * NF * E + c0, out + (f0 + b) * TPF * E + c0, E, cw);
+            }
+        };
+        if (n * NF * E < kMinParallelWork) {
+            pool_chunks(0, n * n_chunks);
+        } else {
+            pool.parallel_for(n * n_chunks, pool_chunks);
+        }
+    }
+}
+
+}  // namespace x2l

@@ -1,0 +1,70 @@
+#include "x2l/compress.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "core/common.h"
+#include "cpu/quant.h"
+
+namespace x2l {
+
+std::vector<int32_t> select_entries(const float* importance, int n_layer, int n_head_kv, int64_t w, int64_t m,
+                                    int pool_kernel) {
+    m = std::min(m, w);
+    std::vector<int32_t> keep(static_cast<size_t>(n_layer) * n_head_kv * m);
+    std::vector<float> smooth(w);
+    std::vector<int32_t> idx(w);
+    const int half = std::max(0, pool_kernel / 2);
+    for (int l = 0; l < n_layer; ++l) {
+        for (int h = 0; h < n_head_kv; ++h) {
+            const float* imp = importance + (static_cast<size_t>(l) * n_head_kv + h) * w;
+            // Average over a small window: keeping neighbours of salient entries keeps local detail.
+            for (int64_t i = 0; i < w; ++i) {
+                int64_t a = std::max<int64_t>(0, i - half), b = std::min<int64_t>(w, i + half + 1);
+                float s = 0.0f;
+                for (int64_t j = a; j < b; ++j) s += imp[j];
+                smooth[i] = s / static_cast<float>(b - a);
+            }
+            std::iota(idx.begin(), idx.end(), 0);
+            std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
+                return smooth[a] > smooth[b] || (smooth[a] == smooth[b] && a < b);
+            });
+            std::sort(idx.begin(), idx.begin() + m);
+            std::copy(idx.begin(), idx.begin() + m, keep.begin() + (static_cast<size_t>(l) * n_head_kv + h) * m);
+        }
+    }
+    return keep;
+}
+
+std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begin, const std::vector<int32_t>& keep,
+                                          int64_t m, DType out_type) {
+    const int L = src.n_layer(), H = src.n_head_kv(), hd = src.head_dim();
+    if (keep.size() != static_cast<size_t>(L) * H * m) throw Error("gather_segment: bad selection size");
+    auto out = std::make_unique<KVSegment>(out_type, L, H, hd, m);
+    std::vector<int32_t> pos(m);
+    for (int64_t i = 0; i < m; ++i) pos[i] = src.pos(src_begin + keep[i]);
+    out->append(pos.data(), m);
+    std::vector<float> tmp(hd);
+    const bool same = src.type() == out_type;
+    for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < H; ++h) {
+            const int32_t* k = keep.data() + (static_cast<size_t>(l) * H + h) * m;
+            for (int64_t i = 0; i < m; ++i) {
+                const int64_t e = src_begin + k[i];
+                for (int part = 0; part < 2; ++part) {
+                    const uint8_t* row = part == 0 ? src.k_row(l, h, e) : src.v_row(l, h, e);
+                    uint8_t* dst = part == 0 ? out->k_row_mut(l, h, i) : out->v_row_mut(l, h, i);
+                    if (same) {
+                        std::copy(row, row + src.row_bytes(), dst);
+                    } else {
+                        dequantize_row(src.type(), row, tmp.data(), hd);
+                        quantize_row(out_type, tmp.data(), dst, hd);
+                    }
+                }
+            }
+        }
+    }
+    return out;
+}
+
+}  // namespace x2l

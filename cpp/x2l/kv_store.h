@@ -1,0 +1,71 @@
+// The tiered KV store of one prefilled input ("video index"): an uncompressed sink, and for every
+// chunk its L-KVs (low compression, host tier) and H-KVs (high compression, quantized, device
+// tier), plus cheap retrieval signatures computed before compression. Saved indexes are
+// reloaded with the L tier memory-mapped, so a video is indexed once and queried later.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu/kv_cache.h"
+
+namespace x2l {
+
+struct ChunkKV {
+    int64_t tok_begin = 0, tok_end = 0;  // raw input tokens of the chunk (indices into the input)
+    int32_t pos_begin = 0, pos_end = 0;  // positions those tokens had
+    int n_frames = 1;                    // frames (video) or sub-blocks (text) in the chunk
+    std::unique_ptr<KVSegment> low, high;
+    std::vector<float> key_sig;  // [n_layer, n_head_kv, n, head_dim] distinctive pre-RoPE L keys (select.h)
+    std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
+    // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
+    // different tokens per layer and head, while low->pos() holds one position per entry (those of
+    // layer 0, head 0). Empty when every head keeps the same tokens (beacon).
+    std::vector<int32_t> low_pos;
+    int32_t low_row_pos(int layer, int head, int64_t e) const {
+        return low_pos.empty() ? low->pos(e)
+                               : low_pos[(static_cast<size_t>(layer) * low->n_head_kv() + head) * low->size() + e];
+    }
+};
+
+struct TierBytes {
+    size_t sink = 0, low = 0, high = 0, signatures = 0;
+};
+
+class VideoIndex {
+  public:
+    VideoIndex(int n_layer, int n_head_kv, int head_dim, int n_embd);
+    ~VideoIndex();
+    VideoIndex(const VideoIndex&) = delete;
+    VideoIndex& operator=(const VideoIndex&) = delete;
+
+    int n_layer, n_head_kv, head_dim, n_embd;
+    int ratio_low = 2, ratio_high = 32;
+    bool pin_ends = false;
+    bool two_pass = true;
+    std::string compressor = "snapkv";
+    // Beacon indexes number cache entries densely (Video-XL): a mixed cache re-rotates the keys of
+    // every chunk to its new place. SnapKV indexes keep the tokens' original positions.
+    bool dense_positions = false;
+    int32_t next_pos = 0;  // position of the first token after the indexed input
+    std::unique_ptr<KVSegment> sink;
+    std::vector<ChunkKV> chunks;
+    std::vector<int32_t> sink_tokens;
+
+    TierBytes bytes() const;
+    size_t low_bytes(size_t chunk) const { return chunks[chunk].low->used_bytes(); }
+    size_t high_bytes(size_t chunk) const { return chunks[chunk].high->used_bytes(); }
+
+    // Binary format: header, sink, then per chunk (meta, signatures, H rows, L rows), 64-byte
+    // aligned blocks. load() maps the file: L rows stay in the mapping (read on demand), the
+    // sink and H rows are copied into memory.
+    void save(const std::string& path) const;
+    static std::unique_ptr<VideoIndex> load(const std::string& path);
+
+  private:
+    void* map_ = nullptr;  // mapping that L views point into (owned)
+    size_t map_size_ = 0;
+};
+
+}  // namespace x2l

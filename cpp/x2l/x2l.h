@@ -1,0 +1,176 @@
+// Video-X²L over the LLM: chunked bi-level prefill into a VideoIndex, then per question: chunk
+// scoring, top-k selection, asynchronous L-KV reload and decoding on the mixed cache
+// sink + [L-KV(c) if c selected else H-KV(c)] in temporal order.
+//
+// Compression here is the training-free rule (compress.h): the chunk is run in full on top of its
+// memory, then each layer/KV head keeps the entries the chunk's queries attended to most, with the
+// positions they had (keys are stored post-RoPE, so any mix of L and H chunks is consistent).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+#include "x2l/kv_store.h"
+#include "x2l/reload.h"
+#include "x2l/select.h"
+#include "llm/session.h"
+
+namespace x2l {
+
+// Keys scorer: signature keys kept per chunk, layer and KV head (select.h distinct_pre_rope_keys).
+// 8 gave the planted chunk first 7/7 and the single needle in the top 3 9/12 on SmolLM2; the mean
+// key alone (1) gave 2/7 and 4/12.
+constexpr int kKeySignatureEntries = 8;
+
+struct X2LOptions {
+    int ratio_low = 2;
+    int ratio_high = 32;
+    DType low_type = DType::F16;    // host tier
+    DType high_type = DType::Q8_0;  // device tier
+    DType work_type = DType::F16;   // the chunk's full KV while it is being compressed (X2LPrefill
+                                    // uses the session's kv_type)
+    bool pin_ends = false;          // first/last chunk at ratio_low in the H pass too (official code)
+    bool two_pass = true;           // official semantics; false = one pass, L and H cut from it
+    int obs_window = 0;             // queries at the chunk's end that vote; 0 = all (per-entry mean)
+    int pool_kernel = 5;            // neighbour smoothing of the votes
+    size_t max_host_bytes = 0;      // budget for the L tier (0 = unlimited)
+    size_t max_device_bytes = 0;    // budget for sink + H tier + working buffers (0 = unlimited)
+    // Device prefill on a discrete GPU: bytes of L-KVs it may keep in device memory instead of streaming
+    // them for every later chunk (-1: half the device memory free when the prefill starts; 0: stream all).
+    int64_t prefill_low_cache_bytes = -1;
+    int64_t max_chunk_tokens = 0;   // 0: grows with the largest chunk seen
+    // "snapkv": training-free selection (any model). "beacon": Video-XL's learned summarization
+    // tokens (needs VST weights): one VST after every `ratio` raw tokens, VST rows through their own
+    // q/k/v projections, only the VSTs' K/V kept, dense positions.
+    std::string compressor = "snapkv";
+};
+
+class CudaPrefill;
+struct CudaPrefillDeleter {
+    void operator()(CudaPrefill* p) const;
+};
+
+struct PrefillStats {
+    int64_t input_tokens = 0;      // tokens of the input (sink + chunks)
+    int64_t forward_tokens = 0;    // token-forwards spent (both passes)
+    int64_t device_forward_tokens = 0;  // of which on the CUDA device
+    double seconds = 0.0;
+    // Device prefill only (CudaPrefill): the most device memory it held, and the L-prefix bytes it
+    // streamed host -> device (0 on integrated GPUs, which read the L tier in place, and for L rows
+    // cached in device memory).
+    size_t device_peak_bytes = 0;
+    size_t streamed_bytes = 0;
+    size_t cached_low_bytes = 0;  // L rows it kept in device memory instead (the most at a time)
+    size_t fetched_bytes = 0;     // new K/V rows copied device -> host (beacon: the VST rows alone)
+};
+
+class X2LPrefill {
+  public:
+    X2LPrefill(LlmSession& s, const X2LOptions& o);
+    void add_sink(const std::vector<int32_t>& tokens);
+    // A chunk as token ids (text) or input embeddings [n, n_embd] (video features). n_frames splits
+    // the chunk into equal parts for the embedding signature.
+    void add_chunk_tokens(const std::vector<int32_t>& tokens, int n_frames, bool is_last);
+    void add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last);
+    // Hands the index over; the device prefill's buffers and page-locked L rows are released here.
+    std::unique_ptr<VideoIndex> finish();
+    const PrefillStats& stats() const { return stats_; }
+    size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
+    // True while (and, after finish(), if to the end) the forward passes run on the session's CUDA device
+    // (CudaPrefill, either compressor; the selection and the tiers are made on the host either way).
+    bool on_device() const { return on_device_; }
+    // Why a session with a device prefills on the CPU ("" otherwise), e.g. the device ran out of memory.
+    const std::string& device_note() const { return device_note_; }
+
+  private:
+    void ensure_cache(int64_t n);
+    // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
+    // (when non-null) gets the attention votes; vst marks beacon rows (or null); keep (or null = all):
+    // the tail rows the caller reads (the device fetches only those).
+    // low_tier: prefix[1..] are L-KVs (prefix[0] is the sink), which the device prefill streams from host memory.
+    void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
+                   bool low_tier, std::vector<float>* importance, const uint8_t* vst,
+                   const std::vector<int32_t>* keep = nullptr);
+    void note_device_stats();
+    void release_device();
+    void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
+    void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
+    void check_budget() const;
+
+    LlmSession& s_;
+    X2LOptions o_;
+    std::unique_ptr<VideoIndex> ix_;
+    std::unique_ptr<KVCache> cache_;
+    std::vector<float> x_;
+    PrefillStats stats_;
+    int64_t n_input_ = 0;
+    bool done_last_ = false;
+    std::unique_ptr<CudaPrefill, CudaPrefillDeleter> gpu_;
+    bool on_device_ = false;
+    std::string device_note_;
+};
+
+class CudaX2L;
+struct CudaX2LDeleter {
+    void operator()(CudaX2L* p) const;
+};
+
+// Answers questions on one index; a question's tokens and answer go in its own tail.
+class X2LDecoder {
+  public:
+    X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens);
+
+    // Relevance of each chunk to the question. tokens: the question as the model will see it (with
+    // its template); only tokens [content_begin, content_end) vote, so the template's own tokens
+    // (identical for every question) do not drown the content. content_end <= 0 counts from the end.
+    std::vector<float> scores(const std::vector<int32_t>& question, Scorer scorer, int64_t content_begin = 0,
+                              int64_t content_end = 0);
+    // Builds the mixed cache for this selection and starts the asynchronous reload.
+    void prepare(const std::vector<int>& selected);
+    const std::vector<int>& selected() const { return selected_; }
+
+    // Same contract as LlmSession: append tokens after the mixed cache, logits of the last one.
+    void eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out = nullptr);
+    const std::vector<float>& last_logits() const { return last_logits_; }
+    int32_t sample(Sampler& sampler);
+    const std::vector<int32_t>& history() const { return history_; }
+    int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
+    int64_t n_ctx() const { return cache_->tail().capacity(); }
+    void truncate(int64_t n);
+    int64_t cache_entries() const { return cache_->n_prefix(); }  // entries before the tail
+    // The mixed cache's segments before the tail: sink, then one per chunk (its working copy of the
+    // L-KVs when selected, else its H-KVs). Rows of reloaded chunks are complete after wait_reload().
+    const std::vector<const KVSegment*>& prefix_segments() const { return cache_->prefix(); }
+    void wait_reload();
+    size_t resident_bytes() const;   // sink + H + reloaded working buffers + tail
+    const ReloadStats& reload_stats() const;
+    size_t working_bytes() const;
+    // True when the session has a CUDA device: the mixed cache then lives there (sink and H in device
+    // memory, L pinned on the host and copied per question; with dense positions the keys of chunks
+    // that moved are re-rotated there), and eval() and the scorers' question pass run there. The
+    // scores themselves are computed on the CPU, and prefix_segments() then describes the H-only cache.
+    bool on_device() const { return static_cast<bool>(gpu_); }
+    // Why a session with a device decodes this index on the CPU ("" otherwise).
+    const std::string& device_note() const { return device_note_; }
+    CudaGraphStats graph_stats() const;  // the device decode's CUDA graph use (zeros on the CPU)
+
+  private:
+    void set_prefix(const std::vector<const KVSegment*>& prefix);
+    std::vector<const KVSegment*> high_prefix() const;  // sink + every chunk's H-KVs (the H-only cache)
+    int32_t question_pos() const;  // position of the first token after the cache prefix
+    LlmSession& s_;
+    const VideoIndex& ix_;
+    std::unique_ptr<KVCache> cache_;
+    Reloader reloader_;
+    bool reload_pending_ = false;
+    std::vector<int> selected_;
+    std::vector<float> x_, last_logits_;
+    std::vector<int32_t> history_;
+    std::unique_ptr<CudaX2L, CudaX2LDeleter> gpu_;
+    std::string device_note_;
+};
+
+}  // namespace x2l
