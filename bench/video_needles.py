@@ -281,7 +281,7 @@ def evaluate(model_path: str, json_path: str, *, modes=("full", "h_only", "x2l")
     full (uncompressed KV), h_only (no reload), x2l (top_k chunks by each scorer reloaded; also 'oracle').
     Returns per-mode circular accuracy, per-rotation accuracy and selector recall, plus per-item details."""
     import x2l_edge
-    from x2l_edge.session import _generate_ids, _stream_text
+    from x2l_edge.generation import generate_ids, stream_text
     from x2l_edge.x2l import split_template
 
     with open(json_path) as f:
@@ -318,8 +318,8 @@ def evaluate(model_path: str, json_path: str, *, modes=("full", "h_only", "x2l")
             outs = []
             for rot in it["rotations"]:  # the video prefix stays cached: only the question is evaluated
                 ids = hist + s.tokenize("\n" + rot["prompt"] + suffix)
-                gen = _generate_ids(s._s, ids, stop_ids=s._stop_ids, max_tokens=max_tokens)
-                outs.append("".join(_stream_text(s._tok, gen, [])))
+                gen = generate_ids(s._s, ids, stop_ids=s._stop_ids, max_tokens=max_tokens)
+                outs.append("".join(stream_text(s._tok, gen, [])))
             rec["cells"]["full"] = _score(it, outs)
             s.reset()
         ctx = None

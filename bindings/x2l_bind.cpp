@@ -126,10 +126,10 @@ void bind_x2l(nb::module_& m) {
             o.compressor = compressor;
             o.prefill_low_cache_bytes = prefill_low_cache_bytes;
             new (self) x2l::X2LPrefill(s, o);
-        }, "session"_a, "ratio_low"_a = 2, "ratio_high"_a = 32, "low_type"_a = "f16", "high_type"_a = "q8_0",
-           "pin_ends"_a = false, "two_pass"_a = true, "obs_window"_a = 0, "pool_kernel"_a = 5,
-           "max_host_bytes"_a = 0, "max_device_bytes"_a = 0, "compressor"_a = "snapkv",
-           "prefill_low_cache_bytes"_a = -1, nb::keep_alive<1, 2>())
+        }, "session"_a, nb::kw_only(), "ratio_low"_a, "ratio_high"_a, "low_type"_a, "high_type"_a, "pin_ends"_a,
+           "two_pass"_a, "obs_window"_a, "pool_kernel"_a, "max_host_bytes"_a, "max_device_bytes"_a, "compressor"_a,
+           "prefill_low_cache_bytes"_a, nb::keep_alive<1, 2>(),
+           "Every option is required: their defaults live in x2l_edge.X2LOptions.")
         .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
             nb::gil_scoped_release nogil;
             p.add_sink(tokens);

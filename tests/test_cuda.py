@@ -748,11 +748,11 @@ def test_session_device_argument(tiny_gguf):
 def test_auto_probe_tells_agreement_from_noise(tiny_gguf):
     """The probe behind device='auto' accepts a backend that computes the CPU's logits and rejects one
     that returns noise or NaNs (runs everywhere: the 'device' here is a CPU session or a fake)."""
-    from x2l_edge import session as S
+    from x2l_edge import device as D
 
     path = tiny_gguf("llama", "q8_0")
     same = _core.LlmSession(path, n_threads=1, n_ctx=32)
-    assert S._auto_probe(same, path, 2) is None
+    assert D.auto_probe(same, path, 2) is None
     assert same.n_past == 0
 
     class Fake:
@@ -768,9 +768,9 @@ def test_auto_probe_tells_agreement_from_noise(tiny_gguf):
             self.truncated = n == 0
 
     noise = Fake(np.random.default_rng(0).standard_normal)
-    assert "disagree with the CPU backend" in S._auto_probe(noise, path, 2) and noise.truncated
+    assert "disagree with the CPU backend" in D.auto_probe(noise, path, 2) and noise.truncated
     nan = Fake(lambda shape: np.full(shape, np.nan, np.float32))
-    assert "not finite" in S._auto_probe(nan, path, 2)
+    assert "not finite" in D.auto_probe(nan, path, 2)
 
 
 def test_auto_device_falls_back_with_one_notice(tiny_gguf, monkeypatch):
@@ -779,14 +779,14 @@ def test_auto_device_falls_back_with_one_notice(tiny_gguf, monkeypatch):
     import warnings
 
     from x2l_edge import Session
-    from x2l_edge import session as S
+    from x2l_edge import device as D
 
     path = tiny_gguf("llama", "f16")
     monkeypatch.setattr(_core, "cuda_built", lambda: True)
     monkeypatch.setattr(_core, "cuda_emulated", lambda: False)
     n_devices = max(1, _device_count())
     monkeypatch.setattr(_core, "cuda_device_count", lambda: n_devices)
-    monkeypatch.setattr(S, "_probed", {})
+    monkeypatch.setattr(D, "_probed", {})
     with pytest.warns(RuntimeWarning, match=r"device='auto' does not use cuda:0 \(the CUDA backend keeps an f16 KV"):
         assert Session(path, kv_type="f32").device == "cpu"
     if not HAS_GPU:  # the core has no backend (CPU-only build) or no device (nvcc build here) to open
@@ -799,9 +799,9 @@ def test_auto_device_falls_back_with_one_notice(tiny_gguf, monkeypatch):
         s = Session(path, n_threads=2)
     assert s.device == "cuda:0" and s.info["backend"] == "cuda"
     assert s.generate("hello", max_tokens=3) == Session(path, device="cpu").generate("hello", max_tokens=3)
-    assert len(S._probed) == 1 and list(S._probed.values()) == [None]
-    monkeypatch.setattr(S, "_probed", {})
-    monkeypatch.setattr(S, "_PROBE_MIN_CORR", 1.5)  # no backend passes: the probe's verdict decides
+    assert len(D._probed) == 1 and list(D._probed.values()) == [None]
+    monkeypatch.setattr(D, "_probed", {})
+    monkeypatch.setattr(D, "_PROBE_MIN_CORR", 1.5)  # no backend passes: the probe's verdict decides
     with pytest.warns(RuntimeWarning, match=r"device='auto' does not use cuda:0 \(its logits disagree"):
         assert Session(path).device == "cpu"
 
@@ -1198,7 +1198,7 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
         if _core.cuda_emulated() and chunks and not zero_copy and os.environ.get("X2L_EMU_EARLY_COPIES") != "1":
             assert st["wait_seconds"] > 0, st  # the emulator runs a copy only once the compute waits for it
     # Decode after the reload: the greedy token ids agree.
-    from x2l_edge.session import _generate_ids
+    from x2l_edge.generation import generate_ids
 
     ids = []
     # The same decode with every kernel launched: the device decoder's tokens after the question replay
@@ -1207,7 +1207,7 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
                         question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix)
     for ctx in (cctx, dctx, ectx):
         ctx.reload([1, 2])
-        ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=6)))
+        ids.append(list(generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=6)))
     assert len(ids[0]) == 6 and ids[0][:4] == ids[1][:4] and ids[1] == ids[2]
     np.testing.assert_allclose(dctx._dec.logits(), ectx._dec.logits(), rtol=0, atol=2e-5 * np.abs(ectx._dec.logits()).max())
     assert dctx._dec.graph_stats() == {"captures": 1, "replays": 5, "note": ""}
@@ -1288,12 +1288,12 @@ def test_cuda_beacon_prefill_and_mixed_cache_match_cpu(videoxl_hd32, high_type):
     for scorer in ("attention", "keys"):
         a, b = cctx.scores(q, scorer), dctx.scores(q, scorer)
         np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-2 * np.abs(a).max())
-    from x2l_edge.session import _generate_ids
+    from x2l_edge.generation import generate_ids
 
     ids = []
     for ctx in (cctx, dctx):
         ctx.reload([1, 3])
-        ids.append(list(_generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=5)))
+        ids.append(list(generate_ids(ctx._dec, ctx.question_ids(q), stop_ids=set(), max_tokens=5)))
     assert len(ids[0]) == 5 and ids[0][:3] == ids[1][:3]
 
 

@@ -107,11 +107,31 @@ def test_metadata_keys_match_converter(vlm_path, tmp_path):
     assert vision_names(ref) == vision_names(got)
 
 
+def test_x2l_options_read_the_model_once(vlm):
+    """X2LOptions holds the defaults; for_model(video=True) takes the GGUF's x2l.* values (the tiny VLM
+    ships ratio_low 1 and ratio_high 8), text keeps the plain defaults, and unknown options are refused."""
+    from x2l_edge import X2LOptions
+
+    plain = X2LOptions()
+    video = X2LOptions.for_model(vlm, video=True)
+    assert (video.ratio_low, video.ratio_high, video.top_k, video.chunk_frames) == (
+        T.RATIO_LOW, T.RATIO_HIGH, T.TOP_K, T.CHUNK_FRAMES)
+    assert video.compressor == "snapkv"  # no Video-XL summarisation tokens in this model
+    text = X2LOptions.for_model(vlm, video=False, ratio_low=4)
+    assert (text.ratio_low, text.ratio_high, text.top_k) == (4, plain.ratio_high, plain.top_k)
+    assert text.high_type == ("q8_0" if vlm.info["head_dim"] % 32 == 0 else "f16")
+    with pytest.raises(TypeError, match="unknown X²L option"):
+        X2LOptions.for_model(vlm, video=True, ratio=3)
+    with pytest.raises(TypeError):  # the core has no defaults of its own: every option comes from X2LOptions
+        x2l_edge._core.X2LPrefill(vlm._s)
+
+
 def test_preprocessing_matches_training(vlm):
     """The runtime's preprocessor == what tools/train_tiny_vlm.py feeds the tower in training."""
     torch = pytest.importorskip("torch")
     import train_tiny_vlm as TT
-    from x2l_edge.video import _norm_lut, pil_resize
+    from x2l_edge.video import pil_resize
+    from x2l_edge.video.preprocess import _norm_lut
 
     rng = np.random.default_rng(5)
     frames = np.stack([T.draw(T.random_spec(rng, k), rng) for k in ("shape", "word", "digit")])

@@ -6,7 +6,7 @@ import pytest
 
 import x2l_edge
 from x2l_edge import _core
-from x2l_edge.session import _held_suffix, _utf8_split
+from x2l_edge.generation import held_suffix as _held_suffix, utf8_split as _utf8_split
 
 
 def _sample_many(n, logits, **kw):

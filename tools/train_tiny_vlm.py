@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from x2l_edge import models
-    from x2l_edge.video import _norm_lut
+    from x2l_edge.video.preprocess import _norm_lut
 
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()

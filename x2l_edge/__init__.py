@@ -30,8 +30,9 @@ GGUFFile = _core.GGUFFile
 
 __version__ = "0.1.0"
 
+from .options import X2LOptions  # noqa: E402
 from .session import Session  # noqa: E402
 from . import models  # noqa: E402
 from . import video  # noqa: E402  (cv2 is imported lazily, on first file access)
 
-__all__ = ["Session", "GGUFFile", "FormatError", "BudgetError", "Error", "models", "video"]
+__all__ = ["Session", "X2LOptions", "GGUFFile", "FormatError", "BudgetError", "Error", "models", "video"]

@@ -2,185 +2,14 @@
 from __future__ import annotations
 
 import os
-import re
-import warnings
 from typing import Iterable, Iterator, Sequence
 
 from . import _core
 from . import chat as _chat
-
-
-def resolve_device(device: str) -> int:
-    """The CUDA device index for Session's device argument, or -1 for the CPU backend.
-
-    'cpu' -> -1. 'cuda' / 'cuda:N' -> N when this build has the CUDA backend and device N exists;
-    otherwise the CPU backend, with a one-line RuntimeWarning. 'auto' -> 0 when this build has the
-    CUDA backend and a device is present at run time (Session then checks it, see _auto_probe), -1
-    otherwise: silently in a build without the CUDA backend, with a one-line RuntimeWarning in one
-    whose device is missing. The CPU emulator of CUDA (tests/cuda_emu) is never picked by 'auto'."""
-    if not isinstance(device, str):
-        raise TypeError("device must be a str: 'auto', 'cpu' or 'cuda:N'")
-    if device == "cpu":
-        return -1
-    if device == "auto":
-        if not _core.cuda_built() or _core.cuda_emulated():
-            return -1
-        if _core.cuda_device_count() > 0:
-            return 0
-        warnings.warn("x2l-edge: no usable CUDA device at run time; running on the CPU backend", RuntimeWarning,
-                      stacklevel=3)
-        return -1
-    m = re.fullmatch(r"cuda(?::(\d+))?", device)
-    if not m:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda:N' (got {device!r})")
-    index = int(m.group(1) or 0)
-    if not _core.cuda_built():
-        why = "this build has no CUDA backend (no nvcc at build time)"
-    elif _core.cuda_device_count() <= index:
-        why = f"{_core.cuda_device_count()} CUDA device(s) usable at run time"
-    else:
-        return index
-    warnings.warn(f"x2l-edge: {device} is not available ({why}); running on the CPU backend", RuntimeWarning,
-                  stacklevel=3)
-    return -1
-
-
-_PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
-_PROBE_MIN_CORR = 0.95
-_probed: dict = {}  # (model file, its mtime and size, device) -> None (agrees) or why not
-
-
-def _auto_probe(dev, path: str, n_threads: int) -> str | None:
-    """None when `dev` (an LlmSession on a device) computes what the CPU backend computes for this
-    model: the logits of a short probe prompt, row by row, correlate above _PROBE_MIN_CORR (quantized
-    weights meet q8 activations on the CPU and f32 ones on the device, so the two never agree exactly;
-    a broken kernel or an unsupported GPU gives NaNs or noise). Otherwise why not. Leaves dev empty."""
-    import numpy as np
-
-    ids = list(dev.tokenizer.encode(_PROBE_TEXT, parse_special=False, add_bos=True))[:16] or [0, 1, 2]
-    cpu = _core.LlmSession(path, n_threads=n_threads, n_ctx=len(ids), n_batch=len(ids), device=-1)
-    ref = np.asarray(cpu.eval(ids, all_logits=True), dtype=np.float64)
-    try:
-        got = np.asarray(dev.eval(ids, all_logits=True), dtype=np.float64)
-    finally:
-        dev.truncate(0)
-    if not np.isfinite(got).all():
-        return f"its logits on a {len(ids)}-token probe are not finite"
-    corr = min(float(np.corrcoef(r, g)[0, 1]) for r, g in zip(ref, got))
-    if not corr > _PROBE_MIN_CORR:
-        return f"its logits disagree with the CPU backend's (correlation {corr:.3f} on a {len(ids)}-token probe)"
-    return None
-
-
-def _open_auto(path: str, index: int, **kw):
-    """The LlmSession for device='auto' on CUDA device `index` and None, or None and why the CPU backend
-    must run instead: kv_type other than f16, weights the kernels cannot read, not enough device
-    memory, or a failed probe (_auto_probe, run once per model file and device in a process)."""
-    if kw["kv_type"] != "f16":
-        return None, f"the CUDA backend keeps an f16 KV cache, kv_type is {kw['kv_type']}"
-    try:
-        dev = _core.LlmSession(path, device=index, **kw)
-    except _core.FormatError:
-        raise  # a broken file is broken on every backend
-    except _core.Error as e:  # BudgetError included
-        return None, str(e)
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, index)
-    if key not in _probed:
-        _probed[key] = _auto_probe(dev, path, kw["n_threads"])
-    if _probed[key]:
-        return None, _probed[key]
-    return dev, None
-
-
-def _utf8_split(buf: bytes) -> tuple[str, bytes]:
-    """Decode the longest complete UTF-8 prefix of buf; return (text, leftover bytes)."""
-    for cut in range(len(buf), max(len(buf) - 4, -1), -1):
-        try:
-            return buf[:cut].decode("utf-8"), buf[cut:]
-        except UnicodeDecodeError as e:
-            if e.reason == "invalid start byte" or e.start < cut - 3:
-                # Truly invalid bytes (not a truncated tail): replace them rather than stall.
-                return buf.decode("utf-8", errors="replace"), b""
-            continue
-    return "", buf
-
-
-def _held_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of text that could start one of the stop strings."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return hold
-
-
-_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
-
-
-def _prefill(core, ids: list[int]) -> None:
-    """Make core's context equal ids, reusing the longest common prefix already in its cache."""
-    if not ids:
-        raise ValueError("the prompt is empty")
-    common = 0
-    for a, b in zip(core.history, ids):
-        if a != b:
-            break
-        common += 1
-    common = min(common, len(ids) - 1)  # re-evaluate at least the last token to get its logits
-    core.truncate(common)
-    if len(ids) > core.n_ctx:
-        raise _core.BudgetError(f"prompt has {len(ids)} tokens but only {core.n_ctx} fit")
-    core.eval(ids[common:])
-
-
-def _generate_ids(core, prompt_ids, *, stop_ids, max_tokens=256, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                  repeat_penalty=1.0, repeat_last_n=64, seed=0) -> Iterator[int]:
-    """Greedy/sampled generation on any core with eval/sample/truncate/history (LlmSession, X2LDecoder)."""
-    if max_tokens < 0:
-        raise ValueError("max_tokens must be >= 0")
-    sampler = _core.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-    stops = set(stop_ids)
-    _prefill(core, [int(i) for i in prompt_ids])
-
-    def gen():
-        for i in range(max_tokens):
-            tok = core.sample(sampler)
-            if tok in stops:
-                return
-            yield tok
-            if i + 1 < max_tokens:
-                if core.n_past >= core.n_ctx:
-                    return  # context full: stop cleanly
-                core.eval([tok])
-
-    return gen()
-
-
-def _stream_text(tok, ids: Iterator[int], stop: Sequence[str]) -> Iterator[str]:
-    """Turn token ids into text pieces: whole UTF-8 characters only, cut at the first stop string."""
-    buf = b""
-    pending = ""
-    for t in ids:
-        buf += tok.token_bytes(t)
-        text, buf = _utf8_split(buf)
-        pending += text
-        for s in stop:
-            idx = pending.find(s)
-            if idx >= 0:
-                if idx:
-                    yield pending[:idx]
-                return
-        hold = _held_suffix(pending, stop)
-        if len(pending) > hold:
-            yield pending[:len(pending) - hold]
-            pending = pending[len(pending) - hold:]
-    pending += buf.decode("utf-8", errors="replace")
-    if pending:
-        yield pending
+from . import device as _device
+from .generation import SAMPLING, generate_ids, stream_text
+from .options import X2LOptions
+from .x2l import VideoContext, prefill_chunks, split_template
 
 
 class Session:
@@ -209,22 +38,13 @@ class Session:
             raise FileNotFoundError(f"model file not found: {path}")
         if not isinstance(n_threads, int) or n_threads < 0:
             raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
-        index = resolve_device(device)
         kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, cuda_graphs=bool(cuda_graphs))
-        self._s = None
-        if device == "auto" and index >= 0:
-            self._s, why = _open_auto(path, index, **kw)
-            if why:
-                warnings.warn(f"x2l-edge: device='auto' does not use cuda:{index} ({why}); running on the CPU backend",
-                              RuntimeWarning, stacklevel=2)
-                index = -1
-        if self._s is None:
-            self._s = _core.LlmSession(path, device=index, **kw)
+        self._s, device = _device.open_llm(path, device, **kw)
         self._tok = self._s.tokenizer
         self.path = path
         # Where eval/generate/chat, the vision tower, the X²L prefill's forward passes and the X²L
         # decoder run (each falls back to the CPU with a RuntimeWarning when it cannot use the device).
-        self.device = "cpu" if index < 0 else f"cuda:{index}"
+        self.device = device
         self.chat_template = self._s.metadata("tokenizer.chat_template")
         self._stop_ids = {i for i in (self._tok.eos_id, self._tok.eot_id) if i is not None and i >= 0}
         im_end = self._tok.encode("<|im_end|>", parse_special=True)
@@ -273,12 +93,12 @@ class Session:
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                      repeat_last_n: int = 64, seed: int = 0, stop_ids: Iterable[int] | None = None) -> Iterator[int]:
         """Yield generated token ids (stop tokens excluded), reusing the cached common prefix."""
-        return _generate_ids(self._s, prompt_ids, stop_ids=self._stop_ids if stop_ids is None else stop_ids,
+        return generate_ids(self._s, prompt_ids, stop_ids=self._stop_ids if stop_ids is None else stop_ids,
                              max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
 
     def _stream(self, prompt_ids, stop: Sequence[str], gen) -> Iterator[str]:
-        return _stream_text(self._tok, self.generate_ids(prompt_ids, **gen), stop)
+        return stream_text(self._tok, self.generate_ids(prompt_ids, **gen), stop)
 
     # ------------------------------------------------------------------ text API
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
@@ -320,26 +140,20 @@ class Session:
         """Index a long text with bi-level KV compression (the same path video takes): the text is cut into
         chunks of chunk_tokens tokens; returns a VideoContext to ask questions on.
 
-        Options: ratio_low (2), ratio_high (32), low_type ('f16'), high_type ('q8_0'), pin_ends, two_pass,
-        obs_window, pool_kernel, max_host_bytes, max_device_bytes, prefill_low_cache_bytes (CUDA, discrete
-        GPUs: L-KV bytes the prefill may keep in device memory rather than stream; -1 = half the free
-        memory, 0 = stream all), top_k (default for questions), scorer."""
-        from .x2l import VideoContext, prefill_chunks, split_template
-
+        x2l_options: any X2LOptions field (x2l_edge/options.py lists them with their defaults); the
+        model's GGUF x2l.* values are not used for text."""
         if not isinstance(text, str) or not text:
             raise ValueError("text must be a non-empty str")
         if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError("chunk_tokens must be a positive int")
-        top_k = x2l_options.pop("top_k", 3)
-        scorer = x2l_options.pop("scorer", "attention")
-        x2l_options.setdefault("high_type", self._default_high_type())
+        opts = X2LOptions.for_model(self, video=False, **x2l_options)
         prefix, suffix = split_template(self, system)
         ids = self.tokenize(text, special=False)
         chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
         index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
-                                      progress=progress, **x2l_options)
-        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=top_k,
-                           default_scorer=scorer)
+                                      progress=progress, options=opts)
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
+                           default_scorer=opts.scorer)
         ctx.prefill_stats = stats
         return ctx
 
@@ -360,16 +174,7 @@ class Session:
         if not hasattr(self, "_vision"):
             if not self.has_vision:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
-            self._vision = None
-            if self.device != "cpu":
-                try:
-                    self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads,
-                                                                 device=int(self.device.split(":")[1]))
-                except _core.Error as e:  # a weight type the kernels do not read, or no room next to the LLM
-                    warnings.warn(f"x2l-edge: the vision tower does not run on {self.device} ({e}); encoding "
-                                  "frames on the CPU", RuntimeWarning, stacklevel=2)
-            if self._vision is None:
-                self._vision = _core.VisionEncoder.from_gguf(self.path, n_threads=self._s.n_threads)
+            self._vision = _device.open_vision(self.path, self.device, self._s.n_threads)
         return self._vision
 
     @property
@@ -395,11 +200,12 @@ class Session:
 
         from .video import open_video
 
-        chunk_frames = int(chunk_frames or self._meta("x2l.chunk_frames", 10))
+        defaults = X2LOptions.for_model(self, video=True)
+        chunk_frames = int(chunk_frames or defaults.chunk_frames)
         if chunk_frames < 1:
             raise ValueError("chunk_frames must be >= 1")
         if max_frames is None and fps is None:
-            max_frames = int(self._meta("x2l.frames_default", 32))
+            max_frames = defaults.frames_default
         enc = self.vision
         pre = self.preprocessor
         newline = enc.image_newline if self._meta("x2l.video.newline", "none") == "end" else None
@@ -434,25 +240,18 @@ class Session:
     def prefill(self, video, *, system: str | None = None, chunk_frames: int | None = None,
                 max_frames: int | None = None, fps: float | None = None, progress=None, **x2l_options):
         """Index a video with bi-level KV compression: frames are decoded, encoded and prefilled chunk by
-        chunk (bounded memory); returns a VideoContext for any number of questions."""
-        from .x2l import VideoContext, prefill_chunks, split_template
+        chunk (bounded memory); returns a VideoContext for any number of questions.
 
-        top_k = x2l_options.pop("top_k", self._meta("x2l.top_k", 3))
-        scorer = x2l_options.pop("scorer", "attention")
-        x2l_options.setdefault("ratio_low", int(self._meta("x2l.ratio_low", 2)))
-        x2l_options.setdefault("ratio_high", int(self._meta("x2l.ratio_high", 32)))
-        x2l_options.setdefault("pin_ends", bool(self._meta("x2l.pin_ends", False)))
-        x2l_options.setdefault("high_type", self._default_high_type())
-        # Video-XL ships learned summarisation tokens: use them; other models compress training-free.
-        x2l_options.setdefault("compressor", "beacon" if self._meta("x2l.vst.param") else "snapkv")
+        x2l_options: any X2LOptions field; the defaults are the model's (X2LOptions.for_model)."""
+        opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
-        chunk_frames = int(chunk_frames or self._meta("x2l.chunk_frames", 10))
+        chunk_frames = int(chunk_frames or opts.chunk_frames)
         chunks = self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
                                    progress=progress)
         index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), frames_per_chunk=chunk_frames,
-                                      **x2l_options)
-        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=top_k,
-                           default_scorer=scorer)
+                                      options=opts)
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
+                           default_scorer=opts.scorer)
         ctx.prefill_stats = stats
         return ctx
 
@@ -468,15 +267,13 @@ class Session:
                                   stream=stream, **options)
         if mode != "x2l":
             raise ValueError("mode must be 'x2l' or 'full'")
-        sampling = {k: options.pop(k) for k in list(options) if k in _SAMPLING}
+        sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING}
         ctx = self.prefill(video, system=system, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
                            progress=progress, **options)
         return ctx.ask(question, top_k=top_k, scorer=scorer, max_tokens=max_tokens, stream=stream, **sampling)
 
     def _ask_full(self, video, question, *, system, max_frames, fps, chunk_frames, max_tokens, progress, stream,
                   **sampling):
-        from .x2l import split_template
-
         prefix, suffix = split_template(self, system)
         self.reset()
         self._s.eval(self.tokenize(prefix))
@@ -484,13 +281,9 @@ class Session:
                                       progress=progress):
             self._s.eval_embd(embd)
         ids = list(self._s.history) + self.tokenize("\n" + question + suffix)
-        gen = _generate_ids(self._s, ids, stop_ids=self._stop_ids, max_tokens=max_tokens, **sampling)
-        it = _stream_text(self._tok, gen, [])
+        gen = generate_ids(self._s, ids, stop_ids=self._stop_ids, max_tokens=max_tokens, **sampling)
+        it = stream_text(self._tok, gen, [])
         return it if stream else "".join(it)
-
-    def _default_high_type(self) -> str:
-        # H-KVs are q8_0 rows; heads narrower than a 32-value block (tiny test models) stay f16.
-        return "q8_0" if self.info["head_dim"] % 32 == 0 else "f16"
 
     def _tok_adds_bos(self) -> bool:
         return bool(self._s.metadata("tokenizer.ggml.add_bos_token") or False)

@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import _core
+from .generation import generate_ids, stream_text
+from .options import X2LOptions
 
 SCORERS = ("attention", "keys", "embedding", "external")
 _MARK = "\x00X2L_CONTENT\x00"
@@ -34,8 +36,8 @@ class VideoContext:
     (quantized, device tier), and a decoder that answers questions on mixed caches."""
 
     def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
-                 answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = 3,
-                 default_scorer: str = "attention"):
+                 answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = X2LOptions.top_k,
+                 default_scorer: str = X2LOptions.scorer):
         self.session = session
         self.index = index
         self.question_prefix = question_prefix
@@ -131,8 +133,6 @@ class VideoContext:
                  include_first: bool = False, include_last: bool = False, max_tokens: int = 64,
                  stop: Sequence[str] = (), stream: bool = False, **sampling):
         """Answer a question: choose chunks (given, from scores, or from a scorer), reload, decode."""
-        from .session import _generate_ids, _stream_text
-
         if chunks is None:
             k = self.default_top_k if top_k is None else top_k
             if k == 0 and budget_bytes == 0 and not include_first and not include_last:
@@ -143,9 +143,9 @@ class VideoContext:
             else:
                 raise ValueError("scorer='external' needs scores= or chunks=")
         self.reload(chunks)
-        ids = _generate_ids(self._dec, self.question_ids(question), stop_ids=self.session._stop_ids,
+        ids = generate_ids(self._dec, self.question_ids(question), stop_ids=self.session._stop_ids,
                             max_tokens=max_tokens, **sampling)
-        it = _stream_text(self.session._tok, ids, [s for s in ([stop] if isinstance(stop, str) else stop) if s])
+        it = stream_text(self.session._tok, ids, [s for s in ([stop] if isinstance(stop, str) else stop) if s])
         return it if stream else "".join(it)
 
     ask = generate
@@ -170,19 +170,15 @@ class VideoContext:
 
 
 def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chunks: int | None = None,
-                   ratio_low: int = 2, ratio_high: int = 32, low_type: str = "f16", high_type: str = "q8_0",
-                   pin_ends: bool = False, two_pass: bool = True, obs_window: int = 0, pool_kernel: int = 5,
-                   max_host_bytes: int = 0, max_device_bytes: int = 0, frames_per_chunk: int | None = None,
-                   compressor: str = "snapkv", prefill_low_cache_bytes: int = -1,
-                   progress: Callable[[int, int | None], object] | None = None):
-    """Run the bi-level prefill over chunks given as token-id lists or embedding arrays [n, n_embd].
+                   frames_per_chunk: int | None = None, progress: Callable[[int, int | None], object] | None = None,
+                   options: X2LOptions | None = None, **overrides):
+    """Run the bi-level prefill over chunks given as token-id lists or embedding arrays [n, n_embd], with
+    `options` (X2LOptions(), the plain defaults, when None) and any X2LOptions fields in overrides.
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
     lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly."""
-    p = _core.X2LPrefill(session._s, ratio_low=ratio_low, ratio_high=ratio_high, low_type=low_type,
-                         high_type=high_type, pin_ends=pin_ends, two_pass=two_pass, obs_window=obs_window,
-                         pool_kernel=pool_kernel, max_host_bytes=max_host_bytes, max_device_bytes=max_device_bytes,
-                         compressor=compressor, prefill_low_cache_bytes=prefill_low_cache_bytes)
+    opts = (options or X2LOptions()).replace(**overrides)
+    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
     p.add_sink(list(sink_ids))
     it = iter(chunks)
     nxt = next(it, None)

@@ -1,0 +1,64 @@
+"""X2LOptions: every setting of the X²L bi-level prefill and of the questions asked on it, with its
+default. This is the one place the defaults live; a model's GGUF may override some of them (``x2l.*``
+keys written by tools/convert.py), and ``X2LOptions.for_model`` is the one place those are read."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class X2LOptions:
+    # Compression (the bi-level prefill)
+    ratio_low: int = 2              # L-KVs (host tier): keep 1/ratio_low of each chunk's entries
+    ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
+    low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
+    high_type: str = "q8_0"         # H tier storage (for_model: f16 when heads are narrower than a q8_0 block)
+    pin_ends: bool = False          # first/last chunk at ratio_low in the H pass too
+    two_pass: bool = True           # official semantics: the H pass runs on top of the H-KVs
+    obs_window: int = 0             # queries at the chunk's end that vote; 0 = all
+    pool_kernel: int = 5            # neighbour smoothing of the votes
+    max_host_bytes: int = 0         # budget for the L tier (0 = unlimited)
+    max_device_bytes: int = 0       # budget for sink + H tier + working buffers (0 = unlimited)
+    compressor: str = "snapkv"      # "snapkv" (training-free) or "beacon" (Video-XL's learned VSTs)
+    prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
+    # Questions
+    top_k: int = 3                  # chunks whose L-KVs a question reloads
+    scorer: str = "attention"       # "attention", "keys", "embedding" or "external"
+    # Video input
+    chunk_frames: int = 10          # frames per chunk
+    frames_default: int = 32        # frames sampled when the caller gives neither max_frames nor fps
+
+    # The fields _core.X2LPrefill takes.
+    PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
+               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes")
+
+    def prefill_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in self.PREFILL}
+
+    def replace(self, **overrides) -> "X2LOptions":
+        """A copy with these fields changed (TypeError naming an unknown option)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown X²L option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def for_model(cls, session, *, video: bool, **overrides) -> "X2LOptions":
+        """The defaults for this session's model, then overrides. Every model: H rows in f16 when its heads
+        are narrower than a q8_0 block (tiny test models). Video (video=True): the model's GGUF x2l.*
+        values (ratio_low, ratio_high, pin_ends, top_k, chunk_frames, frames_default), and the beacon
+        compressor when the model ships Video-XL's summarisation tokens (x2l.vst.param)."""
+        o = cls()
+        o.high_type = "q8_0" if session.info["head_dim"] % 32 == 0 else "f16"
+        if video:
+            meta = session._meta
+            o.ratio_low = int(meta("x2l.ratio_low", o.ratio_low))
+            o.ratio_high = int(meta("x2l.ratio_high", o.ratio_high))
+            o.pin_ends = bool(meta("x2l.pin_ends", o.pin_ends))
+            o.top_k = int(meta("x2l.top_k", o.top_k))
+            o.chunk_frames = int(meta("x2l.chunk_frames", o.chunk_frames))
+            o.frames_default = int(meta("x2l.frames_default", o.frames_default))
+            o.compressor = "beacon" if meta("x2l.vst.param") else "snapkv"
+        return o.replace(**overrides)
