@@ -1,18 +1,19 @@
 #include "cpu/attention.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "core/common.h"
 #include "cpu/quant.h"
+#include "cpu/simd.h"
 
 namespace x2l {
 
 namespace {
-
-constexpr int kTileTokens = 16;  // query tokens per tiled-attention task
 
 // Scores of one query head against a segment's keys, for entries [0, count).
 void score_segment(const KVSegment& s, int layer, int kvh, int64_t count, const float* q, const uint8_t* q8,
@@ -113,178 +114,252 @@ void attention_rows(ThreadPool& pool, AttentionScratch& ws, const AttentionShape
     }
 }
 
-// 16 floats as one GCC/Clang vector: AVX-512 registers where the build has them, pairs of AVX2 or
-// quads of NEON/SSE registers otherwise; the compiler picks the instructions.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// ---- Tiled attention (prefill and decode).
+//
+// One task is a block of tokens times the query heads of one KV head (GQA rows share their keys):
+// rows r = (token, head) with token = tb + r / group. For every tile of kTileKeys cache entries the
+// keys are converted to f32 once, transposed (Kt [head_dim, tile]), and the values converted
+// (V [tile, head_dim]; f32 values are read in place), and then every row of the task runs
+//   S = Q · Kt                      scores, Q pre-scaled by 1/sqrt(head_dim)
+//   online softmax per row          running max m and sum l; P = exp(S - m) in place of S
+//   O = O * corr + P · V            corr = exp(m_old - m_new) rescales what was accumulated
+// The two products are one register-blocked kernel (micro below): kMR rows x kNV vectors of
+// accumulators, sized from the ISA's register file so that they never spill (AVX2: 6 x 2 ymm,
+// AVX-512: 12 x 2 zmm, NEON: 12 x 2 q). No [n_ctx] score row is materialised.
+using simd::F;
+constexpr int W = simd::kLanes;
+constexpr int kTileKeys = 64;
+constexpr int kNV = 2;  // vectors per micro-tile row: the broadcast A value feeds kNV FMAs
+// Rows per micro-tile: kMR * kNV accumulators + kNV B vectors + 1 broadcast within the registers.
+constexpr int kMR = (simd::kRegs - kNV - 1) / kNV < 12 ? (simd::kRegs - kNV - 1) / kNV : 12;
+constexpr int kMaxHeadDim = 256;
+constexpr int kTaskRows = 96;  // rows per task: tile conversion cost shared by ~100 rows
 
-inline f32x16 load16(const float* p) {
-    f32x16 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hmax16(f32x16 v) {
-    float m = v[0];
-    for (int i = 1; i < 16; ++i) m = std::max(m, v[i]);
-    return m;
-}
-inline float hsum16(f32x16 v) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; ++i) s += v[i];
-    return s;
-}
-inline f32x16 vmax(f32x16 a, f32x16 b) { return a > b ? a : b; }
-
-// exp_neg (ops.h) on 16 lanes: the same exp_remainder, floor done by truncate-and-correct.
-inline f32x16 exp_neg16(f32x16 x) {
-    x = vmax(x, f32x16{} - 87.0f);
-    const f32x16 t = x * 1.44269504089f + 0.5f;
-    const i32x16 n0 = __builtin_convertvector(t, i32x16);          // truncation toward zero
-    const i32x16 n = n0 + (__builtin_convertvector(n0, f32x16) > t);  // true is -1: floor for t < 0
-    const f32x16 p = exp_remainder(x, __builtin_convertvector(n, f32x16));
-    const i32x16 bits = (n + 127) << 23;
-    f32x16 scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
+// C[r][0, NV * W) = (Scale ? C[r] * scale[r] : 0) + sum_k A[r][k] B[k][0, NV * W), for r < MR.
+template <int MR, int NV, bool Scale>
+void micro(const float* A, size_t lda, const float* B, size_t ldb, int K, float* C, size_t ldc, const float* scale) {
+    F acc[MR][NV];
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = Scale ? simd::load(C + r * ldc + v * W) * scale[r] : simd::zero();
+    for (int k = 0; k < K; ++k) {
+        F b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = simd::load(B + k * ldb + v * W);
+        for (int r = 0; r < MR; ++r) {
+            const F a = simd::set1(A[r * lda + k]);
+            for (int v = 0; v < NV; ++v) acc[r][v] = simd::fmadd(a, b[v], acc[r][v]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) simd::store(C + r * ldc + v * W, acc[r][v]);
 }
 
-constexpr int kTileKeys = 64;  // one K/V tile: 4 vectors of scores per query row
+using MicroFn = void (*)(const float*, size_t, const float*, size_t, int, float*, size_t, const float*);
+template <int NV, bool Scale, int... R>
+constexpr std::array<MicroFn, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
+    return {micro<R + 1, NV, Scale>...};
+}
+template <int NV, bool Scale>
+constexpr std::array<MicroFn, kMR> kMicro = micro_table<NV, Scale>(std::make_integer_sequence<int, kMR>{});
 
-// One query row against one K/V tile with online softmax. q: [hd] (pre-scaled), kt: [hd, kTileKeys]
-// (transposed tile), vt: [kTileKeys, hd], nv: visible entries of the tile (a prefix, causal).
-// m, l: the row's running max and sum; o: [hd] its unnormalised output. NV = hd / 16.
-template <int NV>
-inline void tile_scores(const float* q, const float* kt, f32x16 s[4]) {
-    for (int b = 0; b < 4; ++b) s[b] = f32x16{};
-    for (int d = 0; d < NV * 16; ++d) {
-        const float qd = q[d];
-        const float* kr = kt + d * kTileKeys;
-        for (int b = 0; b < 4; ++b) s[b] += qd * load16(kr + 16 * b);
+// C [M, N] = (Scale ? C * scale[row] : 0) + A [M, K] · B [K, N]; N a multiple of W.
+template <bool Scale>
+void small_gemm(int M, int N, int K, const float* A, size_t lda, const float* B, size_t ldb, float* C, size_t ldc,
+                const float* scale) {
+    for (int n0 = 0; n0 < N; n0 += kNV * W) {
+        const bool full = N - n0 >= kNV * W;
+        for (int r0 = 0; r0 < M; r0 += kMR) {
+            const int mr = std::min(kMR, M - r0);
+            const MicroFn fn = full ? kMicro<kNV, Scale>[mr - 1] : kMicro<1, Scale>[mr - 1];
+            fn(A + r0 * lda, lda, B + n0, ldb, K, C + r0 * ldc + n0, ldc, Scale ? scale + r0 : nullptr);
+        }
     }
 }
 
-template <int NV>
-void tile_row(const float* q, const float* kt, const float* vt, int nv, float& m, float& l, float* o) {
-    f32x16 s[4];
-    tile_scores<NV>(q, kt, s);
-    const f32x16 ninf = f32x16{} - INFINITY;
-    f32x16 mx = ninf;
-    for (int b = 0; b < 4; ++b) {
-        f32x16 idx;
-        for (int i = 0; i < 16; ++i) idx[i] = static_cast<float>(16 * b + i);
-        s[b] = idx < static_cast<float>(nv) ? s[b] : ninf;
-        mx = vmax(mx, s[b]);
+// dst [n, m] = src [m, n]^T for n, m multiples of kT (dst rows ldd apart, src rows lds apart).
+#if defined(X2L_SIMD_AVX2) || defined(X2L_SIMD_AVX512)
+constexpr int kT = 8;
+inline void transpose_block(const float* s, size_t lds, float* d, size_t ldd) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * lds);
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
     }
-    const float m_new = std::max(m, hmax16(mx));
-    const float corr = m == -INFINITY ? 0.0f : exp_neg(m - m_new);
-    f32x16 sum = {};
-    for (int b = 0; b < 4; ++b) {
-        f32x16 idx;
-        for (int i = 0; i < 16; ++i) idx[i] = static_cast<float>(16 * b + i);
-        s[b] = idx < static_cast<float>(nv) ? exp_neg16(s[b] - m_new) : f32x16{};
-        sum += s[b];
+    for (int h = 0; h < 2; ++h) {
+        const __m256* u = t + 4 * h;
+        r[4 * h + 0] = _mm256_shuffle_ps(u[0], u[2], 0x44);
+        r[4 * h + 1] = _mm256_shuffle_ps(u[0], u[2], 0xee);
+        r[4 * h + 2] = _mm256_shuffle_ps(u[1], u[3], 0x44);
+        r[4 * h + 3] = _mm256_shuffle_ps(u[1], u[3], 0xee);
     }
-    m = m_new;
-    l = l * corr + hsum16(sum);
-    f32x16 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = load16(o + 16 * v) * corr;
-    float p[kTileKeys];
-    std::memcpy(p, s, sizeof(p));
-    for (int j = 0; j < nv; ++j) {
-        const float* vr = vt + static_cast<size_t>(j) * NV * 16;
-        for (int v = 0; v < NV; ++v) acc[v] += p[j] * load16(vr + 16 * v);
+    for (int c = 0; c < 4; ++c) {
+        _mm256_storeu_ps(d + c * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+        _mm256_storeu_ps(d + (c + 4) * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
     }
-    for (int v = 0; v < NV; ++v) store16(o + 16 * v, acc[v]);
+}
+#elif defined(X2L_SIMD_NEON)
+constexpr int kT = 4;
+inline void transpose_block(const float* s, size_t lds, float* d, size_t ldd) {
+    const float32x4x2_t a = vtrnq_f32(vld1q_f32(s), vld1q_f32(s + lds));
+    const float32x4x2_t b = vtrnq_f32(vld1q_f32(s + 2 * lds), vld1q_f32(s + 3 * lds));
+    vst1q_f32(d, vcombine_f32(vget_low_f32(a.val[0]), vget_low_f32(b.val[0])));
+    vst1q_f32(d + ldd, vcombine_f32(vget_low_f32(a.val[1]), vget_low_f32(b.val[1])));
+    vst1q_f32(d + 2 * ldd, vcombine_f32(vget_high_f32(a.val[0]), vget_high_f32(b.val[0])));
+    vst1q_f32(d + 3 * ldd, vcombine_f32(vget_high_f32(a.val[1]), vget_high_f32(b.val[1])));
+}
+#else
+constexpr int kT = 4;
+inline void transpose_block(const float* s, size_t lds, float* d, size_t ldd) {
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) d[j * ldd + i] = s[i * lds + j];
+}
+#endif
+static_assert(W % kT == 0 || kT % W == 0, "transpose blocks and vectors must nest");
+
+bool tiled_attention_supported(int head_dim) {
+    return head_dim > 0 && head_dim <= kMaxHeadDim && head_dim % W == 0 && head_dim % kT == 0;
 }
 
-// The final probabilities exp(s - m) / l of one row over the first nv entries of a tile: p [kTileKeys].
-template <int NV>
-void tile_probs(const float* q, const float* kt, int nv, float m, float inv_l, float* p) {
-    f32x16 s[4];
-    tile_scores<NV>(q, kt, s);
-    for (int b = 0; b < 4; ++b) store16(p + 16 * b, exp_neg16(s[b] - m) * inv_l);
-    for (int j = nv; j < kTileKeys; ++j) p[j] = 0.0f;
-}
-
-struct TileFns {
-    void (*row)(const float*, const float*, const float*, int, float&, float&, float*);
-    void (*probs)(const float*, const float*, int, float, float, float*);
+// Per-thread tile buffers (floats): Kr [tile, hd] keys as f32 before the transpose, Kt [hd, tile],
+// V [tile, hd], Q [rows, hd], S [rows, tile], corr [rows], O [rows, hd], m, l [rows].
+struct TileBuffers {
+    float *kr, *kt, *v, *q, *s, *corr, *o, *m, *l;
+    static size_t floats(int hd, int rows) {
+        return static_cast<size_t>(3 * kTileKeys * hd + rows * (2 * hd + kTileKeys + 3)) + 16;
+    }
+    TileBuffers(float* base, int hd, int rows) {
+        kr = base;
+        kt = kr + kTileKeys * hd;
+        v = kt + kTileKeys * hd;
+        q = v + kTileKeys * hd;
+        s = q + static_cast<size_t>(rows) * hd;
+        corr = s + static_cast<size_t>(rows) * kTileKeys;
+        o = corr + rows;
+        m = o + static_cast<size_t>(rows) * hd;
+        l = m + rows;
+    }
 };
 
-TileFns tile_fns_for(int head_dim) {
-    switch (head_dim) {
-        case 16: return {tile_row<1>, tile_probs<1>};
-        case 32: return {tile_row<2>, tile_probs<2>};
-        case 64: return {tile_row<4>, tile_probs<4>};
-        case 128: return {tile_row<8>, tile_probs<8>};
-        case 256: return {tile_row<16>, tile_probs<16>};
-        default: return {nullptr, nullptr};
+// Keys [j0, j0 + nb) of a segment as Kt [hd, kTileKeys] (columns >= nb padded with zeros up to a
+// multiple of kT), and the values as f32 rows [nb, hd]: returns where they are (in place for f32).
+const float* load_tile(const KVSegment& seg, int layer, int kvh, int64_t j0, int nb, bool want_v, const TileBuffers& b) {
+    const int hd = seg.head_dim();
+    const int nb_pad = (nb + kT - 1) / kT * kT;
+    const float* kr;
+    if (seg.type() == DType::F32 && nb == nb_pad) {
+        kr = reinterpret_cast<const float*>(seg.k_row(layer, kvh, j0));
+    } else {
+        // Rows of one (layer, head) are contiguous: one conversion call for the whole tile.
+        dequantize_row(seg.type(), seg.k_row(layer, kvh, j0), b.kr, static_cast<int64_t>(nb) * hd);
+        std::fill(b.kr + static_cast<size_t>(nb) * hd, b.kr + static_cast<size_t>(nb_pad) * hd, 0.0f);
+        kr = b.kr;
     }
+    for (int j = 0; j < nb_pad; j += kT)
+        for (int d = 0; d < hd; d += kT) transpose_block(kr + static_cast<size_t>(j) * hd + d, hd, b.kt + d * kTileKeys + j, kTileKeys);
+    if (!want_v) return nullptr;
+    if (seg.type() == DType::F32) return reinterpret_cast<const float*>(seg.v_row(layer, kvh, j0));
+    dequantize_row(seg.type(), seg.v_row(layer, kvh, j0), b.v, static_cast<int64_t>(nb) * hd);
+    return b.v;
 }
 
-// Adds the final attention probabilities of the observed rows of one task (token block tb, KV head kvh)
-// over the observed entries to acc [obs entries] (this KV head's slice of a per-thread accumulator).
-void observe_rows(int hd, int layer, int kvh, int64_t tb, int rows, int group, int64_t first, const float* qs, float* kt,
-                  const float* m, const float* l, const TileFns& fns, const std::vector<const KVSegment*>& prefix,
-                  const KVSegment& tail, const AttentionObserver& hooks, int64_t n_vis, float* acc_all, int64_t obs_n) {
-    constexpr int BK = kTileKeys;
-    float* acc = acc_all + static_cast<size_t>(kvh) * obs_n;
-    auto observe_segment = [&](const KVSegment& seg, int64_t g, int64_t a, int64_t b, bool causal) {
-        for (int64_t j0 = a; j0 < b; j0 += BK) {
-            const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
-            for (int j = 0; j < nb; ++j) {
-                float krow[256];
-                dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
-                for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
-            }
+// Visible entries of tile [j0, j0 + nb) for row r: every one for the prefix, causally for the tail.
+struct RowVisibility {
+    int64_t first, tb;
+    int group;
+    bool causal;
+    int operator()(int r, int64_t j0, int nb) const {
+        if (!causal) return nb;
+        return static_cast<int>(std::clamp<int64_t>(first + tb + r / group + 1 - j0, 0, nb));
+    }
+};
+
+// One tile for rows [0, rows): scores, online-softmax update of m and l, O += P · V.
+void tile_update(const TileBuffers& b, const float* v, int hd, int rows, int nb, int64_t j0, const RowVisibility& vis) {
+    // Rows see a non-decreasing number of entries: the rows that see none form a prefix.
+    int r_lo = 0;
+    while (r_lo < rows && vis(r_lo, j0, nb) == 0) ++r_lo;
+    if (r_lo == rows) return;
+    const int n_cols = (nb + W - 1) / W * W;
+    const int m_rows = rows - r_lo;
+    float* s = b.s + static_cast<size_t>(r_lo) * kTileKeys;
+    small_gemm<false>(m_rows, n_cols, hd, b.q + static_cast<size_t>(r_lo) * hd, hd, b.kt, kTileKeys, s, kTileKeys, nullptr);
+    float* corr = b.corr + r_lo;
+    for (int r = r_lo; r < rows; ++r) {
+        float* sr = b.s + static_cast<size_t>(r) * kTileKeys;
+        const int nv = vis(r, j0, nb);
+        F mx = simd::set1(-INFINITY);
+        for (int j = 0; j < n_cols; j += W) mx = simd::max(mx, simd::first_n(simd::load(sr + j), nv - j, -INFINITY));
+        const float m_new = std::max(b.m[r], simd::hmax(mx));
+        corr[r - r_lo] = b.m[r] == -INFINITY ? 0.0f : exp_neg(b.m[r] - m_new);
+        const F mv = simd::set1(m_new);
+        F sum = simd::zero();
+        for (int j = 0; j < n_cols; j += W) {
+            const F p = simd::first_n(simd::exp_neg(simd::load(sr + j) - mv), nv - j, 0.0f);
+            simd::store(sr + j, p);
+            sum = sum + p;
+        }
+        b.m[r] = m_new;
+        b.l[r] = b.l[r] * corr[r - r_lo] + simd::hsum(sum);
+    }
+    // Entries past a row's visible count have P = 0; past the last row's count (nb) they may be
+    // garbage, so the product stops there.
+    const int k_max = vis(rows - 1, j0, nb);
+    float* o = b.o + static_cast<size_t>(r_lo) * hd;
+    small_gemm<true>(m_rows, hd, k_max, s, kTileKeys, v, hd, o, hd, corr);
+}
+
+// Adds the final probabilities exp(s - m) / l of the observed rows over the observed entries to
+// acc [obs entries] (this KV head's slice of a per-thread accumulator).
+void observe_task(const TileBuffers& b, int hd, int layer, int kvh, int rows, const RowVisibility& vis,
+                  const std::vector<const KVSegment*>& prefix, const KVSegment& tail, const AttentionObserver& hooks,
+                  int64_t n_vis, float* acc) {
+    auto observe_segment = [&](const KVSegment& seg, int64_t g, int64_t a, int64_t e, bool causal) {
+        RowVisibility v = vis;
+        v.causal = causal;
+        for (int64_t j0 = a; j0 < e; j0 += kTileKeys) {
+            const int nb = static_cast<int>(std::min<int64_t>(kTileKeys, e - j0));
+            load_tile(seg, layer, kvh, j0, nb, false, b);
+            const int n_cols = (nb + W - 1) / W * W;
+            small_gemm<false>(rows, n_cols, hd, b.q, hd, b.kt, kTileKeys, b.s, kTileKeys, nullptr);
             for (int r = 0; r < rows; ++r) {
-                const int64_t t = tb + r / group;
+                const int64_t t = vis.tb + r / vis.group;
                 if (t < hooks.from || t >= hooks.to) continue;
-                int nv = nb;
-                if (causal) nv = static_cast<int>(std::clamp<int64_t>(first + t + 1 - j0, 0, nb));
+                const int nv = v(r, j0, nb);
                 if (nv == 0) continue;
-                float p[BK];
-                fns.probs(qs + static_cast<size_t>(r) * hd, kt, nv, m[r], 1.0f / l[r], p);
+                const float* sr = b.s + static_cast<size_t>(r) * kTileKeys;
+                const float m = b.m[r], inv_l = 1.0f / b.l[r];
                 float* dst = acc + (g + j0 - hooks.begin);
-                for (int j = 0; j < nv; ++j) dst[j] += p[j];
+                for (int j = 0; j < nv; ++j) dst[j] += exp_neg(sr[j] - m) * inv_l;
             }
         }
     };
     int64_t g = 0;
     for (const KVSegment* seg : prefix) {
-        const int64_t a = std::max(hooks.begin, g), b = std::min({hooks.end, g + seg->size(), n_vis});
-        if (a < b) observe_segment(*seg, g, a - g, b - g, false);
+        const int64_t a = std::max(hooks.begin, g), e = std::min({hooks.end, g + seg->size(), n_vis});
+        if (a < e) observe_segment(*seg, g, a - g, e - g, false);
         g += seg->size();
     }
-    const int64_t a = std::max(hooks.begin, g), b = std::min(hooks.end, n_vis);
-    if (a < b) observe_segment(tail, g, a - g, b - g, true);
+    const int64_t a = std::max(hooks.begin, g), e = std::min(hooks.end, n_vis);
+    if (a < e) observe_segment(tail, g, a - g, e - g, true);
 }
 
-// Flash-style attention for batches: one task is a block of kTileTokens tokens times the query heads
-// of one KV head (GQA rows share their keys). Keys and values are dequantized to f32 once per tile of
-// kTileKeys entries, K transposed so that a row's scores are vector FMAs over the tile, and each row
-// keeps a running max and sum (online softmax), so no [n_ctx] score row is materialised.
 void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShape& c, int layer, const float* q_all,
                      float* out_all, int64_t t_begin, int64_t t_end, int64_t first, const KVCache& cache,
                      const AttentionObserver* hooks) {
-    constexpr int BK = kTileKeys, BT = kTileTokens;
     const int hd = c.head_dim, group = c.n_head / c.n_head_kv, H = c.n_head_kv;
-    const TileFns fns = tile_fns_for(hd);
+    // Tokens per task: about kTaskRows rows (each tile's conversion is shared by all of them).
+    const int BT = std::max(1, kTaskRows / group);
     const int rows_max = BT * group;
     const int64_t QD = static_cast<int64_t>(c.n_head) * hd;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
     const auto& prefix = cache.prefix();
     const KVSegment& tail = cache.tail();
-    // Per thread: Kt [hd, BK], V [BK, hd], Q [rows, hd], O [rows, hd], m [rows], l [rows]
-    const size_t stride = static_cast<size_t>(2 * hd * BK + rows_max * (2 * hd + 2));
+    const size_t stride = TileBuffers::floats(hd, rows_max);
     if (ws.tiles.size() < stride * pool.n_threads()) ws.tiles.assign(stride * pool.n_threads(), 0.0f);
     int64_t n_prefix = 0;
     for (const KVSegment* seg : prefix) n_prefix += seg->size();
     const int64_t n_blocks = (t_end - t_begin + BT - 1) / BT;
     const int64_t base_tasks = n_blocks * H;
-    // Few (block, KV head) tasks, as in decode: split the entries too (flash-decoding) so that every
-    // thread has work, then merge the partial softmaxes. Splits are tile-aligned.
     const int nth_all = pool.n_threads();
     const int64_t most_entries = n_prefix + first + t_end;
     // Observation (X²L importance): the final probabilities of the observed queries over entries
@@ -293,69 +368,75 @@ void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShap
     const int64_t obs_n = observe ? hooks->end - hooks->begin : 0;
     const size_t obs_part = static_cast<size_t>(H) * obs_n;
     if (observe) ws.obs_part.assign(static_cast<size_t>(nth_all) * obs_part, 0.0f);
+    // Few (block, KV head) tasks, as in decode: split the entries too (flash-decoding) so that every
+    // thread has work, then merge the partial softmaxes. Splits are tile-aligned.
     int64_t n_split = 1;
     if (base_tasks < 2 * nth_all && !observe) {
-        n_split = std::clamp<int64_t>((2 * nth_all + base_tasks - 1) / base_tasks, 1, std::max<int64_t>(1, most_entries / (4 * BK)));
+        n_split = std::clamp<int64_t>((2 * nth_all + base_tasks - 1) / base_tasks, 1,
+                                      std::max<int64_t>(1, most_entries / (4 * kTileKeys)));
     }
     const int64_t n_tasks = base_tasks * n_split;
     const size_t part_stride = static_cast<size_t>(rows_max) * (hd + 2);  // o [rows, hd], m [rows], l [rows]
     if (n_split > 1 && ws.attn_part.size() < n_tasks * part_stride) ws.attn_part.resize(n_tasks * part_stride);
+    // Causal blocks differ in cost (the last sees the most entries): threads take tasks from a shared
+    // counter, costliest first. Observation keeps a fixed assignment so that its per-thread sums (and
+    // so the votes) do not depend on scheduling.
+    std::atomic<int64_t> next{0};
     pool.run([&](int ith, int nth) {
-        float* kt = ws.tiles.data() + stride * ith;
-        float* vt = kt + hd * BK;
-        float* qs = vt + BK * hd;
-        for (int64_t task = ith; task < n_tasks; task += nth) {
-            const int64_t split = task / base_tasks, base = task % base_tasks;
+        const TileBuffers b(ws.tiles.data() + stride * ith, hd, rows_max);
+        int64_t i = observe ? ith : next.fetch_add(1);
+        for (; i < n_tasks; i = observe ? i + nth : next.fetch_add(1)) {
+            const int64_t task = n_tasks - 1 - i;
+            const int64_t split = task % n_split, base = task / n_split;
             const int kvh = static_cast<int>(base % H);
             const int64_t tb = t_begin + (base / H) * BT, te = std::min(t_end, tb + BT);
             const int rows = static_cast<int>(te - tb) * group;
             // This task's entries [e0, e1) of the concatenation prefix + tail (tail up to its last token).
             const int64_t n_vis = n_prefix + first + te;
-            const int64_t span = (n_vis + n_split - 1) / n_split;
-            const int64_t e0 = std::min(n_vis, split * ((span + BK - 1) / BK) * BK);
-            const int64_t e1 = n_split == 1 ? n_vis : std::min(n_vis, e0 + ((span + BK - 1) / BK) * BK);
-            float* o = n_split > 1 ? ws.attn_part.data() + task * part_stride : qs + static_cast<size_t>(rows_max) * hd;
+            const int64_t span = ((n_vis + n_split - 1) / n_split + kTileKeys - 1) / kTileKeys * kTileKeys;
+            const int64_t e0 = std::min(n_vis, split * span);
+            const int64_t e1 = n_split == 1 ? n_vis : std::min(n_vis, e0 + span);
+            float* o = n_split > 1 ? ws.attn_part.data() + task * part_stride : b.o;
             float* m = o + static_cast<size_t>(rows_max) * hd;
             float* l = m + rows_max;
+            TileBuffers tb_bufs = b;
+            tb_bufs.o = o;
+            tb_bufs.m = m;
+            tb_bufs.l = l;
             // row r: token tb + r / group, query head kvh * group + r % group
             auto head_offset = [&](int r) {
                 return (tb + r / group) * QD + static_cast<int64_t>(kvh * group + r % group) * hd;
             };
             for (int r = 0; r < rows; ++r) {
                 const float* q = q_all + head_offset(r);
-                for (int d = 0; d < hd; ++d) qs[static_cast<size_t>(r) * hd + d] = q[d] * scale;
+                for (int d = 0; d < hd; ++d) b.q[static_cast<size_t>(r) * hd + d] = q[d] * scale;
             }
             std::fill(o, o + static_cast<size_t>(rows) * hd, 0.0f);
             std::fill(m, m + rows, -INFINITY);
             std::fill(l, l + rows, 0.0f);
-            // Entries [a, b) of one segment. The prefix is visible to every row; tail entry e is
-            // visible to the token t with first + t >= e.
-            auto run_segment = [&](const KVSegment& seg, int64_t a, int64_t b, bool causal) {
-                for (int64_t j0 = a; j0 < b; j0 += BK) {
-                    const int nb = static_cast<int>(std::min<int64_t>(BK, b - j0));
-                    for (int j = 0; j < nb; ++j) {
-                        float krow[256];  // head_dim <= 256 (tile_row_for)
-                        dequantize_row(seg.type(), seg.k_row(layer, kvh, j0 + j), krow, hd);
-                        for (int d = 0; d < hd; ++d) kt[d * BK + j] = krow[d];
-                        dequantize_row(seg.type(), seg.v_row(layer, kvh, j0 + j), vt + static_cast<size_t>(j) * hd, hd);
-                    }
-                    for (int r = 0; r < rows; ++r) {
-                        int nv = nb;
-                        if (causal) nv = static_cast<int>(std::clamp<int64_t>(first + tb + r / group + 1 - j0, 0, nb));
-                        if (nv == 0) continue;
-                        fns.row(qs + static_cast<size_t>(r) * hd, kt, vt, nv, m[r], l[r], o + static_cast<size_t>(r) * hd);
-                    }
+            RowVisibility vis{first, tb, group, false};
+            // Entries [a, e) of one segment. The prefix is visible to every row; tail entry j is
+            // visible to the token t with first + t >= j.
+            auto run_segment = [&](const KVSegment& seg, int64_t a, int64_t e, bool causal) {
+                vis.causal = causal;
+                for (int64_t j0 = a; j0 < e; j0 += kTileKeys) {
+                    const int nb = static_cast<int>(std::min<int64_t>(kTileKeys, e - j0));
+                    if (causal && vis(rows - 1, j0, nb) == 0) break;
+                    const float* v = load_tile(seg, layer, kvh, j0, nb, true, tb_bufs);
+                    tile_update(tb_bufs, v, hd, rows, nb, j0, vis);
                 }
             };
             int64_t g = 0;  // first entry of the segment in the concatenation
             for (const KVSegment* seg : prefix) {
-                const int64_t a = std::max(e0, g), b = std::min(e1, g + seg->size());
-                if (a < b) run_segment(*seg, a - g, b - g, false);
+                const int64_t a = std::max(e0, g), e = std::min(e1, g + seg->size());
+                if (a < e) run_segment(*seg, a - g, e - g, false);
                 g += seg->size();
             }
             if (std::max(e0, g) < e1) run_segment(tail, std::max(e0, g) - g, e1 - g, true);
-            if (observe) observe_rows(hd, layer, kvh, tb, rows, group, first, qs, kt, m, l, fns, prefix, tail, *hooks,
-                                      n_vis, ws.obs_part.data() + static_cast<size_t>(ith) * obs_part, obs_n);
+            if (observe) {
+                observe_task(tb_bufs, hd, layer, kvh, rows, vis, prefix, tail, *hooks, n_vis,
+                             ws.obs_part.data() + static_cast<size_t>(ith) * obs_part + static_cast<size_t>(kvh) * obs_n);
+            }
             if (n_split > 1) continue;  // merged below
             for (int r = 0; r < rows; ++r) {
                 const float inv = 1.0f / l[r];
@@ -379,21 +460,19 @@ void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShap
         const int64_t tb = t_begin + (base / H) * BT, te = std::min(t_end, tb + BT);
         const int rows = static_cast<int>(te - tb) * group;
         for (int r = 0; r < rows; ++r) {
+            auto part = [&](int64_t sp) { return ws.attn_part.data() + (base * n_split + sp) * part_stride; };
             float mx = -INFINITY;
-            for (int64_t sp = 0; sp < n_split; ++sp) {
-                const float* part = ws.attn_part.data() + (sp * base_tasks + base) * part_stride;
-                mx = std::max(mx, part[static_cast<size_t>(rows_max) * hd + r]);
-            }
+            for (int64_t sp = 0; sp < n_split; ++sp) mx = std::max(mx, part(sp)[static_cast<size_t>(rows_max) * hd + r]);
             float* out = out_all + (tb + r / group) * QD + static_cast<int64_t>(kvh * group + r % group) * hd;
             std::fill(out, out + hd, 0.0f);
             float sum = 0.0f;
             for (int64_t sp = 0; sp < n_split; ++sp) {
-                const float* part = ws.attn_part.data() + (sp * base_tasks + base) * part_stride;
-                const float pm = part[static_cast<size_t>(rows_max) * hd + r];
+                const float* p = part(sp);
+                const float pm = p[static_cast<size_t>(rows_max) * hd + r];
                 if (pm == -INFINITY) continue;  // nothing of this split was visible to the row
                 const float w = exp_neg(pm - mx);
-                sum += w * part[static_cast<size_t>(rows_max) * (hd + 1) + r];
-                const float* po = part + static_cast<size_t>(r) * hd;
+                sum += w * p[static_cast<size_t>(rows_max) * (hd + 1) + r];
+                const float* po = p + static_cast<size_t>(r) * hd;
                 for (int d = 0; d < hd; ++d) out[d] += w * po[d];
             }
             const float inv = 1.0f / sum;
@@ -401,9 +480,6 @@ void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShap
         }
     }
 }
-
-// head_dim 16, 32, 64, 128 or 256
-bool tiled_attention_supported(int head_dim) { return tile_fns_for(head_dim).row != nullptr; }
 
 }  // namespace
 

@@ -576,11 +576,32 @@ inline __m256i fold8(__m256i h01, __m256i h23, __m256i h45, __m256i h67) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
 }
 
+// Fetches `bytes` from p into the cache over `steps` calls, an equal share per call. The
+// single-token kernels read a group of rows as several interleaved streams (one per row), which the
+// hardware prefetchers follow poorly; fetching the next group while this one is computed measured
+// 1.3-1.5x faster decode matmuls on an AVX2 EPYC.
+class GroupPrefetch {
+  public:
+    GroupPrefetch(const uint8_t* p, size_t bytes, int64_t steps)
+        : p_(reinterpret_cast<const char*>(p)), lines_((bytes + 63) / 64),
+          per_step_(steps > 0 ? (lines_ + static_cast<size_t>(steps) - 1) / static_cast<size_t>(steps) : 0) {}
+    void step(int64_t i) const {
+        const size_t l0 = static_cast<size_t>(i) * per_step_, l1 = std::min(lines_, l0 + per_step_);
+        for (size_t l = l0; l < l1; ++l) _mm_prefetch(p_ + 64 * l, _MM_HINT_T0);
+    }
+
+  private:
+    const char* p_;
+    size_t lines_, per_step_;
+};
+
 // 8 rows in their own layout x N tokens: the same lanes and float steps as qtile, with the
 // per-row partial sums folded by hadd instead of a repack (for calls with very few tokens).
+// next: the following rows (next_bytes of them), prefetched meanwhile.
 template <class F, int N>
 void qrows8(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmActs& a, int64_t t0, float* y,
-            int64_t ldy, int64_t row0, const float* bias) {
+            int64_t ldy, int64_t row0, const float* bias, const uint8_t* next = nullptr, size_t next_bytes = 0) {
+    const GroupPrefetch pf(next, next ? next_bytes : 0, nb);
     alignas(32) int32_t o[8];
     for (int r = 0; r < 8; ++r) o[r] = static_cast<int32_t>(static_cast<size_t>(std::min(r, n_rows - 1)) * stride);
     const __m256i offs = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
@@ -591,6 +612,7 @@ void qrows8(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmA
     const __m256i zero = _mm256_setzero_si256();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blocks = w + b * F::kBytes;
+        pf.step(b);
         __m256i yv[N], h[N][4];
         for (int j = 0; j < N; ++j) yv[j] = loadu(ya[j].qs + b * QK);
         for (int pr = 0; pr < 4; ++pr) {
@@ -764,7 +786,9 @@ void qgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmAc
     if (T < kMinPackTokens) {
         for (int64_t r = r0; r < r1; r += 8) {
             const int n = static_cast<int>(std::min<int64_t>(8, r1 - r));
-            qrows8<F, 1>(w + static_cast<size_t>(r) * stride, stride, n, nb, a, 0, y, ldy, r, bias);
+            const int64_t n_next = std::min<int64_t>(8, r1 - r - n);
+            qrows8<F, 1>(w + static_cast<size_t>(r) * stride, stride, n, nb, a, 0, y, ldy, r, bias,
+                         w + static_cast<size_t>(r + n) * stride, static_cast<size_t>(std::max<int64_t>(0, n_next)) * stride);
         }
         return;
     }
@@ -1063,8 +1087,9 @@ inline void krow_block(const uint8_t* x, const TokenActsK* ya, int64_t b, int ou
 // kblock run on the 8 row lanes.
 template <class F, int N>
 void kfold(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmActs& a, int64_t t0, float* y,
-           int64_t ldy, int64_t row0, const float* bias) {
+           int64_t ldy, int64_t row0, const float* bias, const uint8_t* next = nullptr, size_t next_bytes = 0) {
     constexpr bool kQ4 = std::is_same<F, FQ4K>::value;
+    const GroupPrefetch pf(next, next ? next_bytes : 0, 8 * nb);
     alignas(32) int32_t o[8];
     for (int r = 0; r < 8; ++r) o[r] = static_cast<int32_t>(static_cast<size_t>(std::min(r, n_rows - 1)) * stride);
     const __m256i offs = _mm256_load_si256(reinterpret_cast<const __m256i*>(o));
@@ -1081,6 +1106,7 @@ void kfold(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmAc
         }
         const uint8_t* x = w + static_cast<size_t>(r) * stride;
         for (int64_t b = 0; b < nb; ++b) {
+            pf.step(r * nb + b);
             int v[N];
             krow_block<F, N>(x + b * F::kBytes, ya, b, v);
             for (int j = 0; j < N; ++j) sb[(j * nb + b) * 8 + r] = v[j];
@@ -1262,7 +1288,9 @@ void kgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmAc
     if (T < kMinPackTokens) {
         for (int64_t r = r0; r < r1; r += 8) {
             const int n = static_cast<int>(std::min<int64_t>(8, r1 - r));
-            kfold<F, 1>(w + static_cast<size_t>(r) * stride, stride, n, nb, a, 0, y, ldy, r, bias);
+            const int64_t n_next = std::min<int64_t>(8, r1 - r - n);
+            kfold<F, 1>(w + static_cast<size_t>(r) * stride, stride, n, nb, a, 0, y, ldy, r, bias,
+                        w + static_cast<size_t>(r + n) * stride, static_cast<size_t>(std::max<int64_t>(0, n_next)) * stride);
         }
         return;
     }
