@@ -1,7 +1,7 @@
 """Single-thread vec_dot throughput of cpp/cpu/quant.cpp (GB/s of weight bytes), optionally next to
 llama.cpp's own kernels (libggml-cpu, e.g. from the llama-cpp-python wheel) on the same bytes.
 
-Calling _core.vec_dot from Python costs far more than the kernel, so this compiles a small C++
+Calling _testing.vec_dot from Python costs far more than the kernel, so this compiles a small C++
 harness against cpp/cpu/quant.cpp (-O3 -march=native, like the CMake build) and runs it.
 
     python bench/bench_quant.py                 # x2l kernels, SIMD and forced-scalar

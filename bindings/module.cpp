@@ -1,5 +1,6 @@
-// x2l_edge._core: the thin nanobind layer over the C++ core. numpy arrays in and out; the GIL is
-// released around every call that computes.
+// x2l_edge._core: the thin nanobind layer over the C++ core (the user API; kernel probes live in the
+// test module, bindings/testing). numpy arrays in and out; the GIL is released around every call that
+// computes.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/function.h>
@@ -9,39 +10,15 @@
 
 #include <cstring>
 
+#include "common.h"
 #include "core/common.h"
 #include "core/gguf.h"
-#include "cpu/quant.h"
-#include "core/threadpool.h"
 #include "llm/tokenizer.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
-
-using F32Array = nb::ndarray<nb::numpy, float, nb::c_contig>;
-using U8Array = nb::ndarray<nb::numpy, uint8_t, nb::c_contig>;
-
-template <typename T>
-nb::ndarray<nb::numpy, T> owned_array(std::vector<T>&& v, std::initializer_list<size_t> shape) {
-    auto* heap = new std::vector<T>(std::move(v));
-    nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
-    return nb::ndarray<nb::numpy, T>(heap->data(), shape.size(), shape.begin(), owner);
-}
-
-// Messages may quote bytes from a broken file: decode leniently so raising never fails.
-void set_error(PyObject* type, const char* msg) {
-    PyObject* s = PyUnicode_DecodeUTF8(msg, static_cast<Py_ssize_t>(std::strlen(msg)), "replace");
-    PyErr_SetObject(type, s);
-    Py_XDECREF(s);
-}
-
-x2l::DType checked_type(uint32_t type_id) {
-    const x2l::TypeInfo* ti = x2l::type_info(type_id);
-    if (!ti) throw x2l::FormatError("unknown tensor type id " + std::to_string(type_id));
-    return static_cast<x2l::DType>(type_id);
-}
 
 nb::object gguf_value_to_py(const x2l::GGUFValue& v) {
     using T = x2l::GGUFType;
@@ -74,9 +51,8 @@ nb::object gguf_value_to_py(const x2l::GGUFValue& v) {
 
 void bind_session(nb::module_& m);  // session_bind.cpp
 void bind_x2l(nb::module_& m);      // x2l_bind.cpp
-void bind_cuda(nb::module_& m);     // cuda_bind.cpp
+void bind_device(nb::module_& m);   // device_bind.cpp
 void bind_vision(nb::module_& m);   // vision_bind.cpp
-void bind_gemm(nb::module_& m);     // gemm_bind.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "x2l-edge native core";
@@ -93,18 +69,7 @@ NB_MODULE(_core, m) {
     m.attr("Error") = nb::steal(error);
     m.attr("FormatError") = nb::steal(format_error);
     m.attr("BudgetError") = nb::steal(budget_error);
-    nb::register_exception_translator([](const std::exception_ptr& p, void* mod) {
-        nb::handle module(static_cast<PyObject*>(mod));
-        try {
-            std::rethrow_exception(p);
-        } catch (const x2l::FormatError& e) {
-            set_error(module.attr("FormatError").ptr(), e.what());
-        } catch (const x2l::BudgetError& e) {
-            set_error(module.attr("BudgetError").ptr(), e.what());
-        } catch (const x2l::Error& e) {
-            set_error(module.attr("Error").ptr(), e.what());
-        }
-    }, m.ptr());
+    x2l_bind::translate_errors(m);
 
     // ------------------------------------------------------------------ GGUF
     nb::class_<x2l::GGUFFile>(m, "GGUFFile")
@@ -143,48 +108,13 @@ NB_MODULE(_core, m) {
         }, "name"_a);
 
     // ------------------------------------------------------------------ quant formats
-    m.def("type_name", [](uint32_t type_id) { return std::string(x2l::type_info(checked_type(type_id)).name); });
+    m.def("type_name", [](uint32_t type_id) { return std::string(x2l::type_info(x2l_bind::checked_type(type_id)).name); });
     m.def("type_block", [](uint32_t type_id) {
-        const auto& ti = x2l::type_info(checked_type(type_id));
+        const auto& ti = x2l::type_info(x2l_bind::checked_type(type_id));
         return nb::make_tuple(ti.block_size, ti.block_bytes);
     });
-    m.def("dequantize", [](uint32_t type_id, nb::bytes data, int64_t n) {
-        x2l::DType t = checked_type(type_id);
-        if (!x2l::type_info(t).compute) throw x2l::FormatError(std::string("unsupported type ") + x2l::type_info(t).name);
-        const auto& ti = x2l::type_info(t);
-        if (n < 0 || n % ti.block_size != 0) throw x2l::Error("n must be a multiple of the block size");
-        if (x2l::row_bytes(t, n) != data.size()) throw x2l::Error("data size does not match n");
-        std::vector<float> out(static_cast<size_t>(n));
-        {
-            nb::gil_scoped_release nogil;
-            x2l::dequantize_row(t, data.c_str(), out.data(), n);
-        }
-        return owned_array(std::move(out), {static_cast<size_t>(n)});
-    }, "type_id"_a, "data"_a, "n"_a, "Dequantize a row of n values to float32.");
-    m.def("quantize", [](uint32_t type_id, F32Array x) {
-        x2l::DType t = checked_type(type_id);
-        int64_t n = static_cast<int64_t>(x.size());
-        const auto& ti = x2l::type_info(t);
-        if (n % ti.block_size != 0) throw x2l::Error("n must be a multiple of the block size");
-        std::string out(x2l::row_bytes(t, n), '\0');
-        {
-            nb::gil_scoped_release nogil;
-            x2l::quantize_row(t, x.data(), out.data(), n);
-        }
-        return nb::bytes(out.data(), out.size());
-    }, "type_id"_a, "x"_a, "Quantize float32 values to a row of the given type.");
-    m.def("vec_dot", [](uint32_t type_id, nb::bytes w_row, F32Array x) {
-        x2l::DType t = checked_type(type_id);
-        int64_t n = static_cast<int64_t>(x.size());
-        if (x2l::row_bytes(t, n) != w_row.size()) throw x2l::Error("weight row size does not match x");
-        x2l::DType at = x2l::dot_type(t);
-        std::string act(x2l::row_bytes(at, n), '\0');
-        x2l::quantize_row(at, x.data(), act.data(), n);
-        return x2l::vec_dot(t, n, w_row.c_str(), act.data());
-    }, "type_id"_a, "w_row"_a, "x"_a, "Dot product of a quantized weight row with float32 x (x quantized as the kernel does).");
-
-    m.def("set_force_scalar", &x2l::set_force_scalar, "on"_a,
-          "Test-only: route dot products and quantizers through the portable scalar code.");
+    m.def("dequantize", &x2l_bind::dequantize, "type_id"_a, "data"_a, "n"_a, "Dequantize a row of n values to float32.");
+    m.def("quantize", &x2l_bind::quantize, "type_id"_a, "x"_a, "Quantize float32 values to a row of the given type.");
 
     // ------------------------------------------------------------------ tokenizer
     nb::class_<x2l::Tokenizer>(m, "Tokenizer")
@@ -212,7 +142,6 @@ NB_MODULE(_core, m) {
 
     bind_session(m);
     bind_x2l(m);
-    bind_cuda(m);
+    bind_device(m);
     bind_vision(m);
-    bind_gemm(m);
 }

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from x2l_edge import _core
+from probes import needs_probes
+from probes import testing as _testing  # the kernel probes (x2l_edge._testing); None when not built
 
 gguf = pytest.importorskip("gguf")
 from gguf import quants  # noqa: E402
@@ -41,8 +43,14 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 
 
 def test_bindings_registered():
-    for name in ("cuda_built", "cuda_device_count", "cuda_device_info", "cuda_matmul", "cuda_attention"):
-        assert hasattr(_core, name), f"_core.{name} missing (bind_cuda not called from module.cpp?)"
+    """The user module answers what the build and the machine have; the kernel probes are in the test
+    module only."""
+    for name in ("cuda_built", "cuda_emulated", "cuda_device_count", "cuda_device_info"):
+        assert hasattr(_core, name), f"_core.{name} missing (bind_device not called from module.cpp?)"
+    for name in ("cuda_matmul", "cuda_attention", "cuda_matmul_speed", "vec_dot", "set_force_scalar", "gemm_reference"):
+        assert not hasattr(_core, name), f"_core.{name}: a test probe in the user module"
+        if _testing is not None:
+            assert hasattr(_testing, name), f"_testing.{name} missing"
 
 
 def test_device_count_never_crashes():
@@ -68,15 +76,16 @@ def test_emulated_build_has_its_device():
     assert HAS_GPU and "emulator" in _core.cuda_device_info(0)["name"]
 
 
+@needs_probes
 def test_ops_refuse_cleanly_without_backend_or_device():
     if HAS_GPU:
         pytest.skip("a device is present")
     x = np.zeros((1, 32), np.float32)
     w = np.zeros(34, np.uint8)
     with pytest.raises(RuntimeError):
-        _core.cuda_matmul(Q8_0, w, 1, 32, x)
+        _testing.cuda_matmul(Q8_0, w, 1, 32, x)
     with pytest.raises(RuntimeError):
-        _core.cuda_rms_norm(x)
+        _testing.cuda_rms_norm(x)
     with pytest.raises(RuntimeError):
         _core.cuda_device_info(0)
 
@@ -186,7 +195,7 @@ def test_matmul(type_id, rows, T, which_n):
     n = _n_values(type_id)[which_n]
     raw, w = random_rows(rng, type_id, rows, n)
     x = rng.standard_normal((T, n)).astype(np.float32)
-    y = _core.cuda_matmul(type_id, raw, rows, n, x)
+    y = _testing.cuda_matmul(type_id, raw, rows, n, x)
     assert y.shape == (T, rows) and y.dtype == np.float32
     x64 = x.astype(np.float64)
     if T >= 64:  # the prefill's tensor-core kernel: f16 operands, f32 accumulation
@@ -194,7 +203,7 @@ def test_matmul(type_id, rows, T, which_n):
         assert_matmul_close(y, x16 @ w16.T, np.abs(x64) @ np.abs(w).T)
         assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T, rel=2e-3)  # f16 rounding: ~2^-11 per operand
         # The f32 tiles on the same shape (what short batches run): float32 accuracy.
-        y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="f32")
+        y = _testing.cuda_matmul(type_id, raw, rows, n, x, kernel="f32")
     assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
 
 
@@ -202,19 +211,19 @@ def test_matmul(type_id, rows, T, which_n):
 def test_attention_speed_probe():
     for kernel in ("tensor_core", "f32", "auto"):
         for with_lse in (False, True):
-            r = _core.cuda_attention_speed(40, 4, 2, 64, 100, Q8_0, kernel, 1, with_lse=with_lse)
+            r = _testing.cuda_attention_speed(40, 4, 2, 64, 100, Q8_0, kernel, 1, with_lse=with_lse)
             assert r["ms"] > 0 and r["tflops"] > 0, r
     with pytest.raises(_core.Error):
-        _core.cuda_attention_speed(40, 4, 2, 64, 30, F16, "auto", 1)  # fewer cache rows than new rows
+        _testing.cuda_attention_speed(40, 4, 2, 64, 30, F16, "auto", 1)  # fewer cache rows than new rows
 
 
 @gpu
 def test_matmul_speed_probe():
     for kernel in ("tensor_core", "f32", "auto"):
-        r = _core.cuda_matmul_speed(Q4_0, 64, 128, 70, kernel, 1)
+        r = _testing.cuda_matmul_speed(Q4_0, 64, 128, 70, kernel, 1)
         assert r["ms"] > 0 and r["tflops"] > 0, r
     with pytest.raises(_core.Error):
-        _core.cuda_matmul_speed(Q4_0, 64, 100, 70, "auto", 1)  # n not a multiple of the block
+        _testing.cuda_matmul_speed(Q4_0, 64, 100, 70, "auto", 1)  # n not a multiple of the block
 
 
 @gpu
@@ -227,14 +236,14 @@ def test_matmul_tensor_cores(type_id, rows, T):
     n = _n_values(type_id)[1]
     raw, w = random_rows(rng, type_id, rows, n)
     x = (3 * rng.standard_normal((T, n))).astype(np.float32)
-    y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
+    y = _testing.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
     x16, w16 = _f16_operands(x, w)
     assert_matmul_close(y, x16 @ w16.T, np.abs(x16) @ np.abs(w16).T)
     with pytest.raises(_core.Error, match="kernel"):
-        _core.cuda_matmul(type_id, raw, rows, n, x, kernel="int8")
+        _testing.cuda_matmul(type_id, raw, rows, n, x, kernel="int8")
     # Past f16's range an activation saturates at 65504 (finite sums), it does not become inf.
     x[0, 0], x[1, 5] = 1e6, -7e4
-    y = _core.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
+    y = _testing.cuda_matmul(type_id, raw, rows, n, x, kernel="tensor_core")
     assert np.isfinite(y).all()
     x16, _ = _f16_operands(np.clip(x, -65504, 65504), w)
     assert_matmul_close(y, x16 @ w16.T, np.abs(x16) @ np.abs(w16).T)
@@ -248,7 +257,7 @@ def test_matmul_decode_realistic(type_id):
     rows, n = 3000, 4096
     raw, w = random_rows(rng, type_id, rows, n)
     x = rng.standard_normal((1, n)).astype(np.float32)
-    y = _core.cuda_matmul(type_id, raw, rows, n, x)
+    y = _testing.cuda_matmul(type_id, raw, rows, n, x)
     x64 = x.astype(np.float64)
     assert_matmul_close(y, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
 
@@ -258,9 +267,9 @@ def test_matmul_rejects_bad_shapes():
     rng = np.random.default_rng(3)
     raw, _ = random_rows(rng, Q8_0, 4, 64)
     with pytest.raises(RuntimeError):  # n not a multiple of the block
-        _core.cuda_matmul(Q8_0, raw, 4, 48, np.zeros((1, 48), np.float32))
+        _testing.cuda_matmul(Q8_0, raw, 4, 48, np.zeros((1, 48), np.float32))
     with pytest.raises(RuntimeError):  # unsupported type (Q5_K)
-        _core.cuda_matmul(Q5_K, raw, 4, 64, np.zeros((1, 64), np.float32))
+        _testing.cuda_matmul(Q5_K, raw, 4, 64, np.zeros((1, 64), np.float32))
 
 
 @gpu
@@ -270,7 +279,7 @@ def test_get_rows(type_id):
     n_rows, n = 10, _n_values(type_id)[1]
     raw, w = random_rows(rng, type_id, n_rows, n)
     ids = np.array([3, 0, 9, 3, -1, 10], np.int32)  # the last two are out of range: zero rows
-    y = _core.cuda_get_rows(type_id, raw, n_rows, n, ids)
+    y = _testing.cuda_get_rows(type_id, raw, n_rows, n, ids)
     ref = np.zeros((len(ids), n))
     ref[:4] = w[ids[:4]]
     # Same float32 arithmetic as gguf's dequantizer, except that the GPU may fuse q*d + m into one
@@ -288,7 +297,7 @@ def test_rms_norm(n, with_w):
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((5, n)) * 3 + 1).astype(np.float32)
     w = rng.standard_normal(n).astype(np.float32) if with_w else None
-    y = _core.cuda_rms_norm(x, w, 1e-6)
+    y = _testing.cuda_rms_norm(x, w, 1e-6)
     x64 = x.astype(np.float64)
     ref = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * (w if with_w else 1.0)
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
@@ -302,7 +311,7 @@ def test_layer_norm(n, affine):
     x = (rng.standard_normal((4, n)) * 2 + 50).astype(np.float32)  # large mean: needs the two-pass variance
     w = rng.standard_normal(n).astype(np.float32) if affine else None
     b = rng.standard_normal(n).astype(np.float32) if affine else None
-    y = _core.cuda_layer_norm(x, w, b, 1e-5)
+    y = _testing.cuda_layer_norm(x, w, b, 1e-5)
     x64 = x.astype(np.float64)
     mu = x64.mean(-1, keepdims=True)
     ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
@@ -335,7 +344,7 @@ def test_rope(neox, n_rot, head_dim, base, scale, in_place):
     rng = np.random.default_rng(n_rot + head_dim)
     pos = np.array([0, 1, 5, 100, 4095, 40000, 123456], np.int32)
     x = rng.standard_normal((len(pos), 3, head_dim)).astype(np.float32)
-    y = _core.cuda_rope(x, pos, n_rot, base, scale, neox, in_place)
+    y = _testing.cuda_rope(x, pos, n_rot, base, scale, neox, in_place)
     np.testing.assert_allclose(y, rope_ref(x, pos, n_rot, base, scale, neox), rtol=0, atol=2e-5)
 
 
@@ -360,7 +369,7 @@ def test_rerotate_keys(type_id, neox, n_rot, delta, in_place):
     rng = np.random.default_rng(n_rot + delta % 97)
     raw, vals = quantize_like(type_id, rng.standard_normal((37, head_dim)).astype(np.float32))
     raw = raw.reshape(37, -1)
-    out = _core.cuda_rerotate_keys(type_id, raw, head_dim, n_rot, base, neox, delta, in_place)
+    out = _testing.cuda_rerotate_keys(type_id, raw, head_dim, n_rot, base, neox, delta, in_place)
     assert out.shape == raw.shape and out.dtype == np.uint8
     if delta == 0:  # nothing moves: the rows come back as they were, quantized ones included
         np.testing.assert_array_equal(out, raw)
@@ -389,13 +398,13 @@ def test_rerotate_keys_composes_and_refuses_bad_rows():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((5, 128)).astype(np.float32)
     raw = x.view(np.uint8)
-    there = _core.cuda_rerotate_keys(F32, raw, 128, 128, 1e4, True, 250)
-    back = _core.cuda_rerotate_keys(F32, there, 128, 128, 1e4, True, -250).view(np.float32)
+    there = _testing.cuda_rerotate_keys(F32, raw, 128, 128, 1e4, True, 250)
+    back = _testing.cuda_rerotate_keys(F32, there, 128, 128, 1e4, True, -250).view(np.float32)
     np.testing.assert_allclose(back, x, rtol=0, atol=1e-5)
     with pytest.raises(_core.Error, match="f32, f16, q8_0 or q4_0"):
-        _core.cuda_rerotate_keys(Q4_1, raw, 128, 128)
+        _testing.cuda_rerotate_keys(Q4_1, raw, 128, 128)
     with pytest.raises(_core.Error, match="head_dim"):
-        _core.cuda_rerotate_keys(Q8_0, np.zeros((2, 34), np.uint8), 16, 16)
+        _testing.cuda_rerotate_keys(Q8_0, np.zeros((2, 34), np.uint8), 16, 16)
 
 
 @gpu
@@ -406,9 +415,9 @@ def test_set_rows():
     ids = np.array([7, 0, 4], np.int32)
     want = dst.copy()
     want[ids] = src
-    np.testing.assert_array_equal(_core.cuda_set_rows(src, ids, dst), want)
+    np.testing.assert_array_equal(_testing.cuda_set_rows(src, ids, dst), want)
     # ids outside the destination are skipped, not written out of bounds
-    np.testing.assert_array_equal(_core.cuda_set_rows(src, np.array([9, -1, 2], np.int32), dst)[2], src[2])
+    np.testing.assert_array_equal(_testing.cuda_set_rows(src, np.array([9, -1, 2], np.int32), dst)[2], src[2])
 
 
 @gpu
@@ -416,11 +425,11 @@ def test_gather_rows():
     rng = np.random.default_rng(1)
     src = rng.integers(0, 256, (11, 24), dtype=np.uint8)  # e.g. 12 f16 values per row, bits as they are
     ids = np.array([10, 0, 3, 3, 11, -1], np.int32)
-    got = np.frombuffer(_core.cuda_gather_rows(src, ids), np.uint8).reshape(6, 24)
+    got = np.frombuffer(_testing.cuda_gather_rows(src, ids), np.uint8).reshape(6, 24)
     np.testing.assert_array_equal(got[:4], src[[10, 0, 3, 3]])
     assert not got[4:].any()  # out-of-range ids give zero rows
     with pytest.raises(_core.Error, match="multiple of 4"):
-        _core.cuda_gather_rows(src[:, :6].copy(), ids)
+        _testing.cuda_gather_rows(src[:, :6].copy(), ids)
 
 
 @gpu
@@ -428,7 +437,7 @@ def test_gather_rows():
 def test_softmax(n):
     rng = np.random.default_rng(n)
     x = (rng.standard_normal((6, n)) * 5).astype(np.float32)
-    y = _core.cuda_softmax(x, 0.5)
+    y = _testing.cuda_softmax(x, 0.5)
     z = x.astype(np.float64) * 0.5
     e = np.exp(z - z.max(-1, keepdims=True))
     np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-4, atol=1e-7)
@@ -441,7 +450,7 @@ def test_swiglu():
     u = rng.standard_normal(10001).astype(np.float32)
     g64 = g.astype(np.float64)
     ref = g64 / (1 + np.exp(-g64)) * u
-    np.testing.assert_allclose(_core.cuda_swiglu(g, u), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_testing.cuda_swiglu(g, u), ref, rtol=1e-5, atol=1e-6)
 
 
 @gpu
@@ -456,9 +465,9 @@ def test_gelu(approximate):
         ref = x64 / (1 + np.exp(-1.702 * x64))
     else:
         ref = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
-    np.testing.assert_allclose(_core.cuda_gelu(x, approximate), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_testing.cuda_gelu(x, approximate), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(_core.Error, match="approximate"):
-        _core.cuda_gelu(x, "fast")
+        _testing.cuda_gelu(x, "fast")
 
 
 def _bilinear_ref(x: np.ndarray, out: int) -> np.ndarray:
@@ -487,7 +496,7 @@ def _bilinear_ref(x: np.ndarray, out: int) -> np.ndarray:
 def test_pool2d_bilinear(g, out):
     rng = np.random.default_rng(g)
     x = rng.standard_normal((3, g, g, 40)).astype(np.float32)
-    got = _core.cuda_pool2d(x, out, "bilinear")
+    got = _testing.cuda_pool2d(x, out, "bilinear")
     np.testing.assert_allclose(got, _bilinear_ref(x, out), rtol=1e-5, atol=1e-5)
     torch = pytest.importorskip("torch")  # and the independent reference, when it is installed
     want = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(out, out), mode="bilinear",
@@ -502,9 +511,9 @@ def test_pool2d_avg(g, stride):
     x = rng.standard_normal((2, g, g, 33)).astype(np.float32)
     pg = g // stride
     want = x[:, :pg * stride, :pg * stride].reshape(2, pg, stride, pg, stride, 33).mean(axis=(2, 4))
-    np.testing.assert_allclose(_core.cuda_pool2d(x, pg, "avg", stride), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_testing.cuda_pool2d(x, pg, "avg", stride), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(_core.Error, match="out_grid"):
-        _core.cuda_pool2d(x, pg + 1, "avg", stride)
+        _testing.cuda_pool2d(x, pg + 1, "avg", stride)
 
 
 @gpu
@@ -513,8 +522,8 @@ def test_add_mul(b_shape):
     rng = np.random.default_rng(13)
     a = rng.standard_normal((6, 50)).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
-    np.testing.assert_array_equal(_core.cuda_add(a, b), a + b)
-    np.testing.assert_array_equal(_core.cuda_mul(a, b), a * b)
+    np.testing.assert_array_equal(_testing.cuda_add(a, b), a + b)
+    np.testing.assert_array_equal(_testing.cuda_mul(a, b), a * b)
 
 
 # ---------------------------------------------------------------- attention
@@ -595,7 +604,7 @@ def test_attention(case, n_splits, head_major):
     segs, K, V = make_segments(rng, specs, KVH, D, head_major)
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)
     scale = 1.0 / math.sqrt(D)
-    out = _core.cuda_attention(q, segs, KVH, scale, causal, window, n_splits, head_major, kernel="f32")
+    out = _testing.cuda_attention(q, segs, KVH, scale, causal, window, n_splits, head_major, kernel="f32")
     ref = attention_ref(q, K, V, KVH, scale, causal, window)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=3e-5)
 
@@ -611,7 +620,7 @@ def test_attention_tensor_cores(case, head_major):
     segs, K, V = make_segments(rng, specs, KVH, D, head_major)
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)
     scale = 1.0 / math.sqrt(D)
-    out = _core.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
+    out = _testing.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
     ref = attention_ref(q, K, V, KVH, scale, causal, window)
     # f16 operands and probabilities: measured 3e-5 to 1.5e-4 of max|V| on these cases.
     err = np.abs(out - ref).max() / np.abs(V).max()
@@ -639,7 +648,7 @@ def test_attention_votes(n_q, H, KVH, D, own, obs):
     segs, K, V = make_segments(rng, [(Q8_0, Q8_0, 40), (F16, F16, 13), (F16, F16, own)], KVH, D)
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)
     scale = 1.0 / math.sqrt(D)
-    out, votes = _core.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="f32")
+    out, votes = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="f32")
     np.testing.assert_allclose(out, attention_ref(q, K, V, KVH, scale, True, 0), rtol=1e-4, atol=3e-5)
     p = attention_probs_ref(q, K, KVH, scale)[obs:, :, -own:]  # [rows, H, own]
     want = p.reshape(p.shape[0], KVH, H // KVH, own).sum(axis=(0, 2))
@@ -649,14 +658,14 @@ def test_attention_votes(n_q, H, KVH, D, own, obs):
         assert not votes.any()
     # The log-sum-exp from the tensor-core kernel (the prefill's, from 64 rows per KV head): its f16
     # scores move each probability by a few 1e-4 at most.
-    _, votes_tc = _core.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="tensor_core")
+    _, votes_tc = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="tensor_core")
     np.testing.assert_allclose(votes_tc, want, rtol=0, atol=2e-3 * max(1.0, want.max()))
     # Auto, the prefill's choice: from 64 rows per KV head the output comes from the tensor cores and the
     # voting rows' log-sum-exp from a second pass on f32 scores, so the votes are as tight as the f32 kernel's.
-    out_auto, votes_auto = _core.cuda_attention(q, segs, KVH, scale, observe_from=obs)
+    out_auto, votes_auto = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs)
     np.testing.assert_allclose(votes_auto, want, rtol=1e-4, atol=1e-6)
     if n_q * H // KVH >= 64:
-        np.testing.assert_array_equal(out_auto, _core.cuda_attention(q, segs, KVH, scale, kernel="tensor_core"))
+        np.testing.assert_array_equal(out_auto, _testing.cuda_attention(q, segs, KVH, scale, kernel="tensor_core"))
     else:
         np.testing.assert_array_equal(out_auto, out)
 
@@ -666,9 +675,9 @@ def test_attention_default_scale_and_empty_cache():
     rng = np.random.default_rng(5)
     segs, K, V = make_segments(rng, [(F16, F16, 10)], 2, 64)
     q = rng.standard_normal((1, 4, 64)).astype(np.float32)
-    out = _core.cuda_attention(q, segs, 2)  # scale 0 -> 1/sqrt(head_dim)
+    out = _testing.cuda_attention(q, segs, 2)  # scale 0 -> 1/sqrt(head_dim)
     np.testing.assert_allclose(out, attention_ref(q, K, V, 2, 1 / 8, True, 0), rtol=1e-4, atol=3e-5)
-    empty = _core.cuda_attention(q, [], 2)
+    empty = _testing.cuda_attention(q, [], 2)
     np.testing.assert_array_equal(empty, np.zeros_like(q))
 
 
@@ -678,11 +687,11 @@ def test_attention_rejects_unsupported_kv():
     q = rng.standard_normal((1, 2, 80)).astype(np.float32)
     raw = np.zeros(10 * 80 * 2, np.uint8)
     with pytest.raises(RuntimeError):  # q8_0 rows need head_dim % 32 == 0
-        _core.cuda_attention(q, [(Q8_0, raw, Q8_0, raw, 10)], 1)
+        _testing.cuda_attention(q, [(Q8_0, raw, Q8_0, raw, 10)], 1)
     q256 = rng.standard_normal((1, 2, 256)).astype(np.float32)
     raw_q4k = np.zeros(144, np.uint8)  # one token, one kv head, one Q4_K super-block
     with pytest.raises(RuntimeError):  # q4_k is not a KV type
-        _core.cuda_attention(q256, [(Q4_K, raw_q4k, Q4_K, raw_q4k, 1)], 1)
+        _testing.cuda_attention(q256, [(Q4_K, raw_q4k, Q4_K, raw_q4k, 1)], 1)
 
 
 # ---------------------------------------------------------------- layer pipeline
@@ -696,18 +705,18 @@ def test_layer_pipeline(n_slots, zero_copy):
         pytest.skip("device cannot map host memory")
     rng = np.random.default_rng(n_slots)
     data = rng.standard_normal((7, 10000)).astype(np.float32)
-    out = _core.cuda_pipeline_selftest(data, n_slots, zero_copy)
+    out = _testing.cuda_pipeline_selftest(data, n_slots, zero_copy)
     np.testing.assert_array_equal(out, data)
 
 
 @gpu
 def test_copy_bandwidth_probe():
-    d = _core.cuda_copy_bandwidth(1 << 16, 4, n_slots=2, reps=1)
+    d = _testing.cuda_copy_bandwidth(1 << 16, 4, n_slots=2, reps=1)
     assert d["bytes"] == 4 << 16 and d["layers"] == 4
     for key in ("pipeline_gbps", "memcpy_pinned_gbps", "memcpy_pageable_gbps"):
         assert d[key] > 0, key
     with pytest.raises(RuntimeError, match="bad copy bandwidth arguments"):
-        _core.cuda_copy_bandwidth(0, 4)
+        _testing.cuda_copy_bandwidth(0, 4)
 
 
 # ---------------------------------------------------------------- the LLM on a device (Session(device=...))

@@ -12,30 +12,16 @@ _core.quantize; K-quants as random valid blocks, the core has no quantizer for t
 """
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import numpy as np
 import pytest
 
+import probes
 from x2l_edge import _core
-
-
-def _module():
-    if hasattr(_core, "matmul_test"):
-        return _core
-    # Until bindings/module.cpp calls bind_gemm(m): a private build of gemm_bind.cpp.
-    path = os.environ.get("X2L_GEMM_TEST_MODULE")
-    if path:
-        sys.path.insert(0, path)
-        return importlib.import_module("_gemmtest")
-    pytest.skip("_core has no matmul_test (bind_gemm not registered) and X2L_GEMM_TEST_MODULE is unset")
 
 
 @pytest.fixture(scope="module")
 def g():
-    return _module()
+    return probes.require()  # matmul_test, gemm_reference, ... live in the test module x2l_edge._testing
 
 
 # ggml type ids

@@ -5,7 +5,9 @@
 - vec_dot: close to a float64 numpy dot of the dequantized weight row and the dequantized
   activation row that the kernel really sees (x quantized to dot_type(w)); tolerances below.
 - unknown / unsupported type ids raise x2l_edge.FormatError.
-SIMD and scalar kernels are both checked when the module exposes set_force_scalar.
+SIMD and scalar kernels are both checked (set_force_scalar). The kernels are called through the test
+module x2l_edge._testing, whose copy of them set_force_scalar switches; _core's user-facing quantize and
+dequantize run the same code (test_core_formats_are_the_kernels).
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
+import probes  # noqa: E402
 import x2l_edge  # noqa: E402
 from x2l_edge import _core  # noqa: E402
+
+K = probes.require()  # quantize, dequantize, vec_dot, set_force_scalar
 
 # Relative tolerance of vec_dot against the float64 reference, as a fraction of sum|w_i * x_i|.
 # The kernels sum exact integer products per block and accumulate one float32 term per block,
@@ -49,7 +54,7 @@ HALF_FIELDS = {
 @pytest.fixture(params=["simd", "scalar"])
 def kernel_mode(request):
     """Run a test on the SIMD kernels and again on the forced scalar fallback."""
-    setter = getattr(_core, "set_force_scalar", None)
+    setter = getattr(K, "set_force_scalar", None)
     if request.param == "scalar":
         if setter is None:
             pytest.skip("module does not expose set_force_scalar")
@@ -110,11 +115,11 @@ def test_unknown_type_ids_raise_format_error(bad):
     with pytest.raises(x2l_edge.FormatError):
         _core.type_name(bad)
     with pytest.raises(x2l_edge.FormatError):
-        _core.dequantize(bad, bytes(18), 32)
+        K.dequantize(bad, bytes(18), 32)
     with pytest.raises(x2l_edge.FormatError):
-        _core.quantize(bad, x)
+        K.quantize(bad, x)
     with pytest.raises(x2l_edge.FormatError):
-        _core.vec_dot(bad, bytes(18), x)
+        K.vec_dot(bad, bytes(18), x)
 
 
 @pytest.mark.parametrize("t", [Q.Q2_K, Q.Q3_K, Q.Q5_K, Q.IQ4_NL, Q.I8, Q.F64, Q.TQ2_0, Q.MXFP4])
@@ -123,20 +128,20 @@ def test_known_but_unsupported_types_raise_format_error(t):
     n = 256 if bs == 1 else bs
     x = np.zeros(n, dtype=np.float32)
     with pytest.raises(x2l_edge.FormatError):
-        _core.dequantize(int(t), bytes(n // bs * ts), n)
+        K.dequantize(int(t), bytes(n // bs * ts), n)
     with pytest.raises(x2l_edge.FormatError):
-        _core.quantize(int(t), x)
+        K.quantize(int(t), x)
     with pytest.raises(x2l_edge.FormatError):
-        _core.vec_dot(int(t), bytes(n // bs * ts), x)
+        K.vec_dot(int(t), bytes(n // bs * ts), x)
 
 
 def test_bad_sizes_raise():
     with pytest.raises(x2l_edge.Error):
-        _core.dequantize(int(Q.Q4_0), bytes(18), 31)
+        K.dequantize(int(Q.Q4_0), bytes(18), 31)
     with pytest.raises(x2l_edge.Error):
-        _core.dequantize(int(Q.Q4_0), bytes(17), 32)
+        K.dequantize(int(Q.Q4_0), bytes(17), 32)
     with pytest.raises(x2l_edge.Error):
-        _core.quantize(int(Q.Q8_0), np.zeros(33, dtype=np.float32))
+        K.quantize(int(Q.Q8_0), np.zeros(33, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- dequantize
@@ -148,7 +153,7 @@ def test_dequantize_bit_identical(qtype):
     for n_blocks in (1, 3, 64):
         n_values = n_blocks * bs if bs > 1 else 257 * n_blocks
         data = random_blocks(qtype, n_values // bs, rng)
-        got = _core.dequantize(int(qtype), data, n_values)
+        got = K.dequantize(int(qtype), data, n_values)
         ref = gguf_dequant(qtype, data)
         assert got.dtype == np.float32 and got.shape == (n_values,)
         if qtype == Q.F16:
@@ -171,7 +176,7 @@ def test_dequantize_extreme_scales(qtype):
         raw[:, off:off + 2] = specials.view(np.uint8).reshape(8, 2)
         specials = np.roll(specials, 3)
     data = raw.tobytes()
-    assert same_bits(_core.dequantize(int(qtype), data, 8 * bs), gguf_dequant(qtype, data))
+    assert same_bits(K.dequantize(int(qtype), data, 8 * bs), gguf_dequant(qtype, data))
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -198,7 +203,7 @@ def quant_inputs(rng, n):
 def test_quantize_bit_identical(qtype, kernel_mode):
     rng = np.random.default_rng(int(qtype))
     for x in quant_inputs(rng, 32 * 40):
-        got = _core.quantize(int(qtype), x)
+        got = K.quantize(int(qtype), x)
         ref = gguf.quants.quantize(x, qtype).tobytes()
         assert got == ref, qtype.name
 
@@ -208,7 +213,7 @@ def test_quantize_float_types_bit_identical(qtype):
     rng = np.random.default_rng(3)
     x = rng.standard_normal(999).astype(np.float32) * np.float32(10) ** rng.integers(-9, 6, 999).astype(np.float32)
     x[:6] = [0.0, -0.0, 65504.0, 65520.0, 1e-8, np.inf]  # fp16 max, rounding to inf, subnormal
-    got = _core.quantize(int(qtype), x)
+    got = K.quantize(int(qtype), x)
     with np.errstate(over="ignore"):  # 65520 -> inf is the expected fp16 rounding
         ref = gguf.quants.quantize(x, qtype).tobytes()
     assert got == ref
@@ -234,7 +239,7 @@ def test_quantize_q8_1_matches_ggml_reference(kernel_mode):
     """Q8_1 = Q8_0's d and qs, plus s = fp16(d * sum(qs))."""
     rng = np.random.default_rng(11)
     for x in quant_inputs(rng, 32 * 24):
-        got = _core.quantize(int(Q.Q8_1), x)
+        got = K.quantize(int(Q.Q8_1), x)
         d, s, q = decode_q8_1(got, x.size)
         q80 = np.frombuffer(gguf.quants.quantize(x, Q.Q8_0).tobytes(), dtype=np.uint8).reshape(-1, 34)
         assert np.array_equal(q80[:, 2:].view(np.int8), q)
@@ -250,7 +255,7 @@ def test_quantize_q8_k_matches_ggml_reference(kernel_mode):
     half to even, clamp at 127, float d = 1/scale, bsums = sums of 16."""
     rng = np.random.default_rng(12)
     for x in quant_inputs(rng, 256 * 5):
-        got = _core.quantize(int(Q.Q8_K), x)
+        got = K.quantize(int(Q.Q8_K), x)
         d, q, bsums = decode_q8_k(got, x.size)
         blocks = x.reshape(-1, 256)
         imax = np.abs(blocks).argmax(axis=1)
@@ -272,7 +277,7 @@ def activation_values(at, x: np.ndarray):
     """Activation row as the kernel sees it: (float64 values, extra info)."""
     if at == Q.F32:
         return x.astype(np.float64), None
-    data = _core.quantize(int(at), x)
+    data = K.quantize(int(at), x)
     if at == Q.Q8_0:
         return gguf_dequant(Q.Q8_0, data).astype(np.float64), None
     if at == Q.Q8_1:
@@ -288,7 +293,7 @@ def weight_rows(qtype, n, rng):
     rows = []
     if qtype in (Q.F32, Q.F16, Q.BF16) or qtype in QUANT_TYPES:
         w = rng.standard_normal(n).astype(np.float32) * np.float32(0.05)
-        rows.append(_core.quantize(int(qtype), w))
+        rows.append(K.quantize(int(qtype), w))
     if qtype not in (Q.F32, Q.F16, Q.BF16):
         rows.append(random_blocks(qtype, n // bs, rng, max_exp=12))  # |d| < 2^-3
     return rows
@@ -304,8 +309,8 @@ def test_vec_dot_matches_reference(qtype, kernel_mode):
         x = rng.standard_normal(n).astype(np.float32)
         xv, s = activation_values(at, x)
         for w_bytes in weight_rows(qtype, n, rng):
-            wv = _core.dequantize(int(qtype), w_bytes, n).astype(np.float64)
-            got = float(_core.vec_dot(int(qtype), w_bytes, x))
+            wv = K.dequantize(int(qtype), w_bytes, n).astype(np.float64)
+            got = float(K.vec_dot(int(qtype), w_bytes, x))
             mag = float(np.abs(wv * xv).sum())
             if qtype in (Q.Q4_1, Q.Q5_1):
                 # exact model of the kernel: d*dy*sum(q qy) + m * s, with s the stored fp16 sum
@@ -324,7 +329,7 @@ def test_vec_dot_matches_reference(qtype, kernel_mode):
 
 
 def test_vec_dot_simd_and_scalar_agree():
-    setter = getattr(_core, "set_force_scalar", None)
+    setter = getattr(K, "set_force_scalar", None)
     if setter is None:
         pytest.skip("module does not expose set_force_scalar")
     rng = np.random.default_rng(9)
@@ -335,10 +340,10 @@ def test_vec_dot_simd_and_scalar_agree():
             x = rng.standard_normal(n).astype(np.float32)
             for w_bytes in weight_rows(qtype, n, rng):
                 setter(False)
-                a = _core.vec_dot(int(qtype), w_bytes, x)
+                a = K.vec_dot(int(qtype), w_bytes, x)
                 setter(True)
-                b = _core.vec_dot(int(qtype), w_bytes, x)
-                wv = _core.dequantize(int(qtype), w_bytes, n).astype(np.float64)
+                b = K.vec_dot(int(qtype), w_bytes, x)
+                wv = K.dequantize(int(qtype), w_bytes, n).astype(np.float64)
                 mag = float(np.abs(wv * x).sum())
                 assert abs(a - b) <= 2 * RTOL_DOT * mag, qtype.name
     finally:
@@ -356,7 +361,7 @@ def test_vec_dot_q8_0_integer_exactness():
     qw = rng.integers(-128, 128, (n // 32, 32)).astype(np.int8)
     w[:, 2:] = qw.view(np.uint8)
     exact = float((qw.astype(np.int64).reshape(-1) * x.astype(np.int64)).sum()) * 0.5
-    assert _core.vec_dot(int(Q.Q8_0), w.tobytes(), x) == exact
+    assert K.vec_dot(int(Q.Q8_0), w.tobytes(), x) == exact
 
 
 # ----------------------------------------------------------------------------- native C++ checks
@@ -568,3 +573,13 @@ def test_cpp_checks_aarch64_qemu(tmp_path, march):
     if platform.machine() in ("aarch64", "arm64"):
         pytest.skip("native aarch64 host: covered by test_cpp_checks_host")
     _compile_and_run(tmp_path, "aarch64-linux-gnu-g++", [f"-march={march}", "-static"], runner=("qemu-aarch64", "-cpu", "max"))
+
+
+def test_core_formats_are_the_kernels():
+    """The user module's quantize / dequantize give what the probed kernels give."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(256).astype(np.float32)
+    for qtype in (Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0):
+        data = K.quantize(int(qtype), x)
+        assert _core.quantize(int(qtype), x) == data
+        assert same_bits(_core.dequantize(int(qtype), data, 256), K.dequantize(int(qtype), data, 256))

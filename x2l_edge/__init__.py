@@ -4,25 +4,45 @@ from __future__ import annotations
 import os as _os
 
 
-def _load_core():
+def _load_native(name: str):
     # Developers may point X2L_CORE_PATH at a freshly built _core shared object (cmake build dir)
-    # to test without reinstalling; installed packages import the bundled one.
+    # to test without reinstalling; the test module _testing is then taken from the same folder.
+    # Installed packages import the bundled modules.
     dev_path = _os.environ.get("X2L_CORE_PATH")
     if dev_path:
+        import glob
         import importlib.util
         import sys
 
-        spec = importlib.util.spec_from_file_location("x2l_edge._core", dev_path)
+        if name != "_core":
+            found = sorted(glob.glob(_os.path.join(_os.path.dirname(dev_path), name + ".*")))
+            if not found:
+                raise ImportError(f"no {name} module next to X2L_CORE_PATH={dev_path}")
+            dev_path = found[0]
+        spec = importlib.util.spec_from_file_location("x2l_edge." + name, dev_path)
         mod = importlib.util.module_from_spec(spec)
-        sys.modules["x2l_edge._core"] = mod
+        sys.modules["x2l_edge." + name] = mod
         spec.loader.exec_module(mod)
         return mod
-    from . import _core
+    import importlib
 
-    return _core
+    return importlib.import_module("x2l_edge." + name)
 
 
-_core = _load_core()
+def __getattr__(name: str):
+    # x2l_edge._testing: the kernel probes of a test build (cmake X2L_TESTING=ON), loaded on first use.
+    if name == "_testing":
+        try:
+            mod = _load_native("_testing")
+        except ImportError as e:
+            raise ImportError("x2l_edge._testing is built only by the test build: pip install "
+                              "-C cmake.define.X2L_TESTING=ON '.[test]' (see the README)") from e
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'x2l_edge' has no attribute {name!r}")
+
+
+_core = _load_native("_core")
 FormatError = _core.FormatError
 BudgetError = _core.BudgetError
 Error = _core.Error

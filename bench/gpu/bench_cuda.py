@@ -12,7 +12,7 @@ launched one by one (cuda_graphs=False, graph_decode_ratio). X²L time to first 
 ratio_low 2, 3 chunks reloaded): the reload overlapped with the question's prefill, against reload,
 wait, then prefill; and the bi-level prefill's input tokens/s (both passes, device vs CPU), on a
 discrete GPU also with every L row streamed (prefill_low_cache_bytes=0) against the default L cache in
-device memory. Reload: _core.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
+device memory. Reload: _testing.cuda_copy_bandwidth with SmolLM2's per-layer L-KV bytes of 1, 3 and 8
 chunks of 256 tokens, against one cudaMemcpy of the same bytes. Matmul: device TFLOP/s of a 4096 x
 4096 layer on 512 tokens, tensor cores against the f32 tiles, f16/q8_0/q4_0/q4_k weights. Attention:
 a 1024-row causal chunk over 16k f16 / q8_0 KV rows (28 query, 4 KV heads of 128), tensor cores
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="every step on a tiny model (checks the script; timings meaningless)")
     a = ap.parse_args(argv)
 
-    from x2l_edge import _core, models
+    from x2l_edge import _core, _testing, models  # _testing: the speed probes (the test build)
 
     if _core.cuda_device_count() == 0:
         print("no CUDA device: nothing to measure", file=sys.stderr)
@@ -288,8 +288,8 @@ def main(argv=None) -> int:
     rows, n, T = (128, 256, 64) if a.smoke else (4096, 4096, 512)
     res["matmul"] = {"shape": {"rows": rows, "n": n, "T": T}}
     for name, tid in (("f16", 1), ("q8_0", 8), ("q4_0", 2), ("q4_k", 12)):
-        tc = _core.cuda_matmul_speed(tid, rows, n, T, "tensor_core", a.reps)
-        f32 = _core.cuda_matmul_speed(tid, rows, n, T, "f32", a.reps)
+        tc = _testing.cuda_matmul_speed(tid, rows, n, T, "tensor_core", a.reps)
+        f32 = _testing.cuda_matmul_speed(tid, rows, n, T, "f32", a.reps)
         res["matmul"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
     print("matmul TFLOP/s (tensor cores, f32 tiles)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
                                                         for k, v in res["matmul"].items() if k != "shape"}, flush=True)
@@ -298,17 +298,17 @@ def main(argv=None) -> int:
     nq, nkv = (64, 256) if a.smoke else (1024, 16384)
     res["attention"] = {"shape": {"n_q": nq, "n_kv": nkv, "n_head": 28, "n_kv_head": 4, "head_dim": 128}}
     for name, tid in (("f16", 1), ("q8_0", 8)):
-        tc = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "tensor_core", a.reps)
-        f32 = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "f32", a.reps)
+        tc = _testing.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "tensor_core", a.reps)
+        f32 = _testing.cuda_attention_speed(nq, 28, 4, 128, nkv, tid, "f32", a.reps)
         res["attention"][name] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
     # The X²L snapkv prefill's attention (every row votes): tensor cores plus the f32 log-sum-exp pass
     # (what auto runs) against the f32 kernel writing the log-sum-exp itself.
-    tc = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "auto", a.reps, with_lse=True)
-    f32 = _core.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "f32", a.reps, with_lse=True)
+    tc = _testing.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "auto", a.reps, with_lse=True)
+    f32 = _testing.cuda_attention_speed(nq, 28, 4, 128, nkv, 1, "f32", a.reps, with_lse=True)
     res["attention"]["f16_votes"] = {"tensor_core": tc, "f32": f32, "ratio": f32["ms"] / max(tc["ms"], 1e-9)}
     print("attention TFLOP/s (tensor cores, f32)", {k: (round(v["tensor_core"]["tflops"], 2), round(v["f32"]["tflops"], 2))
                                                    for k, v in res["attention"].items() if k != "shape"}, flush=True)
-    res["reload"] = {str(k): _core.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
+    res["reload"] = {str(k): _testing.cuda_copy_bandwidth(per_layer * k, n_layers_reload, 2, 5) for k in (1, 3, 8)}
     print("reload", res["reload"], flush=True)
     cache = os.path.join(ROOT, "bench", ".cache") if not a.smoke else os.path.dirname(path)
     vpath = vision_model(cache, a.vision_layers, a.smoke)

@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 for s in $stages; do case $s in
 build)
   t0=$(date +%s)
-  cmake -S . -B build-gpu -G Ninja -DX2L_CUDA=ON -DX2L_CUDA_ARCHITECTURES="${arch}-real" \
+  cmake -S . -B build-gpu -G Ninja -DX2L_CUDA=ON -DX2L_TESTING=ON -DX2L_CUDA_ARCHITECTURES="${arch}-real" \
       -DPython_EXECUTABLE=$(command -v python3) > "$OUT/build.log" 2>&1 \
     && cmake --build build-gpu -j16 >> "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - t0 )) s (sm_${arch})"

@@ -32,17 +32,19 @@ def main() -> int:
     args = ap.parse_args()
 
     t0 = time.time()
-    configure = ["cmake", "-S", ROOT, "-B", args.build_dir, "-DX2L_CUDA=EMU", "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DPython_EXECUTABLE={sys.executable}"]
+    configure = ["cmake", "-S", ROOT, "-B", args.build_dir, "-DX2L_CUDA=EMU", "-DX2L_TESTING=ON",
+                 "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"]
     try:
         import ninja  # noqa: F401  (the pip package puts ninja on PATH)
         configure += ["-G", "Ninja"]
     except ImportError:
         pass
-    if not os.path.exists(os.path.join(args.build_dir, "CMakeCache.txt")):
+    cache = os.path.join(args.build_dir, "CMakeCache.txt")
+    if not os.path.exists(cache) or "X2L_TESTING:BOOL=ON" not in open(cache).read():
         subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", args.build_dir, "--target", "_core", "-j", str(args.jobs)], check=True,
-                   stdout=subprocess.DEVNULL)
+    # _core and the test module _testing (the kernel probes); x2l_edge loads both from this folder.
+    subprocess.run(["cmake", "--build", args.build_dir, "--target", "_core", "_testing", "-j", str(args.jobs)],
+                   check=True, stdout=subprocess.DEVNULL)
     core = glob.glob(os.path.join(args.build_dir, "_core*.so"))
     if not core:
         print("cuda_emu: the build made no _core module", file=sys.stderr)

@@ -1,7 +1,7 @@
-// Python bindings of the CUDA backend: device queries and one self-test entry per kernel
-// (numpy in, run on the current GPU, numpy out) so that pytest can compare every op with a reference.
-// Compiles without CUDA too: then cuda_built() is False, cuda_device_count() is 0 and the op entries
-// raise RuntimeError("CUDA backend not built").
+// x2l_edge._testing, CUDA part: one self-test entry per kernel of the CUDA backend (numpy in, run on
+// the current GPU, numpy out) so that pytest can compare every op with a reference, and the speed
+// probes bench/gpu/bench_cuda.py times. Compiled only into a test build that has the CUDA backend (or
+// its emulator); cuda_stubs.cpp registers the same names otherwise.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -16,23 +16,13 @@
 #include <string>
 #include <vector>
 
-#ifdef X2L_HAVE_CUDA
 #include "core/common.h"
 #include "cuda/backend.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
-
-#ifndef X2L_HAVE_CUDA
-// The per-op entries, registered as stubs in a CPU-only build.
-const char* const kOpNames[] = {"cuda_matmul", "cuda_get_rows", "cuda_rms_norm", "cuda_layer_norm", "cuda_rope",
-                                "cuda_softmax", "cuda_swiglu",   "cuda_gelu",     "cuda_add",        "cuda_mul",
-                                "cuda_attention", "cuda_pipeline_selftest", "cuda_copy_bandwidth", "cuda_pool2d",
-                                "cuda_rerotate_keys", "cuda_set_rows", "cuda_gather_rows", "cuda_matmul_speed", "cuda_attention_speed"};
-#else
 
 using F32Array = nb::ndarray<nb::numpy, const float, nb::c_contig, nb::device::cpu>;
 using U8Array = nb::ndarray<nb::numpy, const uint8_t, nb::c_contig, nb::device::cpu>;
@@ -90,20 +80,6 @@ x2l::DType cuda_type(uint32_t type_id) {
     x2l::DType t = static_cast<x2l::DType>(type_id);
     if (!x2l::cuda_matmul_supported(t)) throw x2l::Error("type id " + std::to_string(type_id) + " not supported by the CUDA kernels");
     return t;
-}
-
-nb::dict device_info_dict(int dev) {
-    const x2l::CudaDeviceInfo info = x2l::cuda_device_info(dev);
-    nb::dict d;
-    d["name"] = info.name;
-    d["total_mem"] = info.total_mem;
-    d["free_mem"] = info.free_mem;
-    d["cc_major"] = info.cc_major;
-    d["cc_minor"] = info.cc_minor;
-    d["integrated"] = info.integrated;
-    d["can_map_host_memory"] = info.can_map_host_memory;
-    d["multiprocessors"] = info.multiprocessors;
-    return d;
 }
 
 x2l::MatmulKernel matmul_kernel(const std::string& kernel) {
@@ -636,25 +612,10 @@ nb::dict op_copy_bandwidth(size_t layer_bytes, int n_layers, int n_slots, int re
     return d;
 }
 
-#endif  // X2L_HAVE_CUDA
 
 }  // namespace
 
-void bind_cuda(nb::module_& m) {
-#ifdef X2L_CUDA_EMULATED
-    m.def("cuda_emulated", []() { return true; },
-          "True in the test build whose CUDA backend runs on the CPU emulator (tests/cuda_emu), not a GPU.");
-#else
-    m.def("cuda_emulated", []() { return false; },
-          "True in the test build whose CUDA backend runs on the CPU emulator (tests/cuda_emu), not a GPU.");
-#endif
-#ifdef X2L_HAVE_CUDA
-    m.def("cuda_built", []() { return true; }, "True when the CUDA backend was compiled in.");
-    m.def("cuda_device_count", []() { return x2l::cuda_device_count(); },
-          "Number of usable CUDA devices (0 without a driver or device).");
-    m.def("cuda_device_info", &device_info_dict, "dev"_a = 0,
-          "dict: name, total_mem, free_mem (MemAvailable on integrated GPUs), cc_major, cc_minor, integrated, "
-          "can_map_host_memory, multiprocessors.");
+void bind_cuda_probes(nb::module_& m) {
     m.def("cuda_matmul", &op_matmul, "type_id"_a, "w"_a, "rows"_a, "n"_a, "x"_a, "kernel"_a = "auto",
           "y[T, rows] = x[T, n] @ W.T on the GPU; w: raw rows of the given ggml type (uint8 array). kernel: 'auto'\n"
           "(matvec up to 8 tokens, tiled f32 up to 63, tensor cores from 64), or force 'f32' / 'tensor_core' tiles.");
@@ -702,11 +663,4 @@ void bind_cuda(nb::module_& m) {
           "with_lse: every row also writes its log-sum-exp, as for the X²L votes.");
     m.def("cuda_copy_bandwidth", &op_copy_bandwidth, "layer_bytes"_a, "n_layers"_a, "n_slots"_a = 2, "reps"_a = 3,
           "GB/s of the layer-pipelined reload vs one cudaMemcpy (pinned, pageable) of the same bytes.");
-#else
-    m.def("cuda_built", []() { return false; }, "True when the CUDA backend was compiled in.");
-    m.def("cuda_device_count", []() { return 0; }, "Number of usable CUDA devices (always 0: backend not built).");
-    m.def("cuda_device_info", [](nb::args, nb::kwargs) -> nb::object { throw std::runtime_error("CUDA backend not built"); });
-    for (const char* name : kOpNames)
-        m.def(name, [](nb::args, nb::kwargs) -> nb::object { throw std::runtime_error("CUDA backend not built"); });
-#endif
 }

@@ -1,4 +1,4 @@
-// Test bindings for the CPU matmul (ops.cpp) and its tiled kernels (gemm.cpp):
+// x2l_edge._testing, CPU matmul part: probes of matmul (cpu/ops.cpp) and its tiled kernels (cpu/gemm.cpp):
 //   matmul_test(type_id, w, n_in, x[T, n_in], n_threads=1, bias=None) -> y[T, n_out] via matmul()
 //   matmul_fused_test([(type_id, w), ...], n_in, x, n_threads=1) -> [y...], one fused matmul() call
 //   gemm_reference(type_id, w, n_in, x) -> y: the documented arithmetic in scalar code
@@ -72,7 +72,7 @@ struct PackedActs {
 
 }  // namespace
 
-void bind_gemm(nb::module_& m) {
+void bind_gemm_probes(nb::module_& m) {
     m.def("gemm_supported", [](uint32_t type_id) { return x2l::gemm_supported(static_cast<x2l::DType>(type_id)); },
           "type_id"_a, "True when matmul uses a tiled kernel for this weight type in this build.");
 
