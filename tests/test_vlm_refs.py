@@ -289,7 +289,9 @@ def test_window_ids():
     np.testing.assert_array_equal(ids, expect)
     assert np.bincount(ids).tolist() == [16, 16, 8, 8, 8, 4]
     two = vn.window_ids([(2, 6, 10), (1, 4, 4)], merge=2, window_merged=2)
-    assert two.max() == 2 * 6 + 1 - 1 and (np.diff(two[:120]) >= -2).all()
+    np.testing.assert_array_equal(two[:60], ids)            # temporal patch 0
+    np.testing.assert_array_equal(two[60:120], ids + 6)     # temporal patch 1: its own 6 windows
+    assert (two[120:] == 12).all()                          # the image: one window
 
 
 # ----------------------------------------------------------------------------- vision towers
@@ -297,8 +299,8 @@ def test_window_ids():
 
 def _qwen_media(seed=8):
     rng = np.random.default_rng(seed)
-    video = rng.standard_normal((5, 3, 112, 168))  # odd frame count: the last frame is repeated
-    image = rng.standard_normal((1, 3, 84, 56))     # merged 3x2: partial windows
+    video = rng.standard_normal((5, 3, 168, 224))  # odd frame count: the last frame is repeated;
+    image = rng.standard_normal((1, 3, 84, 56))     # merged 6x8 and 3x2: 4x4-cell windows, partial ones
     r1, g1 = vn.qwen_patchify(video)
     r2, g2 = vn.qwen_patchify(image)
     return np.concatenate([r1, r2]), [g1, g2]
@@ -309,19 +311,19 @@ def test_qwen_vision_tower_matches_transformers(hf_models, state_dicts, vlm_hf, 
     import torch
 
     rows, grids = _qwen_media()
-    assert grids == [(3, 8, 12), (1, 6, 4)]
+    assert grids == [(3, 12, 16), (1, 6, 4)]
     with torch.no_grad():
         ref = hf_models[family].model.visual(torch.from_numpy(rows).float(),
                                              grid_thw=torch.tensor(grids)).pooler_output.numpy()
     vcfg = _cfg(vlm_hf[family])["vision_config"]
     mine = vn.qwen_vision_forward(state_dicts[family], vcfg, rows, grids)
-    assert mine.shape == (3 * 4 * 6 + 3 * 2, 64)
+    assert mine.shape == (3 * 6 * 8 + 3 * 2, 64)
     np.testing.assert_allclose(mine, ref, **TOL)
     # What the test can see: per-frame attention (and Qwen2.5's windows) change the output a lot.
     one_seq = dict(vcfg, fullatt_block_indexes=list(range(vcfg["depth"]))) if family == "qwen25vl" else None
     if one_seq:
         assert np.abs(vn.qwen_vision_forward(state_dicts[family], one_seq, rows, grids) - ref).max() > 0.05
-    merged_t = vn.qwen_vision_forward(state_dicts[family], vcfg, rows, [(1, 8, 12)] * 3 + [(1, 6, 4)])
+    merged_t = vn.qwen_vision_forward(state_dicts[family], vcfg, rows, [(1, 12, 16)] * 3 + [(1, 6, 4)])
     np.testing.assert_allclose(merged_t, ref, **TOL)  # temporal patches never attend to each other
 
 

@@ -9,9 +9,10 @@ transformers runs them as the reference forward.
                              (hidden 64, 2 layers, 4 heads, 2 KV heads, head_dim 16, q/k/v biases,
                              M-RoPE sections [2, 3, 3] over head_dim/2 = 8 frequency pairs).
     make_tiny_qwen25vl(dir)  Qwen2_5_VLForConditionalGeneration: ViT (hidden 32, 4 blocks, 2 heads,
-                             RMSNorm + SwiGLU MLP 64, window attention with window_size 56 px =
-                             2x2 merged tokens, full attention in blocks 1 and 3), RMSNorm merger,
-                             same LLM shape, tokens_per_second 2.
+                             RMSNorm + SwiGLU MLP 64, window attention with the real window_size
+                             112 px = 4x4 merged tokens (llama.cpp's mmproj has no key for it and
+                             assumes 112), full attention in blocks 1 and 3), RMSNorm merger, same
+                             LLM shape, tokens_per_second 2.
     make_tiny_idefics3(dir)  Idefics3ForConditionalGeneration: SigLIP-style tower (hidden 32, 2 layers,
                              2 heads, MLP 64, 64 px / 16 -> 4x4 patches), pixel shuffle scale 2 ->
                              2x2 = 4 tokens per image, Llama LLM (hidden 64, 2 layers, untied).
@@ -274,10 +275,11 @@ def _make_qwen_vl(out_dir, seed: int, version: str, overrides: dict) -> Path:
                       patch_size=14, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
     else:
         # Qwen2.5-VL: hidden_size is the ViT width, out_hidden_size the merger's output.
-        # window_size is in pixels: 56 / (14 * 2) = 2x2 merged tokens (4x4 patches) per window.
+        # window_size is in pixels: 112 / (14 * 2) = 4x4 merged tokens (8x8 patches) per window, the
+        # released models' value; llama.cpp's converter does not store it and clip.cpp assumes 112.
         vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                       hidden_act="silu", patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
-                      in_channels=3, window_size=56, fullatt_block_indexes=[1, 3], tokens_per_second=2)
+                      in_channels=3, window_size=112, fullatt_block_indexes=[1, 3], tokens_per_second=2)
     vision.update(vision_over)
     text.update(text_over)
     top = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
