@@ -77,6 +77,7 @@ void bind_x2l(nb::module_& m);      // x2l_bind.cpp
 void bind_cuda(nb::module_& m);     // cuda_bind.cpp
 void bind_vision(nb::module_& m);   // vision_bind.cpp
 void bind_gemm(nb::module_& m);     // gemm_bind.cpp
+void bind_vlm_ops(nb::module_& m);  // vlm_ops_bind.cpp
 
 NB_MODULE(_core, m) {
     m.doc() = "x2l-edge native core";
@@ -215,4 +216,5 @@ NB_MODULE(_core, m) {
     bind_cuda(m);
     bind_vision(m);
     bind_gemm(m);
+    bind_vlm_ops(m);
 }

@@ -245,9 +245,11 @@ def _split_overrides(overrides: dict):
     return dtype, overrides.pop("vision_config", {}), overrides.pop("text_config", {}), overrides
 
 
-def _save(model, out: Path, seed: int, dtype) -> None:
+def _build_and_save(config_cls, model_cls, vision: dict, text: dict, top: dict, out: Path, seed: int, dtype):
+    """Instantiate model_cls(config_cls(...)), draw its weights (tests/tiny_models._randomize), save it."""
     import transformers
 
+    model = model_cls(config_cls(vision_config=vision, text_config=text, **top))
     _randomize(model, seed)
     transformers.utils.logging.disable_progress_bar()
     model.to(dtype).save_pretrained(out)
@@ -286,13 +288,9 @@ def _make_qwen_vl(out_dir, seed: int, version: str, overrides: dict) -> Path:
                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                tie_word_embeddings=text["tie_word_embeddings"])
     top.update(top_over)
-    if version == "2":
-        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, **top)
-        model = transformers.Qwen2VLForConditionalGeneration(config)
-    else:
-        config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **top)
-        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    _save(model, out, seed, dtype)
+    classes = ((transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration) if version == "2" else
+               (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
+    _build_and_save(*classes, vision, text, top, out, seed, dtype)
 
     pre = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": vision["patch_size"],
            "temporal_patch_size": vision["temporal_patch_size"], "merge_size": vision["spatial_merge_size"],
@@ -359,13 +357,9 @@ def _make_idefics3(out_dir, seed: int, kind: str, overrides: dict) -> Path:
     top = dict(image_token_id=ids["<image>"], scale_factor=scale, tie_word_embeddings=False,
                pad_token_id=ids["<|im_end|>"])
     top.update(top_over)
-    if kind == "idefics3":
-        config = transformers.Idefics3Config(vision_config=vision, text_config=text, **top)
-        model = transformers.Idefics3ForConditionalGeneration(config)
-    else:
-        config = transformers.SmolVLMConfig(vision_config=vision, text_config=text, **top)
-        model = transformers.SmolVLMForConditionalGeneration(config)
-    _save(model, out, seed, dtype)
+    classes = ((transformers.Idefics3Config, transformers.Idefics3ForConditionalGeneration) if kind == "idefics3" else
+               (transformers.SmolVLMConfig, transformers.SmolVLMForConditionalGeneration))
+    _build_and_save(*classes, vision, text, top, out, seed, dtype)
 
     side = vision["image_size"]
     n_img = (side // vision["patch_size"]) ** 2 // top["scale_factor"] ** 2
