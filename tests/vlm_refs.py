@@ -18,7 +18,7 @@ transformers runs them as the reference forward.
                              2x2 = 4 tokens per image, Llama LLM (hidden 64, 2 layers, untied).
     make_tiny_smolvlm(dir)   SmolVLMForConditionalGeneration (SmolVLM2's layout): same tower at
                              128 px / 16 -> 8x8 patches, scale 4 -> 4 tokens per frame, Llama LLM.
-    make_tiny_internvl(dir)  InternVLForConditionalGeneration, hub "-hf" tensor names: InternViT (hidden
+    make_tiny_internvl(dir)  InternVLForConditionalGeneration, model.-prefixed tensor names: InternViT (hidden
                              32, 4 layers, layer scales, CLS), pixel shuffle 0.5 -> 4 tokens per 56 px
                              image, LayerNorm + MLP projector, Qwen2 LLM.
 
@@ -415,8 +415,8 @@ INTERNVL_TEMPLATE = (
 
 def make_tiny_internvl(out_dir, seed: int = 0, **overrides) -> Path:
     """Tiny InternVLForConditionalGeneration (InternViT + pixel shuffle + MLP projector + Qwen2), saved with
-    the hub's "-hf" tensor names (model.vision_tower.*, model.multi_modal_projector.*,
-    model.language_model.*, lm_head.weight).
+    the names llama.cpp's converter maps for HF-format InternVL (model.vision_tower.*,
+    model.multi_modal_projector.*, model.language_model.*, lm_head.weight; its Intern-S1 path).
 
     InternViT: hidden 32, 4 layers (llama.cpp's converter maps the projector's mlp1.3 to a block id, so
     it needs >= 4), 2 heads, MLP 64 (GELU), LayerNorm eps 1e-6, layer scales, CLS token, 56 px / 14 ->
@@ -452,8 +452,8 @@ def make_tiny_internvl(out_dir, seed: int = 0, **overrides) -> Path:
     top.update(top_over)
     _build_and_save(transformers.InternVLConfig, transformers.InternVLForConditionalGeneration, vision, text, top,
                     out, seed, dtype)
-    # transformers 5 saves vision_tower.* / multi_modal_projector.* / language_model.model.*: rename to the
-    # hub's names, which transformers loads as well and llama.cpp's converter recognises.
+    # transformers 5 saves vision_tower.* / multi_modal_projector.* / language_model.model.*, which llama.cpp's
+    # converter silently skips (an mmproj without tensors): rename to the names it maps; transformers loads both.
     saved = load_file(str(out / "model.safetensors"))
     hub = {}
     for k, v in saved.items():
