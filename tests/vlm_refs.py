@@ -455,15 +455,15 @@ def make_tiny_internvl(out_dir, seed: int = 0, **overrides) -> Path:
     # transformers 5 saves vision_tower.* / multi_modal_projector.* / language_model.model.*, which llama.cpp's
     # converter silently skips (an mmproj without tensors): rename to the names it maps; transformers loads both.
     saved = load_file(str(out / "model.safetensors"))
-    hub = {}
+    renamed = {}
     for k, v in saved.items():
         if k.startswith("language_model.model."):
-            hub["model.language_model." + k[len("language_model.model."):]] = v
+            renamed["model.language_model." + k[len("language_model.model."):]] = v
         elif k == "language_model.lm_head.weight":
-            hub["lm_head.weight"] = v
+            renamed["lm_head.weight"] = v
         else:
-            hub["model." + k] = v
-    _save_safetensors(hub, out / "model.safetensors", dtype)
+            renamed["model." + k] = v
+    _save_safetensors(renamed, out / "model.safetensors", dtype)
     side = vision["image_size"][0]
     (out / "preprocessor_config.json").write_text(json.dumps({
         "crop_to_patches": False, "do_convert_rgb": True, "do_normalize": True, "do_rescale": True,
