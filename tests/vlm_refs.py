@@ -1,8 +1,9 @@
-"""Tiny random Qwen2-VL, Qwen2.5-VL, Idefics3 and SmolVLM checkpoints, built offline and deterministically.
+"""Tiny random Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM and InternVL checkpoints, built offline and
+deterministically.
 
 These are the reference checkpoints for the VLM families of issue 20: the C++ runtime, tools/convert.py
-and llama.cpp's own converter (tests/llama_cpp_ref.py) all read the same directories, and
-transformers runs them as the reference forward.
+and llama.cpp's own converter (tools/llama_cpp_converter.py) all read the same directories, and
+transformers runs them as the reference forward (tests/test_vlm_refs.py; docs/families.md).
 
     make_tiny_qwen2vl(dir)   Qwen2VLForConditionalGeneration: ViT (embed 32, 3 blocks, 2 heads,
                              LayerNorm + quick_gelu MLP, 2-D rotary), 2x2 merger into a Qwen2 LLM
