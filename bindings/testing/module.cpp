@@ -15,6 +15,7 @@ using namespace nb::literals;
 
 void bind_gemm_probes(nb::module_& m);  // gemm_probes.cpp
 void bind_cuda_probes(nb::module_& m);  // cuda_probes.cpp, or cuda_stubs.cpp in a build without CUDA
+void bind_vlm_ops(nb::module_& m);      // vlm_ops_probes.cpp
 
 NB_MODULE(_testing, m) {
     m.doc() = "x2l-edge kernel probes (test builds only)";
@@ -36,4 +37,5 @@ NB_MODULE(_testing, m) {
 
     bind_gemm_probes(m);
     bind_cuda_probes(m);
+    bind_vlm_ops(m);
 }
