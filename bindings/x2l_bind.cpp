@@ -59,6 +59,7 @@ void bind_x2l(nb::module_& m) {
             d["two_pass"] = ix.two_pass;
             d["compressor"] = ix.compressor;
             d["dense_positions"] = ix.dense_positions;
+            d["model_fingerprint"] = ix.model_fingerprint;
             return d;
         })
         .def("chunk_info", [](const x2l::VideoIndex& ix, int c) {
@@ -75,11 +76,13 @@ void bind_x2l(nb::module_& m) {
             d["high_bytes"] = ch.high->used_bytes();
             d["low_type"] = std::string(x2l::type_info(ch.low->type()).name);
             d["high_type"] = std::string(x2l::type_info(ch.high->type()).name);
-            d["low_mapped"] = ch.low->is_view();
+            d["low_mapped"] = ix.file_mapped();
             return d;
         }, "chunk"_a)
         .def("low_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
-            return segment_rows(*chunk_at(ix, c).low, layer, head, value);
+            const x2l::ChunkKV& ch = chunk_at(ix, c);
+            ix.check_low(static_cast<size_t>(c));
+            return segment_rows(*ch.low, layer, head, value);
         }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
         .def("high_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
             return segment_rows(*chunk_at(ix, c).high, layer, head, value);
@@ -102,10 +105,15 @@ void bind_x2l(nb::module_& m) {
             nb::gil_scoped_release nogil;
             ix.save(path);
         }, "path"_a)
-        .def_static("load", [](const std::string& path) {
+        .def_static("load", [](const std::string& path, bool mmap) {
             nb::gil_scoped_release nogil;
-            return x2l::VideoIndex::load(path);
-        }, "path"_a);
+            return x2l::VideoIndex::load(path, mmap);
+        }, "path"_a, "mmap"_a = false,
+           "Load a saved index: read into memory (mmap=False), or with the L rows in a read-only file mapping.")
+        .def_static("from_bytes", [](nb::bytes data, bool verify_checksums) {
+            return x2l::VideoIndex::from_bytes(reinterpret_cast<const uint8_t*>(data.c_str()), data.size(),
+                                               verify_checksums);
+        }, "data"_a, "verify_checksums"_a = true, "Parse an index image (tests and fuzzers).");
 
     nb::class_<x2l::X2LPrefill>(m, "X2LPrefill")
         .def("__init__", [](x2l::X2LPrefill* self, x2l::LlmSession& s, int ratio_low, int ratio_high,

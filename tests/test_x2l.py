@@ -157,7 +157,7 @@ def test_save_load_roundtrip_answers_identically(tiny, tmp_path):
     ctx.save(path)
     loaded = VideoContext.load(tiny, path, system="be brief")
     assert loaded.n_chunks == ctx.n_chunks
-    assert all(loaded.chunk_info(c)["low_mapped"] for c in range(loaded.n_chunks))
+    assert not any(loaded.chunk_info(c)["low_mapped"] for c in range(loaded.n_chunks))  # read into memory
     for sel, logits in want.items():
         np.testing.assert_array_equal(loaded.logits(q, list(sel)), logits)
     assert loaded.ask(q, chunks=[1], max_tokens=8) == want_answer

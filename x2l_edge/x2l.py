@@ -160,10 +160,15 @@ class VideoContext:
         self.index.save(os.fspath(path))
 
     @classmethod
-    def load(cls, session, path: str | os.PathLike, *, system: str | None = None, **kw) -> "VideoContext":
-        """Load a saved index (the L tier stays memory-mapped). The question suffix is rebuilt from the
-        session's chat template; pass question_prefix/question_suffix to override."""
-        index = _core.VideoIndex.load(os.fspath(path))
+    def load(cls, session, path: str | os.PathLike, *, system: str | None = None, mmap: bool = False,
+             **kw) -> "VideoContext":
+        """Load a saved index, checked field by field and by checksum (docs/security.md). mmap=False
+        reads it into memory: nothing done to the file afterwards can change or crash this context.
+        mmap=True keeps the L tier in a read-only mapping of the file (indexes larger than RAM): each
+        chunk's L rows are verified before their first use and the file is re-checked for changes
+        before every use. The question suffix is rebuilt from the session's chat template; pass
+        question_prefix/question_suffix to override."""
+        index = _core.VideoIndex.load(os.fspath(path), mmap=bool(mmap))
         if "question_suffix" not in kw:
             kw["question_suffix"] = split_template(session, system)[1]
         return cls(session, index, **kw)

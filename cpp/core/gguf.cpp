@@ -198,7 +198,8 @@ std::string GGUFTensor::shape_str() const {
 std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path) {
     std::unique_ptr<GGUFFile> f(new GGUFFile());
     f->path_ = path;
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
@@ -279,7 +280,7 @@ void GGUFFile::parse() {
         t.n_dims = static_cast<int>(nd);
         for (uint32_t d = 0; d < nd; ++d) {
             int64_t ne = c.read<int64_t>("tensor shape");
-            if (ne < 0 || ne > (int64_t(1) << 40)) throw FormatError("tensor '" + t.name + "' has an invalid dimension " + std::to_string(ne));
+            if (ne <= 0 || ne > (int64_t(1) << 40)) throw FormatError("tensor '" + t.name + "' has an invalid dimension " + std::to_string(ne));
             t.ne[d] = ne;
         }
         uint32_t type_id = c.read<uint32_t>("tensor type");
@@ -291,10 +292,16 @@ void GGUFFile::parse() {
             throw FormatError("tensor '" + t.name + "': row length " + std::to_string(t.ne[0]) +
                               " is not a multiple of the " + ti->name + " block size");
         }
-        // Overflow-checked byte size.
-        __int128 elems = static_cast<__int128>(t.ne[0]) * t.ne[1] * t.ne[2] * t.ne[3];
-        __int128 bytes = elems / ti->block_size * ti->block_bytes;
-        if (bytes > static_cast<__int128>(size_)) {
+        // Overflow-checked element count and byte size (a product of four 2^40 dimensions wraps
+        // even 128-bit arithmetic): every step must stay within what the file could hold.
+        uint64_t elems = 1, bytes = 0;
+        for (int d = 0; d < 4; ++d) {
+            if (__builtin_mul_overflow(elems, static_cast<uint64_t>(t.ne[d]), &elems)) {
+                throw FormatError("tensor '" + t.name + "' " + t.shape_str() + ": element count overflows");
+            }
+        }
+        if (__builtin_mul_overflow(elems / ti->block_size, static_cast<uint64_t>(ti->block_bytes), &bytes) ||
+            bytes > size_) {
             throw FormatError("tensor '" + t.name + "' " + t.shape_str() + " needs more bytes than the file has");
         }
         t.nbytes = static_cast<size_t>(bytes);

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "core/hash.h"
 #include "cpu/attention.h"
 #include "llm/weights.h"
 
@@ -23,6 +24,28 @@ std::vector<float> load_vector(const GGUFFile& f, const std::string& name, int64
 }
 
 int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 24); }
+
+uint64_t weights_fingerprint(const GGUFFile& f, const LlmConfig& c) {
+    constexpr size_t kWindow = 1024, kWindows = 16;
+    Xxh64 h;
+    h.update(c.arch.data(), c.arch.size());
+    for (int v : {c.n_vocab, c.n_embd, c.n_layer, c.n_head, c.n_head_kv, c.head_dim, c.n_ff, c.rope_dim}) h.update_pod(v);
+    h.update_pod(c.rms_eps);
+    h.update_pod(c.rope_base);
+    for (const GGUFTensor& t : f.tensors()) {
+        h.update(t.name.data(), t.name.size() + 1);  // with its terminator: names cannot run together
+        h.update_pod(static_cast<uint32_t>(t.type));
+        h.update(t.ne, sizeof(t.ne));
+        if (t.nbytes <= kWindow * kWindows) {
+            h.update(t.data, t.nbytes);
+            continue;
+        }
+        for (size_t w = 0; w < kWindows; ++w) {  // the first window at 0, the last ending at nbytes
+            h.update(t.data + (t.nbytes - kWindow) / (kWindows - 1) * w, kWindow);
+        }
+    }
+    return h.digest();
+}
 
 }  // namespace
 
@@ -45,8 +68,8 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
         throw FormatError("attention.value_length != key_length is not supported");
     }
     c.rope_dim = f.has(a + "rope.dimension_count") ? positive_key(f, a + "rope.dimension_count") : c.head_dim;
-    c.rms_eps = static_cast<float>(f.get_float(a + "attention.layer_norm_rms_epsilon", 1e-5));
-    c.rope_base = static_cast<float>(f.get_float(a + "rope.freq_base", 10000.0));
+    c.rms_eps = bounded_float_key(f, a + "attention.layer_norm_rms_epsilon", 1e-5, 0.0, 1.0);
+    c.rope_base = bounded_float_key(f, a + "rope.freq_base", 10000.0, 0.0, 1e12);
     c.rope_type = c.arch == "qwen2" ? RopeType::Neox : RopeType::Norm;
     if (c.n_head % c.n_head_kv != 0) throw FormatError("head_count must be a multiple of head_count_kv");
     if (c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 || c.head_dim > 256) {
@@ -56,7 +79,6 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
     if (scaling != "none" && !(scaling == "linear" && f.get_float(a + "rope.scaling.factor", 1.0) == 1.0)) {
         throw FormatError("rope scaling '" + scaling + "' is not supported");
     }
-    if (c.rms_eps <= 0.0f || !(c.rope_base > 0.0f)) throw FormatError("invalid rms epsilon or rope base");
 
     const GGUFTensor& te = f.require_tensor("token_embd.weight", {c.n_embd, -1});
     c.n_vocab = static_cast<int>(te.ne[1]);
@@ -116,6 +138,7 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
         }
     }
 
+    m->fingerprint_ = weights_fingerprint(f, c);
     m->inv_freq_.resize(c.rope_dim / 2);
     for (int i = 0; i < c.rope_dim / 2; ++i) {
         m->inv_freq_[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_base), 2.0 * i / c.rope_dim));

@@ -76,6 +76,10 @@ class LlmModel {
 
     const LlmConfig& config() const { return cfg_; }
     size_t weight_bytes() const { return weight_bytes_; }
+    // Identity of the weights (saved X²L indexes record it): XXH64 over the hyper-parameters, every
+    // tensor's name, type and shape, and 16 evenly spaced 1 KiB windows of its bytes (all of them
+    // below 16 KiB). Two models with the same dimensions but different weights differ.
+    uint64_t fingerprint() const { return fingerprint_; }
 
     // Input embeddings of tokens: out [n, n_embd]. Throws Error on an out-of-range id.
     void embed(const int32_t* tokens, int64_t n, float* out) const;
@@ -110,6 +114,7 @@ class LlmModel {
     std::vector<float> inv_freq_;  // [rope_dim / 2]
     std::vector<float> vst_embd_;  // [n_embd], empty without beacon weights
     size_t weight_bytes_ = 0;
+    uint64_t fingerprint_ = 0;
 };
 
 }  // namespace x2l

@@ -18,6 +18,10 @@ Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
 
 int32_t Sampler::sample(float* logits, int32_t n_vocab, const int32_t* history, int64_t n_history) {
     if (n_vocab <= 0) throw Error("empty vocabulary");
+    // NaN breaks the ordering the sort and max below rely on: say so instead of sampling junk.
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        if (std::isnan(logits[i])) throw Error("the logits contain NaN: cannot sample");
+    }
     if (p_.repeat_penalty != 1.0f && p_.repeat_last_n > 0 && n_history > 0) {
         // Each distinct recent token is penalised once: positive logits divided, negative multiplied.
         std::unordered_set<int32_t> seen;

@@ -30,9 +30,11 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt) : opt
     model_ = LlmModel::load(*file_);
     tokenizer_ = Tokenizer::from_gguf(*file_);
     const LlmConfig& c = model_->config();
-    if (tokenizer_->n_vocab() > c.n_vocab) {
-        throw FormatError("tokenizer has " + std::to_string(tokenizer_->n_vocab()) + " tokens but the model only " +
-                          std::to_string(c.n_vocab));
+    // One token per embedding row: more tokens could not be embedded, fewer could not spell every id
+    // the model may sample (converters pad the vocabulary to the table, as llama.cpp's does).
+    if (tokenizer_->n_vocab() != c.n_vocab) {
+        throw FormatError("tokenizer has " + std::to_string(tokenizer_->n_vocab()) + " tokens but the embedding table " +
+                          std::to_string(c.n_vocab) + " rows");
     }
     if (opt_.n_threads == 0) opt_.n_threads = default_threads();
     if (opt_.n_ctx == 0) opt_.n_ctx = std::min<int64_t>(c.n_ctx_train, 4096);

@@ -1,5 +1,8 @@
 #include "llm/weights.h"
 
+#include <cmath>
+#include <sstream>
+
 #include "core/common.h"
 
 namespace x2l {
@@ -39,6 +42,17 @@ int positive_key(const GGUFFile& f, const std::string& key, int64_t max) {
     int64_t v = f.get_int(key);
     if (v <= 0 || v > max) throw FormatError("metadata key '" + key + "' has invalid value " + std::to_string(v));
     return static_cast<int>(v);
+}
+
+float bounded_float_key(const GGUFFile& f, const std::string& key, double dflt, double lo, double hi) {
+    const double v = f.get_float(key, dflt);
+    if (!std::isfinite(v) || !(v > lo) || v > hi) {
+        std::ostringstream os;
+        os << "metadata key '" << key << "' has invalid value " << v << " (must be finite, > " << lo << " and <= " << hi
+           << ")";
+        throw FormatError(os.str());
+    }
+    return static_cast<float>(v);
 }
 
 }  // namespace x2l

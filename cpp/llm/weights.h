@@ -19,5 +19,9 @@ std::vector<float> load_floats(const GGUFFile& f, const std::string& name, std::
 
 // An integer metadata value in [1, max]; FormatError otherwise.
 int positive_key(const GGUFFile& f, const std::string& key, int64_t max);
+// A float setting that must be finite and in (lo, hi]; dflt when the key is absent. Checked before
+// the narrowing to float (a NaN epsilon would make every logit NaN; a huge double is undefined
+// behaviour to convert).
+float bounded_float_key(const GGUFFile& f, const std::string& key, double dflt, double lo, double hi);
 
 }  // namespace x2l

@@ -96,8 +96,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     c.n_ff = positive_key(f, "clip.vision.feed_forward_length");
     c.n_layer_stored = positive_key(f, "clip.vision.block_count");
     c.n_head = positive_key(f, "clip.vision.attention.head_count");
-    c.eps = static_cast<float>(f.get_float("clip.vision.attention.layer_norm_epsilon", siglip ? 1e-6 : 1e-5));
-    if (!(c.eps > 0.0f)) throw FormatError("invalid clip.vision.attention.layer_norm_epsilon");
+    c.eps = bounded_float_key(f, "clip.vision.attention.layer_norm_epsilon", siglip ? 1e-6 : 1e-5, 0.0, 1.0);
     // A stride-p conv drops the last image_size % p pixels (SigLIP-384/14 gives 27 x 27 patches).
     if (c.patch_size > c.image_size) throw FormatError("clip.vision.patch_size is larger than image_size");
     if (c.width % c.n_head != 0) throw FormatError("clip.vision.embedding_length is not a multiple of head_count");
@@ -171,7 +170,10 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         if (f.has(key)) {
             std::vector<double> v = f.get_float_array(key);
             if (v.size() != 3) throw FormatError("metadata key '" + key + "' must hold 3 values");
-            for (int i = 0; i < 3; ++i) out[i] = static_cast<float>(v[i]);
+            for (int i = 0; i < 3; ++i) {
+                if (!std::isfinite(v[i]) || std::fabs(v[i]) > 1e6) throw FormatError("metadata key '" + key + "' holds a non-finite or huge value");
+                out[i] = static_cast<float>(v[i]);
+            }
         }
         return out;
     };

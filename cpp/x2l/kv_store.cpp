@@ -6,17 +6,36 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 
 #include "core/common.h"
+#include "core/hash.h"
 
 namespace x2l {
 
 namespace {
 
-constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '2'};
+// Format 3: every section is followed by the XXH64 of its bytes (docs/security.md).
+constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '3'};
 constexpr size_t kAlign = 64;
+// Bounds of a header a loader accepts (the model loader's, or tighter where the KV layout needs it).
+constexpr int kMaxLayers = 4096, kMaxHeadsKv = 4096, kMaxHeadDim = 256, kMaxEmbd = 1 << 24, kMaxRatio = 1 << 20;
+constexpr uint32_t kMaxCompressorName = 64;
+
+bool tier_type(uint32_t t) {
+    return t == static_cast<uint32_t>(DType::F32) || t == static_cast<uint32_t>(DType::F16) ||
+           t == static_cast<uint32_t>(DType::Q8_0) || t == static_cast<uint32_t>(DType::Q4_0);
+}
+
+// a * b, refused when it overflows size_t (sizes read from a file are never trusted to fit).
+size_t mul(size_t a, size_t b) {
+    size_t r;
+    if (__builtin_mul_overflow(a, b, &r)) throw FormatError("corrupt video index: a size overflows");
+    return r;
+}
 
 class Writer {
   public:
@@ -28,14 +47,21 @@ class Writer {
     }
     void bytes(const void* p, size_t n) {
         if (n && std::fwrite(p, 1, n, f_) != n) throw Error("write failed for '" + path_ + "'");
+        hash_.update(p, n);
         off_ += n;
     }
     template <typename T>
     void pod(const T& v) { bytes(&v, sizeof(T)); }
     void align() {
         static const uint8_t zeros[kAlign] = {0};
-        size_t pad = (kAlign - off_ % kAlign) % kAlign;
-        bytes(zeros, pad);
+        bytes(zeros, (kAlign - off_ % kAlign) % kAlign);
+    }
+    // Ends a section: its checksum, then padding to the next section.
+    void end_section() {
+        const uint64_t h = hash_.digest();
+        bytes(&h, sizeof(h));
+        align();
+        hash_ = Xxh64();
     }
     void close() {
         if (std::fclose(f_) != 0) {
@@ -49,13 +75,21 @@ class Writer {
     std::string path_;
     FILE* f_;
     size_t off_ = 0;
+    Xxh64 hash_;
+};
+
+// A section's place in the file and the checksum stored after it.
+struct Section {
+    size_t begin = 0, size = 0;
+    uint64_t hash = 0;
+    bool ok(const uint8_t* base) const { return xxh64(base + begin, size) == hash; }
 };
 
 class Reader {
   public:
-    Reader(const uint8_t* base, size_t size, const std::string& path) : base_(base), size_(size), path_(path) {}
+    Reader(const uint8_t* base, size_t size) : base_(base), size_(size) {}
     const uint8_t* take(size_t n) {
-        if (n > size_ - off_) throw FormatError("'" + path_ + "': truncated video index");
+        if (n > size_ - off_) throw FormatError("truncated video index");
         const uint8_t* p = base_ + off_;
         off_ += n;
         return p;
@@ -66,17 +100,58 @@ class Reader {
         std::memcpy(&v, take(sizeof(T)), sizeof(T));
         return v;
     }
-    void align() {
-        size_t pad = (kAlign - off_ % kAlign) % kAlign;
-        take(pad);
+    void align() { take((kAlign - off_ % kAlign) % kAlign); }
+    Section end_section() {
+        Section s{begin_, off_ - begin_, 0};
+        s.hash = pod<uint64_t>();
+        align();
+        begin_ = off_;
+        return s;
     }
+    size_t offset() const { return off_; }
+    size_t size() const { return size_; }
 
   private:
     const uint8_t* base_;
     size_t size_;
-    size_t off_ = 0;
-    std::string path_;
+    size_t off_ = 0, begin_ = 0;
 };
+
+// False when a row holds a NaN or infinity (f32/f16 values, q8_0/q4_0 block scales).
+bool rows_finite(DType t, const uint8_t* p, size_t bytes) {
+    switch (t) {
+        case DType::F32:
+            for (size_t i = 0; i + 4 <= bytes; i += 4) {
+                uint32_t v;
+                std::memcpy(&v, p + i, 4);
+                if ((v & 0x7F800000u) == 0x7F800000u) return false;
+            }
+            return true;
+        case DType::F16:
+            for (size_t i = 0; i + 2 <= bytes; i += 2) {
+                uint16_t v;
+                std::memcpy(&v, p + i, 2);
+                if ((v & 0x7C00u) == 0x7C00u) return false;
+            }
+            return true;
+        default: {  // q8_0 / q4_0: an f16 scale at the start of every block
+            const size_t bb = type_info(t).block_bytes;
+            for (size_t i = 0; i + bb <= bytes; i += bb) {
+                uint16_t v;
+                std::memcpy(&v, p + i, 2);
+                if ((v & 0x7C00u) == 0x7C00u) return false;
+            }
+            return true;
+        }
+    }
+}
+
+bool floats_finite(const std::vector<float>& v) {
+    for (float x : v) {
+        if (!std::isfinite(x)) return false;
+    }
+    return true;
+}
 
 void write_segment(Writer& w, const KVSegment& s) {
     w.pod<uint32_t>(static_cast<uint32_t>(s.type()));
@@ -93,41 +168,246 @@ void write_segment(Writer& w, const KVSegment& s) {
         w.align();
     }
     w.bytes(s.pos_data(), sizeof(int32_t) * static_cast<size_t>(s.size()));
-    w.align();
+    w.end_section();
 }
 
-// view=true: rows stay in the mapping; else they are copied into an owned segment.
-std::unique_ptr<KVSegment> read_segment(Reader& r, const VideoIndex& ix, bool view) {
-    uint32_t type = r.pod<uint32_t>();
-    int64_t n = r.pod<int64_t>();
-    const TypeInfo* ti = type_info(type);
-    if (!ti || n < 0 || n > (int64_t(1) << 32)) throw FormatError("corrupt video index segment header");
-    DType t = static_cast<DType>(type);
+// A segment section: rows stay where they are (views into the loaded image or mapping).
+struct SegmentRead {
+    std::unique_ptr<KVSegment> seg;
+    Section section;
+    bool finite() const {  // K and V rows separately: each starts a block at its own 64-byte boundary
+        const size_t part = seg->layer_bytes() * seg->n_layer();
+        return rows_finite(seg->type(), seg->k_data(), part) && rows_finite(seg->type(), seg->v_data(), part);
+    }
+};
+
+SegmentRead read_segment(Reader& r, const VideoIndex& ix, const char* what) {
+    const uint32_t type = r.pod<uint32_t>();
+    const int64_t n = r.pod<int64_t>();
+    if (!tier_type(type)) {
+        throw FormatError(std::string("corrupt video index: ") + what + " KV type " + std::to_string(type) +
+                          " is not f32, f16, q8_0 or q4_0");
+    }
+    const DType t = static_cast<DType>(type);
+    if (ix.head_dim % type_info(t).block_size != 0) {
+        throw FormatError(std::string("corrupt video index: head_dim is not a multiple of the ") + what +
+                          " type's block size");
+    }
+    if (n < 0 || n > INT32_MAX) throw FormatError(std::string("corrupt video index: ") + what + " entry count out of range");
     r.align();
-    size_t rb = row_bytes(t, ix.head_dim);
-    size_t part = rb * static_cast<size_t>(n) * ix.n_layer * ix.n_head_kv;
+    const size_t part = mul(mul(mul(row_bytes(t, ix.head_dim), static_cast<size_t>(n)), ix.n_layer), ix.n_head_kv);
+    SegmentRead out;
     const uint8_t* k = r.take(part);
     r.align();
     const uint8_t* v = r.take(part);
     r.align();
-    const int32_t* pos = reinterpret_cast<const int32_t*>(r.take(sizeof(int32_t) * static_cast<size_t>(n)));
-    r.align();
-    auto seg = KVSegment::view(t, ix.n_layer, ix.n_head_kv, ix.head_dim, n, k, v, pos);
-    if (view) return seg;
-    auto own = std::make_unique<KVSegment>(t, ix.n_layer, ix.n_head_kv, ix.head_dim, n);
-    own->assign_meta(*seg);
-    for (int l = 0; l < ix.n_layer; ++l) own->copy_layer(*seg, l);
-    return own;
+    const int32_t* pos = reinterpret_cast<const int32_t*>(r.take(mul(sizeof(int32_t), static_cast<size_t>(n))));
+    out.section = r.end_section();
+    out.seg = KVSegment::view(t, ix.n_layer, ix.n_head_kv, ix.head_dim, n, k, v, pos);
+    return out;
+}
+
+[[noreturn]] void bad_chunk(size_t c, const std::string& why) {
+    throw FormatError("corrupt video index: chunk " + std::to_string(c) + ": " + why);
 }
 
 }  // namespace
+
+// The memory the index's views point into: an anonymous read-only copy of the file, or (mmap loads)
+// a private read-only mapping of it, with what is needed to notice that the file changed.
+struct VideoIndex::Backing {
+    void* base = nullptr;
+    size_t size = 0;  // of the mapping (> 0 whenever base is set)
+    bool file_mapped = false;
+    int fd = -1;
+    std::string path;
+    struct stat at_load {};
+    std::vector<Section> low;  // per chunk, verified lazily when file_mapped
+    std::vector<char> low_ok;
+    std::mutex mu;
+
+    ~Backing() {
+        if (base) munmap(base, size);
+        if (fd >= 0) ::close(fd);
+    }
+    const uint8_t* bytes() const { return static_cast<const uint8_t*>(base); }
+};
+
+namespace {
+
+// Anonymous, page-aligned memory for a copy of an index image (made read-only once filled).
+std::unique_ptr<VideoIndex::Backing> anonymous_backing(size_t size) {
+    auto b = std::make_unique<VideoIndex::Backing>();
+    const size_t len = size > 0 ? size : 1;
+    void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw BudgetError("cannot allocate " + std::to_string(size) + " bytes for a video index");
+    b->base = p;
+    b->size = len;
+    return b;
+}
+
+}  // namespace
+
+// Checksums verified unless !verify, and then except the L rows' when lazy_low.
+std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t size, bool verify, bool lazy_low) {
+    const uint8_t* base = b->bytes();
+    if (size < sizeof(kMagic) || std::memcmp(base, "X2LIDX", 6) != 0) {
+        throw FormatError("not an x2l video index (bad magic)");
+    }
+    if (std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
+        throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
+                          ", this version reads " + std::string(kMagic + 6, 2) + "): index the video again");
+    }
+    auto check = [&](const Section& s, const std::string& what) {
+        if (verify && !s.ok(base)) throw FormatError("checksum mismatch in the " + what + " (corrupt or modified file)");
+    };
+    Reader r(base, size);
+    r.take(sizeof(kMagic));
+    const int32_t nl = r.pod<int32_t>(), nh = r.pod<int32_t>(), hd = r.pod<int32_t>(), ne = r.pod<int32_t>();
+    if (nl < 1 || nl > kMaxLayers || nh < 1 || nh > kMaxHeadsKv || hd < 1 || hd > kMaxHeadDim || ne < 1 ||
+        ne > kMaxEmbd) {
+        throw FormatError("corrupt video index header: model dimensions out of range");
+    }
+    std::unique_ptr<VideoIndex> ix(new VideoIndex(nl, nh, hd, ne));
+    VideoIndex& x = *ix;
+    x.ratio_low = r.pod<int32_t>();
+    x.ratio_high = r.pod<int32_t>();
+    const int32_t pin_ends = r.pod<int32_t>(), two_pass = r.pod<int32_t>(), dense = r.pod<int32_t>();
+    x.next_pos = r.pod<int32_t>();
+    x.model_fingerprint = r.pod<uint64_t>();
+    if (x.ratio_low < 1 || x.ratio_high < x.ratio_low || x.ratio_high > kMaxRatio) {
+        throw FormatError("corrupt video index header: compression ratios out of range");
+    }
+    for (int32_t flag : {pin_ends, two_pass, dense}) {
+        if (flag != 0 && flag != 1) throw FormatError("corrupt video index header: a flag is neither 0 nor 1");
+    }
+    x.pin_ends = pin_ends, x.two_pass = two_pass, x.dense_positions = dense;
+    const uint32_t clen = r.pod<uint32_t>();
+    if (clen > kMaxCompressorName) throw FormatError("corrupt video index header: compressor name too long");
+    x.compressor.assign(reinterpret_cast<const char*>(r.take(clen)), clen);
+    if (x.compressor != "snapkv" && x.compressor != "beacon") {
+        throw FormatError("corrupt video index header: unknown compressor");
+    }
+    // Beacon indexes number entries densely and run two passes; SnapKV ones keep token positions.
+    if (x.dense_positions != (x.compressor == "beacon") || (x.compressor == "beacon" && !x.two_pass)) {
+        throw FormatError("corrupt video index header: settings contradict the compressor");
+    }
+    const uint64_t nsink = r.pod<uint64_t>();
+    if (nsink > INT32_MAX) throw FormatError("corrupt video index header: sink size out of range");
+    const uint8_t* sink_ids = r.take(mul(nsink, sizeof(int32_t)));
+    x.sink_tokens.resize(nsink);
+    if (nsink) std::memcpy(x.sink_tokens.data(), sink_ids, nsink * sizeof(int32_t));
+    for (int32_t id : x.sink_tokens) {
+        if (id < 0) throw FormatError("corrupt video index header: negative sink token id");
+    }
+    const uint64_t nchunks = r.pod<uint64_t>();
+    // Every chunk takes at least three sections of 64 bytes.
+    if (nchunks < 1 || nchunks > size / (3 * kAlign)) throw FormatError("corrupt video index header: chunk count");
+    check(r.end_section(), "header");
+
+    SegmentRead sink = read_segment(r, x, "sink");
+    check(sink.section, "sink");
+    if (sink.seg->size() != static_cast<int64_t>(nsink)) throw FormatError("corrupt video index: sink size != sink tokens");
+    for (int64_t e = 0; e < sink.seg->size(); ++e) {
+        if (sink.seg->pos(e) != e) throw FormatError("corrupt video index: sink positions are not 0, 1, 2, ...");
+    }
+    if (!sink.finite()) {
+        throw FormatError("corrupt video index: the sink holds NaN or infinite values");
+    }
+    x.sink = std::move(sink.seg);
+
+    int64_t tok = static_cast<int64_t>(nsink);  // where the next chunk must start
+    int64_t low_next = tok, high_next = tok;    // dense positions of the next L / H entry
+    const size_t lh = static_cast<size_t>(nl) * nh;
+    x.chunks.resize(nchunks);
+    b->low.resize(nchunks);
+    b->low_ok.assign(nchunks, lazy_low ? 0 : 1);
+    for (size_t c = 0; c < nchunks; ++c) {
+        ChunkKV& ch = x.chunks[c];
+        ch.tok_begin = r.pod<int64_t>();
+        ch.tok_end = r.pod<int64_t>();
+        ch.pos_begin = r.pod<int32_t>();
+        ch.pos_end = r.pod<int32_t>();
+        ch.n_frames = r.pod<int32_t>();
+        auto floats = [&](std::vector<float>& out) {
+            const uint64_t n = r.pod<uint64_t>();
+            const uint8_t* p = r.take(mul(n, sizeof(float)));
+            out.resize(n);
+            if (n) std::memcpy(out.data(), p, n * sizeof(float));
+        };
+        floats(ch.key_sig);
+        floats(ch.emb_sig);
+        const uint64_t npos = r.pod<uint64_t>();
+        const uint8_t* lp = r.take(mul(npos, sizeof(int32_t)));
+        ch.low_pos.resize(npos);
+        if (npos) std::memcpy(ch.low_pos.data(), lp, npos * sizeof(int32_t));
+        check(r.end_section(), "meta of chunk " + std::to_string(c));
+
+        // The chunk follows the previous one without a gap, in tokens and positions.
+        const int64_t n = ch.tok_end - ch.tok_begin;
+        if (ch.tok_begin != tok || n < 1 || n > INT32_MAX) bad_chunk(c, "token range does not follow the previous chunk");
+        if (ch.pos_begin != tok || static_cast<int64_t>(ch.pos_end) != tok + n) {
+            bad_chunk(c, "positions do not match its tokens");
+        }
+        tok += n;
+        if (tok > INT32_MAX) bad_chunk(c, "input longer than 2^31 tokens");
+        // Signatures: n_frames rows of n_embd for the embedding scorer, whole keys of every layer
+        // and KV head for the keys scorer (at most one per entry).
+        if (ch.n_frames < 1 || ch.n_frames > n) bad_chunk(c, "n_frames out of range [1, chunk tokens]");
+        if (ch.emb_sig.size() != mul(static_cast<size_t>(ch.n_frames), ne)) {
+            bad_chunk(c, "embedding signature size does not match n_frames x n_embd");
+        }
+        const size_t per_key = lh * hd;
+        if (ch.key_sig.size() % per_key != 0 || ch.key_sig.size() / per_key > static_cast<size_t>(n)) {
+            bad_chunk(c, "key signature size does not match the model dimensions");
+        }
+        if (!floats_finite(ch.emb_sig) || !floats_finite(ch.key_sig)) bad_chunk(c, "signature holds NaN or infinity");
+
+        SegmentRead high = read_segment(r, x, "H");
+        check(high.section, "H rows of chunk " + std::to_string(c));
+        SegmentRead low = read_segment(r, x, "L");
+        b->low[c] = low.section;
+        if (!lazy_low) check(low.section, "L rows of chunk " + std::to_string(c));
+        const KVSegment &H = *high.seg, &L = *low.seg;
+        if (L.type() != x.sink->type()) bad_chunk(c, "L type differs from the sink's");
+        if (c > 0 && (H.type() != x.chunks[0].high->type())) bad_chunk(c, "H type differs from chunk 0's");
+        if (L.size() > n || H.size() > L.size()) bad_chunk(c, "entry counts (H <= L <= chunk tokens)");
+        if (!high.finite() || (!lazy_low && !low.finite())) {
+            bad_chunk(c, "KV rows hold NaN or infinite values");
+        }
+        // Positions: dense (beacon) ones continue the previous chunk's; SnapKV ones are the positions of
+        // the chunk's own tokens, per layer and KV head for L (low_pos).
+        auto in_chunk = [&](int32_t p) { return p >= ch.pos_begin && p < ch.pos_end; };
+        for (const auto* seg : {&H, &L}) {
+            int64_t& next = seg == &H ? high_next : low_next;
+            for (int64_t e = 0; e < seg->size(); ++e) {
+                if (x.dense_positions ? seg->pos(e) != next + e : !in_chunk(seg->pos(e))) bad_chunk(c, "entry position out of place");
+            }
+            next += seg->size();
+        }
+        if (x.dense_positions ? !ch.low_pos.empty() : ch.low_pos.size() != mul(lh, static_cast<size_t>(L.size()))) {
+            bad_chunk(c, "L row positions do not match the L entries");
+        }
+        for (size_t i = 0; i < ch.low_pos.size(); ++i) {
+            if (!in_chunk(ch.low_pos[i]) || (i < static_cast<size_t>(L.size()) && ch.low_pos[i] != L.pos(i))) {
+                bad_chunk(c, "L row position out of place");
+            }
+        }
+        ch.high = std::move(high.seg);
+        ch.low = std::move(low.seg);
+    }
+    if (x.next_pos != tok) throw FormatError("corrupt video index: next_pos does not follow the last chunk");
+    if (r.offset() != size) throw FormatError("corrupt video index: trailing bytes after the last section");
+    ix->backing_ = std::move(b);
+    return ix;
+}
 
 VideoIndex::VideoIndex(int n_layer_, int n_head_kv_, int head_dim_, int n_embd_)
     : n_layer(n_layer_), n_head_kv(n_head_kv_), head_dim(head_dim_), n_embd(n_embd_) {}
 
 VideoIndex::~VideoIndex() {
-    chunks.clear();  // views into the mapping go first
-    if (map_) munmap(map_, map_size_);
+    chunks.clear();  // views into the backing go first
+    sink.reset();
 }
 
 TierBytes VideoIndex::bytes() const {
@@ -146,22 +426,17 @@ void VideoIndex::save(const std::string& path) const {
     {
         Writer w(tmp);
         w.bytes(kMagic, sizeof(kMagic));
-        w.pod<int32_t>(n_layer);
-        w.pod<int32_t>(n_head_kv);
-        w.pod<int32_t>(head_dim);
-        w.pod<int32_t>(n_embd);
-        w.pod<int32_t>(ratio_low);
-        w.pod<int32_t>(ratio_high);
-        w.pod<int32_t>(pin_ends ? 1 : 0);
-        w.pod<int32_t>(two_pass ? 1 : 0);
-        w.pod<int32_t>(dense_positions ? 1 : 0);
-        w.pod<int32_t>(next_pos);
+        for (int32_t v : {n_layer, n_head_kv, head_dim, n_embd, ratio_low, ratio_high, int32_t(pin_ends), int32_t(two_pass),
+                          int32_t(dense_positions), next_pos}) {
+            w.pod<int32_t>(v);
+        }
+        w.pod<uint64_t>(model_fingerprint);
         w.pod<uint32_t>(static_cast<uint32_t>(compressor.size()));
         w.bytes(compressor.data(), compressor.size());
         w.pod<uint64_t>(sink_tokens.size());
         w.bytes(sink_tokens.data(), sink_tokens.size() * sizeof(int32_t));
         w.pod<uint64_t>(chunks.size());
-        w.align();
+        w.end_section();
         write_segment(w, *sink);
         for (const auto& c : chunks) {
             w.pod<int64_t>(c.tok_begin);
@@ -175,7 +450,7 @@ void VideoIndex::save(const std::string& path) const {
             w.bytes(c.emb_sig.data(), c.emb_sig.size() * sizeof(float));
             w.pod<uint64_t>(c.low_pos.size());
             w.bytes(c.low_pos.data(), c.low_pos.size() * sizeof(int32_t));
-            w.align();
+            w.end_section();
             write_segment(w, *c.high);
             write_segment(w, *c.low);
         }
@@ -184,96 +459,90 @@ void VideoIndex::save(const std::string& path) const {
     if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename '" + tmp + "' to '" + path + "'");
 }
 
-std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+std::unique_ptr<VideoIndex> VideoIndex::from_bytes(const uint8_t* data, size_t size, bool verify_checksums) {
+    auto b = anonymous_backing(size);
+    if (size) std::memcpy(b->base, data, size);
+    mprotect(b->base, b->size, PROT_READ);
+    return parse(std::move(b), size, verify_checksums, false);
+}
+
+std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path, bool mmap_low) {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         ::close(fd);
-        throw Error("cannot stat '" + path + "'");
+        throw Error("'" + path + "' is not a regular file");
     }
-    size_t size = static_cast<size_t>(st.st_size);
-    if (size < sizeof(kMagic)) {
-        ::close(fd);
-        throw FormatError("'" + path + "' is not an x2l video index (too short)");
-    }
-    void* map = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-    ::close(fd);
-    if (map == MAP_FAILED) throw Error("cannot mmap '" + path + "'");
-    const uint8_t* base = static_cast<const uint8_t*>(map);
-    if (std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
-        const bool other_version = std::memcmp(base, kMagic, sizeof(kMagic) - 2) == 0;
-        munmap(map, size);
-        if (other_version) {
-            throw FormatError("'" + path + "' was saved by another x2l-edge version: index the video again");
-        }
-        throw FormatError("'" + path + "' is not an x2l video index (bad magic)");
-    }
-    std::unique_ptr<VideoIndex> ix;
+    const size_t size = static_cast<size_t>(st.st_size);
+    std::unique_ptr<Backing> b;
     try {
-        Reader r(base, size, path);
-        r.take(sizeof(kMagic));
-        int32_t nl = r.pod<int32_t>(), nh = r.pod<int32_t>(), hd = r.pod<int32_t>(), ne = r.pod<int32_t>();
-        if (nl <= 0 || nh <= 0 || hd <= 0 || ne <= 0 || nl > 4096 || nh > 4096 || hd > 4096) {
-            throw FormatError("corrupt video index header");
-        }
-        ix.reset(new VideoIndex(nl, nh, hd, ne));
-        ix->map_ = map;
-        ix->map_size_ = size;
-        ix->ratio_low = r.pod<int32_t>();
-        ix->ratio_high = r.pod<int32_t>();
-        ix->pin_ends = r.pod<int32_t>() != 0;
-        ix->two_pass = r.pod<int32_t>() != 0;
-        ix->dense_positions = r.pod<int32_t>() != 0;
-        ix->next_pos = r.pod<int32_t>();
-        uint32_t clen = r.pod<uint32_t>();
-        if (clen > 64) throw FormatError("corrupt video index header");
-        const uint8_t* cs = r.take(clen);
-        ix->compressor.assign(reinterpret_cast<const char*>(cs), clen);
-        uint64_t nsink = r.pod<uint64_t>();
-        if (nsink > (1u << 24)) throw FormatError("corrupt video index header");
-        const uint8_t* st_ = r.take(nsink * sizeof(int32_t));
-        ix->sink_tokens.resize(nsink);
-        std::memcpy(ix->sink_tokens.data(), st_, nsink * sizeof(int32_t));
-        uint64_t nchunks = r.pod<uint64_t>();
-        if (nchunks > size / kAlign) throw FormatError("corrupt video index header");
-        r.align();
-        ix->sink = read_segment(r, *ix, false);
-        ix->chunks.resize(nchunks);
-        for (auto& c : ix->chunks) {
-            c.tok_begin = r.pod<int64_t>();
-            c.tok_end = r.pod<int64_t>();
-            c.pos_begin = r.pod<int32_t>();
-            c.pos_end = r.pod<int32_t>();
-            c.n_frames = r.pod<int32_t>();
-            uint64_t nk = r.pod<uint64_t>();
-            if (nk > (1u << 28)) throw FormatError("corrupt video index chunk");
-            c.key_sig.resize(nk);
-            std::memcpy(c.key_sig.data(), r.take(nk * sizeof(float)), nk * sizeof(float));
-            uint64_t nemb = r.pod<uint64_t>();
-            if (nemb > (1u << 28)) throw FormatError("corrupt video index chunk");
-            c.emb_sig.resize(nemb);
-            std::memcpy(c.emb_sig.data(), r.take(nemb * sizeof(float)), nemb * sizeof(float));
-            uint64_t npos = r.pod<uint64_t>();
-            if (npos > (1u << 28)) throw FormatError("corrupt video index chunk");
-            c.low_pos.resize(npos);
-            std::memcpy(c.low_pos.data(), r.take(npos * sizeof(int32_t)), npos * sizeof(int32_t));
-            r.align();
-            c.high = read_segment(r, *ix, false);  // device tier: resident
-            c.low = read_segment(r, *ix, true);    // host tier: stays in the mapping
-            if (!c.low_pos.empty() && c.low_pos.size() != static_cast<size_t>(nl) * nh * c.low->size()) {
-                throw FormatError("corrupt video index chunk (L row positions)");
-            }
-        }
-    } catch (...) {
-        if (ix) {
-            // the destructor unmaps
+        if (size < sizeof(kMagic)) throw FormatError("not an x2l video index (too short)");
+        if (mmap_low) {
+            b = std::make_unique<Backing>();
+            void* p = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+            if (p == MAP_FAILED) throw Error(std::string("cannot map the file: ") + std::strerror(errno));
+            b->base = p;
+            b->size = size;
+            b->file_mapped = true;
+            b->fd = fd;
+            b->path = path;
+            b->at_load = st;
+            fd = -1;  // the backing owns it
         } else {
-            munmap(map, size);
+            b = anonymous_backing(size);
+            uint8_t* dst = static_cast<uint8_t*>(b->base);
+            for (size_t done = 0; done < size;) {
+                const ssize_t got = pread(fd, dst + done, size - done, static_cast<off_t>(done));
+                if (got < 0 && errno == EINTR) continue;
+                if (got < 0) throw Error(std::string("cannot read the file: ") + std::strerror(errno));
+                if (got == 0) throw FormatError("truncated video index (the file shrank while it was read)");
+                done += static_cast<size_t>(got);
+            }
+            ::close(fd);
+            fd = -1;
+            mprotect(b->base, b->size, PROT_READ);
         }
-        throw;
+        return parse(std::move(b), size, true, mmap_low);
+    } catch (const Error& e) {
+        if (fd >= 0) ::close(fd);
+        if (dynamic_cast<const FormatError*>(&e)) throw FormatError("'" + path + "': " + e.what());
+        if (dynamic_cast<const BudgetError*>(&e)) throw;
+        throw Error("'" + path + "': " + e.what());
     }
-    return ix;
+}
+
+bool VideoIndex::file_mapped() const { return backing_ && backing_->file_mapped; }
+
+void VideoIndex::check_file() const {
+    if (!file_mapped()) return;
+    const Backing& b = *backing_;
+    struct stat st;
+    if (fstat(b.fd, &st) != 0 || st.st_size != b.at_load.st_size || st.st_mtim.tv_sec != b.at_load.st_mtim.tv_sec ||
+        st.st_mtim.tv_nsec != b.at_load.st_mtim.tv_nsec) {
+        throw FormatError("'" + b.path + "' changed since it was loaded (size or modification time): load it again");
+    }
+}
+
+void VideoIndex::check_low(size_t chunk) const {
+    if (!file_mapped()) return;
+    check_file();
+    Backing& b = *backing_;
+    if (chunk >= chunks.size()) throw Error("chunk index out of range");
+    std::lock_guard<std::mutex> lock(b.mu);
+    if (b.low_ok[chunk]) return;
+    const Section& s = b.low[chunk];
+    const KVSegment& L = *chunks[chunk].low;
+    if (!s.ok(b.bytes())) {
+        throw FormatError("'" + b.path + "': checksum mismatch in the L rows of chunk " + std::to_string(chunk) +
+                          " (corrupt or modified file)");
+    }
+    const size_t part = L.layer_bytes() * L.n_layer();
+    if (!rows_finite(L.type(), L.k_data(), part) || !rows_finite(L.type(), L.v_data(), part)) {
+        throw FormatError("'" + b.path + "': the L rows of chunk " + std::to_string(chunk) + " hold NaN or infinite values");
+    }
+    b.low_ok[chunk] = 1;
 }
 
 }  // namespace x2l

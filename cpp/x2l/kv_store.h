@@ -1,7 +1,7 @@
 // The tiered KV store of one prefilled input ("video index"): an uncompressed sink, and for every
 // chunk its L-KVs (low compression, host tier) and H-KVs (high compression, quantized, device
 // tier), plus cheap retrieval signatures computed before compression. Saved indexes are
-// reloaded with the L tier memory-mapped, so a video is indexed once and queried later.
+// reloaded (in memory, or with the L tier memory-mapped), so a video is indexed once and queried later.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -49,6 +49,7 @@ class VideoIndex {
     // every chunk to its new place. SnapKV indexes keep the tokens' original positions.
     bool dense_positions = false;
     int32_t next_pos = 0;  // position of the first token after the indexed input
+    uint64_t model_fingerprint = 0;  // LlmModel::fingerprint() of the model that built it
     std::unique_ptr<KVSegment> sink;
     std::vector<ChunkKV> chunks;
     std::vector<int32_t> sink_tokens;
@@ -57,15 +58,32 @@ class VideoIndex {
     size_t low_bytes(size_t chunk) const { return chunks[chunk].low->used_bytes(); }
     size_t high_bytes(size_t chunk) const { return chunks[chunk].high->used_bytes(); }
 
-    // Binary format: header, sink, then per chunk (meta, signatures, H rows, L rows), 64-byte
-    // aligned blocks. load() maps the file: L rows stay in the mapping (read on demand), the
-    // sink and H rows are copied into memory.
+    // Binary format (docs/security.md): checksummed sections (header, sink, then per chunk: meta, H
+    // rows, L rows), 64-byte aligned. Every field is validated against the others on load; a file
+    // of another format version is refused.
     void save(const std::string& path) const;
-    static std::unique_ptr<VideoIndex> load(const std::string& path);
+    // mmap=false: the file is read into memory (read-only once checked), so later changes to the
+    // file cannot reach this index. mmap=true: the L rows stay in a private read-only mapping of the
+    // file (indexes larger than RAM); their checksums are verified before their first use
+    // (check_low) and the file is re-checked for changes before every use.
+    static std::unique_ptr<VideoIndex> load(const std::string& path, bool mmap = false);
+    // Parses an in-memory image (copied), as load(mmap=false) does a file. verify_checksums=false is
+    // for fuzzers, so that mutations reach the field validation behind the checksums.
+    static std::unique_ptr<VideoIndex> from_bytes(const uint8_t* data, size_t size, bool verify_checksums = true);
+
+    // Before chunk c's L rows are read. Mapped indexes: throws FormatError when the file changed since
+    // it was loaded or the rows' checksum is wrong (verified once). Nothing to do for in-memory ones.
+    void check_low(size_t chunk) const;
+    // Mapped indexes: throws FormatError when the file's size or modification time changed since load.
+    void check_file() const;
+    bool file_mapped() const;  // L rows read from a file mapping (load(mmap=true))
+
+    struct Backing;  // the memory the views point into (kv_store.cpp)
 
   private:
-    void* map_ = nullptr;  // mapping that L views point into (owned)
-    size_t map_size_ = 0;
+    // Validates the image in b and builds the index over it (views into b, which it then owns).
+    static std::unique_ptr<VideoIndex> parse(std::unique_ptr<Backing> b, size_t size, bool verify, bool lazy_low);
+    std::unique_ptr<Backing> backing_;
 };
 
 }  // namespace x2l

@@ -57,6 +57,7 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     }
     ix_->compressor = o.compressor;
     ix_->dense_positions = o.compressor == "beacon";
+    ix_->model_fingerprint = s.model().fingerprint();
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
 #ifdef X2L_HAVE_CUDA
     if (s.cuda()) {
@@ -334,6 +335,14 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     if (ix.n_layer != c.n_layer || ix.n_head_kv != c.n_head_kv || ix.head_dim != c.head_dim || ix.n_embd != c.n_embd) {
         throw Error("this video index was built with a different model");
     }
+    if (ix.model_fingerprint != s.model().fingerprint()) {
+        throw Error("this video index was built with a different model (same dimensions, other weights): "
+                    "index the video again with this model");
+    }
+    for (int32_t id : ix.sink_tokens) {
+        if (id >= c.n_vocab) throw FormatError("the video index's sink holds a token id beyond this model's vocabulary");
+    }
+    ix.check_file();
     if (max_tail_tokens <= 0) throw Error("max_tail_tokens must be > 0");
     cache_.reset(new KVCache(s.options().kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail_tokens));
 #ifdef X2L_HAVE_CUDA
@@ -401,6 +410,9 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     if (content_end <= 0) content_end += nq;
     if (content_begin < 0 || content_begin >= content_end || content_end > nq) throw Error("bad question content range");
     const int64_t n_content = content_end - content_begin;
+    if (scorer == Scorer::Attention) {
+        for (size_t ch = 0; ch < ix_.chunks.size(); ++ch) ix_.check_low(ch);  // mapped indexes: file unchanged, rows verified
+    }
     if (scorer == Scorer::Embedding) {
         std::vector<float> q(static_cast<size_t>(n_content) * c.n_embd);
         s_.model().embed(question.data() + content_begin, n_content, q.data());
@@ -447,6 +459,7 @@ void X2LDecoder::prepare(const std::vector<int>& selected) {
     for (int c : sel) {
         if (c < 0 || c >= n) throw Error("chunk index " + std::to_string(c) + " out of range [0, " + std::to_string(n) + ")");
     }
+    for (int c : sel) ix_.check_low(static_cast<size_t>(c));  // mapped indexes: file unchanged, rows verified
     reloader_.wait_all();
 #ifdef X2L_HAVE_CUDA
     if (gpu_) {
@@ -498,6 +511,7 @@ int32_t X2LDecoder::question_pos() const {
 
 void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out) {
     if (tokens.empty()) return;
+    ix_.check_file();  // mapped indexes: the reload and (Jetson) the device read the file's pages
     if (n_past() + static_cast<int64_t>(tokens.size()) > n_ctx()) {
         throw BudgetError("question/answer budget of " + std::to_string(n_ctx()) + " tokens exceeded");
     }

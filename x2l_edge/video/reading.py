@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -362,6 +363,8 @@ class _FileVideo(Video):
                 raise FileNotFoundError(2, "video file not found", self._path)
             if os.path.isdir(self._path):
                 raise IsADirectoryError(21, "is a directory, not a video file", self._path)
+            if not stat.S_ISREG(os.stat(self._path).st_mode):  # a FIFO or device would block or never end
+                raise VideoError(f"video file {self._path!r} is not a regular file")
             if os.path.getsize(self._path) == 0:
                 raise VideoError(f"video file {self._path!r} is empty (0 bytes)")
         self._max_failures = max(1, int(max_failures))
