@@ -4,6 +4,8 @@ index that a decoder can score, reload and answer on, without a crash.
     python tests/fuzz_index.py -runs=2000 CORPUS_DIR          # fuzz (seed: tests/fuzz_corpus/index)
     python tests/fuzz_index.py --make-seed tests/fuzz_corpus/index
 
+Inputs are mutation recipes applied to a fresh seed index (tests/fuzz_mutate.py), or raw files.
+
 The model is a tiny random qwen2 built at start (tests/tiny_models.py + tools/convert.py; its
 dimensions are fixed, its weights need not be: the target writes the session's fingerprint into each
 input, and checksums are not verified, so that mutations reach the field validation behind them and
@@ -20,6 +22,8 @@ import atheris
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tools"))
+
+from fuzz_mutate import mutate  # noqa: E402
 
 with atheris.instrument_imports():
     import x2l_edge
@@ -53,6 +57,8 @@ def make_seed(session) -> bytes:
 
 def test_one(data: bytes) -> None:
     s, fp = _state["session"], _state["fingerprint"]
+    if data:
+        data = mutate(_state["seed"], data)
     if len(data) >= FINGERPRINT_OFFSET + 8:
         data = data[:FINGERPRINT_OFFSET] + struct.pack("<Q", fp) + data[FINGERPRINT_OFFSET + 8:]
     try:
@@ -82,7 +88,8 @@ def main():
         (out / "seed.x2l").write_bytes(make_seed(_session()))
         return
     _state["session"] = s = _session()
-    _state["fingerprint"] = _core.VideoIndex.from_bytes(make_seed(s)).settings()["model_fingerprint"]
+    _state["seed"] = seed = make_seed(s)
+    _state["fingerprint"] = _core.VideoIndex.from_bytes(seed).settings()["model_fingerprint"]
     atheris.Setup(sys.argv, test_one)
     atheris.Fuzz()
 

@@ -5,7 +5,8 @@ or another exception type.
     python tests/fuzz_video.py -runs=500 CORPUS_DIR          # seed: tests/fuzz_corpus/video
     python tests/fuzz_video.py --make-seed tests/fuzz_corpus/video
 
-The first input byte picks the file name's extension (OpenCV picks a demuxer by content and name).
+Inputs are mutation recipes applied to the seed video (tests/fuzz_mutate.py), or raw files; the first
+input byte also picks the file name's extension (OpenCV picks a demuxer by content and name).
 """
 import os
 import sys
@@ -13,6 +14,9 @@ import tempfile
 
 import atheris
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fuzz_mutate import mutate  # noqa: E402
 
 with atheris.instrument_imports():
     from x2l_edge import video
@@ -26,19 +30,18 @@ def make_seed(out_dir) -> None:
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (24, 32, 3), dtype=np.uint8) for _ in range(3)]
     video.write_video(os.path.join(out_dir, "seed.avi"), frames, fps=2.0, codec="MJPG")
-    # the fuzz input format: extension byte, then the file
+    # also a raw input (odd first byte: the rest is the file, .avi)
     data = open(os.path.join(out_dir, "seed.avi"), "rb").read()
-    os.remove(os.path.join(out_dir, "seed.avi"))
-    with open(os.path.join(out_dir, "seed"), "wb") as f:
-        f.write(bytes([0]) + data)
+    with open(os.path.join(out_dir, "raw"), "wb") as f:
+        f.write(bytes([1]) + data)
 
 
 def test_one(data: bytes) -> None:
     if not data:
         return
-    path = _state["base"] + EXTENSIONS[data[0] % len(EXTENSIONS)]
+    path = _state["base"] + EXTENSIONS[data[0] // 2 % len(EXTENSIONS)]
     with open(path, "wb") as f:
-        f.write(data[1:])
+        f.write(mutate(_state["seed"], data))
     try:
         v = video.open_video(path, max_frames=4)
         for fr in v.frames():
@@ -55,6 +58,8 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--make-seed":
         make_seed(sys.argv[2])
         return
+    seed_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_corpus", "video")
+    _state["seed"] = open(os.path.join(seed_dir, "seed.avi"), "rb").read()
     _state["base"] = os.path.join(tempfile.mkdtemp(prefix="x2l_fuzz_video_"), "input")
     _state["pre"] = video.VideoPreprocessor(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "square")
     atheris.Setup(sys.argv, test_one)
