@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 dest=${SANITIZE_DIR:-$(mktemp -d /tmp/x2l_sanitize.XXXXXX)}
 echo "== sanitize: building into $dest"
 pip install --no-deps --no-build-isolation --upgrade --target "$dest" -C cmake.define.X2L_SANITIZE=ON \
-    -C cmake.define.X2L_CUDA=OFF -C build-dir=build/sanitize . > "$dest/build.log" 2>&1 || { tail -40 "$dest/build.log"; exit 1; }
+    -C cmake.define.X2L_CUDA=OFF -C cmake.define.X2L_TESTING=ON -C build-dir=build/sanitize . > "$dest/build.log" 2>&1 || { tail -40 "$dest/build.log"; exit 1; }
 core=$(ls "$dest"/x2l_edge/_core*.so)
 # The ASan runtime the module was linked against (gcc's libasan here; clang's when built with clang),
 # and the C++ runtime: ASan finds __cxa_throw only in libraries loaded before it initialises, and
