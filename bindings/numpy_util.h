@@ -8,12 +8,12 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/backend.h"
+#include "llm/executor.h"
 
 namespace x2l_bind {
 
 // A context's CUDA graph use as {captures, replays, note}.
-inline nanobind::dict graph_stats_dict(const x2l::CudaGraphStats& g) {
+inline nanobind::dict graph_stats_dict(const x2l::GraphStats& g) {
     nanobind::dict d;
     d["captures"] = g.captures;
     d["replays"] = g.replays;

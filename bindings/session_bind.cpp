@@ -4,10 +4,11 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
-#include "cpu/features.h"
+#include "backends.h"
 #include "core/common.h"
-#include "numpy_util.h"
+#include "cpu/features.h"
 #include "llm/session.h"
+#include "numpy_util.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -60,7 +61,7 @@ void bind_session(nb::module_& m) {
             o.kv_type = kv_type_from_name(kv_type);
             o.n_batch = n_batch;
             nb::gil_scoped_release nogil;
-            new (self) x2l::LlmSession(path, o);
+            new (self) x2l::LlmSession(path, o, x2l::make_llm_executor);
         }, "path"_a, "n_threads"_a = 0, "n_ctx"_a = 0, "kv_type"_a = "f16", "n_batch"_a = 256,
            "device"_a = -1, "cuda_graphs"_a = true)
         .def("eval", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
@@ -126,7 +127,7 @@ void bind_session(nb::module_& m) {
             d["n_ctx"] = s.n_ctx();
             d["n_threads"] = s.n_threads();
             d["kv_type"] = std::string(x2l::type_info(s.options().kv_type).name);
-            d["backend"] = s.cuda() ? "cuda" : "cpu";
+            d["backend"] = s.executor().backend();
             d["device"] = s.device_name();
             d["cpu_features"] = x2l::cpu_features();
             return d;

@@ -7,29 +7,27 @@
 #include <memory>
 #include <mutex>
 
-#include "cpu/features.h"
+#include "backends.h"
 #include "core/common.h"
 #include "core/gguf.h"
 #include "core/threadpool.h"
+#include "cpu/features.h"
+#include "vision/executor.h"
 #include "vision/vision.h"
-#if X2L_HAVE_CUDA
-#include "cuda/vision.h"
-#endif
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
 namespace {
 
-// Owns everything the encoder points into (the mapping) or needs (the pool). One call computes at
-// a time: the pool is not re-entrant and the GIL is released while it runs.
+// Owns everything the encoder points into (the mapping) or needs (the pool), and the executor that
+// runs it (on the CPU or a device). One call computes at a time: the pool is not re-entrant and the
+// GIL is released while it runs.
 struct PyVisionEncoder {
     std::unique_ptr<x2l::GGUFFile> file;
     std::unique_ptr<x2l::VisionEncoder> enc;
     std::unique_ptr<x2l::ThreadPool> pool;
-#if X2L_HAVE_CUDA
-    std::unique_ptr<x2l::CudaVision> cuda;  // set when opened with a device: encode() runs there
-#endif
+    std::unique_ptr<x2l::VisionExecutor> exec;
     std::mutex mu;
 };
 
@@ -57,12 +55,7 @@ nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x
     {
         nb::gil_scoped_release nogil;
         std::lock_guard<std::mutex> lock(self.mu);
-#if X2L_HAVE_CUDA
-        if (self.cuda) {
-            self.cuda->encode(px.data(), n, out.data(), stage);
-        } else
-#endif
-        self.enc->encode(*self.pool, px.data(), n, out.data(), stage);
+        self.exec->encode(px.data(), n, out.data(), stage);
     }
     return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
 }
@@ -98,13 +91,7 @@ void bind_vision(nb::module_& m) {
             self->file = x2l::GGUFFile::open(path);
             self->enc = x2l::VisionEncoder::load(*self->file);
             self->pool = std::make_unique<x2l::ThreadPool>(n_threads > 0 ? n_threads : x2l::default_threads());
-            if (device >= 0) {
-#if X2L_HAVE_CUDA
-                self->cuda = std::make_unique<x2l::CudaVision>(*self->enc, device);
-#else
-                throw x2l::Error("this build has no CUDA backend");
-#endif
-            }
+            self->exec = x2l::make_vision_executor(*self->enc, *self->pool, device);
             return self;
         }, "path"_a, "n_threads"_a = 0, "device"_a = -1,
            "Load the vision tower and projector of a GGUF file (FormatError when it has none). device >= 0 runs\n"
@@ -120,34 +107,16 @@ void bind_vision(nb::module_& m) {
         .def_prop_ro("n_embd", [](const PyVisionEncoder& s) { return s.enc->n_embd_out(); })
         .def_prop_ro("n_threads", [](const PyVisionEncoder& s) { return s.pool->n_threads(); })
         .def_prop_ro("weight_bytes", [](const PyVisionEncoder& s) { return s.enc->weight_bytes(); })
-        .def_prop_rw("batch_frames", [](const PyVisionEncoder& s) {
-#if X2L_HAVE_CUDA
-                         if (s.cuda) return s.cuda->batch_frames();
-#endif
-                         return s.enc->batch_frames();
-                     },
+        .def_prop_rw("batch_frames", [](const PyVisionEncoder& s) { return s.exec->batch_frames(); },
                      [](PyVisionEncoder& s, int n) {
+                         nb::gil_scoped_release nogil;  // a device reallocates its activations
                          std::lock_guard<std::mutex> lock(s.mu);
-                         s.enc->set_batch_frames(n);
-#if X2L_HAVE_CUDA
-                         if (s.cuda) {
-                             nb::gil_scoped_release nogil;
-                             s.cuda->set_batch_frames(n);
-                         }
-#endif
+                         s.exec->set_batch_frames(n);
                      }, "Frames encoded together per internal batch (bounds activation memory).")
-        .def_prop_ro("device", [](const PyVisionEncoder& s) -> std::string {
-#if X2L_HAVE_CUDA
-            if (s.cuda) return "cuda:" + std::to_string(s.cuda->device());
-#endif
-            return "cpu";
-        }, "Where encode() runs: 'cpu' or 'cuda:N'.")
-        .def_prop_ro("device_bytes", [](const PyVisionEncoder& s) -> size_t {
-#if X2L_HAVE_CUDA
-            if (s.cuda) return s.cuda->device_bytes();
-#endif
-            return 0;
-        }, "Device memory held (weights + one batch of activations); 0 on the CPU.")
+        .def_prop_ro("device", [](const PyVisionEncoder& s) { return s.exec->device(); },
+                     "Where encode() runs: 'cpu' or 'cuda:N'.")
+        .def_prop_ro("device_bytes", [](const PyVisionEncoder& s) { return s.exec->device_bytes(); },
+                     "Device memory held (weights + one batch of activations); 0 on the CPU.")
         .def_prop_ro("image_newline", [](const PyVisionEncoder& s) -> nb::object {
             const std::vector<float>& nl = s.enc->image_newline();
             if (nl.empty()) return nb::none();

@@ -1,10 +1,28 @@
-// The backends this build has, and the one place that picks one (backends.cpp holds the only
-// X2L_HAVE_CUDA in the code above cpp/cuda/).
+// The backends this build has, and the one place that picks one: backends.cpp holds the only
+// X2L_HAVE_CUDA of the code. Everything above (llm/session, x2l/, the bindings) gets executors from
+// here and never learns which backend runs them.
 #pragma once
 #include <cstddef>
+#include <memory>
 #include <string>
 
+#include "llm/executor.h"
+#include "vision/executor.h"
+
 namespace x2l {
+
+// ---------------------------------------------------------------- executors
+
+// The session's LLM executor (an LlmExecutorFactory): the CPU for opt.device < 0; otherwise that CUDA
+// device, with the CPU executor beside it for what does not fit the device (an X²L prefill that fills
+// it goes on on the CPU, an index it cannot hold is decoded on the CPU; each says so in its note).
+// Error when the build has no CUDA backend or the device cannot serve the model (kv_type other than f16,
+// weight types its kernels do not read), BudgetError when the weights do not fit.
+std::unique_ptr<LlmExecutor> make_llm_executor(const LlmModel& model, ThreadPool& pool, const SessionOptions& opt);
+
+// The vision tower on the CPU (device < 0) or a CUDA device (Error / BudgetError as above). enc and
+// pool must outlive the executor.
+std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadPool& pool, int device);
 
 // ---------------------------------------------------------------- what this build and machine have
 

@@ -1,7 +1,8 @@
 // CUDA backend: device discovery, memory/stream ownership and kernel launch wrappers.
 //
 // Plain C++ (no CUDA types), so any .cpp file may include it. The definitions live in cpp/cuda/*.cu
-// and exist only when the build compiled them (X2L_HAVE_CUDA=1); callers guard with that macro.
+// and exist only when the build compiles the CUDA backend; only cpp/cuda/ and backends.cpp (and the
+// test module's probes) call them.
 //
 // Conventions
 // - Every pointer passed to a launch wrapper is device-accessible (cudaMalloc, or mapped pinned host
@@ -176,12 +177,6 @@ class CudaGraph {
   private:
     void* graph_ = nullptr;
     void* exec_ = nullptr;
-};
-
-// How often a context captured and replayed its decode graph; note: why it stopped using graphs, if it did.
-struct CudaGraphStats {
-    int64_t captures = 0, replays = 0;
-    std::string note;
 };
 
 // Asynchronous host-to-device copy on `stream` (host memory pinned for it to overlap).

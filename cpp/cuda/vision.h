@@ -1,23 +1,25 @@
 // The vision tower + projector + pooling of a VisionEncoder on a CUDA device (the same forward as
-// cpp/vision.cpp, built from the kernels of cuda_backend.h). Pixels come from the host and the result
+// cpp/vision/vision.cpp, built from the kernels of cuda/backend.h). Pixels come from the host and the result
 // goes back to the host; everything in between stays on the device:
 //   im2col (host) -> patch matmul -> [CLS] + positions [-> pre-LN] -> n_layer_run pre-LN blocks
 //   (per-frame bidirectional attention over f32 K/V) -> [drop CLS] -> projector -> pooling.
 // Frames are encoded batch_frames at a time; the activation buffers are sized for one batch.
 //
-// Defined only when the build has the CUDA backend (X2L_HAVE_CUDA=1).
+// The vision tower's CUDA executor (vision/executor.h); backends.cpp makes it.
 #pragma once
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "cuda/llm.h"
+#include "vision/executor.h"
 #include "vision/vision.h"
 
 namespace x2l {
 
-class CudaVision {
+class CudaVision final : public VisionExecutor {
   public:
     // Uploads the encoder's weights to `device`. Throws Error for layouts the kernels do not read (the
     // message names the tensor), BudgetError when device memory runs out. `enc` must outlive this.
@@ -28,14 +30,13 @@ class CudaVision {
 
     // Same contract as VisionEncoder::encode: pixels [n_frames, 3, S, S] (host) -> out (host)
     // [n_frames * rows_per_frame(stage), cols(stage)]. One call at a time.
-    void encode(const float* pixels, int64_t n_frames, float* out,
-                VisionEncoder::Stage stage = VisionEncoder::Stage::Pooled);
+    void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) override;
 
-    int device() const { return device_; }
-    int batch_frames() const { return batch_; }
-    void set_batch_frames(int n);  // reallocates the activation buffers
+    std::string device() const override { return "cuda:" + std::to_string(device_); }
+    int batch_frames() const override { return batch_; }
+    void set_batch_frames(int n) override;  // reallocates the activation buffers
     size_t weight_bytes() const { return weight_bytes_; }
-    size_t device_bytes() const;   // weights + activations
+    size_t device_bytes() const override;  // weights + activations
 
     static constexpr int kBatchTokens = 4096;
 

@@ -156,7 +156,7 @@ void LlmModel::embed(const int32_t* tokens, int64_t n, float* out) const {
 }
 
 void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
-                       int64_t n_logits, float* logits, const ForwardHooks* hooks) const {
+                       int64_t n_logits, float* logits, const ForwardHooks* hooks, const PrefillHooks* prefill) const {
     const LlmConfig& c = cfg_;
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
@@ -192,7 +192,7 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
                                 {&L.wk, ws.k.data(), L.bk.empty() ? nullptr : L.bk.data()},
                                 {&L.wv, ws.v.data(), L.bv.empty() ? nullptr : L.bv.data()}};
             matmul(pool, ws.xn.data(), n, E, qkv, 3, ws.act);
-            if (hooks && hooks->vst_rows) beacon_qkv(pool, ws, L, n, hooks->vst_rows);
+            if (prefill && prefill->vst_rows) beacon_qkv(pool, ws, L, n, prefill->vst_rows);
             if (hooks && hooks->on_qk) hooks->on_qk(l, ws.q.data(), ws.k.data(), n);
             per_token([&](int64_t t) {
                 rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
@@ -200,13 +200,10 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
                 tail.store(l, first + t, ws.k.data() + t * KD, ws.v.data() + t * KD);
             });
             if (hooks && hooks->before_attention) hooks->before_attention(l);
-            AttentionObserver votes;
-            if (hooks && hooks->obs) {
-                votes.out = hooks->obs + static_cast<size_t>(l) * c.n_head_kv * (hooks->obs_end - hooks->obs_begin);
-                votes.from = hooks->obs_from;
-                votes.to = hooks->obs_to;
-                votes.begin = hooks->obs_begin;
-                votes.end = hooks->obs_end;
+            AttentionObserver votes;  // this layer's slice of the prefill's votes
+            if (prefill && prefill->votes.out) {
+                votes = prefill->votes;
+                votes.out += static_cast<size_t>(l) * c.n_head_kv * (votes.end - votes.begin);
             }
             attention(pool, ws.attention, {c.n_head, c.n_head_kv, c.head_dim}, l, ws.q.data(), ws.attn.data(), n, first,
                       cache, &votes);

@@ -42,21 +42,23 @@ struct LlmLayer {
     std::vector<float> vst_bq, vst_bk, vst_bv;
 };
 
-// Optional instrumentation of a forward pass, used by the X²L prefill, scorers and reload.
+// Optional instrumentation of a forward pass (the X²L scorers' question pass and the CPU reload use it).
 struct ForwardHooks {
     // Per layer, before RoPE: q [n, n_head*head_dim] and k [n, n_head_kv*head_dim] of the batch.
     std::function<void(int layer, const float* q, const float* k, int64_t n)> on_qk;
     // Called before layer `layer` reads the cache (the reload engine blocks here until that layer's
     // rows have arrived).
     std::function<void(int layer)> before_attention;
-    // Attention observation: for batch queries t in [obs_from, obs_to), the softmax probabilities over cache
-    // entries [obs_begin, obs_end) are summed over the query heads of each KV head into
-    // obs[layer][kv_head][entry - obs_begin] (a buffer of n_layer * n_head_kv * (end - begin)).
-    float* obs = nullptr;
-    int64_t obs_from = 0, obs_to = INT64_MAX;  // batch queries [obs_from, obs_to) vote
-    int64_t obs_begin = 0, obs_end = 0;
-    // Rows (of the batch) that are beacon summarization tokens: their q/k/v come from the VST
-    // projections (Video-XL). Not instrumentation, but it rides along with the other options.
+};
+
+// What the X²L prefill asks of a forward besides its rows.
+struct PrefillHooks {
+    // snapkv: for batch queries t in [votes.from, votes.to), the softmax probabilities over cache
+    // entries [votes.begin, votes.end) summed over the query heads of each KV head into
+    // votes.out[layer][kv_head][entry - begin] (a buffer of n_layer * n_head_kv * (end - begin)).
+    AttentionObserver votes;
+    // beacon: rows (of the batch) that are Video-XL summarisation tokens, whose q/k/v come from the VST
+    // projections.
     const uint8_t* vst_rows = nullptr;
 };
 
@@ -89,7 +91,8 @@ class LlmModel {
     // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
     // n_logits tokens of the batch (0 = none).
     void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
-                 int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr) const;
+                 int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr,
+                 const PrefillHooks* prefill = nullptr) const;
 
     // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
     void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;

@@ -1,46 +1,27 @@
-// LlmSession: one loaded model (mmap'd GGUF, weights, tokenizer), a thread pool, a KV cache and
-// the token history it holds. The Python Session builds its friendly API on top of this.
+// LlmSession: one loaded model (mmap'd GGUF, weights, tokenizer), a thread pool, the executor of the
+// backend it runs on (given by the caller's factory: backends.cpp), its KV cache and the token
+// history it holds. The Python Session builds its friendly API on top of this.
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "cuda/backend.h"
 #include "core/gguf.h"
-#include "cpu/kv_cache.h"
+#include "core/threadpool.h"
+#include "llm/executor.h"
 #include "llm/model.h"
 #include "llm/sampler.h"
-#include "core/threadpool.h"
 #include "llm/tokenizer.h"
 
 namespace x2l {
 
-class CudaLlm;
-struct CudaSessionState;  // the device weights and this session's device context (session.cpp)
-struct CudaSessionStateDeleter {
-    void operator()(CudaSessionState* p) const;
-};
-
-struct SessionOptions {
-    int n_threads = 0;        // 0: all hardware threads
-    int64_t n_ctx = 0;        // 0: min(model's training context, 4096)
-    DType kv_type = DType::F16;
-    int64_t n_batch = 256;    // tokens per forward call during prompt processing
-    int device = -1;          // CUDA device for eval/eval_embd (-1: the CPU backend)
-    bool cuda_graphs = true;  // single-token device forwards replay a CUDA graph (CudaContext::set_graphs)
-};
-
-
-// Runs tokens through the model in n_batch pieces at positions start_pos.., appending to cache's
-// tail; writes the last token's logits to last_logits and, if all_out, every token's logits.
-void run_tokens(const LlmModel& model, ThreadPool& pool, Workspace& ws, KVCache& cache,
-                const std::vector<int32_t>& tokens, int32_t start_pos, int64_t n_batch,
-                std::vector<float>& last_logits, std::vector<float>* all_out, const ForwardHooks* hooks);
+// The input embeddings of tokens [n, n_embd] (Error naming an out-of-range id).
+std::vector<float> embed_tokens(const LlmModel& model, const std::vector<int32_t>& tokens);
 
 class LlmSession {
   public:
-    LlmSession(const std::string& path, const SessionOptions& opt);
+    LlmSession(const std::string& path, const SessionOptions& opt, const LlmExecutorFactory& make_executor);
     ~LlmSession();
 
     const GGUFFile& file() const { return *file_; }
@@ -65,18 +46,16 @@ class LlmSession {
     int64_t n_ctx() const { return opt_.n_ctx; }
     void truncate(int64_t n);  // keep the first n tokens of the context
 
-    size_t kv_bytes() const;
-    // The device weights when the session was opened with a device (eval/eval_embd/truncate run
-    // there, and X²L decoders answer there); null on the CPU backend. The X²L prefill and the
-    // scorers use the CPU model through pool() and workspace().
-    const CudaLlm* cuda() const;
-    std::string device_name() const;  // "cpu" or the CUDA device's name
-    size_t device_bytes() const;      // device memory held (weights, KV cache, work buffers); 0 on the CPU
-    CudaGraphStats graph_stats() const;  // the device context's CUDA graph use (zeros on the CPU)
-    // Shared compute resources for other users of the model (the X²L prefill and decoder).
+    // Where the model runs (the X²L prefill and decoder get their runners from it too).
+    LlmExecutor& executor() { return *executor_; }
+    const LlmExecutor& executor() const { return *executor_; }
+    size_t kv_bytes() const { return ctx_->kv_bytes(); }
+    std::string device_name() const { return executor_->device_name(); }  // "cpu" or the device's name
+    size_t device_bytes() const { return executor_->device_bytes() + ctx_->device_bytes(); }
+    GraphStats graph_stats() const { return ctx_->graph_stats(); }  // the chat context's CUDA graph use
+    // The CPU threads, also for the X²L scorers.
     ThreadPool& pool() { return *pool_; }
-    Workspace& workspace() { return ws_; }
-    size_t workspace_bytes() const { return ws_.bytes(); }
+    size_t workspace_bytes() const { return executor_->workspace_bytes(); }
 
   private:
     SessionOptions opt_;
@@ -84,10 +63,8 @@ class LlmSession {
     std::unique_ptr<LlmModel> model_;
     std::unique_ptr<Tokenizer> tokenizer_;
     std::unique_ptr<ThreadPool> pool_;
-    std::unique_ptr<KVCache> cache_;
-    std::unique_ptr<CudaSessionState, CudaSessionStateDeleter> cuda_;
-    Workspace ws_;
-    std::vector<float> x_;  // [n_batch, n_embd] input embeddings
+    std::unique_ptr<LlmExecutor> executor_;
+    std::unique_ptr<LlmContext> ctx_;
     std::vector<float> last_logits_;
     std::vector<int32_t> history_;
 };

@@ -5,6 +5,9 @@
 // Compression here is the training-free rule (compress.h): the chunk is run in full on top of its
 // memory, then each layer/KV head keeps the entries the chunk's queries attended to most, with the
 // positions they had (keys are stored post-RoPE, so any mix of L and H chunks is consistent).
+//
+// Backend-free: what each forward attends to is planned here (plan.h) and run by the session's
+// executor (llm/executor.h), on whichever backend the session has.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -13,10 +16,11 @@
 #include <vector>
 
 #include "core/common.h"
-#include "x2l/kv_store.h"
-#include "x2l/reload.h"
-#include "x2l/select.h"
+#include "llm/executor.h"
 #include "llm/session.h"
+#include "x2l/kv_store.h"
+#include "x2l/plan.h"
+#include "x2l/select.h"
 
 namespace x2l {
 
@@ -48,17 +52,12 @@ struct X2LOptions {
     std::string compressor = "snapkv";
 };
 
-class CudaPrefill;
-struct CudaPrefillDeleter {
-    void operator()(CudaPrefill* p) const;
-};
-
 struct PrefillStats {
     int64_t input_tokens = 0;      // tokens of the input (sink + chunks)
     int64_t forward_tokens = 0;    // token-forwards spent (both passes)
-    int64_t device_forward_tokens = 0;  // of which on the CUDA device
+    int64_t device_forward_tokens = 0;  // of which on a device
     double seconds = 0.0;
-    // Device prefill only (CudaPrefill): the most device memory it held, and the L-prefix bytes it
+    // Device prefill only: the most device memory it held, and the L-prefix bytes it
     // streamed host -> device (0 on integrated GPUs, which read the L tier in place, and for L rows
     // cached in device memory).
     size_t device_peak_bytes = 0;
@@ -79,23 +78,18 @@ class X2LPrefill {
     std::unique_ptr<VideoIndex> finish();
     const PrefillStats& stats() const { return stats_; }
     size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
-    // True while (and, after finish(), if to the end) the forward passes run on the session's CUDA device
-    // (CudaPrefill, either compressor; the selection and the tiers are made on the host either way).
+    // True while (and, after finish(), if to the end) the forward passes run on the session's device
+    // (either compressor; the selection and the tiers are made on the host either way).
     bool on_device() const { return on_device_; }
     // Why a session with a device prefills on the CPU ("" otherwise), e.g. the device ran out of memory.
     const std::string& device_note() const { return device_note_; }
 
   private:
     void ensure_cache(int64_t n);
-    // Runs rows x [n, n_embd] on top of `prefix` at positions pos0.., filling the tail; importance
-    // (when non-null) gets the attention votes; vst marks beacon rows (or null); keep (or null = all):
-    // the tail rows the caller reads (the device fetches only those).
-    // low_tier: prefix[1..] are L-KVs (prefix[0] is the sink), which the device prefill streams from host memory.
-    void run_level(const float* embd, int64_t n, int32_t pos0, const std::vector<const KVSegment*>& prefix,
-                   bool low_tier, std::vector<float>* importance, const uint8_t* vst,
-                   const std::vector<int32_t>* keep = nullptr);
+    // Runs a level (rows, what they attend to, the votes or beacon rows wanted) through the runner,
+    // leaving the new rows in cache_'s tail; normalises the votes.
+    void run_level(PrefillLevel level);
     void note_device_stats();
-    void release_device();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
     void check_budget() const;
@@ -104,18 +98,12 @@ class X2LPrefill {
     X2LOptions o_;
     std::unique_ptr<VideoIndex> ix_;
     std::unique_ptr<KVCache> cache_;
-    std::vector<float> x_;
     PrefillStats stats_;
     int64_t n_input_ = 0;
     bool done_last_ = false;
-    std::unique_ptr<CudaPrefill, CudaPrefillDeleter> gpu_;
+    std::unique_ptr<PrefillRunner> runner_;  // the forward passes, on the session's backend
     bool on_device_ = false;
     std::string device_note_;
-};
-
-class CudaX2L;
-struct CudaX2LDeleter {
-    void operator()(CudaX2L* p) const;
 };
 
 // Answers questions on one index; a question's tokens and answer go in its own tail.
@@ -130,7 +118,7 @@ class X2LDecoder {
                               int64_t content_end = 0);
     // Builds the mixed cache for this selection and starts the asynchronous reload.
     void prepare(const std::vector<int>& selected);
-    const std::vector<int>& selected() const { return selected_; }
+    const std::vector<int>& selected() const { return plan_.selected; }
 
     // Same contract as LlmSession: append tokens after the mixed cache, logits of the last one.
     void eval(const std::vector<int32_t>& tokens, std::vector<float>* all_out = nullptr);
@@ -138,38 +126,35 @@ class X2LDecoder {
     int32_t sample(Sampler& sampler);
     const std::vector<int32_t>& history() const { return history_; }
     int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
-    int64_t n_ctx() const { return cache_->tail().capacity(); }
+    int64_t n_ctx() const { return max_tail_; }
     void truncate(int64_t n);
-    int64_t cache_entries() const { return cache_->n_prefix(); }  // entries before the tail
-    // The mixed cache's segments before the tail: sink, then one per chunk (its working copy of the
-    // L-KVs when selected, else its H-KVs). Rows of reloaded chunks are complete after wait_reload().
-    const std::vector<const KVSegment*>& prefix_segments() const { return cache_->prefix(); }
-    void wait_reload();
-    size_t resident_bytes() const;   // sink + H + reloaded working buffers + tail
-    const ReloadStats& reload_stats() const;
-    size_t working_bytes() const;
-    // True when the session has a CUDA device: the mixed cache then lives there (sink and H in device
-    // memory, L pinned on the host and copied per question; with dense positions the keys of chunks
-    // that moved are re-rotated there), and eval() and the scorers' question pass run there. The
-    // scores themselves are computed on the CPU, and prefix_segments() then describes the H-only cache.
-    bool on_device() const { return static_cast<bool>(gpu_); }
+    int64_t cache_entries() const { return plan_.entries; }  // entries before the tail
+    // The mixed cache's segments before the tail, as host rows: sink, then one per chunk (on the CPU its
+    // working copy of the L-KVs when selected, else its H-KVs; rows of reloaded chunks are complete after
+    // wait_reload(); on a device the H-only cache).
+    const std::vector<const KVSegment*>& prefix_segments() const { return cache_->host_prefix(); }
+    void wait_reload() { cache_->wait_reload(); }
+    size_t resident_bytes() const { return cache_->resident_bytes(); }  // sink + H + reloaded working buffers + tail
+    const ReloadStats& reload_stats() const { return cache_->reload_stats(); }
+    size_t working_bytes() const { return cache_->working_bytes(); }
+    // True when the mixed cache lives on the session's device (sink and H in device memory, L pinned on
+    // the host and copied per question; with dense positions the keys of chunks that moved are re-rotated
+    // there), and eval() and the scorers' question pass run there. The scores themselves are computed on
+    // the CPU, and prefix_segments() then describes the H-only cache.
+    bool on_device() const { return cache_->on_device(); }
     // Why a session with a device decodes this index on the CPU ("" otherwise).
     const std::string& device_note() const { return device_note_; }
-    CudaGraphStats graph_stats() const;  // the device decode's CUDA graph use (zeros on the CPU)
+    GraphStats graph_stats() const { return cache_->graph_stats(); }  // zeros on the CPU
 
   private:
-    void set_prefix(const std::vector<const KVSegment*>& prefix);
-    std::vector<const KVSegment*> high_prefix() const;  // sink + every chunk's H-KVs (the H-only cache)
-    int32_t question_pos() const;  // position of the first token after the cache prefix
     LlmSession& s_;
     const VideoIndex& ix_;
-    std::unique_ptr<KVCache> cache_;
-    Reloader reloader_;
-    bool reload_pending_ = false;
-    std::vector<int> selected_;
-    std::vector<float> x_, last_logits_;
+    int64_t max_tail_;
+    MixedCachePlan compact_only_;  // the H-only cache (no chunk selected)
+    MixedCachePlan plan_;          // the current selection's (selected: sorted chunk indices)
+    std::unique_ptr<MixedCache> cache_;
+    std::vector<float> last_logits_;
     std::vector<int32_t> history_;
-    std::unique_ptr<CudaX2L, CudaX2LDeleter> gpu_;
     std::string device_note_;
 };
 

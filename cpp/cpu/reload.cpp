@@ -1,4 +1,4 @@
-#include "x2l/reload.h"
+#include "cpu/reload.h"
 
 #include <chrono>
 #include <cstring>

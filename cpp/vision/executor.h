@@ -1,0 +1,25 @@
+// The vision tower's executor: what a backend implements to encode frames (the CPU: vision/cpu_executor.h,
+// CUDA: cuda/vision.h; backends.cpp picks one). A new tower (issue 20: Qwen2-VL's, SmolVLM2's) adds its
+// encoder and one executor per backend; nothing above the executor changes.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "vision/vision.h"
+
+namespace x2l {
+
+class VisionExecutor {
+  public:
+    virtual ~VisionExecutor() = default;
+    // pixels [n_frames, 3, S, S] (host, resized and normalised) -> out (host) [n_frames *
+    // rows_per_frame(stage), cols(stage)] (VisionEncoder::encode's contract). One call at a time.
+    virtual void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) = 0;
+    virtual int batch_frames() const = 0;     // frames encoded together (bounds activation memory)
+    virtual void set_batch_frames(int n) = 0;
+    virtual std::string device() const = 0;   // "cpu" or "cuda:N"
+    virtual size_t device_bytes() const { return 0; }  // weights + activations in device memory
+};
+
+}  // namespace x2l
