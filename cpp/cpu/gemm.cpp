@@ -1902,6 +1902,133 @@ struct Q32Neon {
     }
 };
 
+// ---- K-quants against Q8_K: 4 rows x N tokens in place. Per super-block, every sub-block's dot
+// (sdot, exact) is multiplied by its integer scale in the int32 lanes, so the lanes of a row sum to
+// the reference's isum; the 4 rows fold into one vector (addp) for the reference's float steps.
+// Q4_K {d, dmin, scales[12], qs[128]}: sub-block 2c is the low nibbles of qs[32c .. 32c + 32), 2c + 1
+// the high ones; the mins enter through the activations' 32-value sums.
+struct NQ4K {
+    static constexpr size_t kBytes = sizeof(BlockQ4_K);
+    static constexpr bool kMins = true;
+    // acc[j] += sum over sub-blocks of sc[s] * (values . token j's values); msum[j] = sum mn[s] * bsums32[s]
+    template <int N>
+    static void row(const uint8_t* x, const int8_t* const yq[N], const int16_t* const b32[N], int32x4_t acc[N],
+                    int32_t msum[N]) {
+        int sc[8], mn[8];
+        unpack_k4_scales(x + offsetof(BlockQ4_K, scales), sc, mn);
+        for (int j = 0; j < N; ++j) {
+            acc[j] = vdupq_n_s32(0);
+            int32_t m = 0;
+            for (int s = 0; s < 8; ++s) m += mn[s] * b32[j][s];
+            msum[j] = m;
+        }
+        const uint8_t* qs = x + offsetof(BlockQ4_K, qs);
+        for (int c = 0; c < 4; ++c) {
+            const uint8x16_t q0 = vld1q_u8(qs + 32 * c), q1 = vld1q_u8(qs + 32 * c + 16);
+            const int8x16_t lo0 = vreinterpretq_s8_u8(vandq_u8(q0, vdupq_n_u8(0x0f)));
+            const int8x16_t lo1 = vreinterpretq_s8_u8(vandq_u8(q1, vdupq_n_u8(0x0f)));
+            const int8x16_t hi0 = vreinterpretq_s8_u8(vshrq_n_u8(q0, 4)), hi1 = vreinterpretq_s8_u8(vshrq_n_u8(q1, 4));
+            for (int j = 0; j < N; ++j) {
+                const int8_t* y = yq[j] + 64 * c;
+                const int32x4_t dlo = ndot(ndot(vdupq_n_s32(0), lo0, vld1q_s8(y)), lo1, vld1q_s8(y + 16));
+                const int32x4_t dhi = ndot(ndot(vdupq_n_s32(0), hi0, vld1q_s8(y + 32)), hi1, vld1q_s8(y + 48));
+                acc[j] = vmlaq_n_s32(vmlaq_n_s32(acc[j], dlo, sc[2 * c]), dhi, sc[2 * c + 1]);
+            }
+        }
+    }
+    static const uint8_t* d_field(const uint8_t* x) { return x + offsetof(BlockQ4_K, d); }
+    static const uint8_t* dmin_field(const uint8_t* x) { return x + offsetof(BlockQ4_K, dmin); }
+};
+
+// Q6_K {ql[128], qh[64], scales[16], d}: 16 sub-blocks of 16 signed values (see q6k_values).
+struct NQ6K {
+    static constexpr size_t kBytes = sizeof(BlockQ6_K);
+    static constexpr bool kMins = false;
+    template <int N>
+    static void row(const uint8_t* x, const int8_t* const yq[N], const int16_t* const*, int32x4_t acc[N], int32_t*) {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(x + offsetof(BlockQ6_K, scales));
+        for (int j = 0; j < N; ++j) acc[j] = vdupq_n_s32(0);
+        const uint8x16_t m4 = vdupq_n_u8(0x0f), m3 = vdupq_n_u8(3);
+        const int8x16_t k32 = vdupq_n_s8(32);
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* ql = x + offsetof(BlockQ6_K, ql) + 64 * h;
+            const uint8_t* qh = x + offsetof(BlockQ6_K, qh) + 32 * h;
+            for (int half = 0; half < 2; ++half) {  // values l in [16 half, 16 half + 16) of each quarter
+                const uint8x16_t l0 = vld1q_u8(ql + 16 * half), l1 = vld1q_u8(ql + 32 + 16 * half);
+                const uint8x16_t hb = vld1q_u8(qh + 16 * half);
+                int8x16_t v[4];  // quarters k = 0..3: values 128h + 32k + 16 half + (0..15), sub-block 8h + 2k + half
+                v[0] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l0, m4), vshlq_n_u8(vandq_u8(hb, m3), 4))), k32);
+                v[1] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l1, m4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 2), m3), 4))), k32);
+                v[2] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l0, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 4), m3), 4))), k32);
+                v[3] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l1, 4), vshlq_n_u8(vshrq_n_u8(hb, 6), 4))), k32);
+                for (int k = 0; k < 4; ++k) {
+                    const int g = 8 * h + 2 * k + half;
+                    for (int j = 0; j < N; ++j)
+                        acc[j] = vmlaq_n_s32(acc[j], ndot(vdupq_n_s32(0), v[k], vld1q_s8(yq[j] + 16 * g)), sc[g]);
+                }
+            }
+        }
+    }
+    static const uint8_t* d_field(const uint8_t* x) { return x + offsetof(BlockQ6_K, d); }
+    static const uint8_t* dmin_field(const uint8_t* x) { return x; }
+};
+
+template <class F, int N>
+void nktile(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmActs& a, int64_t t0, float* y,
+            int64_t ldy, int64_t row0, const float* bias) {
+    const uint8_t* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = w + static_cast<size_t>(std::min(r, n_rows - 1)) * stride;
+    float32x4_t acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const size_t off = static_cast<size_t>(b) * F::kBytes;
+        const int8_t* yq[N];
+        const int16_t* b32[N];
+        for (int j = 0; j < N; ++j) {
+            yq[j] = a.qs + ((t0 + j) * nb + b) * QK_K;
+            b32[j] = a.bsums32 + ((t0 + j) * nb + b) * 8;
+        }
+        int32x4_t p[4][N];
+        int32_t ms[4][N];
+        for (int r = 0; r < 4; ++r) F::template row<N>(rows[r] + off, yq, b32, p[r], ms[r]);
+        const float32x4_t dv = nhalves4(F::d_field(rows[0] + off), F::d_field(rows[1] + off), F::d_field(rows[2] + off),
+                                        F::d_field(rows[3] + off));
+        for (int j = 0; j < N; ++j) {
+            const float dy = a.d[(t0 + j) * nb + b];
+            const int32x4_t is = vpaddq_s32(vpaddq_s32(p[0][j], p[1][j]), vpaddq_s32(p[2][j], p[3][j]));
+            acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(is), vmulq_f32(dv, vdupq_n_f32(dy)));
+            if constexpr (F::kMins) {
+                const float32x4_t dmv = nhalves4(F::dmin_field(rows[0] + off), F::dmin_field(rows[1] + off),
+                                                 F::dmin_field(rows[2] + off), F::dmin_field(rows[3] + off));
+                const int32_t neg[4] = {-ms[0][j], -ms[1][j], -ms[2][j], -ms[3][j]};
+                acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(vld1q_s32(neg)), vmulq_f32(dmv, vdupq_n_f32(dy)));
+            }
+        }
+    }
+    for (int j = 0; j < N; ++j) {
+        float v[4];
+        vst1q_f32(v, acc[j]);
+        float* dst = y + (t0 + j) * ldy + row0;
+        for (int r = 0; r < n_rows; ++r) dst[r] = bias ? v[r] + bias[row0 + r] : v[r];
+    }
+}
+
+// 4 rows in place x 2 tokens (each row block is unpacked once for both).
+template <class F>
+struct KNeon {
+    static constexpr int kTokens = 2;
+    static int64_t group_rows(int64_t, size_t) { return 4; }
+    static int64_t token_block(int64_t) { return 64; }
+    static size_t pack_bytes(int64_t) { return 0; }
+    static void pack(const uint8_t*, size_t, int, int64_t, uint8_t*) {}
+    static void tile(const uint8_t* rows, size_t stride, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t nb = a.n_in / QK_K;
+        if (nt == 2) return nktile<F, 2>(rows, stride, n_rows, nb, a, t0, y, ldy, row0, bias);
+        nktile<F, 1>(rows, stride, n_rows, nb, a, t0, y, ldy, row0, bias);
+    }
+};
+
 }  // namespace
 #endif  // X2L_GEMM_NEON
 
@@ -1930,7 +2057,9 @@ bool gemm_supported(DType w) {
         case DType::Q4_1:
         case DType::Q5_0:
         case DType::Q5_1:
-        case DType::Q8_0: return true;
+        case DType::Q8_0:
+        case DType::Q4_K:
+        case DType::Q6_K: return true;
         default: return false;
     }
 #else
@@ -1966,6 +2095,8 @@ void gemm(DType wt, const uint8_t* w, size_t w_stride, int64_t r0, int64_t r1, c
         case DType::Q5_0: return tiled_gemm<Q32Neon<NQ5_0>>(w, w_stride, r0, r1, a, y, ldy, bias);
         case DType::Q5_1: return tiled_gemm<Q32Neon<NQ5_1>>(w, w_stride, r0, r1, a, y, ldy, bias);
         case DType::Q8_0: return tiled_gemm<Q32Neon<NQ8_0>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q4_K: return tiled_gemm<KNeon<NQ4K>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q6_K: return tiled_gemm<KNeon<NQ6K>>(w, w_stride, r0, r1, a, y, ldy, bias);
         default: break;
     }
 #endif
