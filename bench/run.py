@@ -43,7 +43,7 @@ LABELS = {"x2l_full": "x2l-edge full KV", "x2l": "x2l-edge X²L", "llama_cpp": "
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from bench_common import build_info, cpu_name  # noqa: E402
+from bench_common import build_info, cpu_name, isa_info  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -435,8 +435,10 @@ def markdown(out: dict) -> str:
     rows, lengths = out["results"], out["lengths"]
     systems = [s for s in out["systems"]]
     get = {(r["system"], r["length"]): r for r in rows}
-    L = [f"# Long-context benchmark: {out['model']}", "", f"Command: `{out['command']}`", "",
-         f"{out['cpu']} ({out['cpu_features']}), {out['threads']} threads, {out['time']}. Decode: {out['decode']} "
+    isa = out.get("isa") or {"build": "?", "machine": "?"}
+    L = [f"# Long-context benchmark: {out['model']} ({isa['build']} kernels)", "", f"Command: `{out['command']}`", "",
+         f"{out['cpu']}: machine ISA {isa['machine']}, x2l-edge kernels built for {isa['build']} "
+         f"({out['cpu_features']}); {out['threads']} threads, {out['time']}. Decode: {out['decode']} "
          f"greedy tokens after the prompt; best of {out.get('reps', 1)} interleaved pass(es) per metric. X²L: chunk_tokens={out['x2l']['chunk_tokens']}, "
          f"ratio_low={out['x2l']['ratio_low']}, ratio_high={out['x2l']['ratio_high']}, "
          f"two_pass={not out['x2l']['single_pass']}, top_k={out['x2l']['top_k']}, scorer={out['x2l']['scorer']}. "
@@ -578,7 +580,7 @@ def main(argv=None) -> int:
     s = x2l_edge.Session(a.model, n_threads=1, n_ctx=16)
     out = {"bench": "long_context", "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": os.path.basename(a.model), "threads": a.threads, "decode": a.decode, "lengths": a.lengths,
-           "systems": a.systems, "cpu": cpu_name(), "cpu_features": _core.cpu_features(),
+           "systems": a.systems, "cpu": cpu_name(), "cpu_features": _core.cpu_features(), "isa": isa_info(),
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "build": build_info(), "reps": a.reps, "note": a.note,
            "x2l": {"chunk_tokens": a.chunk_tokens, "ratio_low": a.ratio_low, "ratio_high": a.ratio_high,
                    "single_pass": a.single_pass, "top_k": a.top_k, "scorer": a.scorer},

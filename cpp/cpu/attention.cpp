@@ -273,16 +273,10 @@ struct RowVisibility {
     }
 };
 
-// One tile for rows [0, rows): scores, online-softmax update of m and l, O += P · V.
-void tile_update(const TileBuffers& b, const float* v, int hd, int rows, int nb, int64_t j0, const RowVisibility& vis) {
-    // Rows see a non-decreasing number of entries: the rows that see none form a prefix.
-    int r_lo = 0;
-    while (r_lo < rows && vis(r_lo, j0, nb) == 0) ++r_lo;
-    if (r_lo == rows) return;
+// Online-softmax step of one tile for rows [r_lo, rows) whose scores are in b.s: updates m and l,
+// leaves P = exp(S - m_new) (0 past each row's visible entries) in place and corr[r - r_lo].
+void softmax_update(const TileBuffers& b, int r_lo, int rows, int nb, int64_t j0, const RowVisibility& vis) {
     const int n_cols = (nb + W - 1) / W * W;
-    const int m_rows = rows - r_lo;
-    float* s = b.s + static_cast<size_t>(r_lo) * kTileKeys;
-    small_gemm<false>(m_rows, n_cols, hd, b.q + static_cast<size_t>(r_lo) * hd, hd, b.kt, kTileKeys, s, kTileKeys, nullptr);
     float* corr = b.corr + r_lo;
     for (int r = r_lo; r < rows; ++r) {
         float* sr = b.s + static_cast<size_t>(r) * kTileKeys;
@@ -301,11 +295,130 @@ void tile_update(const TileBuffers& b, const float* v, int hd, int rows, int nb,
         b.m[r] = m_new;
         b.l[r] = b.l[r] * corr[r - r_lo] + simd::hsum(sum);
     }
+}
+
+// Rows see a non-decreasing number of entries: the rows that see none of a tile form a prefix.
+int first_seeing_row(int rows, int nb, int64_t j0, const RowVisibility& vis) {
+    int r_lo = 0;
+    while (r_lo < rows && vis(r_lo, j0, nb) == 0) ++r_lo;
+    return r_lo;
+}
+
+// One tile for rows [0, rows), many rows: S = Q · Kt, online softmax, O = O * corr + P · V.
+void tile_update(const TileBuffers& b, const float* v, int hd, int rows, int nb, int64_t j0, const RowVisibility& vis) {
+    const int r_lo = first_seeing_row(rows, nb, j0, vis);
+    if (r_lo == rows) return;
+    const int m_rows = rows - r_lo;
+    float* s = b.s + static_cast<size_t>(r_lo) * kTileKeys;
+    small_gemm<false>(m_rows, (nb + W - 1) / W * W, hd, b.q + static_cast<size_t>(r_lo) * hd, hd, b.kt, kTileKeys, s,
+                      kTileKeys, nullptr);
+    softmax_update(b, r_lo, rows, nb, j0, vis);
     // Entries past a row's visible count have P = 0; past the last row's count (nb) they may be
     // garbage, so the product stops there.
     const int k_max = vis(rows - 1, j0, nb);
+    small_gemm<true>(m_rows, hd, k_max, s, kTileKeys, v, hd, b.o + static_cast<size_t>(r_lo) * hd, hd, b.corr + r_lo);
+}
+
+// ---- Few rows (decode: one token's query heads of a KV head). Converting and transposing a tile
+// for 1-4 rows costs more than the products, so the keys and values are read in place (f16 converted
+// as they are loaded): scores as dot products, O += P · V row by row.
+constexpr int kNarrowRows = 4;
+
+inline F load_elems(const float* p) { return simd::load(p); }
+inline F load_elems(const uint16_t* p) { return simd::load_f16(p); }
+
+// s[r][j] = q_r · k_j for R rows and KB keys (k_j at k + j * hd); KB * R accumulators.
+template <int R, int KB, class T>
+inline void dot_block(const float* q, int hd, const T* k, float* s) {
+    F acc[R][KB];
+    for (int r = 0; r < R; ++r)
+        for (int kb = 0; kb < KB; ++kb) acc[r][kb] = simd::zero();
+    for (int c = 0; c < hd; c += W) {
+        F kv[KB];
+        for (int kb = 0; kb < KB; ++kb) kv[kb] = load_elems(k + static_cast<size_t>(kb) * hd + c);
+        for (int r = 0; r < R; ++r) {
+            const F qv = simd::load(q + r * hd + c);
+            for (int kb = 0; kb < KB; ++kb) acc[r][kb] = simd::fmadd(qv, kv[kb], acc[r][kb]);
+        }
+    }
+    for (int r = 0; r < R; ++r) simd::hsum_n<KB>(acc[r], s + r * kTileKeys);
+}
+
+template <int R, class T>
+void dot_scores(const float* q, int hd, const T* k, int nb, float* s) {
+    constexpr int KB = (simd::kRegs - 2) / (R + 1) < 8 ? (simd::kRegs - 2) / (R + 1) : 8;
+    int j = 0;
+    for (; j + KB <= nb; j += KB) dot_block<R, KB>(q, hd, k + static_cast<size_t>(j) * hd, s + j);
+    for (; j < nb; ++j) dot_block<R, 1>(q, hd, k + static_cast<size_t>(j) * hd, s + j);
+}
+
+// o[r][c0, c0 + NC * W) = o * corr[r] + sum_j p[r][j] v_j[c0 ...] for j < k_max.
+template <int R, int NC, class T>
+inline void pv_pass(const float* p, const T* v, int hd, int k_max, int c0, float* o, const float* corr) {
+    F acc[R][NC];
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NC; ++i) acc[r][i] = simd::load(o + r * hd + c0 + i * W) * corr[r];
+    for (int j = 0; j < k_max; ++j) {
+        F vv[NC];
+        for (int i = 0; i < NC; ++i) vv[i] = load_elems(v + static_cast<size_t>(j) * hd + c0 + i * W);
+        for (int r = 0; r < R; ++r) {
+            const F pr = simd::set1(p[r * kTileKeys + j]);
+            for (int i = 0; i < NC; ++i) acc[r][i] = simd::fmadd(pr, vv[i], acc[r][i]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < NC; ++i) simd::store(o + r * hd + c0 + i * W, acc[r][i]);
+}
+
+template <int R, class T>
+void pv_rows(const float* p, const T* v, int hd, int k_max, float* o, const float* corr) {
+    constexpr int NC = (simd::kRegs - 1) / (R + 1) < 8 ? (simd::kRegs - 1) / (R + 1) : 8;
+    int c0 = 0;
+    for (; c0 + NC * W <= hd; c0 += NC * W) pv_pass<R, NC>(p, v, hd, k_max, c0, o, corr);
+    for (; c0 < hd; c0 += W) pv_pass<R, 1>(p, v, hd, k_max, c0, o, corr);
+}
+
+template <class T>
+void narrow_products(int m_rows, const float* q, int hd, const T* k, const T* v, int nb, int k_max, const TileBuffers& b,
+                     int r_lo, bool scores) {
+    float* s = b.s + static_cast<size_t>(r_lo) * kTileKeys;
     float* o = b.o + static_cast<size_t>(r_lo) * hd;
-    small_gemm<true>(m_rows, hd, k_max, s, kTileKeys, v, hd, o, hd, corr);
+    const float* corr = b.corr + r_lo;
+    switch (m_rows) {
+        case 1: return scores ? dot_scores<1>(q, hd, k, nb, s) : pv_rows<1>(s, v, hd, k_max, o, corr);
+        case 2: return scores ? dot_scores<2>(q, hd, k, nb, s) : pv_rows<2>(s, v, hd, k_max, o, corr);
+        case 3: return scores ? dot_scores<3>(q, hd, k, nb, s) : pv_rows<3>(s, v, hd, k_max, o, corr);
+        default: return scores ? dot_scores<4>(q, hd, k, nb, s) : pv_rows<4>(s, v, hd, k_max, o, corr);
+    }
+}
+
+// The narrow counterpart of load_tile + tile_update: keys [j0, j0 + nb) of a segment for <= kNarrowRows rows.
+void tile_update_narrow(const KVSegment& seg, int layer, int kvh, int64_t j0, int nb, const TileBuffers& b, int hd,
+                        int rows, const RowVisibility& vis) {
+    static_assert(kNarrowRows == 4, "narrow_products dispatches 1-4 rows");
+    const int r_lo = first_seeing_row(rows, nb, j0, vis);
+    if (r_lo == rows) return;
+    const int m_rows = rows - r_lo, k_max = vis(rows - 1, j0, nb);
+    const float* q = b.q + static_cast<size_t>(r_lo) * hd;
+    if (seg.type() == DType::F16 || seg.type() == DType::F32) {
+        auto run = [&](auto tag) {
+            using T = decltype(tag);
+            const T* k = reinterpret_cast<const T*>(seg.k_row(layer, kvh, j0));
+            const T* v = reinterpret_cast<const T*>(seg.v_row(layer, kvh, j0));
+            narrow_products<T>(m_rows, q, hd, k, v, nb, k_max, b, r_lo, true);
+            softmax_update(b, r_lo, rows, nb, j0, vis);
+            narrow_products<T>(m_rows, q, hd, k, v, nb, k_max, b, r_lo, false);
+        };
+        if (seg.type() == DType::F16) run(uint16_t{});
+        else run(float{});
+        return;
+    }
+    // Quantized rows: dequantized once per tile (one call each for K and V), then read as f32.
+    dequantize_row(seg.type(), seg.k_row(layer, kvh, j0), b.kr, static_cast<int64_t>(nb) * hd);
+    dequantize_row(seg.type(), seg.v_row(layer, kvh, j0), b.v, static_cast<int64_t>(nb) * hd);
+    narrow_products<float>(m_rows, q, hd, b.kr, b.v, nb, k_max, b, r_lo, true);
+    softmax_update(b, r_lo, rows, nb, j0, vis);
+    narrow_products<float>(m_rows, q, hd, b.kr, b.v, nb, k_max, b, r_lo, false);
 }
 
 // Adds the final probabilities exp(s - m) / l of the observed rows over the observed entries to
@@ -422,8 +535,12 @@ void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShap
                 for (int64_t j0 = a; j0 < e; j0 += kTileKeys) {
                     const int nb = static_cast<int>(std::min<int64_t>(kTileKeys, e - j0));
                     if (causal && vis(rows - 1, j0, nb) == 0) break;
-                    const float* v = load_tile(seg, layer, kvh, j0, nb, true, tb_bufs);
-                    tile_update(tb_bufs, v, hd, rows, nb, j0, vis);
+                    if (rows <= kNarrowRows) {
+                        tile_update_narrow(seg, layer, kvh, j0, nb, tb_bufs, hd, rows, vis);
+                    } else {
+                        const float* v = load_tile(seg, layer, kvh, j0, nb, true, tb_bufs);
+                        tile_update(tb_bufs, v, hd, rows, nb, j0, vis);
+                    }
                 }
             };
             int64_t g = 0;  // first entry of the segment in the concatenation

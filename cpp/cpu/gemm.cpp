@@ -1,7 +1,9 @@
 // Register-tiled matmul kernels (see gemm.h for the arithmetic every path reproduces).
 //
 // Layout of this file:
-//   1. block formats      2. portable scalar reference      3. activation packing (GemmActs)
+//   1. block formats (core/formats.h)   2. portable scalar reference   3. activation packing (GemmActs)
+//   tiled driver: tiled_gemm<K> is the one repack-then-tile loop; each ISA below only supplies
+//        descriptors K (how a group of rows is packed, and its register tiles)
 //   4. x86: AVX2 + FMA + F16C, VNNI when compiled for it, AVX-512 tiles when available
 //        quantized weights: rows are repacked 8 (AVX2) or 16 (AVX-512) at a time so that one
 //        vector holds 4 values of each row; a broadcast of 4 activation bytes then feeds one dot
@@ -10,7 +12,8 @@
 //        every weight load across the tokens and every activation broadcast across the rows.
 //        K-quants add an exact integer multiply by the sub-block scales per lane.
 //        A single token (decode) skips the repack: each row is dotted in its own layout and the
-//        row sums are folded into the same lanes (hadd / a small buffer), then the same float steps.
+//        row sums are folded into the same lanes (hadd / a small buffer), then the same float
+//        steps; the next group of rows is prefetched meanwhile.
 //        float weights: tiles of rows x tokens with one 8-lane accumulator per output; with
 //        AVX-512 a zmm carries two rows' accumulators (one per 256-bit half) over a float panel.
 //        -DX2L_NO_ZMM keeps AVX-512 machines on the 256-bit kernels (for comparisons).
@@ -21,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -59,20 +63,23 @@ inline uint32_t load_u32(const uint8_t* p) {
 }
 
 // ------------------------------------------------------------------------------ 1. formats
-// Byte layouts (ggml): Q4_0 {d, qs[16]}, Q4_1 {d, m, qs[16]}, Q5_0 {d, qh[4], qs[16]},
-// Q5_1 {d, m, qh[4], qs[16]}, Q8_0 {d, qs[32]}, Q8_1 {d, s, qs[32]}; d, m, s are fp16.
+// Block layouts: core/formats.h (BlockQ4_0 ... BlockQ8_K); fields are read at their offsetof so the
+// layouts are defined once. d, m and s are fp16.
 struct Block32Info {
     size_t bytes;
     bool asym;  // value = d * q + m (else d * q)
 };
 
+// d (and m) are the first two fp16 of every legacy block: the kernels read both with one 32-bit load.
+static_assert(offsetof(BlockQ4_0, d) == 0 && offsetof(BlockQ4_1, m) == 2 && offsetof(BlockQ5_1, m) == 2, "layout");
+
 bool block32_info(DType t, Block32Info* out) {
     switch (t) {
-        case DType::Q4_0: *out = {18, false}; return true;
-        case DType::Q4_1: *out = {20, true}; return true;
-        case DType::Q5_0: *out = {22, false}; return true;
-        case DType::Q5_1: *out = {24, true}; return true;
-        case DType::Q8_0: *out = {34, false}; return true;
+        case DType::Q4_0: *out = {sizeof(BlockQ4_0), false}; return true;
+        case DType::Q4_1: *out = {sizeof(BlockQ4_1), true}; return true;
+        case DType::Q5_0: *out = {sizeof(BlockQ5_0), false}; return true;
+        case DType::Q5_1: *out = {sizeof(BlockQ5_1), true}; return true;
+        case DType::Q8_0: *out = {sizeof(BlockQ8_0), false}; return true;
         default: return false;
     }
 }
@@ -82,25 +89,29 @@ void block32_values(DType t, const uint8_t* b, int q[QK], float* d, float* m) {
     *d = fp16_to_fp32(load_u16(b));
     *m = 0.0f;
     switch (t) {
-        case DType::Q4_0:
+        case DType::Q4_0: {
+            const uint8_t* qs = b + offsetof(BlockQ4_0, qs);
             for (int j = 0; j < 16; ++j) {
-                q[j] = (b[2 + j] & 0x0f) - 8;
-                q[j + 16] = (b[2 + j] >> 4) - 8;
+                q[j] = (qs[j] & 0x0f) - 8;
+                q[j + 16] = (qs[j] >> 4) - 8;
             }
             return;
-        case DType::Q4_1:
-            *m = fp16_to_fp32(load_u16(b + 2));
+        }
+        case DType::Q4_1: {
+            *m = fp16_to_fp32(load_u16(b + offsetof(BlockQ4_1, m)));
+            const uint8_t* qs = b + offsetof(BlockQ4_1, qs);
             for (int j = 0; j < 16; ++j) {
-                q[j] = b[4 + j] & 0x0f;
-                q[j + 16] = b[4 + j] >> 4;
+                q[j] = qs[j] & 0x0f;
+                q[j + 16] = qs[j] >> 4;
             }
             return;
+        }
         case DType::Q5_0:
         case DType::Q5_1: {
             const bool asym = t == DType::Q5_1;
-            if (asym) *m = fp16_to_fp32(load_u16(b + 2));
-            const uint32_t qh = load_u32(b + (asym ? 4 : 2));
-            const uint8_t* qs = b + (asym ? 8 : 6);
+            if (asym) *m = fp16_to_fp32(load_u16(b + offsetof(BlockQ5_1, m)));
+            const uint32_t qh = load_u32(b + (asym ? offsetof(BlockQ5_1, qh) : offsetof(BlockQ5_0, qh)));
+            const uint8_t* qs = b + (asym ? offsetof(BlockQ5_1, qs) : offsetof(BlockQ5_0, qs));
             const int off = asym ? 0 : 16;
             for (int j = 0; j < 16; ++j) {
                 q[j] = ((qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1u) << 4)) - off;
@@ -109,7 +120,7 @@ void block32_values(DType t, const uint8_t* b, int q[QK], float* d, float* m) {
             return;
         }
         case DType::Q8_0:
-            for (int j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(b[2 + j]);
+            for (int j = 0; j < QK; ++j) q[j] = static_cast<int8_t>(b[offsetof(BlockQ8_0, qs) + j]);
             return;
         default: throw Error("gemm: not a 32-value block type");
     }
@@ -133,8 +144,8 @@ constexpr size_t kQ6KBytes = sizeof(BlockQ6_K);
 
 void q6k_values(const uint8_t* b, int q[QK_K]) {
     for (int h = 0; h < 2; ++h) {
-        const uint8_t* ql = b + 64 * h;
-        const uint8_t* qh = b + 128 + 32 * h;
+        const uint8_t* ql = b + offsetof(BlockQ6_K, ql) + 64 * h;
+        const uint8_t* qh = b + offsetof(BlockQ6_K, qh) + 32 * h;
         int* o = q + 128 * h;
         for (int l = 0; l < 32; ++l) {
             o[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) - 32;
@@ -184,21 +195,21 @@ float ref_q4_k(const uint8_t* wrow, const GemmActs& a, int64_t t) {
         const int8_t* y = a.qs + (t * nb + b) * QK_K;
         const int16_t* bs = a.bsums + (t * nb + b) * 16;
         int sc[8], mn[8];
-        unpack_k4_scales(x + 4, sc, mn);
+        unpack_k4_scales(x + offsetof(BlockQ4_K, scales), sc, mn);
         int isum = 0, msum = 0;
         for (int s = 0; s < 8; ++s) {
             const int c = s / 2, hi = s % 2;
             int dot = 0;
             for (int l = 0; l < 32; ++l) {
-                const uint8_t byte = x[16 + 32 * c + l];
+                const uint8_t byte = x[offsetof(BlockQ4_K, qs) + 32 * c + l];
                 dot += (hi ? byte >> 4 : byte & 0x0f) * y[32 * s + l];
             }
             isum += sc[s] * dot;
             msum += mn[s] * (bs[2 * s] + bs[2 * s + 1]);
         }
         const float dy = a.d[t * nb + b];
-        acc = std::fma(static_cast<float>(isum), fp16_to_fp32(load_u16(x)) * dy, acc);
-        acc = std::fma(static_cast<float>(-msum), fp16_to_fp32(load_u16(x + 2)) * dy, acc);
+        acc = std::fma(static_cast<float>(isum), fp16_to_fp32(load_u16(x + offsetof(BlockQ4_K, d))) * dy, acc);
+        acc = std::fma(static_cast<float>(-msum), fp16_to_fp32(load_u16(x + offsetof(BlockQ4_K, dmin))) * dy, acc);
     }
     return acc;
 }
@@ -215,9 +226,9 @@ float ref_q6_k(const uint8_t* wrow, const GemmActs& a, int64_t t) {
         for (int g = 0; g < 16; ++g) {
             int dot = 0;
             for (int l = 0; l < 16; ++l) dot += q[16 * g + l] * y[16 * g + l];
-            isum += static_cast<int8_t>(x[192 + g]) * dot;
+            isum += static_cast<int8_t>(x[offsetof(BlockQ6_K, scales) + g]) * dot;
         }
-        acc = std::fma(static_cast<float>(isum), fp16_to_fp32(load_u16(x + 208)) * a.d[t * nb + b], acc);
+        acc = std::fma(static_cast<float>(isum), fp16_to_fp32(load_u16(x + offsetof(BlockQ6_K, d))) * a.d[t * nb + b], acc);
     }
     return acc;
 }
@@ -281,20 +292,20 @@ GemmActs gemm_acts(DType at, const float* x, int64_t n_tokens, int64_t n_in, uin
 void gemm_pack_token(const GemmActs& a, int64_t t, const void* qrow) {
     const auto* src = static_cast<const uint8_t*>(qrow);
     if (a.type == DType::Q8_K) {
-        // Q8_K block {float d, int8 qs[256], int16 bsums[16]}
         const int64_t nb = a.n_in / QK_K;
-        for (int64_t b = 0; b < nb; ++b, src += 292) {
-            std::memcpy(const_cast<int8_t*>(a.qs) + (t * nb + b) * QK_K, src + 4, QK_K);
-            std::memcpy(const_cast<float*>(a.d) + t * nb + b, src, 4);
+        for (int64_t b = 0; b < nb; ++b, src += sizeof(BlockQ8_K)) {
+            std::memcpy(const_cast<int8_t*>(a.qs) + (t * nb + b) * QK_K, src + offsetof(BlockQ8_K, qs), QK_K);
+            std::memcpy(const_cast<float*>(a.d) + t * nb + b, src + offsetof(BlockQ8_K, d), 4);
             auto* bs = const_cast<int16_t*>(a.bsums) + (t * nb + b) * 16;
-            std::memcpy(bs, src + 4 + QK_K, 32);
+            std::memcpy(bs, src + offsetof(BlockQ8_K, bsums), 32);
             auto* b32 = const_cast<int16_t*>(a.bsums32) + (t * nb + b) * 8;
             for (int s = 0; s < 8; ++s) b32[s] = static_cast<int16_t>(bs[2 * s] + bs[2 * s + 1]);  // |sum| <= 32 * 128
         }
         return;
     }
     const bool q81 = a.type == DType::Q8_1;
-    const size_t bytes = q81 ? 36 : 34, qoff = q81 ? 4 : 2;
+    const size_t bytes = q81 ? sizeof(BlockQ8_1) : sizeof(BlockQ8_0),
+                 qoff = q81 ? offsetof(BlockQ8_1, qs) : offsetof(BlockQ8_0, qs);
     const int64_t nb = a.n_in / QK;
     auto* qs = const_cast<int8_t*>(a.qs) + t * nb * QK;
     auto* d = const_cast<float*>(a.d) + t * nb;
@@ -303,7 +314,7 @@ void gemm_pack_token(const GemmActs& a, int64_t t, const void* qrow) {
     for (int64_t b = 0; b < nb; ++b, src += bytes) {
         std::memcpy(qs + b * QK, src + qoff, QK);
         d[b] = fp16_to_fp32(load_u16(src));
-        s[b] = q81 ? fp16_to_fp32(load_u16(src + 2)) : 0.0f;
+        s[b] = q81 ? fp16_to_fp32(load_u16(src + offsetof(BlockQ8_1, s))) : 0.0f;
         int acc = 0;
         for (int j = 0; j < QK; ++j) acc += qs[b * QK + j];
         sum[b] = acc;
@@ -334,6 +345,59 @@ void gemm_reference(DType wt, const uint8_t* w, size_t w_stride, int64_t r0, int
         }
     }
 }
+
+// ------------------------------------------------------------------------------ tiled driver
+namespace {
+
+// Every multi-token kernel below is a descriptor K that tiled_gemm runs:
+//   K::group_rows(n_in, stride)   rows packed (or read in place) together, a multiple of its row tile
+//   K::token_block(n_tokens)      tokens whose activations stay in cache while the row groups pass
+//   K::kTokens                    tokens per tile
+//   K::pack_bytes(n_in)           bytes of one packed group; 0: the kernel reads the rows in place
+//   K::pack(rows, stride, n_rows, n_in, dst)
+//   K::tile(g, g_stride, n_tokens, a, t0, y, ldy, row0, n_rows, bias)   g: the packed group (or the
+//                                 rows themselves, g_stride apart), every row of it x n_tokens from t0
+// so the repack-then-tile loop exists once, and each ISA only supplies its packing and its tiles.
+template <class K>
+void tiled_gemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
+                const float* bias) {
+    const int64_t T = a.n_tokens, group = K::group_rows(a.n_in, stride), tblock = K::token_block(T);
+    const size_t bytes = K::pack_bytes(a.n_in);
+    thread_local std::vector<uint8_t> buf;
+    if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+    uint8_t* pk = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
+    for (int64_t tb = 0; tb < T; tb += tblock) {
+        const int64_t te = std::min(T, tb + tblock);
+        for (int64_t r = r0; r < r1; r += group) {
+            const int n = static_cast<int>(std::min<int64_t>(group, r1 - r));
+            const uint8_t* rows = w + static_cast<size_t>(r) * stride;
+            if (bytes) K::pack(rows, stride, n, a.n_in, pk);
+            for (int64_t t = tb; t < te; t += K::kTokens) {
+                const int nt = static_cast<int>(std::min<int64_t>(K::kTokens, te - t));
+                K::tile(bytes ? pk : rows, stride, nt, a, t, y, ldy, r, n, bias);
+            }
+        }
+    }
+}
+
+// Quantized kernels pack a group as two halves of R::kL rows (R::repack, R::half_bytes each) and run
+// tiles of both halves (R::tile_g<2>) or of the first only (R::tile_g<1>) when the group is short.
+template <class R>
+struct TwoHalves {
+    static int64_t group_rows(int64_t, size_t) { return 2 * R::kL; }
+    static size_t pack_bytes(int64_t n_in) { return 2 * R::half_bytes(n_in); }
+    static void pack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        R::repack(w, stride, std::min(n, R::kL), n_in, dst);
+        if (n > R::kL) R::repack(w + R::kL * stride, stride, n - R::kL, n_in, dst + R::half_bytes(n_in));
+    }
+    static void tile(const uint8_t* pk, size_t, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n, const float* bias) {
+        if (n > R::kL) R::template tile_g<2>(nt, pk, R::half_bytes(a.n_in), a, t0, y, ldy, row0, n, bias);
+        else R::template tile_g<1>(nt, pk, R::half_bytes(a.n_in), a, t0, y, ldy, row0, n, bias);
+    }
+};
+
+}  // namespace
 
 // ------------------------------------------------------------------------------ 4. x86
 #if defined(X2L_GEMM_AVX2)
@@ -397,43 +461,50 @@ inline __m256i bit5(const uint8_t* qh) {
 // (kOff makes them unsigned for the u8 x s8 dot; the exact sum is restored by starting the
 // integer accumulator at -kOff * sum(activation block)).
 struct FQ4_0 {
-    static constexpr size_t kBytes = 18;
+    static constexpr size_t kBytes = sizeof(BlockQ4_0);
     static constexpr int kOff = 8;
     static constexpr bool kAsym = false, kSigned = false;
-    static __m256i vals(const uint8_t* b) { return nibbles(b + 2); }
+    static __m256i vals(const uint8_t* b) { return nibbles(b + offsetof(BlockQ4_0, qs)); }
 };
 struct FQ4_1 {
-    static constexpr size_t kBytes = 20;
+    static constexpr size_t kBytes = sizeof(BlockQ4_1);
     static constexpr int kOff = 0;
     static constexpr bool kAsym = true, kSigned = false;
-    static __m256i vals(const uint8_t* b) { return nibbles(b + 4); }
+    static __m256i vals(const uint8_t* b) { return nibbles(b + offsetof(BlockQ4_1, qs)); }
 };
 struct FQ5_0 {
-    static constexpr size_t kBytes = 22;
+    static constexpr size_t kBytes = sizeof(BlockQ5_0);
     static constexpr int kOff = 16;
     static constexpr bool kAsym = false, kSigned = false;
-    static __m256i vals(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 6), bit5(b + 2)); }
+    static __m256i vals(const uint8_t* b) {
+        return _mm256_or_si256(nibbles(b + offsetof(BlockQ5_0, qs)), bit5(b + offsetof(BlockQ5_0, qh)));
+    }
 };
 struct FQ5_1 {
-    static constexpr size_t kBytes = 24;
+    static constexpr size_t kBytes = sizeof(BlockQ5_1);
     static constexpr int kOff = 0;
     static constexpr bool kAsym = true, kSigned = false;
-    static __m256i vals(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 8), bit5(b + 4)); }
+    static __m256i vals(const uint8_t* b) {
+        return _mm256_or_si256(nibbles(b + offsetof(BlockQ5_1, qs)), bit5(b + offsetof(BlockQ5_1, qh)));
+    }
 };
 struct FQ8_0 {
-    static constexpr size_t kBytes = 34;
+    static constexpr size_t kBytes = sizeof(BlockQ8_0);
     static constexpr bool kAsym = false;
 #if defined(X2L_GEMM_VNNI)
     // q + 128 = q ^ 0x80 as a byte: dpbusd takes the full 0..255 range exactly.
     static constexpr int kOff = 128;
     static constexpr bool kSigned = false;
-    static __m256i vals(const uint8_t* b) { return _mm256_xor_si256(loadu(b + 2), _mm256_set1_epi8(-128)); }
+    static __m256i vals(const uint8_t* b) {
+        return _mm256_xor_si256(loadu(b + offsetof(BlockQ8_0, qs)), _mm256_set1_epi8(-128));
+    }
 #else
     static constexpr int kOff = 0;
     static constexpr bool kSigned = true;
-    static __m256i vals(const uint8_t* b) { return loadu(b + 2); }
+    static __m256i vals(const uint8_t* b) { return loadu(b + offsetof(BlockQ8_0, qs)); }
 #endif
 };
+
 
 // 8 x u16 from the low halves of 8 x u32.
 inline __m128i low16(__m256i v) {
@@ -751,32 +822,38 @@ void zqtile_n(int n, const uint8_t* pk, size_t gstride, int64_t nb, const GemmAc
     }
 }
 
+// 32 rows (two 16-lane halves) x kZQN tokens.
 template <class F>
-void zqgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
-            const float* bias) {
-    const int64_t nb = a.n_in / QK, T = a.n_tokens;
-    const size_t gstride = static_cast<size_t>(nb) * kPack16<F>;
-    thread_local std::vector<uint8_t> buf;
-    if (buf.size() < 2 * gstride + 64) buf.resize(2 * gstride + 64);
-    uint8_t* pk = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
-    for (int64_t tb = 0; tb < T; tb += kQTokBlock) {
-        const int64_t te = std::min(T, tb + kQTokBlock);
-        for (int64_t r = r0; r < r1; r += 32) {
-            const int n = static_cast<int>(std::min<int64_t>(32, r1 - r));
-            const uint8_t* wr = w + static_cast<size_t>(r) * stride;
-            repack16<F>(wr, stride, std::min(n, 16), nb, pk);
-            if (n > 16) repack16<F>(wr + 16 * stride, stride, n - 16, nb, pk + gstride);
-            for (int64_t t = tb; t < te; t += kZQN) {
-                const int nt = static_cast<int>(std::min<int64_t>(kZQN, te - t));
-                if (n > 16)
-                    zqtile_n<F, 2>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                else
-                    zqtile_n<F, 1>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-            }
-        }
+struct Q32Zmm : TwoHalves<Q32Zmm<F>> {
+    static constexpr int kL = 16, kTokens = kZQN;
+    static int64_t token_block(int64_t) { return kQTokBlock; }
+    static size_t half_bytes(int64_t n_in) { return static_cast<size_t>(n_in / QK) * kPack16<F>; }
+    static void repack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        repack16<F>(w, stride, n, n_in / QK, dst);
     }
-}
+    template <int G>
+    static void tile_g(int nt, const uint8_t* pk, size_t gstride, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                       int64_t row0, int n_rows, const float* bias) {
+        zqtile_n<F, G>(nt, pk, gstride, a.n_in / QK, a, t0, y, ldy, row0, n_rows, bias);
+    }
+};
 #endif  // AVX-512 VNNI
+
+// 16 rows (two 8-lane halves) x kQN tokens.
+template <class F>
+struct Q32Ymm : TwoHalves<Q32Ymm<F>> {
+    static constexpr int kL = 8, kTokens = kQN;
+    static int64_t token_block(int64_t) { return kQTokBlock; }
+    static size_t half_bytes(int64_t n_in) { return static_cast<size_t>(n_in / QK) * kPackBlock<F>; }
+    static void repack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        repack8<F>(w, stride, n, n_in / QK, dst);
+    }
+    template <int G>
+    static void tile_g(int nt, const uint8_t* pk, size_t gstride, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                       int64_t row0, int n_rows, const float* bias) {
+        qtile_n<F, G>(nt, pk, gstride, a.n_in / QK, a, t0, y, ldy, row0, n_rows, bias);
+    }
+};
 
 template <class F>
 void qgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
@@ -793,29 +870,10 @@ void qgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmAc
         return;
     }
 #if defined(X2L_GEMM_ZQ)
-    return zqgemm<F>(w, stride, r0, r1, a, y, ldy, bias);
+    return tiled_gemm<Q32Zmm<F>>(w, stride, r0, r1, a, y, ldy, bias);
+#else
+    return tiled_gemm<Q32Ymm<F>>(w, stride, r0, r1, a, y, ldy, bias);
 #endif
-    constexpr size_t BS = kPackBlock<F>;
-    const size_t gstride = static_cast<size_t>(nb) * BS;
-    thread_local std::vector<uint8_t> buf;
-    if (buf.size() < 2 * gstride + 64) buf.resize(2 * gstride + 64);
-    uint8_t* pk = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
-    for (int64_t tb = 0; tb < T; tb += kQTokBlock) {
-        const int64_t te = std::min(T, tb + kQTokBlock);
-        for (int64_t r = r0; r < r1; r += 16) {
-            const int n = static_cast<int>(std::min<int64_t>(16, r1 - r));
-            const uint8_t* wr = w + static_cast<size_t>(r) * stride;
-            repack8<F>(wr, stride, std::min(n, 8), nb, pk);
-            if (n > 8) repack8<F>(wr + 8 * stride, stride, n - 8, nb, pk + gstride);
-            for (int64_t t = tb; t < te; t += kQN) {
-                const int nt = static_cast<int>(std::min<int64_t>(kQN, te - t));
-                if (n > 8)
-                    qtile_n<F, 2>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                else
-                    qtile_n<F, 1>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-            }
-        }
-    }
 }
 
 // ---- K-quants against Q8_K: 256-value super-blocks, repacked 8 rows at a time like the legacy
@@ -839,14 +897,16 @@ inline __m256i pack16x2(__m256i lo, __m256i hi) {  // int16 lo | int16 hi << 16 
 //   [2304, 2432) mins as int16 pairs (mn[2p], mn[2p+1]) [p][row]
 //   [2432, 2496) d [row], dmin [row] (float)
 struct FQ4K {
-    static constexpr size_t kBytes = 144, kSc = 2048, kMn = 2304, kD = 2432, kDm = 2464, kPack = 2496;
+    static constexpr size_t kBytes = sizeof(BlockQ4_K), kSc = 2048, kMn = 2304, kD = 2432, kDm = 2464, kPack = 2496;
+    // block fields
+    static constexpr size_t kScales = offsetof(BlockQ4_K, scales), kQs = offsetof(BlockQ4_K, qs);
     // scale = lanes / 8 (every region grows with the lane count), half = which 8 rows of a 16-row group.
     static void repack(const uint8_t* blocks, const int32_t o[8], __m256i offs, uint8_t* dst, int scale = 1, int half = 0) {
         auto at = [&](size_t off) { return dst + off * scale + 32 * half; };
         for (int c = 0; c < 4; ++c) {  // 32 bytes of qs hold sub-blocks 2c (low nibbles) and 2c + 1
             __m256i lo[8], hi[8], t[8];
             for (int r = 0; r < 8; ++r) {
-                const __m256i q = loadu(blocks + o[r] + 16 + 32 * c);
+                const __m256i q = loadu(blocks + o[r] + kQs + 32 * c);
                 lo[r] = _mm256_and_si256(q, _mm256_set1_epi8(0x0f));
                 hi[r] = _mm256_and_si256(_mm256_srli_epi16(q, 4), _mm256_set1_epi8(0x0f));
             }
@@ -856,7 +916,8 @@ struct FQ4K {
             for (int k = 0; k < 8; ++k) _mm256_store_si256(reinterpret_cast<__m256i*>(at(512 * c + 256 + 32 * k)), t[k]);
         }
         // The 12 scale bytes as 3 words per row (ggml's packing, decoded on all 8 lanes at once).
-        const __m256i w0 = gather32(blocks + 4, offs), w1 = gather32(blocks + 8, offs), w2 = gather32(blocks + 12, offs);
+        const __m256i w0 = gather32(blocks + kScales, offs), w1 = gather32(blocks + kScales + 4, offs),
+                      w2 = gather32(blocks + kScales + 8, offs);
         const __m256i m6 = _mm256_set1_epi32(0x3f3f3f3f), m4 = _mm256_set1_epi32(0x0f0f0f0f),
                       m2 = _mm256_set1_epi32(0x30303030);
         const __m256i sc_lo = _mm256_and_si256(w0, m6), mn_lo = _mm256_and_si256(w1, m6);
@@ -885,7 +946,10 @@ struct FQ4K {
 //   [2560, 2816) scales as int16 pairs (sc[2p], sc[2p+1]) [p][row]
 //   [2816, 2848) d [row] (float)
 struct FQ6K {
-    static constexpr size_t kBytes = 210, kSc = 2048, kScP = 2560, kD = 2816, kPack = 2848;
+    static constexpr size_t kBytes = sizeof(BlockQ6_K), kSc = 2048, kScP = 2560, kD = 2816, kPack = 2848;
+    // block fields
+    static constexpr size_t kQl = offsetof(BlockQ6_K, ql), kQh = offsetof(BlockQ6_K, qh),
+                            kScales = offsetof(BlockQ6_K, scales), kDField = offsetof(BlockQ6_K, d);
     // scale = lanes / 8 (every region grows with the lane count), half = which 8 rows of a 16-row group.
     static void repack(const uint8_t* blocks, const int32_t o[8], __m256i offs, uint8_t* dst, int scale = 1, int half = 0) {
         auto at = [&](size_t off) { return dst + off * scale + 32 * half; };
@@ -894,7 +958,8 @@ struct FQ6K {
             __m256i u[4][8], t[8];
             for (int r = 0; r < 8; ++r) {
                 const uint8_t* b = blocks + o[r];
-                const __m256i ql0 = loadu(b + 64 * h), ql1 = loadu(b + 64 * h + 32), qh = loadu(b + 128 + 32 * h);
+                const __m256i ql0 = loadu(b + kQl + 64 * h), ql1 = loadu(b + kQl + 64 * h + 32),
+                              qh = loadu(b + kQh + 32 * h);
                 u[0][r] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
                 u[1][r] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
                 u[2][r] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2));
@@ -909,7 +974,7 @@ struct FQ6K {
         }
         auto st = [&](size_t off, __m256i v) { _mm256_store_si256(reinterpret_cast<__m256i*>(at(off)), v); };
         for (int i = 0; i < 4; ++i) {
-            const __m256i w = gather32(blocks + 192 + 4 * i, offs);
+            const __m256i w = gather32(blocks + kScales + 4 * i, offs);
             __m256i s[4];
             for (int e = 0; e < 4; ++e) {
                 s[e] = sbyte_of(w, e);
@@ -919,7 +984,7 @@ struct FQ6K {
             st(kScP + 32 * (2 * i + 1), pack16x2(s[2], s[3]));
         }
         // d is the last 2 bytes of the block: read the word that ends there.
-        const __m256i dw = gather32(blocks + 206, offs);
+        const __m256i dw = gather32(blocks + kDField - 2, offs);
         _mm256_store_ps(reinterpret_cast<float*>(at(kD)), _mm256_cvtph_ps(low16(_mm256_srli_epi32(dw, 16))));
     }
 };
@@ -1035,12 +1100,12 @@ inline void krow_block(const uint8_t* x, const TokenActsK* ya, int64_t b, int ou
     for (int j = 0; j < N; ++j) rs[j] = _mm256_setzero_si256();
     if constexpr (kQ4) {
         // the 8 scales as int16, in both 128-bit halves; word pair (2c, 2c+1) picked per chunk
-        const uint32_t w0 = load_u32(x + 4), w2 = load_u32(x + 12);
+        const uint32_t w0 = load_u32(x + FQ4K::kScales), w2 = load_u32(x + FQ4K::kScales + 8);
         const uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
         const __m256i sc16 = _mm256_broadcastsi128_si256(
             _mm_cvtepu8_epi16(_mm_setr_epi32(static_cast<int>(sc_lo), static_cast<int>(sc_hi), 0, 0)));
         for (int c = 0; c < 4; ++c) {
-            const __m256i q = loadu(x + 16 + 32 * c);
+            const __m256i q = loadu(x + FQ4K::kQs + 32 * c);
             const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             const __m256i s0 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * c + 1) + 4 * c)));
             const __m256i s1 = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(static_cast<short>(0x0100 * (4 * c + 3) + 4 * c + 2)));
@@ -1051,12 +1116,13 @@ inline void krow_block(const uint8_t* x, const TokenActsK* ya, int64_t b, int ou
             }
         }
     } else {
-        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 192)));
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + FQ6K::kScales)));
         const __m256i m2 = _mm256_set1_epi8(0x30);
         for (int hh = 0; hh < 2; ++hh) {
             // scales 8hh .. 8hh + 7 in both halves; value vector k pairs sub-blocks 8hh + 2k | + 1
             const __m256i sh = hh ? _mm256_permute2x128_si256(s16, s16, 0x11) : _mm256_permute2x128_si256(s16, s16, 0x00);
-            const __m256i ql0 = loadu(x + 64 * hh), ql1 = loadu(x + 64 * hh + 32), qh = loadu(x + 128 + 32 * hh);
+            const __m256i ql0 = loadu(x + FQ6K::kQl + 64 * hh), ql1 = loadu(x + FQ6K::kQl + 64 * hh + 32),
+                          qh = loadu(x + FQ6K::kQh + 32 * hh);
             __m256i u[4];
             u[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
             u[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
@@ -1116,10 +1182,10 @@ void kfold(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmAc
     for (int j = 0; j < N; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blocks = w + b * F::kBytes;
-        const __m256i dm = gather32(blocks + (kQ4 ? 0 : 206), offs);
+        const __m256i dm = gather32(blocks + (kQ4 ? offsetof(BlockQ4_K, d) : FQ6K::kDField - 2), offs);
         if constexpr (kQ4) {
             const __m256 dv = _mm256_cvtph_ps(low16(dm)), dmv = _mm256_cvtph_ps(low16(_mm256_srli_epi32(dm, 16)));
-            const __m256i w1 = gather32(blocks + 8, offs), w2 = gather32(blocks + 12, offs);
+            const __m256i w1 = gather32(blocks + FQ4K::kScales + 4, offs), w2 = gather32(blocks + FQ4K::kScales + 8, offs);
             const __m256i mn_lo = _mm256_and_si256(w1, _mm256_set1_epi32(0x3f3f3f3f));
             const __m256i mn_hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(w2, 4), _mm256_set1_epi32(0x0f0f0f0f)),
                                                   _mm256_and_si256(_mm256_srli_epi32(w1, 2), _mm256_set1_epi32(0x30303030)));
@@ -1254,32 +1320,39 @@ void krepack16(const uint8_t* w, size_t stride, int n, int64_t nb, uint8_t* dst)
         for (int h = 0; h < 2; ++h) F::repack(w + b * F::kBytes, o + 8 * h, offs[h], dst + b * 2 * F::kPack, 2, h);
 }
 
+// 32 rows (two halves repacked at twice the 8-lane layout's width) x kZKN tokens.
 template <class F>
-void zkgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
-            const float* bias) {
-    const int64_t nb = a.n_in / QK_K, T = a.n_tokens;
-    const size_t gstride = static_cast<size_t>(nb) * 2 * F::kPack;
-    thread_local std::vector<uint8_t> buf;
-    if (buf.size() < 2 * gstride + 64) buf.resize(2 * gstride + 64);
-    uint8_t* pk = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
-    for (int64_t tb = 0; tb < T; tb += kQTokBlock) {
-        const int64_t te = std::min(T, tb + kQTokBlock);
-        for (int64_t r = r0; r < r1; r += 32) {
-            const int n = static_cast<int>(std::min<int64_t>(32, r1 - r));
-            const uint8_t* wr = w + static_cast<size_t>(r) * stride;
-            krepack16<F>(wr, stride, std::min(n, 16), nb, pk);
-            if (n > 16) krepack16<F>(wr + 16 * stride, stride, n - 16, nb, pk + gstride);
-            for (int64_t t = tb; t < te; t += kZKN) {
-                const int nt = static_cast<int>(std::min<int64_t>(kZKN, te - t));
-                if (n > 16)
-                    zktile_n<F, 2>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                else
-                    zktile_n<F, 1>(nt, pk, gstride, nb, a, t, y, ldy, r, n, bias);
-            }
-        }
+struct KZmm : TwoHalves<KZmm<F>> {
+    static constexpr int kL = 16, kTokens = kZKN;
+    static int64_t token_block(int64_t) { return kQTokBlock; }
+    static size_t half_bytes(int64_t n_in) { return static_cast<size_t>(n_in / QK_K) * 2 * F::kPack; }
+    static void repack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        krepack16<F>(w, stride, n, n_in / QK_K, dst);
     }
-}
+    template <int G>
+    static void tile_g(int nt, const uint8_t* pk, size_t gstride, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                       int64_t row0, int n_rows, const float* bias) {
+        zktile_n<F, G>(nt, pk, gstride, a.n_in / QK_K, a, t0, y, ldy, row0, n_rows, bias);
+    }
+};
 #endif  // X2L_GEMM_ZQ
+
+// 16 rows (two 8-lane halves) x kKN tokens.
+template <class F>
+struct KYmm : TwoHalves<KYmm<F>> {
+    static constexpr int kL = 8, kTokens = kKN;
+    static int64_t token_block(int64_t) { return kQTokBlock; }
+    static size_t half_bytes(int64_t n_in) { return static_cast<size_t>(n_in / QK_K) * F::kPack; }
+    static void repack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        krepack8<F>(w, stride, n, n_in / QK_K, dst);
+    }
+    template <int G>
+    static void tile_g(int nt, const uint8_t* pk, size_t gstride, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                       int64_t row0, int n_rows, const float* bias) {
+        if (nt == kKN) ktile<F, G, kKN>(pk, gstride, a.n_in / QK_K, a, t0, y, ldy, row0, n_rows, bias);
+        else ktile<F, G, 1>(pk, gstride, a.n_in / QK_K, a, t0, y, ldy, row0, n_rows, bias);
+    }
+};
 
 template <class F>
 void kgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
@@ -1295,31 +1368,10 @@ void kgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmAc
         return;
     }
 #if defined(X2L_GEMM_ZQ)
-    return zkgemm<F>(w, stride, r0, r1, a, y, ldy, bias);
+    return tiled_gemm<KZmm<F>>(w, stride, r0, r1, a, y, ldy, bias);
+#else
+    return tiled_gemm<KYmm<F>>(w, stride, r0, r1, a, y, ldy, bias);
 #endif
-    const size_t gstride = static_cast<size_t>(nb) * F::kPack;
-    thread_local std::vector<uint8_t> buf;
-    if (buf.size() < 2 * gstride + 64) buf.resize(2 * gstride + 64);
-    uint8_t* pk = reinterpret_cast<uint8_t*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
-    for (int64_t tb = 0; tb < T; tb += kQTokBlock) {
-        const int64_t te = std::min(T, tb + kQTokBlock);
-        for (int64_t r = r0; r < r1; r += 16) {
-            const int n = static_cast<int>(std::min<int64_t>(16, r1 - r));
-            const uint8_t* wr = w + static_cast<size_t>(r) * stride;
-            krepack8<F>(wr, stride, std::min(n, 8), nb, pk);
-            if (n > 8) krepack8<F>(wr + 8 * stride, stride, n - 8, nb, pk + gstride);
-            for (int64_t t = tb; t < te; t += kKN) {
-                const int nt = static_cast<int>(std::min<int64_t>(kKN, te - t));
-                if (n > 8) {
-                    if (nt == kKN) ktile<F, 2, kKN>(pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                    else ktile<F, 2, 1>(pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                } else {
-                    if (nt == kKN) ktile<F, 1, kKN>(pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                    else ktile<F, 1, 1>(pk, gstride, nb, a, t, y, ldy, r, n, bias);
-                }
-            }
-        }
-    }
 }
 
 // ---- float weights
@@ -1518,36 +1570,60 @@ void ztile_n(int n, const float* wp, int64_t nk, const float* x, int64_t K, floa
     }
 }
 
+// Panels of whole 6-row tiles, ~512 KB as floats (they stay in L2 while every token tile passes),
+// converted once (zpack) and run as 6 rows x kZN tokens.
 template <class L>
-void zgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
-           const float* bias) {
-    const int64_t K = a.n_in, T = a.n_tokens, nk = (K + 7) / 8;
-    const float* x = a.x;
-    // Panels of whole row tiles, ~512 KB as floats: they stay in L2 while token tiles pass.
-    const int64_t tile_rows = 2 * kZP;
-    const int64_t panel = std::max<int64_t>(tile_rows, (static_cast<int64_t>(512 << 10) / (nk * 32)) / tile_rows * tile_rows);
-    thread_local std::vector<float> buf;
-    const size_t need = static_cast<size_t>((panel / 2) * nk * 16 + 16);
-    if (buf.size() < need) buf.resize(need);
-    float* wp = reinterpret_cast<float*>(align64(reinterpret_cast<uintptr_t>(buf.data())));
-    for (int64_t rb = r0; rb < r1; rb += panel) {
-        const int64_t re = std::min(r1, rb + panel);
-        zpack<L>(w + static_cast<size_t>(rb) * stride, stride, re - rb, K, wp);
-        for (int64_t t = 0; t < T; t += kZN) {
-            const int n = static_cast<int>(std::min<int64_t>(kZN, T - t));
-            for (int64_t r = rb; r < re; r += tile_rows) {
-                const int m = static_cast<int>(std::min<int64_t>(tile_rows, re - r));
-                const float* wt = wp + ((r - rb) / 2) * nk * 16;
-                float* yt = y + t * ldy + r;
-                const float* bt = bias ? bias + r : nullptr;
-                if (m > 4) ztile_n<3>(n, wt, nk, x + t * K, K, yt, ldy, m, bt);
-                else if (m > 2) ztile_n<2>(n, wt, nk, x + t * K, K, yt, ldy, m, bt);
-                else ztile_n<1>(n, wt, nk, x + t * K, K, yt, ldy, m, bt);
-            }
+struct FloatZmm {
+    static constexpr int kTileRows = 2 * kZP, kTokens = kZN;
+    static int64_t nk(int64_t n_in) { return (n_in + 7) / 8; }
+    static int64_t group_rows(int64_t n_in, size_t) {
+        return std::max<int64_t>(kTileRows, (static_cast<int64_t>(512 << 10) / (nk(n_in) * 32)) / kTileRows * kTileRows);
+    }
+    static int64_t token_block(int64_t n_tokens) { return n_tokens; }
+    static size_t pack_bytes(int64_t n_in) {
+        return static_cast<size_t>(group_rows(n_in, 0) / 2 * nk(n_in) * 16) * sizeof(float);
+    }
+    static void pack(const uint8_t* w, size_t stride, int n, int64_t n_in, uint8_t* dst) {
+        zpack<L>(w, stride, n, n_in, reinterpret_cast<float*>(dst));
+    }
+    static void tile(const uint8_t* pk, size_t, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t K = a.n_in, n_k = nk(K);
+        const float* x = a.x + t0 * K;
+        for (int r = 0; r < n_rows; r += kTileRows) {
+            const int m = std::min(kTileRows, n_rows - r);
+            const float* wt = reinterpret_cast<const float*>(pk) + (r / 2) * n_k * 16;
+            float* yt = y + t0 * ldy + row0 + r;
+            const float* bt = bias ? bias + row0 + r : nullptr;
+            if (m > 4) ztile_n<3>(nt, wt, n_k, x, K, yt, ldy, m, bt);
+            else if (m > 2) ztile_n<2>(nt, wt, n_k, x, K, yt, ldy, m, bt);
+            else ztile_n<1>(nt, wt, n_k, x, K, yt, ldy, m, bt);
         }
     }
-}
+};
 #endif  // AVX-512
+
+// Row panels of ~256 KB read in place (they stay in L2 while the token tiles, in L1, pass over
+// them), as kFM rows x kFN tokens.
+template <class L>
+struct FloatYmm {
+    static constexpr int kTokens = kFN;
+    static int64_t group_rows(int64_t, size_t stride) {
+        return std::max<int64_t>(kFM, (static_cast<int64_t>(256 << 10) / static_cast<int64_t>(stride)) & ~3);
+    }
+    static int64_t token_block(int64_t n_tokens) { return n_tokens; }
+    static size_t pack_bytes(int64_t) { return 0; }
+    static void pack(const uint8_t*, size_t, int, int64_t, uint8_t*) {}
+    static void tile(const uint8_t* rows, size_t stride, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t K = a.n_in;
+        for (int r = 0; r < n_rows; r += kFM) {
+            const int m = std::min(kFM, n_rows - r);
+            ftile_mn<L>(m, nt, rows + static_cast<size_t>(r) * stride, stride, a.x + t0 * K, K, y + t0 * ldy + row0 + r,
+                        ldy, bias ? bias + row0 + r : nullptr);
+        }
+    }
+};
 
 // Below this many tokens the float panel conversion does not pay for itself.
 constexpr int64_t kMinZTokens = 12;  // measured crossover
@@ -1568,21 +1644,9 @@ void fgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmAc
         return;
     }
 #if defined(X2L_GEMM_ZMM)
-    if (T >= kMinZTokens) return zgemm<L>(w, stride, r0, r1, a, y, ldy, bias);
+    if (T >= kMinZTokens) return tiled_gemm<FloatZmm<L>>(w, stride, r0, r1, a, y, ldy, bias);
 #endif
-    // Row panels of ~256 KB stay in L2 while the token tiles (in L1) pass over them.
-    const int64_t panel = std::max<int64_t>(kFM, (static_cast<int64_t>(256 << 10) / static_cast<int64_t>(stride)) & ~3);
-    for (int64_t rb = r0; rb < r1; rb += panel) {
-        const int64_t re = std::min(r1, rb + panel);
-        for (int64_t t = 0; t < T; t += kFN) {
-            const int n = static_cast<int>(std::min<int64_t>(kFN, T - t));
-            for (int64_t r = rb; r < re; r += kFM) {
-                const int m = static_cast<int>(std::min<int64_t>(kFM, re - r));
-                ftile_mn<L>(m, n, w + r * stride, stride, x + t * K, K, y + t * ldy + r, ldy,
-                            bias ? bias + r : nullptr);
-            }
-        }
-    }
+    return tiled_gemm<FloatYmm<L>>(w, stride, r0, r1, a, y, ldy, bias);
 }
 
 }  // namespace
@@ -1694,24 +1758,29 @@ void ntile_m(int m, const uint8_t* w, size_t stride, const float* x, int64_t K, 
     }
 }
 
+// Row panels of ~256 KB read in place, kNM rows x kNN tokens.
 template <class L>
-void ngemm_f(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
-             const float* bias) {
-    const int64_t K = a.n_in, T = a.n_tokens;
-    const int64_t panel = std::max<int64_t>(kNM, (static_cast<int64_t>(256 << 10) / static_cast<int64_t>(stride)) & ~3);
-    for (int64_t rb = r0; rb < r1; rb += panel) {
-        const int64_t re = std::min(r1, rb + panel);
-        for (int64_t t = 0; t < T; t += kNN) {
-            const int n = static_cast<int>(std::min<int64_t>(kNN, T - t));
-            for (int64_t r = rb; r < re; r += kNM) {
-                const int m = static_cast<int>(std::min<int64_t>(kNM, re - r));
-                const float* bt = bias ? bias + r : nullptr;
-                if (n == kNN) ntile_m<L, kNN>(m, w + r * stride, stride, a.x + t * K, K, y + t * ldy + r, ldy, bt);
-                else ntile_m<L, 1>(m, w + r * stride, stride, a.x + t * K, K, y + t * ldy + r, ldy, bt);
-            }
+struct FloatNeon {
+    static constexpr int kTokens = kNN;
+    static int64_t group_rows(int64_t, size_t stride) {
+        return std::max<int64_t>(kNM, (static_cast<int64_t>(256 << 10) / static_cast<int64_t>(stride)) & ~3);
+    }
+    static int64_t token_block(int64_t n_tokens) { return n_tokens; }
+    static size_t pack_bytes(int64_t) { return 0; }
+    static void pack(const uint8_t*, size_t, int, int64_t, uint8_t*) {}
+    static void tile(const uint8_t* rows, size_t stride, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t K = a.n_in;
+        for (int r = 0; r < n_rows; r += kNM) {
+            const int m = std::min(kNM, n_rows - r);
+            const uint8_t* wr = rows + static_cast<size_t>(r) * stride;
+            float* yt = y + t0 * ldy + row0 + r;
+            const float* bt = bias ? bias + row0 + r : nullptr;
+            if (nt == kNN) ntile_m<L, kNN>(m, wr, stride, a.x + t0 * K, K, yt, ldy, bt);
+            else ntile_m<L, 1>(m, wr, stride, a.x + t0 * K, K, yt, ldy, bt);
         }
     }
-}
+};
 
 // ---- 32-value formats: 4 rows x N tokens. Each row block is unpacked to its signed values,
 // dotted with the token's block (sdot, exact), the 4 rows' sums folded into the lanes of one
@@ -1733,49 +1802,49 @@ inline int8x16_t nbit5(uint32_t bits) {
 }
 
 struct NQ4_0 {
-    static constexpr size_t kBytes = 18;
+    static constexpr size_t kBytes = sizeof(BlockQ4_0);
     static constexpr bool kAsym = false;
     static void vals(const uint8_t* b, int8x16_t& lo, int8x16_t& hi) {
-        const uint8x16_t q = vld1q_u8(b + 2);
+        const uint8x16_t q = vld1q_u8(b + offsetof(BlockQ4_0, qs));
         lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), vdupq_n_s8(8));
         hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), vdupq_n_s8(8));
     }
 };
 struct NQ4_1 {
-    static constexpr size_t kBytes = 20;
+    static constexpr size_t kBytes = sizeof(BlockQ4_1);
     static constexpr bool kAsym = true;
     static void vals(const uint8_t* b, int8x16_t& lo, int8x16_t& hi) {
-        const uint8x16_t q = vld1q_u8(b + 4);
+        const uint8x16_t q = vld1q_u8(b + offsetof(BlockQ4_1, qs));
         lo = vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f)));
         hi = vreinterpretq_s8_u8(vshrq_n_u8(q, 4));
     }
 };
 struct NQ5_0 {
-    static constexpr size_t kBytes = 22;
+    static constexpr size_t kBytes = sizeof(BlockQ5_0);
     static constexpr bool kAsym = false;
     static void vals(const uint8_t* b, int8x16_t& lo, int8x16_t& hi) {
-        const uint8x16_t q = vld1q_u8(b + 6);
-        const uint32_t qh = load_u32(b + 2);
+        const uint8x16_t q = vld1q_u8(b + offsetof(BlockQ5_0, qs));
+        const uint32_t qh = load_u32(b + offsetof(BlockQ5_0, qh));
         lo = vsubq_s8(vorrq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), nbit5(qh)), vdupq_n_s8(16));
         hi = vsubq_s8(vorrq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), nbit5(qh >> 16)), vdupq_n_s8(16));
     }
 };
 struct NQ5_1 {
-    static constexpr size_t kBytes = 24;
+    static constexpr size_t kBytes = sizeof(BlockQ5_1);
     static constexpr bool kAsym = true;
     static void vals(const uint8_t* b, int8x16_t& lo, int8x16_t& hi) {
-        const uint8x16_t q = vld1q_u8(b + 8);
-        const uint32_t qh = load_u32(b + 4);
+        const uint8x16_t q = vld1q_u8(b + offsetof(BlockQ5_1, qs));
+        const uint32_t qh = load_u32(b + offsetof(BlockQ5_1, qh));
         lo = vorrq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0x0f))), nbit5(qh));
         hi = vorrq_s8(vreinterpretq_s8_u8(vshrq_n_u8(q, 4)), nbit5(qh >> 16));
     }
 };
 struct NQ8_0 {
-    static constexpr size_t kBytes = 34;
+    static constexpr size_t kBytes = sizeof(BlockQ8_0);
     static constexpr bool kAsym = false;
     static void vals(const uint8_t* b, int8x16_t& lo, int8x16_t& hi) {
-        lo = vld1q_s8(reinterpret_cast<const int8_t*>(b + 2));
-        hi = vld1q_s8(reinterpret_cast<const int8_t*>(b + 18));
+        lo = vld1q_s8(reinterpret_cast<const int8_t*>(b + offsetof(BlockQ8_0, qs)));
+        hi = vld1q_s8(reinterpret_cast<const int8_t*>(b + offsetof(BlockQ8_0, qs) + 16));
     }
 };
 
@@ -1797,7 +1866,8 @@ void nqtile(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmA
         for (int r = 0; r < 4; ++r) F::vals(rows[r] + off, wl[r], wh[r]);
         const float32x4_t dv = nhalves4(rows[0] + off, rows[1] + off, rows[2] + off, rows[3] + off);
         float32x4_t mv = dv;
-        if constexpr (F::kAsym) mv = nhalves4(rows[0] + off + 2, rows[1] + off + 2, rows[2] + off + 2, rows[3] + off + 2);
+        constexpr size_t kM = offsetof(BlockQ4_1, m);  // Q5_1 alike (static_assert above)
+        if constexpr (F::kAsym) mv = nhalves4(rows[0] + off + kM, rows[1] + off + kM, rows[2] + off + kM, rows[3] + off + kM);
         for (int j = 0; j < N; ++j) {
             const int64_t tb = (t0 + j) * nb + b;
             const int8x16_t yl = vld1q_s8(a.qs + tb * QK), yh = vld1q_s8(a.qs + tb * QK + 16);
@@ -1816,22 +1886,148 @@ void nqtile(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmA
     }
 }
 
+// 4 rows in place x 4 tokens; token blocks of 64 keep their activations in L2 while the rows pass.
 template <class F>
-void nqgemm(const uint8_t* w, size_t stride, int64_t r0, int64_t r1, const GemmActs& a, float* y, int64_t ldy,
-            const float* bias) {
-    const int64_t nb = a.n_in / QK, T = a.n_tokens;
-    constexpr int64_t kTB = 64;  // token block: its activations stay in L2 while the rows pass
-    for (int64_t tb = 0; tb < T; tb += kTB) {
-        const int64_t te = std::min(T, tb + kTB);
-        for (int64_t r = r0; r < r1; r += 4) {
-            const int n = static_cast<int>(std::min<int64_t>(4, r1 - r));
-            const uint8_t* wr = w + static_cast<size_t>(r) * stride;
-            int64_t t = tb;
-            for (; t + 4 <= te; t += 4) nqtile<F, 4>(wr, stride, n, nb, a, t, y, ldy, r, bias);
-            for (; t < te; ++t) nqtile<F, 1>(wr, stride, n, nb, a, t, y, ldy, r, bias);
+struct Q32Neon {
+    static constexpr int kTokens = 4;
+    static int64_t group_rows(int64_t, size_t) { return 4; }
+    static int64_t token_block(int64_t) { return 64; }
+    static size_t pack_bytes(int64_t) { return 0; }
+    static void pack(const uint8_t*, size_t, int, int64_t, uint8_t*) {}
+    static void tile(const uint8_t* rows, size_t stride, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t nb = a.n_in / QK;
+        if (nt == 4) return nqtile<F, 4>(rows, stride, n_rows, nb, a, t0, y, ldy, row0, bias);
+        for (int j = 0; j < nt; ++j) nqtile<F, 1>(rows, stride, n_rows, nb, a, t0 + j, y, ldy, row0, bias);
+    }
+};
+
+// ---- K-quants against Q8_K: 4 rows x N tokens in place. Per super-block, every sub-block's dot
+// (sdot, exact) is multiplied by its integer scale in the int32 lanes, so the lanes of a row sum to
+// the reference's isum; the 4 rows fold into one vector (addp) for the reference's float steps.
+// Q4_K {d, dmin, scales[12], qs[128]}: sub-block 2c is the low nibbles of qs[32c .. 32c + 32), 2c + 1
+// the high ones; the mins enter through the activations' 32-value sums.
+struct NQ4K {
+    static constexpr size_t kBytes = sizeof(BlockQ4_K);
+    static constexpr bool kMins = true;
+    // acc[j] += sum over sub-blocks of sc[s] * (values . token j's values); msum[j] = sum mn[s] * bsums32[s]
+    template <int N>
+    static void row(const uint8_t* x, const int8_t* const yq[N], const int16_t* const b32[N], int32x4_t acc[N],
+                    int32_t msum[N]) {
+        int sc[8], mn[8];
+        unpack_k4_scales(x + offsetof(BlockQ4_K, scales), sc, mn);
+        for (int j = 0; j < N; ++j) {
+            acc[j] = vdupq_n_s32(0);
+            int32_t m = 0;
+            for (int s = 0; s < 8; ++s) m += mn[s] * b32[j][s];
+            msum[j] = m;
+        }
+        const uint8_t* qs = x + offsetof(BlockQ4_K, qs);
+        for (int c = 0; c < 4; ++c) {
+            const uint8x16_t q0 = vld1q_u8(qs + 32 * c), q1 = vld1q_u8(qs + 32 * c + 16);
+            const int8x16_t lo0 = vreinterpretq_s8_u8(vandq_u8(q0, vdupq_n_u8(0x0f)));
+            const int8x16_t lo1 = vreinterpretq_s8_u8(vandq_u8(q1, vdupq_n_u8(0x0f)));
+            const int8x16_t hi0 = vreinterpretq_s8_u8(vshrq_n_u8(q0, 4)), hi1 = vreinterpretq_s8_u8(vshrq_n_u8(q1, 4));
+            for (int j = 0; j < N; ++j) {
+                const int8_t* y = yq[j] + 64 * c;
+                const int32x4_t dlo = ndot(ndot(vdupq_n_s32(0), lo0, vld1q_s8(y)), lo1, vld1q_s8(y + 16));
+                const int32x4_t dhi = ndot(ndot(vdupq_n_s32(0), hi0, vld1q_s8(y + 32)), hi1, vld1q_s8(y + 48));
+                acc[j] = vmlaq_n_s32(vmlaq_n_s32(acc[j], dlo, sc[2 * c]), dhi, sc[2 * c + 1]);
+            }
         }
     }
+    static const uint8_t* d_field(const uint8_t* x) { return x + offsetof(BlockQ4_K, d); }
+    static const uint8_t* dmin_field(const uint8_t* x) { return x + offsetof(BlockQ4_K, dmin); }
+};
+
+// Q6_K {ql[128], qh[64], scales[16], d}: 16 sub-blocks of 16 signed values (see q6k_values).
+struct NQ6K {
+    static constexpr size_t kBytes = sizeof(BlockQ6_K);
+    static constexpr bool kMins = false;
+    template <int N>
+    static void row(const uint8_t* x, const int8_t* const yq[N], const int16_t* const*, int32x4_t acc[N], int32_t*) {
+        const int8_t* sc = reinterpret_cast<const int8_t*>(x + offsetof(BlockQ6_K, scales));
+        for (int j = 0; j < N; ++j) acc[j] = vdupq_n_s32(0);
+        const uint8x16_t m4 = vdupq_n_u8(0x0f), m3 = vdupq_n_u8(3);
+        const int8x16_t k32 = vdupq_n_s8(32);
+        for (int h = 0; h < 2; ++h) {
+            const uint8_t* ql = x + offsetof(BlockQ6_K, ql) + 64 * h;
+            const uint8_t* qh = x + offsetof(BlockQ6_K, qh) + 32 * h;
+            for (int half = 0; half < 2; ++half) {  // values l in [16 half, 16 half + 16) of each quarter
+                const uint8x16_t l0 = vld1q_u8(ql + 16 * half), l1 = vld1q_u8(ql + 32 + 16 * half);
+                const uint8x16_t hb = vld1q_u8(qh + 16 * half);
+                int8x16_t v[4];  // quarters k = 0..3: values 128h + 32k + 16 half + (0..15), sub-block 8h + 2k + half
+                v[0] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l0, m4), vshlq_n_u8(vandq_u8(hb, m3), 4))), k32);
+                v[1] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vandq_u8(l1, m4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 2), m3), 4))), k32);
+                v[2] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l0, 4), vshlq_n_u8(vandq_u8(vshrq_n_u8(hb, 4), m3), 4))), k32);
+                v[3] = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8(l1, 4), vshlq_n_u8(vshrq_n_u8(hb, 6), 4))), k32);
+                for (int k = 0; k < 4; ++k) {
+                    const int g = 8 * h + 2 * k + half;
+                    for (int j = 0; j < N; ++j)
+                        acc[j] = vmlaq_n_s32(acc[j], ndot(vdupq_n_s32(0), v[k], vld1q_s8(yq[j] + 16 * g)), sc[g]);
+                }
+            }
+        }
+    }
+    static const uint8_t* d_field(const uint8_t* x) { return x + offsetof(BlockQ6_K, d); }
+    static const uint8_t* dmin_field(const uint8_t* x) { return x; }
+};
+
+template <class F, int N>
+void nktile(const uint8_t* w, size_t stride, int n_rows, int64_t nb, const GemmActs& a, int64_t t0, float* y,
+            int64_t ldy, int64_t row0, const float* bias) {
+    const uint8_t* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = w + static_cast<size_t>(std::min(r, n_rows - 1)) * stride;
+    float32x4_t acc[N];
+    for (int j = 0; j < N; ++j) acc[j] = vdupq_n_f32(0.0f);
+    for (int64_t b = 0; b < nb; ++b) {
+        const size_t off = static_cast<size_t>(b) * F::kBytes;
+        const int8_t* yq[N];
+        const int16_t* b32[N];
+        for (int j = 0; j < N; ++j) {
+            yq[j] = a.qs + ((t0 + j) * nb + b) * QK_K;
+            b32[j] = a.bsums32 + ((t0 + j) * nb + b) * 8;
+        }
+        int32x4_t p[4][N];
+        int32_t ms[4][N];
+        for (int r = 0; r < 4; ++r) F::template row<N>(rows[r] + off, yq, b32, p[r], ms[r]);
+        const float32x4_t dv = nhalves4(F::d_field(rows[0] + off), F::d_field(rows[1] + off), F::d_field(rows[2] + off),
+                                        F::d_field(rows[3] + off));
+        for (int j = 0; j < N; ++j) {
+            const float dy = a.d[(t0 + j) * nb + b];
+            const int32x4_t is = vpaddq_s32(vpaddq_s32(p[0][j], p[1][j]), vpaddq_s32(p[2][j], p[3][j]));
+            acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(is), vmulq_f32(dv, vdupq_n_f32(dy)));
+            if constexpr (F::kMins) {
+                const float32x4_t dmv = nhalves4(F::dmin_field(rows[0] + off), F::dmin_field(rows[1] + off),
+                                                 F::dmin_field(rows[2] + off), F::dmin_field(rows[3] + off));
+                const int32_t neg[4] = {-ms[0][j], -ms[1][j], -ms[2][j], -ms[3][j]};
+                acc[j] = vfmaq_f32(acc[j], vcvtq_f32_s32(vld1q_s32(neg)), vmulq_f32(dmv, vdupq_n_f32(dy)));
+            }
+        }
+    }
+    for (int j = 0; j < N; ++j) {
+        float v[4];
+        vst1q_f32(v, acc[j]);
+        float* dst = y + (t0 + j) * ldy + row0;
+        for (int r = 0; r < n_rows; ++r) dst[r] = bias ? v[r] + bias[row0 + r] : v[r];
+    }
 }
+
+// 4 rows in place x 2 tokens (each row block is unpacked once for both).
+template <class F>
+struct KNeon {
+    static constexpr int kTokens = 2;
+    static int64_t group_rows(int64_t, size_t) { return 4; }
+    static int64_t token_block(int64_t) { return 64; }
+    static size_t pack_bytes(int64_t) { return 0; }
+    static void pack(const uint8_t*, size_t, int, int64_t, uint8_t*) {}
+    static void tile(const uint8_t* rows, size_t stride, int nt, const GemmActs& a, int64_t t0, float* y, int64_t ldy,
+                     int64_t row0, int n_rows, const float* bias) {
+        const int64_t nb = a.n_in / QK_K;
+        if (nt == 2) return nktile<F, 2>(rows, stride, n_rows, nb, a, t0, y, ldy, row0, bias);
+        nktile<F, 1>(rows, stride, n_rows, nb, a, t0, y, ldy, row0, bias);
+    }
+};
 
 }  // namespace
 #endif  // X2L_GEMM_NEON
@@ -1861,7 +2057,9 @@ bool gemm_supported(DType w) {
         case DType::Q4_1:
         case DType::Q5_0:
         case DType::Q5_1:
-        case DType::Q8_0: return true;
+        case DType::Q8_0:
+        case DType::Q4_K:
+        case DType::Q6_K: return true;
         default: return false;
     }
 #else
@@ -1889,14 +2087,16 @@ void gemm(DType wt, const uint8_t* w, size_t w_stride, int64_t r0, int64_t r1, c
     }
 #elif defined(X2L_GEMM_NEON)
     switch (wt) {
-        case DType::F32: return ngemm_f<NF32>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::F16: return ngemm_f<NF16>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::BF16: return ngemm_f<NBF16>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::Q4_0: return nqgemm<NQ4_0>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::Q4_1: return nqgemm<NQ4_1>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::Q5_0: return nqgemm<NQ5_0>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::Q5_1: return nqgemm<NQ5_1>(w, w_stride, r0, r1, a, y, ldy, bias);
-        case DType::Q8_0: return nqgemm<NQ8_0>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::F32: return tiled_gemm<FloatNeon<NF32>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::F16: return tiled_gemm<FloatNeon<NF16>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::BF16: return tiled_gemm<FloatNeon<NBF16>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q4_0: return tiled_gemm<Q32Neon<NQ4_0>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q4_1: return tiled_gemm<Q32Neon<NQ4_1>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q5_0: return tiled_gemm<Q32Neon<NQ5_0>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q5_1: return tiled_gemm<Q32Neon<NQ5_1>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q8_0: return tiled_gemm<Q32Neon<NQ8_0>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q4_K: return tiled_gemm<KNeon<NQ4K>>(w, w_stride, r0, r1, a, y, ldy, bias);
+        case DType::Q6_K: return tiled_gemm<KNeon<NQ6K>>(w, w_stride, r0, r1, a, y, ldy, bias);
         default: break;
     }
 #endif

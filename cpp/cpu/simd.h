@@ -62,6 +62,13 @@ inline F first_n(F a, int n, float fill) {
 inline F load_f16(const uint16_t* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
 }
+// out[i] = hsum(v[i]) for i < 4
+inline void hsum4(const F* v, float* out) {
+    __m256 h[4];
+    for (int i = 0; i < 4; ++i) h[i] = _mm256_add_ps(_mm512_castps512_ps256(v[i].v), _mm512_extractf32x8_ps(v[i].v, 1));
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
 
 #elif defined(X2L_SIMD_AVX2)
 constexpr int kLanes = 8;
@@ -106,6 +113,10 @@ inline F first_n(F a, int n, float fill) {
     return {_mm256_blendv_ps(_mm256_set1_ps(fill), a.v, keep)};
 }
 inline F load_f16(const uint16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline void hsum4(const F* v, float* out) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(v[0].v, v[1].v), _mm256_hadd_ps(v[2].v, v[3].v));
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+}
 
 #elif defined(X2L_SIMD_NEON)
 constexpr int kLanes = 4, kRegs = 32;
@@ -135,6 +146,7 @@ inline F first_n(F a, int n, float fill) {
     return {vbslq_f32(keep, a.v, vdupq_n_f32(fill))};
 }
 inline F load_f16(const uint16_t* p) { return {vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)))}; }
+inline void hsum4(const F* v, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(v[0].v, v[1].v), vpaddq_f32(v[2].v, v[3].v))); }
 
 #else
 // Portable: 4 lanes as a GCC/Clang vector (SSE2 on baseline x86-64, whatever the target offers elsewhere).
@@ -185,11 +197,22 @@ inline F load_f16(const uint16_t* p) {
     for (int i = 0; i < 4; ++i) r.v[i] = fp16_to_fp32(p[i]);
     return r;
 }
+inline void hsum4(const F* v, float* out) {
+    for (int i = 0; i < 4; ++i) out[i] = hsum(v[i]);
+}
 #endif
 
 inline F operator+(F a, float b) { return a + set1(b); }
 inline F operator-(F a, float b) { return a - set1(b); }
 inline F operator*(F a, float b) { return a * set1(b); }
+
+// out[i] = hsum(v[i]) for i < N: four at a time where the ISA folds them together.
+template <int N>
+inline void hsum_n(const F* v, float* out) {
+    int i = 0;
+    for (; i + 4 <= N; i += 4) hsum4(v + i, out + i);
+    for (; i < N; ++i) out[i] = hsum(v[i]);
+}
 
 // exp(x) for x <= 0, lane by lane: exp_neg (ops.h) on vectors.
 inline F exp_neg(F x) {
