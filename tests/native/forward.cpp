@@ -10,10 +10,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "core/formats.h"
+#include "llm/cpu_executor.h"
 #include "llm/session.h"
 
 int main(int argc, char** argv) {
@@ -31,7 +33,10 @@ int main(int argc, char** argv) {
                                                                                           : x2l::DType::F16;
         std::vector<int32_t> ids;
         for (int i = 5; i < argc; ++i) ids.push_back(std::atoi(argv[i]));
-        x2l::LlmSession s(argv[1], opt);
+        x2l::LlmSession s(argv[1], opt, [](const x2l::LlmModel& model, x2l::ThreadPool& pool,
+                                            const x2l::SessionOptions& o) -> std::unique_ptr<x2l::LlmExecutor> {
+            return std::make_unique<x2l::CpuLlmExecutor>(model, pool, o);
+        });
         std::vector<float> all;
         s.eval(ids, &all);
         // decode path: drop the last two tokens and feed them one at a time
