@@ -1,4 +1,4 @@
-"""Command line: `x2l-edge chat|generate|info|ask|demo`."""
+"""Command line: `x2l-edge chat|generate|info|ask|demo|serve`."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,11 @@ def main(argv=None) -> int:
     p_demo.add_argument("--seed", type=int, default=0, help="which generated video")
     p_demo.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0 = all)")
     p_demo.add_argument("--top-k", type=int, default=None, help="chunks X²L reloads (default: the model's)")
+    p_serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server with saved video indexes "
+                                           "(pip install 'x2l-edge[server]'; docs/server.md)")
+    from .server import add_arguments as _add_serve
+
+    _add_serve(p_serve)
     p_info = sub.add_parser("info", help="print model information")
     _add_model(p_info)
     a = ap.parse_args(argv)
@@ -79,6 +84,10 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "ask":
             return _ask(a)
+        if a.cmd == "serve":
+            from .server import serve
+
+            return serve(a)
         if a.cmd == "demo":
             from . import demo
 

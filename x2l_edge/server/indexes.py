@@ -1,0 +1,273 @@
+"""Video indexes as resources: built in the background, saved under --index-dir (index format 3 +
+a small JSON record), found again after a restart, loaded on first use and kept under a host-memory
+budget (the least recently used beyond --max-host-bytes keep their L tier memory-mapped).
+
+Everything that touches the model (prefill, load, question) runs on the scheduler's worker thread;
+the registry's records are read by the HTTP handlers under a lock."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import secrets
+import threading
+import time
+
+from ..options import X2LOptions
+from ..x2l import VideoContext, prefill_steps, split_template
+from .media import ApiError
+
+ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def new_id() -> str:
+    return "vid-" + secrets.token_hex(8)
+
+
+def check_id(index_id) -> str:
+    if not isinstance(index_id, str) or not index_id.startswith("vid-") or not set(index_id) <= ID_CHARS \
+            or len(index_id) > 64:
+        raise ApiError(404, f"no video index {index_id!r}", code="index_not_found")
+    return index_id
+
+
+def chunk_ranges(times: list[float], chunk_frames: int, n_chunks: int, frame_s: float) -> list[dict]:
+    """Time range of each chunk: from its first frame's timestamp to its last frame's plus one frame."""
+    out = []
+    for c in range(n_chunks):
+        ts = times[c * chunk_frames:(c + 1) * chunk_frames]
+        if not ts:
+            out.append({"chunk": c, "start_s": None, "end_s": None})
+            continue
+        out.append({"chunk": c, "start_s": round(ts[0], 3), "end_s": round(ts[-1] + frame_s, 3)})
+    return out
+
+
+class IndexRecord:
+    """What the server knows about one index (the JSON next to its .x2l file)."""
+
+    FIELDS = ("id", "status", "source", "created", "system", "chunk_frames", "max_frames", "fps", "n_frames",
+              "duration_s", "frame_times", "frame_s", "chunks_done", "chunks_total", "bytes", "error",
+              "index_seconds")
+
+    def __init__(self, **kw):
+        for f in self.FIELDS:
+            setattr(self, f, kw.get(f))
+
+    def to_json(self) -> dict:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+class IndexStore:
+    def __init__(self, session, index_dir: str, *, max_host_bytes: int = 0):
+        self.session = session
+        self.dir = index_dir
+        os.makedirs(index_dir, exist_ok=True)
+        self.max_host_bytes = int(max_host_bytes)
+        self._lock = threading.Lock()
+        self.records: dict[str, IndexRecord] = {}
+        self.jobs: dict[str, object] = {}                 # id -> the indexing Job while it runs
+        self._loaded: collections.OrderedDict = collections.OrderedDict()  # id -> VideoContext, LRU first
+        self._scan()
+
+    # ------------------------------------------------------------------ files
+    def _paths(self, index_id: str) -> tuple[str, str]:
+        return os.path.join(self.dir, index_id + ".x2l"), os.path.join(self.dir, index_id + ".json")
+
+    def _write_record(self, rec: IndexRecord) -> None:
+        _, meta = self._paths(rec.id)
+        tmp = meta + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec.to_json(), f)
+        os.replace(tmp, meta)
+
+    def _scan(self) -> None:
+        """Register the indexes saved by an earlier run; one interrupted while indexing is marked failed."""
+        for name in sorted(os.listdir(self.dir)):
+            if not name.endswith(".json") or not name.startswith("vid-"):
+                continue
+            try:
+                with open(os.path.join(self.dir, name)) as f:
+                    rec = IndexRecord(**json.load(f))
+                check_id(rec.id)
+            except (OSError, ValueError, TypeError, ApiError):
+                continue
+            if rec.status != "ready":
+                rec.status, rec.error = "failed", rec.error or "indexing was interrupted by a server restart"
+                self._write_record(rec)
+            elif not os.path.exists(self._paths(rec.id)[0]):
+                rec.status, rec.error = "failed", "the index file is missing"
+            self.records[rec.id] = rec
+
+    # ------------------------------------------------------------------ records
+    def get(self, index_id: str) -> IndexRecord:
+        check_id(index_id)
+        with self._lock:
+            rec = self.records.get(index_id)
+        if rec is None:
+            raise ApiError(404, f"no video index {index_id!r}", code="index_not_found")
+        return rec
+
+    def describe(self, rec: IndexRecord) -> dict:
+        with self._lock:
+            ctx = self._loaded.get(rec.id)
+            mapped = None if ctx is None else bool(ctx.n_chunks and ctx.chunk_info(0)["low_mapped"])
+        d = {"id": rec.id, "object": "video.index", "status": rec.status, "created": rec.created,
+             "source": rec.source, "progress": {"chunks_done": rec.chunks_done or 0, "chunks_total": rec.chunks_total},
+             "duration_s": rec.duration_s, "n_frames": rec.n_frames, "chunk_frames": rec.chunk_frames,
+             "bytes": rec.bytes, "error": rec.error, "index_seconds": rec.index_seconds,
+             "residency": "not_loaded" if ctx is None else ("mmap" if mapped else "resident")}
+        if rec.status == "ready":
+            n = (rec.bytes or {}).get("n_chunks") or rec.chunks_done or 0
+            d["chunks"] = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, n, rec.frame_s or 0.0)
+        return d
+
+    def list(self) -> list[IndexRecord]:
+        with self._lock:
+            return sorted(self.records.values(), key=lambda r: r.created or 0)
+
+    def create(self, *, source: str, system: str | None, chunk_frames: int | None, max_frames: int | None,
+               fps: float | None) -> IndexRecord:
+        rec = IndexRecord(id=new_id(), status="queued", source=source, created=int(time.time()), system=system,
+                          chunk_frames=chunk_frames, max_frames=max_frames, fps=fps, chunks_done=0)
+        with self._lock:
+            self.records[rec.id] = rec
+        self._write_record(rec)
+        return rec
+
+    def delete(self, index_id: str) -> None:
+        rec = self.get(index_id)
+        with self._lock:
+            self.records.pop(rec.id, None)
+            self._loaded.pop(rec.id, None)
+            job = self.jobs.pop(rec.id, None)
+        if job is not None:
+            job.cancel()
+        for p in self._paths(rec.id):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------ indexing (worker thread)
+    def index_steps(self, rec: IndexRecord, video, *, cleanup=None):
+        """Generator (one step per chunk) that builds, saves and registers an index from a video
+        source (a path in the media dir or a temporary upload)."""
+        from ..video import open_video
+
+        s = self.session
+        t0 = time.perf_counter()
+        try:
+            rec.status = "indexing"
+            opts = X2LOptions.for_model(s, video=True)
+            cf = int(rec.chunk_frames or opts.chunk_frames)
+            max_frames = rec.max_frames if (rec.max_frames or rec.fps) else opts.frames_default
+            # The sampling plan (which frames, their timestamps) is known before decoding.
+            v = open_video(video, max_frames=max_frames, fps=rec.fps)
+            idx = [int(i) for i in (v.sample_indices if v.sample_indices is not None else [])]
+            src_fps = v.fps or 1.0
+            v.close()
+            rec.chunk_frames, rec.max_frames = cf, max_frames
+            rec.frame_times = [round(i / src_fps, 3) for i in idx]
+            rec.frame_s = 1.0 / src_fps
+            rec.n_frames = len(idx)
+            rec.duration_s = v.duration_s
+            rec.chunks_total = -(-len(idx) // cf) if idx else None
+            yield None
+            prefix, _ = split_template(s, rec.system)
+            chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=rec.fps)
+            steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
+            while True:
+                try:
+                    rec.chunks_done = next(steps)
+                except StopIteration as stop:
+                    index, _stats = stop.value
+                    break
+                yield None
+            ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
+                               default_top_k=opts.top_k, default_scorer=opts.scorer)
+            path, _ = self._paths(rec.id)
+            ctx.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            m = ctx.memory()
+            rec.bytes = {"n_chunks": ctx.n_chunks, "sink": m["sink_bytes"], "high": m["high_bytes"],
+                         "low": m["low_bytes"], "signature": m["signature_bytes"], "file": os.path.getsize(path)}
+            rec.chunks_done = rec.chunks_total = ctx.n_chunks
+            rec.index_seconds = round(time.perf_counter() - t0, 3)
+            rec.status = "ready"
+            with self._lock:
+                alive = rec.id in self.records
+                if alive:
+                    self._loaded[rec.id] = ctx
+            if alive:
+                self._write_record(rec)
+                self._fit_budget()
+            else:  # deleted while indexing
+                for p in self._paths(rec.id):
+                    if os.path.exists(p):
+                        os.unlink(p)
+            return rec.id
+        except GeneratorExit:
+            raise
+        except BaseException as e:
+            rec.status = "failed"
+            rec.error = f"{type(e).__name__}: {e}"
+            with self._lock:
+                alive = rec.id in self.records
+            if alive:
+                self._write_record(rec)
+            raise
+        finally:
+            with self._lock:
+                self.jobs.pop(rec.id, None)
+            if cleanup is not None:
+                cleanup()
+
+    # ------------------------------------------------------------------ use (worker thread)
+    def context(self, index_id: str) -> tuple[IndexRecord, VideoContext]:
+        """The index's VideoContext (loaded now if needed), most recently used from now on."""
+        rec = self.get(index_id)
+        if rec.status != "ready":
+            raise ApiError(409 if rec.status in ("queued", "indexing") else 400,
+                           f"video index {index_id} is {rec.status}" + (f": {rec.error}" if rec.error else ""),
+                           code="index_not_ready")
+        with self._lock:
+            ctx = self._loaded.get(index_id)
+            if ctx is not None:
+                self._loaded.move_to_end(index_id)
+        if ctx is None:
+            ctx = self._load(rec, mmap=False)
+            with self._lock:
+                self._loaded[index_id] = ctx
+        self._fit_budget()
+        with self._lock:
+            return rec, self._loaded.get(index_id, ctx)
+
+    def _load(self, rec: IndexRecord, *, mmap: bool) -> VideoContext:
+        path, _ = self._paths(rec.id)
+        opts = X2LOptions.for_model(self.session, video=True)
+        return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, default_top_k=opts.top_k,
+                                 default_scorer=opts.scorer)
+
+    def _fit_budget(self) -> None:
+        """Most recently used first: indexes whose L tiers fit max_host_bytes together stay resident,
+        the others are (re)loaded with their L tier memory-mapped from the index file."""
+        if self.max_host_bytes <= 0:
+            return
+        with self._lock:
+            order = list(reversed(self._loaded.items()))
+        used = 0
+        for index_id, ctx in order:
+            low = ctx.memory()["low_bytes"]
+            mapped = bool(ctx.n_chunks and ctx.chunk_info(0)["low_mapped"])
+            want_mapped = used + low > self.max_host_bytes
+            if not want_mapped:
+                used += low
+            if want_mapped != mapped:
+                rec = self.records.get(index_id)
+                if rec is None:
+                    continue
+                new = self._load(rec, mmap=want_mapped)
+                with self._lock:
+                    if index_id in self._loaded:
+                        self._loaded[index_id] = new
