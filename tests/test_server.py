@@ -277,7 +277,8 @@ def vlm_env(smollm2_path, tmp_path_factory):
 
 
 def _vlm_server(env, *extra):
-    return ServerProc([env["model"], "--media-dir", str(env["media"]), "--index-dir", str(env["index"]), *extra],
+    return ServerProc([env["model"], "--media-dir", str(env["media"]), "--index-dir", str(env["index"]),
+                       "--allow-live", *extra],
                       cwd=str(env["base"]))
 
 
@@ -367,7 +368,7 @@ def test_paths_outside_media_dir_refused(vlm_server, vlm_env):
         assert r.status_code == 403, (url, r.text)
     r = vlm_server.post("/v1/videos", json={"url": (media / "missing.mkv").as_uri()})
     assert r.status_code == 404
-    r = vlm_server.post("/v1/videos", json={"url": "http://example.com/v.mp4"})
+    r = vlm_server.post("/v1/videos", json={"url": "ftp://example.com/v.mp4"})
     assert r.status_code == 400
 
 
@@ -444,6 +445,68 @@ def test_multipart_upload(vlm_server, vlm_env):
     d = _wait_ready(vlm_server, r.json()["id"])
     assert d["status"] == "failed" and d["error"]
     assert vlm_server.get("/v1/models").status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------- live
+class _MJPEG:
+    """An MJPEG (multipart/x-mixed-replace) stream served from this test: the frames at `rate` per second,
+    then the connection is dropped (a lost camera)."""
+
+    def __init__(self, frames, rate):
+        import http.server
+
+        import cv2
+
+        jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+                 for f in frames]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                for j in jpegs:
+                    self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
+                                     + str(len(j)).encode() + b"\r\n\r\n" + j + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(1.0 / rate)
+                self.close_connection = True  # no closing boundary: the stream just stops
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_live_mjpeg_stream_indexed_until_lost(vlm_server, text_server):
+    vid = T.needle_video(5, 20)
+    cam = _MJPEG(vid.frames, rate=20)
+    try:
+        # Live sources need --allow-live (the text server was started without it).
+        r = text_server.post("/v1/videos", json={"url": cam.url})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "live_disabled"
+        r = vlm_server.post("/v1/videos", json={"url": cam.url, "system": T.SYSTEM})
+        assert r.status_code == 202, r.text
+        index_id = r.json()["id"]
+        d = _wait_ready(vlm_server, index_id, timeout=120)
+    finally:
+        cam.close()
+    assert d["status"] == "ready" and d["live"] is True, d
+    assert d["n_frames"] == 20 and len(d["chunks"]) == 2, d
+    assert "ended" in d["note"] or "lost" in d["note"]
+    # Arrival times: 20 frames at 20 per second.
+    assert 0.5 < d["duration_s"] < 5.0 and d["chunks"][0]["start_s"] == 0.0
+    r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
+    assert r.status_code == 200
+    out = r.json()
+    assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
+    assert out["x2l"]["chunks"][0]["chunk"] == vid.needle_chunk
+    assert vlm_server.post(f"/v1/videos/{index_id}/stop").status_code == 409  # no longer recording
 
 
 def test_index_survives_restart_and_lru_mmap(vlm_server, vlm_env, needle_index):

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="JSON request body limit (413 above)")
     p.add_argument("--max-upload-bytes", type=int, default=1 << 30, help="video upload limit (413 above)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--allow-live", action="store_true",
+                   help="accept live sources in POST /v1/videos: http(s) MJPEG streams, rtsp://, camera:N "
+                        "(the server then opens URLs its clients give it)")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0 = all)")
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--device", default="auto")
@@ -67,7 +70,7 @@ def serve(a) -> int:
     cfg = ServerConfig(media_dir=a.media_dir, index_dir=a.index_dir,
                        api_key=a.api_key or os.environ.get("X2L_API_KEY") or None, max_host_bytes=a.max_host_bytes,
                        max_request_bytes=a.max_request_bytes, max_upload_bytes=a.max_upload_bytes,
-                       max_queue=a.max_queue)
+                       max_queue=a.max_queue, allow_live=a.allow_live)
     server = Server(session, cfg)
     app = build_app(server)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:

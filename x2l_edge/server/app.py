@@ -21,13 +21,19 @@ from .. import BudgetError, Error, FormatError
 from ..video import VideoError
 from . import chat as C
 from .indexes import IndexStore
+from .live import LiveSource
 from .media import SUFFIX, ApiError, decode_data_url, resolve_media_path
 from .scheduler import Busy, Cancelled, Job, Scheduler
 
 
+LIVE_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "camera:")
+
+
 class ServerConfig:
     def __init__(self, *, media_dir=None, index_dir=None, api_key=None, max_host_bytes=0,
-                 max_request_bytes=64 << 20, max_upload_bytes=1 << 30, max_queue=64, max_tokens_limit=4096):
+                 max_request_bytes=64 << 20, max_upload_bytes=1 << 30, max_queue=64, max_tokens_limit=4096,
+                 allow_live=False):
+        self.allow_live = bool(allow_live)
         self.media_dir = None if media_dir is None else os.path.realpath(media_dir)
         self.index_dir = index_dir
         self.api_key = api_key
@@ -257,17 +263,35 @@ def build_app(server: Server) -> Starlette:
                 elif url.startswith("file:"):
                     video = resolve_media_path(url, cfg.media_dir)
                     source = "file://" + video
+                elif url.startswith(LIVE_SCHEMES):
+                    if not cfg.allow_live:
+                        raise ApiError(403, "live sources (http(s) MJPEG, rtsp://, camera:N) are disabled: start "
+                                            "the server with --allow-live", code="live_disabled", param="url")
+                    video, source = None, url
                 else:
-                    raise ApiError(400, f"unsupported video URL {url[:40]!r} (file:// or data:)", param="url")
+                    raise ApiError(400, f"unsupported video URL {url[:40]!r} (file://, data:, or with --allow-live "
+                                        "http(s)://, rtsp://, camera:N)", param="url")
             opts = _index_fields(fields)
+            ready = None
+            if video is None:
+                max_seconds = fields.get("max_seconds")
+                if max_seconds is not None and (isinstance(max_seconds, bool) or
+                                                not isinstance(max_seconds, (int, float)) or max_seconds <= 0):
+                    raise ApiError(400, "max_seconds must be a positive number", param="max_seconds")
+                video = LiveSource(source, fps=opts["fps"], max_frames=opts["max_frames"] or 3600,
+                                   max_seconds=max_seconds)
             rec = server.indexes.create(source=source, **opts)
+            if isinstance(video, LiveSource):
+                live = video.start()
+                ready = lambda: server.indexes.live_ready(rec, live)  # noqa: E731
             path_to_clean = tmp_path
 
             def cleanup():
                 if path_to_clean is not None and os.path.exists(path_to_clean):
                     os.unlink(path_to_clean)
 
-            job = Job(server.indexes.index_steps(rec, video, cleanup=cleanup), background=True)
+            job = Job(server.indexes.index_steps(rec, video, cleanup=cleanup), background=True, ready=ready)
+            job.source = video if isinstance(video, LiveSource) else None
             server.indexes.jobs[rec.id] = job
             tmp_path = None  # the job owns it now
             server.scheduler.submit(job)
@@ -300,6 +324,19 @@ def build_app(server: Server) -> Starlette:
         except Exception as e:  # noqa: BLE001
             return _error(e)
 
+    async def videos_stop(request: Request):
+        """End a live source's recording: the index is finished with what it has and becomes answerable."""
+        try:
+            rec = server.indexes.get(request.path_params["id"])
+            job = server.indexes.jobs.get(rec.id)
+            src = getattr(job, "source", None)
+            if src is None:
+                raise ApiError(409, f"video index {rec.id} is not recording a live source", code="not_live")
+            src.stop()
+            return JSONResponse(server.indexes.describe(rec))
+        except Exception as e:  # noqa: BLE001
+            return _error(e)
+
     async def stats(request: Request):
         return JSONResponse({"queued": server.scheduler.queued(), **dict(server.scheduler.stats)})
 
@@ -316,6 +353,7 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/videos", videos_list, methods=["GET"]),
         Route("/v1/videos/{id}", videos_get, methods=["GET"]),
         Route("/v1/videos/{id}", videos_delete, methods=["DELETE"]),
+        Route("/v1/videos/{id}/stop", videos_stop, methods=["POST"]),
         Route("/v1/x2l/stats", stats),
     ]
     app = Starlette(routes=routes)

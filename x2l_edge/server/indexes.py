@@ -15,6 +15,7 @@ import time
 
 from ..options import X2LOptions
 from ..x2l import VideoContext, prefill_steps, split_template
+from .live import LiveSource
 from .media import ApiError
 
 ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -48,7 +49,7 @@ class IndexRecord:
 
     FIELDS = ("id", "status", "source", "created", "system", "chunk_frames", "max_frames", "fps", "n_frames",
               "duration_s", "frame_times", "frame_s", "chunks_done", "chunks_total", "bytes", "error",
-              "index_seconds")
+              "index_seconds", "live", "note")
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -116,7 +117,8 @@ class IndexStore:
              "source": rec.source, "progress": {"chunks_done": rec.chunks_done or 0, "chunks_total": rec.chunks_total},
              "duration_s": rec.duration_s, "n_frames": rec.n_frames, "chunk_frames": rec.chunk_frames,
              "bytes": rec.bytes, "error": rec.error, "index_seconds": rec.index_seconds,
-             "residency": "not_loaded" if ctx is None else ("mmap" if mapped else "resident")}
+             "residency": "not_loaded" if ctx is None else ("mmap" if mapped else "resident"),
+             "live": bool(rec.live), "note": rec.note}
         if rec.status == "ready":
             n = (rec.bytes or {}).get("n_chunks") or rec.chunks_done or 0
             d["chunks"] = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, n, rec.frame_s or 0.0)
@@ -161,6 +163,8 @@ class IndexStore:
             rec.status = "indexing"
             opts = X2LOptions.for_model(s, video=True)
             cf = int(rec.chunk_frames or opts.chunk_frames)
+            if isinstance(video, LiveSource):
+                return (yield from self._live_steps(rec, video, opts, cf, t0))
             max_frames = rec.max_frames if (rec.max_frames or rec.fps) else opts.frames_default
             # The sampling plan (which frames, their timestamps) is known before decoding.
             v = open_video(video, max_frames=max_frames, fps=rec.fps)
@@ -184,44 +188,93 @@ class IndexStore:
                     index, _stats = stop.value
                     break
                 yield None
-            ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
-                               default_top_k=opts.top_k, default_scorer=opts.scorer)
-            path, _ = self._paths(rec.id)
-            ctx.save(path + ".tmp")
-            os.replace(path + ".tmp", path)
-            m = ctx.memory()
-            rec.bytes = {"n_chunks": ctx.n_chunks, "sink": m["sink_bytes"], "high": m["high_bytes"],
-                         "low": m["low_bytes"], "signature": m["signature_bytes"], "file": os.path.getsize(path)}
-            rec.chunks_done = rec.chunks_total = ctx.n_chunks
-            rec.index_seconds = round(time.perf_counter() - t0, 3)
-            rec.status = "ready"
-            with self._lock:
-                alive = rec.id in self.records
-                if alive:
-                    self._loaded[rec.id] = ctx
-            if alive:
-                self._write_record(rec)
-                self._fit_budget()
-            else:  # deleted while indexing
-                for p in self._paths(rec.id):
-                    if os.path.exists(p):
-                        os.unlink(p)
-            return rec.id
+            return self._register(rec, index, opts, t0)
         except GeneratorExit:
             raise
         except BaseException as e:
-            rec.status = "failed"
-            rec.error = f"{type(e).__name__}: {e}"
-            with self._lock:
-                alive = rec.id in self.records
-            if alive:
-                self._write_record(rec)
+            self._failed(rec, e)
             raise
         finally:
             with self._lock:
                 self.jobs.pop(rec.id, None)
             if cleanup is not None:
                 cleanup()
+
+    def _live_steps(self, rec: IndexRecord, src, opts, cf: int, t0: float):
+        """Index a live source chunk by chunk while it records; the job's ready() lets the worker wait
+        for a chunk of frames without blocking (see live_ready)."""
+        s = self.session
+        rec.chunk_frames, rec.frame_times, rec.live = cf, [], True
+        rec.frame_s = 1.0 / src.fps if src.fps else None
+
+        def recorded():
+            for fr in src.frames():
+                rec.frame_times.append(round(fr.timestamp_s, 3))
+                rec.n_frames = len(rec.frame_times)
+                yield fr
+
+        prefix, _ = split_template(s, rec.system)
+        # The source has selected its frames already: a rate no two frames share passes them all through.
+        chunks = s.video_chunks(recorded(), chunk_frames=cf, fps=1e6)
+        steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
+        try:
+            while True:
+                try:
+                    rec.chunks_done = next(steps)
+                except StopIteration as stop:
+                    index, _stats = stop.value
+                    break
+                yield None
+        finally:
+            src.stop()
+        times = rec.frame_times
+        if rec.frame_s is None:
+            rec.frame_s = round((times[-1] - times[0]) / (len(times) - 1), 3) if len(times) > 1 else 0.0
+        rec.duration_s = round(times[-1] + rec.frame_s, 3) if times else 0.0
+        rec.note = f"{src.end_reason}; {src.frames_dropped} frames dropped while indexing fell behind"
+        return self._register(rec, index, opts, t0)
+
+    @staticmethod
+    def live_ready(rec: IndexRecord, src) -> bool:
+        # The first prefill step reads three chunks (the chunk, the one after it, and the look-ahead of
+        # the frame encoder), each later step one more.
+        need = (rec.chunk_frames or 1) * (3 if not rec.chunks_done else 1)
+        return src.ended or src.available() >= need
+
+    def _failed(self, rec: IndexRecord, e: BaseException) -> None:
+        rec.status = "failed"
+        rec.error = f"{type(e).__name__}: {e}"
+        with self._lock:
+            alive = rec.id in self.records
+        if alive:
+            self._write_record(rec)
+
+    def _register(self, rec: IndexRecord, index, opts, t0: float) -> str:
+        """Save a finished index and make it answerable."""
+        s = self.session
+        ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
+                           default_top_k=opts.top_k, default_scorer=opts.scorer)
+        path, _ = self._paths(rec.id)
+        ctx.save(path + ".tmp")
+        os.replace(path + ".tmp", path)
+        m = ctx.memory()
+        rec.bytes = {"n_chunks": ctx.n_chunks, "sink": m["sink_bytes"], "high": m["high_bytes"],
+                     "low": m["low_bytes"], "signature": m["signature_bytes"], "file": os.path.getsize(path)}
+        rec.chunks_done = rec.chunks_total = ctx.n_chunks
+        rec.index_seconds = round(time.perf_counter() - t0, 3)
+        rec.status = "ready"
+        with self._lock:
+            alive = rec.id in self.records
+            if alive:
+                self._loaded[rec.id] = ctx
+        if alive:
+            self._write_record(rec)
+            self._fit_budget()
+        else:  # deleted while indexing
+            for p in self._paths(rec.id):
+                if os.path.exists(p):
+                    os.unlink(p)
+        return rec.id
 
     # ------------------------------------------------------------------ use (worker thread)
     def context(self, index_id: str) -> tuple[IndexRecord, VideoContext]:

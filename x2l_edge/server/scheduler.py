@@ -35,8 +35,10 @@ class Cancelled(Exception):
 class Job:
     def __init__(self, steps: Iterator, *, client: str = "", background: bool = False,
                  emit: Callable[[object], None] | None = None, finish: Callable[[object], None] | None = None,
-                 fail: Callable[[BaseException], None] | None = None):
+                 fail: Callable[[BaseException], None] | None = None, ready: Callable[[], bool] | None = None):
         self.steps = steps
+        # ready(): whether the next step can run without waiting (a live source: a chunk of frames is in).
+        self.ready = ready or (lambda: True)
         self.client = client
         self.background = background
         self._emit, self._finish, self._fail = emit, finish, fail
@@ -136,7 +138,11 @@ class Scheduler:
         if self._active is None:
             self._active = self._next_answer()
         if self._background and (self._active is None or time.monotonic() - last_bg >= self.slice_s):
-            return self._background.popleft(), True
+            for _ in range(len(self._background)):
+                job = self._background.popleft()
+                if job.ready() or job.cancelled.is_set():
+                    return job, True
+                self._background.append(job)
         if self._active is not None:
             return self._active, False
         return None, None
@@ -151,7 +157,8 @@ class Scheduler:
                     job, bg = self._pick(last_bg)
                     if job is not None:
                         break
-                    self._cv.wait()
+                    # Background jobs waiting for input (live sources) are polled.
+                    self._cv.wait(0.1 if self._background else None)
                 self._running = job
             keep = self._step(job)
             with self._cv:
