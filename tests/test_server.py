@@ -216,7 +216,7 @@ def test_disconnect_cancels_generation(text_server):
 
 def test_busy_queue_503_and_fair_completion(text_server):
     # --max-queue 2: one request runs, two wait, the next ones are refused with 503.
-    body = {"model": "m", "messages": MESSAGES, "max_tokens": 60, "temperature": 0}
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 40, "temperature": 0}
     results = []
 
     def call():
@@ -325,6 +325,16 @@ def test_video_indexed_then_asked_by_id(vlm_server, needle_index):
     assert [(c["chunk"], c["start_s"], c["end_s"]) for c in d["chunks"]] == [(0, 0.0, 10.0), (1, 10.0, 20.0)]
     assert d["bytes"]["low"] > d["bytes"]["high"] > 0 and d["bytes"]["file"] > 0
     assert d["progress"] == {"chunks_done": 2, "chunks_total": 2}
+    # Each chunk's first frame as a thumbnail (160 px wide JPEG of the sampled frame).
+    import cv2
+
+    for c in d["chunks"]:
+        r = vlm_server.get(c["thumbnail"])
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        img = cv2.cvtColor(cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        want = cv2.resize(vid.frames[c["chunk"] * 10], (160, 160), interpolation=cv2.INTER_AREA)
+        assert img.shape == want.shape and np.abs(img.astype(int) - want).mean() < 4.0
+    assert vlm_server.get(f"/v1/videos/{index_id}/chunks/7/thumbnail").status_code == 404
     r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"top_k": 1})
     assert r.status_code == 200, r.text
     out = r.json()
@@ -507,6 +517,42 @@ def test_live_mjpeg_stream_indexed_until_lost(vlm_server, text_server):
     assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
     assert out["x2l"]["chunks"][0]["chunk"] == vid.needle_chunk
     assert vlm_server.post(f"/v1/videos/{index_id}/stop").status_code == 409  # no longer recording
+
+
+def _chromium():
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    pytest.skip("no headless Chromium (Debian: apt-get install chromium)")
+
+
+def test_web_page_in_headless_chromium(vlm_server, needle_index, tmp_path):
+    import cv2
+
+    browser = _chromium()
+    index_id, vid = needle_index
+    assert _wait_ready(vlm_server, index_id)["status"] == "ready"
+    # ?index=&q= asks at once; stream=0 makes the answer one fetch, which headless Chromium's virtual
+    # time waits for (a streamed body is not waited for).
+    url = f"{vlm_server.url}/?index={index_id}&q=What%20is%20the%20secret%20word%3F&stream=0"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=60000",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    answer = dom.split('id="answer">', 1)[1].split("</div>", 1)[0]
+    assert T.answer_ok(answer, vid.word), answer
+    assert f"chunk {vid.needle_chunk}: " in dom and 'class="thumb"' in dom
+    shot = tmp_path / "page.png"
+    subprocess.run(flags + ["--window-size=900,1000", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    img = cv2.imread(str(shot))
+    assert img is not None and img.shape[:2] == (1000, 900)
+    # The needle chunk's thumbnail is drawn on the page (found by template matching at the page's 64 px height).
+    thumb = cv2.imdecode(np.frombuffer(vlm_server.get(
+        f"/v1/videos/{index_id}/chunks/{vid.needle_chunk}/thumbnail").content, np.uint8), cv2.IMREAD_COLOR)
+    thumb = cv2.resize(thumb, (64, 64), interpolation=cv2.INTER_AREA)
+    score = cv2.matchTemplate(img, thumb, cv2.TM_CCOEFF_NORMED).max()
+    assert score > 0.8, score
 
 
 def test_index_survives_restart_and_lru_mmap(vlm_server, vlm_env, needle_index):

@@ -14,7 +14,7 @@ import time
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import BudgetError, Error, FormatError
@@ -337,6 +337,13 @@ def build_app(server: Server) -> Starlette:
         except Exception as e:  # noqa: BLE001
             return _error(e)
 
+    async def videos_thumbnail(request: Request):
+        try:
+            chunk = request.path_params["chunk"]
+            return Response(server.indexes.thumbnail(request.path_params["id"], chunk), media_type="image/jpeg")
+        except Exception as e:  # noqa: BLE001
+            return _error(e)
+
     async def stats(request: Request):
         return JSONResponse({"queued": server.scheduler.queued(), **dict(server.scheduler.stats)})
 
@@ -354,6 +361,7 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/videos/{id}", videos_get, methods=["GET"]),
         Route("/v1/videos/{id}", videos_delete, methods=["DELETE"]),
         Route("/v1/videos/{id}/stop", videos_stop, methods=["POST"]),
+        Route("/v1/videos/{id}/chunks/{chunk:int}/thumbnail", videos_thumbnail),
         Route("/v1/x2l/stats", stats),
     ]
     app = Starlette(routes=routes)

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import secrets
+import shutil
 import threading
 import time
 
@@ -122,6 +123,10 @@ class IndexStore:
         if rec.status == "ready":
             n = (rec.bytes or {}).get("n_chunks") or rec.chunks_done or 0
             d["chunks"] = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, n, rec.frame_s or 0.0)
+            thumbs = self._thumb_dir(rec.id)
+            for c in d["chunks"]:
+                if os.path.exists(os.path.join(thumbs, f"{c['chunk']}.jpg")):
+                    c["thumbnail"] = f"/v1/videos/{rec.id}/chunks/{c['chunk']}/thumbnail"
         return d
 
     def list(self) -> list[IndexRecord]:
@@ -150,6 +155,7 @@ class IndexStore:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+        shutil.rmtree(self._thumb_dir(rec.id), ignore_errors=True)
 
     # ------------------------------------------------------------------ indexing (worker thread)
     def index_steps(self, rec: IndexRecord, video, *, cleanup=None):
@@ -170,7 +176,6 @@ class IndexStore:
             v = open_video(video, max_frames=max_frames, fps=rec.fps)
             idx = [int(i) for i in (v.sample_indices if v.sample_indices is not None else [])]
             src_fps = v.fps or 1.0
-            v.close()
             rec.chunk_frames, rec.max_frames = cf, max_frames
             rec.frame_times = [round(i / src_fps, 3) for i in idx]
             rec.frame_s = 1.0 / src_fps
@@ -179,15 +184,29 @@ class IndexStore:
             rec.chunks_total = -(-len(idx) // cf) if idx else None
             yield None
             prefix, _ = split_template(s, rec.system)
-            chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=rec.fps)
+            if v.fps:
+                # Decode here (the same sampled frames) to keep each chunk's first frame as its thumbnail;
+                # the frames carry their timestamps, and a rate no two frames share passes them all on.
+                def frames():
+                    for k, fr in enumerate(v.frames()):
+                        if k % cf == 0:
+                            self._save_thumbnail(rec.id, k // cf, fr.rgb)
+                        yield fr
+                chunks = s.video_chunks(frames(), chunk_frames=cf, fps=1e6)
+            else:
+                v.close()
+                chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=rec.fps)
             steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
-            while True:
-                try:
-                    rec.chunks_done = next(steps)
-                except StopIteration as stop:
-                    index, _stats = stop.value
-                    break
-                yield None
+            try:
+                while True:
+                    try:
+                        rec.chunks_done = next(steps)
+                    except StopIteration as stop:
+                        index, _stats = stop.value
+                        break
+                    yield None
+            finally:
+                v.close()
             return self._register(rec, index, opts, t0)
         except GeneratorExit:
             raise
@@ -209,6 +228,8 @@ class IndexStore:
 
         def recorded():
             for fr in src.frames():
+                if len(rec.frame_times) % cf == 0:
+                    self._save_thumbnail(rec.id, len(rec.frame_times) // cf, fr.rgb)
                 rec.frame_times.append(round(fr.timestamp_s, 3))
                 rec.n_frames = len(rec.frame_times)
                 yield fr
@@ -233,6 +254,29 @@ class IndexStore:
         rec.duration_s = round(times[-1] + rec.frame_s, 3) if times else 0.0
         rec.note = f"{src.end_reason}; {src.frames_dropped} frames dropped while indexing fell behind"
         return self._register(rec, index, opts, t0)
+
+    def _thumb_dir(self, index_id: str) -> str:
+        return os.path.join(self.dir, index_id + ".thumbs")
+
+    def _save_thumbnail(self, index_id: str, chunk: int, rgb) -> None:
+        import cv2
+
+        h, w = rgb.shape[:2]
+        small = cv2.resize(rgb, (160, max(1, round(h * 160 / w))), interpolation=cv2.INTER_AREA)
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+        if ok:
+            os.makedirs(self._thumb_dir(index_id), exist_ok=True)
+            with open(os.path.join(self._thumb_dir(index_id), f"{chunk}.jpg"), "wb") as f:
+                f.write(jpg.tobytes())
+
+    def thumbnail(self, index_id: str, chunk: int) -> bytes:
+        """The JPEG of a chunk's first frame (404 when there is none)."""
+        self.get(index_id)
+        try:
+            with open(os.path.join(self._thumb_dir(index_id), f"{int(chunk)}.jpg"), "rb") as f:
+                return f.read()
+        except (OSError, ValueError):
+            raise ApiError(404, f"no thumbnail for chunk {chunk} of {index_id}", code="thumbnail_not_found") from None
 
     @staticmethod
     def live_ready(rec: IndexRecord, src) -> bool:
@@ -274,6 +318,7 @@ class IndexStore:
             for p in self._paths(rec.id):
                 if os.path.exists(p):
                     os.unlink(p)
+            shutil.rmtree(self._thumb_dir(rec.id), ignore_errors=True)
         return rec.id
 
     # ------------------------------------------------------------------ use (worker thread)

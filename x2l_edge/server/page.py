@@ -6,7 +6,7 @@ PAGE = """<!doctype html>
 body{font-family:system-ui,sans-serif;max-width:52rem;margin:1.5rem auto;padding:0 1rem;color:#222}
 h1{font-size:1.3rem} fieldset{margin:.8rem 0;border:1px solid #ccc} #answer{white-space:pre-wrap;
 border:1px solid #ccc;min-height:3rem;padding:.5rem;background:#fafafa} #ranges li{font-family:monospace}
-input[type=text]{width:70%} .muted{color:#777;font-size:.9rem}
+input[type=text]{width:70%} .muted{color:#777;font-size:.9rem} img.thumb{height:64px;vertical-align:middle;margin-left:.5rem}
 </style></head><body>
 <h1>x2l-edge &mdash; ask a video</h1>
 <p class="muted" id="model">model: &hellip;</p>
@@ -50,11 +50,18 @@ $('upload').onclick = async () => {
 };
 $('ask').onclick = async () => {
   $('answer').textContent = ''; $('ranges').innerHTML = '';
-  const body = {model: 'x', stream: true, temperature: 0, max_tokens: 64, messages: [{role: 'user', content: [
+  const streamed = params.get('stream') !== '0';
+  const body = {model: 'x', stream: streamed, temperature: 0, max_tokens: 64, messages: [{role: 'user', content: [
     {type: 'video_index', video_index: {id: $('index').value}}, {type: 'text', text: $('question').value}]}]};
   const resp = await fetch('/v1/chat/completions', {method: 'POST', body: JSON.stringify(body),
     headers: Object.assign({'Content-Type': 'application/json'}, hdr())});
   if (!resp.ok) { $('answer').textContent = await resp.text(); return; }
+  if (!streamed) {  // one JSON answer (?stream=0)
+    const out = await resp.json();
+    $('answer').textContent = out.choices[0].message.content;
+    showRanges(out.x2l);
+    return;
+  }
   const reader = resp.body.getReader(); const dec = new TextDecoder(); let buf = '';
   for (;;) {
     const {value, done} = await reader.read(); if (done) break;
@@ -66,14 +73,40 @@ $('ask').onclick = async () => {
       if (ev.error) { $('answer').textContent += '\\n[error] ' + ev.error.message; continue; }
       const c = ev.choices && ev.choices[0];
       if (c && c.delta && c.delta.content) $('answer').textContent += c.delta.content;
-      if (ev.x2l) for (const ch of ev.x2l.chunks) {
-        const li = document.createElement('li');
-        li.textContent = 'chunk ' + ch.chunk + ': ' + ch.start_s + ' s - ' + ch.end_s + ' s (score ' + ch.score + ')';
-        $('ranges').appendChild(li);
-      }
+      if (ev.x2l) showRanges(ev.x2l);
     }
   }
 };
-refresh();
+function showRanges(x2l) {
+  if (!x2l) return;
+  for (const ch of x2l.chunks) {
+    const li = document.createElement('li');
+    li.className = 'range';
+    li.textContent = 'chunk ' + ch.chunk + ': ' + ch.start_s + ' s - ' + ch.end_s + ' s (score ' + ch.score + ') ';
+    $('ranges').appendChild(li);
+    if (x2l.index) thumb(x2l.index, ch.chunk, li);
+  }
+}
+async function thumb(id, chunk, parent) {
+  // fetched (not <img src>) so that the API key header goes with it
+  const r = await fetch('/v1/videos/' + id + '/chunks/' + chunk + '/thumbnail', {headers: hdr()});
+  if (!r.ok) return;
+  const img = document.createElement('img');
+  img.src = URL.createObjectURL(await r.blob()); img.className = 'thumb'; img.alt = 'chunk ' + chunk;
+  parent.appendChild(img);
+}
+// /?index=vid-...&q=question asks at once (links, and the headless test)
+const params = new URLSearchParams(location.search);
+refresh().then(() => {
+  if (params.get('q')) $('question').value = params.get('q');
+  if (params.get('index')) {
+    const id = params.get('index');
+    if (![...$('index').options].some(o => o.value === id)) {
+      const o = document.createElement('option'); o.value = id; o.textContent = id; $('index').appendChild(o);
+    }
+    $('index').value = id;
+    if (params.get('q')) $('ask').onclick();
+  }
+});
 </script></body></html>
 """
