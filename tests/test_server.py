@@ -164,7 +164,7 @@ def test_bad_requests_get_openai_errors(text_server):
     part = {"type": "video_index", "video_index": {"id": "vid-0123456789abcdef"}}
     r = text_server.post("/v1/chat/completions", json={"model": "m", "messages": [
         {"role": "user", "content": [part, {"type": "text", "text": "what?"}]}]})
-    assert r.status_code == 404  # unknown index
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_multimodal", r.text
     png = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c"
                                          "49444154789c63f8ffff3f0005fe02fe0def46b80000000049454e44ae426082")).decode()
     r = text_server.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": [

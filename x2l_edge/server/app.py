@@ -56,6 +56,9 @@ class Server:
         self.indexes = IndexStore(session, index_dir, max_host_bytes=config.max_host_bytes)
         self.scheduler = Scheduler(max_queue=config.max_queue, cancel_hook=getattr(session, "cancel", None))
         self.started = int(time.time())
+        # Read once here: handlers never call into the session (only the worker thread does).
+        self.has_vision = session.has_vision
+        self.info = {"vision": self.has_vision, "n_ctx": session.n_ctx, "device": session.device}
 
     def close(self):
         self.scheduler.close()
@@ -180,14 +183,16 @@ def build_app(server: Server) -> Starlette:
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [
             {"id": server.model_id, "object": "model", "created": server.started, "owned_by": "x2l-edge",
-             "x2l": {"vision": server.session.has_vision, "n_ctx": server.session.n_ctx,
-                     "device": server.session.device}}]})
+             "x2l": server.info}]})
 
     async def chat_completions(request: Request):
         try:
             body = await _json_body(request)
             req = C.ChatRequest(body, model_id=server.model_id, max_tokens_limit=cfg.max_tokens_limit,
                                 media_dir=cfg.media_dir, max_media_bytes=cfg.max_request_bytes)
+            if req.visual and not server.has_vision:
+                raise ApiError(400, f"the model {server.model_id} has no vision encoder: it takes text only",
+                               code="model_not_multimodal")
             if req.visual and req.visual[0] == "index":
                 rec = server.indexes.get(req.visual[1])
                 if rec.status != "ready":

@@ -14,8 +14,8 @@ import time
 
 from ..generation import generate_ids, stream_text
 from ..options import X2LOptions
-from ..x2l import VideoContext, prefill_steps, split_template
-from .indexes import check_id, chunk_ranges
+from ..x2l import VideoContext, split_template
+from .indexes import check_id, chunk_ranges, prefill_job
 from .media import SUFFIX, ApiError, decode_data_url, decode_image, resolve_media_path, write_temp
 
 
@@ -189,9 +189,6 @@ def answer_steps(server, req: ChatRequest):
         return _summary(counter[0], len(ids), req, None)
 
     kind, value = req.visual
-    if not s.has_vision:
-        raise ApiError(400, f"the model {os.path.basename(s.path)} has no vision encoder: it takes text only",
-                       code="model_not_multimodal")
     info = None
     if kind == "index":
         rec, ctx = server.indexes.context(value)
@@ -242,14 +239,7 @@ def _temporary_context(server, req: ChatRequest, kind, value):
         cf = opts.chunk_frames
         times, frame_s = _plan_times(video, max_frames, fps)
         chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=fps)
-        steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                index, _ = stop.value
-                break
-            yield None
+        index = yield from prefill_job(s, chunks, prefix, cf, opts)
         ctx = VideoContext(s, index, question_suffix=suffix, default_top_k=opts.top_k, default_scorer=opts.scorer)
         ranges = chunk_ranges(times, cf, ctx.n_chunks, frame_s) if times is not None else None
         return ctx, {"index": None, "ranges": ranges}

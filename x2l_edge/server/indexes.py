@@ -45,6 +45,21 @@ def chunk_ranges(times: list[float], chunk_frames: int, n_chunks: int, frame_s: 
     return out
 
 
+def prefill_job(session, chunks, prefix: str, chunk_frames: int, opts, rec=None):
+    """The bi-level prefill as job steps: yields None after each chunk (counted in rec.chunks_done),
+    returns the index."""
+    steps = prefill_steps(session, chunks, sink_ids=session.tokenize(prefix), frames_per_chunk=chunk_frames,
+                          options=opts)
+    while True:
+        try:
+            done = next(steps)
+        except StopIteration as stop:
+            return stop.value[0]
+        if rec is not None:
+            rec.chunks_done = done
+        yield None
+
+
 class IndexRecord:
     """What the server knows about one index (the JSON next to its .x2l file)."""
 
@@ -196,15 +211,8 @@ class IndexStore:
             else:
                 v.close()
                 chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=rec.fps)
-            steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
             try:
-                while True:
-                    try:
-                        rec.chunks_done = next(steps)
-                    except StopIteration as stop:
-                        index, _stats = stop.value
-                        break
-                    yield None
+                index = yield from prefill_job(s, chunks, prefix, cf, opts, rec)
             finally:
                 v.close()
             return self._register(rec, index, opts, t0)
@@ -237,15 +245,8 @@ class IndexStore:
         prefix, _ = split_template(s, rec.system)
         # The source has selected its frames already: a rate no two frames share passes them all through.
         chunks = s.video_chunks(recorded(), chunk_frames=cf, fps=1e6)
-        steps = prefill_steps(s, chunks, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
         try:
-            while True:
-                try:
-                    rec.chunks_done = next(steps)
-                except StopIteration as stop:
-                    index, _stats = stop.value
-                    break
-                yield None
+            index = yield from prefill_job(s, chunks, prefix, cf, opts, rec)
         finally:
             src.stop()
         times = rec.frame_times
