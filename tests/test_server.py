@@ -104,6 +104,87 @@ def text_session(smollm2_path):
     return x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=2048)
 
 
+# ----------------------------------------------------------------------------------------------- scheduler
+def _job_steps(log, name, n):
+    for i in range(n):
+        log.append((name, i))
+        yield None
+    return name
+
+
+def _run_jobs(sched, jobs, timeout=10):
+    for j in jobs:
+        sched.submit(j)
+    for j in jobs:
+        assert j.done.wait(timeout)
+
+
+def test_scheduler_round_robin_over_clients():
+    from x2l_edge.server.scheduler import Job, Scheduler
+
+    log, results = [], []
+    gate, running = threading.Event(), threading.Event()
+
+    def blocker():
+        running.set()
+        gate.wait(5)
+        yield None
+
+    sched = Scheduler(max_queue=10)
+    try:
+        first = sched.submit(Job(blocker(), client="a"))  # holds the worker while the others queue up
+        assert running.wait(5)
+        jobs = [Job(_job_steps(log, n, 2), client=c, finish=results.append)
+                for n, c in (("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("c1", "c"), ("b2", "b"))]
+        for j in jobs:
+            sched.submit(j)
+        gate.set()
+        for j in [first] + jobs:
+            assert j.done.wait(10)
+        # One answer at a time, start to end; clients take turns (a, b, c, a, b, a), FIFO within a client.
+        assert results == ["a1", "b1", "c1", "a2", "b2", "a3"]
+        assert log == [(n, i) for n in results for i in range(2)]
+        with pytest.raises(Exception) as e:  # max_queue
+            for _ in range(11):
+                sched.submit(Job(blocker(), client="d"))
+        assert type(e.value).__name__ == "Busy"
+    finally:
+        gate.set()
+        sched.close()
+
+
+def test_scheduler_background_interleaves_and_cancel():
+    from x2l_edge.server.scheduler import Cancelled, Job, Scheduler
+
+    log, errors, hooked = [], [], []
+    sched = Scheduler(slice_s=0.0, cancel_hook=lambda: hooked.append(1))  # a background step between any two
+    try:
+        bg = Job(_job_steps(log, "bg", 3), background=True)
+        ans = Job(_job_steps(log, "ans", 3))
+        _run_jobs(sched, [ans, bg])
+        assert [n for n, _ in log].count("bg") == 3 and [n for n, _ in log].count("ans") == 3
+        assert log != sorted(log, key=lambda x: x[0] == "bg")  # interleaved, not one after the other
+        # A queued job cancelled before it starts never runs; a running one stops before its next step
+        # and the cancel hook is called for it.
+        started = threading.Event()
+
+        def slow():
+            for _ in range(1000):
+                started.set()
+                time.sleep(0.01)
+                yield None
+        run = sched.submit(Job(slow(), fail=errors.append))
+        queued = sched.submit(Job(_job_steps(log, "never", 1), fail=errors.append))
+        sched.cancel(queued)
+        assert started.wait(5)
+        sched.cancel(run)
+        assert run.done.wait(5) and queued.done.wait(5)
+        assert run.n_steps < 1000 and ("never", 0) not in log
+        assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)
+    finally:
+        sched.close()
+
+
 # ----------------------------------------------------------------------------------------------- text chat
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -212,6 +293,15 @@ def test_disconnect_cancels_generation(text_server):
     # The server still answers.
     r = text_server.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
+    # Not streamed: a client that gives up (read timeout) cancels too.
+    before = text_server.stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(text_server.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.5)
+    deadline = time.time() + 30
+    while text_server.stats().get("cancelled", 0) <= before.get("cancelled", 0):
+        assert time.time() < deadline, "the non-streamed generation was not cancelled"
+        time.sleep(0.1)
+    assert text_server.stats()["steps"] - before["steps"] < 400
 
 
 def test_busy_queue_503_and_fair_completion(text_server):

@@ -204,32 +204,41 @@ def build_app(server: Server) -> Starlette:
         if req.stream:
             return StreamingResponse(_sse(server, job, q, req, cid, created), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        # Non-streamed: collect the pieces, and cancel if the client goes away meanwhile.
+        # Non-streamed: collect the pieces, and cancel if the client goes away meanwhile (the body has been
+        # read, so the next ASGI message is the disconnect).
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
         pieces = []
-        while True:
-            try:
-                kind, value = await asyncio.wait_for(q.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
+        try:
+            while True:
+                get = asyncio.ensure_future(q.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
                     server.scheduler.cancel(job)
                     return _error(ApiError(400, "the client went away"))
-                continue
-            except asyncio.CancelledError:
-                server.scheduler.cancel(job)
-                raise
-            if kind == "piece":
-                pieces.append(value)
-            elif kind == "error":
-                return _error(value)
-            else:
-                msg = {"role": "assistant", "content": "".join(pieces)}
-                out = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                       "choices": [{"index": 0, "message": msg, "finish_reason": value["finish_reason"],
-                                    "logprobs": None}],
-                       "usage": value["usage"]}
-                if value["x2l"] is not None:
-                    out["x2l"] = value["x2l"]
-                return JSONResponse(out)
+                kind, value = get.result()
+                if kind == "piece":
+                    pieces.append(value)
+                elif kind == "error":
+                    return _error(value)
+                else:
+                    msg = {"role": "assistant", "content": "".join(pieces)}
+                    out = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                           "choices": [{"index": 0, "message": msg, "finish_reason": value["finish_reason"],
+                                        "logprobs": None}],
+                           "usage": value["usage"]}
+                    if value["x2l"] is not None:
+                        out["x2l"] = value["x2l"]
+                    return JSONResponse(out)
+        except asyncio.CancelledError:
+            server.scheduler.cancel(job)
+            raise
+        finally:
+            gone.cancel()
 
     async def videos_create(request: Request):
         tmp_path = None
