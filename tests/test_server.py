@@ -157,7 +157,13 @@ def test_scheduler_background_interleaves_and_cancel():
     from x2l_edge.server.scheduler import Cancelled, Job, Scheduler
 
     log, errors, hooked = [], [], []
-    sched = Scheduler(slice_s=0.0, cancel_hook=lambda: hooked.append(1))  # a background step between any two
+    release = threading.Event()
+
+    def hook():  # stands for Session.cancel(): cuts the running step short
+        hooked.append(1)
+        release.set()
+
+    sched = Scheduler(slice_s=0.0, cancel_hook=hook)  # a background step between any two answer steps
     try:
         bg = Job(_job_steps(log, "bg", 3), background=True)
         ans = Job(_job_steps(log, "ans", 3))
@@ -171,7 +177,7 @@ def test_scheduler_background_interleaves_and_cancel():
         def slow():
             for _ in range(1000):
                 started.set()
-                time.sleep(0.01)
+                release.wait(5)  # a long model call, until the hook cuts it short
                 yield None
         run = sched.submit(Job(slow(), fail=errors.append))
         queued = sched.submit(Job(_job_steps(log, "never", 1), fail=errors.append))
@@ -179,7 +185,7 @@ def test_scheduler_background_interleaves_and_cancel():
         assert started.wait(5)
         sched.cancel(run)
         assert run.done.wait(5) and queued.done.wait(5)
-        assert run.n_steps < 1000 and ("never", 0) not in log
+        assert run.n_steps == 1 and hooked == [1] and ("never", 0) not in log
         assert len(errors) == 2 and all(isinstance(e, Cancelled) for e in errors)
     finally:
         sched.close()
