@@ -656,9 +656,14 @@ def test_index_survives_restart_and_lru_mmap(vlm_server, vlm_env, needle_index):
     d0 = _wait_ready(vlm_server, index_id)
     vlm_server.stop()
     low = d0["bytes"]["low"]
+    # An index whose indexing a restart interrupted comes back as failed, saying so.
+    (vlm_env["index"] / "vid-00000000000000aa.json").write_text(json.dumps(
+        {"id": "vid-00000000000000aa", "status": "indexing", "source": "file:///x.mkv", "created": 1}))
     # Room for one index's L tier: the least recently used one is memory-mapped.
     srv = _vlm_server(vlm_env, "--max-host-bytes", str(low + 1))
     try:
+        d = srv.get("/v1/videos/vid-00000000000000aa").json()
+        assert d["status"] == "failed" and "interrupted" in d["error"]
         d = srv.get(f"/v1/videos/{index_id}").json()
         assert d["status"] == "ready" and d["residency"] == "not_loaded"
         assert d["chunks"] == d0["chunks"] and d["bytes"] == d0["bytes"]
