@@ -89,6 +89,35 @@ void bind_session(nb::module_& m) {
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
             return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
         }, "embd"_a, "all_logits"_a = false, "Append input embeddings [n, n_embd] (e.g. video features).")
+        .def("eval_media", [](x2l::LlmSession& s, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
+                              int t, int h, int w, bool video, int merge, float seconds_per_grid,
+                              float tokens_per_second, const std::string& text_after, bool all_logits) -> nb::object {
+            if (static_cast<int64_t>(embd.shape(1)) != s.model().config().n_embd) {
+                throw x2l::Error("embeddings must be [n, n_embd=" + std::to_string(s.model().config().n_embd) + "]");
+            }
+            x2l::TextAfterMedia rule;
+            if (text_after == "max") rule = x2l::TextAfterMedia::MaxPlusOne;
+            else if (text_after == "spatial") rule = x2l::TextAfterMedia::Spatial;
+            else throw x2l::Error("text_after must be 'max' or 'spatial'");
+            x2l::MediaGrid grid;
+            grid.t = t;
+            grid.h = h;
+            grid.w = w;
+            grid.seconds_per_grid = seconds_per_grid;
+            std::vector<float> all;
+            {
+                nb::gil_scoped_release nogil;
+                s.eval_media(embd.data(), static_cast<int64_t>(embd.shape(0)), grid, video, merge, tokens_per_second,
+                             rule, all_logits ? &all : nullptr);
+            }
+            if (!all_logits) return nb::none();
+            size_t nv = static_cast<size_t>(s.model().config().n_vocab);
+            return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
+        }, "embd"_a, "t"_a, "h"_a, "w"_a, "video"_a = false, "merge"_a = 2, "seconds_per_grid"_a = 1.0f,
+           "tokens_per_second"_a = 0.0f, "text_after"_a = "max", "all_logits"_a = false,
+           "Append one image/video run [n, n_embd] of patch grid (t, h, w): M-RoPE models place it at 3-D "
+           "positions, others like eval_embd.")
+        .def_prop_ro("next_position", &x2l::LlmSession::next_position)
         .def("logits", [](const x2l::LlmSession& s) {
             std::vector<float> v = s.last_logits();
             return x2l_bind::to_numpy(std::move(v), 0, s.last_logits().size());
@@ -124,6 +153,7 @@ void bind_session(nb::module_& m) {
             d["n_ff"] = c.n_ff;
             d["rope_base"] = c.rope_base;
             d["tied_output"] = c.tied_output;
+            d["n_pos_axes"] = c.n_pos_axes;
             d["n_ctx"] = s.n_ctx();
             d["n_threads"] = s.n_threads();
             d["kv_type"] = std::string(x2l::type_info(s.options().kv_type).name);

@@ -116,6 +116,9 @@ class DeviceExecutor final : public LlmExecutor {
 std::unique_ptr<LlmExecutor> make_llm_executor(const LlmModel& model, ThreadPool& pool, const SessionOptions& opt) {
     std::unique_ptr<LlmExecutor> cpu(new CpuLlmExecutor(model, pool, opt));
     if (opt.device < 0) return cpu;
+    if (model.config().n_pos_axes > 1) {  // Error, not FormatError: device='auto' then runs the CPU backend
+        throw Error("the CUDA backend has no M-RoPE kernels (" + model.config().arch + "); run it with device='cpu'");
+    }
     return std::unique_ptr<LlmExecutor>(new DeviceExecutor(cuda::llm(model, opt), std::move(cpu)));
 }
 

@@ -64,11 +64,11 @@ class CpuPrefill final : public PrefillRunner {
             hooks.votes.begin = work.n_prefix();
             hooks.votes.end = work.n_prefix() + n;
         }
-        std::vector<int32_t> pos;
+        std::vector<int32_t> pos;  // [n_pos_axes, m]: the same position on every axis
         for (int64_t b = 0; b < n; b += n_batch_) {
             const int64_t m = std::min(n_batch_, n - b);
-            pos.resize(m);
-            for (int64_t i = 0; i < m; ++i) pos[i] = level.pos0 + static_cast<int32_t>(b + i);
+            pos.resize(m * c.n_pos_axes);
+            for (int64_t i = 0; i < m * c.n_pos_axes; ++i) pos[i] = level.pos0 + static_cast<int32_t>(b + i % m);
             hooks.votes.from = std::max<int64_t>(0, level.obs_start - b);
             hooks.vst_rows = level.vst ? level.vst + b : nullptr;
             forward_rows(model_, pool_, ws_, x_, work, level.x + b * E, m, pos.data(), 0, nullptr, nullptr, &hooks);

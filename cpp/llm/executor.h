@@ -9,9 +9,9 @@
 // The X²L layer decides what goes where (cpp/x2l/plan.h) and hands it over; an executor only computes.
 // Implementations: the CPU (llm/cpu_executor.h) and CUDA (cuda/executor.h); backends.cpp picks one.
 //
-// Positions: row i of a forward sits at pos[i] (one RoPE position per row). A model family with
-// multi-axis rotary positions (M-RoPE: temporal, height, width per token) widens these arrays to
-// [n_axes, n]; the X²L layer only forwards them.
+// Positions: row i of a forward sits at pos[i] (one RoPE position per row). A model with multi-axis
+// rotary positions (M-RoPE, LlmConfig::n_pos_axes = 3: temporal, height, width per token) takes
+// [n_pos_axes, n] arrays in LlmContext::forward; the X²L layer only forwards them.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -48,7 +48,7 @@ struct GraphStats {
 class LlmContext {
   public:
     virtual ~LlmContext() = default;
-    // Runs rows x [n, n_embd] (host) at positions pos [n] after everything the cache holds, appending
+    // Runs rows x [n, n_embd] (host) at positions pos [n_pos_axes, n] after everything the cache holds, appending
     // their K/V; logits of the last n_logits rows go to logits [n_logits, n_vocab] (host). n <= the
     // executor's n_batch (eval_rows() cuts longer inputs). On failure the cache is as before the call.
     virtual void forward(const float* x, int64_t n, const int32_t* pos, int64_t n_logits, float* logits) = 0;
@@ -62,9 +62,15 @@ class LlmContext {
 // The eval contract of LlmSession and X2LDecoder: n rows, n_batch at a time (rows(b, m, x) writes rows
 // [b, b + m) into x [m, n_embd]), at positions start + i; the last row's logits into last_logits
 // [n_vocab] and, with all_out, every row's into all_out [n, n_vocab]. On failure no row is kept.
+// A model with n_pos_axes > 1 (M-RoPE) gets position start + i on every axis (text).
 using RowSource = std::function<void(int64_t begin, int64_t count, float* x)>;
 void eval_rows(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int64_t n_batch, int32_t start,
-               const RowSource& rows, std::vector<float>& last_logits, std::vector<float>* all_out);
+               const RowSource& rows, std::vector<float>& last_logits, std::vector<float>* all_out,
+               int n_pos_axes = 1);
+// The same with explicit positions pos [n_pos_axes, n] (M-RoPE rows t, h, w of a prompt with media).
+void eval_rows_at(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int64_t n_batch, int n_pos_axes,
+                  const int32_t* pos, const RowSource& rows, std::vector<float>& last_logits,
+                  std::vector<float>* all_out);
 
 // ---------------------------------------------------------------- the X²L prefill's forward
 

@@ -53,8 +53,8 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
     std::unique_ptr<LlmModel> m(new LlmModel());
     LlmConfig& c = m->cfg_;
     c.arch = f.get_str("general.architecture");
-    if (c.arch != "llama" && c.arch != "qwen2") {
-        throw FormatError("unsupported architecture '" + c.arch + "' (supported: llama, qwen2)");
+    if (c.arch != "llama" && c.arch != "qwen2" && c.arch != "qwen2vl") {
+        throw FormatError("unsupported architecture '" + c.arch + "' (supported: llama, qwen2, qwen2vl)");
     }
     const std::string a = c.arch + ".";
     c.n_embd = positive_key(f, a + "embedding_length");
@@ -70,7 +70,21 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
     c.rope_dim = f.has(a + "rope.dimension_count") ? positive_key(f, a + "rope.dimension_count") : c.head_dim;
     c.rms_eps = bounded_float_key(f, a + "attention.layer_norm_rms_epsilon", 1e-5, 0.0, 1.0);
     c.rope_base = bounded_float_key(f, a + "rope.freq_base", 10000.0, 0.0, 1e12);
-    c.rope_type = c.arch == "qwen2" ? RopeType::Neox : RopeType::Norm;
+    c.rope_type = c.arch == "llama" ? RopeType::Norm : RopeType::Neox;
+    if (c.arch == "qwen2vl") {  // M-RoPE: pairs split over the t, h, w axes by rope.dimension_sections
+        const std::string key = a + "rope.dimension_sections";
+        if (!f.has(key)) throw FormatError("qwen2vl model lacks '" + key + "' (the M-RoPE sections)");
+        const std::vector<int64_t> sec = f.get_int_array(key);
+        if (sec.size() < 3) throw FormatError("'" + key + "' must have at least 3 entries");
+        c.n_pos_axes = 3;
+        for (int i = 0; i < 3; ++i) {
+            if (sec[i] < 0 || sec[i] > 1024) throw FormatError("'" + key + "' holds an invalid section");
+            c.rope_sections[i] = static_cast<int>(sec[i]);
+        }
+        for (size_t i = 3; i < sec.size(); ++i) {
+            if (sec[i] != 0) throw FormatError("'" + key + "': a fourth M-RoPE section is not supported");
+        }
+    }
     if (c.n_head % c.n_head_kv != 0) throw FormatError("head_count must be a multiple of head_count_kv");
     if (c.rope_dim > c.head_dim || c.rope_dim % 2 != 0 || c.head_dim > 256) {
         throw FormatError("unsupported rope.dimension_count / head size");
@@ -113,8 +127,8 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
             L.bq = load_vector(f, p + "attn_q.bias", q_dim, total);
             L.bk = load_vector(f, p + "attn_k.bias", kv_dim, total);
             L.bv = load_vector(f, p + "attn_v.bias", kv_dim, total);
-        } else if (c.arch == "qwen2") {
-            throw FormatError("missing required tensor '" + p + "attn_q.bias' (qwen2 has q/k/v biases)");
+        } else if (c.arch != "llama") {
+            throw FormatError("missing required tensor '" + p + "attn_q.bias' (" + c.arch + " has q/k/v biases)");
         }
     }
     // Beacon (Video-XL) weights: all three projections in every layer, or none.
@@ -142,6 +156,14 @@ std::unique_ptr<LlmModel> LlmModel::load(const GGUFFile& f) {
     m->inv_freq_.resize(c.rope_dim / 2);
     for (int i = 0; i < c.rope_dim / 2; ++i) {
         m->inv_freq_[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(c.rope_base), 2.0 * i / c.rope_dim));
+    }
+    if (c.n_pos_axes == 3) {
+        if (c.rope_dim != c.head_dim) throw FormatError("M-RoPE needs rope.dimension_count == the head size");
+        try {
+            m->mrope_ = mrope_axes(c.head_dim, c.rope_base, c.rope_sections);
+        } catch (const std::invalid_argument& e) {
+            throw FormatError(std::string("qwen2vl.rope.dimension_sections: ") + e.what());
+        }
     }
     return m;
 }
@@ -173,6 +195,13 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
 
     KVSegment& tail = cache.tail();
     const int64_t first = tail.append(pos, n);
+    const bool mrope = c.n_pos_axes > 1;
+    const int64_t half = c.head_dim / 2;
+    if (mrope) {  // the angles of every token, once for all layers
+        ws.rope_cos.resize(n * half);
+        ws.rope_sin.resize(n * half);
+        rope_axes_cos_sin(mrope_, pos, n, ws.rope_cos.data(), ws.rope_sin.data());
+    }
     // Token-parallel helper: elementwise work is tiny for one token, so skip the pool then.
     auto per_token = [&](const std::function<void(int64_t)>& fn) {
         if (n == 1) {
@@ -195,8 +224,15 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
             if (prefill && prefill->vst_rows) beacon_qkv(pool, ws, L, n, prefill->vst_rows);
             if (hooks && hooks->on_qk) hooks->on_qk(l, ws.q.data(), ws.k.data(), n);
             per_token([&](int64_t t) {
-                rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
-                rope(ws.k.data() + t * KD, c.n_head_kv, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
+                if (mrope) {
+                    const float* cs = ws.rope_cos.data() + t * half;
+                    const float* sn = ws.rope_sin.data() + t * half;
+                    rope_neox_apply(ws.q.data() + t * QD, 1, c.n_head, c.head_dim, cs, sn);
+                    rope_neox_apply(ws.k.data() + t * KD, 1, c.n_head_kv, c.head_dim, cs, sn);
+                } else {
+                    rope(ws.q.data() + t * QD, c.n_head, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
+                    rope(ws.k.data() + t * KD, c.n_head_kv, c.head_dim, c.rope_dim, pos[t], inv_freq_.data(), c.rope_type);
+                }
                 tail.store(l, first + t, ws.k.data() + t * KD, ws.v.data() + t * KD);
             });
             if (hooks && hooks->before_attention) hooks->before_attention(l);

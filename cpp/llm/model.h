@@ -1,5 +1,5 @@
-// Decoder-only LLM (llama and qwen2 architectures) over GGUF weights: GQA, RMSNorm, SwiGLU,
-// RoPE (NORM for llama, NEOX for qwen2), optional q/k/v biases, tied or separate output.
+// Decoder-only LLM (llama, qwen2 and qwen2vl architectures) over GGUF weights: GQA, RMSNorm, SwiGLU,
+// RoPE (NORM for llama, NEOX for qwen2, M-RoPE for qwen2vl), optional q/k/v biases, tied or separate output.
 // Weights are read in place from the memory-mapped file.
 #pragma once
 #include <cstdint>
@@ -11,6 +11,7 @@
 #include "core/gguf.h"
 #include "cpu/attention.h"
 #include "cpu/kv_cache.h"
+#include "cpu/mrope.h"
 #include "cpu/ops.h"
 
 namespace x2l {
@@ -30,6 +31,10 @@ struct LlmConfig {
     float rope_base = 10000.0f;
     RopeType rope_type = RopeType::Norm;
     bool tied_output = false;
+    // Rows of a forward's positions: 1, or 3 for M-RoPE (qwen2vl: temporal, height, width per token;
+    // rope_sections = rope.dimension_sections, pairs per axis).
+    int n_pos_axes = 1;
+    int rope_sections[3] = {0, 0, 0};
 };
 
 struct LlmLayer {
@@ -68,6 +73,7 @@ struct Workspace {
     AttentionScratch attention;
     aligned_vector<uint8_t> act;                            // matmul activation scratch
     aligned_vector<float> vx, vq, vk, vv;                   // beacon rows: inputs and projections
+    std::vector<float> rope_cos, rope_sin;                  // M-RoPE: [n_tokens, head_dim / 2]
     size_t bytes() const;
 };
 
@@ -86,8 +92,9 @@ class LlmModel {
     // Input embeddings of tokens: out [n, n_embd]. Throws Error on an out-of-range id.
     void embed(const int32_t* tokens, int64_t n, float* out) const;
 
-    // Runs n tokens given by their input embeddings x [n, n_embd] (overwritten) at positions pos[n],
-    // appending their K/V to the cache tail. Token i attends to every cache entry before it (all
+    // Runs n tokens given by their input embeddings x [n, n_embd] (overwritten) at positions
+    // pos [n_pos_axes, n] (M-RoPE: rows t, h, w), appending their K/V to the cache tail (an entry records
+    // its first-axis position: a move by d shifts every axis by d, which M-RoPE rotates like plain RoPE). Token i attends to every cache entry before it (all
     // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
     // n_logits tokens of the batch (0 = none).
     void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
@@ -115,6 +122,7 @@ class LlmModel {
     std::vector<float> output_norm_;
     std::vector<LlmLayer> layers_;
     std::vector<float> inv_freq_;  // [rope_dim / 2]
+    RopeAxes mrope_;               // qwen2vl: frequency and axis of every pair
     std::vector<float> vst_embd_;  // [n_embd], empty without beacon weights
     size_t weight_bytes_ = 0;
     uint64_t fingerprint_ = 0;

@@ -54,9 +54,12 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     for (int32_t t : tokens) {
         if (t < 0 || t >= c.n_vocab) throw Error("token id " + std::to_string(t) + " is out of range");
     }
-    eval_rows(*ctx_, c.n_embd, c.n_vocab, n, opt_.n_batch, static_cast<int32_t>(n_past()),
-              [&](int64_t b, int64_t m, float* x) { model_->embed(tokens.data() + b, m, x); }, last_logits_, all_out);
+    const int32_t start = next_position();
+    eval_rows(*ctx_, c.n_embd, c.n_vocab, n, opt_.n_batch, start,
+              [&](int64_t b, int64_t m, float* x) { model_->embed(tokens.data() + b, m, x); }, last_logits_, all_out,
+              c.n_pos_axes);
     history_.insert(history_.end(), tokens.begin(), tokens.end());
+    push_positions(n, start + static_cast<int32_t>(n));
 }
 
 void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all_out) {
@@ -67,10 +70,51 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
                           " embeddings exceed n_ctx=" + std::to_string(n_ctx()));
     }
     const int64_t E = c.n_embd;
-    eval_rows(*ctx_, E, c.n_vocab, n, opt_.n_batch, static_cast<int32_t>(n_past()),
+    const int32_t start = next_position();
+    eval_rows(*ctx_, E, c.n_vocab, n, opt_.n_batch, start,
               [&](int64_t b, int64_t m, float* x) { std::memcpy(x, embd + b * E, sizeof(float) * m * E); },
-              last_logits_, all_out);
+              last_logits_, all_out, c.n_pos_axes);
     history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
+    push_positions(n, start + static_cast<int32_t>(n));
+}
+
+void LlmSession::eval_media(const float* embd, int64_t n, const MediaGrid& grid, bool video, int merge,
+                            float tokens_per_second, TextAfterMedia rule, std::vector<float>* all_out) {
+    const LlmConfig& c = model_->config();
+    if (c.n_pos_axes == 1) return eval_embd(embd, n, all_out);
+    if (n <= 0) return;
+    if (n_past() + n > n_ctx()) {
+        throw BudgetError("context is full: " + std::to_string(n_past()) + " + " + std::to_string(n) +
+                          " embeddings exceed n_ctx=" + std::to_string(n_ctx()));
+    }
+    // The run followed by one text token: that token's position is where text continues.
+    std::vector<TokenKind> kinds(static_cast<size_t>(n) + 1, video ? TokenKind::Video : TokenKind::Image);
+    kinds.back() = TokenKind::Text;
+    std::vector<int32_t> rel(3 * (static_cast<size_t>(n) + 1));  // [3, n + 1]
+    try {
+        mrope_positions(kinds.data(), n + 1, &grid, 1, merge, tokens_per_second, rule, rel.data());
+    } catch (const std::invalid_argument& e) {
+        throw Error(std::string("media positions: ") + e.what());
+    }
+    const int32_t start = next_position();
+    std::vector<int32_t> pos(3 * static_cast<size_t>(n));  // [3, n]
+    for (int a = 0; a < 3; ++a) {
+        for (int64_t i = 0; i < n; ++i) pos[a * n + i] = start + rel[a * (n + 1) + i];
+    }
+    const int64_t E = c.n_embd;
+    eval_rows_at(*ctx_, E, c.n_vocab, n, opt_.n_batch, 3, pos.data(),
+                 [&](int64_t b, int64_t m, float* x) { std::memcpy(x, embd + b * E, sizeof(float) * m * E); },
+                 last_logits_, all_out);
+    history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
+    push_positions(n, start + rel[n]);
+}
+
+void LlmSession::push_positions(int64_t n, int32_t next_after_last) {
+    // Inside a media run the next position is not defined (nothing continues mid-run); the run's last
+    // token carries where text goes on.
+    const int32_t first = next_position();
+    for (int64_t i = 0; i + 1 < n; ++i) next_pos_.push_back(first + static_cast<int32_t>(i) + 1);
+    next_pos_.push_back(next_after_last);
 }
 
 int32_t LlmSession::sample(Sampler& s) {
@@ -82,6 +126,7 @@ void LlmSession::truncate(int64_t n) {
     if (n < 0 || n > n_past()) throw Error("truncate: n out of range");
     ctx_->truncate(n);
     history_.resize(static_cast<size_t>(n));
+    next_pos_.resize(static_cast<size_t>(n));
 }
 
 }  // namespace x2l

@@ -9,6 +9,7 @@
 
 #include "core/gguf.h"
 #include "core/threadpool.h"
+#include "cpu/mrope.h"
 #include "llm/executor.h"
 #include "llm/model.h"
 #include "llm/sampler.h"
@@ -38,6 +39,14 @@ class LlmSession {
     // history as kEmbeddingToken so prefix reuse never matches them.
     void eval_embd(const float* embd, int64_t n, std::vector<float>* all_out = nullptr);
     static constexpr int32_t kEmbeddingToken = -1;
+    // Appends the embeddings of one image or video run, embd [n, n_embd], n = grid.t * grid.h * grid.w /
+    // merge^2 in the vision tower's order. An M-RoPE model places them at 3-D positions from the current
+    // position (transformers' get_rope_index; Qwen2.5 videos scale time by tokens_per_second) and text
+    // continues as `rule` says; any other model takes them at consecutive positions like eval_embd.
+    void eval_media(const float* embd, int64_t n, const MediaGrid& grid, bool video, int merge,
+                    float tokens_per_second, TextAfterMedia rule, std::vector<float>* all_out = nullptr);
+    // Position of the next token (n_past() unless media moved it, M-RoPE).
+    int32_t next_position() const { return next_pos_.empty() ? 0 : next_pos_.back(); }
     // Samples the next token from the last logits, using the token history for penalties.
     int32_t sample(Sampler& s);
 
@@ -67,6 +76,8 @@ class LlmSession {
     std::unique_ptr<LlmContext> ctx_;
     std::vector<float> last_logits_;
     std::vector<int32_t> history_;
+    std::vector<int32_t> next_pos_;  // per history token: the position the token after it takes
+    void push_positions(int64_t n, int32_t next_after_last);
 };
 
 }  // namespace x2l

@@ -17,10 +17,10 @@ bool tier_type_ok(DType t) {
     return t == DType::F32 || t == DType::F16 || t == DType::Q8_0 || t == DType::Q4_0;
 }
 
-// Positions [start, start + n).
-std::vector<int32_t> iota_pos(int32_t start, int64_t n) {
-    std::vector<int32_t> p(n);
-    std::iota(p.begin(), p.end(), start);
+// Positions [start, start + n) on each of n_axes rows ([n_axes, n]; M-RoPE text sits at (P, P, P)).
+std::vector<int32_t> iota_pos(int32_t start, int64_t n, int n_axes = 1) {
+    std::vector<int32_t> p(n * n_axes);
+    for (int a = 0; a < n_axes; ++a) std::iota(p.begin() + a * n, p.begin() + (a + 1) * n, start);
     return p;
 }
 
@@ -321,7 +321,7 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     // against which the content tokens' peak is measured.
     if (nq > max_tail_) throw BudgetError("question too long");
     const std::vector<float> x = embed_tokens(s_.model(), question);
-    const std::vector<int32_t> pos = iota_pos(compact_only_.layout.tail_pos, nq);
+    const std::vector<int32_t> pos = iota_pos(compact_only_.layout.tail_pos, nq, s_.model().config().n_pos_axes);
     const std::vector<float> q_tok = cache_->question_queries(x.data(), nq, pos.data());  // [n_layer, nq, QD]
     history_.clear();
     std::vector<float> out =
@@ -354,7 +354,8 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     }
     eval_rows(*cache_, c.n_embd, c.n_vocab, static_cast<int64_t>(tokens.size()), s_.options().n_batch,
               plan_.layout.tail_pos + static_cast<int32_t>(n_past()),
-              [&](int64_t b, int64_t m, float* x) { s_.model().embed(tokens.data() + b, m, x); }, last_logits_, all_out);
+              [&](int64_t b, int64_t m, float* x) { s_.model().embed(tokens.data() + b, m, x); }, last_logits_, all_out,
+              c.n_pos_axes);
     history_.insert(history_.end(), tokens.begin(), tokens.end());
 }
 

@@ -1,0 +1,146 @@
+"""Qwen2-VL / Qwen2.5-VL through the runtime, on llama.cpp's own two-file GGUFs of the tiny checkpoints
+(tests/vlm_refs.py, converted by tools/llama_cpp_converter.py), against transformers.
+
+The runtime reads model.gguf (architecture qwen2vl: qwen2 blocks + M-RoPE) and mmproj.gguf (the ViT and
+merger). Tolerances: the runtime computes in float32 with an f32 KV cache (kv_type="f32") on f32 weights;
+transformers in float32. Logits here have magnitudes up to ~8 and the measured worst difference is ~1e-5,
+so atol = rtol = 1e-3 is a wide margin while a wrong M-RoPE axis or 1-D positions move logits by > 0.1
+(test_vlm_refs shows that for the reference). q8_0 pairs: the weights themselves are rounded (~0.4 %
+per value), so the check is the argmax of most rows and a relative RMS bound.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import vlm_numpy as vn
+import vlm_refs
+
+QWEN = ("qwen2vl", "qwen25vl")
+TOL = dict(rtol=1e-3, atol=1e-3)
+
+
+def _cfg(path):
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def hf_models(vlm_hf):
+    return {fam: vlm_refs.load_model(vlm_hf[fam]) for fam in QWEN}
+
+
+@pytest.fixture(scope="module")
+def state_dicts(vlm_hf):
+    return {fam: vn.load_state_dict(vlm_hf[fam]) for fam in QWEN}
+
+
+def _session(path, **kw):
+    import x2l_edge
+
+    return x2l_edge.Session(str(path), device="cpu", kv_type="f32", n_threads=2, **kw)
+
+
+def _video_prompt(vlm_hf, family):
+    """(ids, types, rows, grid, spg): the system + user(video, question) + assistant prompt of
+    test_vlm_refs.test_qwen_video_prompt_logits_match_transformers (8 frames of 56x84, grid (4, 4, 6))."""
+    path, info = vlm_hf[family], vlm_refs.family_info(vlm_hf[family])
+    rows, grid = vn.qwen_patchify(np.random.default_rng(11).standard_normal((8, 3, 56, 84)))
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    enc = lambda s: tok.encode(s, add_special_tokens=False).ids
+    pre = enc("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    post = enc("What is in the video?<|im_end|>\n<|im_start|>assistant\n")
+    media = vn.qwen_media_tokens(info.token_ids, grid, 2)
+    ids = pre + media + post
+    types = [vn.TEXT] * (len(pre) + 1) + [vn.VIDEO] * (len(media) - 2) + [vn.TEXT] * (len(post) + 1)
+    return ids, types, rows, grid, [info.temporal_patch / 2.0], info
+
+
+def _hf_logits(model, ids, types=None, rows=None, grid=None, spg=None, family="qwen2vl"):
+    import torch
+
+    kw = {}
+    if rows is not None:
+        kw = dict(pixel_values_videos=torch.from_numpy(rows).float(), video_grid_thw=torch.tensor([grid]),
+                  mm_token_type_ids=torch.tensor([types]))
+        if family == "qwen25vl":
+            kw["second_per_grid_ts"] = torch.tensor(spg)
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), **kw).logits[0].numpy()
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen2vl_model_gguf_loads(vlm_llama_cpp, family):
+    model_path, _ = vlm_llama_cpp("f32")[family]
+    s = _session(model_path)
+    info = s.info
+    assert info["arch"] == "qwen2vl" and info["n_pos_axes"] == 3 and info["head_dim"] == 16
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen2vl_text_logits_match_transformers(vlm_llama_cpp, vlm_hf, hf_models, family):
+    """Text only: M-RoPE with (P, P, P) positions is plain RoPE; also the decode after a prefix."""
+    model_path, _ = vlm_llama_cpp("f32")[family]
+    s = _session(model_path)
+    ids = s.tokenize("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    ref = _hf_logits(hf_models[family], ids)
+    mine = s.eval(ids[:7], all_logits=True)
+    rest = s.eval(ids[7:], all_logits=True)
+    np.testing.assert_allclose(np.concatenate([mine, rest]), ref, **TOL)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen2vl_video_prompt_logits_match_transformers(vlm_llama_cpp, vlm_hf, hf_models, state_dicts, family):
+    """The video prompt with the reference tower's embeddings (the runtime's LLM and positions only);
+    text after the video by transformers 5.x's rule (text_after='spatial'); Qwen2.5 scales time by
+    tokens_per_second. Then one decode token after the prompt (positions continue past the video)."""
+    ids, types, rows, grid, spg, info = _video_prompt(vlm_hf, family)
+    ref = _hf_logits(hf_models[family], ids, types, rows, grid, spg, family)
+    feats = vn.qwen_vision_forward(state_dicts[family], _cfg(vlm_hf[family])["vision_config"], rows, [grid])
+    model_path, _ = vlm_llama_cpp("f32")[family]
+    s = _session(model_path)
+    start = types.index(vn.VIDEO)
+    end = start + int(np.sum(np.asarray(types) == vn.VIDEO))
+    a = s.eval(ids[:start], all_logits=True)
+    b = s._s.eval_media(np.ascontiguousarray(feats, dtype=np.float32), *grid, video=True, seconds_per_grid=spg[0],
+                        tokens_per_second=float(info.tokens_per_second or 0), text_after="spatial", all_logits=True)
+    c = s.eval(ids[end:], all_logits=True)
+    mine = np.concatenate([a, b, c])
+    np.testing.assert_allclose(mine, ref, **TOL)
+    # 1-D positions (the media as plain embeddings) would be visibly wrong
+    s.reset()
+    s.eval(ids[:start])
+    s._s.eval_embd(np.ascontiguousarray(feats, dtype=np.float32))
+    flat = s.eval(ids[end:], all_logits=True)
+    assert np.abs(flat - ref[end:]).max() > 0.05
+
+
+def test_qwen2vl_text_after_max_rule(vlm_llama_cpp, vlm_hf, state_dicts):
+    """Qwen's own rule (text_after='max', the released checkpoints'): text continues at the run's largest
+    position + 1. For grid (4, 4, 6) (merged 2 x 3, T = 4) that is start + 4, where transformers 5.x's
+    'spatial' rule says start + 3; the logits after the video match the float64 NumPy reference run with
+    the 'max' positions, and truncating back to the media run restores where text continues."""
+    family = "qwen2vl"
+    ids, types, rows, grid, spg, info = _video_prompt(vlm_hf, family)
+    sd, cfg = state_dicts[family], _cfg(vlm_hf[family])
+    model_path, _ = vlm_llama_cpp("f32")[family]
+    s = _session(model_path)
+    feats = vn.qwen_vision_forward(sd, cfg["vision_config"], rows, [grid])
+    start = types.index(vn.VIDEO)
+    n_media = int(np.sum(np.asarray(types) == vn.VIDEO))
+    s.eval(ids[:start])
+    s._s.eval_media(np.ascontiguousarray(feats, dtype=np.float32), *grid, video=True, text_after="max")
+    assert s._s.next_position == start + 4
+    tail = s.eval(ids[start + n_media:], all_logits=True)
+    emb = sd["model.embed_tokens.weight"][ids]
+    emb[np.asarray(types) == vn.VIDEO] = feats
+    pos, _ = vn.mrope_positions(types, [grid], 2, text_after="max")
+    ref = vn.llm_forward(sd, cfg["text_config"], emb, pos, prefix="model.")
+    np.testing.assert_allclose(tail, ref[start + n_media:], **TOL)
+    s._s.truncate(start + n_media)
+    assert s._s.next_position == start + 4
+    s._s.truncate(start)
+    assert s._s.next_position == start
