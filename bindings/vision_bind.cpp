@@ -13,6 +13,7 @@
 #include "core/threadpool.h"
 #include "cpu/features.h"
 #include "vision/executor.h"
+#include "vision/qwen.h"
 #include "vision/vision.h"
 
 namespace nb = nanobind;
@@ -78,9 +79,70 @@ const char* pool_name(x2l::PoolMode p) {
     return "?";
 }
 
+// Qwen2-VL / Qwen2.5-VL's tower (variable frame size, frames paired in time); CPU only.
+struct PyQwenVision {
+    std::unique_ptr<x2l::GGUFFile> file;
+    std::unique_ptr<x2l::QwenVisionEncoder> enc;
+    std::unique_ptr<x2l::ThreadPool> pool;
+    std::mutex mu;
+};
+
 }  // namespace
 
 void bind_vision(nb::module_& m) {
+    nb::class_<PyQwenVision>(m, "QwenVision")
+        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+            if (n_threads < 0) throw x2l::Error("n_threads must be >= 0");
+            auto self = std::make_unique<PyQwenVision>();
+            nb::gil_scoped_release nogil;
+            self->file = x2l::GGUFFile::open(path);
+            self->enc = x2l::QwenVisionEncoder::load(*self->file);
+            self->pool = std::make_unique<x2l::ThreadPool>(n_threads > 0 ? n_threads : x2l::default_threads());
+            return self;
+        }, "path"_a, "n_threads"_a = 0,
+           "Load a Qwen2-VL / Qwen2.5-VL vision tower + merger (an mmproj.gguf or a merged file) on the CPU.")
+        .def_static("handles", [](const std::string& path) {
+            std::unique_ptr<x2l::GGUFFile> f = x2l::GGUFFile::open(path);
+            return x2l::QwenVisionEncoder::handles(*f);
+        }, "path"_a, "Whether the file's clip.projector_type is one of Qwen's mergers.")
+        .def("encode", [](PyQwenVision& s, const PixelArray& px) {
+            if (px.ndim() != 4 || px.shape(1) != 3) throw x2l::Error("frames must have shape [n_frames, 3, H, W]");
+            const int64_t n = static_cast<int64_t>(px.shape(0));
+            const int h = static_cast<int>(px.shape(2)), w = static_cast<int>(px.shape(3));
+            const int64_t rows = s.enc->n_tokens(n, h, w), cols = s.enc->config().n_embd;
+            std::vector<float> out(static_cast<size_t>(rows * cols));
+            {
+                nb::gil_scoped_release nogil;
+                std::lock_guard<std::mutex> lock(s.mu);
+                s.enc->encode(*s.pool, px.data(), n, h, w, out.data());
+            }
+            return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
+        }, "frames"_a,
+             "frames float32 [F, 3, H, W] (normalised; H, W multiples of patch * merge) -> [ceil(F/2) * H/28 * W/28,\n"
+             "n_embd] tokens (frames paired in time; per pair, one token per 2x2 merge window in raster order).")
+        .def_prop_ro("weight_bytes", [](const PyQwenVision& s) { return s.enc->weight_bytes(); })
+        .def_prop_ro("config", [](const PyQwenVision& s) {
+            const x2l::QwenVisionConfig& c = s.enc->config();
+            nb::dict d;
+            d["kind"] = c.qwen25 ? "qwen25vl" : "qwen2vl";
+            d["patch_size"] = c.patch;
+            d["merge"] = c.merge;
+            d["temporal_patch"] = c.temporal;
+            d["width"] = c.width;
+            d["n_ff"] = c.n_ff;
+            d["n_head"] = c.n_head;
+            d["n_layer"] = c.n_layer;
+            d["n_embd"] = c.n_embd;
+            d["n_wa_pattern"] = c.n_wa_pattern;
+            d["window_size"] = c.window_size;
+            nb::list mean, std_;
+            for (float v : c.image_mean) mean.append(v);
+            for (float v : c.image_std) std_.append(v);
+            d["image_mean"] = mean;
+            d["image_std"] = std_;
+            return d;
+        });
+
     using Stage = x2l::VisionEncoder::Stage;
     nb::class_<PyVisionEncoder>(m, "VisionEncoder")
         .def_static("from_gguf", [](const std::string& path, int n_threads, int device) {

@@ -144,3 +144,57 @@ def test_qwen2vl_text_after_max_rule(vlm_llama_cpp, vlm_hf, state_dicts):
     assert s._s.next_position == start + 4
     s._s.truncate(start)
     assert s._s.next_position == start
+
+
+def _hf_visual(model, frames):
+    import torch
+
+    rows, grid = vn.qwen_patchify(frames)
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(rows).float(), grid_thw=torch.tensor([grid])).pooler_output
+    return out.numpy(), grid
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_vision_tower_matches_transformers(vlm_llama_cpp, hf_models, family):
+    """The runtime's tower on llama.cpp's mmproj.gguf vs transformers' model.visual: a 5-frame video of
+    168x224 (odd: the last frame repeats; merged 6 x 8, so Qwen2.5's 4x4-cell windows include partial
+    ones) and an 84x56 image. Vision tokens have magnitudes up to ~5; f32 at atol = rtol = 1e-3."""
+    import x2l_edge._core as core
+
+    _, mmproj = vlm_llama_cpp("f32")[family]
+    enc = core.QwenVision.from_gguf(str(mmproj), n_threads=2)
+    assert enc.config["kind"] == family and enc.config["merge"] == 2
+    rng = np.random.default_rng(8)
+    for frames in (rng.standard_normal((5, 3, 168, 224)), rng.standard_normal((1, 3, 84, 56))):
+        ref, grid = _hf_visual(hf_models[family], frames)
+        mine = enc.encode(np.ascontiguousarray(frames, dtype=np.float32))
+        assert mine.shape == ref.shape == (grid[0] * grid[1] * grid[2] // 4, 64)
+        np.testing.assert_allclose(mine, ref, **TOL)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_vision_tower_q8_0(vlm_llama_cpp, hf_models, family):
+    """The q8_0 mmproj (2-D matrices rounded to 8 bits): relative RMS error below 3 % of transformers' f32."""
+    import x2l_edge._core as core
+
+    _, mmproj = vlm_llama_cpp("q8_0")[family]
+    enc = core.QwenVision.from_gguf(str(mmproj), n_threads=2)
+    frames = np.random.default_rng(9).standard_normal((2, 3, 112, 140))
+    ref, _ = _hf_visual(hf_models[family], frames)
+    mine = enc.encode(np.ascontiguousarray(frames, dtype=np.float32))
+    rel = np.sqrt(np.mean((mine - ref) ** 2) / np.mean(ref ** 2))
+    assert rel < 0.03, rel
+
+
+def test_qwen_vision_bad_input(vlm_llama_cpp):
+    import x2l_edge._core as core
+
+    model, mmproj = vlm_llama_cpp("f32")["qwen2vl"]
+    enc = core.QwenVision.from_gguf(str(mmproj), n_threads=1)
+    with pytest.raises(core.Error, match="multiple of 28"):
+        enc.encode(np.zeros((2, 3, 30, 56), np.float32))
+    with pytest.raises(core.Error, match="shape"):
+        enc.encode(np.zeros((3, 56, 56), np.float32))
+    with pytest.raises(core.FormatError):
+        core.QwenVision.from_gguf(str(model))  # the LLM file has no vision tower
