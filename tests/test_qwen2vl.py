@@ -198,3 +198,126 @@ def test_qwen_vision_bad_input(vlm_llama_cpp):
         enc.encode(np.zeros((3, 56, 56), np.float32))
     with pytest.raises(core.FormatError):
         core.QwenVision.from_gguf(str(model))  # the LLM file has no vision tower
+
+
+# ----------------------------------------------------------------------------- the Python pipeline
+
+
+def _pair_session(vlm_llama_cpp, family, **kw):
+    import x2l_edge
+
+    model, mmproj = vlm_llama_cpp("f32")[family]
+    return x2l_edge.Session(str(model), mmproj=str(mmproj), device="cpu", kv_type="f32", n_threads=2, **kw)
+
+
+def test_qwen_preprocess_matches_processor():
+    """smart_resize + bicubic resize + normalisation + patch rows equal Qwen2VLImageProcessorPil's pixel_values
+    for images that need resizing (PIL-exact resize: the same uint8 pixels; atol 1e-5 on normalised values)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from x2l_edge import qwen_vl
+
+    rng = np.random.default_rng(6)
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64, image_mean=vlm_refs.CLIP_MEAN,
+                                    image_std=vlm_refs.CLIP_STD)
+    for shape in ((100, 150, 3), (300, 97, 3), (40, 40, 3)):
+        img = (rng.random(shape) * 255).astype(np.uint8)
+        out = proc(images=[img], return_tensors="np")
+        h, w = qwen_vl.smart_resize(shape[0], shape[1], 28, 56 * 56, 28 * 28 * 64)
+        px = qwen_vl.preprocess([img], h, w, vlm_refs.CLIP_MEAN, vlm_refs.CLIP_STD)
+        rows, grid = vn.qwen_patchify(px.astype(np.float64))
+        assert grid == tuple(out["image_grid_thw"][0])
+        np.testing.assert_allclose(rows, out["pixel_values"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_image_prompt_through_session(vlm_llama_cpp, vlm_hf, hf_models, family):
+    """Session(model.gguf, mmproj=mmproj.gguf): a uint8 image through the runtime's preprocessing, tower
+    and M-RoPE placement; prompt logits vs transformers fed the processor's pixel_values (atol = rtol = 1e-3)."""
+    import torch
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from x2l_edge import qwen_vl
+
+    s = _pair_session(vlm_llama_cpp, family)
+    assert s.is_qwen_vl and s.has_vision
+    img = (np.random.default_rng(21).random((90, 130, 3)) * 255).astype(np.uint8)
+    media = qwen_vl.QwenMedia(s)
+    embd, grid = media.encode([img], video=False, max_pixels=28 * 28 * 64)
+    before, after = qwen_vl.prompt_parts(s, "Describe it.", "image")
+    assert before.endswith("<|vision_start|>") and after.startswith("<|vision_end|>")
+    pre, post = s.tokenize(before), s.tokenize(after)
+    a = s.eval(pre, all_logits=True)
+    b = s._s.eval_media(embd, *grid, video=False, text_after="spatial", all_logits=True)
+    c = s.eval(post, all_logits=True)
+    mine = np.concatenate([a, b, c])
+
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 64, image_mean=vlm_refs.CLIP_MEAN,
+                                    image_std=vlm_refs.CLIP_STD)
+    out = proc(images=[img], return_tensors="np")
+    assert tuple(out["image_grid_thw"][0]) == grid
+    pad = vlm_refs.family_info(vlm_hf[family]).token_ids["<|image_pad|>"]
+    ids = pre + [pad] * len(embd) + post
+    types = [vn.IMAGE if i == pad else vn.TEXT for i in ids]
+    with torch.no_grad():
+        ref = hf_models[family](input_ids=torch.tensor([ids]), pixel_values=torch.from_numpy(out["pixel_values"]).float(),
+                                image_grid_thw=torch.tensor([grid]), mm_token_type_ids=torch.tensor([types])).logits[0]
+    np.testing.assert_allclose(mine, ref.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_ask_full_video(vlm_llama_cpp, vlm_hf, hf_models, family):
+    """ask(video, q, mode='full') on a llama.cpp pair: 4 uint8 frames at 2 fps; the first answer token is
+    transformers' argmax after the same prompt (video pixels from the runtime's preprocessing; 2 temporal
+    patches, where Qwen's 'max' rule and transformers' agree), and the answer has max_tokens tokens or stops."""
+    import torch
+
+    from x2l_edge import qwen_vl
+
+    s = _pair_session(vlm_llama_cpp, family)
+    video = (np.random.default_rng(22).random((4, 56, 84, 3)) * 255).astype(np.uint8)
+    kw = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 12)
+    answer = s.ask(video, "What happens?", mode="full", max_tokens=4, **kw)  # no timestamps: 2 fps assumed
+    assert isinstance(answer, str)
+    ids_run = list(s._s.history)
+    # rebuild the same prompt for transformers
+    h, w = qwen_vl.smart_resize(56, 84, 28, kw["min_pixels"], kw["max_pixels"])
+    px = qwen_vl.preprocess(list(video), h, w, vlm_refs.CLIP_MEAN, vlm_refs.CLIP_STD)
+    rows, grid = vn.qwen_patchify(px.astype(np.float64))
+    before, after = qwen_vl.prompt_parts(s, "What happens?", "video")
+    pad = vlm_refs.family_info(vlm_hf[family]).token_ids["<|video_pad|>"]
+    n_media = grid[0] * grid[1] * grid[2] // 4
+    ids = s.tokenize(before) + [pad] * n_media + s.tokenize(after)
+    assert ids_run[:len(ids)] == [i if i != pad else -1 for i in ids]
+    types = [vn.VIDEO if i == pad else vn.TEXT for i in ids]
+    extra = {"second_per_grid_ts": torch.tensor([1.0])} if family == "qwen25vl" else {}
+    with torch.no_grad():
+        ref = hf_models[family](input_ids=torch.tensor([ids]), pixel_values_videos=torch.from_numpy(rows).float(),
+                                video_grid_thw=torch.tensor([grid]), mm_token_type_ids=torch.tensor([types]),
+                                **extra).logits[0, -1].numpy()
+    generated = ids_run[len(ids):]
+    assert 1 <= len(generated) <= 4 or answer == ""
+    top2 = np.sort(ref)[-2:]
+    if top2[1] - top2[0] > 1e-2:  # not a near tie
+        first = s.tokenize(answer)[0] if answer else None
+        assert generated and generated[0] == int(np.argmax(ref)), (generated, int(np.argmax(ref)), first)
+
+
+def test_qwen_pair_errors(vlm_llama_cpp):
+    import x2l_edge
+    import x2l_edge._core as core
+
+    pairs = vlm_llama_cpp("f32")
+    qwen_model, qwen_mmproj = (str(p) for p in pairs["qwen2vl"])
+    smol_model, smol_mmproj = (str(p) for p in pairs["smolvlm"])
+    with pytest.raises(core.FormatError, match="M-RoPE"):
+        x2l_edge.Session(smol_model, mmproj=qwen_mmproj, device="cpu")
+    with pytest.raises(core.FormatError, match="not an mmproj"):
+        x2l_edge.Session(qwen_model, mmproj=qwen_model, device="cpu")
+    with pytest.raises(core.FormatError, match="idefics3"):
+        x2l_edge.Session(smol_model, mmproj=smol_mmproj, device="cpu")
+    with pytest.raises(FileNotFoundError):
+        x2l_edge.Session(qwen_model, mmproj="/nonexistent/mmproj.gguf", device="cpu")
+    s = x2l_edge.Session(qwen_model, mmproj=qwen_mmproj, device="cpu")
+    with pytest.raises(NotImplementedError, match="M-RoPE"):
+        s.prefill(np.zeros((4, 56, 56, 3), np.uint8))

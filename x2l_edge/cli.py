@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p_ask = sub.add_parser("ask", help="answer a question about a video (Video-X²L or full KV)")
     p_ask.add_argument("model", help="path to a multimodal GGUF (tools/convert.py)")
     p_ask.add_argument("video", help="video file")
+    p_ask.add_argument("--mmproj", default=None, help="llama.cpp's vision file (mmproj.gguf) for a model.gguf")
     p_ask.add_argument("question")
     p_ask.add_argument("-t", "--threads", type=int, default=0)
     p_ask.add_argument("--n-ctx", type=int, default=0)
@@ -164,7 +165,7 @@ class ProgressBar:
 def _ask(a) -> int:
     from . import Session
 
-    s = Session(a.model, n_threads=a.threads, n_ctx=a.n_ctx or (0 if a.mode == "x2l" else 32768))
+    s = Session(a.model, mmproj=a.mmproj, n_threads=a.threads, n_ctx=a.n_ctx or (0 if a.mode == "x2l" else 32768))
     bar = ProgressBar("frames")
     t0 = time.perf_counter()
     kw = dict(system=a.system, max_frames=a.max_frames, fps=a.fps, chunk_frames=a.chunk_frames, progress=bar)

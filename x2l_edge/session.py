@@ -31,11 +31,16 @@ class Session:
     launching every kernel (see graph_stats()); False launches them one by one.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, n_threads: int = 0, n_ctx: int = 0,
-                 kv_type: str = "f16", n_batch: int = 256, device: str = "auto", cuda_graphs: bool = True):
+    def __init__(self, model_path: str | os.PathLike, *, mmproj: str | os.PathLike | None = None, n_threads: int = 0,
+                 n_ctx: int = 0, kv_type: str = "f16", n_batch: int = 256, device: str = "auto",
+                 cuda_graphs: bool = True):
         path = os.fspath(model_path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"model file not found: {path}")
+        # mmproj: llama.cpp's vision file (mmproj.gguf) next to a model.gguf without a vision tower.
+        self.mmproj = None if mmproj is None else os.fspath(mmproj)
+        if self.mmproj is not None and not os.path.exists(self.mmproj):
+            raise FileNotFoundError(f"mmproj file not found: {self.mmproj}")
         if not isinstance(n_threads, int) or n_threads < 0:
             raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
         kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, cuda_graphs=bool(cuda_graphs))
@@ -50,6 +55,10 @@ class Session:
         im_end = self._tok.encode("<|im_end|>", parse_special=True)
         if len(im_end) == 1 and self._tok.token_bytes(im_end[0]) == b"<|im_end|>":
             self._stop_ids.add(im_end[0])
+        if self.mmproj is not None:
+            from .families import check_pair
+
+            check_pair(self)
 
     # ------------------------------------------------------------------ info
     @property
@@ -160,7 +169,26 @@ class Session:
     # ------------------------------------------------------------------ video
     @property
     def has_vision(self) -> bool:
+        if self.mmproj is not None:
+            return bool(self._vision_meta("clip.has_vision_encoder", False))
         return bool(self._s.metadata("clip.has_vision_encoder"))
+
+    @property
+    def vision_path(self) -> str:
+        """The file holding the vision tower: the mmproj when one was given, else the model file."""
+        return self.mmproj or self.path
+
+    def _vision_meta(self, key, default=None):
+        if not hasattr(self, "_vgguf"):
+            self._vgguf = _core.GGUFFile.open(self.vision_path)
+        v = self._vgguf.get(key)
+        return default if v is None else v
+
+    @property
+    def is_qwen_vl(self) -> bool:
+        """A Qwen2-VL / Qwen2.5-VL model (M-RoPE LLM + Qwen merger): images and videos go through
+        x2l_edge.qwen_vl."""
+        return self.has_vision and self._vision_meta("clip.projector_type", "") in ("qwen2vl_merger", "qwen2.5vl_merger")
 
     def _meta(self, key, default=None):
         if not hasattr(self, "_gguf"):
@@ -174,7 +202,10 @@ class Session:
         if not hasattr(self, "_vision"):
             if not self.has_vision:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
-            self._vision = _device.open_vision(self.path, self.device, self._s.n_threads)
+            if self.is_qwen_vl:  # the CPU backend only (no CUDA kernels for this tower yet)
+                self._vision = _core.QwenVision.from_gguf(self.vision_path, n_threads=self._s.n_threads)
+            else:
+                self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads)
         return self._vision
 
     @property
@@ -243,6 +274,10 @@ class Session:
         chunk (bounded memory); returns a VideoContext for any number of questions.
 
         x2l_options: any X2LOptions field; the defaults are the model's (X2LOptions.for_model)."""
+        if self.is_qwen_vl:
+            raise NotImplementedError("X²L video prefill of Qwen2-VL / Qwen2.5-VL (M-RoPE) models is not implemented "
+                                      "yet (the scorers and the index keep one position per entry); use mode='full', "
+                                      "or prefill_text for long text")
         opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or opts.chunk_frames)
@@ -261,6 +296,11 @@ class Session:
             **options):
         """Answer a question about a video. mode='x2l' (bi-level compression + selective reload) or
         'full' (uncompressed KV baseline: every visual token in the cache)."""
+        if mode == "full" and self.is_qwen_vl:
+            from .qwen_vl import ask_full
+
+            return ask_full(self, video, question, system=system, max_frames=max_frames, fps=fps,
+                            max_tokens=max_tokens, progress=progress, stream=stream, **options)
         if mode == "full":
             return self._ask_full(video, question, system=system, max_frames=max_frames, fps=fps,
                                   chunk_frames=chunk_frames, max_tokens=max_tokens, progress=progress,

@@ -1,0 +1,38 @@
+"""Which model + mmproj pairs the runtime runs (llama.cpp's two-file layout, docs/families.md §8): the checks
+a pair passes before anything is encoded, each failure a FormatError naming what is missing."""
+from __future__ import annotations
+
+from . import _core
+
+QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger")
+SUPPORTED_PROJECTORS = QWEN_PROJECTORS + ("mlp",)  # mlp: LLaVA-style files written by tools/convert.py
+
+
+def check_pair(session) -> None:
+    """FormatError unless session.mmproj is a vision file this runtime runs with session's LLM."""
+    meta = session._vision_meta
+    where = session.mmproj
+    if meta("general.architecture") != "clip" or not meta("clip.has_vision_encoder", False):
+        raise _core.FormatError(f"{where}: not an mmproj file (general.architecture = clip and "
+                                "clip.has_vision_encoder = true expected)")
+    gtype = meta("general.type")
+    if gtype is not None and gtype != "mmproj":
+        raise _core.FormatError(f"{where}: general.type is {gtype!r}, not 'mmproj'")
+    proj = meta("clip.projector_type")
+    if proj not in SUPPORTED_PROJECTORS:
+        raise _core.FormatError(f"{where}: clip.projector_type {proj!r} is not supported (supported: "
+                                f"{', '.join(SUPPORTED_PROJECTORS)})")
+    if proj == "mlp" and meta("x2l.vision.kind") is None:
+        raise _core.FormatError(f"{where}: an 'mlp' projector needs x2l.vision.* keys (a tools/convert.py file); "
+                                "llama.cpp's LLaVA mmproj files are not supported yet")
+    info = session.info
+    dim = meta("clip.vision.projection_dim")
+    if dim != info["n_embd"]:
+        raise _core.FormatError(f"{where}: clip.vision.projection_dim {dim} differs from the LLM's width "
+                                f"{info['n_embd']} ({session.path})")
+    mrope = info.get("n_pos_axes", 1) == 3
+    if (proj in QWEN_PROJECTORS) != mrope:
+        raise _core.FormatError(f"{where}: projector {proj!r} needs an LLM with M-RoPE (general.architecture qwen2vl) "
+                                f"and the reverse; {session.path} is {info['arch']!r}")
+    if proj == "qwen2.5vl_merger" and meta("clip.vision.n_wa_pattern") is None:
+        raise _core.FormatError(f"{where}: a Qwen2.5-VL mmproj lacks clip.vision.n_wa_pattern")
