@@ -321,3 +321,50 @@ def test_qwen_pair_errors(vlm_llama_cpp):
     s = x2l_edge.Session(qwen_model, mmproj=qwen_mmproj, device="cpu")
     with pytest.raises(NotImplementedError, match="M-RoPE"):
         s.prefill(np.zeros((4, 56, 56, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- X²L on an M-RoPE model
+
+_LONG = ("the model reads a long video and answers questions about what happens in each scene "
+         "while the cache keeps only the tokens that matter for the next frame. ") * 6
+
+
+def test_qwen2vl_x2l_text_uncompressed_equals_full(vlm_llama_cpp):
+    """X²L on the qwen2vl LLM (M-RoPE): with ratio 1 on both tiers every entry is kept, so the chunked
+    prefill + mixed cache (all chunks reloaded, or none) reproduce the plain forward over sink + chunks +
+    question (text positions are (P, P, P) on every axis; keys keep their rotation; atol = rtol = 1e-4)."""
+    from x2l_edge.x2l import VideoContext, prefill_chunks, split_template
+
+    model, _ = vlm_llama_cpp("f32")["qwen2vl"]
+    s = _session(model, n_ctx=512)
+    ids = s.tokenize(_LONG, special=False)[:96]
+    chunks = [ids[i:i + 24] for i in range(0, 96, 24)]
+    prefix, suffix = split_template(s, "be brief")
+    index, _ = prefill_chunks(s, chunks, sink_ids=s.tokenize(prefix), ratio_low=1, ratio_high=1, low_type="f32",
+                              high_type="f32")
+    ctx = VideoContext(s, index, question_suffix=suffix)
+    q = "what does the cache keep?"
+    ours_all = ctx.logits(q, range(len(chunks)))
+    ours_none = ctx.logits(q, [])
+    ref_ids = list(index.sink_tokens) + [t for c in chunks for t in c] + ctx.question_ids(q)
+    s.reset()
+    ref = s.eval(ref_ids, all_logits=True)[-len(ctx.question_ids(q)):]
+    np.testing.assert_allclose(ours_all, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scorer", ["keys", "attention", "embedding"])
+def test_qwen2vl_x2l_text_ask_selects_chunks(vlm_llama_cpp, scorer):
+    """prefill_text + ask on a llama.cpp qwen2vl pair: compressed tiers, a question selects top_k chunks
+    by each scorer, their L rows are reloaded and an answer is generated."""
+    import x2l_edge
+
+    model, mmproj = vlm_llama_cpp("f32")["qwen2vl"]
+    s = x2l_edge.Session(str(model), mmproj=str(mmproj), device="cpu", n_threads=2, n_ctx=512)
+    ctx = s.prefill_text(_LONG, chunk_tokens=24, ratio_low=2, ratio_high=8)
+    assert ctx.n_chunks >= 4
+    chosen = ctx.select(question="what happens in each scene?", scorer=scorer, top_k=2)
+    assert len(chosen) == 2 and all(0 <= c < ctx.n_chunks for c in chosen)
+    answer = ctx.ask("what happens in each scene?", chunks=chosen, max_tokens=4)
+    assert isinstance(answer, str)
+    assert ctx.reload_stats()["n_chunks"] == 2
