@@ -1,6 +1,7 @@
 // Bindings for the LLM session and the sampler.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -49,6 +50,46 @@ void bind_session(nb::module_& m) {
             std::vector<float> l(logits.data(), logits.data() + logits.shape(0));
             return s.sample(l.data(), static_cast<int32_t>(l.size()), history.data(), static_cast<int64_t>(history.size()));
         }, "logits"_a, "history"_a = std::vector<int32_t>{});
+
+    m.def("mrope_run_positions", [](int t, int h, int w, int merge, bool video, float seconds_per_grid,
+                                    float tokens_per_second, const std::string& text_after, int32_t start,
+                                    int t_begin, int t_end) {
+        x2l::TextAfterMedia rule;
+        if (text_after == "max") rule = x2l::TextAfterMedia::MaxPlusOne;
+        else if (text_after == "spatial") rule = x2l::TextAfterMedia::Spatial;
+        else throw x2l::Error("text_after must be 'max' or 'spatial'");
+        if (t_end < 0) t_end = t;
+        if (merge < 1 || h % merge || w % merge || t < 1 || t_begin < 0 || t_begin >= t_end || t_end > t) {
+            throw x2l::Error("invalid media grid or temporal range");
+        }
+        // The whole run followed by one text token (where text continues), then rows [t_begin, t_end).
+        const int64_t per_t = static_cast<int64_t>(h / merge) * (w / merge), n = t * per_t;
+        std::vector<x2l::TokenKind> kinds(static_cast<size_t>(n) + 1, video ? x2l::TokenKind::Video : x2l::TokenKind::Image);
+        kinds.back() = x2l::TokenKind::Text;
+        x2l::MediaGrid g;
+        g.t = t;
+        g.h = h;
+        g.w = w;
+        g.seconds_per_grid = seconds_per_grid;
+        std::vector<int32_t> all(3 * (static_cast<size_t>(n) + 1));
+        try {
+            x2l::mrope_positions(kinds.data(), n + 1, &g, 1, merge, tokens_per_second, rule, all.data());
+        } catch (const std::invalid_argument& e) {
+            throw x2l::Error(std::string("media positions: ") + e.what());
+        }
+        const int64_t b = t_begin * per_t, m = (t_end - t_begin) * per_t;
+        std::vector<int32_t> out(static_cast<size_t>(3 * m));
+        for (int a = 0; a < 3; ++a) {
+            for (int64_t i = 0; i < m; ++i) out[a * m + i] = start + all[a * (n + 1) + b + i];
+        }
+        auto* heap = new std::vector<int32_t>(std::move(out));
+        nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<std::vector<int32_t>*>(p); });
+        size_t shape[2] = {3, static_cast<size_t>(m)};
+        return std::make_pair(nb::ndarray<nb::numpy, int32_t>(heap->data(), 2, shape, owner), start + all[n]);
+    }, "t"_a, "h"_a, "w"_a, "merge"_a = 2, "video"_a = true, "seconds_per_grid"_a = 1.0f, "tokens_per_second"_a = 0.0f,
+       "text_after"_a = "max", "start"_a = 0, "t_begin"_a = 0, "t_end"_a = -1,
+       "M-RoPE positions [3, n] of temporal patches [t_begin, t_end) of an image/video run of patch grid (t, h, w)\n"
+       "starting at `start`, and the position text takes after the whole run (transformers' get_rope_index).");
 
     nb::class_<x2l::LlmSession>(m, "LlmSession")
         .def("__init__", [](x2l::LlmSession* self, const std::string& path, int n_threads, int64_t n_ctx,

@@ -2,9 +2,12 @@
 // selection, and the decoder that reloads L-KVs asynchronously and answers on the mixed cache.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
+
+#include <optional>
 
 #include "core/common.h"
 #include "numpy_util.h"
@@ -147,10 +150,17 @@ void bind_x2l(nb::module_& m) {
             p.add_chunk_tokens(tokens, n_frames, is_last);
         }, "tokens"_a, "n_frames"_a = 1, "is_last"_a = false)
         .def("add_chunk_embd", [](x2l::X2LPrefill& p, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
-                                  int n_frames, bool is_last) {
+                                  int n_frames, bool is_last,
+                                  std::optional<nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig>> pos) {
+            const int64_t n = static_cast<int64_t>(embd.shape(0));
+            if (pos && (pos->shape(0) != 3 || static_cast<int64_t>(pos->shape(1)) != n)) {
+                throw x2l::Error("pos must be int32 [3, n] (M-RoPE rows t, h, w of the chunk's rows)");
+            }
             nb::gil_scoped_release nogil;
-            p.add_chunk_embd(embd.data(), static_cast<int64_t>(embd.shape(0)), n_frames, is_last);
-        }, "embd"_a, "n_frames"_a = 1, "is_last"_a = false)
+            p.add_chunk_embd(embd.data(), n, n_frames, is_last, pos ? pos->data() : nullptr);
+        }, "embd"_a, "n_frames"_a = 1, "is_last"_a = false, "pos"_a = nb::none())
+        .def("set_text_position", &x2l::X2LPrefill::set_text_position, "pos"_a,
+             "M-RoPE media: the position the question's text takes after the input.")
         .def("finish", [](x2l::X2LPrefill& p) { return p.finish(); })
         .def("stats", [](const x2l::X2LPrefill& p) {
             nb::dict d;

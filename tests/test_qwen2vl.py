@@ -319,8 +319,12 @@ def test_qwen_pair_errors(vlm_llama_cpp):
     with pytest.raises(FileNotFoundError):
         x2l_edge.Session(qwen_model, mmproj="/nonexistent/mmproj.gguf", device="cpu")
     s = x2l_edge.Session(qwen_model, mmproj=qwen_mmproj, device="cpu")
-    with pytest.raises(NotImplementedError, match="M-RoPE"):
-        s.prefill(np.zeros((4, 56, 56, 3), np.uint8))
+    with pytest.raises(ValueError, match="beacon"):
+        s.prefill(np.zeros((4, 56, 56, 3), np.uint8), compressor="beacon")
+    ctx = s.prefill(np.zeros((4, 56, 56, 3), np.uint8), chunk_frames=2, min_pixels=28 * 28 * 4,
+                    max_pixels=28 * 28 * 4)
+    with pytest.raises(core.Error, match="M-RoPE"):
+        ctx.save(str(vlm_llama_cpp("f32")["qwen2vl"][0]) + ".x2l")  # index format 3 has no text position yet
 
 
 # ----------------------------------------------------------------------------- X²L on an M-RoPE model
@@ -368,3 +372,54 @@ def test_qwen2vl_x2l_text_ask_selects_chunks(vlm_llama_cpp, scorer):
     answer = ctx.ask("what happens in each scene?", chunks=chosen, max_tokens=4)
     assert isinstance(answer, str)
     assert ctx.reload_stats()["n_chunks"] == 2
+
+
+def _video_u8(seed, n=8, h=56, w=84):
+    return (np.random.default_rng(seed).random((n, h, w, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_x2l_video_uncompressed_equals_full(vlm_llama_cpp, family):
+    """X²L on a Qwen video (M-RoPE): 8 frames in chunks of 2 frames (one temporal pair each), ratio 1
+    on both tiers: the chunks keep their (t, h, w) positions (Qwen2.5: time scaled by tokens_per_second)
+    and the question continues at the video's text-after position, so the mixed cache with every chunk
+    reloaded, or none, reproduces the full-KV forward of the same prompt (atol = rtol = 1e-4)."""
+    from x2l_edge import qwen_vl
+
+    s = _pair_session(vlm_llama_cpp, family, n_ctx=1024)
+    video = _video_u8(31)
+    kw = dict(min_pixels=28 * 28 * 6, max_pixels=28 * 28 * 6)
+    ctx = s.prefill(video, chunk_frames=2, ratio_low=1, ratio_high=1, low_type="f32", high_type="f32", **kw)
+    assert ctx.n_chunks == 4
+    q = "What happens?"
+    ours_all = ctx.logits(q, range(4))
+    ours_none = ctx.logits(q, [])
+    media = qwen_vl.QwenMedia(s)
+    embd, grid = media.encode(list(video), video=True, **kw)
+    before, _ = qwen_vl.prompt_parts(s, q, "video")
+    s.reset()
+    s._s.eval(s.tokenize(before))
+    media.append(embd, grid, video=True, fps=2.0)
+    qids = ctx.question_ids(q)
+    ref = s.eval(qids, all_logits=True)
+    np.testing.assert_allclose(ours_all, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
+    """ask(video, q) in X²L mode on a llama.cpp pair: 12 frames, chunks of 4, compressed tiers (2x / 8x);
+    each scorer selects top_k chunks, their L rows are reloaded, and an answer is generated."""
+    s = _pair_session(vlm_llama_cpp, family, n_ctx=1024)
+    video = _video_u8(32, n=12)
+    ctx = s.prefill(video, chunk_frames=4, ratio_low=2, ratio_high=8, min_pixels=28 * 28 * 8,
+                    max_pixels=28 * 28 * 8)
+    assert ctx.n_chunks == 3
+    for scorer in ("keys", "attention", "embedding"):
+        chosen = ctx.select(question="What happens?", scorer=scorer, top_k=1)
+        assert len(chosen) == 1 and 0 <= chosen[0] < 3
+    answer = ctx.ask("What happens?", chunks=[2], max_tokens=4)
+    assert isinstance(answer, str) and ctx.reload_stats()["n_chunks"] == 1
+    answer2 = s.ask(video, "What happens?", mode="x2l", chunk_frames=4, top_k=1, max_tokens=3,
+                    min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
+    assert isinstance(answer2, str)

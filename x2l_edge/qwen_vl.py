@@ -136,3 +136,88 @@ def ask_full(session, video, question: str, *, system=None, max_frames=None, fps
     gen = generate_ids(session._s, ids, stop_ids=session._stop_ids, max_tokens=max_tokens, **sampling)
     it = stream_text(session._tok, gen, [])
     return it if stream else "".join(it)
+
+
+_QUESTION_MARK = "\x00x2l-question\x00"
+
+
+def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=None, fps=None, progress=None,
+                  min_pixels=None, max_pixels=None, text_after="max", **x2l_options):
+    """X²L bi-level prefill of a video on a Qwen2-VL / Qwen2.5-VL model: the sink is the prompt up to
+    `<|vision_start|>`; each chunk is chunk_frames frames (rounded up to whole temporal pairs) whose tokens
+    keep their M-RoPE (t, h, w) positions, so any mix of H and L chunks sits where the full prompt puts
+    it; the question ('<|vision_end|>' + question + the template's end) continues at the video's
+    text-after position. Returns a VideoContext."""
+    import os
+
+    from . import _core
+    from .options import X2LOptions
+    from .video import VideoError, open_video
+    from .x2l import VideoContext
+
+    opts = X2LOptions.for_model(session, video=True, **x2l_options)
+    if opts.compressor != "snapkv":
+        raise ValueError("Qwen2-VL models use the snapkv compressor (beacon is Video-XL's)")
+    chunk_frames = int(chunk_frames or opts.chunk_frames)
+    if chunk_frames < 1:
+        raise ValueError("chunk_frames must be >= 1")
+    chunk_frames += chunk_frames % 2  # whole temporal pairs
+    if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
+        fps = VIDEO_FPS
+    before, after = prompt_parts(session, _QUESTION_MARK, "video", system)
+    q_prefix, q_suffix = after.split(_QUESTION_MARK)
+    sink = session.tokenize(before)
+    media = QwenMedia(session)
+    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
+    p.add_sink(sink)
+    vid = open_video(video, max_frames=max_frames, fps=fps)
+
+    state = {"pairs": 0, "grid": None, "times": []}
+
+    def encode(buf):
+        embd, grid = media.encode(buf, video=True, min_pixels=min_pixels, max_pixels=max_pixels)
+        if state["grid"] is not None and grid[1:] != state["grid"][1:]:
+            raise VideoError("all frames of a video must have the same size")
+        t0 = state["pairs"]
+        state["pairs"] += grid[0]
+        state["grid"] = grid
+        return embd, t0, t0 + grid[0]
+
+    def rate():
+        return fps or sampled_fps(state["times"])
+
+    pending, buf = None, []
+
+    def add(item, last):
+        embd, t_begin, t_end = item
+        _, h, w = state["grid"]
+        pos, _ = _core.mrope_run_positions(t_end, h, w, merge=media.merge, video=True, seconds_per_grid=2.0 / rate(),
+                                           tokens_per_second=media.tokens_per_second, text_after=text_after,
+                                           start=len(sink), t_begin=t_begin, t_end=t_end)
+        p.add_chunk_embd(np.ascontiguousarray(embd, dtype=np.float32), n_frames=t_end - t_begin, is_last=last,
+                         pos=np.ascontiguousarray(pos))
+
+    for frame in vid.frames(progress=progress):
+        buf.append(frame.rgb)
+        state["times"].append(frame.timestamp_s)
+        if len(buf) == chunk_frames:
+            if pending is not None:
+                add(pending, False)
+            pending, buf = encode(buf), []
+    if buf:
+        if pending is not None:
+            add(pending, False)
+        pending = encode(buf)
+    if pending is None:
+        raise VideoError(f"no frames could be read from {video!r}")
+    add(pending, True)
+    _, h, w = state["grid"]
+    _, text_pos = _core.mrope_run_positions(state["pairs"], h, w, merge=media.merge, video=True,
+                                            seconds_per_grid=2.0 / rate(), tokens_per_second=media.tokens_per_second,
+                                            text_after=text_after, start=len(sink), t_begin=0, t_end=state["pairs"])
+    p.set_text_position(int(text_pos))
+    stats = p.stats()
+    ctx = VideoContext(session, p.finish(), question_prefix=q_prefix, question_suffix=q_suffix,
+                       default_top_k=opts.top_k, default_scorer=opts.scorer)
+    ctx.prefill_stats = stats
+    return ctx

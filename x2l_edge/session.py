@@ -274,10 +274,11 @@ class Session:
         chunk (bounded memory); returns a VideoContext for any number of questions.
 
         x2l_options: any X2LOptions field; the defaults are the model's (X2LOptions.for_model)."""
-        if self.is_qwen_vl:
-            raise NotImplementedError("X²L video prefill of Qwen2-VL / Qwen2.5-VL (M-RoPE) models is not implemented "
-                                      "yet (the scorers and the index keep one position per entry); use mode='full', "
-                                      "or prefill_text for long text")
+        if self.is_qwen_vl:  # M-RoPE: chunks keep their (t, h, w) positions
+            from .qwen_vl import prefill_video
+
+            return prefill_video(self, video, system=system, chunk_frames=chunk_frames, max_frames=max_frames,
+                                 fps=fps, progress=progress, **x2l_options)
         opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or opts.chunk_frames)

@@ -68,7 +68,9 @@ class CpuPrefill final : public PrefillRunner {
         for (int64_t b = 0; b < n; b += n_batch_) {
             const int64_t m = std::min(n_batch_, n - b);
             pos.resize(m * c.n_pos_axes);
-            for (int64_t i = 0; i < m * c.n_pos_axes; ++i) pos[i] = level.pos0 + static_cast<int32_t>(b + i % m);
+            for (int64_t i = 0; i < m * c.n_pos_axes; ++i) {
+                pos[i] = level.pos ? level.pos[(i / m) * n + b + i % m] : level.pos0 + static_cast<int32_t>(b + i % m);
+            }
             hooks.votes.from = std::max<int64_t>(0, level.obs_start - b);
             hooks.vst_rows = level.vst ? level.vst + b : nullptr;
             forward_rows(model_, pool_, ws_, x_, work, level.x + b * E, m, pos.data(), 0, nullptr, nullptr, &hooks);

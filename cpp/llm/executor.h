@@ -85,7 +85,8 @@ struct PrefixRows {
 struct PrefillLevel {
     const float* x = nullptr;  // [n, n_embd] input rows (host)
     int64_t n = 0;
-    int32_t pos0 = 0;          // row i sits at position pos0 + i
+    int32_t pos0 = 0;          // row i sits at position pos0 + i (on every axis)
+    const int32_t* pos = nullptr;  // or explicit positions [n_pos_axes, n] (M-RoPE media)
     std::vector<PrefixRows> prefix;  // in temporal order
     // snapkv: votes [n_layer, n_head_kv, n] = the softmax probabilities that rows >= obs_start give each
     // new row, summed over the query heads of its KV head (the caller normalises).

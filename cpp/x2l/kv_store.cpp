@@ -423,6 +423,7 @@ TierBytes VideoIndex::bytes() const {
 }
 
 void VideoIndex::save(const std::string& path) const {
+    if (text_pos >= 0) throw Error("saving an X2L index of an M-RoPE (Qwen2-VL) video is not supported yet");
     const std::string tmp = path + ".part";
     {
         Writer w(tmp);

@@ -49,6 +49,10 @@ class VideoIndex {
     // every chunk to its new place. SnapKV indexes keep the tokens' original positions.
     bool dense_positions = false;
     int32_t next_pos = 0;  // position of the first token after the indexed input
+    // M-RoPE media (Qwen2-VL): where the question's text continues (the run's text-after position), which
+    // differs from next_pos (entries are counted there, positions are 3-D); -1: next_pos. In memory only:
+    // save() refuses such an index.
+    int32_t text_pos = -1;
     uint64_t model_fingerprint = 0;  // LlmModel::fingerprint() of the model that built it
     std::unique_ptr<KVSegment> sink;
     std::vector<ChunkKV> chunks;

@@ -39,7 +39,7 @@ MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& se
         if (ix.dense_positions && rows.size() > 0) L.delta[c] = next - rows.pos(0);
         next += static_cast<int32_t>(rows.size());
     }
-    L.tail_pos = ix.dense_positions ? next : ix.next_pos;
+    L.tail_pos = ix.dense_positions ? next : ix.text_pos >= 0 ? ix.text_pos : ix.next_pos;
     plan.entries = next;
     return plan;
 }

@@ -177,8 +177,17 @@ void X2LPrefill::add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, boo
     cache_->clear();
 }
 
-void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last) {
+void X2LPrefill::set_text_position(int32_t pos) {
     if (!ix_) throw Error("prefill already finished");
+    if (s_.model().config().n_pos_axes == 1) throw Error("a text position is only for M-RoPE models");
+    if (pos < ix_->sink->size()) throw Error("the text position must follow the sink");
+    ix_->text_pos = pos;
+}
+
+void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last, const int32_t* pos) {
+    if (!ix_) throw Error("prefill already finished");
+    if (pos && s_.model().config().n_pos_axes == 1) throw Error("explicit chunk positions are only for M-RoPE models");
+    if (pos && o_.compressor == "beacon") throw Error("beacon compression numbers entries densely: no explicit positions");
     if (done_last_) throw Error("a chunk was added after the one marked last");
     if (n <= 0) throw Error("empty chunk");
     if (n_frames < 1 || n_frames > n) throw Error("n_frames must be in [1, chunk tokens]");
@@ -208,7 +217,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
         if (n < o_.ratio_low) throw Error("chunk shorter than ratio_low: nothing to summarise");
         add_chunk_beacon(ch, embd, n, pinned);
     } else {
-        add_chunk_snapkv(ch, embd, n, pinned);
+        add_chunk_snapkv(ch, embd, n, pinned, pos);
     }
     if (ch.key_sig.empty()) {  // beacon: from the chunk's L entries (VST rows)
         ch.key_sig = distinct_pre_rope_keys(*ch.low, ch.low->size(), [&](int l, int h, int64_t e) { return ch.low_row_pos(l, h, e); },
@@ -224,7 +233,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
 }
 
 // Training-free: run the chunk in full, then keep per layer/KV head the entries its queries voted for.
-void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned) {
+void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned, const int32_t* pos) {
     const LlmConfig& c = s_.model().config();
     const int32_t pos0 = ix_->next_pos;  // the chunk keeps its tokens' positions
     const int64_t m_low = std::max<int64_t>(1, n / o_.ratio_low);
@@ -232,6 +241,7 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
     PrefillLevel low = level_rows(embd, n, pos0, plan_level(*ix_, 0).prefix);
+    low.pos = pos;
     low.votes = &importance;
     run_level(std::move(low));
     const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV
@@ -244,6 +254,7 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
         PrefillLevel high = level_rows(embd, n, pos0, plan_level(*ix_, 1).prefix);
+        high.pos = pos;
         high.votes = &importance;
         run_level(std::move(high));
     }

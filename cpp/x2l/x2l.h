@@ -73,7 +73,11 @@ class X2LPrefill {
     // A chunk as token ids (text) or input embeddings [n, n_embd] (video features). n_frames splits
     // the chunk into equal parts for the embedding signature.
     void add_chunk_tokens(const std::vector<int32_t>& tokens, int n_frames, bool is_last);
-    void add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last);
+    // pos: M-RoPE models' explicit positions of the chunk's rows [3, n] (media; nullptr: consecutive
+    // positions on every axis); each entry records its first-axis position.
+    void add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last, const int32_t* pos = nullptr);
+    // M-RoPE media: the position the question's text takes after the input (LlmSession::eval_media's rule).
+    void set_text_position(int32_t pos);
     // Hands the index over; the device prefill's buffers and page-locked L rows are released here.
     std::unique_ptr<VideoIndex> finish();
     const PrefillStats& stats() const { return stats_; }
@@ -91,7 +95,7 @@ class X2LPrefill {
     void run_level(PrefillLevel level);
     void note_device_stats();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
-    void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
+    void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned, const int32_t* pos);
     void check_budget() const;
 
     LlmSession& s_;
