@@ -19,7 +19,8 @@ Needs llama-cpp-python (not in the test extra: it builds from source for ~7-45 m
 (Qwen: multiples of 28 within 8..4096 merged tokens; Idefics3/SmolVLM/InternVL: the tower's own size, with
 the processor's longest edge set to it so that llama.cpp makes no tiles), leaving the normalization and
 the towers to compare. Differences then come from float32 vs float64 and from ggml's GELU (tanh
-approximation in the merger/projector where HF uses erf).
+approximation in the merger/projector where HF uses erf). For Qwen2-VL / Qwen2.5-VL the same pixels also go
+through x2l-edge's own tower (_core.QwenVision) on the same mmproj file.
 """
 from __future__ import annotations
 
@@ -94,6 +95,12 @@ def mtmd_embeddings(model_path: Path, mmproj_path: Path, images: list[np.ndarray
     return out
 
 
+def qwen_tower(mmproj_path):
+    import x2l_edge._core as core
+
+    return core.QwenVision.from_gguf(str(mmproj_path), n_threads=2)
+
+
 def normalize(img: np.ndarray, mean, std) -> np.ndarray:
     """uint8 HxWx3 -> [3, H, W] float64, (x/255 - mean) / std."""
     return ((img.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)
@@ -129,7 +136,10 @@ def run_family(family: str, work: Path, tree: Path) -> dict:
                 rows, grid = vn.qwen_patchify(frames)
                 ref = vn.qwen_vision_forward(sd, cfg["vision_config"], rows, [grid])
                 got = mtmd_embeddings(model_path, mmproj_path, imgs, 64, mergeable=pair)
-                result["cases"].append(dict(outtype=outtype, case=name, chunks=len(got), **compare(ref, got[0])))
+                # x2l-edge's own tower (cpp/vision/qwen.h) on the same file and pixels
+                ours = qwen_tower(mmproj_path).encode(np.ascontiguousarray(frames, dtype=np.float32))
+                result["cases"].append(dict(outtype=outtype, case=name, chunks=len(got), **compare(ref, got[0]),
+                                            x2l_edge=compare(ref, ours), x2l_edge_vs_mtmd=compare(got[0], ours)))
         else:
             side = info.image_size
             img = (np.random.default_rng(3).random((side, side, 3)) * 255).astype(np.uint8)
@@ -170,8 +180,12 @@ def main() -> int:
         for c in r["cases"]:
             print(f"{r['family']:9s} {c['outtype']:5s} {c['case']:22s} chunks {c['chunks']}  max|d| "
                   f"{c['max_abs_diff']:.2e} of max|ref| {c['max_abs_ref']:.2f}  rel rms {c['rel_rms']:.1e}")
+            if "x2l_edge" in c:
+                print(f"{'':9s} {'':5s} {'  x2l-edge vs reference':22s}           max|d| {c['x2l_edge']['max_abs_diff']:.2e}"
+                      f"  rel rms {c['x2l_edge']['rel_rms']:.1e};  vs mtmd rel rms {c['x2l_edge_vs_mtmd']['rel_rms']:.1e}")
     bench_common.write_json(args.out, {
-        "what": "llama.cpp mtmd projector outputs vs tests/vlm_numpy.py on the tiny VLM pairs (accuracy only)",
+        "what": "llama.cpp mtmd projector outputs vs tests/vlm_numpy.py on the tiny VLM pairs (accuracy only); "
+                "Qwen cases also x2l-edge's tower (x2l_edge: vs the reference, x2l_edge_vs_mtmd: vs mtmd)",
         "command": "python bench/vlm_llama_cpp_peer.py",
         "cpu": bench_common.cpu_name(), "isa": "AVX2 (llama-cpp-python built -march=native here)",
         "llama_cpp_python": llama_cpp.__version__, "converter": str(llama_cpp_converter.VERSION),

@@ -1593,3 +1593,17 @@ def test_cuda_prefill_caches_the_low_tier_when_there_is_room(tiny_hd32):
     assert st["part"]["cached_low_bytes"] == sum(low[:3])
     assert st["part"]["streamed_bytes"] == sum(sum(low[3:c]) for c in range(n))
     # (Peak memory is not compared: on this 2-layer model the two copy slots hold the whole prefix too.)
+
+
+@gpu
+def test_mrope_model_refused_on_device_auto_runs_cpu(vlm_llama_cpp):
+    """Qwen2-VL's LLM (M-RoPE) has no CUDA kernels yet: device=N is refused with an Error naming M-RoPE,
+    and device='auto' runs it on the CPU backend with a one-line RuntimeWarning."""
+    from x2l_edge import Session
+
+    path = str(vlm_llama_cpp("f32")["qwen2vl"][0])
+    with pytest.raises(_core.Error, match="M-RoPE"):
+        _core.LlmSession(path, device=0)
+    with pytest.warns(RuntimeWarning, match="M-RoPE"):
+        s = Session(path, n_threads=2)
+    assert s.device == "cpu" and s.info["backend"] == "cpu"

@@ -13,7 +13,7 @@ namespace x2l {
 
 size_t Workspace::bytes() const {
     size_t f = x.capacity() + xn.capacity() + q.capacity() + k.capacity() + v.capacity() + attn.capacity() +
-               gate.capacity() + up.capacity();
+               gate.capacity() + up.capacity() + rope_cos.capacity() + rope_sin.capacity();
     return f * sizeof(float) + attention.bytes() + act.capacity();
 }
 

@@ -9,31 +9,13 @@
 #include "core/common.h"
 #include "cpu/vision_layout.h"
 #include "llm/weights.h"
+#include "vision/tower_common.h"
 
 namespace x2l {
 
 namespace {
 
 int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 20); }
-
-void quick_gelu(float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + std::exp(-1.702f * x[i]));
-}
-
-void silu_times(float* gate, const float* up, int64_t n) { silu_mul(gate, up, n); }
-
-// Below this many floats of work a parallel region costs more than it saves (tiny test models).
-constexpr int64_t kMinParallelWork = 1 << 14;
-
-void per_row(ThreadPool& pool, int64_t n, int64_t row_len, const std::function<void(int64_t)>& fn) {
-    if (n * row_len < kMinParallelWork) {
-        for (int64_t r = 0; r < n; ++r) fn(r);
-        return;
-    }
-    pool.parallel_for(n, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) fn(r);
-    });
-}
 
 }  // namespace
 
@@ -78,20 +60,8 @@ std::unique_ptr<QwenVisionEncoder> QwenVisionEncoder::load(const GGUFFile& f) {
             throw FormatError("x2l.vision.window_size must be a multiple of patch_size * merge");
         }
     }
-    auto mean_std = [&](const std::string& key, float dflt) {
-        std::vector<float> out(3, dflt);
-        if (f.has(key)) {
-            std::vector<double> v = f.get_float_array(key);
-            if (v.size() != 3) throw FormatError("metadata key '" + key + "' must hold 3 values");
-            for (int i = 0; i < 3; ++i) {
-                if (!std::isfinite(v[i]) || std::fabs(v[i]) > 1e6) throw FormatError("metadata key '" + key + "' is not finite");
-                out[i] = static_cast<float>(v[i]);
-            }
-        }
-        return out;
-    };
-    c.image_mean = mean_std("clip.vision.image_mean", 0.5f);
-    c.image_std = mean_std("clip.vision.image_std", 0.5f);
+    c.image_mean = image_norm_key(f, "clip.vision.image_mean", 0.5f);
+    c.image_std = image_norm_key(f, "clip.vision.image_std", 0.5f);
     for (float s : c.image_std) {
         if (!(s > 0.0f)) throw FormatError("clip.vision.image_std must be positive");
     }
@@ -258,7 +228,7 @@ void QwenVisionEncoder::run_pair(ThreadPool& pool, Scratch& s, const float* pair
         if (c.qwen25) {  // SwiGLU: down(silu(gate(x)) * up(x))
             MatmulJob gu[2] = {{&L.w_gate, s.gate.data(), L.b_gate.data()}, {&L.w_up, s.up.data(), L.b_up.data()}};
             matmul(pool, s.xn.data(), N, W, gu, 2, s.act);
-            per_row(pool, N, F, [&](int64_t r) { silu_times(s.gate.data() + r * F, s.up.data() + r * F, F); });
+            per_row(pool, N, F, [&](int64_t r) { silu_mul(s.gate.data() + r * F, s.up.data() + r * F, F); });
             matmul(pool, L.w_down, s.gate.data(), N, s.xn.data(), s.act, L.b_down.data());
         } else {
             matmul(pool, L.w_up, s.xn.data(), N, s.up.data(), s.act, L.b_up.data());

@@ -7,16 +7,13 @@
 
 #include "core/common.h"
 #include "llm/weights.h"
+#include "vision/tower_common.h"
 
 namespace x2l {
 
 namespace {
 
 int positive_key(const GGUFFile& f, const std::string& key) { return x2l::positive_key(f, key, 1 << 20); }
-
-void quick_gelu(float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) x[i] = x[i] / (1.0f + std::exp(-1.702f * x[i]));
-}
 
 void activate(VisionAct a, float* x, int64_t n) {
     switch (a) {
@@ -43,21 +40,20 @@ void softmax_ftz(float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// Below this many floats of work a parallel region costs more than it saves (tiny test models).
-constexpr int64_t kMinParallelWork = 1 << 14;
-
-// Row-parallel elementwise work over n rows of row_len values.
-void per_row(ThreadPool& pool, int64_t n, int64_t row_len, const std::function<void(int64_t)>& fn) {
-    if (n * row_len < kMinParallelWork) {
-        for (int64_t r = 0; r < n; ++r) fn(r);
-        return;
-    }
-    pool.parallel_for(n, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) fn(r);
-    });
-}
-
 }  // namespace
+
+std::vector<float> image_norm_key(const GGUFFile& f, const std::string& key, float dflt) {
+    std::vector<float> out(3, dflt);
+    if (f.has(key)) {
+        std::vector<double> v = f.get_float_array(key);
+        if (v.size() != 3) throw FormatError("metadata key '" + key + "' must hold 3 values");
+        for (int i = 0; i < 3; ++i) {
+            if (!std::isfinite(v[i]) || std::fabs(v[i]) > 1e6) throw FormatError("metadata key '" + key + "' holds a non-finite or huge value");
+            out[i] = static_cast<float>(v[i]);
+        }
+    }
+    return out;
+}
 
 // Activations of one batch of frames. Sized for the batch at the start of encode() and reused
 // across batches; nothing here outlives the call.
@@ -165,20 +161,8 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
                           " but the vision settings give " + std::to_string(c.tokens_per_frame));
     }
 
-    auto mean_std = [&](const std::string& key, double dflt) {
-        std::vector<float> out(3, static_cast<float>(dflt));
-        if (f.has(key)) {
-            std::vector<double> v = f.get_float_array(key);
-            if (v.size() != 3) throw FormatError("metadata key '" + key + "' must hold 3 values");
-            for (int i = 0; i < 3; ++i) {
-                if (!std::isfinite(v[i]) || std::fabs(v[i]) > 1e6) throw FormatError("metadata key '" + key + "' holds a non-finite or huge value");
-                out[i] = static_cast<float>(v[i]);
-            }
-        }
-        return out;
-    };
-    c.image_mean = mean_std("clip.vision.image_mean", 0.5);
-    c.image_std = mean_std("clip.vision.image_std", 0.5);
+    c.image_mean = image_norm_key(f, "clip.vision.image_mean", 0.5f);
+    c.image_std = image_norm_key(f, "clip.vision.image_std", 0.5f);
     for (float s : c.image_std) {
         if (!(s > 0.0f)) throw FormatError("clip.vision.image_std must be positive");
     }
