@@ -1596,14 +1596,18 @@ def test_cuda_prefill_caches_the_low_tier_when_there_is_room(tiny_hd32):
 
 
 @gpu
-def test_mrope_model_refused_on_device_auto_runs_cpu(vlm_llama_cpp):
+def test_mrope_model_refused_on_device_auto_runs_cpu(vlm_llama_cpp, monkeypatch):
     """Qwen2-VL's LLM (M-RoPE) has no CUDA kernels yet: device=N is refused with an Error naming M-RoPE,
-    and device='auto' runs it on the CPU backend with a one-line RuntimeWarning."""
+    and device='auto' (on a build that reports a real device) runs it on the CPU backend with a one-line
+    RuntimeWarning."""
     from x2l_edge import Session
+    from x2l_edge import device as D
 
     path = str(vlm_llama_cpp("f32")["qwen2vl"][0])
     with pytest.raises(_core.Error, match="M-RoPE"):
         _core.LlmSession(path, device=0)
-    with pytest.warns(RuntimeWarning, match="M-RoPE"):
+    monkeypatch.setattr(_core, "cuda_emulated", lambda: False)
+    monkeypatch.setattr(D, "_probed", {})
+    with pytest.warns(RuntimeWarning, match="device='auto' does not use cuda:0 .*M-RoPE"):
         s = Session(path, n_threads=2)
     assert s.device == "cpu" and s.info["backend"] == "cpu"
