@@ -331,6 +331,8 @@ def test_qwen_pair_errors(vlm_llama_cpp):
         s.prefill(np.zeros((4, 56, 56, 3), np.uint8), compressor="beacon")
     ctx = s.prefill(np.zeros((4, 56, 56, 3), np.uint8), chunk_frames=2, min_pixels=28 * 28 * 4,
                     max_pixels=28 * 28 * 4)
+    with pytest.raises(NotImplementedError, match="M-RoPE"):
+        next(s.video_chunks(np.zeros((4, 56, 56, 3), np.uint8)))
     with pytest.raises(core.Error, match="M-RoPE"):
         ctx.save(str(vlm_llama_cpp("f32")["qwen2vl"][0]) + ".x2l")  # index format 3 has no text position yet
 

@@ -231,6 +231,9 @@ class Session:
 
         from .video import open_video
 
+        if self.is_qwen_vl:
+            raise NotImplementedError("Qwen2-VL / Qwen2.5-VL videos are encoded per temporal pair at their M-RoPE "
+                                      "positions: use prefill() / ask() (x2l_edge.qwen_vl)")
         defaults = X2LOptions.for_model(self, video=True)
         chunk_frames = int(chunk_frames or defaults.chunk_frames)
         if chunk_frames < 1:
