@@ -433,3 +433,24 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
     answer2 = s.ask(video, "What happens?", mode="x2l", chunk_frames=4, top_k=1, max_tokens=3,
                     min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
     assert isinstance(answer2, str)
+
+
+@pytest.mark.parametrize("mode", ["full", "x2l"])
+def test_cli_ask_with_mmproj(vlm_llama_cpp, tmp_path, capsys, mode):
+    """x2l-edge ask model.gguf video.mp4 question --mmproj mmproj.gguf, on a 2 s video file (sampled at 2 fps)."""
+    pytest.importorskip("cv2")
+    from x2l_edge import cli
+    from x2l_edge.video import write_video
+
+    model, mmproj = (str(p) for p in vlm_llama_cpp("f32")["qwen2vl"])
+    rng = np.random.default_rng(41)
+    video = str(tmp_path / "v.mp4")
+    assert write_video(video, ((rng.random((56, 84, 3)) * 255).astype(np.uint8) for _ in range(8)), 4.0) == 8
+    argv = ["ask", model, video, "What happens?", "--mmproj", mmproj, "--mode", mode, "-t", "2", "--max-tokens", "2"]
+    if mode == "x2l":
+        argv += ["--top-k", "1", "--chunk-frames", "2"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n")  # the answer was printed
+    if mode == "x2l":
+        assert "reloaded [" in err
