@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     p_demo.add_argument("--seed", type=int, default=0, help="which generated video")
     p_demo.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0 = all)")
     p_demo.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda:N' (as for the other commands)")
+    p_demo.add_argument("--save-video", metavar="PATH", default=None,
+                        help="also save the generated video (e.g. video.mp4) to try `ask --tiny` and the API on")
     p_demo.add_argument("--top-k", type=int, default=None, help="chunks X²L reloads (default: the model's)")
     p_info = sub.add_parser("info", help="print model information")
     _add_model(p_info)
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
 
             if a.minutes <= 0:
                 raise ValueError("--minutes must be > 0")
-            demo.run(minutes=a.minutes, seed=a.seed, threads=a.threads, top_k=a.top_k, device=a.device)
+            demo.run(minutes=a.minutes, seed=a.seed, threads=a.threads, top_k=a.top_k, device=a.device,
+                     save_video=a.save_video)
             return 0
         s = Session(_model_arg(a), n_threads=a.threads, n_ctx=a.n_ctx, device=a.device)
         if a.cmd == "info":

@@ -97,8 +97,9 @@ def _print_answers(res: dict, expected: str, qkind: str, stream, needle_chunk=No
 
 
 def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None = None, workdir=None,
-        stream=None, device: str = "auto", progress=None) -> dict:
-    """Run the demo; returns a summary dict (answers, correctness, timings)."""
+        stream=None, device: str = "auto", progress=None, save_video=None) -> dict:
+    """Run the demo; returns a summary dict (answers, correctness, timings). save_video: also write the
+    generated video there (FFV1 for .mkv/.avi, else mp4v), to try the API and `x2l-edge ask --tiny` on."""
     from . import Session
     from .video import write_video
 
@@ -123,6 +124,10 @@ def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None
         vid = T.needle_video(seed, n_frames)
         video_path = os.path.join(wd, f"needle_{seed}_{n_frames}s.mkv")
         write_video(video_path, vid.frames, fps=1.0, codec="FFV1")
+        if save_video:
+            lossless = os.fspath(save_video).lower().endswith((".mkv", ".avi"))
+            write_video(save_video, vid.frames, fps=1.0, codec="FFV1" if lossless else "mp4v")
+            say(f"[video] saved a copy as {save_video}")
         n_chunks = -(-n_frames // T.CHUNK_FRAMES)
         say(f"[video] {video_path}: {n_frames} frames ({_stamp(n_frames)} at 1 fps, {T.FRAME_SIZE}x{T.FRAME_SIZE}), "
             f"{n_chunks} chunks of {T.CHUNK_FRAMES} frames; generated in {time.perf_counter() - t0:.1f}s")

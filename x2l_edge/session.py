@@ -236,14 +236,11 @@ class Session:
             progress.update("encode", n_encoded, vid.n_samples)
             return embd
 
-        def decoded(done, total):
-            if done:
-                progress.update("decode", done, total)
-
         n_frames = 0
-        for frame in vid.frames(progress=decoded if progress.active else None):
+        for frame in vid.frames():
             buf.append(frame.rgb)
             n_frames += 1
+            progress.update("decode", n_frames, vid.n_samples)
             if len(buf) == chunk_frames:
                 if pending is not None:
                     yield pending
