@@ -722,6 +722,14 @@ def test_copy_bandwidth_probe():
 # ---------------------------------------------------------------- the LLM on a device (Session(device=...))
 
 
+@pytest.fixture(autouse=True)
+def _fresh_device_warnings(monkeypatch):
+    """Device fallbacks warn once per process (x2l_edge.device.warn_once): each test starts unwarned."""
+    from x2l_edge import device as D
+
+    monkeypatch.setattr(D, "_warned", set())
+
+
 def test_session_device_argument(tiny_gguf):
     import warnings
 
@@ -739,13 +747,16 @@ def test_session_device_argument(tiny_gguf):
         assert Session(path, device="auto").device == ("cuda:0" if real and HAS_GPU else "cpu")
     notes = [str(w.message) for w in caught]
     if real and not HAS_GPU:
-        assert len(notes) == 1 and re.fullmatch(r"x2l-edge: no usable CUDA device at run time; running on the CPU backend",
-                                                notes[0]), notes
+        assert len(notes) == 1 and re.match(r"x2l-edge: this build has the CUDA backend but no CUDA device is usable "
+                                            r"here; running on the CPU\. Pass device='cpu'", notes[0]), notes
     else:
         assert notes == []
-    with pytest.warns(RuntimeWarning, match=r"cuda:7 is not available.*CPU backend"):
+    with pytest.warns(RuntimeWarning, match=r"cuda:7 is not available.*running on the CPU"):
         s = Session(path, device="cuda:7")
     assert s.device == "cpu" and s.info["backend"] == "cpu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback is said once per process
+        assert Session(path, device="cuda:7").device == "cpu"
     assert s.generate("hello", max_tokens=3) == Session(path, device="cpu").generate("hello", max_tokens=3)
     for bad in ("gpu", "cuda:x", "cuda:-1", "CUDA"):
         with pytest.raises(ValueError, match="device must be"):

@@ -189,5 +189,6 @@ def test_demo_command(vlm_path, cache, monkeypatch, capsys):
     assert cli.main(["demo", "--minutes", "0.3", "--seed", "1", "-t", "2"]) == 0
     out = capsys.readouterr().out
     assert "What is the secret word?" in out
-    for label in ("H-only", "X²L", "full KV", "chunks reloaded", "KV on device", "L (host)", "[summary] correct"):
+    for label in ("H-only", "X²L", "full KV", "chunks reloaded", "KV attended", "resident H", "host tier L",
+                  "[summary] correct"):
         assert label in out

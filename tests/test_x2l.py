@@ -208,10 +208,10 @@ def test_budgets_fail_early(tiny):
 def test_prefill_text_progress_and_interrupt(tiny):
     text = "the model reads a long video and answers questions. " * 40
     seen = []
-    ctx = tiny.prefill_text(text, chunk_tokens=32, progress=lambda d, t: seen.append((d, t)))
-    assert seen[-1][0] == seen[-1][1] == ctx.n_chunks and len(seen) == ctx.n_chunks
+    ctx = tiny.prefill_text(text, chunk_tokens=32, progress=lambda step, d, t: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] == ctx.n_chunks and len(seen) == ctx.n_chunks + 1  # (0, n) first
     with pytest.raises(KeyboardInterrupt):
-        tiny.prefill_text(text, chunk_tokens=32, progress=lambda d, t: d < 2)
+        tiny.prefill_text(text, chunk_tokens=32, progress=lambda step, d, t: d < 2)
     # the session still works after an interrupted prefill
     assert isinstance(tiny.generate("the model", max_tokens=3), str)
 

@@ -1504,8 +1504,25 @@ def make_handler(hf_dir: Path, config: dict) -> ModelHandler:
 
 # ----------------------------------------------------------------------------- conversion
 
-def convert(hf_dir, out_path, outtype: str = "f16", progress: bool = True) -> Path:
+def _bar(progress, total: int):
+    """A Progress for the tensor loop: a callable's, or a terminal bar when progress is True and
+    stderr is a terminal; None when plain lines (or nothing) are printed instead."""
+    if progress is False:
+        return None
+    try:
+        from x2l_edge.progress import Progress, _isatty
+    except ImportError:  # x2l_edge not installed: lines, as before
+        return None
+    if callable(progress) and progress is not True:
+        return Progress(progress)
+    return Progress(True) if _isatty(sys.stderr) else None
+
+def convert(hf_dir, out_path, outtype: str = "f16", progress=True) -> Path:
     """Convert HF_DIR to one GGUF file at OUT_PATH; returns the output path.
+
+    progress: True (the default) draws a bar on a terminal and prints one line per tensor elsewhere
+    (logs); False prints nothing but deviations from the outtype; a callable gets
+    progress("convert", done, total) after each tensor (x2l_edge/progress.py).
 
     Everything that can be wrong with the input is checked before the output is opened,
     and the file is written under a temporary name and renamed at the end, so a failed
@@ -1546,20 +1563,27 @@ def convert(hf_dir, out_path, outtype: str = "f16", progress: bool = True) -> Pa
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         width = len(str(len(specs)))
+        progress = True if progress is None else progress
+        bar = _bar(progress, len(specs))
+        lines = progress is True and bar is None
         for k, (spec, qtype) in enumerate(zip(specs, types), 1):
             data = spec.load()
             if qtype == gguf.GGMLQuantizationType.F16 and np.abs(data).max(initial=0) > 65504:
                 _log(True, f"convert: warning: {spec.name} has values beyond the F16 range (they become inf)")
             writer.write_tensor_data(gguf.quants.quantize(data, qtype))
-            _log(progress, f"[{k:>{width}}/{len(specs)}] {spec.name:<28} {qtype.name:<5} "
-                           f"{'x'.join(map(str, spec.shape))}  <- {spec.source}")
+            _log(lines, f"[{k:>{width}}/{len(specs)}] {spec.name:<28} {qtype.name:<5} "
+                        f"{'x'.join(map(str, spec.shape))}  <- {spec.source}")
+            if bar is not None:
+                bar.update("convert", k, len(specs), note=spec.name)
+        if bar is not None:
+            bar.close()
         writer.close()
         os.replace(tmp, out_path)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    _log(progress, f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(specs)} tensors)")
+    _log(progress is True, f"wrote {out_path} ({out_path.stat().st_size / 2**20:.1f} MiB, {len(specs)} tensors)")
     return out_path
 
 

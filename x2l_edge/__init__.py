@@ -42,7 +42,30 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'x2l_edge' has no attribute {name!r}")
 
 
-_core = _load_native("_core")
+def _source_tree_hint(e: ImportError) -> ImportError:
+    # `import x2l_edge` inside a checkout finds this folder, which has the Python sources but not the
+    # compiled _core: say what to do instead of a bare ModuleNotFoundError.
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    root = _os.path.dirname(here)
+    if not _os.path.exists(_os.path.join(root, "pyproject.toml")):
+        return e
+    import glob
+
+    built = sorted(glob.glob(_os.path.join(root, "build", "*", "_core.*")))
+    point = (f"X2L_CORE_PATH={built[0]} (the build folder's module)" if built
+             else "X2L_CORE_PATH at a built _core module (build/<wheel tag>/_core.*)")
+    return ImportError(
+        f"x2l_edge was imported from its source tree ({here}), which has no compiled _core module. "
+        f"Install the package (pip install . -- see the README) and import it from outside {root}, "
+        f"or set {point}.")
+
+
+try:
+    _core = _load_native("_core")
+except ModuleNotFoundError as _e:
+    if _e.name != "x2l_edge._core" or _os.environ.get("X2L_CORE_PATH"):
+        raise
+    raise _source_tree_hint(_e) from None
 FormatError = _core.FormatError
 BudgetError = _core.BudgetError
 Error = _core.Error

@@ -35,31 +35,13 @@ def _stamp(frame: int) -> str:
     return f"{frame // 60}:{frame % 60:02d}"
 
 
-class _Bar:
-    def __init__(self, label, stream):
-        self.label, self.stream, self.t0 = label, stream, time.perf_counter()
-
-    def __call__(self, done, total):
-        if total and self.stream.isatty():
-            w = 30
-            fill = int(w * done / total)
-            self.stream.write(f"\r  {self.label} [{'#' * fill}{'.' * (w - fill)}] {done}/{total} "
-                              f"{time.perf_counter() - self.t0:5.1f}s")
-            self.stream.flush()
-
-    def close(self):
-        if self.stream.isatty():
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def ask_modes(session, full_session, video, question: str, *, n_frames: int, ctx=None, top_k=None,
-              max_tokens: int = 24) -> dict:
+              max_tokens: int = 24, progress=None) -> dict:
     """Answer one question about a video in three ways. Returns {mode: {answer, chunks, seconds, kv}};
     kv holds the bytes of KV the answer was computed from, on the device and in host memory."""
     out = {}
     if ctx is None:
-        ctx = session.prefill(video, system=T.SYSTEM, max_frames=n_frames)
+        ctx = session.prefill(video, system=T.SYSTEM, max_frames=n_frames, progress=progress)
     for mode, k in (("h_only", 0), ("x2l", top_k)):
         t0 = time.perf_counter()
         chunks = [] if k == 0 else ctx.select(question=question, top_k=k)
@@ -75,7 +57,7 @@ def ask_modes(session, full_session, video, question: str, *, n_frames: int, ctx
         return out
     t0 = time.perf_counter()
     answer = full_session.ask(video, question, mode="full", system=T.SYSTEM, max_frames=n_frames,
-                              max_tokens=max_tokens).strip()
+                              max_tokens=max_tokens, progress=progress).strip()
     dt = time.perf_counter() - t0
     n_tok = len(full_session._s.history)  # prompt + video + question + answer
     out["full"] = {"answer": answer, "chunks": list(range(ctx.n_chunks)), "seconds": dt,
@@ -83,7 +65,12 @@ def ask_modes(session, full_session, video, question: str, *, n_frames: int, ctx
     return out
 
 
-def _print_answers(res: dict, expected: str, qkind: str, stream, needle_chunk=None) -> None:
+def _where(device: str) -> str:
+    """Where the resident tier (sink + H + reloaded L) lives: RAM on the CPU backend, device memory on a GPU."""
+    return "in RAM" if device == "cpu" else f"on {device}"
+
+
+def _print_answers(res: dict, expected: str, qkind: str, stream, needle_chunk=None, device: str = "cpu") -> None:
     names = {"h_only": "H-only (top_k=0)", "x2l": "X²L", "full": "full KV"}
     for mode in ("h_only", "x2l", "full"):
         r = res[mode]
@@ -94,7 +81,7 @@ def _print_answers(res: dict, expected: str, qkind: str, stream, needle_chunk=No
         kv = r["kv"]
         if mode == "full":
             chunks = "every visual token in the cache"
-            mem = f"KV on device {_fmt_bytes(kv['full'])}"
+            mem = f"full KV {_fmt_bytes(kv['full'])} {_where(device)}"
         else:
             if mode == "h_only":
                 chunks = "chunks reloaded: none"
@@ -103,15 +90,16 @@ def _print_answers(res: dict, expected: str, qkind: str, stream, needle_chunk=No
                 if needle_chunk is not None:
                     chunks += f" (needle in chunk {needle_chunk}: {'hit' if needle_chunk in r['chunks'] else 'MISSED'})"
             dev = kv["sink"] + kv["high"] + kv["reloaded"]
-            mem = (f"KV on device {_fmt_bytes(dev)} = sink {_fmt_bytes(kv['sink'])} + H {_fmt_bytes(kv['high'])} "
-                   f"+ reloaded L {_fmt_bytes(kv['reloaded'])}; L (host) {_fmt_bytes(kv['low_host'])}")
+            mem = (f"KV attended {_fmt_bytes(dev)} {_where(device)} = sink {_fmt_bytes(kv['sink'])} + resident H "
+                   f"{_fmt_bytes(kv['high'])} + reloaded L {_fmt_bytes(kv['reloaded'])}")
         stream.write(f"  {names[mode]:17s} {r['answer']!r}  [{ok}, {r['seconds']:.2f}s]\n"
                      f"  {'':17s} {chunks}; {mem}\n")
 
 
 def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None = None, workdir=None,
-        stream=None) -> dict:
-    """Run the demo; returns a summary dict (answers, correctness, timings)."""
+        stream=None, device: str = "auto", progress=None, save_video=None) -> dict:
+    """Run the demo; returns a summary dict (answers, correctness, timings). save_video: also write the
+    generated video there (FFV1 for .mkv/.avi, else mp4v), to try the API and `x2l-edge ask --tiny` on."""
     from . import Session
     from .video import write_video
 
@@ -136,6 +124,10 @@ def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None
         vid = T.needle_video(seed, n_frames)
         video_path = os.path.join(wd, f"needle_{seed}_{n_frames}s.mkv")
         write_video(video_path, vid.frames, fps=1.0, codec="FFV1")
+        if save_video:
+            lossless = os.fspath(save_video).lower().endswith((".mkv", ".avi"))
+            write_video(save_video, vid.frames, fps=1.0, codec="FFV1" if lossless else "mp4v")
+            say(f"[video] saved a copy as {save_video}")
         n_chunks = -(-n_frames // T.CHUNK_FRAMES)
         say(f"[video] {video_path}: {n_frames} frames ({_stamp(n_frames)} at 1 fps, {T.FRAME_SIZE}x{T.FRAME_SIZE}), "
             f"{n_chunks} chunks of {T.CHUNK_FRAMES} frames; generated in {time.perf_counter() - t0:.1f}s")
@@ -143,25 +135,27 @@ def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None
             f"(frame {vid.needle_frame}, chunk {vid.needle_chunk}); the rest are shapes")
 
         n_tok = n_frames * T.TOKENS_PER_FRAME
-        session = Session(path, n_threads=threads)
+        session = Session(path, n_threads=threads, device=device)
         n_ctx_train = int(session.info["n_ctx_train"])
-        full_session = Session(path, n_threads=threads, n_ctx=min(n_ctx_train, max(4096, n_tok + 512)))
-        bar = _Bar("frames", sys.stderr)
+        full_session = Session(path, n_threads=threads, n_ctx=min(n_ctx_train, max(4096, n_tok + 512)),
+                               device=session.device)
         t0 = time.perf_counter()
-        ctx = session.prefill(video_path, system=T.SYSTEM, max_frames=n_frames, progress=bar)
-        bar.close()
+        ctx = session.prefill(video_path, system=T.SYSTEM, max_frames=n_frames, progress=progress)
         t_prefill = time.perf_counter() - t0
         m = ctx.memory()
-        say(f"[index] bi-level prefill of {n_tok} visual tokens in {t_prefill:.1f}s: "
-            f"H {_fmt_bytes(m['high_bytes'])} (device tier), L {_fmt_bytes(m['low_bytes'])} (host tier), "
-            f"sink {_fmt_bytes(m['sink_bytes'])}; full KV would be {_fmt_bytes(n_tok * kv_bytes_per_token(session))}")
+        backend = "CPU backend" if session.device == "cpu" else session.device
+        say(f"[index] bi-level prefill of {n_tok} visual tokens in {t_prefill:.1f}s ({backend}): "
+            f"resident tier H {_fmt_bytes(m['high_bytes'])} + sink {_fmt_bytes(m['sink_bytes'])} "
+            f"{_where(session.device)}; host tier L {_fmt_bytes(m['low_bytes'])} in RAM; "
+            f"full KV would be {_fmt_bytes(n_tok * kv_bytes_per_token(session))}")
 
         summary = {"minutes": minutes, "seed": seed, "n_frames": n_frames, "needle_chunk": vid.needle_chunk,
                    "word": vid.word, "prefill_seconds": t_prefill, "questions": []}
         q = T.QUESTIONS["word"]
         say(f"\nQ: {q}   (expected: {vid.word})")
-        res = ask_modes(session, full_session, video_path, q, n_frames=n_frames, ctx=ctx, top_k=top_k)
-        _print_answers(res, vid.word, "word", stream, needle_chunk=vid.needle_chunk)
+        res = ask_modes(session, full_session, video_path, q, n_frames=n_frames, ctx=ctx, top_k=top_k,
+                        progress=progress)
+        _print_answers(res, vid.word, "word", stream, needle_chunk=vid.needle_chunk, device=session.device)
         summary["questions"].append({"question": q, "kind": "word", "expected": vid.word, "results": res})
 
         # Single-frame questions: one shape frame of the video as a one-frame clip.
@@ -171,14 +165,14 @@ def run(minutes: float = 2.0, seed: int = 0, threads: int = 0, top_k: int | None
         spec = vid.specs[frame_idx]
         if spec.kind == "shape":
             still = vid.frames[frame_idx:frame_idx + 1]
-            sctx = session.prefill(still, system=T.SYSTEM, max_frames=1)
+            sctx = session.prefill(still, system=T.SYSTEM, max_frames=1, progress=False)  # a one-frame clip: quick
             for qk in ("colour", "shape"):
                 q = T.QUESTIONS[qk]
                 expected = spec.answer(qk)
                 say(f"\nQ (about the single frame at {_stamp(frame_idx)}, a {spec.colour} {spec.shape}): {q}   "
                     f"(expected: {expected})")
-                res = ask_modes(session, full_session, still, q, n_frames=1, ctx=sctx, top_k=top_k)
-                _print_answers(res, expected, qk, stream)
+                res = ask_modes(session, full_session, still, q, n_frames=1, ctx=sctx, top_k=top_k, progress=False)
+                _print_answers(res, expected, qk, stream, device=session.device)
                 summary["questions"].append({"question": q, "kind": qk, "expected": expected, "frame": frame_idx,
                                              "results": res})
         summary["total_seconds"] = time.perf_counter() - t_all

@@ -1,6 +1,6 @@
 """Where a Session computes: the one place the Python API decides between the CPU backend and a CUDA
 device ('auto', 'cpu', 'cuda:N'), probes a device before trusting it, and falls back to the CPU with
-one RuntimeWarning. The C++ side builds whichever backend it is given (cpp/backends.cpp)."""
+one RuntimeWarning, given once per process. The C++ side builds whichever backend it is given (cpp/backends.cpp)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,18 @@ import re
 import warnings
 
 from . import _core
+
+
+_warned: set = set()
+
+
+def warn_once(message: str, *, stacklevel: int = 2) -> None:
+    """A RuntimeWarning the first time this message comes up in the process, then silence: a fallback
+    said once is news, said at every Session is noise that hides other warnings."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def resolve(device: str, *, stacklevel: int = 3) -> int:
@@ -27,8 +39,8 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
             return -1
         if _core.cuda_device_count() > 0:
             return 0
-        warnings.warn("x2l-edge: no usable CUDA device at run time; running on the CPU backend", RuntimeWarning,
-                      stacklevel=stacklevel)
+        warn_once("x2l-edge: this build has the CUDA backend but no CUDA device is usable here; running on "
+                  "the CPU. Pass device='cpu' (CLI: --device cpu) to say so and silence this.", stacklevel=stacklevel)
         return -1
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if not m:
@@ -40,8 +52,7 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
         why = f"{_core.cuda_device_count()} CUDA device(s) usable at run time"
     else:
         return index
-    warnings.warn(f"x2l-edge: {device} is not available ({why}); running on the CPU backend", RuntimeWarning,
-                  stacklevel=stacklevel)
+    warn_once(f"x2l-edge: {device} is not available ({why}); running on the CPU", stacklevel=stacklevel)
     return -1
 
 
@@ -101,8 +112,8 @@ def open_llm(path: str, device: str, **kw):
     if device == "auto" and index >= 0:
         core, why = _open_auto(path, index, **kw)
         if why:
-            warnings.warn(f"x2l-edge: device='auto' does not use cuda:{index} ({why}); running on the CPU backend",
-                          RuntimeWarning, stacklevel=3)
+            warn_once(f"x2l-edge: device='auto' does not use cuda:{index} ({why}); running on the CPU. Pass "
+                      "device='cpu' (CLI: --device cpu) to silence this.", stacklevel=3)
             index = -1
     if core is None:
         core = _core.LlmSession(path, device=index, **kw)
@@ -116,6 +127,6 @@ def open_vision(path: str, device: str, n_threads: int):
         try:
             return _core.VisionEncoder.from_gguf(path, n_threads=n_threads, device=int(device.split(":")[1]))
         except _core.Error as e:  # a weight type the kernels do not read, or no room next to the LLM
-            warnings.warn(f"x2l-edge: the vision tower does not run on {device} ({e}); encoding "
-                          "frames on the CPU", RuntimeWarning, stacklevel=3)
+            warn_once(f"x2l-edge: the vision tower does not run on {device} ({e}); encoding frames on the CPU",
+                      stacklevel=3)
     return _core.VisionEncoder.from_gguf(path, n_threads=n_threads)

@@ -9,6 +9,7 @@ from . import chat as _chat
 from . import device as _device
 from .generation import SAMPLING, generate_ids, stream_text
 from .options import X2LOptions
+from .progress import scope as _progress_scope
 from .x2l import VideoContext, prefill_chunks, split_template
 
 
@@ -149,6 +150,7 @@ class Session:
         """Index a long text with bi-level KV compression (the same path video takes): the text is cut into
         chunks of chunk_tokens tokens; returns a VideoContext to ask questions on.
 
+        progress: None (a bar on a terminal), False, True or progress(step, done, total) (x2l_edge/progress.py).
         x2l_options: any X2LOptions field (x2l_edge/options.py lists them with their defaults); the
         model's GGUF x2l.* values are not used for text."""
         if not isinstance(text, str) or not text:
@@ -159,8 +161,9 @@ class Session:
         prefix, suffix = split_template(self, system)
         ids = self.tokenize(text, special=False)
         chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
-        index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
-                                      progress=progress, options=opts)
+        with _progress_scope(progress) as prog:
+            index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
+                                          progress=prog, options=opts)
         ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
                            default_scorer=opts.scorer)
         ctx.prefill_stats = stats
@@ -226,34 +229,54 @@ class Session:
                      fps: float | None = None, progress=None, allow_convert: bool = False):
         """Decode, preprocess and encode a video chunk by chunk: yields embeddings [n_tokens, n_embd] of
         chunk_frames frames each (the model's trailing newline is appended to the last chunk). Frames are
-        streamed: only one chunk's frames are held at a time."""
-        import numpy as np
+        streamed: only one chunk's frames are held at a time. progress: as in prefill (steps 'decode' and
+        'encode')."""
+        vid, chunk_frames = self._open_video(video, chunk_frames, max_frames, fps, allow_convert)
+        with _progress_scope(progress) as prog:
+            yield from self._stream_chunks(video, vid, chunk_frames, prog, allow_convert)
 
+    def _open_video(self, video, chunk_frames, max_frames, fps, allow_convert):
         from .video import open_video
 
         if self.is_qwen_vl:
             raise NotImplementedError("Qwen2-VL / Qwen2.5-VL videos are encoded per temporal pair at their M-RoPE "
                                       "positions: use prefill() / ask() (x2l_edge.qwen_vl)")
+        self.vision  # a text-only model is refused before the video is looked at
+
         defaults = X2LOptions.for_model(self, video=True)
         chunk_frames = int(chunk_frames or defaults.chunk_frames)
         if chunk_frames < 1:
             raise ValueError("chunk_frames must be >= 1")
         if max_frames is None and fps is None:
             max_frames = defaults.frames_default
+        return open_video(video, max_frames=max_frames, fps=fps, allow_convert=allow_convert), chunk_frames
+
+    @staticmethod
+    def _n_chunks(vid, chunk_frames):
+        return None if vid.n_samples is None else -(-vid.n_samples // chunk_frames)
+
+    def _stream_chunks(self, video, vid, chunk_frames, progress, allow_convert):
+        import numpy as np
+
         enc = self.vision
         pre = self.preprocessor
         newline = enc.image_newline if self._meta("x2l.video.newline", "none") == "end" else None
-        vid = open_video(video, max_frames=max_frames, fps=fps, allow_convert=allow_convert)
         buf = []
         pending = None  # hold one chunk back so the newline can go after the last frame
+        n_encoded = 0
 
         def flush():
-            return self.encode_frames(pre.batch(buf, allow_convert=allow_convert))
+            nonlocal n_encoded
+            embd = self.encode_frames(pre.batch(buf, allow_convert=allow_convert))
+            n_encoded += len(buf)
+            progress.update("encode", n_encoded, vid.n_samples)
+            return embd
 
         n_frames = 0
-        for frame in vid.frames(progress=progress):
+        for frame in vid.frames():
             buf.append(frame.rgb)
             n_frames += 1
+            progress.update("decode", n_frames, vid.n_samples)
             if len(buf) == chunk_frames:
                 if pending is not None:
                     yield pending
@@ -276,6 +299,9 @@ class Session:
         """Index a video with bi-level KV compression: frames are decoded, encoded and prefilled chunk by
         chunk (bounded memory); returns a VideoContext for any number of questions.
 
+        progress: None (the default: a bar per step on stderr when it is a terminal), False (quiet), True
+        (bars), or a callable progress(step, done, total) with step 'decode', 'encode' (frames) and 'index'
+        (chunks) (x2l_edge/progress.py).
         x2l_options: any X2LOptions field; the defaults are the model's (X2LOptions.for_model)."""
         if self.is_qwen_vl:  # M-RoPE: chunks keep their (t, h, w) positions
             from .qwen_vl import prefill_video
@@ -285,10 +311,12 @@ class Session:
         opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or opts.chunk_frames)
-        chunks = self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
-                                   progress=progress)
-        index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), frames_per_chunk=chunk_frames,
-                                      options=opts)
+        vid, chunk_frames = self._open_video(video, chunk_frames, max_frames, fps, False)
+        with _progress_scope(progress) as prog:
+            chunks = self._stream_chunks(video, vid, chunk_frames, prog, False)
+            index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix),
+                                          frames_per_chunk=chunk_frames, options=opts, progress=prog,
+                                          n_chunks=self._n_chunks(vid, chunk_frames))
         ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
                            default_scorer=opts.scorer)
         ctx.prefill_stats = stats
@@ -321,9 +349,11 @@ class Session:
         prefix, suffix = split_template(self, system)
         self.reset()
         self._s.eval(self.tokenize(prefix))
-        for embd in self.video_chunks(video, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
-                                      progress=progress):
-            self._s.eval_embd(embd)
+        vid, chunk_frames = self._open_video(video, chunk_frames, max_frames, fps, False)
+        with _progress_scope(progress) as prog:
+            for done, embd in enumerate(self._stream_chunks(video, vid, chunk_frames, prog, False), 1):
+                self._s.eval_embd(embd)
+                prog.update("prefill", done, self._n_chunks(vid, chunk_frames))
         ids = list(self._s.history) + self.tokenize("\n" + question + suffix)
         gen = generate_ids(self._s, ids, stop_ids=self._stop_ids, max_tokens=max_tokens, **sampling)
         it = stream_text(self._tok, gen, [])

@@ -533,9 +533,9 @@ def _fingerprint(*paths) -> str:
 def build_gguf(out_path=None, *, llm_path=None, weights_path=None, force: bool = False, log=None) -> Path:
     """The combined tiny-VLM GGUF (SmolLM2-135M-Instruct + the shipped vision weights), built on first
     use into cache_dir() and reused while its inputs are unchanged."""
-    from . import models
+    from ._packaged import smollm2_path
 
-    llm_path = Path(llm_path or models.smollm2_path())
+    llm_path = Path(llm_path or smollm2_path())
     weights_path = Path(weights_path or WEIGHTS_PATH)
     if not weights_path.exists():
         raise FileNotFoundError(f"tiny VLM vision weights not found: {weights_path}")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from . import _core
 from .generation import generate_ids, stream_text
 from .options import X2LOptions
+from .progress import scope as progress_scope
 
 SCORERS = ("attention", "keys", "embedding", "external")
 _MARK = "\x00X2L_CONTENT\x00"
@@ -175,23 +176,25 @@ class VideoContext:
 
 
 def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chunks: int | None = None,
-                   frames_per_chunk: int | None = None, progress: Callable[[int, int | None], object] | None = None,
+                   frames_per_chunk: int | None = None, progress=None,
                    options: X2LOptions | None = None, **overrides):
     """Run the bi-level prefill over chunks given as token-id lists or embedding arrays [n, n_embd], with
     `options` (X2LOptions(), the plain defaults, when None) and any X2LOptions fields in overrides.
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
-    lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly."""
+    lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly.
+    progress: reports step 'index' after each chunk (both passes), as x2l_edge/progress.py describes."""
     steps = prefill_steps(session, chunks, sink_ids=sink_ids, options=options, frames_per_chunk=frames_per_chunk,
                           **overrides)
-    while True:
-        try:
-            done = next(steps)
-        except StopIteration as stop:
-            index, stats = stop.value
-            break
-        if progress is not None and progress(done, n_chunks) is False:
-            raise KeyboardInterrupt("prefill stopped by the progress callback")
+    with progress_scope(progress) as prog:
+        prog.update("index", 0, n_chunks)
+        while True:
+            try:
+                done = next(steps)
+            except StopIteration as stop:
+                index, stats = stop.value
+                break
+            prog.update("index", done, n_chunks)
     if getattr(session, "device", "cpu") != "cpu" and stats["device_note"]:
         warnings.warn(f"x2l-edge: {stats['device_note']}", RuntimeWarning, stacklevel=3)
     return index, stats

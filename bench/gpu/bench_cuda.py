@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -236,7 +237,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="every step on a tiny model (checks the script; timings meaningless)")
     a = ap.parse_args(argv)
+    a.tmp = None  # --smoke's model folder, removed at the end
+    try:
+        return _bench(a)
+    finally:
+        if a.tmp:
+            shutil.rmtree(a.tmp, ignore_errors=True)
 
+
+def _bench(a) -> int:
     from x2l_edge import _core, _testing, models  # _testing: the speed probes (the test build)
 
     if _core.cuda_device_count() == 0:
@@ -253,7 +262,9 @@ def main(argv=None) -> int:
             return 2
         import tempfile
 
-        a.model = a.model or tiny_model(tempfile.mkdtemp(prefix="x2l_smoke_"))
+        if not a.model:
+            a.tmp = tempfile.mkdtemp(prefix="x2l_smoke_")
+            a.model = tiny_model(a.tmp)
         a.contexts, a.tg, a.reps, a.x2l_tokens = [64], 4, 1, 256
         chunk, n_layers_reload, per_layer = 64, 4, 4096
     path = a.model

@@ -78,10 +78,16 @@ def main() -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
+        scratch = os.path.join(tmp, "tmpdir")  # its TMPDIR: whatever the script leaves there is a leak
+        os.mkdir(scratch)
         r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu", "bench_cuda.py"), "--smoke", "--cpu-threads", "2",
-                            "--out", os.path.join(tmp, "smoke.json")], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
-        print(f"cuda_emu: bench smoke {'ok' if r.returncode == 0 else 'FAILED'}", flush=True)
-        rc = rc or r.returncode
+                            "--out", os.path.join(tmp, "smoke.json")], env={**env, "TMPDIR": scratch}, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+        left = os.listdir(scratch)
+        ok = r.returncode == 0 and not left
+        print(f"cuda_emu: bench smoke {'ok' if ok else 'FAILED'}" + (f" (left behind in TMPDIR: {left})" if left else ""),
+              flush=True)
+        rc = rc or r.returncode or int(bool(left))
     return rc
 
 

@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="separate vision projector GGUF (not supported yet: convert to one GGUF with "
                         "tools/convert.py)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument("--media-dir", default=None, help="file:// URLs may name files inside this directory only")
     p.add_argument("--index-dir", default=None,
                    help="where video indexes are saved and found again after a restart (default: a temporary "
@@ -33,8 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accept live sources in POST /v1/videos: http(s) MJPEG streams, rtsp://, camera:N "
                         "(the server then opens URLs its clients give it)")
     p.add_argument("-t", "--threads", type=int, default=0, help="CPU threads (0 = all)")
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context length of the chat session (default 4096)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda:N' (default auto)")
 
 
 def serve(a) -> int:
