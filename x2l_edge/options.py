@@ -20,7 +20,10 @@ class X2LOptions:
     pool_kernel: int = 5            # neighbour smoothing of the votes
     max_host_bytes: int = 0         # budget for the L tier (0 = unlimited)
     max_device_bytes: int = 0       # budget for sink + H tier + working buffers (0 = unlimited)
-    compressor: str = "snapkv"      # "snapkv" (training-free) or "beacon" (Video-XL's learned VSTs)
+    # "snapkv", "kvzip", "keydiff" (training-free, any model: cpp/x2l/x2l.h X2LOptions::compressor) or
+    # "beacon" (Video-XL's learned VSTs)
+    compressor: str = "snapkv"
+    repeat_prompt: str | tuple | None = None  # kvzip: text (or token ids) between a chunk and its copy
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads

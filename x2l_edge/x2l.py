@@ -18,6 +18,10 @@ from .generation import generate_ids, stream_text
 from .options import X2LOptions
 
 SCORERS = ("attention", "keys", "embedding", "external")
+COMPRESSORS = ("snapkv", "kvzip", "keydiff", "beacon")
+# kvzip's prompt between a chunk and its copy (the wording the compressors were explored with).
+REPEAT_PROMPT_TEXT = "\n\nRepeat the text above exactly:\n"
+REPEAT_PROMPT_VIDEO = "\nRepeat the video above exactly:\n"
 _MARK = "\x00X2L_CONTENT\x00"
 
 
@@ -181,14 +185,25 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
     `options` (X2LOptions(), the plain defaults, when None) and any X2LOptions fields in overrides.
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
-    lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly."""
+    lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly.
+    compressor 'kvzip' re-reads every chunk after options.repeat_prompt (text or token ids; None:
+    REPEAT_PROMPT_TEXT for token chunks, REPEAT_PROMPT_VIDEO for embedding chunks)."""
     opts = (options or X2LOptions()).replace(**overrides)
-    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
-    p.add_sink(list(sink_ids))
+    if opts.compressor not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS} (got {opts.compressor!r})")
     it = iter(chunks)
     nxt = next(it, None)
     if nxt is None:
         raise ValueError("nothing to prefill: no chunks")
+    repeat_ids: list[int] = []
+    if opts.compressor == "kvzip":
+        prompt = opts.repeat_prompt
+        if prompt is None:
+            video = isinstance(nxt, np.ndarray) and nxt.dtype != np.int32 and nxt.ndim == 2
+            prompt = REPEAT_PROMPT_VIDEO if video else REPEAT_PROMPT_TEXT
+        repeat_ids = session.tokenize(prompt, special=False) if isinstance(prompt, str) else [int(t) for t in prompt]
+    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs(), repeat_prompt=repeat_ids)
+    p.add_sink(list(sink_ids))
     done = 0
     while nxt is not None:
         cur, nxt = nxt, next(it, None)
