@@ -106,6 +106,9 @@ _T_TEMPLATES = [
     "Reports from {site} describe the {weather} {period} as {qual} but calm.",
     "Nobody in {room} could explain why the {device} hummed {when}.",
     "The {part} of the old {device} was {qual}, so {name2} ordered a new one.",
+    # numbers in the filler: a needle's digits are not the only digits (and not the only distinctive keys)
+    "{name} logged {num} readings at {site} {when}.",
+    "The {device} in {room} ran for {num} minutes before {name} switched it off.",
 ]
 
 
@@ -116,7 +119,7 @@ def filler_sentence_test(rng: random.Random) -> str:
     t = t.format(when=rng.choice(_T_WHEN), device=rng.choice(_T_DEVICE), room=rng.choice(_T_ROOM),
                  part=rng.choice(_T_PART), name=n1, name2=n2, qual=q1, qual2=q2, mat=rng.choice(_T_MAT),
                  site=rng.choice(_T_SITE), count=rng.choice(_T_COUNT), item=rng.choice(_T_ITEM),
-                 weather=rng.choice(_T_WEATHER), period=rng.choice(_T_PERIOD))
+                 weather=rng.choice(_T_WEATHER), period=rng.choice(_T_PERIOD), num=rng.randint(2, 999))
     return t[0].upper() + t[1:]
 
 
