@@ -122,6 +122,36 @@ def test_kvzip_keeps_the_entries_a_reconstruction_pass_attends_to(tiny, tiny_hf)
     np.testing.assert_allclose(got, keys[1, S + kept[0, 1]], rtol=1e-4, atol=1e-4)
 
 
+def test_snapkv_max_votes_keep_the_entries_some_query_attends_to_most(tiny, tiny_hf):
+    """snapkv with max_votes=True (pooled votes) against transformers: an entry's importance is the largest
+    attention probability any query of the chunk gives it over the KV head's query heads (no division by
+    the queries that see it); smoothed over 5 neighbours, the kept L entries must be the top half."""
+    import torch
+    import transformers
+
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _chunks(tiny, n_chunks=2)[0] + _chunks(tiny, n_chunks=2)[1]  # 48 tokens
+    index, _ = prefill_chunks(tiny, [chunk], sink_ids=sink, ratio_low=2, ratio_high=8, low_type="f32",
+                              high_type="f32", max_votes=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        att = model(torch.tensor([sink + chunk]), output_attentions=True).attentions
+    S, n = len(sink), len(chunk)
+    cfg = model.config
+    H, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    kept = np.array(index.low_positions(0)).reshape(cfg.num_hidden_layers, H, n // 2) - S
+    for layer in range(cfg.num_hidden_layers):
+        a = att[layer][0].numpy()  # [n_head, T, T]
+        for h in range(H):
+            smooth = _smooth_top(a[h * group:(h + 1) * group, S:, S:].max(axis=(0, 1)), n // 2)
+            k = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert len(np.unique(k)) == n // 2
+            assert smooth[k].min() >= smooth[dropped].max() - 1e-5 * smooth.max(), (layer, h)
+
+
 def test_keydiff_keeps_the_most_distinctive_keys(tiny):
     """compressor='keydiff': per layer and KV head the kept L entries are the top half by minus the cosine
     similarity of each pre-RoPE key to the chunk's mean pre-RoPE key (smoothed over 5 neighbours),

@@ -24,6 +24,7 @@ class X2LOptions:
     # "beacon" (Video-XL's learned VSTs)
     compressor: str = "snapkv"
     repeat_prompt: str | tuple | None = None  # kvzip: text (or token ids) between a chunk and its copy
+    max_votes: bool = False         # snapkv: each entry's largest vote instead of its mean (pooled votes)
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads
@@ -34,7 +35,7 @@ class X2LOptions:
 
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
-               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes")
+               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}

@@ -232,6 +232,7 @@ void X2LPrefill::chunk_importance(const float* embd, int64_t n, int level, std::
         PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
         run.votes = &importance;
         run.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
+        run.votes_max = o_.max_votes;
         run_level(std::move(run));
     } else if (o_.compressor == "kvzip") {
         // [chunk; repeat_prompt; chunk] at consecutive positions: the prompt's and the copy's queries

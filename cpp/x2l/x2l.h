@@ -59,6 +59,8 @@ struct X2LOptions {
     // positions.
     std::string compressor = "snapkv";
     std::vector<int32_t> repeat_prompt;  // kvzip: the tokens between the chunk and its copy (may be empty)
+    bool max_votes = false;  // snapkv: each entry's largest vote (over the voting queries and the KV head's
+                             // query heads) instead of its mean
 };
 
 struct PrefillStats {
