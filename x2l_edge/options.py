@@ -10,7 +10,10 @@ from dataclasses import dataclass
 @dataclass
 class X2LOptions:
     # Compression (the bi-level prefill)
-    ratio_low: int = 2              # L-KVs (host tier): keep 1/ratio_low of each chunk's entries
+    # L-KVs (host tier): keep 1/ratio_low of each chunk's entries. 1 (uncompressed), not the method's 2: at 2
+    # no training-free compressor kept the held-out needles a reloaded chunk must answer from
+    # (bench/results/compressors_smollm2.md; snapkv loses nearly all of them, keydiff some).
+    ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
     high_type: str = "q8_0"         # H tier storage (for_model: f16 when heads are narrower than a q8_0 block)
