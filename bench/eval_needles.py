@@ -74,6 +74,61 @@ _TEMPLATES = [
 ]
 
 
+# The held-out "test" split: filler, needle wording, key vocabulary and seed stream that no tuning run
+# used (the compressors, scorers and selection rules were chosen on the "tune" split above, idx >= 100).
+# Fixed here before the final runs; a result on it is a result on unseen text.
+_T_NAMES = ["Abel", "Bianca", "Cyrus", "Delia", "Emeric", "Fiona", "Gideon", "Helga", "Ivo", "Juno", "Kasimir",
+            "Leona", "Magnus", "Noor", "Otto", "Priya", "Quentin", "Rhea", "Stellan", "Thea"]
+_T_DEVICE = ["spectrometer", "pump", "generator", "antenna", "thermostat", "compressor", "drill", "radio",
+             "centrifuge", "heater", "scanner", "winch"]
+_T_ROOM = ["the east lab", "the cold store", "hangar two", "the control room", "the greenhouse", "the mess hall",
+           "the workshop annex", "the server closet", "the dive shed", "the upper deck"]
+_T_PART = ["valve", "fuse", "gasket", "cable", "sensor", "filter", "hinge", "bearing", "panel", "switch"]
+_T_QUAL = ["dusty", "brittle", "dense", "glossy", "murky", "sturdy", "faded", "coarse", "damp", "polished", "uneven",
+           "pristine"]
+_T_MAT = ["basalt", "copper", "resin", "granite", "clay", "quartz", "timber", "felt", "glass", "limestone"]
+_T_SITE = ["the ridge camp", "the south pier", "the ice shelf", "the dry riverbed", "the pine outpost",
+           "the salt flats", "the radar hill", "the quarry"]
+_T_WHEN = ["before dawn", "at noon", "after the storm", "late on Sunday", "during the fog", "at dusk",
+           "early in the week", "before supper"]
+_T_WEATHER = ["windy", "foggy", "humid", "freezing", "cloudless", "stormy", "drizzly"]
+_T_PERIOD = ["week", "shift", "season", "month", "expedition", "night watch"]
+_T_COUNT = ["three", "five", "eleven", "twenty", "a dozen", "forty", "several", "two"]
+_T_ITEM = ["crate", "sample jar", "logbook", "rope coil", "toolbox", "battery", "map", "lamp"]
+_T_TEMPLATES = [
+    "{when}, the {device} in {room} gave a strange reading, so {name} checked its {part}.",
+    "{name} noted that the {mat} samples from {site} were {qual} and slightly {qual2}.",
+    "The supply sled left {site} {when}, carrying {count} {item}s for {name}.",
+    "During the {weather} {period}, {name} catalogued {count} {item}s in {room}.",
+    "{name} suspects the {device} fails whenever its {part} gets {qual}.",
+    "{name} and {name2} moved the {item} from {room} to {site} {when}.",
+    "A {qual} {mat} panel was replaced after {name} found a crack near {room}.",
+    "Reports from {site} describe the {weather} {period} as {qual} but calm.",
+    "Nobody in {room} could explain why the {device} hummed {when}.",
+    "The {part} of the old {device} was {qual}, so {name2} ordered a new one.",
+    # numbers in the filler: a needle's digits are not the only digits (and not the only distinctive keys)
+    "{name} logged {num} readings at {site} {when}.",
+    "The {device} in {room} ran for {num} minutes before {name} switched it off.",
+]
+
+
+def filler_sentence_test(rng: random.Random) -> str:
+    t = rng.choice(_T_TEMPLATES)
+    q1, q2 = rng.sample(_T_QUAL, 2)
+    n1, n2 = rng.sample(_T_NAMES, 2)
+    t = t.format(when=rng.choice(_T_WHEN), device=rng.choice(_T_DEVICE), room=rng.choice(_T_ROOM),
+                 part=rng.choice(_T_PART), name=n1, name2=n2, qual=q1, qual2=q2, mat=rng.choice(_T_MAT),
+                 site=rng.choice(_T_SITE), count=rng.choice(_T_COUNT), item=rng.choice(_T_ITEM),
+                 weather=rng.choice(_T_WEATHER), period=rng.choice(_T_PERIOD), num=rng.randint(2, 999))
+    return t[0].upper() + t[1:]
+
+
+_T_KEY_A = ["amber", "cobalt", "crimson", "ivory", "olive", "scarlet", "teal", "violet", "silver", "ochre"]
+_T_KEY_B = ["falcon", "otter", "badger", "heron", "lynx", "walrus", "gecko", "bison", "puffin", "marten"]
+
+SPLITS = ("tune", "test")
+
+
 def filler_sentence(rng: random.Random) -> str:
     t = rng.choice(_TEMPLATES)
     n1, n2 = rng.sample(_NOUN, 2)
@@ -108,13 +163,16 @@ class Tok:
     def n(self, text: str) -> int:
         return len(self.ids(text))
 
-    def sentence_slack(self) -> int:
+    def sentence_slack(self, filler=None) -> int:
         """Tokens by which an insertion at 'the first sentence boundary after position p' can overshoot p:
         the longest of 64 filler sentences (fixed seed) + 2, at least 24."""
+        filler = filler or filler_sentence
         if not hasattr(self, "_slack"):
+            self._slack = {}
+        if filler not in self._slack:
             rng = random.Random(12345)
-            self._slack = max(24, 2 + max(self.n(" " + filler_sentence(rng)) for _ in range(64)))
-        return self._slack
+            self._slack[filler] = max(24, 2 + max(self.n(" " + filler(rng)) for _ in range(64)))
+        return self._slack[filler]
 
     def byte_offsets(self, ids: list[int]) -> list[int]:
         """Start byte of every token in the decoded text, plus the total length at the end."""
@@ -127,16 +185,17 @@ class Tok:
         return off
 
 
-def _build(rng, tok: Tok, n_tokens: int, chunk_tokens: int, needles: list[str], chunks: list[int]):
+def _build(rng, tok: Tok, n_tokens: int, chunk_tokens: int, needles: list[str], chunks: list[int],
+           filler=filler_sentence):
     """Filler sentences up to ~n_tokens with each needle inserted at a sentence boundary inside its target
     chunk (token positions of the context), leaving room so that it does not cross the chunk's end."""
     plan = []
     for text, c in zip(needles, chunks):
         nl = tok.n(" " + text)
         lo = c * chunk_tokens
-        hi = min((c + 1) * chunk_tokens, n_tokens) - nl - tok.sentence_slack()
+        hi = min((c + 1) * chunk_tokens, n_tokens) - nl - tok.sentence_slack(filler)
         if hi < lo:
-            raise ValueError(f"chunk {c} has no room for a needle of {nl} tokens (+ {tok.sentence_slack()} "
+            raise ValueError(f"chunk {c} has no room for a needle of {nl} tokens (+ {tok.sentence_slack(filler)} "
                              f"tokens of slack): use longer chunks")
         plan.append((rng.randint(lo, hi), text))
     plan.sort()
@@ -148,7 +207,7 @@ def _build(rng, tok: Tok, n_tokens: int, chunk_tokens: int, needles: list[str], 
             i += 1
             is_needle = True
         else:
-            piece = filler_sentence(rng)
+            piece = filler(rng)
             is_needle = False
         add = (" " if text else "") + piece
         start = len(text) + (1 if text else 0)
@@ -188,45 +247,67 @@ def _pick_chunks(rng, n: int, n_chunks: int, distinct: bool = True) -> list[int]
 
 
 def make_sample(task: str, idx: int, tok: Tok, *, n_tokens: int = 2048, chunk_tokens: int = 512,
-                seed: int = 0) -> dict:
-    """One deterministic sample: context text, question, answer prefix, expected answers, needle chunks."""
-    h = int(hashlib.sha256(f"{task}:{idx}:{seed}".encode()).hexdigest()[:12], 16)
+                seed: int = 0, split: str = "tune") -> dict:
+    """One deterministic sample: context text, question, answer prefix, expected answers, needle chunks.
+    split "tune": the wording every tuning run used; "test": held-out filler, wording, keys and seeds."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    tag = f"{task}:{idx}:{seed}" if split == "tune" else f"{task}:{idx}:{seed}:{split}"
+    h = int(hashlib.sha256(tag.encode()).hexdigest()[:12], 16)
     rng = random.Random(h)
     n_chunks = max(1, math.ceil(n_tokens / chunk_tokens))
     used: set = set()
-    s = {"task": task, "idx": idx, "seed": seed, "n_tokens_target": n_tokens, "chunk_tokens": chunk_tokens}
+    s = {"task": task, "idx": idx, "seed": seed, "split": split, "n_tokens_target": n_tokens,
+         "chunk_tokens": chunk_tokens}
+    if split == "test":
+        key_of = lambda r: f"{r.choice(_T_KEY_A)}-{r.choice(_T_KEY_B)}"  # noqa: E731
+        one = "The secret PIN of the {k} account is {v}."
+        ask_one = ("What is the secret PIN of the {k} account?", "The secret PIN of the {k} account is")
+        many = "One secret PIN of the {k} account is {v}."
+        ask_many = ("What are all the secret PINs of the {k} account?", "The secret PINs of the {k} account are")
+        filler = filler_sentence_test
+    else:
+        key_of = _key
+        one = "The special magic number for {k} is {v}."
+        ask_one = ("What is the special magic number for {k} mentioned in the provided text?",
+                   "The special magic number for {k} is")
+        many = "One of the special magic numbers for {k} is {v}."
+        ask_many = ("What are all the special magic numbers for {k} mentioned in the provided text?",
+                    "The special magic numbers for {k} are")
+        filler = filler_sentence
     if task == "single":
-        key, val = _key(rng), _value(rng, used)
-        needles = [f"The special magic number for {key} is {val}."]
+        key, val = key_of(rng), _value(rng, used)
+        needles = [one.format(k=key, v=val)]
         target = [0]
-        s.update(question=f"What is the special magic number for {key} mentioned in the provided text?",
-                 answer_prefix=f"The special magic number for {key} is", answers=[val], max_tokens=12)
+        s.update(question=ask_one[0].format(k=key), answer_prefix=ask_one[1].format(k=key), answers=[val],
+                 max_tokens=12)
     elif task == "multikey":
         keys = []
         while len(keys) < 4:
-            k = _key(rng)
+            k = key_of(rng)
             if k not in keys:
                 keys.append(k)
         vals = [_value(rng, used) for _ in keys]
-        needles = [f"The special magic number for {k} is {v}." for k, v in zip(keys, vals)]
+        needles = [one.format(k=k, v=v) for k, v in zip(keys, vals)]
         ask = rng.randrange(len(keys))
         target = [ask]
-        s.update(question=f"What is the special magic number for {keys[ask]} mentioned in the provided text?",
-                 answer_prefix=f"The special magic number for {keys[ask]} is", answers=[vals[ask]], max_tokens=12,
-                 distractors=[v for j, v in enumerate(vals) if j != ask])
+        s.update(question=ask_one[0].format(k=keys[ask]), answer_prefix=ask_one[1].format(k=keys[ask]),
+                 answers=[vals[ask]], max_tokens=12, distractors=[v for j, v in enumerate(vals) if j != ask])
     elif task == "multivalue":
-        key = _key(rng)
+        key = key_of(rng)
         vals = [_value(rng, used) for _ in range(3)]
-        needles = [f"One of the special magic numbers for {key} is {v}." for v in vals]
+        needles = [many.format(k=key, v=v) for v in vals]
         target = [0, 1, 2]
-        s.update(question=f"What are all the special magic numbers for {key} mentioned in the provided text?",
-                 answer_prefix=f"The special magic numbers for {key} are", answers=vals, max_tokens=32)
+        s.update(question=ask_many[0].format(k=key), answer_prefix=ask_many[1].format(k=key), answers=vals,
+                 max_tokens=32)
     elif task == "cwe":
+        if split != "tune":
+            raise ValueError("cwe has no held-out split")
         return _make_cwe(s, rng, tok, n_tokens, chunk_tokens)
     else:
         raise ValueError(f"unknown task {task!r}")
     chunks = _pick_chunks(rng, len(needles), n_chunks, distinct=True)
-    text, spans = _build(rng, tok, n_tokens, chunk_tokens, needles, chunks)
+    text, spans = _build(rng, tok, n_tokens, chunk_tokens, needles, chunks, filler)
     needle_spans = [spans[t] for t in needles]
     located = locate(tok, text, needle_spans, chunk_tokens)
     s.update(context=text, needle_spans=needle_spans, needle_texts=needles,

@@ -16,6 +16,7 @@ import x2l_edge
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import eval_compressors as C  # noqa: E402
 import eval_needles as E  # noqa: E402
 import video_needles as V  # noqa: E402
 
@@ -148,6 +149,41 @@ def test_needle_eval_writes_partial_results_and_resumes(tiny_llama, tmp_path):
     assert E.main(args + ["--samples", "2", "--tasks", "single"]) == 0
     assert len(Path(out + ".jsonl").read_text().splitlines()) == 3
     assert "single" in Path(out + ".md").read_text()
+
+
+def test_test_split_is_held_out(smol):
+    """split='test' shares no filler sentence, needle wording or key with split='tune' for the same index."""
+    tok = E.Tok(smol)
+    for task in ("single", "multikey", "multivalue"):
+        tune = E.make_sample(task, 0, tok, n_tokens=512, chunk_tokens=128)
+        test = E.make_sample(task, 0, tok, n_tokens=512, chunk_tokens=128, split="test")
+        assert "secret PIN" in test["needle_texts"][0] and "magic number" in tune["needle_texts"][0]
+        tune_sents = {x.strip() for x in tune["context"].split(".")}
+        test_sents = {x.strip() for x in test["context"].split(".")}
+        assert not (tune_sents & test_sents) - {""}
+        for ans in test["answers"]:
+            assert ans in test["context"]
+
+
+def test_compressor_eval_runs_shards_and_resumes(tiny_llama, tmp_path):
+    out = str(tmp_path / "cmp")
+    args = ["--model", tiny_llama, "--tasks", "single", "--samples", "2", "--tokens", "576", "--chunk-tokens",
+            "192", "--ratio-high", "8", "--configs", "snapkv", "keydiff", "rl1_snapkv", "--out", out]
+    assert C.main(args + ["--shard", "0/2"]) == 0
+    assert C.main(args + ["--shard", "1/2"]) == 0
+    res = json.loads(Path(out + ".json").read_text())
+    assert res["samples_done"] == 2 and res["split"] == "test" and res["isa"]
+    cells = res["summary"]["single"]["configs"]
+    assert set(cells) == {"snapkv", "keydiff", "rl1_snapkv"}
+    for name, c in cells.items():
+        assert c["n"] == 2 and {"top3", "oracle", "h_only", "top3_chunk_recall", "low_bytes"} <= set(c)
+    # the L tier at ratio_low 2 holds half the entries of ratio_low 1 (same KV type)
+    assert abs(cells["snapkv"]["low_bytes"] * 2 - cells["rl1_snapkv"]["low_bytes"]) <= 0.02 * cells["rl1_snapkv"]["low_bytes"]
+    # a rerun resumes from both shards' records: nothing new is computed
+    assert C.main(args) == 0
+    n_lines = sum(len(Path(p).read_text().splitlines()) for p in (out + ".shard0.jsonl", out + ".shard1.jsonl"))
+    assert n_lines == 2 and not Path(out + ".jsonl").exists()
+    assert "rl1_snapkv" in Path(out + ".md").read_text()
 
 
 def test_kernel_resources_reads_ptxas_output():

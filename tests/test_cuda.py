@@ -668,6 +668,10 @@ def test_attention_votes(n_q, H, KVH, D, own, obs):
         np.testing.assert_array_equal(out_auto, _testing.cuda_attention(q, segs, KVH, scale, kernel="tensor_core"))
     else:
         np.testing.assert_array_equal(out_auto, out)
+    # max_votes (the kvzip compressor): the largest probability over the head's query heads and the rows
+    _, votes_max = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs, max_votes=True)
+    want_max = p.reshape(p.shape[0], KVH, H // KVH, own).max(axis=(0, 2)) if obs < n_q else np.zeros((KVH, own))
+    np.testing.assert_allclose(votes_max, want_max, rtol=1e-4, atol=1e-6)
 
 
 @gpu

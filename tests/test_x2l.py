@@ -75,6 +75,124 @@ def test_snapkv_keeps_the_entries_reference_attention_votes_for(tiny, tiny_hf):
             assert smooth[k].min() >= smooth[dropped].max() - 1e-5 * smooth.max(), (layer, h)
 
 
+def _smooth_top(votes, m, kernel=5):
+    """Indices of the m entries of highest neighbour-averaged importance (compress.cpp select_entries)."""
+    h = kernel // 2
+    n = len(votes)
+    smooth = np.array([votes[max(0, i - h):i + h + 1].mean() for i in range(n)])
+    return smooth
+
+
+def test_kvzip_keeps_the_entries_a_reconstruction_pass_attends_to(tiny, tiny_hf):
+    """compressor='kvzip' against transformers: the chunk, the repeat prompt and the chunk again run as one
+    sequence after the sink; an entry's importance is the largest attention probability any row of the
+    prompt or the copy gives it, over the KV head's query heads; smoothed over 5 neighbours, the kept L
+    entries must be the top half, and the index must hold the original's K/V rows (not the copy's)."""
+    import torch
+    import transformers
+
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _chunks(tiny, n_chunks=2)[0] + _chunks(tiny, n_chunks=2)[1]  # 48 tokens
+    prompt = tiny.tokenize("\n\nRepeat the text above exactly:\n", special=False)
+    index, _ = prefill_chunks(tiny, [chunk], sink_ids=sink, ratio_low=2, ratio_high=8, low_type="f32",
+                              high_type="f32", compressor="kvzip", repeat_prompt=prompt)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        out = model(torch.tensor([sink + chunk + prompt + chunk]), output_attentions=True, use_cache=True)
+    att = out.attentions
+    S, n, r = len(sink), len(chunk), len(prompt)
+    cfg = model.config
+    H, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    kept = np.array(index.low_positions(0)).reshape(cfg.num_hidden_layers, H, n // 2) - S
+    for layer in range(cfg.num_hidden_layers):
+        a = att[layer][0].numpy()  # [n_head, T, T]
+        for h in range(H):
+            votes = a[h * group:(h + 1) * group, S + n:, S:S + n].max(axis=(0, 1))
+            smooth = _smooth_top(votes, n // 2)
+            k = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert len(np.unique(k)) == n // 2
+            assert smooth[k].min() >= smooth[dropped].max() - 1e-5 * smooth.max(), (layer, h)
+    # the kept rows are the original chunk's keys (position S + i), not the copy's (S + n + r + i)
+    keys = out.past_key_values.layers[0].keys[0].numpy() if hasattr(out.past_key_values, "layers") else \
+        out.past_key_values[0][0][0].numpy()  # [H, T, head_dim] post-RoPE
+    got = np.frombuffer(index.low_rows(0, 0, 1), np.float32).reshape(n // 2, -1)
+    np.testing.assert_allclose(got, keys[1, S + kept[0, 1]], rtol=1e-4, atol=1e-4)
+
+
+def test_snapkv_max_votes_keep_the_entries_some_query_attends_to_most(tiny, tiny_hf):
+    """snapkv with max_votes=True (pooled votes) against transformers: an entry's importance is the largest
+    attention probability any query of the chunk gives it over the KV head's query heads (no division by
+    the queries that see it); smoothed over 5 neighbours, the kept L entries must be the top half."""
+    import torch
+    import transformers
+
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _chunks(tiny, n_chunks=2)[0] + _chunks(tiny, n_chunks=2)[1]  # 48 tokens
+    index, _ = prefill_chunks(tiny, [chunk], sink_ids=sink, ratio_low=2, ratio_high=8, low_type="f32",
+                              high_type="f32", max_votes=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        att = model(torch.tensor([sink + chunk]), output_attentions=True).attentions
+    S, n = len(sink), len(chunk)
+    cfg = model.config
+    H, group = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    kept = np.array(index.low_positions(0)).reshape(cfg.num_hidden_layers, H, n // 2) - S
+    for layer in range(cfg.num_hidden_layers):
+        a = att[layer][0].numpy()  # [n_head, T, T]
+        for h in range(H):
+            smooth = _smooth_top(a[h * group:(h + 1) * group, S:, S:].max(axis=(0, 1)), n // 2)
+            k = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert len(np.unique(k)) == n // 2
+            assert smooth[k].min() >= smooth[dropped].max() - 1e-5 * smooth.max(), (layer, h)
+
+
+def test_keydiff_keeps_the_most_distinctive_keys(tiny):
+    """compressor='keydiff': per layer and KV head the kept L entries are the top half by minus the cosine
+    similarity of each pre-RoPE key to the chunk's mean pre-RoPE key (smoothed over 5 neighbours),
+    recomputed here from the chunk's full keys (an uncompressed index of the same chunk: the first chunk's
+    L pass sees only the sink, so its keys are the same)."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _chunks(tiny, n_chunks=2)[0] + _chunks(tiny, n_chunks=2)[1]
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32")
+    comp, _ = prefill_chunks(tiny, [chunk], ratio_low=2, compressor="keydiff", **kw)
+    full, _ = prefill_chunks(tiny, [chunk], ratio_low=1, compressor="keydiff", **kw)
+    info = tiny.info
+    L, H, hd, n, S = info["n_layer"], info["n_head_kv"], info["head_dim"], len(chunk), len(sink)
+    theta = float(tiny._s.metadata("qwen2.rope.freq_base") or 10000.0)
+    pos = np.arange(S, S + n)
+    inv = theta ** (-np.arange(0, hd, 2) / hd)
+    ang = -pos[:, None] * inv[None, :]
+    kept = np.array(comp.low_positions(0)).reshape(L, H, n // 2) - S
+    for layer in range(L):
+        for h in range(H):
+            k = np.frombuffer(full.low_rows(0, layer, h), np.float32).reshape(n, hd).astype(np.float64)
+            # undo NEOX RoPE (qwen2: rotate halves)
+            x1, x2 = k[:, :hd // 2], k[:, hd // 2:]
+            pre = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x1 * np.sin(ang) + x2 * np.cos(ang)], 1)
+            mean = pre.mean(0)
+            imp = -(pre @ mean) / (np.linalg.norm(pre, axis=1) * np.linalg.norm(mean))
+            smooth = _smooth_top(imp, n // 2)
+            kk = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), kk)
+            assert smooth[kk].min() >= smooth[dropped].max() - 1e-5, (layer, h)
+
+
+def test_compressor_options_are_checked(tiny):
+    prefix, _ = split_template(tiny, "be brief")
+    chunks = _chunks(tiny, 2)
+    with pytest.raises(ValueError, match="compressor"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="h2o")
+    with pytest.raises(RuntimeError, match="vocabulary"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="kvzip", repeat_prompt=[10 ** 7])
+
+
 @pytest.mark.parametrize("two_pass", [True, False])
 def test_uncompressed_x2l_equals_full_forward(tiny, two_pass):
     """Ratio 1 keeps every entry: the chunked prefill + mixed cache must reproduce the plain causal

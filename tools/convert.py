@@ -1054,14 +1054,18 @@ def _check_rescale(pre: dict | None, source: str) -> None:
 
 # ----------------------------------------------------------------------------- X²L defaults
 
-# Written into every file (x2l.*); the runtime uses them when the caller gives no value.
-X2L_DEFAULTS = {"chunk_frames": 10, "ratio_low": 2, "ratio_high": 32, "pin_ends": False, "top_k": 3}
+# Written into every file (x2l.*); the runtime uses them when the caller gives no value. ratio_low: Video-XL's
+# beacon tokens are trained for 2; the training-free compressors keep the L tier whole (1), because at 2 they
+# drop the entries a question needs (docs/x2l.md, bench/results/compressors_smollm2.md).
+X2L_DEFAULTS = {"chunk_frames": 10, "ratio_low": 1, "ratio_high": 32, "pin_ends": False, "top_k": 3}
+BEACON_RATIO_LOW = 2
 FRAMES_DEFAULT = 32  # x2l.frames_default, video models only
 
 
 def write_x2l_defaults(w, model_kind: str, video: bool) -> None:
     w.add_string("x2l.model_kind", model_kind)
-    for key, value in X2L_DEFAULTS.items():
+    defaults = dict(X2L_DEFAULTS, ratio_low=BEACON_RATIO_LOW if model_kind == "videoxl" else X2L_DEFAULTS["ratio_low"])
+    for key, value in defaults.items():
         if isinstance(value, bool):
             w.add_bool(f"x2l.{key}", value)
         else:

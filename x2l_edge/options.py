@@ -10,7 +10,10 @@ from dataclasses import dataclass
 @dataclass
 class X2LOptions:
     # Compression (the bi-level prefill)
-    ratio_low: int = 2              # L-KVs (host tier): keep 1/ratio_low of each chunk's entries
+    # L-KVs (host tier): keep 1/ratio_low of each chunk's entries. 1 (uncompressed), not the method's 2: at 2
+    # no training-free compressor kept the held-out needles a reloaded chunk must answer from
+    # (bench/results/compressors_smollm2.md; snapkv loses nearly all of them, keydiff some).
+    ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
     high_type: str = "q8_0"         # H tier storage (for_model: f16 when heads are narrower than a q8_0 block)
@@ -20,7 +23,11 @@ class X2LOptions:
     pool_kernel: int = 5            # neighbour smoothing of the votes
     max_host_bytes: int = 0         # budget for the L tier (0 = unlimited)
     max_device_bytes: int = 0       # budget for sink + H tier + working buffers (0 = unlimited)
-    compressor: str = "snapkv"      # "snapkv" (training-free) or "beacon" (Video-XL's learned VSTs)
+    # "snapkv", "kvzip", "keydiff" (training-free, any model: cpp/x2l/x2l.h X2LOptions::compressor) or
+    # "beacon" (Video-XL's learned VSTs)
+    compressor: str = "snapkv"
+    repeat_prompt: str | tuple | None = None  # kvzip: text (or token ids) between a chunk and its copy
+    max_votes: bool = False         # snapkv: each entry's largest vote instead of its mean (pooled votes)
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads
@@ -31,7 +38,7 @@ class X2LOptions:
 
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
-               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes")
+               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}

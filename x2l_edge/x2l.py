@@ -19,6 +19,10 @@ from .options import X2LOptions
 from .progress import scope as progress_scope
 
 SCORERS = ("attention", "keys", "embedding", "external")
+COMPRESSORS = ("snapkv", "kvzip", "keydiff", "beacon")
+# kvzip's prompt between a chunk and its copy (the wording the compressors were explored with).
+REPEAT_PROMPT_TEXT = "\n\nRepeat the text above exactly:\n"
+REPEAT_PROMPT_VIDEO = "\nRepeat the video above exactly:\n"
 _MARK = "\x00X2L_CONTENT\x00"
 
 
@@ -183,7 +187,9 @@ def prefill_chunks(session, chunks: Iterable, *, sink_ids: Sequence[int], n_chun
 
     Memory stays bounded by one chunk's full KV plus the growing tiers; the chunk iterator is consumed
     lazily (a video's frames are decoded and encoded chunk by chunk). Ctrl-C between chunks stops cleanly.
-    progress: reports step 'index' after each chunk (both passes), as x2l_edge/progress.py describes."""
+    progress: reports step 'index' after each chunk (both passes), as x2l_edge/progress.py describes.
+    compressor 'kvzip' re-reads every chunk after options.repeat_prompt (text or token ids; None:
+    REPEAT_PROMPT_TEXT for token chunks, REPEAT_PROMPT_VIDEO for embedding chunks)."""
     steps = prefill_steps(session, chunks, sink_ids=sink_ids, options=options, frames_per_chunk=frames_per_chunk,
                           **overrides)
     with progress_scope(progress) as prog:
@@ -206,12 +212,21 @@ def prefill_steps(session, chunks: Iterable, *, sink_ids: Sequence[int], frames_
     one and returns (index, stats). A caller that shares the model between several tasks (the server)
     can run other model calls between two chunks."""
     opts = (options or X2LOptions()).replace(**overrides)
-    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
-    p.add_sink(list(sink_ids))
+    if opts.compressor not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS} (got {opts.compressor!r})")
     it = iter(chunks)
     nxt = next(it, None)
     if nxt is None:
         raise ValueError("nothing to prefill: no chunks")
+    repeat_ids: list[int] = []
+    if opts.compressor == "kvzip":
+        prompt = opts.repeat_prompt
+        if prompt is None:
+            video = isinstance(nxt, np.ndarray) and nxt.dtype != np.int32 and nxt.ndim == 2
+            prompt = REPEAT_PROMPT_VIDEO if video else REPEAT_PROMPT_TEXT
+        repeat_ids = session.tokenize(prompt, special=False) if isinstance(prompt, str) else [int(t) for t in prompt]
+    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs(), repeat_prompt=repeat_ids)
+    p.add_sink(list(sink_ids))
     done = 0
     while nxt is not None:
         cur, nxt = nxt, next(it, None)

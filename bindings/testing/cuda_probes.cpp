@@ -341,9 +341,9 @@ OutF32 op_elementwise(int kind, F32Array a, std::optional<F32Array> b) {
 // segments: list of (k_type, k bytes as uint8 array, v_type, v bytes, n_tokens). K/V of a segment are
 // [n_tokens, n_kv_head, head_dim] in their type, or [n_kv_head, n_tokens, head_dim] with head_major.
 // observe_from >= 0 also runs cuda_attention_votes over the last segment (the "own" entries) for the
-// query rows >= observe_from and returns (out, votes [n_kv_head, n_own]).
+// query rows >= observe_from and returns (out, votes [n_kv_head, n_own]); max_votes: their maximum instead.
 nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scale, bool causal, int window, int n_splits,
-                        bool head_major, int observe_from, const std::string& kernel) {
+                        bool head_major, int observe_from, const std::string& kernel, bool max_votes) {
     require_device();
     const x2l::CudaAttentionParams::Kernel ak = attention_kernel(kernel);
     if (q.ndim() != 3) throw x2l::Error("q must have shape [n_q, n_head, head_dim]");
@@ -421,7 +421,7 @@ nb::object op_attention(F32Array q, nb::list segments, int n_kv_head, float scal
             x2l::cuda_attention(p, table, s);
             if (observe_from >= 0) {
                 x2l::cuda_attention_votes(p.q, 0, p.lse, n_q, n_head, n_kv_head, D, scale, segs.back(), n_own, observe_from,
-                                          static_cast<float*>(dvotes.data()), n_own, s);
+                                          static_cast<float*>(dvotes.data()), n_own, s, max_votes);
             }
         });
         out = from_device(dout, q.size());
@@ -648,9 +648,11 @@ void bind_cuda_probes(nb::module_& m) {
     m.def("cuda_mul", [](F32Array a, F32Array b) { return op_elementwise(4, a, b); }, "a"_a, "b"_a);
     m.def("cuda_attention", &op_attention, "q"_a, "segments"_a, "n_kv_head"_a, "scale"_a = 0.f, "causal"_a = true,
           "window"_a = 0, "n_splits"_a = 0, "head_major"_a = false, "observe_from"_a = -1, "kernel"_a = "auto",
+          "max_votes"_a = false,
           "Attention of q [n_q, n_head, head_dim] over segments [(k_type, k, v_type, v, n_tokens), ...] in time order.\n"
           "observe_from >= 0: returns (out, votes [n_kv_head, n_own]), the softmax probabilities of query rows >=\n"
-          "observe_from summed per KV head over the last segment's entries (cuda_attention_votes).\n"
+          "observe_from summed per KV head over the last segment's entries (cuda_attention_votes; max_votes: the\n"
+          "largest of them instead of the sum).\n"
           "kernel: 'auto' (tensor cores from 64 query rows per KV head, head_dim <= 128; the votes' log-sum-exp\n"
           "then from a second pass on f32 scores), 'f32', or 'tensor_core' (log-sum-exp from its f16 operands).");
     m.def("cuda_pipeline_selftest", &op_pipeline_selftest, "data"_a, "n_slots"_a = 2, "zero_copy"_a = false,

@@ -15,6 +15,15 @@ namespace x2l {
 
 namespace {
 
+// Adds a thread's partial votes to the layer's (or keeps the larger of the two, for max votes).
+void merge_votes(float* dst, const float* src, size_t n, bool max) {
+    if (max) {
+        for (size_t i = 0; i < n; ++i) dst[i] = std::max(dst[i], src[i]);
+    } else {
+        for (size_t i = 0; i < n; ++i) dst[i] += src[i];
+    }
+}
+
 // Scores of one query head against a segment's keys, for entries [0, count).
 void score_segment(const KVSegment& s, int layer, int kvh, int64_t count, const float* q, const uint8_t* q8,
                           float scale, float* out) {
@@ -93,7 +102,11 @@ void attention_rows(ThreadPool& pool, AttentionScratch& ws, const AttentionShape
             if (observe && t >= hooks->from && t < hooks->to) {
                 float* acc = ws.obs_part.data() + static_cast<size_t>(ith) * part + static_cast<size_t>(kvh) * obs_n;
                 const int64_t e1 = std::min(hooks->end, n_vis);
-                for (int64_t e = hooks->begin; e < e1; ++e) acc[e - hooks->begin] += scores[e];
+                if (hooks->max) {
+                    for (int64_t e = hooks->begin; e < e1; ++e) acc[e - hooks->begin] = std::max(acc[e - hooks->begin], scores[e]);
+                } else {
+                    for (int64_t e = hooks->begin; e < e1; ++e) acc[e - hooks->begin] += scores[e];
+                }
             }
             float* out = out_all + t * QD + static_cast<int64_t>(h) * hd;
             std::memset(out, 0, sizeof(float) * hd);
@@ -109,7 +122,7 @@ void attention_rows(ThreadPool& pool, AttentionScratch& ws, const AttentionShape
         float* dst = hooks->out;
         for (int th = 0; th < pool.n_threads(); ++th) {
             const float* src = ws.obs_part.data() + static_cast<size_t>(th) * part;
-            for (size_t i = 0; i < part; ++i) dst[i] += src[i];
+            merge_votes(dst, src, part, hooks->max);
         }
     }
 }
@@ -442,7 +455,11 @@ void observe_task(const TileBuffers& b, int hd, int layer, int kvh, int rows, co
                 const float* sr = b.s + static_cast<size_t>(r) * kTileKeys;
                 const float m = b.m[r], inv_l = 1.0f / b.l[r];
                 float* dst = acc + (g + j0 - hooks.begin);
-                for (int j = 0; j < nv; ++j) dst[j] += exp_neg(sr[j] - m) * inv_l;
+                if (hooks.max) {
+                    for (int j = 0; j < nv; ++j) dst[j] = std::max(dst[j], exp_neg(sr[j] - m) * inv_l);
+                } else {
+                    for (int j = 0; j < nv; ++j) dst[j] += exp_neg(sr[j] - m) * inv_l;
+                }
             }
         }
     };
@@ -567,7 +584,7 @@ void attention_tiled(ThreadPool& pool, AttentionScratch& ws, const AttentionShap
         float* dst = hooks->out;
         for (int th = 0; th < nth_all; ++th) {  // a fixed order: sums do not depend on scheduling
             const float* src = ws.obs_part.data() + static_cast<size_t>(th) * obs_part;
-            for (size_t i = 0; i < obs_part; ++i) dst[i] += src[i];
+            merge_votes(dst, src, obs_part, hooks->max);
         }
     }
     if (n_split == 1) return;

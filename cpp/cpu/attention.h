@@ -16,11 +16,13 @@ struct AttentionShape {
 };
 
 // For batch queries t in [from, to), the softmax probabilities over cache entries [begin, end) are
-// summed over the query heads of each KV head into out[kv_head][entry - begin] (one layer's slice).
+// summed (max: their maximum taken) over the query heads of each KV head into out[kv_head][entry - begin]
+// (one layer's slice; out accumulates across calls the same way).
 struct AttentionObserver {
     float* out = nullptr;
     int64_t from = 0, to = INT64_MAX;
     int64_t begin = 0, end = 0;
+    bool max = false;
 };
 
 // Scratch for attention(); grows on demand and is reused across calls.

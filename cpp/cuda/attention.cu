@@ -510,7 +510,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_lse_kernel(AttnArgs a, int 
 // Attention observation (X²L compression votes). grid (ceil(n_own / kKT), n_kv_head), block kAttnThreads.
 // Block (tile, hk) owns entries [tile * kKT, +kKT) of KV head hk's own segment and adds to each the
 // probabilities exp2(q·k * scale_log2 - lse) of every observed query row of that KV head that sees it
-// (query t sits at own index n_own - n_q + t). Warps take query rows in turn; lane j scores entry j.
+// (query t sits at own index n_own - n_q + t), or with max_pool keeps the largest of them and of the
+// vote already there. Warps take query rows in turn; lane j scores entry j.
 struct VotesArgs {
     const float* q;
     int64_t q_tok_stride;
@@ -521,6 +522,7 @@ struct VotesArgs {
     float scale_log2;
     float* votes;      // [n_kv_head, votes_stride]
     int64_t votes_stride;
+    bool max_pool;
 };
 
 __global__ void __launch_bounds__(kAttnThreads) attn_votes_kernel(VotesArgs a) {
@@ -545,14 +547,17 @@ __global__ void __launch_bounds__(kAttnThreads) attn_votes_kernel(VotesArgs a) {
         const float* qr = a.q + static_cast<int64_t>(t) * a.q_tok_stride + static_cast<int64_t>(h) * D;
         float dot = 0.f;
         for (int d = 0; d < D; ++d) dot += qr[d] * krow[d];
-        if (lane < nk && e <= q_base + t) acc += exp2f(dot * a.scale_log2 - a.lse[static_cast<int64_t>(t) * a.n_head + h]);
+        if (lane < nk && e <= q_base + t) {
+            const float p = exp2f(dot * a.scale_log2 - a.lse[static_cast<int64_t>(t) * a.n_head + h]);
+            acc = a.max_pool ? fmaxf(acc, p) : acc + p;
+        }
     }
     part[warp * kKT + lane] = acc;
     __syncthreads();
     if (warp == 0 && lane < nk) {
-        float sum = 0.f;
-        for (int w = 0; w < kAttnWarps; ++w) sum += part[w * kKT + lane];
-        a.votes[hk * a.votes_stride + e] += sum;
+        float v = a.votes[hk * a.votes_stride + e];
+        for (int w = 0; w < kAttnWarps; ++w) v = a.max_pool ? fmaxf(v, part[w * kKT + lane]) : v + part[w * kKT + lane];
+        a.votes[hk * a.votes_stride + e] = v;
     }
 }
 
@@ -796,7 +801,7 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
 
 void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse, int n_q, int n_head, int n_kv_head,
                           int head_dim, float scale, const CudaKVSegment& own, int64_t n_own, int obs_from, float* votes,
-                          int64_t votes_stride, void* stream) {
+                          int64_t votes_stride, void* stream, bool max_pool) {
     const char* fn = "cuda_attention_votes";
     if (n_q < 0 || n_head <= 0 || n_kv_head <= 0 || n_head % n_kv_head != 0) throw_arg(fn, "bad head counts");
     if (head_dim <= 0 || head_dim > kMaxHeadDim) throw_arg(fn, "head_dim must be in 1..256");
@@ -822,6 +827,7 @@ void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse
     a.scale_log2 = scale_log2(scale, head_dim);
     a.votes = votes;
     a.votes_stride = votes_stride;
+    a.max_pool = max_pool;
     const size_t smem = sizeof(float) * (kKT * (head_dim + 1) + kAttnWarps * kKT);
     attn_votes_kernel<<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(n_kv_head)), kAttnThreads, smem,
                         as_stream(stream)>>>(a);

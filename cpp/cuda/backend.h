@@ -397,12 +397,13 @@ struct CudaAttentionParams {
 
 // Attention observation (X²L compression): for the attention call that wrote `lse` with these q rows,
 // adds to votes[kv_head * votes_stride + e] the softmax probability that each query row t in
-// [obs_from, n_q) gave to entry e of `own`, summed over the KV head's query heads. `own` holds the
+// [obs_from, n_q) gave to entry e of `own`, summed over the KV head's query heads (max_pool: keeps the
+// largest of those probabilities and the vote already there instead). `own` holds the
 // last n_own kv entries of that call (the cache's own entries; query t is entry n_own - n_q + t and
 // sees entries <= that); only its K side is read. Same q layout and scale as CudaAttentionParams.
 void cuda_attention_votes(const float* q, int64_t q_tok_stride, const float* lse, int n_q, int n_head, int n_kv_head,
                           int head_dim, float scale, const CudaKVSegment& own, int64_t n_own, int obs_from, float* votes,
-                          int64_t votes_stride, void* stream);
+                          int64_t votes_stride, void* stream, bool max_pool = false);
 
 // Workspace needed for a given split count (0 for n_splits <= 1).
 size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits);

@@ -151,11 +151,12 @@ size_t CudaContext::device_bytes() const {
     return b;
 }
 
-void CudaContext::set_observer(float* votes, int64_t votes_stride, int64_t obs_start) {
+void CudaContext::set_observer(float* votes, int64_t votes_stride, int64_t obs_start, bool max_pool) {
     if (votes && (votes_stride <= 0 || obs_start < 0)) throw Error("set_observer: bad stride or obs_start");
     votes_ = votes;
     votes_stride_ = votes_stride;
     obs_start_ = obs_start;
+    votes_max_ = max_pool;
 }
 
 void CudaContext::set_query_capture(float* dst, int64_t rows) {
@@ -455,7 +456,8 @@ void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const in
     if (votes_) {
         cuda_attention_votes(q, QD, p.lse, static_cast<int>(m), c.n_head, c.n_head_kv, c.head_dim, 0.f, seg, first + m,
                              obs_from,
-                             votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s);
+                             votes_ + static_cast<int64_t>(l) * c.n_head_kv * votes_stride_, votes_stride_, s,
+                             votes_max_);
     }
     if (last_rows && hooks_.after) hooks_.after(l, s);
 

@@ -115,8 +115,8 @@ class CudaContext {
     // Attention observation for later forward() calls (X²L compression, cuda_attention_votes): every
     // layer adds the softmax probabilities that queries at own index >= obs_start give to the own
     // entries into votes[layer][kv_head][entry] (device, n_layer * n_head_kv * votes_stride floats,
-    // votes_stride >= the own entries). nullptr turns it off.
-    void set_observer(float* votes, int64_t votes_stride, int64_t obs_start);
+    // votes_stride >= the own entries), or with max_pool keeps the largest. nullptr turns it off.
+    void set_observer(float* votes, int64_t votes_stride, int64_t obs_start, bool max_pool = false);
     // Query capture for later forward() calls (the X²L scorers' question pass): every layer copies the
     // pre-RoPE queries of own rows < rows into dst [n_layer, rows, n_head * head_dim] (device f32).
     // nullptr turns it off.
@@ -170,6 +170,7 @@ class CudaContext {
     CudaDeviceBuffer x_all_, pos_all_;  // forward_layer_major: [n, n_embd] hidden states, [n] positions
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;
+    bool votes_max_ = false;
     float* q_capture_ = nullptr;
     int64_t q_capture_rows_ = 0;
     std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries

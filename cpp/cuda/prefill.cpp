@@ -209,7 +209,7 @@ void CudaPrefill::run(const PrefillLevel& level, KVCache& work) {
     });
     if (importance) {
         votes_.zero(ctx_->stream());
-        ctx_->set_observer(static_cast<float*>(votes_.data()), n, level.obs_start);  // [n_layer, n_head_kv, n]
+        ctx_->set_observer(static_cast<float*>(votes_.data()), n, level.obs_start, level.votes_max);  // [n_layer, n_head_kv, n]
     } else {
         ctx_->set_observer(nullptr, 0, 0);
     }

@@ -63,6 +63,7 @@ class CpuPrefill final : public PrefillRunner {
             hooks.votes.out = level.votes->data();
             hooks.votes.begin = work.n_prefix();
             hooks.votes.end = work.n_prefix() + n;
+            hooks.votes.max = level.votes_max;
         }
         std::vector<int32_t> pos;  // [n_pos_axes, m]: the same position on every axis
         for (int64_t b = 0; b < n; b += n_batch_) {

@@ -88,10 +88,12 @@ struct PrefillLevel {
     int32_t pos0 = 0;          // row i sits at position pos0 + i (on every axis)
     const int32_t* pos = nullptr;  // or explicit positions [n_pos_axes, n] (M-RoPE media)
     std::vector<PrefixRows> prefix;  // in temporal order
-    // snapkv: votes [n_layer, n_head_kv, n] = the softmax probabilities that rows >= obs_start give each
-    // new row, summed over the query heads of its KV head (the caller normalises).
+    // snapkv, kvzip: votes [n_layer, n_head_kv, n] = the softmax probabilities that rows >= obs_start give
+    // each new row, summed over the query heads of its KV head (the caller normalises), or with votes_max
+    // the largest of them (over those rows and query heads).
     std::vector<float>* votes = nullptr;
     int64_t obs_start = 0;
+    bool votes_max = false;
     // beacon: [n] rows flagged 1 are Video-XL summarisation tokens, whose q/k/v come from the VST projections.
     const uint8_t* vst = nullptr;
     // Sorted rows of [0, n) the caller reads (nullptr: all); a device fetches only these.

@@ -58,8 +58,8 @@ struct ForwardHooks {
 
 // What the X²L prefill asks of a forward besides its rows.
 struct PrefillHooks {
-    // snapkv: for batch queries t in [votes.from, votes.to), the softmax probabilities over cache
-    // entries [votes.begin, votes.end) summed over the query heads of each KV head into
+    // snapkv, kvzip: for batch queries t in [votes.from, votes.to), the softmax probabilities over cache
+    // entries [votes.begin, votes.end) summed (votes.max: their maximum) over the query heads of each KV head into
     // votes.out[layer][kv_head][entry - begin] (a buffer of n_layer * n_head_kv * (end - begin)).
     AttentionObserver votes;
     // beacon: rows (of the batch) that are Video-XL summarisation tokens, whose q/k/v come from the VST

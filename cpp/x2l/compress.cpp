@@ -1,6 +1,7 @@
 #include "x2l/compress.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "core/common.h"
@@ -34,6 +35,45 @@ std::vector<int32_t> select_entries(const float* importance, int n_layer, int n_
         }
     }
     return keep;
+}
+
+void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope_spec,
+                  float* out) {
+    dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
+    rope(out, 1, seg.head_dim(), rope_spec.rope_dim, -pos, rope_spec.inv_freq, rope_spec.type);
+}
+
+std::vector<float> key_distinctiveness(const KVSegment& seg, int64_t n, const RopeSpec& rope_spec) {
+    const int L = seg.n_layer(), H = seg.n_head_kv(), hd = seg.head_dim();
+    if (n < 1 || n > seg.size()) throw Error("key_distinctiveness: need 1 <= n <= the segment's entries");
+    std::vector<float> out(static_cast<size_t>(L) * H * n);
+    std::vector<float> keys(static_cast<size_t>(n) * hd);  // [n, head_dim] pre-RoPE
+    std::vector<double> mean(hd);
+    for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < H; ++h) {
+            std::fill(mean.begin(), mean.end(), 0.0);
+            for (int64_t e = 0; e < n; ++e) {
+                float* k = keys.data() + e * hd;
+                key_pre_rope(seg, l, h, e, seg.pos(e), rope_spec, k);
+                for (int i = 0; i < hd; ++i) mean[i] += k[i];
+            }
+            double mean_norm = 0.0;
+            for (int i = 0; i < hd; ++i) mean_norm += mean[i] * mean[i];
+            mean_norm = std::sqrt(mean_norm);
+            float* imp = out.data() + (static_cast<size_t>(l) * H + h) * n;
+            for (int64_t e = 0; e < n; ++e) {
+                const float* k = keys.data() + e * hd;
+                double dot = 0.0, norm = 0.0;
+                for (int i = 0; i < hd; ++i) {
+                    dot += k[i] * mean[i];
+                    norm += static_cast<double>(k[i]) * k[i];
+                }
+                const double denom = std::sqrt(norm) * mean_norm;
+                imp[e] = denom > 0.0 ? static_cast<float>(-dot / denom) : 0.0f;
+            }
+        }
+    }
+    return out;
 }
 
 std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begin, const std::vector<int32_t>& keep,

@@ -1,11 +1,14 @@
-// Training-free KV compression: keep, per layer and KV head, the chunk entries that the chunk's
-// own last queries attend to most (SnapKV-style observation window with neighbour smoothing).
+// Training-free KV compression: keep, per layer and KV head, the m chunk entries with the highest
+// importance (neighbour-smoothed). Where the importance comes from is the compressor's rule (x2l.h
+// Compressor): attention votes of the chunk's own queries (SnapKV), of a pass that re-reads the chunk
+// (KVzip), or how far each key is from the chunk's typical key (KeyDiff, below).
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <vector>
 
 #include "cpu/kv_cache.h"
+#include "cpu/ops.h"
 
 namespace x2l {
 
@@ -14,6 +17,17 @@ namespace x2l {
 // [n_layer][n_head_kv][m]. m >= w keeps everything.
 std::vector<int32_t> select_entries(const float* importance, int n_layer, int n_head_kv, int64_t w, int64_t m,
                                     int pool_kernel);
+
+// Key of entry e of one (layer, KV head) turned back to pre-RoPE: R(-pos) undoes the rotation applied
+// at prefill, so keys compare by content, not by position. out: [head_dim]
+void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope, float* out);
+
+// KeyDiff importance (Park et al. 2025, "KeyDiff: key similarity-based KV cache eviction"), on pre-RoPE
+// keys: per (layer, KV head), entry e of seg's entries [0, n) scores minus the cosine similarity of
+// its key to the mean key of those entries, so the keys least like the chunk's typical key (a rare
+// word, a number, the odd frame) rank first. No attention pass: the keys alone decide.
+// Returns [n_layer][n_head_kv][n].
+std::vector<float> key_distinctiveness(const KVSegment& seg, int64_t n, const RopeSpec& rope);
 
 // Builds a segment of type out_type holding, per (layer, head), rows keep[l][h][0..m) of src
 // (entries [src_begin, src_begin + w) of src). Positions are those of head 0's kept entries.

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "core/common.h"
+#include "x2l/compress.h"
 #include "cpu/quant.h"
 #include "core/threadpool.h"
 
@@ -45,14 +46,6 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
         scores[c] = best;
     }
     return scores;
-}
-
-// Key of entry e of one (layer, KV head) turned back to pre-RoPE: R(-pos) undoes the rotation applied
-// at prefill, so a key matches a query by content, not by distance. out: [head_dim]
-static void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope_spec,
-                         float* out) {
-    dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
-    rope(out, 1, seg.head_dim(), rope_spec.rope_dim, -pos, rope_spec.inv_freq, rope_spec.type);
 }
 
 // Every chunk's pre-RoPE L keys of one (layer, KV head), in chunk order. out: [n_low_entries, head_dim]

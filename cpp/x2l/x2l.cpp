@@ -51,8 +51,11 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->ratio_high = o.ratio_high;
     ix_->pin_ends = o.pin_ends;
     ix_->two_pass = o.two_pass;
-    if (o.compressor != "snapkv" && o.compressor != "beacon") {
-        throw Error("compressor must be 'snapkv' or 'beacon' (got '" + o.compressor + "')");
+    if (o.compressor != "snapkv" && o.compressor != "kvzip" && o.compressor != "keydiff" && o.compressor != "beacon") {
+        throw Error("compressor must be 'snapkv', 'kvzip', 'keydiff' or 'beacon' (got '" + o.compressor + "')");
+    }
+    for (int32_t t : o.repeat_prompt) {
+        if (t < 0 || t >= s.model().config().n_vocab) throw Error("repeat_prompt has a token id out of the vocabulary");
     }
     if (o.compressor == "beacon") {
         if (!s.model().has_beacon()) {
@@ -116,14 +119,13 @@ void X2LPrefill::run_level(PrefillLevel level) {
     const int64_t n = level.n;
     ensure_cache(n);
     cache_->clear();
-    level.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
     runner_->run(level, *cache_);
     if (runner_->on_device()) stats_.device_forward_tokens += n;
     on_device_ = runner_->on_device();
     device_note_ = runner_->note();
     note_device_stats();
     stats_.forward_tokens += n;
-    if (level.votes) {
+    if (level.votes && !level.votes_max) {
         // Votes per query that could see the entry: entry e is visible to the queries at or after it.
         for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
             float* imp = level.votes->data() + lh * n;
@@ -217,7 +219,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
         if (n < o_.ratio_low) throw Error("chunk shorter than ratio_low: nothing to summarise");
         add_chunk_beacon(ch, embd, n, pinned);
     } else {
-        add_chunk_snapkv(ch, embd, n, pinned, pos);
+        add_chunk_training_free(ch, embd, n, pinned, pos);
     }
     if (ch.key_sig.empty()) {  // beacon: from the chunk's L entries (VST rows)
         ch.key_sig = distinct_pre_rope_keys(*ch.low, ch.low->size(), [&](int l, int h, int64_t e) { return ch.low_row_pos(l, h, e); },
@@ -232,19 +234,58 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
     check_budget();
 }
 
-// Training-free: run the chunk in full, then keep per layer/KV head the entries its queries voted for.
-void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned, const int32_t* pos) {
+void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* pos, int level,
+                                  std::vector<float>& importance) {
     const LlmConfig& c = s_.model().config();
     const int32_t pos0 = ix_->next_pos;  // the chunk keeps its tokens' positions
+    if (o_.compressor == "snapkv") {
+        PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
+        run.pos = pos;
+        run.votes = &importance;
+        run.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
+        run.votes_max = o_.max_votes;
+        run_level(std::move(run));
+    } else if (o_.compressor == "kvzip") {
+        if (pos) throw Error("compressor kvzip: M-RoPE positions are not supported yet (use snapkv or keydiff)");
+        // [chunk; repeat_prompt; chunk] at consecutive positions: the prompt's and the copy's queries
+        // find, layer by layer, what of the original they need to reproduce it. Only the original's rows
+        // are kept (and, on a device, fetched); the copy is forgotten.
+        const int64_t E = c.n_embd, r = static_cast<int64_t>(o_.repeat_prompt.size()), total = 2 * n + r;
+        std::vector<float> rows(static_cast<size_t>(total) * E);  // [2n + r, n_embd]
+        std::copy(embd, embd + n * E, rows.begin());
+        if (r > 0) s_.model().embed(o_.repeat_prompt.data(), r, rows.data() + n * E);
+        std::copy(embd, embd + n * E, rows.begin() + (n + r) * E);
+        std::vector<int32_t> original(static_cast<size_t>(n));
+        std::iota(original.begin(), original.end(), 0);
+        std::vector<float> votes;  // [n_layer][n_head_kv][total]
+        PrefillLevel run = level_rows(rows.data(), total, pos0, plan_level(*ix_, level).prefix);
+        run.votes = &votes;
+        run.obs_start = n;
+        run.votes_max = true;
+        run.keep = &original;
+        run_level(std::move(run));
+        importance.resize(static_cast<size_t>(c.n_layer) * c.n_head_kv * n);
+        for (size_t lh = 0; lh < static_cast<size_t>(c.n_layer) * c.n_head_kv; ++lh) {
+            std::copy_n(votes.data() + lh * total, n, importance.data() + lh * n);
+        }
+    } else {  // keydiff
+        PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
+        run.pos = pos;
+        run_level(std::move(run));
+        importance = key_distinctiveness(cache_->tail(), n, s_.model().rope_spec());
+    }
+}
+
+// Training-free: run the chunk in full, then keep per layer/KV head the entries of highest importance.
+void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t n, bool pinned,
+                                         const int32_t* pos) {
+    const LlmConfig& c = s_.model().config();
     const int64_t m_low = std::max<int64_t>(1, n / o_.ratio_low);
     const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
-    PrefillLevel low = level_rows(embd, n, pos0, plan_level(*ix_, 0).prefix);
-    low.pos = pos;
-    low.votes = &importance;
-    run_level(std::move(low));
-    const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV
+    chunk_importance(embd, n, pos, 0, importance);
+    const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV (rows [0, n))
     ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
                                         kKeySignatureEntries);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
@@ -253,10 +294,7 @@ void X2LPrefill::add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, boo
     for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
-        PrefillLevel high = level_rows(embd, n, pos0, plan_level(*ix_, 1).prefix);
-        high.pos = pos;
-        high.votes = &importance;
-        run_level(std::move(high));
+        chunk_importance(embd, n, pos, 1, importance);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);

@@ -38,18 +38,29 @@ struct X2LOptions {
                                     // uses the session's kv_type)
     bool pin_ends = false;          // first/last chunk at ratio_low in the H pass too (official code)
     bool two_pass = true;           // official semantics; false = one pass, L and H cut from it
-    int obs_window = 0;             // queries at the chunk's end that vote; 0 = all (per-entry mean)
-    int pool_kernel = 5;            // neighbour smoothing of the votes
+    int obs_window = 0;             // snapkv: queries at the chunk's end that vote; 0 = all (per-entry mean)
+    int pool_kernel = 5;            // neighbour smoothing of the importance
     size_t max_host_bytes = 0;      // budget for the L tier (0 = unlimited)
     size_t max_device_bytes = 0;    // budget for sink + H tier + working buffers (0 = unlimited)
     // Device prefill on a discrete GPU: bytes of L-KVs it may keep in device memory instead of streaming
     // them for every later chunk (-1: half the device memory free when the prefill starts; 0: stream all).
     int64_t prefill_low_cache_bytes = -1;
     int64_t max_chunk_tokens = 0;   // 0: grows with the largest chunk seen
-    // "snapkv": training-free selection (any model). "beacon": Video-XL's learned summarization
-    // tokens (needs VST weights): one VST after every `ratio` raw tokens, VST rows through their own
-    // q/k/v projections, only the VSTs' K/V kept, dense positions.
+    // Training-free (any model), per layer and KV head the entries of highest importance (compress.h):
+    //   "snapkv"  the mean attention each entry gets from the chunk's own queries (SnapKV's votes with
+    //             every query of the chunk as the observation window, or its last obs_window).
+    //   "kvzip"   the most attention each entry gets while the model re-reads the chunk: the chunk, then
+    //             repeat_prompt, then the chunk again in one pass; the prompt's and the copy's queries
+    //             vote, with the maximum over queries and heads (KVzip's context reconstruction). Costs
+    //             the chunk twice per level.
+    //   "keydiff" key distinctiveness (compress.h key_distinctiveness): no votes, the chunk's keys alone.
+    // "beacon": Video-XL's learned summarization tokens (needs VST weights): one VST after every
+    // `ratio` raw tokens, VST rows through their own q/k/v projections, only the VSTs' K/V kept, dense
+    // positions.
     std::string compressor = "snapkv";
+    std::vector<int32_t> repeat_prompt;  // kvzip: the tokens between the chunk and its copy (may be empty)
+    bool max_votes = false;  // snapkv: each entry's largest vote (over the voting queries and the KV head's
+                             // query heads) instead of its mean
 };
 
 struct PrefillStats {
@@ -91,11 +102,16 @@ class X2LPrefill {
   private:
     void ensure_cache(int64_t n);
     // Runs a level (rows, what they attend to, the votes or beacon rows wanted) through the runner,
-    // leaving the new rows in cache_'s tail; normalises the votes.
+    // leaving the new rows in cache_'s tail; summed votes become per-entry means (max votes stay as they are).
     void run_level(PrefillLevel level);
     void note_device_stats();
     void add_chunk_beacon(ChunkKV& ch, const float* embd, int64_t n, bool pinned);
-    void add_chunk_snapkv(ChunkKV& ch, const float* embd, int64_t n, bool pinned, const int32_t* pos);
+    void add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t n, bool pinned, const int32_t* pos);
+    // Runs the chunk [n, n_embd] on top of prefix and leaves its full KV in tail rows [0, n); importance
+    // gets the compressor's per-entry importance [n_layer][n_head_kv][n].
+    // level: 0 = L (on the earlier L rows), 1 = H (on the earlier H rows).
+    // pos: the rows' positions [n_pos_axes, n] (M-RoPE) or null for consecutive positions from next_pos.
+    void chunk_importance(const float* embd, int64_t n, const int32_t* pos, int level, std::vector<float>& importance);
     void check_budget() const;
 
     LlmSession& s_;
