@@ -1,6 +1,6 @@
 """What ptxas allots each CUDA kernel, per target architecture: registers, spills, stack, static shared memory.
 
-No GPU needed: it compiles cpp/cuda/*.cu with the flags CMakeLists.txt uses (-O3 --use_fast_math) for each
+No GPU needed: it compiles cpp/cuda/*.cu with the flags CMakeLists.txt uses (read from it) for each
 architecture and reads `ptxas -v`. Spills and register counts bound occupancy on every GPU, Jetson Orin
 (sm_87) included, so a change that makes a kernel spill shows up here before any GPU run.
 
@@ -19,7 +19,18 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", "-I", os.path.join(ROOT, "cpp")]
+
+
+def cmake_cuda_flags() -> list[str]:
+    """The options CMakeLists.txt gives nvcc for the x2l_cuda target (target_compile_options)."""
+    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    m = re.search(r"target_compile_options\(x2l_cuda PRIVATE \$<\$<COMPILE_LANGUAGE:CUDA>:([^>]*)>\)", text)
+    if not m:
+        raise RuntimeError("CMakeLists.txt: no CUDA compile options for x2l_cuda")
+    return m.group(1).split()
+
+
+FLAGS = ["-std=c++17", *cmake_cuda_flags(), "-Xptxas", "-v", "-I", os.path.join(ROOT, "cpp")]
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

@@ -132,16 +132,21 @@ __global__ void swiglu_kernel(const float* g, const float* __restrict__ u, float
 }
 
 // mode 0: gelu (erf), 1: gelu (tanh approximation), 2: quick_gelu x * sigmoid(1.702 x) (CLIP)
+// The tanh form is evaluated as v * sigmoid(2u) (0.5 (1 + tanh u) == 1 / (1 + e^-2u)): no tanhf, whose
+// approximate instruction (tanh.approx.f32, ~2^-11) would be off by ~7e-4 near v = -3, and no
+// cancellation in 1 + tanh u for large negative v. e^-2u overflowing to inf gives v / inf = -0.
 __global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int mode) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float v = x[i];
-        if (mode == 1)
-            y[i] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-        else if (mode == 2)
+        if (mode == 1) {
+            const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            y[i] = v / (1.f + expf(-2.f * u));
+        } else if (mode == 2) {
             y[i] = v / (1.f + expf(-1.702f * v));
-        else
+        } else {
             y[i] = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+        }
     }
 }
 
