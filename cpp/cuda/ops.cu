@@ -135,7 +135,8 @@ __global__ void swiglu_kernel(const float* g, const float* __restrict__ u, float
 // The tanh form is evaluated as v * sigmoid(2u) (0.5 (1 + tanh u) == 1 / (1 + e^-2u)): no tanhf, whose
 // approximate instruction (tanh.approx.f32, ~2^-11) would be off by ~7e-4 near v = -3, and no
 // cancellation in 1 + tanh u for large negative v. e^-2u overflowing to inf gives v / inf = -0.
-__global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int mode) {
+// x and y may be the same buffer (in place), so neither is __restrict__.
+__global__ void gelu_kernel(const float* x, float* y, int64_t n, int mode) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float v = x[i];
