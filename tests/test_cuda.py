@@ -342,7 +342,8 @@ def rope_ref(x, pos, n_rot, base, scale, neox):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rope(neox, n_rot, head_dim, base, scale, in_place):
     rng = np.random.default_rng(n_rot + head_dim)
-    pos = np.array([0, 1, 5, 100, 4095, 40000, 123456], np.int32)
+    # up to 2^24 - 1: FP32 angles stay accurate far past any context (rope_sincos in cuda/common.cuh)
+    pos = np.array([0, 1, 5, 100, 4095, 40000, 123456, -977, 1048575, 16777215], np.int32)
     x = rng.standard_normal((len(pos), 3, head_dim)).astype(np.float32)
     y = _testing.cuda_rope(x, pos, n_rot, base, scale, neox, in_place)
     np.testing.assert_allclose(y, rope_ref(x, pos, n_rot, base, scale, neox), rtol=0, atol=2e-5)
@@ -360,7 +361,7 @@ def _key_values(type_id: int, raw: np.ndarray, head_dim: int) -> np.ndarray:
 @pytest.mark.parametrize("type_id", [F32, F16, Q8_0, Q4_0])
 @pytest.mark.parametrize("neox", [False, True])
 @pytest.mark.parametrize("n_rot", [64, 32])
-@pytest.mark.parametrize("delta", [0, -37, 1000])
+@pytest.mark.parametrize("delta", [0, -37, 1000, 123457])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rerotate_keys(type_id, neox, n_rot, delta, in_place):
     """Cached keys moved by delta positions (X²L dense positions): rows of every KV type rotated on the

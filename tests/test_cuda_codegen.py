@@ -3,6 +3,8 @@ the options CMakeLists.txt gives the x2l_cuda target.
 
 - no approximate tanh (tanh.approx.f32 is ~2^-11: GELU-tanh would miss its 1e-5 test by 70x) and no
   approximate division: what --use_fast_math would bring in behind the kernels' backs;
+- no FP64 arithmetic (1/64 rate on RTX 40xx and Jetson Orin): RoPE and the X²L re-rotation run in FP32;
+- sin.approx only where the argument was reduced to [-pi, pi] first (rope_sincos in common.cuh).
 
 Skipped where nvcc is missing; the emulator (tests/cuda_emu) cannot see any of this.
 """
@@ -57,3 +59,16 @@ def test_no_approximate_tanh_or_division(ptx):
         assert not [i for i in ins if i.startswith("tanh.approx")], f"{name}.cu: tanh.approx (fast-math tanhf)"
         assert not [i for i in ins if re.match(r"div\.(approx|full)\.f32", i)], f"{name}.cu: approximate division"
 
+
+def test_no_fp64_arithmetic(ptx):
+    for name, text in ptx.items():
+        f64 = [i for i in _instructions(text) if re.match(r"[a-z0-9.]+\.f64\b", i.split()[0])]
+        assert not f64, f"{name}.cu: FP64 instructions, e.g. {f64[:3]}"
+
+
+def test_rope_kernels_use_reduced_sincos(ptx):
+    # rope_kernel and rerotate_kernel: the SFU sine/cosine (on an argument reduced mod 2pi), no sincosf
+    # slow path (Payne-Hanek reduction, FP64 and a local-memory table).
+    for name in ("ops", "kv_rotate"):
+        ins = _instructions(ptx[name])
+        assert any(i.startswith("sin.approx.f32") for i in ins) and any(i.startswith("cos.approx.f32") for i in ins), name

@@ -44,7 +44,7 @@ __device__ float key_value(int type, const uint8_t* row, int j) {
 // grid n_rows
 __global__ void __launch_bounds__(32)
     rerotate_kernel(const uint8_t* src, uint8_t* dst, size_t row_stride, int type, int head_dim, int n_rot, int neox,
-                    double log2_base, int32_t delta) {
+                    RopeSteps steps, int32_t delta) {
     __shared__ float v[kMaxHeadDim];
     const int lane = threadIdx.x;
     const uint8_t* in = src + static_cast<size_t>(blockIdx.x) * row_stride;
@@ -53,10 +53,8 @@ __global__ void __launch_bounds__(32)
     __syncthreads();
     const int half = n_rot / 2;
     for (int i = lane; i < half; i += 32) {
-        const double inv_freq = exp2(-2.0 * i / n_rot * log2_base);
-        double sn, cs;
-        sincos(static_cast<double>(delta) * inv_freq, &sn, &cs);
-        const float s = static_cast<float>(sn), c = static_cast<float>(cs);
+        float s, c;
+        rope_sincos(delta, steps.hi[i], steps.lo[i], &s, &c);
         const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         const float x0 = v[i0], x1 = v[i1];
         v[i0] = x0 * c - x1 * s;
@@ -69,7 +67,7 @@ __global__ void __launch_bounds__(32)
         for (int j = lane; j < head_dim; j += 32) reinterpret_cast<__half*>(out)[j] = __float2half_rn(v[j]);
     } else if (type == kQ8_0) {
         // d = amax / 127, q = round(x / d) (half away from zero): quant_block_q8. Correctly rounded
-        // division and reciprocal, as the CPU's (the build uses --use_fast_math).
+        // division and reciprocal, as the CPU's (whatever the build's flags).
         for (int b = 0; b < head_dim / 32; ++b) {
             const float x = v[32 * b + lane];
             const float amax = warp_max(fabsf(x));
