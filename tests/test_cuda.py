@@ -406,6 +406,16 @@ def test_rerotate_keys_composes_and_refuses_bad_rows():
         _testing.cuda_rerotate_keys(Q4_1, raw, 128, 128)
     with pytest.raises(_core.Error, match="head_dim"):
         _testing.cuda_rerotate_keys(Q8_0, np.zeros((2, 34), np.uint8), 16, 16)
+    # misaligned rows are refused before launch (a misaligned access traps and poisons the context)
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(F32, raw, 128, 128, 1e4, True, 250, byte_offset=2)
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(F16, np.zeros((3, 129), np.uint8), 64, 64, 1e4, True, 7)  # odd row stride
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(Q8_0, np.zeros((2, 68), np.uint8), 64, 64, 1e4, True, 7, byte_offset=1)
+    # the context is still fine: a valid call works, from an offset that is aligned enough
+    ok = _testing.cuda_rerotate_keys(F16, np.zeros((3, 128), np.uint8), 64, 64, 1e4, True, 7, byte_offset=2)
+    assert ok.shape == (3, 128) and not ok.view(np.float16).any()  # zeros rotate to (+-)0
 
 
 @gpu

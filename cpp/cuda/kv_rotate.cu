@@ -120,10 +120,19 @@ void cuda_rerotate_keys(DType type, const void* src, void* dst, int64_t n_rows, 
     if (mode != RopeMode::Norm && mode != RopeMode::Neox) throw_arg(fn, "mode must be Norm (0) or Neox (2)");
     if (n_rows < 0 || n_rows > 0x7FFFFFFF) throw_arg(fn, "bad n_rows");
     if (n_rows == 0) return;
+    // The kernel reads and writes f32 words (f32 rows) or f16 words (the others: values, block scales);
+    // a misaligned access traps, and a trap poisons the context for every later call.
+    const size_t word = type == DType::F32 ? 4 : 2;
+    if (!src || !dst) throw_arg(fn, "null rows");
+    if (!aligned(src, word) || !aligned(dst, word) || row_stride % word != 0)
+        throw_arg(fn, "rows or row_stride misaligned for the key type");
+    const size_t span = static_cast<size_t>(n_rows - 1) * row_stride + cuda_row_bytes(type, head_dim);
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(src), d0 = reinterpret_cast<uintptr_t>(dst);
+    if (src != dst && s0 < d0 + span && d0 < s0 + span) throw_arg(fn, "src and dst overlap (in place needs src == dst)");
     if (delta == 0 && src == dst) return;
     rerotate_kernel<<<static_cast<unsigned>(n_rows), 32, 0, as_stream(stream)>>>(
         static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), row_stride, static_cast<int>(type), head_dim, n_rot,
-        mode == RopeMode::Neox ? 1 : 0, std::log2(static_cast<double>(freq_base)), delta);
+        mode == RopeMode::Neox ? 1 : 0, rope_steps(n_rot, freq_base, 1.0), delta);
     check_launch("rerotate_kernel");
 }
 
