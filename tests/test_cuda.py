@@ -1,6 +1,7 @@
 """CUDA backend: every kernel against a numpy reference.
 
-The GPU tests are skipped on machines without a CUDA device; the first tests run everywhere and check
+The GPU tests are skipped on machines without a CUDA device, and fail instead when one is expected
+(X2L_EXPECT_GPU=1, or /dev/nvidia0 under a CUDA build); the first tests run everywhere and check
 that the module imports and reports "no device" cleanly, and that the backend was compiled in
 whenever the toolchain was there. `python tests/cuda_emu/run.py` runs this file against a build of the
 CUDA sources on a CPU emulator of CUDA (device name "x2l-edge CUDA emulator"), so CI executes the GPU
@@ -12,6 +13,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -36,7 +39,31 @@ def _device_count() -> int:
 
 
 HAS_GPU = _device_count() > 0
-gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+
+
+def _gpu_expected() -> bool:
+    """A GPU run was asked for (X2L_EXPECT_GPU=1, as bench/gpu/check.sh sets it), or an NVIDIA device
+    node exists under a build with the CUDA backend: then a missing device is a failure, not a skip
+    (a driver too old for the build's runtime would otherwise turn every GPU test into a green skip)."""
+    if os.environ.get("X2L_EXPECT_GPU", "") not in ("", "0"):
+        return True
+    return os.path.exists("/dev/nvidia0") and _core.cuda_built() and not _core.cuda_emulated()
+
+
+GPU_EXPECTED = _gpu_expected()
+
+
+@pytest.fixture
+def _need_gpu():
+    if HAS_GPU:
+        return
+    why = getattr(_core, "cuda_probe_error", lambda: "")() or "the driver reports no device"
+    if GPU_EXPECTED:
+        pytest.fail(f"a CUDA device is expected (X2L_EXPECT_GPU or /dev/nvidia0) but none is usable: {why}", pytrace=False)
+    pytest.skip(f"no CUDA device ({why})")
+
+
+gpu = pytest.mark.usefixtures("_need_gpu")
 
 
 # ---------------------------------------------------------------- tests that run everywhere
@@ -621,6 +648,23 @@ def test_attention(case, n_splits, head_major):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=3e-5)
 
 
+def _tc_smem_bytes(D: int) -> int:
+    """attn_tc_kernel's shared memory (tc_layout in cpp/cuda/attention.cu): f16 Q and K/V tiles of 64 rows,
+    f32 scores [64][68] and output [64][D + 4], 3 x 64 floats of row state; 86 784 bytes at head_dim 128."""
+    dp = (D + 15) // 16 * 16
+    return 2 * 64 * (dp + 8) * 2 + 4 * 64 * 68 + 4 * 64 * (dp + 4) + 4 * 3 * 64
+
+
+def _emulated_smem_optin() -> int:
+    """The emulated device's opt-in shared memory per block when a pass limits it (X2L_EMU_SMEM_OPTIN_KB)."""
+    kb = os.environ.get("X2L_EMU_SMEM_OPTIN_KB", "") if _core.cuda_emulated() else ""
+    return int(kb) * 1024 if kb else 1 << 30
+
+
+def test_tc_layout_size_as_documented():
+    assert _tc_smem_bytes(128) == 86784  # docs/cuda.md: 86.8 KB at head_dim 128
+
+
 @gpu
 @pytest.mark.parametrize("case", [c for c, v in ATTN_CASES.items() if v[3] <= 128])
 @pytest.mark.parametrize("head_major", [False, True])
@@ -632,6 +676,10 @@ def test_attention_tensor_cores(case, head_major):
     segs, K, V = make_segments(rng, specs, KVH, D, head_major)
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)
     scale = 1.0 / math.sqrt(D)
+    if _tc_smem_bytes(D) > _emulated_smem_optin():  # a device with less shared memory: refused, not launched
+        with pytest.raises(_core.Error, match="shared memory exceeds this device's limit"):
+            _testing.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
+        return
     out = _testing.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
     ref = attention_ref(q, K, V, KVH, scale, causal, window)
     # f16 operands and probabilities: measured 3e-5 to 1.5e-4 of max|V| on these cases.
@@ -751,8 +799,8 @@ def test_session_device_argument(tiny_gguf):
         assert Session(path, device="auto").device == ("cuda:0" if real and HAS_GPU else "cpu")
     notes = [str(w.message) for w in caught]
     if real and not HAS_GPU:
-        assert len(notes) == 1 and re.fullmatch(r"x2l-edge: no usable CUDA device at run time; running on the CPU backend",
-                                                notes[0]), notes
+        assert len(notes) == 1 and re.fullmatch(r"x2l-edge: no usable CUDA device at run time \(.+\); running on the CPU "
+                                                r"backend", notes[0]), notes
     else:
         assert notes == []
     with pytest.warns(RuntimeWarning, match=r"cuda:7 is not available.*CPU backend"):
@@ -764,6 +812,71 @@ def test_session_device_argument(tiny_gguf):
             Session(path, device=bad)
     with pytest.raises(TypeError):
         Session(path, device=0)
+
+
+def test_auto_falls_back_when_the_probe_run_fails(tiny_gguf, monkeypatch):
+    """A device whose probe run raises (a kernel that cannot launch on this GPU, a lost context) is
+    refused like one that computes noise: device='auto' must end on the CPU, never raise."""
+    from x2l_edge import device as D
+
+    path = tiny_gguf("llama", "q8_0")
+
+    def broken(*_a, **_k):
+        raise _core.Error("CUDA error in attn_kernel: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(D, "auto_probe", broken)
+    monkeypatch.setattr(D, "_probed", {})
+    core, why = D._open_auto(path, -1, n_threads=1, n_ctx=32, kv_type="f16")  # -1: any session; the probe is what fails
+    assert core is None and why.startswith("its probe run failed") and "no kernel image" in why
+
+
+def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (the emulator reads its X2L_EMU_* settings once per process)."""
+    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                                 os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not _core.cuda_emulated(), reason="the emulator models the driver and device faults")
+def test_old_driver_is_reported_not_hidden():
+    r = _run_isolated("from x2l_edge import _core; print(_core.cuda_device_count()); print(_core.cuda_probe_error())",
+                      X2L_EMU_OLD_DRIVER="1")
+    assert r.returncode == 0, r.stderr
+    count, why = r.stdout.splitlines()[:2]
+    assert count == "0" and "cudaErrorInsufficientDriver" in why and "12.4" in why and "13.0" in why, r.stdout
+
+
+@pytest.mark.skipif(not _core.cuda_emulated(), reason="the emulator models the driver and device faults")
+def test_device_without_kernel_image_is_not_usable():
+    """A GPU the build has no code for (sm_75 under the sm_80+ default) is present but not usable: 'auto' and
+    'cuda:0' run on the CPU with the reason, and a device session refuses with it."""
+    code = """
+import warnings
+from x2l_edge import _core, device
+assert _core.cuda_device_count() == 1
+why = _core.cuda_device_check(0)
+print(why)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    print(device.resolve("cuda:0"))
+print(w[0].message if w else "")
+"""
+    r = _run_isolated(code, X2L_EMU_NO_KERNEL_IMAGE="1")
+    assert r.returncode == 0, r.stderr
+    why, index, note = r.stdout.splitlines()[:3]
+    assert "cudaErrorNoKernelImageForDevice" in why and "X2L_CUDA_ARCHITECTURES" in why, why
+    assert index == "-1" and "cuda:0 is not available" in note and "NoKernelImage" in note, note
+
+
+@pytest.mark.skipif(HAS_GPU and not _core.cuda_emulated(), reason="a real device is there: nothing to fail")
+def test_expected_gpu_fails_instead_of_skipping():
+    """With X2L_EXPECT_GPU=1 (bench/gpu/check.sh) and no usable device, the GPU tests fail with the
+    probe's reason instead of skipping into a green run."""
+    env = {**os.environ, "X2L_EXPECT_GPU": "1", "X2L_EMU_OLD_DRIVER": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_swiglu"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "a CUDA device is expected" in r.stdout, r.stdout[-2000:]
 
 
 def test_auto_probe_tells_agreement_from_noise(tiny_gguf):
@@ -1063,7 +1176,7 @@ def _x2l_pair(path, device, **kw):
     return s.prefill_text(X2L_TEXT, **{"chunk_tokens": 48, "ratio_low": 2, "ratio_high": 8, "high_type": "q8_0", **kw})
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@gpu
 def test_cuda_prefill_streams_the_low_tier(tmp_path):
     """The device prefill keeps the sink and the H tier on the device but streams the L prefix from
     page-locked host memory, two layers at a time (read in place on integrated GPUs): doubling the video

@@ -25,9 +25,10 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
     if device == "auto":
         if not _core.cuda_built() or _core.cuda_emulated():
             return -1
-        if _core.cuda_device_count() > 0:
+        why = _unusable(0)
+        if not why:
             return 0
-        warnings.warn("x2l-edge: no usable CUDA device at run time; running on the CPU backend", RuntimeWarning,
+        warnings.warn(f"x2l-edge: no usable CUDA device at run time ({why}); running on the CPU backend", RuntimeWarning,
                       stacklevel=stacklevel)
         return -1
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
@@ -36,13 +37,22 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
     index = int(m.group(1) or 0)
     if not _core.cuda_built():
         why = "this build has no CUDA backend (no nvcc at build time)"
-    elif _core.cuda_device_count() <= index:
-        why = f"{_core.cuda_device_count()} CUDA device(s) usable at run time"
+    elif _unusable(index):
+        why = _unusable(index)
     else:
         return index
     warnings.warn(f"x2l-edge: {device} is not available ({why}); running on the CPU backend", RuntimeWarning,
                   stacklevel=stacklevel)
     return -1
+
+
+def _unusable(index: int) -> str:
+    """'' when a kernel of this build ran on CUDA device `index`, otherwise why not (no device, a driver
+    too old for this build, no kernel image for the GPU's architecture)."""
+    check = getattr(_core, "cuda_device_check", None)
+    if check is None:
+        return "" if _core.cuda_device_count() > index else f"{_core.cuda_device_count()} CUDA device(s) at run time"
+    return check(index)
 
 
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -87,7 +97,10 @@ def _open_auto(path: str, index: int, **kw):
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, index)
     if key not in _probed:
-        _probed[key] = auto_probe(dev, path, kw["n_threads"])
+        try:
+            _probed[key] = auto_probe(dev, path, kw["n_threads"])
+        except Exception as e:  # noqa: BLE001 - any failure of the device run means: use the CPU
+            _probed[key] = f"its probe run failed ({type(e).__name__}: {e})"
     if _probed[key]:
         return None, _probed[key]
     return dev, None

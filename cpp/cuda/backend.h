@@ -27,8 +27,14 @@ namespace x2l {
 
 // ---------------------------------------------------------------- devices
 
-// Number of usable CUDA devices; 0 when the driver or device is missing (never throws).
+// Number of CUDA devices the driver reports; 0 when the driver or device is missing (never throws).
 int cuda_device_count();
+// Why cudaGetDeviceCount found no device ("" when it succeeded): a driver too old for this build's
+// runtime is reported here instead of looking like a machine without a GPU.
+std::string cuda_probe_error();
+// "" when a kernel of this build ran on device dev, otherwise why not (no kernel image for its
+// architecture, a failed context...). Cached per device; never throws.
+std::string cuda_device_unusable(int dev);
 
 struct CudaDeviceInfo {
     std::string name;

@@ -22,6 +22,14 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 // Argument errors (bad shapes, alignment) are reported the same way as CUDA errors.
 [[noreturn]] void throw_arg(const char* fn, const char* msg);
 
+// The device's opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin: 99 KB
+// on sm_86/89, 163 KB on sm_80/87, 227 KB on sm_90, 64 KB on sm_75), cached per device.
+size_t smem_optin(int dev);
+// Lets `func` launch with `bytes` of dynamic shared memory on the current device: false when that is
+// above the device's opt-in limit (the caller picks smaller tiles); the attribute is set once per
+// (kernel, device).
+bool allow_dynamic_smem(const void* func, size_t bytes, const char* what);
+
 inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 inline bool aligned(const void* p, size_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }

@@ -1,7 +1,13 @@
 // Devices, memory, streams, events and the layer-pipelined copy helper.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -30,17 +36,129 @@ using cudak::check;
 
 // ---------------------------------------------------------------- devices
 
+namespace {
+
+// cudaGetDeviceCount's error text, "" when it succeeded.
+std::string count_error(int* n) {
+    *n = 0;
+    const cudaError_t e = cudaGetDeviceCount(n);
+    if (e == cudaSuccess) return "";
+    // Cleared so that it is not reported by an unrelated later call.
+    std::string msg = std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
+    (void)cudaGetLastError();
+    *n = 0;
+    if (e == cudaErrorInsufficientDriver) {
+        int drv = 0, rt = 0;
+        (void)cudaDriverGetVersion(&drv);
+        (void)cudaRuntimeGetVersion(&rt);
+        (void)cudaGetLastError();
+        msg += drv > 0 ? "; the driver supports CUDA " + std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10) +
+                             ", this build's runtime needs " + std::to_string(rt / 1000) + "." + std::to_string(rt % 1000 / 10)
+                       : "; no NVIDIA driver found";
+    }
+    return msg;
+}
+
+}  // namespace
+
 int cuda_device_count() {
     int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
-        // No driver (cudaErrorInsufficientDriver), no device (cudaErrorNoDevice), ...: the CPU backend
-        // takes over. Clear the error so it is not reported by an unrelated later call.
-        (void)cudaGetLastError();
-        return 0;
-    }
+    // No driver (cudaErrorInsufficientDriver), no device (cudaErrorNoDevice), ...: 0, the CPU backend
+    // takes over; cuda_probe_error() says why.
+    (void)count_error(&n);
     return n;
 }
+
+std::string cuda_probe_error() {
+    int n = 0;
+    return count_error(&n);
+}
+
+namespace cudak {
+namespace {
+__global__ void probe_kernel(int* out) { *out = 0x2c2e; }
+}  // namespace
+}  // namespace cudak
+
+std::string cuda_device_unusable(int dev) {
+    // A device counts only once a kernel of this build has run on it: a GPU older than the build's
+    // architectures (no kernel image), a driver that cannot JIT the PTX, a broken context all show here.
+    static std::mutex mu;
+    static std::map<int, std::string> verdict;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = verdict.find(dev);
+    if (it != verdict.end()) return it->second;
+    std::string why;
+    const int n = cuda_device_count();
+    if (dev < 0 || dev >= n) {
+        why = "no CUDA device " + std::to_string(dev) + " (" + std::to_string(n) + " present)";
+        const std::string e = cuda_probe_error();
+        if (!e.empty()) why += "; " + e;
+        return why;  // not cached: a driver may come later in tests, never for a real process
+    }
+    int prev = 0;
+    auto step = [&why](cudaError_t e, const char* what) {
+        if (e != cudaSuccess && why.empty()) why = std::string(what) + ": " + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
+        return e == cudaSuccess;
+    };
+    if (step(cudaGetDevice(&prev), "cudaGetDevice") && step(cudaSetDevice(dev), "cudaSetDevice")) {
+        int* d = nullptr;
+        if (step(cudaMalloc(reinterpret_cast<void**>(&d), sizeof(int)), "cudaMalloc")) {
+            cudak::probe_kernel<<<1, 1>>>(d);
+            int got = 0;
+            if (step(cudaGetLastError(), "a test kernel's launch") && step(cudaDeviceSynchronize(), "a test kernel") &&
+                step(cudaMemcpy(&got, d, sizeof(int), cudaMemcpyDeviceToHost), "cudaMemcpy") && got != 0x2c2e)
+                why = "a test kernel ran but did not write its result";
+            cudaFree(d);
+        }
+        cudaSetDevice(prev);
+    }
+    (void)cudaGetLastError();
+    if (!why.empty()) {
+        int major = 0, minor = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        (void)cudaGetLastError();
+        why += " on sm_" + std::to_string(major) + std::to_string(minor) +
+               " (this build's architectures: " X2L_CUDA_ARCH_LIST "; rebuild with -C cmake.define.X2L_CUDA_ARCHITECTURES=" +
+               std::to_string(major) + std::to_string(minor) + ")";
+    }
+    verdict[dev] = why;
+    return why;
+}
+
+namespace cudak {
+
+size_t smem_optin(int dev) {
+    static std::mutex mu;
+    static std::map<int, size_t> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(dev);
+    if (it != cache.end()) return it->second;
+    int v = 0;
+    check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute(smem opt-in)");
+    return cache[dev] = static_cast<size_t>(std::max(v, 48 * 1024));
+}
+
+bool allow_dynamic_smem(const void* func, size_t bytes, const char* what) {
+    if (bytes <= 48 * 1024) return true;
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    if (bytes > smem_optin(dev)) return false;
+    // Once per (kernel, device), at the device's opt-in limit: later launches of any size below it
+    // need no call (cudaFuncSetAttribute is not free, and it was on every launch).
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, bool> done;
+    std::lock_guard<std::mutex> lock(mu);
+    bool& set = done[{func, dev}];
+    if (!set) {
+        check(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_optin(dev))), what);
+        set = true;
+    }
+    return true;
+}
+
+}  // namespace cudak
 
 namespace {
 

@@ -45,6 +45,12 @@ struct Config {
     bool early_copies = env_long("X2L_EMU_EARLY_COPIES", 0) != 0;
     // Stream capture fails as on a driver that refuses it (the fallback of code that uses graphs).
     bool refuse_capture = env_long("X2L_EMU_REFUSE_CAPTURE", 0) != 0;
+    // A driver older than the runtime (cudaGetDeviceCount fails with cudaErrorInsufficientDriver).
+    bool old_driver = env_long("X2L_EMU_OLD_DRIVER", 0) != 0;
+    // A device the build has no kernel image for (e.g. sm_75 with sm_80+ code): every launch fails.
+    bool no_kernel_image = env_long("X2L_EMU_NO_KERNEL_IMAGE", 0) != 0;
+    // The opt-in shared memory per block in KB (0: sm_87's / sm_89's); 64 models sm_75.
+    long smem_optin_kb = env_long("X2L_EMU_SMEM_OPTIN_KB", 0);
 };
 const Config& cfg() {
     static Config c;
@@ -515,7 +521,10 @@ bool run_block(bool reverse) {
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 uint64_t g_launches = 0;
 
-size_t smem_optin() { return cfg().integrated ? 166912 : 101376; }  // sm_87 / sm_89 opt-in limits
+size_t smem_optin() {  // sm_87 / sm_89 opt-in limits, or X2L_EMU_SMEM_OPTIN_KB
+    if (cfg().smem_optin_kb > 0) return static_cast<size_t>(cfg().smem_optin_kb) * 1024;
+    return cfg().integrated ? 166912 : 101376;
+}
 
 void execute_kernel(const std::string& name, dim3 grid, dim3 block, size_t smem, bool reverse,
                     const std::shared_ptr<KernelBody>& body) {
@@ -616,6 +625,10 @@ void launch(const char* name, const void* func, dim3 grid, dim3 block, size_t sm
         fail(cudaErrorInvalidResourceHandle, "launch on a destroyed stream");
         return;
     }
+    if (cfg().no_kernel_image) {
+        fail(cudaErrorNoKernelImageForDevice, std::string("launch of ") + name + ": X2L_EMU_NO_KERNEL_IMAGE is set");
+        return;
+    }
     install_fault_handler();
     const int order = cfg().order;
     const bool reverse = order < 0 ? (g_launches & 1u) != 0 : order == 1;
@@ -636,7 +649,20 @@ cudaError_t cudaGetDeviceCount(int* n) {
         *n = 0;
         return fail(cudaErrorNoDevice, "X2L_EMU_NO_DEVICE is set");
     }
+    if (cfg().old_driver) {
+        *n = 0;
+        return fail(cudaErrorInsufficientDriver, "X2L_EMU_OLD_DRIVER is set");
+    }
     *n = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* v) {
+    *v = cfg().old_driver ? 12040 : 13000;
+    return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+    *v = 13000;
     return cudaSuccess;
 }
 
@@ -726,6 +752,8 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
         case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
         case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorNoKernelImageForDevice: return "cudaErrorNoKernelImageForDevice";
+        case cudaErrorNotSupported: return "cudaErrorNotSupported";
         case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
         case cudaErrorNotReady: return "cudaErrorNotReady";
