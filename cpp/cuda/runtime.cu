@@ -268,9 +268,12 @@ void CudaDeviceBuffer::download(void* host_dst, size_t bytes, size_t offset, voi
     if (offset + bytes > bytes_) throw Error("CudaDeviceBuffer::download: out of range");
     if (bytes == 0) return;
     const char* src = static_cast<const char*>(ptr_) + offset;
-    if (stream)
+    if (stream) {
+        // Ordered after the stream's work; the host reads host_dst on return, and a pageable destination
+        // is only promised complete on return for some copies and drivers: wait for it.
         check(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cudak::as_stream(stream)), "cudaMemcpyAsync");
-    else
+        check(cudaStreamSynchronize(cudak::as_stream(stream)), "cudaStreamSynchronize");
+    } else
         check(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
 }
 

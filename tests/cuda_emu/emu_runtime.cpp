@@ -977,7 +977,10 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
             std::memcpy(dst, src, bytes);
         });
     }
-    if (ds == Side::kPageable || cfg().early_copies) flush_all(resolve(stream));  // into pageable memory: complete on return
+    // Into pageable memory the copy is NOT complete on return here (the documentation promises it for
+    // some drivers and copies only): it lands when the stream is synchronized, so host code that reads
+    // the destination without a sync reads stale bytes (cudaMemcpy, the synchronous call, flushes).
+    if (cfg().early_copies) flush_all(resolve(stream));
     EMU_STICKY_CHECK;
     return cudaSuccess;
 }
