@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "core/common.h"
@@ -654,17 +655,25 @@ void CudaSegmentTable::assign(const std::vector<CudaKVSegment>& segs, int head_d
         }
         total += s.n_tokens;
     }
+    const size_t bytes = segs.size() * sizeof(CudaKVSegment);
+    // The same table on the same stream is on the device already (a question's layers keep theirs).
+    const bool same = uploaded_ && uploaded_on_ == stream && segs.size() == host_.size() &&
+                      (bytes == 0 || std::memcmp(segs.data(), host_.data(), bytes) == 0);
     host_ = segs;
     n_kv_ = total;
-    const size_t bytes = segs.size() * sizeof(CudaKVSegment);
+    if (same) return;
     if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
-    // Pageable source: the runtime stages it before returning, so host_ may change afterwards.
-    if (bytes) cuda_copy_h2d_async(dev_.data(), host_.data(), bytes, stream);
+    staging_.upload(dev_.data(), host_.data(), bytes, stream);
+    uploaded_ = true;
+    uploaded_on_ = stream;
 }
 
 void CudaSegmentTable::reserve(int n) {
     const size_t bytes = static_cast<size_t>(std::max(n, 0)) * sizeof(CudaKVSegment);
-    if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
+    if (bytes > dev_.size()) {
+        dev_ = CudaDeviceBuffer(bytes);
+        uploaded_ = false;
+    }
 }
 
 size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits) {

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -159,6 +160,25 @@ class CudaEvent {
 
   private:
     void* e_ = nullptr;
+};
+
+// Host-to-device copies of pageable data without the implicit synchronization a pageable
+// cudaMemcpyAsync does: the bytes are copied into a pinned buffer (bump-allocated, reused once the
+// copies from it have landed) and DMA'd from there on the stream. The source may change on return.
+// One stream per object (its copies are ordered on it); not for use during stream capture.
+class CudaStaging {
+  public:
+    CudaStaging();
+    ~CudaStaging();
+    CudaStaging(CudaStaging&&) noexcept;
+    CudaStaging& operator=(CudaStaging&&) noexcept;
+    void upload(void* dev_dst, const void* host_src, size_t bytes, void* stream);
+
+  private:
+    std::unique_ptr<CudaHostBuffer> buf_;
+    std::unique_ptr<CudaEvent> landed_;  // recorded after the latest copy from buf_
+    size_t used_ = 0;
+    void* stream_ = nullptr;
 };
 
 // A CUDA graph: the work one stream's callback enqueues, captured once (nothing runs then) and
@@ -355,6 +375,9 @@ class CudaSegmentTable {
   private:
     std::vector<CudaKVSegment> host_;
     CudaDeviceBuffer dev_;
+    CudaStaging staging_;              // the upload goes through pinned memory (no implicit sync)
+    void* uploaded_on_ = nullptr;      // the stream of the last upload; unchanged tables are not sent again
+    bool uploaded_ = false;
     int64_t n_kv_ = 0;
 };
 

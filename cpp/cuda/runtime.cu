@@ -431,6 +431,45 @@ float CudaEvent::elapsed_ms_since(const CudaEvent& start) const {
     return ms;
 }
 
+// ---------------------------------------------------------------- staging
+
+CudaStaging::CudaStaging() = default;
+CudaStaging::~CudaStaging() {
+    if (landed_) cudaEventSynchronize(static_cast<cudaEvent_t>(landed_->handle()));  // buf_ may still be a DMA source
+}
+CudaStaging::CudaStaging(CudaStaging&&) noexcept = default;
+CudaStaging& CudaStaging::operator=(CudaStaging&& o) noexcept {
+    if (this != &o) {
+        if (landed_) cudaEventSynchronize(static_cast<cudaEvent_t>(landed_->handle()));
+        buf_ = std::move(o.buf_);
+        landed_ = std::move(o.landed_);
+        used_ = std::exchange(o.used_, 0);
+        stream_ = std::exchange(o.stream_, nullptr);
+    }
+    return *this;
+}
+
+void CudaStaging::upload(void* dev_dst, const void* host_src, size_t bytes, void* stream) {
+    if (bytes == 0) return;
+    if (stream_ && stream != stream_ && landed_) landed_->synchronize();  // a new stream: start afresh
+    if (stream != stream_) used_ = buf_ ? buf_->size() : 0;
+    stream_ = stream;
+    const size_t at = (used_ + 255) / 256 * 256;
+    if (!buf_ || at + bytes > buf_->size()) {
+        // Full (or new): every copy from it must have landed before it is reused or freed.
+        if (landed_) landed_->synchronize();
+        if (!buf_ || bytes > buf_->size()) buf_.reset(new CudaHostBuffer(std::max<size_t>(2 * bytes, 4096)));
+        used_ = 0;
+    }
+    const size_t off = (used_ + 255) / 256 * 256;
+    char* pinned = static_cast<char*>(buf_->data()) + off;
+    std::memcpy(pinned, host_src, bytes);
+    cuda_copy_h2d_async(dev_dst, pinned, bytes, stream);
+    if (!landed_) landed_.reset(new CudaEvent(false));
+    landed_->record(stream);
+    used_ = off + bytes;
+}
+
 // ---------------------------------------------------------------- graphs
 
 CudaGraph::~CudaGraph() { reset(); }

@@ -191,7 +191,7 @@ void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, Visio
         const int64_t n = std::min<int64_t>(batch_, n_frames - f0);
         const float* px = pixels + f0 * frame_px;
         for (int64_t r = 0; r < n * NP; ++r) enc_.im2col_row(px, r, patches_host_.data() + r * K);
-        patches_.upload(patches_host_.data(), n * NP * K * kF32, 0, s);  // pageable: staged before it returns
+        staging_.upload(patches_.data(), patches_host_.data(), n * NP * K * kF32, s);  // patches_host_ is free on return
         run_tower(n);
 
         if (stage == Stage::Features) {

@@ -51,6 +51,9 @@ struct Config {
     bool no_kernel_image = env_long("X2L_EMU_NO_KERNEL_IMAGE", 0) != 0;
     // The opt-in shared memory per block in KB (0: sm_87's / sm_89's); 64 models sm_75.
     long smem_optin_kb = env_long("X2L_EMU_SMEM_OPTIN_KB", 0);
+    // A pageable host source copied on a stream other than the legacy one fails: such a copy makes the
+    // driver synchronize the stream with the host, which the hot paths must not do (pinned staging).
+    bool strict_pageable = env_long("X2L_EMU_STRICT_PAGEABLE", 0) != 0;
 };
 const Config& cfg() {
     static Config c;
@@ -962,6 +965,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
     Side ds, ss;
     const std::string err = check_copy(dst, src, bytes, kind, &ds, &ss);
     if (!err.empty()) return fail(cudaErrorInvalidValue, "cudaMemcpyAsync: " + err);
+    if (cfg().strict_pageable && stream != nullptr && ss == Side::kPageable)
+        return fail(cudaErrorInvalidValue, "cudaMemcpyAsync from pageable memory on a stream (X2L_EMU_STRICT_PAGEABLE)");
     if (resolve(stream)->capture && (ss == Side::kPageable || ds == Side::kPageable))
         EMU_CAPTURE_CHECK("cudaMemcpyAsync to or from pageable memory");
     if (ss == Side::kPageable) {

@@ -67,6 +67,10 @@ def main() -> int:
         ("1 MiB GPU (out of device memory)", {"X2L_EMU_MEM_MB": "1"}, ["-k", "small_device"]),
         ("2 MiB GPU (the prefill drops its L cache)", {"X2L_EMU_MEM_MB": "2"}, ["-k", "drops_its_low_cache"]),
         ("driver that refuses stream capture", {"X2L_EMU_REFUSE_CAPTURE": "1"}, ["-k", "capture_is_refused"]),
+        # Host-to-device copies from pageable memory on a stream fail: the LLM, X²L and vision forwards
+        # must stage their per-call inputs through pinned memory (a pageable copy synchronizes the stream).
+        ("pageable copies on streams refused", {"X2L_EMU_STRICT_PAGEABLE": "1"},
+         ["-k", "cuda_llm_matches or decode_graph or x2l_decoder or vision_matches or prefill_matches"]),
         # No opt-in shared memory above the default 48 KB (an sm_75 has 64): the tensor-core attention and
         # the f32 kernel's 4-rows-per-warp tiles at head_dim 256 do not fit and must give way, not fail.
         ("48 KB of shared memory per block", {"X2L_EMU_SMEM_OPTIN_KB": "48"},
