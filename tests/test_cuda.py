@@ -1364,6 +1364,47 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     assert dctx.memory()["resident_bytes"] > 0
 
 
+_MMAP_DECODE = """
+import sys
+import numpy as np
+from x2l_edge import Session
+from x2l_edge.x2l import VideoContext
+model, index, out = sys.argv[1:4]
+ctx = VideoContext.load(Session(model, device="cuda:0", n_threads=2), index, mmap=True)
+assert ctx._dec.on_device
+np.save(out, np.stack([ctx.logits("Which colour is item 7?", c) for c in ([], [1], [0, 2, 3])]))
+"""
+
+
+@gpu
+def test_mmap_index_registered_in_place_or_warned(tiny_hd32, tmp_path):
+    """An index opened with mmap=True keeps its L tier in a read-only file mapping: the device
+    page-locks that mapping once (cudaHostRegisterReadOnly, shared by every chunk) and reads or copies
+    the rows from it; a device that cannot register read-only memory gets pinned copies, with one
+    warning on stderr instead of silently spending unswappable RAM. Both decode as the CPU does."""
+    cctx = _x2l_pair(tiny_hd32["llama"], "cpu")
+    index = tmp_path / "video.x2l"
+    cctx.save(index)
+    want = np.stack([cctx.logits("Which colour is item 7?", c) for c in ([], [1], [0, 2, 3])])
+    emulated = _core.cuda_emulated()
+    for readonly_ok in ((True, False) if emulated else (True,)):
+        out = tmp_path / f"logits_{int(readonly_ok)}.npy"
+        env = {"X2L_EMU_READONLY_REGISTER": "1" if readonly_ok else "0"}
+        r = subprocess.run(
+            [sys.executable, "-c", _MMAP_DECODE, tiny_hd32["llama"], str(index), str(out)],
+            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                                     os.environ.get("PYTHONPATH", "")])},
+            capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        warned = "cannot be page-locked in place" in r.stderr
+        if emulated:
+            assert warned == (not readonly_ok), r.stderr[-2000:]
+            if not readonly_ok:
+                assert r.stderr.count("cannot be page-locked in place") == 1  # once, not once per chunk
+        got = np.load(out)
+        assert got.shape == want.shape and _rel_err(got, want) < 3e-2
+
+
 @pytest.fixture(scope="module")
 def videoxl_hd32(tmp_path_factory):
     """A tiny Video-XL GGUF (beacon VST projections) with head_dim 32 (2 heads, 1 KV head), f16 weights."""

@@ -120,6 +120,12 @@ class CudaHostRegistration {
     void* dev_ = nullptr;
 };
 
+// The whole read-only file mapping that holds [p, p + bytes) (an index opened with mmap=True), page-
+// locked once per process and shared by everyone who asks while it lives; *offset: p's offset in it.
+// nullptr when p is not in such a mapping; Error when the driver refuses (e.g. a device without
+// cudaDevAttrHostRegisterReadOnlySupported).
+std::shared_ptr<CudaHostRegistration> cuda_register_file_mapping(const void* p, size_t bytes, bool mapped, size_t* offset);
+
 // Device address of a byte inside mapped pinned memory (cudaHostGetDevicePointer).
 void* cuda_mapped_device_ptr(const void* host_ptr);
 

@@ -327,6 +327,21 @@ CudaHostBuffer& CudaHostBuffer::operator=(CudaHostBuffer&& o) noexcept {
     return *this;
 }
 
+namespace {
+
+// cudaDevAttrHostRegisterReadOnlySupported of the current device: whether read-only pages (a file
+// mapped PROT_READ, such as an index opened with mmap=True) can be page-locked at all.
+bool readonly_register_supported() {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrHostRegisterReadOnlySupported, dev) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return v != 0;
+}
+
+}  // namespace
+
 CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool mapped) {
     if (!host || bytes == 0) return;
     void* p = const_cast<void*>(host);  // registration does not write
@@ -334,11 +349,49 @@ CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool 
     cudaError_t e = cudaHostRegister(p, bytes, flags);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
+        if (!readonly_register_supported()) {
+            throw Error(std::string("cudaHostRegister: ") + cudaGetErrorString(e) +
+                        " (and this device cannot page-lock read-only memory: cudaDevAttrHostRegisterReadOnlySupported is 0)");
+        }
         e = cudaHostRegister(p, bytes, flags | cudaHostRegisterReadOnly);  // e.g. a read-only file mapping
     }
     check(e, "cudaHostRegister");
     host_ = p;
     if (mapped) dev_ = mapped_or_unpin(host_, cudaHostUnregister);
+}
+
+std::shared_ptr<CudaHostRegistration> cuda_register_file_mapping(const void* p, size_t bytes, bool mapped, size_t* offset) {
+    // The mapping of /proc/self/maps that holds [p, p + bytes): a file mapped without write access.
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    uintptr_t lo = 0, hi = 0;
+    {
+        std::ifstream maps("/proc/self/maps");
+        std::string line;
+        while (std::getline(maps, line)) {
+            unsigned long l = 0, h = 0;
+            char perms[8] = {0};
+            char path[2] = {0};
+            if (std::sscanf(line.c_str(), "%lx-%lx %7s %*s %*s %*s %1s", &l, &h, perms, path) < 3) continue;
+            if (a >= l && a < h) {
+                if (perms[1] == 'w' || path[0] != '/' || a + bytes > h) return nullptr;
+                lo = l;
+                hi = h;
+                break;
+            }
+        }
+    }
+    if (!lo) return nullptr;
+    static std::mutex mu;
+    static std::map<std::pair<uintptr_t, bool>, std::weak_ptr<CudaHostRegistration>> live;
+    std::lock_guard<std::mutex> lock(mu);
+    std::weak_ptr<CudaHostRegistration>& slot = live[{lo, mapped}];
+    std::shared_ptr<CudaHostRegistration> reg = slot.lock();
+    if (!reg) {
+        reg = std::make_shared<CudaHostRegistration>(reinterpret_cast<const void*>(lo), hi - lo, mapped);
+        slot = reg;
+    }
+    *offset = a - lo;
+    return reg;
 }
 
 CudaHostRegistration::~CudaHostRegistration() {

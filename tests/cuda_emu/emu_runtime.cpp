@@ -51,6 +51,8 @@ struct Config {
     bool no_kernel_image = env_long("X2L_EMU_NO_KERNEL_IMAGE", 0) != 0;
     // The opt-in shared memory per block in KB (0: sm_87's / sm_89's); 64 models sm_75.
     long smem_optin_kb = env_long("X2L_EMU_SMEM_OPTIN_KB", 0);
+    // cudaDevAttrHostRegisterReadOnlySupported (Jetson: read-only file mappings can be registered).
+    bool readonly_register = env_long("X2L_EMU_READONLY_REGISTER", 1) != 0;
     // A pageable host source copied on a stream other than the legacy one fails: such a copy makes the
     // driver synchronize the stream with the host, which the hot paths must not do (pinned staging).
     bool strict_pageable = env_long("X2L_EMU_STRICT_PAGEABLE", 0) != 0;
@@ -713,6 +715,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
         case cudaDevAttrComputeCapabilityMajor: *value = 8; break;
         case cudaDevAttrComputeCapabilityMinor: *value = cfg().integrated ? 7 : 9; break;
         case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(smem_optin()); break;
+        case cudaDevAttrHostRegisterReadOnlySupported: *value = cfg().readonly_register; break;
         default: return fail(cudaErrorInvalidValue, "device attribute not modelled by the emulator");
     }
     return cudaSuccess;
@@ -865,11 +868,40 @@ cudaError_t cudaFreeHost(void* p) {
     return cudaSuccess;
 }
 
+// Whether every page of [p, p + bytes) is mapped writable (from /proc/self/maps).
+static bool range_writable(const void* p, size_t bytes) {
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    if (!f) return true;
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t end = a + bytes;
+    char line[512];
+    bool ok = true;
+    while (a < end && std::fgets(line, sizeof line, f)) {
+        unsigned long lo = 0, hi = 0;
+        char perms[8] = {0};
+        if (std::sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3) continue;
+        if (a >= lo && a < hi) {
+            if (perms[1] != 'w') ok = false;
+            a = hi;
+        }
+    }
+    std::fclose(f);
+    return ok;
+}
+
 cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned flags) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     if (!p || bytes == 0) return fail(cudaErrorInvalidValue, "cudaHostRegister of an empty range");
     EMU_CAPTURE_CHECK("cudaHostRegister");
+    // As the driver: pages the process may not write (a read-only file mapping) register only with
+    // cudaHostRegisterReadOnly, which needs cudaDevAttrHostRegisterReadOnlySupported.
+    const bool writable = range_writable(p, bytes);
+    if (flags & cudaHostRegisterReadOnly) {
+        if (!cfg().readonly_register) return fail(cudaErrorNotSupported, "cudaHostRegisterReadOnly is not supported by this device");
+    } else if (!writable) {
+        return fail(cudaErrorInvalidValue, "cudaHostRegister of read-only pages without cudaHostRegisterReadOnly");
+    }
     return add_pinned(p, bytes, false, (flags & cudaHostRegisterMapped) != 0);
 }
 
