@@ -1377,7 +1377,7 @@ np.save(out, np.stack([ctx.logits("Which colour is item 7?", c) for c in ([], [1
 
 
 @gpu
-def test_mmap_index_registered_in_place_or_warned(tiny_hd32, tmp_path):
+def test_x2l_mmap_index_registered_in_place_or_warned(tiny_hd32, tmp_path):
     """An index opened with mmap=True keeps its L tier in a read-only file mapping: the device
     page-locks that mapping once (cudaHostRegisterReadOnly, shared by every chunk) and reads or copies
     the rows from it; a device that cannot register read-only memory gets pinned copies, with one
