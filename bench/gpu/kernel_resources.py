@@ -94,7 +94,7 @@ def compile_one(nvcc: str, src: str, arch: str) -> tuple[str, str, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["86", "87", "89", "90"])
+    ap.add_argument("--arch", nargs="+", default=["80", "86", "87", "89", "90"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "kernel_resources.json"))
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
@@ -112,7 +112,7 @@ def main() -> int:
                 results[arch][short_name(names[mangled])] = {**res, "file": os.path.relpath(src, ROOT)}
     spills = {arch: {k: v["spill_stores"] + v["spill_loads"] for k, v in ks.items()
                      if v.get("spill_stores", 0) + v.get("spill_loads", 0) > 0} for arch, ks in results.items()}
-    doc = {"nvcc": version, "flags": FLAGS[:4], "kernels": {arch: dict(sorted(ks.items())) for arch, ks in results.items()},
+    doc = {"nvcc": version, "flags": cmake_cuda_flags(), "kernels": {arch: dict(sorted(ks.items())) for arch, ks in results.items()},
            "spilling": spills, "max_registers": {arch: max(v["registers"] for v in ks.values()) for arch, ks in results.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

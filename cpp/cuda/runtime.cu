@@ -16,6 +16,10 @@
 #include "cuda/common.cuh"
 #include "cuda/backend.h"
 
+#ifndef X2L_CUDA_ARCH_LIST
+#define X2L_CUDA_ARCH_LIST "unknown"  // CMakeLists.txt defines it; a standalone compile (kernel_resources.py) does not
+#endif
+
 namespace x2l {
 
 namespace cudak {
