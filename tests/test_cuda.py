@@ -920,6 +920,7 @@ def test_auto_device_falls_back_with_one_notice(tiny_gguf, monkeypatch):
     monkeypatch.setattr(_core, "cuda_emulated", lambda: False)
     n_devices = max(1, _device_count())
     monkeypatch.setattr(_core, "cuda_device_count", lambda: n_devices)
+    monkeypatch.setattr(_core, "cuda_device_check", lambda dev=0: "")  # ... and a device a kernel ran on
     monkeypatch.setattr(D, "_probed", {})
     with pytest.warns(RuntimeWarning, match=r"device='auto' does not use cuda:0 \(the CUDA backend keeps an f16 KV"):
         assert Session(path, kv_type="f32").device == "cpu"
