@@ -11,7 +11,12 @@ void bind_device(nb::module_& m) {
     m.def("cuda_built", &x2l::cuda_built, "True when the CUDA backend was compiled in.");
     m.def("cuda_emulated", &x2l::cuda_emulated,
           "True in the test build whose CUDA backend runs on the CPU emulator (tests/cuda_emu), not a GPU.");
-    m.def("cuda_device_count", &x2l::cuda_devices, "Number of usable CUDA devices (0 without a driver or device).");
+    m.def("cuda_device_count", &x2l::cuda_devices, "Number of CUDA devices the driver reports (0 without a driver or device).");
+    m.def("cuda_probe_error", &x2l::cuda_why_no_device,
+          "Why cuda_device_count() is 0: the CUDA runtime's error (e.g. a driver too old for this build), '' when none.");
+    m.def("cuda_device_check", &x2l::cuda_why_unusable, "dev"_a = 0,
+          "'' when a kernel of this build ran on device dev, otherwise why not (e.g. no kernel image for its "
+          "architecture). Cached per device.");
     m.def("cuda_device_info", [](int dev) {
         const x2l::DeviceInfo info = x2l::cuda_device(dev);
         nb::dict d;

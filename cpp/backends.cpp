@@ -20,6 +20,8 @@ std::unique_ptr<VisionExecutor> vision(VisionEncoder& enc, int device) {
     return std::unique_ptr<VisionExecutor>(new CudaVision(enc, device));
 }
 int device_count() { return cuda_device_count(); }
+std::string probe_error() { return cuda_probe_error(); }
+std::string unusable(int index) { return cuda_device_unusable(index); }
 DeviceInfo device_info(int index) {
     const CudaDeviceInfo c = cuda_device_info(index);
     DeviceInfo d;
@@ -42,6 +44,8 @@ std::unique_ptr<LlmExecutor> llm(const LlmModel&, const SessionOptions&) {
 }
 std::unique_ptr<VisionExecutor> vision(VisionEncoder&, int) { throw Error("this build has no CUDA backend"); }
 int device_count() { return 0; }
+std::string probe_error() { return "this build has no CUDA backend"; }
+std::string unusable(int) { return "this build has no CUDA backend"; }
 DeviceInfo device_info(int) { throw Error("CUDA backend not built"); }
 }  // namespace x2l::cuda
 #endif
@@ -132,6 +136,8 @@ std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadP
 bool cuda_built() { return cuda::kBuilt; }
 bool cuda_emulated() { return X2L_CUDA_EMULATED != 0; }
 int cuda_devices() { return cuda::device_count(); }
+std::string cuda_why_no_device() { return cuda::probe_error(); }
+std::string cuda_why_unusable(int index) { return cuda::unusable(index); }
 DeviceInfo cuda_device(int index) { return cuda::device_info(index); }
 
 }  // namespace x2l

@@ -28,7 +28,9 @@ std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadP
 
 bool cuda_built();     // the CUDA backend was compiled in
 bool cuda_emulated();  // ... against the CPU emulator of tests/cuda_emu (a test build, not a GPU)
-int cuda_devices();    // usable CUDA devices now (0 without the backend, a driver or a device; never throws)
+int cuda_devices();    // CUDA devices the driver reports (0 without the backend, a driver or a device; never throws)
+std::string cuda_why_no_device();          // why cuda_devices() is 0 ("" when the driver answered)
+std::string cuda_why_unusable(int index);  // "" once a kernel of this build ran on the device, else why not
 
 struct DeviceInfo {
     std::string name;

@@ -1,6 +1,7 @@
 """CUDA backend: every kernel against a numpy reference.
 
-The GPU tests are skipped on machines without a CUDA device; the first tests run everywhere and check
+The GPU tests are skipped on machines without a CUDA device, and fail instead when one is expected
+(X2L_EXPECT_GPU=1, or /dev/nvidia0 under a CUDA build); the first tests run everywhere and check
 that the module imports and reports "no device" cleanly, and that the backend was compiled in
 whenever the toolchain was there. `python tests/cuda_emu/run.py` runs this file against a build of the
 CUDA sources on a CPU emulator of CUDA (device name "x2l-edge CUDA emulator"), so CI executes the GPU
@@ -12,6 +13,8 @@ import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -36,7 +39,31 @@ def _device_count() -> int:
 
 
 HAS_GPU = _device_count() > 0
-gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+
+
+def _gpu_expected() -> bool:
+    """A GPU run was asked for (X2L_EXPECT_GPU=1, as bench/gpu/check.sh sets it), or an NVIDIA device
+    node exists under a build with the CUDA backend: then a missing device is a failure, not a skip
+    (a driver too old for the build's runtime would otherwise turn every GPU test into a green skip)."""
+    if os.environ.get("X2L_EXPECT_GPU", "") not in ("", "0"):
+        return True
+    return os.path.exists("/dev/nvidia0") and _core.cuda_built() and not _core.cuda_emulated()
+
+
+GPU_EXPECTED = _gpu_expected()
+
+
+@pytest.fixture
+def _need_gpu():
+    if HAS_GPU:
+        return
+    why = getattr(_core, "cuda_probe_error", lambda: "")() or "the driver reports no device"
+    if GPU_EXPECTED:
+        pytest.fail(f"a CUDA device is expected (X2L_EXPECT_GPU or /dev/nvidia0) but none is usable: {why}", pytrace=False)
+    pytest.skip(f"no CUDA device ({why})")
+
+
+gpu = pytest.mark.usefixtures("_need_gpu")
 
 
 # ---------------------------------------------------------------- tests that run everywhere
@@ -209,7 +236,8 @@ def test_matmul(type_id, rows, T, which_n):
 
 @gpu
 def test_attention_speed_probe():
-    for kernel in ("tensor_core", "f32", "auto"):
+    kernels = ("tensor_core", "f32", "auto") if _tc_smem_bytes(64) <= _emulated_smem_optin() else ("f32", "auto")
+    for kernel in kernels:
         for with_lse in (False, True):
             r = _testing.cuda_attention_speed(40, 4, 2, 64, 100, Q8_0, kernel, 1, with_lse=with_lse)
             assert r["ms"] > 0 and r["tflops"] > 0, r
@@ -342,7 +370,8 @@ def rope_ref(x, pos, n_rot, base, scale, neox):
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rope(neox, n_rot, head_dim, base, scale, in_place):
     rng = np.random.default_rng(n_rot + head_dim)
-    pos = np.array([0, 1, 5, 100, 4095, 40000, 123456], np.int32)
+    # up to 2^24 - 1: FP32 angles stay accurate far past any context (rope_sincos in cuda/common.cuh)
+    pos = np.array([0, 1, 5, 100, 4095, 40000, 123456, -977, 1048575, 16777215], np.int32)
     x = rng.standard_normal((len(pos), 3, head_dim)).astype(np.float32)
     y = _testing.cuda_rope(x, pos, n_rot, base, scale, neox, in_place)
     np.testing.assert_allclose(y, rope_ref(x, pos, n_rot, base, scale, neox), rtol=0, atol=2e-5)
@@ -360,7 +389,7 @@ def _key_values(type_id: int, raw: np.ndarray, head_dim: int) -> np.ndarray:
 @pytest.mark.parametrize("type_id", [F32, F16, Q8_0, Q4_0])
 @pytest.mark.parametrize("neox", [False, True])
 @pytest.mark.parametrize("n_rot", [64, 32])
-@pytest.mark.parametrize("delta", [0, -37, 1000])
+@pytest.mark.parametrize("delta", [0, -37, 1000, 123457])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_rerotate_keys(type_id, neox, n_rot, delta, in_place):
     """Cached keys moved by delta positions (X²L dense positions): rows of every KV type rotated on the
@@ -405,6 +434,16 @@ def test_rerotate_keys_composes_and_refuses_bad_rows():
         _testing.cuda_rerotate_keys(Q4_1, raw, 128, 128)
     with pytest.raises(_core.Error, match="head_dim"):
         _testing.cuda_rerotate_keys(Q8_0, np.zeros((2, 34), np.uint8), 16, 16)
+    # misaligned rows are refused before launch (a misaligned access traps and poisons the context)
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(F32, raw, 128, 128, 1e4, True, 250, byte_offset=2)
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(F16, np.zeros((3, 129), np.uint8), 64, 64, 1e4, True, 7)  # odd row stride
+    with pytest.raises(_core.Error, match="misaligned"):
+        _testing.cuda_rerotate_keys(Q8_0, np.zeros((2, 68), np.uint8), 64, 64, 1e4, True, 7, byte_offset=1)
+    # the context is still fine: a valid call works, from an offset that is aligned enough
+    ok = _testing.cuda_rerotate_keys(F16, np.zeros((3, 128), np.uint8), 64, 64, 1e4, True, 7, byte_offset=2)
+    assert ok.shape == (3, 128) and not ok.view(np.float16).any()  # zeros rotate to (+-)0
 
 
 @gpu
@@ -457,7 +496,8 @@ def test_swiglu():
 @pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 def test_gelu(approximate):
     rng = np.random.default_rng(12)
-    x = (rng.standard_normal(7777) * 4).astype(np.float32)
+    # random values, and a dense grid over [-10, 10]: near v = -3 a fast-math tanh is off by ~7e-4
+    x = np.concatenate([rng.standard_normal(7777) * 4, np.linspace(-10, 10, 8001)]).astype(np.float32)
     x64 = x.astype(np.float64)
     if approximate == "tanh":
         ref = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
@@ -609,6 +649,23 @@ def test_attention(case, n_splits, head_major):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=3e-5)
 
 
+def _tc_smem_bytes(D: int) -> int:
+    """attn_tc_kernel's shared memory (tc_layout in cpp/cuda/attention.cu): f16 Q and K/V tiles of 64 rows,
+    f32 scores [64][68] and output [64][D + 4], 3 x 64 floats of row state; 86 784 bytes at head_dim 128."""
+    dp = (D + 15) // 16 * 16
+    return 2 * 64 * (dp + 8) * 2 + 4 * 64 * 68 + 4 * 64 * (dp + 4) + 4 * 3 * 64
+
+
+def _emulated_smem_optin() -> int:
+    """The emulated device's opt-in shared memory per block when a pass limits it (X2L_EMU_SMEM_OPTIN_KB)."""
+    kb = os.environ.get("X2L_EMU_SMEM_OPTIN_KB", "") if _core.cuda_emulated() else ""
+    return int(kb) * 1024 if kb else 1 << 30
+
+
+def test_tc_layout_size_as_documented():
+    assert _tc_smem_bytes(128) == 86784  # docs/cuda.md: 86.8 KB at head_dim 128
+
+
 @gpu
 @pytest.mark.parametrize("case", [c for c, v in ATTN_CASES.items() if v[3] <= 128])
 @pytest.mark.parametrize("head_major", [False, True])
@@ -620,6 +677,10 @@ def test_attention_tensor_cores(case, head_major):
     segs, K, V = make_segments(rng, specs, KVH, D, head_major)
     q = rng.standard_normal((n_q, H, D)).astype(np.float32)
     scale = 1.0 / math.sqrt(D)
+    if _tc_smem_bytes(D) > _emulated_smem_optin():  # a device with less shared memory: refused, not launched
+        with pytest.raises(_core.Error, match="shared memory exceeds this device's limit"):
+            _testing.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
+        return
     out = _testing.cuda_attention(q, segs, KVH, scale, causal, window, 0, head_major, kernel="tensor_core")
     ref = attention_ref(q, K, V, KVH, scale, causal, window)
     # f16 operands and probabilities: measured 3e-5 to 1.5e-4 of max|V| on these cases.
@@ -658,13 +719,14 @@ def test_attention_votes(n_q, H, KVH, D, own, obs):
         assert not votes.any()
     # The log-sum-exp from the tensor-core kernel (the prefill's, from 64 rows per KV head): its f16
     # scores move each probability by a few 1e-4 at most.
-    _, votes_tc = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="tensor_core")
-    np.testing.assert_allclose(votes_tc, want, rtol=0, atol=2e-3 * max(1.0, want.max()))
+    if _tc_smem_bytes(D) <= _emulated_smem_optin():  # else refused (test_attention_tensor_cores)
+        _, votes_tc = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs, kernel="tensor_core")
+        np.testing.assert_allclose(votes_tc, want, rtol=0, atol=2e-3 * max(1.0, want.max()))
     # Auto, the prefill's choice: from 64 rows per KV head the output comes from the tensor cores and the
     # voting rows' log-sum-exp from a second pass on f32 scores, so the votes are as tight as the f32 kernel's.
     out_auto, votes_auto = _testing.cuda_attention(q, segs, KVH, scale, observe_from=obs)
     np.testing.assert_allclose(votes_auto, want, rtol=1e-4, atol=1e-6)
-    if n_q * H // KVH >= 64:
+    if n_q * H // KVH >= 64 and _tc_smem_bytes(D) <= _emulated_smem_optin():
         np.testing.assert_array_equal(out_auto, _testing.cuda_attention(q, segs, KVH, scale, kernel="tensor_core"))
     else:
         np.testing.assert_array_equal(out_auto, out)
@@ -752,7 +814,7 @@ def test_session_device_argument(tiny_gguf):
     notes = [str(w.message) for w in caught]
     if real and not HAS_GPU:
         assert len(notes) == 1 and re.match(r"x2l-edge: this build has the CUDA backend but no CUDA device is usable "
-                                            r"here; running on the CPU\. Pass device='cpu'", notes[0]), notes
+                                            r"here \(.+\); running on the CPU\. Pass device='cpu'", notes[0]), notes
     else:
         assert notes == []
     with pytest.warns(RuntimeWarning, match=r"cuda:7 is not available.*running on the CPU"):
@@ -767,6 +829,71 @@ def test_session_device_argument(tiny_gguf):
             Session(path, device=bad)
     with pytest.raises(TypeError):
         Session(path, device=0)
+
+
+def test_auto_falls_back_when_the_probe_run_fails(tiny_gguf, monkeypatch):
+    """A device whose probe run raises (a kernel that cannot launch on this GPU, a lost context) is
+    refused like one that computes noise: device='auto' must end on the CPU, never raise."""
+    from x2l_edge import device as D
+
+    path = tiny_gguf("llama", "q8_0")
+
+    def broken(*_a, **_k):
+        raise _core.Error("CUDA error in attn_kernel: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(D, "auto_probe", broken)
+    monkeypatch.setattr(D, "_probed", {})
+    core, why = D._open_auto(path, -1, n_threads=1, n_ctx=32, kv_type="f16")  # -1: any session; the probe is what fails
+    assert core is None and why.startswith("its probe run failed") and "no kernel image" in why
+
+
+def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (the emulator reads its X2L_EMU_* settings once per process)."""
+    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                                 os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not _core.cuda_emulated(), reason="the emulator models the driver and device faults")
+def test_old_driver_is_reported_not_hidden():
+    r = _run_isolated("from x2l_edge import _core; print(_core.cuda_device_count()); print(_core.cuda_probe_error())",
+                      X2L_EMU_OLD_DRIVER="1")
+    assert r.returncode == 0, r.stderr
+    count, why = r.stdout.splitlines()[:2]
+    assert count == "0" and "cudaErrorInsufficientDriver" in why and "12.4" in why and "13.0" in why, r.stdout
+
+
+@pytest.mark.skipif(not _core.cuda_emulated(), reason="the emulator models the driver and device faults")
+def test_device_without_kernel_image_is_not_usable():
+    """A GPU the build has no code for (sm_75 under the sm_80+ default) is present but not usable: 'auto' and
+    'cuda:0' run on the CPU with the reason, and a device session refuses with it."""
+    code = """
+import warnings
+from x2l_edge import _core, device
+assert _core.cuda_device_count() == 1
+why = _core.cuda_device_check(0)
+print(why)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    print(device.resolve("cuda:0"))
+print(w[0].message if w else "")
+"""
+    r = _run_isolated(code, X2L_EMU_NO_KERNEL_IMAGE="1")
+    assert r.returncode == 0, r.stderr
+    why, index, note = r.stdout.splitlines()[:3]
+    assert "cudaErrorNoKernelImageForDevice" in why and "X2L_CUDA_ARCHITECTURES" in why, why
+    assert index == "-1" and "cuda:0 is not available" in note and "NoKernelImage" in note, note
+
+
+@pytest.mark.skipif(HAS_GPU and not _core.cuda_emulated(), reason="a real device is there: nothing to fail")
+def test_expected_gpu_fails_instead_of_skipping():
+    """With X2L_EXPECT_GPU=1 (bench/gpu/check.sh) and no usable device, the GPU tests fail with the
+    probe's reason instead of skipping into a green run."""
+    env = {**os.environ, "X2L_EXPECT_GPU": "1", "X2L_EMU_OLD_DRIVER": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_swiglu"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "a CUDA device is expected" in r.stdout, r.stdout[-2000:]
 
 
 def test_auto_probe_tells_agreement_from_noise(tiny_gguf):
@@ -810,6 +937,7 @@ def test_auto_device_falls_back_with_one_notice(tiny_gguf, monkeypatch):
     monkeypatch.setattr(_core, "cuda_emulated", lambda: False)
     n_devices = max(1, _device_count())
     monkeypatch.setattr(_core, "cuda_device_count", lambda: n_devices)
+    monkeypatch.setattr(_core, "cuda_device_check", lambda dev=0: "")  # ... and a device a kernel ran on
     monkeypatch.setattr(D, "_probed", {})
     with pytest.warns(RuntimeWarning, match=r"device='auto' does not use cuda:0 \(the CUDA backend keeps an f16 KV"):
         assert Session(path, kv_type="f32").device == "cpu"
@@ -1066,7 +1194,7 @@ def _x2l_pair(path, device, **kw):
     return s.prefill_text(X2L_TEXT, **{"chunk_tokens": 48, "ratio_low": 2, "ratio_high": 8, "high_type": "q8_0", **kw})
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@gpu
 def test_cuda_prefill_streams_the_low_tier(tmp_path):
     """The device prefill keeps the sink and the H tier on the device but streams the L prefix from
     page-locked host memory, two layers at a time (read in place on integrated GPUs): doubling the video
@@ -1252,6 +1380,47 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     assert dctx._dec.graph_stats() == {"captures": 1, "replays": 5, "note": ""}
     assert ectx._dec.graph_stats()["replays"] == 0
     assert dctx.memory()["resident_bytes"] > 0
+
+
+_MMAP_DECODE = """
+import sys
+import numpy as np
+from x2l_edge import Session
+from x2l_edge.x2l import VideoContext
+model, index, out = sys.argv[1:4]
+ctx = VideoContext.load(Session(model, device="cuda:0", n_threads=2), index, mmap=True)
+assert ctx._dec.on_device
+np.save(out, np.stack([ctx.logits("Which colour is item 7?", c) for c in ([], [1], [0, 2, 3])]))
+"""
+
+
+@gpu
+def test_x2l_mmap_index_registered_in_place_or_warned(tiny_hd32, tmp_path):
+    """An index opened with mmap=True keeps its L tier in a read-only file mapping: the device
+    page-locks that mapping once (cudaHostRegisterReadOnly, shared by every chunk) and reads or copies
+    the rows from it; a device that cannot register read-only memory gets pinned copies, with one
+    warning on stderr instead of silently spending unswappable RAM. Both decode as the CPU does."""
+    cctx = _x2l_pair(tiny_hd32["llama"], "cpu")
+    index = tmp_path / "video.x2l"
+    cctx.save(index)
+    want = np.stack([cctx.logits("Which colour is item 7?", c) for c in ([], [1], [0, 2, 3])])
+    emulated = _core.cuda_emulated()
+    for readonly_ok in ((True, False) if emulated else (True,)):
+        out = tmp_path / f"logits_{int(readonly_ok)}.npy"
+        env = {"X2L_EMU_READONLY_REGISTER": "1" if readonly_ok else "0"}
+        r = subprocess.run(
+            [sys.executable, "-c", _MMAP_DECODE, tiny_hd32["llama"], str(index), str(out)],
+            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                                     os.environ.get("PYTHONPATH", "")])},
+            capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        warned = "cannot be page-locked in place" in r.stderr
+        if emulated:
+            assert warned == (not readonly_ok), r.stderr[-2000:]
+            if not readonly_ok:
+                assert r.stderr.count("cannot be page-locked in place") == 1  # once, not once per chunk
+        got = np.load(out)
+        assert got.shape == want.shape and _rel_err(got, want) < 3e-2
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,12 @@ def test_async_copy_lands_at_synchronization(selftest):
     assert r.returncode == 0 and r.stdout.strip() == "before 0 after 1", r.stdout + r.stderr
 
 
+def test_pageable_async_download_lands_at_synchronization(selftest):
+    # A cudaMemcpyAsync into pageable memory read before a sync: stale here, so the bug is caught.
+    r = run(selftest, "pageable_read")
+    assert r.returncode == 0 and r.stdout.strip() == "before 0 after 1", r.stdout + r.stderr
+
+
 def test_host_dereference_of_device_memory_stops_the_process(selftest):
     r = run(selftest, "host_deref")
     assert r.returncode == -signal.SIGSEGV and "survived" not in r.stdout

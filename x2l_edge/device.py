@@ -37,10 +37,11 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
     if device == "auto":
         if not _core.cuda_built() or _core.cuda_emulated():
             return -1
-        if _core.cuda_device_count() > 0:
+        why = _unusable(0)
+        if not why:
             return 0
-        warn_once("x2l-edge: this build has the CUDA backend but no CUDA device is usable here; running on "
-                  "the CPU. Pass device='cpu' (CLI: --device cpu) to say so and silence this.", stacklevel=stacklevel)
+        warn_once(f"x2l-edge: this build has the CUDA backend but no CUDA device is usable here ({why}); running "
+                  "on the CPU. Pass device='cpu' (CLI: --device cpu) to say so and silence this.", stacklevel=stacklevel)
         return -1
     m = re.fullmatch(r"cuda(?::(\d+))?", device)
     if not m:
@@ -48,12 +49,21 @@ def resolve(device: str, *, stacklevel: int = 3) -> int:
     index = int(m.group(1) or 0)
     if not _core.cuda_built():
         why = "this build has no CUDA backend (no nvcc at build time)"
-    elif _core.cuda_device_count() <= index:
-        why = f"{_core.cuda_device_count()} CUDA device(s) usable at run time"
+    elif _unusable(index):
+        why = _unusable(index)
     else:
         return index
     warn_once(f"x2l-edge: {device} is not available ({why}); running on the CPU", stacklevel=stacklevel)
     return -1
+
+
+def _unusable(index: int) -> str:
+    """'' when a kernel of this build ran on CUDA device `index`, otherwise why not (no device, a driver
+    too old for this build, no kernel image for the GPU's architecture)."""
+    check = getattr(_core, "cuda_device_check", None)
+    if check is None:
+        return "" if _core.cuda_device_count() > index else f"{_core.cuda_device_count()} CUDA device(s) at run time"
+    return check(index)
 
 
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
@@ -98,7 +108,10 @@ def _open_auto(path: str, index: int, **kw):
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_mtime_ns, st.st_size, index)
     if key not in _probed:
-        _probed[key] = auto_probe(dev, path, kw["n_threads"])
+        try:
+            _probed[key] = auto_probe(dev, path, kw["n_threads"])
+        except Exception as e:  # noqa: BLE001 - any failure of the device run means: use the CPU
+            _probed[key] = f"its probe run failed ({type(e).__name__}: {e})"
     if _probed[key]:
         return None, _probed[key]
     return dev, None

@@ -1,6 +1,6 @@
 """What ptxas allots each CUDA kernel, per target architecture: registers, spills, stack, static shared memory.
 
-No GPU needed: it compiles cpp/cuda/*.cu with the flags CMakeLists.txt uses (-O3 --use_fast_math) for each
+No GPU needed: it compiles cpp/cuda/*.cu with the flags CMakeLists.txt uses (read from it) for each
 architecture and reads `ptxas -v`. Spills and register counts bound occupancy on every GPU, Jetson Orin
 (sm_87) included, so a change that makes a kernel spill shows up here before any GPU run.
 
@@ -19,7 +19,18 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLAGS = ["-std=c++17", "-O3", "--use_fast_math", "-Xptxas", "-v", "-I", os.path.join(ROOT, "cpp")]
+
+
+def cmake_cuda_flags() -> list[str]:
+    """The options CMakeLists.txt gives nvcc for the x2l_cuda target (target_compile_options)."""
+    text = open(os.path.join(ROOT, "CMakeLists.txt")).read()
+    m = re.search(r"target_compile_options\(x2l_cuda PRIVATE \$<\$<COMPILE_LANGUAGE:CUDA>:([^>]*)>\)", text)
+    if not m:
+        raise RuntimeError("CMakeLists.txt: no CUDA compile options for x2l_cuda")
+    return m.group(1).split()
+
+
+FLAGS = ["-std=c++17", *cmake_cuda_flags(), "-Xptxas", "-v", "-I", os.path.join(ROOT, "cpp")]
 
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -83,7 +94,7 @@ def compile_one(nvcc: str, src: str, arch: str) -> tuple[str, str, dict]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["86", "87", "89", "90"])
+    ap.add_argument("--arch", nargs="+", default=["80", "86", "87", "89", "90"])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "kernel_resources.json"))
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     a = ap.parse_args()
@@ -101,7 +112,7 @@ def main() -> int:
                 results[arch][short_name(names[mangled])] = {**res, "file": os.path.relpath(src, ROOT)}
     spills = {arch: {k: v["spill_stores"] + v["spill_loads"] for k, v in ks.items()
                      if v.get("spill_stores", 0) + v.get("spill_loads", 0) > 0} for arch, ks in results.items()}
-    doc = {"nvcc": version, "flags": FLAGS[:4], "kernels": {arch: dict(sorted(ks.items())) for arch, ks in results.items()},
+    doc = {"nvcc": version, "flags": cmake_cuda_flags(), "kernels": {arch: dict(sorted(ks.items())) for arch, ks in results.items()},
            "spilling": spills, "max_registers": {arch: max(v["registers"] for v in ks.values()) for arch, ks in results.items()}}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

@@ -201,8 +201,10 @@ OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_
 }
 
 nb::ndarray<nb::numpy, uint8_t> op_rerotate_keys(uint32_t type_id, U8Array rows, int head_dim, int n_rot, float freq_base,
-                                                 bool neox, int32_t delta, bool in_place) {
+                                                 bool neox, int32_t delta, bool in_place, int byte_offset) {
     require_device();
+    if (byte_offset < 0 || byte_offset > 64) throw x2l::Error("byte_offset must be in 0..64");
+    const size_t off = static_cast<size_t>(byte_offset);  // rows placed off an aligned start, to test the checks
     const x2l::DType t = static_cast<x2l::DType>(type_id);
     if (rows.ndim() != 2) throw x2l::Error("rows must have shape [n_rows, row_bytes]");
     const int64_t n_rows = static_cast<int64_t>(rows.shape(0));
@@ -211,15 +213,17 @@ nb::ndarray<nb::numpy, uint8_t> op_rerotate_keys(uint32_t type_id, U8Array rows,
     nb::capsule owner(out, [](void* p) noexcept { delete static_cast<std::vector<uint8_t>*>(p); });
     {
         nb::gil_scoped_release nogil;
-        auto src = to_device(rows.data(), rows.nbytes());
+        auto src = device_buffer(rows.nbytes() + off);
+        src.upload(rows.data(), rows.nbytes(), off);
         x2l::CudaDeviceBuffer dst;
-        if (!in_place) dst = device_buffer(rows.nbytes());
-        void* pd = in_place ? src.data() : dst.data();
+        if (!in_place) dst = device_buffer(rows.nbytes() + off);
+        char* ps = static_cast<char*>(src.data()) + off;
+        char* pd = static_cast<char*>(in_place ? src.data() : dst.data()) + off;
         run_sync([&](void* s) {
-            x2l::cuda_rerotate_keys(t, src.data(), pd, n_rows, stride, head_dim, n_rot, freq_base,
+            x2l::cuda_rerotate_keys(t, ps, pd, n_rows, stride, head_dim, n_rot, freq_base,
                                     neox ? x2l::RopeMode::Neox : x2l::RopeMode::Norm, delta, s);
         });
-        if (!out->empty()) (in_place ? src : dst).download(out->data(), out->size());
+        if (!out->empty()) (in_place ? src : dst).download(out->data(), out->size(), off);
     }
     const size_t shape[2] = {static_cast<size_t>(n_rows), stride};
     return nb::ndarray<nb::numpy, uint8_t>(out->data(), 2, shape, owner);
@@ -629,7 +633,7 @@ void bind_cuda_probes(nb::module_& m) {
     m.def("cuda_rope", &op_rope, "x"_a, "pos"_a, "n_rot"_a, "freq_base"_a = 10000.f, "freq_scale"_a = 1.f,
           "neox"_a = false, "in_place"_a = false, "x: [T, n_head, head_dim]; NORM pairs (2i, 2i+1), NEOX (i, i + n_rot/2).");
     m.def("cuda_rerotate_keys", &op_rerotate_keys, "type_id"_a, "rows"_a, "head_dim"_a, "n_rot"_a, "freq_base"_a = 10000.f,
-          "neox"_a = false, "delta"_a = 0, "in_place"_a = false,
+          "neox"_a = false, "delta"_a = 0, "in_place"_a = false, "byte_offset"_a = 0,
           "Key rows [n_rows, row_bytes] of a ggml type (f32, f16, q8_0, q4_0) rotated by delta more positions.");
     m.def("cuda_gather_rows", &op_gather_rows, "src"_a, "ids"_a,
           "src [rows, row_bytes] uint8: the bytes of rows ids, as they are (zero rows for ids out of range).");

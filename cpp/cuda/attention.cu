@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "core/common.h"
@@ -591,17 +592,16 @@ size_t smem_bytes(int rpw, int D) {
     return sizeof(float) * (static_cast<size_t>(qr) * D + static_cast<size_t>(kKT) * (D + 1) + qr * kKT);
 }
 
+// False when this device cannot give the block its shared memory (the caller takes fewer rows).
 template <int RPW>
-void launch_attn(const AttnArgs& a, dim3 grid, cudaStream_t s) {
+bool launch_attn(const AttnArgs& a, dim3 grid, cudaStream_t s) {
     const size_t smem = smem_bytes(RPW, a.head_dim);
-    if (smem > 48 * 1024) {
-        // Above the default limit (large head_dim): opt in; every target arch allows >= 99 KB.
-        check(cudaFuncSetAttribute(attn_kernel<RPW>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem)),
-              "cudaFuncSetAttribute(attn_kernel)");
-    }
+    // Above 48 KB (RPW 4 at head_dim > 184) the kernel opts in, up to the device's limit.
+    if (!allow_dynamic_smem(reinterpret_cast<const void*>(attn_kernel<RPW>), smem, "cudaFuncSetAttribute(attn_kernel)"))
+        return false;
     attn_kernel<RPW><<<grid, kAttnThreads, smem, s>>>(a);
     check_launch("attn_kernel");
+    return true;
 }
 
 // The softmax scale times log2(e) (scores are exponentiated base 2); scale 0 = 1/sqrt(head_dim). The
@@ -660,17 +660,25 @@ void CudaSegmentTable::assign(const std::vector<CudaKVSegment>& segs, int head_d
         }
         total += s.n_tokens;
     }
+    const size_t bytes = segs.size() * sizeof(CudaKVSegment);
+    // The same table on the same stream is on the device already (a question's layers keep theirs).
+    const bool same = uploaded_ && uploaded_on_ == stream && segs.size() == host_.size() &&
+                      (bytes == 0 || std::memcmp(segs.data(), host_.data(), bytes) == 0);
     host_ = segs;
     n_kv_ = total;
-    const size_t bytes = segs.size() * sizeof(CudaKVSegment);
+    if (same) return;
     if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
-    // Pageable source: the runtime stages it before returning, so host_ may change afterwards.
-    if (bytes) cuda_copy_h2d_async(dev_.data(), host_.data(), bytes, stream);
+    staging_.upload(dev_.data(), host_.data(), bytes, stream);
+    uploaded_ = true;
+    uploaded_on_ = stream;
 }
 
 void CudaSegmentTable::reserve(int n) {
     const size_t bytes = static_cast<size_t>(std::max(n, 0)) * sizeof(CudaKVSegment);
-    if (bytes > dev_.size()) dev_ = CudaDeviceBuffer(bytes);
+    if (bytes > dev_.size()) {
+        dev_ = CudaDeviceBuffer(bytes);
+        uploaded_ = false;
+    }
 }
 
 size_t cuda_attention_workspace_bytes(int n_q, int n_head, int head_dim, int n_splits) {
@@ -723,18 +731,19 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
     a.out_batch_stride = p.out_batch_stride;
 
     using Kernel = CudaAttentionParams::Kernel;
-    const bool tc_ok = p.head_dim <= kTcMaxDim && !p.own_len;
-    if (p.kernel == Kernel::TensorCore && !tc_ok) throw_arg(fn, "the tensor-core kernel needs head_dim <= 128 and no own_len");
-    if (p.kernel == Kernel::TensorCore || (p.kernel == Kernel::Auto && tc_ok && rows >= kTcRows)) {
+    const bool tc_shape_ok = p.head_dim <= kTcMaxDim && !p.own_len;
+    if (p.kernel == Kernel::TensorCore && !tc_shape_ok) throw_arg(fn, "the tensor-core kernel needs head_dim <= 128 and no own_len");
+    // The tensor-core block holds 64 query rows' Q, O and scores plus a 64-key tile: 86.8 KB at head_dim
+    // 128 (docs/cuda.md). A device whose opt-in limit is lower (sm_75: 64 KB) takes the f32 kernel.
+    const bool tc_fits = tc_shape_ok && allow_dynamic_smem(reinterpret_cast<const void*>(attn_tc_kernel),
+                                                           tc_layout(p.head_dim).total, "cudaFuncSetAttribute(attn_tc_kernel)");
+    if (p.kernel == Kernel::TensorCore && !tc_fits) throw_arg(fn, "the tensor-core kernel's shared memory exceeds this device's limit");
+    if (p.kernel == Kernel::TensorCore || (p.kernel == Kernel::Auto && tc_fits && rows >= kTcRows)) {
         const int64_t tiles = (rows + kTcRows - 1) / kTcRows;
         if (tiles > 65535) throw_arg(fn, "too many query rows for one launch");
         a.n_splits = 1;
         a.split_len = std::max<int64_t>(p.n_kv, 1);
         const size_t smem = tc_layout(p.head_dim).total;
-        if (smem > 48 * 1024) {
-            check(cudaFuncSetAttribute(attn_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                  "cudaFuncSetAttribute(attn_tc_kernel)");
-        }
         // Auto takes the log-sum-exp (the X²L votes) from f32 scores: the tensor cores' f16 scores move it
         // by ~1e-3, enough to flip near-tied entries of the compression's selection. A second pass scores
         // the voting rows again in f32 for it (QK^T without V: about half the f32 kernel's work).
@@ -784,12 +793,15 @@ void cuda_attention(const CudaAttentionParams& p, void* stream) {
         a.ws_ml = a.ws_acc + static_cast<size_t>(splits) * p.n_q * p.n_head * p.head_dim;
     }
 
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_tiles),
+    dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(row_tiles),
                     static_cast<unsigned>(static_cast<int64_t>(p.n_kv_head) * p.n_batch));
-    if (rpw == 1)
-        launch_attn<1>(a, grid, s);
-    else
-        launch_attn<4>(a, grid, s);
+    if (rpw == 1 || !launch_attn<4>(a, grid, s)) {
+        if (rpw != 1) {  // 4 rows per warp do not fit this device's shared memory: 1 row per warp, 4x the tiles
+            if (row_tiles * 4 > 65535) throw_arg(fn, "too many query rows for one launch on this device");
+            grid.y = static_cast<unsigned>((rows + kAttnWarps - 1) / kAttnWarps);
+        }
+        if (!launch_attn<1>(a, grid, s)) throw_arg(fn, "head_dim too large for this device's shared memory");
+    }
 
     if (splits > 1) {
         const int threads = std::min(256, (p.head_dim + 31) / 32 * 32);

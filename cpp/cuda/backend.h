@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -27,8 +28,14 @@ namespace x2l {
 
 // ---------------------------------------------------------------- devices
 
-// Number of usable CUDA devices; 0 when the driver or device is missing (never throws).
+// Number of CUDA devices the driver reports; 0 when the driver or device is missing (never throws).
 int cuda_device_count();
+// Why cudaGetDeviceCount found no device ("" when it succeeded): a driver too old for this build's
+// runtime is reported here instead of looking like a machine without a GPU.
+std::string cuda_probe_error();
+// "" when a kernel of this build ran on device dev, otherwise why not (no kernel image for its
+// architecture, a failed context...). Cached per device; never throws.
+std::string cuda_device_unusable(int dev);
 
 struct CudaDeviceInfo {
     std::string name;
@@ -113,6 +120,12 @@ class CudaHostRegistration {
     void* dev_ = nullptr;
 };
 
+// The whole read-only file mapping that holds [p, p + bytes) (an index opened with mmap=True), page-
+// locked once per process and shared by everyone who asks while it lives; *offset: p's offset in it.
+// nullptr when p is not in such a mapping; Error when the driver refuses (e.g. a device without
+// cudaDevAttrHostRegisterReadOnlySupported).
+std::shared_ptr<CudaHostRegistration> cuda_register_file_mapping(const void* p, size_t bytes, bool mapped, size_t* offset);
+
 // Device address of a byte inside mapped pinned memory (cudaHostGetDevicePointer).
 void* cuda_mapped_device_ptr(const void* host_ptr);
 
@@ -153,6 +166,25 @@ class CudaEvent {
 
   private:
     void* e_ = nullptr;
+};
+
+// Host-to-device copies of pageable data without the implicit synchronization a pageable
+// cudaMemcpyAsync does: the bytes are copied into a pinned buffer (bump-allocated, reused once the
+// copies from it have landed) and DMA'd from there on the stream. The source may change on return.
+// One stream per object (its copies are ordered on it); not for use during stream capture.
+class CudaStaging {
+  public:
+    CudaStaging();
+    ~CudaStaging();
+    CudaStaging(CudaStaging&&) noexcept;
+    CudaStaging& operator=(CudaStaging&&) noexcept;
+    void upload(void* dev_dst, const void* host_src, size_t bytes, void* stream);
+
+  private:
+    std::unique_ptr<CudaHostBuffer> buf_;
+    std::unique_ptr<CudaEvent> landed_;  // recorded after the latest copy from buf_
+    size_t used_ = 0;
+    void* stream_ = nullptr;
 };
 
 // A CUDA graph: the work one stream's callback enqueues, captured once (nothing runs then) and
@@ -349,6 +381,9 @@ class CudaSegmentTable {
   private:
     std::vector<CudaKVSegment> host_;
     CudaDeviceBuffer dev_;
+    CudaStaging staging_;              // the upload goes through pinned memory (no implicit sync)
+    void* uploaded_on_ = nullptr;      // the stream of the last upload; unchanged tables are not sent again
+    bool uploaded_ = false;
     int64_t n_kv_ = 0;
 };
 

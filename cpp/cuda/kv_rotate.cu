@@ -44,7 +44,7 @@ __device__ float key_value(int type, const uint8_t* row, int j) {
 // grid n_rows
 __global__ void __launch_bounds__(32)
     rerotate_kernel(const uint8_t* src, uint8_t* dst, size_t row_stride, int type, int head_dim, int n_rot, int neox,
-                    double log2_base, int32_t delta) {
+                    RopeSteps steps, int32_t delta) {
     __shared__ float v[kMaxHeadDim];
     const int lane = threadIdx.x;
     const uint8_t* in = src + static_cast<size_t>(blockIdx.x) * row_stride;
@@ -53,10 +53,8 @@ __global__ void __launch_bounds__(32)
     __syncthreads();
     const int half = n_rot / 2;
     for (int i = lane; i < half; i += 32) {
-        const double inv_freq = exp2(-2.0 * i / n_rot * log2_base);
-        double sn, cs;
-        sincos(static_cast<double>(delta) * inv_freq, &sn, &cs);
-        const float s = static_cast<float>(sn), c = static_cast<float>(cs);
+        float s, c;
+        rope_sincos(delta, steps.hi[i], steps.lo[i], &s, &c);
         const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         const float x0 = v[i0], x1 = v[i1];
         v[i0] = x0 * c - x1 * s;
@@ -69,7 +67,7 @@ __global__ void __launch_bounds__(32)
         for (int j = lane; j < head_dim; j += 32) reinterpret_cast<__half*>(out)[j] = __float2half_rn(v[j]);
     } else if (type == kQ8_0) {
         // d = amax / 127, q = round(x / d) (half away from zero): quant_block_q8. Correctly rounded
-        // division and reciprocal, as the CPU's (the build uses --use_fast_math).
+        // division and reciprocal, as the CPU's (whatever the build's flags).
         for (int b = 0; b < head_dim / 32; ++b) {
             const float x = v[32 * b + lane];
             const float amax = warp_max(fabsf(x));
@@ -122,10 +120,19 @@ void cuda_rerotate_keys(DType type, const void* src, void* dst, int64_t n_rows, 
     if (mode != RopeMode::Norm && mode != RopeMode::Neox) throw_arg(fn, "mode must be Norm (0) or Neox (2)");
     if (n_rows < 0 || n_rows > 0x7FFFFFFF) throw_arg(fn, "bad n_rows");
     if (n_rows == 0) return;
+    // The kernel reads and writes f32 words (f32 rows) or f16 words (the others: values, block scales);
+    // a misaligned access traps, and a trap poisons the context for every later call.
+    const size_t word = type == DType::F32 ? 4 : 2;
+    if (!src || !dst) throw_arg(fn, "null rows");
+    if (!aligned(src, word) || !aligned(dst, word) || row_stride % word != 0)
+        throw_arg(fn, "rows or row_stride misaligned for the key type");
+    const size_t span = static_cast<size_t>(n_rows - 1) * row_stride + cuda_row_bytes(type, head_dim);
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(src), d0 = reinterpret_cast<uintptr_t>(dst);
+    if (src != dst && s0 < d0 + span && d0 < s0 + span) throw_arg(fn, "src and dst overlap (in place needs src == dst)");
     if (delta == 0 && src == dst) return;
     rerotate_kernel<<<static_cast<unsigned>(n_rows), 32, 0, as_stream(stream)>>>(
         static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), row_stride, static_cast<int>(type), head_dim, n_rot,
-        mode == RopeMode::Neox ? 1 : 0, std::log2(static_cast<double>(freq_base)), delta);
+        mode == RopeMode::Neox ? 1 : 0, rope_steps(n_rot, freq_base, 1.0), delta);
     check_launch("rerotate_kernel");
 }
 

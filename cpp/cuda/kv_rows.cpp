@@ -1,6 +1,8 @@
 #include "cuda/kv_rows.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -69,18 +71,36 @@ CudaKVRows cuda_pin_rows(const KVSegment& seg, const char* what, bool mapped) {
     const size_t block = d.layer_bytes * static_cast<size_t>(seg.n_layer());
     const uint8_t* k = seg.k_data();
     const uint8_t* v = seg.v_data();
+    std::string refused;
     if (block > 0 && v >= k + block && v <= k + block + 64) {  // K, then V (64-byte aligned): one range
+        const size_t span = static_cast<size_t>(v - k) + block;
         try {
-            d.registered.reset(new CudaHostRegistration(k, static_cast<size_t>(v - k) + block, mapped));
-        } catch (const Error&) {
+            // An index opened with mmap=True: its file mapping is registered once for all its chunks
+            // (chunks share boundary pages, which cannot be registered twice).
+            d.registered = cuda_register_file_mapping(k, span, mapped, &d.registered_offset);
+            if (!d.registered) {
+                d.registered.reset(new CudaHostRegistration(k, span, mapped));
+                d.registered_offset = 0;
+            }
+        } catch (const Error& e) {
             d.registered.reset();  // e.g. pages shared with a registered neighbour: copy instead
+            refused = e.what();
         }
     }
     // Mapped (integrated GPUs): the device reads the rows in place; otherwise they are a DMA source.
     if (d.registered) {
-        d.k = mapped ? static_cast<const uint8_t*>(d.registered->device_ptr()) : k;
+        d.k = mapped ? static_cast<const uint8_t*>(d.registered->device_ptr()) + d.registered_offset : k;
         d.v = d.k + (v - k);
     } else {
+        if (!refused.empty()) {
+            // Unswappable RAM the size of the rows, on a Jetson taken from the same 8 GB as everything else.
+            static std::atomic<bool> warned{false};
+            if (!warned.exchange(true))
+                std::fprintf(stderr,
+                             "x2l-edge: warning: the %s rows cannot be page-locked in place (%s); copying them into "
+                             "pinned memory instead (%.1f MB for this chunk; warned once)\n",
+                             what, refused.c_str(), 2.0 * static_cast<double>(block) / 1e6);
+        }
         d.host.reset(new CudaHostBuffer(std::max<size_t>(2 * block, 256), mapped));
         std::memcpy(d.host->data(), k, block);
         std::memcpy(static_cast<uint8_t*>(d.host->data()) + block, v, block);

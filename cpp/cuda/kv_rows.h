@@ -15,7 +15,8 @@ namespace x2l {
 struct CudaKVRows {
     CudaDeviceBuffer dev;
     // L tier only: the index's own rows page-locked in place, or (when the driver refuses) a pinned copy.
-    std::unique_ptr<CudaHostRegistration> registered;
+    std::shared_ptr<CudaHostRegistration> registered;
+    size_t registered_offset = 0;  // of k within the registration (a whole file mapping may be shared)
     std::unique_ptr<CudaHostBuffer> host;
     const uint8_t* k = nullptr;            // [n_layer][n_head_kv][cap] rows
     const uint8_t* v = nullptr;

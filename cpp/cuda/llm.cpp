@@ -42,8 +42,10 @@ CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total) 
 CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), device_(device) {
     if (device < 0 || device >= cuda_device_count()) {
         throw Error("CUDA device " + std::to_string(device) + " is not available (" +
-                    std::to_string(cuda_device_count()) + " usable devices)");
+                    std::to_string(cuda_device_count()) + " present)");
     }
+    const std::string why = cuda_device_unusable(device);
+    if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
     const LlmConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) throw Error("the CUDA attention kernel needs head_dim % 4 == 0 and <= 256");
     cuda_set_device(device);
@@ -253,13 +255,16 @@ void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_ho
         const int64_t off = static_cast<int64_t>(ids.size());
         at.emplace_back(off, vst_rows(vst ? vst + b : nullptr, std::min(n_batch_, n - b), ids));
     }
-    // Pageable sources: the runtime stages them before returning, so the host vectors may go.
-    x_buf.upload(x_host, static_cast<size_t>(n * E) * sizeof(float), 0, s);
-    pos_buf.upload(pos_host, static_cast<size_t>(n) * sizeof(int32_t), 0, s);
+    // Pageable sources, staged through pinned memory (a pageable cudaMemcpyAsync would synchronize):
+    // the host vectors may go on return.
+    const size_t x_bytes = static_cast<size_t>(n * E) * sizeof(float), pos_bytes = static_cast<size_t>(n) * sizeof(int32_t);
+    if (x_bytes > x_buf.size() || pos_bytes > pos_buf.size()) throw Error("CudaContext::run_rows: more rows than the buffers hold");
+    staging_.upload(x_buf.data(), x_host, x_bytes, s);
+    staging_.upload(pos_buf.data(), pos_host, pos_bytes, s);
     if (!ids.empty()) {
         if (vst_ids_.size() < ids.size() * sizeof(int32_t))
             vst_ids_ = CudaDeviceBuffer(std::max<size_t>(ids.size(), n_batch_) * sizeof(int32_t));
-        vst_ids_.upload(ids.data(), ids.size() * sizeof(int32_t), 0, s);
+        staging_.upload(vst_ids_.data(), ids.data(), ids.size() * sizeof(int32_t), s);
     }
     float* x = static_cast<float*>(x_buf.data());
     const int32_t* pos = static_cast<const int32_t*>(pos_buf.data());

@@ -167,6 +167,7 @@ class CudaContext {
     // Beacon models: the batch's VST row indices [n_batch] (int32), their normed inputs [n_batch, n_embd]
     // and projections [n_batch, q or kv dim] (empty otherwise).
     CudaDeviceBuffer vst_ids_, vst_x_, vst_q_, vst_k_, vst_v_;
+    CudaStaging staging_;  // the rows, positions and VST ids of run_rows() go through pinned memory
     CudaDeviceBuffer x_all_, pos_all_;  // forward_layer_major: [n, n_embd] hidden states, [n] positions
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;

@@ -200,9 +200,11 @@ void CudaMixedCache::wait_reload() {
         reached_[l].synchronize();
         stalled_ms += std::max(0.0f, landed_[l].elapsed_ms_since(reached_[l]));  // > 0: compute got there first
     }
-    // Nothing reached yet: the host blocked here, before the question (reload, wait, then prefill).
-    stats_.wait_seconds = any_reached ? stalled_ms / 1e3
-                                      : std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // Nothing reached yet: the host blocked here, before the question (reload, wait, then prefill). Its
+    // wall-clock wait also counts any time the thread was preempted or descheduled, which is no reload
+    // stall: it cannot have waited on the copies for longer than they ran (the device span).
+    const double host_wait = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.wait_seconds = any_reached ? stalled_ms / 1e3 : std::min(host_wait, stats_.copy_seconds);
     pending_ = false;
     // Every copy has landed and the stalls are counted: the per-layer waits have nothing left to do,
     // and without hooks the tokens that follow can replay the decode graph.

@@ -84,22 +84,19 @@ softmax_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, fl
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) yr[i] = expf(xr[i] * scale - mx) * inv;
 }
 
-// One thread per (token, rotated pair); the angle is computed once and applied to every head.
-// The angle is formed and reduced in double: pos * inv_freq reaches 1e5 rad at long contexts, where
-// float rounding (and the fast-math sin/cos) would be off by 1e-2 rad.
+// One thread per (token, rotated pair); the angle is computed once and applied to every head (FP32:
+// rope_sincos in common.cuh says how it stays accurate at long contexts).
 // x and y may be the same buffer (in-place rotation), so neither is __restrict__.
 __global__ void rope_kernel(const float* x, float* y, const int32_t* __restrict__ pos,
                             int64_t n_tokens, int n_head, int head_dim, int64_t tok_stride, int n_rot,
-                            double log2_base, double freq_scale, int neox) {
+                            RopeSteps steps, int neox) {
     const int half = n_rot / 2;
     const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (idx >= n_tokens * half) return;
     const int64_t t = idx / half;
     const int i = static_cast<int>(idx - t * half);
-    const double inv_freq = exp2(-2.0 * i / n_rot * log2_base);
-    double sn, cs;
-    sincos(static_cast<double>(pos[t]) * freq_scale * inv_freq, &sn, &cs);
-    const float s = static_cast<float>(sn), c = static_cast<float>(cs);
+    float s, c;
+    rope_sincos(pos[t], steps.hi[i], steps.lo[i], &s, &c);
     const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
     for (int h = 0; h < n_head; ++h) {
         const int64_t base = t * tok_stride + static_cast<int64_t>(h) * head_dim;
@@ -132,16 +129,22 @@ __global__ void swiglu_kernel(const float* g, const float* __restrict__ u, float
 }
 
 // mode 0: gelu (erf), 1: gelu (tanh approximation), 2: quick_gelu x * sigmoid(1.702 x) (CLIP)
-__global__ void gelu_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int mode) {
+// The tanh form is evaluated as v * sigmoid(2u) (0.5 (1 + tanh u) == 1 / (1 + e^-2u)): no tanhf, whose
+// approximate instruction (tanh.approx.f32, ~2^-11) would be off by ~7e-4 near v = -3, and no
+// cancellation in 1 + tanh u for large negative v. e^-2u overflowing to inf gives v / inf = -0.
+// x and y may be the same buffer (in place), so neither is __restrict__.
+__global__ void gelu_kernel(const float* x, float* y, int64_t n, int mode) {
     for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
          i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const float v = x[i];
-        if (mode == 1)
-            y[i] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-        else if (mode == 2)
+        if (mode == 1) {
+            const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            y[i] = v / (1.f + expf(-2.f * u));
+        } else if (mode == 2) {
             y[i] = v / (1.f + expf(-1.702f * v));
-        else
+        } else {
             y[i] = 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+        }
     }
 }
 
@@ -274,6 +277,7 @@ void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, i
     if (n_tokens < 0 || n_head <= 0 || head_dim <= 0 || n_head > 0x7FFFFFFF || head_dim > 0x7FFFFFFF)
         throw_arg(fn, "bad shape");
     if (n_rot <= 0 || n_rot % 2 != 0 || n_rot > head_dim) throw_arg(fn, "n_rot must be even and in 2..head_dim");
+    if (n_rot > 2 * kMaxRopePairs) throw_arg(fn, "n_rot must be <= 256");
     if (tok_stride < n_head * head_dim) throw_arg(fn, "tok_stride smaller than n_head * head_dim");
     if (!(freq_base > 0.f)) throw_arg(fn, "freq_base must be > 0");
     if (mode != RopeMode::Norm && mode != RopeMode::Neox) throw_arg(fn, "mode must be Norm (0) or Neox (2)");
@@ -282,8 +286,7 @@ void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, i
     const int64_t pairs = n_tokens * (n_rot / 2);
     rope_kernel<<<grid_for(pairs, 128), 128, 0, s>>>(x, y, pos, n_tokens, static_cast<int>(n_head),
                                                      static_cast<int>(head_dim), tok_stride, n_rot,
-                                                     std::log2(static_cast<double>(freq_base)),
-                                                     static_cast<double>(freq_scale), mode == RopeMode::Neox);
+                                                     rope_steps(n_rot, freq_base, freq_scale), mode == RopeMode::Neox);
     check_launch("rope_kernel");
     if (x != y && n_rot < head_dim) {
         const int64_t tail = n_tokens * n_head * (head_dim - n_rot);

@@ -262,7 +262,7 @@ void CudaPrefill::run(const PrefillLevel& level, KVCache& work) {
             const int32_t* ids = static_cast<const int32_t*>(keep_ids.data());
             cuda_gather_rows(ctx_->k_cache(l).data(), n, row_bytes, ids, n_rows, g, s);
             cuda_gather_rows(ctx_->v_cache(l).data(), n, row_bytes, ids, n_rows, g + fetch_bytes, s);
-            gathered.download(kh.data(), fetch_bytes, 0, s);  // pageable destination: complete on return
+            gathered.download(kh.data(), fetch_bytes, 0, s);  // synchronous: kh is read below
             gathered.download(vh.data(), fetch_bytes, fetch_bytes, s);
         } else {
             ctx_->k_cache(l).download(kh.data(), fetch_bytes, 0, s);

@@ -1,7 +1,13 @@
 // Devices, memory, streams, events and the layer-pipelined copy helper.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstring>
 #include <fstream>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -9,6 +15,10 @@
 #include "core/common.h"
 #include "cuda/common.cuh"
 #include "cuda/backend.h"
+
+#ifndef X2L_CUDA_ARCH_LIST
+#define X2L_CUDA_ARCH_LIST "unknown"  // CMakeLists.txt defines it; a standalone compile (kernel_resources.py) does not
+#endif
 
 namespace x2l {
 
@@ -30,17 +40,129 @@ using cudak::check;
 
 // ---------------------------------------------------------------- devices
 
+namespace {
+
+// cudaGetDeviceCount's error text, "" when it succeeded.
+std::string count_error(int* n) {
+    *n = 0;
+    const cudaError_t e = cudaGetDeviceCount(n);
+    if (e == cudaSuccess) return "";
+    // Cleared so that it is not reported by an unrelated later call.
+    std::string msg = std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
+    (void)cudaGetLastError();
+    *n = 0;
+    if (e == cudaErrorInsufficientDriver) {
+        int drv = 0, rt = 0;
+        (void)cudaDriverGetVersion(&drv);
+        (void)cudaRuntimeGetVersion(&rt);
+        (void)cudaGetLastError();
+        msg += drv > 0 ? "; the driver supports CUDA " + std::to_string(drv / 1000) + "." + std::to_string(drv % 1000 / 10) +
+                             ", this build's runtime needs " + std::to_string(rt / 1000) + "." + std::to_string(rt % 1000 / 10)
+                       : "; no NVIDIA driver found";
+    }
+    return msg;
+}
+
+}  // namespace
+
 int cuda_device_count() {
     int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
-        // No driver (cudaErrorInsufficientDriver), no device (cudaErrorNoDevice), ...: the CPU backend
-        // takes over. Clear the error so it is not reported by an unrelated later call.
-        (void)cudaGetLastError();
-        return 0;
-    }
+    // No driver (cudaErrorInsufficientDriver), no device (cudaErrorNoDevice), ...: 0, the CPU backend
+    // takes over; cuda_probe_error() says why.
+    (void)count_error(&n);
     return n;
 }
+
+std::string cuda_probe_error() {
+    int n = 0;
+    return count_error(&n);
+}
+
+namespace cudak {
+namespace {
+__global__ void probe_kernel(int* out) { *out = 0x2c2e; }
+}  // namespace
+}  // namespace cudak
+
+std::string cuda_device_unusable(int dev) {
+    // A device counts only once a kernel of this build has run on it: a GPU older than the build's
+    // architectures (no kernel image), a driver that cannot JIT the PTX, a broken context all show here.
+    static std::mutex mu;
+    static std::map<int, std::string> verdict;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = verdict.find(dev);
+    if (it != verdict.end()) return it->second;
+    std::string why;
+    const int n = cuda_device_count();
+    if (dev < 0 || dev >= n) {
+        why = "no CUDA device " + std::to_string(dev) + " (" + std::to_string(n) + " present)";
+        const std::string e = cuda_probe_error();
+        if (!e.empty()) why += "; " + e;
+        return why;  // not cached: a driver may come later in tests, never for a real process
+    }
+    int prev = 0;
+    auto step = [&why](cudaError_t e, const char* what) {
+        if (e != cudaSuccess && why.empty()) why = std::string(what) + ": " + cudaGetErrorString(e) + " (" + cudaGetErrorName(e) + ")";
+        return e == cudaSuccess;
+    };
+    if (step(cudaGetDevice(&prev), "cudaGetDevice") && step(cudaSetDevice(dev), "cudaSetDevice")) {
+        int* d = nullptr;
+        if (step(cudaMalloc(reinterpret_cast<void**>(&d), sizeof(int)), "cudaMalloc")) {
+            cudak::probe_kernel<<<1, 1>>>(d);
+            int got = 0;
+            if (step(cudaGetLastError(), "a test kernel's launch") && step(cudaDeviceSynchronize(), "a test kernel") &&
+                step(cudaMemcpy(&got, d, sizeof(int), cudaMemcpyDeviceToHost), "cudaMemcpy") && got != 0x2c2e)
+                why = "a test kernel ran but did not write its result";
+            cudaFree(d);
+        }
+        cudaSetDevice(prev);
+    }
+    (void)cudaGetLastError();
+    if (!why.empty()) {
+        int major = 0, minor = 0;
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+        (void)cudaGetLastError();
+        why += " on sm_" + std::to_string(major) + std::to_string(minor) +
+               " (this build's architectures: " X2L_CUDA_ARCH_LIST "; rebuild with -C cmake.define.X2L_CUDA_ARCHITECTURES=" +
+               std::to_string(major) + std::to_string(minor) + ")";
+    }
+    verdict[dev] = why;
+    return why;
+}
+
+namespace cudak {
+
+size_t smem_optin(int dev) {
+    static std::mutex mu;
+    static std::map<int, size_t> cache;
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(dev);
+    if (it != cache.end()) return it->second;
+    int v = 0;
+    check(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute(smem opt-in)");
+    return cache[dev] = static_cast<size_t>(std::max(v, 48 * 1024));
+}
+
+bool allow_dynamic_smem(const void* func, size_t bytes, const char* what) {
+    if (bytes <= 48 * 1024) return true;
+    int dev = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    if (bytes > smem_optin(dev)) return false;
+    // Once per (kernel, device), at the device's opt-in limit: later launches of any size below it
+    // need no call (cudaFuncSetAttribute is not free, and it was on every launch).
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, bool> done;
+    std::lock_guard<std::mutex> lock(mu);
+    bool& set = done[{func, dev}];
+    if (!set) {
+        check(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_optin(dev))), what);
+        set = true;
+    }
+    return true;
+}
+
+}  // namespace cudak
 
 namespace {
 
@@ -150,9 +272,12 @@ void CudaDeviceBuffer::download(void* host_dst, size_t bytes, size_t offset, voi
     if (offset + bytes > bytes_) throw Error("CudaDeviceBuffer::download: out of range");
     if (bytes == 0) return;
     const char* src = static_cast<const char*>(ptr_) + offset;
-    if (stream)
+    if (stream) {
+        // Ordered after the stream's work; the host reads host_dst on return, and a pageable destination
+        // is only promised complete on return for some copies and drivers: wait for it.
         check(cudaMemcpyAsync(host_dst, src, bytes, cudaMemcpyDeviceToHost, cudak::as_stream(stream)), "cudaMemcpyAsync");
-    else
+        check(cudaStreamSynchronize(cudak::as_stream(stream)), "cudaStreamSynchronize");
+    } else
         check(cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy");
 }
 
@@ -206,6 +331,21 @@ CudaHostBuffer& CudaHostBuffer::operator=(CudaHostBuffer&& o) noexcept {
     return *this;
 }
 
+namespace {
+
+// cudaDevAttrHostRegisterReadOnlySupported of the current device: whether read-only pages (a file
+// mapped PROT_READ, such as an index opened with mmap=True) can be page-locked at all.
+bool readonly_register_supported() {
+    int dev = 0, v = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&v, cudaDevAttrHostRegisterReadOnlySupported, dev) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return v != 0;
+}
+
+}  // namespace
+
 CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool mapped) {
     if (!host || bytes == 0) return;
     void* p = const_cast<void*>(host);  // registration does not write
@@ -213,11 +353,49 @@ CudaHostRegistration::CudaHostRegistration(const void* host, size_t bytes, bool 
     cudaError_t e = cudaHostRegister(p, bytes, flags);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
+        if (!readonly_register_supported()) {
+            throw Error(std::string("cudaHostRegister: ") + cudaGetErrorString(e) +
+                        " (and this device cannot page-lock read-only memory: cudaDevAttrHostRegisterReadOnlySupported is 0)");
+        }
         e = cudaHostRegister(p, bytes, flags | cudaHostRegisterReadOnly);  // e.g. a read-only file mapping
     }
     check(e, "cudaHostRegister");
     host_ = p;
     if (mapped) dev_ = mapped_or_unpin(host_, cudaHostUnregister);
+}
+
+std::shared_ptr<CudaHostRegistration> cuda_register_file_mapping(const void* p, size_t bytes, bool mapped, size_t* offset) {
+    // The mapping of /proc/self/maps that holds [p, p + bytes): a file mapped without write access.
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    uintptr_t lo = 0, hi = 0;
+    {
+        std::ifstream maps("/proc/self/maps");
+        std::string line;
+        while (std::getline(maps, line)) {
+            unsigned long l = 0, h = 0;
+            char perms[8] = {0};
+            char path[2] = {0};
+            if (std::sscanf(line.c_str(), "%lx-%lx %7s %*s %*s %*s %1s", &l, &h, perms, path) < 3) continue;
+            if (a >= l && a < h) {
+                if (perms[1] == 'w' || path[0] != '/' || a + bytes > h) return nullptr;
+                lo = l;
+                hi = h;
+                break;
+            }
+        }
+    }
+    if (!lo) return nullptr;
+    static std::mutex mu;
+    static std::map<std::pair<uintptr_t, bool>, std::weak_ptr<CudaHostRegistration>> live;
+    std::lock_guard<std::mutex> lock(mu);
+    std::weak_ptr<CudaHostRegistration>& slot = live[{lo, mapped}];
+    std::shared_ptr<CudaHostRegistration> reg = slot.lock();
+    if (!reg) {
+        reg = std::make_shared<CudaHostRegistration>(reinterpret_cast<const void*>(lo), hi - lo, mapped);
+        slot = reg;
+    }
+    *offset = a - lo;
+    return reg;
 }
 
 CudaHostRegistration::~CudaHostRegistration() {
@@ -308,6 +486,45 @@ float CudaEvent::elapsed_ms_since(const CudaEvent& start) const {
     float ms = 0.f;
     check(cudaEventElapsedTime(&ms, as_event(start.e_), as_event(e_)), "cudaEventElapsedTime");
     return ms;
+}
+
+// ---------------------------------------------------------------- staging
+
+CudaStaging::CudaStaging() = default;
+CudaStaging::~CudaStaging() {
+    if (landed_) cudaEventSynchronize(static_cast<cudaEvent_t>(landed_->handle()));  // buf_ may still be a DMA source
+}
+CudaStaging::CudaStaging(CudaStaging&&) noexcept = default;
+CudaStaging& CudaStaging::operator=(CudaStaging&& o) noexcept {
+    if (this != &o) {
+        if (landed_) cudaEventSynchronize(static_cast<cudaEvent_t>(landed_->handle()));
+        buf_ = std::move(o.buf_);
+        landed_ = std::move(o.landed_);
+        used_ = std::exchange(o.used_, 0);
+        stream_ = std::exchange(o.stream_, nullptr);
+    }
+    return *this;
+}
+
+void CudaStaging::upload(void* dev_dst, const void* host_src, size_t bytes, void* stream) {
+    if (bytes == 0) return;
+    if (stream_ && stream != stream_ && landed_) landed_->synchronize();  // a new stream: start afresh
+    if (stream != stream_) used_ = buf_ ? buf_->size() : 0;
+    stream_ = stream;
+    const size_t at = (used_ + 255) / 256 * 256;
+    if (!buf_ || at + bytes > buf_->size()) {
+        // Full (or new): every copy from it must have landed before it is reused or freed.
+        if (landed_) landed_->synchronize();
+        if (!buf_ || bytes > buf_->size()) buf_.reset(new CudaHostBuffer(std::max<size_t>(2 * bytes, 4096)));
+        used_ = 0;
+    }
+    const size_t off = (used_ + 255) / 256 * 256;
+    char* pinned = static_cast<char*>(buf_->data()) + off;
+    std::memcpy(pinned, host_src, bytes);
+    cuda_copy_h2d_async(dev_dst, pinned, bytes, stream);
+    if (!landed_) landed_.reset(new CudaEvent(false));
+    landed_->record(stream);
+    used_ = off + bytes;
 }
 
 // ---------------------------------------------------------------- graphs

@@ -32,8 +32,10 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
     : enc_(enc), cfg_(enc.config()), device_(device) {
     if (device < 0 || device >= cuda_device_count()) {
         throw Error("CUDA device " + std::to_string(device) + " is not available (" +
-                    std::to_string(cuda_device_count()) + " usable devices)");
+                    std::to_string(cuda_device_count()) + " present)");
     }
+    const std::string why = cuda_device_unusable(device);
+    if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
     const VisionConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) {
         throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +
@@ -189,7 +191,7 @@ void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, Visio
         const int64_t n = std::min<int64_t>(batch_, n_frames - f0);
         const float* px = pixels + f0 * frame_px;
         for (int64_t r = 0; r < n * NP; ++r) enc_.im2col_row(px, r, patches_host_.data() + r * K);
-        patches_.upload(patches_host_.data(), n * NP * K * kF32, 0, s);  // pageable: staged before it returns
+        staging_.upload(patches_.data(), patches_host_.data(), n * NP * K * kF32, s);  // patches_host_ is free on return
         run_tower(n);
 
         if (stage == Stage::Features) {

@@ -70,6 +70,7 @@ class CudaVision final : public VisionExecutor {
     std::vector<float> patches_host_;  // [batch * n_patches, 3*p*p] im2col rows
     // Activations for one batch (n = batch frames, T = n_tokens, W = width):
     CudaDeviceBuffer patches_;         // [n * n_patches, 3*p*p]
+    CudaStaging staging_;              // patches_host_ -> patches_ through pinned memory (no implicit sync)
     CudaDeviceBuffer x_, xn_;          // [n * T, W] residual stream, normed input / sub-layer output
     CudaDeviceBuffer q_, k_, v_, attn_;  // [n * T, W]
     CudaDeviceBuffer ff_;              // [n * T, n_ff]

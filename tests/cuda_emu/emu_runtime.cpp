@@ -45,6 +45,17 @@ struct Config {
     bool early_copies = env_long("X2L_EMU_EARLY_COPIES", 0) != 0;
     // Stream capture fails as on a driver that refuses it (the fallback of code that uses graphs).
     bool refuse_capture = env_long("X2L_EMU_REFUSE_CAPTURE", 0) != 0;
+    // A driver older than the runtime (cudaGetDeviceCount fails with cudaErrorInsufficientDriver).
+    bool old_driver = env_long("X2L_EMU_OLD_DRIVER", 0) != 0;
+    // A device the build has no kernel image for (e.g. sm_75 with sm_80+ code): every launch fails.
+    bool no_kernel_image = env_long("X2L_EMU_NO_KERNEL_IMAGE", 0) != 0;
+    // The opt-in shared memory per block in KB (0: sm_87's / sm_89's); 64 models sm_75.
+    long smem_optin_kb = env_long("X2L_EMU_SMEM_OPTIN_KB", 0);
+    // cudaDevAttrHostRegisterReadOnlySupported (Jetson: read-only file mappings can be registered).
+    bool readonly_register = env_long("X2L_EMU_READONLY_REGISTER", 1) != 0;
+    // A pageable host source copied on a stream other than the legacy one fails: such a copy makes the
+    // driver synchronize the stream with the host, which the hot paths must not do (pinned staging).
+    bool strict_pageable = env_long("X2L_EMU_STRICT_PAGEABLE", 0) != 0;
 };
 const Config& cfg() {
     static Config c;
@@ -515,7 +526,10 @@ bool run_block(bool reverse) {
 std::map<const void*, int> g_max_dynamic_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 uint64_t g_launches = 0;
 
-size_t smem_optin() { return cfg().integrated ? 166912 : 101376; }  // sm_87 / sm_89 opt-in limits
+size_t smem_optin() {  // sm_87 / sm_89 opt-in limits, or X2L_EMU_SMEM_OPTIN_KB
+    if (cfg().smem_optin_kb > 0) return static_cast<size_t>(cfg().smem_optin_kb) * 1024;
+    return cfg().integrated ? 166912 : 101376;
+}
 
 void execute_kernel(const std::string& name, dim3 grid, dim3 block, size_t smem, bool reverse,
                     const std::shared_ptr<KernelBody>& body) {
@@ -616,6 +630,10 @@ void launch(const char* name, const void* func, dim3 grid, dim3 block, size_t sm
         fail(cudaErrorInvalidResourceHandle, "launch on a destroyed stream");
         return;
     }
+    if (cfg().no_kernel_image) {
+        fail(cudaErrorNoKernelImageForDevice, std::string("launch of ") + name + ": X2L_EMU_NO_KERNEL_IMAGE is set");
+        return;
+    }
     install_fault_handler();
     const int order = cfg().order;
     const bool reverse = order < 0 ? (g_launches & 1u) != 0 : order == 1;
@@ -636,7 +654,20 @@ cudaError_t cudaGetDeviceCount(int* n) {
         *n = 0;
         return fail(cudaErrorNoDevice, "X2L_EMU_NO_DEVICE is set");
     }
+    if (cfg().old_driver) {
+        *n = 0;
+        return fail(cudaErrorInsufficientDriver, "X2L_EMU_OLD_DRIVER is set");
+    }
     *n = 1;
+    return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* v) {
+    *v = cfg().old_driver ? 12040 : 13000;
+    return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* v) {
+    *v = 13000;
     return cudaSuccess;
 }
 
@@ -684,6 +715,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev) {
         case cudaDevAttrComputeCapabilityMajor: *value = 8; break;
         case cudaDevAttrComputeCapabilityMinor: *value = cfg().integrated ? 7 : 9; break;
         case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(smem_optin()); break;
+        case cudaDevAttrHostRegisterReadOnlySupported: *value = cfg().readonly_register; break;
         default: return fail(cudaErrorInvalidValue, "device attribute not modelled by the emulator");
     }
     return cudaSuccess;
@@ -726,6 +758,8 @@ const char* cudaGetErrorName(cudaError_t e) {
         case cudaErrorInvalidMemcpyDirection: return "cudaErrorInvalidMemcpyDirection";
         case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
         case cudaErrorNoDevice: return "cudaErrorNoDevice";
+        case cudaErrorNoKernelImageForDevice: return "cudaErrorNoKernelImageForDevice";
+        case cudaErrorNotSupported: return "cudaErrorNotSupported";
         case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
         case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
         case cudaErrorNotReady: return "cudaErrorNotReady";
@@ -834,11 +868,40 @@ cudaError_t cudaFreeHost(void* p) {
     return cudaSuccess;
 }
 
+// Whether every page of [p, p + bytes) is mapped writable (from /proc/self/maps).
+static bool range_writable(const void* p, size_t bytes) {
+    FILE* f = std::fopen("/proc/self/maps", "r");
+    if (!f) return true;
+    uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t end = a + bytes;
+    char line[512];
+    bool ok = true;
+    while (a < end && std::fgets(line, sizeof line, f)) {
+        unsigned long lo = 0, hi = 0;
+        char perms[8] = {0};
+        if (std::sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3) continue;
+        if (a >= lo && a < hi) {
+            if (perms[1] != 'w') ok = false;
+            a = hi;
+        }
+    }
+    std::fclose(f);
+    return ok;
+}
+
 cudaError_t cudaHostRegister(void* p, size_t bytes, unsigned flags) {
     EMU_LOCK;
     EMU_STICKY_CHECK;
     if (!p || bytes == 0) return fail(cudaErrorInvalidValue, "cudaHostRegister of an empty range");
     EMU_CAPTURE_CHECK("cudaHostRegister");
+    // As the driver: pages the process may not write (a read-only file mapping) register only with
+    // cudaHostRegisterReadOnly, which needs cudaDevAttrHostRegisterReadOnlySupported.
+    const bool writable = range_writable(p, bytes);
+    if (flags & cudaHostRegisterReadOnly) {
+        if (!cfg().readonly_register) return fail(cudaErrorNotSupported, "cudaHostRegisterReadOnly is not supported by this device");
+    } else if (!writable) {
+        return fail(cudaErrorInvalidValue, "cudaHostRegister of read-only pages without cudaHostRegisterReadOnly");
+    }
     return add_pinned(p, bytes, false, (flags & cudaHostRegisterMapped) != 0);
 }
 
@@ -934,6 +997,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
     Side ds, ss;
     const std::string err = check_copy(dst, src, bytes, kind, &ds, &ss);
     if (!err.empty()) return fail(cudaErrorInvalidValue, "cudaMemcpyAsync: " + err);
+    if (cfg().strict_pageable && stream != nullptr && ss == Side::kPageable)
+        return fail(cudaErrorInvalidValue, "cudaMemcpyAsync from pageable memory on a stream (X2L_EMU_STRICT_PAGEABLE)");
     if (resolve(stream)->capture && (ss == Side::kPageable || ds == Side::kPageable))
         EMU_CAPTURE_CHECK("cudaMemcpyAsync to or from pageable memory");
     if (ss == Side::kPageable) {
@@ -949,7 +1014,10 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
             std::memcpy(dst, src, bytes);
         });
     }
-    if (ds == Side::kPageable || cfg().early_copies) flush_all(resolve(stream));  // into pageable memory: complete on return
+    // Into pageable memory the copy is NOT complete on return here (the documentation promises it for
+    // some drivers and copies only): it lands when the stream is synchronized, so host code that reads
+    // the destination without a sync reads stale bytes (cudaMemcpy, the synchronous call, flushes).
+    if (cfg().early_copies) flush_all(resolve(stream));
     EMU_STICKY_CHECK;
     return cudaSuccess;
 }

@@ -8,7 +8,8 @@ layer-pipelined reload run here, on a machine without a GPU, against the CPU bac
 discrete GPU (copies through the pipeline), an integrated one (X2L_EMU_INTEGRATED=1: Jetson's
 zero-copy path), the copy-ordering tests again with copies run early (X2L_EMU_EARLY_COPIES=1), and
 a 1 MiB device for the out-of-memory paths (X2L_EMU_MEM_MB=1), a 2 MiB one where the prefill's L cache
-must give way, and a driver that refuses stream capture (X2L_EMU_REFUSE_CAPTURE=1: decode without graphs);
+must give way, a driver that refuses stream capture (X2L_EMU_REFUSE_CAPTURE=1: decode without graphs), and a device
+with 48 KB of shared memory per block (X2L_EMU_SMEM_OPTIN_KB=48: smaller attention tiles);
 then bench/gpu/bench_cuda.py --smoke, so the GPU benchmark script has run before a GPU is lent. This says nothing about speed, and it is not a GPU: see include/cuda_runtime.h for
 what the emulator models. Needs cmake, ninja and nanobind (the `test` extra installs them).
 """
@@ -66,6 +67,14 @@ def main() -> int:
         ("1 MiB GPU (out of device memory)", {"X2L_EMU_MEM_MB": "1"}, ["-k", "small_device"]),
         ("2 MiB GPU (the prefill drops its L cache)", {"X2L_EMU_MEM_MB": "2"}, ["-k", "drops_its_low_cache"]),
         ("driver that refuses stream capture", {"X2L_EMU_REFUSE_CAPTURE": "1"}, ["-k", "capture_is_refused"]),
+        # Host-to-device copies from pageable memory on a stream fail: the LLM, X²L and vision forwards
+        # must stage their per-call inputs through pinned memory (a pageable copy synchronizes the stream).
+        ("pageable copies on streams refused", {"X2L_EMU_STRICT_PAGEABLE": "1"},
+         ["-k", "cuda_llm_matches or decode_graph or x2l_decoder or vision_matches or prefill_matches"]),
+        # No opt-in shared memory above the default 48 KB (an sm_75 has 64): the tensor-core attention and
+        # the f32 kernel's 4-rows-per-warp tiles at head_dim 256 do not fit and must give way, not fail.
+        ("48 KB of shared memory per block", {"X2L_EMU_SMEM_OPTIN_KB": "48"},
+         ["-k", "attention or prefill_matches or vision_matches"]),
     ]
     rc = 0
     for name, extra_env, extra_args in passes:

@@ -166,6 +166,23 @@ static int pinned_read() {
     return 0;
 }
 
+// The same copy into pageable memory: asynchronous too (the emulator does not promise it complete on
+// return), so host code that reads it without a synchronization reads stale bytes.
+static int pageable_read() {
+    float* d;
+    std::vector<float> h(1, 0.f);
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    CHECK(cudaMalloc(reinterpret_cast<void**>(&d), sizeof(float)));
+    const float one = 1.f;
+    CHECK(cudaMemcpy(d, &one, sizeof(float), cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpyAsync(h.data(), d, sizeof(float), cudaMemcpyDeviceToHost, s));
+    const float before = h[0];
+    CHECK(cudaStreamSynchronize(s));
+    std::printf("before %g after %g\n", before, h[0]);
+    return 0;
+}
+
 static int host_deref() {
     float* d;
     CHECK(cudaMalloc(reinterpret_cast<void**>(&d), 64 * sizeof(float)));
@@ -269,6 +286,7 @@ int main(int argc, char** argv) {
     if (c == "streams") return streams(true);
     if (c == "streams_missing_wait") return streams(false);
     if (c == "pinned_read") return pinned_read();
+    if (c == "pageable_read") return pageable_read();
     if (c == "host_deref") return host_deref();
     if (c == "out_of_bounds") return out_of_bounds();
     if (c == "shfl_after_exit") return shfl_after_exit();

@@ -60,6 +60,8 @@ enum cudaError_t {
     cudaErrorInvalidMemcpyDirection = 21,
     cudaErrorInsufficientDriver = 35,
     cudaErrorNoDevice = 100,
+    cudaErrorNoKernelImageForDevice = 209,
+    cudaErrorNotSupported = 801,
     cudaErrorInvalidDevice = 101,
     cudaErrorInvalidResourceHandle = 400,
     cudaErrorNotReady = 600,
@@ -84,6 +86,7 @@ enum cudaDeviceAttr {
     cudaDevAttrComputeCapabilityMajor = 75,
     cudaDevAttrComputeCapabilityMinor = 76,
     cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+    cudaDevAttrHostRegisterReadOnlySupported = 113,
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2 };
@@ -136,6 +139,8 @@ enum cudaStreamCaptureStatus {
 
 // ---------------------------------------------------------------- runtime API
 cudaError_t cudaGetDeviceCount(int* n);
+cudaError_t cudaDriverGetVersion(int* v);
+cudaError_t cudaRuntimeGetVersion(int* v);
 cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaSetDevice(int dev);
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int dev);
@@ -270,6 +275,13 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 // ---------------------------------------------------------------- device math
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
+// sin.approx / cos.approx: absolute error up to 2^-21.41 on [-pi, pi] (CUDA's documented bound),
+// modelled pessimistically by rounding the exact value to a 2^-21 grid.
+inline float x2l_emu_approx_trig(double v) { return static_cast<float>(std::nearbyint(v * 2097152.0) / 2097152.0); }
+inline void __sincosf(float x, float* s, float* c) {
+    *s = x2l_emu_approx_trig(std::sin(static_cast<double>(x)));
+    *c = x2l_emu_approx_trig(std::cos(static_cast<double>(x)));
+}
 // Round-to-nearest arithmetic that the compiler must not contract into an fma (plain float ops here:
 // the emulator is built without fma contraction on x86-64's baseline ISA).
 inline float __fmul_rn(float a, float b) { return a * b; }
