@@ -99,8 +99,9 @@ def _readme_commands():
     return cmds
 
 
-# Steps the test does not run: installing the package itself and the test suite it is part of.
-_NOT_RUN = re.compile(r"^(pip install|pytest|python tests/cuda_emu/run\.py)")
+# Steps the test does not run: installing the package itself and the test suite it is part of, and the server
+# (it runs until stopped; tests/test_server.py starts it and drives it).
+_NOT_RUN = re.compile(r"^(pip install|pytest|python tests/cuda_emu/run\.py|x2l-edge serve )")
 
 
 def test_readme_commands_run(files, cache, tiny_vlm, tmp_path):

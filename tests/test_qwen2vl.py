@@ -453,4 +453,4 @@ def test_cli_ask_with_mmproj(vlm_llama_cpp, tmp_path, capsys, mode):
     out, err = capsys.readouterr()
     assert out.endswith("\n")  # the answer was printed
     if mode == "x2l":
-        assert "reloaded [" in err
+        assert "reloaded for [" in err
