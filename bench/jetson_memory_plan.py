@@ -33,7 +33,7 @@ CUDA_CONTEXT = 0.3 * GIB        # the CUDA runtime's context and module images (
 HEADROOM = 0.5 * GIB            # page cache for the video decoder, fragmentation, the Python process
 ACTIVATIONS = {"Qwen2.5-0.5B": 0.3 * GIB, "Qwen2.5-3B": 0.5 * GIB, "SmolVLM2-500M": 0.3 * GIB}  # one 10-frame chunk
 
-RATIO_LOW, RATIO_HIGH = 2, 32   # X2LOptions defaults
+RATIO_LOW, RATIO_HIGH = 2, 32   # the method's ratios (X2LOptions ships ratio_low 1: docs/jetson.md)
 FPS = 1
 
 
