@@ -6,7 +6,8 @@
 namespace x2l {
 
 void eval_rows(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int64_t n_batch, int32_t start,
-               const RowSource& rows, std::vector<float>& last_logits, std::vector<float>* all_out) {
+               const RowSource& rows, std::vector<float>& last_logits, std::vector<float>* all_out,
+               const Interrupt* interrupt) {
     if (n <= 0) return;
     if (all_out) all_out->resize(static_cast<size_t>(n) * n_vocab);
     last_logits.resize(n_vocab);
@@ -15,6 +16,7 @@ void eval_rows(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int6
     const int64_t before = ctx.size();
     try {
         for (int64_t b = 0; b < n; b += n_batch) {
+            check_interrupt(interrupt);
             const int64_t m = std::min(n_batch, n - b);
             x.resize(static_cast<size_t>(m) * n_embd);
             rows(b, m, x.data());
