@@ -42,8 +42,12 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt, const
     if (opt_.n_ctx > std::numeric_limits<int32_t>::max()) {
         throw BudgetError("n_ctx=" + std::to_string(opt_.n_ctx) + " exceeds the 2^31 positions a context can hold");
     }
-    // The KV cache is allocated up front: one larger than this machine's memory is a BudgetError now,
-    // not std::bad_alloc (or the OOM killer later, once an overcommitted allocation is touched).
+    pool_.reset(new ThreadPool(opt_.n_threads));
+    executor_ = make_executor(*model_, *pool_, opt_);
+    executor_->set_interrupt(&interrupt_);
+    // The KV cache is allocated up front (the executor has checked kv_type against head_dim): one larger
+    // than this machine's memory is a BudgetError now, not std::bad_alloc (or the OOM killer later, once an
+    // overcommitted allocation is touched).
     const size_t row = row_bytes(opt_.kv_type, c.head_dim);
     size_t kv = 0;
     const bool overflow = __builtin_mul_overflow(row, static_cast<size_t>(opt_.n_ctx) * 2, &kv) ||
@@ -55,9 +59,6 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt, const
                           (overflow ? std::string("more than 2^64 bytes") : std::to_string(kv >> 20) + " MiB") +
                           ", more than this machine's memory" + (overflow ? "" : " (" + std::to_string(host >> 20) + " MiB)"));
     }
-    pool_.reset(new ThreadPool(opt_.n_threads));
-    executor_ = make_executor(*model_, *pool_, opt_);
-    executor_->set_interrupt(&interrupt_);
     try {
         ctx_ = executor_->new_context(opt_.n_ctx);
     } catch (const std::bad_alloc&) {
