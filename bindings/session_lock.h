@@ -22,7 +22,8 @@ inline bool on_main_thread() {
 // Runs fn() with the GIL released and s's mutex held. From the main thread a Ctrl-C poll is installed
 // on s's interrupt (the GIL is taken for PyErr_CheckSignals at most every 50 ms): a signal stops a long
 // call between layers and its Python exception (KeyboardInterrupt) is raised. s.cancel() from another
-// thread stops it with x2l_edge.CancelledError. fn must be safe to run without the GIL.
+// thread stops it with x2l_edge.CancelledError (the request is then cleared). fn must be safe to run
+// without the GIL.
 template <class F>
 void call_locked(x2l::LlmSession& s, F&& fn) {
     const bool poll_signals = on_main_thread();
@@ -47,6 +48,10 @@ void call_locked(x2l::LlmSession& s, F&& fn) {
         }
         fn();
     } catch (const x2l::Cancelled&) {
+        // The request is delivered: this call raised it. A caller that drives the native objects itself
+        // (not through an operation of the Python Session, which clears it when one starts) would
+        // otherwise see every later call cancelled too.
+        s.clear_cancel();
         if (signalled && PyErr_Occurred()) throw nanobind::python_error();
         throw;
     }

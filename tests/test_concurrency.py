@@ -245,3 +245,15 @@ def test_ctrl_c_interrupts_a_long_eval(session):
     assert stopped < 0.5 + 1.0, stopped
     assert session._s.n_past == 0
     assert session.generate(PROMPTS[1], **GEN) == want
+
+
+def test_low_level_cancel_is_raised_once(session):
+    """generate_ids / _core callers (the server's scheduler) hold no operation: a cancel requested between
+    two native calls makes the next one raise, and is then cleared (it does not cancel later work)."""
+    ids = session.tokenize(PROMPTS[0])
+    want = list(session.generate_ids(ids, **GEN))
+    session._s.cancel()
+    with pytest.raises(CancelledError):
+        list(session.generate_ids(ids, **GEN))
+    assert not session._s.cancel_requested
+    assert list(session.generate_ids(ids, **GEN)) == want

@@ -10,6 +10,7 @@ from . import chat as _chat
 from . import checks
 from . import device as _device
 from .concurrency import CancelToken, OperationLock
+from .concurrency import CancelledError as x2l_edge_cancelled
 from .generation import SAMPLING, generate_ids, stream_text
 from .options import X2LOptions
 from .x2l import VideoContext, prefill_chunks, split_template
@@ -131,11 +132,16 @@ class Session:
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                      repeat_last_n: int = 64, seed: int = 0, stop_ids: Iterable[int] | None = None,
                      cancel: CancelToken | None = None) -> Iterator[int]:
-        """Yield generated token ids (stop tokens excluded), reusing the cached common prefix. The
-        iterator holds the session until it ends or is closed."""
-        gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop_ids=stop_ids)
-        return self._lock.stream(lambda: self._generate_ids(prompt_ids, **gen), cancel)
+        """Yield generated token ids (stop tokens excluded), reusing the cached common prefix.
+
+        The low-level token loop: it does NOT hold the session (each native call is still serialized), so
+        a caller that interleaves it with other work in one thread (the server's scheduler) can; threads
+        that share the session use generate(..., stream=True), which holds it. cancel: checked now only."""
+        if cancel is not None and cancel.cancelled:
+            raise x2l_edge_cancelled("cancelled before it started")
+        return self._generate_ids(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                  repeat_last_n=repeat_last_n, seed=seed, stop_ids=stop_ids)
 
     def _generate_ids(self, prompt_ids, *, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
                       repeat_last_n, seed, stop_ids):

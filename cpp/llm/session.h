@@ -65,8 +65,9 @@ class LlmSession {
     // in parallel.
     std::mutex& mutex() const { return mutex_; }
     // Cancellation of the running call (any thread, no lock): long calls stop within one layer's work
-    // and throw Cancelled, leaving the context as before the call. It stays requested (later calls
-    // throw too) until clear_cancel(), so an operation made of several calls stops as a whole.
+    // and throw Cancelled, leaving the context as before the call. Requested between two calls, the
+    // next call throws; the bindings clear it once a call has thrown (and the Python Session when an
+    // operation starts).
     Interrupt& interrupt() { return interrupt_; }
     void cancel() { interrupt_.request(); }
     void clear_cancel() { interrupt_.clear(); }
