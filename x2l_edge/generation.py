@@ -66,7 +66,9 @@ def generate_ids(core, prompt_ids, *, stop_ids, max_tokens=256, temperature=0.0,
     max_tokens = args.pop("max_tokens")
     sampler = _core.Sampler(**args)
     stops = set(stop_ids)
-    prefill(core, checks.integers("prompt token ids", prompt_ids, lo=0))
+    # -1: a cached embedding row (LlmSession.kEmbeddingToken), valid only inside the reused prefix (the
+    # native eval refuses it anywhere else)
+    prefill(core, checks.integers("prompt token ids", prompt_ids, lo=-1))
 
     def gen():
         for i in range(max_tokens):
