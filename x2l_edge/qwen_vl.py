@@ -168,7 +168,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     q_prefix, q_suffix = after.split(_QUESTION_MARK)
     sink = session.tokenize(before)
     media = QwenMedia(session)
-    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs())
+    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs(), repeat_prompt=[])  # snapkv: no kvzip re-read
     p.add_sink(sink)
     vid = open_video(video, max_frames=max_frames, fps=fps)
 
