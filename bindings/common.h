@@ -14,7 +14,8 @@
 namespace x2l_bind {
 
 // x2l exceptions become the Python classes that `owner` (x2l_edge._core) defines: FormatError (also a
-// ValueError), BudgetError (also a MemoryError), Error (a RuntimeError). Messages may quote bytes from a
+// ValueError), BudgetError (also a MemoryError), CancelledError (a call stopped by cancel()), Error (a
+// RuntimeError). Messages may quote bytes from a
 // broken file: they are decoded leniently so raising never fails.
 inline void translate_errors(nanobind::handle owner) {
     nanobind::register_exception_translator([](const std::exception_ptr& p, void* mod) {
@@ -30,6 +31,16 @@ inline void translate_errors(nanobind::handle owner) {
             set("FormatError", e.what());
         } catch (const x2l::BudgetError& e) {
             set("BudgetError", e.what());
+        } catch (const x2l::FileError& e) {
+            // OSError(errno, msg, path) is created as its subclass: FileNotFoundError, IsADirectoryError, ...
+            PyObject* err = PyObject_CallFunction(PyExc_OSError, "isN", e.err(), e.what(),
+                                                  PyUnicode_DecodeFSDefault(e.path().c_str()));
+            if (err) {
+                PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err)), err);
+                Py_DECREF(err);
+            }
+        } catch (const x2l::Cancelled& e) {
+            set("CancelledError", e.what());
         } catch (const x2l::Error& e) {
             set("Error", e.what());
         }

@@ -66,7 +66,9 @@ NB_MODULE(_core, m) {
     PyObject* budget_bases = PyTuple_Pack(2, error, PyExc_MemoryError);
     PyObject* budget_error = PyErr_NewException("x2l_edge._core.BudgetError", budget_bases, nullptr);
     Py_DECREF(budget_bases);
+    PyObject* cancelled_error = PyErr_NewException("x2l_edge._core.CancelledError", error, nullptr);
     m.attr("Error") = nb::steal(error);
+    m.attr("CancelledError") = nb::steal(cancelled_error);
     m.attr("FormatError") = nb::steal(format_error);
     m.attr("BudgetError") = nb::steal(budget_error);
     x2l_bind::translate_errors(m);

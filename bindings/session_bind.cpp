@@ -10,6 +10,7 @@
 #include "cpu/features.h"
 #include "llm/session.h"
 #include "numpy_util.h"
+#include "session_lock.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -107,10 +108,7 @@ void bind_session(nb::module_& m) {
            "device"_a = -1, "cuda_graphs"_a = true)
         .def("eval", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
             std::vector<float> all;
-            {
-                nb::gil_scoped_release nogil;
-                s.eval(tokens, all_logits ? &all : nullptr);
-            }
+            x2l_bind::call_locked(s, [&] { s.eval(tokens, all_logits ? &all : nullptr); });
             if (!all_logits) return nb::none();
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
             return nb::cast(x2l_bind::to_numpy(std::move(all), tokens.size(), nv));
@@ -122,10 +120,9 @@ void bind_session(nb::module_& m) {
                 throw x2l::Error("embeddings must be [n, n_embd=" + std::to_string(s.model().config().n_embd) + "]");
             }
             std::vector<float> all;
-            {
-                nb::gil_scoped_release nogil;
+            x2l_bind::call_locked(s, [&] {
                 s.eval_embd(embd.data(), static_cast<int64_t>(embd.shape(0)), all_logits ? &all : nullptr);
-            }
+            });
             if (!all_logits) return nb::none();
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
             return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
@@ -146,11 +143,10 @@ void bind_session(nb::module_& m) {
             grid.w = w;
             grid.seconds_per_grid = seconds_per_grid;
             std::vector<float> all;
-            {
-                nb::gil_scoped_release nogil;
+            x2l_bind::call_locked(s, [&] {
                 s.eval_media(embd.data(), static_cast<int64_t>(embd.shape(0)), grid, video, merge, tokens_per_second,
                              rule, all_logits ? &all : nullptr);
-            }
+            });
             if (!all_logits) return nb::none();
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
             return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
@@ -158,15 +154,38 @@ void bind_session(nb::module_& m) {
            "tokens_per_second"_a = 0.0f, "text_after"_a = "max", "all_logits"_a = false,
            "Append one image/video run [n, n_embd] of patch grid (t, h, w): M-RoPE models place it at 3-D "
            "positions, others like eval_embd.")
-        .def_prop_ro("next_position", &x2l::LlmSession::next_position)
-        .def("logits", [](const x2l::LlmSession& s) {
-            std::vector<float> v = s.last_logits();
-            return x2l_bind::to_numpy(std::move(v), 0, s.last_logits().size());
+        .def_prop_ro("next_position", [](x2l::LlmSession& s) {
+            int32_t p = 0;
+            x2l_bind::call_locked(s, [&] { p = s.next_position(); });
+            return p;
+        })
+        .def("logits", [](x2l::LlmSession& s) {
+            std::vector<float> v;
+            x2l_bind::call_locked(s, [&] { v = s.last_logits(); });
+            const size_t n = v.size();
+            return x2l_bind::to_numpy(std::move(v), 0, n);
         }, "Logits of the last evaluated token, [n_vocab] float32.")
-        .def("sample", [](x2l::LlmSession& s, x2l::Sampler& sampler) { return s.sample(sampler); }, "sampler"_a)
-        .def("truncate", &x2l::LlmSession::truncate, "n"_a)
-        .def_prop_ro("history", [](const x2l::LlmSession& s) { return s.history(); })
-        .def_prop_ro("n_past", &x2l::LlmSession::n_past)
+        .def("sample", [](x2l::LlmSession& s, x2l::Sampler& sampler) {
+            int32_t tok = 0;
+            x2l_bind::call_locked(s, [&] { tok = s.sample(sampler); });
+            return tok;
+        }, "sampler"_a)
+        .def("truncate", [](x2l::LlmSession& s, int64_t n) { x2l_bind::call_locked(s, [&] { s.truncate(n); }); }, "n"_a)
+        .def_prop_ro("history", [](x2l::LlmSession& s) {
+            std::vector<int32_t> h;
+            x2l_bind::call_locked(s, [&] { h = s.history(); });
+            return h;
+        })
+        .def_prop_ro("n_past", [](x2l::LlmSession& s) {
+            int64_t n = 0;
+            x2l_bind::call_locked(s, [&] { n = s.n_past(); });
+            return n;
+        })
+        .def("cancel", &x2l::LlmSession::cancel,
+             "Stop the running call on this session from any thread (it raises CancelledError); later calls "
+             "raise it too until clear_cancel().")
+        .def("clear_cancel", &x2l::LlmSession::clear_cancel)
+        .def_prop_ro("cancel_requested", [](x2l::LlmSession& s) { return s.interrupt().requested(); })
         .def_prop_ro("n_ctx", &x2l::LlmSession::n_ctx)
         .def_prop_ro("n_threads", &x2l::LlmSession::n_threads)
         .def_prop_ro("tokenizer", [](x2l::LlmSession& s) -> const x2l::Tokenizer& { return s.tokenizer(); },
@@ -205,13 +224,19 @@ void bind_session(nb::module_& m) {
         })
         .def("graph_stats", [](const x2l::LlmSession& s) { return x2l_bind::graph_stats_dict(s.graph_stats()); },
              "CUDA graph use of the device decode: captures, replays, note (why graphs were turned off).")
-        .def("memory", [](const x2l::LlmSession& s) {
+        .def("memory", [](x2l::LlmSession& s) {
+            size_t kv = 0, ws = 0, dev = 0;
+            x2l_bind::call_locked(s, [&] {
+                kv = s.kv_bytes();
+                ws = s.workspace_bytes();
+                dev = s.device_bytes();
+            });
             nb::dict d;
             d["weights_bytes"] = s.model().weight_bytes();
-            d["kv_bytes"] = s.kv_bytes();
-            d["workspace_bytes"] = s.workspace_bytes();
+            d["kv_bytes"] = kv;
+            d["workspace_bytes"] = ws;
             d["file_bytes"] = s.file().file_size();
-            d["device_bytes"] = s.device_bytes();  // weights + KV + work buffers on the GPU
+            d["device_bytes"] = dev;  // weights + KV + work buffers on the GPU
             return d;
         });
 }

@@ -11,6 +11,7 @@
 
 #include "core/common.h"
 #include "numpy_util.h"
+#include "session_lock.h"
 #include "x2l/x2l.h"
 
 namespace nb = nanobind;
@@ -26,10 +27,10 @@ x2l::DType tier_type(const std::string& s) {
     throw x2l::Error("KV tier type must be f32, f16, q8_0 or q4_0 (got '" + s + "')");
 }
 
-nb::bytes segment_rows(const x2l::KVSegment& s, int layer, int head, bool value) {
+std::string segment_rows(const x2l::KVSegment& s, int layer, int head, bool value) {
     if (layer < 0 || layer >= s.n_layer() || head < 0 || head >= s.n_head_kv()) throw x2l::Error("layer/head out of range");
     const uint8_t* p = value ? s.v_row(layer, head, 0) : s.k_row(layer, head, 0);
-    return nb::bytes(reinterpret_cast<const char*>(p), s.row_bytes() * static_cast<size_t>(s.size()));
+    return std::string(reinterpret_cast<const char*>(p), s.row_bytes() * static_cast<size_t>(s.size()));
 }
 
 const x2l::ChunkKV& chunk_at(const x2l::VideoIndex& ix, int c) {
@@ -85,10 +86,12 @@ void bind_x2l(nb::module_& m) {
         .def("low_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
             const x2l::ChunkKV& ch = chunk_at(ix, c);
             ix.check_low(static_cast<size_t>(c));
-            return segment_rows(*ch.low, layer, head, value);
+            const std::string r = segment_rows(*ch.low, layer, head, value);
+            return nb::bytes(r.data(), r.size());
         }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
         .def("high_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {
-            return segment_rows(*chunk_at(ix, c).high, layer, head, value);
+            const std::string r = segment_rows(*chunk_at(ix, c).high, layer, head, value);
+            return nb::bytes(r.data(), r.size());
         }, "chunk"_a, "layer"_a, "head"_a, "value"_a = false)
         .def("low_positions", [](const x2l::VideoIndex& ix, int c) {
             // Positions of the L entries per layer and KV head (SnapKV keeps different tokens per
@@ -139,18 +142,16 @@ void bind_x2l(nb::module_& m) {
             o.prefill_low_cache_bytes = prefill_low_cache_bytes;
             o.repeat_prompt = repeat_prompt;
             o.max_votes = max_votes;
-            new (self) x2l::X2LPrefill(s, o);
+            x2l_bind::call_locked(s, [&] { new (self) x2l::X2LPrefill(s, o); });
         }, "session"_a, nb::kw_only(), "ratio_low"_a, "ratio_high"_a, "low_type"_a, "high_type"_a, "pin_ends"_a,
            "two_pass"_a, "obs_window"_a, "pool_kernel"_a, "max_host_bytes"_a, "max_device_bytes"_a, "compressor"_a,
            "prefill_low_cache_bytes"_a, "repeat_prompt"_a, "max_votes"_a, nb::keep_alive<1, 2>(),
            "Every option is required: their defaults live in x2l_edge.X2LOptions.")
         .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
-            nb::gil_scoped_release nogil;
-            p.add_sink(tokens);
+            x2l_bind::call_locked(p.session(), [&] { p.add_sink(tokens); });
         }, "tokens"_a)
         .def("add_chunk_tokens", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens, int n_frames, bool is_last) {
-            nb::gil_scoped_release nogil;
-            p.add_chunk_tokens(tokens, n_frames, is_last);
+            x2l_bind::call_locked(p.session(), [&] { p.add_chunk_tokens(tokens, n_frames, is_last); });
         }, "tokens"_a, "n_frames"_a = 1, "is_last"_a = false)
         .def("add_chunk_embd", [](x2l::X2LPrefill& p, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
                                   int n_frames, bool is_last,
@@ -159,12 +160,18 @@ void bind_x2l(nb::module_& m) {
             if (pos && (pos->shape(0) != 3 || static_cast<int64_t>(pos->shape(1)) != n)) {
                 throw x2l::Error("pos must be int32 [3, n] (M-RoPE rows t, h, w of the chunk's rows)");
             }
-            nb::gil_scoped_release nogil;
-            p.add_chunk_embd(embd.data(), n, n_frames, is_last, pos ? pos->data() : nullptr);
+            const int32_t* pos_rows = pos ? pos->data() : nullptr;
+            x2l_bind::call_locked(p.session(), [&] { p.add_chunk_embd(embd.data(), n, n_frames, is_last, pos_rows); });
         }, "embd"_a, "n_frames"_a = 1, "is_last"_a = false, "pos"_a = nb::none())
-        .def("set_text_position", &x2l::X2LPrefill::set_text_position, "pos"_a,
+        .def("set_text_position", [](x2l::X2LPrefill& p, int32_t pos) {
+            x2l_bind::call_locked(p.session(), [&] { p.set_text_position(pos); });
+        }, "pos"_a,
              "M-RoPE media: the position the question's text takes after the input.")
-        .def("finish", [](x2l::X2LPrefill& p) { return p.finish(); })
+        .def("finish", [](x2l::X2LPrefill& p) {
+            std::unique_ptr<x2l::VideoIndex> ix;
+            x2l_bind::call_locked(p.session(), [&] { ix = p.finish(); });
+            return ix;
+        })
         .def("stats", [](const x2l::X2LPrefill& p) {
             nb::dict d;
             d["input_tokens"] = p.stats().input_tokens;
@@ -198,53 +205,69 @@ void bind_x2l(nb::module_& m) {
           "The attention/keys scorers' chunk score from per-token masses [n_tokens, n_chunks] (float64).");
 
     nb::class_<x2l::X2LDecoder>(m, "X2LDecoder")
-        .def(nb::init<x2l::LlmSession&, const x2l::VideoIndex&, int64_t>(), "session"_a, "index"_a,
-             "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
+        .def("__init__", [](x2l::X2LDecoder* self, x2l::LlmSession& s, const x2l::VideoIndex& ix, int64_t max_tail) {
+            x2l_bind::call_locked(s, [&] { new (self) x2l::X2LDecoder(s, ix, max_tail); });
+        }, "session"_a, "index"_a, "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
         .def("scores", [](x2l::X2LDecoder& d, const std::vector<int32_t>& q, const std::string& scorer,
                           int64_t content_begin, int64_t content_end) {
             x2l::Scorer sc = x2l::scorer_from_name(scorer);
-            nb::gil_scoped_release nogil;
-            return d.scores(q, sc, content_begin, content_end);
+            std::vector<float> out;
+            x2l_bind::call_locked(d.session(), [&] { out = d.scores(q, sc, content_begin, content_end); });
+            return out;
         }, "question"_a, "scorer"_a = "keys", "content_begin"_a = 0, "content_end"_a = 0)
         .def("prepare", [](x2l::X2LDecoder& d, const std::vector<int>& sel) {
-            nb::gil_scoped_release nogil;
-            d.prepare(sel);
+            x2l_bind::call_locked(d.session(), [&] { d.prepare(sel); });
         }, "selected"_a)
-        .def_prop_ro("selected", &x2l::X2LDecoder::selected)
+        .def_prop_ro("selected", [](x2l::X2LDecoder& d) {
+            std::vector<int> sel;
+            x2l_bind::call_locked(d.session(), [&] { sel = d.selected(); });
+            return sel;
+        })
         .def("wait_reload", [](x2l::X2LDecoder& d) {
-            nb::gil_scoped_release nogil;
-            d.wait_reload();
+            x2l_bind::call_locked(d.session(), [&] { d.wait_reload(); });
         }, "Block until the last prepare()'s L-KV copies have landed (to time a reload without overlap).")
         .def("eval", [](x2l::X2LDecoder& d, const std::vector<int32_t>& tokens, bool all_logits) -> nb::object {
             std::vector<float> all;
-            {
-                nb::gil_scoped_release nogil;
-                d.eval(tokens, all_logits ? &all : nullptr);
-            }
+            x2l_bind::call_locked(d.session(), [&] { d.eval(tokens, all_logits ? &all : nullptr); });
             if (!all_logits) return nb::none();
             size_t nv = d.last_logits().size();
             return nb::cast(x2l_bind::to_numpy(std::move(all), tokens.size(), nv));
         }, "tokens"_a, "all_logits"_a = false)
-        .def("logits", [](const x2l::X2LDecoder& d) {
-            std::vector<float> v = d.last_logits();
+        .def("logits", [](x2l::X2LDecoder& d) {
+            std::vector<float> v;
+            x2l_bind::call_locked(d.session(), [&] { v = d.last_logits(); });
             size_t n = v.size();
             return x2l_bind::to_numpy(std::move(v), 0, n);
         })
-        .def("sample", &x2l::X2LDecoder::sample, "sampler"_a)
-        .def("truncate", &x2l::X2LDecoder::truncate, "n"_a)
-        .def_prop_ro("history", [](const x2l::X2LDecoder& d) { return d.history(); })
-        .def_prop_ro("n_past", &x2l::X2LDecoder::n_past)
+        .def("sample", [](x2l::X2LDecoder& d, x2l::Sampler& sampler) {
+            int32_t tok = 0;
+            x2l_bind::call_locked(d.session(), [&] { tok = d.sample(sampler); });
+            return tok;
+        }, "sampler"_a)
+        .def("truncate", [](x2l::X2LDecoder& d, int64_t n) { x2l_bind::call_locked(d.session(), [&] { d.truncate(n); }); },
+             "n"_a)
+        .def_prop_ro("history", [](x2l::X2LDecoder& d) {
+            std::vector<int32_t> h;
+            x2l_bind::call_locked(d.session(), [&] { h = d.history(); });
+            return h;
+        })
+        .def_prop_ro("n_past", [](x2l::X2LDecoder& d) {
+            int64_t n = 0;
+            x2l_bind::call_locked(d.session(), [&] { n = d.n_past(); });
+            return n;
+        })
         .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
         .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
         .def_prop_ro("on_device", &x2l::X2LDecoder::on_device)
         .def_prop_ro("device_note", &x2l::X2LDecoder::device_note)
         .def("prefix_rows", [](x2l::X2LDecoder& d, size_t i, int layer, int head, bool value) {
-            {
-                nb::gil_scoped_release nogil;
+            std::string rows;
+            x2l_bind::call_locked(d.session(), [&] {
                 d.wait_reload();
-            }
-            if (i >= d.prefix_segments().size()) throw x2l::Error("segment index out of range");
-            return segment_rows(*d.prefix_segments()[i], layer, head, value);
+                if (i >= d.prefix_segments().size()) throw x2l::Error("segment index out of range");
+                rows = segment_rows(*d.prefix_segments()[i], layer, head, value);
+            });
+            return nb::bytes(rows.data(), rows.size());
         }, "segment"_a, "layer"_a, "head"_a, "value"_a = false,
            "Rows of the i-th segment of the mixed cache (0 = sink, 1 + c = chunk c), after the reload completed.")
         .def("resident_bytes", &x2l::X2LDecoder::resident_bytes)

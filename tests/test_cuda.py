@@ -1520,6 +1520,7 @@ def test_cuda_videoxl_video_end_to_end(videoxl_hd32, tmp_path):
     opts = dict(max_frames=8, chunk_frames=2, ratio_high=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a device fallback would warn
+        warnings.filterwarnings("ignore", message=".*beyond the model's training context")  # tiny model: 256
         dev = Session(videoxl_hd32, device="cuda:0", n_threads=2, n_ctx=1024)
         dctx = dev.prefill(str(video), **opts)
         answer = dctx.ask("what happens?", top_k=2, max_tokens=4)

@@ -132,6 +132,13 @@ def test_qwen2vl_text_after_max_rule(vlm_llama_cpp, vlm_hf, state_dicts):
     start = types.index(vn.VIDEO)
     n_media = int(np.sum(np.asarray(types) == vn.VIDEO))
     s.eval(ids[:start])
+    import x2l_edge
+
+    # A cancel requested before eval_media stops it (CancelledError) with nothing kept, then is cleared.
+    s.cancel()
+    with pytest.raises(x2l_edge.CancelledError):
+        s._s.eval_media(np.ascontiguousarray(feats, dtype=np.float32), *grid, video=True, text_after="max")
+    assert s._s.n_past == start and s._s.next_position == start and not s._s.cancel_requested
     s._s.eval_media(np.ascontiguousarray(feats, dtype=np.float32), *grid, video=True, text_after="max")
     assert s._s.next_position == start + 4
     tail = s.eval(ids[start + n_media:], all_logits=True)
@@ -433,6 +440,12 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
     answer2 = s.ask(video, "What happens?", mode="x2l", chunk_frames=4, top_k=1, max_tokens=3,
                     min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
     assert isinstance(answer2, str)
+    import x2l_edge
+
+    token = x2l_edge.CancelToken()
+    token.cancel()  # the Qwen prefill is one operation on the session: a cancelled token stops it
+    with pytest.raises(x2l_edge.CancelledError):
+        s.prefill(video, chunk_frames=4, cancel=token, min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
 
 
 @pytest.mark.parametrize("mode", ["full", "x2l"])
@@ -453,4 +466,4 @@ def test_cli_ask_with_mmproj(vlm_llama_cpp, tmp_path, capsys, mode):
     out, err = capsys.readouterr()
     assert out.endswith("\n")  # the answer was printed
     if mode == "x2l":
-        assert "reloaded for [" in err
+        assert "L reloaded for [" in err

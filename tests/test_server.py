@@ -191,6 +191,47 @@ def test_scheduler_background_interleaves_and_cancel():
         sched.close()
 
 
+def test_scheduler_cancel_after_the_last_native_call_does_not_reach_the_next_job(text_session):
+    """The server's hooks on a real Session: a cancel that arrives after the running step's last native
+    call leaves the session's request set; clear_hook clears it when that step ends, so the next job's
+    native calls run (without it, the next eval would raise CancelledError)."""
+    from x2l_edge.server.scheduler import Cancelled, Job, Scheduler
+
+    s = text_session
+    ids = s.tokenize("The capital of France is")
+    in_step, resume, errors, results = threading.Event(), threading.Event(), [], []
+
+    def first():
+        s.reset()
+        s._s.eval(ids)  # the step's native work is done ...
+        in_step.set()
+        resume.wait(10)  # ... and it is still running when the cancel arrives
+        yield None
+        yield None
+
+    def second():  # native calls only, as the server's generate_ids loop makes (no Python-level clear)
+        s._s.truncate(0)
+        s._s.eval(ids)
+        yield s.n_ctx
+        return "ok"
+
+    sched = Scheduler(cancel_hook=s.cancel, clear_hook=s._s.clear_cancel)
+    try:
+        a = sched.submit(Job(first(), fail=errors.append))
+        assert in_step.wait(30)
+        threading.Timer(0.2, resume.set).start()
+        sched.cancel(a)  # calls the hook: the native request is set while the step still runs
+        assert a.done.wait(30)
+        assert len(errors) == 1 and isinstance(errors[0], Cancelled)
+        assert not s._s.cancel_requested
+        b = sched.submit(Job(second(), fail=errors.append, finish=results.append))
+        assert b.done.wait(60)
+        assert results == ["ok"] and len(errors) == 1
+    finally:
+        resume.set()
+        sched.close()
+
+
 # ----------------------------------------------------------------------------------------------- text chat
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

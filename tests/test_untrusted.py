@@ -315,7 +315,7 @@ def test_fifo_and_other_non_files_are_refused(models, tmp_path):
                 try:
                     fn(p)
                     print(what, p, "LOADED")
-                except x2l_edge.Error as e:
+                except (x2l_edge.Error, IsADirectoryError) as e:
                     print(what, p, "ERROR", type(e).__name__, e)
         from x2l_edge.video import VideoError, open_video
         for p in ({str(fifo)!r}, "/dev/zero"):
@@ -329,7 +329,9 @@ def test_fifo_and_other_non_files_are_refused(models, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 11 and all(" ERROR " in ln for ln in lines), r.stdout
-    assert all("not a regular file" in ln for ln in lines), r.stdout
+    # a directory is an IsADirectoryError (docs/api.md), any other non-file an x2l_edge.Error
+    assert all(("IsADirectoryError" in ln) == ln.split(" ERROR ")[0].endswith(str(tmp_path)) for ln in lines), r.stdout
+    assert all("not a regular file" in ln or "is a directory" in ln for ln in lines), r.stdout
 
 
 # ----------------------------------------------------------------------------------------- GGUF and model

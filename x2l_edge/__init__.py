@@ -69,13 +69,16 @@ except ModuleNotFoundError as _e:
 FormatError = _core.FormatError
 BudgetError = _core.BudgetError
 Error = _core.Error
+CancelledError = _core.CancelledError
 GGUFFile = _core.GGUFFile
 
 __version__ = "0.1.0"
 
 from .options import X2LOptions  # noqa: E402
 from .session import Session  # noqa: E402
+from .concurrency import CancelToken  # noqa: E402
 from . import models  # noqa: E402
 from . import video  # noqa: E402  (cv2 is imported lazily, on first file access)
 
-__all__ = ["Session", "X2LOptions", "GGUFFile", "FormatError", "BudgetError", "Error", "models", "video"]
+__all__ = ["Session", "X2LOptions", "GGUFFile", "FormatError", "BudgetError", "Error", "CancelledError",
+           "CancelToken", "models", "video"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from . import _core
+from . import _core, checks
 
 # Sampling keyword arguments that generate_ids() accepts (Session.ask passes these through).
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
@@ -47,7 +47,11 @@ def prefill(core, ids: list[int]) -> None:
         if a != b:
             break
         common += 1
-    common = min(common, len(ids) - 1)  # re-evaluate at least the last token to get its logits
+    # Re-evaluate at least the last two tokens: a forward of >= 2 rows computes every row exactly as
+    # the whole prompt's forward would (the CPU kernels), while a single row takes the decode kernels,
+    # whose rounding differs. So an answer does not depend on what the cache held before (another
+    # request's prompt on a shared session), only on the prompt.
+    common = min(common, max(len(ids) - 2, 0))
     core.truncate(common)
     if len(ids) > core.n_ctx:
         raise _core.BudgetError(f"prompt has {len(ids)} tokens but only {core.n_ctx} fit")
@@ -58,12 +62,13 @@ def generate_ids(core, prompt_ids, *, stop_ids, max_tokens=256, temperature=0.0,
                  repeat_penalty=1.0, repeat_last_n=64, seed=0) -> Iterator[int]:
     """Greedy/sampled generation on any core (LlmSession, X2LDecoder): the prompt is prefilled now,
     tokens are yielded lazily (stop tokens excluded)."""
-    if max_tokens < 0:
-        raise ValueError("max_tokens must be >= 0")
-    sampler = _core.Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    args = checks.sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, max_tokens)
+    max_tokens = args.pop("max_tokens")
+    sampler = _core.Sampler(**args)
     stops = set(stop_ids)
-    prefill(core, [int(i) for i in prompt_ids])
+    # -1: a cached embedding row (LlmSession.kEmbeddingToken), valid only inside the reused prefix (the
+    # native eval refuses it anywhere else)
+    prefill(core, checks.integers("prompt token ids", prompt_ids, lo=-1))
 
     def gen():
         for i in range(max_tokens):

@@ -51,6 +51,27 @@ class X2LOptions:
             raise TypeError(f"unknown X²L option(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return dataclasses.replace(self, **overrides)
 
+    # Allowed range of each int field (bool fields must be bools, str fields strs: __post_init__).
+    _RANGES = {"ratio_low": (1, 2**31 - 1), "ratio_high": (1, 2**31 - 1), "obs_window": (0, 2**31 - 1),
+               "pool_kernel": (1, 2**31 - 1), "max_host_bytes": (0, 2**64 - 1), "max_device_bytes": (0, 2**64 - 1),
+               "prefill_low_cache_bytes": (-1, 2**63 - 1), "top_k": (0, 2**31 - 1), "chunk_frames": (1, 2**31 - 1),
+               "frames_default": (1, 2**31 - 1)}
+
+    def __post_init__(self) -> None:
+        """Every field checked by type and range (TypeError / ValueError naming it; no coercion)."""
+        from . import checks
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in self._RANGES:
+                lo, hi = self._RANGES[f.name]
+                checks.integer(f.name, v, lo=lo, hi=hi)
+            elif f.type in ("bool", bool):
+                if not isinstance(v, bool):
+                    raise TypeError(f"{f.name} must be a bool (got {type(v).__name__} {v!r})")
+            elif f.type in ("str", str) and not isinstance(v, str):
+                raise TypeError(f"{f.name} must be a str (got {type(v).__name__} {v!r})")
+
     @classmethod
     def for_model(cls, session, *, video: bool, **overrides) -> "X2LOptions":
         """The defaults for this session's model, then overrides. Every model: H rows in f16 when its heads

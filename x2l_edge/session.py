@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 from . import _core
 from . import chat as _chat
+from . import checks
 from . import device as _device
+from .concurrency import CancelToken, OperationLock
+from .concurrency import CancelledError as x2l_edge_cancelled
 from .generation import SAMPLING, generate_ids, stream_text
 from .options import X2LOptions
 from .progress import scope as _progress_scope
@@ -30,28 +34,43 @@ class Session:
 
     cuda_graphs: on a device, each generated token replays one captured CUDA graph instead of
     launching every kernel (see graph_stats()); False launches them one by one.
+
+    Threads: a Session may be shared. Its operations (and those of its VideoContexts) run one at a
+    time; a stream (stream=True) holds the session until it is exhausted or closed. Different Sessions
+    run in parallel. cancel() (or a CancelToken passed as cancel=) stops a running operation with
+    CancelledError within about one layer's work; the session stays usable (x2l_edge/concurrency.py).
     """
 
     def __init__(self, model_path: str | os.PathLike, *, mmproj: str | os.PathLike | None = None, n_threads: int = 0,
                  n_ctx: int = 0, kv_type: str = "f16", n_batch: int = 256, device: str = "auto",
                  cuda_graphs: bool = True):
-        path = os.fspath(model_path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model file not found: {path}")
+        path = checks.input_file(model_path, "model file")
         # mmproj: llama.cpp's vision file (mmproj.gguf) next to a model.gguf without a vision tower.
-        self.mmproj = None if mmproj is None else os.fspath(mmproj)
-        if self.mmproj is not None and not os.path.exists(self.mmproj):
-            raise FileNotFoundError(f"mmproj file not found: {self.mmproj}")
-        if not isinstance(n_threads, int) or n_threads < 0:
-            raise ValueError("n_threads must be an int >= 0 (0 = all cores)")
+        self.mmproj = None if mmproj is None else checks.input_file(mmproj, "mmproj file")
+        cores = os.cpu_count() or 1
+        n_threads = checks.integer("n_threads", n_threads, lo=0, hi=max(64, 4 * cores))
+        if n_threads > cores:
+            warnings.warn(f"x2l-edge: n_threads={n_threads} is more than the {cores} cores of this machine "
+                          "(slower, not faster)", RuntimeWarning, stacklevel=2)
+        n_ctx = checks.integer("n_ctx", n_ctx, lo=0)
+        n_batch = checks.integer("n_batch", n_batch, lo=1, hi=2**31 - 1)
+        if not isinstance(kv_type, str):
+            raise TypeError(f"kv_type must be a str (got {type(kv_type).__name__})")
         kw = dict(n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, n_batch=n_batch, cuda_graphs=bool(cuda_graphs))
         self._s, device = _device.open_llm(path, device, **kw)
+        self._lock = OperationLock(self._s)
         self._tok = self._s.tokenizer
         self.path = path
         # Where eval/generate/chat, the vision tower, the X²L prefill's forward passes and the X²L
         # decoder run (each falls back to the CPU with a RuntimeWarning when it cannot use the device).
         self.device = device
         self.chat_template = self._s.metadata("tokenizer.chat_template")
+        info = self._s.info()
+        self._n_vocab = info["n_vocab"]
+        n_train = info["n_ctx_train"]
+        if n_ctx > n_train:
+            warnings.warn(f"x2l-edge: n_ctx={n_ctx} is beyond the model's training context ({n_train} tokens): "
+                          "positions past it give poor answers", RuntimeWarning, stacklevel=2)
         self._stop_ids = {i for i in (self._tok.eos_id, self._tok.eot_id) if i is not None and i >= 0}
         im_end = self._tok.encode("<|im_end|>", parse_special=True)
         if len(im_end) == 1 and self._tok.token_bytes(im_end[0]) == b"<|im_end|>":
@@ -86,47 +105,83 @@ class Session:
         return list(self._tok.encode(text, parse_special=special, add_bos=add_bos))
 
     def detokenize(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special=skip_special).decode("utf-8", errors="replace")
+        return self._tok.decode(self._token_ids(ids), skip_special=skip_special).decode("utf-8", errors="replace")
+
+    def _token_ids(self, ids) -> list[int]:
+        """Token ids checked: ints (TypeError otherwise) in [0, n_vocab) (ValueError otherwise)."""
+        return checks.integers("token ids", ids, lo=0, hi=self._n_vocab - 1)
 
     # ------------------------------------------------------------------ low level
-    def eval(self, ids: Sequence[int], *, all_logits: bool = False):
+    def eval(self, ids: Sequence[int], *, all_logits: bool = False, cancel: CancelToken | None = None):
         """Append tokens to the context (reusing nothing). Returns [n, n_vocab] logits if all_logits."""
-        return self._s.eval([int(i) for i in ids], all_logits=all_logits)
+        ids = self._token_ids(ids)
+        with self._lock.op(cancel):
+            return self._s.eval(ids, all_logits=all_logits)
 
     def logits(self):
-        return self._s.logits()
+        with self._lock.op():
+            return self._s.logits()
 
     def reset(self) -> None:
-        self._s.truncate(0)
+        with self._lock.op():
+            self._s.truncate(0)
+
+    def exclusive(self, cancel: CancelToken | None = None):
+        """A with block that holds the session for several calls (e.g. reset() then eval()), so no
+        other thread's operation runs in between."""
+        return self._lock.op(cancel)
+
+    def cancel(self) -> None:
+        """Stop the operation running on this session now, from any thread: it raises CancelledError
+        (within about one layer's work on the CPU). Later operations are not affected."""
+        self._lock.cancel()
 
     def generate_ids(self, prompt_ids: Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
-                     repeat_last_n: int = 64, seed: int = 0, stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-        """Yield generated token ids (stop tokens excluded), reusing the cached common prefix."""
+                     repeat_last_n: int = 64, seed: int = 0, stop_ids: Iterable[int] | None = None,
+                     cancel: CancelToken | None = None) -> Iterator[int]:
+        """Yield generated token ids (stop tokens excluded), reusing the cached common prefix.
+
+        The low-level token loop: it does NOT hold the session (each native call is still serialized), so
+        a caller that interleaves it with other work in one thread (the server's scheduler) can; threads
+        that share the session use generate(..., stream=True), which holds it. cancel: checked now only."""
+        if cancel is not None and cancel.cancelled:
+            raise x2l_edge_cancelled("cancelled before it started")
+        return self._generate_ids(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                  repeat_last_n=repeat_last_n, seed=seed, stop_ids=stop_ids)
+
+    def _generate_ids(self, prompt_ids, *, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                      repeat_last_n, seed, stop_ids):
         return generate_ids(self._s, prompt_ids, stop_ids=self._stop_ids if stop_ids is None else stop_ids,
                              max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
 
     def _stream(self, prompt_ids, stop: Sequence[str], gen) -> Iterator[str]:
-        return stream_text(self._tok, self.generate_ids(prompt_ids, **gen), stop)
+        return stream_text(self._tok, self._generate_ids(prompt_ids, stop_ids=None, **gen), stop)
 
     # ------------------------------------------------------------------ text API
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repeat_penalty: float = 1.0,
                  repeat_last_n: int = 64, seed: int = 0, stop: Sequence[str] | str = (),
-                 stream: bool = False, add_bos: bool | None = None):
-        """Complete a raw prompt. Returns the text, or an iterator of text pieces with stream=True."""
+                 stream: bool = False, add_bos: bool | None = None, cancel: CancelToken | None = None):
+        """Complete a raw prompt. Returns the text, or an iterator of text pieces with stream=True (it
+        holds the session until it ends or is closed). cancel: a CancelToken that stops this call."""
         if isinstance(stop, str):
             stop = [stop]
         stop = [s for s in stop if s]
         if isinstance(prompt, str):
             ids = self.tokenize(prompt, add_bos=self._tok_adds_bos() if add_bos is None else add_bos)
+        elif prompt is None or isinstance(prompt, bytes) or not hasattr(prompt, "__iter__"):
+            raise TypeError(f"prompt must be a str or a sequence of token ids (got {type(prompt).__name__})")
         else:
-            ids = [int(i) for i in prompt]
+            ids = self._token_ids(prompt)
         gen = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
-        it = self._stream(ids, stop, gen)
-        return it if stream else "".join(it)
+        if stream:
+            return self._lock.stream(lambda: self._stream(ids, stop, gen), cancel)
+        with self._lock.op(cancel):
+            return "".join(self._stream(ids, stop, gen))
 
     def chat_prompt(self, messages, *, system: str | None = None, add_generation_prompt: bool = True) -> str:
         if isinstance(messages, str):
@@ -146,7 +201,7 @@ class Session:
 
     # ------------------------------------------------------------------ X²L
     def prefill_text(self, text: str, *, chunk_tokens: int = 512, system: str | None = None,
-                     progress=None, **x2l_options):
+                     progress=None, cancel: CancelToken | None = None, **x2l_options):
         """Index a long text with bi-level KV compression (the same path video takes): the text is cut into
         chunks of chunk_tokens tokens; returns a VideoContext to ask questions on.
 
@@ -161,7 +216,7 @@ class Session:
         prefix, suffix = split_template(self, system)
         ids = self.tokenize(text, special=False)
         chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
-        with _progress_scope(progress) as prog:
+        with self._lock.op(cancel), _progress_scope(progress) as prog:
             index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
                                           progress=prog, options=opts)
         ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
@@ -205,10 +260,12 @@ class Session:
         if not hasattr(self, "_vision"):
             if not self.has_vision:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
-            if self.is_qwen_vl:  # the CPU backend only (no CUDA kernels for this tower yet)
-                self._vision = _core.QwenVision.from_gguf(self.vision_path, n_threads=self._s.n_threads)
-            else:
-                self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads)
+            with self._lock.op():
+                if not hasattr(self, "_vision"):
+                    if self.is_qwen_vl:  # the CPU backend only (no CUDA kernels for this tower yet)
+                        self._vision = _core.QwenVision.from_gguf(self.vision_path, n_threads=self._s.n_threads)
+                    else:
+                        self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads)
         return self._vision
 
     @property
@@ -223,7 +280,10 @@ class Session:
         """Preprocessed frames float32 [F, 3, S, S] -> LLM input embeddings [F * tokens_per_frame, n_embd]."""
         import numpy as np
 
-        return self.vision.encode(np.ascontiguousarray(pixels, dtype=np.float32))
+        enc = self.vision
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        with self._lock.op():
+            return enc.encode(pixels)
 
     def video_chunks(self, video, *, chunk_frames: int | None = None, max_frames: int | None = None,
                      fps: float | None = None, progress=None, allow_convert: bool = False):
@@ -295,7 +355,8 @@ class Session:
         yield pending
 
     def prefill(self, video, *, system: str | None = None, chunk_frames: int | None = None,
-                max_frames: int | None = None, fps: float | None = None, progress=None, **x2l_options):
+                max_frames: int | None = None, fps: float | None = None, progress=None,
+                cancel: CancelToken | None = None, **x2l_options):
         """Index a video with bi-level KV compression: frames are decoded, encoded and prefilled chunk by
         chunk (bounded memory); returns a VideoContext for any number of questions.
 
@@ -306,13 +367,14 @@ class Session:
         if self.is_qwen_vl:  # M-RoPE: chunks keep their (t, h, w) positions
             from .qwen_vl import prefill_video
 
-            return prefill_video(self, video, system=system, chunk_frames=chunk_frames, max_frames=max_frames,
-                                 fps=fps, progress=progress, **x2l_options)
+            with self._lock.op(cancel):
+                return prefill_video(self, video, system=system, chunk_frames=chunk_frames, max_frames=max_frames,
+                                     fps=fps, progress=progress, **x2l_options)
         opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or opts.chunk_frames)
         vid, chunk_frames = self._open_video(video, chunk_frames, max_frames, fps, False)
-        with _progress_scope(progress) as prog:
+        with self._lock.op(cancel), _progress_scope(progress) as prog:
             chunks = self._stream_chunks(video, vid, chunk_frames, prog, False)
             index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix),
                                           frames_per_chunk=chunk_frames, options=opts, progress=prog,
@@ -325,26 +387,34 @@ class Session:
     def ask(self, video, question: str, *, mode: str = "x2l", system: str | None = None, top_k: int | None = None,
             scorer: str | None = None, max_frames: int | None = None, fps: float | None = None,
             chunk_frames: int | None = None, max_tokens: int = 64, progress=None, stream: bool = False,
-            **options):
+            cancel: CancelToken | None = None, **options):
         """Answer a question about a video. mode='x2l' (bi-level compression + selective reload) or
         'full' (uncompressed KV baseline: every visual token in the cache)."""
-        if mode == "full" and self.is_qwen_vl:
-            from .qwen_vl import ask_full
-
-            return ask_full(self, video, question, system=system, max_frames=max_frames, fps=fps,
-                            max_tokens=max_tokens, progress=progress, stream=stream, **options)
         if mode == "full":
-            return self._ask_full(video, question, system=system, max_frames=max_frames, fps=fps,
-                                  chunk_frames=chunk_frames, max_tokens=max_tokens, progress=progress,
-                                  stream=stream, **options)
+            if self.is_qwen_vl:
+                from .qwen_vl import ask_full
+
+                def run():
+                    return ask_full(self, video, question, system=system, max_frames=max_frames, fps=fps,
+                                    max_tokens=max_tokens, progress=progress, stream=True, **options)
+            else:
+                def run():
+                    return self._ask_full(video, question, system=system, max_frames=max_frames, fps=fps,
+                                          chunk_frames=chunk_frames, max_tokens=max_tokens, progress=progress,
+                                          **options)
+            if stream:
+                return self._lock.stream(run, cancel)
+            with self._lock.op(cancel):
+                return "".join(run())
         if mode != "x2l":
             raise ValueError("mode must be 'x2l' or 'full'")
         sampling = {k: options.pop(k) for k in list(options) if k in SAMPLING}
         ctx = self.prefill(video, system=system, chunk_frames=chunk_frames, max_frames=max_frames, fps=fps,
-                           progress=progress, **options)
-        return ctx.ask(question, top_k=top_k, scorer=scorer, max_tokens=max_tokens, stream=stream, **sampling)
+                           progress=progress, cancel=cancel, **options)
+        return ctx.ask(question, top_k=top_k, scorer=scorer, max_tokens=max_tokens, stream=stream, cancel=cancel,
+                       **sampling)
 
-    def _ask_full(self, video, question, *, system, max_frames, fps, chunk_frames, max_tokens, progress, stream,
+    def _ask_full(self, video, question, *, system, max_frames, fps, chunk_frames, max_tokens, progress,
                   **sampling):
         prefix, suffix = split_template(self, system)
         self.reset()
@@ -356,8 +426,7 @@ class Session:
                 prog.update("prefill", done, self._n_chunks(vid, chunk_frames))
         ids = list(self._s.history) + self.tokenize("\n" + question + suffix)
         gen = generate_ids(self._s, ids, stop_ids=self._stop_ids, max_tokens=max_tokens, **sampling)
-        it = stream_text(self._tok, gen, [])
-        return it if stream else "".join(it)
+        return stream_text(self._tok, gen, [])
 
     def _tok_adds_bos(self) -> bool:
         return bool(self._s.metadata("tokenizer.ggml.add_bos_token") or False)

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _core, checks
 from .generation import generate_ids, stream_text
 from .options import X2LOptions
 from .progress import scope as progress_scope
@@ -52,7 +52,8 @@ class VideoContext:
         self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
-        self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
+        with session._lock.op():
+            self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
         if getattr(session, "device", "cpu") != "cpu" and not self._dec.on_device:
             warnings.warn(f"x2l-edge: {self._dec.device_note}", RuntimeWarning, stacklevel=2)
 
@@ -68,8 +69,9 @@ class VideoContext:
         """Bytes per tier: sink, H (device), L (host), signatures, the reload working set and what the
         current mixed cache keeps resident."""
         m = dict(self.index.memory())
-        m["working_bytes"] = self._dec.working_bytes()
-        m["resident_bytes"] = self._dec.resident_bytes()
+        with self.session._lock.op():
+            m["working_bytes"] = self._dec.working_bytes()
+            m["resident_bytes"] = self._dec.resident_bytes()
         m["device_bytes"] = m["sink_bytes"] + m["high_bytes"] + m["working_bytes"]
         m["host_bytes"] = m["low_bytes"]
         return m
@@ -101,7 +103,8 @@ class VideoContext:
         begin, end = head, len(ids) - tail
         if end <= begin:
             begin, end = 0, len(ids)
-        return np.asarray(self._dec.scores(ids, scorer, begin, end), dtype=np.float32)
+        with self.session._lock.op():
+            return np.asarray(self._dec.scores(ids, scorer, begin, end), dtype=np.float32)
 
     def select(self, scores: Sequence[float] | None = None, *, question: str | None = None,
                scorer: str | None = None, top_k: int | None = None, budget_bytes: int = 0,
@@ -111,35 +114,52 @@ class VideoContext:
             if question is None:
                 raise ValueError("give scores or a question")
             scores = self.scores(question, scorer)
-        scores = [float(s) for s in scores]
+        scores = [checks.real(f"scores[{i}]", s) for i, s in enumerate(scores)]
         if len(scores) != self.n_chunks:
             raise ValueError(f"got {len(scores)} scores for {self.n_chunks} chunks")
-        k = self.default_top_k if top_k is None else int(top_k)
-        if k < 0 or budget_bytes < 0:
-            raise ValueError("top_k and budget_bytes must be >= 0")
+        k = checks.integer("top_k", self.default_top_k if top_k is None else top_k, lo=0)
+        budget_bytes = checks.integer("budget_bytes", budget_bytes, lo=0)
         return list(_core.select_chunks(self.index, scores, top_k=k, budget_bytes=int(budget_bytes),
                                         include_first=include_first, include_last=include_last))
 
     def reload(self, chunks: Iterable[int]) -> None:
         """Build the mixed cache for these chunks; their L-KVs are copied on a background thread, layer by
         layer, while the question's prefill runs."""
-        self._dec.prepare(sorted(int(c) for c in chunks))
+        chunks = sorted(checks.integers("chunks", chunks, lo=0, hi=self.n_chunks - 1))
+        with self.session._lock.op():
+            self._dec.prepare(chunks)
 
     @property
     def selected(self) -> list[int]:
-        return list(self._dec.selected)
+        with self.session._lock.op():
+            return list(self._dec.selected)
 
     def reload_stats(self) -> dict:
-        return dict(self._dec.reload_stats())
+        with self.session._lock.op():
+            return dict(self._dec.reload_stats())
 
     # ------------------------------------------------------------------ answering
     def generate(self, question: str, *, chunks: Iterable[int] | None = None, top_k: int | None = None,
                  scorer: str | None = None, scores: Sequence[float] | None = None, budget_bytes: int = 0,
                  include_first: bool = False, include_last: bool = False, max_tokens: int = 64,
-                 stop: Sequence[str] = (), stream: bool = False, **sampling):
-        """Answer a question: choose chunks (given, from scores, or from a scorer), reload, decode."""
+                 stop: Sequence[str] = (), stream: bool = False, cancel=None, **sampling):
+        """Answer a question: choose chunks (given, from scores, or from a scorer), reload, decode. The
+        whole answer is one operation on the session (a stream holds it until it ends or is closed)."""
+        if stream:
+            return self.session._lock.stream(
+                lambda: self._answer(question, chunks, top_k, scorer, scores, budget_bytes, include_first,
+                                     include_last, max_tokens, stop, sampling), cancel)
+        with self.session._lock.op(cancel):
+            return "".join(self._answer(question, chunks, top_k, scorer, scores, budget_bytes, include_first,
+                                        include_last, max_tokens, stop, sampling))
+
+    ask = generate
+
+    def _answer(self, question, chunks, top_k, scorer, scores, budget_bytes, include_first, include_last,
+                max_tokens, stop, sampling):
         if chunks is None:
-            k = self.default_top_k if top_k is None else top_k
+            k = checks.integer("top_k", self.default_top_k if top_k is None else top_k, lo=0)
+            budget_bytes = checks.integer("budget_bytes", budget_bytes, lo=0)
             if k == 0 and budget_bytes == 0 and not include_first and not include_last:
                 chunks = []
             elif scores is not None or (scorer or self.default_scorer) != "external":
@@ -150,15 +170,14 @@ class VideoContext:
         self.reload(chunks)
         ids = generate_ids(self._dec, self.question_ids(question), stop_ids=self.session._stop_ids,
                             max_tokens=max_tokens, **sampling)
-        it = stream_text(self.session._tok, ids, [s for s in ([stop] if isinstance(stop, str) else stop) if s])
-        return it if stream else "".join(it)
-
-    ask = generate
+        return stream_text(self.session._tok, ids, [s for s in ([stop] if isinstance(stop, str) else stop) if s])
 
     def logits(self, question: str, chunks: Iterable[int]) -> np.ndarray:
         """Logits of every question token on the mixed cache for these chunks (for tests and analysis)."""
-        self.reload(chunks)
-        return self._dec.eval(self.question_ids(question), all_logits=True)
+        ids = self.question_ids(question)
+        with self.session._lock.op():
+            self.reload(chunks)
+            return self._dec.eval(ids, all_logits=True)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

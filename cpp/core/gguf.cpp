@@ -200,10 +200,14 @@ std::unique_ptr<GGUFFile> GGUFFile::open(const std::string& path) {
     f->path_ = path;
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
+    if (fd < 0) {
+        const int err = errno;
+        throw FileError(err, path, "cannot open '" + path + "': " + std::strerror(err));
+    }
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         ::close(fd);
+        if (S_ISDIR(st.st_mode)) throw FileError(EISDIR, path, "'" + path + "' is a directory, not a file");
         throw Error("'" + path + "' is not a regular file");
     }
     f->size_ = static_cast<size_t>(st.st_size);

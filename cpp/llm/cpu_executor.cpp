@@ -11,31 +11,34 @@ namespace {
 
 // Runs rows x [n, n_embd] (n <= n_batch: one LlmModel::forward) over `cache`, x copied to `scratch`
 // first (the forward works in place).
-void forward_rows(const LlmModel& model, ThreadPool& pool, Workspace& ws, std::vector<float>& scratch, KVCache& cache,
-                  const float* x, int64_t n, const int32_t* pos, int64_t n_logits, float* logits,
-                  const ForwardHooks* hooks = nullptr, const PrefillHooks* prefill = nullptr) {
+void forward_rows(const LlmExecutor& exec, const LlmModel& model, ThreadPool& pool, Workspace& ws,
+                  std::vector<float>& scratch, KVCache& cache, const float* x, int64_t n, const int32_t* pos,
+                  int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr,
+                  const PrefillHooks* prefill = nullptr) {
     const int64_t E = model.config().n_embd;
     scratch.assign(x, x + n * E);
-    model.forward(pool, ws, scratch.data(), n, pos, cache, n_logits, logits, hooks, prefill);
+    model.forward(pool, ws, scratch.data(), n, pos, cache, n_logits, logits, hooks, prefill, exec.interrupt());
 }
 
 // ------------------------------------------------------------------ a plain KV cache (the session's)
 
 class CpuContext final : public LlmContext {
   public:
-    CpuContext(const LlmModel& model, ThreadPool& pool, Workspace& ws, DType kv_type, int64_t n_ctx)
-        : model_(model), pool_(pool), ws_(ws) {
+    CpuContext(const LlmExecutor& exec, const LlmModel& model, ThreadPool& pool, Workspace& ws, DType kv_type,
+               int64_t n_ctx)
+        : exec_(exec), model_(model), pool_(pool), ws_(ws) {
         const LlmConfig& c = model.config();
         cache_.reset(new KVCache(kv_type, c.n_layer, c.n_head_kv, c.head_dim, n_ctx));
     }
     void forward(const float* x, int64_t n, const int32_t* pos, int64_t n_logits, float* logits) override {
-        forward_rows(model_, pool_, ws_, x_, *cache_, x, n, pos, n_logits, logits);
+        forward_rows(exec_, model_, pool_, ws_, x_, *cache_, x, n, pos, n_logits, logits);
     }
     int64_t size() const override { return cache_->size(); }
     void truncate(int64_t n) override { cache_->truncate(n); }
     size_t kv_bytes() const override { return cache_->tail_bytes(); }
 
   private:
+    const LlmExecutor& exec_;  // its interrupt()
     const LlmModel& model_;
     ThreadPool& pool_;
     Workspace& ws_;
@@ -47,8 +50,8 @@ class CpuContext final : public LlmContext {
 
 class CpuPrefill final : public PrefillRunner {
   public:
-    CpuPrefill(const LlmModel& model, ThreadPool& pool, Workspace& ws, int64_t n_batch)
-        : model_(model), pool_(pool), ws_(ws), n_batch_(n_batch) {}
+    CpuPrefill(const LlmExecutor& exec, const LlmModel& model, ThreadPool& pool, Workspace& ws, int64_t n_batch)
+        : exec_(exec), model_(model), pool_(pool), ws_(ws), n_batch_(n_batch) {}
 
     void run(const PrefillLevel& level, KVCache& work) override {
         const LlmConfig& c = model_.config();
@@ -74,11 +77,12 @@ class CpuPrefill final : public PrefillRunner {
             }
             hooks.votes.from = std::max<int64_t>(0, level.obs_start - b);
             hooks.vst_rows = level.vst ? level.vst + b : nullptr;
-            forward_rows(model_, pool_, ws_, x_, work, level.x + b * E, m, pos.data(), 0, nullptr, nullptr, &hooks);
+            forward_rows(exec_, model_, pool_, ws_, x_, work, level.x + b * E, m, pos.data(), 0, nullptr, nullptr, &hooks);
         }
     }
 
   private:
+    const LlmExecutor& exec_;  // its interrupt()
     const LlmModel& model_;
     ThreadPool& pool_;
     Workspace& ws_;
@@ -90,9 +94,9 @@ class CpuPrefill final : public PrefillRunner {
 
 class CpuMixedCache final : public MixedCache {
   public:
-    CpuMixedCache(const LlmModel& model, ThreadPool& pool, Workspace& ws, const SessionOptions& opt,
-                  const TieredRows& rows, int64_t max_tail)
-        : model_(model), pool_(pool), ws_(ws), n_batch_(opt.n_batch), rows_(rows) {
+    CpuMixedCache(const LlmExecutor& exec, const LlmModel& model, ThreadPool& pool, Workspace& ws,
+                  const SessionOptions& opt, const TieredRows& rows, int64_t max_tail)
+        : exec_(exec), model_(model), pool_(pool), ws_(ws), n_batch_(opt.n_batch), rows_(rows) {
         const LlmConfig& c = model.config();
         cache_.reset(new KVCache(opt.kv_type, c.n_layer, c.n_head_kv, c.head_dim, max_tail));
         compact_only_.push_back(rows.sink);
@@ -126,7 +130,7 @@ class CpuMixedCache final : public MixedCache {
     void forward(const float* x, int64_t n, const int32_t* pos, int64_t n_logits, float* logits) override {
         ForwardHooks hooks;
         if (reload_pending_) hooks.before_attention = [this](int layer) { reloader_.wait_layer(layer); };
-        forward_rows(model_, pool_, ws_, x_, *cache_, x, n, pos, n_logits, logits, reload_pending_ ? &hooks : nullptr);
+        forward_rows(exec_, model_, pool_, ws_, x_, *cache_, x, n, pos, n_logits, logits, reload_pending_ ? &hooks : nullptr);
         if (reload_pending_) {
             reloader_.wait_all();
             reload_pending_ = false;
@@ -140,15 +144,24 @@ class CpuMixedCache final : public MixedCache {
         cache_->set_prefix(compact_only_);
         cache_->clear();
         full_.assign(rows_.compact.size(), 0);
-        if (n > n_batch_) throw BudgetError("question longer than n_batch tokens");
         const int64_t QD = static_cast<int64_t>(c.n_head) * c.head_dim;
         std::vector<float> q_tok(static_cast<size_t>(c.n_layer) * n * QD, 0.0f);  // [n_layer, n, QD]
-        ForwardHooks hooks;
-        hooks.on_qk = [&](int layer, const float* q, const float*, int64_t m) {
-            std::copy(q, q + m * QD, q_tok.data() + static_cast<size_t>(layer) * n * QD);
-        };
         std::vector<float> logits(static_cast<size_t>(c.n_vocab));
-        forward_rows(model_, pool_, ws_, x_, *cache_, x, n, pos, 1, logits.data(), &hooks);
+        // n_batch rows per forward, each after the ones before it (causal, as one forward would be).
+        std::vector<int32_t> batch_pos;  // [n_pos_axes, m]
+        for (int64_t b = 0; b < n; b += n_batch_) {
+            const int64_t m = std::min(n_batch_, n - b);
+            batch_pos.resize(static_cast<size_t>(m) * c.n_pos_axes);
+            for (int a = 0; a < c.n_pos_axes; ++a) {
+                std::copy(pos + a * n + b, pos + a * n + b + m, batch_pos.data() + a * m);
+            }
+            ForwardHooks hooks;
+            hooks.on_qk = [&](int layer, const float* q, const float*, int64_t rows) {
+                std::copy(q, q + rows * QD, q_tok.data() + (static_cast<size_t>(layer) * n + b) * QD);
+            };
+            forward_rows(exec_, model_, pool_, ws_, x_, *cache_, x + b * c.n_embd, m, batch_pos.data(), 1, logits.data(),
+                         &hooks);
+        }
         cache_->clear();
         return q_tok;
     }
@@ -173,6 +186,7 @@ class CpuMixedCache final : public MixedCache {
     const std::vector<const KVSegment*>& host_prefix() const override { return cache_->prefix(); }
 
   private:
+    const LlmExecutor& exec_;  // its interrupt()
     const LlmModel& model_;
     ThreadPool& pool_;
     Workspace& ws_;
@@ -192,16 +206,16 @@ CpuLlmExecutor::CpuLlmExecutor(const LlmModel& model, ThreadPool& pool, const Se
     : model_(model), pool_(pool), opt_(opt) {}
 
 std::unique_ptr<LlmContext> CpuLlmExecutor::new_context(int64_t n_ctx) {
-    return std::unique_ptr<LlmContext>(new CpuContext(model_, pool_, ws_, opt_.kv_type, n_ctx));
+    return std::unique_ptr<LlmContext>(new CpuContext(*this, model_, pool_, ws_, opt_.kv_type, n_ctx));
 }
 
 std::unique_ptr<PrefillRunner> CpuLlmExecutor::new_prefill(int64_t) {
-    return std::unique_ptr<PrefillRunner>(new CpuPrefill(model_, pool_, ws_, opt_.n_batch));
+    return std::unique_ptr<PrefillRunner>(new CpuPrefill(*this, model_, pool_, ws_, opt_.n_batch));
 }
 
 std::unique_ptr<MixedCache> CpuLlmExecutor::new_mixed_cache(const TieredRows& rows, const MixedCacheLayout&,
                                                             int64_t max_tail, std::string&) {
-    return std::unique_ptr<MixedCache>(new CpuMixedCache(model_, pool_, ws_, opt_, rows, max_tail));
+    return std::unique_ptr<MixedCache>(new CpuMixedCache(*this, model_, pool_, ws_, opt_, rows, max_tail));
 }
 
 }  // namespace x2l

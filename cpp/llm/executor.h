@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/formats.h"
+#include "core/interrupt.h"
 #include "cpu/kv_cache.h"
 #include "cpu/reload.h"
 
@@ -61,16 +62,17 @@ class LlmContext {
 
 // The eval contract of LlmSession and X2LDecoder: n rows, n_batch at a time (rows(b, m, x) writes rows
 // [b, b + m) into x [m, n_embd]), at positions start + i; the last row's logits into last_logits
-// [n_vocab] and, with all_out, every row's into all_out [n, n_vocab]. On failure no row is kept.
+// [n_vocab] and, with all_out, every row's into all_out [n, n_vocab]. On failure (Cancelled included:
+// interrupt is checked before every batch) no row is kept.
 // A model with n_pos_axes > 1 (M-RoPE) gets position start + i on every axis (text).
 using RowSource = std::function<void(int64_t begin, int64_t count, float* x)>;
 void eval_rows(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int64_t n_batch, int32_t start,
                const RowSource& rows, std::vector<float>& last_logits, std::vector<float>* all_out,
-               int n_pos_axes = 1);
+               int n_pos_axes = 1, const Interrupt* interrupt = nullptr);
 // The same with explicit positions pos [n_pos_axes, n] (M-RoPE rows t, h, w of a prompt with media).
 void eval_rows_at(LlmContext& ctx, int64_t n_embd, int64_t n_vocab, int64_t n, int64_t n_batch, int n_pos_axes,
                   const int32_t* pos, const RowSource& rows, std::vector<float>& last_logits,
-                  std::vector<float>* all_out);
+                  std::vector<float>* all_out, const Interrupt* interrupt = nullptr);
 
 // ---------------------------------------------------------------- the X²L prefill's forward
 
@@ -171,6 +173,15 @@ class LlmExecutor {
     // prepare). note: why a device executor keeps this cache on the CPU ("" otherwise).
     virtual std::unique_ptr<MixedCache> new_mixed_cache(const TieredRows& rows, const MixedCacheLayout& compact_only,
                                                         int64_t max_tail, std::string& note) = 0;
+
+    // Cancellation: everything this executor makes polls it (interrupt()->check()) between the pieces
+    // of its work that the host sees (the CPU: every layer of every forward; a device: every batch,
+    // each of which synchronizes) and throws Cancelled. The owner (LlmSession) sets it once; nullptr: none.
+    void set_interrupt(const Interrupt* interrupt) { interrupt_ = interrupt; }
+    const Interrupt* interrupt() const { return interrupt_; }
+
+  private:
+    const Interrupt* interrupt_ = nullptr;
 };
 
 // Builds a session's executor: backends.cpp's make_llm_executor in the module; the LLM layer never names a backend.

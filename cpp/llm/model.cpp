@@ -178,7 +178,8 @@ void LlmModel::embed(const int32_t* tokens, int64_t n, float* out) const {
 }
 
 void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
-                       int64_t n_logits, float* logits, const ForwardHooks* hooks, const PrefillHooks* prefill) const {
+                       int64_t n_logits, float* logits, const ForwardHooks* hooks, const PrefillHooks* prefill,
+                       const Interrupt* interrupt) const {
     const LlmConfig& c = cfg_;
     if (n <= 0) return;
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
@@ -215,6 +216,7 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
 
     try {
         for (int l = 0; l < c.n_layer; ++l) {
+            check_interrupt(interrupt);
             const LlmLayer& L = layers_[l];
             per_token([&](int64_t t) { rmsnorm(x + t * E, L.attn_norm.data(), ws.xn.data() + t * E, E, c.rms_eps); });
             MatmulJob qkv[3] = {{&L.wq, ws.q.data(), L.bq.empty() ? nullptr : L.bq.data()},

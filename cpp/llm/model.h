@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/gguf.h"
+#include "core/interrupt.h"
 #include "cpu/attention.h"
 #include "cpu/kv_cache.h"
 #include "cpu/mrope.h"
@@ -96,10 +97,11 @@ class LlmModel {
     // pos [n_pos_axes, n] (M-RoPE: rows t, h, w), appending their K/V to the cache tail (an entry records
     // its first-axis position: a move by d shifts every axis by d, which M-RoPE rotates like plain RoPE). Token i attends to every cache entry before it (all
     // prefix/earlier entries plus the batch's tokens <= i). logits: [n_logits, n_vocab] for the last
-    // n_logits tokens of the batch (0 = none).
+    // n_logits tokens of the batch (0 = none). interrupt is checked before every layer; on any throw
+    // the cache tail is as before the call.
     void forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, const int32_t* pos, KVCache& cache,
                  int64_t n_logits, float* logits, const ForwardHooks* hooks = nullptr,
-                 const PrefillHooks* prefill = nullptr) const;
+                 const PrefillHooks* prefill = nullptr, const Interrupt* interrupt = nullptr) const;
 
     // Final norm + output projection of hidden rows x [n, n_embd] -> logits [n, n_vocab].
     void logits(ThreadPool& pool, Workspace& ws, const float* x, int64_t n, float* out) const;

@@ -9,11 +9,12 @@
 namespace x2l {
 
 Sampler::Sampler(const SamplerParams& p) : p_(p), rng_(p.seed) {
-    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) throw Error("temperature must be >= 0");
+    if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) throw Error("temperature must be a finite number >= 0");
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw Error("top_p must be in (0, 1]");
     if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) throw Error("min_p must be in [0, 1]");
     if (!(p.repeat_penalty > 0.0f) || !std::isfinite(p.repeat_penalty)) throw Error("repeat_penalty must be > 0");
     if (p.repeat_last_n < 0) throw Error("repeat_last_n must be >= 0");
+    if (p.top_k < 0) throw Error("top_k must be >= 0 (0: no top-k cut)");
 }
 
 int32_t Sampler::sample(float* logits, int32_t n_vocab, const int32_t* history, int64_t n_history) {

@@ -1,7 +1,11 @@
 #include "llm/session.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <new>
 
 #include "core/common.h"
 #include "cpu/features.h"
@@ -35,9 +39,32 @@ LlmSession::LlmSession(const std::string& path, const SessionOptions& opt, const
     }
     if (opt_.n_threads == 0) opt_.n_threads = default_threads();
     if (opt_.n_ctx == 0) opt_.n_ctx = std::min<int64_t>(c.n_ctx_train, 4096);
+    if (opt_.n_ctx > std::numeric_limits<int32_t>::max()) {
+        throw BudgetError("n_ctx=" + std::to_string(opt_.n_ctx) + " exceeds the 2^31 positions a context can hold");
+    }
     pool_.reset(new ThreadPool(opt_.n_threads));
     executor_ = make_executor(*model_, *pool_, opt_);
-    ctx_ = executor_->new_context(opt_.n_ctx);
+    executor_->set_interrupt(&interrupt_);
+    // The KV cache is allocated up front (the executor has checked kv_type against head_dim): one larger
+    // than this machine's memory is a BudgetError now, not std::bad_alloc (or the OOM killer later, once an
+    // overcommitted allocation is touched).
+    const size_t row = row_bytes(opt_.kv_type, c.head_dim);
+    size_t kv = 0;
+    const bool overflow = __builtin_mul_overflow(row, static_cast<size_t>(opt_.n_ctx) * 2, &kv) ||
+                          __builtin_mul_overflow(kv, static_cast<size_t>(c.n_layer) * c.n_head_kv, &kv);
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    const size_t host = pages > 0 && page > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(page) : 0;
+    if (overflow || (opt_.device < 0 && host > 0 && kv > host)) {
+        throw BudgetError("n_ctx=" + std::to_string(opt_.n_ctx) + " needs a KV cache of " +
+                          (overflow ? std::string("more than 2^64 bytes") : std::to_string(kv >> 20) + " MiB") +
+                          ", more than this machine's memory" + (overflow ? "" : " (" + std::to_string(host >> 20) + " MiB)"));
+    }
+    try {
+        ctx_ = executor_->new_context(opt_.n_ctx);
+    } catch (const std::bad_alloc&) {
+        throw BudgetError("cannot allocate the KV cache for n_ctx=" + std::to_string(opt_.n_ctx) + " (" +
+                          std::to_string(kv >> 20) + " MiB)");
+    }
     last_logits_.assign(c.n_vocab, 0.0f);
 }
 
@@ -57,7 +84,7 @@ void LlmSession::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     const int32_t start = next_position();
     eval_rows(*ctx_, c.n_embd, c.n_vocab, n, opt_.n_batch, start,
               [&](int64_t b, int64_t m, float* x) { model_->embed(tokens.data() + b, m, x); }, last_logits_, all_out,
-              c.n_pos_axes);
+              c.n_pos_axes, &interrupt_);
     history_.insert(history_.end(), tokens.begin(), tokens.end());
     push_positions(n, start + static_cast<int32_t>(n));
 }
@@ -73,7 +100,7 @@ void LlmSession::eval_embd(const float* embd, int64_t n, std::vector<float>* all
     const int32_t start = next_position();
     eval_rows(*ctx_, E, c.n_vocab, n, opt_.n_batch, start,
               [&](int64_t b, int64_t m, float* x) { std::memcpy(x, embd + b * E, sizeof(float) * m * E); },
-              last_logits_, all_out, c.n_pos_axes);
+              last_logits_, all_out, c.n_pos_axes, &interrupt_);
     history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
     push_positions(n, start + static_cast<int32_t>(n));
 }
@@ -104,7 +131,7 @@ void LlmSession::eval_media(const float* embd, int64_t n, const MediaGrid& grid,
     const int64_t E = c.n_embd;
     eval_rows_at(*ctx_, E, c.n_vocab, n, opt_.n_batch, 3, pos.data(),
                  [&](int64_t b, int64_t m, float* x) { std::memcpy(x, embd + b * E, sizeof(float) * m * E); },
-                 last_logits_, all_out);
+                 last_logits_, all_out, &interrupt_);
     history_.insert(history_.end(), static_cast<size_t>(n), kEmbeddingToken);
     push_positions(n, start + rel[n]);
 }

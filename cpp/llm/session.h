@@ -4,10 +4,12 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include "core/gguf.h"
+#include "core/interrupt.h"
 #include "core/threadpool.h"
 #include "cpu/mrope.h"
 #include "llm/executor.h"
@@ -66,6 +68,19 @@ class LlmSession {
     ThreadPool& pool() { return *pool_; }
     size_t workspace_bytes() const { return executor_->workspace_bytes(); }
 
+    // Concurrency: one call at a time per session. Everything that runs on it (this class, the X²L
+    // prefill and decoder, the scorers) shares its executor's workspace and thread pool, so callers
+    // hold mutex() around each call (the bindings do, with the GIL released); different sessions run
+    // in parallel.
+    std::mutex& mutex() const { return mutex_; }
+    // Cancellation of the running call (any thread, no lock): long calls stop within one layer's work
+    // and throw Cancelled, leaving the context as before the call. Requested between two calls, the
+    // next call throws; the bindings clear it once a call has thrown (and the Python Session when an
+    // operation starts).
+    Interrupt& interrupt() { return interrupt_; }
+    void cancel() { interrupt_.request(); }
+    void clear_cancel() { interrupt_.clear(); }
+
   private:
     SessionOptions opt_;
     std::unique_ptr<GGUFFile> file_;
@@ -78,6 +93,8 @@ class LlmSession {
     std::vector<int32_t> history_;
     std::vector<int32_t> next_pos_;  // per history token: the position the token after it takes
     void push_positions(int64_t n, int32_t next_after_last);
+    mutable std::mutex mutex_;
+    Interrupt interrupt_;
 };
 
 }  // namespace x2l

@@ -41,7 +41,10 @@ size_t mul(size_t a, size_t b) {
 class Writer {
   public:
     explicit Writer(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "wb")) {
-        if (!f_) throw Error("cannot write '" + path + "': " + std::strerror(errno));
+        if (!f_) {
+            const int err = errno;
+            throw FileError(err, path, "cannot write '" + path + "': " + std::strerror(err));
+        }
     }
     ~Writer() {
         if (f_) std::fclose(f_);
@@ -424,8 +427,12 @@ TierBytes VideoIndex::bytes() const {
 
 void VideoIndex::save(const std::string& path) const {
     if (text_pos >= 0) throw Error("saving an X2L index of an M-RoPE (Qwen2-VL) video is not supported yet");
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+        throw FileError(EISDIR, path, "'" + path + "' is a directory: give a file name to save the index to");
+    }
     const std::string tmp = path + ".part";
-    {
+    try {
         Writer w(tmp);
         w.bytes(kMagic, sizeof(kMagic));
         for (int32_t v : {n_layer, n_head_kv, head_dim, n_embd, ratio_low, ratio_high, int32_t(pin_ends), int32_t(two_pass),
@@ -457,8 +464,15 @@ void VideoIndex::save(const std::string& path) const {
             write_segment(w, *c.low);
         }
         w.close();
+    } catch (...) {
+        std::remove(tmp.c_str());  // no half-written file left behind
+        throw;
     }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error("cannot rename '" + tmp + "' to '" + path + "'");
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        const int err = errno;
+        std::remove(tmp.c_str());
+        throw FileError(err, path, "cannot rename '" + tmp + "' to '" + path + "': " + std::strerror(err));
+    }
 }
 
 std::unique_ptr<VideoIndex> VideoIndex::from_bytes(const uint8_t* data, size_t size, bool verify_checksums) {
@@ -471,10 +485,14 @@ std::unique_ptr<VideoIndex> VideoIndex::from_bytes(const uint8_t* data, size_t s
 std::unique_ptr<VideoIndex> VideoIndex::load(const std::string& path, bool mmap_low) {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
     int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
+    if (fd < 0) {
+        const int err = errno;
+        throw FileError(err, path, "cannot open '" + path + "': " + std::strerror(err));
+    }
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         ::close(fd);
+        if (S_ISDIR(st.st_mode)) throw FileError(EISDIR, path, "'" + path + "' is a directory, not a file");
         throw Error("'" + path + "' is not a regular file");
     }
     const size_t size = static_cast<size_t>(st.st_size);

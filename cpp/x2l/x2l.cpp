@@ -119,6 +119,7 @@ void X2LPrefill::run_level(PrefillLevel level) {
     const int64_t n = level.n;
     ensure_cache(n);
     cache_->clear();
+    s_.interrupt().check();  // the CPU runner checks again before every layer
     runner_->run(level, *cache_);
     if (runner_->on_device()) stats_.device_forward_tokens += n;
     on_device_ = runner_->on_device();
@@ -404,7 +405,7 @@ void X2LDecoder::eval(const std::vector<int32_t>& tokens, std::vector<float>* al
     eval_rows(*cache_, c.n_embd, c.n_vocab, static_cast<int64_t>(tokens.size()), s_.options().n_batch,
               plan_.layout.tail_pos + static_cast<int32_t>(n_past()),
               [&](int64_t b, int64_t m, float* x) { s_.model().embed(tokens.data() + b, m, x); }, last_logits_, all_out,
-              c.n_pos_axes);
+              c.n_pos_axes, &s_.interrupt());
     history_.insert(history_.end(), tokens.begin(), tokens.end());
 }
 

@@ -79,6 +79,7 @@ struct PrefillStats {
 
 class X2LPrefill {
   public:
+    LlmSession& session() const { return s_; }  // whose mutex() callers hold around each call
     X2LPrefill(LlmSession& s, const X2LOptions& o);
     void add_sink(const std::vector<int32_t>& tokens);
     // A chunk as token ids (text) or input embeddings [n, n_embd] (video features). n_frames splits
@@ -129,6 +130,7 @@ class X2LPrefill {
 // Answers questions on one index; a question's tokens and answer go in its own tail.
 class X2LDecoder {
   public:
+    LlmSession& session() const { return s_; }  // whose mutex() callers hold around each call
     X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens);
 
     // Relevance of each chunk to the question. tokens: the question as the model will see it (with

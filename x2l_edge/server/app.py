@@ -54,7 +54,10 @@ class Server:
         self.tmp_dir = tempfile.mkdtemp(prefix="x2l-serve-")
         index_dir = config.index_dir or os.path.join(self.tmp_dir, "indexes")
         self.indexes = IndexStore(session, index_dir, max_host_bytes=config.max_host_bytes)
-        self.scheduler = Scheduler(max_queue=config.max_queue, cancel_hook=getattr(session, "cancel", None))
+        # A cancelled request stops the native call running for it (Session.cancel); the request is cleared
+        # once its step ends, so the next job is not cancelled by it.
+        self.scheduler = Scheduler(max_queue=config.max_queue, cancel_hook=getattr(session, "cancel", None),
+                                   clear_hook=getattr(getattr(session, "_s", None), "clear_cancel", None))
         self.started = int(time.time())
         # Read once here: handlers never call into the session (only the worker thread does).
         self.has_vision = session.has_vision

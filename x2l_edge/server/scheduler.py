@@ -10,8 +10,10 @@ from the prompt to the last token. So:
   KV caches and interleave with the answer job: one background step whenever no answer is running, or
   when the running answer has had the worker for ``slice_s`` seconds since the last background step;
 * a job can be cancelled at any time (client disconnect, DELETE): it stops before its next step.
-  ``cancel_hook`` (e.g. a future ``Session.cancel``) is called as well when the job is the one whose
-  step is running, so a long C++ call can be cut short.
+  ``cancel_hook`` (the server passes ``Session.cancel``) is called as well when the job is the one whose
+  step is running, so a long C++ call stops with CancelledError; ``clear_hook`` (the native session's
+  ``clear_cancel``) runs after that job's step, so a cancel that arrived after the step's last native
+  call does not stop the next job's first one.
 
 A job is a generator: each ``next()`` is one step; what it yields goes to ``job.emit``, its return value
 to ``job.finish``, an exception to ``job.fail``. Jobs never run on the event loop.
@@ -63,10 +65,12 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, *, max_queue: int = 64, slice_s: float = 2.0, cancel_hook: Callable[[], None] | None = None):
+    def __init__(self, *, max_queue: int = 64, slice_s: float = 2.0, cancel_hook: Callable[[], None] | None = None,
+                 clear_hook: Callable[[], None] | None = None):
         self.max_queue = max_queue
         self.slice_s = slice_s
         self.cancel_hook = cancel_hook
+        self.clear_hook = clear_hook
         self._cv = threading.Condition()
         self._answers: dict[str, collections.deque] = collections.OrderedDict()  # client -> waiting jobs
         self._background: collections.deque = collections.deque()
@@ -103,13 +107,14 @@ class Scheduler:
             return
         job.cancel()
         with self._cv:
-            running = self._running is job
+            # Under _cv: the worker cannot move on to another job's step while the hook runs, and it
+            # clears the request (clear_hook) after this step, under _cv too.
+            if self._running is job and self.cancel_hook is not None:
+                try:
+                    self.cancel_hook()
+                except Exception:  # a hook failing must not take the worker down
+                    pass
             self._cv.notify()
-        if running and self.cancel_hook is not None:
-            try:
-                self.cancel_hook()
-            except Exception:  # a hook failing must not take the worker down
-                pass
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
@@ -163,6 +168,11 @@ class Scheduler:
             keep = self._step(job)
             with self._cv:
                 self._running = None
+                if job.cancelled.is_set() and self.clear_hook is not None:
+                    try:
+                        self.clear_hook()
+                    except Exception:
+                        pass
                 if bg:
                     last_bg = time.monotonic()
                     if keep:
