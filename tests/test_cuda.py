@@ -20,6 +20,7 @@ import zlib
 import numpy as np
 import pytest
 
+import x2l_edge
 from x2l_edge import _core
 from probes import needs_probes
 from probes import testing as _testing  # the kernel probes (x2l_edge._testing); None when not built
@@ -847,11 +848,17 @@ def test_auto_falls_back_when_the_probe_run_fails(tiny_gguf, monkeypatch):
     assert core is None and why.startswith("its probe run failed") and "no kernel image" in why
 
 
+def _child_env(**env) -> dict:
+    """Environment for a child interpreter that imports the same x2l_edge as this one (the installed package,
+    or the checkout with X2L_CORE_PATH under the emulator)."""
+    where = os.path.dirname(os.path.dirname(os.path.abspath(x2l_edge.__file__)))
+    return {**os.environ, **env, "PYTHONPATH": os.pathsep.join([where, os.environ.get("PYTHONPATH", "")])}
+
+
 def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
     """`code` in a fresh interpreter (the emulator reads its X2L_EMU_* settings once per process)."""
-    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                                 os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], env=_child_env(**env), capture_output=True, text=True,
+                          timeout=120, cwd=os.path.dirname(__file__))
 
 
 @pytest.mark.skipif(not _core.cuda_emulated(), reason="the emulator models the driver and device faults")
@@ -889,10 +896,10 @@ print(w[0].message if w else "")
 def test_expected_gpu_fails_instead_of_skipping():
     """With X2L_EXPECT_GPU=1 (bench/gpu/check.sh) and no usable device, the GPU tests fail with the
     probe's reason instead of skipping into a green run."""
-    env = {**os.environ, "X2L_EXPECT_GPU": "1", "X2L_EMU_OLD_DRIVER": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), env.get("PYTHONPATH", "")])
+    env = _child_env(X2L_EXPECT_GPU="1", X2L_EMU_OLD_DRIVER="1")
+    # cwd: `python -m` puts it first on sys.path, and a checkout's x2l_edge has no compiled _core
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_swiglu"],
-                       env=env, capture_output=True, text=True, timeout=300)
+                       env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(__file__))
     assert r.returncode == 1 and "a CUDA device is expected" in r.stdout, r.stdout[-2000:]
 
 
@@ -1410,9 +1417,7 @@ def test_x2l_mmap_index_registered_in_place_or_warned(tiny_hd32, tmp_path):
         env = {"X2L_EMU_READONLY_REGISTER": "1" if readonly_ok else "0"}
         r = subprocess.run(
             [sys.executable, "-c", _MMAP_DECODE, tiny_hd32["llama"], str(index), str(out)],
-            env={**os.environ, **env, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
-                                                                     os.environ.get("PYTHONPATH", "")])},
-            capture_output=True, text=True, timeout=600)
+            env=_child_env(**env), capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
         assert r.returncode == 0, r.stderr[-3000:]
         warned = "cannot be page-locked in place" in r.stderr
         if emulated:

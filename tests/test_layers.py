@@ -71,8 +71,10 @@ def _imports(path: Path, package: str) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
+            # `from pkg import sub` needs pkg, which is sub's parent and imported first anyway: the edge goes
+            # to sub when it is a module, to pkg (the graph's fallback) when the name lives in pkg itself
             names = [target + "." + a.name for a in node.names]
-            for t in [target] + names:
+            for t in names:
                 if t.startswith(package):
                     found.add(t)
         elif isinstance(node, ast.Import):
