@@ -172,6 +172,11 @@ void bind_x2l(nb::module_& m) {
             x2l_bind::call_locked(p.session(), [&] { ix = p.finish(); });
             return ix;
         })
+        .def("snapshot", [](const x2l::X2LPrefill& p) {
+            std::unique_ptr<x2l::VideoIndex> ix;
+            x2l_bind::call_locked(p.session(), [&] { ix = p.snapshot(); });
+            return ix;
+        }, "The chunks added so far as an index (rows shared with the prefill), while it goes on.")
         .def("stats", [](const x2l::X2LPrefill& p) {
             nb::dict d;
             d["input_tokens"] = p.stats().input_tokens;

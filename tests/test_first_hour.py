@@ -100,8 +100,8 @@ def _readme_commands():
 
 
 # Steps the test does not run: installing the package itself and the test suite it is part of, and the server
-# (it runs until stopped; tests/test_server.py starts it and drives it).
-_NOT_RUN = re.compile(r"^(pip install|pytest|python tests/cuda_emu/run\.py|x2l-edge serve )")
+# and its client (it runs until stopped; tests/test_server.py starts it and drives it, `ask --server` included).
+_NOT_RUN = re.compile(r"^(pip install|pytest|python tests/cuda_emu/run\.py|x2l-edge serve |x2l-edge ask --server )")
 
 
 def test_readme_commands_run(files, cache, tiny_vlm, tmp_path):

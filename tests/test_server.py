@@ -381,6 +381,12 @@ def test_auth(smollm2_path, tmp_path):
         assert srv.client().models.list().data[0].id == os.path.basename(smollm2_path)
         r = srv.client().chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, temperature=0)
         assert r.usage.completion_tokens == 2
+        # ask --server: the key from --api-key or X2L_API_KEY (the text model's "no vision" 400 shows it got in).
+        r = _cli("ask", "--server", srv.url, "vid-00000000000000ab", "What?", cwd=tmp_path)
+        assert r.returncode == 2 and "401" in r.stderr and "API key" in r.stderr, r.stderr
+        for extra, env in ((["--api-key", KEY], None), ([], {"X2L_API_KEY": KEY})):
+            r = _cli("ask", "--server", srv.url, "vid-00000000000000ab", "What?", *extra, cwd=tmp_path, env=env)
+            assert r.returncode == 2 and "400" in r.stderr and "no vision encoder" in r.stderr, r.stderr
     finally:
         srv.stop()
 
@@ -594,18 +600,68 @@ def test_multipart_upload(vlm_server, vlm_env):
     assert vlm_server.get("/v1/models").status_code == 200
 
 
+def _cli(*args, cwd, env=None):
+    """x2l-edge in a subprocess (cwd: a temporary directory, so the installed package is imported)."""
+    e = {k: v for k, v in os.environ.items() if k != "X2L_API_KEY"}
+    return subprocess.run([sys.executable, "-m", "x2l_edge.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=str(cwd), env={**e, **(env or {})})
+
+
+def test_cli_ask_server(vlm_server, vlm_env, needle_index, tmp_path):
+    """`x2l-edge ask --server URL`: a local video is uploaded, indexed there, asked (the answer streamed
+    to stdout) and deleted; a file:// URL is indexed from the server's media dir (kept with
+    --keep-index); an index id is asked directly. Errors: an unknown index, a server that is not there."""
+    path, vid = vlm_env["videos"][5]
+    local = tmp_path / "clip.mkv"
+    local.write_bytes(path.read_bytes())
+    ids = lambda: {d["id"] for d in vlm_server.get("/v1/videos").json()["data"]}  # noqa: E731
+    before = ids()
+    q = T.QUESTIONS["word"]
+    r = _cli("ask", "--server", vlm_server.url, str(local), q, "-s", T.SYSTEM, "--max-frames", "20", "--top-k", "1",
+             "-n", "16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert T.answer_ok(r.stdout, vid.word), r.stdout
+    assert "2 chunks, L reloaded for " + f"{vid.needle_chunk} (" in r.stderr, r.stderr
+    assert ids() == before  # the upload's index was deleted after the answer
+
+    r = _cli("ask", "--server", vlm_server.url + "/v1", path.as_uri(), q, "-s", T.SYSTEM, "--max-frames", "20",
+             "--top-k", "1", "--keep-index", "-q", cwd=tmp_path)
+    assert r.returncode == 0 and T.answer_ok(r.stdout, vid.word), r.stderr
+    kept = r.stderr.split("index kept on the server: ", 1)[1].split()[0]
+    assert ids() == before | {kept} and vlm_server.get(f"/v1/videos/{kept}").json()["status"] == "ready"
+    assert httpx.delete(vlm_server.url + f"/v1/videos/{kept}", timeout=30).status_code == 200
+
+    index_id, nvid = needle_index
+    assert _wait_ready(vlm_server, index_id)["status"] == "ready"
+    r = _cli("ask", "--server", vlm_server.url, index_id, q, "--top-k", "1", cwd=tmp_path)
+    assert r.returncode == 0 and T.answer_ok(r.stdout, nvid.word), r.stderr
+    assert f"[{index_id}: 2 chunks, L reloaded for {nvid.needle_chunk} (" in r.stderr
+
+    r = _cli("ask", "--server", vlm_server.url, "vid-00000000000000ff", q, cwd=tmp_path)
+    assert r.returncode == 2 and "404" in r.stderr and "no video index" in r.stderr, r.stderr
+    r = _cli("ask", "--server", f"http://127.0.0.1:{_free_port()}", index_id, q, cwd=tmp_path)
+    assert r.returncode == 2 and "cannot reach the x2l-edge server" in r.stderr, r.stderr
+    r = _cli("ask", "--server", vlm_server.url, str(tmp_path / "missing.mp4"), q, cwd=tmp_path)
+    assert r.returncode == 2 and "no such video file" in r.stderr, r.stderr
+    r = _cli("ask", "--server", vlm_server.url, "model.gguf", str(local), q, cwd=tmp_path)
+    assert r.returncode == 2 and "with --server" in r.stderr, r.stderr
+    assert ids() == before
+
+
 # ----------------------------------------------------------------------------------------------- live
 class _MJPEG:
     """An MJPEG (multipart/x-mixed-replace) stream served from this test: the frames at `rate` per second,
-    then the connection is dropped (a lost camera)."""
+    then the connection is dropped (a lost camera). pause_after=N: after N frames the camera holds the
+    connection open, sending no frame, until resume is set."""
 
-    def __init__(self, frames, rate):
+    def __init__(self, frames, rate, pause_after=None):
         import http.server
 
         import cv2
 
         jpegs = [cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
                  for f in frames]
+        self.resume = resume = threading.Event()
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *a):
@@ -615,7 +671,11 @@ class _MJPEG:
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
-                for j in jpegs:
+                for i, j in enumerate(jpegs):
+                    while i == pause_after and not resume.wait(1.0):
+                        # A heartbeat (no JPEG in it): a stream silent for 10 s counts as lost.
+                        self.wfile.write(b"\r\n")
+                        self.wfile.flush()
                     self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                      + str(len(j)).encode() + b"\r\n\r\n" + j + b"\r\n")
                     self.wfile.flush()
@@ -627,6 +687,7 @@ class _MJPEG:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def close(self):
+        self.resume.set()
         self.httpd.shutdown()
 
 
@@ -654,6 +715,246 @@ def test_live_mjpeg_stream_indexed_until_lost(vlm_server, text_server):
     assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
     assert out["x2l"]["chunks"][0]["chunk"] == vid.needle_chunk
     assert vlm_server.post(f"/v1/videos/{index_id}/stop").status_code == 409  # no longer recording
+
+
+class _RTSP:
+    """A minimal RTSP server (RFC 2326) serving one stream, the frames at `rate` per second as RTP/JPEG
+    (RFC 2435: the scan data of 4:2:0 baseline JPEGs, their quantization tables in-band, Q=255) over the
+    RTSP connection (interleaved TCP; a UDP SETUP is answered 461, so the client falls back to TCP). After
+    the last frame the connection is closed (a lost camera)."""
+
+    def __init__(self, frames, rate):
+        import cv2
+
+        self.payloads = []
+        self.height, self.width = frames.shape[1:3]
+        for f in frames:
+            jpg = cv2.imencode(".jpg", cv2.cvtColor(f, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, 90,
+                                cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420])[1].tobytes()
+            self.payloads.append(self._split_jpeg(jpg, self.width, self.height))
+        self.rate = rate
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.url = f"rtsp://127.0.0.1:{self.sock.getsockname()[1]}/cam"
+        self.sent = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @staticmethod
+    def _split_jpeg(jpg: bytes, width: int, height: int):
+        """(quantization tables luma + chroma, 64 bytes each in zigzag order; entropy-coded scan data)."""
+        tables, i = {}, 2
+        while True:
+            marker, length = jpg[i + 1], int.from_bytes(jpg[i + 2:i + 4], "big")
+            seg = jpg[i + 4:i + 2 + length]
+            if marker == 0xDB:  # DQT: one or more (Pq/Tq, 64 bytes) tables
+                for k in range(0, len(seg), 65):
+                    assert seg[k] >> 4 == 0, "8-bit tables only"
+                    tables[seg[k] & 15] = seg[k + 1:k + 65]
+            elif marker == 0xDD:
+                raise AssertionError("restart intervals need RTP/JPEG types 64+")
+            elif marker == 0xDA:  # SOS: the scan runs to the EOI marker
+                scan = jpg[i + 2 + length:]
+                assert scan[-2:] == b"\xff\xd9"
+                assert width % 8 == 0 and height % 8 == 0
+                return tables[0] + tables[1], scan[:-2]
+            i += 2 + length
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    def _session(self, conn):
+        import struct
+
+        f = conn.makefile("rb")
+        try:
+            while True:
+                first = f.read(1)
+                if not first:
+                    return
+                if first == b"$":  # the client's interleaved RTCP: skip it
+                    _, n = struct.unpack(">BH", f.read(3))
+                    f.read(n)
+                    continue
+                lines = [(first + f.readline()).decode().strip()]
+                while lines[-1]:
+                    lines.append(f.readline().decode().strip())
+                method = lines[0].split()[0]
+                hdr = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:] if ":" in ln)}
+                n = int(hdr.get("content-length", 0))
+                if n:
+                    f.read(n)
+                reply, body = {"CSeq": hdr.get("cseq", "0")}, b""
+                status = "200 OK"
+                if method == "OPTIONS":
+                    reply["Public"] = "OPTIONS, DESCRIBE, SETUP, PLAY, TEARDOWN, GET_PARAMETER"
+                elif method == "DESCRIBE":
+                    body = (b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=x2l-test\r\nc=IN IP4 0.0.0.0\r\nt=0 0\r\n"
+                            b"m=video 0 RTP/AVP 26\r\na=control:track0\r\n")
+                    reply.update({"Content-Type": "application/sdp", "Content-Base": self.url + "/"})
+                elif method == "SETUP":
+                    if "TCP" not in hdr.get("transport", ""):
+                        status = "461 Unsupported Transport"
+                    else:
+                        reply.update({"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1", "Session": "12345678"})
+                elif method == "PLAY":
+                    reply.update({"Session": "12345678", "Range": "npt=0.000-"})
+                elif method not in ("GET_PARAMETER", "TEARDOWN"):
+                    status = "405 Method Not Allowed"
+                if body:
+                    reply["Content-Length"] = str(len(body))
+                conn.sendall((f"RTSP/1.0 {status}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in reply.items())
+                              + "\r\n").encode() + body)
+                if method == "PLAY":
+                    threading.Thread(target=self._play, args=(conn,), daemon=True).start()
+                if method == "TEARDOWN":
+                    return
+        except (OSError, ValueError):
+            return
+
+    def _play(self, conn):
+        import struct
+
+        seq = 0
+        try:
+            for k, (qtables, scan) in enumerate(self.payloads):
+                ts = int(k * 90000 / self.rate)
+                for off in range(0, len(scan), 1400):
+                    part = scan[off:off + 1400]
+                    last = off + 1400 >= len(scan)
+                    rtp = struct.pack(">BBHII", 0x80, (0x80 if last else 0) | 26, seq & 0xFFFF, ts, 0x1234ABCD)
+                    # JPEG header: type-specific, fragment offset, type 1 (4:2:0), Q 255, width/8, height/8
+                    jh = bytes([0]) + off.to_bytes(3, "big") + bytes([1, 255, self.width // 8, self.height // 8])
+                    if off == 0:
+                        jh += bytes([0, 0]) + len(qtables).to_bytes(2, "big") + qtables
+                    pkt = rtp + jh + part
+                    conn.sendall(b"$\x00" + len(pkt).to_bytes(2, "big") + pkt)
+                    seq += 1
+                self.sent = k + 1
+                time.sleep(1.0 / self.rate)
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # the session thread's reader holds the socket open otherwise
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def _ask_window(srv, vid, question, last_seconds=None, **kw):
+    part = {"id": vid} if last_seconds is None else {"id": vid, "last_seconds": last_seconds}
+    body = {"model": "m", "temperature": 0, "max_tokens": 16, "x2l": {"top_k": 1}, "messages": [
+        {"role": "user", "content": [{"type": "video_index", "video_index": part},
+                                     {"type": "text", "text": question}]}], **kw}
+    return srv.post("/v1/chat/completions", json=body)
+
+
+def test_live_index_asked_while_it_records(vlm_server):
+    """A live index answers while it records, on the chunks indexed so far, and keeps recording. The test
+    camera sends 40 frames at 10 per second (1 s per 10-frame chunk), then holds the connection open:
+    indexing stops at 2 chunks (it needs the next chunk's frames to finish one), the recording is at
+    ~4 s. Questions then: without a window (the needle's chunk 0 is chosen and read), with the last
+    2.5 s (only chunk 1, [1, 2) s, overlaps [1.5, 4]), and with the last 0.5 s (nothing indexed there
+    yet: 409). Then the camera sends its last 20 frames and drops: the index completes with 6 chunks."""
+    seed = next(s for s in range(200) if T.needle_video(s, 60).needle_frame < 10)
+    vid = T.needle_video(seed, 60)
+    cam = _MJPEG(vid.frames, rate=10, pause_after=40)
+    try:
+        r = vlm_server.post("/v1/videos", json={"url": cam.url, "system": T.SYSTEM})
+        assert r.status_code == 202, r.text
+        index_id = r.json()["id"]
+        deadline = time.time() + 120
+        while (d := vlm_server.get(f"/v1/videos/{index_id}").json())["progress"]["chunks_done"] < 2:
+            assert time.time() < deadline and d["status"] in ("queued", "indexing"), d
+            time.sleep(0.2)
+        time.sleep(1.0)  # nothing more can be indexed while the camera pauses
+        d = vlm_server.get(f"/v1/videos/{index_id}").json()
+        assert d["status"] == "indexing" and d["live"] and d["progress"]["chunks_done"] == 2, d
+        assert [c["chunk"] for c in d["chunks"]] == [0, 1] and 3.5 < d["recorded_s"] < 5.5, d
+        assert 0.7 < d["chunks"][1]["start_s"] < 1.4, d
+
+        r = _ask_window(vlm_server, index_id, T.QUESTIONS["word"])
+        assert r.status_code == 200, r.text
+        out = r.json()
+        x = out["x2l"]
+        assert x["live"] is True and x["n_chunks"] == 2 and "window" not in x, x
+        assert [c["chunk"] for c in x["chunks"]] == [0] == [vid.needle_chunk], x
+        assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
+
+        # Streamed, with a window: only chunks overlapping the last 2.5 s recorded may be chosen.
+        c = vlm_server.client()
+        pieces = list(c.chat.completions.create(model="m", temperature=0, max_tokens=8, stream=True, messages=[
+            {"role": "user", "content": [{"type": "video_index", "video_index": {"id": index_id, "last_seconds": 2.5}},
+                                         {"type": "text", "text": T.QUESTIONS["word"]}]}], extra_body={"x2l": {"top_k": 2}}))
+        x = pieces[-1].model_extra["x2l"]
+        w = x["window"]
+        assert x["live"] is True and x["n_chunks"] == 2 and w["last_seconds"] == 2.5, x
+        assert 3.5 < w["end_s"] < 5.5 and abs(w["end_s"] - w["start_s"] - 2.5) < 1e-6, x
+        assert [c["chunk"] for c in x["chunks"]] == [1], x  # top_k 2, but chunk 0 ends before the window
+        assert all(c["end_s"] > w["start_s"] for c in x["chunks"])
+
+        r = _ask_window(vlm_server, index_id, T.QUESTIONS["word"], last_seconds=0.5)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "window_not_indexed", r.text
+        r = _ask_window(vlm_server, index_id, T.QUESTIONS["word"], last_seconds=-1)
+        assert r.status_code == 400 and "last_seconds" in r.json()["error"]["message"]
+
+        # The recording goes on and completes.
+        cam.resume.set()
+        d = _wait_ready(vlm_server, index_id, timeout=120)
+    finally:
+        cam.close()
+    assert d["status"] == "ready" and d["n_frames"] == 60 and len(d["chunks"]) == 6, d
+    r = _ask_window(vlm_server, index_id, T.QUESTIONS["word"])
+    x = r.json()["x2l"]
+    assert x["live"] is False and x["n_chunks"] == 6 and [c["chunk"] for c in x["chunks"]] == [vid.needle_chunk]
+    assert T.answer_ok(r.json()["choices"][0]["message"]["content"], vid.word)
+    r = _ask_window(vlm_server, index_id, T.QUESTIONS["word"], last_seconds=2.5)
+    x = r.json()["x2l"]
+    assert x["window"]["end_s"] == d["duration_s"] and x["chunks"][0]["chunk"] >= 3, x
+
+
+def test_live_rtsp_stream_indexed_until_lost(vlm_server):
+    """rtsp:// through OpenCV's FFmpeg, from the minimal RTSP server above: the stream is indexed while
+    it plays and finished with what it had when the server drops it."""
+    vid = T.needle_video(5, 20)
+    cam = _RTSP(vid.frames, rate=10)
+    try:
+        r = vlm_server.post("/v1/videos", json={"url": cam.url, "system": T.SYSTEM})
+        assert r.status_code == 202, r.text
+        d = _wait_ready(vlm_server, r.json()["id"], timeout=120)
+    finally:
+        cam.close()
+    assert cam.sent == 20
+    assert d["status"] == "ready" and d["live"] is True and "ended" in d["note"], d
+    assert d["n_frames"] == 20 and len(d["chunks"]) == 2, d
+    r = _ask_window(vlm_server, d["id"], T.QUESTIONS["word"])
+    out = r.json()
+    assert [c["chunk"] for c in out["x2l"]["chunks"]] == [vid.needle_chunk], out
+    assert T.answer_ok(out["choices"][0]["message"]["content"], vid.word), out
+
+
+def test_unopenable_live_sources_fail_cleanly(vlm_server):
+    """rtsp:// and camera:N go through OpenCV: a camera that does not exist or an RTSP server that is not
+    there ends the index as failed, saying why, within the connect timeout; the server lives on."""
+    port = _free_port()  # nothing listens there
+    for url in (f"rtsp://127.0.0.1:{port}/cam", "camera:97"):
+        r = vlm_server.post("/v1/videos", json={"url": url})
+        assert r.status_code == 202, r.text
+        d = _wait_ready(vlm_server, r.json()["id"], timeout=60)
+        assert d["status"] == "failed" and "cannot open" in d["error"] and url in d["error"], d
+    r = vlm_server.post("/v1/videos", json={"url": "camera:front"})
+    assert r.status_code == 400 and "camera:N" in r.json()["error"]["message"]
+    assert vlm_server.get("/v1/models").status_code == 200
 
 
 def _chromium():

@@ -390,3 +390,69 @@ def test_peak_significance_matches_numpy_and_ignores_uniform_excess():
         _core.peak_significance(mass, 0)
     with pytest.raises(_core.Error):
         _core.peak_significance(mass, 21)
+
+
+def test_snapshot_of_a_prefill_in_progress_is_the_prefix_index(tiny):
+    """ChunkedPrefill.snapshot() (a live source asked while it records): a VideoContext over the chunks
+    added so far. It must answer exactly as an index prefilled from those chunks alone (the reference),
+    for every selection; stay unchanged while chunks are added from another thread and after the
+    prefill finishes (its rows are shared, and live as long as the snapshot); and hold the same rows
+    as the finished index's first chunks."""
+    import gc
+    import threading
+
+    from x2l_edge.x2l import ChunkedPrefill
+
+    chunks = _chunks(tiny, 5)
+    prefix, suffix = split_template(tiny, "be brief")
+    kw = dict(ratio_low=2, ratio_high=6, low_type="f16", high_type="f16")
+    run = ChunkedPrefill(tiny, sink_ids=tiny.tokenize(prefix), **kw)
+    with pytest.raises(ValueError, match="nothing indexed yet"):
+        run.snapshot()
+    for c in chunks[:2]:
+        run.add(c)
+    snap = run.snapshot(question_suffix=suffix)
+    ref = _context(tiny, chunks[:2], **kw)  # pin_ends is off: the last-chunk flag changes nothing
+    q = "what matters in each scene?"
+    sels = ([], [0], [1], [0, 1])
+    want = {tuple(s): ref.logits(q, s) for s in sels}
+    assert snap.n_chunks == 2 and snap.memory()["low_bytes"] == ref.memory()["low_bytes"]
+    for s in sels:
+        np.testing.assert_array_equal(snap.logits(q, s), want[tuple(s)])
+    assert snap.ask(q, chunks=[1], max_tokens=6) == ref.ask(q, chunks=[1], max_tokens=6)
+
+    # More chunks arrive on another thread while questions are asked on the snapshot.
+    errors = []
+
+    def feed():
+        try:
+            for c in chunks[2:4]:
+                run.add(c)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    t = threading.Thread(target=feed)
+    t.start()
+    while t.is_alive():
+        np.testing.assert_array_equal(snap.logits(q, [0, 1]), want[(0, 1)])
+    t.join()
+    assert not errors and run.n_chunks == 4 and snap.n_chunks == 2
+    later = run.snapshot(question_suffix=suffix)
+    assert later.n_chunks == 4
+    np.testing.assert_array_equal(later.logits(q, [0, 1]), _context(tiny, chunks[:4], **kw).logits(q, [0, 1]))
+
+    run.add(chunks[4], last=True)
+    index, stats = run.finish()
+    assert index.n_chunks == 5 and stats["input_tokens"] == len(ref.index.sink_tokens) + 5 * CHUNK
+    for c in range(2):
+        for value in (False, True):
+            assert index.low_rows(c, 1, 1, value) == snap.index.low_rows(c, 1, 1, value)
+            assert index.high_rows(c, 0, 1, value) == snap.index.high_rows(c, 0, 1, value)
+    with pytest.raises(RuntimeError, match="finished"):
+        run.snapshot()
+    with pytest.raises(RuntimeError, match="finished"):
+        run.add(chunks[0])
+    # The snapshot outlives the prefill and the finished index (it co-owns the rows).
+    del run, index, later
+    gc.collect()
+    for s in sels:
+        np.testing.assert_array_equal(snap.logits(q, s), want[tuple(s)])

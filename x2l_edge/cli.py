@@ -9,6 +9,7 @@ import warnings
 _EPILOG = """examples:
   x2l-edge demo                                   the shipped tiny video model on a generated video
   x2l-edge ask --tiny video.mp4 "What is written on the card?"
+  x2l-edge ask --server http://127.0.0.1:8080 video.mp4 "What is written on the card?"
   x2l-edge chat --smollm2 -p "What is the capital of France?"
   x2l-edge info model.gguf
 Run `x2l-edge COMMAND --help` for a command's options."""
@@ -95,9 +96,12 @@ def main(argv=None) -> int:
     _add_model(p_gen)
     p_gen.add_argument("-p", "--prompt", required=True, help="the text to continue")
     _add_gen(p_gen)
-    p_ask = sub.add_parser("ask", help="answer a question about a video (Video-X²L or full KV)")
-    p_ask.add_argument("model", nargs="?", help="a multimodal GGUF (tools/convert.py); leave it out with --tiny")
-    p_ask.add_argument("video", help="the video file")
+    p_ask = sub.add_parser("ask", help="answer a question about a video (Video-X²L or full KV), here or on a "
+                                       "running `x2l-edge serve` (--server)")
+    p_ask.add_argument("model", nargs="?", help="a multimodal GGUF (tools/convert.py); leave it out with --tiny "
+                                               "or --server")
+    p_ask.add_argument("video", help="the video file (with --server also file://PATH inside the server's "
+                                     "--media-dir, or the id vid-... of an index on the server)")
     p_ask.add_argument("question", help="the question about it")
     p_ask.add_argument("--mmproj", default=None,
                        help="llama.cpp's vision file (mmproj.gguf) that goes with a model.gguf (default: none)")
@@ -118,6 +122,15 @@ def main(argv=None) -> int:
     p_ask.add_argument("-n", "--max-tokens", type=int, default=64, help="most answer tokens")
     p_ask.add_argument("-s", "--system", default=None, help="system prompt (default: the model's template's)")
     p_ask.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary line")
+    p_ask.add_argument("--server", metavar="URL", default=None,
+                       help="ask a running `x2l-edge serve` at URL (e.g. http://127.0.0.1:8080) instead of loading "
+                            "a model here: a local video is uploaded and indexed there")
+    p_ask.add_argument("--api-key", default=None, help="--server: its API key (default: $X2L_API_KEY)")
+    p_ask.add_argument("--last-seconds", type=float, default=None,
+                       help="--server: reload only chunks of the last N seconds recorded (e.g. a live index)")
+    p_ask.add_argument("--keep-index", action="store_true",
+                       help="--server: keep the index the upload made on the server (its id is printed) to ask "
+                            "it again by id; by default it is deleted after the answer")
     p_demo = sub.add_parser("demo", help="the shipped tiny video-language model on a generated needle video "
                                          "(H-only, X²L and full KV)")
     p_demo.add_argument("--minutes", type=float, default=2.0, help="video length (one frame per second)")
@@ -138,13 +151,21 @@ def main(argv=None) -> int:
     if a.cmd is None:
         ap.print_help()
         return 0
-    if a.cmd == "ask" and a.tiny == bool(a.model):
-        p_ask.error("give MODEL VIDEO QUESTION, or --tiny VIDEO QUESTION")
+    if a.cmd == "ask":
+        if a.server:
+            if a.model or a.tiny or a.mode != "x2l" or a.mmproj:
+                p_ask.error("with --server, give VIDEO QUESTION (the server has the model; x2l mode only)")
+        elif a.tiny == bool(a.model):
+            p_ask.error("give MODEL VIDEO QUESTION, or --tiny VIDEO QUESTION, or --server URL VIDEO QUESTION")
+        elif a.api_key or a.last_seconds is not None or a.keep_index:
+            p_ask.error("--api-key, --last-seconds and --keep-index go with --server")
     warnings.showwarning = _show_warning
 
     from . import Session, FormatError, BudgetError, Error
 
     try:
+        if a.cmd == "ask" and a.server:
+            return _ask_server(a)
         if a.cmd == "ask":
             return _ask(a)
         if a.cmd == "serve":
@@ -230,6 +251,61 @@ def _ask(a) -> int:
                   f"+ sink {_mib(m['sink_bytes'])} ({where}), host L {_mib(m['low_bytes'])} (RAM); "
                   f"index {t1 - t0:.1f}s, answer {time.perf_counter() - t1:.1f}s, {s.device}]", file=sys.stderr)
     return 0
+
+
+def _ask_server(a) -> int:
+    """ask --server: index (upload or file://) or name an index on the server, stream the answer."""
+    import os
+
+    from .server.client import ServerClient, ServerError
+
+    c = ServerClient(a.server, api_key=a.api_key or os.environ.get("X2L_API_KEY") or None)
+    made = None
+    try:
+        if a.video.startswith("vid-") and not os.path.exists(a.video):
+            index_id = a.video
+        else:
+            fields = dict(system=a.system, max_frames=a.max_frames, fps=a.fps, chunk_frames=a.chunk_frames)
+            if a.video.startswith("file://"):
+                index_id = made = c.index_url(a.video, **fields)
+            elif "://" in a.video or a.video.startswith("camera:"):
+                raise ValueError("live sources are indexed with POST /v1/videos (docs/server.md); then ask by id")
+            elif not os.path.isfile(a.video):
+                raise FileNotFoundError(f"no such video file: {a.video}")
+            else:
+                index_id = made = c.upload(a.video, **fields)
+
+            def progress(done, total):
+                if not a.quiet and sys.stderr.isatty():
+                    print(f"\rindexing on the server: {done}/{total or '?'} chunks", end="", file=sys.stderr,
+                          flush=True)
+            c.wait(index_id, progress=progress)
+            if not a.quiet and sys.stderr.isatty():
+                print(file=sys.stderr)
+        t0 = time.perf_counter()
+        for piece in c.ask(index_id, a.question, max_tokens=a.max_tokens, top_k=a.top_k, scorer=a.scorer,
+                           last_seconds=a.last_seconds):
+            print(piece, end="", flush=True)
+        print()
+        if not a.quiet:
+            x = c.last_x2l or {}
+            used = ", ".join(f"{r['chunk']} ({r['start_s']}-{r['end_s']} s)" if r.get("start_s") is not None
+                             else str(r["chunk"]) for r in x.get("chunks", []))
+            live = " (asked while recording)" if x.get("live") else ""
+            print(f"[{index_id}{live}: {x.get('n_chunks')} chunks, L reloaded for {used or 'none'}; "
+                  f"answer {time.perf_counter() - t0:.1f}s on {c.base}]", file=sys.stderr)
+        if made and a.keep_index:
+            print(f"index kept on the server: {made}", file=sys.stderr)
+        return 0
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if made and not a.keep_index:
+            try:
+                c.delete(made)
+            except ServerError:
+                pass
 
 
 def _mib(n: int) -> str:

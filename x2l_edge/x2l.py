@@ -230,35 +230,97 @@ def prefill_steps(session, chunks: Iterable, *, sink_ids: Sequence[int], frames_
     """prefill_chunks one chunk at a time: a generator that yields the number of chunks done after each
     one and returns (index, stats). A caller that shares the model between several tasks (the server)
     can run other model calls between two chunks."""
-    opts = (options or X2LOptions()).replace(**overrides)
-    if opts.compressor not in COMPRESSORS:
-        raise ValueError(f"compressor must be one of {COMPRESSORS} (got {opts.compressor!r})")
     it = iter(chunks)
     nxt = next(it, None)
     if nxt is None:
         raise ValueError("nothing to prefill: no chunks")
-    repeat_ids: list[int] = []
-    if opts.compressor == "kvzip":
-        prompt = opts.repeat_prompt
-        if prompt is None:
-            video = isinstance(nxt, np.ndarray) and nxt.dtype != np.int32 and nxt.ndim == 2
-            prompt = REPEAT_PROMPT_VIDEO if video else REPEAT_PROMPT_TEXT
-        repeat_ids = session.tokenize(prompt, special=False) if isinstance(prompt, str) else [int(t) for t in prompt]
-    p = _core.X2LPrefill(session._s, **opts.prefill_kwargs(), repeat_prompt=repeat_ids)
-    p.add_sink(list(sink_ids))
-    done = 0
+    run = ChunkedPrefill(session, sink_ids=sink_ids, frames_per_chunk=frames_per_chunk, options=options,
+                         **overrides)
     while nxt is not None:
         cur, nxt = nxt, next(it, None)
-        last = nxt is None
-        if isinstance(cur, np.ndarray) and cur.dtype != np.int32 and cur.ndim == 2:
-            nf = frames_per_chunk or 1
-            p.add_chunk_embd(np.ascontiguousarray(cur, dtype=np.float32), n_frames=max(1, min(nf, len(cur))),
-                             is_last=last)
-        else:
-            ids = [int(t) for t in cur]
-            nf = frames_per_chunk or max(1, len(ids) // 64)
-            p.add_chunk_tokens(ids, n_frames=max(1, min(nf, len(ids))), is_last=last)
-        done += 1
-        yield done
-    stats = p.stats()
-    return p.finish(), stats
+        run.add(cur, last=nxt is None)
+        yield run.n_chunks
+    return run.finish()
+
+
+class ChunkedPrefill:
+    """The bi-level prefill of one input, fed one chunk at a time (token ids or embeddings [n, n_embd]),
+    that can be asked about before it ends: snapshot() is a VideoContext over the chunks added so far
+    (their tiers are shared with the prefill, not copied) that stays valid while more chunks are added
+    and after finish(). Each call is one operation on the session (its lock), so a live source's
+    prefill and questions about it interleave chunk by chunk from any threads.
+
+    options: X2LOptions() (the plain defaults) when None, with any X2LOptions fields in overrides.
+    kvzip re-reads every chunk after options.repeat_prompt (None: REPEAT_PROMPT_TEXT for token chunks,
+    REPEAT_PROMPT_VIDEO for embedding chunks; decided by the first chunk)."""
+
+    def __init__(self, session, *, sink_ids: Sequence[int], frames_per_chunk: int | None = None,
+                 options: X2LOptions | None = None, **overrides):
+        self.session = session
+        self.options = (options or X2LOptions()).replace(**overrides)
+        if self.options.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS} (got {self.options.compressor!r})")
+        self.sink_ids = [int(t) for t in sink_ids]
+        self.frames_per_chunk = frames_per_chunk
+        self.n_chunks = 0
+        self.finished = False
+        self._p = None  # the native prefill, made with the first chunk (kvzip's prompt depends on its kind)
+
+    @staticmethod
+    def _is_embd(chunk) -> bool:
+        return isinstance(chunk, np.ndarray) and chunk.dtype != np.int32 and chunk.ndim == 2
+
+    def _start(self, first) -> None:
+        opts = self.options
+        repeat_ids: list[int] = []
+        if opts.compressor == "kvzip":
+            prompt = opts.repeat_prompt
+            if prompt is None:
+                prompt = REPEAT_PROMPT_VIDEO if self._is_embd(first) else REPEAT_PROMPT_TEXT
+            repeat_ids = (self.session.tokenize(prompt, special=False) if isinstance(prompt, str)
+                          else [int(t) for t in prompt])
+        p = _core.X2LPrefill(self.session._s, **opts.prefill_kwargs(), repeat_prompt=repeat_ids)
+        p.add_sink(self.sink_ids)
+        self._p = p
+
+    def add(self, chunk, *, last: bool = False) -> None:
+        """Prefill one more chunk; last=True for the input's final chunk (with pin_ends it keeps the
+        low ratio in the H pass too; no chunk may follow it)."""
+        if self.finished:
+            raise RuntimeError("this prefill is finished")
+        with self.session._lock.op():
+            if self._p is None:
+                self._start(chunk)
+            if self._is_embd(chunk):
+                nf = self.frames_per_chunk or 1
+                self._p.add_chunk_embd(np.ascontiguousarray(chunk, dtype=np.float32),
+                                       n_frames=max(1, min(nf, len(chunk))), is_last=last)
+            else:
+                ids = [int(t) for t in chunk]
+                nf = self.frames_per_chunk or max(1, len(ids) // 64)
+                self._p.add_chunk_tokens(ids, n_frames=max(1, min(nf, len(ids))), is_last=last)
+        self.n_chunks += 1
+
+    def snapshot(self, **context_kw) -> VideoContext:
+        """A VideoContext over the chunks added so far (context_kw as VideoContext's: question_suffix,
+        default_top_k, ...). It does not see chunks added later; make a new one for those."""
+        if self.finished:
+            raise RuntimeError("this prefill is finished: use its index")
+        if self._p is None:
+            raise ValueError("nothing indexed yet: no chunk has been added")
+        with self.session._lock.op():
+            index = self._p.snapshot()
+        return VideoContext(self.session, index, **context_kw)
+
+    def finish(self):
+        """(index, stats): the finished index, and the prefill's figures."""
+        if self.finished:
+            raise RuntimeError("this prefill is finished")
+        if self._p is None:
+            raise ValueError("nothing to prefill: no chunks")
+        with self.session._lock.op():
+            stats = self._p.stats()
+            index = self._p.finish()
+        self.finished = True
+        self._p = None
+        return index, stats

@@ -16,7 +16,8 @@ struct ChunkKV {
     int64_t tok_begin = 0, tok_end = 0;  // raw input tokens of the chunk (indices into the input)
     int32_t pos_begin = 0, pos_end = 0;  // positions those tokens had
     int n_frames = 1;                    // frames (video) or sub-blocks (text) in the chunk
-    std::unique_ptr<KVSegment> low, high;
+    // Shared: a snapshot of a prefill in progress (X2LPrefill::snapshot) holds the same rows.
+    std::shared_ptr<KVSegment> low, high;
     std::vector<float> key_sig;  // [n_layer, n_head_kv, n, head_dim] distinctive pre-RoPE L keys (select.h)
     std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
     // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
@@ -54,7 +55,7 @@ class VideoIndex {
     // save() refuses such an index.
     int32_t text_pos = -1;
     uint64_t model_fingerprint = 0;  // LlmModel::fingerprint() of the model that built it
-    std::unique_ptr<KVSegment> sink;
+    std::shared_ptr<KVSegment> sink;
     std::vector<ChunkKV> chunks;
     std::vector<int32_t> sink_tokens;
 

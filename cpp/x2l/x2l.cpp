@@ -315,6 +315,29 @@ void X2LPrefill::check_budget() const {
     }
 }
 
+std::unique_ptr<VideoIndex> X2LPrefill::snapshot() const {
+    if (!ix_) throw Error("prefill already finished");
+    if (ix_->chunks.empty()) throw Error("nothing was prefilled yet: no chunks");
+    if (s_.model().config().n_pos_axes > 1 && ix_->text_pos < 0) {
+        throw Error("a snapshot of an M-RoPE prefill needs the question's text position (set_text_position)");
+    }
+    const VideoIndex& x = *ix_;
+    std::unique_ptr<VideoIndex> out(new VideoIndex(x.n_layer, x.n_head_kv, x.head_dim, x.n_embd));
+    out->ratio_low = x.ratio_low;
+    out->ratio_high = x.ratio_high;
+    out->pin_ends = x.pin_ends;
+    out->two_pass = x.two_pass;
+    out->compressor = x.compressor;
+    out->dense_positions = x.dense_positions;
+    out->next_pos = x.next_pos;
+    out->text_pos = x.text_pos;
+    out->model_fingerprint = x.model_fingerprint;
+    out->sink = x.sink;
+    out->sink_tokens = x.sink_tokens;
+    out->chunks = x.chunks;  // rows shared, signatures and L positions copied
+    return out;
+}
+
 std::unique_ptr<VideoIndex> X2LPrefill::finish() {
     if (!ix_) throw Error("prefill already finished");
     if (ix_->chunks.empty()) throw Error("nothing was prefilled: no chunks");

@@ -92,6 +92,10 @@ class X2LPrefill {
     void set_text_position(int32_t pos);
     // Hands the index over; the device prefill's buffers and page-locked L rows are released here.
     std::unique_ptr<VideoIndex> finish();
+    // The chunks added so far as an index of their own, while the prefill goes on (a live source asked
+    // before it ends). The sink's and chunks' rows are shared, not copied: a chunk's tiers never change
+    // once it is added, and they live as long as the prefill, its finished index or any snapshot.
+    std::unique_ptr<VideoIndex> snapshot() const;
     const PrefillStats& stats() const { return stats_; }
     size_t working_bytes() const { return cache_ ? cache_->tail().nbytes() : 0; }
     // True while (and, after finish(), if to the end) the forward passes run on the session's device

@@ -21,7 +21,7 @@ from .. import BudgetError, Error, FormatError
 from ..video import VideoError
 from . import chat as C
 from .indexes import IndexStore
-from .live import LiveSource
+from .live import LiveSource, camera_number
 from .media import SUFFIX, ApiError, decode_data_url, resolve_media_path
 from .scheduler import Busy, Cancelled, Job, Scheduler
 
@@ -198,8 +198,12 @@ def build_app(server: Server) -> Starlette:
                                code="model_not_multimodal")
             if req.visual and req.visual[0] == "index":
                 rec = server.indexes.get(req.visual[1])
-                if rec.status != "ready":
+                recording = rec.status == "indexing" and rec.live
+                if rec.status != "ready" and not recording:
                     raise ApiError(409, f"video index {rec.id} is {rec.status}", code="index_not_ready")
+                if recording and not rec.chunks_done:
+                    raise ApiError(409, f"video index {rec.id} is recording but no chunk is indexed yet",
+                                   code="index_not_ready")
             job, q = submit_answer(C.answer_steps(server, req), _client_key(request))
         except Exception as e:  # noqa: BLE001
             return _error(e)
@@ -284,6 +288,11 @@ def build_app(server: Server) -> Starlette:
                     if not cfg.allow_live:
                         raise ApiError(403, "live sources (http(s) MJPEG, rtsp://, camera:N) are disabled: start "
                                             "the server with --allow-live", code="live_disabled", param="url")
+                    if url.startswith("camera:"):
+                        try:
+                            camera_number(url)
+                        except ValueError as e:
+                            raise ApiError(400, str(e), param="url") from None
                     video, source = None, url
                 else:
                     raise ApiError(400, f"unsupported video URL {url[:40]!r} (file://, data:, or with --allow-live "

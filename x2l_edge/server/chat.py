@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
+
 from ..generation import generate_ids, stream_text
 from ..options import X2LOptions
 from ..x2l import VideoContext, split_template
-from .indexes import check_id, chunk_ranges, prefill_job
+from .indexes import check_id, chunk_ranges, frame_seconds, prefill_job
 from .media import SUFFIX, ApiError, decode_data_url, decode_image, resolve_media_path, write_temp
 
 
@@ -62,6 +64,7 @@ class ChatRequest:
         self.messages, self.system, self.visual = [], None, None
         self._media_dir, self._max_media_bytes = media_dir, max_media_bytes
         self.images = []
+        self.last_seconds = None  # video_index's time window: select among the chunks of the last N seconds
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant", "tool"):
                 raise ApiError(400, f"messages[{i}] must have a role of system, user or assistant",
@@ -122,6 +125,9 @@ class ChatRequest:
                 vi = part.get("video_index")
                 idx = vi.get("id") if isinstance(vi, dict) else None
                 self._set_visual(("index", check_id(idx)), i)
+                last = vi.get("last_seconds")
+                if last is not None:
+                    self.last_seconds = _num(last, f"{where}.video_index.last_seconds", 1e-3, 1e9)
             else:
                 raise ApiError(400, f"{where}: unsupported content part type {t!r}", param=where)
         return "".join(texts)
@@ -190,14 +196,24 @@ def answer_steps(server, req: ChatRequest):
 
     kind, value = req.visual
     info = None
+    allowed = None
     if kind == "index":
-        rec, ctx = server.indexes.context(value)
-        info = {"index": rec.id, "ranges": chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, ctx.n_chunks,
-                                                        rec.frame_s or 0.0)}
+        rec, ctx, live = server.indexes.answer_context(value)
+        ranges = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, ctx.n_chunks, frame_seconds(rec))
+        info = {"index": rec.id, "ranges": ranges, "live": live}
+        if req.last_seconds is not None:
+            end = server.indexes.recorded_end(rec)
+            start = round(max(0.0, end - req.last_seconds), 3)
+            allowed = [r["chunk"] for r in ranges if r["end_s"] is not None and r["end_s"] > start]
+            info["window"] = {"last_seconds": req.last_seconds, "start_s": start, "end_s": end}
+            if not allowed:
+                done = ranges[-1]["end_s"] if ranges else 0.0
+                raise ApiError(409, f"nothing in the last {req.last_seconds:g} s of {rec.id} is indexed yet (indexed "
+                                    f"up to {done} s of {end} s recorded)", code="window_not_indexed")
     else:
         ctx, info = yield from _temporary_context(server, req, kind, value)
     yield None
-    chunks, scores = _select(ctx, req)
+    chunks, scores = _select(ctx, req, allowed)
     ranges = info.get("ranges") or [{"chunk": c, "start_s": None, "end_s": None} for c in range(ctx.n_chunks)]
     info["chunks"] = [dict(ranges[c], score=None if scores is None else round(float(scores[c]), 4)) for c in chunks]
     ctx.reload(chunks)
@@ -209,16 +225,26 @@ def answer_steps(server, req: ChatRequest):
         yield piece
     x2l = {"index": info.get("index"), "n_chunks": ctx.n_chunks, "chunks": info["chunks"],
            "scorer": req.scorer or ctx.default_scorer, "reload": ctx.reload_stats()}
+    if "live" in info:
+        x2l["live"] = info["live"]  # asked while the source still recorded (on the chunks indexed so far)
+    if "window" in info:
+        x2l["window"] = info["window"]
     return _summary(counter[0], len(q_ids), req, x2l)
 
 
-def _select(ctx: VideoContext, req: ChatRequest):
-    """(chunks to reload, every chunk's score) for the question."""
+def _select(ctx: VideoContext, req: ChatRequest, allowed=None):
+    """(chunks to reload, every chunk's score) for the question; allowed: the chunks it may choose
+    from (a time window), None for all."""
     k = ctx.default_top_k if req.top_k is None else req.top_k
     if k == 0:
         return [], None
     scores = ctx.scores(req.question, req.scorer)
-    return ctx.select(scores, top_k=min(k, ctx.n_chunks)), scores
+    if allowed is None:
+        return ctx.select(scores, top_k=min(k, ctx.n_chunks)), scores
+    # Chunks outside the window score below every chunk inside it, and k is at most the window's size.
+    masked = np.full(len(scores), float(np.min(scores)) - 1.0, dtype=np.float32)
+    masked[allowed] = scores[allowed]
+    return ctx.select(masked, top_k=min(k, len(allowed))), scores
 
 
 def _temporary_context(server, req: ChatRequest, kind, value):

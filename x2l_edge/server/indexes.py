@@ -15,7 +15,8 @@ import threading
 import time
 
 from ..options import X2LOptions
-from ..x2l import VideoContext, prefill_steps, split_template
+from ..x2l import ChunkedPrefill, VideoContext, split_template
+from ..video import VideoError
 from .live import LiveSource
 from .media import ApiError
 
@@ -45,19 +46,42 @@ def chunk_ranges(times: list[float], chunk_frames: int, n_chunks: int, frame_s: 
     return out
 
 
-def prefill_job(session, chunks, prefix: str, chunk_frames: int, opts, rec=None):
+def prefill_job(session, chunks, prefix: str, chunk_frames: int, opts, rec=None, run=None):
     """The bi-level prefill as job steps: yields None after each chunk (counted in rec.chunks_done),
-    returns the index."""
-    steps = prefill_steps(session, chunks, sink_ids=session.tokenize(prefix), frames_per_chunk=chunk_frames,
-                          options=opts)
-    while True:
-        try:
-            done = next(steps)
-        except StopIteration as stop:
-            return stop.value[0]
+    returns the index. run: the ChunkedPrefill to feed (one that others may snapshot meanwhile)."""
+    run = run or ChunkedPrefill(session, sink_ids=session.tokenize(prefix), frames_per_chunk=chunk_frames,
+                                options=opts)
+    it = iter(chunks)
+    nxt = next(it, None)
+    if nxt is None:
+        raise ValueError("nothing to prefill: no chunks")
+    # One chunk of look-ahead: the last chunk is prefilled knowing it is the last.
+    while nxt is not None:
+        cur, nxt = nxt, next(it, None)
+        run.add(cur, last=nxt is None)
         if rec is not None:
-            rec.chunks_done = done
+            rec.chunks_done = run.n_chunks
         yield None
+    return run.finish()[0]
+
+
+def frame_seconds(rec) -> float:
+    """Seconds per sampled frame: the record's, or (a live source still recording without a fixed rate)
+    the mean spacing of the arrival times so far."""
+    if rec.frame_s:
+        return rec.frame_s
+    times = rec.frame_times or []
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+
+
+class LiveState:
+    """A live index while it records: its prefill, and the snapshot questions are answered on (made
+    again when more chunks are in)."""
+
+    def __init__(self, run, source):
+        self.run = run
+        self.source = source
+        self.ctx = None
 
 
 class IndexRecord:
@@ -84,6 +108,7 @@ class IndexStore:
         self._lock = threading.Lock()
         self.records: dict[str, IndexRecord] = {}
         self.jobs: dict[str, object] = {}                 # id -> the indexing Job while it runs
+        self.live: dict[str, LiveState] = {}              # id -> a live index's state while it records
         self._loaded: collections.OrderedDict = collections.OrderedDict()  # id -> VideoContext, LRU first
         self._scan()
 
@@ -135,9 +160,13 @@ class IndexStore:
              "bytes": rec.bytes, "error": rec.error, "index_seconds": rec.index_seconds,
              "residency": "not_loaded" if ctx is None else ("mmap" if mapped else "resident"),
              "live": bool(rec.live), "note": rec.note}
-        if rec.status == "ready":
+        with self._lock:
+            live = self.live.get(rec.id)
+        if live is not None:
+            d["recorded_s"] = self.recorded_end(rec)
+        if rec.status == "ready" or live is not None:
             n = (rec.bytes or {}).get("n_chunks") or rec.chunks_done or 0
-            d["chunks"] = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, n, rec.frame_s or 0.0)
+            d["chunks"] = chunk_ranges(rec.frame_times or [], rec.chunk_frames or 1, n, frame_seconds(rec))
             thumbs = self._thumb_dir(rec.id)
             for c in d["chunks"]:
                 if os.path.exists(os.path.join(thumbs, f"{c['chunk']}.jpg")):
@@ -162,6 +191,7 @@ class IndexStore:
         with self._lock:
             self.records.pop(rec.id, None)
             self._loaded.pop(rec.id, None)
+            self.live.pop(rec.id, None)
             job = self.jobs.pop(rec.id, None)
         if job is not None:
             job.cancel()
@@ -241,14 +271,22 @@ class IndexStore:
                 rec.frame_times.append(round(fr.timestamp_s, 3))
                 rec.n_frames = len(rec.frame_times)
                 yield fr
+            if not rec.frame_times:
+                raise VideoError(f"no frames from {src.url}: {src.end_reason}")
 
         prefix, _ = split_template(s, rec.system)
         # The source has selected its frames already: a rate no two frames share passes them all through.
         chunks = s.video_chunks(recorded(), chunk_frames=cf, fps=1e6)
+        # Questions while it records are answered on snapshots of this prefill (answer_context).
+        run = ChunkedPrefill(s, sink_ids=s.tokenize(prefix), frames_per_chunk=cf, options=opts)
+        with self._lock:
+            self.live[rec.id] = LiveState(run, src)
         try:
-            index = yield from prefill_job(s, chunks, prefix, cf, opts, rec)
+            index = yield from prefill_job(s, chunks, prefix, cf, opts, rec, run=run)
         finally:
             src.stop()
+            with self._lock:
+                self.live.pop(rec.id, None)
         times = rec.frame_times
         if rec.frame_s is None:
             rec.frame_s = round((times[-1] - times[0]) / (len(times) - 1), 3) if len(times) > 1 else 0.0
@@ -323,6 +361,38 @@ class IndexStore:
         return rec.id
 
     # ------------------------------------------------------------------ use (worker thread)
+    def recorded_end(self, rec: IndexRecord) -> float:
+        """End (s) of what the index's source has recorded so far: a live source's newest frame, or a
+        finished index's duration."""
+        with self._lock:
+            live = self.live.get(rec.id)
+        last = None if live is None else live.source.last_ts
+        if last is None and rec.duration_s is not None:
+            return float(rec.duration_s)
+        if last is None:
+            last = rec.frame_times[-1] if rec.frame_times else 0.0
+        return round(float(last) + frame_seconds(rec), 3)
+
+    def answer_context(self, index_id: str) -> tuple[IndexRecord, VideoContext, bool]:
+        """(record, context, live): a live index that still records is answered on a snapshot of the
+        chunks indexed so far (rows shared with its prefill, made again only when more chunks are in)
+        while its prefill goes on; any other index as context() gives it."""
+        rec = self.get(index_id)
+        with self._lock:
+            live = self.live.get(index_id)
+        if live is None or live.run.finished:
+            return (*self.context(index_id), False)
+        n = live.run.n_chunks
+        if n == 0:
+            raise ApiError(409, f"video index {index_id} is recording but no chunk is indexed yet (the first "
+                                f"needs {3 * (rec.chunk_frames or 1)} frames)", code="index_not_ready")
+        if live.ctx is None or live.ctx.n_chunks != n:
+            s = self.session
+            opts = X2LOptions.for_model(s, video=True)
+            live.ctx = live.run.snapshot(question_suffix=split_template(s, rec.system)[1],
+                                         default_top_k=opts.top_k, default_scorer=opts.scorer)
+        return rec, live.ctx, True
+
     def context(self, index_id: str) -> tuple[IndexRecord, VideoContext]:
         """The index's VideoContext (loaded now if needed), most recently used from now on."""
         rec = self.get(index_id)

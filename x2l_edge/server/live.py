@@ -33,6 +33,7 @@ class LiveSource:
         self.ended = False
         self.end_reason = None
         self.frames_read = 0       # frames taken from the source (after the fps selection)
+        self.last_ts = None        # arrival time (s since the first frame) of the newest frame taken
         self.frames_dropped = 0    # dropped because indexing fell behind
         self._thread = threading.Thread(target=self._run, name="x2l-live-source", daemon=True)
 
@@ -66,6 +67,7 @@ class LiveSource:
                 self._q.popleft()
                 self.frames_dropped += 1
             self._q.append(Frame(index, ts, rgb))
+            self.last_ts = ts
             self._cv.notify_all()
 
     def _run(self):
@@ -135,24 +137,38 @@ class LiveSource:
                         yield cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
     def _read_cv2(self):
-        """camera:N (a local device) or rtsp://... through OpenCV."""
+        """camera:N (a local device) or rtsp://... through OpenCV (its FFmpeg backend for streams, with
+        open and read timeouts so that an unreachable camera ends the source instead of hanging it)."""
         import cv2
 
-        src = int(self.url.split(":", 1)[1]) if self.url.startswith("camera:") else self.url
-        cap = cv2.VideoCapture(src)
+        if self.url.startswith("camera:"):
+            cap = cv2.VideoCapture(camera_number(self.url))
+        else:
+            ms = int(self.connect_timeout * 1000)
+            cap = cv2.VideoCapture(self.url, cv2.CAP_FFMPEG,
+                                   [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms])
         try:
             if not cap.isOpened():
                 raise OSError(f"cannot open {self.url}")
-            fails = 0
+            fails, last_frame = 0, time.monotonic()
             while not self._stop.is_set():
                 ok, img = cap.read()
                 if not ok:
+                    # Lost: 8 failed reads in a row, or no frame for the timeout (a read that waited for it).
                     fails += 1
-                    if fails >= 8:
+                    if fails >= 8 or time.monotonic() - last_frame >= self.connect_timeout:
                         return
                     time.sleep(0.05)
                     continue
-                fails = 0
+                fails, last_frame = 0, time.monotonic()
                 yield cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         finally:
             cap.release()
+
+
+def camera_number(url: str) -> int:
+    """N of camera:N (a local capture device, /dev/videoN on Linux)."""
+    n = url.split(":", 1)[1]
+    if not n.isdigit() or len(n) > 4:
+        raise ValueError(f"camera URLs are camera:N with N a device number (got {url[:40]!r})")
+    return int(n)
