@@ -13,8 +13,9 @@ same mmproj file. One 512x512 frame per encode (video frames are never tiled); p
 timed. x2l-edge: _core.VisionEncoder.encode on one normalised frame. mtmd (llama-cpp-python 0.3.36,
 built -march=native = AVX2 here): mtmd_encode_chunk on the frame's overview chunk (the processor's
 longest edge set to 512, so it is one 512x512 image). The two are timed interleaved, `reps` encodes each
-per round after a warm-up, best and median of the rounds reported, with their ratio; the outputs of the
-two are compared (relative RMS) to show both computed the same tower.
+per round after a warm-up, best and median of the rounds reported, with their ratio; both outputs are
+compared (relative RMS) with each other and with the float64 NumPy tower of tests/vlm_numpy.py on the
+checkpoint's own tensors (the random 12-block tower amplifies rounding more than a trained one would).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools"), str(ROOT / "bench")]
 
 import bench_common  # noqa: E402
 import llama_cpp_converter  # noqa: E402
+import vlm_numpy as vn  # noqa: E402
 import vlm_refs  # noqa: E402
 
 VISION_256M = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -88,6 +90,10 @@ class Mtmd:
         self.llama_cpp.llama_model_free(self.model)
 
 
+def rel_rms(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2)))
+
+
 def timed(fn, reps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(reps):
@@ -96,7 +102,7 @@ def timed(fn, reps: int) -> float:
 
 
 def run(outtype: str, model_path: Path, mmproj_path: Path, img: np.ndarray, reps: int, rounds: int,
-        n_threads: int) -> dict:
+        n_threads: int, reference: np.ndarray) -> dict:
     import x2l_edge._core as core
 
     from x2l_edge import smolvlm
@@ -118,6 +124,8 @@ def run(outtype: str, model_path: Path, mmproj_path: Path, img: np.ndarray, reps
     rel = float(np.sqrt(np.mean((ours_out - theirs_out) ** 2) / np.mean(theirs_out ** 2)))
     row = {"outtype": outtype, "tokens_per_frame": int(ours_out.shape[0]), "mtmd_chunk_tokens": int(theirs_all.shape[0]),
            "mtmd_tower_runs_per_encode": int(per_chunk), "rel_rms_x2l_vs_mtmd": rel,
+           "rel_rms_x2l_vs_float64": rel_rms(ours_out, reference),
+           "rel_rms_mtmd_vs_float64": rel_rms(theirs_out, reference),
            "x2l_edge_s_per_frame": {"best": min(ours), "median": statistics.median(ours), "rounds": ours},
            "mtmd_s_per_frame": {"best": min(theirs), "median": statistics.median(theirs), "rounds": theirs}}
     row["x2l_edge_fps_best"] = 1.0 / row["x2l_edge_s_per_frame"]["best"]
@@ -146,12 +154,17 @@ def main() -> int:
         (hf / "preprocessor_config.json").write_text(json.dumps(pre))
         pairs = llama_cpp_converter.convert_pair(hf, Path(tmp) / "gguf", tuple(args.outtypes), tree)
         img = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+        # float64 reference from the checkpoint's own tensors (tests/vlm_numpy.py, checked against transformers)
+        x = ((img.astype(np.float64) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+        cfg = json.loads((hf / "config.json").read_text())
+        reference = vn.idefics3_vision_forward(vn.load_state_dict(hf), cfg["vision_config"], x, 4)[0]
         for outtype in args.outtypes:
-            row = run(outtype, *pairs[outtype], img, args.reps, args.rounds, args.threads)
+            row = run(outtype, *pairs[outtype], img, args.reps, args.rounds, args.threads, reference)
             results.append(row)
             print(f"{outtype:5s} x2l-edge {row['x2l_edge_fps_best']:.3f} frames/s (best), mtmd "
                   f"{row['mtmd_fps_best']:.3f}; median ratio x2l/mtmd speed {row['speed_ratio_x2l_over_mtmd_median']:.2f}"
-                  f"; outputs differ by rel rms {row['rel_rms_x2l_vs_mtmd']:.1e}")
+                  f"; rel rms vs float64: x2l-edge {row['rel_rms_x2l_vs_float64']:.1e}, mtmd "
+                  f"{row['rel_rms_mtmd_vs_float64']:.1e}")
     bench_common.write_json(args.out, {
         "what": "frames/s of SmolVLM2-256M's vision tower (SigLIP-B/16 512 px + pixel shuffle 4 + projection, "
                 "random weights) on one CPU frame: x2l-edge VisionEncoder.encode vs llama.cpp mtmd_encode_chunk, "
