@@ -127,6 +127,12 @@ void bind_session(nb::module_& m) {
             size_t nv = static_cast<size_t>(s.model().config().n_vocab);
             return nb::cast(x2l_bind::to_numpy(std::move(all), embd.shape(0), nv));
         }, "embd"_a, "all_logits"_a = false, "Append input embeddings [n, n_embd] (e.g. video features).")
+        .def("embed_tokens", [](x2l::LlmSession& s, const std::vector<int32_t>& tokens) {
+            std::vector<float> x;
+            x2l_bind::call_locked(s, [&] { x = x2l::embed_tokens(s.model(), tokens); });
+            return x2l_bind::to_numpy(std::move(x), tokens.size(), static_cast<size_t>(s.model().config().n_embd));
+        }, "tokens"_a,
+           "The input embeddings [n, n_embd] eval() would feed for these tokens (to interleave text with media rows).")
         .def("eval_media", [](x2l::LlmSession& s, nb::ndarray<const float, nb::ndim<2>, nb::c_contig> embd,
                               int t, int h, int w, bool video, int merge, float seconds_per_grid,
                               float tokens_per_second, const std::string& text_after, bool all_logits) -> nb::object {

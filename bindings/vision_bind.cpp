@@ -164,7 +164,7 @@ void bind_vision(nb::module_& m) {
         .def("hidden_states", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Features); },
              "pixels"_a, "Selected encoder features (CLS dropped when the model drops it): [F * n_feat, width].")
         .def("projected", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Projected); },
-             "pixels"_a, "Projector output before pooling: [F * n_feat, n_embd].")
+             "pixels"_a, "Projector output before pooling: [F * n_feat, n_embd] (pixel shuffle: [F * tokens_per_frame, n_embd]).")
         .def_prop_ro("tokens_per_frame", [](const PyVisionEncoder& s) { return s.enc->tokens_per_frame(); })
         .def_prop_ro("n_embd", [](const PyVisionEncoder& s) { return s.enc->n_embd_out(); })
         .def_prop_ro("n_threads", [](const PyVisionEncoder& s) { return s.pool->n_threads(); })
@@ -214,6 +214,9 @@ void bind_vision(nb::module_& m) {
             d["pool_stride"] = c.pool_stride;
             d["pool_grid"] = c.pool_grid;
             d["tokens_per_frame"] = c.tokens_per_frame;
+            d["projector"] = c.projector == x2l::ProjectorKind::PixelShuffle ? "pixel_shuffle" : "mlp";
+            d["scale_factor"] = c.shuffle;
+            d["post_norm"] = c.post_norm;
             nb::list mean, std_;
             for (float v : c.image_mean) mean.append(v);
             for (float v : c.image_std) std_.append(v);

@@ -554,7 +554,7 @@ def test_preprocess_batch_and_errors(videos):
     with pytest.raises(ValueError):
         VideoPreprocessor(336, resize="crop")
     with pytest.raises(ValueError):
-        VideoPreprocessor(336, resample="lanczos")
+        VideoPreprocessor(336, resample="box")
 
 
 def test_preprocessor_from_gguf_metadata(tmp_path):

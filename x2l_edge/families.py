@@ -5,7 +5,25 @@ from __future__ import annotations
 from . import _core
 
 QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger")
-SUPPORTED_PROJECTORS = QWEN_PROJECTORS + ("mlp",)  # mlp: LLaVA-style files written by tools/convert.py
+IDEFICS3_PROJECTOR = "idefics3"  # SmolVLM2 / Idefics3: SigLIP + pixel shuffle, a llama LLM
+SUPPORTED_PROJECTORS = QWEN_PROJECTORS + (IDEFICS3_PROJECTOR, "mlp")  # mlp: LLaVA-style files of tools/convert.py
+
+
+def media_module(session):
+    """The module that lays out this model's media prompts (x2l_edge.qwen_vl or x2l_edge.smolvlm), or
+    None for the x2l-edge files whose frames go through Session.video_chunks."""
+    if not session.has_vision:
+        return None
+    proj = session._vision_meta("clip.projector_type", "")
+    if proj in QWEN_PROJECTORS:
+        from . import qwen_vl
+
+        return qwen_vl
+    if proj == IDEFICS3_PROJECTOR:
+        from . import smolvlm
+
+        return smolvlm
+    return None
 
 
 def check_pair(session) -> None:
@@ -36,3 +54,11 @@ def check_pair(session) -> None:
                                 f"and the reverse; {session.path} is {info['arch']!r}")
     if proj == "qwen2.5vl_merger" and meta("clip.vision.n_wa_pattern") is None:
         raise _core.FormatError(f"{where}: a Qwen2.5-VL mmproj lacks clip.vision.n_wa_pattern")
+    if proj == IDEFICS3_PROJECTOR:
+        from .smolvlm import SPECIALS
+
+        for text in SPECIALS:
+            ids = session.tokenize(text)
+            if len(ids) != 1 or session._tok.token_bytes(ids[0]) != text.encode():
+                raise _core.FormatError(f"{session.path}: the vocabulary has no {text} token, which an idefics3 "
+                                        f"(SmolVLM) mmproj's prompts need ({where})")

@@ -108,9 +108,10 @@ class QwenMedia:
 
 
 def ask_full(session, video, question: str, *, system=None, max_frames=None, fps=None, max_tokens=64,
-             progress=None, stream=False, min_pixels=None, max_pixels=None, text_after="max", **sampling):
+             progress=None, stream=False, min_pixels=None, max_pixels=None, text_after="max", chunk_frames=None,
+             **sampling):
     """Answer about a video with every visual token in the KV cache (frames sampled at `fps`, default 2,
-    or `max_frames` uniformly)."""
+    or `max_frames` uniformly). chunk_frames is not used: the video is encoded in one call."""
     from .generation import generate_ids, stream_text
     from .video import open_video
 

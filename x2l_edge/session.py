@@ -10,6 +10,7 @@ from . import chat as _chat
 from . import checks
 from . import device as _device
 from .concurrency import CancelToken, OperationLock
+from .families import media_module
 from .concurrency import CancelledError as x2l_edge_cancelled
 from .generation import SAMPLING, generate_ids, stream_text
 from .options import X2LOptions
@@ -72,9 +73,10 @@ class Session:
             warnings.warn(f"x2l-edge: n_ctx={n_ctx} is beyond the model's training context ({n_train} tokens): "
                           "positions past it give poor answers", RuntimeWarning, stacklevel=2)
         self._stop_ids = {i for i in (self._tok.eos_id, self._tok.eot_id) if i is not None and i >= 0}
-        im_end = self._tok.encode("<|im_end|>", parse_special=True)
-        if len(im_end) == 1 and self._tok.token_bytes(im_end[0]) == b"<|im_end|>":
-            self._stop_ids.add(im_end[0])
+        for end in (b"<|im_end|>", b"<end_of_utterance>"):  # ChatML's turn end; SmolVLM2 / Idefics3's
+            ids = self._tok.encode(end.decode(), parse_special=True)
+            if len(ids) == 1 and self._tok.token_bytes(ids[0]) == end:
+                self._stop_ids.add(ids[0])
         if self.mmproj is not None:
             from .families import check_pair
 
@@ -301,6 +303,9 @@ class Session:
         if self.is_qwen_vl:
             raise NotImplementedError("Qwen2-VL / Qwen2.5-VL videos are encoded per temporal pair at their M-RoPE "
                                       "positions: use prefill() / ask() (x2l_edge.qwen_vl)")
+        if media_module(self) is not None:
+            raise NotImplementedError("SmolVLM2 / Idefics3 frames are interleaved with their timestamp text: use "
+                                      "prefill() / ask() (x2l_edge.smolvlm)")
         self.vision  # a text-only model is refused before the video is looked at
 
         defaults = X2LOptions.for_model(self, video=True)
@@ -364,12 +369,11 @@ class Session:
         (bars), or a callable progress(step, done, total) with step 'decode', 'encode' (frames) and 'index'
         (chunks) (x2l_edge/progress.py).
         x2l_options: any X2LOptions field; the defaults are the model's (X2LOptions.for_model)."""
-        if self.is_qwen_vl:  # M-RoPE: chunks keep their (t, h, w) positions
-            from .qwen_vl import prefill_video
-
+        family = media_module(self)  # Qwen: chunks keep their M-RoPE positions; SmolVLM2: timestamped frames
+        if family is not None:
             with self._lock.op(cancel):
-                return prefill_video(self, video, system=system, chunk_frames=chunk_frames, max_frames=max_frames,
-                                     fps=fps, progress=progress, **x2l_options)
+                return family.prefill_video(self, video, system=system, chunk_frames=chunk_frames,
+                                            max_frames=max_frames, fps=fps, progress=progress, **x2l_options)
         opts = X2LOptions.for_model(self, video=True, **x2l_options)
         prefix, suffix = split_template(self, system)
         chunk_frames = int(chunk_frames or opts.chunk_frames)
@@ -391,12 +395,12 @@ class Session:
         """Answer a question about a video. mode='x2l' (bi-level compression + selective reload) or
         'full' (uncompressed KV baseline: every visual token in the cache)."""
         if mode == "full":
-            if self.is_qwen_vl:
-                from .qwen_vl import ask_full
-
+            family = media_module(self)
+            if family is not None:
                 def run():
-                    return ask_full(self, video, question, system=system, max_frames=max_frames, fps=fps,
-                                    max_tokens=max_tokens, progress=progress, stream=True, **options)
+                    return family.ask_full(self, video, question, system=system, max_frames=max_frames, fps=fps,
+                                           chunk_frames=chunk_frames, max_tokens=max_tokens, progress=progress,
+                                           stream=True, **options)
             else:
                 def run():
                     return self._ask_full(video, question, system=system, max_frames=max_frames, fps=fps,

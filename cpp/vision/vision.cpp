@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "cpu/vision_layout.h"
 #include "llm/weights.h"
 #include "vision/tower_common.h"
 
@@ -68,6 +69,7 @@ struct VisionEncoder::Scratch {
     std::vector<float> scores;   // [n_threads, kAttnRows, n_tokens]
     std::vector<float> feat;     // [n * n_feat, width] features without CLS (when dropped)
     std::vector<float> h1, h2;   // [n * n_feat, n_embd] projector hidden / output
+    std::vector<float> shuffled; // [n * tokens_per_frame, shuffle^2 * width] (pixel shuffle)
     aligned_vector<uint8_t> act;  // matmul activation scratch
 };
 
@@ -76,13 +78,19 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     std::unique_ptr<VisionEncoder> m(new VisionEncoder());
     VisionConfig& c = m->cfg_;
 
-    const std::string kind = f.get_str("x2l.vision.kind");
-    if (kind == "siglip") {
+    const std::string proj = f.get_str("clip.projector_type", "mlp");
+    const bool idefics3 = proj == "idefics3";
+    if (idefics3) {
         c.kind = VisionKind::Siglip;
-    } else if (kind == "clip") {
-        c.kind = VisionKind::Clip;
     } else {
-        throw FormatError("unsupported x2l.vision.kind '" + kind + "' (supported: siglip, clip)");
+        const std::string kind = f.get_str("x2l.vision.kind");
+        if (kind == "siglip") {
+            c.kind = VisionKind::Siglip;
+        } else if (kind == "clip") {
+            c.kind = VisionKind::Clip;
+        } else {
+            throw FormatError("unsupported x2l.vision.kind '" + kind + "' (supported: siglip, clip)");
+        }
     }
     const bool siglip = c.kind == VisionKind::Siglip;
 
@@ -103,62 +111,70 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     c.n_tokens = c.n_patches + (c.has_cls ? 1 : 0);
     c.drop_cls = c.has_cls && f.get_bool("x2l.vision.drop_cls", true);
 
-    const std::string act = f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
-    if (act == "gelu_tanh" || act == "gelu_pytorch_tanh") {
-        c.act = VisionAct::GeluTanh;
-    } else if (act == "quick_gelu") {
-        c.act = VisionAct::QuickGelu;
-    } else if (act == "gelu") {
-        c.act = VisionAct::GeluErf;
+    if (idefics3) {
+        configure_idefics3(f, c);
     } else {
-        throw FormatError("unsupported x2l.vision.act '" + act + "' (supported: gelu_tanh, quick_gelu, gelu)");
-    }
+        const std::string act = f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
+        if (act == "gelu_tanh" || act == "gelu_pytorch_tanh") {
+            c.act = VisionAct::GeluTanh;
+        } else if (act == "quick_gelu") {
+            c.act = VisionAct::QuickGelu;
+        } else if (act == "gelu") {
+            c.act = VisionAct::GeluErf;
+        } else {
+            throw FormatError("unsupported x2l.vision.act '" + act + "' (supported: gelu_tanh, quick_gelu, gelu)");
+        }
 
-    // HF hidden_states[i]: 0 = embeddings (after the pre-LN), i = output of layer i-1.
-    const int64_t sel = f.get_int("x2l.vision.select_layer");
-    const int64_t idx = sel >= 0 ? sel : c.n_layer_stored + 1 + sel;
-    if (idx < 0 || idx > c.n_layer_stored) {
-        throw FormatError("x2l.vision.select_layer " + std::to_string(sel) + " is out of range for " +
-                          std::to_string(c.n_layer_stored) + " stored layers");
-    }
-    c.select_layer = static_cast<int>(sel);
-    c.n_layer_run = static_cast<int>(idx);
+        // HF hidden_states[i]: 0 = embeddings (after the pre-LN), i = output of layer i-1.
+        const int64_t sel = f.get_int("x2l.vision.select_layer");
+        const int64_t idx = sel >= 0 ? sel : c.n_layer_stored + 1 + sel;
+        if (idx < 0 || idx > c.n_layer_stored) {
+            throw FormatError("x2l.vision.select_layer " + std::to_string(sel) + " is out of range for " +
+                              std::to_string(c.n_layer_stored) + " stored layers");
+        }
+        c.select_layer = static_cast<int>(sel);
+        c.n_layer_run = static_cast<int>(idx);
 
-    const std::string proj = f.get_str("clip.projector_type", "mlp");
-    if (proj != "mlp") throw FormatError("unsupported clip.projector_type '" + proj + "' (supported: mlp)");
+        if (proj != "mlp") {
+            throw FormatError("unsupported clip.projector_type '" + proj + "' (supported: mlp, idefics3)");
+        }
 
-    c.n_feat = c.drop_cls || !c.has_cls ? c.n_patches : c.n_tokens;
-    c.feat_grid = c.n_feat == c.n_patches ? c.grid : 0;
-    const std::string pool = f.get_str("x2l.pool.mode");
-    if (pool == "none") {
-        c.pool = PoolMode::None;
-    } else if (pool == "bilinear") {
-        c.pool = PoolMode::Bilinear;
-    } else if (pool == "avg") {
-        c.pool = PoolMode::Avg;
-    } else {
-        throw FormatError("unsupported x2l.pool.mode '" + pool + "' (supported: bilinear, avg, none)");
-    }
-    c.pool_stride = static_cast<int>(f.get_int("x2l.pool.stride", 2));
-    if (c.pool_stride < 1 || c.pool_stride > 64) throw FormatError("invalid x2l.pool.stride " + std::to_string(c.pool_stride));
-    if (!f.get_bool("x2l.pool.after_projector", true)) {
-        throw FormatError("x2l.pool.after_projector = false is not supported");
-    }
-    if (c.pool != PoolMode::None && c.feat_grid == 0) {
-        throw FormatError("pooling needs a square patch grid: set x2l.vision.drop_cls for a CLS model");
-    }
-    if (c.pool == PoolMode::None) {
-        c.pool_grid = c.feat_grid;
-        c.tokens_per_frame = c.n_feat;
-    } else {
-        // F.interpolate to ceil(g/s) for bilinear; avg_pool2d(kernel=stride=s) floors.
-        c.pool_grid = c.pool == PoolMode::Bilinear ? (c.grid + c.pool_stride - 1) / c.pool_stride : c.grid / c.pool_stride;
-        if (c.pool_grid < 1) throw FormatError("x2l.pool.stride is larger than the patch grid");
-        c.tokens_per_frame = c.pool_grid * c.pool_grid;
-    }
-    if (f.has("x2l.tokens_per_frame") && f.get_int("x2l.tokens_per_frame") != c.tokens_per_frame) {
-        throw FormatError("x2l.tokens_per_frame is " + std::to_string(f.get_int("x2l.tokens_per_frame")) +
-                          " but the vision settings give " + std::to_string(c.tokens_per_frame));
+        c.n_feat = c.drop_cls || !c.has_cls ? c.n_patches : c.n_tokens;
+        c.feat_grid = c.n_feat == c.n_patches ? c.grid : 0;
+        const std::string pool = f.get_str("x2l.pool.mode");
+        if (pool == "none") {
+            c.pool = PoolMode::None;
+        } else if (pool == "bilinear") {
+            c.pool = PoolMode::Bilinear;
+        } else if (pool == "avg") {
+            c.pool = PoolMode::Avg;
+        } else {
+            throw FormatError("unsupported x2l.pool.mode '" + pool + "' (supported: bilinear, avg, none)");
+        }
+        c.pool_stride = static_cast<int>(f.get_int("x2l.pool.stride", 2));
+        if (c.pool_stride < 1 || c.pool_stride > 64) throw FormatError("invalid x2l.pool.stride " + std::to_string(c.pool_stride));
+        if (!f.get_bool("x2l.pool.after_projector", true)) {
+            throw FormatError("x2l.pool.after_projector = false is not supported");
+        }
+        if (c.pool != PoolMode::None && c.feat_grid == 0) {
+            throw FormatError("pooling needs a square patch grid: set x2l.vision.drop_cls for a CLS model");
+        }
+        if (c.pool == PoolMode::None) {
+            c.pool_grid = c.feat_grid;
+            c.tokens_per_frame = c.n_feat;
+        } else {
+            // F.interpolate to ceil(g/s) for bilinear; avg_pool2d(kernel=stride=s) floors.
+            c.pool_grid = c.pool == PoolMode::Bilinear ? (c.grid + c.pool_stride - 1) / c.pool_stride : c.grid / c.pool_stride;
+            if (c.pool_grid < 1) throw FormatError("x2l.pool.stride is larger than the patch grid");
+            c.tokens_per_frame = c.pool_grid * c.pool_grid;
+        }
+        if (f.has("x2l.tokens_per_frame") && f.get_int("x2l.tokens_per_frame") != c.tokens_per_frame) {
+            throw FormatError("x2l.tokens_per_frame is " + std::to_string(f.get_int("x2l.tokens_per_frame")) +
+                              " but the vision settings give " + std::to_string(c.tokens_per_frame));
+        }
+        c.resize = f.get_str("x2l.image.resize", siglip ? "square" : "shortest_center_crop");
+        c.resample = f.get_str("x2l.image.resample", "bicubic");
+        c.newline = f.get_str("x2l.video.newline", "none");
     }
 
     c.image_mean = image_norm_key(f, "clip.vision.image_mean", 0.5f);
@@ -166,9 +182,6 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     for (float s : c.image_std) {
         if (!(s > 0.0f)) throw FormatError("clip.vision.image_std must be positive");
     }
-    c.resize = f.get_str("x2l.image.resize", siglip ? "square" : "shortest_center_crop");
-    c.resample = f.get_str("x2l.image.resample", "bicubic");
-    c.newline = f.get_str("x2l.video.newline", "none");
 
     // ---- tensors
     size_t& total = m->weight_bytes_;
@@ -228,19 +241,32 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         L.b_down = load_floats(f, p + "ffn_down.bias", {W}, total);
     }
 
-    const GGUFTensor& mm0 = f.require_tensor("mm.0.weight", {W, -1});
-    c.n_embd = static_cast<int>(mm0.ne[1]);
-    if (c.n_embd <= 0) throw FormatError("mm.0.weight has no rows");
-    m->mm0_ = load_weight(f, "mm.0.weight", W, c.n_embd, total);
-    m->mm0_b_ = load_floats(f, "mm.0.bias", {c.n_embd}, total);
-    m->mm2_ = load_weight(f, "mm.2.weight", c.n_embd, c.n_embd, total);
-    m->mm2_b_ = load_floats(f, "mm.2.bias", {c.n_embd}, total);
-    if (f.find_tensor("mm.image_newline")) {
-        m->newline_ = load_floats(f, "mm.image_newline", {c.n_embd}, total);
-    } else if (c.newline != "none") {
-        throw FormatError("missing required tensor 'mm.image_newline' (x2l.video.newline is '" + c.newline + "')");
+    if (idefics3) {
+        m->post_ln_w_ = load_floats(f, "v.post_ln.weight", {W}, total);
+        m->post_ln_b_ = load_floats(f, "v.post_ln.bias", {W}, total);
+        const int64_t KS = W * c.shuffle * c.shuffle;
+        const GGUFTensor& fc = f.require_tensor("mm.model.fc.weight", {KS, -1});
+        c.n_embd = static_cast<int>(fc.ne[1]);
+        if (c.n_embd <= 0) throw FormatError("mm.model.fc.weight has no rows");
+        m->mm_fc_ = load_weight(f, "mm.model.fc.weight", KS, c.n_embd, total);
+        if (f.has("clip.vision.projection_dim") && f.get_int("clip.vision.projection_dim") != c.n_embd) {
+            throw FormatError("clip.vision.projection_dim is " + std::to_string(f.get_int("clip.vision.projection_dim")) +
+                              " but mm.model.fc.weight has " + std::to_string(c.n_embd) + " rows");
+        }
+    } else {
+        const GGUFTensor& mm0 = f.require_tensor("mm.0.weight", {W, -1});
+        c.n_embd = static_cast<int>(mm0.ne[1]);
+        if (c.n_embd <= 0) throw FormatError("mm.0.weight has no rows");
+        m->mm0_ = load_weight(f, "mm.0.weight", W, c.n_embd, total);
+        m->mm0_b_ = load_floats(f, "mm.0.bias", {c.n_embd}, total);
+        m->mm2_ = load_weight(f, "mm.2.weight", c.n_embd, c.n_embd, total);
+        m->mm2_b_ = load_floats(f, "mm.2.bias", {c.n_embd}, total);
+        if (f.find_tensor("mm.image_newline")) {
+            m->newline_ = load_floats(f, "mm.image_newline", {c.n_embd}, total);
+        } else if (c.newline != "none") {
+            throw FormatError("missing required tensor 'mm.image_newline' (x2l.video.newline is '" + c.newline + "')");
+        }
     }
-
     if (c.pool == PoolMode::Bilinear) {
         // torch upsample_bilinear2d, align_corners=False, output size given (no scale factor):
         // src = (dst + 0.5) * in/out - 0.5, clamped at 0; the right tap is clamped at the edge.
@@ -261,13 +287,43 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     return m;
 }
 
+// llama.cpp's idefics3 mmproj (docs/families.md §5): the SigLIP tower of SmolVLM2 / Idefics3 with every
+// block run and its post-LN applied, then the pixel shuffle by clip.vision.projector.scale_factor.
+void VisionEncoder::configure_idefics3(const GGUFFile& f, VisionConfig& c) {
+    if (f.get_bool("clip.use_silu", false) || !f.get_bool("clip.use_gelu", false)) {
+        throw FormatError("an idefics3 mmproj needs clip.use_gelu = true (SigLIP's gelu_tanh MLP)");
+    }
+    c.act = VisionAct::GeluTanh;
+    c.select_layer = -1;
+    c.n_layer_run = c.n_layer_stored;
+    c.post_norm = true;
+    c.projector = ProjectorKind::PixelShuffle;
+    if (!f.has("clip.vision.projector.scale_factor")) {
+        throw FormatError("an idefics3 mmproj needs clip.vision.projector.scale_factor (the pixel-shuffle scale)");
+    }
+    c.shuffle = positive_key(f, "clip.vision.projector.scale_factor");
+    if (c.grid % c.shuffle != 0) {
+        throw FormatError("clip.vision.projector.scale_factor " + std::to_string(c.shuffle) + " does not divide the " +
+                          std::to_string(c.grid) + "x" + std::to_string(c.grid) + " patch grid");
+    }
+    c.n_feat = c.n_patches;
+    c.feat_grid = c.grid;
+    c.pool = PoolMode::None;
+    c.pool_grid = c.grid / c.shuffle;
+    c.tokens_per_frame = c.pool_grid * c.pool_grid;
+    c.resize = "square";  // SmolVLM2's video frames: stretched to image_size x image_size (x2l_edge/smolvlm.py)
+    c.resample = "lanczos";
+    c.newline = "none";
+}
+
 void VisionEncoder::set_batch_frames(int n) {
     if (n < 1) throw Error("batch_frames must be >= 1");
     batch_frames_ = n;
 }
 
 int64_t VisionEncoder::rows_per_frame(Stage s) const {
-    return s == Stage::Pooled ? cfg_.tokens_per_frame : cfg_.n_feat;
+    if (s == Stage::Features) return cfg_.n_feat;
+    return s == Stage::Pooled || cfg_.projector == ProjectorKind::PixelShuffle ? cfg_.tokens_per_frame : cfg_.n_feat;
 }
 
 int64_t VisionEncoder::cols(Stage s) const { return s == Stage::Features ? cfg_.width : cfg_.n_embd; }
@@ -328,6 +384,12 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
         per_row(pool, rows, FF, [&](int64_t r) { activate(c.act, s.ff.data() + r * FF, FF); });
         matmul(pool, L.w_down, s.ff.data(), rows, s.xn.data(), s.act, L.b_down.data());
         per_row(pool, rows, W, [&](int64_t r) { add(s.x.data() + r * W, s.xn.data() + r * W, W); });
+    }
+    if (c.post_norm) {
+        per_row(pool, rows, W, [&](int64_t r) {
+            float* x = s.x.data() + r * W;
+            layernorm(x, post_ln_w_.data(), post_ln_b_.data(), x, W, c.eps);
+        });
     }
 }
 
@@ -454,7 +516,10 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
     s.kt.resize(B * T * W);
     s.vt.resize(B * T * W);
     s.scores.resize(static_cast<size_t>(pool.n_threads()) * kAttnRows * T);
-    if (stage != Stage::Features) {
+    const bool shuffle = c.projector == ProjectorKind::PixelShuffle;
+    if (stage != Stage::Features && shuffle) {
+        s.shuffled.resize(B * NF * W);  // the same values, regrouped
+    } else if (stage != Stage::Features) {
         if (NF != T) s.feat.resize(B * NF * W);
         s.h1.resize(B * NF * E);
         if (stage == Stage::Pooled) s.h2.resize(B * NF * E);
@@ -469,6 +534,15 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
             for (int64_t b = 0; b < n; ++b) {
                 std::memcpy(dst + b * NF * W, s.x.data() + (b * T + first_feat) * W, sizeof(float) * NF * W);
             }
+            continue;
+        }
+        if (shuffle) {
+            // [n * NF, W] -> [n * TPF, s*s*W] -> mm.model.fc -> [n * TPF, E]
+            const int64_t TPF = c.tokens_per_frame, KS = W * c.shuffle * c.shuffle;
+            for (int64_t b = 0; b < n; ++b) {
+                pixel_shuffle(s.x.data() + b * T * W, c.grid, W, c.shuffle, s.shuffled.data() + b * TPF * KS);
+            }
+            matmul(pool, mm_fc_, s.shuffled.data(), n * TPF, out + f0 * TPF * E, s.act, nullptr);
             continue;
         }
         const float* feat = s.x.data();  // [n * NF, W]

@@ -3,8 +3,11 @@
 //                              gelu_tanh MLP; projector; bilinear 2x down-sampling after the projector.
 //   clip   (Video-XL):         conv without bias, CLS token, position embeddings, pre-LN, quick_gelu MLP;
 //                              CLS dropped; projector; 2x2 average pooling after the projector.
+//   idefics3 (SmolVLM2, Idefics3; llama.cpp's clip.projector_type idefics3, docs/families.md §5): the
+//                              siglip tower with every block and the post-LN applied, then the
+//                              pixel-shuffle connector (s x s patches -> one token) and a bias-free Linear.
 // Features are the hidden state after layer `select_layer` (HF hidden_states indexing); the
-// post-LN is never applied. Frames are independent, so they are encoded a few at a time and the
+// post-LN is applied only by idefics3. Frames are independent, so they are encoded a few at a time and the
 // activation memory does not grow with the number of frames.
 #pragma once
 #include <cstdint>
@@ -21,6 +24,8 @@ namespace x2l {
 enum class VisionKind { Siglip, Clip };
 enum class VisionAct { GeluTanh, QuickGelu, GeluErf };
 enum class PoolMode { None, Bilinear, Avg };
+// mlp: LLaVA's Linear-GELU-Linear on every feature row; pixel_shuffle: Idefics3's connector.
+enum class ProjectorKind { Mlp, PixelShuffle };
 
 struct VisionConfig {
     VisionKind kind = VisionKind::Siglip;
@@ -47,6 +52,9 @@ struct VisionConfig {
     int pool_stride = 2;
     int pool_grid = 0;      // side of the pooled grid
     int tokens_per_frame = 0;
+    ProjectorKind projector = ProjectorKind::Mlp;
+    bool post_norm = false; // v.post_ln applied to the last block's output (idefics3)
+    int shuffle = 1;        // pixel-shuffle scale s: s x s feature rows become one token of s*s*width
     std::vector<float> image_mean, image_std;  // [3] each, for the caller's preprocessing
     std::string resize;      // x2l.image.resize
     std::string resample;    // x2l.image.resample
@@ -65,13 +73,15 @@ class VisionEncoder {
   public:
     // How far encode() goes; used by tests to compare intermediate results with the reference.
     enum class Stage {
-        Features,   // selected hidden state (CLS dropped when drop_cls): [n_frames * n_feat, width]
-        Projected,  // projector output before pooling: [n_frames * n_feat, n_embd]
+        Features,   // selected hidden state (CLS dropped when drop_cls; post-LN'd for idefics3): [n_frames * n_feat, width]
+        Projected,  // projector output before pooling: [n_frames * n_feat, n_embd] (pixel shuffle:
+                    // [n_frames * tokens_per_frame, n_embd], the same as Pooled)
         Pooled,     // final tokens: [n_frames * tokens_per_frame, n_embd]
     };
 
     // Throws FormatError("model has no vision encoder") for a text-only file, and FormatError naming
-    // the key or tensor for anything missing or malformed. Weights point into f's mapping: f must
+    // the key or tensor for anything missing or malformed. Reads x2l-edge's files (x2l.vision.*,
+    // projector mlp) and llama.cpp's idefics3 mmproj files. Weights point into f's mapping: f must
     // outlive the encoder.
     static std::unique_ptr<VisionEncoder> load(const GGUFFile& f);
 
@@ -113,6 +123,8 @@ class VisionEncoder {
     void attention(ThreadPool& pool, Scratch& s, int64_t n) const;
     // One frame's [g, g] grid -> [pg, pg] grid, channels [0, c) of rows that are `stride` floats apart.
     void pool_frame(const float* in, float* out, int64_t stride, int64_t c) const;
+    // Idefics3's settings (clip.* keys only) in place of the x2l.vision.* / x2l.pool.* ones.
+    static void configure_idefics3(const GGUFFile& f, VisionConfig& c);
 
     VisionConfig cfg_;
     Weight patch_w_;                 // [3*p*p -> width] (conv as a matmul over im2col rows)
@@ -121,8 +133,10 @@ class VisionEncoder {
     std::vector<float> pos_embd_;    // [n_tokens, width]
     std::vector<float> pre_ln_w_, pre_ln_b_;  // [width] (CLIP) or empty
     std::vector<VisionLayer> layers_;         // the n_layer_run layers that are used
-    Weight mm0_, mm2_;                        // projector
+    Weight mm0_, mm2_;                        // projector (mlp)
     std::vector<float> mm0_b_, mm2_b_;
+    std::vector<float> post_ln_w_, post_ln_b_;  // [width] (idefics3)
+    Weight mm_fc_;                              // [s*s*width -> n_embd], no bias (idefics3)
     std::vector<float> newline_;
     // Bilinear taps along one axis, shared by rows and columns (the grid is square).
     std::vector<int> bl_i0_, bl_i1_;
