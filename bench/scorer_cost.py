@@ -58,8 +58,8 @@ def run_recall(a) -> dict:
     tok = en.Tok(s)
     res = _header(a, "scorer_cost.recall")
     res["samples"] = []
-    for task in a.tasks:
-        for i in range(a.first, a.first + a.count):
+    for i in range(a.first, a.first + a.count):  # tasks interleaved, results rewritten after every sample:
+        for task in a.tasks:                     # a run stopped early leaves balanced, usable results
             smp = en.make_sample(task, i, tok, n_tokens=a.tokens, chunk_tokens=a.chunk_tokens, split=a.split)
             ctx = s.prefill_text(smp["context"], chunk_tokens=a.chunk_tokens, ratio_low=1, ratio_high=32)
             ctx.answer_prefix = smp["answer_prefix"]
@@ -90,10 +90,14 @@ def run_recall(a) -> dict:
                         "reload_bytes": int(sum(low[c] for c in chunks)),
                         "correct": bool(answers[key])}
             res["samples"].append(row)
+            res["summary"] = summarize_recall(res["samples"], a)
+            if a.out:
+                write_json(a.out + ".json", res)
+                with open(a.out + ".md", "w") as f:
+                    f.write(recall_md(res))
             print(f"{task} {i}: " + " ".join(f"{sc}={'T' if r['top3'] else '-'}" for sc, r in row["scorers"].items())
                   + " | " + " ".join(f"{k}:{r['k']}{'+' if r['correct'] else '-'}" for k, r in row["rules"].items()),
                   flush=True)
-    res["summary"] = summarize_recall(res["samples"], a)
     return res
 
 
@@ -102,6 +106,8 @@ def summarize_recall(samples, a) -> dict:
     for task in a.tasks:
         rs = [r for r in samples if r["task"] == task]
         n = len(rs)
+        if not n:
+            continue
         cell = {"n": n, "scorers": {}, "rules": {}}
         for sc in a.scorers:
             cell["scorers"][sc] = {"top1": sum(r["scorers"][sc]["top1"] for r in rs),
@@ -118,7 +124,8 @@ def summarize_recall(samples, a) -> dict:
 
 def recall_md(res) -> str:
     a = res["args"]
-    lines = [f"# Scorer recall and score-shape selection ({a['split']} split, idx {a['first']}..{a['first'] + a['count'] - 1})",
+    last = max(r["idx"] for r in res["samples"])
+    lines = [f"# Scorer recall and score-shape selection ({a['split']} split, idx {a['first']}..{last})",
              "", f"{res['model']}, ~{a['tokens']} tokens in chunks of {a['chunk_tokens']}, ratio_low 1, ratio_high 32. "
              f"CPU: {res['cpu']}, build ISA {res['isa']['build']}. Command: `python bench/scorer_cost.py recall "
              f"--split {a['split']} --first {a['first']} --count {a['count']}`.", "",
