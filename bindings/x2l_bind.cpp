@@ -194,15 +194,19 @@ void bind_x2l(nb::module_& m) {
         });
 
     m.def("select_chunks", [](const x2l::VideoIndex& ix, const std::vector<float>& scores, int top_k,
-                              size_t budget_bytes, bool include_first, bool include_last) {
+                              size_t budget_bytes, bool include_first, bool include_last, const std::string& rule,
+                              int max_k, double mass_p) {
         x2l::SelectOptions o;
         o.top_k = top_k;
         o.budget_bytes = budget_bytes;
         o.include_first = include_first;
         o.include_last = include_last;
+        o.rule = x2l::select_rule_from_name(rule);
+        o.max_k = max_k;
+        o.mass_p = mass_p;
         return x2l::select_chunks(ix, scores, o);
     }, "index"_a, "scores"_a, "top_k"_a = 3, "budget_bytes"_a = 0, "include_first"_a = false,
-       "include_last"_a = false);
+       "include_last"_a = false, "rule"_a = "top_k", "max_k"_a = 6, "mass_p"_a = 0.9);
 
     m.def("peak_significance", [](nb::ndarray<const double, nb::ndim<2>, nb::c_contig> mass, int64_t n_content) {
         return x2l::peak_significance(mass.data(), static_cast<int64_t>(mass.shape(0)), n_content, mass.shape(1));
@@ -220,6 +224,17 @@ void bind_x2l(nb::module_& m) {
             x2l_bind::call_locked(d.session(), [&] { out = d.scores(q, sc, content_begin, content_end); });
             return out;
         }, "question"_a, "scorer"_a = "keys", "content_begin"_a = 0, "content_end"_a = 0)
+        .def("score_stats", [](x2l::X2LDecoder& d) {
+            x2l::ScoreStats st;
+            x2l_bind::call_locked(d.session(), [&] { st = d.score_stats(); });
+            nb::dict r;
+            r["low_bytes"] = st.reads.low_bytes;
+            r["high_bytes"] = st.reads.high_bytes;
+            r["signature_bytes"] = st.reads.signature_bytes;
+            r["pass_seconds"] = st.pass_seconds;
+            r["scan_seconds"] = st.scan_seconds;
+            return r;
+        }, "The last scores() call: index bytes its chunk scan read per tier, and its time (question pass, scan).")
         .def("prepare", [](x2l::X2LDecoder& d, const std::vector<int>& sel) {
             x2l_bind::call_locked(d.session(), [&] { d.prepare(sel); });
         }, "selected"_a)

@@ -119,16 +119,16 @@ def test_x2l_options(kw, exc):
 
 
 def test_long_questions_are_scored_in_batches(model):
-    """A question longer than n_batch: the attention and keys scorers run it n_batch rows at a time and
-    score exactly as one forward over the whole question does."""
+    """A question longer than n_batch: the attention, keys and high scorers run it n_batch rows at a time
+    and score exactly as one forward over the whole question does."""
     question = "which birds rested on the gallery and what colour was the sea " * 5
     scores = {}
     for n_batch in (16, 512):
         s = x2l_edge.Session(model, n_threads=1, n_ctx=256, kv_type="f32", n_batch=n_batch)
         c = s.prefill_text(TEXT, chunk_tokens=24, ratio_low=2, ratio_high=6)
         assert len(c.question_ids(question)) > 16
-        for scorer in ("attention", "keys"):
+        for scorer in ("attention", "keys", "high"):
             scores[scorer, n_batch] = c.scores(question, scorer)
-    for scorer in ("attention", "keys"):
+    for scorer in ("attention", "keys", "high"):
         assert np.all(np.isfinite(scores[scorer, 16]))
         np.testing.assert_allclose(scores[scorer, 16], scores[scorer, 512], rtol=1e-5, atol=1e-6)

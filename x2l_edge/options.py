@@ -30,8 +30,16 @@ class X2LOptions:
     max_votes: bool = False         # snapkv: each entry's largest vote instead of its mean (pooled votes)
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
-    top_k: int = 3                  # chunks whose L-KVs a question reloads
-    scorer: str = "attention"       # "attention", "keys", "embedding" or "external"
+    top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
+    # "attention" (reads every chunk's L keys), the resident "high" / "high_keys" (H keys, + signatures),
+    # "keys" (signatures), "embedding", or "external" (docs/x2l.md "Per question")
+    scorer: str = "attention"
+    # How many ranked chunks to reload: "top_k", or by the shape of the sorted scores: "gap" (cut at the
+    # largest drop) or "mass" (the chunks holding mass_p of softmax(scores / sd)), at most max_k of them
+    # (cpp/x2l/select.h SelectRule). budget_bytes (per question) caps any rule.
+    select: str = "top_k"
+    max_k: int = 6
+    mass_p: float = 0.9
     # Video input
     chunk_frames: int = 10          # frames per chunk
     frames_default: int = 32        # frames sampled when the caller gives neither max_frames nor fps
@@ -42,6 +50,13 @@ class X2LOptions:
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}
+
+    SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "external")
+    SELECT_RULES = ("top_k", "gap", "mass")
+
+    def selection_kwargs(self) -> dict:
+        """The question-time selection defaults a VideoContext takes."""
+        return {"rule": self.select, "max_k": self.max_k, "mass_p": self.mass_p}
 
     def replace(self, **overrides) -> "X2LOptions":
         """A copy with these fields changed (TypeError naming an unknown option)."""
@@ -55,7 +70,7 @@ class X2LOptions:
     _RANGES = {"ratio_low": (1, 2**31 - 1), "ratio_high": (1, 2**31 - 1), "obs_window": (0, 2**31 - 1),
                "pool_kernel": (1, 2**31 - 1), "max_host_bytes": (0, 2**64 - 1), "max_device_bytes": (0, 2**64 - 1),
                "prefill_low_cache_bytes": (-1, 2**63 - 1), "top_k": (0, 2**31 - 1), "chunk_frames": (1, 2**31 - 1),
-               "frames_default": (1, 2**31 - 1)}
+               "frames_default": (1, 2**31 - 1), "max_k": (1, 2**31 - 1)}
 
     def __post_init__(self) -> None:
         """Every field checked by type and range (TypeError / ValueError naming it; no coercion)."""
@@ -71,6 +86,12 @@ class X2LOptions:
                     raise TypeError(f"{f.name} must be a bool (got {type(v).__name__} {v!r})")
             elif f.type in ("str", str) and not isinstance(v, str):
                 raise TypeError(f"{f.name} must be a str (got {type(v).__name__} {v!r})")
+            elif f.type in ("float", float):
+                checks.real(f.name, v)
+        checks.real("mass_p", self.mass_p, lo=0.0, hi=1.0, lo_open=True)
+        for name, allowed in (("scorer", self.SCORERS), ("select", self.SELECT_RULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
 
     @classmethod
     def for_model(cls, session, *, video: bool, **overrides) -> "X2LOptions":

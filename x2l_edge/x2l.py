@@ -18,7 +18,8 @@ from .generation import generate_ids, stream_text
 from .options import X2LOptions
 from .progress import scope as progress_scope
 
-SCORERS = ("attention", "keys", "embedding", "external")
+SCORERS = X2LOptions.SCORERS
+SELECT_RULES = X2LOptions.SELECT_RULES
 COMPRESSORS = ("snapkv", "kvzip", "keydiff", "beacon")
 # kvzip's prompt between a chunk and its copy (the wording the compressors were explored with).
 REPEAT_PROMPT_TEXT = "\n\nRepeat the text above exactly:\n"
@@ -42,7 +43,7 @@ class VideoContext:
 
     def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
                  answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = X2LOptions.top_k,
-                 default_scorer: str = X2LOptions.scorer):
+                 default_scorer: str = X2LOptions.scorer, default_selection: dict | None = None):
         self.session = session
         self.index = index
         self.question_prefix = question_prefix
@@ -52,6 +53,8 @@ class VideoContext:
         self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
+        # rule ("top_k", "gap", "mass"), max_k, mass_p: X2LOptions.selection_kwargs()
+        self.default_selection = dict(X2LOptions().selection_kwargs(), **(default_selection or {}))
         with session._lock.op():
             self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
         if getattr(session, "device", "cpu") != "cpu" and not self._dec.on_device:
@@ -85,12 +88,14 @@ class VideoContext:
     # ------------------------------------------------------------------ selection
     def scores(self, question: str, scorer: str | None = None) -> np.ndarray:
         """Relevance of every chunk to the question: 'attention' (the question's queries, from a pass over
-        the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), 'keys' (the same
-        queries attend only to a resident signature: the 8 most distinctive pre-RoPE keys per chunk,
-        layer and KV head, taken before compression; never reads the L tier), 'embedding'
-        (input-embedding similarity). attention and keys score a chunk by its peak significance: the
-        most mass one question token gives it, minus its median mass over the question and the template
-        tokens after it, over sqrt(median) (select.h peak_significance)."""
+        the H-only cache, attend to every chunk's L keys without RoPE; mass per chunk), the resident ones
+        that never read the L tier: 'high' (the same queries at their own positions attend to every
+        chunk's H keys as stored: the question's own attention over the H tier), 'high_keys' (H keys and
+        the key signatures in one softmax), 'keys' (the signature alone: the 8 most distinctive pre-RoPE
+        keys per chunk, layer and KV head, taken before compression), and 'embedding' (input-embedding
+        similarity). All but embedding score a chunk by its peak significance: the most mass one
+        question token gives it, minus its median mass over the question and the template tokens after
+        it, over sqrt(median) (select.h peak_significance). score_stats() says what the call read."""
         scorer = scorer or self.default_scorer
         if scorer == "external":
             raise ValueError("scorer='external' means you pass scores or chunks yourself (select(scores=...))")
@@ -106,10 +111,23 @@ class VideoContext:
         with self.session._lock.op():
             return np.asarray(self._dec.scores(ids, scorer, begin, end), dtype=np.float32)
 
+    def score_stats(self) -> dict:
+        """The last scores() call: bytes of index rows its chunk scan read per tier (low_bytes: the L
+        tier; high_bytes, signature_bytes: resident) and its seconds (pass_seconds: the question's
+        pass over the H-only cache, which reads sink + H; scan_seconds: the chunk scan)."""
+        with self.session._lock.op():
+            return dict(self._dec.score_stats())
+
     def select(self, scores: Sequence[float] | None = None, *, question: str | None = None,
                scorer: str | None = None, top_k: int | None = None, budget_bytes: int = 0,
-               include_first: bool = False, include_last: bool = False) -> list[int]:
-        """Top-k chunks (by count, or by the extra bytes their L-KVs need when budget_bytes > 0)."""
+               include_first: bool = False, include_last: bool = False, rule=None, max_k: int | None = None,
+               mass_p: float | None = None) -> list[int]:
+        """The chunks to reload, in temporal order. rule (default: the context's, X2LOptions.select):
+        'top_k' the top_k best (or, with budget_bytes > 0, as many as the budget holds), 'gap' cut the
+        ranked scores at their largest drop, 'mass' the fewest chunks holding mass_p of
+        softmax(scores / sd(scores)); both at most max_k (cpp/x2l/select.h SelectRule), then capped by
+        budget_bytes (the chunks' extra L bytes). rule may also be a callable: rule(scores) -> chunk
+        indices (numpy scores in, any iterable of ints out), your own selection."""
         if scores is None:
             if question is None:
                 raise ValueError("give scores or a question")
@@ -117,10 +135,20 @@ class VideoContext:
         scores = [checks.real(f"scores[{i}]", s) for i, s in enumerate(scores)]
         if len(scores) != self.n_chunks:
             raise ValueError(f"got {len(scores)} scores for {self.n_chunks} chunks")
+        rule = self.default_selection["rule"] if rule is None else rule
+        if callable(rule):
+            chosen = rule(np.asarray(scores, dtype=np.float32))
+            return sorted(set(checks.integers("chunks chosen by rule", chosen, lo=0, hi=self.n_chunks - 1)))
+        if rule not in SELECT_RULES:
+            raise ValueError(f"rule must be one of {SELECT_RULES} or a callable (got {rule!r})")
         k = checks.integer("top_k", self.default_top_k if top_k is None else top_k, lo=0)
         budget_bytes = checks.integer("budget_bytes", budget_bytes, lo=0)
+        max_k = checks.integer("max_k", self.default_selection["max_k"] if max_k is None else max_k, lo=1, hi=2**31 - 1)
+        mass_p = checks.real("mass_p", self.default_selection["mass_p"] if mass_p is None else mass_p, lo=0.0, hi=1.0,
+                             lo_open=True)
         return list(_core.select_chunks(self.index, scores, top_k=k, budget_bytes=int(budget_bytes),
-                                        include_first=include_first, include_last=include_last))
+                                        include_first=include_first, include_last=include_last, rule=rule,
+                                        max_k=max_k, mass_p=mass_p))
 
     def reload(self, chunks: Iterable[int]) -> None:
         """Build the mixed cache for these chunks; their L-KVs are copied on a background thread, layer by
@@ -142,29 +170,33 @@ class VideoContext:
     def generate(self, question: str, *, chunks: Iterable[int] | None = None, top_k: int | None = None,
                  scorer: str | None = None, scores: Sequence[float] | None = None, budget_bytes: int = 0,
                  include_first: bool = False, include_last: bool = False, max_tokens: int = 64,
-                 stop: Sequence[str] = (), stream: bool = False, cancel=None, **sampling):
-        """Answer a question: choose chunks (given, from scores, or from a scorer), reload, decode. The
-        whole answer is one operation on the session (a stream holds it until it ends or is closed)."""
+                 stop: Sequence[str] = (), stream: bool = False, cancel=None, rule=None, max_k: int | None = None,
+                 mass_p: float | None = None, **sampling):
+        """Answer a question: choose chunks (given, from scores, or from a scorer, by select()'s rule),
+        reload, decode. The whole answer is one operation on the session (a stream holds it until it
+        ends or is closed)."""
+        shape = dict(rule=rule, max_k=max_k, mass_p=mass_p)
         if stream:
             return self.session._lock.stream(
                 lambda: self._answer(question, chunks, top_k, scorer, scores, budget_bytes, include_first,
-                                     include_last, max_tokens, stop, sampling), cancel)
+                                     include_last, max_tokens, stop, sampling, shape), cancel)
         with self.session._lock.op(cancel):
             return "".join(self._answer(question, chunks, top_k, scorer, scores, budget_bytes, include_first,
-                                        include_last, max_tokens, stop, sampling))
+                                        include_last, max_tokens, stop, sampling, shape))
 
     ask = generate
 
     def _answer(self, question, chunks, top_k, scorer, scores, budget_bytes, include_first, include_last,
-                max_tokens, stop, sampling):
+                max_tokens, stop, sampling, shape):
         if chunks is None:
             k = checks.integer("top_k", self.default_top_k if top_k is None else top_k, lo=0)
             budget_bytes = checks.integer("budget_bytes", budget_bytes, lo=0)
-            if k == 0 and budget_bytes == 0 and not include_first and not include_last:
+            rule = self.default_selection["rule"] if shape["rule"] is None else shape["rule"]
+            if rule == "top_k" and k == 0 and budget_bytes == 0 and not include_first and not include_last:
                 chunks = []
             elif scores is not None or (scorer or self.default_scorer) != "external":
                 chunks = self.select(scores, question=question, scorer=scorer, top_k=k, budget_bytes=budget_bytes,
-                                     include_first=include_first, include_last=include_last)
+                                     include_first=include_first, include_last=include_last, **shape)
             else:
                 raise ValueError("scorer='external' needs scores= or chunks=")
         self.reload(chunks)

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "core/common.h"
+#include "core/formats.h"
 #include "x2l/compress.h"
 #include "cpu/quant.h"
 #include "core/threadpool.h"
@@ -15,7 +16,19 @@ Scorer scorer_from_name(const std::string& name) {
     if (name == "attention") return Scorer::Attention;
     if (name == "keys") return Scorer::Keys;
     if (name == "embedding") return Scorer::Embedding;
-    throw Error("unknown scorer '" + name + "' (attention, keys, embedding, or external scores from Python)");
+    if (name == "high") return Scorer::High;
+    if (name == "high_keys") return Scorer::HighKeys;
+    throw Error("unknown scorer '" + name +
+                "' (attention, keys, embedding, high, high_keys, or external scores from Python)");
+}
+
+bool scorer_is_resident(Scorer s) { return s != Scorer::Attention; }
+
+SelectRule select_rule_from_name(const std::string& name) {
+    if (name == "top_k") return SelectRule::TopK;
+    if (name == "gap") return SelectRule::Gap;
+    if (name == "mass") return SelectRule::Mass;
+    throw Error("unknown selection rule '" + name + "' (top_k, gap, mass)");
 }
 
 std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t n_q) {
@@ -49,11 +62,14 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
 }
 
 // Every chunk's pre-RoPE L keys of one (layer, KV head), in chunk order. out: [n_low_entries, head_dim]
-static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec, float* out) {
+// reads: bytes of the L rows read.
+static void low_keys_pre_rope(const VideoIndex& ix, int layer, int head, const RopeSpec& rope_spec, float* out,
+                              ScoreReads& reads) {
     for (const auto& ch : ix.chunks) {
         for (int64_t e = 0; e < ch.low->size(); ++e, out += ix.head_dim) {
             key_pre_rope(*ch.low, layer, head, e, ch.low_row_pos(layer, head, e), rope_spec, out);
         }
+        reads.low_bytes += static_cast<size_t>(ch.low->size()) * row_bytes(ch.low->type(), ix.head_dim);
     }
 }
 
@@ -109,8 +125,11 @@ std::vector<float> peak_significance(const double* mass, int64_t n_tokens, int64
 
 namespace {
 
-// The question-to-keys mass shared by the attention and keys scorers. fill_keys(l, h, out) writes the
-// n_all candidate keys of (layer l, KV head h) in chunk order, owner[e] their chunks.
+// The question-to-keys mass shared by the attention, keys and high scorers. fill_keys(l, h, out, reads)
+// writes the n_all candidate keys of (layer l, KV head h), owner[e] their chunks, and adds the bytes of
+// index rows it read to reads (a ScoreReads of its thread; summed into *reads). The first n_rotated
+// candidates are post-RoPE keys, scored against the queries q_rot (rotated to their positions); the
+// rest are pre-RoPE, scored against q_tok.
 //
 // Per voting token t (the question's content, then the template tokens after it) and chunk c, m_t(c) is
 // the attention mass c's keys get from t: a softmax over all candidates of all chunks, as in the full
@@ -124,9 +143,10 @@ namespace {
 // chunk-recall@3 26 -> 40, top-1 9 -> 23; single top-1 24 -> 39 (top-3 40 both). The first chunk
 // still makes the top 3 of nearly every question (its keys are computed with the least context).
 template <class FillKeys>
-std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                                    int64_t content_end, int n_head, ThreadPool& pool, const std::vector<int>& owner,
-                                    FillKeys fill_keys) {
+std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, const float* q_rot, int64_t n_rotated,
+                                    int64_t n_q, int64_t content_begin, int64_t content_end, int n_head,
+                                    ThreadPool& pool, const std::vector<int>& owner, FillKeys fill_keys,
+                                    ScoreReads* reads) {
     const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim, group = n_head / H;
     const size_t nc = ix.chunks.size();
     const int64_t QD = static_cast<int64_t>(n_head) * hd;
@@ -138,19 +158,22 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, in
     const int l0 = L > 1 ? 1 : 0;  // layer 0 mostly sees token identity
     const int n_lh = (L - l0) * H;
     std::vector<double> mass(static_cast<size_t>(n_lh) * n_t * nc, 0.0);  // [layer, kv head, token, chunk]
+    std::vector<ScoreReads> thread_reads(static_cast<size_t>(pool.n_threads()));
     pool.run([&](int ith, int nth) {
         std::vector<float> keys(static_cast<size_t>(n_all) * hd), p(static_cast<size_t>(n_all));
         for (int lh = ith; lh < n_lh; lh += nth) {
             const int l = l0 + lh / H, h = lh % H;
-            fill_keys(l, h, keys.data());
+            fill_keys(l, h, keys.data(), thread_reads[ith]);
             for (int g = 0; g < group; ++g) {
                 for (int64_t t = content_begin; t < n_q; ++t) {
                     // Softmax of this token's query over every candidate key of every chunk: the chunks
                     // compete for the token's attention, as they would in the full cache.
-                    const float* q = q_tok + (static_cast<size_t>(l) * n_q + t) * QD + static_cast<size_t>(h * group + g) * hd;
+                    const size_t qoff = (static_cast<size_t>(l) * n_q + t) * QD + static_cast<size_t>(h * group + g) * hd;
+                    const float* q = q_tok + qoff;
+                    const float* qr = q_rot ? q_rot + qoff : q;
                     float mx = -INFINITY;
                     for (int64_t e = 0; e < n_all; ++e) {
-                        p[e] = scale * dot_f32(q, keys.data() + static_cast<size_t>(e) * hd, hd);
+                        p[e] = scale * dot_f32(e < n_rotated ? qr : q, keys.data() + static_cast<size_t>(e) * hd, hd);
                         mx = std::max(mx, p[e]);
                     }
                     double sum = 0.0;
@@ -161,6 +184,12 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, in
             }
         }
     });
+    for (const ScoreReads& r : thread_reads) {
+        if (!reads) break;
+        reads->low_bytes += r.low_bytes;
+        reads->high_bytes += r.high_bytes;
+        reads->signature_bytes += r.signature_bytes;
+    }
     // Average over layers and query heads in a fixed order: the scores do not depend on the thread count.
     std::vector<double> d(static_cast<size_t>(n_t) * nc, 0.0);  // [token, chunk]
     for (int lh = 0; lh < n_lh; ++lh) {
@@ -169,35 +198,131 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, in
     return peak_significance(d.data(), n_t, n_content, nc);
 }
 
-}  // namespace
-
-std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                              int64_t content_end, int n_head, ThreadPool& pool) {
-    const int L = ix.n_layer, H = ix.n_head_kv, hd = ix.head_dim;
-    const size_t per_key = static_cast<size_t>(L) * H * hd;  // one signature key of every layer and KV head
-    std::vector<int> owner;
+// Signature keys per chunk (of each layer and KV head).
+std::vector<int64_t> signature_counts(const VideoIndex& ix) {
+    const size_t per_key = static_cast<size_t>(ix.n_layer) * ix.n_head_kv * ix.head_dim;  // one key of every layer and head
     std::vector<int64_t> n_sig(ix.chunks.size());
     for (size_t c = 0; c < ix.chunks.size(); ++c) {
         const size_t sz = ix.chunks[c].key_sig.size();
         if (sz % per_key != 0) throw Error("key signature of chunk " + std::to_string(c) + " has a bad size");
         n_sig[c] = static_cast<int64_t>(sz / per_key);
-        owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
     }
-    return peak_mass_scores(ix, q_tok, n_q, content_begin, content_end, n_head, pool, owner, [&](int l, int h, float* out) {
-        for (size_t c = 0; c < ix.chunks.size(); ++c) {
-            const size_t n = static_cast<size_t>(n_sig[c]) * hd;
-            std::copy_n(ix.chunks[c].key_sig.data() + (static_cast<size_t>(l) * H + h) * n, n, out);
-            out += n;
+    return n_sig;
+}
+
+// Every chunk's signature keys of (layer l, KV head h), in chunk order: [sum n_sig, head_dim] at out.
+float* copy_signatures(const VideoIndex& ix, const std::vector<int64_t>& n_sig, int l, int h, float* out, ScoreReads& reads) {
+    const int H = ix.n_head_kv, hd = ix.head_dim;
+    for (size_t c = 0; c < ix.chunks.size(); ++c) {
+        const size_t n = static_cast<size_t>(n_sig[c]) * hd;
+        std::copy_n(ix.chunks[c].key_sig.data() + (static_cast<size_t>(l) * H + h) * n, n, out);
+        out += n;
+        reads.signature_bytes += n * sizeof(float);
+    }
+    return out;
+}
+
+}  // namespace
+
+std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                              int64_t content_end, int n_head, ThreadPool& pool, ScoreReads* reads) {
+    const std::vector<int64_t> n_sig = signature_counts(ix);
+    std::vector<int> owner;
+    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
+    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool, owner,
+                            [&](int l, int h, float* keys, ScoreReads& r) { copy_signatures(ix, n_sig, l, h, keys, r); }, reads);
+}
+
+std::vector<float> score_high(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                              int64_t content_end, int n_head, const RopeSpec& rope_spec, int32_t q_pos0,
+                              bool with_signatures, ThreadPool& pool, ScoreReads* reads) {
+    const int L = ix.n_layer, hd = ix.head_dim;
+    const int64_t QD = static_cast<int64_t>(n_head) * hd;
+    // [n_layer, n_q, n_head * head_dim]: the queries as the question pass rotated them.
+    std::vector<float> q_rot(q_tok, q_tok + static_cast<size_t>(L) * n_q * QD);
+    for (int l = 0; l < L; ++l) {
+        for (int64_t t = 0; t < n_q; ++t) {
+            rope(q_rot.data() + (static_cast<size_t>(l) * n_q + t) * QD, n_head, hd, rope_spec.rope_dim,
+                 q_pos0 + static_cast<int32_t>(t), rope_spec.inv_freq, rope_spec.type);
         }
-    });
+    }
+    std::vector<int> owner;  // H entries of every chunk, then (with_signatures) their signature keys
+    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].high->size()), static_cast<int>(c));
+    const int64_t n_high = static_cast<int64_t>(owner.size());
+    std::vector<int64_t> n_sig;
+    if (with_signatures) {
+        n_sig = signature_counts(ix);
+        for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
+    }
+    // Each chunk moves to just before the question: its keys turn by q_pos0 - (the chunk's end), so every
+    // chunk is as far from the question as the last one and recency does not outvote content (the
+    // question would otherwise favour the chunks nearest to it). M-RoPE video keys rotate on three axes
+    // that one shift cannot move consistently: there the keys stay where they are (the model's own
+    // attention, recency included).
+    std::vector<int32_t> shift(ix.chunks.size(), 0);
+    if (ix.text_pos < 0) {
+        for (size_t c = 0; c < ix.chunks.size(); ++c) {
+            const KVSegment& seg = *ix.chunks[c].high;
+            const int32_t end = ix.dense_positions ? (seg.size() > 0 ? seg.pos(seg.size() - 1) + 1 : 0) : ix.chunks[c].pos_end;
+            shift[c] = q_pos0 - end;
+        }
+    }
+    return peak_mass_scores(ix, q_tok, q_rot.data(), n_high, n_q, content_begin, content_end, n_head, pool, owner,
+                            [&](int l, int h, float* keys, ScoreReads& r) {
+        for (size_t c = 0; c < ix.chunks.size(); ++c) {
+            const KVSegment& seg = *ix.chunks[c].high;
+            for (int64_t e = 0; e < seg.size(); ++e, keys += hd) {
+                dequantize_row(seg.type(), seg.k_row(l, h, e), keys, hd);
+                if (shift[c] != 0) rope(keys, 1, hd, rope_spec.rope_dim, shift[c], rope_spec.inv_freq, rope_spec.type);
+            }
+            r.high_bytes += static_cast<size_t>(seg.size()) * row_bytes(seg.type(), hd);
+        }
+        if (with_signatures) copy_signatures(ix, n_sig, l, h, keys, r);
+    }, reads);
 }
 
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                                   int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool) {
+                                   int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool,
+                                   ScoreReads* reads) {
     std::vector<int> owner;  // chunk of each L entry
     for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].low->size()), static_cast<int>(c));
-    return peak_mass_scores(ix, q_tok, n_q, content_begin, content_end, n_head, pool, owner,
-                            [&](int l, int h, float* out) { low_keys_pre_rope(ix, l, h, rope_spec, out); });
+    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool, owner,
+                            [&](int l, int h, float* keys, ScoreReads& r) { low_keys_pre_rope(ix, l, h, rope_spec, keys, r); },
+                            reads);
+}
+
+int shape_cut(const std::vector<float>& scores, const SelectOptions& o) {
+    const int n = static_cast<int>(scores.size());
+    if (o.max_k < 1) throw Error("max_k must be >= 1");
+    const int K = std::min(o.max_k, n);
+    if (K < 2) return K;
+    std::vector<float> sorted(scores);
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    if (o.rule == SelectRule::Gap) {
+        int best = 1;  // cut after rank best (1-based): the first of the largest drops
+        for (int i = 1; i < K; ++i) {
+            if (sorted[i - 1] - sorted[i] > sorted[best - 1] - sorted[best]) best = i;
+        }
+        return best;
+    }
+    if (o.rule == SelectRule::Mass) {
+        if (!(o.mass_p > 0.0 && o.mass_p <= 1.0)) throw Error("mass_p must be in (0, 1]");
+        double mean = 0.0, var = 0.0;
+        for (float v : sorted) mean += v / static_cast<double>(n);
+        for (float v : sorted) var += (v - mean) * (v - mean) / static_cast<double>(n);
+        const double sd = std::sqrt(var);
+        if (!(sd > 0.0)) return K;  // all equal: the scores say nothing
+        double total = 0.0;
+        std::vector<double> w(static_cast<size_t>(n));
+        for (int i = 0; i < n; ++i) total += (w[i] = std::exp((sorted[i] - sorted[0]) / sd));
+        double cum = 0.0;
+        for (int i = 0; i < K; ++i) {
+            cum += w[i] / total;
+            if (cum >= o.mass_p * (1.0 - 1e-12)) return i + 1;
+        }
+        return K;
+    }
+    throw Error("shape_cut: not a score-shape rule");
 }
 
 std::vector<int> select_chunks(const VideoIndex& ix, const std::vector<float>& scores, const SelectOptions& o) {
@@ -206,9 +331,14 @@ std::vector<int> select_chunks(const VideoIndex& ix, const std::vector<float>& s
         throw Error("got " + std::to_string(scores.size()) + " scores for " + std::to_string(n) + " chunks");
     }
     if (o.top_k < 0) throw Error("top_k must be >= 0");
+    const bool shaped = o.rule != SelectRule::TopK;
     for (float s : scores) {
         if (std::isnan(s)) throw Error("chunk scores contain NaN");
+        if (shaped && std::isinf(s)) throw Error("chunk scores contain infinity (the gap and mass rules need finite scores)");
     }
+    // The ranks it may take (a score-shape rule's cut, or all), and how many: top_k, or all that fit a budget.
+    const int ranks = shaped ? shape_cut(scores, o) : n;
+    const int limit = shaped ? ranks : o.budget_bytes > 0 ? n : o.top_k;
     std::vector<int> order(n);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return scores[a] > scores[b]; });
@@ -218,13 +348,12 @@ std::vector<int> select_chunks(const VideoIndex& ix, const std::vector<float>& s
     if (n > 0 && o.include_first) chosen[0] = 1, used += extra(0);
     if (n > 0 && o.include_last) chosen[n - 1] = 1, used += extra(n - 1);
     int count = 0;
-    for (int c : order) {
+    for (int r = 0; r < ranks && count < limit; ++r) {
+        const int c = order[r];
         if (chosen[c]) continue;
         if (o.budget_bytes > 0) {
             if (used + extra(c) > o.budget_bytes) continue;
             used += extra(c);
-        } else {
-            if (count >= o.top_k) break;
         }
         chosen[c] = 1;
         ++count;

@@ -11,8 +11,17 @@
 
 namespace x2l {
 
-enum class Scorer { Attention, Keys, Embedding };
+enum class Scorer { Attention, Keys, Embedding, High, HighKeys };
 Scorer scorer_from_name(const std::string& name);  // throws Error for unknown names
+// True for the scorers that read only the resident tier (sink + H rows, signatures), never the L tier.
+bool scorer_is_resident(Scorer s);
+
+// What one scoring read from the index's rows (measured in the key loops, not estimated).
+struct ScoreReads {
+    size_t low_bytes = 0;        // L rows (host tier)
+    size_t high_bytes = 0;       // H rows (resident tier)
+    size_t signature_bytes = 0;  // key / embedding signatures
+};
 
 // The retrieval signature of the keys scorer, kept beside the H tier so that scoring never reads the
 // L tier: per layer and KV head, the n_keys keys (pre-RoPE: each rotated back by R(-pos) with its own
@@ -28,7 +37,19 @@ std::vector<float> distinct_pre_rope_keys(const KVSegment& seg, int64_t n, const
 // keys: the attention scorer's softmax and peak statistic (below), over every chunk's signature keys
 // instead of its L keys: cheap (n_keys entries per chunk) and resident.
 std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                              int64_t content_end, int n_head, ThreadPool& pool);
+                              int64_t content_end, int n_head, ThreadPool& pool, ScoreReads* reads = nullptr);
+
+// high: the question's attention over the resident H tier, as the model computes it in the question
+// pass: its queries, rotated to their own positions (q_pos0 + t; text positions, which M-RoPE rotates
+// as plain RoPE), against every chunk's H keys as stored (post-RoPE), so no entry position is needed
+// and the dot products are exactly the model's. Mass per chunk and peak significance as below.
+// H entries are the ones the compressor kept because the chunk's own queries attended to them most,
+// so a chunk the question needs usually still draws the question's attention through them.
+// with_signatures (high_keys): the chunk's key signature (pre-RoPE, against the un-rotated queries)
+// joins its H keys in the same softmax: the distinctive keys the compressor may have dropped.
+std::vector<float> score_high(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
+                              int64_t content_end, int n_head, const RopeSpec& rope, int32_t q_pos0,
+                              bool with_signatures, ThreadPool& pool, ScoreReads* reads = nullptr);
 
 // embedding: question input embeddings q [n_q, n_embd] against each frame's mean input embedding:
 // frame score = mean over question tokens of the dot product, chunk score = max over its frames.
@@ -45,7 +66,8 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
 // has often dropped what the question asks for; no RoPE, so that recency and distance do not outvote
 // content. The L tier lives in host memory, where this scan runs.
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
-                                   int64_t content_end, int n_head, const RopeSpec& rope, ThreadPool& pool);
+                                   int64_t content_end, int n_head, const RopeSpec& rope, ThreadPool& pool,
+                                   ScoreReads* reads = nullptr);
 
 // The chunk score of the attention and keys scorers from per-token masses mass [n_tokens, n_chunks]
 // (row t: how much of token t's attention each chunk draws; the first n_content rows are the
@@ -53,12 +75,30 @@ std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int
 //   (max over content rows - median over all rows) / sqrt(median).
 std::vector<float> peak_significance(const double* mass, int64_t n_tokens, int64_t n_content, size_t n_chunks);
 
+// How many of the ranked chunks to reload.
+//   TopK  top_k of them (or, with budget_bytes > 0 and no top_k, as many as the budget holds).
+//   Gap   stop at the largest drop of the sorted scores s_1 >= s_2 >= ...: k = the smallest i in
+//         [1, K) that maximises s_i - s_(i+1), K = min(max_k, n) (k = K when K < 2). Scale-free: a
+//         question that singles out one chunk reloads one, one that names several reloads them all.
+//   Mass  the smallest k whose chunks hold mass_p of softmax(s / sd(s)) (scores in units of their
+//         own spread, so the rule does not depend on the scorer's scale; all equal: K), at most K.
+// A byte budget (budget_bytes > 0) then caps either rule: chunks are taken in rank order while their
+// extra L bytes fit.
+enum class SelectRule { TopK, Gap, Mass };
+SelectRule select_rule_from_name(const std::string& name);  // throws Error for unknown names
+
 struct SelectOptions {
-    int top_k = 3;                // chunks to reload (ignored when budget_bytes > 0)
+    int top_k = 3;                // TopK: chunks to reload (ignored when budget_bytes > 0)
     size_t budget_bytes = 0;      // reload the best chunks whose extra L bytes fit this budget
     bool include_first = false;
     bool include_last = false;
+    SelectRule rule = SelectRule::TopK;
+    int max_k = 6;                // Gap, Mass: at most this many chunks (>= 1)
+    double mass_p = 0.9;          // Mass: the share of the softmax mass to cover, in (0, 1]
 };
+
+// The number of ranked chunks a Gap or Mass rule keeps for these scores (before any byte budget).
+int shape_cut(const std::vector<float>& scores, const SelectOptions& o);
 
 // Chosen chunk indices in increasing (temporal) order.
 std::vector<int> select_chunks(const VideoIndex& ix, const std::vector<float>& scores, const SelectOptions& o);

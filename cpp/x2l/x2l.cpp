@@ -380,27 +380,49 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     if (content_end <= 0) content_end += nq;
     if (content_begin < 0 || content_begin >= content_end || content_end > nq) throw Error("bad question content range");
     const int64_t n_content = content_end - content_begin;
-    if (scorer == Scorer::Attention) {
+    using clock = std::chrono::steady_clock;
+    score_stats_ = ScoreStats{};
+    if (!scorer_is_resident(scorer)) {
         for (size_t ch = 0; ch < ix_.chunks.size(); ++ch) ix_.check_low(ch);  // mapped indexes: file unchanged, rows verified
     }
     if (scorer == Scorer::Embedding) {
+        const auto t0 = clock::now();
         std::vector<float> q(static_cast<size_t>(n_content) * c.n_embd);
         s_.model().embed(question.data() + content_begin, n_content, q.data());
-        return score_embedding(ix_, q.data(), n_content);
+        std::vector<float> out = score_embedding(ix_, q.data(), n_content);
+        for (const auto& ch : ix_.chunks) score_stats_.reads.signature_bytes += ch.emb_sig.size() * sizeof(float);
+        score_stats_.scan_seconds = std::chrono::duration<double>(clock::now() - t0).count();
+        return out;
     }
     // One question pass over the H-only cache gives the question's pre-RoPE queries per layer (the
     // tokens see the video only through H, which is what this question would see without reload).
     // The template tokens after the content vote too: they set each chunk's typical mass (the median),
     // against which the content tokens' peak is measured.
     if (nq > max_tail_) throw BudgetError("question too long");
+    const auto t0 = clock::now();
     const std::vector<float> x = embed_tokens(s_.model(), question);
-    const std::vector<int32_t> pos = iota_pos(compact_only_.layout.tail_pos, nq, s_.model().config().n_pos_axes);
+    const int32_t q_pos0 = compact_only_.layout.tail_pos;
+    const std::vector<int32_t> pos = iota_pos(q_pos0, nq, s_.model().config().n_pos_axes);
     const std::vector<float> q_tok = cache_->question_queries(x.data(), nq, pos.data());  // [n_layer, nq, QD]
     history_.clear();
-    std::vector<float> out =
-        scorer == Scorer::Keys
-            ? score_keys(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.pool())
-            : score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(), s_.pool());
+    const auto t1 = clock::now();
+    ScoreReads* reads = &score_stats_.reads;
+    std::vector<float> out;
+    switch (scorer) {
+        case Scorer::Keys:
+            out = score_keys(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.pool(), reads);
+            break;
+        case Scorer::High:
+        case Scorer::HighKeys:
+            out = score_high(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(), q_pos0,
+                             scorer == Scorer::HighKeys, s_.pool(), reads);
+            break;
+        default:
+            out = score_attention(ix_, q_tok.data(), nq, content_begin, content_end, c.n_head, s_.model().rope_spec(),
+                                  s_.pool(), reads);
+    }
+    score_stats_.pass_seconds = std::chrono::duration<double>(t1 - t0).count();
+    score_stats_.scan_seconds = std::chrono::duration<double>(clock::now() - t1).count();
     const std::vector<int> selected = plan_.selected;
     prepare(selected);  // restore the mixed cache of the current selection
     return out;

