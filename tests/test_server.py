@@ -488,6 +488,12 @@ def test_video_indexed_then_asked_by_id(vlm_server, needle_index):
     assert ch["chunk"] == vid.needle_chunk  # the scorer found the needle's chunk
     assert ch["start_s"] <= vid.needle_frame < ch["end_s"]
     assert x["reload"]["n_chunks"] == 1 and x["reload"]["bytes"] > 0
+    # Every scorer of X2LOptions but "external" can be asked for, the resident ones included.
+    r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"top_k": 1, "scorer": "high"})
+    assert r.status_code == 200, r.text
+    assert r.json()["x2l"]["scorer"] == "high" and len(r.json()["x2l"]["chunks"]) == 1
+    r = _ask_index(vlm_server, index_id, T.QUESTIONS["word"], x2l={"scorer": "external"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x2l.scorer", r.text
     # Streamed, through the openai client (the extension part passes through as a dict).
     stream = vlm_server.client().chat.completions.create(
         model="m", temperature=0, max_tokens=16, stream=True, messages=[

@@ -56,8 +56,9 @@ class ChatRequest:
             raise ApiError(400, "x2l must be an object", param="x2l")
         self.top_k = None if x.get("top_k") is None else _int(x["top_k"], "x2l.top_k", 0, 1 << 20)
         self.scorer = x.get("scorer")
-        if self.scorer is not None and self.scorer not in ("attention", "keys", "embedding"):
-            raise ApiError(400, "x2l.scorer must be attention, keys or embedding", param="x2l.scorer")
+        scorers = [n for n in X2LOptions.SCORERS if n != "external"]  # "external" needs scores from the caller
+        if self.scorer is not None and self.scorer not in scorers:
+            raise ApiError(400, "x2l.scorer must be one of " + ", ".join(scorers), param="x2l.scorer")
         self.max_frames = None if x.get("max_frames") is None else _int(x["max_frames"], "x2l.max_frames", 1, 4096)
 
         # Messages: text-only copies for the chat template, and the visual source if any.
