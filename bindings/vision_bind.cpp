@@ -12,6 +12,7 @@
 #include "core/gguf.h"
 #include "core/threadpool.h"
 #include "cpu/features.h"
+#include "session_lock.h"
 #include "vision/executor.h"
 #include "vision/qwen.h"
 #include "vision/vision.h"
@@ -41,7 +42,25 @@ nb::ndarray<nb::numpy, float> to_numpy(std::vector<float>&& v, size_t rows, size
     return nb::ndarray<nb::numpy, float>(heap->data(), 2, shape, owner);
 }
 
-nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x2l::VisionEncoder::Stage stage) {
+// Runs fn(interrupt) with the GIL released and mu held. With a session, its lock is taken first
+// (call_locked: the session's cancel and, on the main thread, Ctrl-C stop the encoding between layers)
+// and fn polls the session's interrupt; the lock order is GIL -> session -> mu everywhere.
+template <class F>
+void encode_locked(std::mutex& mu, x2l::LlmSession* session, F&& fn) {
+    if (session) {
+        x2l_bind::call_locked(*session, [&] {
+            std::lock_guard<std::mutex> lock(mu);
+            fn(&session->interrupt());
+        });
+        return;
+    }
+    nb::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lock(mu);
+    fn(nullptr);
+}
+
+nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x2l::VisionEncoder::Stage stage,
+                                  x2l::LlmSession* session) {
     const x2l::VisionConfig& c = self.enc->config();
     const size_t S = static_cast<size_t>(c.image_size);
     if (px.ndim() != 4 || px.shape(1) != 3 || px.shape(2) != S || px.shape(3) != S) {
@@ -53,11 +72,9 @@ nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x
     const int64_t n = static_cast<int64_t>(px.shape(0));
     const int64_t rows = n * self.enc->rows_per_frame(stage), cols = self.enc->cols(stage);
     std::vector<float> out(static_cast<size_t>(rows * cols));
-    {
-        nb::gil_scoped_release nogil;
-        std::lock_guard<std::mutex> lock(self.mu);
-        self.exec->encode(px.data(), n, out.data(), stage);
-    }
+    encode_locked(self.mu, session, [&](const x2l::Interrupt* interrupt) {
+        self.exec->encode(px.data(), n, out.data(), stage, interrupt);
+    });
     return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
 }
 
@@ -105,21 +122,20 @@ void bind_vision(nb::module_& m) {
             std::unique_ptr<x2l::GGUFFile> f = x2l::GGUFFile::open(path);
             return x2l::QwenVisionEncoder::handles(*f);
         }, "path"_a, "Whether the file's clip.projector_type is one of Qwen's mergers.")
-        .def("encode", [](PyQwenVision& s, const PixelArray& px) {
+        .def("encode", [](PyQwenVision& s, const PixelArray& px, x2l::LlmSession* session) {
             if (px.ndim() != 4 || px.shape(1) != 3) throw x2l::Error("frames must have shape [n_frames, 3, H, W]");
             const int64_t n = static_cast<int64_t>(px.shape(0));
             const int h = static_cast<int>(px.shape(2)), w = static_cast<int>(px.shape(3));
             const int64_t rows = s.enc->n_tokens(n, h, w), cols = s.enc->config().n_embd;
             std::vector<float> out(static_cast<size_t>(rows * cols));
-            {
-                nb::gil_scoped_release nogil;
-                std::lock_guard<std::mutex> lock(s.mu);
-                s.enc->encode(*s.pool, px.data(), n, h, w, out.data());
-            }
+            encode_locked(s.mu, session, [&](const x2l::Interrupt* interrupt) {
+                s.enc->encode(*s.pool, px.data(), n, h, w, out.data(), interrupt);
+            });
             return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
-        }, "frames"_a,
+        }, "frames"_a, "session"_a.none() = nb::none(),
              "frames float32 [F, 3, H, W] (normalised; H, W multiples of patch * merge) -> [ceil(F/2) * H/28 * W/28,\n"
-             "n_embd] tokens (frames paired in time; per pair, one token per 2x2 merge window in raster order).")
+             "n_embd] tokens (frames paired in time; per pair, one token per 2x2 merge window in raster order).\n"
+             "session: an LlmSession whose cancel() (and Ctrl-C) stops the encoding between blocks (CancelledError).")
         .def_prop_ro("weight_bytes", [](const PyQwenVision& s) { return s.enc->weight_bytes(); })
         .def_prop_ro("config", [](const PyQwenVision& s) {
             const x2l::QwenVisionConfig& c = s.enc->config();
@@ -159,11 +175,14 @@ void bind_vision(nb::module_& m) {
            "Load the vision tower and projector of a GGUF file (FormatError when it has none). device >= 0 runs\n"
            "encode / hidden_states / projected on that CUDA device (Error when its kernels cannot read a weight,\n"
            "BudgetError when it does not fit).")
-        .def("encode", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Pooled); }, "pixels"_a,
-             "pixels float32 [F, 3, S, S] (resized, normalised) -> [F * tokens_per_frame, n_embd] frame tokens.")
-        .def("hidden_states", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Features); },
+        .def("encode", [](PyVisionEncoder& s, const PixelArray& px, x2l::LlmSession* session) {
+            return run(s, px, Stage::Pooled, session);
+        }, "pixels"_a, "session"_a.none() = nb::none(),
+             "pixels float32 [F, 3, S, S] (resized, normalised) -> [F * tokens_per_frame, n_embd] frame tokens.\n"
+             "session: an LlmSession whose cancel() (and Ctrl-C) stops the encoding between layers (CancelledError).")
+        .def("hidden_states", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Features, nullptr); },
              "pixels"_a, "Selected encoder features (CLS dropped when the model drops it): [F * n_feat, width].")
-        .def("projected", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Projected); },
+        .def("projected", [](PyVisionEncoder& s, const PixelArray& px) { return run(s, px, Stage::Projected, nullptr); },
              "pixels"_a, "Projector output before pooling: [F * n_feat, n_embd] (pixel shuffle: [F * tokens_per_frame, n_embd]).")
         .def_prop_ro("tokens_per_frame", [](const PyVisionEncoder& s) { return s.enc->tokens_per_frame(); })
         .def_prop_ro("n_embd", [](const PyVisionEncoder& s) { return s.enc->n_embd_out(); })

@@ -97,6 +97,12 @@ class DeviceExecutor final : public LlmExecutor {
     size_t device_bytes() const override { return device_->device_bytes(); }
     size_t workspace_bytes() const override { return cpu_->workspace_bytes(); }
     std::unique_ptr<LlmContext> new_context(int64_t n_ctx) override { return device_->new_context(n_ctx); }
+    // What the two make polls the session's interrupt (the device's runners, and the CPU's when they take over).
+    void set_interrupt(const Interrupt* interrupt) override {
+        LlmExecutor::set_interrupt(interrupt);
+        device_->set_interrupt(interrupt);
+        cpu_->set_interrupt(interrupt);
+    }
     std::unique_ptr<PrefillRunner> new_prefill(int64_t low_cache_bytes) override {
         return std::unique_ptr<PrefillRunner>(
             new PrefillWithFallback(device_->new_prefill(low_cache_bytes), cpu_->new_prefill(low_cache_bytes)));

@@ -46,8 +46,62 @@ def main():
         VideoContext(s, _core.VideoIndex.from_bytes(index), question_suffix="")
     except x2l_edge.Error:
         refused += 1
-    print(f"leak_check: {refused} inputs refused, done")
+    cancelled = cancel_paths(s, ids, d)
+    print(f"leak_check: {refused} inputs refused, {cancelled} calls cancelled, done")
     sys.stdout.flush()
+
+
+def cancel_paths(s, ids, d):
+    """Cancelled native calls unwind without leaking (issue 24): each kind of long call is cancelled at its
+    first check (the request made before it) and, for eval and the vision tower, in the middle (a timer)."""
+    import threading
+
+    import numpy as np
+
+    from x2l_edge import tiny_vlm
+
+    cancelled = 0
+
+    def expect_cancel(fn):
+        nonlocal cancelled
+        try:
+            fn()
+        except x2l_edge.CancelledError:
+            cancelled += 1
+
+    ctx = s.prefill_text("a red star, then the number seven, then the secret word piano. " * 4, chunk_tokens=16,
+                         progress=False)
+    # native calls made outside a Session operation see a request made before them at their first check
+    for fn in (lambda: s._s.eval(ids),
+               lambda: prefill_chunks(s, [ids[i:i + 8] for i in range(0, 24, 8)], sink_ids=ids[:3])):
+        s._s.cancel()
+        expect_cancel(fn)
+    long_ids = (ids * 8)[:200]
+
+    def long_eval():
+        with s.exclusive():
+            s.reset()
+            s.eval(long_ids)
+
+    for i in range(4):  # and cancels arriving in the middle of operations
+        for fn in (long_eval, lambda: ctx.ask("the secret word?", max_tokens=4),
+                   lambda: ctx.scores("the secret word?", scorer="attention")):
+            t = threading.Timer(0.01 * (i + 1), s.cancel)
+            t.start()
+            expect_cancel(fn)
+            t.join()
+    os.environ["X2L_EDGE_CACHE"] = str(d / "cache")
+    vlm = x2l_edge.Session(models.tiny_vlm_path(), n_threads=2, n_ctx=512, device="cpu")
+    px = vlm.preprocessor.batch(list(tiny_vlm.needle_video(1, 4).frames))
+    big = np.repeat(px, 16, axis=0)
+    vlm._s.cancel()
+    expect_cancel(lambda: vlm.vision.encode(px, session=vlm._s))
+    for i in range(4):
+        t = threading.Timer(0.02 * (i + 1), vlm.cancel)
+        t.start()
+        expect_cancel(lambda: vlm.encode_frames(big))
+        t.join()
+    return cancelled
 
 
 if __name__ == "__main__":

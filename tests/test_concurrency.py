@@ -257,3 +257,64 @@ def test_low_level_cancel_is_raised_once(session):
         list(session.generate_ids(ids, **GEN))
     assert not session._s.cancel_requested
     assert list(session.generate_ids(ids, **GEN)) == want
+
+
+# ----------------------------------------------------------------------------- the vision tower
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory, smollm2_path):
+    """The shipped tiny VLM (built into a private cache) and a 20-frame needle video it knows."""
+    from x2l_edge import tiny_vlm as T
+    from x2l_edge.video import write_video
+
+    d = tmp_path_factory.mktemp("vlm")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("X2L_EDGE_CACHE", str(d))
+    try:
+        path = x2l_edge.models.tiny_vlm_path()
+    finally:
+        mp.undo()
+    vid = T.needle_video(3, 20)
+    write_video(d / "video.mp4", vid.frames, fps=1.0)
+    return x2l_edge.Session(path, n_threads=2, n_ctx=4096), d / "video.mp4", vid
+
+
+def test_cancel_stops_a_long_vision_encode(vlm):
+    """Session.cancel() during the frame encoding of a video stops the vision tower between layers, even
+    inside one batch of frames (before the fix the tower ignored it: the encode ran to its end), and the
+    session gives the same embeddings and answers afterwards."""
+    s, video, vid = vlm
+    question = "What is the secret word?"
+    want_answer = s.ask(str(video), question, max_tokens=8, progress=False)
+    px = s.preprocessor.batch(list(vid.frames[:6]))
+    want = s.encode_frames(px)
+    big = np.repeat(px, 100, axis=0)  # 600 frames, one batch: only the per-layer checks can stop it
+    enc = s.vision
+    batch = enc.batch_frames
+    enc.batch_frames = len(big)
+    try:
+        t0 = time.perf_counter()
+        s.encode_frames(big)
+        full = time.perf_counter() - t0
+        timer = _cancel_after(0.3 * full, s.cancel)
+        t0 = time.perf_counter()
+        with pytest.raises(CancelledError):
+            s.encode_frames(big)
+        stopped = time.perf_counter() - t0 - 0.3 * full
+        timer.join()
+    finally:
+        enc.batch_frames = batch
+    print(f"encode of {len(big)} frames: {full:.2f} s; stopped {stopped:.2f} s after the cancel")
+    # 4 layers + projector: one layer is under a fifth of the call
+    assert stopped < 0.45 * full, (stopped, full)
+    assert not s._s.cancel_requested
+    np.testing.assert_array_equal(s.encode_frames(px), want)
+    assert s.ask(str(video), question, max_tokens=8, progress=False) == want_answer
+
+    # a CancelToken stops it too, and only that call
+    token = CancelToken()
+    timer = _cancel_after(0.3 * full, token.cancel)
+    with pytest.raises(CancelledError):
+        s.encode_frames(np.repeat(px, 100, axis=0), cancel=token)
+    timer.join()
+    np.testing.assert_array_equal(s.encode_frames(px), want)

@@ -15,6 +15,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -1647,6 +1649,25 @@ def test_session_encodes_frames_on_its_device(tiny_vision):
     assert _max_rel(b, a) < 3e-3  # f16 operands on tensor cores (test_cuda_vision_matches_cpu)
 
 
+@gpu
+def test_device_vision_tower_polls_the_session_cancel(tiny_vision):
+    """The device tower polls its session's interrupt (before every batch, between layers): a cancel
+    makes encode raise CancelledError (cleared once raised) and the tower gives the same tokens after."""
+    from x2l_edge import CancelledError, Session
+
+    s = Session(tiny_vision("ov", "f16"), device="cuda:0", n_threads=2)
+    assert s.vision.device == "cuda:0"
+    px = _pixels(5, s.vision.config["image_size"], seed=5)
+    want = s.encode_frames(px)
+    s.vision.batch_frames = 2
+    s._s.cancel()
+    with pytest.raises(CancelledError):
+        s.vision.encode(px, session=s._s)
+    assert not s._s.cancel_requested
+    s.vision.batch_frames = 5
+    np.testing.assert_array_equal(s.encode_frames(px), want)
+
+
 def test_session_vision_falls_back_to_the_cpu(tiny_vision, monkeypatch):
     """A device session whose vision tower cannot be put on the device encodes on the CPU, with a warning."""
     from x2l_edge import Session
@@ -1801,3 +1822,59 @@ def test_mrope_model_refused_on_device_auto_runs_cpu(vlm_llama_cpp, monkeypatch)
     with pytest.warns(RuntimeWarning, match="device='auto' does not use cuda:0 .*M-RoPE"):
         s = Session(path, n_threads=2)
     assert s.device == "cpu" and s.info["backend"] == "cpu"
+
+
+@gpu
+def test_cuda_prefill_is_cancelled_between_layers(tmp_path):
+    """Session.cancel() during one level of the device prefill (here the sink's forward, one level with no
+    check inside it before issue 24 part 3: the cancel waited for the whole level) stops it between layers
+    (cuda/layer_gate.h: at most about two layers of queued work run on), and the session then builds the
+    same index as before."""
+    import convert
+    import tiny_models
+    from x2l_edge import CancelledError, Session
+    from x2l_edge.x2l import prefill_chunks
+
+    hf = tiny_models.make_tiny_llama(tmp_path / "hf", seed=4, num_attention_heads=2, num_key_value_heads=1,
+                                     num_hidden_layers=24, max_position_embeddings=4096)
+    path = str(tmp_path / "deep.gguf")
+    convert.convert(str(hf), path, "f16", progress=False)
+    s = Session(path, device="cuda:0", n_threads=2, n_batch=256)
+    assert s.device == "cuda:0"
+    ids = s.tokenize(X2L_TEXT, special=False)
+    kw = dict(ratio_low=2, ratio_high=8, high_type="q8_0")
+
+    def run(n_sink):
+        sink = (ids * (n_sink // len(ids) + 1))[:n_sink]
+        index, _ = prefill_chunks(s, [ids[:16]], sink_ids=sink, **kw)
+        return index
+
+    run(64)  # first-use costs (contexts, pinned rows) out of the timings below
+    n_sink, full = 256, 0.0
+    while True:  # a sink long enough that its forward takes a second on this device (emulator: CPU speed)
+        t0 = time.perf_counter()
+        want = run(n_sink)
+        full = time.perf_counter() - t0
+        if full >= 1.0 or n_sink >= 2048:
+            break
+        n_sink *= 2
+    timer = threading.Timer(0.25 * full, s.cancel)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(CancelledError):
+        run(n_sink)
+    stopped = time.perf_counter() - t0 - 0.25 * full
+    timer.join()
+    print(f"sink of {n_sink} tokens, 24 layers: prefill {full:.2f} s; stopped {stopped:.2f} s after the cancel")
+    # Before: the cancel was seen at the next level, after the sink's whole forward (~0.7 of the run).
+    assert stopped < 0.3 * full, (stopped, full)
+    assert not s._s.cancel_requested
+    again = run(n_sink)
+    assert again.n_chunks == want.n_chunks
+    for c in range(want.n_chunks):  # the same entries (a GPU's float atomics in the votes may flip a near tie)
+        a, b = np.asarray(again.low_positions(c)), np.asarray(want.low_positions(c))
+        assert a.shape == b.shape and np.mean(a == b) >= 0.95
+        if _core.cuda_emulated():
+            np.testing.assert_array_equal(a, b)
+            for layer in (0, 23):
+                np.testing.assert_array_equal(again.high_rows(c, layer, 0, False), want.high_rows(c, layer, 0, False))

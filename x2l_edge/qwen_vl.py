@@ -95,7 +95,7 @@ class QwenMedia:
         hi = max_pixels or (VIDEO_MAX_PIXELS if video else IMAGE_MAX_PIXELS)
         h, w = smart_resize(h0, w0, self.patch * self.merge, lo, hi)
         px = preprocess(frames, h, w, self.mean, self.std)
-        embd = self.enc.encode(px)
+        embd = self.enc.encode(px, session=self.s._s)  # the session's cancel stops it between blocks
         grid = ((len(frames) + 1) // 2, h // self.patch, w // self.patch)
         return embd, grid
 

@@ -278,14 +278,15 @@ class Session:
             self._pre = VideoPreprocessor.from_gguf_metadata(self._meta)
         return self._pre
 
-    def encode_frames(self, pixels) -> "np.ndarray":
-        """Preprocessed frames float32 [F, 3, S, S] -> LLM input embeddings [F * tokens_per_frame, n_embd]."""
+    def encode_frames(self, pixels, *, cancel: CancelToken | None = None) -> "np.ndarray":
+        """Preprocessed frames float32 [F, 3, S, S] -> LLM input embeddings [F * tokens_per_frame, n_embd].
+        cancel() (or cancel=token) stops it between the tower's layers with CancelledError."""
         import numpy as np
 
         enc = self.vision
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        with self._lock.op():
-            return enc.encode(pixels)
+        with self._lock.op(cancel):
+            return enc.encode(pixels, session=self._s)
 
     def video_chunks(self, video, *, chunk_frames: int | None = None, max_frames: int | None = None,
                      fps: float | None = None, progress=None, allow_convert: bool = False):

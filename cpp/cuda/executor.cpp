@@ -36,7 +36,7 @@ std::unique_ptr<LlmContext> CudaLlmExecutor::new_context(int64_t n_ctx) {
 }
 
 std::unique_ptr<PrefillRunner> CudaLlmExecutor::new_prefill(int64_t low_cache_bytes) {
-    return std::unique_ptr<PrefillRunner>(new CudaPrefill(*llm_, opt_.n_batch, low_cache_bytes));
+    return std::unique_ptr<PrefillRunner>(new CudaPrefill(*llm_, opt_.n_batch, low_cache_bytes, interrupt()));
 }
 
 std::unique_ptr<MixedCache> CudaLlmExecutor::new_mixed_cache(const TieredRows& rows, const MixedCacheLayout& compact_only,

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "core/common.h"
+#include "cuda/layer_gate.h"
 
 namespace x2l {
 
@@ -244,7 +245,7 @@ int64_t CudaContext::vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t
 // Uploads n rows (x [n, n_embd] at positions pos [n], their VST flags) into x_buf and pos_buf and runs
 // every layer over them, n_batch rows at a time, layer-major (one piece when n <= n_batch).
 void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_host, const uint8_t* vst,
-                           CudaDeviceBuffer& x_buf, CudaDeviceBuffer& pos_buf) {
+                           CudaDeviceBuffer& x_buf, CudaDeviceBuffer& pos_buf, bool check_layers) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, first = n_past_;
     check_rows(first + n);
@@ -269,11 +270,14 @@ void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_ho
     float* x = static_cast<float*>(x_buf.data());
     const int32_t* pos = static_cast<const int32_t*>(pos_buf.data());
     const int32_t* vst_ids = static_cast<const int32_t*>(vst_ids_.data());
+    CudaLayerGate gate(check_layers ? interrupt_ : nullptr, s);
     for (int l = 0; l < c.n_layer; ++l) {
+        gate.before_layer(l);
         for (int64_t b = 0, k = 0; b < n; b += n_batch_, ++k) {
             const int64_t m = std::min(n_batch_, n - b);
             layer_rows(l, x + b * E, first + b, m, pos + b, at[k].second, vst_ids + at[k].first, b == 0, b + m == n);
         }
+        gate.after_layer(l);
     }
 }
 
@@ -295,7 +299,7 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, const int32_t* p
             graph_stats_.note = e.what();
         }
     }
-    run_rows(x_host, m, pos_host, vst, x_, pos_);
+    run_rows(x_host, m, pos_host, vst, x_, pos_, false);
     if (n_logits > 0) {
         const float* x = static_cast<const float*>(x_.data());
         float* xn = static_cast<float*>(xn_.data());
@@ -372,7 +376,7 @@ void CudaContext::forward_layer_major(const float* x_host, int64_t n, const int3
         x_all_ = CudaDeviceBuffer(x_bytes);  // [n, n_embd]: every row's hidden state
         pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * sizeof(int32_t));
     }
-    run_rows(x_host, n, pos_host, vst, x_all_, pos_all_);
+    run_rows(x_host, n, pos_host, vst, x_all_, pos_all_, true);
     stream_->synchronize();  // kernel faults surface here, before the rows count as appended
     n_past_ += n;
 }

@@ -134,6 +134,9 @@ class CudaContext {
     const GraphStats& graph_stats() const { return graph_stats_; }
     // Forget the hooks (CudaMixedCache: its reload has landed, nothing is left to wait for).
     void drop_hooks() { hooks_ = CudaPrefixHooks(); }
+    // Polled between the layers of forward_layer_major() (cuda/layer_gate.h; a cancel throws Cancelled
+    // and the call appends nothing). forward() is checked between its n_batch pieces by its caller.
+    void set_interrupt(const Interrupt* interrupt) { interrupt_ = interrupt; }
 
     size_t kv_bytes() const;      // own entries in use
     size_t device_bytes() const;  // everything this object holds on the device
@@ -142,8 +145,10 @@ class CudaContext {
   private:
     void forward_batch(const float* x_host, int64_t n, const int32_t* pos_host, int64_t n_logits, float* logits,
                        const uint8_t* vst);
+    // check_layers: poll interrupt_ between layers (the layer-major prefill; a decode step would only
+    // pay for the host waits).
     void run_rows(const float* x_host, int64_t n, const int32_t* pos_host, const uint8_t* vst, CudaDeviceBuffer& x_buf,
-                  CudaDeviceBuffer& pos_buf);
+                  CudaDeviceBuffer& pos_buf, bool check_layers);
     // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos [m] and
     // vst_ids [n_vst] (device). The hooks run when first_rows (before) / last_rows (after) of the layer.
     // step (device int32 {pos, row, own entries after it}, graph capture only): m = 1 and what changes
@@ -176,6 +181,7 @@ class CudaContext {
     int64_t q_capture_rows_ = 0;
     std::vector<std::vector<CudaKVSegment>> segments_;  // [layer][segment]: the prefix, then the own entries
     CudaPrefixHooks hooks_;
+    const Interrupt* interrupt_ = nullptr;
     std::vector<CudaSegmentTable> tables_;  // per layer: prefix + own entries
     bool graphs_ = true;
     std::unique_ptr<CudaGraph> graph_;

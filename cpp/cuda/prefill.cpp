@@ -11,7 +11,8 @@ namespace {
 constexpr size_t kF16 = 2;
 }  // namespace
 
-CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes) : llm_(llm), n_batch_(n_batch) {
+CudaPrefill::CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes, const Interrupt* interrupt)
+    : llm_(llm), n_batch_(n_batch), interrupt_(interrupt) {
     if (n_batch <= 0) throw Error("n_batch must be > 0");
     cuda_set_device(llm.device());
     // Integrated GPUs read the L rows in place: a device copy would only duplicate them in the same DRAM.
@@ -129,6 +130,7 @@ void CudaPrefill::run(const PrefillLevel& level, KVCache& work) {
         votes_ = CudaDeviceBuffer();
         with_room([&] {
             ctx_.reset(new CudaContext(llm_, n, n_batch_, /*row_major=*/false));
+            ctx_->set_interrupt(interrupt_);
             votes_ = CudaDeviceBuffer(static_cast<size_t>(HK * n) * sizeof(float));
         });
     }
@@ -216,7 +218,8 @@ void CudaPrefill::run(const PrefillLevel& level, KVCache& work) {
     std::vector<int32_t> pos(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) pos[i] = level.pos0 + static_cast<int32_t>(i);
     try {
-        ctx_->forward_layer_major(x, n, pos.data(), vst);  // synchronizes: the rows and votes are complete
+        // Synchronizes: the rows and votes are complete. A cancel between layers throws Cancelled.
+        ctx_->forward_layer_major(x, n, pos.data(), vst);
     } catch (...) {
         // The hooks point into this frame, and queued work may still read the copy slots.
         try {

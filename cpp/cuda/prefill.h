@@ -28,7 +28,8 @@ namespace x2l {
 // them, and stream only the rest; the cache is dropped for good when the device fills up.
 class CudaPrefill final : public PrefillRunner {
   public:
-    CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes = -1);
+    // interrupt (may be null): polled between the layers of every level's forward (CudaLayerGate).
+    CudaPrefill(const CudaLlm& llm, int64_t n_batch, int64_t low_cache_bytes = -1, const Interrupt* interrupt = nullptr);
     ~CudaPrefill() override;
     CudaPrefill(const CudaPrefill&) = delete;
     CudaPrefill& operator=(const CudaPrefill&) = delete;
@@ -57,6 +58,7 @@ class CudaPrefill final : public PrefillRunner {
     void with_room(Fn&& alloc);
     const CudaLlm& llm_;
     int64_t n_batch_;
+    const Interrupt* interrupt_;
     std::unique_ptr<CudaContext> ctx_;
     CudaDeviceBuffer votes_;  // room for [n_layer, n_head_kv, ctx capacity]; a run uses [.., .., n]
     // deques: a run keeps references to earlier entries while it adds more

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "core/common.h"
+#include "cuda/layer_gate.h"
 
 namespace x2l {
 
@@ -125,7 +126,7 @@ size_t CudaVision::device_bytes() const {
     return b + static_cast<size_t>(frame_kv_.size()) * sizeof(CudaKVSegment);
 }
 
-void CudaVision::run_tower(int64_t n) {
+void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
     const VisionConfig& c = cfg_;
     void* s = stream_->handle();
     const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, FF = c.n_ff, rows = n * T;
@@ -146,7 +147,10 @@ void CudaVision::run_tower(int64_t n) {
     }
 
     // ---- encoder layers (pre-LN transformer)
-    for (const Layer& L : layers_) {
+    CudaLayerGate gate(interrupt, s);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer& L = layers_[l];
+        gate.before_layer(static_cast<int>(l));
         cuda_layer_norm(f32(x_), f32(L.ln1_w), f32(L.ln1_b), f32(xn_), rows, W, c.eps, s);
         linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
         linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
@@ -172,10 +176,27 @@ void CudaVision::run_tower(int64_t n) {
         cuda_gelu(f32(ff_), f32(ff_), rows * FF, gelu_mode(c.act), s);
         linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
         cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
+        gate.after_layer(static_cast<int>(l));
     }
 }
 
-void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) {
+void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                        const Interrupt* interrupt) {
+    try {
+        encode_batches(pixels, n_frames, out, stage, interrupt);
+    } catch (...) {
+        // A cancel (or a failure) leaves work queued that reads the activations and the staged patches:
+        // it must be done before the next call reuses them.
+        try {
+            stream_->synchronize();
+        } catch (...) {
+        }
+        throw;
+    }
+}
+
+void CudaVision::encode_batches(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                                const Interrupt* interrupt) {
     using Stage = VisionEncoder::Stage;
     const VisionConfig& c = cfg_;
     if (n_frames < 0) throw Error("n_frames must be >= 0");
@@ -189,10 +210,11 @@ void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, Visio
 
     for (int64_t f0 = 0; f0 < n_frames; f0 += batch_) {
         const int64_t n = std::min<int64_t>(batch_, n_frames - f0);
+        check_interrupt(interrupt);
         const float* px = pixels + f0 * frame_px;
         for (int64_t r = 0; r < n * NP; ++r) enc_.im2col_row(px, r, patches_host_.data() + r * K);
         staging_.upload(patches_.data(), patches_host_.data(), n * NP * K * kF32, s);  // patches_host_ is free on return
-        run_tower(n);
+        run_tower(n, interrupt);
 
         if (stage == Stage::Features) {
             for (int64_t b = 0; b < n; ++b)

@@ -29,8 +29,10 @@ class CudaVision final : public VisionExecutor {
     CudaVision& operator=(const CudaVision&) = delete;
 
     // Same contract as VisionEncoder::encode: pixels [n_frames, 3, S, S] (host) -> out (host)
-    // [n_frames * rows_per_frame(stage), cols(stage)]. One call at a time.
-    void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) override;
+    // [n_frames * rows_per_frame(stage), cols(stage)]. One call at a time. interrupt: checked before
+    // every batch and between layers (cuda/layer_gate.h).
+    void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                const Interrupt* interrupt) override;
 
     std::string device() const override { return "cuda:" + std::to_string(device_); }
     int batch_frames() const override { return batch_; }
@@ -46,13 +48,16 @@ class CudaVision final : public VisionExecutor {
         CudaMatrix wq, wk, wv, wo, w_up, w_down;
     };
     void allocate(int batch);
+    void encode_batches(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                        const Interrupt* interrupt);
     // Every activation buffer (const or not with self), to release them together and to count them.
     template <class Self>
     static auto activations(Self& self) {
         return std::array{&self.patches_, &self.x_, &self.xn_, &self.q_, &self.k_, &self.v_,
                           &self.attn_, &self.ff_, &self.feat_, &self.h1_, &self.h2_, &self.pooled_};
     }
-    void run_tower(int64_t n);  // leaves the selected hidden state in x_ [n * n_tokens, width]
+    // Leaves the selected hidden state in x_ [n * n_tokens, width]; interrupt polled between layers.
+    void run_tower(int64_t n, const Interrupt* interrupt);
 
     const VisionEncoder& enc_;
     const VisionConfig& cfg_;

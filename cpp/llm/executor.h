@@ -177,7 +177,8 @@ class LlmExecutor {
     // Cancellation: everything this executor makes polls it (interrupt()->check()) between the pieces
     // of its work that the host sees (the CPU: every layer of every forward; a device: every batch,
     // each of which synchronizes) and throws Cancelled. The owner (LlmSession) sets it once; nullptr: none.
-    void set_interrupt(const Interrupt* interrupt) { interrupt_ = interrupt; }
+    // An executor that wraps others (backends.cpp's device + CPU pair) passes it on to them.
+    virtual void set_interrupt(const Interrupt* interrupt) { interrupt_ = interrupt; }
     const Interrupt* interrupt() const { return interrupt_; }
 
   private:

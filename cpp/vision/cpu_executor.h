@@ -9,8 +9,9 @@ class CpuVisionExecutor final : public VisionExecutor {
   public:
     // enc and pool must outlive the executor.
     CpuVisionExecutor(VisionEncoder& enc, ThreadPool& pool) : enc_(enc), pool_(pool) {}
-    void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) override {
-        enc_.encode(pool_, pixels, n_frames, out, stage);
+    void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                const Interrupt* interrupt) override {
+        enc_.encode(pool_, pixels, n_frames, out, stage, interrupt);
     }
     int batch_frames() const override { return enc_.batch_frames(); }
     void set_batch_frames(int n) override { enc_.set_batch_frames(n); }

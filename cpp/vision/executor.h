@@ -15,7 +15,11 @@ class VisionExecutor {
     virtual ~VisionExecutor() = default;
     // pixels [n_frames, 3, S, S] (host, resized and normalised) -> out (host) [n_frames *
     // rows_per_frame(stage), cols(stage)] (VisionEncoder::encode's contract). One call at a time.
-    virtual void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage) = 0;
+    // interrupt (may be null; the session's, so that cancelling a video prefill also stops the frame
+    // encoding it is waiting for) is polled as the LLM's executor does: the CPU before every layer of
+    // every batch, a device between layers a little behind the work it has queued (Cancelled).
+    virtual void encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
+                        const Interrupt* interrupt) = 0;
     virtual int batch_frames() const = 0;     // frames encoded together (bounds activation memory)
     virtual void set_batch_frames(int n) = 0;
     virtual std::string device() const = 0;   // "cpu" or "cuda:N"

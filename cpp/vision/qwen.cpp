@@ -135,7 +135,7 @@ int64_t QwenVisionEncoder::n_tokens(int64_t n_frames, int height, int width) con
 }
 
 void QwenVisionEncoder::encode(ThreadPool& pool, const float* frames, int64_t n_frames, int height, int width,
-                               float* out) const {
+                               float* out, const Interrupt* interrupt) const {
     const QwenVisionConfig& c = cfg_;
     const int side = c.patch * c.merge;
     if (n_frames < 1) throw Error("no frames to encode");
@@ -152,12 +152,12 @@ void QwenVisionEncoder::encode(ThreadPool& pool, const float* frames, int64_t n_
             const int64_t src = std::min<int64_t>(f0 + j, n_frames - 1);
             std::memcpy(pair.data() + j * plane, frames + src * plane, sizeof(float) * plane);
         }
-        run_pair(pool, s, pair.data(), height, width, out + t * per_pair * c.n_embd);
+        run_pair(pool, s, pair.data(), height, width, out + t * per_pair * c.n_embd, interrupt);
     }
 }
 
 void QwenVisionEncoder::run_pair(ThreadPool& pool, Scratch& s, const float* pair, int height, int width,
-                                 float* out) const {
+                                 float* out, const Interrupt* interrupt) const {
     const QwenVisionConfig& c = cfg_;
     const int hp = height / c.patch, wp = width / c.patch, unit = c.merge * c.merge;
     const int64_t N = static_cast<int64_t>(hp) * wp, W = c.width, F = c.n_ff, K = patch_w_.n_in;
@@ -208,6 +208,7 @@ void QwenVisionEncoder::run_pair(ThreadPool& pool, Scratch& s, const float* pair
         }
     };
     for (int l = 0; l < c.n_layer; ++l) {
+        check_interrupt(interrupt);
         const QwenVisionLayer& L = layers_[l];
         const bool full = !c.qwen25 || (l + 1) % c.n_wa_pattern == 0;
         per_row(pool, N, W, [&](int64_t r) { norm(L.ln1_w, L.ln1_b, s.x.data() + r * W, s.xn.data() + r * W); });

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/gguf.h"
+#include "core/interrupt.h"
 #include "core/threadpool.h"
 #include "cpu/mrope.h"
 #include "cpu/ops.h"
@@ -52,13 +53,16 @@ class QwenVisionEncoder {
 
     // frames [n_frames, 3, height, width] normalized pixels (an image: n_frames = 1) -> out
     // [n_tokens(...), n_embd]: per temporal pair, one token per 2x2 merge window in raster order.
-    // Throws Error on sizes that are not multiples of patch * merge.
-    void encode(ThreadPool& pool, const float* frames, int64_t n_frames, int height, int width, float* out) const;
+    // Throws Error on sizes that are not multiples of patch * merge. interrupt (may be null) is checked
+    // before every block of every temporal pair (Cancelled; out is then partly written).
+    void encode(ThreadPool& pool, const float* frames, int64_t n_frames, int height, int width, float* out,
+                const Interrupt* interrupt = nullptr) const;
 
   private:
     QwenVisionEncoder() = default;
     struct Scratch;
-    void run_pair(ThreadPool& pool, Scratch& s, const float* pair, int height, int width, float* out) const;
+    void run_pair(ThreadPool& pool, Scratch& s, const float* pair, int height, int width, float* out,
+                  const Interrupt* interrupt) const;
     void attention(ThreadPool& pool, Scratch& s, int64_t n, const std::vector<int32_t>& seg_len) const;
 
     QwenVisionConfig cfg_;

@@ -340,7 +340,8 @@ void VisionEncoder::im2col_row(const float* pixels, int64_t r, float* dst) const
     }
 }
 
-void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n) const {
+void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n,
+                              const Interrupt* interrupt) const {
     const VisionConfig& c = cfg_;
     const int64_t W = c.width, T = c.n_tokens, NP = c.n_patches, P = c.patch_size, FF = c.n_ff;
     const int64_t K = 3 * P * P;
@@ -366,6 +367,7 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
 
     // ---- encoder layers (pre-LN transformer)
     for (const VisionLayer& L : layers_) {
+        check_interrupt(interrupt);
         per_row(pool, rows, W, [&](int64_t r) {
             layernorm(s.x.data() + r * W, L.ln1_w.data(), L.ln1_b.data(), s.xn.data() + r * W, W, c.eps);
         });
@@ -496,7 +498,8 @@ void VisionEncoder::pool_frame(const float* in, float* out, int64_t stride, int6
     }
 }
 
-void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out, Stage stage) const {
+void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out, Stage stage,
+                           const Interrupt* interrupt) const {
     const VisionConfig& c = cfg_;
     if (n_frames < 0) throw Error("n_frames must be >= 0");
     if (n_frames == 0) return;
@@ -528,7 +531,9 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
 
     for (int64_t f0 = 0; f0 < n_frames; f0 += B) {
         const int64_t n = std::min(B, n_frames - f0);
-        run_tower(pool, s, pixels + f0 * frame_px, n);
+        check_interrupt(interrupt);
+        run_tower(pool, s, pixels + f0 * frame_px, n, interrupt);
+        check_interrupt(interrupt);
         if (stage == Stage::Features) {
             float* dst = out + f0 * NF * W;
             for (int64_t b = 0; b < n; ++b) {

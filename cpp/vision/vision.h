@@ -16,8 +16,9 @@
 #include <vector>
 
 #include "core/gguf.h"
-#include "cpu/ops.h"
+#include "core/interrupt.h"
 #include "core/threadpool.h"
+#include "cpu/ops.h"
 
 namespace x2l {
 
@@ -103,9 +104,11 @@ class VisionEncoder {
     // pixels: [n_frames, 3, image_size, image_size] float32, already resized and normalised.
     // out: [n_frames * rows_per_frame(stage), cols(stage)], frame-major, row-major grid inside a frame.
     // All scratch is local to the call, so concurrent calls are safe as long as each uses its own
-    // pool (a ThreadPool runs one parallel region at a time).
+    // pool (a ThreadPool runs one parallel region at a time). interrupt (may be null) is checked before
+    // every batch, every layer and the projector: a cancel stops the call (Cancelled) within one layer
+    // of one batch; out is then partly written.
     void encode(ThreadPool& pool, const float* pixels, int64_t n_frames, float* out,
-                Stage stage = Stage::Pooled) const;
+                Stage stage = Stage::Pooled, const Interrupt* interrupt = nullptr) const;
 
     // Row r (frame r / n_patches, patch r % n_patches in row-major grid order) of the im2col matrix
     // [n * n_patches, 3*p*p] of pixels [n, 3, S, S], in the conv weight's (channel, ky, kx) order.
@@ -119,7 +122,7 @@ class VisionEncoder {
     VisionEncoder() = default;
     struct Scratch;
     // Runs the tower on n frames; leaves the selected features in s.x [n * n_tokens, width].
-    void run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n) const;
+    void run_tower(ThreadPool& pool, Scratch& s, const float* pixels, int64_t n, const Interrupt* interrupt) const;
     void attention(ThreadPool& pool, Scratch& s, int64_t n) const;
     // One frame's [g, g] grid -> [pg, pg] grid, channels [0, c) of rows that are `stride` floats apart.
     void pool_frame(const float* in, float* out, int64_t stride, int64_t c) const;

@@ -66,6 +66,9 @@ def serve(a) -> int:
     if a.media_dir is not None and not os.path.isdir(a.media_dir):
         print(f"error: --media-dir {a.media_dir} is not a directory", file=sys.stderr)
         return 2
+    from ..heap import fix_mmap_threshold
+
+    fix_mmap_threshold()  # a long-running process: freed blocks go back to the system (x2l_edge/heap.py)
     session = Session(path, n_threads=a.threads, n_ctx=a.n_ctx, device=a.device)
     cfg = ServerConfig(media_dir=a.media_dir, index_dir=a.index_dir,
                        api_key=a.api_key or os.environ.get("X2L_API_KEY") or None, max_host_bytes=a.max_host_bytes,
