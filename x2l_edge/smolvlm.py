@@ -155,7 +155,7 @@ class SmolMedia:
     def encode(self, frames) -> np.ndarray:
         """RGB uint8 frames -> image rows [F * tokens_per_frame, n_embd]."""
         px = preprocess(frames, self.side, self.mean, self.std, self.longest_edge)
-        return self.enc.encode(px)
+        return self.enc.encode(px, session=self.s._s)  # the session's cancel stops it between layers
 
     def frames_embd(self, rows: np.ndarray, timestamps_s) -> np.ndarray:
         """Image rows of len(timestamps_s) frames -> the input embeddings of those frames' prompt part:
