@@ -1032,3 +1032,117 @@ def test_index_survives_restart_and_lru_mmap(vlm_server, vlm_env, needle_index):
         assert srv.get(f"/v1/videos/{other}").json()["residency"] == "mmap"
     finally:
         srv.stop()
+
+
+# ----------------------------------------------------------------------------- model + mmproj pairs
+# llama.cpp's two-file models (tests/conftest.py vlm_llama_cpp: tiny random Qwen2-VL and SmolVLM2 checkpoints
+# through llama.cpp's own converter) served with --mmproj: each family's own prompt layout and X²L prefill,
+# so the server's answers equal Session(model, mmproj=...).ask with the same frames and settings.
+PAIR_Q = "What happens in the video?"
+PAIR_X2L = {"max_frames": 8, "chunk_frames": 4, "top_k": 1}
+
+
+@pytest.fixture(scope="module")
+def pair_env(vlm_llama_cpp, tmp_path_factory):
+    pairs = vlm_llama_cpp("f32")
+    base = tmp_path_factory.mktemp("srv_pair")
+    media = base / "media"
+    media.mkdir()
+    rng = np.random.default_rng(21)
+    video = media / "clip.mkv"
+    assert write_video(str(video), ((rng.random((56, 84, 3)) * 255).astype(np.uint8) for _ in range(8)), 4.0,
+                       codec="FFV1") == 8
+    return {"pairs": pairs, "media": media, "video": video, "base": base}
+
+
+def _pair_server(env, family, index_dir, *extra):
+    model, mmproj = env["pairs"][family]
+    return ServerProc([str(model), "--mmproj", str(mmproj), "--media-dir", str(env["media"]), "--index-dir",
+                       str(index_dir), "--allow-live", *extra], cwd=str(env["base"]))
+
+
+def _pair_reference(env, family):
+    """(answer, chosen chunks) of Session.ask in this process with the server's settings (greedy)."""
+    model, mmproj = env["pairs"][family]
+    s = x2l_edge.Session(str(model), mmproj=str(mmproj), n_threads=2, n_ctx=4096, device="cpu")
+    ctx = s.prefill(str(env["video"]), max_frames=PAIR_X2L["max_frames"], chunk_frames=PAIR_X2L["chunk_frames"],
+                    progress=False)
+    answer = ctx.ask(PAIR_Q, top_k=PAIR_X2L["top_k"], max_tokens=6)
+    assert answer == s.ask(str(env["video"]), PAIR_Q, max_frames=8, chunk_frames=4, top_k=1, max_tokens=6,
+                           progress=False)
+    assert answer and len(ctx.selected) == 1
+    return answer, ctx.selected, ctx.n_chunks
+
+
+def _pair_chat(srv, part, **x2l):
+    body = {"model": "m", "temperature": 0, "max_tokens": 6, "x2l": {**PAIR_X2L, **x2l},
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": PAIR_Q}]}]}
+    return srv.post("/v1/chat/completions", json=body)
+
+
+def _check_pair_answer(r, want, chosen, n_chunks, index=None):
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["message"]["content"] == want, (out, want)
+    x = out["x2l"]
+    assert x["index"] == index and x["n_chunks"] == n_chunks == 2
+    assert [c["chunk"] for c in x["chunks"]] == chosen
+    # 8 frames of a 4 fps video in chunks of 4 frames: 0-1 s and 1-2 s.
+    assert all((c["start_s"], c["end_s"]) == ((0.0, 1.0), (1.0, 2.0))[c["chunk"]] for c in x["chunks"]), x
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "smolvlm"])
+def test_serve_mmproj_pair(pair_env, family, tmp_path):
+    want, chosen, n_chunks = _pair_reference(pair_env, family)
+    url = pair_env["video"].as_uri()
+    srv = _pair_server(pair_env, family, tmp_path / "indexes")
+    try:
+        _check_pair_answer(_pair_chat(srv, {"type": "video_url", "video_url": {"url": url}}), want, chosen, n_chunks)
+        # Indexed once, asked by id.
+        r = srv.post("/v1/videos", json={"url": url, "max_frames": 8, "chunk_frames": 4})
+        assert r.status_code == 202, r.text
+        index_id = r.json()["id"]
+        d = _wait_ready(srv, index_id)
+        assert d["status"] == "ready" and d["n_frames"] == 8 and d["chunk_frames"] == 4, d
+        assert [(c["start_s"], c["end_s"]) for c in d["chunks"]] == [(0.0, 1.0), (1.0, 2.0)]
+        _check_pair_answer(_pair_chat(srv, {"type": "video_index", "video_index": {"id": index_id}}), want, chosen,
+                           n_chunks, index=index_id)
+        if family == "qwen2vl":  # no field for the M-RoPE text position in the index format: memory only
+            assert d["saved"] is False and d["bytes"]["file"] is None and "memory only" in d["note"], d
+            assert not (tmp_path / "indexes" / f"{index_id}.x2l").exists()
+        else:
+            assert d["saved"] is True and d["bytes"]["file"] > 0, d
+        # What the family cannot do is refused with OpenAI error JSON, never a 500.
+        png = base64.b64encode(__import__("cv2").imencode(".png", np.zeros((28, 28, 3), np.uint8))[1]).decode()
+        r = _pair_chat(srv, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png}})
+        assert r.status_code == 501 and r.json()["error"]["code"] == "unsupported_for_model", r.text
+        r = srv.post("/v1/videos", json={"url": "http://127.0.0.1:9/stream.mjpeg"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_for_model", r.text
+        assert "live sources are not supported" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
+    # After a restart: a saved SmolVLM2 index answers the same (loaded with its family's question layout);
+    # a Qwen2-VL one is reported gone.
+    srv = _pair_server(pair_env, family, tmp_path / "indexes")
+    try:
+        d = srv.get(f"/v1/videos/{index_id}").json()
+        if family == "qwen2vl":
+            assert d["status"] == "failed" and "memory only" in d["error"], d
+            r = _pair_chat(srv, {"type": "video_index", "video_index": {"id": index_id}})
+            assert r.status_code == 400 and "memory only" in r.json()["error"]["message"], r.text
+        else:
+            assert d["status"] == "ready", d
+            _check_pair_answer(_pair_chat(srv, {"type": "video_index", "video_index": {"id": index_id}}), want,
+                               chosen, n_chunks, index=index_id)
+    finally:
+        srv.stop()
+
+
+def test_serve_refuses_a_bad_pair(pair_env, tmp_path):
+    """A pair the runtime does not run (a Qwen2-VL LLM with a SmolVLM2 mmproj): the FormatError, exit 2."""
+    model, _ = pair_env["pairs"]["qwen2vl"]
+    _, mmproj = pair_env["pairs"]["smolvlm"]
+    p = subprocess.run([sys.executable, "-m", "x2l_edge.server", str(model), "--mmproj", str(mmproj), "--port",
+                        str(_free_port())], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and str(mmproj) in p.stderr and "projector" in p.stderr, p.stderr

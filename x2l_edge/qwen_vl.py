@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .progress import scope as progress_scope
+
 FACTOR = 28                          # patch 14 x merge 2: frame sides are multiples of this
 IMAGE_MIN_PIXELS = 56 * 56           # Qwen2VLImageProcessor defaults
 IMAGE_MAX_PIXELS = 28 * 28 * 1280
@@ -64,6 +66,16 @@ def prompt_parts(session, question: str, kind: str = "video", system: str | None
     return before, after
 
 
+def default_sampling(video, max_frames, fps):
+    """(max_frames, fps) as this family samples `video`: a file with neither is read at VIDEO_FPS (it has
+    timestamps); frames given as an array or iterable are taken as they are."""
+    import os
+
+    if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
+        fps = VIDEO_FPS
+    return max_frames, fps
+
+
 def sampled_fps(timestamps) -> float:
     """The rate frames were sampled at, from their timestamps (VIDEO_FPS when unknown or a single frame):
     Qwen2.5-VL's temporal positions count seconds."""
@@ -115,12 +127,10 @@ def ask_full(session, video, question: str, *, system=None, max_frames=None, fps
     from .generation import generate_ids, stream_text
     from .video import open_video
 
-    import os
-
-    if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
-        fps = VIDEO_FPS  # a file has timestamps; frames given as an array or iterable are taken as they are
+    max_frames, fps = default_sampling(video, max_frames, fps)
     vid = open_video(video, max_frames=max_frames, fps=fps)
-    read = list(vid.frames(progress=progress))
+    with progress_scope(progress) as prog:  # None, False, True or a callable, as Session.prefill takes
+        read = list(vid.frames(progress=lambda done, total: prog.update("decode", done, total)))
     if not read:
         from .video import VideoError
 
@@ -149,8 +159,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     keep their M-RoPE (t, h, w) positions, so any mix of H and L chunks sits where the full prompt puts
     it; the question ('<|vision_end|>' + question + the template's end) continues at the video's
     text-after position. Returns a VideoContext."""
-    import os
-
     from . import _core
     from .options import X2LOptions
     from .video import VideoError, open_video
@@ -163,8 +171,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     if chunk_frames < 1:
         raise ValueError("chunk_frames must be >= 1")
     chunk_frames += chunk_frames % 2  # whole temporal pairs
-    if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
-        fps = VIDEO_FPS
+    max_frames, fps = default_sampling(video, max_frames, fps)
     before, after = prompt_parts(session, _QUESTION_MARK, "video", system)
     q_prefix, q_suffix = after.split(_QUESTION_MARK)
     sink = session.tokenize(before)
@@ -198,20 +205,21 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
         p.add_chunk_embd(np.ascontiguousarray(embd, dtype=np.float32), n_frames=t_end - t_begin, is_last=last,
                          pos=np.ascontiguousarray(pos))
 
-    for frame in vid.frames(progress=progress):
-        buf.append(frame.rgb)
-        state["times"].append(frame.timestamp_s)
-        if len(buf) == chunk_frames:
+    with progress_scope(progress) as prog:  # None, False, True or a callable, as Session.prefill takes
+        for frame in vid.frames(progress=lambda done, total: prog.update("decode", done, total)):
+            buf.append(frame.rgb)
+            state["times"].append(frame.timestamp_s)
+            if len(buf) == chunk_frames:
+                if pending is not None:
+                    add(pending, False)
+                pending, buf = encode(buf), []
+        if buf:
             if pending is not None:
                 add(pending, False)
-            pending, buf = encode(buf), []
-    if buf:
-        if pending is not None:
-            add(pending, False)
-        pending = encode(buf)
-    if pending is None:
-        raise VideoError(f"no frames could be read from {video!r}")
-    add(pending, True)
+            pending = encode(buf)
+        if pending is None:
+            raise VideoError(f"no frames could be read from {video!r}")
+        add(pending, True)
     _, h, w = state["grid"]
     _, text_pos = _core.mrope_run_positions(state["pairs"], h, w, merge=media.merge, video=True,
                                             seconds_per_grid=2.0 / rate(), tokens_per_second=media.tokens_per_second,

@@ -173,13 +173,19 @@ class SmolMedia:
         return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def _open(video, max_frames, fps):
-    """The sampled Video. A file with neither max_frames nor fps is sampled as SmolVLM2 samples: 1 frame
-    per second, at most 64."""
-    from .video import open_video
-
+def default_sampling(video, max_frames, fps):
+    """(max_frames, fps) as this family samples `video`: a file with neither is sampled as SmolVLM2
+    samples, 1 frame per second, at most 64."""
     if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
         fps, max_frames = VIDEO_FPS, VIDEO_MAX_FRAMES
+    return max_frames, fps
+
+
+def _open(video, max_frames, fps):
+    """The sampled Video (default_sampling's rule)."""
+    from .video import open_video
+
+    max_frames, fps = default_sampling(video, max_frames, fps)
     return open_video(video, max_frames=max_frames, fps=fps)
 
 

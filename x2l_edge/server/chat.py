@@ -17,7 +17,7 @@ import numpy as np
 from ..generation import generate_ids, stream_text
 from ..options import X2LOptions
 from ..x2l import VideoContext, split_template
-from .indexes import check_id, chunk_ranges, frame_seconds, prefill_job
+from .indexes import check_id, chunk_ranges, family_chunk_frames, frame_seconds, prefill_job
 from .media import SUFFIX, ApiError, decode_data_url, decode_image, resolve_media_path, write_temp
 
 
@@ -60,6 +60,8 @@ class ChatRequest:
         if self.scorer is not None and self.scorer not in scorers:
             raise ApiError(400, "x2l.scorer must be one of " + ", ".join(scorers), param="x2l.scorer")
         self.max_frames = None if x.get("max_frames") is None else _int(x["max_frames"], "x2l.max_frames", 1, 4096)
+        self.chunk_frames = None if x.get("chunk_frames") is None else _int(x["chunk_frames"], "x2l.chunk_frames",
+                                                                             1, 4096)
 
         # Messages: text-only copies for the chat template, and the visual source if any.
         self.messages, self.system, self.visual = [], None, None
@@ -253,6 +255,7 @@ def _temporary_context(server, req: ChatRequest, kind, value):
     s = server.session
     opts = X2LOptions.for_model(s, video=True)
     tmp_path = None
+    family = server.media_family
     try:
         if kind == "upload":
             mime, data = value
@@ -262,8 +265,10 @@ def _temporary_context(server, req: ChatRequest, kind, value):
             video, max_frames, fps = value, req.max_frames or opts.frames_default, None
         else:  # images: the frames of one clip
             video, max_frames, fps = value, len(value), None
+        if family is not None:
+            return (yield from _family_context(server, req, family, video, opts))
         prefix, suffix = split_template(s, req.system)
-        cf = opts.chunk_frames
+        cf = req.chunk_frames or opts.chunk_frames
         times, frame_s = _plan_times(video, max_frames, fps)
         chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=fps)
         index = yield from prefill_job(s, chunks, prefix, cf, opts)
@@ -276,6 +281,18 @@ def _temporary_context(server, req: ChatRequest, kind, value):
                 os.unlink(tmp_path)
             except OSError:
                 pass
+
+
+def _family_context(server, req: ChatRequest, family, video, opts):
+    """A model + mmproj pair: the video prefilled by its family's own pipeline (Session.prefill), with
+    the family's sampling unless x2l.max_frames is given (one step: Session.cancel stops it inside)."""
+    cf = family_chunk_frames(family, req.chunk_frames or opts.chunk_frames)
+    max_frames, fps = family.default_sampling(video, req.max_frames, None)
+    times, frame_s = _plan_times(video, max_frames, fps)
+    yield None
+    ctx = server.session.prefill(video, system=req.system, chunk_frames=cf, max_frames=max_frames, fps=fps,
+                                 progress=lambda *a: None)
+    return ctx, {"index": None, "ranges": chunk_ranges(times, cf, ctx.n_chunks, frame_s)}
 
 
 def _plan_times(video, max_frames, fps):

@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 
+from ..families import media_module
 from ..options import X2LOptions
 from ..x2l import ChunkedPrefill, VideoContext, split_template
 from ..video import VideoError
@@ -74,6 +75,30 @@ def frame_seconds(rec) -> float:
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
 
 
+def family_chunk_frames(family, chunk_frames: int) -> int:
+    """The chunk size a media family's prefill uses (Qwen2-VL: whole temporal pairs)."""
+    from .. import qwen_vl
+
+    return chunk_frames + chunk_frames % 2 if family is qwen_vl else chunk_frames
+
+
+def saves_index(family) -> bool:
+    """Whether a family's index can be saved: a Qwen2-VL index holds where the question's text continues
+    (its M-RoPE text position), which the index format has no field for (cpp/x2l/kv_store.h)."""
+    from .. import qwen_vl
+
+    return family is not qwen_vl
+
+
+def family_context_kwargs(family, system) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index a media family's prefill made."""
+    from .. import smolvlm
+
+    if family is smolvlm:
+        return {"question_prefix": smolvlm.QUESTION_PREFIX, "question_suffix": smolvlm.QUESTION_SUFFIX}
+    raise ValueError("only SmolVLM2 indexes are loaded from files")
+
+
 class LiveState:
     """A live index while it records: its prefill, and the snapshot questions are answered on (made
     again when more chunks are in)."""
@@ -89,7 +114,7 @@ class IndexRecord:
 
     FIELDS = ("id", "status", "source", "created", "system", "chunk_frames", "max_frames", "fps", "n_frames",
               "duration_s", "frame_times", "frame_s", "chunks_done", "chunks_total", "bytes", "error",
-              "index_seconds", "live", "note")
+              "index_seconds", "live", "note", "memory_only")
 
     def __init__(self, **kw):
         for f in self.FIELDS:
@@ -134,7 +159,11 @@ class IndexStore:
                 check_id(rec.id)
             except (OSError, ValueError, TypeError, ApiError):
                 continue
-            if rec.status != "ready":
+            if rec.status == "ready" and rec.memory_only:
+                rec.status, rec.error = "failed", "the index was kept in memory only (Qwen2-VL indexes cannot be " \
+                                                  "saved) and is gone after the server's restart"
+                self._write_record(rec)
+            elif rec.status != "ready":
                 rec.status, rec.error = "failed", rec.error or "indexing was interrupted by a server restart"
                 self._write_record(rec)
             elif not os.path.exists(self._paths(rec.id)[0]):
@@ -159,7 +188,7 @@ class IndexStore:
              "duration_s": rec.duration_s, "n_frames": rec.n_frames, "chunk_frames": rec.chunk_frames,
              "bytes": rec.bytes, "error": rec.error, "index_seconds": rec.index_seconds,
              "residency": "not_loaded" if ctx is None else ("mmap" if mapped else "resident"),
-             "live": bool(rec.live), "note": rec.note}
+             "live": bool(rec.live), "note": rec.note, "saved": not rec.memory_only}
         with self._lock:
             live = self.live.get(rec.id)
         if live is not None:
@@ -214,6 +243,11 @@ class IndexStore:
             rec.status = "indexing"
             opts = X2LOptions.for_model(s, video=True)
             cf = int(rec.chunk_frames or opts.chunk_frames)
+            family = media_module(s)
+            if family is not None:
+                if isinstance(video, LiveSource):
+                    raise ValueError("live sources are not supported for model + mmproj pairs")
+                return (yield from self._family_steps(rec, video, family, opts, cf, t0))
             if isinstance(video, LiveSource):
                 return (yield from self._live_steps(rec, video, opts, cf, t0))
             max_frames = rec.max_frames if (rec.max_frames or rec.fps) else opts.frames_default
@@ -256,6 +290,33 @@ class IndexStore:
                 self.jobs.pop(rec.id, None)
             if cleanup is not None:
                 cleanup()
+
+    def _family_steps(self, rec: IndexRecord, video, family, opts, cf: int, t0: float):
+        """Index a video with a media family's own prefill (Session.prefill dispatches to it): the same
+        frames, prompt layout and chunks as Session.prefill / Session.ask give for these settings. One
+        step: Session.cancel stops it inside."""
+        from ..video import open_video
+
+        s = self.session
+        cf = family_chunk_frames(family, cf)
+        max_frames, fps = family.default_sampling(video, rec.max_frames, rec.fps)
+        v = open_video(video, max_frames=max_frames, fps=fps)
+        idx = [int(i) for i in (v.sample_indices if v.sample_indices is not None else [])]
+        src_fps = v.fps or 1.0
+        rec.duration_s = v.duration_s
+        v.close()
+        rec.chunk_frames, rec.max_frames, rec.fps = cf, max_frames, fps
+        rec.frame_times = [round(i / src_fps, 3) for i in idx]
+        rec.frame_s = 1.0 / src_fps
+        rec.n_frames = len(idx)
+        rec.chunks_total = -(-len(idx) // cf) if idx else None
+        yield None
+
+        def progress(*args):  # (done, total) frames read, or (step, done, total)
+            if len(args) == 3 and args[0] == "index":
+                rec.chunks_done = args[1]
+        ctx = s.prefill(video, system=rec.system, chunk_frames=cf, max_frames=max_frames, fps=fps, progress=progress)
+        return self._register(rec, None, opts, t0, ctx=ctx)
 
     def _live_steps(self, rec: IndexRecord, src, opts, cf: int, t0: float):
         """Index a live source chunk by chunk while it records; the job's ready() lets the worker wait
@@ -332,17 +393,26 @@ class IndexStore:
         if alive:
             self._write_record(rec)
 
-    def _register(self, rec: IndexRecord, index, opts, t0: float) -> str:
-        """Save a finished index and make it answerable."""
+    def _register(self, rec: IndexRecord, index, opts, t0: float, ctx: VideoContext | None = None) -> str:
+        """Save a finished index (or keep it in memory only when its family's index cannot be saved) and
+        make it answerable. ctx: the context a media family's prefill made, else one is made of index."""
         s = self.session
-        ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
-                           default_top_k=opts.top_k, default_scorer=opts.scorer)
+        if ctx is None:
+            ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
+                               default_top_k=opts.top_k, default_scorer=opts.scorer)
         path, _ = self._paths(rec.id)
-        ctx.save(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        family = media_module(s)
+        if family is None or saves_index(family):
+            ctx.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            size = os.path.getsize(path)
+        else:
+            rec.memory_only, size = True, None
+            rec.note = ("kept in memory only: a Qwen2-VL index cannot be saved (the index format has no field for "
+                        "the M-RoPE text position); it is gone after a restart")
         m = ctx.memory()
         rec.bytes = {"n_chunks": ctx.n_chunks, "sink": m["sink_bytes"], "high": m["high_bytes"],
-                     "low": m["low_bytes"], "signature": m["signature_bytes"], "file": os.path.getsize(path)}
+                     "low": m["low_bytes"], "signature": m["signature_bytes"], "file": size}
         rec.chunks_done = rec.chunks_total = ctx.n_chunks
         rec.index_seconds = round(time.perf_counter() - t0, 3)
         rec.status = "ready"
@@ -404,6 +474,8 @@ class IndexStore:
             ctx = self._loaded.get(index_id)
             if ctx is not None:
                 self._loaded.move_to_end(index_id)
+        if ctx is None and rec.memory_only:
+            raise ApiError(410, f"video index {index_id} was kept in memory only and is gone", code="index_gone")
         if ctx is None:
             ctx = self._load(rec, mmap=False)
             with self._lock:
@@ -415,8 +487,10 @@ class IndexStore:
     def _load(self, rec: IndexRecord, *, mmap: bool) -> VideoContext:
         path, _ = self._paths(rec.id)
         opts = X2LOptions.for_model(self.session, video=True)
+        family = media_module(self.session)
+        kw = {} if family is None else family_context_kwargs(family, rec.system)
         return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, default_top_k=opts.top_k,
-                                 default_scorer=opts.scorer)
+                                 default_scorer=opts.scorer, **kw)
 
     def _fit_budget(self) -> None:
         """Most recently used first: indexes whose L tiers fit max_host_bytes together stay resident,
@@ -434,7 +508,7 @@ class IndexStore:
                 used += low
             if want_mapped != mapped:
                 rec = self.records.get(index_id)
-                if rec is None:
+                if rec is None or rec.memory_only:  # nothing on disk to map
                     continue
                 new = self._load(rec, mmap=want_mapped)
                 with self._lock:

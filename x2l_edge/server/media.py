@@ -15,7 +15,8 @@ class ApiError(Exception):
     """An error returned to the client as OpenAI error JSON with this HTTP status."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 503: "server_busy"}
+             404: "not_found_error", 409: "conflict_error", 410: "not_found_error", 413: "request_too_large",
+             501: "not_implemented_error", 503: "server_busy"}
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None):
         super().__init__(message)
