@@ -76,6 +76,21 @@ def default_sampling(video, max_frames, fps):
     return max_frames, fps
 
 
+def whole_chunk_frames(chunk_frames: int) -> int:
+    """Frames per X²L chunk as this family prefills them: whole temporal pairs (rounded up)."""
+    return chunk_frames + chunk_frames % 2
+
+
+# An index of this family cannot be saved: it holds where the question's text continues (its M-RoPE text
+# position), which the index format has no field for (cpp/x2l/kv_store.h).
+SAVES_INDEX = False
+
+
+def context_kwargs() -> dict:
+    """VideoContext's keyword arguments for an index of this family loaded from a file: none can be."""
+    raise ValueError("a Qwen2-VL index cannot be loaded from a file (it cannot be saved)")
+
+
 def sampled_fps(timestamps) -> float:
     """The rate frames were sampled at, from their timestamps (VIDEO_FPS when unknown or a single frame):
     Qwen2.5-VL's temporal positions count seconds."""
@@ -170,7 +185,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     chunk_frames = int(chunk_frames or opts.chunk_frames)
     if chunk_frames < 1:
         raise ValueError("chunk_frames must be >= 1")
-    chunk_frames += chunk_frames % 2  # whole temporal pairs
+    chunk_frames = whole_chunk_frames(chunk_frames)
     max_frames, fps = default_sampling(video, max_frames, fps)
     before, after = prompt_parts(session, _QUESTION_MARK, "video", system)
     q_prefix, q_suffix = after.split(_QUESTION_MARK)

@@ -181,6 +181,19 @@ def default_sampling(video, max_frames, fps):
     return max_frames, fps
 
 
+def whole_chunk_frames(chunk_frames: int) -> int:
+    """Frames per X²L chunk as this family prefills them: any count."""
+    return chunk_frames
+
+
+SAVES_INDEX = True
+
+
+def context_kwargs() -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family."""
+    return {"question_prefix": QUESTION_PREFIX, "question_suffix": QUESTION_SUFFIX}
+
+
 def _open(video, max_frames, fps):
     """The sampled Video (default_sampling's rule)."""
     from .video import open_video
@@ -301,7 +314,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
 
         index, stats = prefill_chunks(session, chunks(), sink_ids=sink, n_chunks=-(-n_frames // chunk_frames),
                                       frames_per_chunk=chunk_frames, options=opts, progress=prog)
-    ctx = VideoContext(session, index, question_prefix=QUESTION_PREFIX, question_suffix=QUESTION_SUFFIX,
-                       default_top_k=opts.top_k, default_scorer=opts.scorer)
+    ctx = VideoContext(session, index, **context_kwargs(), default_top_k=opts.top_k, default_scorer=opts.scorer)
     ctx.prefill_stats = stats
     return ctx

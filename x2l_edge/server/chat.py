@@ -17,7 +17,7 @@ import numpy as np
 from ..generation import generate_ids, stream_text
 from ..options import X2LOptions
 from ..x2l import VideoContext, split_template
-from .indexes import check_id, chunk_ranges, family_chunk_frames, frame_seconds, prefill_job
+from .indexes import check_id, chunk_ranges, frame_seconds, prefill_job
 from .media import SUFFIX, ApiError, decode_data_url, decode_image, resolve_media_path, write_temp
 
 
@@ -286,7 +286,7 @@ def _temporary_context(server, req: ChatRequest, kind, value):
 def _family_context(server, req: ChatRequest, family, video, opts):
     """A model + mmproj pair: the video prefilled by its family's own pipeline (Session.prefill), with
     the family's sampling unless x2l.max_frames is given (one step: Session.cancel stops it inside)."""
-    cf = family_chunk_frames(family, req.chunk_frames or opts.chunk_frames)
+    cf = family.whole_chunk_frames(req.chunk_frames or opts.chunk_frames)
     max_frames, fps = family.default_sampling(video, req.max_frames, None)
     times, frame_s = _plan_times(video, max_frames, fps)
     yield None

@@ -75,30 +75,6 @@ def frame_seconds(rec) -> float:
     return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
 
 
-def family_chunk_frames(family, chunk_frames: int) -> int:
-    """The chunk size a media family's prefill uses (Qwen2-VL: whole temporal pairs)."""
-    from .. import qwen_vl
-
-    return chunk_frames + chunk_frames % 2 if family is qwen_vl else chunk_frames
-
-
-def saves_index(family) -> bool:
-    """Whether a family's index can be saved: a Qwen2-VL index holds where the question's text continues
-    (its M-RoPE text position), which the index format has no field for (cpp/x2l/kv_store.h)."""
-    from .. import qwen_vl
-
-    return family is not qwen_vl
-
-
-def family_context_kwargs(family, system) -> dict:
-    """VideoContext's question_prefix / question_suffix for an index a media family's prefill made."""
-    from .. import smolvlm
-
-    if family is smolvlm:
-        return {"question_prefix": smolvlm.QUESTION_PREFIX, "question_suffix": smolvlm.QUESTION_SUFFIX}
-    raise ValueError("only SmolVLM2 indexes are loaded from files")
-
-
 class LiveState:
     """A live index while it records: its prefill, and the snapshot questions are answered on (made
     again when more chunks are in)."""
@@ -298,7 +274,7 @@ class IndexStore:
         from ..video import open_video
 
         s = self.session
-        cf = family_chunk_frames(family, cf)
+        cf = family.whole_chunk_frames(cf)
         max_frames, fps = family.default_sampling(video, rec.max_frames, rec.fps)
         v = open_video(video, max_frames=max_frames, fps=fps)
         idx = [int(i) for i in (v.sample_indices if v.sample_indices is not None else [])]
@@ -402,7 +378,7 @@ class IndexStore:
                                default_top_k=opts.top_k, default_scorer=opts.scorer)
         path, _ = self._paths(rec.id)
         family = media_module(s)
-        if family is None or saves_index(family):
+        if family is None or family.SAVES_INDEX:
             ctx.save(path + ".tmp")
             os.replace(path + ".tmp", path)
             size = os.path.getsize(path)
@@ -488,7 +464,7 @@ class IndexStore:
         path, _ = self._paths(rec.id)
         opts = X2LOptions.for_model(self.session, video=True)
         family = media_module(self.session)
-        kw = {} if family is None else family_context_kwargs(family, rec.system)
+        kw = {} if family is None else family.context_kwargs()
         return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, default_top_k=opts.top_k,
                                  default_scorer=opts.scorer, **kw)
 
