@@ -375,3 +375,19 @@ def test_device_choice(vlm_llama_cpp, monkeypatch):
     with pytest.warns(RuntimeWarning, match="pixel-shuffle"):
         enc = _device.open_vision(mmproj, "cuda:0", 1)
     assert enc.device == "cpu" and enc.config["projector"] == "shuffle_mlp"
+
+
+def test_merged_single_file(vlm_llama_cpp, tmp_path):
+    """tools/merge_mmproj.py on an InternVL pair: Session(merged) answers exactly as the pair."""
+    import merge_mmproj
+
+    import x2l_edge
+
+    model, mmproj = (str(p) for p in vlm_llama_cpp("f32")["internvl"])
+    out = str(tmp_path / "merged.gguf")
+    assert merge_mmproj.merge(model, mmproj, out)["vision_tensors"] > 0
+    pair = _session(vlm_llama_cpp)
+    one = x2l_edge.Session(out, device="cpu", kv_type="f32", n_threads=2)
+    video = _video_u8(12, 2, 64, 96)
+    assert pair.ask(video, Q, mode="full", max_tokens=3) == one.ask(video, Q, mode="full", max_tokens=3)
+    np.testing.assert_array_equal(pair._s.logits(), one._s.logits())
