@@ -222,6 +222,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         m->patch_b_ = load_floats(f, "v.patch_embd.bias", {W}, total);
         m->class_embd_ = load_floats(f, "v.class_embd", {W}, total);
     } else {
+        m->class_embd_ = load_floats(f, "v.class_embd", {W}, total);
         m->pre_ln_w_ = load_floats(f, "v.pre_ln.weight", {W}, total);
         m->pre_ln_b_ = load_floats(f, "v.pre_ln.bias", {W}, total);
     }
