@@ -2,7 +2,7 @@
 """Frames per second through InternVL 2.5 / 3's vision tower on the CPU: x2l-edge next to llama.cpp's mtmd.
 
     python bench/internvl_tower_fps.py [--reps 1] [--rounds 3] [--threads 2] [--outtypes f32 q8_0] \\
-        [--out bench/results/internvl_tower_fps_avx2.json]
+        [--out bench/results/internvl_tower_fps_<isa>.json]
 
 The tower has InternViT-300M-448px-V2_5's config (the tower of InternVL2.5-1B..4B and InternVL3-1B/2B:
 width 1024, 24 blocks with layer scales, 16 heads, MLP 4096, 448 px / 14 -> 32x32 = 1024 patches + CLS),
@@ -11,8 +11,8 @@ weights (tests/vlm_refs.make_tiny_internvl with overrides; the values do not cha
 one-layer Qwen2 LLM of that width (mtmd needs a model of the projector's width). llama.cpp's own converter
 (tools/llama_cpp_converter.py) writes the model.gguf + mmproj.gguf pair; both runtimes read the same
 mmproj file. One 448x448 frame per encode (video frames are one tile each); preprocessing is not timed.
-x2l-edge: _core.VisionEncoder.encode on one normalised frame. mtmd (llama-cpp-python 0.3.36, built
--march=native = AVX2 here): mtmd_encode_chunk on the frame's image chunk (the checkpoint has no
+x2l-edge: _core.VisionEncoder.encode on one normalised frame (kernels of the installed build, ISA recorded).
+mtmd (llama-cpp-python 0.3.36, built -march=native on the same machine): mtmd_encode_chunk on the frame's image chunk (the checkpoint has no
 min/max_dynamic_patch, so llama.cpp makes one 448x448 tile of it). The two are timed interleaved, `reps`
 encodes each per round after a warm-up, best and median of the rounds reported, with their ratio; both
 outputs are compared (relative RMS) with the float64 NumPy tower of tests/vlm_numpy.py on the checkpoint's
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -141,15 +142,19 @@ def run(outtype: str, model_path: Path, mmproj_path: Path, img: np.ndarray, reps
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "internvl_tower_fps_avx2.json"))
+    ap.add_argument("--out", default=None, help="default bench/results/internvl_tower_fps_<ISA of the x2l-edge build>.json")
     ap.add_argument("--outtypes", nargs="+", default=["f32", "q8_0"])
     ap.add_argument("--reps", type=int, default=1, help="encodes per round and runtime")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    isa = bench_common.isa_info()
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" / f"internvl_tower_fps_{isa['build'].lower().replace('-', '')}.json")
     import llama_cpp
 
     tree = llama_cpp_converter.fetch()
+    load_start = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         hf = vlm_refs.make_tiny_internvl(Path(tmp) / "internvit-300m", seed=0, vision_config=VISION_300M,
@@ -178,7 +183,9 @@ def main() -> int:
                 "width 896, random weights, on one CPU frame: x2l-edge VisionEncoder.encode vs llama.cpp "
                 "mtmd_encode_chunk, same mmproj.gguf, interleaved",
         "command": "python bench/internvl_tower_fps.py " + " ".join(sys.argv[1:]),
-        "cpu": bench_common.cpu_name(), "isa": bench_common.isa_info(), "threads": args.threads,
+        "cpu": bench_common.cpu_name(), "isa": isa, "threads": args.threads,
+        "mtmd_isa": "llama-cpp-python built with GGML_NATIVE (-march=native) on this machine",
+        "load_average_1m_start_end": [load_start, os.getloadavg()[0]],
         "llama_cpp_python": llama_cpp.__version__, "build": bench_common.build_info(), "results": results})
     return 0
 
