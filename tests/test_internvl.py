@@ -230,13 +230,16 @@ def test_video_prompt_logits_match_transformers(vlm_llama_cpp, vlm_hf, hf_model)
 
 
 def test_ask_full_video(vlm_llama_cpp):
-    """ask(video, q, mode='full') on 4 frames in groups of 3: the cache holds the layout above, and the first
-    answer token is the argmax of the last prompt row computed by the pieces."""
+    """ask(video, q, mode='full') on 4 frames in groups of 3 (an array, and a generator of its frames): the cache
+    holds the layout above, and the first answer token is the argmax of the last prompt row computed by the
+    pieces."""
     from x2l_edge import internvl
 
     s = _session(vlm_llama_cpp)
     video = _video_u8(7, 4, 90, 160)
-    assert isinstance(s.ask(video, Q, mode="full", max_tokens=3, chunk_frames=3), str)
+    # frames from a generator (no count known in advance) stream the same way
+    streamed = s.ask((f for f in video), Q, mode="full", max_tokens=3, chunk_frames=3)
+    assert s.ask(video, Q, mode="full", max_tokens=3, chunk_frames=3) == streamed
     run = list(s._s.history)
     head, embd, tail, _ = _prompt_pieces(s, internvl.InternMedia(s), video)
     assert run[:len(head)] == head and run[len(head):len(head) + len(embd)] == [-1] * len(embd)
