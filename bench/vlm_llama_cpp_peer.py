@@ -198,7 +198,8 @@ def main() -> int:
         "what": "llama.cpp mtmd projector outputs vs tests/vlm_numpy.py on the tiny VLM pairs (accuracy only); "
                 "Qwen and InternVL cases also x2l-edge's tower (x2l_edge: vs the reference, x2l_edge_vs_mtmd: vs mtmd)",
         "command": "python bench/vlm_llama_cpp_peer.py " + " ".join(sys.argv[1:]),
-        "cpu": bench_common.cpu_name(), "isa": "AVX2 (llama-cpp-python built -march=native here)",
+        "cpu": bench_common.cpu_name(), "isa": bench_common.isa_info(),
+        "mtmd_isa": "llama-cpp-python built with GGML_NATIVE (-march=native) on this machine",
         "llama_cpp_python": llama_cpp.__version__, "converter": str(llama_cpp_converter.VERSION),
         "results": results})
     return 0
