@@ -41,8 +41,12 @@ def check_pair(session) -> None:
         raise _core.FormatError(f"{where}: clip.projector_type {proj!r} is not supported (supported: "
                                 f"{', '.join(SUPPORTED_PROJECTORS)})")
     if proj == "mlp" and meta("x2l.vision.kind") is None:
-        raise _core.FormatError(f"{where}: an 'mlp' projector needs x2l.vision.* keys (a tools/convert.py file); "
-                                "llama.cpp's LLaVA mmproj files are not supported yet")
+        # llama.cpp writes LLaVA mmproj files only with its legacy convert_image_encoder_to_gguf.py: its
+        # convert_hf_to_gguf.py refuses LLaVA-1.5/1.6 (CLIP or SigLIP towers) and LLaVA-OneVision.
+        raise _core.FormatError(f"{where}: an 'mlp' projector without x2l.vision.* keys is a llama.cpp LLaVA "
+                                "mmproj (legacy convert_image_encoder_to_gguf.py), which x2l-edge does not run; "
+                                "convert the Hugging Face LLaVA-OneVision checkpoint with tools/convert.py "
+                                "into one GGUF instead")
     info = session.info
     dim = meta("clip.vision.projection_dim")
     if dim != info["n_embd"]:
