@@ -264,10 +264,8 @@ class Session:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
             with self._lock.op():
                 if not hasattr(self, "_vision"):
-                    if self.is_qwen_vl:  # the CPU backend only (no CUDA kernels for this tower yet)
-                        self._vision = _core.QwenVision.from_gguf(self.vision_path, n_threads=self._s.n_threads)
-                    else:
-                        self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads)
+                    tower = _core.QwenVision if self.is_qwen_vl else _core.VisionEncoder
+                    self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads, tower)
         return self._vision
 
     @property
