@@ -250,6 +250,12 @@ class Session:
         x2l_edge.qwen_vl."""
         return self.has_vision and self._vision_meta("clip.projector_type", "") in ("qwen2vl_merger", "qwen2.5vl_merger")
 
+    def _video_question_kwargs(self, system: str | None = None) -> dict | None:
+        """How a question continues after a video index with an M-RoPE text position: the model's media module
+        lays it out (Qwen2-VL); None when this model has no such layout (VideoContext.load then refuses)."""
+        module = media_module(self)
+        return module.context_kwargs(self, system) if module is not None and self.is_qwen_vl else None
+
     def _meta(self, key, default=None):
         if not hasattr(self, "_gguf"):
             self._gguf = _core.GGUFFile.open(self.path)

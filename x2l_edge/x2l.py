@@ -225,13 +225,11 @@ class VideoContext:
         before every use. The question suffix is rebuilt from the session's chat template (an index of a
         Qwen2-VL video: prefix and suffix as qwen_vl lays out the question after a video; for a
         SmolVLM2 video pass smolvlm.context_kwargs()); pass question_prefix/question_suffix to override."""
-        from . import qwen_vl
-        from .families import media_module
-
         index = _core.VideoIndex.load(os.fspath(path), mmap=bool(mmap))
         # An M-RoPE text position: a Qwen2-VL video prefill (another model's index is refused below).
-        if index.settings()["text_pos"] >= 0 and media_module(session) is qwen_vl:
-            kw = {**qwen_vl.context_kwargs(session, system), **kw}
+        video_kwargs = session._video_question_kwargs(system) if index.settings()["text_pos"] >= 0 else None
+        if video_kwargs is not None:
+            kw = {**video_kwargs, **kw}
         elif "question_suffix" not in kw:
             kw["question_suffix"] = split_template(session, system)[1]
         return cls(session, index, **kw)
