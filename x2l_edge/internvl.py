@@ -144,8 +144,9 @@ def whole_chunk_frames(chunk_frames: int) -> int:
     return chunk_frames
 
 
-def context_kwargs() -> dict:
-    """VideoContext's question_prefix / question_suffix for an index of this family."""
+def context_kwargs(session=None, system: str | None = None) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family (the same for every
+    session and system message)."""
     return {"question_prefix": QUESTION_PREFIX, "question_suffix": QUESTION_SUFFIX}
 
 
