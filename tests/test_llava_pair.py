@@ -65,11 +65,38 @@ def test_llava_pair_tower_and_prompt_logits_match_transformers(llava, hf_model):
     """The tower (CLIP cut after hidden_states[-2], CLS dropped, fc1/fc2 read from the legacy names) and the
     projector give transformers' image features; a prompt of text, two images' tokens and text gives its
     logits."""
-    import torch
-
     s = _session(llava)
     c = s.vision.config
     assert (c["kind"], c["act"], c["n_layer_run"], c["tokens_per_frame"]) == ("clip", "quick_gelu", 2, 16)
+    _check_against(s, hf_model)
+
+
+def test_convert_py_llava15_single_file(llava, tmp_path):
+    """tools/convert.py on the same LlavaForConditionalGeneration checkpoint: one GGUF (all weights f32) whose
+    embeddings and prompt logits match transformers' unrounded model at 1e-3, with the pair's prompt tokens,
+    tower settings and preprocessing, and which answers in full and X²L modes."""
+    import convert
+    import vlm_refs
+
+    import x2l_edge
+
+    hf_dir = llava[0]
+    out = convert.convert(str(hf_dir), str(tmp_path / "llava.gguf"), "f32", progress=False)
+    one = x2l_edge.Session(str(out), device="cpu", kv_type="f32", n_threads=2, n_ctx=1024)
+    pair = _session(llava)
+    for key in ("kind", "act", "n_layer_run", "tokens_per_frame", "resize", "resample", "drop_cls"):
+        assert one.vision.config[key] == pair.vision.config[key], key
+    assert one.tokenize("describe the frames<|im_end|>") == pair.tokenize("describe the frames<|im_end|>")
+    _check_against(one, vlm_refs.load_model(hf_dir))
+    video = (np.random.default_rng(6).random((4, 60, 80, 3)) * 255).astype(np.uint8)
+    for mode in ("full", "x2l"):
+        assert isinstance(one.ask(video, "What happens?", mode=mode, chunk_frames=2, top_k=1, max_tokens=3), str)
+
+
+def _check_against(s, hf_model):
+    """Image features of two frames and the logits of text + their tokens + text, vs transformers (TOL)."""
+    import torch
+
     px = np.random.default_rng(3).standard_normal((2, 3, 56, 56)).astype(np.float32)
     ours = s.encode_frames(px)
     with torch.no_grad():
