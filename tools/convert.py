@@ -22,6 +22,7 @@ into GGUF metadata and HF tensor names into GGUF tensors:
 
     LlamaForCausalLM, Qwen2ForCausalLM          text only (x2l.model_kind = text)
     LlavaOnevisionForConditionalGeneration      SigLIP + MLP projector + Qwen2/Llama, bilinear pooling
+    LlavaForConditionalGeneration (LLaVA-1.5)   CLIP (hidden_states[-2], CLS dropped) + MLP projector + Llama
     LlavaQwenForCausalLM (Video-XL)             CLIP-L/14-336 + MLP projector + Qwen2 + beacon (VST) weights
     Qwen2VLForConditionalGeneration,            llama.cpp's model.gguf + mmproj.gguf in one file (what
     Qwen2_5_VLForConditionalGeneration,         tools/merge_mmproj.py makes of its converter's pair: the
@@ -1495,6 +1496,68 @@ class VideoXLHandler(MultimodalHandler):
         return vocab
 
 
+# LlavaConfig's class defaults (LLaVA-1.5), for keys a diff-serialized config.json leaves out.
+LLAVA_DEFAULTS = {"image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+                  "vision_feature_layer": -2, "multimodal_projector_bias": True}
+
+
+class LlavaHandler(LlavaOnevisionHandler):
+    """LLaVA-1.5 (transformers LlavaForConditionalGeneration with a CLIP tower): CLIP -> hidden_states
+    [vision_feature_layer] -> CLS dropped ("default") -> Linear, GELU, Linear; every patch one token, frames
+    one after another (no pooling, no newline). The same names as LLaVA-OneVision's checkpoints."""
+    hf_arch, model_kind = "LlavaForConditionalGeneration", "llava"
+    pool_mode, newline = "none", "none"
+
+    def __init__(self, hf_dir: Path, config: dict):
+        vc = config.get("vision_config")
+        if not isinstance(vc, dict) or vc.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise ConvertError("config.json vision_config.model_type must be clip_vision_model (LLaVA-1.5's CLIP "
+                               "tower)")
+        top = {**LLAVA_DEFAULTS, **{k: v for k, v in config.items() if v is not None}}
+        if top["vision_feature_select_strategy"] != "default":
+            raise ConvertError(f"vision_feature_select_strategy {top['vision_feature_select_strategy']!r} is not "
+                               "supported for LLaVA-1.5 (default: CLS dropped)")
+        # The OneVision checks, with a SigLIP stand-in for the tower type and strategy they require.
+        super().__init__(hf_dir, {**top, "vision_config": {**vc, "model_type": "siglip_vision_model"},
+                                  "vision_feature_select_strategy": "full",
+                                  "video_token_index": top.get("image_token_id", top["image_token_index"])})
+        self.vision_cfg = {**CLIP_CONFIG_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
+        act = self.vision_cfg["hidden_act"]
+        if act not in _VISION_ACTS:
+            raise ConvertError(f"vision_config.hidden_act {act!r} is not supported ({', '.join(_VISION_ACTS)})")
+        self.act = _VISION_ACTS[act]
+        self.video_token_id = -1
+
+    def prepare(self, ckpt) -> None:
+        vc = self.vision_cfg
+        dims = vision_shapes(ckpt, "vision_tower.", "clip", vc, "config.json vision_config")
+        pre, src = _preprocessor(self.hf_dir, ("preprocessor_config.json",))
+        _check_rescale(pre, src)
+        mean = (pre or {}).get("image_mean") or CLIP_MEAN
+        std = (pre or {}).get("image_std") or CLIP_STD
+        self.vision = VisionTower(
+            kind="clip", prefix="vision_tower.", image_size=dims["image_size"], patch_size=dims["patch_size"],
+            width=dims["hidden_size"], n_ff=dims["intermediate_size"], n_head=int(vc["num_attention_heads"]),
+            eps=float(vc["layer_norm_eps"]), act=self.act, n_layer_hf=dims["num_hidden_layers"],
+            select_hf=self.select, drop_cls=True, mean=[float(x) for x in mean], std=[float(x) for x in std],
+            resize="shortest_center_crop", resample=_preprocessor_resample(pre, src))
+        if dims["hidden_size"] % self.vision.n_head:
+            raise ConvertError("vision hidden_size is not a multiple of num_attention_heads")
+        has_head = self.text.lm_head in ckpt
+        if not has_head and not self.tie_declared:
+            raise ConvertError(f"checkpoint is missing tensor {self.text.lm_head!r}")
+        self.hp.tied = not has_head
+
+    def extra_plan(self, ckpt):
+        return [], set()
+
+    def load_vocab(self) -> Vocab:
+        cfg = dict(self.text_cfg)
+        cfg.update({k: self.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                    if self.config.get(k) is not None})
+        return load_bpe_vocab(self.hf_dir, cfg, self.hp.n_vocab, prefer_processor_template=True)
+
+
 # ----------------------------------------------------------------------------- llama.cpp-layout VLMs in one file
 #
 # Qwen2-VL / Qwen2.5-VL and SmolVLM2 / Idefics3 are written with the names and keys of llama.cpp's two
@@ -1841,7 +1904,7 @@ class SmolVLMHandler(Idefics3Handler):
 
 
 HANDLERS: dict[str, type[ModelHandler]] = {
-    h.hf_arch: h for h in (LlamaHandler, Qwen2Handler, LlavaOnevisionHandler, VideoXLHandler, Qwen2VLHandler,
+    h.hf_arch: h for h in (LlamaHandler, Qwen2Handler, LlavaOnevisionHandler, LlavaHandler, VideoXLHandler, Qwen2VLHandler,
                            Qwen25VLHandler, Idefics3Handler, SmolVLMHandler)}
 
 

@@ -79,6 +79,14 @@ def default_sampling(video, max_frames, fps):
     return max_frames, fps
 
 
+def open_sampled(video, max_frames=None, fps=None):
+    """The Video this family reads (default_sampling's rule through open_video)."""
+    from .video import open_video
+
+    max_frames, fps = default_sampling(video, max_frames, fps)
+    return open_video(video, max_frames=max_frames, fps=fps)
+
+
 def whole_chunk_frames(chunk_frames: int) -> int:
     """Frames per X²L chunk as this family prefills them: whole temporal pairs (rounded up)."""
     return chunk_frames + chunk_frames % 2

@@ -279,7 +279,12 @@ class Session:
         if not hasattr(self, "_pre"):
             from .video import VideoPreprocessor
 
-            self._pre = VideoPreprocessor.from_gguf_metadata(self._meta)
+            if self._vision_meta("x2l.vision.kind") is not None:  # a tools/convert.py file
+                self._pre = VideoPreprocessor.from_gguf_metadata(self._vision_meta)
+            else:  # llama.cpp's LLaVA mmproj (or merged pair) has no x2l.image.* keys: the tower says how to resize
+                c = self.vision.config
+                self._pre = VideoPreprocessor(c["image_size"], tuple(c["image_mean"]), tuple(c["image_std"]),
+                                              c["resize"], c["resample"])
         return self._pre
 
     def encode_frames(self, pixels, *, cancel: CancelToken | None = None) -> "np.ndarray":

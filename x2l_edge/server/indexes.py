@@ -271,12 +271,10 @@ class IndexStore:
         """Index a video with a media family's own prefill (Session.prefill dispatches to it): the same
         frames, prompt layout and chunks as Session.prefill / Session.ask give for these settings. One
         step: Session.cancel stops it inside."""
-        from ..video import open_video
-
         s = self.session
         cf = family.whole_chunk_frames(cf)
         max_frames, fps = family.default_sampling(video, rec.max_frames, rec.fps)
-        v = open_video(video, max_frames=max_frames, fps=fps)
+        v = family.open_sampled(video, max_frames, fps)  # the frames Session.prefill will read
         idx = [int(i) for i in (v.sample_indices if v.sample_indices is not None else [])]
         src_fps = v.fps or 1.0
         rec.duration_s = v.duration_s
