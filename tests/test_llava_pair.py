@@ -205,3 +205,37 @@ def test_llava_pair_merged_single_file(llava, tmp_path):
     assert one.ask(video, "What happens?", mode="full", max_tokens=3) == pair.ask(video, "What happens?", mode="full",
                                                                                  max_tokens=3)
     np.testing.assert_array_equal(one._s.logits(), pair._s.logits())
+
+
+def test_serve_llava_pair(llava, tmp_path):
+    """x2l-edge serve MODEL --mmproj MMPROJ on the LLaVA-1.5 pair: a video_url chat answers as Session.ask with the
+    same settings in this process (greedy)."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("cv2")
+    from test_server import ServerProc
+
+    import x2l_edge
+    from x2l_edge.video import write_video
+
+    _, model, mmproj = llava
+    media = tmp_path / "media"
+    media.mkdir()
+    video = media / "clip.mkv"
+    rng = np.random.default_rng(8)
+    assert write_video(str(video), ((rng.random((56, 84, 3)) * 255).astype(np.uint8) for _ in range(8)), 4.0,
+                       codec="FFV1") == 8
+    q = "What happens in the video?"
+    s = x2l_edge.Session(str(model), mmproj=str(mmproj), n_threads=2, n_ctx=4096, device="cpu")
+    want = s.ask(str(video), q, max_frames=8, chunk_frames=4, top_k=1, max_tokens=6, progress=False)
+    srv = ServerProc([str(model), "--mmproj", str(mmproj), "--media-dir", str(media), "--index-dir",
+                      str(tmp_path / "indexes")], cwd=str(tmp_path))
+    try:
+        body = {"model": "m", "temperature": 0, "max_tokens": 6, "x2l": {"max_frames": 8, "chunk_frames": 4, "top_k": 1},
+                "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": video.as_uri()}},
+                                                          {"type": "text", "text": q}]}]}
+        r = srv.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        assert r.json()["x2l"]["n_chunks"] == 2
+    finally:
+        srv.stop()

@@ -1565,7 +1565,7 @@ class LlavaHandler(LlavaOnevisionHandler):
 # architecture, the tower as clip.* keys and v.* / mm.* tensors, as tools/merge_mmproj.py merges a pair.
 # The runtime reads such a file with the same code as the pair.
 
-def _vlm_text_config(config: dict, arch: str, owner: str) -> dict:
+def _vlm_text_config(config: dict, arch: str) -> dict:
     """The language model's config (text_config, or the top level of older single-level configs) with
     transformers' defaults for keys a diff-serialized config leaves out; M-RoPE's rope type is kept
     out of the scaling check (its sections are read by the handler)."""
@@ -1579,13 +1579,6 @@ def _vlm_text_config(config: dict, arch: str, owner: str) -> dict:
             cfg[key]["rope_type"] = "default"
             cfg["_mrope_section"] = list(rp["mrope_section"])
     return cfg
-
-
-def _vlm_checkpoint_prefix(ckpt, candidates: tuple[str, ...], what: str) -> str:
-    for p in candidates:
-        if any(n.startswith(p) for n in ckpt.names()):
-            return p
-    raise ConvertError(f"checkpoint has no {what} tensors (looked for {', '.join(candidates)})")
 
 
 class PairLayoutHandler(ModelHandler):
@@ -1657,7 +1650,7 @@ class Qwen2VLHandler(PairLayoutHandler):
 
     def __init__(self, hf_dir: Path, config: dict):
         super().__init__(hf_dir, config)
-        cfg = _vlm_text_config(config, "qwen2", self.hf_arch)
+        cfg = _vlm_text_config(config, "qwen2")
         self.sections = cfg.pop("_mrope_section", None)
         if not self.sections or len(self.sections) != 3:
             raise ConvertError("config.json has no 3-part rope mrope_section (Qwen2-VL's M-RoPE sections)")
@@ -1833,7 +1826,7 @@ class Idefics3Handler(PairLayoutHandler):
         tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         if tc.get("model_type", "llama") != "llama":
             raise ConvertError(f"text_config.model_type {tc.get('model_type')!r} is not supported (llama)")
-        cfg = _vlm_text_config(config, "llama", self.hf_arch)
+        cfg = _vlm_text_config(config, "llama")
         self.hp = TextHParams.from_config(cfg, "config.json text_config")
         check_text_config(cfg, self.hp, "llama", self.hf_arch)
         self.text = make_text_decoder("llama", cfg, self.hp, self.hf_arch, prefix="model.text_model.")
