@@ -111,11 +111,12 @@ const char* pool_name(x2l::PoolMode p) {
     return "?";
 }
 
-// Qwen2-VL / Qwen2.5-VL's tower (variable frame size, frames paired in time); CPU only.
+// Qwen2-VL / Qwen2.5-VL's tower (variable frame size, frames paired in time), on the CPU or a device.
 struct PyQwenVision {
     std::unique_ptr<x2l::GGUFFile> file;
     std::unique_ptr<x2l::QwenVisionEncoder> enc;
     std::unique_ptr<x2l::ThreadPool> pool;
+    std::unique_ptr<x2l::QwenVisionExecutor> exec;
     std::mutex mu;
 };
 
@@ -123,16 +124,19 @@ struct PyQwenVision {
 
 void bind_vision(nb::module_& m) {
     nb::class_<PyQwenVision>(m, "QwenVision")
-        .def_static("from_gguf", [](const std::string& path, int n_threads) {
+        .def_static("from_gguf", [](const std::string& path, int n_threads, int device) {
             if (n_threads < 0) throw x2l::Error("n_threads must be >= 0");
+            if (device < -1) throw x2l::Error("device must be -1 (CPU) or a CUDA device index");
             auto self = std::make_unique<PyQwenVision>();
             nb::gil_scoped_release nogil;
             self->file = x2l::GGUFFile::open(path);
             self->enc = x2l::QwenVisionEncoder::load(*self->file);
             self->pool = std::make_unique<x2l::ThreadPool>(n_threads > 0 ? n_threads : x2l::default_threads());
+            self->exec = x2l::make_qwen_vision_executor(*self->enc, *self->pool, device);
             return self;
-        }, "path"_a, "n_threads"_a = 0,
-           "Load a Qwen2-VL / Qwen2.5-VL vision tower + merger (an mmproj.gguf or a merged file) on the CPU.")
+        }, "path"_a, "n_threads"_a = 0, "device"_a = -1,
+           "Load a Qwen2-VL / Qwen2.5-VL vision tower + merger (an mmproj.gguf or a merged file); device >= 0 runs\n"
+           "encode on that CUDA device (Error when its kernels cannot read a weight, BudgetError when it does not fit).")
         .def_static("handles", [](const std::string& path) {
             std::unique_ptr<x2l::GGUFFile> f = x2l::GGUFFile::open(path);
             return x2l::QwenVisionEncoder::handles(*f);
@@ -144,7 +148,7 @@ void bind_vision(nb::module_& m) {
             const int64_t rows = s.enc->n_tokens(n, h, w), cols = s.enc->config().n_embd;
             std::vector<float> out(static_cast<size_t>(rows * cols));
             encode_locked(s.mu, session, [&](const x2l::Interrupt* interrupt) {
-                s.enc->encode(*s.pool, px.data(), n, h, w, out.data(), interrupt);
+                s.exec->encode(px.data(), n, h, w, out.data(), interrupt);
             });
             return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
         }, "frames"_a, "session"_a.none() = nb::none(),
@@ -152,6 +156,9 @@ void bind_vision(nb::module_& m) {
              "n_embd] tokens (frames paired in time; per pair, one token per 2x2 merge window in raster order).\n"
              "session: an LlmSession whose cancel() (and Ctrl-C) stops the encoding between blocks (CancelledError).")
         .def_prop_ro("weight_bytes", [](const PyQwenVision& s) { return s.enc->weight_bytes(); })
+        .def_prop_ro("device", [](const PyQwenVision& s) { return s.exec->device(); }, "Where encode() runs: 'cpu' or 'cuda:N'.")
+        .def_prop_ro("device_bytes", [](const PyQwenVision& s) { return s.exec->device_bytes(); },
+                     "Device memory held (weights + the largest frame's activations); 0 on the CPU.")
         .def_prop_ro("config", [](const PyQwenVision& s) {
             const x2l::QwenVisionConfig& c = s.enc->config();
             nb::dict d;

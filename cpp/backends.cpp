@@ -8,6 +8,7 @@
 #ifdef X2L_HAVE_CUDA
 #include "cuda/backend.h"
 #include "cuda/executor.h"
+#include "cuda/qwen_vision.h"
 #include "cuda/vision.h"
 
 namespace x2l::cuda {
@@ -18,6 +19,9 @@ std::unique_ptr<LlmExecutor> llm(const LlmModel& model, const SessionOptions& op
 }
 std::unique_ptr<VisionExecutor> vision(VisionEncoder& enc, int device) {
     return std::unique_ptr<VisionExecutor>(new CudaVision(enc, device));
+}
+std::unique_ptr<QwenVisionExecutor> qwen_vision(const QwenVisionEncoder& enc, int device) {
+    return std::unique_ptr<QwenVisionExecutor>(new CudaQwenVision(enc, device));
 }
 int device_count() { return cuda_device_count(); }
 std::string probe_error() { return cuda_probe_error(); }
@@ -43,6 +47,9 @@ std::unique_ptr<LlmExecutor> llm(const LlmModel&, const SessionOptions&) {
     throw Error("this build of x2l-edge has no CUDA backend (it was built without nvcc); use device='cpu'");
 }
 std::unique_ptr<VisionExecutor> vision(VisionEncoder&, int) { throw Error("this build has no CUDA backend"); }
+std::unique_ptr<QwenVisionExecutor> qwen_vision(const QwenVisionEncoder&, int) {
+    throw Error("this build has no CUDA backend");
+}
 int device_count() { return 0; }
 std::string probe_error() { return "this build has no CUDA backend"; }
 std::string unusable(int) { return "this build has no CUDA backend"; }
@@ -126,19 +133,22 @@ class DeviceExecutor final : public LlmExecutor {
 std::unique_ptr<LlmExecutor> make_llm_executor(const LlmModel& model, ThreadPool& pool, const SessionOptions& opt) {
     std::unique_ptr<LlmExecutor> cpu(new CpuLlmExecutor(model, pool, opt));
     if (opt.device < 0) return cpu;
-    if (model.config().n_pos_axes > 1) {  // Error, not FormatError: device='auto' then runs the CPU backend
-        throw Error("the CUDA backend has no M-RoPE kernels (" + model.config().arch + "); run it with device='cpu'");
-    }
     return std::unique_ptr<LlmExecutor>(new DeviceExecutor(cuda::llm(model, opt), std::move(cpu)));
 }
 
 std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadPool& pool, int device) {
     if (device < 0) return std::unique_ptr<VisionExecutor>(new CpuVisionExecutor(enc, pool));
-    if (enc.config().projector != ProjectorKind::Mlp || enc.config().post_norm) {
+    if (enc.config().kind == VisionKind::InternViT || enc.config().projector == ProjectorKind::ShuffleMlp) {
         // Error, not FormatError: Session then encodes frames on the CPU (x2l_edge/device.py open_vision)
-        throw Error("the CUDA backend has no pixel-shuffle connector kernels (idefics3, internvl); the tower runs on the CPU");
+        throw Error("the CUDA backend has no kernels for the internvl tower (InternViT layer scales, q/k norm, "
+                    "shuffle + MLP projector); the tower runs on the CPU");
     }
     return cuda::vision(enc, device);
+}
+
+std::unique_ptr<QwenVisionExecutor> make_qwen_vision_executor(const QwenVisionEncoder& enc, ThreadPool& pool, int device) {
+    if (device < 0) return std::unique_ptr<QwenVisionExecutor>(new CpuQwenVisionExecutor(enc, pool));
+    return cuda::qwen_vision(enc, device);
 }
 
 // ---------------------------------------------------------------- what this build and machine have

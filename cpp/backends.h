@@ -23,6 +23,8 @@ std::unique_ptr<LlmExecutor> make_llm_executor(const LlmModel& model, ThreadPool
 // The vision tower on the CPU (device < 0) or a CUDA device (Error / BudgetError as above). enc and
 // pool must outlive the executor.
 std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadPool& pool, int device);
+// Qwen2-VL / Qwen2.5-VL's tower, the same way.
+std::unique_ptr<QwenVisionExecutor> make_qwen_vision_executor(const QwenVisionEncoder& enc, ThreadPool& pool, int device);
 
 // ---------------------------------------------------------------- what this build and machine have
 

@@ -1807,21 +1807,23 @@ def test_cuda_prefill_caches_the_low_tier_when_there_is_room(tiny_hd32):
 
 
 @gpu
-def test_mrope_model_refused_on_device_auto_runs_cpu(vlm_llama_cpp, monkeypatch):
-    """Qwen2-VL's LLM (M-RoPE) has no CUDA kernels yet: device=N is refused with an Error naming M-RoPE,
-    and device='auto' (on a build that reports a real device) runs it on the CPU backend with a one-line
-    RuntimeWarning."""
+def test_mrope_model_on_device_auto(vlm_llama_cpp, monkeypatch):
+    """Qwen2-VL's LLM (M-RoPE) runs on the CUDA backend (tests/test_cuda_vlm.py compares it with the CPU):
+    device=N opens it there, and device='auto' (on a build that reports a real device) keeps it there after
+    the logits probe, without a warning."""
+    import warnings
+
     from x2l_edge import Session
     from x2l_edge import device as D
 
     path = str(vlm_llama_cpp("f32")["qwen2vl"][0])
-    with pytest.raises(_core.Error, match="M-RoPE"):
-        _core.LlmSession(path, device=0)
+    assert _core.LlmSession(path, device=0).info()["backend"] == "cuda"
     monkeypatch.setattr(_core, "cuda_emulated", lambda: False)
     monkeypatch.setattr(D, "_probed", {})
-    with pytest.warns(RuntimeWarning, match="device='auto' does not use cuda:0 .*M-RoPE"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
         s = Session(path, n_threads=2)
-    assert s.device == "cpu" and s.info["backend"] == "cpu"
+    assert s.device == "cuda:0" and s.info["backend"] == "cuda"
 
 
 @gpu

@@ -365,8 +365,8 @@ def test_pair_errors(vlm_llama_cpp, tmp_path):
 
 
 def test_device_choice(vlm_llama_cpp, monkeypatch):
-    """The CUDA backend has no pixel-shuffle connector: the tower on a device is an Error (not a
-    FormatError), which Session's device handling turns into a CPU tower with a RuntimeWarning."""
+    """The CUDA backend has no InternViT kernels: the tower on a device is an Error (not a FormatError),
+    which Session's device handling turns into a CPU tower with a RuntimeWarning."""
     import x2l_edge._core as core
     from x2l_edge import device as _device
 
@@ -375,7 +375,7 @@ def test_device_choice(vlm_llama_cpp, monkeypatch):
         core.VisionEncoder.from_gguf(mmproj, n_threads=1, device=0)
     assert not isinstance(e.value, core.FormatError)
     monkeypatch.setattr(_device, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="pixel-shuffle"):
+    with pytest.warns(RuntimeWarning, match="internvl tower"):
         enc = _device.open_vision(mmproj, "cuda:0", 1)
     assert enc.device == "cpu" and enc.config["projector"] == "shuffle_mlp"
 

@@ -310,7 +310,8 @@ def test_cli_ask_with_mmproj(vlm_llama_cpp, tmp_path, capsys, mode):
 
 
 def test_file_prompt_names_frames_and_duration(vlm_llama_cpp, tmp_path):
-    """A 3 s file at 4 fps: 3 frames sampled (1 fps), the sink says 'three frames from a 0:00:03' video."""
+    """A 3 s file at 4 fps: 3 frames sampled (the processor's rule at 1 fps), the sink says 'three frames
+    from a 0:00:03' video."""
     pytest.importorskip("cv2")
     from x2l_edge.video import write_video
 
@@ -323,6 +324,50 @@ def test_file_prompt_names_frames_and_duration(vlm_llama_cpp, tmp_path):
     sink = s.detokenize(ctx.index.sink_tokens)
     assert sink.endswith("User: You are provided the following series of three frames from a 0:00:03 "
                          "[H:MM:SS] video.\n"), sink
+
+
+def test_frame_sampler_matches_the_processor(tmp_path):
+    """SmolVLM2's frame sampling equals transformers' SmolVLMVideoProcessor.sample_frames (exactly, as
+    index arrays) over videos of 1 frame to 2 hours at 1-60 fps and several (max_frames, fps), including
+    the 1 s skips at both ends; and a file read through the family (open_sampled: the default 1 fps / 64,
+    and explicit settings) yields exactly those source frames, with their timestamps."""
+    pytest.importorskip("cv2")
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from x2l_edge import smolvlm
+    from x2l_edge.video import write_video
+
+    proc = SmolVLMVideoProcessor()
+
+    def reference(n, src_fps, max_frames, fps):
+        meta = VideoMetadata(total_num_frames=n, fps=src_fps, duration=n / src_fps)
+        return proc.sample_frames(meta, num_frames=max_frames, fps=fps)
+
+    cases = 0
+    for src_fps in (1.0, 4.0, 23.976, 25.0, 29.97, 30.0, 60.0):
+        for seconds in (0.04, 0.5, 1.0, 2.5, 3.0, 7.0, 12.0, 59.5, 66.0, 67.0, 68.5, 300.0, 7200.0):
+            n = max(1, int(round(seconds * src_fps)))
+            for max_frames, fps in ((64, 1.0), (8, 1.0), (16, 2.0), (64, 0.5), (3, 1.0), (1, 1.0)):
+                want = reference(n, src_fps, max_frames, fps)
+                got = smolvlm.processor_indices(n, src_fps, max_frames=max_frames, fps=fps)
+                np.testing.assert_array_equal(got, want, err_msg=str((n, src_fps, max_frames, fps)))
+                cases += 1
+    assert cases == 7 * 13 * 6
+    rng = np.random.default_rng(12)
+    for n, src_fps, max_frames, fps in ((24, 4.0, None, None), (60, 5.0, 8, 1.0), (70, 5.0, None, 2.0)):
+        path = str(tmp_path / f"v{n}.mp4")
+        assert write_video(path, ((rng.random((16, 16, 3)) * 255).astype(np.uint8) for _ in range(n)), src_fps) == n
+        vid = smolvlm.open_sampled(path, max_frames, fps)
+        want = reference(n, src_fps, max_frames or smolvlm.VIDEO_MAX_FRAMES, fps or smolvlm.VIDEO_FPS)
+        np.testing.assert_array_equal(vid.sample_indices, want)
+        frames = list(vid.frames())
+        assert [f.index for f in frames] == list(want)
+        np.testing.assert_allclose([f.timestamp_s for f in frames], np.asarray(want) / src_fps, atol=1e-6)
+        if max_frames == 8:  # 12 s, 8 frames: 1 s (5 frames) skipped at each end
+            assert (want[0], want[-1], len(want)) == (5, 55, 8)
+    # max_frames alone keeps uniform sampling over the whole video
+    assert list(smolvlm.open_sampled(path, 4, None).sample_indices) == [0, 23, 46, 69]
 
 
 # ----------------------------------------------------------------------------- errors and devices
@@ -365,25 +410,30 @@ def test_pair_errors(vlm_llama_cpp, tmp_path):
 
 
 def test_device_choice(vlm_llama_cpp, monkeypatch):
-    """The CUDA backend has no pixel-shuffle connector: asking for the tower on a device is an Error (not a
-    FormatError), which Session's device handling turns into a CPU tower with a RuntimeWarning; device='auto'
-    in a build or machine without a usable device runs everything on the CPU."""
+    """The idefics3 tower has CUDA kernels (tests/test_cuda_vlm.py compares them with the CPU under the
+    emulator): asking for it on a device that this build or machine lacks is an Error (not a FormatError),
+    which Session's device handling turns into a CPU tower with a RuntimeWarning; device='auto' in a build or
+    machine without a usable device runs everything on the CPU."""
     import x2l_edge
     import x2l_edge._core as core
     from x2l_edge import device as _device
 
     model, mmproj = (str(p) for p in vlm_llama_cpp("f32")["smolvlm"])
-    with pytest.raises(core.Error, match="pixel-shuffle") as e:
-        core.VisionEncoder.from_gguf(mmproj, n_threads=1, device=0)
-    assert not isinstance(e.value, core.FormatError)
-    monkeypatch.setattr(_device, "_warned", set())
-    with pytest.warns(RuntimeWarning, match="pixel-shuffle"):
-        enc = _device.open_vision(mmproj, "cuda:0", 1)
-    assert enc.device == "cpu" and enc.config["projector"] == "pixel_shuffle"
+    if core.cuda_device_count() > 0:
+        assert core.VisionEncoder.from_gguf(mmproj, n_threads=1, device=0).device == "cuda:0"
+    else:
+        with pytest.raises(core.Error, match="CUDA") as e:
+            core.VisionEncoder.from_gguf(mmproj, n_threads=1, device=0)
+        assert not isinstance(e.value, core.FormatError)
+        monkeypatch.setattr(_device, "_warned", set())
+        with pytest.warns(RuntimeWarning, match="vision tower does not run on cuda:0"):
+            enc = _device.open_vision(mmproj, "cuda:0", 1)
+        assert enc.device == "cpu" and enc.config["projector"] == "pixel_shuffle"
     s = x2l_edge.Session(model, mmproj=mmproj, device="auto", n_threads=2)
     if not core.cuda_built() or core.cuda_emulated() or core.cuda_device_count() == 0:
-        assert s.device == "cpu"
-    assert s.vision.device == "cpu"
+        assert s.device == "cpu" and s.vision.device == "cpu"
+    else:
+        assert s.vision.device == s.device
 
 
 def test_merged_single_file(vlm_llama_cpp, tmp_path):

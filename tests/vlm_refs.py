@@ -477,6 +477,64 @@ def make_tiny_internvl(out_dir, seed: int = 0, **overrides) -> Path:
     return out
 
 
+LLAVA_SPECIALS = ("<image>",)
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_tiny_llava(out_dir, seed: int = 0, **overrides) -> Path:
+    """Tiny LlavaForConditionalGeneration in LLaVA-1.5's layout: a CLIP tower (hidden 32, MLP 48, 3 layers,
+    2 heads, quick_gelu, 56 px / 14 -> 4x4 patches + CLS), features from hidden_states[-2] without CLS
+    ("default"), a Linear-GELU-Linear projector, a Llama LLM (hidden 64, 2 layers). Not in BUILDERS: llama.cpp's
+    convert_hf_to_gguf.py writes no mmproj for it (split_llava + the legacy converter do)."""
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype, vision_over, text_over, top_over = _split_overrides(overrides)
+    tok = smollm2_tokenizer(LLAVA_SPECIALS)
+    ids = _write_tokenizer(tok, out, chat_template=LLAVA_TEMPLATE, bos=None, add_bos=False, specials=LLAVA_SPECIALS)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=2, image_size=56, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  projection_dim=24)
+    text = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=128, vocab_size=_padded_vocab(tok), max_position_embeddings=4096,
+                rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                tie_word_embeddings=False, bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|im_end|>"])
+    vision.update(vision_over)
+    text.update(text_over)
+    top = dict(image_token_index=ids["<image>"], vision_feature_layer=-2, vision_feature_select_strategy="default",
+               projector_hidden_act="gelu", tie_word_embeddings=False)
+    top.update(top_over)
+    _build_and_save(transformers.LlavaConfig, transformers.LlavaForConditionalGeneration, vision, text, top, out,
+                    seed, dtype)
+    pre = {"crop_size": {"height": 56, "width": 56}, "do_center_crop": True, "do_normalize": True, "do_rescale": True,
+           "do_resize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "resample": 3,
+           "rescale_factor": 1 / 255, "size": {"shortest_edge": 56}, "image_processor_type": "CLIPImageProcessor"}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    return out
+
+
+def split_llava(llava_dir, out_dir) -> tuple[Path, Path]:
+    """(vision_dir, projector_file): the checkpoint split as llama.cpp's llava_surgery does, for its legacy
+    convert_image_encoder_to_gguf.py: the CLIP tower as a CLIPVisionModel folder, the projector's tensors
+    (multi_modal_projector.linear_{1,2}.*) in a torch file."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    model = load_model(llava_dir)
+    vision = model.model.vision_tower
+    assert isinstance(vision, transformers.CLIPVisionModel), type(vision)
+    vision.save_pretrained(out / "vision")
+    proj = {f"multi_modal_projector.{k}": v.detach().clone() for k, v in model.model.multi_modal_projector.state_dict().items()}
+    torch.save(proj, out / "llava.projector")
+    return out / "vision", out / "llava.projector"
+
+
 BUILDERS = {
     "qwen2vl": make_tiny_qwen2vl,
     "qwen25vl": make_tiny_qwen25vl,
@@ -495,7 +553,8 @@ def load_model(path):
            "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
            "idefics3": transformers.Idefics3ForConditionalGeneration,
            "smolvlm": transformers.SmolVLMForConditionalGeneration,
-           "internvl": transformers.InternVLForConditionalGeneration}
+           "internvl": transformers.InternVLForConditionalGeneration,
+           "llava": transformers.LlavaForConditionalGeneration}
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     model = cls[model_type].from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     return model.eval()

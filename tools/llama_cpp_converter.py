@@ -5,7 +5,9 @@ the two-file (model.gguf + mmproj.gguf) layouts x2l-edge reads.
     python tools/llama_cpp_converter.py fetch                 # once; prints the converter's folder
     python tools/llama_cpp_converter.py convert HF_DIR OUT_DIR [--outtype f32 q8_0]
 
-writes OUT_DIR/model-{outtype}.gguf and OUT_DIR/mmproj-{outtype}.gguf for each outtype.
+writes OUT_DIR/model-{outtype}.gguf and OUT_DIR/mmproj-{outtype}.gguf for each outtype. LLaVA-1.5 mmproj files
+come from llama.cpp's legacy tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py instead
+(convert_legacy_llava(); its convert_hf_to_gguf.py writes no LLaVA mmproj), taken from the same sdist.
 
 Where the converter comes from (first hit wins):
   1. $X2L_LLAMA_CPP_DIR: a llama.cpp source tree (convert_hf_to_gguf.py, conversion/, gguf-py/);
@@ -72,6 +74,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sdist(tmp: str) -> Path:
+    """The pinned sdist: $X2L_LLAMA_CPP_SDIST, else downloaded into tmp; its sha256 checked."""
+    sdist = os.environ.get("X2L_LLAMA_CPP_SDIST")
+    if sdist:
+        tarball = Path(sdist)
+    else:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+               "--no-binary", "llama-cpp-python", f"llama-cpp-python=={VERSION}", "-d", tmp, "-q"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        tarball = Path(tmp) / SDIST
+        if run.returncode != 0 or not tarball.is_file():
+            raise ConverterUnavailable(
+                f"pip download of llama-cpp-python=={VERSION} failed (rc {run.returncode}): "
+                f"{(run.stderr or run.stdout).strip()[-500:]}")
+    if not tarball.is_file():
+        raise ConverterUnavailable(f"{tarball}: no such file")
+    digest = _sha256(tarball)
+    if digest != SDIST_SHA256:
+        raise ConverterUnavailable(f"{tarball}: sha256 {digest}, expected {SDIST_SHA256}")
+    return tarball
+
+
 def fetch() -> Path:
     """The converter's folder, extracting it from the (downloaded) sdist into the cache if needed."""
     found = find()
@@ -79,23 +103,7 @@ def fetch() -> Path:
         return found
     dest = cache_dir()
     with tempfile.TemporaryDirectory() as tmp:
-        sdist = os.environ.get("X2L_LLAMA_CPP_SDIST")
-        if sdist:
-            tarball = Path(sdist)
-        else:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                   "--no-binary", "llama-cpp-python", f"llama-cpp-python=={VERSION}", "-d", tmp, "-q"]
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            tarball = Path(tmp) / SDIST
-            if run.returncode != 0 or not tarball.is_file():
-                raise ConverterUnavailable(
-                    f"pip download of llama-cpp-python=={VERSION} failed (rc {run.returncode}): "
-                    f"{(run.stderr or run.stdout).strip()[-500:]}")
-        if not tarball.is_file():
-            raise ConverterUnavailable(f"{tarball}: no such file")
-        digest = _sha256(tarball)
-        if digest != SDIST_SHA256:
-            raise ConverterUnavailable(f"{tarball}: sha256 {digest}, expected {SDIST_SHA256}")
+        tarball = _sdist(tmp)
         staging = Path(tmp) / "tree"
         with tarfile.open(tarball, "r:gz") as tar:
             members = [m for m in tar.getmembers()
@@ -115,6 +123,73 @@ def fetch() -> Path:
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.move(str(staging), str(dest))
     return dest
+
+
+# llama.cpp writes LLaVA-1.5 mmproj files with this script, not with convert_hf_to_gguf.py.
+LEGACY_LLAVA = "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py"
+
+
+def legacy_llava_script(tree: Path | None = None) -> Path:
+    """llama.cpp's legacy LLaVA image-encoder converter, taken from the same pinned sdist into the
+    converter's folder (once)."""
+    tree = tree or fetch()
+    dest = tree / LEGACY_LLAVA
+    if dest.is_file():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        tarball = _sdist(tmp)
+        with tarfile.open(tarball, "r:gz") as tar:
+            member = tar.getmember(_PREFIX + LEGACY_LLAVA)
+            data = tar.extractfile(member).read()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + f".{os.getpid()}.part")
+    part.write_bytes(data)
+    os.replace(part, dest)
+    return dest
+
+
+# The script expects transformers 4's CLIPVisionModel, whose tower sits under .vision_model (it cuts
+# model.vision_model.encoder.layers and names tensors from "vision_model.*"); transformers 5 flattened
+# that module. The runner gives the script that nesting back around the same weights and runs it as is.
+_LEGACY_RUNNER = r"""
+import json, runpy, sys
+import torch, transformers
+from transformers.models.clip import modeling_clip
+argv = json.loads(sys.argv[1])
+_Flat = modeling_clip.CLIPVisionModel
+if not hasattr(_Flat(transformers.CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                                   num_attention_heads=1, image_size=4, patch_size=2)), "vision_model"):
+    class CLIPVisionModel(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.vision_model = inner
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            return cls(_Flat.from_pretrained(path, **kw))
+    modeling_clip.CLIPVisionModel = CLIPVisionModel  # what `from transformers import CLIPVisionModel` resolves
+sys.argv = argv
+runpy.run_path(argv[0], run_name="__main__")
+"""
+
+
+def convert_legacy_llava(vision_dir, projector, out_dir, tree: Path | None = None, timeout: float = 600) -> Path:
+    """mmproj of a LLaVA-1.5 checkpoint split as llava_surgery does (vision_dir: a CLIPVisionModel folder;
+    projector: a torch file of the projector's tensors), written by llama.cpp's legacy script with
+    --clip-model-is-vision --use-f32 (its patch kernel stays f16). Returns the mmproj's path."""
+    tree = tree or fetch()
+    script = legacy_llava_script(tree)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    argv = [str(script), "-m", str(vision_dir), "--llava-projector", str(projector), "--output-dir", str(out),
+            "--clip-model-is-vision", "--use-f32"]
+    run = subprocess.run([sys.executable, "-c", _LEGACY_RUNNER, json.dumps(argv)], capture_output=True, text=True,
+                         timeout=timeout, env=env, cwd=str(out))
+    path = out / "mmproj-model-f32.gguf"
+    if run.returncode != 0 or not path.is_file():
+        raise RuntimeError(f"llama.cpp's legacy LLaVA converter failed (rc {run.returncode}):\n"
+                           f"{(run.stderr or run.stdout)[-3000:]}")
+    return path
 
 
 # The child: import the converter once, then run its main() once per job.

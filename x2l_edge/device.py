@@ -133,13 +133,15 @@ def open_llm(path: str, device: str, **kw):
     return core, "cpu" if index < 0 else f"cuda:{index}"
 
 
-def open_vision(path: str, device: str, n_threads: int):
+def open_vision(path: str, device: str, n_threads: int, tower=None):
     """The vision tower + projector of the model at path on `device` ('cpu' or 'cuda:N' as open_llm
-    chose), or on the CPU with a RuntimeWarning when the device cannot hold it or read its weights."""
+    chose), or on the CPU with a RuntimeWarning when the device cannot hold it or read its weights.
+    tower: the loader class (_core.VisionEncoder, or _core.QwenVision for Qwen's mergers)."""
+    tower = tower or _core.VisionEncoder
     if device != "cpu":
         try:
-            return _core.VisionEncoder.from_gguf(path, n_threads=n_threads, device=int(device.split(":")[1]))
+            return tower.from_gguf(path, n_threads=n_threads, device=int(device.split(":")[1]))
         except _core.Error as e:  # a weight type the kernels do not read, or no room next to the LLM
             warn_once(f"x2l-edge: the vision tower does not run on {device} ({e}); encoding frames on the CPU",
                       stacklevel=3)
-    return _core.VisionEncoder.from_gguf(path, n_threads=n_threads)
+    return tower.from_gguf(path, n_threads=n_threads)

@@ -45,10 +45,21 @@ def check_pair(session) -> None:
     if proj not in SUPPORTED_PROJECTORS:
         raise _core.FormatError(f"{where}: clip.projector_type {proj!r} is not supported (supported: "
                                 f"{', '.join(SUPPORTED_PROJECTORS)})")
-    if proj == "mlp" and meta("x2l.vision.kind") is None:
-        raise _core.FormatError(f"{where}: an 'mlp' projector needs x2l.vision.* keys (a tools/convert.py file); "
-                                "llama.cpp's LLaVA mmproj files are not supported yet")
     info = session.info
+    if proj == "mlp" and meta("x2l.vision.kind") is None:
+        # llama.cpp's LLaVA-1.5 mmproj, from its legacy convert_image_encoder_to_gguf.py (its convert_hf_to_gguf.py
+        # writes none for LLaVA): clip.vision.projection_dim is CLIP's own, so the projector's width is compared.
+        if not meta("clip.has_llava_projector", False):
+            raise _core.FormatError(f"{where}: an 'mlp' projector needs x2l.vision.* keys (a tools/convert.py file) "
+                                    "or clip.has_llava_projector (llama.cpp's LLaVA mmproj)")
+        width = session.vision.n_embd
+        if width != info["n_embd"]:
+            raise _core.FormatError(f"{where}: the LLaVA projector outputs {width} values per token, but the LLM's "
+                                    f"width is {info['n_embd']} ({session.path})")
+        if info.get("n_pos_axes", 1) != 1:
+            raise _core.FormatError(f"{where}: a LLaVA projector needs an LLM without M-RoPE; {session.path} is "
+                                    f"{info['arch']!r}")
+        return
     dim = meta("clip.vision.projection_dim")
     if dim != info["n_embd"]:
         raise _core.FormatError(f"{where}: clip.vision.projection_dim {dim} differs from the LLM's width "

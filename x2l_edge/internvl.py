@@ -131,13 +131,22 @@ def default_sampling(video, max_frames, fps):
     return max_frames, fps
 
 
+def open_sampled(video, max_frames=None, fps=None):
+    """The Video this family reads (default_sampling's rule through open_video)."""
+    from .video import open_video
+
+    max_frames, fps = default_sampling(video, max_frames, fps)
+    return open_video(video, max_frames=max_frames, fps=fps)
+
+
 def whole_chunk_frames(chunk_frames: int) -> int:
     """Frames per X²L chunk as this family prefills them: any count."""
     return chunk_frames
 
 
-def context_kwargs() -> dict:
-    """VideoContext's question_prefix / question_suffix for an index of this family."""
+def context_kwargs(session=None, system: str | None = None) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family (the same for every
+    session and system message)."""
     return {"question_prefix": QUESTION_PREFIX, "question_suffix": QUESTION_SUFFIX}
 
 

@@ -250,6 +250,12 @@ class Session:
         x2l_edge.qwen_vl."""
         return self.has_vision and self._vision_meta("clip.projector_type", "") in ("qwen2vl_merger", "qwen2.5vl_merger")
 
+    def _video_question_kwargs(self, system: str | None = None) -> dict | None:
+        """How a question continues after a video index with an M-RoPE text position: the model's media module
+        lays it out (Qwen2-VL); None when this model has no such layout (VideoContext.load then refuses)."""
+        module = media_module(self)
+        return module.context_kwargs(self, system) if module is not None and self.is_qwen_vl else None
+
     def _meta(self, key, default=None):
         if not hasattr(self, "_gguf"):
             self._gguf = _core.GGUFFile.open(self.path)
@@ -264,10 +270,8 @@ class Session:
                 raise ValueError(f"{self.path} has no vision encoder (a text-only model)")
             with self._lock.op():
                 if not hasattr(self, "_vision"):
-                    if self.is_qwen_vl:  # the CPU backend only (no CUDA kernels for this tower yet)
-                        self._vision = _core.QwenVision.from_gguf(self.vision_path, n_threads=self._s.n_threads)
-                    else:
-                        self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads)
+                    tower = _core.QwenVision if self.is_qwen_vl else _core.VisionEncoder
+                    self._vision = _device.open_vision(self.vision_path, self.device, self._s.n_threads, tower)
         return self._vision
 
     @property
@@ -275,7 +279,12 @@ class Session:
         if not hasattr(self, "_pre"):
             from .video import VideoPreprocessor
 
-            self._pre = VideoPreprocessor.from_gguf_metadata(self._meta)
+            if self._vision_meta("x2l.vision.kind") is not None:  # a tools/convert.py file
+                self._pre = VideoPreprocessor.from_gguf_metadata(self._vision_meta)
+            else:  # llama.cpp's LLaVA mmproj (or merged pair) has no x2l.image.* keys: the tower says how to resize
+                c = self.vision.config
+                self._pre = VideoPreprocessor(c["image_size"], tuple(c["image_mean"]), tuple(c["image_std"]),
+                                              c["resize"], c["resample"])
         return self._pre
 
     def encode_frames(self, pixels, *, cancel: CancelToken | None = None) -> "np.ndarray":

@@ -177,10 +177,54 @@ class SmolMedia:
 
 def default_sampling(video, max_frames, fps):
     """(max_frames, fps) as this family samples `video`: a file with neither is sampled as SmolVLM2
-    samples, 1 frame per second, at most 64."""
+    samples, 1 frame per second, at most 64 (open_sampled applies the processor's rule)."""
     if max_frames is None and fps is None and isinstance(video, (str, os.PathLike)):
         fps, max_frames = VIDEO_FPS, VIDEO_MAX_FRAMES
     return max_frames, fps
+
+
+# The processor skips this much at each end of a video long enough to sample without it.
+SKIP_SECONDS = 1.0
+
+
+def processor_indices(n_frames: int, source_fps: float, *, max_frames: int = VIDEO_MAX_FRAMES,
+                      fps: float = VIDEO_FPS, skip_s: float = SKIP_SECONDS) -> np.ndarray:
+    """The source frames SmolVLM2's video processor samples (transformers' SmolVLMVideoProcessor
+    .sample_frames, written from its rule): round(fps x duration) frames, at most max_frames and at least
+    one, spread by an integer linspace over [first, last]; the video's first and last skip_s seconds
+    are left out when the video minus both skips is longer than max_frames x fps (frame counts and
+    seconds compared as the processor does); repeated indices are merged."""
+    if n_frames < 1 or not source_fps > 0:
+        raise ValueError("a video with frames and a known frame rate is needed")
+    duration = n_frames / source_fps
+    want = max(1, min(int(round(fps * duration)), int(max_frames)))
+    first, last = 0, n_frames - 1
+    if skip_s > 0 and duration - 2 * skip_s > max_frames * fps:
+        first, last = int(skip_s * source_fps), int(n_frames - skip_s * source_fps)
+    first, last = max(0, first), min(last, n_frames - 1)
+    if first >= last:
+        first, last = 0, n_frames - 1
+    return np.unique(np.linspace(first, last, want, dtype=int)).astype(np.int64)
+
+
+def open_sampled(video, max_frames=None, fps=None):
+    """The Video this family reads: with a sampling rate (given, or SmolVLM2's 1 fps default for a file),
+    the processor's frames (processor_indices, max_frames defaulting to 64) of a source whose length
+    and frame rate are known; otherwise open_video's sampling (max_frames alone: uniform)."""
+    from .video import open_video
+
+    max_frames, fps = default_sampling(video, max_frames, fps)
+    if fps is None:
+        return open_video(video, max_frames=max_frames)
+    limit = int(max_frames or VIDEO_MAX_FRAMES)
+    # Opened with a frame budget so that a file's frame count is checked against its last frame.
+    vid = open_video(video, max_frames=limit)
+    if vid.n_frames_total is None or not vid.fps:
+        vid.close()
+        return open_video(video, max_frames=max_frames, fps=fps)  # unknown length or rate: time-based sampling
+    # The plan Video iterates (sample_indices) becomes the processor's.
+    vid.sample_indices = processor_indices(vid.n_frames_total, vid.fps, max_frames=limit, fps=fps)
+    return vid
 
 
 def whole_chunk_frames(chunk_frames: int) -> int:
@@ -191,17 +235,15 @@ def whole_chunk_frames(chunk_frames: int) -> int:
 SAVES_INDEX = True
 
 
-def context_kwargs() -> dict:
-    """VideoContext's question_prefix / question_suffix for an index of this family."""
+def context_kwargs(session=None, system: str | None = None) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family (the same for every
+    session and system message: the question follows the last frame)."""
     return {"question_prefix": QUESTION_PREFIX, "question_suffix": QUESTION_SUFFIX}
 
 
 def _open(video, max_frames, fps):
-    """The sampled Video (default_sampling's rule)."""
-    from .video import open_video
-
-    max_frames, fps = default_sampling(video, max_frames, fps)
-    return open_video(video, max_frames=max_frames, fps=fps)
+    """The sampled Video (open_sampled's rule)."""
+    return open_sampled(video, max_frames, fps)
 
 
 def _timestamps(frames, default_fps: float) -> list[float]:
@@ -229,8 +271,8 @@ def _read_all(vid, video):
 
 def ask_full(session, video, question: str, *, system=None, max_frames=None, fps=None, chunk_frames=None,
              max_tokens=64, progress=None, stream=False, **sampling):
-    """Answer about a video with every visual token in the KV cache (frames sampled at 1 fps, at most 64,
-    for a file; `max_frames` / `fps` as open_video takes them). Frames are encoded and evaluated
+    """Answer about a video with every visual token in the KV cache (frames sampled as open_sampled does:
+    the processor's rule, 1 fps and at most 64 for a file). Frames are encoded and evaluated
     chunk_frames at a time (default 8) so only one group's pixels and activations are held.
     progress: as Session.prefill (steps 'encode' and 'prefill', in frames)."""
     from .generation import generate_ids, stream_text
@@ -316,6 +358,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
 
         index, stats = prefill_chunks(session, chunks(), sink_ids=sink, n_chunks=-(-n_frames // chunk_frames),
                                       frames_per_chunk=chunk_frames, options=opts, progress=prog)
-    ctx = VideoContext(session, index, **context_kwargs(), default_top_k=opts.top_k, default_scorer=opts.scorer)
+    ctx = VideoContext(session, index, **context_kwargs(session), default_top_k=opts.top_k, default_scorer=opts.scorer)
     ctx.prefill_stats = stats
     return ctx

@@ -200,6 +200,53 @@ OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_
     return make_out(std::move(out), shape_of(x));
 }
 
+OutF32 op_rope_axes(F32Array x, I32Array pos, F32Array freq, U8Array axis, bool in_place, bool one_row) {
+    require_device();
+    if (x.ndim() != 3) throw x2l::Error("x must have shape [T, n_head, head_dim]");
+    const int64_t T = static_cast<int64_t>(x.shape(0)), H = static_cast<int64_t>(x.shape(1)), D = static_cast<int64_t>(x.shape(2));
+    if (pos.ndim() != 2 || static_cast<int64_t>(pos.shape(1)) != T) throw x2l::Error("pos must have shape [n_axes, T]");
+    if (static_cast<int64_t>(freq.size()) != D / 2 || static_cast<int64_t>(axis.size()) != D / 2)
+        throw x2l::Error("freq and axis must have head_dim / 2 entries");
+    const int n_axes = static_cast<int>(pos.shape(0));
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        auto dp = to_device(pos.data(), pos.nbytes());
+        x2l::CudaDeviceBuffer dy;
+        if (!in_place) dy = device_buffer(x.nbytes());
+        float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
+        run_sync([&](void* s) {
+            // one_row: every axis reads row 0 (stride 0, as a text token's single position)
+            x2l::cuda_rope_axes(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()),
+                                one_row ? 0 : T, T, H, D, H * D, freq.data(), axis.data(), n_axes, s);
+        });
+        out = from_device(in_place ? dx : dy, x.size());
+    }
+    return make_out(std::move(out), shape_of(x));
+}
+
+OutF32 op_pixel_shuffle(F32Array x, int scale) {
+    require_device();
+    if (x.ndim() != 4 || x.shape(1) != x.shape(2)) throw x2l::Error("x must have shape [n, side, side, C]");
+    const int64_t n = static_cast<int64_t>(x.shape(0)), side = static_cast<int64_t>(x.shape(1)),
+                  C = static_cast<int64_t>(x.shape(3));
+    if (scale < 1 || side % scale != 0) throw x2l::Error("scale must divide the grid side");
+    const int64_t g = side / scale;
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        x2l::CudaDeviceBuffer dy = device_buffer(x.nbytes());
+        run_sync([&](void* s) {
+            x2l::cuda_pixel_shuffle(static_cast<const float*>(dx.data()), static_cast<float*>(dy.data()), n,
+                                    static_cast<int>(side), scale, C, s);
+        });
+        out = from_device(dy, x.size());
+    }
+    return make_out(std::move(out), {static_cast<size_t>(n), static_cast<size_t>(g * g), static_cast<size_t>(scale * scale * C)});
+}
+
 nb::ndarray<nb::numpy, uint8_t> op_rerotate_keys(uint32_t type_id, U8Array rows, int head_dim, int n_rot, float freq_base,
                                                  bool neox, int32_t delta, bool in_place, int byte_offset) {
     require_device();
@@ -632,6 +679,11 @@ void bind_cuda_probes(nb::module_& m) {
           }, "x"_a, "w"_a = nb::none(), "b"_a = nb::none(), "eps"_a = 1e-5f);
     m.def("cuda_rope", &op_rope, "x"_a, "pos"_a, "n_rot"_a, "freq_base"_a = 10000.f, "freq_scale"_a = 1.f,
           "neox"_a = false, "in_place"_a = false, "x: [T, n_head, head_dim]; NORM pairs (2i, 2i+1), NEOX (i, i + n_rot/2).");
+    m.def("cuda_rope_axes", &op_rope_axes, "x"_a, "pos"_a, "freq"_a, "axis"_a, "in_place"_a = false, "one_row"_a = false,
+          "x: [T, n_head, head_dim]; NEOX pair i rotates by pos[axis[i], t] * freq[i] (M-RoPE, the ViT's 2-D rotary);\n"
+          "one_row: every axis reads pos[0] (axis stride 0).");
+    m.def("cuda_pixel_shuffle", &op_pixel_shuffle, "x"_a, "scale"_a,
+          "x [n, side, side, C] -> [n, (side/scale)^2, scale^2 * C] (Idefics3's connector).");
     m.def("cuda_rerotate_keys", &op_rerotate_keys, "type_id"_a, "rows"_a, "head_dim"_a, "n_rot"_a, "freq_base"_a = 10000.f,
           "neox"_a = false, "delta"_a = 0, "in_place"_a = false, "byte_offset"_a = 0,
           "Key rows [n_rows, row_bytes] of a ggml type (f32, f16, q8_0, q4_0) rotated by delta more positions.");

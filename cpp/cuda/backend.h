@@ -309,6 +309,15 @@ enum class RopeMode : int { Norm = 0, Neox = 2 };
 void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, int64_t n_head, int64_t head_dim,
                int64_t tok_stride, int n_rot, float freq_base, float freq_scale, RopeMode mode, void* stream);
 
+// Rotary embedding whose pairs take their angle from different position axes (M-RoPE of Qwen2-VL's LLM,
+// the 2-D rotary of its ViT): in every head of x [n_tokens, n_head, head_dim] (tokens tok_stride floats
+// apart; y alike, may equal x) the NEOX pair (i, i + head_dim/2) rotates by pos[axis[i]][t] * freq[i].
+// freq, axis: host, [head_dim / 2] each, axis < n_axes (<= 4). pos: device int32, row a at
+// pos + a * pos_axis_stride (stride 0: every axis reads one row, a text token's position).
+void cuda_rope_axes(const float* x, float* y, const int32_t* pos, int64_t pos_axis_stride, int64_t n_tokens,
+                    int64_t n_head, int64_t head_dim, int64_t tok_stride, const float* freq, const uint8_t* axis,
+                    int n_axes, void* stream);
+
 // Rotates rows of post-RoPE keys by `delta` more positions (X²L dense positions: a chunk whose place in
 // the mixed cache moved). n_rows rows of `type` (F32, F16, Q8_0, Q4_0), row_stride bytes apart, each one
 // head of head_dim values; quantized rows are dequantized, rotated in f32 and quantized again with the
@@ -329,6 +338,9 @@ void cuda_gelu(const float* x, float* y, int64_t n, GeluMode mode, void* stream)
 enum class PoolKind : int { Avg = 0, Bilinear = 1 };
 void cuda_pool2d(const float* x, float* y, int64_t n_frames, int grid, int out_grid, int64_t channels, PoolKind kind,
                  int stride, void* stream);
+// Idefics3's pixel shuffle: x [n_frames, side, side, channels] -> y [n_frames, side/scale, side/scale,
+// scale * scale * channels]; output token (i, j) holds input tokens (i*scale + dy, j*scale + dx), dy-major.
+void cuda_pixel_shuffle(const float* x, float* y, int64_t n_frames, int side, int scale, int64_t channels, void* stream);
 // y[i] = a[i] + b[i % b_period] / a[i] * b[i % b_period]; b_period = n for same-shape operands,
 // the row length for a broadcast bias/scale.
 void cuda_add(const float* a, const float* b, float* y, int64_t n, int64_t b_period, void* stream);

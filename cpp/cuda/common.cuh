@@ -63,6 +63,13 @@ struct RopeSteps {
     float lo[kMaxRopePairs];
 };
 
+// The per-pair frequency (rounded to float, as the CPU and transformers hold it) and position axis of a
+// multi-axis rotary (M-RoPE); a kernel argument like RopeSteps.
+struct RopeAxesTable {
+    float freq[kMaxRopePairs];
+    uint8_t axis[kMaxRopePairs];
+};
+
 inline RopeSteps rope_steps(int n_rot, double freq_base, double freq_scale) {
     RopeSteps st{};
     const double log2_base = std::log2(freq_base);

@@ -40,7 +40,7 @@ CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total) 
     return b;
 }
 
-CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), device_(device) {
+CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), mrope_(model.rope_axes()), device_(device) {
     if (device < 0 || device >= cuda_device_count()) {
         throw Error("CUDA device " + std::to_string(device) + " is not available (" +
                     std::to_string(cuda_device_count()) + " present)");
@@ -49,6 +49,9 @@ CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), devi
     if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
     const LlmConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) throw Error("the CUDA attention kernel needs head_dim % 4 == 0 and <= 256");
+    if (c.n_pos_axes > 1 && (mrope_.n_axes != c.n_pos_axes || mrope_.head_dim != c.head_dim)) {
+        throw Error("the model's M-RoPE axes do not match its head_dim");
+    }
     cuda_set_device(device);
     const CudaDeviceInfo info = cuda_device_info(device);
     name_ = info.name;
@@ -108,7 +111,7 @@ CudaContext::CudaContext(const CudaLlm& llm, int64_t n_ctx, int64_t n_batch, boo
     attn_ = CudaDeviceBuffer(n_batch * QD * f);
     gate_ = CudaDeviceBuffer(n_batch * FF * f);
     up_ = CudaDeviceBuffer(n_batch * FF * f);
-    pos_ = CudaDeviceBuffer(n_batch * sizeof(int32_t));
+    pos_ = CudaDeviceBuffer(n_batch * c.n_pos_axes * sizeof(int32_t));  // [n_pos_axes, n_batch]
     if (row_major) logits_ = CudaDeviceBuffer(n_batch * V * f);
     attn_ws_ = CudaDeviceBuffer(cuda_attention_workspace_bytes(kMaxSplitRows, c.n_head, c.head_dim, kMaxSplits));
     lse_ = CudaDeviceBuffer(n_batch * c.n_head * f);
@@ -192,12 +195,20 @@ void CudaContext::forward(const float* x, int64_t n, const int32_t* pos, int64_t
     if (n_past_ + n > n_ctx_) throw BudgetError("context is full");
     cuda_set_device(llm_.device());
     const int64_t before = n_past_, first_logit = n - n_logits;
+    const int A = llm_.config().n_pos_axes;
+    std::vector<int32_t> piece_pos;  // [A, m]: a piece's rows of pos [A, n] (M-RoPE)
     try {
         for (int64_t b = 0; b < n; b += n_batch_) {
             const int64_t m = std::min(n_batch_, n - b);
             // Rows of this batch among the last n_logits of the call: always the batch's last ones.
             const int64_t from = std::max(b, first_logit), k = std::max<int64_t>(0, b + m - from);
-            forward_batch(x + b * llm_.config().n_embd, m, pos + b, k,
+            const int32_t* p = pos + b;
+            if (A > 1) {
+                piece_pos.resize(static_cast<size_t>(A * m));
+                for (int a = 0; a < A; ++a) std::copy(pos + a * n + b, pos + a * n + b + m, piece_pos.data() + a * m);
+                p = piece_pos.data();
+            }
+            forward_batch(x + b * llm_.config().n_embd, m, p, k,
                           k ? logits + (from - first_logit) * llm_.config().n_vocab : nullptr, vst ? vst + b : nullptr);
         }
     } catch (...) {
@@ -242,7 +253,7 @@ int64_t CudaContext::vst_rows(const uint8_t* vst, int64_t m, std::vector<int32_t
     return n_vst;
 }
 
-// Uploads n rows (x [n, n_embd] at positions pos [n], their VST flags) into x_buf and pos_buf and runs
+// Uploads n rows (x [n, n_embd] at positions pos [n_pos_axes, n], their VST flags) into x_buf and pos_buf and runs
 // every layer over them, n_batch rows at a time, layer-major (one piece when n <= n_batch).
 void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_host, const uint8_t* vst,
                            CudaDeviceBuffer& x_buf, CudaDeviceBuffer& pos_buf, bool check_layers) {
@@ -258,7 +269,8 @@ void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_ho
     }
     // Pageable sources, staged through pinned memory (a pageable cudaMemcpyAsync would synchronize):
     // the host vectors may go on return.
-    const size_t x_bytes = static_cast<size_t>(n * E) * sizeof(float), pos_bytes = static_cast<size_t>(n) * sizeof(int32_t);
+    const size_t x_bytes = static_cast<size_t>(n * E) * sizeof(float),
+                 pos_bytes = static_cast<size_t>(n) * c.n_pos_axes * sizeof(int32_t);
     if (x_bytes > x_buf.size() || pos_bytes > pos_buf.size()) throw Error("CudaContext::run_rows: more rows than the buffers hold");
     staging_.upload(x_buf.data(), x_host, x_bytes, s);
     staging_.upload(pos_buf.data(), pos_host, pos_bytes, s);
@@ -275,7 +287,7 @@ void CudaContext::run_rows(const float* x_host, int64_t n, const int32_t* pos_ho
         gate.before_layer(l);
         for (int64_t b = 0, k = 0; b < n; b += n_batch_, ++k) {
             const int64_t m = std::min(n_batch_, n - b);
-            layer_rows(l, x + b * E, first + b, m, pos + b, at[k].second, vst_ids + at[k].first, b == 0, b + m == n);
+            layer_rows(l, x + b * E, first + b, m, pos + b, n, at[k].second, vst_ids + at[k].first, b == 0, b + m == n);
         }
         gate.after_layer(l);
     }
@@ -286,7 +298,10 @@ void CudaContext::forward_batch(const float* x_host, int64_t m, const int32_t* p
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd;
     void* s = stream_->handle();
-    if (m == 1 && graph_eligible(vst)) {
+    // The graph reads one position for every axis: an M-RoPE row at distinct (t, h, w) runs without it.
+    bool one_pos = true;
+    for (int a = 1; a < c.n_pos_axes; ++a) one_pos = one_pos && pos_host[a] == pos_host[0];
+    if (m == 1 && one_pos && graph_eligible(vst)) {
         try {
             decode_step(x_host, pos_host[0], n_logits, logits);
             return;
@@ -343,7 +358,7 @@ void CudaContext::decode_step(const float* x_host, int32_t pos, int64_t n_logits
         graph_->capture(s, [&] {
             cuda_copy_h2d_async(x, staged, static_cast<size_t>(E) * sizeof(float), s);
             cuda_copy_h2d_async(step_.data(), staged + E * sizeof(float), kStepInts * sizeof(int32_t), s);
-            for (int l = 0; l < c.n_layer; ++l) layer_rows(l, x, n_past_, 1, step, 0, nullptr, false, false, step);
+            for (int l = 0; l < c.n_layer; ++l) layer_rows(l, x, n_past_, 1, step, 0, 0, nullptr, false, false, step);
             if (want_logits) {
                 float* xn = static_cast<float*>(xn_.data());
                 cuda_rms_norm(x, static_cast<const float*>(llm_.output_norm().data()), xn, 1, E, c.rms_eps, s);
@@ -374,7 +389,7 @@ void CudaContext::forward_layer_major(const float* x_host, int64_t n, const int3
     if (x_all_.size() < x_bytes) {
         x_all_ = CudaDeviceBuffer();
         x_all_ = CudaDeviceBuffer(x_bytes);  // [n, n_embd]: every row's hidden state
-        pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * sizeof(int32_t));
+        pos_all_ = CudaDeviceBuffer(static_cast<size_t>(n) * llm_.config().n_pos_axes * sizeof(int32_t));  // [n_pos_axes, n]
     }
     run_rows(x_host, n, pos_host, vst, x_all_, pos_all_, true);
     stream_->synchronize();  // kernel faults surface here, before the rows count as appended
@@ -398,7 +413,8 @@ void CudaContext::check_rows(int64_t end) const {
     if (q_capture_ && end > q_capture_rows_) throw Error("set_query_capture: more rows than the capture holds");
 }
 
-void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst,
+void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t pos_axis_stride,
+                             int64_t n_vst,
                              const int32_t* vst_ids, bool first_rows, bool last_rows, const int32_t* step) {
     const LlmConfig& c = llm_.config();
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
@@ -424,8 +440,15 @@ void CudaContext::layer_rows(int l, float* x, int64_t first, int64_t m, const in
         cuda_copy_d2d_async(q_capture_ + (static_cast<int64_t>(l) * q_capture_rows_ + first) * QD, q,
                             static_cast<size_t>(m * QD) * sizeof(float), s);
     }
-    cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
-    cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
+    if (c.n_pos_axes > 1) {  // M-RoPE: pairs over the (t, h, w) position rows
+        const RopeAxes& ra = llm_.rope_axes();
+        cuda_rope_axes(q, q, pos, pos_axis_stride, m, c.n_head, c.head_dim, QD, ra.freq.data(), ra.axis.data(), ra.n_axes, s);
+        cuda_rope_axes(k, k, pos, pos_axis_stride, m, c.n_head_kv, c.head_dim, KD, ra.freq.data(), ra.axis.data(),
+                       ra.n_axes, s);
+    } else {
+        cuda_rope(q, q, pos, m, c.n_head, c.head_dim, QD, c.rope_dim, c.rope_base, 1.0f, mode, s);
+        cuda_rope(k, k, pos, m, c.n_head_kv, c.head_dim, KD, c.rope_dim, c.rope_base, 1.0f, mode, s);
+    }
     // Append to the f16 cache [n_ctx, n_head_kv, head_dim]: the rows are contiguous.
     uint8_t* kc = static_cast<uint8_t*>(k_[l].data());
     uint8_t* vc = static_cast<uint8_t*>(v_[l].data());

@@ -60,9 +60,12 @@ class CudaLlm {
     const std::vector<Layer>& layers() const { return layers_; }
     const Matrix& output() const { return output_; }
     const CudaDeviceBuffer& output_norm() const { return output_norm_; }
+    // M-RoPE models (config().n_pos_axes > 1): every pair's frequency and position axis (LlmModel's).
+    const RopeAxes& rope_axes() const { return mrope_; }
 
   private:
     LlmConfig cfg_;
+    RopeAxes mrope_;
     int device_ = 0;
     std::string name_;
     bool integrated_ = false;
@@ -97,7 +100,7 @@ class CudaContext {
     // layer's copy there). Clears the own entries.
     void set_prefix(std::vector<std::vector<CudaKVSegment>> per_layer, CudaPrefixHooks hooks = {});
 
-    // Runs n input embeddings x [n, n_embd] (host) at positions pos [n] (host) in n_batch pieces,
+    // Runs n input embeddings x [n, n_embd] (host) at positions pos [n_pos_axes, n] (host) in n_batch pieces,
     // appending their K/V; logits of the last n_logits rows go to logits [n_logits, n_vocab] (host). On
     // failure the cache is left as it was before the call. vst (host, [n] or nullptr): rows flagged 1
     // are beacon (VST) rows, whose q/k/v come from the layer's VST projections (a beacon model only).
@@ -107,7 +110,7 @@ class CudaContext {
     // (n_batch at a time) before the next starts, so the hooks run once per layer (before the first
     // piece's attention, after the last's) and a prefix streamed per layer is copied once per call,
     // not once per n_batch rows. Holds the n rows' hidden states [n, n_embd] on the device.
-    void forward_layer_major(const float* x, int64_t n, const int32_t* pos, const uint8_t* vst = nullptr);
+    void forward_layer_major(const float* x, int64_t n, const int32_t* pos, const uint8_t* vst = nullptr);  // pos [n_pos_axes, n]
     int64_t n_past() const { return n_past_; }
     int64_t n_ctx() const { return n_ctx_; }
     void truncate(int64_t n);  // keep the first n own entries
@@ -149,11 +152,12 @@ class CudaContext {
     // pay for the host waits).
     void run_rows(const float* x_host, int64_t n, const int32_t* pos_host, const uint8_t* vst, CudaDeviceBuffer& x_buf,
                   CudaDeviceBuffer& pos_buf, bool check_layers);
-    // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos [m] and
-    // vst_ids [n_vst] (device). The hooks run when first_rows (before) / last_rows (after) of the layer.
+    // Layer l over m rows appended at own index `first`: x [m, n_embd] (device) in place; pos (device)
+    // [n_pos_axes rows pos_axis_stride apart, m] (stride 0: one row for every axis) and vst_ids [n_vst]. The hooks run when first_rows (before) / last_rows (after) of the layer.
     // step (device int32 {pos, row, own entries after it}, graph capture only): m = 1 and what changes
     // per token is read from there (the tables were assigned before the capture, no hooks).
-    void layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t n_vst, const int32_t* vst_ids,
+    void layer_rows(int l, float* x, int64_t first, int64_t m, const int32_t* pos, int64_t pos_axis_stride, int64_t n_vst,
+                    const int32_t* vst_ids,
                     bool first_rows, bool last_rows, const int32_t* step = nullptr);
     bool graph_eligible(const uint8_t* vst) const;
     CudaKVSegment own_segment(int l, int64_t n_tokens) const;  // layer l's own entries [0, n_tokens) as a segment
@@ -173,7 +177,7 @@ class CudaContext {
     // and projections [n_batch, q or kv dim] (empty otherwise).
     CudaDeviceBuffer vst_ids_, vst_x_, vst_q_, vst_k_, vst_v_;
     CudaStaging staging_;  // the rows, positions and VST ids of run_rows() go through pinned memory
-    CudaDeviceBuffer x_all_, pos_all_;  // forward_layer_major: [n, n_embd] hidden states, [n] positions
+    CudaDeviceBuffer x_all_, pos_all_;  // forward_layer_major: [n, n_embd] hidden states, [n_pos_axes, n] positions
     float* votes_ = nullptr;
     int64_t votes_stride_ = 0, obs_start_ = 0;
     bool votes_max_ = false;

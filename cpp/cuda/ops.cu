@@ -194,6 +194,49 @@ __global__ void pool2d_kernel(const float* __restrict__ x, float* __restrict__ y
     }
 }
 
+// Pixel shuffle (Idefics3's connector): one thread per output value. Output token (i, j) of a frame holds
+// the s x s input tokens (i*s + dy, j*s + dx), dy-major, their channels side by side.
+__global__ void pixel_shuffle_kernel(const float* __restrict__ x, float* __restrict__ y, int64_t n, int side, int s,
+                                     int64_t C) {
+    const int g = side / s;
+    const int64_t total = n * side * side * C;
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const int64_t c = i % C;
+        int64_t r = i / C;  // output sub-row: ((frame * g + oi) * g + oj) * s * s + dy * s + dx
+        const int dx = static_cast<int>(r % s);
+        r /= s;
+        const int dy = static_cast<int>(r % s);
+        r /= s;
+        const int oj = static_cast<int>(r % g);
+        r /= g;
+        const int oi = static_cast<int>(r % g);
+        const int64_t b = r / g;
+        const int64_t src = (b * side + oi * s + dy) * side + oj * s + dx;  // the frame's input token
+        y[i] = x[src * C + c];
+    }
+}
+
+// Rotary embedding over position axes (M-RoPE, the ViT's 2-D rotary): one thread per (token, pair), NEOX
+// pairs (i, i + head_dim/2), angle pos[axis[i]][t] * freq[i] with the accurate FP32 reduction of rope_sincos.
+// x and y may be the same buffer.
+__global__ void rope_axes_kernel(const float* x, float* y, const int32_t* __restrict__ pos, int64_t pos_axis_stride,
+                                 int64_t n_tokens, int n_head, int head_dim, int64_t tok_stride, RopeAxesTable table) {
+    const int half = head_dim / 2;
+    const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (idx >= n_tokens * half) return;
+    const int64_t t = idx / half;
+    const int i = static_cast<int>(idx - t * half);
+    float s, c;
+    rope_sincos(pos[table.axis[i] * pos_axis_stride + t], table.freq[i], 0.f, &s, &c);
+    for (int h = 0; h < n_head; ++h) {
+        const int64_t base = t * tok_stride + static_cast<int64_t>(h) * head_dim;
+        const float x0 = x[base + i], x1 = x[base + i + half];
+        y[base + i] = x0 * c - x1 * s;
+        y[base + i + half] = x0 * s + x1 * c;
+    }
+}
+
 // row (device, nullable): y is advanced by *row * row_elems halves, read when the kernel runs.
 __global__ void f32_to_f16_kernel(const float* __restrict__ x, __half* __restrict__ y, int64_t n,
                                   const int32_t* __restrict__ row, int64_t row_elems) {
@@ -294,6 +337,38 @@ void cuda_rope(const float* x, float* y, const int32_t* pos, int64_t n_tokens, i
                                                             static_cast<int>(head_dim), tok_stride, n_rot);
         check_launch("rope_tail_kernel");
     }
+}
+
+void cuda_rope_axes(const float* x, float* y, const int32_t* pos, int64_t pos_axis_stride, int64_t n_tokens,
+                    int64_t n_head, int64_t head_dim, int64_t tok_stride, const float* freq, const uint8_t* axis,
+                    int n_axes, void* stream) {
+    const char* fn = "cuda_rope_axes";
+    if (n_tokens < 0 || n_head <= 0 || head_dim <= 0 || n_head > 0x7FFFFFFF) throw_arg(fn, "bad shape");
+    if (head_dim % 2 != 0 || head_dim > 2 * kMaxRopePairs) throw_arg(fn, "head_dim must be even and <= 256");
+    if (tok_stride < n_head * head_dim) throw_arg(fn, "tok_stride smaller than n_head * head_dim");
+    if (n_axes < 1 || n_axes > 4 || pos_axis_stride < 0) throw_arg(fn, "n_axes must be 1..4, pos_axis_stride >= 0");
+    if (!freq || !axis) throw_arg(fn, "need the pairs' frequencies and axes");
+    RopeAxesTable table{};
+    for (int i = 0; i < head_dim / 2; ++i) {
+        if (axis[i] >= n_axes || !(std::isfinite(freq[i]))) throw_arg(fn, "a pair's axis or frequency is out of range");
+        table.freq[i] = freq[i];
+        table.axis[i] = axis[i];
+    }
+    if (n_tokens == 0) return;
+    const int64_t pairs = n_tokens * (head_dim / 2);
+    rope_axes_kernel<<<grid_for(pairs, 128), 128, 0, as_stream(stream)>>>(
+        x, y, pos, pos_axis_stride, n_tokens, static_cast<int>(n_head), static_cast<int>(head_dim), tok_stride, table);
+    check_launch("rope_axes_kernel");
+}
+
+void cuda_pixel_shuffle(const float* x, float* y, int64_t n_frames, int side, int scale, int64_t channels, void* stream) {
+    const char* fn = "cuda_pixel_shuffle";
+    if (n_frames < 0 || channels <= 0 || scale < 1 || side < scale || side % scale != 0)
+        throw_arg(fn, "the grid side must be a positive multiple of scale");
+    const int64_t total = n_frames * side * side * channels;
+    if (total == 0) return;
+    pixel_shuffle_kernel<<<ew_grid(total), kEwThreads, 0, as_stream(stream)>>>(x, y, n_frames, side, scale, channels);
+    check_launch("pixel_shuffle_kernel");
 }
 
 void cuda_swiglu(const float* gate, const float* up, float* y, int64_t n, void* stream) {

@@ -215,8 +215,9 @@ void CudaPrefill::run(const PrefillLevel& level, KVCache& work) {
     } else {
         ctx_->set_observer(nullptr, 0, 0);
     }
-    std::vector<int32_t> pos(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) pos[i] = level.pos0 + static_cast<int32_t>(i);
+    const int A = c.n_pos_axes;
+    std::vector<int32_t> pos(static_cast<size_t>(A * n));  // [A, n]: explicit (M-RoPE media) or pos0 + i on every axis
+    for (int64_t i = 0; i < A * n; ++i) pos[i] = level.pos ? level.pos[i] : level.pos0 + static_cast<int32_t>(i % n);
     try {
         // Synchronizes: the rows and votes are complete. A cancel between layers throws Cancelled.
         ctx_->forward_layer_major(x, n, pos.data(), vst);

@@ -73,10 +73,18 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
         d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down.weight", total);
         d.b_down = cuda_upload_floats(L.b_down, total);
     }
-    mm0_ = cuda_upload_weight(enc.mm0_, "mm.0.weight", total);
-    mm0_b_ = cuda_upload_floats(enc.mm0_b_, total);
-    mm2_ = cuda_upload_weight(enc.mm2_, "mm.2.weight", total);
-    mm2_b_ = cuda_upload_floats(enc.mm2_b_, total);
+    if (c.projector == ProjectorKind::PixelShuffle) {
+        mm_fc_ = cuda_upload_weight(enc.mm_fc_, "mm.model.fc.weight", total);
+    } else {
+        mm0_ = cuda_upload_weight(enc.mm0_, "mm.0.weight", total);
+        mm0_b_ = cuda_upload_floats(enc.mm0_b_, total);
+        mm2_ = cuda_upload_weight(enc.mm2_, "mm.2.weight", total);
+        mm2_b_ = cuda_upload_floats(enc.mm2_b_, total);
+    }
+    if (c.post_norm) {
+        post_ln_w_ = cuda_upload_floats(enc.post_ln_w_, total);
+        post_ln_b_ = cuda_upload_floats(enc.post_ln_b_, total);
+    }
     allocate(batch_frames > 0 ? batch_frames : std::max(1, kBatchTokens / c.n_tokens));
 }
 
@@ -99,9 +107,14 @@ void CudaVision::allocate(int batch) {
     patches_ = CudaDeviceBuffer(B * c.n_patches * K * kF32);
     for (CudaDeviceBuffer* b : {&x_, &xn_, &q_, &k_, &v_, &attn_}) *b = CudaDeviceBuffer(B * T * W * kF32);
     ff_ = CudaDeviceBuffer(B * T * c.n_ff * kF32);
-    if (NF != T) feat_ = CudaDeviceBuffer(B * NF * W * kF32);
-    h1_ = CudaDeviceBuffer(B * NF * E * kF32);
-    h2_ = CudaDeviceBuffer(B * NF * E * kF32);
+    if (c.projector == ProjectorKind::PixelShuffle) {
+        shuffled_ = CudaDeviceBuffer(B * NF * W * kF32);  // the same values, regrouped
+        h2_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
+    } else {
+        if (NF != T) feat_ = CudaDeviceBuffer(B * NF * W * kF32);
+        h1_ = CudaDeviceBuffer(B * NF * E * kF32);
+        h2_ = CudaDeviceBuffer(B * NF * E * kF32);
+    }
     if (c.pool != PoolMode::None) pooled_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
     // Segment b: frame b's keys and values, rows [b*T, (b+1)*T) of k_ / v_, heads side by side in a row.
     std::vector<CudaKVSegment> frames(static_cast<size_t>(B));
@@ -178,6 +191,10 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
         cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
         gate.after_layer(static_cast<int>(l));
     }
+    if (c.post_norm) {  // idefics3: the post-LN on the last block's output, back into x_
+        cuda_layer_norm(f32(x_), f32(post_ln_w_), f32(post_ln_b_), f32(xn_), rows, W, c.eps, s);
+        cuda_copy_d2d_async(x_.data(), xn_.data(), rows * W * kF32, s);
+    }
 }
 
 void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
@@ -219,6 +236,14 @@ void CudaVision::encode_batches(const float* pixels, int64_t n_frames, float* ou
         if (stage == Stage::Features) {
             for (int64_t b = 0; b < n; ++b)
                 x_.download(out + (f0 + b) * NF * W, NF * W * kF32, (b * T + first_feat) * W * kF32, s);
+            stream_->synchronize();
+            continue;
+        }
+        if (c.projector == ProjectorKind::PixelShuffle) {
+            // [n * NF, W] -> [n * TPF, s*s*W] -> mm.model.fc (no bias) -> [n * TPF, E]
+            cuda_pixel_shuffle(f32(x_), f32(shuffled_), n, c.grid, c.shuffle, W, s);
+            linear(mm_fc_, f32(shuffled_), n * TPF, f32(h2_), CudaDeviceBuffer(), s);
+            h2_.download(out + f0 * TPF * E, n * TPF * E * kF32, 0, s);
             stream_->synchronize();
             continue;
         }

@@ -2,7 +2,8 @@
 // cpp/vision/vision.cpp, built from the kernels of cuda/backend.h). Pixels come from the host and the result
 // goes back to the host; everything in between stays on the device:
 //   im2col (host) -> patch matmul -> [CLS] + positions [-> pre-LN] -> n_layer_run pre-LN blocks
-//   (per-frame bidirectional attention over f32 K/V) -> [drop CLS] -> projector -> pooling.
+//   (per-frame bidirectional attention over f32 K/V) [-> post-LN] -> [drop CLS] -> projector -> pooling,
+//   the projector being LLaVA's MLP or Idefics3's pixel shuffle + bias-free Linear.
 // Frames are encoded batch_frames at a time; the activation buffers are sized for one batch.
 //
 // The vision tower's CUDA executor (vision/executor.h); backends.cpp makes it.
@@ -54,7 +55,8 @@ class CudaVision final : public VisionExecutor {
     template <class Self>
     static auto activations(Self& self) {
         return std::array{&self.patches_, &self.x_, &self.xn_, &self.q_, &self.k_, &self.v_,
-                          &self.attn_, &self.ff_, &self.feat_, &self.h1_, &self.h2_, &self.pooled_};
+                          &self.attn_, &self.ff_, &self.feat_, &self.h1_, &self.h2_, &self.pooled_,
+                          &self.shuffled_};
     }
     // Leaves the selected hidden state in x_ [n * n_tokens, width]; interrupt polled between layers.
     void run_tower(int64_t n, const Interrupt* interrupt);
@@ -70,6 +72,8 @@ class CudaVision final : public VisionExecutor {
     std::vector<Layer> layers_;
     CudaMatrix mm0_, mm2_;
     CudaDeviceBuffer mm0_b_, mm2_b_;
+    CudaDeviceBuffer post_ln_w_, post_ln_b_;  // idefics3: [width]
+    CudaMatrix mm_fc_;                        // idefics3: [s*s*width -> n_embd], no bias
 
     std::unique_ptr<CudaStream> stream_;
     std::vector<float> patches_host_;  // [batch * n_patches, 3*p*p] im2col rows
@@ -81,6 +85,7 @@ class CudaVision final : public VisionExecutor {
     CudaDeviceBuffer ff_;              // [n * T, n_ff]
     CudaDeviceBuffer feat_;            // [n * n_feat, W] (CLS dropped), when n_feat != T
     CudaDeviceBuffer h1_, h2_, pooled_;  // [n * n_feat, n_embd] x 2, [n * tokens_per_frame, n_embd]
+    CudaDeviceBuffer shuffled_;          // pixel shuffle: [n * tokens_per_frame, s*s*W]
     CudaSegmentTable frame_kv_;  // per frame of a batch, one segment: its K/V rows (f32)
 };
 

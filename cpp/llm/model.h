@@ -114,6 +114,8 @@ class LlmModel {
     const std::vector<float>& vst_embedding() const { return vst_embd_; }  // [n_embd]
     const float* inv_freq() const { return inv_freq_.data(); }
     RopeSpec rope_spec() const { return RopeSpec{inv_freq(), config().rope_dim, config().rope_type}; }
+    // M-RoPE (n_pos_axes > 1): frequency and position axis of every pair (empty otherwise).
+    const RopeAxes& rope_axes() const { return mrope_; }
 
   private:
     // Recomputes q/k/v of the beacon rows with the VST projections (same normalised input).

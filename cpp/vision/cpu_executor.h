@@ -1,4 +1,4 @@
-// The CPU backend of the vision tower: VisionEncoder::encode on a thread pool.
+// The CPU backend of the vision towers: VisionEncoder::encode / QwenVisionEncoder::encode on a thread pool.
 #pragma once
 #include "core/threadpool.h"
 #include "vision/executor.h"
@@ -19,6 +19,21 @@ class CpuVisionExecutor final : public VisionExecutor {
 
   private:
     VisionEncoder& enc_;
+    ThreadPool& pool_;
+};
+
+class CpuQwenVisionExecutor final : public QwenVisionExecutor {
+  public:
+    // enc and pool must outlive the executor.
+    CpuQwenVisionExecutor(const QwenVisionEncoder& enc, ThreadPool& pool) : enc_(enc), pool_(pool) {}
+    void encode(const float* frames, int64_t n_frames, int height, int width, float* out,
+                const Interrupt* interrupt) override {
+        enc_.encode(pool_, frames, n_frames, height, width, out, interrupt);
+    }
+    std::string device() const override { return "cpu"; }
+
+  private:
+    const QwenVisionEncoder& enc_;
     ThreadPool& pool_;
 };
 

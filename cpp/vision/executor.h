@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "vision/qwen.h"
 #include "vision/vision.h"
 
 namespace x2l {
@@ -24,6 +25,19 @@ class VisionExecutor {
     virtual void set_batch_frames(int n) = 0;
     virtual std::string device() const = 0;   // "cpu" or "cuda:N"
     virtual size_t device_bytes() const { return 0; }  // weights + activations in device memory
+};
+
+// Qwen2-VL / Qwen2.5-VL's tower (frames of any size that is a multiple of patch * merge, paired in time):
+// the CPU (vision/cpu_executor.h) or CUDA (cuda/qwen_vision.h).
+class QwenVisionExecutor {
+  public:
+    virtual ~QwenVisionExecutor() = default;
+    // QwenVisionEncoder::encode's contract: frames [n_frames, 3, height, width] (host) -> out (host)
+    // [enc.n_tokens(n_frames, height, width), n_embd]. One call at a time; interrupt polled between blocks.
+    virtual void encode(const float* frames, int64_t n_frames, int height, int width, float* out,
+                        const Interrupt* interrupt) = 0;
+    virtual std::string device() const = 0;  // "cpu" or "cuda:N"
+    virtual size_t device_bytes() const { return 0; }
 };
 
 }  // namespace x2l

@@ -59,6 +59,7 @@ class QwenVisionEncoder {
                 const Interrupt* interrupt = nullptr) const;
 
   private:
+    friend class CudaQwenVision;  // reads the weights and the rotary table to upload them
     QwenVisionEncoder() = default;
     struct Scratch;
     void run_pair(ThreadPool& pool, Scratch& s, const float* pair, int height, int width, float* out,

@@ -81,10 +81,16 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     const std::string proj = f.get_str("clip.projector_type", "mlp");
     const bool idefics3 = proj == "idefics3";
     const bool internvl = proj == "internvl";
+    // llama.cpp's LLaVA-1.5 mmproj (its legacy convert_image_encoder_to_gguf.py): projector mlp described by
+    // clip.* keys only, the CLIP (or SigLIP) tower cut after the feature layer, fc1 / fc2 stored as
+    // ffn_down / ffn_up.
+    const bool llava = proj == "mlp" && !f.has("x2l.vision.kind") && f.get_bool("clip.has_llava_projector", false);
     if (idefics3) {
         c.kind = VisionKind::Siglip;
     } else if (internvl) {
         c.kind = VisionKind::InternViT;
+    } else if (llava) {
+        c.kind = f.find_tensor("v.class_embd") ? VisionKind::Clip : VisionKind::Siglip;
     } else {
         const std::string kind = f.get_str("x2l.vision.kind");
         if (kind == "siglip") {
@@ -120,7 +126,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     } else if (internvl) {
         configure_internvl(f, c);
     } else {
-        const std::string act = f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
+        const std::string act = llava ? llava_act(f) : f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
         if (act == "gelu_tanh" || act == "gelu_pytorch_tanh") {
             c.act = VisionAct::GeluTanh;
         } else if (act == "quick_gelu") {
@@ -132,7 +138,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         }
 
         // HF hidden_states[i]: 0 = embeddings (after the pre-LN), i = output of layer i-1.
-        const int64_t sel = f.get_int("x2l.vision.select_layer");
+        const int64_t sel = llava ? llava_select(f, c) : f.get_int("x2l.vision.select_layer");
         const int64_t idx = sel >= 0 ? sel : c.n_layer_stored + 1 + sel;
         if (idx < 0 || idx > c.n_layer_stored) {
             throw FormatError("x2l.vision.select_layer " + std::to_string(sel) + " is out of range for " +
@@ -147,7 +153,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
 
         c.n_feat = c.drop_cls || !c.has_cls ? c.n_patches : c.n_tokens;
         c.feat_grid = c.n_feat == c.n_patches ? c.grid : 0;
-        const std::string pool = f.get_str("x2l.pool.mode");
+        const std::string pool = llava ? "none" : f.get_str("x2l.pool.mode");  // LLaVA-1.5: every patch a token
         if (pool == "none") {
             c.pool = PoolMode::None;
         } else if (pool == "bilinear") {
@@ -236,6 +242,8 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         c.qk_norm = f.find_tensor("v.blk.0.attn_q_norm.weight") != nullptr;
     }
     for (int l = 0; l < c.n_layer_run && internvl; ++l) m->load_internvit_layer(f, l, total);
+    // fc1 [W -> FF] and fc2 [FF -> W]; the legacy LLaVA converter names them the other way round.
+    const std::string fc1 = llava ? "ffn_down" : "ffn_up", fc2 = llava ? "ffn_up" : "ffn_down";
     for (int l = 0; l < c.n_layer_run && !internvl; ++l) {
         const std::string p = "v.blk." + std::to_string(l) + ".";
         VisionLayer& L = m->layers_[l];
@@ -251,10 +259,10 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         L.bk = load_floats(f, p + "attn_k.bias", {W}, total);
         L.bv = load_floats(f, p + "attn_v.bias", {W}, total);
         L.bo = load_floats(f, p + "attn_out.bias", {W}, total);
-        L.w_up = load_weight(f, p + "ffn_up.weight", W, FF, total);
-        L.b_up = load_floats(f, p + "ffn_up.bias", {FF}, total);
-        L.w_down = load_weight(f, p + "ffn_down.weight", FF, W, total);
-        L.b_down = load_floats(f, p + "ffn_down.bias", {W}, total);
+        L.w_up = load_weight(f, p + fc1 + ".weight", W, FF, total);
+        L.b_up = load_floats(f, p + fc1 + ".bias", {FF}, total);
+        L.w_down = load_weight(f, p + fc2 + ".weight", FF, W, total);
+        L.b_down = load_floats(f, p + fc2 + ".bias", {W}, total);
     }
 
     if (internvl) {
@@ -317,6 +325,31 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     }
     m->batch_frames_ = std::max(1, kBatchTokens / c.n_tokens);
     return m;
+}
+
+// The MLP activation of a legacy LLaVA mmproj: clip.use_gelu (HF "gelu", erf), else CLIP's quick_gelu.
+std::string VisionEncoder::llava_act(const GGUFFile& f) {
+    if (f.get_bool("clip.use_silu", false)) throw FormatError("a LLaVA mmproj with clip.use_silu is not supported");
+    return f.get_bool("clip.use_gelu", false) ? "gelu" : "quick_gelu";
+}
+
+// The feature layer of a legacy LLaVA mmproj, as a select_layer over its stored blocks: the converter keeps
+// exactly the blocks up to the feature layer (clip.vision.feature_layer, a hidden_states index, when the
+// config named one; else all but the last, LLaVA-1.5's -2), so the feature is the last stored block's output.
+int64_t VisionEncoder::llava_select(const GGUFFile& f, const VisionConfig& c) {
+    if (f.has("clip.vision.image_grid_pinpoints")) {
+        throw FormatError("a LLaVA-1.6 mmproj (clip.vision.image_grid_pinpoints: anyres tiles) is not supported; "
+                          "LLaVA-1.5 mmproj files are");
+    }
+    if (f.has("clip.vision.feature_layer")) {
+        const std::vector<int64_t> layers = f.get_int_array("clip.vision.feature_layer");
+        if (layers.size() != 1) throw FormatError("clip.vision.feature_layer: several feature layers are not supported");
+        if (layers[0] != c.n_layer_stored) {
+            throw FormatError("clip.vision.feature_layer " + std::to_string(layers[0]) + " is not the last of the " +
+                              std::to_string(c.n_layer_stored) + " stored blocks");
+        }
+    }
+    return -1;
 }
 
 // llama.cpp's idefics3 mmproj (docs/families.md §5): the SigLIP tower of SmolVLM2 / Idefics3 with every

@@ -94,7 +94,7 @@ class VisionEncoder {
 
     // Throws FormatError("model has no vision encoder") for a text-only file, and FormatError naming
     // the key or tensor for anything missing or malformed. Reads x2l-edge's files (x2l.vision.*,
-    // projector mlp) and llama.cpp's idefics3 and internvl mmproj files. Weights point into f's mapping: f must
+    // projector mlp) and llama.cpp's idefics3, internvl and legacy LLaVA-1.5 mmproj files. Weights point into f's mapping: f must
     // outlive the encoder.
     static std::unique_ptr<VisionEncoder> load(const GGUFFile& f);
 
@@ -140,6 +140,9 @@ class VisionEncoder {
     void pool_frame(const float* in, float* out, int64_t stride, int64_t c) const;
     // Idefics3's / InternVL's settings (clip.* keys only) in place of the x2l.vision.* / x2l.pool.* ones.
     static void configure_idefics3(const GGUFFile& f, VisionConfig& c);
+    // llama.cpp's legacy LLaVA mmproj (clip.* keys only): the MLP activation and the select_layer.
+    static std::string llava_act(const GGUFFile& f);
+    static int64_t llava_select(const GGUFFile& f, const VisionConfig& c);
     static void configure_internvl(const GGUFFile& f, VisionConfig& c);
     // The pixel-shuffle scale (clip.vision.projector.scale_factor) and the token grid it gives.
     static void configure_shuffle(const GGUFFile& f, VisionConfig& c, const char* family);

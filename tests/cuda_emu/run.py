@@ -1,4 +1,4 @@
-"""Builds the CUDA backend against the CPU emulator and runs tests/test_cuda.py with it.
+"""Builds the CUDA backend against the CPU emulator and runs tests/test_cuda.py and tests/test_cuda_vlm.py with it.
 
     python tests/cuda_emu/run.py [--build-dir build-emu] [pytest args...]
 
@@ -55,7 +55,9 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("X2L_EMU_")}
     env["X2L_CORE_PATH"] = core[0]
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_cuda.py")]
+    # test_cuda_vlm.py: issue 20's kernels and families (M-RoPE LLM, SmolVLM2 / Qwen towers) against the CPU.
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_cuda.py"),
+            os.path.join(ROOT, "tests", "test_cuda_vlm.py")]
     passes = [
         ("discrete GPU", {}, []),
         ("integrated GPU (zero-copy L tier)", {"X2L_EMU_INTEGRATED": "1"},
@@ -78,7 +80,7 @@ def main() -> int:
     ]
     rc = 0
     for name, extra_env, extra_args in passes:
-        print(f"cuda_emu: tests/test_cuda.py, emulated {name}", flush=True)
+        print(f"cuda_emu: tests/test_cuda.py + test_cuda_vlm.py, emulated {name}", flush=True)
         r = subprocess.run(base + extra_args + args.pytest_args, env={**env, **extra_env}, cwd=ROOT)
         rc = rc or r.returncode
     # The GPU benchmark script, every step on a tiny model, so that a lent GPU's minutes are not spent

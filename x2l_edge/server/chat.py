@@ -288,20 +288,22 @@ def _family_context(server, req: ChatRequest, family, video, opts):
     the family's sampling unless x2l.max_frames is given (one step: Session.cancel stops it inside)."""
     cf = family.whole_chunk_frames(req.chunk_frames or opts.chunk_frames)
     max_frames, fps = family.default_sampling(video, req.max_frames, None)
-    times, frame_s = _plan_times(video, max_frames, fps)
+    times, frame_s = _plan_times(video, max_frames, fps, family.open_sampled)
     yield None
     ctx = server.session.prefill(video, system=req.system, chunk_frames=cf, max_frames=max_frames, fps=fps,
                                  progress=lambda *a: None)
     return ctx, {"index": None, "ranges": chunk_ranges(times, cf, ctx.n_chunks, frame_s)}
 
 
-def _plan_times(video, max_frames, fps):
+def _plan_times(video, max_frames, fps, opener=None):
+    """(times of the frames the sampling reads, seconds per source frame); opener(video, max_frames, fps):
+    a media family's open_sampled, else open_video's sampling."""
     if isinstance(video, list):
         return None, 0.0
     from ..video import VideoError, open_video
 
     try:
-        v = open_video(video, max_frames=max_frames, fps=fps)
+        v = opener(video, max_frames, fps) if opener else open_video(video, max_frames=max_frames, fps=fps)
     except (VideoError, ValueError) as e:
         raise ApiError(400, f"cannot read the video: {e}", code="invalid_video") from None
     src_fps = v.fps or 1.0
