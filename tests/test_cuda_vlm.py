@@ -90,7 +90,7 @@ def _frames(n, size, seed):
 @gpu
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("family", IDEFICS)
-def test_cuda_idefics3_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
+def test_cuda_idefics3_vision_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
     """llama.cpp's idefics3 mmproj on the device (SigLIP blocks, post-LN, pixel shuffle, bias-free fc) against
     the CPU tower at every stage, 3 frames in batches of 2 (an uneven last batch). q8_0: the reference is the
     CPU on the same weights dequantized to f32 (the CPU multiplies q8_0 weights with q8 activations)."""
@@ -165,7 +165,7 @@ def test_cuda_smolvlm_session_answers_like_cpu(vlm_llama_cpp):
 @gpu
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("family", QWEN)
-def test_cuda_qwen_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
+def test_cuda_qwen_vision_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
     """llama.cpp's Qwen mmproj on the device (Conv3D as two 2-D kernels, 2-D rotary, Qwen2.5's windows and
     full-attention blocks, LayerNorm + quick_gelu / RMSNorm + SwiGLU, the 2x2 merger) against the CPU tower:
     3 frames of 140x196 (two temporal pairs, the last frame repeated; a 5x7 merged grid in 4x4-cell windows:
@@ -209,7 +209,7 @@ def _qwen_prompt_logits(s, media, embd, grid, pre, post):
 
 @gpu
 @pytest.mark.parametrize("family", QWEN)
-def test_cuda_qwen_llm_matches_cpu(vlm_llama_cpp, family):
+def test_cuda_llm_matches_cpu_qwen_mrope(vlm_llama_cpp, family):
     """A llama.cpp Qwen pair on the device (tower and M-RoPE LLM): the video's tokens, then the LLM fed the
     same tokens on both: a text + video + text prompt in batches of 5 (pieces of the [3, n] positions;
     Qwen2.5's time-scaled t axis), then greedy decode steps (one replayed CUDA graph: a text token's one
