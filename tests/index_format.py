@@ -2,10 +2,11 @@
 field offsets for mutation tests and fuzzers, and XXH64 (written from the xxHash specification) to
 re-seal the per-section checksums after a mutation, as someone crafting a file would.
 
-Format 3 (magic X2LIDX03): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
-seed 0), zero padding to 64. Sections: header, sink segment, then per chunk: meta, H segment, L
-segment. Format 2 (X2LIDX02, no checksums, no fingerprint) is read too, for tests that must run
-against older builds.
+Format 4 (magic X2LIDX04): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
+seed 0), zero padding to 64. Sections: header (ending with the i32 M-RoPE text position), sink
+segment, then per chunk: meta, H segment, L segment. Format 3 (X2LIDX03: the same without the text
+position) and format 2 (X2LIDX02, no checksums, no fingerprint) are read too, for old files and tests
+that must run against older builds.
 """
 from __future__ import annotations
 
@@ -103,10 +104,11 @@ def layout(raw: bytes) -> dict:
     'k', 'v': (offset, nbytes), 'pos': (offset, count)}."""
     c = _Cursor(raw)
     magic = raw[:8]
-    if magic not in (b"X2LIDX02", b"X2LIDX03"):
-        raise ValueError(f"not an index of format 2 or 3: {magic!r}")
-    v3 = magic == b"X2LIDX03"
-    out: dict = {"version": 3 if v3 else 2, "fields": {}, "chunks": [], "sections": []}
+    if magic not in (b"X2LIDX02", b"X2LIDX03", b"X2LIDX04"):
+        raise ValueError(f"not an index of format 2, 3 or 4: {magic!r}")
+    version = int(magic[6:])
+    v3 = version >= 3  # checksummed sections and a fingerprint
+    out: dict = {"version": version, "fields": {}, "chunks": [], "sections": []}
     f = out["fields"]
     start = 0
 
@@ -136,6 +138,8 @@ def layout(raw: bytes) -> dict:
     f["sink_tokens"] = (c.skip(4 * nsink), nsink)
     off, nchunks = c.take("Q")
     f["n_chunks"] = (off, "Q")
+    if version >= 4:
+        f["text_pos"] = (c.take("i")[0], "i")
     if not v3:
         c.align()
         start = c.off
@@ -195,7 +199,23 @@ def put(raw: bytearray, field, value) -> None:
 
 def reseal(raw: bytearray, lay: dict, offset: int | None = None) -> None:
     """Recompute the checksum of the section of layout `lay` (taken before the mutation) that holds
-    `offset` (every section when None); format 3 only."""
+    `offset` (every section when None); formats 3 and 4."""
     for start, end in lay["sections"]:
         if offset is None or start <= offset < end:
             struct.pack_into("<Q", raw, end, xxh64(bytes(raw[start:end])))
+
+
+def to_format3(raw: bytes) -> bytes:
+    """A format 4 image rewritten as format 3 (as an older x2l-edge saved it): the header without its
+    text position, re-sealed and re-padded; every later section is unchanged (each starts 64-byte
+    aligned, so it moves by whole 64-byte steps)."""
+    lay = layout(raw)
+    if lay["version"] != 4:
+        raise ValueError("not a format 4 index")
+    start, end = lay["sections"][0]
+    off, _ = lay["fields"]["text_pos"]
+    assert off + 4 == end, "the text position ends the header"
+    payload = b"X2LIDX03" + raw[8:off]
+    header = payload + struct.pack("<Q", xxh64(payload))
+    header += bytes((-len(header)) % 64)
+    return header + raw[(end + 8 + 63) // 64 * 64:]

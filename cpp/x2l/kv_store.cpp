@@ -19,12 +19,16 @@ namespace x2l {
 
 namespace {
 
-// Format 3: every section is followed by the XXH64 of its bytes (docs/security.md).
-constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '3'};
+// Format 4: every section is followed by the XXH64 of its bytes; the header ends with the M-RoPE text
+// position (docs/security.md). Format 3 (the same without that field) is still read.
+constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '4'};
+constexpr char kMagicV3[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '3'};
 constexpr size_t kAlign = 64;
 // Bounds of a header a loader accepts (the model loader's, or tighter where the KV layout needs it).
 constexpr int kMaxLayers = 4096, kMaxHeadsKv = 4096, kMaxHeadDim = 256, kMaxEmbd = 1 << 24, kMaxRatio = 1 << 20;
 constexpr uint32_t kMaxCompressorName = 64;
+// Largest M-RoPE text position accepted: the answer's positions count up from it in int32.
+constexpr int32_t kMaxTextPos = 1 << 30;
 
 bool tier_type(uint32_t t) {
     return t == static_cast<uint32_t>(DType::F32) || t == static_cast<uint32_t>(DType::F16) ||
@@ -258,9 +262,10 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     if (size < sizeof(kMagic) || std::memcmp(base, "X2LIDX", 6) != 0) {
         throw FormatError("not an x2l video index (bad magic)");
     }
-    if (std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
+    const bool v3 = std::memcmp(base, kMagicV3, sizeof(kMagicV3)) == 0;
+    if (!v3 && std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
         throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
-                          ", this version reads " + std::string(kMagic + 6, 2) + "): index the video again");
+                          ", this version reads 03 and " + std::string(kMagic + 6, 2) + "): index the video again");
     }
     auto check = [&](const Section& s, const std::string& what) {
         if (verify && !s.ok(base)) throw FormatError("checksum mismatch in the " + what + " (corrupt or modified file)");
@@ -307,6 +312,12 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     const uint64_t nchunks = r.pod<uint64_t>();
     // Every chunk takes at least three sections of 64 bytes.
     if (nchunks < 1 || nchunks > size / (3 * kAlign)) throw FormatError("corrupt video index header: chunk count");
+    x.text_pos = v3 ? -1 : r.pod<int32_t>();
+    // -1 (the question continues at next_pos), or an M-RoPE text position after the sink. Beacon
+    // indexes number entries densely: their question always continues after the last entry.
+    if (x.text_pos != -1 && (x.text_pos < static_cast<int64_t>(nsink) || x.text_pos > kMaxTextPos || x.dense_positions)) {
+        throw FormatError("corrupt video index header: text position out of range");
+    }
     check(r.end_section(), "header");
 
     SegmentRead sink = read_segment(r, x, "sink");
@@ -380,8 +391,13 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
             bad_chunk(c, "KV rows hold NaN or infinite values");
         }
         // Positions: dense (beacon) ones continue the previous chunk's; SnapKV ones are the positions of
-        // the chunk's own tokens, per layer and KV head for L (low_pos).
-        auto in_chunk = [&](int32_t p) { return p >= ch.pos_begin && p < ch.pos_end; };
+        // the chunk's own tokens, per layer and KV head for L (low_pos). M-RoPE media (text_pos set): an
+        // entry records its temporal-axis position (keys keep their 3-D rotation), which lies after the
+        // sink and before the text position, not in the chunk's entry range.
+        const int64_t mrope_lo = static_cast<int64_t>(nsink);
+        auto in_chunk = [&](int32_t p) {
+            return x.text_pos >= 0 ? p >= mrope_lo && p < x.text_pos : p >= ch.pos_begin && p < ch.pos_end;
+        };
         for (const auto* seg : {&H, &L}) {
             int64_t& next = seg == &H ? high_next : low_next;
             for (int64_t e = 0; e < seg->size(); ++e) {
@@ -426,7 +442,6 @@ TierBytes VideoIndex::bytes() const {
 }
 
 void VideoIndex::save(const std::string& path) const {
-    if (text_pos >= 0) throw Error("saving an X2L index of an M-RoPE (Qwen2-VL) video is not supported yet");
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
         throw FileError(EISDIR, path, "'" + path + "' is a directory: give a file name to save the index to");
@@ -445,6 +460,7 @@ void VideoIndex::save(const std::string& path) const {
         w.pod<uint64_t>(sink_tokens.size());
         w.bytes(sink_tokens.data(), sink_tokens.size() * sizeof(int32_t));
         w.pod<uint64_t>(chunks.size());
+        w.pod<int32_t>(text_pos);
         w.end_section();
         write_segment(w, *sink);
         for (const auto& c : chunks) {
