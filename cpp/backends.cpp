@@ -138,11 +138,6 @@ std::unique_ptr<LlmExecutor> make_llm_executor(const LlmModel& model, ThreadPool
 
 std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadPool& pool, int device) {
     if (device < 0) return std::unique_ptr<VisionExecutor>(new CpuVisionExecutor(enc, pool));
-    if (enc.config().kind == VisionKind::InternViT || enc.config().projector == ProjectorKind::ShuffleMlp) {
-        // Error, not FormatError: Session then encodes frames on the CPU (x2l_edge/device.py open_vision)
-        throw Error("the CUDA backend has no kernels for the internvl tower (InternViT layer scales, q/k norm, "
-                    "shuffle + MLP projector); the tower runs on the CPU");
-    }
     return cuda::vision(enc, device);
 }
 

@@ -24,6 +24,7 @@ import vlm_numpy as vn
 from probes import needs_probes
 from probes import testing as _testing
 from test_cuda import _max_rel, _need_gpu, _rel_err  # noqa: F401  (_need_gpu: the fixture behind `gpu`)
+from test_internvl import six_b  # noqa: F401  (the InternViT-6B layout's tiny mmproj)
 from x2l_edge import _core
 
 gpu = pytest.mark.usefixtures("_need_gpu")
@@ -89,11 +90,12 @@ def _frames(n, size, seed):
 
 @gpu
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
-@pytest.mark.parametrize("family", IDEFICS)
-def test_cuda_idefics3_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
-    """llama.cpp's idefics3 mmproj on the device (SigLIP blocks, post-LN, pixel shuffle, bias-free fc) against
-    the CPU tower at every stage, 3 frames in batches of 2 (an uneven last batch). q8_0: the reference is the
-    CPU on the same weights dequantized to f32 (the CPU multiplies q8_0 weights with q8 activations)."""
+@pytest.mark.parametrize("family", IDEFICS + ("internvl",))
+def test_cuda_shuffle_vision_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
+    """llama.cpp's idefics3 mmproj (SigLIP blocks, post-LN, pixel shuffle, bias-free fc) and internvl mmproj
+    (InternViT: CLS, layer scales; CLS dropped, pixel shuffle, LayerNorm + MLP) on the device against the CPU
+    tower at every stage, 3 frames in batches of 2 (an uneven last batch). q8_0: the reference is the CPU on
+    the same weights dequantized to f32 (the CPU multiplies q8_0 weights with q8 activations)."""
     mmproj = str(vlm_llama_cpp(outtype)[family][1])
     ref_path = mmproj
     if outtype == "q8_0":
@@ -104,7 +106,7 @@ def test_cuda_idefics3_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtyp
     cpu = _core.VisionEncoder.from_gguf(ref_path, n_threads=2)
     dev = _core.VisionEncoder.from_gguf(mmproj, n_threads=2, device=0)
     assert (cpu.device, dev.device) == ("cpu", "cuda:0")
-    assert dev.config["projector"] == "pixel_shuffle" and dev.device_bytes >= dev.weight_bytes > 0
+    assert dev.config["projector"] in ("pixel_shuffle", "shuffle_mlp") and dev.device_bytes >= dev.weight_bytes > 0
     dev.batch_frames = 2
     px = _frames(3, cpu.config["image_size"], seed=4)
     for stage in ("hidden_states", "projected", "encode"):
@@ -112,6 +114,20 @@ def test_cuda_idefics3_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtyp
         assert np.isfinite(b).all(), stage
         assert _max_rel(b, a) < 3e-3, (stage, _max_rel(b, a))
     assert dev.encode(px).shape == (3 * dev.tokens_per_frame, dev.n_embd)
+
+
+@gpu
+def test_cuda_internvit_6b_vision_matches_cpu(six_b):
+    """InternViT-6B's block layout (RMSNorm blocks, q/k RMSNorm over the width, no q/k/v biases; the tiny
+    checkpoint of tests/test_internvl.py converted by llama.cpp) on the device against the CPU tower."""
+    _, mmproj = six_b
+    cpu = _core.VisionEncoder.from_gguf(str(mmproj), n_threads=2)
+    dev = _core.VisionEncoder.from_gguf(str(mmproj), n_threads=2, device=0)
+    assert (dev.config["rms_norm"], dev.config["qk_norm"], dev.config["layer_scale"]) == (True, True, True)
+    px = _frames(2, cpu.config["image_size"], seed=8)
+    for stage in ("hidden_states", "encode"):
+        a, b = getattr(cpu, stage)(px), getattr(dev, stage)(px)
+        assert np.isfinite(b).all() and _max_rel(b, a) < 3e-3, (stage, _max_rel(b, a))
 
 
 @gpu
@@ -165,7 +181,7 @@ def test_cuda_smolvlm_session_answers_like_cpu(vlm_llama_cpp):
 @gpu
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("family", QWEN)
-def test_cuda_qwen_tower_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
+def test_cuda_qwen_vision_matches_cpu(vlm_llama_cpp, tmp_path, family, outtype):
     """llama.cpp's Qwen mmproj on the device (Conv3D as two 2-D kernels, 2-D rotary, Qwen2.5's windows and
     full-attention blocks, LayerNorm + quick_gelu / RMSNorm + SwiGLU, the 2x2 merger) against the CPU tower:
     3 frames of 140x196 (two temporal pairs, the last frame repeated; a 5x7 merged grid in 4x4-cell windows:
@@ -209,7 +225,7 @@ def _qwen_prompt_logits(s, media, embd, grid, pre, post):
 
 @gpu
 @pytest.mark.parametrize("family", QWEN)
-def test_cuda_qwen_llm_matches_cpu(vlm_llama_cpp, family):
+def test_cuda_llm_matches_cpu_qwen_mrope(vlm_llama_cpp, family):
     """A llama.cpp Qwen pair on the device (tower and M-RoPE LLM): the video's tokens, then the LLM fed the
     same tokens on both: a text + video + text prompt in batches of 5 (pieces of the [3, n] positions;
     Qwen2.5's time-scaled t axis), then greedy decode steps (one replayed CUDA graph: a text token's one

@@ -72,6 +72,10 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
         d.b_up = cuda_upload_floats(L.b_up, total);
         d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down.weight", total);
         d.b_down = cuda_upload_floats(L.b_down, total);
+        d.ls1 = cuda_upload_floats(L.ls1, total);
+        d.ls2 = cuda_upload_floats(L.ls2, total);
+        d.q_norm = cuda_upload_floats(L.q_norm, total);
+        d.k_norm = cuda_upload_floats(L.k_norm, total);
     }
     if (c.projector == ProjectorKind::PixelShuffle) {
         mm_fc_ = cuda_upload_weight(enc.mm_fc_, "mm.model.fc.weight", total);
@@ -80,6 +84,8 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
         mm0_b_ = cuda_upload_floats(enc.mm0_b_, total);
         mm2_ = cuda_upload_weight(enc.mm2_, "mm.2.weight", total);
         mm2_b_ = cuda_upload_floats(enc.mm2_b_, total);
+        mm_ln_w_ = cuda_upload_floats(enc.mm_ln_w_, total);  // internvl; empty otherwise
+        mm_ln_b_ = cuda_upload_floats(enc.mm_ln_b_, total);
     }
     if (c.post_norm) {
         post_ln_w_ = cuda_upload_floats(enc.post_ln_w_, total);
@@ -107,8 +113,10 @@ void CudaVision::allocate(int batch) {
     patches_ = CudaDeviceBuffer(B * c.n_patches * K * kF32);
     for (CudaDeviceBuffer* b : {&x_, &xn_, &q_, &k_, &v_, &attn_}) *b = CudaDeviceBuffer(B * T * W * kF32);
     ff_ = CudaDeviceBuffer(B * T * c.n_ff * kF32);
-    if (c.projector == ProjectorKind::PixelShuffle) {
+    if (c.projector != ProjectorKind::Mlp) {
         shuffled_ = CudaDeviceBuffer(B * NF * W * kF32);  // the same values, regrouped
+        if (NF != T) feat_ = CudaDeviceBuffer(B * NF * W * kF32);
+        if (c.projector == ProjectorKind::ShuffleMlp) h1_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
         h2_ = CudaDeviceBuffer(B * c.tokens_per_frame * E * kF32);
     } else {
         if (NF != T) feat_ = CudaDeviceBuffer(B * NF * W * kF32);
@@ -156,7 +164,11 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
             cuda_copy_d2d_async(tok + (b * T + 1) * W, f32(xn_) + b * NP * W, NP * W * kF32, s);
         }
         cuda_add(tok, f32(pos_embd_), tok, rows * W, T * W, s);
-        cuda_layer_norm(tok, f32(pre_ln_w_), f32(pre_ln_b_), f32(x_), rows, W, c.eps, s);
+        if (c.pre_norm) {
+            cuda_layer_norm(tok, f32(pre_ln_w_), f32(pre_ln_b_), f32(x_), rows, W, c.eps, s);
+        } else {  // InternViT: no pre-LN
+            cuda_copy_d2d_async(x_.data(), tok, rows * W * kF32, s);
+        }
     }
 
     // ---- encoder layers (pre-LN transformer)
@@ -164,10 +176,16 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
     for (size_t l = 0; l < layers_.size(); ++l) {
         const Layer& L = layers_[l];
         gate.before_layer(static_cast<int>(l));
-        cuda_layer_norm(f32(x_), f32(L.ln1_w), f32(L.ln1_b), f32(xn_), rows, W, c.eps, s);
+        block_norm(L.ln1_w, L.ln1_b, f32(x_), f32(xn_), rows);
         linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
         linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
         linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
+        if (L.q_norm.size()) {  // InternViT-6B: RMSNorm of q and k over the whole width, before the heads split
+            cuda_rms_norm(f32(q_), f32(L.q_norm), f32(xn_), rows, W, c.eps, s);
+            cuda_copy_d2d_async(q_.data(), xn_.data(), rows * W * kF32, s);
+            cuda_rms_norm(f32(k_), f32(L.k_norm), f32(xn_), rows, W, c.eps, s);
+            cuda_copy_d2d_async(k_.data(), xn_.data(), rows * W * kF32, s);
+        }
         // Full self-attention inside each frame: the n frames as n problems of one launch.
         CudaAttentionParams p;
         p.q = f32(q_);
@@ -183,18 +201,32 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
         p.n_kv = T;
         cuda_attention(p, s);
         linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
-        cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
-        cuda_layer_norm(f32(x_), f32(L.ln2_w), f32(L.ln2_b), f32(xn_), rows, W, c.eps, s);
+        residual(f32(x_), f32(xn_), L.ls1, rows);
+        block_norm(L.ln2_w, L.ln2_b, f32(x_), f32(xn_), rows);
         linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
         cuda_gelu(f32(ff_), f32(ff_), rows * FF, gelu_mode(c.act), s);
         linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
-        cuda_add(f32(x_), f32(xn_), f32(x_), rows * W, rows * W, s);
+        residual(f32(x_), f32(xn_), L.ls2, rows);
         gate.after_layer(static_cast<int>(l));
     }
     if (c.post_norm) {  // idefics3: the post-LN on the last block's output, back into x_
         cuda_layer_norm(f32(x_), f32(post_ln_w_), f32(post_ln_b_), f32(xn_), rows, W, c.eps, s);
         cuda_copy_d2d_async(x_.data(), xn_.data(), rows * W * kF32, s);
     }
+}
+
+void CudaVision::block_norm(const CudaDeviceBuffer& w, const CudaDeviceBuffer& b, const float* x, float* y, int64_t rows) {
+    if (cfg_.rms_norm) {
+        cuda_rms_norm(x, f32(w), y, rows, cfg_.width, cfg_.eps, stream_->handle());
+    } else {
+        cuda_layer_norm(x, f32(w), f32(b), y, rows, cfg_.width, cfg_.eps, stream_->handle());
+    }
+}
+
+void CudaVision::residual(float* x, float* y, const CudaDeviceBuffer& scale, int64_t rows) {
+    const int64_t n = rows * cfg_.width;
+    if (scale.size()) cuda_mul(y, f32(scale), y, n, cfg_.width, stream_->handle());
+    cuda_add(x, y, x, n, n, stream_->handle());
 }
 
 void CudaVision::encode(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
@@ -239,10 +271,25 @@ void CudaVision::encode_batches(const float* pixels, int64_t n_frames, float* ou
             stream_->synchronize();
             continue;
         }
-        if (c.projector == ProjectorKind::PixelShuffle) {
-            // [n * NF, W] -> [n * TPF, s*s*W] -> mm.model.fc (no bias) -> [n * TPF, E]
-            cuda_pixel_shuffle(f32(x_), f32(shuffled_), n, c.grid, c.shuffle, W, s);
-            linear(mm_fc_, f32(shuffled_), n * TPF, f32(h2_), CudaDeviceBuffer(), s);
+        if (c.projector != ProjectorKind::Mlp) {
+            // [n * NF, W] (CLS dropped) -> [n * TPF, s*s*W] -> idefics3: mm.model.fc (no bias);
+            // internvl: LayerNorm (eps 1e-5, torch's default) -> mm.0 -> GELU (erf) -> mm.2 -> [n * TPF, E]
+            const float* feat = f32(x_);
+            if (NF != T) {
+                for (int64_t b = 0; b < n; ++b)
+                    cuda_copy_d2d_async(f32(feat_) + b * NF * W, f32(x_) + (b * T + first_feat) * W, NF * W * kF32, s);
+                feat = f32(feat_);
+            }
+            cuda_pixel_shuffle(feat, f32(shuffled_), n, c.grid, c.shuffle, W, s);
+            if (c.projector == ProjectorKind::PixelShuffle) {
+                linear(mm_fc_, f32(shuffled_), n * TPF, f32(h2_), CudaDeviceBuffer(), s);
+            } else {
+                const int64_t KS = W * c.shuffle * c.shuffle;
+                cuda_layer_norm(f32(shuffled_), f32(mm_ln_w_), f32(mm_ln_b_), f32(xn_), n * TPF, KS, 1e-5f, s);
+                linear(mm0_, f32(xn_), n * TPF, f32(h1_), mm0_b_, s);
+                cuda_gelu(f32(h1_), f32(h1_), n * TPF * E, GeluMode::Erf, s);
+                linear(mm2_, f32(h1_), n * TPF, f32(h2_), mm2_b_, s);
+            }
             h2_.download(out + f0 * TPF * E, n * TPF * E * kF32, 0, s);
             stream_->synchronize();
             continue;

@@ -3,7 +3,8 @@
 // goes back to the host; everything in between stays on the device:
 //   im2col (host) -> patch matmul -> [CLS] + positions [-> pre-LN] -> n_layer_run pre-LN blocks
 //   (per-frame bidirectional attention over f32 K/V) [-> post-LN] -> [drop CLS] -> projector -> pooling,
-//   the projector being LLaVA's MLP or Idefics3's pixel shuffle + bias-free Linear.
+//   the projector being LLaVA's MLP, Idefics3's pixel shuffle + bias-free Linear, or InternVL's pixel shuffle +
+//   LayerNorm -> Linear -> GELU -> Linear (InternViT blocks: layer scales, optional RMSNorm and q/k norm).
 // Frames are encoded batch_frames at a time; the activation buffers are sized for one batch.
 //
 // The vision tower's CUDA executor (vision/executor.h); backends.cpp makes it.
@@ -46,6 +47,7 @@ class CudaVision final : public VisionExecutor {
   private:
     struct Layer {
         CudaDeviceBuffer ln1_w, ln1_b, ln2_w, ln2_b, bq, bk, bv, bo, b_up, b_down;
+        CudaDeviceBuffer ls1, ls2, q_norm, k_norm;  // InternViT: [width] each, empty without
         CudaMatrix wq, wk, wv, wo, w_up, w_down;
     };
     void allocate(int batch);
@@ -60,6 +62,10 @@ class CudaVision final : public VisionExecutor {
     }
     // Leaves the selected hidden state in x_ [n * n_tokens, width]; interrupt polled between layers.
     void run_tower(int64_t n, const Interrupt* interrupt);
+    // The blocks' norm: RMSNorm (InternViT-6B) or LayerNorm, rows of width floats.
+    void block_norm(const CudaDeviceBuffer& w, const CudaDeviceBuffer& b, const float* x, float* y, int64_t rows);
+    // x += y, or x += scale * y with a layer scale [width] (y is overwritten).
+    void residual(float* x, float* y, const CudaDeviceBuffer& scale, int64_t rows);
 
     const VisionEncoder& enc_;
     const VisionConfig& cfg_;
@@ -74,6 +80,7 @@ class CudaVision final : public VisionExecutor {
     CudaDeviceBuffer mm0_b_, mm2_b_;
     CudaDeviceBuffer post_ln_w_, post_ln_b_;  // idefics3: [width]
     CudaMatrix mm_fc_;                        // idefics3: [s*s*width -> n_embd], no bias
+    CudaDeviceBuffer mm_ln_w_, mm_ln_b_;      // internvl: [s*s*width] projector LayerNorm
 
     std::unique_ptr<CudaStream> stream_;
     std::vector<float> patches_host_;  // [batch * n_patches, 3*p*p] im2col rows
