@@ -338,7 +338,13 @@ class IndexStore:
         h, w = rgb.shape[:2]
         small = cv2.resize(rgb, (160, max(1, round(h * 160 / w))), interpolation=cv2.INTER_AREA)
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
-        if ok:
+        if not ok:
+            return
+        # Under the lock so a DELETE racing this worker step either removes the file afterwards or makes
+        # this write a no-op (it pops the record under the same lock before removing the folder).
+        with self._lock:
+            if index_id not in self.records:
+                return
             os.makedirs(self._thumb_dir(index_id), exist_ok=True)
             with open(os.path.join(self._thumb_dir(index_id), f"{chunk}.jpg"), "wb") as f:
                 f.write(jpg.tobytes())
