@@ -42,6 +42,11 @@ CONFIGS = {
     "kvzip": dict(compressor="kvzip"),                             # votes of a re-read of the chunk
     "keydiff": dict(compressor="keydiff"),                         # key distinctiveness, no votes
     "keydiff_p1": dict(compressor="keydiff", pool_kernel=1),       # the same without neighbour smoothing
+    "hybrid": dict(compressor="hybrid"),                           # snapkv's and keydiff's ranks summed
+    "keydiff_layers": dict(compressor="keydiff", pool_scope="layers"),  # per KV head, one choice for every layer
+    "keydiff_all": dict(compressor="keydiff", pool_scope="all"),   # the same tokens in every layer and head
+    "snapkv_all": dict(compressor="snapkv", pool_scope="all"),
+    "hybrid_all": dict(compressor="hybrid", pool_scope="all"),
     # ratio_low 1: the L tier uncompressed (the compressor only makes the H tier)
     "rl1_snapkv": dict(compressor="snapkv", ratio_low=1),
     "rl1_keydiff": dict(compressor="keydiff", ratio_low=1),

@@ -37,6 +37,50 @@ std::vector<int32_t> select_entries(const float* importance, int n_layer, int n_
     return keep;
 }
 
+std::vector<float> importance_ranks(const float* importance, int n_layer, int n_head_kv, int64_t w) {
+    std::vector<float> out(static_cast<size_t>(n_layer) * n_head_kv * w);
+    std::vector<int32_t> idx(w);
+    const float scale = w > 1 ? 1.0f / static_cast<float>(w - 1) : 0.0f;
+    for (size_t lh = 0; lh < static_cast<size_t>(n_layer) * n_head_kv; ++lh) {
+        const float* imp = importance + lh * w;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return imp[a] < imp[b]; });
+        for (int64_t r = 0; r < w; ++r) out[lh * w + idx[r]] = static_cast<float>(r) * scale;
+    }
+    return out;
+}
+
+PoolScope pool_scope_from_name(const std::string& name) {
+    if (name == "head") return PoolScope::Head;
+    if (name == "layers") return PoolScope::Layers;
+    if (name == "all") return PoolScope::All;
+    throw Error("pool_scope must be 'head', 'layers' or 'all' (got '" + name + "')");
+}
+
+void pool_importance(std::vector<float>& importance, int n_layer, int n_head_kv, int64_t w, PoolScope scope) {
+    if (scope == PoolScope::Head) return;
+    if (importance.size() != static_cast<size_t>(n_layer) * n_head_kv * w) throw Error("pool_importance: bad size");
+    const std::vector<float> ranks = importance_ranks(importance.data(), n_layer, n_head_kv, w);
+    // Per KV head (Layers) or one for all heads (All): the mean rank over the pooled (layer, head) pairs.
+    const int groups = scope == PoolScope::Layers ? n_head_kv : 1;
+    std::vector<double> mean(static_cast<size_t>(groups) * w);
+    for (int l = 0; l < n_layer; ++l) {
+        for (int h = 0; h < n_head_kv; ++h) {
+            const float* r = ranks.data() + (static_cast<size_t>(l) * n_head_kv + h) * w;
+            double* m = mean.data() + static_cast<size_t>(scope == PoolScope::Layers ? h : 0) * w;
+            for (int64_t e = 0; e < w; ++e) m[e] += r[e];
+        }
+    }
+    const double count = scope == PoolScope::Layers ? n_layer : static_cast<double>(n_layer) * n_head_kv;
+    for (int l = 0; l < n_layer; ++l) {
+        for (int h = 0; h < n_head_kv; ++h) {
+            const double* m = mean.data() + static_cast<size_t>(scope == PoolScope::Layers ? h : 0) * w;
+            float* dst = importance.data() + (static_cast<size_t>(l) * n_head_kv + h) * w;
+            for (int64_t e = 0; e < w; ++e) dst[e] = static_cast<float>(m[e] / count);
+        }
+    }
+}
+
 void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope_spec,
                   float* out) {
     dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
