@@ -198,22 +198,61 @@ def _ranks(x):
     return r
 
 
-def _keydiff_ref(session, full_index, S, n):
-    """KeyDiff importance [L, H, n] from an uncompressed index's f32 keys: minus the cosine of each pre-RoPE
-    key (NEOX RoPE undone here) to the chunk's mean pre-RoPE key."""
+def _pre_rope_keys(session, full_index, S, n):
+    """[L, H, n, head_dim] pre-RoPE keys of chunk 0 of an uncompressed f32 index (NEOX RoPE undone here)."""
     info = session.info
     L, H, hd = info["n_layer"], info["n_head_kv"], info["head_dim"]
     theta = float(session._s.metadata("qwen2.rope.freq_base") or 10000.0)
     ang = -np.arange(S, S + n)[:, None] * (theta ** (-np.arange(0, hd, 2) / hd))[None, :]
-    out = np.zeros((L, H, n))
+    out = np.zeros((L, H, n, hd))
     for layer in range(L):
         for h in range(H):
             k = np.frombuffer(full_index.low_rows(0, layer, h), np.float32).reshape(n, hd).astype(np.float64)
             x1, x2 = k[:, :hd // 2], k[:, hd // 2:]
-            pre = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x1 * np.sin(ang) + x2 * np.cos(ang)], 1)
-            mean = pre.mean(0)
-            out[layer, h] = -(pre @ mean) / (np.linalg.norm(pre, axis=1) * np.linalg.norm(mean))
+            out[layer, h] = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x1 * np.sin(ang) + x2 * np.cos(ang)], 1)
     return out
+
+
+def _keydiff_ref(session, full_index, S, n):
+    """KeyDiff importance [L, H, n]: minus the cosine of each pre-RoPE key to the chunk's mean pre-RoPE key."""
+    pre = _pre_rope_keys(session, full_index, S, n)
+    mean = pre.mean(2, keepdims=True)
+    return -(pre * mean).sum(-1) / (np.linalg.norm(pre, axis=-1) * np.linalg.norm(mean, axis=-1))
+
+
+def test_merge_folds_dropped_values_into_the_more_similar_kept_neighbour(tiny):
+    """merge=True (keydiff): the same entries and keys as without merging; each kept entry's value is the
+    weighted mean of its own value (weight 1) and the values of the dropped entries that chose it: a dropped
+    entry goes to the kept entry just before or just after it in time whose pre-RoPE key is more similar
+    (cosine), with weight max(0, cosine). Recomputed here from the chunk's full f32 K/V."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _distinct_chunk(tiny)
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32", compressor="keydiff")
+    merged, _ = prefill_chunks(tiny, [chunk], ratio_low=2, merge=True, **kw)
+    plain, _ = prefill_chunks(tiny, [chunk], ratio_low=2, **kw)
+    full, _ = prefill_chunks(tiny, [chunk], ratio_low=1, **kw)
+    L, H, hd, n, S = tiny.info["n_layer"], tiny.info["n_head_kv"], tiny.info["head_dim"], len(chunk), len(sink)
+    assert merged.low_positions(0) == plain.low_positions(0)
+    pre = _pre_rope_keys(tiny, full, S, n)
+    kept = np.array(merged.low_positions(0)).reshape(L, H, n // 2) - S
+    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    for layer in range(L):
+        for h in range(H):
+            assert merged.low_rows(0, layer, h) == plain.low_rows(0, layer, h)  # keys untouched
+            v = np.frombuffer(full.low_rows(0, layer, h, value=True), np.float32).reshape(n, hd).astype(np.float64)
+            k = list(kept[layer, h])
+            acc, wsum = v[k].copy(), np.ones(len(k))
+            for e in np.setdiff1d(np.arange(n), k):
+                cands = [i for i in (np.searchsorted(k, e) - 1, np.searchsorted(k, e)) if 0 <= i < len(k)]
+                sims = [cos(pre[layer, h, e], pre[layer, h, k[i]]) for i in cands]
+                j = int(np.argmax(sims))
+                w = max(0.0, sims[j])
+                acc[cands[j]] += w * v[e]
+                wsum[cands[j]] += w
+            got = np.frombuffer(merged.low_rows(0, layer, h, value=True), np.float32).reshape(-1, hd)
+            np.testing.assert_allclose(got, acc / wsum[:, None], rtol=1e-4, atol=1e-5)
+            assert not np.allclose(got, v[k])  # something was merged
 
 
 @pytest.mark.parametrize("scope", ["layers", "all"])
@@ -289,6 +328,8 @@ def test_compressor_options_are_checked(tiny):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="h2o")
     with pytest.raises(ValueError, match="pool_scope"):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), pool_scope="layer")
+    with pytest.raises(TypeError, match="merge"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), merge=1)
     with pytest.raises(RuntimeError, match="pool_scope"):  # the C++ check, past the Python options
         _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "pool_scope": "x"}, repeat_prompt=[])
     with pytest.raises(RuntimeError, match="vocabulary"):

@@ -31,6 +31,7 @@ class X2LOptions:
     # Which entries share one choice: "head" (each layer and KV head its own), "layers" (per KV head, the
     # same entries in every layer: importance ranks averaged over layers), "all" (the same tokens everywhere)
     pool_scope: str = "head"
+    merge: bool = False             # training-free: a dropped entry's value merged into its more similar kept neighbour
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
@@ -50,7 +51,7 @@ class X2LOptions:
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
                "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes",
-               "pool_scope")
+               "pool_scope", "merge")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}

@@ -51,4 +51,14 @@ std::vector<float> key_distinctiveness(const KVSegment& seg, int64_t n, const Ro
 std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begin, const std::vector<int32_t>& keep,
                                           int64_t m, DType out_type);
 
+// KV merging instead of dropping (in the spirit of D2O, Wan et al. 2024, arXiv 2406.13035, and CaM, Zhang
+// et al. 2024): every entry of src's [src_begin, src_begin + w) that keep drops gives its value to the
+// nearer-in-content of its two kept neighbours in time (the kept entries just before and after it; higher
+// cosine similarity of the pre-RoPE keys), weighted by that similarity (clamped at 0); a kept entry's
+// value becomes the weighted mean of its own (weight 1) and those it absorbed. Keys are not merged:
+// they stay the kept entries' own, at their positions, so RoPE stays exact. out: gather_segment's result
+// for keep (its V rows are rewritten).
+void merge_dropped_values(const KVSegment& src, int64_t src_begin, int64_t w, const std::vector<int32_t>& keep,
+                          int64_t m, const RopeSpec& rope, KVSegment& out);
+
 }  // namespace x2l

@@ -68,6 +68,9 @@ struct X2LOptions {
     // and KV head its own), "layers" (per KV head, the same entries in every layer), "all" (the same tokens
     // in every layer and head).
     std::string pool_scope = "head";
+    // Training-free compressors: each dropped entry's value merged into its more similar kept neighbour
+    // (compress.h merge_dropped_values) instead of discarded; both tiers.
+    bool merge = false;
 };
 
 struct PrefillStats {
