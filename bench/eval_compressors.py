@@ -205,14 +205,15 @@ def main(argv=None) -> int:
 
     def load_all():  # every shard's finished samples (a line being written by another shard is skipped)
         recs = {}
-        for path in sorted(glob.glob(a.out + "*.jsonl")):  # a later line of a sample replaces an earlier one
+        for path in sorted(glob.glob(a.out + "*.jsonl")):
             for line in open(path):
                 try:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if r.get("config_key") == key:
-                    recs[(r["task"], r["idx"])] = r
+                old = recs.get((r["task"], r["idx"]))
+                if r.get("config_key") == key and (old is None or len(r["configs"]) >= len(old["configs"])):
+                    recs[(r["task"], r["idx"])] = r  # a sample's record with the most configurations
         return list(recs.values())
 
     records = load_all()
