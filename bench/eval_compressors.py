@@ -127,6 +127,7 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
                 continue
             row["configs"][c] = {
                 "n": len(cs),
+                "full": sum(r["full"]["correct"] for r in rs if c in r["configs"]),  # on the same samples
                 "ratio_low": cs[0]["ratio_low"], "ratio_high": cs[0]["ratio_high"],
                 **{m: sum(x[m]["correct"] for x in cs) for m in ("top3", "oracle", "h_only") if m in cs[0]},
                 **{m + "_answer_recall": sum(x[m]["frac"] for x in cs) / len(cs) for m in ("top3", "oracle", "h_only")
@@ -161,9 +162,9 @@ def markdown(summary: dict, meta: dict) -> str:
         L += ["", "| compressor | ratio_low/high | full KV | X²L top-3 | oracle reload | H-only | top-3 / full | chunk-rec@3 | "
               "L/full bytes | prefill CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c, x in row["configs"].items():
-            rel = f"{100 * x['top3'] / row['full']:.0f}%" if row["full"] else "-"
+            rel = f"{100 * x['top3'] / x['full']:.0f}%" if x["full"] else "-"
             orc = f"{x['oracle']}/{x['n']}" if "oracle" in x else "-"
-            L.append(f"| {c} | {x['ratio_low']}/{x['ratio_high']} | {row['full']}/{row['n']} | {x['top3']}/{x['n']} | {orc} | "
+            L.append(f"| {c} | {x['ratio_low']}/{x['ratio_high']} | {x['full']}/{x['n']} | {x['top3']}/{x['n']} | {orc} | "
                      f"{x['h_only']}/{x['n']} | {rel} | {x['top3_chunk_recall']:.2f} | "
                      f"{x['low_bytes'] / row['full_kv_context_bytes']:.3f} | {x['prefill_cpu_seconds']:.2f} |")
         L.append("")
@@ -190,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1", help="i/k: this process runs the sample indices = i mod k")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new sample after this")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compressors_smollm2"))
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: rewrite OUT.json / OUT.md from the records of every shard (per configuration, "
+                         "the samples that have it)")
     a = ap.parse_args(argv)
 
     import x2l_edge
@@ -236,6 +240,10 @@ def main(argv=None) -> int:
     def complete(r):
         return all(c in r["configs"] for c in a.configs)
 
+    if a.report:
+        meta["command"] += " (report of the records in OUT*.jsonl; the runs that made them: bench/README.md)"
+        write()
+        return 0
     done = {(r["task"], r["idx"]) for r in records if complete(r)}
     partial = {(r["task"], r["idx"]): r for r in records if not complete(r)}  # reused: only missing configs run
     t_start = time.perf_counter()

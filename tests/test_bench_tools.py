@@ -195,6 +195,11 @@ def test_compressor_eval_runs_shards_and_resumes(tiny_llama, tmp_path):
         assert set(r["configs"]) == {"snapkv", "keydiff", "rl1_snapkv", "hybrid"}
     res = json.loads(Path(out + ".json").read_text())
     assert res["summary"]["single"]["configs"]["hybrid"]["n"] == 2
+    # --report: no run, the summary of the configurations asked for
+    assert C.main(args + ["--report", "--configs", "snapkv"]) == 0
+    assert len(Path(out + ".jsonl").read_text().splitlines()) == 2
+    res = json.loads(Path(out + ".json").read_text())
+    assert set(res["summary"]["single"]["configs"]) == {"snapkv"} and "report" in res["command"]
 
 
 def test_kernel_resources_reads_ptxas_output():
