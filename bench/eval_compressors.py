@@ -145,9 +145,12 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
 def markdown(summary: dict, meta: dict) -> str:
     L = [f"# X²L compressors on held-out text needles: {meta['model']}", "",
          f"Command: `{meta['command']}`", "",
-         f"Settings: split={meta['split']} (held out: bench/eval_needles.py make_sample(split='test'): its own "
-         f"filler templates, needle wording ('The secret PIN of the KEY account is N.'), key words and seed tag; "
-         f"no compressor, scorer or default was tuned on it), seed={meta['seed']}, context ~{meta['tokens']} tokens "
+         f"Settings: split={meta['split']} "
+         + ("(held out: bench/eval_needles.py make_sample(split='test'): its own "
+            "filler templates, needle wording ('The secret PIN of the KEY account is N.'), key words and seed tag; "
+            "no compressor, scorer or default was tuned on it)" if meta["split"] == "test" else
+            "(the tuning split: the wording and filler the compressors were explored on; not evidence)")
+         + f", seed={meta['seed']}, context ~{meta['tokens']} tokens "
          f"in chunks of {meta['chunk_tokens']}, ratio_low={meta['ratio_low']}, ratio_high={meta['ratio_high']}, "
          f"two_pass, greedy, scorer for top-3: {meta['scorer']}, threads={meta['threads']}. {meta['time']}; "
          f"load average {meta['load_start']:.1f} at the start, {meta['load_now']:.1f} at the last write "
@@ -215,9 +218,12 @@ def main(argv=None) -> int:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if r.get("config_key") != key:
+                    continue
                 old = recs.get((r["task"], r["idx"]))
-                if r.get("config_key") == key and (old is None or len(r["configs"]) >= len(old["configs"])):
-                    recs[(r["task"], r["idx"])] = r  # a sample's record with the most configurations
+                if old is not None:  # the same sample from another run or shard: the union of its configurations
+                    r = {**r, "configs": {**old["configs"], **r["configs"]}}
+                recs[(r["task"], r["idx"])] = r
         return list(recs.values())
 
     records = load_all()
