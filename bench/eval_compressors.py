@@ -143,7 +143,8 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    L = [f"# X²L compressors on held-out text needles: {meta['model']}", "",
+    L = [f"# X²L compressors on {'held-out' if meta['split'] == 'test' else 'tuning-split'} text needles: "
+         f"{meta['model']}", "",
          f"Command: `{meta['command']}`", "",
          f"Settings: split={meta['split']} "
          + ("(held out: bench/eval_needles.py make_sample(split='test'): its own "
