@@ -11,8 +11,9 @@ from dataclasses import dataclass
 class X2LOptions:
     # Compression (the bi-level prefill)
     # L-KVs (host tier): keep 1/ratio_low of each chunk's entries. 1 (uncompressed), not the method's 2: at 2
-    # no training-free compressor kept the held-out needles a reloaded chunk must answer from
-    # (bench/results/compressors_smollm2.md; snapkv loses nearly all of them, keydiff some).
+    # no training-free compressor reached 95 % of full KV at top-3 on the held-out needles
+    # (bench/results/compressors_smollm2_n50.md, n=50: snapkv loses them all, keydiff with pool_scope
+    # "layers" 92 % single / 88 % multi-key).
     ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
