@@ -154,8 +154,9 @@ def markdown(summary: dict, meta: dict) -> str:
          + f", seed={meta['seed']}, context ~{meta['tokens']} tokens "
          f"in chunks of {meta['chunk_tokens']}, ratio_low={meta['ratio_low']}, ratio_high={meta['ratio_high']}, "
          f"two_pass, greedy, scorer for top-3: {meta['scorer']}, threads={meta['threads']}. {meta['time']}; "
-         f"load average {meta['load_start']:.1f} at the start, {meta['load_now']:.1f} at the last write "
-         f"(2-core machine shared with other jobs: prefill times are CPU seconds of this process); "
+         + (f"load average {meta['load_start']:.1f} at the start, {meta['load_now']:.1f} at the last write "
+            if meta.get("load_start") is not None else "load during the runs: bench/README.md ")
+         + "(2-core machine shared with other jobs: prefill times are CPU seconds of this process); "
          f"{meta['cpu']} (ISA: {meta['isa']}).", "",
          "Cells: correct/n (all expected values in the answer). full = plain Session on the same token ids; "
          "top3 = X²L as shipped (the scorer's top 3 chunks reloaded from L, the rest H); oracle = the needle "
@@ -249,6 +250,7 @@ def main(argv=None) -> int:
 
     if a.report:
         meta["command"] += " (report of the records in OUT*.jsonl; the runs that made them: bench/README.md)"
+        meta["load_start"] = None  # the report's own moment says nothing about the runs
         write()
         return 0
     done = {(r["task"], r["idx"]) for r in records if complete(r)}
