@@ -11,7 +11,8 @@ The full-KV answer does not depend on the compressor and is computed once per sa
 
 Per cell: accuracy (all expected values in the answer), the L tier's bytes vs the full KV of the context (the
 same f16 rows the L tier stores, uncompressed), prefill seconds. Every finished sample is appended to
-OUT.jsonl (a rerun with the same settings resumes), OUT.json / OUT.md are rewritten after each.
+OUT.jsonl (a rerun with the same settings resumes; one with more --configs runs only the configurations a
+sample lacks, reusing its full-KV answer), OUT.json / OUT.md are rewritten after each.
 
     python bench/eval_compressors.py --samples 50 --tokens 1024 --chunk-tokens 256 \
         --configs snapkv snapkv_max kvzip keydiff --out bench/results/compressors_smollm2
@@ -42,13 +43,23 @@ CONFIGS = {
     "kvzip": dict(compressor="kvzip"),                             # votes of a re-read of the chunk
     "keydiff": dict(compressor="keydiff"),                         # key distinctiveness, no votes
     "keydiff_p1": dict(compressor="keydiff", pool_kernel=1),       # the same without neighbour smoothing
+    "hybrid": dict(compressor="hybrid"),                           # snapkv's and keydiff's ranks summed
+    "keydiff_layers": dict(compressor="keydiff", pool_scope="layers"),  # per KV head, one choice for every layer
+    "keydiff_all": dict(compressor="keydiff", pool_scope="all"),   # the same tokens in every layer and head
+    "snapkv_all": dict(compressor="snapkv", pool_scope="all"),
+    "hybrid_all": dict(compressor="hybrid", pool_scope="all"),
+    "keydiff_merge": dict(compressor="keydiff", merge=True),       # dropped values merged into a kept neighbour
+    "snapkv_merge": dict(compressor="snapkv", merge=True),
     # ratio_low 1: the L tier uncompressed (the compressor only makes the H tier)
     "rl1_snapkv": dict(compressor="snapkv", ratio_low=1),
     "rl1_keydiff": dict(compressor="keydiff", ratio_low=1),
 }
 
 
-def run_sample(s, tok: Tok, smp: dict, a) -> dict:
+def run_sample(s, tok: Tok, smp: dict, a, prev: dict | None = None) -> dict:
+    """One sample: the full-KV answer and every configuration in a.configs. prev: this sample's record from
+    an earlier run with the same settings, whose full-KV answer and configurations are reused (only the
+    configurations it lacks are run)."""
     from x2l_edge.x2l import split_template
 
     prefix, suffix = split_template(s, None)
@@ -58,19 +69,27 @@ def run_sample(s, tok: Tok, smp: dict, a) -> dict:
     per_tok_f16 = info["n_layer"] * 2 * info["n_head_kv"] * info["head_dim"] * 2
     rec = {k: smp[k] for k in ("task", "idx", "n_tokens", "needle_chunks", "answers")}
     rec["full_kv_context_bytes"] = len(ctx_ids) * per_tok_f16
-    ids = s.tokenize(prefix) + ctx_ids + s.tokenize("\n" + q + suffix + ap)
-    s.reset()
-    t0 = time.perf_counter()
-    out = s.detokenize(list(s.generate_ids(ids, max_tokens=mt)))
-    ok, frac = is_correct(smp, out)
-    rec["full"] = dict(output=out, correct=ok, frac=frac, seconds=time.perf_counter() - t0)
-    s.reset()
-    rec["configs"] = {}
-    for name in a.configs:
+    if prev is not None:
+        assert prev["answers"] == rec["answers"] and prev["needle_chunks"] == rec["needle_chunks"], "sample changed"
+        rec["full"] = prev["full"]
+        rec["configs"] = dict(prev["configs"])
+    else:
+        ids = s.tokenize(prefix) + ctx_ids + s.tokenize("\n" + q + suffix + ap)
+        s.reset()
         t0 = time.perf_counter()
+        out = s.detokenize(list(s.generate_ids(ids, max_tokens=mt)))
+        ok, frac = is_correct(smp, out)
+        rec["full"] = dict(output=out, correct=ok, frac=frac, seconds=time.perf_counter() - t0)
+        s.reset()
+        rec["configs"] = {}
+    for name in a.configs:
+        if name in rec["configs"]:
+            continue
+        t0, c0 = time.perf_counter(), time.process_time()
         opts = {"ratio_low": a.ratio_low, "ratio_high": a.ratio_high, **CONFIGS[name]}
         ctx = s.prefill_text(smp["context"], chunk_tokens=smp["chunk_tokens"], **opts)
         r = {"ratio_low": opts["ratio_low"], "ratio_high": opts["ratio_high"], "prefill_seconds": time.perf_counter() - t0,
+             "prefill_cpu_seconds": time.process_time() - c0,
              "tiers": {k: int(v) for k, v in ctx.memory().items() if k in ("sink_bytes", "low_bytes", "high_bytes")}}
         sink = len(ctx.index.sink_tokens)
         for c in rec["needle_chunks"]:
@@ -108,6 +127,7 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
                 continue
             row["configs"][c] = {
                 "n": len(cs),
+                "full": sum(r["full"]["correct"] for r in rs if c in r["configs"]),  # on the same samples
                 "ratio_low": cs[0]["ratio_low"], "ratio_high": cs[0]["ratio_high"],
                 **{m: sum(x[m]["correct"] for x in cs) for m in ("top3", "oracle", "h_only") if m in cs[0]},
                 **{m + "_answer_recall": sum(x[m]["frac"] for x in cs) / len(cs) for m in ("top3", "oracle", "h_only")
@@ -116,19 +136,27 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
                 "low_bytes": sum(x["tiers"]["low_bytes"] for x in cs) / len(cs),
                 "high_bytes": sum(x["tiers"]["high_bytes"] for x in cs) / len(cs),
                 "prefill_seconds": sum(x["prefill_seconds"] for x in cs) / len(cs),
+                "prefill_cpu_seconds": sum(x.get("prefill_cpu_seconds", float("nan")) for x in cs) / len(cs),
             }
         out[t] = row
     return out
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    L = [f"# X²L compressors on held-out text needles: {meta['model']}", "",
+    L = [f"# X²L compressors on {'held-out' if meta['split'] == 'test' else 'tuning-split'} text needles: "
+         f"{meta['model']}", "",
          f"Command: `{meta['command']}`", "",
-         f"Settings: split={meta['split']} (held out: bench/eval_needles.py make_sample(split='test'): its own "
-         f"filler templates, needle wording ('The secret PIN of the KEY account is N.'), key words and seed tag; "
-         f"no compressor, scorer or default was tuned on it), seed={meta['seed']}, context ~{meta['tokens']} tokens "
+         f"Settings: split={meta['split']} "
+         + ("(held out: bench/eval_needles.py make_sample(split='test'): its own "
+            "filler templates, needle wording ('The secret PIN of the KEY account is N.'), key words and seed tag; "
+            "no compressor, scorer or default was tuned on it)" if meta["split"] == "test" else
+            "(the tuning split: the wording and filler the compressors were explored on; not evidence)")
+         + f", seed={meta['seed']}, context ~{meta['tokens']} tokens "
          f"in chunks of {meta['chunk_tokens']}, ratio_low={meta['ratio_low']}, ratio_high={meta['ratio_high']}, "
          f"two_pass, greedy, scorer for top-3: {meta['scorer']}, threads={meta['threads']}. {meta['time']}; "
+         + (f"load average {meta['load_start']:.1f} at the start, {meta['load_now']:.1f} at the last write "
+            if meta.get("load_start") is not None else "load during the runs: bench/README.md ")
+         + "(2-core machine shared with other jobs: prefill times are CPU seconds of this process); "
          f"{meta['cpu']} (ISA: {meta['isa']}).", "",
          "Cells: correct/n (all expected values in the answer). full = plain Session on the same token ids; "
          "top3 = X²L as shipped (the scorer's top 3 chunks reloaded from L, the rest H); oracle = the needle "
@@ -137,13 +165,13 @@ def markdown(summary: dict, meta: dict) -> str:
     for t, row in summary.items():
         L.append(f"## {t} (n={row['n']}, {row['n_tokens_mean']:.0f} tokens; full KV {row['full']}/{row['n']})")
         L += ["", "| compressor | ratio_low/high | full KV | X²L top-3 | oracle reload | H-only | top-3 / full | chunk-rec@3 | "
-              "L/full bytes | prefill s |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "L/full bytes | prefill CPU s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c, x in row["configs"].items():
-            rel = f"{100 * x['top3'] / row['full']:.0f}%" if row["full"] else "-"
+            rel = f"{100 * x['top3'] / x['full']:.0f}%" if x["full"] else "-"
             orc = f"{x['oracle']}/{x['n']}" if "oracle" in x else "-"
-            L.append(f"| {c} | {x['ratio_low']}/{x['ratio_high']} | {row['full']}/{row['n']} | {x['top3']}/{x['n']} | {orc} | "
+            L.append(f"| {c} | {x['ratio_low']}/{x['ratio_high']} | {x['full']}/{x['n']} | {x['top3']}/{x['n']} | {orc} | "
                      f"{x['h_only']}/{x['n']} | {rel} | {x['top3_chunk_recall']:.2f} | "
-                     f"{x['low_bytes'] / row['full_kv_context_bytes']:.3f} | {x['prefill_seconds']:.1f} |")
+                     f"{x['low_bytes'] / row['full_kv_context_bytes']:.3f} | {x['prefill_cpu_seconds']:.2f} |")
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -168,6 +196,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1", help="i/k: this process runs the sample indices = i mod k")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new sample after this")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compressors_smollm2"))
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: rewrite OUT.json / OUT.md from the records of every shard (per configuration, "
+                         "the samples that have it)")
     a = ap.parse_args(argv)
 
     import x2l_edge
@@ -189,17 +220,23 @@ def main(argv=None) -> int:
                     r = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if r.get("config_key") == key:
-                    recs[(r["task"], r["idx"])] = r
+                if r.get("config_key") != key:
+                    continue
+                old = recs.get((r["task"], r["idx"]))
+                if old is not None:  # the same sample from another run or shard: the union of its configurations
+                    r = {**r, "configs": {**old["configs"], **r["configs"]}}
+                recs[(r["task"], r["idx"])] = r
         return list(recs.values())
 
     records = load_all()
     isa = isa_info()
     meta = dict(config, command="python bench/eval_compressors.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 threads=a.threads, cpu=cpu_name(), isa=isa["build"], isa_info=isa,
-                time=time.strftime("%Y-%m-%d %H:%M:%S"), build=build_info(), configs=a.configs)
+                time=time.strftime("%Y-%m-%d %H:%M:%S"), build=build_info(), configs=a.configs,
+                load_start=os.getloadavg()[0])
 
     def write():
+        meta["load_now"] = os.getloadavg()[0]
         records = load_all()
         summary = aggregate(records, a.configs, a.tasks)
         with open(a.out + ".json", "w") as f:
@@ -211,7 +248,13 @@ def main(argv=None) -> int:
     def complete(r):
         return all(c in r["configs"] for c in a.configs)
 
+    if a.report:
+        meta["command"] += " (report of the records in OUT*.jsonl; the runs that made them: bench/README.md)"
+        meta["load_start"] = None  # the report's own moment says nothing about the runs
+        write()
+        return 0
     done = {(r["task"], r["idx"]) for r in records if complete(r)}
+    partial = {(r["task"], r["idx"]): r for r in records if not complete(r)}  # reused: only missing configs run
     t_start = time.perf_counter()
     for i in range(a.first, a.first + a.samples):
         if i % shard_k != shard_i:
@@ -225,7 +268,7 @@ def main(argv=None) -> int:
                 return 0
             smp = make_sample(t, i, tok, n_tokens=a.tokens, chunk_tokens=a.chunk_tokens, seed=a.seed, split=a.split)
             t0 = time.perf_counter()
-            rec = run_sample(s, tok, smp, a)
+            rec = run_sample(s, tok, smp, a, partial.get((t, i)))
             rec["config_key"] = key
             rec["seconds_total"] = time.perf_counter() - t0
             with open(jsonl, "a") as f:

@@ -72,11 +72,12 @@ class Reader:
 
 
 def ask_all(session, full_session, frames, question, *, top_k=None, ratio_low=None, ratio_high=None,
-            max_tokens=24):
+            max_tokens=24, compressor=None, merge=None, pool_scope=None):
     """{mode: (answer, chunks, seconds)} for one video (uint8 array [T, H, W, 3])."""
     n = len(frames)
     out = {}
-    kw = {k: v for k, v in (("ratio_low", ratio_low), ("ratio_high", ratio_high)) if v is not None}
+    kw = {k: v for k, v in (("ratio_low", ratio_low), ("ratio_high", ratio_high), ("compressor", compressor),
+                            ("merge", merge), ("pool_scope", pool_scope)) if v is not None}
     t0 = time.perf_counter()
     ctx = session.prefill(frames, system=T.SYSTEM, max_frames=n, **kw)
     t_pre = time.perf_counter() - t0
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=None, help="X²L chunks reloaded (default: the model's)")
     ap.add_argument("--ratio-low", type=int, default=None, help="override the model's L-KV ratio")
     ap.add_argument("--ratio-high", type=int, default=None, help="override the model's H-KV ratio")
+    ap.add_argument("--compressor", default=None, help="X²L compressor (default: the model's)")
+    ap.add_argument("--merge", action="store_true", default=None, help="merge dropped values (X2LOptions.merge)")
+    ap.add_argument("--pool-scope", default=None, choices=("head", "layers", "all"))
     ap.add_argument("--seed", type=int, default=777, help="base seed of the held-out items")
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--skip-needle", action="store_true")
@@ -121,11 +125,14 @@ def main(argv=None) -> int:
            "ratio_low": a.ratio_low if a.ratio_low is not None else session._meta("x2l.ratio_low"),
            "ratio_high": a.ratio_high if a.ratio_high is not None else session._meta("x2l.ratio_high"),
            "chunk_frames": session._meta("x2l.chunk_frames"),
+           "compressor": a.compressor or x2l_edge.X2LOptions.for_model(session, video=True).compressor,
+           "merge": bool(a.merge), "pool_scope": a.pool_scope or "head",
            "tokens_per_frame": T.TOKENS_PER_FRAME,
            "kv_bytes_per_token": 2 * 2 * session.info["n_layer"] * session.info["n_head_kv"] * session.info["head_dim"],
            "machine": platform.processor() or platform.machine(),
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     items = []
+    comp_kw = dict(compressor=a.compressor, merge=a.merge, pool_scope=a.pool_scope)
 
     if not a.skip_single:
         for qi, (qk, fk) in enumerate(SINGLE):
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
                 embd = session.encode_frames(session.preprocessor.batch(frame))
                 right = reader.tokens_right(embd, spec.caption)
                 res, t_pre, ctx = ask_all(session, full_session, frame, T.QUESTIONS[qk], top_k=a.top_k,
-                                        ratio_low=a.ratio_low, ratio_high=a.ratio_high)
+                                        ratio_low=a.ratio_low, ratio_high=a.ratio_high, **comp_kw)
                 cfg["scorer"] = ctx.default_scorer
                 expected = spec.answer(qk)
                 for m in MODES:
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
             for i in range(a.n):
                 vid = T.needle_video(a.seed * 100003 + L * 1009 + i, L)
                 res, t_pre, ctx = ask_all(session, full_session, vid.frames, T.QUESTIONS["word"], top_k=a.top_k,
-                                          ratio_low=a.ratio_low, ratio_high=a.ratio_high)
+                                          ratio_low=a.ratio_low, ratio_high=a.ratio_high, **comp_kw)
                 cfg["scorer"] = ctx.default_scorer
                 for m in MODES:
                     res[m]["correct"] = T.answer_ok(res[m]["answer"], vid.word, "word")
@@ -215,7 +222,8 @@ def write_report(cfg: dict, items: list, seconds: float, out_prefix: str) -> Non
           f"({T.IMAGE_SIZE} px, patch {T.PATCH_SIZE}, width {T.WIDTH}, {T.N_LAYER} layers) + projector; "
           f"{T.TOKENS_PER_FRAME} tokens per frame, {cfg['chunk_frames']} frames per chunk, ratio_low "
           f"{cfg['ratio_low']}, ratio_high {cfg['ratio_high']}, X²L top_k {cfg['top_k']}, scorer "
-          f"`{cfg.get('scorer', '?')}`.",
+          f"`{cfg.get('scorer', '?')}`, compressor `{cfg.get('compressor', 'snapkv')}`"
+          f"{' with merge' if cfg.get('merge') else ''}{', pool_scope ' + cfg['pool_scope'] if cfg.get('pool_scope', 'head') != 'head' else ''}.",
           "Cells: correct/n (accuracy, 95 % Wilson interval); an answer is right when the first colour / shape / "
           "digit / word of the asked kind that it names is the expected one. `read`: frames whose 9 visual tokens "
           "are all nearest (L2) to the right caption token's embedding (vision side alone). `selected`: X²L "

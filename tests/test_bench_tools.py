@@ -184,6 +184,22 @@ def test_compressor_eval_runs_shards_and_resumes(tiny_llama, tmp_path):
     n_lines = sum(len(Path(p).read_text().splitlines()) for p in (out + ".shard0.jsonl", out + ".shard1.jsonl"))
     assert n_lines == 2 and not Path(out + ".jsonl").exists()
     assert "rl1_snapkv" in Path(out + ".md").read_text()
+    # one more configuration: only it runs, the full-KV answers and the other configurations are reused
+    before = {r["idx"]: r for p in (out + ".shard0.jsonl", out + ".shard1.jsonl")
+              for r in map(json.loads, Path(p).read_text().splitlines())}
+    assert C.main(args + ["--configs", "snapkv", "keydiff", "rl1_snapkv", "hybrid"]) == 0
+    after = [json.loads(x) for x in Path(out + ".jsonl").read_text().splitlines()]
+    assert len(after) == 2
+    for r in after:
+        assert r["full"] == before[r["idx"]]["full"] and r["configs"]["snapkv"] == before[r["idx"]]["configs"]["snapkv"]
+        assert set(r["configs"]) == {"snapkv", "keydiff", "rl1_snapkv", "hybrid"}
+    res = json.loads(Path(out + ".json").read_text())
+    assert res["summary"]["single"]["configs"]["hybrid"]["n"] == 2
+    # --report: no run, the summary of the configurations asked for
+    assert C.main(args + ["--report", "--configs", "snapkv"]) == 0
+    assert len(Path(out + ".jsonl").read_text().splitlines()) == 2
+    res = json.loads(Path(out + ".json").read_text())
+    assert set(res["summary"]["single"]["configs"]) == {"snapkv"} and "report" in res["command"]
 
 
 def test_kernel_resources_reads_ptxas_output():

@@ -112,6 +112,7 @@ def test_video_context_arguments(ctx):
     (dict(max_host_bytes=-1), ValueError), (dict(ratio_low=1.5), TypeError), (dict(ratio_low=0), ValueError),
     (dict(pin_ends=1), TypeError), (dict(low_type=8), TypeError), (dict(top_k=2.0), TypeError),
     (dict(prefill_low_cache_bytes=-2), ValueError), (dict(no_such_option=1), TypeError),
+    (dict(pool_scope="token"), ValueError), (dict(pool_scope=1), TypeError), (dict(merge="yes"), TypeError),
 ])
 def test_x2l_options(kw, exc):
     with pytest.raises(exc):

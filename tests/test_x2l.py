@@ -184,11 +184,154 @@ def test_keydiff_keeps_the_most_distinctive_keys(tiny):
             assert smooth[kk].min() >= smooth[dropped].max() - 1e-5, (layer, h)
 
 
+def _distinct_chunk(session, n=48):
+    """n different token ids: no two keys of layer 0 tie (repeated text would give identical pre-RoPE keys,
+    whose order within a tie is float noise)."""
+    rng = np.random.default_rng(7)
+    return [int(t) for t in rng.choice(np.arange(10, min(session.info["n_vocab"], 2000)), n, replace=False)]
+
+
+def _ranks(x):
+    """Ranks in [0, 1] in the compressor's order (compress.cpp importance_ranks: ascending, ties by entry)."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x)) / (len(x) - 1)
+    return r
+
+
+def _pre_rope_keys(session, full_index, S, n):
+    """[L, H, n, head_dim] pre-RoPE keys of chunk 0 of an uncompressed f32 index (NEOX RoPE undone here)."""
+    info = session.info
+    L, H, hd = info["n_layer"], info["n_head_kv"], info["head_dim"]
+    theta = float(session._s.metadata("qwen2.rope.freq_base") or 10000.0)
+    ang = -np.arange(S, S + n)[:, None] * (theta ** (-np.arange(0, hd, 2) / hd))[None, :]
+    out = np.zeros((L, H, n, hd))
+    for layer in range(L):
+        for h in range(H):
+            k = np.frombuffer(full_index.low_rows(0, layer, h), np.float32).reshape(n, hd).astype(np.float64)
+            x1, x2 = k[:, :hd // 2], k[:, hd // 2:]
+            out[layer, h] = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x1 * np.sin(ang) + x2 * np.cos(ang)], 1)
+    return out
+
+
+def _keydiff_ref(session, full_index, S, n):
+    """KeyDiff importance [L, H, n]: minus the cosine of each pre-RoPE key to the chunk's mean pre-RoPE key."""
+    pre = _pre_rope_keys(session, full_index, S, n)
+    mean = pre.mean(2, keepdims=True)
+    return -(pre * mean).sum(-1) / (np.linalg.norm(pre, axis=-1) * np.linalg.norm(mean, axis=-1))
+
+
+def test_merge_folds_dropped_values_into_the_more_similar_kept_neighbour(tiny):
+    """merge=True (keydiff): the same entries and keys as without merging; each kept entry's value is the
+    weighted mean of its own value (weight 1) and the values of the dropped entries that chose it: a dropped
+    entry goes to the kept entry just before or just after it in time whose pre-RoPE key is more similar
+    (cosine), with weight max(0, cosine). Recomputed here from the chunk's full f32 K/V."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _distinct_chunk(tiny)
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32", compressor="keydiff")
+    merged, _ = prefill_chunks(tiny, [chunk], ratio_low=2, merge=True, **kw)
+    plain, _ = prefill_chunks(tiny, [chunk], ratio_low=2, **kw)
+    full, _ = prefill_chunks(tiny, [chunk], ratio_low=1, **kw)
+    L, H, hd, n, S = tiny.info["n_layer"], tiny.info["n_head_kv"], tiny.info["head_dim"], len(chunk), len(sink)
+    assert merged.low_positions(0) == plain.low_positions(0)
+    pre = _pre_rope_keys(tiny, full, S, n)
+    kept = np.array(merged.low_positions(0)).reshape(L, H, n // 2) - S
+    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    for layer in range(L):
+        for h in range(H):
+            assert merged.low_rows(0, layer, h) == plain.low_rows(0, layer, h)  # keys untouched
+            v = np.frombuffer(full.low_rows(0, layer, h, value=True), np.float32).reshape(n, hd).astype(np.float64)
+            k = list(kept[layer, h])
+            acc, wsum = v[k].copy(), np.ones(len(k))
+            for e in np.setdiff1d(np.arange(n), k):
+                cands = [i for i in (np.searchsorted(k, e) - 1, np.searchsorted(k, e)) if 0 <= i < len(k)]
+                sims = [cos(pre[layer, h, e], pre[layer, h, k[i]]) for i in cands]
+                j = int(np.argmax(sims))
+                w = max(0.0, sims[j])
+                acc[cands[j]] += w * v[e]
+                wsum[cands[j]] += w
+            got = np.frombuffer(merged.low_rows(0, layer, h, value=True), np.float32).reshape(-1, hd)
+            np.testing.assert_allclose(got, acc / wsum[:, None], rtol=1e-4, atol=1e-5)
+            assert not np.allclose(got, v[k])  # something was merged
+
+
+@pytest.mark.parametrize("scope", ["layers", "all"])
+def test_pooled_scopes_keep_the_top_mean_rank(tiny, scope):
+    """pool_scope='layers' / 'all' (keydiff): each (layer, KV head)'s importance becomes ranks in [0, 1], the
+    ranks are averaged per KV head over the layers ('layers') or over every layer and head ('all'), and the
+    kept L entries are the top half of that mean (smoothed over 5 neighbours), the same in every pooled
+    (layer, head): recomputed here from the chunk's full keys."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _distinct_chunk(tiny)
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32", compressor="keydiff")
+    comp, _ = prefill_chunks(tiny, [chunk], ratio_low=2, pool_scope=scope, **kw)
+    full, _ = prefill_chunks(tiny, [chunk], ratio_low=1, **kw)
+    L, H, n, S = tiny.info["n_layer"], tiny.info["n_head_kv"], len(chunk), len(sink)
+    ranks = np.array([[_ranks(v) for v in per_layer] for per_layer in _keydiff_ref(tiny, full, S, n)])  # [L, H, n]
+    pooled = ranks.mean(0, keepdims=True) if scope == "layers" else ranks.mean((0, 1), keepdims=True)
+    kept = np.array(comp.low_positions(0)).reshape(L, H, n // 2) - S
+    for layer in range(L):
+        for h in range(H):
+            k = kept[layer, h]
+            # the same entries wherever the choice is shared
+            np.testing.assert_array_equal(k, kept[0, h] if scope == "layers" else kept[0, 0])
+            smooth = _smooth_top(pooled[0, h if scope == "layers" else 0], n // 2)
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert smooth[k].min() >= smooth[dropped].max() - 1e-6, (layer, h)
+    # and not every head's own choice (the pooling changed something)
+    own, _ = prefill_chunks(tiny, [chunk], ratio_low=2, **kw)
+    assert not np.array_equal(np.array(own.low_positions(0)), np.array(comp.low_positions(0)))
+
+
+def test_hybrid_sums_snapkv_and_keydiff_ranks(tiny, tiny_hf):
+    """compressor='hybrid': per layer and KV head, the rank of snapkv's mean vote (transformers' attention
+    probabilities, as in the snapkv test) plus the rank of keydiff's distinctiveness (numpy, from the full
+    keys); smoothed over 5 neighbours, the kept L entries are the top half, up to one rank step where the
+    votes of two entries tie within float noise."""
+    import torch
+    import transformers
+
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _distinct_chunk(tiny)
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32")
+    comp, _ = prefill_chunks(tiny, [chunk], ratio_low=2, compressor="hybrid", **kw)
+    full, _ = prefill_chunks(tiny, [chunk], ratio_low=1, compressor="keydiff", **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    with torch.no_grad():
+        att = model(torch.tensor([sink + chunk]), output_attentions=True).attentions
+    cfg = model.config
+    L, H, group = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    S, n = len(sink), len(chunk)
+    distinct = _keydiff_ref(tiny, full, S, n)
+    kept = np.array(comp.low_positions(0)).reshape(L, H, n // 2) - S
+    overlap = []
+    for layer in range(L):
+        a = att[layer][0].numpy()  # [n_head, T, T]
+        for h in range(H):
+            votes = a[h * group:(h + 1) * group, S:, S:].sum((0, 1)) / (n - np.arange(n))
+            smooth = _smooth_top(_ranks(votes) + _ranks(distinct[layer, h]), n // 2)
+            k = kept[layer, h]
+            dropped = np.setdiff1d(np.arange(n), k)
+            assert len(np.unique(k)) == n // 2
+            assert smooth[k].min() >= smooth[dropped].max() - 1.0 / (n - 1) - 1e-6, (layer, h)
+            overlap.append(len(np.intersect1d(k, np.argsort(-smooth, kind="stable")[:n // 2])) / (n // 2))
+    assert np.mean(overlap) >= 0.95
+
+
 def test_compressor_options_are_checked(tiny):
     prefix, _ = split_template(tiny, "be brief")
     chunks = _chunks(tiny, 2)
     with pytest.raises(ValueError, match="compressor"):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="h2o")
+    with pytest.raises(ValueError, match="pool_scope"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), pool_scope="layer")
+    with pytest.raises(TypeError, match="merge"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), merge=1)
+    with pytest.raises(RuntimeError, match="pool_scope"):  # the C++ check, past the Python options
+        _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "pool_scope": "x"}, repeat_prompt=[])
     with pytest.raises(RuntimeError, match="vocabulary"):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="kvzip", repeat_prompt=[10 ** 7])
 

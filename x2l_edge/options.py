@@ -11,8 +11,9 @@ from dataclasses import dataclass
 class X2LOptions:
     # Compression (the bi-level prefill)
     # L-KVs (host tier): keep 1/ratio_low of each chunk's entries. 1 (uncompressed), not the method's 2: at 2
-    # no training-free compressor kept the held-out needles a reloaded chunk must answer from
-    # (bench/results/compressors_smollm2.md; snapkv loses nearly all of them, keydiff some).
+    # no training-free compressor reached 95 % of full KV at top-3 on the held-out needles
+    # (bench/results/compressors_smollm2_n50.md, n=50: snapkv loses them all, keydiff with pool_scope
+    # "layers" 92 % single / 88 % multi-key).
     ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
@@ -23,11 +24,15 @@ class X2LOptions:
     pool_kernel: int = 5            # neighbour smoothing of the votes
     max_host_bytes: int = 0         # budget for the L tier (0 = unlimited)
     max_device_bytes: int = 0       # budget for sink + H tier + working buffers (0 = unlimited)
-    # "snapkv", "kvzip", "keydiff" (training-free, any model: cpp/x2l/x2l.h X2LOptions::compressor) or
+    # "snapkv", "kvzip", "keydiff", "hybrid" (training-free, any model: cpp/x2l/x2l.h X2LOptions::compressor) or
     # "beacon" (Video-XL's learned VSTs)
     compressor: str = "snapkv"
     repeat_prompt: str | tuple | None = None  # kvzip: text (or token ids) between a chunk and its copy
     max_votes: bool = False         # snapkv: each entry's largest vote instead of its mean (pooled votes)
+    # Which entries share one choice: "head" (each layer and KV head its own), "layers" (per KV head, the
+    # same entries in every layer: importance ranks averaged over layers), "all" (the same tokens everywhere)
+    pool_scope: str = "head"
+    merge: bool = False             # training-free: a dropped entry's value merged into its more similar kept neighbour
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
@@ -46,11 +51,13 @@ class X2LOptions:
 
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
-               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes")
+               "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes",
+               "pool_scope", "merge")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}
 
+    POOL_SCOPES = ("head", "layers", "all")
     SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "external")
     SELECT_RULES = ("top_k", "gap", "mass")
 
@@ -89,7 +96,7 @@ class X2LOptions:
             elif f.type in ("float", float):
                 checks.real(f.name, v)
         checks.real("mass_p", self.mass_p, lo=0.0, hi=1.0, lo_open=True)
-        for name, allowed in (("scorer", self.SCORERS), ("select", self.SELECT_RULES)):
+        for name, allowed in (("scorer", self.SCORERS), ("select", self.SELECT_RULES), ("pool_scope", self.POOL_SCOPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")
 

@@ -313,7 +313,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
 
     opts = X2LOptions.for_model(session, video=True, **x2l_options)
     if opts.compressor == "beacon":
-        raise ValueError("SmolVLM2 models have no beacon tokens: use compressor 'snapkv', 'kvzip' or 'keydiff'")
+        raise ValueError("SmolVLM2 models have no beacon tokens: use compressor 'snapkv', 'kvzip', 'keydiff' or 'hybrid'")
     chunk_frames = int(chunk_frames or opts.chunk_frames)
     if chunk_frames < 1:
         raise ValueError("chunk_frames must be >= 1")

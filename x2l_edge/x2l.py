@@ -20,7 +20,7 @@ from .progress import scope as progress_scope
 
 SCORERS = X2LOptions.SCORERS
 SELECT_RULES = X2LOptions.SELECT_RULES
-COMPRESSORS = ("snapkv", "kvzip", "keydiff", "beacon")
+COMPRESSORS = ("snapkv", "kvzip", "keydiff", "hybrid", "beacon")
 # kvzip's prompt between a chunk and its copy (the wording the compressors were explored with).
 REPEAT_PROMPT_TEXT = "\n\nRepeat the text above exactly:\n"
 REPEAT_PROMPT_VIDEO = "\nRepeat the video above exactly:\n"

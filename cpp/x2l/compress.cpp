@@ -37,6 +37,50 @@ std::vector<int32_t> select_entries(const float* importance, int n_layer, int n_
     return keep;
 }
 
+std::vector<float> importance_ranks(const float* importance, int n_layer, int n_head_kv, int64_t w) {
+    std::vector<float> out(static_cast<size_t>(n_layer) * n_head_kv * w);
+    std::vector<int32_t> idx(w);
+    const float scale = w > 1 ? 1.0f / static_cast<float>(w - 1) : 0.0f;
+    for (size_t lh = 0; lh < static_cast<size_t>(n_layer) * n_head_kv; ++lh) {
+        const float* imp = importance + lh * w;
+        std::iota(idx.begin(), idx.end(), 0);
+        std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return imp[a] < imp[b]; });
+        for (int64_t r = 0; r < w; ++r) out[lh * w + idx[r]] = static_cast<float>(r) * scale;
+    }
+    return out;
+}
+
+PoolScope pool_scope_from_name(const std::string& name) {
+    if (name == "head") return PoolScope::Head;
+    if (name == "layers") return PoolScope::Layers;
+    if (name == "all") return PoolScope::All;
+    throw Error("pool_scope must be 'head', 'layers' or 'all' (got '" + name + "')");
+}
+
+void pool_importance(std::vector<float>& importance, int n_layer, int n_head_kv, int64_t w, PoolScope scope) {
+    if (scope == PoolScope::Head) return;
+    if (importance.size() != static_cast<size_t>(n_layer) * n_head_kv * w) throw Error("pool_importance: bad size");
+    const std::vector<float> ranks = importance_ranks(importance.data(), n_layer, n_head_kv, w);
+    // Per KV head (Layers) or one for all heads (All): the mean rank over the pooled (layer, head) pairs.
+    const int groups = scope == PoolScope::Layers ? n_head_kv : 1;
+    std::vector<double> mean(static_cast<size_t>(groups) * w);
+    for (int l = 0; l < n_layer; ++l) {
+        for (int h = 0; h < n_head_kv; ++h) {
+            const float* r = ranks.data() + (static_cast<size_t>(l) * n_head_kv + h) * w;
+            double* m = mean.data() + static_cast<size_t>(scope == PoolScope::Layers ? h : 0) * w;
+            for (int64_t e = 0; e < w; ++e) m[e] += r[e];
+        }
+    }
+    const double count = scope == PoolScope::Layers ? n_layer : static_cast<double>(n_layer) * n_head_kv;
+    for (int l = 0; l < n_layer; ++l) {
+        for (int h = 0; h < n_head_kv; ++h) {
+            const double* m = mean.data() + static_cast<size_t>(scope == PoolScope::Layers ? h : 0) * w;
+            float* dst = importance.data() + (static_cast<size_t>(l) * n_head_kv + h) * w;
+            for (int64_t e = 0; e < w; ++e) dst[e] = static_cast<float>(m[e] / count);
+        }
+    }
+}
+
 void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t pos, const RopeSpec& rope_spec,
                   float* out) {
     dequantize_row(seg.type(), seg.k_row(layer, head, e), out, seg.head_dim());
@@ -105,6 +149,66 @@ std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begi
         }
     }
     return out;
+}
+
+void merge_dropped_values(const KVSegment& src, int64_t src_begin, int64_t w, const std::vector<int32_t>& keep,
+                          int64_t m, const RopeSpec& rope_spec, KVSegment& out) {
+    const int L = src.n_layer(), H = src.n_head_kv(), hd = src.head_dim();
+    if (keep.size() != static_cast<size_t>(L) * H * m || out.size() != m) throw Error("merge_dropped_values: bad sizes");
+    if (m >= w) return;  // nothing dropped
+    std::vector<float> acc(static_cast<size_t>(m) * hd);  // [m, head_dim] weighted value sums
+    std::vector<double> weight(m);
+    std::vector<float> v(hd), ke(hd), kn(hd);
+    std::vector<int64_t> slot(w);  // entry -> its index among the kept, or -1
+    auto cosine = [&](const std::vector<float>& a, const std::vector<float>& b) {
+        double dot = 0.0, na = 0.0, nb = 0.0;
+        for (int i = 0; i < hd; ++i) {
+            dot += static_cast<double>(a[i]) * b[i];
+            na += static_cast<double>(a[i]) * a[i];
+            nb += static_cast<double>(b[i]) * b[i];
+        }
+        return na > 0.0 && nb > 0.0 ? dot / std::sqrt(na * nb) : 0.0;
+    };
+    for (int l = 0; l < L; ++l) {
+        for (int h = 0; h < H; ++h) {
+            const int32_t* k = keep.data() + (static_cast<size_t>(l) * H + h) * m;
+            std::fill(slot.begin(), slot.end(), -1);
+            for (int64_t i = 0; i < m; ++i) {
+                slot[k[i]] = i;
+                dequantize_row(src.type(), src.v_row(l, h, src_begin + k[i]), acc.data() + i * hd, hd);
+                weight[i] = 1.0;
+            }
+            int64_t prev = -1;  // the last kept index (among the kept) before the current entry
+            for (int64_t e = 0; e < w; ++e) {
+                if (slot[e] >= 0) {
+                    prev = slot[e];
+                    continue;
+                }
+                const int64_t next = prev + 1 < m ? prev + 1 : -1;  // the first kept after e
+                key_pre_rope(src, l, h, src_begin + e, src.pos(src_begin + e), rope_spec, ke.data());
+                int64_t target = -1;
+                double best = -2.0;
+                for (int64_t cand : {prev, next}) {
+                    if (cand < 0) continue;
+                    const int64_t ce = src_begin + k[cand];
+                    key_pre_rope(src, l, h, ce, src.pos(ce), rope_spec, kn.data());
+                    const double c = cosine(ke, kn);
+                    if (c > best) best = c, target = cand;
+                }
+                const double wgt = std::max(0.0, best);
+                if (target < 0 || wgt == 0.0) continue;
+                dequantize_row(src.type(), src.v_row(l, h, src_begin + e), v.data(), hd);
+                float* a = acc.data() + target * hd;
+                for (int i = 0; i < hd; ++i) a[i] += static_cast<float>(wgt) * v[i];
+                weight[target] += wgt;
+            }
+            for (int64_t i = 0; i < m; ++i) {
+                float* a = acc.data() + i * hd;
+                for (int j = 0; j < hd; ++j) a[j] = static_cast<float>(a[j] / weight[i]);
+                quantize_row(out.type(), a, out.v_row_mut(l, h, i), hd);
+            }
+        }
+    }
 }
 
 }  // namespace x2l

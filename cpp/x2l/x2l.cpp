@@ -51,9 +51,12 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->ratio_high = o.ratio_high;
     ix_->pin_ends = o.pin_ends;
     ix_->two_pass = o.two_pass;
-    if (o.compressor != "snapkv" && o.compressor != "kvzip" && o.compressor != "keydiff" && o.compressor != "beacon") {
-        throw Error("compressor must be 'snapkv', 'kvzip', 'keydiff' or 'beacon' (got '" + o.compressor + "')");
+    if (o.compressor != "snapkv" && o.compressor != "kvzip" && o.compressor != "keydiff" && o.compressor != "hybrid" &&
+        o.compressor != "beacon") {
+        throw Error("compressor must be 'snapkv', 'kvzip', 'keydiff', 'hybrid' or 'beacon' (got '" + o.compressor + "')");
     }
+    pool_scope_from_name(o.pool_scope);  // throws for an unknown name
+    if (o.merge && o.compressor == "beacon") throw Error("merge is for the training-free compressors (beacon keeps VST rows)");
     for (int32_t t : o.repeat_prompt) {
         if (t < 0 || t >= s.model().config().n_vocab) throw Error("repeat_prompt has a token id out of the vocabulary");
     }
@@ -239,13 +242,19 @@ void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* p
                                   std::vector<float>& importance) {
     const LlmConfig& c = s_.model().config();
     const int32_t pos0 = ix_->next_pos;  // the chunk keeps its tokens' positions
-    if (o_.compressor == "snapkv") {
+    if (o_.compressor == "snapkv" || o_.compressor == "hybrid") {
         PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
         run.pos = pos;
         run.votes = &importance;
         run.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
         run.votes_max = o_.max_votes;
         run_level(std::move(run));
+        if (o_.compressor == "hybrid") {
+            const std::vector<float> votes = importance_ranks(importance.data(), c.n_layer, c.n_head_kv, n);
+            const std::vector<float> distinct = key_distinctiveness(cache_->tail(), n, s_.model().rope_spec());
+            const std::vector<float> keys = importance_ranks(distinct.data(), c.n_layer, c.n_head_kv, n);
+            for (size_t i = 0; i < importance.size(); ++i) importance[i] = votes[i] + keys[i];
+        }
     } else if (o_.compressor == "kvzip") {
         if (pos) throw Error("compressor kvzip: M-RoPE positions are not supported yet (use snapkv or keydiff)");
         // [chunk; repeat_prompt; chunk] at consecutive positions: the prompt's and the copy's queries
@@ -285,20 +294,25 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
     const int64_t m_high = std::max<int64_t>(1, n / (pinned ? o_.ratio_low : o_.ratio_high));
     std::vector<float> importance;
     // L level: the chunk on top of the sink and the earlier chunks' L-KVs.
+    const PoolScope scope = pool_scope_from_name(o_.pool_scope);
     chunk_importance(embd, n, pos, 0, importance);
+    pool_importance(importance, c.n_layer, c.n_head_kv, n, scope);
     const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV (rows [0, n))
     ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
                                         kKeySignatureEntries);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
     ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
+    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_low, s_.model().rope_spec(), *ch.low);
     ch.low_pos.resize(keep.size());
     for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
         chunk_importance(embd, n, pos, 1, importance);
+        pool_importance(importance, c.n_layer, c.n_head_kv, n, scope);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
+    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_high, s_.model().rope_spec(), *ch.high);
     cache_->clear();
 }
 

@@ -54,6 +54,9 @@ struct X2LOptions {
     //             vote, with the maximum over queries and heads (KVzip's context reconstruction). Costs
     //             the chunk twice per level.
     //   "keydiff" key distinctiveness (compress.h key_distinctiveness): no votes, the chunk's keys alone.
+    //   "hybrid"  snapkv's votes and keydiff's distinctiveness from the same pass, each as ranks within
+    //             its layer and KV head (compress.h importance_ranks), summed: an entry ranks high when
+    //             the chunk attends to it or when its key is unlike the chunk's typical key.
     // "beacon": Video-XL's learned summarization tokens (needs VST weights): one VST after every
     // `ratio` raw tokens, VST rows through their own q/k/v projections, only the VSTs' K/V kept, dense
     // positions.
@@ -61,6 +64,13 @@ struct X2LOptions {
     std::vector<int32_t> repeat_prompt;  // kvzip: the tokens between the chunk and its copy (may be empty)
     bool max_votes = false;  // snapkv: each entry's largest vote (over the voting queries and the KV head's
                              // query heads) instead of its mean
+    // Training-free compressors: which entries share one choice (compress.h PoolScope): "head" (each layer
+    // and KV head its own), "layers" (per KV head, the same entries in every layer), "all" (the same tokens
+    // in every layer and head).
+    std::string pool_scope = "head";
+    // Training-free compressors: each dropped entry's value merged into its more similar kept neighbour
+    // (compress.h merge_dropped_values) instead of discarded; both tiers.
+    bool merge = false;
 };
 
 struct PrefillStats {
