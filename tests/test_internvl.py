@@ -395,3 +395,21 @@ def test_merged_single_file(vlm_llama_cpp, tmp_path):
     video = _video_u8(12, 2, 64, 96)
     assert pair.ask(video, Q, mode="full", max_tokens=3) == one.ask(video, Q, mode="full", max_tokens=3)
     np.testing.assert_array_equal(pair._s.logits(), one._s.logits())
+
+
+def test_convert_merges_a_pair(vlm_llama_cpp, tmp_path, capsys):
+    """tools/convert.py model.gguf out.gguf --mmproj mmproj.gguf writes the same bytes as tools/merge_mmproj.py;
+    a bad mmproj is exit 2 with one error line, no traceback."""
+    import convert
+    import merge_mmproj
+
+    model, mmproj = (str(p) for p in vlm_llama_cpp("f32")["internvl"])
+    via_convert, via_merge = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert convert.main([model, str(via_convert), "--mmproj", mmproj, "--quiet"]) == 0
+    merge_mmproj.merge(model, mmproj, str(via_merge))
+    assert via_convert.read_bytes() == via_merge.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    assert convert.main([model, str(tmp_path / "c.gguf"), "--mmproj", str(bad), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("convert.py: error: ") and "Traceback" not in err

@@ -2,6 +2,7 @@
 """Convert a Hugging Face checkpoint directory into one GGUF file.
 
     python tools/convert.py HF_DIR OUT.gguf --outtype {f32,f16,bf16,q8_0,q4_0,q4_1,q5_0} [--quiet]
+    python tools/convert.py model.gguf OUT.gguf --mmproj mmproj.gguf   # merge llama.cpp's pair into one file
 
 or, from Python, ``convert(hf_dir, out_path, outtype="f16", progress=True)``.
 
@@ -1998,14 +1999,38 @@ def convert(hf_dir, out_path, outtype: str = "f16", progress=True) -> Path:
     return out_path
 
 
+def _merge_pair(model: str, mmproj: str, out: str, *, quiet: bool) -> int:
+    """convert.py MODEL OUT --mmproj MMPROJ: the merge of tools/merge_mmproj.py (one implementation)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("merge_mmproj", Path(__file__).with_name("merge_mmproj.py"))
+    merge_mmproj = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_mmproj)
+    try:
+        info = merge_mmproj.merge(model, mmproj, out)
+    except (merge_mmproj.MergeError, OSError) as e:
+        print(f"convert.py: error: {e}", file=sys.stderr)
+        return 2
+    _log(not quiet, f"wrote {out}: {info['tensors']} tensors ({info['vision_tensors']} from the mmproj), "
+                    f"{info['keys']} keys")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Convert a Hugging Face checkpoint directory to one GGUF file.")
-    ap.add_argument("hf_dir", help="directory with config.json, *.safetensors and tokenizer.json")
+    ap = argparse.ArgumentParser(description="Convert a Hugging Face checkpoint directory to one GGUF file, or "
+                                 "merge llama.cpp's model.gguf + mmproj.gguf into one (--mmproj).")
+    ap.add_argument("hf_dir", help="directory with config.json, *.safetensors and tokenizer.json (with --mmproj: "
+                    "llama.cpp's model.gguf)")
     ap.add_argument("out", help="output .gguf path")
     ap.add_argument("--outtype", default="f16", choices=OUTTYPE_NAMES,
-                    help="type for 2-D weights (1-D tensors are always f32); default f16")
+                    help="type for 2-D weights (1-D tensors are always f32); default f16 (ignored with --mmproj: "
+                    "a merge copies the tensors as they are)")
+    ap.add_argument("--mmproj", metavar="MMPROJ_GGUF", help="merge this mmproj into hf_dir (a model.gguf) as "
+                    "tools/merge_mmproj.py does, any family whose pair the runtime reads (InternVL included)")
     ap.add_argument("--quiet", action="store_true", help="no per-tensor progress lines")
     args = ap.parse_args(argv)
+    if args.mmproj is not None:
+        return _merge_pair(args.hf_dir, args.mmproj, args.out, quiet=args.quiet)
     try:
         convert(args.hf_dir, args.out, args.outtype, progress=not args.quiet)
     except ConvertError as e:
