@@ -35,7 +35,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 from bench_common import build_info, cpu_name, isa_info, write_json  # noqa: E402
 
-SCORERS = ["attention", "high", "high_keys", "keys", "embedding"]
+SCORERS = ["attention", "maxsim", "high", "high_keys", "keys", "embedding"]
 RULES = {"top3": dict(rule="top_k", top_k=3), "gap": dict(rule="gap", max_k=6), "mass": dict(rule="mass", max_k=6)}
 
 
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     r.add_argument("--tokens", type=int, default=2048)
     r.add_argument("--chunk-tokens", type=int, default=256)
     r.add_argument("--scorers", nargs="+", default=SCORERS)
-    r.add_argument("--ask-scorers", nargs="+", default=["attention", "high"])
+    r.add_argument("--ask-scorers", nargs="*", default=["attention", "high"])
     c = sub.add_parser("cost")
     c.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     c.add_argument("--chunk-tokens", type=int, default=512)

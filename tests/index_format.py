@@ -2,10 +2,11 @@
 field offsets for mutation tests and fuzzers, and XXH64 (written from the xxHash specification) to
 re-seal the per-section checksums after a mutation, as someone crafting a file would.
 
-Format 3 (magic X2LIDX03): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
+Format 4 (magic X2LIDX04): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
 seed 0), zero padding to 64. Sections: header, sink segment, then per chunk: meta, H segment, L
-segment. Format 2 (X2LIDX02, no checksums, no fingerprint) is read too, for tests that must run
-against older builds.
+segment. Format 3 (X2LIDX03) is format 4 without the chunks' row signatures (the last meta field);
+format 2 (X2LIDX02, no checksums, no fingerprint) is read too, for tests that must run against older
+builds.
 """
 from __future__ import annotations
 
@@ -103,10 +104,11 @@ def layout(raw: bytes) -> dict:
     'k', 'v': (offset, nbytes), 'pos': (offset, count)}."""
     c = _Cursor(raw)
     magic = raw[:8]
-    if magic not in (b"X2LIDX02", b"X2LIDX03"):
-        raise ValueError(f"not an index of format 2 or 3: {magic!r}")
-    v3 = magic == b"X2LIDX03"
-    out: dict = {"version": 3 if v3 else 2, "fields": {}, "chunks": [], "sections": []}
+    if magic not in (b"X2LIDX02", b"X2LIDX03", b"X2LIDX04"):
+        raise ValueError(f"not an index of format 2, 3 or 4: {magic!r}")
+    version = int(magic[6:].decode())
+    v3 = version >= 3  # checksummed sections
+    out: dict = {"version": version, "fields": {}, "chunks": [], "sections": []}
     f = out["fields"]
     start = 0
 
@@ -168,7 +170,7 @@ def layout(raw: bytes) -> dict:
         for name, fmt in (("tok_begin", "q"), ("tok_end", "q"), ("pos_begin", "i"), ("pos_end", "i"),
                           ("n_frames", "i")):
             ch[name] = (c.take(fmt)[0], fmt)
-        for name, size in (("key_sig", 4), ("emb_sig", 4), ("low_pos", 4)):
+        for name, size in (("key_sig", 4), ("emb_sig", 4), ("low_pos", 4)) + ((("row_sig", 2),) if version >= 4 else ()):
             off, n = c.take("Q")
             ch["n_" + name] = (off, "Q")
             ch[name] = (c.skip(size * n), n)
@@ -183,6 +185,27 @@ def layout(raw: bytes) -> dict:
     return out
 
 
+def to_format3(raw: bytes) -> bytes:
+    """The format-3 file of a format-4 index (what an earlier x2l-edge saved): every chunk's row
+    signature dropped from its meta section, every section re-sealed and re-aligned."""
+    lay = layout(raw)
+    if lay["version"] != 4:
+        raise ValueError("not a format-4 index")
+    cut = {}  # meta section start -> payload end without the row signature
+    for ch in lay["chunks"]:
+        for start, end in lay["sections"]:
+            if start <= ch["n_row_sig"][0] < end:
+                cut[start] = ch["n_row_sig"][0]
+    out = bytearray()
+    for start, end in lay["sections"]:
+        payload = raw[start:cut.get(start, end)]
+        if start == 0:
+            payload = b"X2LIDX03" + payload[8:]
+        out += payload + struct.pack("<Q", xxh64(bytes(payload)))
+        out += bytes((64 - len(out) % 64) % 64)
+    return bytes(out)
+
+
 def get(raw, field) -> int:
     off, fmt = field
     return struct.unpack_from("<" + fmt, raw, off)[0]
@@ -195,7 +218,7 @@ def put(raw: bytearray, field, value) -> None:
 
 def reseal(raw: bytearray, lay: dict, offset: int | None = None) -> None:
     """Recompute the checksum of the section of layout `lay` (taken before the mutation) that holds
-    `offset` (every section when None); format 3 only."""
+    `offset` (every section when None); formats 3 and 4 only."""
     for start, end in lay["sections"]:
         if offset is None or start <= offset < end:
             struct.pack_into("<Q", raw, end, xxh64(bytes(raw[start:end])))

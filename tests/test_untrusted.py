@@ -71,7 +71,7 @@ def _load_bytes(tmp_path, data, name="m.x2l", **kw):
 def _mutated(raw, lay, field, value):
     d = bytearray(raw)
     fmt.put(d, field, value)
-    if lay["version"] == 3:
+    if lay["version"] >= 3:
         fmt.reseal(d, lay, field[0])
     return d
 
@@ -113,6 +113,8 @@ def _field_mutations(raw, lay):
         ("key signature length", c0["n_key_sig"], g(c0["n_key_sig"]) - 1),
         ("embedding signature length", c0["n_emb_sig"], g(c0["n_emb_sig"]) + 128),
         ("L row positions length", c0["n_low_pos"], g(c0["n_low_pos"]) - 1),
+        ("row signature length", c0["n_row_sig"], g(c0["n_row_sig"]) - 1),
+        ("row signature longer than the chunk", c1["n_row_sig"], g(c1["n_row_sig"]) * 10**6),
         ("L type", c0["low"]["type"], 99),
         ("L type Q4_K", c0["low"]["type"], 12),
         ("H type of one chunk", c1["high"]["type"], 0 if g(c1["high"]["type"]) != 0 else 1),
@@ -163,7 +165,7 @@ def test_segment_size_overflow_is_refused(saved, tmp_path):
         fmt.put(d, f[name], v)
     fmt.put(d, lay["sink"]["type"], 0)  # f32: 16 KiB rows
     fmt.put(d, lay["sink"]["n"], 2**26)
-    if lay["version"] == 3:
+    if lay["version"] >= 3:
         fmt.reseal(d, lay)
     p = tmp_path / "huge.x2l"
     with open(p, "wb") as out:
@@ -194,7 +196,7 @@ def test_random_resealed_mutations_never_crash(saved, tiny, tmp_path):
         else:
             for _ in range(4):
                 d[rng.randrange(len(d))] = rng.randrange(256)
-        if lay["version"] == 3:
+        if lay["version"] >= 3:
             fmt.reseal(d, lay)
         try:
             ix = _load_bytes(tmp_path, d)
@@ -202,7 +204,7 @@ def test_random_resealed_mutations_never_crash(saved, tiny, tmp_path):
         except x2l_edge.Error:
             refused += 1
             continue
-        for scorer in ("embedding", "keys", "attention"):
+        for scorer in ("embedding", "keys", "maxsim", "attention"):
             s = ctx.scores("what happens?", scorer=scorer)
             assert s.shape == (ctx.n_chunks,)
         ctx.ask("what happens?", chunks=sorted({0, ctx.n_chunks - 1}), max_tokens=2)

@@ -32,7 +32,8 @@ class X2LOptions:
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
     # "attention" (reads every chunk's L keys), the resident "high" / "high_keys" (H keys, + signatures),
-    # "keys" (signatures), "embedding", or "external" (docs/x2l.md "Per question")
+    # "keys" (signatures), "maxsim" (question tokens vs each chunk's distinctive input rows, no model
+    # pass), "embedding", or "external" (docs/x2l.md "Per question")
     scorer: str = "attention"
     # How many ranked chunks to reload: "top_k", or by the shape of the sorted scores: "gap" (cut at the
     # largest drop) or "mass" (the chunks holding mass_p of softmax(scores / sd)), at most max_k of them
@@ -51,7 +52,7 @@ class X2LOptions:
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}
 
-    SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "external")
+    SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "maxsim", "external")
     SELECT_RULES = ("top_k", "gap", "mass")
 
     def selection_kwargs(self) -> dict:

@@ -92,8 +92,9 @@ class VideoContext:
         that never read the L tier: 'high' (the same queries at their own positions attend to every
         chunk's H keys as stored: the question's own attention over the H tier), 'high_keys' (H keys and
         the key signatures in one softmax), 'keys' (the signature alone: the 8 most distinctive pre-RoPE
-        keys per chunk, layer and KV head, taken before compression), and 'embedding' (input-embedding
-        similarity). All but embedding score a chunk by its peak significance: the most mass one
+        keys per chunk, layer and KV head, taken before compression), 'maxsim' (each question token's best
+        cosine with a chunk's distinctive input rows, kept at prefill; no model pass) and 'embedding'
+        (input-embedding similarity). All but embedding and maxsim score a chunk by its peak significance: the most mass one
         question token gives it, minus its median mass over the question and the template tokens after
         it, over sqrt(median) (select.h peak_significance). score_stats() says what the call read."""
         scorer = scorer or self.default_scorer

@@ -28,6 +28,10 @@ namespace x2l {
 // 8 gave the planted chunk first 7/7 and the single needle in the top 3 9/12 on SmolLM2; the mean
 // key alone (1) gave 2/7 and 4/12.
 constexpr int kKeySignatureEntries = 8;
+// maxsim scorer: one signature row per this many chunk tokens (select.h distinct_input_rows). On the
+// tune split (SmolLM2 needles, 256-token chunks, idx 100-139) 32 rows per chunk kept the needle chunk
+// in the top 3 for 40/40 single and 39/40 multi-key questions, 16 rows 40/40 and 34/40.
+constexpr int kRowSignatureStride = 8;
 
 struct X2LOptions {
     int ratio_low = 2;
