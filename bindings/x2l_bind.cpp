@@ -64,6 +64,7 @@ void bind_x2l(nb::module_& m) {
             d["compressor"] = ix.compressor;
             d["dense_positions"] = ix.dense_positions;
             d["model_fingerprint"] = ix.model_fingerprint;
+            d["text_pos"] = ix.text_pos;
             return d;
         })
         .def("chunk_info", [](const x2l::VideoIndex& ix, int c) {

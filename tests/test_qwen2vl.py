@@ -338,8 +338,6 @@ def test_qwen_pair_errors(vlm_llama_cpp):
                     max_pixels=28 * 28 * 4)
     with pytest.raises(NotImplementedError, match="M-RoPE"):
         next(s.video_chunks(np.zeros((4, 56, 56, 3), np.uint8)))
-    with pytest.raises(core.Error, match="M-RoPE"):
-        ctx.save(str(vlm_llama_cpp("f32")["qwen2vl"][0]) + ".x2l")  # index format 3 has no text position yet
 
 
 # ----------------------------------------------------------------------------- X²L on an M-RoPE model
@@ -446,6 +444,56 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
     token.cancel()  # the Qwen prefill is one operation on the session: a cancelled token stops it
     with pytest.raises(x2l_edge.CancelledError):
         s.prefill(video, chunk_frames=4, cancel=token, min_pixels=28 * 28 * 8, max_pixels=28 * 28 * 8)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_qwen_x2l_index_saves_and_reloads(vlm_llama_cpp, tmp_path, family):
+    """A Qwen video index (M-RoPE text position, entries rotated at their 3-D positions) saved in index
+    format 4 and loaded again, into memory or with the L tier mapped: the text position is kept, and
+    every scorer's scores and the logits of H-only and mixed caches are bit-identical to the index that
+    was saved; VideoContext.load rebuilds the Qwen question layout. The same index given to a model
+    without M-RoPE is refused."""
+    import x2l_edge
+    from x2l_edge import qwen_vl
+    from x2l_edge.x2l import VideoContext
+
+    s = _pair_session(vlm_llama_cpp, family, n_ctx=1024)
+    ctx = s.prefill(_video_u8(33, n=12), chunk_frames=4, ratio_low=2, ratio_high=8, min_pixels=28 * 28 * 8,
+                    max_pixels=28 * 28 * 8, system="be brief")
+    text_pos = ctx.index.settings()["text_pos"]
+    assert text_pos > len(ctx.index.sink_tokens)
+    path = tmp_path / "qwen.x2l"
+    ctx.save(path)
+    assert path.read_bytes()[:8] == b"X2LIDX05"
+    q = "What happens?"
+    scorers = ("keys", "attention", "embedding", "high", "high_keys", "maxsim")
+    want_scores = {sc: ctx.scores(q, scorer=sc) for sc in scorers}
+    want = {tuple(ch): ctx.logits(q, ch) for ch in ([], [1], [0, 2])}
+    for mmap in (False, True):
+        loaded = VideoContext.load(s, path, mmap=mmap, system="be brief")
+        assert loaded.index.settings()["text_pos"] == text_pos
+        assert (loaded.question_prefix, loaded.question_suffix) == (ctx.question_prefix, ctx.question_suffix)
+        assert loaded.question_ids(q) == ctx.question_ids(q)
+        for sc in scorers:
+            np.testing.assert_array_equal(loaded.scores(q, scorer=sc), want_scores[sc])
+        for ch, ref in want.items():
+            np.testing.assert_array_equal(loaded.logits(q, list(ch)), ref)
+    assert qwen_vl.context_kwargs(s, "be brief")["question_prefix"].startswith("<|vision_end|>")
+    # The text position bounds the entries' temporal positions: one moved before them is refused (re-sealed).
+    import index_format as fmt
+
+    raw = path.read_bytes()
+    lay = fmt.layout(raw)
+    bad = bytearray(raw)
+    fmt.put(bad, lay["fields"]["text_pos"], len(ctx.index.sink_tokens) + 1)
+    fmt.reseal(bad, lay, lay["fields"]["text_pos"][0])
+    (tmp_path / "bad.x2l").write_bytes(bytes(bad))
+    with pytest.raises(x2l_edge.FormatError, match="position out of place"):
+        VideoContext.load(s, tmp_path / "bad.x2l")
+    # An M-RoPE index on a plain-RoPE model (fingerprint aside, which a crafted file can copy).
+    smol = x2l_edge.Session(str(vlm_llama_cpp("f32")["smolvlm"][0]), device="cpu", n_threads=1)
+    with pytest.raises(x2l_edge.Error, match="different model|M-RoPE"):
+        VideoContext.load(smol, path)
 
 
 @pytest.mark.parametrize("mode", ["full", "x2l"])

@@ -124,6 +124,11 @@ def _field_mutations(raw, lay):
         ("H entries above the chunk", c1["high"]["n"], 10**4),
         ("sink entries", lay["sink"]["n"], g(lay["sink"]["n"]) + 1),
         ("sink token count", f["n_sink_tokens"], g(f["n_sink_tokens"]) - 1),
+        ("text position below -1", f["text_pos"], -2),
+        ("text position inside the sink", f["text_pos"], g(f["n_sink_tokens"]) - 1),
+        ("text position beyond 2^30", f["text_pos"], 2**30 + 1),
+        # an M-RoPE text position bounds the entries' (temporal) positions: these lie beyond it
+        ("text position before the entries", f["text_pos"], g(f["n_sink_tokens"])),
     ]
     # positions: an L row outside its chunk, an H entry far away, a sink entry out of order
     p_low = c1["low_pos"][0] + 4 * 3
@@ -248,9 +253,39 @@ def test_flipped_kv_bytes_are_detected(saved, tiny, tmp_path):
 
 def test_old_format_is_refused_with_a_reindex_message(saved, tmp_path):
     _, raw, _ = saved
-    for magic in (b"X2LIDX01", b"X2LIDX02"):
+    for magic in (b"X2LIDX01", b"X2LIDX02", b"X2LIDX06"):
         with pytest.raises(x2l_edge.FormatError, match="index the video again"):
             _load_bytes(tmp_path, magic + raw[8:])
+
+
+def test_format3_files_still_load(saved, tiny, tmp_path):
+    """An index saved by the previous version (format 3: no text position) loads, into memory or mapped,
+    as one without an M-RoPE text position and answers bit-identically to the same index in format 5;
+    its checksums are verified as before."""
+    path, raw, lay = saved
+    assert lay["version"] == 5 and fmt.get(raw, lay["fields"]["text_pos"]) == -1
+    old = fmt.to_format3(raw)
+    assert fmt.layout(old)["version"] == 3
+    ref = VideoContext.load(tiny, path, system="be brief")
+    for mmap in (False, True):
+        ix = _load_bytes(tmp_path, old, name=f"v3_{mmap}.x2l", mmap=mmap)
+        assert ix.settings()["text_pos"] == -1
+        ctx = VideoContext(tiny, ix, question_suffix=ref.question_suffix)
+        for sel in ([], [0, 2]):
+            np.testing.assert_array_equal(ctx.logits("what happens?", sel), ref.logits("what happens?", sel))
+    bad = bytearray(old)
+    bad[fmt.layout(old)["fields"]["ratio_high"][0]] ^= 1
+    with pytest.raises(x2l_edge.FormatError, match="checksum"):
+        _load_bytes(tmp_path, bad)
+
+
+def test_text_position_needs_an_mrope_model(saved, tiny, tmp_path):
+    """A (re-sealed) text position on an index whose entries it bounds loads, but a model without M-RoPE
+    refuses it instead of continuing the question at a crafted position."""
+    _, raw, lay = saved
+    ix = _load_bytes(tmp_path, _mutated(raw, lay, lay["fields"]["text_pos"], fmt.get(raw, lay["fields"]["next_pos"])))
+    with pytest.raises(x2l_edge.FormatError, match="M-RoPE"):
+        VideoContext(tiny, ix, question_suffix="")
 
 
 def test_mmap_and_copy_loads_answer_identically(saved, tiny):

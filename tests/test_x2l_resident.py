@@ -219,7 +219,7 @@ def test_maxsim_matches_a_numpy_reference(smol, planted2, tmp_path):
     planted2.save(path)
     raw = path.read_bytes()
     lay = fmt.layout(raw)
-    assert lay["version"] == 4
+    assert lay["version"] == 5
     E = smol.info["n_embd"]
     sigs = []
     for ch, ids in zip(lay["chunks"], _planted_chunks(smol, 2)):
@@ -245,24 +245,25 @@ def test_maxsim_ranks_the_named_chunk_above_a_distractor(smol):
         assert int(np.argmax(r)) == other, (pos, other, r)
 
 
-def test_format3_indexes_still_load_and_maxsim_says_why_it_cannot_score(smol, planted2, tmp_path):
-    """An index saved before the row signatures (format 3) loads and answers as before; maxsim raises a
-    clear error. Saved again it stays without signatures (format 4, none). A NaN in a row signature, or a
-    signature that is not whole rows, is refused at load (checksums re-sealed)."""
-    path = tmp_path / "v4.x2l"
+@pytest.mark.parametrize("old_format", [3, 4])
+def test_older_indexes_still_load_and_maxsim_says_why_it_cannot_score(smol, planted2, tmp_path, old_format):
+    """An index saved before the row signatures (formats 3 and 4) loads and answers as before; maxsim
+    raises a clear error. Saved again it stays without signatures (format 5, none). A NaN in a row
+    signature, or a signature that is not whole rows, is refused at load (checksums re-sealed)."""
+    path = tmp_path / "v5.x2l"
     planted2.save(path)
     raw = path.read_bytes()
-    old = tmp_path / "v3.x2l"
-    old.write_bytes(fmt.to_format3(raw))
-    assert old.read_bytes()[:8] == b"X2LIDX03"
+    old = tmp_path / "old.x2l"
+    old.write_bytes(fmt.to_format3(raw) if old_format == 3 else fmt.to_format4(raw))
+    assert old.read_bytes()[:8] == b"X2LIDX0%d" % old_format
     ctx = VideoContext.load(smol, old, system="be brief")
     for scorer in ("attention", "high", "embedding"):
         np.testing.assert_array_equal(ctx.scores(QUESTION, scorer), planted2.scores(QUESTION, scorer))
-    with pytest.raises(x2l_edge.Error, match="no row signatures.*format 3"):
+    with pytest.raises(x2l_edge.Error, match="no row signatures.*format 3 or 4"):
         ctx.scores(QUESTION, "maxsim")
     again = tmp_path / "again.x2l"
     ctx.save(again)
-    assert again.read_bytes()[:8] == b"X2LIDX04"
+    assert again.read_bytes()[:8] == b"X2LIDX05"
     with pytest.raises(x2l_edge.Error, match="no row signatures"):
         VideoContext.load(smol, again, system="be brief").scores(QUESTION, "maxsim")
     lay = fmt.layout(raw)

@@ -81,14 +81,20 @@ def whole_chunk_frames(chunk_frames: int) -> int:
     return chunk_frames + chunk_frames % 2
 
 
-# An index of this family cannot be saved: it holds where the question's text continues (its M-RoPE text
-# position), which the index format has no field for (cpp/x2l/kv_store.h).
-SAVES_INDEX = False
+# An index of this family is saved like any other: the index format keeps its M-RoPE text position
+# (cpp/x2l/kv_store.h), and its entries keep the rotation of their 3-D positions.
+SAVES_INDEX = True
 
 
-def context_kwargs() -> dict:
-    """VideoContext's keyword arguments for an index of this family loaded from a file: none can be."""
-    raise ValueError("a Qwen2-VL index cannot be loaded from a file (it cannot be saved)")
+def context_kwargs(session, system: str | None = None) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family: the chat template's
+    text after the video pads, around the question (system: the prompt's system message)."""
+    _, after = prompt_parts(session, _QUESTION_MARK, "video", system)
+    q_prefix, q_suffix = after.split(_QUESTION_MARK)
+    return {"question_prefix": q_prefix, "question_suffix": q_suffix}
+
+
+_QUESTION_MARK = "\x00x2l-question\x00"
 
 
 def sampled_fps(timestamps) -> float:
@@ -164,9 +170,6 @@ def ask_full(session, video, question: str, *, system=None, max_frames=None, fps
     return it if stream else "".join(it)
 
 
-_QUESTION_MARK = "\x00x2l-question\x00"
-
-
 def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=None, fps=None, progress=None,
                   min_pixels=None, max_pixels=None, text_after="max", **x2l_options):
     """X²L bi-level prefill of a video on a Qwen2-VL / Qwen2.5-VL model: the sink is the prompt up to
@@ -187,8 +190,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
         raise ValueError("chunk_frames must be >= 1")
     chunk_frames = whole_chunk_frames(chunk_frames)
     max_frames, fps = default_sampling(video, max_frames, fps)
-    before, after = prompt_parts(session, _QUESTION_MARK, "video", system)
-    q_prefix, q_suffix = after.split(_QUESTION_MARK)
+    before, _ = prompt_parts(session, _QUESTION_MARK, "video", system)
     sink = session.tokenize(before)
     media = QwenMedia(session)
     p = _core.X2LPrefill(session._s, **opts.prefill_kwargs(), repeat_prompt=[])  # snapkv: no kvzip re-read
@@ -241,7 +243,7 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
                                             text_after=text_after, start=len(sink), t_begin=0, t_end=state["pairs"])
     p.set_text_position(int(text_pos))
     stats = p.stats()
-    ctx = VideoContext(session, p.finish(), question_prefix=q_prefix, question_suffix=q_suffix,
+    ctx = VideoContext(session, p.finish(), **context_kwargs(session, system),
                        default_top_k=opts.top_k, default_scorer=opts.scorer,
                        default_selection=opts.selection_kwargs())
     ctx.prefill_stats = stats

@@ -189,8 +189,9 @@ def whole_chunk_frames(chunk_frames: int) -> int:
 SAVES_INDEX = True
 
 
-def context_kwargs() -> dict:
-    """VideoContext's question_prefix / question_suffix for an index of this family."""
+def context_kwargs(session=None, system: str | None = None) -> dict:
+    """VideoContext's question_prefix / question_suffix for an index of this family (the same for every
+    session and system message: the question follows the last frame)."""
     return {"question_prefix": QUESTION_PREFIX, "question_suffix": QUESTION_SUFFIX}
 
 
@@ -314,6 +315,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
 
         index, stats = prefill_chunks(session, chunks(), sink_ids=sink, n_chunks=-(-n_frames // chunk_frames),
                                       frames_per_chunk=chunk_frames, options=opts, progress=prog)
-    ctx = VideoContext(session, index, **context_kwargs(), default_top_k=opts.top_k, default_scorer=opts.scorer)
+    ctx = VideoContext(session, index, **context_kwargs(session), default_top_k=opts.top_k, default_scorer=opts.scorer)
     ctx.prefill_stats = stats
     return ctx

@@ -223,10 +223,17 @@ class VideoContext:
         reads it into memory: nothing done to the file afterwards can change or crash this context.
         mmap=True keeps the L tier in a read-only mapping of the file (indexes larger than RAM): each
         chunk's L rows are verified before their first use and the file is re-checked for changes
-        before every use. The question suffix is rebuilt from the session's chat template; pass
-        question_prefix/question_suffix to override."""
+        before every use. The question suffix is rebuilt from the session's chat template (an index of a
+        Qwen2-VL video: prefix and suffix as qwen_vl lays out the question after a video; for a
+        SmolVLM2 video pass smolvlm.context_kwargs()); pass question_prefix/question_suffix to override."""
+        from . import qwen_vl
+        from .families import media_module
+
         index = _core.VideoIndex.load(os.fspath(path), mmap=bool(mmap))
-        if "question_suffix" not in kw:
+        # An M-RoPE text position: a Qwen2-VL video prefill (another model's index is refused below).
+        if index.settings()["text_pos"] >= 0 and media_module(session) is qwen_vl:
+            kw = {**qwen_vl.context_kwargs(session, system), **kw}
+        elif "question_suffix" not in kw:
             kw["question_suffix"] = split_template(session, system)[1]
         return cls(session, index, **kw)
 

@@ -19,14 +19,16 @@ namespace x2l {
 
 namespace {
 
-// Format 4: every section is followed by the XXH64 of its bytes (docs/security.md); format 3 (read
-// too) lacks the chunks' row signatures.
-constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '4'};
-constexpr char kMagicV3[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '3'};
+// Format 5: every section is followed by the XXH64 of its bytes; the header ends with the M-RoPE text
+// position and every chunk's meta with its row signature (docs/security.md). Formats 3 (neither
+// field) and 4 (no row signature) are still read.
+constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '5'};
 constexpr size_t kAlign = 64;
 // Bounds of a header a loader accepts (the model loader's, or tighter where the KV layout needs it).
 constexpr int kMaxLayers = 4096, kMaxHeadsKv = 4096, kMaxHeadDim = 256, kMaxEmbd = 1 << 24, kMaxRatio = 1 << 20;
 constexpr uint32_t kMaxCompressorName = 64;
+// Largest M-RoPE text position accepted: the answer's positions count up from it in int32.
+constexpr int32_t kMaxTextPos = 1 << 30;
 
 bool tier_type(uint32_t t) {
     return t == static_cast<uint32_t>(DType::F32) || t == static_cast<uint32_t>(DType::F16) ||
@@ -260,11 +262,15 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     if (size < sizeof(kMagic) || std::memcmp(base, "X2LIDX", 6) != 0) {
         throw FormatError("not an x2l video index (bad magic)");
     }
-    const bool v3 = std::memcmp(base, kMagicV3, sizeof(kMagicV3)) == 0;
-    if (!v3 && std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
-        throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
-                          ", this version reads 03 and " + std::string(kMagic + 6, 2) + "): index the video again");
+    int version = 0;  // of the formats this version reads: 03, 04 and kMagic's
+    for (int v = 3; v <= kMagic[7] - '0'; ++v) {
+        if (base[6] == '0' && base[7] == '0' + v) version = v;
     }
+    if (version == 0) {
+        throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
+                          ", this version reads 03 to " + std::string(kMagic + 6, 2) + "): index the video again");
+    }
+    const bool v3 = version == 3;
     auto check = [&](const Section& s, const std::string& what) {
         if (verify && !s.ok(base)) throw FormatError("checksum mismatch in the " + what + " (corrupt or modified file)");
     };
@@ -310,6 +316,12 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     const uint64_t nchunks = r.pod<uint64_t>();
     // Every chunk takes at least three sections of 64 bytes.
     if (nchunks < 1 || nchunks > size / (3 * kAlign)) throw FormatError("corrupt video index header: chunk count");
+    x.text_pos = v3 ? -1 : r.pod<int32_t>();
+    // -1 (the question continues at next_pos), or an M-RoPE text position after the sink. Beacon
+    // indexes number entries densely: their question always continues after the last entry.
+    if (x.text_pos != -1 && (x.text_pos < static_cast<int64_t>(nsink) || x.text_pos > kMaxTextPos || x.dense_positions)) {
+        throw FormatError("corrupt video index header: text position out of range");
+    }
     check(r.end_section(), "header");
 
     SegmentRead sink = read_segment(r, x, "sink");
@@ -348,7 +360,7 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
         const uint8_t* lp = r.take(mul(npos, sizeof(int32_t)));
         ch.low_pos.resize(npos);
         if (npos) std::memcpy(ch.low_pos.data(), lp, npos * sizeof(int32_t));
-        if (!v3) {
+        if (version >= 5) {
             const uint64_t nrow = r.pod<uint64_t>();
             const uint8_t* rs = r.take(mul(nrow, sizeof(uint16_t)));
             ch.row_sig.resize(nrow);
@@ -374,8 +386,8 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
         if (ch.key_sig.size() % per_key != 0 || ch.key_sig.size() / per_key > static_cast<size_t>(n)) {
             bad_chunk(c, "key signature size does not match the model dimensions");
         }
-        // Row signature (format 4): whole rows of n_embd, at most one per chunk token (none: the index
-        // was first saved by format 3).
+        // Row signature (format 5): whole rows of n_embd, at most one per chunk token (none: the index
+        // was first saved by format 3 or 4).
         if (ch.row_sig.size() % static_cast<size_t>(ne) != 0 || ch.row_sig.size() / static_cast<size_t>(ne) > static_cast<size_t>(n)) {
             bad_chunk(c, "row signature size is not a whole number of n_embd rows, at most one per chunk token");
         }
@@ -397,8 +409,13 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
             bad_chunk(c, "KV rows hold NaN or infinite values");
         }
         // Positions: dense (beacon) ones continue the previous chunk's; SnapKV ones are the positions of
-        // the chunk's own tokens, per layer and KV head for L (low_pos).
-        auto in_chunk = [&](int32_t p) { return p >= ch.pos_begin && p < ch.pos_end; };
+        // the chunk's own tokens, per layer and KV head for L (low_pos). M-RoPE media (text_pos set): an
+        // entry records its temporal-axis position (keys keep their 3-D rotation), which lies after the
+        // sink and before the text position, not in the chunk's entry range.
+        const int64_t mrope_lo = static_cast<int64_t>(nsink);
+        auto in_chunk = [&](int32_t p) {
+            return x.text_pos >= 0 ? p >= mrope_lo && p < x.text_pos : p >= ch.pos_begin && p < ch.pos_end;
+        };
         for (const auto* seg : {&H, &L}) {
             int64_t& next = seg == &H ? high_next : low_next;
             for (int64_t e = 0; e < seg->size(); ++e) {
@@ -444,7 +461,6 @@ TierBytes VideoIndex::bytes() const {
 }
 
 void VideoIndex::save(const std::string& path) const {
-    if (text_pos >= 0) throw Error("saving an X2L index of an M-RoPE (Qwen2-VL) video is not supported yet");
     struct stat st;
     if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
         throw FileError(EISDIR, path, "'" + path + "' is a directory: give a file name to save the index to");
@@ -463,6 +479,7 @@ void VideoIndex::save(const std::string& path) const {
         w.pod<uint64_t>(sink_tokens.size());
         w.bytes(sink_tokens.data(), sink_tokens.size() * sizeof(int32_t));
         w.pod<uint64_t>(chunks.size());
+        w.pod<int32_t>(text_pos);
         w.end_section();
         write_segment(w, *sink);
         for (const auto& c : chunks) {

@@ -21,7 +21,7 @@ struct ChunkKV {
     std::vector<float> key_sig;  // [n_layer, n_head_kv, n, head_dim] distinctive pre-RoPE L keys (select.h)
     std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
     // [n_rows, n_embd] f16: the chunk's most distinctive input rows (the maxsim scorer, select.h);
-    // empty in indexes saved by format 3.
+    // empty in indexes saved by formats 3 and 4.
     std::vector<uint16_t> row_sig;
     // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
     // different tokens per layer and head, while low->pos() holds one position per entry (those of
@@ -54,8 +54,8 @@ class VideoIndex {
     bool dense_positions = false;
     int32_t next_pos = 0;  // position of the first token after the indexed input
     // M-RoPE media (Qwen2-VL): where the question's text continues (the run's text-after position), which
-    // differs from next_pos (entries are counted there, positions are 3-D); -1: next_pos. In memory only:
-    // save() refuses such an index.
+    // differs from next_pos (entries are counted there, positions are 3-D); -1: next_pos. Entries keep
+    // the rotation of their 3-D positions, so this is the one M-RoPE field an index needs to be saved.
     int32_t text_pos = -1;
     uint64_t model_fingerprint = 0;  // LlmModel::fingerprint() of the model that built it
     std::shared_ptr<KVSegment> sink;
@@ -67,8 +67,8 @@ class VideoIndex {
     size_t high_bytes(size_t chunk) const { return chunks[chunk].high->used_bytes(); }
 
     // Binary format (docs/security.md): checksummed sections (header, sink, then per chunk: meta, H
-    // rows, L rows), 64-byte aligned. Every field is validated against the others on load; a file
-    // of another format version is refused.
+    // rows, L rows), 64-byte aligned. Every field is validated against the others on load; format 3
+    // files (no text position) still load, other format versions are refused.
     void save(const std::string& path) const;
     // mmap=false: the file is read into memory (read-only once checked), so later changes to the
     // file cannot reach this index. mmap=true: the L rows stay in a private read-only mapping of the

@@ -103,7 +103,7 @@ std::vector<float> score_maxsim(const VideoIndex& ix, const float* q, int64_t n_
     const size_t E = static_cast<size_t>(ix.n_embd), nc = ix.chunks.size();
     for (size_t c = 0; c < nc; ++c) {
         if (ix.chunks[c].row_sig.empty()) {
-            throw Error("this index has no row signatures for the maxsim scorer (saved by index format 3): "
+            throw Error("this index has no row signatures for the maxsim scorer (saved by index format 3 or 4): "
                         "index the input again, or use another scorer");
         }
     }

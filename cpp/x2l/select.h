@@ -64,7 +64,7 @@ std::vector<uint16_t> distinct_input_rows(const float* embd, int64_t n, int n_em
 //   score(c) = sum over t of (m_t(c) - median over chunks of m_t)
 // so a token every chunk matches (a word the whole input repeats) adds nothing and a word only a few
 // chunks hold (the name the question asks about) decides. No model pass, resident rows only.
-// Throws Error for an index without row signatures (saved by index format 3).
+// Throws Error for an index without row signatures (saved by index format 3 or 4).
 std::vector<float> score_maxsim(const VideoIndex& ix, const float* q, int64_t n_q, ThreadPool& pool,
                                 ScoreReads* reads = nullptr);
 

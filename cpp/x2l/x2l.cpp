@@ -362,6 +362,9 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
         throw Error("this video index was built with a different model (same dimensions, other weights): "
                     "index the video again with this model");
     }
+    if (ix.text_pos >= 0 && c.n_pos_axes == 1) {
+        throw FormatError("the video index holds an M-RoPE text position but this model has no M-RoPE");
+    }
     for (int32_t id : ix.sink_tokens) {
         if (id >= c.n_vocab) throw FormatError("the video index's sink holds a token id beyond this model's vocabulary");
     }

@@ -1,4 +1,4 @@
-"""Video indexes as resources: built in the background, saved under --index-dir (index format 3 +
+"""Video indexes as resources: built in the background, saved under --index-dir (index format 4 +
 a small JSON record), found again after a restart, loaded on first use and kept under a host-memory
 budget (the least recently used beyond --max-host-bytes keep their L tier memory-mapped).
 
@@ -136,8 +136,8 @@ class IndexStore:
             except (OSError, ValueError, TypeError, ApiError):
                 continue
             if rec.status == "ready" and rec.memory_only:
-                rec.status, rec.error = "failed", "the index was kept in memory only (Qwen2-VL indexes cannot be " \
-                                                  "saved) and is gone after the server's restart"
+                rec.status, rec.error = "failed", "the index was kept in memory only (not saved) and is gone after " \
+                                                  "the server's restart"
                 self._write_record(rec)
             elif rec.status != "ready":
                 rec.status, rec.error = "failed", rec.error or "indexing was interrupted by a server restart"
@@ -384,8 +384,8 @@ class IndexStore:
             size = os.path.getsize(path)
         else:
             rec.memory_only, size = True, None
-            rec.note = ("kept in memory only: a Qwen2-VL index cannot be saved (the index format has no field for "
-                        "the M-RoPE text position); it is gone after a restart")
+            rec.note = (f"kept in memory only: an index of {family.__name__} cannot be saved; it is gone after a "
+                        "restart")
         m = ctx.memory()
         rec.bytes = {"n_chunks": ctx.n_chunks, "sink": m["sink_bytes"], "high": m["high_bytes"],
                      "low": m["low_bytes"], "signature": m["signature_bytes"], "file": size}
@@ -464,7 +464,7 @@ class IndexStore:
         path, _ = self._paths(rec.id)
         opts = X2LOptions.for_model(self.session, video=True)
         family = media_module(self.session)
-        kw = {} if family is None else family.context_kwargs()
+        kw = {} if family is None else family.context_kwargs(self.session, rec.system)
         return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, default_top_k=opts.top_k,
                                  default_scorer=opts.scorer, **kw)
 
