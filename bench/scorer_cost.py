@@ -122,19 +122,30 @@ def summarize_recall(samples, a) -> dict:
     return out
 
 
+def _recall_command(a) -> str:
+    base = (f"python bench/scorer_cost.py recall --split {a['split']} --threads {a['threads']} --scorers "
+            f"{' '.join(a['scorers'])} --ask-scorers {' '.join(a['ask_scorers'])}").rstrip()
+    if not a.get("shards"):
+        return f"Command: `{base} --first {a['first']} --count {a['count']}`."
+    return (f"Run as {len(a['shards'])} shards side by side (`{base} --first F --count C --out SHARD`, idx "
+            f"{a['first']}..{a['first'] + a['count'] - 1} in all), merged by `python bench/scorer_cost.py recall-merge "
+            f"SHARD.json ... --out OUT`.")
+
+
 def recall_md(res) -> str:
     a = res["args"]
     last = max(r["idx"] for r in res["samples"])
     lines = [f"# Scorer recall and score-shape selection ({a['split']} split, idx {a['first']}..{last})",
              "", f"{res['model']}, ~{a['tokens']} tokens in chunks of {a['chunk_tokens']}, ratio_low 1, ratio_high 32. "
-             f"CPU: {res['cpu']}, build ISA {res['isa']['build']}. Command: `python bench/scorer_cost.py recall "
-             f"--split {a['split']} --first {a['first']} --count {a['count']}`.", "",
+             f"CPU: {res['cpu']}, build ISA {res['isa']['build']}. " + _recall_command(a), "",
              "## Chunk recall per scorer (needle chunk ranked first / in the top 3)", "",
              "| task | n | " + " | ".join(f"{sc} top-1 | {sc} top-3" for sc in a["scorers"]) + " |",
              "|---|---|" + "---|---|" * len(a["scorers"])]
     for task, c in res["summary"].items():
         lines.append(f"| {task} | {c['n']} | " + " | ".join(
             f"{c['scorers'][sc]['top1']} | {c['scorers'][sc]['top3']}" for sc in a["scorers"]) + " |")
+    if not a["ask_scorers"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Selection rules on the same scores (answer accuracy, chunk recall, chunks and L bytes reloaded)", "",
               "| task | scorer/rule | correct | chunk recall | chunks (mean) | L bytes reloaded (mean) |", "|---|---|---|---|---|---|"]
     for task, c in res["summary"].items():
