@@ -20,7 +20,8 @@ Needs llama-cpp-python (not in the test extra: it builds from source for ~7-45 m
 the processor's longest edge set to it so that llama.cpp makes no tiles), leaving the normalization and
 the towers to compare. Differences then come from float32 vs float64 and from ggml's GELU (tanh
 approximation in the merger/projector where HF uses erf). For Qwen2-VL / Qwen2.5-VL the same pixels also go
-through x2l-edge's own tower (_core.QwenVision) on the same mmproj file.
+through x2l-edge's own tower (_core.QwenVision) on the same mmproj file, and for InternVL through
+_core.VisionEncoder (x2l-edge follows HF's CLS-first position order).
 """
 from __future__ import annotations
 
@@ -101,6 +102,12 @@ def qwen_tower(mmproj_path):
     return core.QwenVision.from_gguf(str(mmproj_path), n_threads=2)
 
 
+def own_tower(mmproj_path):
+    import x2l_edge._core as core
+
+    return core.VisionEncoder.from_gguf(str(mmproj_path), n_threads=2)
+
+
 def normalize(img: np.ndarray, mean, std) -> np.ndarray:
     """uint8 HxWx3 -> [3, H, W] float64, (x/255 - mean) / std."""
     return ((img.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)).transpose(2, 0, 1)
@@ -158,8 +165,12 @@ def run_family(family: str, work: Path, tree: Path) -> dict:
                 ref = vn.idefics3_vision_forward(sd, cfg["vision_config"], x, info.merge)[0]
             got = mtmd_embeddings(model_path, mmproj_path, [img], 64)
             # Idefics3: an overview chunk and one tile chunk of the same pixels; InternVL: one chunk.
-            result["cases"].append(dict(outtype=outtype, case=f"image {side}x{side}", chunks=len(got),
-                                        **compare(ref, got[0][:ref.shape[0]])))
+            case = dict(outtype=outtype, case=f"image {side}x{side}", chunks=len(got),
+                        **compare(ref, got[0][:ref.shape[0]]))
+            if family == "internvl":  # x2l-edge's own tower (cpp/vision/vision.h) on the same file and pixels
+                ours = own_tower(mmproj_path).encode(np.ascontiguousarray(x, dtype=np.float32))
+                case.update(x2l_edge=compare(ref, ours), x2l_edge_vs_mtmd=compare(got[0], ours))
+            result["cases"].append(case)
             if family == "internvl":
                 result["cases"].append(dict(outtype=outtype, case="same, CLS-last positions", chunks=len(got),
                                             **compare(ref_shift, got[0])))
@@ -185,8 +196,8 @@ def main() -> int:
                       f"  rel rms {c['x2l_edge']['rel_rms']:.1e};  vs mtmd rel rms {c['x2l_edge_vs_mtmd']['rel_rms']:.1e}")
     bench_common.write_json(args.out, {
         "what": "llama.cpp mtmd projector outputs vs tests/vlm_numpy.py on the tiny VLM pairs (accuracy only); "
-                "Qwen cases also x2l-edge's tower (x2l_edge: vs the reference, x2l_edge_vs_mtmd: vs mtmd)",
-        "command": "python bench/vlm_llama_cpp_peer.py",
+                "Qwen and InternVL cases also x2l-edge's tower (x2l_edge: vs the reference, x2l_edge_vs_mtmd: vs mtmd)",
+        "command": "python bench/vlm_llama_cpp_peer.py " + " ".join(sys.argv[1:]),
         "cpu": bench_common.cpu_name(), "isa": "AVX2 (llama-cpp-python built -march=native here)",
         "llama_cpp_python": llama_cpp.__version__, "converter": str(llama_cpp_converter.VERSION),
         "results": results})

@@ -78,7 +78,22 @@ nb::ndarray<nb::numpy, float> run(PyVisionEncoder& self, const PixelArray& px, x
     return to_numpy(std::move(out), static_cast<size_t>(rows), static_cast<size_t>(cols));
 }
 
-const char* kind_name(x2l::VisionKind k) { return k == x2l::VisionKind::Siglip ? "siglip" : "clip"; }
+const char* kind_name(x2l::VisionKind k) {
+    switch (k) {
+        case x2l::VisionKind::Siglip: return "siglip";
+        case x2l::VisionKind::Clip: return "clip";
+        case x2l::VisionKind::InternViT: return "internvit";
+    }
+    return "?";
+}
+const char* projector_name(x2l::ProjectorKind p) {
+    switch (p) {
+        case x2l::ProjectorKind::Mlp: return "mlp";
+        case x2l::ProjectorKind::PixelShuffle: return "pixel_shuffle";
+        case x2l::ProjectorKind::ShuffleMlp: return "shuffle_mlp";
+    }
+    return "?";
+}
 const char* act_name(x2l::VisionAct a) {
     switch (a) {
         case x2l::VisionAct::GeluTanh: return "gelu_tanh";
@@ -233,9 +248,13 @@ void bind_vision(nb::module_& m) {
             d["pool_stride"] = c.pool_stride;
             d["pool_grid"] = c.pool_grid;
             d["tokens_per_frame"] = c.tokens_per_frame;
-            d["projector"] = c.projector == x2l::ProjectorKind::PixelShuffle ? "pixel_shuffle" : "mlp";
+            d["projector"] = projector_name(c.projector);
             d["scale_factor"] = c.shuffle;
             d["post_norm"] = c.post_norm;
+            d["pre_norm"] = c.pre_norm;
+            d["rms_norm"] = c.rms_norm;
+            d["layer_scale"] = c.layer_scale;
+            d["qk_norm"] = c.qk_norm;
             nb::list mean, std_;
             for (float v : c.image_mean) mean.append(v);
             for (float v : c.image_std) std_.append(v);

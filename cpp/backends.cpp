@@ -136,7 +136,7 @@ std::unique_ptr<VisionExecutor> make_vision_executor(VisionEncoder& enc, ThreadP
     if (device < 0) return std::unique_ptr<VisionExecutor>(new CpuVisionExecutor(enc, pool));
     if (enc.config().projector != ProjectorKind::Mlp || enc.config().post_norm) {
         // Error, not FormatError: Session then encodes frames on the CPU (x2l_edge/device.py open_vision)
-        throw Error("the CUDA backend has no pixel-shuffle connector kernels (idefics3); the tower runs on the CPU");
+        throw Error("the CUDA backend has no pixel-shuffle connector kernels (idefics3, internvl); the tower runs on the CPU");
     }
     return cuda::vision(enc, device);
 }

@@ -331,6 +331,23 @@ def test_qwen_pair_errors(vlm_llama_cpp):
         x2l_edge.Session(qwen_model, mmproj=qwen_model, device="cpu")
     with pytest.raises(FileNotFoundError):
         x2l_edge.Session(qwen_model, mmproj="/nonexistent/mmproj.gguf", device="cpu")
+    # A LLaVA mmproj as llama.cpp's legacy convert_image_encoder_to_gguf.py writes it (its convert_hf_to_gguf.py
+    # converts no LLaVA-1.5 or LLaVA-OneVision tower): refused, naming what to use instead.
+    import gguf
+
+    llava = str(vlm_llama_cpp("f32")["smolvlm"][0]) + ".llava-mmproj.gguf"
+    w = gguf.GGUFWriter(llava, "clip")
+    for key, value in (("clip.has_vision_encoder", True), ("clip.has_llava_projector", True)):
+        w.add_bool(key, value)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_uint32("clip.vision.projection_dim", x2l_edge.Session(smol_model, device="cpu").info["n_embd"])
+    w.add_tensor("mm.0.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(core.FormatError, match="llama.cpp LLaVA mmproj .*tools/convert.py"):
+        x2l_edge.Session(smol_model, mmproj=llava, device="cpu")
     s = x2l_edge.Session(qwen_model, mmproj=qwen_mmproj, device="cpu")
     with pytest.raises(ValueError, match="beacon"):
         s.prefill(np.zeros((4, 56, 56, 3), np.uint8), compressor="beacon")

@@ -1091,7 +1091,7 @@ def _check_pair_answer(r, want, chosen, n_chunks, index=None):
     assert all((c["start_s"], c["end_s"]) == ((0.0, 1.0), (1.0, 2.0))[c["chunk"]] for c in x["chunks"]), x
 
 
-@pytest.mark.parametrize("family", ["qwen2vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["qwen2vl", "smolvlm", "internvl"])
 def test_serve_mmproj_pair(pair_env, family, tmp_path):
     want, chosen, n_chunks = _pair_reference(pair_env, family)
     url = pair_env["video"].as_uri()
@@ -1117,8 +1117,8 @@ def test_serve_mmproj_pair(pair_env, family, tmp_path):
         assert "live sources are not supported" in r.json()["error"]["message"]
     finally:
         srv.stop()
-    # After a restart: the saved index (Qwen2-VL: with its M-RoPE text position) answers the same, loaded with
-    # its family's question layout.
+    # After a restart: the saved index (Qwen2-VL with its M-RoPE text position, SmolVLM2, InternVL) answers the
+    # same, loaded with its family's question layout.
     srv = _pair_server(pair_env, family, tmp_path / "indexes")
     try:
         d = srv.get(f"/v1/videos/{index_id}").json()

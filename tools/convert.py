@@ -23,6 +23,10 @@ into GGUF metadata and HF tensor names into GGUF tensors:
     LlamaForCausalLM, Qwen2ForCausalLM          text only (x2l.model_kind = text)
     LlavaOnevisionForConditionalGeneration      SigLIP + MLP projector + Qwen2/Llama, bilinear pooling
     LlavaQwenForCausalLM (Video-XL)             CLIP-L/14-336 + MLP projector + Qwen2 + beacon (VST) weights
+    Qwen2VLForConditionalGeneration,            llama.cpp's model.gguf + mmproj.gguf in one file (what
+    Qwen2_5_VLForConditionalGeneration,         tools/merge_mmproj.py makes of its converter's pair: the
+    Idefics3ForConditionalGeneration,           same tensors and keys), plus the HF config values the
+    SmolVLMForConditionalGeneration             pair leaves to defaults (x2l.vision.*, x2l.video.*)
 
 Multimodal handlers reuse ``LlamaLikeText`` for the language model under their name
 prefix and add the vision tower (v.*), projector (mm.*), VST tensors and the clip.* /
@@ -1491,8 +1495,354 @@ class VideoXLHandler(MultimodalHandler):
         return vocab
 
 
+# ----------------------------------------------------------------------------- llama.cpp-layout VLMs in one file
+#
+# Qwen2-VL / Qwen2.5-VL and SmolVLM2 / Idefics3 are written with the names and keys of llama.cpp's two
+# files (model.gguf + mmproj.gguf, docs/families.md §1-§5) in one GGUF: the LLM under its llama.cpp
+# architecture, the tower as clip.* keys and v.* / mm.* tensors, as tools/merge_mmproj.py merges a pair.
+# The runtime reads such a file with the same code as the pair.
+
+def _vlm_text_config(config: dict, arch: str, owner: str) -> dict:
+    """The language model's config (text_config, or the top level of older single-level configs) with
+    transformers' defaults for keys a diff-serialized config leaves out; M-RoPE's rope type is kept
+    out of the scaling check (its sections are read by the handler)."""
+    tc = config.get("text_config")
+    cfg = dict(tc) if isinstance(tc, dict) else {k: v for k, v in config.items() if k != "vision_config"}
+    cfg = {**TEXT_CONFIG_DEFAULTS[arch], **{k: v for k, v in cfg.items() if v is not None}}
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = cfg.get(key)
+        if isinstance(rp, dict) and rp.get("rope_type", rp.get("type")) in ("mrope", "default") and "mrope_section" in rp:
+            cfg[key] = {k: v for k, v in rp.items() if k not in ("mrope_section", "type", "mrope_interleaved")}
+            cfg[key]["rope_type"] = "default"
+            cfg["_mrope_section"] = list(rp["mrope_section"])
+    return cfg
+
+
+def _vlm_checkpoint_prefix(ckpt, candidates: tuple[str, ...], what: str) -> str:
+    for p in candidates:
+        if any(n.startswith(p) for n in ckpt.names()):
+            return p
+    raise ConvertError(f"checkpoint has no {what} tensors (looked for {', '.join(candidates)})")
+
+
+class PairLayoutHandler(ModelHandler):
+    """A VLM written as llama.cpp's model + mmproj pair in one file. Subclasses set the LLM (gguf_arch,
+    hp, text), and fill self.vision_keys (clip.* / x2l.* key -> value) and the vision specs in
+    vision_plan(ckpt)."""
+    is_video = True
+    x2l_defaults = False  # the family module (x2l_edge.qwen_vl / smolvlm) owns sampling and chunking
+    chat_template_from_processor = True
+
+    def __init__(self, hf_dir: Path, config: dict):
+        super().__init__(hf_dir, config)
+        self.vision_keys: dict[str, Any] = {}
+
+    def load_vocab(self) -> Vocab:
+        return load_bpe_vocab(self.hf_dir, self.config, self.hp.n_vocab,
+                              prefer_processor_template=self.chat_template_from_processor)
+
+    def vision_plan(self, ckpt) -> tuple[list[TensorSpec], set[str]]:
+        raise NotImplementedError
+
+    def view(self, ckpt):
+        return ckpt
+
+    def tensor_plan(self, ckpt: SafetensorsCheckpoint) -> list[TensorSpec]:
+        ckpt = self.view(ckpt)
+        specs, used = self.text.tensor_plan(ckpt)
+        more, more_used = self.vision_plan(ckpt)
+        _check_unused(ckpt, used | more_used, self.hf_arch)
+        return rope_freq_tensors(self.hp) + specs + more
+
+    def write_metadata(self, w) -> None:
+        self.text.write_metadata(w)
+        w.add_bool("clip.has_vision_encoder", True)
+        for key, value in self.vision_keys.items():
+            if isinstance(value, bool):
+                w.add_bool(key, value)
+            elif isinstance(value, str):
+                w.add_string(key, value)
+            elif isinstance(value, float):
+                w.add_float32(key, value)
+            elif isinstance(value, list):
+                w.add_array(key, [float(x) for x in value])
+            else:
+                w.add_uint32(key, int(value))
+
+
+def _qwen_canonical(name: str) -> str:
+    """transformers 5's in-memory names (model.language_model.*, model.visual.*) -> the saved / hub ones."""
+    for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _preprocessor(hf_dir: Path, names: tuple[str, ...]) -> tuple[dict | None, str | None]:
+    for rel in names:
+        if (hf_dir / rel).is_file():
+            return _read_json(hf_dir / rel), rel
+    return None, None
+
+
+class Qwen2VLHandler(PairLayoutHandler):
+    """Qwen2-VL (Qwen2VLForConditionalGeneration): qwen2 LLM with M-RoPE sections (gguf arch qwen2vl), the
+    ViT with its Conv3D patch kernel stored as two 2-D kernels (one per frame of a temporal pair), fused
+    qkv split in thirds, and the 2x2 patch merger (docs/families.md §2)."""
+    hf_arch, gguf_arch, model_kind = "Qwen2VLForConditionalGeneration", "qwen2vl", "qwen2vl"
+    projector = "qwen2vl_merger"
+
+    def __init__(self, hf_dir: Path, config: dict):
+        super().__init__(hf_dir, config)
+        cfg = _vlm_text_config(config, "qwen2", self.hf_arch)
+        self.sections = cfg.pop("_mrope_section", None)
+        if not self.sections or len(self.sections) != 3:
+            raise ConvertError("config.json has no 3-part rope mrope_section (Qwen2-VL's M-RoPE sections)")
+        self.hp = TextHParams.from_config(cfg, "config.json text_config")
+        check_text_config(cfg, self.hp, "qwen2", self.hf_arch)
+        if 2 * sum(self.sections) != self.hp.head_dim:
+            raise ConvertError(f"mrope_section {self.sections} does not cover head_dim {self.hp.head_dim} "
+                               "(twice its sum must equal it)")
+        self.text = make_text_decoder("qwen2", cfg, self.hp, self.hf_arch)
+        vc = config.get("vision_config")
+        if not isinstance(vc, dict):
+            raise ConvertError("config.json is missing required key 'vision_config'")
+        self.vc = vc
+
+    def write_metadata(self, w) -> None:
+        super().write_metadata(w)
+        w.add_rope_dimension_sections(list(self.sections) + [0])
+
+    def view(self, ckpt):
+        return RenamedCheckpoint(ckpt, _qwen_canonical)
+
+    def _tower_dims(self, ckpt) -> tuple[int, int, int]:
+        """(width W, patch p, temporal patch) from visual.patch_embed.proj.weight [W, 3, t, p, p]."""
+        name = "visual.patch_embed.proj.weight"
+        if name not in ckpt:
+            raise ConvertError(f"checkpoint is missing vision tensor {name!r}")
+        shape = ckpt.shape(name)
+        if len(shape) != 5 or shape[1] != 3 or shape[3] != shape[4]:
+            raise ConvertError(f"vision tensor {name!r} has shape {list(shape)}; expected [W, 3, t, p, p]")
+        if shape[2] != 2:
+            raise ConvertError(f"temporal_patch_size {shape[2]} is not supported (2: two frames per patch)")
+        return shape[0], shape[3], shape[2]
+
+    def _mlp_plan(self, take, h: str, b: str, W: int, F: int) -> None:
+        take(b + "ffn_up.weight", h + "mlp.fc1.weight", (F, W))
+        take(b + "ffn_up.bias", h + "mlp.fc1.bias", (F,))
+        take(b + "ffn_down.weight", h + "mlp.fc2.weight", (W, F))
+        take(b + "ffn_down.bias", h + "mlp.fc2.bias", (W,))
+
+    def _norm_plan(self, take, g: str, h: str, W: int) -> None:
+        take(g + ".weight", h + ".weight", (W,))
+        take(g + ".bias", h + ".bias", (W,))
+
+    def _ffn_width(self, ckpt) -> int:
+        return ckpt.shape("visual.blocks.0.mlp.fc1.weight")[0]
+
+    def vision_plan(self, ckpt):
+        W, P, _ = self._tower_dims(ckpt)
+        vc, E = self.vc, self.hp.n_embd
+        depth = _layer_indices(ckpt, "visual.blocks.")
+        if not depth or depth != set(range(len(depth))):
+            raise ConvertError(f"vision blocks under visual.blocks. are not numbered 0..N-1: {sorted(depth)}")
+        n_layer = len(depth)
+        for key, got in (("depth", n_layer), ("embed_dim" if "embed_dim" in vc else "hidden_size", W),
+                         ("patch_size", P)):
+            if vc.get(key) is not None and vc[key] != got:
+                raise ConvertError(f"config.json vision_config.{key} is {vc[key]}, but the checkpoint gives {got}")
+        n_head = int(_require(vc, "num_heads", "config.json vision_config"))
+        if W % n_head:
+            raise ConvertError(f"vision width {W} is not a multiple of num_heads {n_head}")
+        merge = int(vc.get("spatial_merge_size", 2))
+        if merge != 2:
+            raise ConvertError(f"spatial_merge_size {merge} is not supported (2)")
+        F = self._ffn_width(ckpt)
+        specs, used = [], set()
+
+        def take(g, h, shape, store="auto"):
+            _take(ckpt, specs, used, g, h, shape, store, "vision tensor")
+
+        kernel = "visual.patch_embed.proj.weight"
+        for t, g in ((0, "v.patch_embd.weight"), (1, "v.patch_embd.weight.1")):
+            specs.append(TensorSpec(g, (W, 3, P, P), lambda t=t: np.ascontiguousarray(ckpt.load(kernel)[:, :, t]),
+                                    f"{kernel}[:, :, {t}]", "conv"))
+        used.add(kernel)
+        for i in range(n_layer):
+            h, b = f"visual.blocks.{i}.", f"v.blk.{i}."
+            qkv_w, qkv_b = h + "attn.qkv.weight", h + "attn.qkv.bias"
+            for name, shape in ((qkv_w, (3 * W, W)), (qkv_b, (3 * W,))):
+                if name not in ckpt or tuple(ckpt.shape(name)) != shape:
+                    raise ConvertError(f"vision tensor {name!r} is missing or not of shape {list(shape)}")
+            for k, g in enumerate(("attn_q", "attn_k", "attn_v")):
+                rows = slice(k * W, (k + 1) * W)
+                specs.append(TensorSpec(f"{b}{g}.weight", (W, W), lambda n=qkv_w, r=rows: ckpt.load(n)[r],
+                                        f"{qkv_w}[{k}/3]"))
+                specs.append(TensorSpec(f"{b}{g}.bias", (W,), lambda n=qkv_b, r=rows: ckpt.load(n)[r],
+                                        f"{qkv_b}[{k}/3]"))
+            used |= {qkv_w, qkv_b}
+            take(b + "attn_out.weight", h + "attn.proj.weight", (W, W))
+            take(b + "attn_out.bias", h + "attn.proj.bias", (W,))
+            self._norm_plan(take, b + "ln1", h + "norm1", W)
+            self._norm_plan(take, b + "ln2", h + "norm2", W)
+            self._mlp_plan(take, h, b, W, F)
+        self._norm_plan(take, "v.post_ln", "visual.merger.ln_q", W)
+        take("mm.0.weight", "visual.merger.mlp.0.weight", (4 * W, 4 * W))
+        take("mm.0.bias", "visual.merger.mlp.0.bias", (4 * W,))
+        take("mm.2.weight", "visual.merger.mlp.2.weight", (E, 4 * W))
+        take("mm.2.bias", "visual.merger.mlp.2.bias", (E,))
+
+        pre, src = _preprocessor(self.hf_dir, ("preprocessor_config.json", "video_preprocessor_config.json"))
+        _check_rescale(pre, src)
+        mean = (pre or {}).get("image_mean") or CLIP_MEAN
+        std = (pre or {}).get("image_std") or CLIP_STD
+        self.vision_keys = {
+            "clip.projector_type": self.projector,
+            "clip.vision.image_size": 560,  # a placeholder, as llama.cpp writes: the resolution is dynamic
+            "clip.vision.patch_size": P,
+            "clip.vision.embedding_length": W,
+            "clip.vision.feed_forward_length": F,
+            "clip.vision.block_count": n_layer,
+            "clip.vision.attention.head_count": n_head,
+            # The HF ViT's norms hard-code 1e-6 (config.json's rms_norm_eps, when present, is the LLM's).
+            "clip.vision.attention.layer_norm_epsilon": 1e-6,
+            "clip.vision.projection_dim": E,
+            "clip.vision.image_mean": [float(x) for x in mean],
+            "clip.vision.image_std": [float(x) for x in std],
+        }
+        self.vision_keys.update(self.extra_vision_keys())
+        return specs, used
+
+    def extra_vision_keys(self) -> dict:
+        act = self.vc.get("hidden_act", "quick_gelu")
+        if act != "quick_gelu":
+            raise ConvertError(f"vision_config.hidden_act {act!r} is not supported for Qwen2-VL (quick_gelu)")
+        return {}
+
+
+class Qwen25VLHandler(Qwen2VLHandler):
+    """Qwen2.5-VL: the Qwen2-VL layout with RMSNorm (no biases), a SwiGLU MLP with biases, and window
+    attention except in the full-attention blocks every n_wa_pattern-th (docs/families.md §3)."""
+    hf_arch, model_kind = "Qwen2_5_VLForConditionalGeneration", "qwen25vl"
+    projector = "qwen2.5vl_merger"
+
+    def _ffn_width(self, ckpt) -> int:
+        return ckpt.shape("visual.blocks.0.mlp.up_proj.weight")[0]
+
+    def _mlp_plan(self, take, h, b, W, F):
+        for g, hf, shape in (("ffn_gate", "gate_proj", (F, W)), ("ffn_up", "up_proj", (F, W)),
+                             ("ffn_down", "down_proj", (W, F))):
+            take(f"{b}{g}.weight", f"{h}mlp.{hf}.weight", shape)
+            take(f"{b}{g}.bias", f"{h}mlp.{hf}.bias", shape[:1])
+
+    def _norm_plan(self, take, g, h, W):
+        take(g + ".weight", h + ".weight", (W,))
+
+    def extra_vision_keys(self) -> dict:
+        vc = self.vc
+        act = vc.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConvertError(f"vision_config.hidden_act {act!r} is not supported for Qwen2.5-VL (silu)")
+        depth = int(_require(vc, "depth", "config.json vision_config"))
+        full = vc.get("fullatt_block_indexes")
+        if not isinstance(full, list) or not full:
+            raise ConvertError("config.json vision_config has no fullatt_block_indexes (Qwen2.5-VL's full-attention "
+                               "blocks)")
+        n = int(full[0]) + 1
+        if sorted(full) != list(range(n - 1, depth, n)):
+            raise ConvertError(f"fullatt_block_indexes {full} are not every {n}-th block: not supported")
+        window = int(vc.get("window_size", 112))
+        tps = vc.get("tokens_per_second", self.config.get("tokens_per_second", 2))
+        return {"clip.use_silu": True, "clip.vision.n_wa_pattern": n, "x2l.vision.window_size": window,
+                "x2l.vision.tokens_per_second": float(tps)}
+
+
+class Idefics3Handler(PairLayoutHandler):
+    """Idefics3 (Idefics3ForConditionalGeneration) and SmolVLM2 (SmolVLMForConditionalGeneration): a llama
+    LLM, the SigLIP tower with every block and its post-LN applied, the pixel-shuffle connector and a
+    bias-free projection (docs/families.md §5)."""
+    hf_arch, gguf_arch, model_kind = "Idefics3ForConditionalGeneration", "llama", "idefics3"
+    chat_template_from_processor = False
+
+    def __init__(self, hf_dir: Path, config: dict):
+        super().__init__(hf_dir, config)
+        tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        if tc.get("model_type", "llama") != "llama":
+            raise ConvertError(f"text_config.model_type {tc.get('model_type')!r} is not supported (llama)")
+        cfg = _vlm_text_config(config, "llama", self.hf_arch)
+        self.hp = TextHParams.from_config(cfg, "config.json text_config")
+        check_text_config(cfg, self.hp, "llama", self.hf_arch)
+        self.text = make_text_decoder("llama", cfg, self.hp, self.hf_arch, prefix="model.text_model.")
+        self.tie_declared = bool(cfg.get("tie_word_embeddings") or config.get("tie_word_embeddings"))
+        vc = config.get("vision_config")
+        if not isinstance(vc, dict):
+            raise ConvertError("config.json is missing required key 'vision_config'")
+        self.vc = {**SIGLIP_CONFIG_DEFAULTS, **{k: v for k, v in vc.items() if v is not None}}
+        self.scale = int(_require(config, "scale_factor"))
+
+    def vision_plan(self, ckpt):
+        vc, E = self.vc, self.hp.n_embd
+        prefix = "model.vision_model."
+        dims = vision_shapes(ckpt, prefix, "siglip", vc, "config.json vision_config")
+        if vc["hidden_act"] != "gelu_pytorch_tanh":
+            raise ConvertError(f"vision_config.hidden_act {vc['hidden_act']!r} is not supported (gelu_pytorch_tanh)")
+        if dims["hidden_size"] % int(vc["num_attention_heads"]):
+            raise ConvertError("vision hidden_size is not a multiple of num_attention_heads")
+        grid = dims["image_size"] // dims["patch_size"]
+        if grid % self.scale:
+            raise ConvertError(f"scale_factor {self.scale} does not divide the {grid}x{grid} patch grid")
+        pre, src = _preprocessor(self.hf_dir, ("preprocessor_config.json",))
+        _check_rescale(pre, src)
+        mean = (pre or {}).get("image_mean") or SIGLIP_MEAN
+        std = (pre or {}).get("image_std") or SIGLIP_STD
+        vt = VisionTower(kind="siglip", prefix=prefix, image_size=dims["image_size"], patch_size=dims["patch_size"],
+                         width=dims["hidden_size"], n_ff=dims["intermediate_size"],
+                         n_head=int(vc["num_attention_heads"]), eps=float(vc["layer_norm_eps"]), act="gelu_tanh",
+                         n_layer_hf=dims["num_hidden_layers"], select_hf=-1, drop_cls=False, mean=mean, std=std,
+                         resize="square", resample="lanczos")
+        if prefix + "post_layernorm.weight" not in ckpt:
+            raise ConvertError(f"checkpoint is missing vision tensor {prefix}post_layernorm.weight")
+        specs, used = vision_tensor_plan(ckpt, vt)
+        KS = dims["hidden_size"] * self.scale ** 2
+        _take(ckpt, specs, used, "mm.model.fc.weight", "model.connector.modality_projection.proj.weight", (E, KS),
+              what="projector tensor")
+        has_head = self.text.lm_head in ckpt
+        if not has_head and not self.tie_declared:
+            raise ConvertError(f"checkpoint is missing tensor {self.text.lm_head!r} (config.json does not declare "
+                               "tied embeddings)")
+        self.hp.tied = not has_head
+        self.vision_keys = {
+            "clip.projector_type": "idefics3",
+            "clip.vision.image_size": dims["image_size"],
+            "clip.vision.patch_size": dims["patch_size"],
+            "clip.vision.embedding_length": dims["hidden_size"],
+            "clip.vision.feed_forward_length": dims["intermediate_size"],
+            "clip.vision.block_count": dims["num_hidden_layers"],
+            "clip.vision.attention.head_count": int(vc["num_attention_heads"]),
+            "clip.vision.attention.layer_norm_epsilon": float(vc["layer_norm_eps"]),
+            "clip.vision.projection_dim": E,
+            "clip.vision.image_mean": [float(x) for x in mean],
+            "clip.vision.image_std": [float(x) for x in std],
+            "clip.vision.projector.scale_factor": self.scale,
+            "clip.use_gelu": True,
+        }
+        size = (pre or {}).get("size") or {}
+        if isinstance(size, dict) and size.get("longest_edge"):
+            self.vision_keys["clip.vision.preproc_image_size"] = int(size["longest_edge"])
+        video = ((pre or {}).get("video_sampling") or {}).get("video_size") or {}
+        if isinstance(video, dict) and video.get("longest_edge"):
+            self.vision_keys["x2l.video.frame_size"] = int(video["longest_edge"])
+        return specs, used
+
+
+class SmolVLMHandler(Idefics3Handler):
+    hf_arch, model_kind = "SmolVLMForConditionalGeneration", "smolvlm"
+
+
 HANDLERS: dict[str, type[ModelHandler]] = {
-    h.hf_arch: h for h in (LlamaHandler, Qwen2Handler, LlavaOnevisionHandler, VideoXLHandler)}
+    h.hf_arch: h for h in (LlamaHandler, Qwen2Handler, LlavaOnevisionHandler, VideoXLHandler, Qwen2VLHandler,
+                           Qwen25VLHandler, Idefics3Handler, SmolVLMHandler)}
 
 
 
@@ -1548,7 +1898,8 @@ def convert(hf_dir, out_path, outtype: str = "f16", progress=True) -> Path:
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(config.get("_name_or_path") or hf_dir.resolve().name)
     handler.write_metadata(writer)
-    write_x2l_defaults(writer, handler.model_kind, handler.is_video)
+    if getattr(handler, "x2l_defaults", True):
+        write_x2l_defaults(writer, handler.model_kind, handler.is_video)
     vocab.write(writer)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -6,11 +6,12 @@ from . import _core
 
 QWEN_PROJECTORS = ("qwen2vl_merger", "qwen2.5vl_merger")
 IDEFICS3_PROJECTOR = "idefics3"  # SmolVLM2 / Idefics3: SigLIP + pixel shuffle, a llama LLM
-SUPPORTED_PROJECTORS = QWEN_PROJECTORS + (IDEFICS3_PROJECTOR, "mlp")  # mlp: LLaVA-style files of tools/convert.py
+INTERNVL_PROJECTOR = "internvl"  # InternVL 2.5 / 3: InternViT + pixel shuffle + MLP, a qwen2 LLM
+SUPPORTED_PROJECTORS = QWEN_PROJECTORS + (IDEFICS3_PROJECTOR, INTERNVL_PROJECTOR, "mlp")  # mlp: tools/convert.py's LLaVA-style files
 
 
 def media_module(session):
-    """The module that lays out this model's media prompts (x2l_edge.qwen_vl or x2l_edge.smolvlm), or
+    """The module that lays out this model's media prompts (x2l_edge.qwen_vl, smolvlm or internvl), or
     None for the x2l-edge files whose frames go through Session.video_chunks."""
     if not session.has_vision:
         return None
@@ -23,6 +24,10 @@ def media_module(session):
         from . import smolvlm
 
         return smolvlm
+    if proj == INTERNVL_PROJECTOR:
+        from . import internvl
+
+        return internvl
     return None
 
 
@@ -41,8 +46,12 @@ def check_pair(session) -> None:
         raise _core.FormatError(f"{where}: clip.projector_type {proj!r} is not supported (supported: "
                                 f"{', '.join(SUPPORTED_PROJECTORS)})")
     if proj == "mlp" and meta("x2l.vision.kind") is None:
-        raise _core.FormatError(f"{where}: an 'mlp' projector needs x2l.vision.* keys (a tools/convert.py file); "
-                                "llama.cpp's LLaVA mmproj files are not supported yet")
+        # llama.cpp writes LLaVA mmproj files only with its legacy convert_image_encoder_to_gguf.py: its
+        # convert_hf_to_gguf.py refuses LLaVA-1.5/1.6 (CLIP or SigLIP towers) and LLaVA-OneVision.
+        raise _core.FormatError(f"{where}: an 'mlp' projector without x2l.vision.* keys is a llama.cpp LLaVA "
+                                "mmproj (legacy convert_image_encoder_to_gguf.py), which x2l-edge does not run; "
+                                "convert the Hugging Face LLaVA-OneVision checkpoint with tools/convert.py "
+                                "into one GGUF instead")
     info = session.info
     dim = meta("clip.vision.projection_dim")
     if dim != info["n_embd"]:
@@ -54,11 +63,10 @@ def check_pair(session) -> None:
                                 f"and the reverse; {session.path} is {info['arch']!r}")
     if proj == "qwen2.5vl_merger" and meta("clip.vision.n_wa_pattern") is None:
         raise _core.FormatError(f"{where}: a Qwen2.5-VL mmproj lacks clip.vision.n_wa_pattern")
-    if proj == IDEFICS3_PROJECTOR:
-        from .smolvlm import SPECIALS
-
-        for text in SPECIALS:
+    if proj in (IDEFICS3_PROJECTOR, INTERNVL_PROJECTOR):
+        family = media_module(session)
+        for text in family.SPECIALS:
             ids = session.tokenize(text)
             if len(ids) != 1 or session._tok.token_bytes(ids[0]) != text.encode():
-                raise _core.FormatError(f"{session.path}: the vocabulary has no {text} token, which an idefics3 "
-                                        f"(SmolVLM) mmproj's prompts need ({where})")
+                raise _core.FormatError(f"{session.path}: the vocabulary has no {text} token, which an {proj} "
+                                        f"({family.FAMILY_NAME}) mmproj's prompts need ({where})")

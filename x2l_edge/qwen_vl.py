@@ -17,6 +17,9 @@ VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_FPS = 2.0                      # the released configs' sampling rate
 TOKENS_PER_SECOND = 2.0              # Qwen2.5-VL's temporal position scale (not in llama.cpp's mmproj)
 MEDIA_PAD = {"video": "<|video_pad|>", "image": "<|image_pad|>"}
+FAMILY_NAME = "Qwen2-VL / Qwen2.5-VL"
+LIVE_REFUSAL = ("questions while a source records are answered on snapshots of its prefill, which M-RoPE indexes "
+                "do not support")
 
 
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = IMAGE_MIN_PIXELS,

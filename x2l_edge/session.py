@@ -304,9 +304,10 @@ class Session:
         if self.is_qwen_vl:
             raise NotImplementedError("Qwen2-VL / Qwen2.5-VL videos are encoded per temporal pair at their M-RoPE "
                                       "positions: use prefill() / ask() (x2l_edge.qwen_vl)")
-        if media_module(self) is not None:
-            raise NotImplementedError("SmolVLM2 / Idefics3 frames are interleaved with their timestamp text: use "
-                                      "prefill() / ask() (x2l_edge.smolvlm)")
+        family = media_module(self)
+        if family is not None:
+            raise NotImplementedError(f"{family.FAMILY_NAME} frames are interleaved with their own prompt text: use "
+                                      f"prefill() / ask() ({family.__name__})")
         self.vision  # a text-only model is refused before the video is looked at
 
         defaults = X2LOptions.for_model(self, video=True)

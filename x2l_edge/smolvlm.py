@@ -29,6 +29,8 @@ GLOBAL = "<global-img>"
 IMAGE = "<image>"
 END = "<end_of_utterance>"
 SPECIALS = (FAKE, GLOBAL, IMAGE, END)
+FAMILY_NAME = "SmolVLM2 / Idefics3"
+LIVE_REFUSAL = "the prompt names the frame count and duration before the first frame, which a live source does not know"
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()

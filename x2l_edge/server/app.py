@@ -62,26 +62,18 @@ class Server:
         self.started = int(time.time())
         # Read once here: handlers never call into the session (only the worker thread does).
         self.has_vision = session.has_vision
-        # x2l_edge.qwen_vl / x2l_edge.smolvlm for a model + mmproj pair (its own prompt layout and X²L
+        # x2l_edge.qwen_vl / smolvlm / internvl for a model + mmproj pair (its own prompt layout and X²L
         # prefill), None for the single-file models whose frames go through Session.video_chunks.
         self.media_family = media_module(session)
         self.info = {"vision": self.has_vision, "n_ctx": session.n_ctx, "device": session.device}
 
     @property
     def family_name(self) -> str:
-        from .. import qwen_vl
-
-        return "Qwen2-VL / Qwen2.5-VL" if self.media_family is qwen_vl else "SmolVLM2 / Idefics3"
+        return self.media_family.FAMILY_NAME
 
     @property
     def live_refusal(self) -> str:
-        from .. import qwen_vl
-
-        if self.media_family is qwen_vl:
-            return "questions while a source records are answered on snapshots of its prefill, which M-RoPE " \
-                   "indexes do not support"
-        return "the prompt names the frame count and duration before the first frame, which a live source " \
-               "does not know"
+        return self.media_family.LIVE_REFUSAL
 
     def close(self):
         self.scheduler.close()
