@@ -466,7 +466,7 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
 @pytest.mark.parametrize("family", QWEN)
 def test_qwen_x2l_index_saves_and_reloads(vlm_llama_cpp, tmp_path, family):
     """A Qwen video index (M-RoPE text position, entries rotated at their 3-D positions) saved in index
-    format 4 and loaded again, into memory or with the L tier mapped: the text position is kept, and
+    format 5 and loaded again, into memory or with the L tier mapped: the text position is kept, and
     every scorer's scores and the logits of H-only and mixed caches are bit-identical to the index that
     was saved; VideoContext.load rebuilds the Qwen question layout. The same index given to a model
     without M-RoPE is refused."""
