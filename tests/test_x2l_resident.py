@@ -73,7 +73,7 @@ def test_scan_bytes_are_measured_per_tier(smol, planted2):
         st = ctx.score_stats()
         assert (st["low_bytes"], st["high_bytes"], st["signature_bytes"]) == (low, high, sigb), (scorer, st)
         assert st["pass_seconds"] > 0 and st["scan_seconds"] > 0
-    # maxsim: every chunk's f16 signature rows (one per 8 chunk tokens, at most one per distinct token), no pass
+    # maxsim: every chunk's f16 signature rows (one per 4 chunk tokens, at most one per distinct token), no pass
     rows = sum(len(_signature_rows_reference(smol, ids)) for ids in _planted_chunks(smol, 2))
     ctx.scores(QUESTION, "maxsim")
     st = ctx.score_stats()
@@ -194,7 +194,7 @@ def test_selection_and_scorer_options_are_checked(smol, planted2):
 
 # ------------------------------------------------------------------------------------------ maxsim
 
-def _signature_rows_reference(s, ids, stride=8):
+def _signature_rows_reference(s, ids, stride=4):
     """select.h distinct_input_rows in numpy: the chunk's distinct input rows, the ceil(n / stride)
     farthest from their mean, in input order, as f16 [m, n_embd]."""
     e = np.asarray(s._s.embed_tokens(ids), dtype=np.float32)
@@ -226,7 +226,7 @@ def test_maxsim_matches_a_numpy_reference(smol, planted2, tmp_path):
         off, n = ch["row_sig"]
         got = np.frombuffer(raw, dtype=np.float16, count=n, offset=off).reshape(-1, E)
         want = _signature_rows_reference(smol, ids)
-        assert got.shape == want.shape == (8, E)
+        assert got.shape == want.shape and 12 <= len(got) <= 16  # 64 tokens / 4, or every distinct row
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
         sigs.append(got.astype(np.float64))
     ids = planted2.question_ids(QUESTION, answer_prefix=False)

@@ -77,7 +77,8 @@ std::vector<uint16_t> distinct_input_rows(const float* embd, int64_t n, int n_em
     std::sort(by_content.begin(), by_content.end(), less);
     std::vector<int64_t> distinct;
     for (size_t i = 0; i < by_content.size(); ++i) {
-        if (i == 0 || std::memcmp(row(by_content[i - 1]), row(by_content[i]), E * sizeof(float)) != 0) distinct.push_back(by_content[i]);
+        const bool repeat = i > 0 && std::memcmp(row(by_content[i - 1]), row(by_content[i]), E * sizeof(float)) == 0;
+        if (!repeat) distinct.push_back(by_content[i]);
     }
     std::sort(distinct.begin(), distinct.end());
     std::vector<double> mean(E, 0.0);
