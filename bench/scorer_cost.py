@@ -273,6 +273,7 @@ def cost_md(res) -> str:
              f"(wall times are noisy: CPU seconds beside them). Times are medians of {a['repeats']}. Command: "
              f"`python bench/scorer_cost.py cost --lengths {' '.join(map(str, a['lengths']))} --threads {a['threads']} "
              f"--scorers {' '.join(a['scorers'])}`.", "",
+             *([res["note"], ""] if res.get("note") else []),
              "total = the question pass over the H-only cache (reads sink + H; every scorer but embedding and maxsim) "
              "+ the chunk scan; bytes = index rows the scan read (L: host tier; H and signatures: resident). answer = "
              f"ctx.ask on the attention scorer's top 3 with max_tokens {a['answer_tokens']} (reload, question prefill, decode); "
@@ -344,10 +345,11 @@ def video_md(res) -> str:
     loads = [r["loadavg"][0] for r in res["items"]]
     lines = ["# Scorer recall and cost on tiny-VLM needle videos", "",
              f"{res['model']}: {res['settings']}; 9 tokens per frame, 1 fps. Held-out videos (eval_tiny_vlm.py's seed "
-             f"stream, seed {a['seed']}; the maxsim settings were chosen on text only). {a['threads']} threads, CPU: "
+             f"stream, seed {a['seed']}; maxsim's settings were chosen on tuning data only: bench/README.md). {a['threads']} threads, CPU: "
              f"{res['cpu']}, build ISA {res['isa']['build']}, 1-min load average {min(loads):.1f} to {max(loads):.1f}. "
              f"Command: `python bench/scorer_cost.py video --seconds {' '.join(map(str, a['seconds']))} --n {a['n']} "
              f"--scorers {' '.join(a['scorers'])}`.", "",
+             *([res["note"], ""] if res.get("note") else []),
              "## Chunk recall (the card's chunk ranked first / in the top 3)", "",
              "| video | chunks | n | " + " | ".join(f"{sc} top-1 | {sc} top-3" for sc in a["scorers"]) + " |",
              "|---|---|---|" + "---|---|" * len(a["scorers"])]
@@ -399,6 +401,9 @@ def main(argv=None) -> int:
     m = sub.add_parser("recall-merge")
     m.add_argument("inputs", nargs="+", help="OUT.json of recall shards")
     m.add_argument("--out", default=None)
+    n = sub.add_parser("note", help="add a note to a cost or video result and rewrite its .md")
+    n.add_argument("result", help="OUT (OUT.json and OUT.md)")
+    n.add_argument("text")
     v = sub.add_parser("video")
     v.add_argument("--seconds", type=int, nargs="+", default=[120, 600, 1800, 3600])
     v.add_argument("--n", type=int, default=10, help="videos per length")
@@ -411,6 +416,15 @@ def main(argv=None) -> int:
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     a = ap.parse_args(argv)
+    if a.part == "note":
+        import json
+
+        res = json.load(open(a.result + ".json"))
+        res["note"] = a.text
+        write_json(a.result + ".json", res)
+        with open(a.result + ".md", "w") as f:
+            f.write((video_md if res["bench"] == "scorer_cost.video" else cost_md)(res))
+        return 0
     run, md_of = {"recall": (run_recall, recall_md), "recall-merge": (merge_recall, recall_md), "cost": (run_cost, cost_md),
                   "video": (run_video, video_md)}[a.part]
     res = run(a)
