@@ -261,6 +261,10 @@ def test_older_indexes_still_load_and_maxsim_says_why_it_cannot_score(smol, plan
         np.testing.assert_array_equal(ctx.scores(QUESTION, scorer), planted2.scores(QUESTION, scorer))
     with pytest.raises(x2l_edge.Error, match="no row signatures.*format 3 or 4"):
         ctx.scores(QUESTION, "maxsim")
+    assert ctx.chunk_info(0)["signature_rows"] == 0 and planted2.chunk_info(0)["signature_rows"] > 0
+    with pytest.warns(RuntimeWarning, match="no row signatures"):  # a maxsim default falls back to attention
+        fallback = VideoContext.load(smol, old, system="be brief", default_scorer="maxsim")
+    assert fallback.default_scorer == "attention"
     again = tmp_path / "again.x2l"
     ctx.save(again)
     assert again.read_bytes()[:8] == b"X2LIDX05"

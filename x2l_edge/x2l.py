@@ -53,6 +53,12 @@ class VideoContext:
         self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
+        if default_scorer == "maxsim" and any(index.chunk_info(c)["signature_rows"] == 0 for c in range(index.n_chunks)):
+            # an index saved before the row signatures (formats 3 and 4)
+            warnings.warn("x2l-edge: this index has no row signatures for the maxsim scorer (saved by an older "
+                          "version): its questions use the attention scorer; index the input again for maxsim",
+                          RuntimeWarning, stacklevel=2)
+            self.default_scorer = "attention"
         # rule ("top_k", "gap", "mass"), max_k, mass_p: X2LOptions.selection_kwargs()
         self.default_selection = dict(X2LOptions().selection_kwargs(), **(default_selection or {}))
         with session._lock.op():
