@@ -31,10 +31,12 @@ class X2LOptions:
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
+    # "maxsim" (question tokens vs each chunk's distinctive input rows: no model pass, no H or L row;
+    # held out, n = 50 per task, chunk recall@3 50/50 single and 50/50 multi-key needles against
+    # attention's 50/50 and 49/50, and the tiny-VLM card's chunk first 32/32: bench/README.md "maxsim"),
     # "attention" (reads every chunk's L keys), the resident "high" / "high_keys" (H keys, + signatures),
-    # "keys" (signatures), "maxsim" (question tokens vs each chunk's distinctive input rows, no model
-    # pass), "embedding", or "external" (docs/x2l.md "Per question")
-    scorer: str = "attention"
+    # "keys" (signatures), "embedding", or "external" (docs/x2l.md "Per question")
+    scorer: str = "maxsim"
     # How many ranked chunks to reload: "top_k", or by the shape of the sorted scores: "gap" (cut at the
     # largest drop) or "mass" (the chunks holding mass_p of softmax(scores / sd)), at most max_k of them
     # (cpp/x2l/select.h SelectRule). budget_bytes (per question) caps any rule.
