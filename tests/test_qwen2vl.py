@@ -387,7 +387,7 @@ def test_qwen2vl_x2l_text_uncompressed_equals_full(vlm_llama_cpp):
     np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scorer", ["keys", "attention", "embedding", "high"])
+@pytest.mark.parametrize("scorer", ["keys", "attention", "embedding", "high", "maxsim"])
 def test_qwen2vl_x2l_text_ask_selects_chunks(vlm_llama_cpp, scorer):
     """prefill_text + ask on a llama.cpp qwen2vl pair: compressed tiers, a question selects top_k chunks
     by each scorer, their L rows are reloaded and an answer is generated."""
@@ -445,7 +445,7 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
     ctx = s.prefill(video, chunk_frames=4, ratio_low=2, ratio_high=8, min_pixels=28 * 28 * 8,
                     max_pixels=28 * 28 * 8)
     assert ctx.n_chunks == 3
-    for scorer in ("keys", "attention", "embedding", "high", "high_keys"):
+    for scorer in ("keys", "attention", "embedding", "high", "high_keys", "maxsim"):
         chosen = ctx.select(question="What happens?", scorer=scorer, top_k=1)
         assert len(chosen) == 1 and 0 <= chosen[0] < 3
         low_read = ctx.score_stats()["low_bytes"]  # M-RoPE video: only attention reads the L tier
