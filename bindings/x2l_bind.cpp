@@ -82,6 +82,7 @@ void bind_x2l(nb::module_& m) {
             d["low_type"] = std::string(x2l::type_info(ch.low->type()).name);
             d["high_type"] = std::string(x2l::type_info(ch.high->type()).name);
             d["low_mapped"] = ix.file_mapped();
+            d["signature_rows"] = ch.row_sig.size() / static_cast<size_t>(ix.n_embd);  // the maxsim scorer's rows
             return d;
         }, "chunk"_a)
         .def("low_rows", [](const x2l::VideoIndex& ix, int c, int layer, int head, bool value) {

@@ -76,7 +76,7 @@ def test_one(data: bytes) -> None:
         ctx = VideoContext(s, ix, question_suffix="", max_answer_tokens=4)
     except x2l_edge.Error:
         return  # e.g. dimensions of another model, a sink id beyond the vocabulary
-    for scorer in ("embedding", "keys", "attention"):
+    for scorer in ("embedding", "keys", "maxsim", "attention"):
         ctx.scores("the secret word?", scorer=scorer)
     ctx.ask("the secret word?", chunks=sorted({0, n - 1}), max_tokens=1)
 

@@ -2,11 +2,12 @@
 field offsets for mutation tests and fuzzers, and XXH64 (written from the xxHash specification) to
 re-seal the per-section checksums after a mutation, as someone crafting a file would.
 
-Format 4 (magic X2LIDX04): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
+Format 5 (magic X2LIDX05): sections, each starting 64-byte aligned: payload, u64 XXH64(payload,
 seed 0), zero padding to 64. Sections: header (ending with the i32 M-RoPE text position), sink
-segment, then per chunk: meta, H segment, L segment. Format 3 (X2LIDX03: the same without the text
-position) and format 2 (X2LIDX02, no checksums, no fingerprint) are read too, for old files and tests
-that must run against older builds.
+segment, then per chunk: meta (ending with the row signature), H segment, L segment. Format 4
+(X2LIDX04: without the row signatures), format 3 (X2LIDX03: without the text position either) and
+format 2 (X2LIDX02, no checksums, no fingerprint) are read too, for old files and tests that must run
+against older builds.
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def layout(raw: bytes) -> dict:
     'k', 'v': (offset, nbytes), 'pos': (offset, count)}."""
     c = _Cursor(raw)
     magic = raw[:8]
-    if magic not in (b"X2LIDX02", b"X2LIDX03", b"X2LIDX04"):
-        raise ValueError(f"not an index of format 2, 3 or 4: {magic!r}")
+    if magic not in (b"X2LIDX02", b"X2LIDX03", b"X2LIDX04", b"X2LIDX05"):
+        raise ValueError(f"not an index of format 2, 3, 4 or 5: {magic!r}")
     version = int(magic[6:])
     v3 = version >= 3  # checksummed sections and a fingerprint
     out: dict = {"version": version, "fields": {}, "chunks": [], "sections": []}
@@ -172,7 +173,7 @@ def layout(raw: bytes) -> dict:
         for name, fmt in (("tok_begin", "q"), ("tok_end", "q"), ("pos_begin", "i"), ("pos_end", "i"),
                           ("n_frames", "i")):
             ch[name] = (c.take(fmt)[0], fmt)
-        for name, size in (("key_sig", 4), ("emb_sig", 4), ("low_pos", 4)):
+        for name, size in (("key_sig", 4), ("emb_sig", 4), ("low_pos", 4)) + ((("row_sig", 2),) if version >= 5 else ()):
             off, n = c.take("Q")
             ch["n_" + name] = (off, "Q")
             ch[name] = (c.skip(size * n), n)
@@ -199,16 +200,18 @@ def put(raw: bytearray, field, value) -> None:
 
 def reseal(raw: bytearray, lay: dict, offset: int | None = None) -> None:
     """Recompute the checksum of the section of layout `lay` (taken before the mutation) that holds
-    `offset` (every section when None); formats 3 and 4."""
+    `offset` (every section when None); formats 3 to 5."""
     for start, end in lay["sections"]:
         if offset is None or start <= offset < end:
             struct.pack_into("<Q", raw, end, xxh64(bytes(raw[start:end])))
 
 
 def to_format3(raw: bytes) -> bytes:
-    """A format 4 image rewritten as format 3 (as an older x2l-edge saved it): the header without its
-    text position, re-sealed and re-padded; every later section is unchanged (each starts 64-byte
-    aligned, so it moves by whole 64-byte steps)."""
+    """A format 4 image (or a format 5 one, first rewritten as 4) rewritten as format 3 (as an older
+    x2l-edge saved it): the header without its text position, re-sealed and re-padded; every later
+    section is unchanged (each starts 64-byte aligned, so it moves by whole 64-byte steps)."""
+    if raw[:8] == b"X2LIDX05":
+        raw = to_format4(raw)
     lay = layout(raw)
     if lay["version"] != 4:
         raise ValueError("not a format 4 index")
@@ -219,3 +222,24 @@ def to_format3(raw: bytes) -> bytes:
     header = payload + struct.pack("<Q", xxh64(payload))
     header += bytes((-len(header)) % 64)
     return header + raw[(end + 8 + 63) // 64 * 64:]
+
+
+def to_format4(raw: bytes) -> bytes:
+    """A format 5 image rewritten as format 4 (as an older x2l-edge saved it): every chunk's row
+    signature dropped from its meta section, every section re-sealed and re-aligned."""
+    lay = layout(raw)
+    if lay["version"] != 5:
+        raise ValueError("not a format 5 index")
+    cut = {}  # meta section start -> payload end without the row signature
+    for ch in lay["chunks"]:
+        for start, end in lay["sections"]:
+            if start <= ch["n_row_sig"][0] < end:
+                cut[start] = ch["n_row_sig"][0]
+    out = bytearray()
+    for start, end in lay["sections"]:
+        payload = raw[start:cut.get(start, end)]
+        if start == 0:
+            payload = b"X2LIDX04" + payload[8:]
+        out += payload + struct.pack("<Q", xxh64(bytes(payload)))
+        out += bytes((64 - len(out) % 64) % 64)
+    return bytes(out)

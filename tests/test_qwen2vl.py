@@ -370,7 +370,7 @@ def test_qwen2vl_x2l_text_uncompressed_equals_full(vlm_llama_cpp):
     np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("scorer", ["keys", "attention", "embedding", "high"])
+@pytest.mark.parametrize("scorer", ["keys", "attention", "embedding", "high", "maxsim"])
 def test_qwen2vl_x2l_text_ask_selects_chunks(vlm_llama_cpp, scorer):
     """prefill_text + ask on a llama.cpp qwen2vl pair: compressed tiers, a question selects top_k chunks
     by each scorer, their L rows are reloaded and an answer is generated."""
@@ -428,7 +428,7 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
     ctx = s.prefill(video, chunk_frames=4, ratio_low=2, ratio_high=8, min_pixels=28 * 28 * 8,
                     max_pixels=28 * 28 * 8)
     assert ctx.n_chunks == 3
-    for scorer in ("keys", "attention", "embedding", "high", "high_keys"):
+    for scorer in ("keys", "attention", "embedding", "high", "high_keys", "maxsim"):
         chosen = ctx.select(question="What happens?", scorer=scorer, top_k=1)
         assert len(chosen) == 1 and 0 <= chosen[0] < 3
         low_read = ctx.score_stats()["low_bytes"]  # M-RoPE video: only attention reads the L tier
@@ -449,7 +449,7 @@ def test_qwen_x2l_video_ask_selects_chunks(vlm_llama_cpp, family):
 @pytest.mark.parametrize("family", QWEN)
 def test_qwen_x2l_index_saves_and_reloads(vlm_llama_cpp, tmp_path, family):
     """A Qwen video index (M-RoPE text position, entries rotated at their 3-D positions) saved in index
-    format 4 and loaded again, into memory or with the L tier mapped: the text position is kept, and
+    format 5 and loaded again, into memory or with the L tier mapped: the text position is kept, and
     every scorer's scores and the logits of H-only and mixed caches are bit-identical to the index that
     was saved; VideoContext.load rebuilds the Qwen question layout. The same index given to a model
     without M-RoPE is refused."""
@@ -464,9 +464,9 @@ def test_qwen_x2l_index_saves_and_reloads(vlm_llama_cpp, tmp_path, family):
     assert text_pos > len(ctx.index.sink_tokens)
     path = tmp_path / "qwen.x2l"
     ctx.save(path)
-    assert path.read_bytes()[:8] == b"X2LIDX04"
+    assert path.read_bytes()[:8] == b"X2LIDX05"
     q = "What happens?"
-    scorers = ("keys", "attention", "embedding", "high", "high_keys")
+    scorers = ("keys", "attention", "embedding", "high", "high_keys", "maxsim")
     want_scores = {sc: ctx.scores(q, scorer=sc) for sc in scorers}
     want = {tuple(ch): ctx.logits(q, ch) for ch in ([], [1], [0, 2])}
     for mmap in (False, True):

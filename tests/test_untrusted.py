@@ -113,6 +113,8 @@ def _field_mutations(raw, lay):
         ("key signature length", c0["n_key_sig"], g(c0["n_key_sig"]) - 1),
         ("embedding signature length", c0["n_emb_sig"], g(c0["n_emb_sig"]) + 128),
         ("L row positions length", c0["n_low_pos"], g(c0["n_low_pos"]) - 1),
+        ("row signature length", c0["n_row_sig"], g(c0["n_row_sig"]) - 1),
+        ("row signature longer than the chunk", c1["n_row_sig"], g(c1["n_row_sig"]) * 10**6),
         ("L type", c0["low"]["type"], 99),
         ("L type Q4_K", c0["low"]["type"], 12),
         ("H type of one chunk", c1["high"]["type"], 0 if g(c1["high"]["type"]) != 0 else 1),
@@ -207,7 +209,7 @@ def test_random_resealed_mutations_never_crash(saved, tiny, tmp_path):
         except x2l_edge.Error:
             refused += 1
             continue
-        for scorer in ("embedding", "keys", "attention"):
+        for scorer in ("embedding", "keys", "maxsim", "attention"):
             s = ctx.scores("what happens?", scorer=scorer)
             assert s.shape == (ctx.n_chunks,)
         ctx.ask("what happens?", chunks=sorted({0, ctx.n_chunks - 1}), max_tokens=2)
@@ -251,17 +253,17 @@ def test_flipped_kv_bytes_are_detected(saved, tiny, tmp_path):
 
 def test_old_format_is_refused_with_a_reindex_message(saved, tmp_path):
     _, raw, _ = saved
-    for magic in (b"X2LIDX01", b"X2LIDX02", b"X2LIDX05"):
+    for magic in (b"X2LIDX01", b"X2LIDX02", b"X2LIDX06"):
         with pytest.raises(x2l_edge.FormatError, match="index the video again"):
             _load_bytes(tmp_path, magic + raw[8:])
 
 
 def test_format3_files_still_load(saved, tiny, tmp_path):
     """An index saved by the previous version (format 3: no text position) loads, into memory or mapped,
-    as one without an M-RoPE text position and answers bit-identically to the same index in format 4;
+    as one without an M-RoPE text position and answers bit-identically to the same index in format 5;
     its checksums are verified as before."""
     path, raw, lay = saved
-    assert lay["version"] == 4 and fmt.get(raw, lay["fields"]["text_pos"]) == -1
+    assert lay["version"] == 5 and fmt.get(raw, lay["fields"]["text_pos"]) == -1
     old = fmt.to_format3(raw)
     assert fmt.layout(old)["version"] == 3
     ref = VideoContext.load(tiny, path, system="be brief")

@@ -13,7 +13,8 @@ from x2l_edge.x2l import VideoContext, prefill_chunks, split_template
 FILLER = "The grass is green and the sky is blue. We walked along the road and talked about the weather. "
 PLANTED = "The purple xylophone sang a melody. The purple xylophone sang a melody. "
 QUESTION = "What did the purple xylophone sing?"
-RESIDENT = ("high", "high_keys", "keys")
+PLANTED_B = "The golden trombone played a march. The golden trombone played a march. "
+RESIDENT = ("high", "high_keys", "keys", "maxsim")
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +22,14 @@ def smol(smollm2_path):
     return x2l_edge.Session(smollm2_path, n_threads=2, n_ctx=256)
 
 
-def _planted(s, pos, n=5, **kw):
-    chunks = [s.tokenize(FILLER * 3 if i != pos else FILLER + PLANTED + FILLER, special=False)[:64] for i in range(n)]
+def _planted_chunks(s, pos, n=5, other=None):
+    """n chunks of 64 filler tokens; chunk pos holds PLANTED, chunk `other` PLANTED_B."""
+    text = {pos: FILLER + PLANTED + FILLER, other: FILLER + PLANTED_B + FILLER}
+    return [s.tokenize(text.get(i, FILLER * 3), special=False)[:64] for i in range(n)]
+
+
+def _planted(s, pos, n=5, other=None, **kw):
+    chunks = _planted_chunks(s, pos, n, other)
     prefix, suffix = split_template(s, "be brief")
     index, _ = prefill_chunks(s, chunks, sink_ids=s.tokenize(prefix), ratio_low=2, ratio_high=16, **kw)
     return VideoContext(s, index, question_suffix=suffix)
@@ -40,7 +47,7 @@ def test_resident_scorers_find_the_planted_chunk(smol):
     for two_pass, positions in ((True, (1, 4)), (False, (0, 2))):
         for pos in positions:
             ctx = _planted(smol, pos, two_pass=two_pass)
-            for scorer in ("high", "high_keys"):
+            for scorer in ("high", "high_keys", "maxsim"):
                 r = ctx.scores(QUESTION, scorer)
                 assert r.shape == (5,) and np.isfinite(r).all()
                 assert int(np.argmax(r)) == pos, (scorer, two_pass, pos, r)
@@ -66,6 +73,12 @@ def test_scan_bytes_are_measured_per_tier(smol, planted2):
         st = ctx.score_stats()
         assert (st["low_bytes"], st["high_bytes"], st["signature_bytes"]) == (low, high, sigb), (scorer, st)
         assert st["pass_seconds"] > 0 and st["scan_seconds"] > 0
+    # maxsim: every chunk's f16 signature rows (one per 4 chunk tokens, at most one per distinct token), no pass
+    rows = sum(len(_signature_rows_reference(smol, ids)) for ids in _planted_chunks(smol, 2))
+    ctx.scores(QUESTION, "maxsim")
+    st = ctx.score_stats()
+    assert (st["low_bytes"], st["high_bytes"], st["signature_bytes"]) == (0, 0, rows * info["n_embd"] * 2), st
+    assert st["pass_seconds"] == 0 and st["scan_seconds"] > 0
 
 
 def test_resident_scorers_never_touch_the_l_tier(smol, planted2, tmp_path):
@@ -177,3 +190,94 @@ def test_selection_and_scorer_options_are_checked(smol, planted2):
     v = c2.scores(QUESTION)
     assert c2.score_stats()["low_bytes"] == 0
     assert c2.select(v) == c2.select(v, rule="gap", max_k=4)
+
+
+# ------------------------------------------------------------------------------------------ maxsim
+
+def _signature_rows_reference(s, ids, stride=4):
+    """select.h distinct_input_rows in numpy: the chunk's distinct input rows, the ceil(n / stride)
+    farthest from their mean, in input order, as f16 [m, n_embd]."""
+    e = np.asarray(s._s.embed_tokens(ids), dtype=np.float32)
+    _, first = np.unique(e, axis=0, return_index=True)
+    u = e[np.sort(first)]
+    d = ((u.astype(np.float64) - u.astype(np.float64).mean(0)) ** 2).sum(1)
+    keep = np.argsort(-d, kind="stable")[:-(-len(ids) // stride)]
+    return u[np.sort(keep)].astype(np.float16)
+
+
+def _maxsim_reference(q, sigs):
+    """score(c) = sum over question tokens t of (max cosine of t with a row of c - median over chunks)."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    m = np.stack([(qn @ (r / np.linalg.norm(r, axis=1, keepdims=True)).T).max(1) for r in sigs], 1)  # [t, chunk]
+    return (m - np.median(m, axis=1, keepdims=True)).sum(0)
+
+
+def test_maxsim_matches_a_numpy_reference(smol, planted2, tmp_path):
+    """The saved signature rows are, bit for bit, the reference's selection rounded to f16; the scores
+    equal the reference's on those rows and the question's content tokens (1e-5)."""
+    path = tmp_path / "v.x2l"
+    planted2.save(path)
+    raw = path.read_bytes()
+    lay = fmt.layout(raw)
+    assert lay["version"] == 5
+    E = smol.info["n_embd"]
+    sigs = []
+    for ch, ids in zip(lay["chunks"], _planted_chunks(smol, 2)):
+        off, n = ch["row_sig"]
+        got = np.frombuffer(raw, dtype=np.float16, count=n, offset=off).reshape(-1, E)
+        want = _signature_rows_reference(smol, ids)
+        assert got.shape == want.shape and 12 <= len(got) <= 16  # 64 tokens / 4, or every distinct row
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+        sigs.append(got.astype(np.float64))
+    ids = planted2.question_ids(QUESTION, answer_prefix=False)
+    head, tail = len(smol.tokenize(planted2.question_prefix)), len(smol.tokenize(planted2.question_suffix))
+    q = np.asarray(smol._s.embed_tokens(ids[head:len(ids) - tail]), dtype=np.float64)
+    np.testing.assert_allclose(planted2.scores(QUESTION, "maxsim"), _maxsim_reference(q, sigs), rtol=1e-5, atol=1e-5)
+
+
+def test_maxsim_ranks_the_named_chunk_above_a_distractor(smol):
+    """Two planted chunks, one per subject: the question's subject decides, wherever the other one sits."""
+    for pos, other in ((1, 3), (3, 1), (4, 0)):
+        ctx = _planted(smol, pos, other=other)
+        r = ctx.scores(QUESTION, "maxsim")
+        assert int(np.argmax(r)) == pos, (pos, other, r)
+        r = ctx.scores("What did the golden trombone play?", "maxsim")
+        assert int(np.argmax(r)) == other, (pos, other, r)
+
+
+@pytest.mark.parametrize("old_format", [3, 4])
+def test_older_indexes_still_load_and_maxsim_says_why_it_cannot_score(smol, planted2, tmp_path, old_format):
+    """An index saved before the row signatures (formats 3 and 4) loads and answers as before; maxsim
+    raises a clear error. Saved again it stays without signatures (format 5, none). A NaN in a row
+    signature, or a signature that is not whole rows, is refused at load (checksums re-sealed)."""
+    path = tmp_path / "v5.x2l"
+    planted2.save(path)
+    raw = path.read_bytes()
+    old = tmp_path / "old.x2l"
+    old.write_bytes(fmt.to_format3(raw) if old_format == 3 else fmt.to_format4(raw))
+    assert old.read_bytes()[:8] == b"X2LIDX0%d" % old_format
+    ctx = VideoContext.load(smol, old, system="be brief")
+    for scorer in ("attention", "high", "embedding"):
+        np.testing.assert_array_equal(ctx.scores(QUESTION, scorer), planted2.scores(QUESTION, scorer))
+    with pytest.raises(x2l_edge.Error, match="no row signatures.*format 3 or 4"):
+        ctx.scores(QUESTION, "maxsim")
+    assert ctx.chunk_info(0)["signature_rows"] == 0 and planted2.chunk_info(0)["signature_rows"] > 0
+    with pytest.warns(RuntimeWarning, match="no row signatures"):  # a maxsim default falls back to attention
+        fallback = VideoContext.load(smol, old, system="be brief", default_scorer="maxsim")
+    assert fallback.default_scorer == "attention"
+    again = tmp_path / "again.x2l"
+    ctx.save(again)
+    assert again.read_bytes()[:8] == b"X2LIDX05"
+    with pytest.raises(x2l_edge.Error, match="no row signatures"):
+        VideoContext.load(smol, again, system="be brief").scores(QUESTION, "maxsim")
+    lay = fmt.layout(raw)
+    off, _ = lay["chunks"][3]["row_sig"]
+    for field_off, value, fmt_char in ((off + 6, 0x7E00, "H"),  # an f16 NaN
+                                       (lay["chunks"][3]["n_row_sig"][0], 7, "Q")):  # not a whole row
+        d = bytearray(raw)
+        fmt.put(d, (field_off, fmt_char), value)
+        fmt.reseal(d, lay, field_off)
+        bad = tmp_path / "bad.x2l"
+        bad.write_bytes(bytes(d))
+        with pytest.raises(x2l_edge.FormatError):
+            VideoContext.load(smol, bad, system="be brief")

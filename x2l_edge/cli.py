@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                        help="frames per chunk (default: the model's x2l.video.chunk_frames)")
     p_ask.add_argument("--top-k", type=int, default=None,
                        help="chunks whose L-KVs are reloaded for the question (default: the model's)")
-    p_ask.add_argument("--scorer", choices=["attention", "high", "high_keys", "keys", "embedding"], default=None,
+    p_ask.add_argument("--scorer", choices=["attention", "high", "high_keys", "keys", "maxsim", "embedding"], default=None,
                        help="how chunks are scored against the question (default: the model's)")
     p_ask.add_argument("-n", "--max-tokens", type=int, default=64, help="most answer tokens")
     p_ask.add_argument("-s", "--system", default=None, help="system prompt (default: the model's template's)")

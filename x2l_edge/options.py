@@ -36,8 +36,14 @@ class X2LOptions:
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
-    # "attention" (reads every chunk's L keys), the resident "high" / "high_keys" (H keys, + signatures),
-    # "keys" (signatures), "embedding", or "external" (docs/x2l.md "Per question")
+    # "attention" (the question's queries over every chunk's L keys; reads the whole L tier), or the
+    # resident "maxsim" (question tokens vs each chunk's distinctive input rows: no model pass, no H or L
+    # row, ~1000x cheaper; held out, n = 50 per task, chunk recall@3 50/50 single and 50/50 multi-key
+    # needles against attention's 50/50 and 49/50, the tiny-VLM card's chunk first 32/32: bench/README.md
+    # "maxsim"). Not the default: that evidence is needles whose question shares words with the answer and
+    # a tiny VLM whose frame tokens are trained into the word-embedding space; no real VLM family was
+    # measured. Also "high" / "high_keys" (H keys, + signatures), "keys" (signatures), "embedding", or
+    # "external" (docs/x2l.md "Per question").
     scorer: str = "attention"
     # How many ranked chunks to reload: "top_k", or by the shape of the sorted scores: "gap" (cut at the
     # largest drop) or "mass" (the chunks holding mass_p of softmax(scores / sd)), at most max_k of them
@@ -58,7 +64,7 @@ class X2LOptions:
         return {k: getattr(self, k) for k in self.PREFILL}
 
     POOL_SCOPES = ("head", "layers", "all")
-    SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "external")
+    SCORERS = ("attention", "keys", "embedding", "high", "high_keys", "maxsim", "external")
     SELECT_RULES = ("top_k", "gap", "mass")
 
     def selection_kwargs(self) -> dict:

@@ -53,6 +53,12 @@ class VideoContext:
         self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
         self.default_scorer = default_scorer
+        if default_scorer == "maxsim" and any(index.chunk_info(c)["signature_rows"] == 0 for c in range(index.n_chunks)):
+            # an index saved before the row signatures (formats 3 and 4)
+            warnings.warn("x2l-edge: this index has no row signatures for the maxsim scorer (saved by an older "
+                          "version): its questions use the attention scorer; index the input again for maxsim",
+                          RuntimeWarning, stacklevel=2)
+            self.default_scorer = "attention"
         # rule ("top_k", "gap", "mass"), max_k, mass_p: X2LOptions.selection_kwargs()
         self.default_selection = dict(X2LOptions().selection_kwargs(), **(default_selection or {}))
         with session._lock.op():
@@ -92,8 +98,9 @@ class VideoContext:
         that never read the L tier: 'high' (the same queries at their own positions attend to every
         chunk's H keys as stored: the question's own attention over the H tier), 'high_keys' (H keys and
         the key signatures in one softmax), 'keys' (the signature alone: the 8 most distinctive pre-RoPE
-        keys per chunk, layer and KV head, taken before compression), and 'embedding' (input-embedding
-        similarity). All but embedding score a chunk by its peak significance: the most mass one
+        keys per chunk, layer and KV head, taken before compression), 'maxsim' (each question token's best
+        cosine with a chunk's distinctive input rows, kept at prefill; no model pass) and 'embedding'
+        (input-embedding similarity). All but embedding and maxsim score a chunk by its peak significance: the most mass one
         question token gives it, minus its median mass over the question and the template tokens after
         it, over sqrt(median) (select.h peak_significance). score_stats() says what the call read."""
         scorer = scorer or self.default_scorer

@@ -19,10 +19,10 @@ namespace x2l {
 
 namespace {
 
-// Format 4: every section is followed by the XXH64 of its bytes; the header ends with the M-RoPE text
-// position (docs/security.md). Format 3 (the same without that field) is still read.
-constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '4'};
-constexpr char kMagicV3[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '3'};
+// Format 5: every section is followed by the XXH64 of its bytes; the header ends with the M-RoPE text
+// position and every chunk's meta with its row signature (docs/security.md). Formats 3 (neither
+// field) and 4 (no row signature) are still read.
+constexpr char kMagic[8] = {'X', '2', 'L', 'I', 'D', 'X', '0', '5'};
 constexpr size_t kAlign = 64;
 // Bounds of a header a loader accepts (the model loader's, or tighter where the KV layout needs it).
 constexpr int kMaxLayers = 4096, kMaxHeadsKv = 4096, kMaxHeadDim = 256, kMaxEmbd = 1 << 24, kMaxRatio = 1 << 20;
@@ -262,11 +262,15 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     if (size < sizeof(kMagic) || std::memcmp(base, "X2LIDX", 6) != 0) {
         throw FormatError("not an x2l video index (bad magic)");
     }
-    const bool v3 = std::memcmp(base, kMagicV3, sizeof(kMagicV3)) == 0;
-    if (!v3 && std::memcmp(base, kMagic, sizeof(kMagic)) != 0) {
-        throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
-                          ", this version reads 03 and " + std::string(kMagic + 6, 2) + "): index the video again");
+    int version = 0;  // of the formats this version reads: 03, 04 and kMagic's
+    for (int v = 3; v <= kMagic[7] - '0'; ++v) {
+        if (base[6] == '0' && base[7] == '0' + v) version = v;
     }
+    if (version == 0) {
+        throw FormatError("saved by another x2l-edge version (index format " + std::string(reinterpret_cast<const char*>(base) + 6, 2) +
+                          ", this version reads 03 to " + std::string(kMagic + 6, 2) + "): index the video again");
+    }
+    const bool v3 = version == 3;
     auto check = [&](const Section& s, const std::string& what) {
         if (verify && !s.ok(base)) throw FormatError("checksum mismatch in the " + what + " (corrupt or modified file)");
     };
@@ -356,6 +360,12 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
         const uint8_t* lp = r.take(mul(npos, sizeof(int32_t)));
         ch.low_pos.resize(npos);
         if (npos) std::memcpy(ch.low_pos.data(), lp, npos * sizeof(int32_t));
+        if (version >= 5) {
+            const uint64_t nrow = r.pod<uint64_t>();
+            const uint8_t* rs = r.take(mul(nrow, sizeof(uint16_t)));
+            ch.row_sig.resize(nrow);
+            if (nrow) std::memcpy(ch.row_sig.data(), rs, nrow * sizeof(uint16_t));
+        }
         check(r.end_section(), "meta of chunk " + std::to_string(c));
 
         // The chunk follows the previous one without a gap, in tokens and positions.
@@ -376,7 +386,15 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
         if (ch.key_sig.size() % per_key != 0 || ch.key_sig.size() / per_key > static_cast<size_t>(n)) {
             bad_chunk(c, "key signature size does not match the model dimensions");
         }
-        if (!floats_finite(ch.emb_sig) || !floats_finite(ch.key_sig)) bad_chunk(c, "signature holds NaN or infinity");
+        // Row signature (format 5): whole rows of n_embd, at most one per chunk token (none: the index
+        // was first saved by format 3 or 4).
+        if (ch.row_sig.size() % static_cast<size_t>(ne) != 0 || ch.row_sig.size() / static_cast<size_t>(ne) > static_cast<size_t>(n)) {
+            bad_chunk(c, "row signature size is not a whole number of n_embd rows, at most one per chunk token");
+        }
+        if (!floats_finite(ch.emb_sig) || !floats_finite(ch.key_sig) ||
+            !rows_finite(DType::F16, reinterpret_cast<const uint8_t*>(ch.row_sig.data()), ch.row_sig.size() * sizeof(uint16_t))) {
+            bad_chunk(c, "signature holds NaN or infinity");
+        }
 
         SegmentRead high = read_segment(r, x, "H");
         check(high.section, "H rows of chunk " + std::to_string(c));
@@ -436,7 +454,8 @@ TierBytes VideoIndex::bytes() const {
     for (const auto& c : chunks) {
         b.low += c.low->used_bytes();
         b.high += c.high->used_bytes();
-        b.signatures += (c.key_sig.size() + c.emb_sig.size()) * sizeof(float) + c.low_pos.size() * sizeof(int32_t);
+        b.signatures += (c.key_sig.size() + c.emb_sig.size()) * sizeof(float) + c.low_pos.size() * sizeof(int32_t) +
+                        c.row_sig.size() * sizeof(uint16_t);
     }
     return b;
 }
@@ -475,6 +494,8 @@ void VideoIndex::save(const std::string& path) const {
             w.bytes(c.emb_sig.data(), c.emb_sig.size() * sizeof(float));
             w.pod<uint64_t>(c.low_pos.size());
             w.bytes(c.low_pos.data(), c.low_pos.size() * sizeof(int32_t));
+            w.pod<uint64_t>(c.row_sig.size());
+            w.bytes(c.row_sig.data(), c.row_sig.size() * sizeof(uint16_t));
             w.end_section();
             write_segment(w, *c.high);
             write_segment(w, *c.low);

@@ -20,6 +20,9 @@ struct ChunkKV {
     std::shared_ptr<KVSegment> low, high;
     std::vector<float> key_sig;  // [n_layer, n_head_kv, n, head_dim] distinctive pre-RoPE L keys (select.h)
     std::vector<float> emb_sig;  // [n_frames, n_embd] mean input embedding per frame
+    // [n_rows, n_embd] f16: the chunk's most distinctive input rows (the maxsim scorer, select.h);
+    // empty in indexes saved by formats 3 and 4.
+    std::vector<uint16_t> row_sig;
     // [n_layer, n_head_kv, low entries] position of every L row: the training-free compressor keeps
     // different tokens per layer and head, while low->pos() holds one position per entry (those of
     // layer 0, head 0). Empty when every head keeps the same tokens (beacon).

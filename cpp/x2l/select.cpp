@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "core/common.h"
@@ -18,8 +19,9 @@ Scorer scorer_from_name(const std::string& name) {
     if (name == "embedding") return Scorer::Embedding;
     if (name == "high") return Scorer::High;
     if (name == "high_keys") return Scorer::HighKeys;
+    if (name == "maxsim") return Scorer::MaxSim;
     throw Error("unknown scorer '" + name +
-                "' (attention, keys, embedding, high, high_keys, or external scores from Python)");
+                "' (attention, keys, embedding, high, high_keys, maxsim, or external scores from Python)");
 }
 
 bool scorer_is_resident(Scorer s) { return s != Scorer::Attention; }
@@ -59,6 +61,94 @@ std::vector<float> score_embedding(const VideoIndex& ix, const float* q, int64_t
         scores[c] = best;
     }
     return scores;
+}
+
+std::vector<uint16_t> distinct_input_rows(const float* embd, int64_t n, int n_embd, int64_t n_rows) {
+    if (n < 1 || n_embd < 1 || n_rows < 1) throw Error("distinct_input_rows: need n, n_embd, n_rows >= 1");
+    const size_t E = static_cast<size_t>(n_embd);
+    auto row = [&](int64_t t) { return embd + static_cast<size_t>(t) * E; };
+    // The first occurrence of every distinct row, in input order (rows sorted by content to find repeats).
+    std::vector<int64_t> by_content(static_cast<size_t>(n));
+    std::iota(by_content.begin(), by_content.end(), 0);
+    auto less = [&](int64_t a, int64_t b) {
+        const int d = std::memcmp(row(a), row(b), E * sizeof(float));
+        return d != 0 ? d < 0 : a < b;
+    };
+    std::sort(by_content.begin(), by_content.end(), less);
+    std::vector<int64_t> distinct;
+    for (size_t i = 0; i < by_content.size(); ++i) {
+        const bool repeat = i > 0 && std::memcmp(row(by_content[i - 1]), row(by_content[i]), E * sizeof(float)) == 0;
+        if (!repeat) distinct.push_back(by_content[i]);
+    }
+    std::sort(distinct.begin(), distinct.end());
+    std::vector<double> mean(E, 0.0);
+    for (int64_t t : distinct) {
+        for (size_t i = 0; i < E; ++i) mean[i] += row(t)[i];
+    }
+    for (double& v : mean) v /= static_cast<double>(distinct.size());
+    std::vector<double> dist2(distinct.size(), 0.0);
+    for (size_t j = 0; j < distinct.size(); ++j) {
+        for (size_t i = 0; i < E; ++i) dist2[j] += (row(distinct[j])[i] - mean[i]) * (row(distinct[j])[i] - mean[i]);
+    }
+    std::vector<size_t> order(distinct.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return dist2[a] > dist2[b]; });
+    const size_t m = std::min(order.size(), static_cast<size_t>(n_rows));
+    std::sort(order.begin(), order.begin() + m);  // input order
+    std::vector<uint16_t> out(m * E);
+    for (size_t j = 0; j < m; ++j) fp32_to_fp16_row(row(distinct[order[j]]), out.data() + j * E, n_embd);
+    return out;
+}
+
+std::vector<float> score_maxsim(const VideoIndex& ix, const float* q, int64_t n_q, ThreadPool& pool, ScoreReads* reads) {
+    const size_t E = static_cast<size_t>(ix.n_embd), nc = ix.chunks.size();
+    for (size_t c = 0; c < nc; ++c) {
+        if (ix.chunks[c].row_sig.empty()) {
+            throw Error("this index has no row signatures for the maxsim scorer (saved by index format 3 or 4): "
+                        "index the input again, or use another scorer");
+        }
+    }
+    if (n_q < 1) throw Error("score_maxsim: empty question");
+    std::vector<float> qn(q, q + static_cast<size_t>(n_q) * E);  // [n_q, n_embd] unit rows (zero rows stay zero)
+    for (int64_t t = 0; t < n_q; ++t) {
+        float* v = qn.data() + static_cast<size_t>(t) * E;
+        const float norm = std::sqrt(dot_f32(v, v, static_cast<int64_t>(E)));
+        if (norm > 0.0f) {
+            for (size_t i = 0; i < E; ++i) v[i] /= norm;
+        }
+    }
+    std::vector<float> best(static_cast<size_t>(n_q) * nc, -INFINITY);  // [n_q, chunk]: m_t(c)
+    pool.run([&](int ith, int nth) {
+        std::vector<float> r(E);
+        for (size_t c = static_cast<size_t>(ith); c < nc; c += static_cast<size_t>(nth)) {
+            const std::vector<uint16_t>& sig = ix.chunks[c].row_sig;
+            for (size_t j = 0; j < sig.size() / E; ++j) {
+                fp16_to_fp32_row(sig.data() + j * E, r.data(), static_cast<int64_t>(E));
+                const float norm = std::sqrt(dot_f32(r.data(), r.data(), static_cast<int64_t>(E)));
+                const float inv = norm > 0.0f ? 1.0f / norm : 0.0f;
+                for (int64_t t = 0; t < n_q; ++t) {
+                    const float cosine = inv * dot_f32(qn.data() + static_cast<size_t>(t) * E, r.data(), static_cast<int64_t>(E));
+                    float& b = best[static_cast<size_t>(t) * nc + c];
+                    b = std::max(b, cosine);
+                }
+            }
+        }
+    });
+    if (reads) {
+        for (const auto& ch : ix.chunks) reads->signature_bytes += ch.row_sig.size() * sizeof(uint16_t);
+    }
+    std::vector<double> scores(nc, 0.0);
+    std::vector<float> column(nc);
+    for (int64_t t = 0; t < n_q; ++t) {
+        const float* m = best.data() + static_cast<size_t>(t) * nc;
+        std::copy_n(m, nc, column.begin());
+        const auto mid = column.begin() + nc / 2;
+        std::nth_element(column.begin(), mid, column.end());
+        double median = *mid;
+        if (nc % 2 == 0) median = 0.5 * (median + *std::max_element(column.begin(), mid));
+        for (size_t c = 0; c < nc; ++c) scores[c] += m[c] - median;
+    }
+    return std::vector<float>(scores.begin(), scores.end());
 }
 
 // Every chunk's pre-RoPE L keys of one (layer, KV head), in chunk order. out: [n_low_entries, head_dim]
@@ -198,6 +288,20 @@ std::vector<float> peak_mass_scores(const VideoIndex& ix, const float* q_tok, co
     return peak_significance(d.data(), n_t, n_content, nc);
 }
 
+// The chunk of every entry when chunk c holds counts[c] consecutive entries: [sum counts].
+std::vector<int> entry_owners(const std::vector<int64_t>& counts) {
+    std::vector<int> owner;
+    for (size_t c = 0; c < counts.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(counts[c]), static_cast<int>(c));
+    return owner;
+}
+
+// Entries per chunk of one tier (its H or L segments).
+std::vector<int64_t> tier_counts(const VideoIndex& ix, std::shared_ptr<KVSegment> ChunkKV::*tier) {
+    std::vector<int64_t> n(ix.chunks.size());
+    for (size_t c = 0; c < ix.chunks.size(); ++c) n[c] = (ix.chunks[c].*tier)->size();
+    return n;
+}
+
 // Signature keys per chunk (of each layer and KV head).
 std::vector<int64_t> signature_counts(const VideoIndex& ix) {
     const size_t per_key = static_cast<size_t>(ix.n_layer) * ix.n_head_kv * ix.head_dim;  // one key of every layer and head
@@ -227,9 +331,7 @@ float* copy_signatures(const VideoIndex& ix, const std::vector<int64_t>& n_sig, 
 std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                               int64_t content_end, int n_head, ThreadPool& pool, ScoreReads* reads) {
     const std::vector<int64_t> n_sig = signature_counts(ix);
-    std::vector<int> owner;
-    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
-    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool, owner,
+    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool, entry_owners(n_sig),
                             [&](int l, int h, float* keys, ScoreReads& r) { copy_signatures(ix, n_sig, l, h, keys, r); }, reads);
 }
 
@@ -246,13 +348,14 @@ std::vector<float> score_high(const VideoIndex& ix, const float* q_tok, int64_t 
                  q_pos0 + static_cast<int32_t>(t), rope_spec.inv_freq, rope_spec.type);
         }
     }
-    std::vector<int> owner;  // H entries of every chunk, then (with_signatures) their signature keys
-    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].high->size()), static_cast<int>(c));
+    // The chunk of every H entry, then (with_signatures) of every signature key.
+    std::vector<int> owner = entry_owners(tier_counts(ix, &ChunkKV::high));
     const int64_t n_high = static_cast<int64_t>(owner.size());
     std::vector<int64_t> n_sig;
     if (with_signatures) {
         n_sig = signature_counts(ix);
-        for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(n_sig[c]), static_cast<int>(c));
+        const std::vector<int> sig_owner = entry_owners(n_sig);
+        owner.insert(owner.end(), sig_owner.begin(), sig_owner.end());
     }
     // Each chunk moves to just before the question: its keys turn by q_pos0 - (the chunk's end), so every
     // chunk is as far from the question as the last one and recency does not outvote content (the
@@ -284,9 +387,8 @@ std::vector<float> score_high(const VideoIndex& ix, const float* q_tok, int64_t 
 std::vector<float> score_attention(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                                    int64_t content_end, int n_head, const RopeSpec& rope_spec, ThreadPool& pool,
                                    ScoreReads* reads) {
-    std::vector<int> owner;  // chunk of each L entry
-    for (size_t c = 0; c < ix.chunks.size(); ++c) owner.insert(owner.end(), static_cast<size_t>(ix.chunks[c].low->size()), static_cast<int>(c));
-    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool, owner,
+    return peak_mass_scores(ix, q_tok, nullptr, 0, n_q, content_begin, content_end, n_head, pool,
+                            entry_owners(tier_counts(ix, &ChunkKV::low)),
                             [&](int l, int h, float* keys, ScoreReads& r) { low_keys_pre_rope(ix, l, h, rope_spec, keys, r); },
                             reads);
 }

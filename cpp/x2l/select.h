@@ -11,7 +11,7 @@
 
 namespace x2l {
 
-enum class Scorer { Attention, Keys, Embedding, High, HighKeys };
+enum class Scorer { Attention, Keys, Embedding, High, HighKeys, MaxSim };
 Scorer scorer_from_name(const std::string& name);  // throws Error for unknown names
 // True for the scorers that read only the resident tier (sink + H rows, signatures), never the L tier.
 bool scorer_is_resident(Scorer s);
@@ -50,6 +50,23 @@ std::vector<float> score_keys(const VideoIndex& ix, const float* q_tok, int64_t 
 std::vector<float> score_high(const VideoIndex& ix, const float* q_tok, int64_t n_q, int64_t content_begin,
                               int64_t content_end, int n_head, const RopeSpec& rope, int32_t q_pos0,
                               bool with_signatures, ThreadPool& pool, ScoreReads* reads = nullptr);
+
+// The maxsim scorer's signature of one chunk, made from its input rows embd [n, n_embd] (token
+// embeddings, or a video's projected frame tokens) before anything is compressed: its distinct rows
+// (identical rows, e.g. a repeated token, count once), the n_rows farthest from their mean first,
+// returned in input order as f16 [min(n_rows, distinct), n_embd]. Far from the mean is where a chunk
+// differs from its usual content (a rare word, a name, a number), which is what a question names.
+std::vector<uint16_t> distinct_input_rows(const float* embd, int64_t n, int n_embd, int64_t n_rows);
+
+// maxsim: late interaction (ColBERT's MaxSim, Khattab & Zaharia 2020) between the question's content
+// token embeddings q [n_q, n_embd] and every chunk's signature rows (distinct_input_rows): per
+// question token t, m_t(c) = the largest cosine between t and a row of chunk c; then
+//   score(c) = sum over t of (m_t(c) - median over chunks of m_t)
+// so a token every chunk matches (a word the whole input repeats) adds nothing and a word only a few
+// chunks hold (the name the question asks about) decides. No model pass, resident rows only.
+// Throws Error for an index without row signatures (saved by index format 3 or 4).
+std::vector<float> score_maxsim(const VideoIndex& ix, const float* q, int64_t n_q, ThreadPool& pool,
+                                ScoreReads* reads = nullptr);
 
 // embedding: question input embeddings q [n_q, n_embd] against each frame's mean input embedding:
 // frame score = mean over question tokens of the dot product, chunk score = max over its frames.

@@ -218,6 +218,7 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
         }
         for (int64_t k = 0; k < E; ++k) dst[k] /= static_cast<float>(b - a);
     }
+    ch.row_sig = distinct_input_rows(embd, n, static_cast<int>(E), (n + kRowSignatureStride - 1) / kRowSignatureStride);
 
     if (o_.compressor == "beacon") {
         if (n < o_.ratio_low) throw Error("chunk shorter than ratio_low: nothing to summarise");
@@ -402,12 +403,17 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
     if (!scorer_is_resident(scorer)) {
         for (size_t ch = 0; ch < ix_.chunks.size(); ++ch) ix_.check_low(ch);  // mapped indexes: file unchanged, rows verified
     }
-    if (scorer == Scorer::Embedding) {
+    if (scorer == Scorer::Embedding || scorer == Scorer::MaxSim) {  // no model pass: input embeddings only
         const auto t0 = clock::now();
-        std::vector<float> q(static_cast<size_t>(n_content) * c.n_embd);
+        std::vector<float> q(static_cast<size_t>(n_content) * c.n_embd);  // [n_content, n_embd]
         s_.model().embed(question.data() + content_begin, n_content, q.data());
-        std::vector<float> out = score_embedding(ix_, q.data(), n_content);
-        for (const auto& ch : ix_.chunks) score_stats_.reads.signature_bytes += ch.emb_sig.size() * sizeof(float);
+        std::vector<float> out;
+        if (scorer == Scorer::MaxSim) {
+            out = score_maxsim(ix_, q.data(), n_content, s_.pool(), &score_stats_.reads);
+        } else {
+            out = score_embedding(ix_, q.data(), n_content);
+            for (const auto& ch : ix_.chunks) score_stats_.reads.signature_bytes += ch.emb_sig.size() * sizeof(float);
+        }
         score_stats_.scan_seconds = std::chrono::duration<double>(clock::now() - t0).count();
         return out;
     }

@@ -28,6 +28,12 @@ namespace x2l {
 // 8 gave the planted chunk first 7/7 and the single needle in the top 3 9/12 on SmolLM2; the mean
 // key alone (1) gave 2/7 and 4/12.
 constexpr int kKeySignatureEntries = 8;
+// maxsim scorer: one signature row per this many chunk tokens (select.h distinct_input_rows). Chosen
+// on tuning data only (bench/README.md "maxsim"): SmolLM2 needles of the tune split (256-token chunks,
+// idx 140-188, needle chunk in the top 3: one row per 4 tokens 49/49 single and 49/49 multi-key, per 8
+// 49/49 and 48/49, per 16 worse) and tiny-VLM needle videos of a seed stream no evaluation uses (seed
+// 555, 120 and 300 s: per 4 the card's chunk first 24/24, per 8 21/24).
+constexpr int kRowSignatureStride = 4;
 
 struct X2LOptions {
     int ratio_low = 2;

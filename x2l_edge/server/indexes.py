@@ -1,4 +1,4 @@
-"""Video indexes as resources: built in the background, saved under --index-dir (index format 4 +
+"""Video indexes as resources: built in the background, saved under --index-dir (index format 5 +
 a small JSON record), found again after a restart, loaded on first use and kept under a host-memory
 budget (the least recently used beyond --max-host-bytes keep their L tier memory-mapped).
 
