@@ -138,6 +138,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.side % 28:
         ap.error("--side must be a multiple of 28 (patch 14 x merge 2), so that neither runtime resizes")
+    for family in args.families:
+        try:
+            vision_config(family, args.depth)
+        except ValueError as e:
+            ap.error(str(e))
     isa = bench_common.isa_info()
     if args.out is None:
         args.out = str(ROOT / "bench" / "results" / f"qwen_tower_fps_{isa['build'].lower().replace('-', '')}.json")
