@@ -1,4 +1,5 @@
-"""What every benchmark records beside its numbers: the CPU, the x2l-edge build, and the JSON file."""
+"""What every benchmark records beside its numbers (the CPU, the x2l-edge build, the JSON file), and the
+pieces the tower-fps benchmarks share (llama.cpp's mtmd as the peer, interleaved timing rows)."""
 from __future__ import annotations
 
 import json
@@ -97,3 +98,95 @@ def greedy_decode_rate(core, n: int) -> float:
         core.eval([tok])
         tok = int(np.argmax(core.logits()))
     return n / (time.perf_counter() - t0)
+
+
+def rel_rms(got, ref) -> float:
+    """Relative RMS error of got against ref: sqrt(mean((got - ref)^2) / mean(ref^2))."""
+    import numpy as np
+
+    return float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2)))
+
+
+def timed(fn, reps: int) -> float:
+    """Mean wall seconds of one fn() call over reps calls."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def speed_pair(ours: list[float], theirs: list[float]) -> dict:
+    """The timing part of a tower-fps row from interleaved rounds of seconds per frame: best, median and
+    rounds of each runtime, best frames/s, and x2l-edge's speed over the peer's (ratio of the medians)."""
+    import statistics
+
+    row = {"x2l_edge_s_per_frame": {"best": min(ours), "median": statistics.median(ours), "rounds": ours},
+           "mtmd_s_per_frame": {"best": min(theirs), "median": statistics.median(theirs), "rounds": theirs}}
+    row["x2l_edge_fps_best"] = 1.0 / min(ours)
+    row["mtmd_fps_best"] = 1.0 / min(theirs)
+    row["speed_ratio_x2l_over_mtmd_median"] = statistics.median(theirs) / statistics.median(ours)
+    return row
+
+
+class Mtmd:
+    """llama.cpp's multimodal runtime (mtmd, via llama-cpp-python) on a model.gguf + mmproj.gguf pair, CPU only,
+    holding the media chunks it makes of `images` (uint8 HxWx3, one marker each; `mergeable` lets a
+    family that pairs video frames in time, Qwen2-VL / 2.5-VL, merge them into one chunk)."""
+
+    def __init__(self, model_path, mmproj_path, images, n_threads: int, mergeable: bool = False):
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+        from llama_cpp import mtmd_cpp as M
+
+        self.M, self.llama_cpp = M, llama_cpp
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
+                                                          llama_cpp.llama_model_default_params())
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {model_path}")
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        params = M.mtmd_context_params_default()
+        params.use_gpu = False
+        params.n_threads = n_threads
+        params.print_timings = False
+        self.ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError(f"mtmd could not load {mmproj_path}")
+        self._bufs, self.bitmaps = [], []
+        for img in images:
+            data = np.ascontiguousarray(img, dtype=np.uint8)
+            self._bufs.append((ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes()))
+            self.bitmaps.append(M.mtmd_bitmap_init(data.shape[1], data.shape[0], self._bufs[-1]))
+            if mergeable:
+                M.mtmd_bitmap_set_mergeable(self.bitmaps[-1], True)
+        text = M.mtmd_default_marker() * len(images)
+        it = M.mtmd_input_text(text=text, text_len=len(text), add_special=False, parse_special=True)
+        self.chunks = M.mtmd_input_chunks_init()
+        arr = (M.mtmd_bitmap_p_ctypes * len(self.bitmaps))(*self.bitmaps)
+        if M.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(it), arr, len(self.bitmaps)) != 0:
+            self.close()
+            raise RuntimeError("mtmd_tokenize failed")
+        every = [M.mtmd_input_chunks_get(self.chunks, i) for i in range(M.mtmd_input_chunks_size(self.chunks))]
+        self.media_chunks = [c for c in every if M.mtmd_input_chunk_get_type(c) != 0]  # 0: text
+
+    def encode(self, i: int = 0):
+        """Projector output [n_tokens, n_embd] (float32) of media chunk i."""
+        import numpy as np
+
+        chunk = self.media_chunks[i]
+        if self.M.mtmd_encode_chunk(self.ctx, chunk) != 0:
+            raise RuntimeError("mtmd_encode_chunk failed")
+        n = self.M.mtmd_input_chunk_get_n_tokens(chunk)
+        emb = self.M.mtmd_get_output_embd(self.ctx)
+        return np.ctypeslib.as_array(emb, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
+
+    def close(self):
+        M = self.M
+        M.mtmd_input_chunks_free(self.chunks)
+        for bm in self.bitmaps:
+            M.mtmd_bitmap_free(bm)
+        M.mtmd_free(self.ctx)
+        self.llama_cpp.llama_model_free(self.model)

@@ -22,13 +22,10 @@ own tensors, and mtmd's also with that reference given llama.cpp 0.3.36's CLS-la
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,68 +42,8 @@ VISION_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2
                    image_size=[448, 448], patch_size=[14, 14])
 TEXT_1B_WIDTH = dict(hidden_size=896, num_hidden_layers=1, num_attention_heads=14, num_key_value_heads=2,
                      intermediate_size=4864)
-N_EMBD = TEXT_1B_WIDTH["hidden_size"]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 POS = "model.vision_tower.embeddings.position_embeddings"
-
-
-class Mtmd:
-    """One mtmd context on a pair and the image chunk of one frame, encoded on demand."""
-
-    def __init__(self, model_path: Path, mmproj_path: Path, img: np.ndarray, n_threads: int):
-        import llama_cpp
-        from llama_cpp import mtmd_cpp as M
-
-        self.M, self.llama_cpp = M, llama_cpp
-        llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
-                                                          llama_cpp.llama_model_default_params())
-        params = M.mtmd_context_params_default()
-        params.use_gpu = False
-        params.n_threads = n_threads
-        params.print_timings = False
-        self.ctx = M.mtmd_init_from_file(str(mmproj_path).encode(), self.model, params)
-        if not self.model or not self.ctx:
-            raise RuntimeError("llama.cpp could not load the pair")
-        data = np.ascontiguousarray(img, dtype=np.uint8)
-        self._buf = (ctypes.c_uint8 * data.size).from_buffer_copy(data.tobytes())
-        self.bitmap = M.mtmd_bitmap_init(data.shape[1], data.shape[0], self._buf)
-        marker = M.mtmd_default_marker()
-        it = M.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
-        self.chunks = M.mtmd_input_chunks_init()
-        arr = (M.mtmd_bitmap_p_ctypes * 1)(self.bitmap)
-        if M.mtmd_tokenize(self.ctx, self.chunks, ctypes.byref(it), arr, 1) != 0:
-            raise RuntimeError("mtmd_tokenize failed")
-        chunks = [M.mtmd_input_chunks_get(self.chunks, i) for i in range(M.mtmd_input_chunks_size(self.chunks))]
-        self.image_chunks = [c for c in chunks if M.mtmd_input_chunk_get_type(c) != 0]
-        if len(self.image_chunks) != 1:
-            raise RuntimeError(f"mtmd made {len(self.image_chunks)} image chunks of one 448x448 frame, not 1")
-        self.chunk = self.image_chunks[0]
-        self.n_tokens = M.mtmd_input_chunk_get_n_tokens(self.chunk)
-
-    def encode(self) -> np.ndarray:
-        if self.M.mtmd_encode_chunk(self.ctx, self.chunk) != 0:
-            raise RuntimeError("mtmd_encode_chunk failed")
-        emb = self.M.mtmd_get_output_embd(self.ctx)
-        return np.ctypeslib.as_array(emb, shape=(self.n_tokens * N_EMBD,)).reshape(self.n_tokens, N_EMBD).copy()
-
-    def close(self):
-        M = self.M
-        M.mtmd_input_chunks_free(self.chunks)
-        M.mtmd_bitmap_free(self.bitmap)
-        M.mtmd_free(self.ctx)
-        self.llama_cpp.llama_model_free(self.model)
-
-
-def rel_rms(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2)))
-
-
-def timed(fn, reps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
 
 
 def run(outtype: str, model_path: Path, mmproj_path: Path, img: np.ndarray, reps: int, rounds: int,
@@ -118,25 +55,24 @@ def run(outtype: str, model_path: Path, mmproj_path: Path, img: np.ndarray, reps
     enc = core.VisionEncoder.from_gguf(str(mmproj_path), n_threads=n_threads)
     cfg = enc.config
     px = internvl.preprocess([img], cfg["image_size"], cfg["image_mean"], cfg["image_std"])  # 448x448: no resize
-    mt = Mtmd(model_path, mmproj_path, img, n_threads)
+    mt = bench_common.Mtmd(model_path, mmproj_path, [img], n_threads)
+    if len(mt.media_chunks) != 1:
+        raise RuntimeError(f"mtmd made {len(mt.media_chunks)} image chunks of one 448x448 frame, not 1")
     ours_out, theirs_out = enc.encode(px), mt.encode()  # warm-up, and the outputs to compare
     if theirs_out.shape != ours_out.shape:
         raise RuntimeError(f"mtmd gave {theirs_out.shape}, x2l-edge {ours_out.shape}")
     ours, theirs = [], []
     for _ in range(rounds):
-        ours.append(timed(lambda: enc.encode(px), reps))
-        theirs.append(timed(mt.encode, reps))
+        ours.append(bench_common.timed(lambda: enc.encode(px), reps))
+        theirs.append(bench_common.timed(mt.encode, reps))
     mt.close()
+    rel_rms = bench_common.rel_rms
     row = {"outtype": outtype, "tokens_per_frame": int(ours_out.shape[0]),
            "rel_rms_x2l_vs_mtmd": rel_rms(ours_out, theirs_out),
            "rel_rms_x2l_vs_float64": rel_rms(ours_out, reference),
            "rel_rms_mtmd_vs_float64": rel_rms(theirs_out, reference),
-           "rel_rms_mtmd_vs_float64_cls_last_positions": rel_rms(theirs_out, reference_cls_last),
-           "x2l_edge_s_per_frame": {"best": min(ours), "median": statistics.median(ours), "rounds": ours},
-           "mtmd_s_per_frame": {"best": min(theirs), "median": statistics.median(theirs), "rounds": theirs}}
-    row["x2l_edge_fps_best"] = 1.0 / row["x2l_edge_s_per_frame"]["best"]
-    row["mtmd_fps_best"] = 1.0 / row["mtmd_s_per_frame"]["best"]
-    row["speed_ratio_x2l_over_mtmd_median"] = statistics.median(theirs) / statistics.median(ours)
+           "rel_rms_mtmd_vs_float64_cls_last_positions": rel_rms(theirs_out, reference_cls_last)}
+    row.update(bench_common.speed_pair(ours, theirs))
     return row
 
 
