@@ -9,6 +9,7 @@
 #include "core/common.h"
 #include "cpu/vision_layout.h"
 #include "llm/weights.h"
+#include "vision/tower_attention.h"
 #include "vision/tower_common.h"
 
 namespace x2l {
@@ -23,6 +24,7 @@ struct QwenVisionEncoder::Scratch {
     std::vector<float> rows;             // [N, 3 * temporal * p * p] pixel rows (qwen_patch_rows order)
     std::vector<float> x, xn, q, k, v;   // [N, width] (window-major unit order)
     std::vector<float> attn;             // [N, width]
+    SegmentAttentionScratch seg;         // attention's transposed K, V and scores
     std::vector<float> gate, up;         // [N, n_ff]
     std::vector<float> cos, sin;         // [N, head_dim / 2]
     std::vector<float> h1, h2;           // [N / merge^2, merge^2 * width], [N / merge^2, n_embd]
@@ -254,47 +256,11 @@ void QwenVisionEncoder::run_pair(ThreadPool& pool, Scratch& s, const float* pair
     }
 }
 
-// Softmax attention inside contiguous segments of rows (seg_len sums to n), per head, scale d^-1/2.
+// Softmax attention inside contiguous segments of rows (seg_len sums to n), per head (vision/tower_attention.h).
 void QwenVisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n, const std::vector<int32_t>& seg_len) const {
     const QwenVisionConfig& c = cfg_;
-    const int64_t W = c.width, hd = c.head_dim, H = c.n_head;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    std::vector<int64_t> seg_of(n), seg_begin;
-    int64_t b = 0;
-    for (size_t i = 0; i < seg_len.size(); ++i) {
-        seg_begin.push_back(b);
-        for (int32_t j = 0; j < seg_len[i]; ++j) seg_of[b + j] = static_cast<int64_t>(i);
-        b += seg_len[i];
-    }
-    if (b != n) throw Error("internal: attention segments do not cover the rows");
-    auto run = [&](int64_t t0, int64_t t1) {
-        std::vector<float> sc;
-        for (int64_t task = t0; task < t1; ++task) {
-            const int64_t i = task / H, h = task % H;
-            const int64_t sb = seg_begin[seg_of[i]], len = seg_len[seg_of[i]];
-            sc.resize(len);
-            const float* q = s.q.data() + i * W + h * hd;
-            float mx = -INFINITY;
-            for (int64_t j = 0; j < len; ++j) {
-                sc[j] = dot_f32(q, s.k.data() + (sb + j) * W + h * hd, hd) * scale;
-                mx = std::max(mx, sc[j]);
-            }
-            double sum = 0.0;
-            for (int64_t j = 0; j < len; ++j) {
-                sc[j] = std::exp(sc[j] - mx);
-                sum += sc[j];
-            }
-            float* o = s.attn.data() + i * W + h * hd;
-            std::fill(o, o + hd, 0.0f);
-            const float inv = static_cast<float>(1.0 / sum);
-            for (int64_t j = 0; j < len; ++j) axpy_f32(sc[j] * inv, s.v.data() + (sb + j) * W + h * hd, o, hd);
-        }
-    };
-    if (n * n * hd < kMinParallelWork) {
-        run(0, n * H);
-    } else {
-        pool.parallel_for(n * H, run);
-    }
+    segment_attention(pool, s.q.data(), s.k.data(), s.v.data(), s.attn.data(), n, c.width, c.n_head, c.head_dim,
+                      std::vector<int64_t>(seg_len.begin(), seg_len.end()), s.seg);
 }
 
 }  // namespace x2l

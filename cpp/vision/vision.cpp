@@ -8,6 +8,7 @@
 #include "core/common.h"
 #include "cpu/vision_layout.h"
 #include "llm/weights.h"
+#include "vision/tower_attention.h"
 #include "vision/tower_common.h"
 
 namespace x2l {
@@ -24,22 +25,6 @@ void activate(VisionAct a, float* x, int64_t n) {
     }
 }
 
-// Softmax that returns exact zeros instead of denormals: exp(d) for d < -80 is below 2e-35, far
-// under float resolution next to the max entry's 1, and denormal probabilities make the P V
-// products run an order of magnitude slower (microcode assists on x86).
-void softmax_ftz(float* x, int64_t n) {
-    float mx = x[0];
-    for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-        const float d = x[i] - mx;
-        const float e = d < -80.0f ? 0.0f : std::exp(d);
-        x[i] = e;
-        sum += e;
-    }
-    const float inv = static_cast<float>(1.0 / sum);
-    for (int64_t i = 0; i < n; ++i) x[i] *= inv;
-}
 
 }  // namespace
 
@@ -65,8 +50,7 @@ struct VisionEncoder::Scratch {
     std::vector<float> q, k, v;  // [n * n_tokens, width]
     std::vector<float> attn;     // [n * n_tokens, width]
     std::vector<float> ff;       // [n * n_tokens, n_ff]
-    std::vector<float> kt, vt;   // [n, n_head, head_dim, n_tokens] K, V transposed per head
-    std::vector<float> scores;   // [n_threads, kAttnRows, n_tokens]
+    SegmentAttentionScratch seg;  // attention's transposed K, V and scores
     std::vector<float> feat;     // [n * n_feat, width] features without CLS (when dropped)
     std::vector<float> h1, h2;   // [n * n_feat, n_embd] projector hidden / output
     std::vector<float> shuffled; // [n * tokens_per_frame, shuffle^2 * width] (pixel shuffle)
@@ -547,71 +531,11 @@ void VisionEncoder::run_tower(ThreadPool& pool, Scratch& s, const float* pixels,
     }
 }
 
-// Full (unmasked) self-attention inside each frame, per head:
-//   S = (Q * scale) K^T  [rows, T];  P = softmax(S);  O = P V  [rows, hd]
-// K and V are first transposed per (frame, head) to [hd, T] so that both products run over long
-// contiguous rows of length T (head_dim is only 64-72, too short for efficient per-key dots).
-// Tasks are (frame, head, block of query rows), handed out dynamically.
+// Full (unmasked) self-attention inside each frame, per head (vision/tower_attention.h).
 void VisionEncoder::attention(ThreadPool& pool, Scratch& s, int64_t n) const {
     const VisionConfig& c = cfg_;
-    const int64_t W = c.width, T = c.n_tokens, H = c.n_head, hd = c.head_dim;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-
-    const bool small = n * H * T * T * hd < kMinParallelWork * 4;
-    auto transpose = [&](int64_t b0, int64_t b1) {
-        for (int64_t bh = b0; bh < b1; ++bh) {
-            const int64_t b = bh / H, h = bh % H;
-            float* kt = s.kt.data() + bh * hd * T;  // [hd, T]
-            float* vt = s.vt.data() + bh * hd * T;
-            for (int64_t j = 0; j < T; ++j) {
-                const float* kr = s.k.data() + (b * T + j) * W + h * hd;
-                const float* vr = s.v.data() + (b * T + j) * W + h * hd;
-                for (int64_t d = 0; d < hd; ++d) {
-                    kt[d * T + j] = kr[d];
-                    vt[d * T + j] = vr[d];
-                }
-            }
-        }
-    };
-    if (small) {
-        transpose(0, n * H);
-    } else {
-        pool.parallel_for(n * H, transpose);
-    }
-
-    const int64_t R = kAttnRows;
-    const int64_t n_qblk = (T + R - 1) / R;
-    const int64_t n_tasks = n * H * n_qblk;
-    std::atomic<int64_t> next{0};
-    auto worker = [&](int ith, int) {
-        float* sc = s.scores.data() + static_cast<size_t>(ith) * R * T;  // [R, T]
-        for (int64_t task = next.fetch_add(1); task < n_tasks; task = next.fetch_add(1)) {
-            const int64_t qb = task % n_qblk, bh = task / n_qblk, b = bh / H, h = bh % H;
-            const float* kt = s.kt.data() + bh * hd * T;
-            const float* vt = s.vt.data() + bh * hd * T;
-            const int64_t t0 = qb * R, t1 = std::min(T, t0 + R);
-            for (int64_t t = t0; t < t1; ++t) {
-                const float* q = s.q.data() + (b * T + t) * W + h * hd;
-                float* srow = sc + (t - t0) * T;
-                std::fill(srow, srow + T, 0.0f);
-                int64_t d = 0;
-                for (; d + 4 <= hd; d += 4) {  // four key rows per pass: a quarter of the stores
-                    const float a0 = q[d] * scale, a1 = q[d + 1] * scale, a2 = q[d + 2] * scale, a3 = q[d + 3] * scale;
-                    const float *k0 = kt + d * T, *k1 = k0 + T, *k2 = k1 + T, *k3 = k2 + T;
-                    for (int64_t j = 0; j < T; ++j) srow[j] += a0 * k0[j] + a1 * k1[j] + a2 * k2[j] + a3 * k3[j];
-                }
-                for (; d < hd; ++d) axpy_f32(q[d] * scale, kt + d * T, srow, T);
-                softmax_ftz(srow, T);
-                float* o = s.attn.data() + (b * T + t) * W + h * hd;  // [hd] slice of [rows, W]
-                for (int64_t e = 0; e < hd; ++e) o[e] = dot_f32(srow, vt + e * T, T);
-            }
-        }
-    };
-    if (small) {
-        worker(0, 1);
-    } else {
-        pool.run(worker);
-    }
+    segment_attention(pool, s.q.data(), s.k.data(), s.v.data(), s.attn.data(), n * c.n_tokens, c.width, c.n_head,
+                      c.head_dim, std::vector<int64_t>(static_cast<size_t>(n), c.n_tokens), s.seg);
 }
 
 void VisionEncoder::pool_frame(const float* in, float* out, int64_t stride, int64_t C) const {
@@ -668,9 +592,6 @@ void VisionEncoder::encode(ThreadPool& pool, const float* pixels, int64_t n_fram
     s.v.resize(B * T * W);
     s.attn.resize(B * T * W);
     s.ff.resize(B * T * c.n_ff);
-    s.kt.resize(B * T * W);
-    s.vt.resize(B * T * W);
-    s.scores.resize(static_cast<size_t>(pool.n_threads()) * kAttnRows * T);
     const bool shuffle = shuffles();
     if (stage != Stage::Features && shuffle) {
         s.shuffled.resize(B * NF * W);  // the same values, regrouped

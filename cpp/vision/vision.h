@@ -127,7 +127,6 @@ class VisionEncoder {
     void im2col_row(const float* pixels, int64_t r, float* dst) const;
 
     static constexpr int kBatchTokens = 1024;
-    static constexpr int kAttnRows = 16;  // query rows per attention task
 
   private:
     friend class CudaVision;  // reads the weights and pooling settings to upload them
