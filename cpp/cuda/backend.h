@@ -36,6 +36,8 @@ std::string cuda_probe_error();
 // "" when a kernel of this build ran on device dev, otherwise why not (no kernel image for its
 // architecture, a failed context...). Cached per device; never throws.
 std::string cuda_device_unusable(int dev);
+// Throws Error unless device `dev` exists and is usable (cuda_device_unusable): every executor's first check.
+void cuda_require_device(int dev);
 
 struct CudaDeviceInfo {
     std::string name;

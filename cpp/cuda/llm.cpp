@@ -41,12 +41,7 @@ CudaDeviceBuffer cuda_upload_floats(const std::vector<float>& v, size_t& total) 
 }
 
 CudaLlm::CudaLlm(const LlmModel& model, int device) : cfg_(model.config()), mrope_(model.rope_axes()), device_(device) {
-    if (device < 0 || device >= cuda_device_count()) {
-        throw Error("CUDA device " + std::to_string(device) + " is not available (" +
-                    std::to_string(cuda_device_count()) + " present)");
-    }
-    const std::string why = cuda_device_unusable(device);
-    if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
+    cuda_require_device(device);
     const LlmConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) throw Error("the CUDA attention kernel needs head_dim % 4 == 0 and <= 256");
     if (c.n_pos_axes > 1 && (mrope_.n_axes != c.n_pos_axes || mrope_.head_dim != c.head_dim)) {

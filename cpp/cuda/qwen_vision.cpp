@@ -22,12 +22,7 @@ void linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const Cuda
 }  // namespace
 
 CudaQwenVision::CudaQwenVision(const QwenVisionEncoder& enc, int device) : enc_(enc), cfg_(enc.config()), device_(device) {
-    if (device < 0 || device >= cuda_device_count()) {
-        throw Error("CUDA device " + std::to_string(device) + " is not available (" +
-                    std::to_string(cuda_device_count()) + " present)");
-    }
-    const std::string why = cuda_device_unusable(device);
-    if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
+    cuda_require_device(device);
     const QwenVisionConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) {
         throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +

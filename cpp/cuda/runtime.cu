@@ -131,6 +131,15 @@ std::string cuda_device_unusable(int dev) {
     return why;
 }
 
+void cuda_require_device(int dev) {
+    if (dev < 0 || dev >= cuda_device_count()) {
+        throw Error("CUDA device " + std::to_string(dev) + " is not available (" + std::to_string(cuda_device_count()) +
+                    " present)");
+    }
+    const std::string why = cuda_device_unusable(dev);
+    if (!why.empty()) throw Error("CUDA device " + std::to_string(dev) + " is not usable: " + why);
+}
+
 namespace cudak {
 
 size_t smem_optin(int dev) {

@@ -31,12 +31,7 @@ float* f32(CudaDeviceBuffer& b) { return static_cast<float*>(b.data()); }
 
 CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
     : enc_(enc), cfg_(enc.config()), device_(device) {
-    if (device < 0 || device >= cuda_device_count()) {
-        throw Error("CUDA device " + std::to_string(device) + " is not available (" +
-                    std::to_string(cuda_device_count()) + " present)");
-    }
-    const std::string why = cuda_device_unusable(device);
-    if (!why.empty()) throw Error("CUDA device " + std::to_string(device) + " is not usable: " + why);
+    cuda_require_device(device);
     const VisionConfig& c = cfg_;
     if (c.head_dim % 4 != 0 || c.head_dim > 256) {
         throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +

@@ -185,7 +185,6 @@ void LlmModel::forward(ThreadPool& pool, Workspace& ws, float* x, int64_t n, con
     if (n_logits < 0 || n_logits > n) throw Error("invalid n_logits");
     const int64_t E = c.n_embd, QD = static_cast<int64_t>(c.n_head) * c.head_dim,
                   KD = static_cast<int64_t>(c.n_head_kv) * c.head_dim, FF = c.n_ff;
-    const int nth = pool.n_threads();
     ws.xn.resize(n * std::max(E, QD));
     ws.q.resize(n * QD);
     ws.k.resize(n * KD);
