@@ -10,7 +10,7 @@ from . import chat as _chat
 from . import checks
 from . import device as _device
 from .concurrency import CancelToken, OperationLock
-from .families import media_module
+from .families import QWEN_PROJECTORS, media_module
 from .concurrency import CancelledError as x2l_edge_cancelled
 from .generation import SAMPLING, generate_ids, stream_text
 from .options import X2LOptions
@@ -248,13 +248,12 @@ class Session:
     def is_qwen_vl(self) -> bool:
         """A Qwen2-VL / Qwen2.5-VL model (M-RoPE LLM + Qwen merger): images and videos go through
         x2l_edge.qwen_vl."""
-        return self.has_vision and self._vision_meta("clip.projector_type", "") in ("qwen2vl_merger", "qwen2.5vl_merger")
+        return self.has_vision and self._vision_meta("clip.projector_type", "") in QWEN_PROJECTORS
 
     def _video_question_kwargs(self, system: str | None = None) -> dict | None:
         """How a question continues after a video index with an M-RoPE text position: the model's media module
         lays it out (Qwen2-VL); None when this model has no such layout (VideoContext.load then refuses)."""
-        module = media_module(self)
-        return module.context_kwargs(self, system) if module is not None and self.is_qwen_vl else None
+        return media_module(self).context_kwargs(self, system) if self.is_qwen_vl else None
 
     def _meta(self, key, default=None):
         if not hasattr(self, "_gguf"):
