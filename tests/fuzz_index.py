@@ -68,8 +68,9 @@ def test_one(data: bytes) -> None:
     n = ix.n_chunks
     ix.memory()
     ix.settings()
+    has_signatures = n > 0
     for c in range(n):
-        ix.chunk_info(c)
+        has_signatures &= ix.chunk_info(c)["signature_rows"] > 0
         ix.low_positions(c)
         ix.low_rows(c, 0, 0, True)
     try:
@@ -77,6 +78,13 @@ def test_one(data: bytes) -> None:
     except x2l_edge.Error:
         return  # e.g. dimensions of another model, a sink id beyond the vocabulary
     for scorer in ("embedding", "keys", "maxsim", "attention"):
+        if scorer == "maxsim" and not has_signatures:  # index format 3 or 4 (the corpus' raw file): refused
+            try:
+                ctx.scores("the secret word?", scorer=scorer)
+            except x2l_edge.Error as e:
+                assert "no row signatures" in str(e), e
+                continue
+            raise AssertionError("maxsim scored an index without row signatures")
         ctx.scores("the secret word?", scorer=scorer)
     ctx.ask("the secret word?", chunks=sorted({0, n - 1}), max_tokens=1)
 

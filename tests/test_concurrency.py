@@ -89,32 +89,70 @@ def test_threads_on_one_session_give_single_threaded_answers(session, text_ctx):
     assert not wrong, wrong
 
 
-def _timed_eval(s, ids, log, key):
-    t0 = time.perf_counter()
-    with s.exclusive():
-        s.reset()
-        s.eval(ids)
-    log[key] = (t0, time.perf_counter())
+def _hold(session, held: threading.Event, release: threading.Event):
+    """Hold the session's lock until `release` is set (a long operation whose length the test decides)."""
+    with session.exclusive():
+        held.set()
+        release.wait(timeout=300)
 
 
-def test_two_sessions_run_in_parallel_one_session_serializes(smollm2_path, session):
+def test_two_sessions_run_in_parallel(smollm2_path, session):
+    """While one session's thread is inside native evals (GIL released), another session's eval runs and
+    finishes inside one of them. Evals are repeated rather than timed, so a fast machine proves it too."""
     other = x2l_edge.Session(smollm2_path, n_threads=1, n_ctx=4096)
     long_ids = session.tokenize(LONG_TEXT)[:512]
     short_ids = long_ids[:16]
+    evals, stop, started = [], threading.Event(), threading.Event()
 
-    def race(a, b):
-        log = {}
-        ta = threading.Thread(target=_timed_eval, args=(a, long_ids, log, "long"))
-        ta.start()
-        time.sleep(0.3)  # the long eval is running
-        _timed_eval(b, short_ids, log, "short")
-        ta.join()
-        return log
+    def keep_evaluating():
+        with session.exclusive():
+            for _ in range(200):
+                t0 = time.perf_counter()
+                started.set()
+                session.reset()
+                session.eval(long_ids)
+                evals.append((t0, time.perf_counter()))
+                if stop.is_set():
+                    break
 
-    log = race(session, other)  # different sessions: the short one finishes while the long one runs
-    assert log["short"][1] < log["long"][1], log
-    log = race(session, session)  # the same session: the short one waits for the long one
-    assert log["short"][1] >= log["long"][1], log
+    ta = threading.Thread(target=keep_evaluating)
+    ta.start()
+    assert started.wait(timeout=60)
+    shorts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        with other.exclusive():
+            other.reset()
+            other.eval(short_ids)
+        shorts.append((t0, time.perf_counter()))
+    stop.set()
+    ta.join(timeout=600)
+    assert not ta.is_alive()
+    inside = [s for s in shorts if any(a0 < s[0] and s[1] < a1 for a0, a1 in evals)]
+    assert inside, (shorts, evals)
+
+
+def test_one_session_serializes(session):
+    """A second operation on the same session waits for the first, and runs once it ends."""
+    held, release, done = threading.Event(), threading.Event(), threading.Event()
+    ids = session.tokenize(LONG_TEXT)[:16]
+    ta = threading.Thread(target=_hold, args=(session, held, release))
+    ta.start()
+    assert held.wait(timeout=60)
+
+    def short():
+        with session.exclusive():
+            session.reset()
+            session.eval(ids)
+        done.set()
+
+    tb = threading.Thread(target=short)
+    tb.start()
+    assert not done.wait(timeout=0.5), "the second operation ran while the first held the session"
+    release.set()
+    assert done.wait(timeout=120)
+    ta.join(timeout=60)
+    tb.join(timeout=60)
 
 
 def test_abandoned_stream_releases_the_session(session):
@@ -206,9 +244,12 @@ def test_cancel_token_stops_only_its_operation(session):
     # a token cancelled while its operation waits for the session: the running one goes on
     ids = (session.tokenize(LONG_TEXT) * 2)[:400]
     results, waiting = {}, CancelToken()
+    held, release = threading.Event(), threading.Event()
 
     def long_op():
         with session.exclusive():
+            held.set()
+            release.wait(timeout=300)  # holds the session until the queued operation gave up
             session.reset()
             results["long"] = session.eval(ids, all_logits=True)[-1]
 
@@ -221,13 +262,14 @@ def test_cancel_token_stops_only_its_operation(session):
 
     ta = threading.Thread(target=long_op)
     ta.start()
-    time.sleep(0.2)
+    assert held.wait(timeout=60)
     tb = threading.Thread(target=queued)
     tb.start()
     time.sleep(0.2)
     waiting.cancel()
+    tb.join(timeout=60)
+    release.set()
     ta.join(timeout=300)
-    tb.join(timeout=300)
     assert results["queued"] == "cancelled"
     assert results["long"].shape == (session.info["n_vocab"],) and np.isfinite(results["long"]).all()
     assert session.generate(PROMPTS[3], **GEN) == want

@@ -1134,6 +1134,7 @@ def test_serve_refuses_a_bad_pair(pair_env, tmp_path):
     model, _ = pair_env["pairs"]["qwen2vl"]
     _, mmproj = pair_env["pairs"]["smolvlm"]
     p = subprocess.run([sys.executable, "-m", "x2l_edge.server", str(model), "--mmproj", str(mmproj), "--port",
-                        str(_free_port())], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+                        str(_free_port()), "--device", "cpu"], cwd=str(tmp_path), capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 2, p.stderr
     assert p.stderr.startswith("error: ") and str(mmproj) in p.stderr and "projector" in p.stderr, p.stderr
