@@ -178,26 +178,32 @@ OutF32 op_norm(F32Array x, std::optional<F32Array> w, std::optional<F32Array> b,
     return make_out(std::move(out), shape_of(x));
 }
 
+// x [T, n_head, head_dim] and pos uploaded, `rope(dx, dy_or_dx, dpos, stream)` enqueued, the result downloaded.
+template <class Rope>
+OutF32 rope_probe(const F32Array& x, const void* pos, size_t pos_bytes, bool in_place, Rope rope) {
+    std::vector<float> out;
+    {
+        nb::gil_scoped_release nogil;
+        auto dx = to_device(x.data(), x.nbytes());
+        auto dp = to_device(pos, pos_bytes);
+        x2l::CudaDeviceBuffer dy;
+        if (!in_place) dy = device_buffer(x.nbytes());
+        float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
+        run_sync([&](void* s) { rope(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()), s); });
+        out = from_device(in_place ? dx : dy, x.size());
+    }
+    return make_out(std::move(out), shape_of(x));
+}
+
 OutF32 op_rope(F32Array x, I32Array pos, int n_rot, float freq_base, float freq_scale, bool neox, bool in_place) {
     require_device();
     if (x.ndim() != 3) throw x2l::Error("x must have shape [T, n_head, head_dim]");
     const int64_t T = static_cast<int64_t>(x.shape(0)), H = static_cast<int64_t>(x.shape(1)), D = static_cast<int64_t>(x.shape(2));
     if (static_cast<int64_t>(pos.size()) != T) throw x2l::Error("pos must have T entries");
-    std::vector<float> out;
-    {
-        nb::gil_scoped_release nogil;
-        auto dx = to_device(x.data(), x.nbytes());
-        auto dp = to_device(pos.data(), pos.nbytes());
-        x2l::CudaDeviceBuffer dy;
-        if (!in_place) dy = device_buffer(x.nbytes());
-        float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
-        run_sync([&](void* s) {
-            x2l::cuda_rope(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()), T, H, D, H * D,
-                           n_rot, freq_base, freq_scale, neox ? x2l::RopeMode::Neox : x2l::RopeMode::Norm, s);
-        });
-        out = from_device(in_place ? dx : dy, x.size());
-    }
-    return make_out(std::move(out), shape_of(x));
+    return rope_probe(x, pos.data(), pos.nbytes(), in_place, [&](const float* dx, float* dy, const int32_t* dp, void* s) {
+        x2l::cuda_rope(dx, dy, dp, T, H, D, H * D, n_rot, freq_base, freq_scale,
+                       neox ? x2l::RopeMode::Neox : x2l::RopeMode::Norm, s);
+    });
 }
 
 OutF32 op_rope_axes(F32Array x, I32Array pos, F32Array freq, U8Array axis, bool in_place, bool one_row) {
@@ -208,22 +214,10 @@ OutF32 op_rope_axes(F32Array x, I32Array pos, F32Array freq, U8Array axis, bool 
     if (static_cast<int64_t>(freq.size()) != D / 2 || static_cast<int64_t>(axis.size()) != D / 2)
         throw x2l::Error("freq and axis must have head_dim / 2 entries");
     const int n_axes = static_cast<int>(pos.shape(0));
-    std::vector<float> out;
-    {
-        nb::gil_scoped_release nogil;
-        auto dx = to_device(x.data(), x.nbytes());
-        auto dp = to_device(pos.data(), pos.nbytes());
-        x2l::CudaDeviceBuffer dy;
-        if (!in_place) dy = device_buffer(x.nbytes());
-        float* py = in_place ? static_cast<float*>(dx.data()) : static_cast<float*>(dy.data());
-        run_sync([&](void* s) {
-            // one_row: every axis reads row 0 (stride 0, as a text token's single position)
-            x2l::cuda_rope_axes(static_cast<const float*>(dx.data()), py, static_cast<const int32_t*>(dp.data()),
-                                one_row ? 0 : T, T, H, D, H * D, freq.data(), axis.data(), n_axes, s);
-        });
-        out = from_device(in_place ? dx : dy, x.size());
-    }
-    return make_out(std::move(out), shape_of(x));
+    return rope_probe(x, pos.data(), pos.nbytes(), in_place, [&](const float* dx, float* dy, const int32_t* dp, void* s) {
+        // one_row: every axis reads row 0 (stride 0, as a text token's single position)
+        x2l::cuda_rope_axes(dx, dy, dp, one_row ? 0 : T, T, H, D, H * D, freq.data(), axis.data(), n_axes, s);
+    });
 }
 
 OutF32 op_pixel_shuffle(F32Array x, int scale) {

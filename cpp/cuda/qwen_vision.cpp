@@ -13,21 +13,12 @@ namespace {
 constexpr size_t kF32 = sizeof(float);
 
 float* f32(const CudaDeviceBuffer& b) { return static_cast<float*>(b.data()); }
-
-// Every matmul on tensor cores (f16 operands, f32 sums), as the other tower: a token's result does not
-// depend on how many tokens its frame has.
-void linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
-    cuda_linear(w, x, n, y, bias, stream, MatmulKernel::TensorCore);
-}
 }  // namespace
 
 CudaQwenVision::CudaQwenVision(const QwenVisionEncoder& enc, int device) : enc_(enc), cfg_(enc.config()), device_(device) {
     cuda_require_device(device);
     const QwenVisionConfig& c = cfg_;
-    if (c.head_dim % 4 != 0 || c.head_dim > 256) {
-        throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +
-                    std::to_string(c.head_dim) + ")");
-    }
+    cuda_check_vision_head_dim(c.head_dim);
     cuda_set_device(device);
     stream_.reset(new CudaStream(true));
     size_t& total = weight_bytes_;
@@ -36,27 +27,11 @@ CudaQwenVision::CudaQwenVision(const QwenVisionEncoder& enc, int device) : enc_(
     for (size_t l = 0; l < layers_.size(); ++l) {
         const QwenVisionLayer& L = enc.layers_[l];
         Layer& d = layers_[l];
-        const std::string p = "v.blk." + std::to_string(l) + ".";
-        d.ln1_w = cuda_upload_floats(L.ln1_w, total);
-        d.ln1_b = cuda_upload_floats(L.ln1_b, total);
-        d.ln2_w = cuda_upload_floats(L.ln2_w, total);
-        d.ln2_b = cuda_upload_floats(L.ln2_b, total);
-        d.wq = cuda_upload_weight(L.wq, p + "attn_q.weight", total);
-        d.wk = cuda_upload_weight(L.wk, p + "attn_k.weight", total);
-        d.wv = cuda_upload_weight(L.wv, p + "attn_v.weight", total);
-        d.wo = cuda_upload_weight(L.wo, p + "attn_out.weight", total);
-        d.bq = cuda_upload_floats(L.bq, total);
-        d.bk = cuda_upload_floats(L.bk, total);
-        d.bv = cuda_upload_floats(L.bv, total);
-        d.bo = cuda_upload_floats(L.bo, total);
+        cuda_upload_vision_block(L, l, d, total);
         if (c.qwen25) {
-            d.w_gate = cuda_upload_weight(L.w_gate, p + "ffn_gate.weight", total);
+            d.w_gate = cuda_upload_weight(L.w_gate, "v.blk." + std::to_string(l) + ".ffn_gate.weight", total);
             d.b_gate = cuda_upload_floats(L.b_gate, total);
         }
-        d.w_up = cuda_upload_weight(L.w_up, p + "ffn_up.weight", total);
-        d.b_up = cuda_upload_floats(L.b_up, total);
-        d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down.weight", total);
-        d.b_down = cuda_upload_floats(L.b_down, total);
     }
     post_w_ = cuda_upload_floats(enc.post_w_, total);
     post_b_ = cuda_upload_floats(enc.post_b_, total);
@@ -197,7 +172,7 @@ void CudaQwenVision::run_pair(const float* pair, int height, int width, float* o
         std::memcpy(rows_host_.data() + k * U * K, raster.data() + unit_order_[k] * U * K, sizeof(float) * U * K);
     }
     staging_.upload(rows_.data(), rows_host_.data(), rows_host_.size() * kF32, s);
-    linear(patch_w_, f32(rows_), N, f32(x_), CudaDeviceBuffer(), s);  // [N, W]: the Conv3D, no bias
+    cuda_vision_linear(patch_w_, f32(rows_), N, f32(x_), CudaDeviceBuffer(), s);  // [N, W]: the Conv3D, no bias
 
     const RopeAxes& ra = enc_.rope_;
     const int32_t* pos = static_cast<const int32_t*>(pos_.data());
@@ -206,9 +181,9 @@ void CudaQwenVision::run_pair(const float* pair, int height, int width, float* o
         const Layer& L = layers_[l];
         gate.before_layer(static_cast<int>(l));
         norm(L.ln1_w, L.ln1_b, f32(x_), f32(xn_), N);
-        linear(L.wq, f32(xn_), N, f32(q_), L.bq, s);
-        linear(L.wk, f32(xn_), N, f32(k_), L.bk, s);
-        linear(L.wv, f32(xn_), N, f32(v_), L.bv, s);
+        cuda_vision_linear(L.wq, f32(xn_), N, f32(q_), L.bq, s);
+        cuda_vision_linear(L.wk, f32(xn_), N, f32(k_), L.bk, s);
+        cuda_vision_linear(L.wv, f32(xn_), N, f32(v_), L.bv, s);
         cuda_rope_axes(f32(q_), f32(q_), pos, N, N, c.n_head, c.head_dim, W, ra.freq.data(), ra.axis.data(), ra.n_axes, s);
         cuda_rope_axes(f32(k_), f32(k_), pos, N, N, c.n_head, c.head_dim, W, ra.freq.data(), ra.axis.data(), ra.n_axes, s);
         // Qwen2.5: windowed blocks attend inside each window (segments 1..), every n_wa_pattern-th block and
@@ -228,18 +203,18 @@ void CudaQwenVision::run_pair(const float* pair, int height, int width, float* o
             p.n_kv = window_len_[w];
             cuda_attention(p, s);
         }
-        linear(L.wo, f32(attn_), N, f32(xn_), L.bo, s);
+        cuda_vision_linear(L.wo, f32(attn_), N, f32(xn_), L.bo, s);
         cuda_add(f32(x_), f32(xn_), f32(x_), N * W, N * W, s);
         norm(L.ln2_w, L.ln2_b, f32(x_), f32(xn_), N);
         if (c.qwen25) {  // SwiGLU: down(silu(gate(x)) * up(x))
-            linear(L.w_gate, f32(xn_), N, f32(gate_), L.b_gate, s);
-            linear(L.w_up, f32(xn_), N, f32(up_), L.b_up, s);
+            cuda_vision_linear(L.w_gate, f32(xn_), N, f32(gate_), L.b_gate, s);
+            cuda_vision_linear(L.w_up, f32(xn_), N, f32(up_), L.b_up, s);
             cuda_swiglu(f32(gate_), f32(up_), f32(gate_), N * F, s);
-            linear(L.w_down, f32(gate_), N, f32(xn_), L.b_down, s);
+            cuda_vision_linear(L.w_down, f32(gate_), N, f32(xn_), L.b_down, s);
         } else {
-            linear(L.w_up, f32(xn_), N, f32(up_), L.b_up, s);
+            cuda_vision_linear(L.w_up, f32(xn_), N, f32(up_), L.b_up, s);
             cuda_gelu(f32(up_), f32(up_), N * F, GeluMode::Quick, s);
-            linear(L.w_down, f32(up_), N, f32(xn_), L.b_down, s);
+            cuda_vision_linear(L.w_down, f32(up_), N, f32(xn_), L.b_down, s);
         }
         cuda_add(f32(x_), f32(xn_), f32(x_), N * W, N * W, s);
         gate.after_layer(static_cast<int>(l));
@@ -248,9 +223,9 @@ void CudaQwenVision::run_pair(const float* pair, int height, int width, float* o
     // Merger: norm, a merge unit's U rows side by side ([n_units, U * W] is the row-major view of [N, W]),
     // mm.0 -> GELU (erf) -> mm.2; slot k's token goes back to its raster unit on the host.
     norm(post_w_, post_b_, f32(x_), f32(xn_), N);
-    linear(mm0_, f32(xn_), n_units, f32(h1_), mm0_b_, s);
+    cuda_vision_linear(mm0_, f32(xn_), n_units, f32(h1_), mm0_b_, s);
     cuda_gelu(f32(h1_), f32(h1_), n_units * U * W, GeluMode::Erf, s);
-    linear(mm2_, f32(h1_), n_units, f32(h2_), mm2_b_, s);  // [n_units, E]
+    cuda_vision_linear(mm2_, f32(h1_), n_units, f32(h2_), mm2_b_, s);  // [n_units, E]
     h2_host_.resize(static_cast<size_t>(n_units * E));
     h2_.download(h2_host_.data(), h2_host_.size() * kF32, 0, s);
     stream_->synchronize();  // kernel faults surface here; the host buffers are reused next pair

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cuda/llm.h"
+#include "cuda/vision_block.h"
 #include "vision/executor.h"
 #include "vision/qwen.h"
 
@@ -34,9 +35,9 @@ class CudaQwenVision final : public QwenVisionExecutor {
     size_t device_bytes() const override;
 
   private:
-    struct Layer {
-        CudaDeviceBuffer ln1_w, ln1_b, ln2_w, ln2_b, bq, bk, bv, bo, b_gate, b_up, b_down;  // biases of LN empty for RMSNorm
-        CudaMatrix wq, wk, wv, wo, w_gate, w_up, w_down;                                      // w_gate: SwiGLU only
+    struct Layer : CudaVisionBlock {
+        CudaDeviceBuffer b_gate;  // SwiGLU (Qwen2.5) only
+        CudaMatrix w_gate;
     };
     // Activations for n tokens of one temporal pair (reallocated when a larger frame comes).
     void reserve(int64_t n);

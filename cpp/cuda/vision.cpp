@@ -20,12 +20,6 @@ GeluMode gelu_mode(VisionAct a) {
 }
 
 const float* f32(const CudaDeviceBuffer& b) { return static_cast<const float*>(b.data()); }
-
-// Every matmul of the tower runs on tensor cores (f16 operands, f32 sums), however many rows a batch
-// has: a frame's tokens then do not depend on the batch it was encoded in.
-void linear(const CudaMatrix& w, const float* x, int64_t n, float* y, const CudaDeviceBuffer& bias, void* stream) {
-    cuda_linear(w, x, n, y, bias, stream, MatmulKernel::TensorCore);
-}
 float* f32(CudaDeviceBuffer& b) { return static_cast<float*>(b.data()); }
 }  // namespace
 
@@ -33,10 +27,7 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
     : enc_(enc), cfg_(enc.config()), device_(device) {
     cuda_require_device(device);
     const VisionConfig& c = cfg_;
-    if (c.head_dim % 4 != 0 || c.head_dim > 256) {
-        throw Error("the CUDA attention kernel needs a vision head_dim % 4 == 0 and <= 256 (got " +
-                    std::to_string(c.head_dim) + ")");
-    }
+    cuda_check_vision_head_dim(c.head_dim);
     cuda_set_device(device);
     stream_.reset(new CudaStream(true));
     size_t& total = weight_bytes_;
@@ -50,23 +41,7 @@ CudaVision::CudaVision(const VisionEncoder& enc, int device, int batch_frames)
     for (size_t l = 0; l < layers_.size(); ++l) {
         const VisionLayer& L = enc.layers_[l];
         Layer& d = layers_[l];
-        const std::string p = "v.blk." + std::to_string(l) + ".";
-        d.ln1_w = cuda_upload_floats(L.ln1_w, total);
-        d.ln1_b = cuda_upload_floats(L.ln1_b, total);
-        d.ln2_w = cuda_upload_floats(L.ln2_w, total);
-        d.ln2_b = cuda_upload_floats(L.ln2_b, total);
-        d.wq = cuda_upload_weight(L.wq, p + "attn_q.weight", total);
-        d.wk = cuda_upload_weight(L.wk, p + "attn_k.weight", total);
-        d.wv = cuda_upload_weight(L.wv, p + "attn_v.weight", total);
-        d.wo = cuda_upload_weight(L.wo, p + "attn_out.weight", total);
-        d.bq = cuda_upload_floats(L.bq, total);
-        d.bk = cuda_upload_floats(L.bk, total);
-        d.bv = cuda_upload_floats(L.bv, total);
-        d.bo = cuda_upload_floats(L.bo, total);
-        d.w_up = cuda_upload_weight(L.w_up, p + "ffn_up.weight", total);
-        d.b_up = cuda_upload_floats(L.b_up, total);
-        d.w_down = cuda_upload_weight(L.w_down, p + "ffn_down.weight", total);
-        d.b_down = cuda_upload_floats(L.b_down, total);
+        cuda_upload_vision_block(L, l, d, total);
         d.ls1 = cuda_upload_floats(L.ls1, total);
         d.ls2 = cuda_upload_floats(L.ls2, total);
         d.q_norm = cuda_upload_floats(L.q_norm, total);
@@ -149,10 +124,10 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
 
     // ---- patch embedding (conv as a matmul over im2col rows), positions, CLIP's CLS and pre-LN
     if (!c.has_cls) {
-        linear(patch_w_, f32(patches_), n * NP, f32(x_), patch_b_, s);  // [n * NP, W]: patches are the tokens
+        cuda_vision_linear(patch_w_, f32(patches_), n * NP, f32(x_), patch_b_, s);  // [n * NP, W]: patches are the tokens
         cuda_add(f32(x_), f32(pos_embd_), f32(x_), rows * W, T * W, s);
     } else {
-        linear(patch_w_, f32(patches_), n * NP, f32(xn_), patch_b_, s);  // [n * NP, W]
+        cuda_vision_linear(patch_w_, f32(patches_), n * NP, f32(xn_), patch_b_, s);  // [n * NP, W]
         float* tok = f32(q_);                                                  // [n * T, W]: CLS, then the patches
         for (int64_t b = 0; b < n; ++b) {
             cuda_copy_d2d_async(tok + b * T * W, class_embd_.data(), W * kF32, s);
@@ -172,9 +147,9 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
         const Layer& L = layers_[l];
         gate.before_layer(static_cast<int>(l));
         block_norm(L.ln1_w, L.ln1_b, f32(x_), f32(xn_), rows);
-        linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
-        linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
-        linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
+        cuda_vision_linear(L.wq, f32(xn_), rows, f32(q_), L.bq, s);
+        cuda_vision_linear(L.wk, f32(xn_), rows, f32(k_), L.bk, s);
+        cuda_vision_linear(L.wv, f32(xn_), rows, f32(v_), L.bv, s);
         if (L.q_norm.size()) {  // InternViT-6B: RMSNorm of q and k over the whole width, before the heads split
             cuda_rms_norm(f32(q_), f32(L.q_norm), f32(xn_), rows, W, c.eps, s);
             cuda_copy_d2d_async(q_.data(), xn_.data(), rows * W * kF32, s);
@@ -195,12 +170,12 @@ void CudaVision::run_tower(int64_t n, const Interrupt* interrupt) {
         p.n_segments = 1;
         p.n_kv = T;
         cuda_attention(p, s);
-        linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
+        cuda_vision_linear(L.wo, f32(attn_), rows, f32(xn_), L.bo, s);
         residual(f32(x_), f32(xn_), L.ls1, rows);
         block_norm(L.ln2_w, L.ln2_b, f32(x_), f32(xn_), rows);
-        linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
+        cuda_vision_linear(L.w_up, f32(xn_), rows, f32(ff_), L.b_up, s);  // [rows, FF]
         cuda_gelu(f32(ff_), f32(ff_), rows * FF, gelu_mode(c.act), s);
-        linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
+        cuda_vision_linear(L.w_down, f32(ff_), rows, f32(xn_), L.b_down, s);
         residual(f32(x_), f32(xn_), L.ls2, rows);
         gate.after_layer(static_cast<int>(l));
     }
@@ -277,13 +252,13 @@ void CudaVision::encode_batches(const float* pixels, int64_t n_frames, float* ou
             }
             cuda_pixel_shuffle(feat, f32(shuffled_), n, c.grid, c.shuffle, W, s);
             if (c.projector == ProjectorKind::PixelShuffle) {
-                linear(mm_fc_, f32(shuffled_), n * TPF, f32(h2_), CudaDeviceBuffer(), s);
+                cuda_vision_linear(mm_fc_, f32(shuffled_), n * TPF, f32(h2_), CudaDeviceBuffer(), s);
             } else {
                 const int64_t KS = W * c.shuffle * c.shuffle;
                 cuda_layer_norm(f32(shuffled_), f32(mm_ln_w_), f32(mm_ln_b_), f32(xn_), n * TPF, KS, 1e-5f, s);
-                linear(mm0_, f32(xn_), n * TPF, f32(h1_), mm0_b_, s);
+                cuda_vision_linear(mm0_, f32(xn_), n * TPF, f32(h1_), mm0_b_, s);
                 cuda_gelu(f32(h1_), f32(h1_), n * TPF * E, GeluMode::Erf, s);
-                linear(mm2_, f32(h1_), n * TPF, f32(h2_), mm2_b_, s);
+                cuda_vision_linear(mm2_, f32(h1_), n * TPF, f32(h2_), mm2_b_, s);
             }
             h2_.download(out + f0 * TPF * E, n * TPF * E * kF32, 0, s);
             stream_->synchronize();
@@ -296,9 +271,9 @@ void CudaVision::encode_batches(const float* pixels, int64_t n_frames, float* ou
             feat = f32(feat_);
         }
         // projector: Linear -> GELU(erf) -> Linear
-        linear(mm0_, feat, n * NF, f32(h1_), mm0_b_, s);
+        cuda_vision_linear(mm0_, feat, n * NF, f32(h1_), mm0_b_, s);
         cuda_gelu(f32(h1_), f32(h1_), n * NF * E, GeluMode::Erf, s);
-        linear(mm2_, f32(h1_), n * NF, f32(h2_), mm2_b_, s);  // [n * NF, E]
+        cuda_vision_linear(mm2_, f32(h1_), n * NF, f32(h2_), mm2_b_, s);  // [n * NF, E]
         if (stage == Stage::Projected || c.pool == PoolMode::None) {
             h2_.download(out + f0 * NF * E, n * NF * E * kF32, 0, s);  // NF == TPF without pooling
         } else {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/llm.h"
+#include "cuda/vision_block.h"
 #include "vision/executor.h"
 #include "vision/vision.h"
 
@@ -45,10 +46,8 @@ class CudaVision final : public VisionExecutor {
     static constexpr int kBatchTokens = 4096;
 
   private:
-    struct Layer {
-        CudaDeviceBuffer ln1_w, ln1_b, ln2_w, ln2_b, bq, bk, bv, bo, b_up, b_down;
+    struct Layer : CudaVisionBlock {
         CudaDeviceBuffer ls1, ls2, q_norm, k_norm;  // InternViT: [width] each, empty without
-        CudaMatrix wq, wk, wv, wo, w_up, w_down;
     };
     void allocate(int batch);
     void encode_batches(const float* pixels, int64_t n_frames, float* out, VisionEncoder::Stage stage,
