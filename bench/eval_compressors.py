@@ -50,6 +50,7 @@ CONFIGS = {
     "hybrid_all": dict(compressor="hybrid", pool_scope="all"),
     "keydiff_merge": dict(compressor="keydiff", merge=True),       # dropped values merged into a kept neighbour
     "snapkv_merge": dict(compressor="snapkv", merge=True),
+    "keydiff_layers_merge": dict(compressor="keydiff", pool_scope="layers", merge=True),
     # ratio_low 1: the L tier uncompressed (the compressor only makes the H tier)
     "rl1_snapkv": dict(compressor="snapkv", ratio_low=1),
     "rl1_keydiff": dict(compressor="keydiff", ratio_low=1),
@@ -83,7 +84,8 @@ def run_sample(s, tok: Tok, smp: dict, a, prev: dict | None = None) -> dict:
         s.reset()
         rec["configs"] = {}
     for name in a.configs:
-        if name in rec["configs"]:
+        old = rec["configs"].get(name)
+        if old is not None and (not a.gap or "gap" in old):
             continue
         t0, c0 = time.perf_counter(), time.process_time()
         opts = {"ratio_low": a.ratio_low, "ratio_high": a.ratio_high, **CONFIGS[name]}
@@ -101,7 +103,16 @@ def run_sample(s, tok: Tok, smp: dict, a, prev: dict | None = None) -> dict:
         top = sorted(int(c) for c in ctx.select(v, top_k=3))
         r["top3_chunks"] = top
         r["top3_recall"] = len(set(top) & set(rec["needle_chunks"])) / max(1, len(rec["needle_chunks"]))
-        for mode, chunks in (("top3", top), ("oracle", rec["needle_chunks"]), ("h_only", [])):
+        modes = [("top3", top), ("oracle", rec["needle_chunks"]), ("h_only", [])]
+        if a.gap:  # selection by score shape: cut the ranked scores at their largest drop (at most max_k chunks)
+            gap = sorted(int(c) for c in ctx.select(v, rule="gap", max_k=a.max_k))
+            r["gap_chunks"] = gap
+            r["gap_recall"] = len(set(gap) & set(rec["needle_chunks"])) / max(1, len(rec["needle_chunks"]))
+            modes.append(("gap", gap))
+        if old is not None:  # an earlier run of this configuration: the same prefill, only the gap question is new
+            r = {**old, **{k: v for k, v in r.items() if k.startswith("gap")}}
+            modes = modes[-1:]
+        for mode, chunks in modes:
             if mode == "oracle" and a.no_oracle:
                 continue
             out = ctx.ask(q, chunks=list(chunks), max_tokens=mt)
@@ -133,6 +144,10 @@ def aggregate(records: list[dict], configs, tasks) -> dict:
                 **{m + "_answer_recall": sum(x[m]["frac"] for x in cs) / len(cs) for m in ("top3", "oracle", "h_only")
                    if m in cs[0]},
                 "top3_chunk_recall": sum(x["top3_recall"] for x in cs) / len(cs),
+                **({"gap": sum(x["gap"]["correct"] for x in cs), "gap_n": len(cs),
+                    "gap_chunks_mean": sum(len(x["gap_chunks"]) for x in cs) / len(cs),
+                    "gap_chunk_recall": sum(x["gap_recall"] for x in cs) / len(cs)}
+                   if all("gap" in x for x in cs) else {}),
                 "low_bytes": sum(x["tiers"]["low_bytes"] for x in cs) / len(cs),
                 "high_bytes": sum(x["tiers"]["high_bytes"] for x in cs) / len(cs),
                 "prefill_seconds": sum(x["prefill_seconds"] for x in cs) / len(cs),
@@ -172,6 +187,16 @@ def markdown(summary: dict, meta: dict) -> str:
             L.append(f"| {c} | {x['ratio_low']}/{x['ratio_high']} | {x['full']}/{x['n']} | {x['top3']}/{x['n']} | {orc} | "
                      f"{x['h_only']}/{x['n']} | {rel} | {x['top3_chunk_recall']:.2f} | "
                      f"{x['low_bytes'] / row['full_kv_context_bytes']:.3f} | {x['prefill_cpu_seconds']:.2f} |")
+        gaps = {c: x for c, x in row["configs"].items() if "gap" in x}
+        if gaps:
+            L += ["", "Selection by score shape on the same scores: `gap` (cut at the largest drop, at most max_k) "
+                  "against the fixed top-3.", "",
+                  "| compressor | X²L top-3 | X²L gap | gap / full | mean chunks (gap) | chunk-rec (gap) |",
+                  "|---|---|---|---|---|---|"]
+            for c, x in gaps.items():
+                rel = f"{100 * x['gap'] / x['full']:.0f}%" if x["full"] else "-"
+                L.append(f"| {c} | {x['top3']}/{x['n']} | {x['gap']}/{x['n']} | {rel} | {x['gap_chunks_mean']:.2f} | "
+                         f"{x['gap_chunk_recall']:.2f} |")
         L.append("")
     return "\n".join(L) + "\n"
 
@@ -193,6 +218,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=23)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle-reload question")
+    ap.add_argument("--gap", action="store_true", help="also ask on the chunks the 'gap' selection rule picks")
+    ap.add_argument("--max-k", type=int, default=6, help="gap: at most this many chunks")
     ap.add_argument("--shard", default="0/1", help="i/k: this process runs the sample indices = i mod k")
     ap.add_argument("--time-budget", type=float, default=0, help="seconds; start no new sample after this")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compressors_smollm2"))
@@ -223,8 +250,12 @@ def main(argv=None) -> int:
                 if r.get("config_key") != key:
                     continue
                 old = recs.get((r["task"], r["idx"]))
-                if old is not None:  # the same sample from another run or shard: the union of its configurations
-                    r = {**r, "configs": {**old["configs"], **r["configs"]}}
+                if old is not None:  # the same sample from another run or shard: the union of its configurations,
+                    merged = dict(old["configs"])  # of a configuration in both the record with more modes (--gap)
+                    for c, v in r["configs"].items():
+                        if c not in merged or len(v) >= len(merged[c]):
+                            merged[c] = v
+                    r = {**r, "configs": merged}
                 recs[(r["task"], r["idx"])] = r
         return list(recs.values())
 
@@ -246,7 +277,7 @@ def main(argv=None) -> int:
             f.write(markdown(summary, meta))
 
     def complete(r):
-        return all(c in r["configs"] for c in a.configs)
+        return all(c in r["configs"] and (not a.gap or "gap" in r["configs"][c]) for c in a.configs)
 
     if a.report:
         meta["command"] += " (report of the records in OUT*.jsonl; the runs that made them: bench/README.md)"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,9 +29,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import x2l_edge  # noqa: E402
 from x2l_edge import tiny_vlm as T  # noqa: E402
+from bench_common import cpu_name, isa_info  # noqa: E402
 
 MODES = ("full", "x2l", "h_only")
 SINGLE = (("colour", "shape"), ("shape", "shape"), ("digit", "digit"), ("word", "word"))  # (question, frame)
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
            "merge": bool(a.merge), "pool_scope": a.pool_scope or "head",
            "tokens_per_frame": T.TOKENS_PER_FRAME,
            "kv_bytes_per_token": 2 * 2 * session.info["n_layer"] * session.info["n_head_kv"] * session.info["head_dim"],
-           "machine": platform.processor() or platform.machine(),
+           "machine": f"{cpu_name()}, ISA {isa_info()['build']}", "isa": isa_info(),
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     items = []
     comp_kw = dict(compressor=a.compressor, merge=a.merge, pool_scope=a.pool_scope)

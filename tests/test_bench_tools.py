@@ -200,6 +200,22 @@ def test_compressor_eval_runs_shards_and_resumes(tiny_llama, tmp_path):
     assert len(Path(out + ".jsonl").read_text().splitlines()) == 2
     res = json.loads(Path(out + ".json").read_text())
     assert set(res["summary"]["single"]["configs"]) == {"snapkv"} and "report" in res["command"]
+    # --gap on the same records: only the gap question runs; the earlier modes stay as they were
+    before = {r["idx"]: r for r in map(json.loads, Path(out + ".jsonl").read_text().splitlines())}
+    assert C.main(args + ["--configs", "keydiff", "--gap", "--max-k", "2"]) == 0
+    recs = {}
+    for line in Path(out + ".jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs[r["idx"]] = r  # the last line of a sample is its newest record
+    for i, r in recs.items():
+        k, k0 = r["configs"]["keydiff"], before[i]["configs"]["keydiff"]
+        assert {m: k[m] for m in ("top3", "oracle", "h_only")} == {m: k0[m] for m in ("top3", "oracle", "h_only")}
+        assert 1 <= len(k["gap_chunks"]) <= 2 and k["gap_chunks"] == sorted(k["gap_chunks"])
+        assert isinstance(k["gap"]["correct"], bool) and 0 <= k["gap_recall"] <= 1
+        assert r["configs"]["snapkv"] == before[i]["configs"]["snapkv"]
+    cell = json.loads(Path(out + ".json").read_text())["summary"]["single"]["configs"]["keydiff"]
+    assert cell["gap_n"] == 2 and 1 <= cell["gap_chunks_mean"] <= 2
+    assert "X²L gap" in Path(out + ".md").read_text()
 
 
 def test_kernel_resources_reads_ptxas_output():

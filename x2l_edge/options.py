@@ -11,9 +11,10 @@ from dataclasses import dataclass
 class X2LOptions:
     # Compression (the bi-level prefill)
     # L-KVs (host tier): keep 1/ratio_low of each chunk's entries. 1 (uncompressed), not the method's 2: at 2
-    # no training-free compressor reached 95 % of full KV at top-3 on the held-out needles
-    # (bench/results/compressors_smollm2_n50.md, n=50: snapkv loses them all, keydiff with pool_scope
-    # "layers" 92 % single / 88 % multi-key).
+    # no training-free compressor reached 95 % of full KV at top-3 on both held-out needle tasks
+    # (bench/results/compressors_smollm2_n50.md and, on unseen samples, compressors_smollm2_test100_*.md,
+    # n=50 each: snapkv loses them all; keydiff + merge 96-98 % single but 82-84 % multi-key, keydiff with
+    # pool_scope "layers" 90-92 % single, 92-97 % multi-key; ratio_low 1: 100 % and 97 %).
     ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
