@@ -267,10 +267,13 @@ def test_cancel_token_stops_only_its_operation(session):
     tb.start()
     time.sleep(0.2)
     waiting.cancel()
-    tb.join(timeout=60)
+    tb.join(timeout=60)  # gives up while the other operation still holds the session
+    stopped_waiting = not tb.is_alive()
     release.set()
     ta.join(timeout=300)
-    assert results["queued"] == "cancelled"
+    tb.join(timeout=300)
+    assert stopped_waiting and results["queued"] == "cancelled", results
+    assert not ta.is_alive()
     assert results["long"].shape == (session.info["n_vocab"],) and np.isfinite(results["long"]).all()
     assert session.generate(PROMPTS[3], **GEN) == want
 

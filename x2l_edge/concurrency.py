@@ -26,8 +26,9 @@ CancelledError = _core.CancelledError
 
 class CancelToken:
     """Cancels the operations it is passed to (cancel=token), from any thread, at any time: before
-    the operation starts (it then raises CancelledError as soon as it gets the session), while it
-    runs (the native call stops between layers) or between a stream's tokens."""
+    the operation starts (it raises CancelledError at once, or within CANCEL_POLL_S while it waits for
+    another operation on the session), while it runs (the native call stops between layers) or between
+    a stream's tokens."""
 
     def __init__(self) -> None:
         self._mu = threading.Lock()
@@ -60,6 +61,8 @@ class OperationLock:
     """The lock of one Session (see the module docstring). core: the native LlmSession, whose
     cancel flag is cleared when an operation starts."""
 
+    CANCEL_POLL_S = 0.05  # how often an operation waiting for the lock looks at its CancelToken
+
     def __init__(self, core) -> None:
         self._core = core
         self._lock = threading.Lock()
@@ -79,7 +82,12 @@ class OperationLock:
                                "close() it before starting another operation")
         if cancel is not None and cancel.cancelled:
             raise CancelledError("cancelled before it started")
-        self._lock.acquire()
+        if cancel is None:
+            self._lock.acquire()
+        else:  # a token cancelled while this waits for another operation: give up now, not when that one ends
+            while not self._lock.acquire(timeout=self.CANCEL_POLL_S):
+                if cancel.cancelled:
+                    raise CancelledError("cancelled while waiting for the session")
         try:
             self._core.clear_cancel()
             if cancel is not None:
