@@ -100,14 +100,17 @@ def run_sample(s, tok: Tok, smp: dict, a, prev: dict | None = None) -> dict:
         t0 = time.perf_counter()
         v = ctx.scores(q, a.scorer)
         r["score_seconds"] = time.perf_counter() - t0
+        def needle_recall(chunks):  # the share of the needle chunks among the chosen ones
+            return len(set(chunks) & set(rec["needle_chunks"])) / max(1, len(rec["needle_chunks"]))
+
         top = sorted(int(c) for c in ctx.select(v, top_k=3))
         r["top3_chunks"] = top
-        r["top3_recall"] = len(set(top) & set(rec["needle_chunks"])) / max(1, len(rec["needle_chunks"]))
+        r["top3_recall"] = needle_recall(top)
         modes = [("top3", top), ("oracle", rec["needle_chunks"]), ("h_only", [])]
         if a.gap:  # selection by score shape: cut the ranked scores at their largest drop (at most max_k chunks)
             gap = sorted(int(c) for c in ctx.select(v, rule="gap", max_k=a.max_k))
             r["gap_chunks"] = gap
-            r["gap_recall"] = len(set(gap) & set(rec["needle_chunks"])) / max(1, len(rec["needle_chunks"]))
+            r["gap_recall"] = needle_recall(gap)
             modes.append(("gap", gap))
         if old is not None:  # an earlier run of this configuration: the same prefill, only the gap question is new
             r = {**old, **{k: v for k, v in r.items() if k.startswith("gap")}}

@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     session = x2l_edge.Session(path, n_threads=a.threads)
     full_session = x2l_edge.Session(path, n_threads=a.threads, n_ctx=max(4096, n_max))
     reader = Reader(session)
+    isa = isa_info()
     cfg = {"model": str(path), "n": a.n, "lengths": a.lengths, "threads": a.threads, "seed": a.seed,
            "top_k": a.top_k if a.top_k is not None else session._meta("x2l.top_k"),
            "ratio_low": a.ratio_low if a.ratio_low is not None else session._meta("x2l.ratio_low"),
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
            "merge": bool(a.merge), "pool_scope": a.pool_scope or "head",
            "tokens_per_frame": T.TOKENS_PER_FRAME,
            "kv_bytes_per_token": 2 * 2 * session.info["n_layer"] * session.info["n_head_kv"] * session.info["head_dim"],
-           "machine": f"{cpu_name()}, ISA {isa_info()['build']}", "isa": isa_info(),
+           "machine": f"{cpu_name()}, ISA {isa['build']}", "isa": isa,
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     items = []
     comp_kw = dict(compressor=a.compressor, merge=a.merge, pool_scope=a.pool_scope)
