@@ -255,6 +255,52 @@ def test_merge_folds_dropped_values_into_the_more_similar_kept_neighbour(tiny):
             assert not np.allclose(got, v[k])  # something was merged
 
 
+def test_merge_min_similarity_merges_only_near_duplicates(tiny):
+    """merge_min_similarity=t: a dropped entry is merged (as above) only when its best cosine with a kept
+    neighbour is >= t; below it the value is dropped. t = 0 is plain merge, t = 1 keeps the kept rows'
+    own values. Checked against the numpy recomputation at the median best cosine, so some merge and some
+    do not."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunk = _distinct_chunk(tiny)
+    kw = dict(sink_ids=sink, ratio_low=2, ratio_high=8, low_type="f32", high_type="f32", compressor="keydiff")
+    plain, _ = prefill_chunks(tiny, [chunk], **kw)
+    full, _ = prefill_chunks(tiny, [chunk], **{**kw, "ratio_low": 1})
+    L, H, hd, n, S = tiny.info["n_layer"], tiny.info["n_head_kv"], tiny.info["head_dim"], len(chunk), len(sink)
+    pre = _pre_rope_keys(tiny, full, S, n)
+    kept = np.array(plain.low_positions(0)).reshape(L, H, n // 2) - S
+    cos = lambda a, b: a @ b / (np.linalg.norm(a) * np.linalg.norm(b))  # noqa: E731
+    best = {}  # (layer, head, dropped entry) -> (kept slot, cosine)
+    for layer in range(L):
+        for h in range(H):
+            k = list(kept[layer, h])
+            for e in np.setdiff1d(np.arange(n), k):
+                cands = [i for i in (np.searchsorted(k, e) - 1, np.searchsorted(k, e)) if 0 <= i < len(k)]
+                sims = [cos(pre[layer, h, e], pre[layer, h, k[i]]) for i in cands]
+                best[layer, h, e] = cands[int(np.argmax(sims))], max(sims)
+    t = float(np.median([c for _, c in best.values() if c > 0]))
+    merged, _ = prefill_chunks(tiny, [chunk], merge=True, merge_min_similarity=t, **kw)
+    untouched, _ = prefill_chunks(tiny, [chunk], merge=True, merge_min_similarity=1.0, **kw)
+    n_merged = n_kept_alone = 0
+    for layer in range(L):
+        for h in range(H):
+            v = np.frombuffer(full.low_rows(0, layer, h, value=True), np.float32).reshape(n, hd).astype(np.float64)
+            k = list(kept[layer, h])
+            acc, wsum = v[k].copy(), np.ones(len(k))
+            for e in np.setdiff1d(np.arange(n), k):
+                slot, c = best[layer, h, e]
+                if c >= t:
+                    acc[slot] += c * v[e]
+                    wsum[slot] += c
+            n_merged += int((wsum > 1).sum())
+            n_kept_alone += int((wsum == 1).sum())
+            got = np.frombuffer(merged.low_rows(0, layer, h, value=True), np.float32).reshape(-1, hd)
+            np.testing.assert_allclose(got, acc / wsum[:, None], rtol=1e-4, atol=1e-5)
+            same = np.frombuffer(untouched.low_rows(0, layer, h, value=True), np.float32).reshape(-1, hd)
+            np.testing.assert_allclose(same, v[k], rtol=1e-6, atol=1e-6)
+    assert n_merged > 0 and n_kept_alone > 0
+
+
 @pytest.mark.parametrize("scope", ["layers", "all"])
 def test_pooled_scopes_keep_the_top_mean_rank(tiny, scope):
     """pool_scope='layers' / 'all' (keydiff): each (layer, KV head)'s importance becomes ranks in [0, 1], the
@@ -330,6 +376,11 @@ def test_compressor_options_are_checked(tiny):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), pool_scope="layer")
     with pytest.raises(TypeError, match="merge"):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), merge=1)
+    with pytest.raises(ValueError, match="merge_min_similarity"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), merge=True, merge_min_similarity=1.5)
+    with pytest.raises(RuntimeError, match="merge_min_similarity"):  # the C++ check
+        _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "merge_min_similarity": -0.5},
+                         repeat_prompt=[])
     with pytest.raises(RuntimeError, match="pool_scope"):  # the C++ check, past the Python options
         _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "pool_scope": "x"}, repeat_prompt=[])
     with pytest.raises(RuntimeError, match="vocabulary"):

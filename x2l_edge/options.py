@@ -14,7 +14,8 @@ class X2LOptions:
     # no training-free compressor reached 95 % of full KV at top-3 on both held-out needle tasks
     # (bench/results/compressors_smollm2_n50.md and, on unseen samples, compressors_smollm2_test100_*.md,
     # n=50 each: snapkv loses them all; keydiff + merge 96-98 % single but 82-84 % multi-key, keydiff with
-    # pool_scope "layers" 90-92 % single, 92-97 % multi-key; ratio_low 1: 100 % and 97 %).
+    # pool_scope "layers" 90-92 % single, 92-97 % multi-key; ratio_low 1: 100 % and 97 %; on idx 150-199
+    # (compressors_smollm2_test150_attention.md) every rule 77-85 % multi-key).
     ratio_low: int = 1
     ratio_high: int = 32            # H-KVs (device tier): keep 1/ratio_high
     low_type: str = "f16"           # L tier storage: f32, f16, q8_0, q4_0
@@ -34,6 +35,7 @@ class X2LOptions:
     # same entries in every layer: importance ranks averaged over layers), "all" (the same tokens everywhere)
     pool_scope: str = "head"
     merge: bool = False             # training-free: a dropped entry's value merged into its more similar kept neighbour
+    merge_min_similarity: float = 0.0  # merge: only where the keys' cosine is at least this (near-duplicates); 0: all
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
@@ -59,7 +61,7 @@ class X2LOptions:
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
                "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes",
-               "pool_scope", "merge")
+               "pool_scope", "merge", "merge_min_similarity")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}
@@ -103,6 +105,7 @@ class X2LOptions:
             elif f.type in ("float", float):
                 checks.real(f.name, v)
         checks.real("mass_p", self.mass_p, lo=0.0, hi=1.0, lo_open=True)
+        checks.real("merge_min_similarity", self.merge_min_similarity, lo=0.0, hi=1.0)
         for name, allowed in (("scorer", self.SCORERS), ("select", self.SELECT_RULES), ("pool_scope", self.POOL_SCOPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed} (got {getattr(self, name)!r})")

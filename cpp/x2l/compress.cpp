@@ -152,7 +152,7 @@ std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begi
 }
 
 void merge_dropped_values(const KVSegment& src, int64_t src_begin, int64_t w, const std::vector<int32_t>& keep,
-                          int64_t m, const RopeSpec& rope_spec, KVSegment& out) {
+                          int64_t m, const RopeSpec& rope_spec, float min_similarity, KVSegment& out) {
     const int L = src.n_layer(), H = src.n_head_kv(), hd = src.head_dim();
     if (keep.size() != static_cast<size_t>(L) * H * m || out.size() != m) throw Error("merge_dropped_values: bad sizes");
     if (m >= w) return;  // nothing dropped
@@ -196,7 +196,7 @@ void merge_dropped_values(const KVSegment& src, int64_t src_begin, int64_t w, co
                     if (c > best) best = c, target = cand;
                 }
                 const double wgt = std::max(0.0, best);
-                if (target < 0 || wgt == 0.0) continue;
+                if (target < 0 || wgt == 0.0 || best < min_similarity) continue;
                 dequantize_row(src.type(), src.v_row(l, h, src_begin + e), v.data(), hd);
                 float* a = acc.data() + target * hd;
                 for (int i = 0; i < hd; ++i) a[i] += static_cast<float>(wgt) * v[i];

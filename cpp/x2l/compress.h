@@ -56,9 +56,10 @@ std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begi
 // nearer-in-content of its two kept neighbours in time (the kept entries just before and after it; higher
 // cosine similarity of the pre-RoPE keys), weighted by that similarity (clamped at 0); a kept entry's
 // value becomes the weighted mean of its own (weight 1) and those it absorbed. Keys are not merged:
-// they stay the kept entries' own, at their positions, so RoPE stays exact. out: gather_segment's result
-// for keep (its V rows are rewritten).
+// they stay the kept entries' own, at their positions, so RoPE stays exact. A dropped entry whose best
+// similarity is below min_similarity is not merged (only near-duplicates blend; a distinct word's value
+// would otherwise smear into its neighbour). out: gather_segment's result for keep (its V rows are rewritten).
 void merge_dropped_values(const KVSegment& src, int64_t src_begin, int64_t w, const std::vector<int32_t>& keep,
-                          int64_t m, const RopeSpec& rope, KVSegment& out);
+                          int64_t m, const RopeSpec& rope, float min_similarity, KVSegment& out);
 
 }  // namespace x2l

@@ -57,6 +57,9 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     }
     pool_scope_from_name(o.pool_scope);  // throws for an unknown name
     if (o.merge && o.compressor == "beacon") throw Error("merge is for the training-free compressors (beacon keeps VST rows)");
+    if (!(o.merge_min_similarity >= 0.0f && o.merge_min_similarity <= 1.0f)) {
+        throw Error("merge_min_similarity must be in [0, 1]");
+    }
     for (int32_t t : o.repeat_prompt) {
         if (t < 0 || t >= s.model().config().n_vocab) throw Error("repeat_prompt has a token id out of the vocabulary");
     }
@@ -303,7 +306,9 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
                                         kKeySignatureEntries);
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
     ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
-    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_low, s_.model().rope_spec(), *ch.low);
+    if (o_.merge) {
+        merge_dropped_values(cache_->tail(), 0, n, keep, m_low, s_.model().rope_spec(), o_.merge_min_similarity, *ch.low);
+    }
     ch.low_pos.resize(keep.size());
     for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
     if (o_.two_pass) {
@@ -313,7 +318,10 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
     ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
-    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_high, s_.model().rope_spec(), *ch.high);
+    if (o_.merge) {
+        merge_dropped_values(cache_->tail(), 0, n, keep, m_high, s_.model().rope_spec(), o_.merge_min_similarity,
+                             *ch.high);
+    }
     cache_->clear();
 }
 

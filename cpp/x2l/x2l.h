@@ -77,6 +77,9 @@ struct X2LOptions {
     // Training-free compressors: each dropped entry's value merged into its more similar kept neighbour
     // (compress.h merge_dropped_values) instead of discarded; both tiers.
     bool merge = false;
+    // merge: only dropped entries whose pre-RoPE key has at least this cosine with the chosen kept
+    // neighbour's are merged (near-duplicates); the rest are dropped. 0 merges every positive match.
+    float merge_min_similarity = 0.0f;
 };
 
 struct PrefillStats {
