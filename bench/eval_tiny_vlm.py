@@ -73,12 +73,14 @@ class Reader:
 
 
 def ask_all(session, full_session, frames, question, *, top_k=None, ratio_low=None, ratio_high=None,
-            max_tokens=24, compressor=None, merge=None, pool_scope=None):
-    """{mode: (answer, chunks, seconds)} for one video (uint8 array [T, H, W, 3])."""
+            max_tokens=24, compressor=None, merge=None, pool_scope=None, options=None):
+    """{mode: (answer, chunks, seconds)} for one video (uint8 array [T, H, W, 3]). options: more X2LOptions
+    fields for the prefill."""
     n = len(frames)
     out = {}
     kw = {k: v for k, v in (("ratio_low", ratio_low), ("ratio_high", ratio_high), ("compressor", compressor),
                             ("merge", merge), ("pool_scope", pool_scope)) if v is not None}
+    kw.update(options or {})
     t0 = time.perf_counter()
     ctx = session.prefill(frames, system=T.SYSTEM, max_frames=n, **kw)
     t_pre = time.perf_counter() - t0
@@ -93,6 +95,25 @@ def ask_all(session, full_session, frames, question, *, top_k=None, ratio_low=No
     return out, t_pre, ctx
 
 
+def parse_options(pairs: list[str]) -> dict:
+    """--option NAME=VALUE pairs as X2LOptions fields (ValueError naming a bad one)."""
+    import ast
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(x2l_edge.X2LOptions)}
+    out = {}
+    for p in pairs:
+        name, sep, value = p.partition("=")
+        if not sep or name not in known:
+            raise ValueError(f"--option {p!r}: want NAME=VALUE with NAME an X2LOptions field")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value  # a bare string, e.g. pool_scope=layers
+    x2l_edge.X2LOptions(**out)  # type and range checks
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20, help="items per cell")
@@ -104,6 +125,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compressor", default=None, help="X²L compressor (default: the model's)")
     ap.add_argument("--merge", action="store_true", default=None, help="merge dropped values (X2LOptions.merge)")
     ap.add_argument("--pool-scope", default=None, choices=("head", "layers", "all"))
+    ap.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                    help="any other X2LOptions field for the prefill (a Python literal), e.g. merge_min_similarity=0.9")
     ap.add_argument("--seed", type=int, default=777, help="base seed of the held-out items")
     ap.add_argument("--skip-single", action="store_true")
     ap.add_argument("--skip-needle", action="store_true")
@@ -115,6 +138,7 @@ def main(argv=None) -> int:
         write_report(data["config"], data["items"], data["seconds"], a.out)
         return 0
 
+    options = parse_options(a.option)
     t_all = time.perf_counter()
     path = T.build_gguf(log=print)
     n_max = max(a.lengths) * T.TOKENS_PER_FRAME + 512
@@ -128,13 +152,13 @@ def main(argv=None) -> int:
            "ratio_high": a.ratio_high if a.ratio_high is not None else session._meta("x2l.ratio_high"),
            "chunk_frames": session._meta("x2l.chunk_frames"),
            "compressor": a.compressor or x2l_edge.X2LOptions.for_model(session, video=True).compressor,
-           "merge": bool(a.merge), "pool_scope": a.pool_scope or "head",
+           "merge": bool(a.merge), "pool_scope": a.pool_scope or "head", "options": options,
            "tokens_per_frame": T.TOKENS_PER_FRAME,
            "kv_bytes_per_token": 2 * 2 * session.info["n_layer"] * session.info["n_head_kv"] * session.info["head_dim"],
            "machine": f"{cpu_name()}, ISA {isa['build']}", "isa": isa,
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])}
     items = []
-    comp_kw = dict(compressor=a.compressor, merge=a.merge, pool_scope=a.pool_scope)
+    comp_kw = dict(compressor=a.compressor, merge=a.merge, pool_scope=a.pool_scope, options=options)
 
     if not a.skip_single:
         for qi, (qk, fk) in enumerate(SINGLE):

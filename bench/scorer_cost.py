@@ -284,13 +284,18 @@ def cost_md(res) -> str:
     for row in res["lengths"]:
         t, ans = row["tiers"], row["answer"]
         for sc, r in row["scorers"].items():
-            vd = f"{r['vs_decode']:.3f}" if r.get("vs_decode") is not None else "-"
             lines.append(f"| {row['n_tokens']} | {row['n_chunks']} | {t['low_bytes'] / 1e6:.1f} | "
                          f"{t['signature_bytes'] / 1e6:.2f} | {ans['seconds'] * 1e3:.0f} | {ans['decode_seconds'] * 1e3:.0f} | {sc} | "
-                         f"{r['seconds'] * 1e3:.2f} | {r['cpu_seconds'] * 1e3:.2f} | {r['scan_seconds'] * 1e3:.2f} | {vd} | "
-                         f"{r['low_bytes'] / 1e6:.2f} | {r['high_bytes'] / 1e6:.3f} | {r['signature_bytes'] / 1e6:.3f} | "
-                         f"{r['needle_rank']} |")
+                         f"{_scorer_cells(r, ans['decode_seconds'])} | {r['needle_rank']} |")
     return "\n".join(lines) + "\n"
+
+
+def _scorer_cells(x: dict, decode_seconds: float) -> str:
+    """One scorer's cost cells of both reports: total ms | CPU ms | scan ms | total / decode | L MB | H MB |
+    signature MB."""
+    vd = f"{x['seconds'] / decode_seconds:.3f}" if decode_seconds > 0 else "-"
+    return (f"{x['seconds'] * 1e3:.2f} | {x['cpu_seconds'] * 1e3:.2f} | {x['scan_seconds'] * 1e3:.2f} | {vd} | "
+            f"{x['low_bytes'] / 1e6:.2f} | {x['high_bytes'] / 1e6:.3f} | {x['signature_bytes'] / 1e6:.3f}")
 
 
 def run_video(a) -> dict:
@@ -369,11 +374,8 @@ def video_md(res) -> str:
             continue
         ans = r["answer"]
         for sc, x in r["scorers"].items():
-            vd = f"{x['seconds'] / ans['decode_seconds']:.3f}" if ans["decode_seconds"] > 0 else "-"
             lines.append(f"| {r['seconds_of_video']} s | {r['n_chunks']} | {ans['seconds'] * 1e3:.0f} | "
-                         f"{ans['decode_seconds'] * 1e3:.0f} | {sc} | {x['seconds'] * 1e3:.2f} | {x['cpu_seconds'] * 1e3:.2f} | "
-                         f"{x['scan_seconds'] * 1e3:.2f} | {vd} | {x['low_bytes'] / 1e6:.2f} | {x['high_bytes'] / 1e6:.3f} | "
-                         f"{x['signature_bytes'] / 1e6:.3f} |")
+                         f"{ans['decode_seconds'] * 1e3:.0f} | {sc} | {_scorer_cells(x, ans['decode_seconds'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -218,6 +218,59 @@ def test_compressor_eval_runs_shards_and_resumes(tiny_llama, tmp_path):
     assert "X²L gap" in Path(out + ".md").read_text()
 
 
+def test_multivalue_summary_reports_the_share_of_values_recalled():
+    """RULER scores multi-value needles by the mean share of the expected values found (string_match_all):
+    aggregate() keeps that per mode next to the all-or-nothing count, on the same samples, and the report
+    prints it for the multivalue task."""
+    def rec(idx, full_frac, top3_frac):
+        mode = lambda f: {"output": "", "correct": f == 1.0, "frac": f}  # noqa: E731
+        return {"task": "multivalue", "idx": idx, "n_tokens": 1000, "full_kv_context_bytes": 100, "full": mode(full_frac),
+                "configs": {"keydiff": {"ratio_low": 2, "ratio_high": 32, "top3": mode(top3_frac), "oracle": mode(1.0),
+                                        "h_only": mode(0.0), "top3_recall": 1.0, "prefill_seconds": 1.0,
+                                        "tiers": {"low_bytes": 50, "high_bytes": 3}}}}
+    recs = [rec(0, 1.0, 2 / 3), rec(1, 1 / 3, 1 / 3), rec(2, 2 / 3, 1.0)]
+    cell = C.aggregate(recs, ["keydiff"], ["multivalue"])["multivalue"]["configs"]["keydiff"]
+    assert cell["full"] == 1 and cell["top3"] == 1  # all values named: sample 0 in full, sample 2 in top-3
+    assert cell["full_answer_recall"] == pytest.approx(2 / 3) and cell["top3_answer_recall"] == pytest.approx(2 / 3)
+    meta = dict(model="m", split="test", command="c", seed=0, tokens=1000, chunk_tokens=256, ratio_low=2, ratio_high=32,
+                scorer="attention", threads=1, time="t", load_start=None, cpu="cpu", isa="AVX2")
+    md = C.markdown(C.aggregate(recs, ["keydiff"], ["multivalue"]), meta)
+    assert "string_match_all" in md and "| keydiff | 0.667 | 0.667 | 1.000 | 0.000 | 100% |" in md
+
+
+def test_tiny_vlm_eval_takes_any_prefill_option():
+    import eval_tiny_vlm as TV
+
+    assert TV.parse_options(["merge_min_similarity=0.9", "pool_scope=all", "two_pass=False"]) == {
+        "merge_min_similarity": 0.9, "pool_scope": "all", "two_pass": False}
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        TV.parse_options(["no_such_option=1"])
+    with pytest.raises(ValueError, match="merge_min_similarity"):
+        TV.parse_options(["merge_min_similarity=2"])
+
+
+def test_tiny_vlm_sweep_report(tmp_path):
+    """bench/tiny_vlm_sweep.py: per-setting counts from the items, Wilson intervals, the options in the table."""
+    import tiny_vlm_sweep as S
+
+    def item(i, full, **cfg):
+        return {"i": i, "word": "w", "needle_chunk": 1, "full": {"answer": "", "correct": full},
+                "configs": {n: {"chunks": [1], "selected": True, **{m: {"answer": "", "correct": c[j]}
+                                                                    for j, m in enumerate(S.MODES)}}
+                            for n, c in cfg.items()}}
+    res = {"seed": 555, "length": 240, "threads": 1, "machine": "m", "time": "t", "load_start": 1.0, "command": "c",
+           "configs": {"a": {"pool_scope": "layers"}, "b": {"pool_scope": "all"}},
+           "items": [item(0, True, a=(1, 1, 0), b=(0, 1, 0)), item(1, False, a=(1, 0, 0), b=(0, 0, 1))]}
+    sm = S.summary(res)
+    assert sm["full"] == 1 and sm["configs"]["a"] == {"x2l": 2, "oracle1": 1, "h_only": 0, "selected": 2}
+    assert sm["configs"]["b"] == {"x2l": 0, "oracle1": 1, "h_only": 1, "selected": 2}
+    out = str(tmp_path / "sweep")
+    S.write(res, out)
+    assert S.main(["--config", "x", "--report", "--out", out]) == 0
+    md = Path(out + ".md").read_text()
+    assert "| a | pool_scope=layers | 2/2 (34–100) | 1/2 (9–91) | 0/2 (0–66) | 2/2 |" in md
+
+
 def test_kernel_resources_reads_ptxas_output():
     """bench/gpu/kernel_resources.py: entries, spills, registers and shared memory from a ptxas -v log
     (the format nvcc 12/13 print), and short kernel names from demangled ones."""
