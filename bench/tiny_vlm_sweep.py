@@ -132,8 +132,7 @@ def main(argv=None) -> int:
         if name in configs:
             raise SystemExit(f"--config {name}: given twice")
         configs[name] = parse_options(pairs)
-    run(a, configs)
-    print(markdown(json.loads(Path(a.out + ".json").read_text())))
+    print(markdown(run(a, configs)))
     return 0
 
 
