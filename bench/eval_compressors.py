@@ -57,9 +57,14 @@ CONFIGS = {
     # wider neighbour smoothing: keeps the whole span around a distinctive entry (a needle's key and its value)
     "keydiff_merge_p9": dict(compressor="keydiff", merge=True, pool_kernel=9),
     "keydiff_merge_p15": dict(compressor="keydiff", merge=True, pool_kernel=15),
+    # the H tier by its own rule (high_compressor), and both tiers numbered densely as the official code does
+    "keydiff_merge_p9_hsnap": dict(compressor="keydiff", merge=True, pool_kernel=9, high_compressor="snapkv"),
+    "keydiff_merge_p9_hsnap_dense": dict(compressor="keydiff", merge=True, pool_kernel=9, high_compressor="snapkv",
+                                         dense_positions=True),
     # ratio_low 1: the L tier uncompressed (the compressor only makes the H tier)
     "rl1_snapkv": dict(compressor="snapkv", ratio_low=1),
     "rl1_keydiff": dict(compressor="keydiff", ratio_low=1),
+    "rl1_snapkv_dense": dict(compressor="snapkv", ratio_low=1, dense_positions=True),
 }
 
 

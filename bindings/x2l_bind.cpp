@@ -129,7 +129,8 @@ void bind_x2l(nb::module_& m) {
                             int obs_window, int pool_kernel, size_t max_host_bytes, size_t max_device_bytes,
                             const std::string& compressor, int64_t prefill_low_cache_bytes,
                             const std::vector<int32_t>& repeat_prompt, bool max_votes,
-                            const std::string& pool_scope, bool merge, float merge_min_similarity) {
+                            const std::string& pool_scope, bool merge, float merge_min_similarity,
+                            bool dense_positions, const std::string& high_compressor) {
             x2l::X2LOptions o;
             o.ratio_low = ratio_low;
             o.ratio_high = ratio_high;
@@ -148,11 +149,14 @@ void bind_x2l(nb::module_& m) {
             o.pool_scope = pool_scope;
             o.merge = merge;
             o.merge_min_similarity = merge_min_similarity;
+            o.dense_positions = dense_positions;
+            o.high_compressor = high_compressor;
             x2l_bind::call_locked(s, [&] { new (self) x2l::X2LPrefill(s, o); });
         }, "session"_a, nb::kw_only(), "ratio_low"_a, "ratio_high"_a, "low_type"_a, "high_type"_a, "pin_ends"_a,
            "two_pass"_a, "obs_window"_a, "pool_kernel"_a, "max_host_bytes"_a, "max_device_bytes"_a, "compressor"_a,
            "prefill_low_cache_bytes"_a, "repeat_prompt"_a, "max_votes"_a, "pool_scope"_a, "merge"_a,
-           "merge_min_similarity"_a, nb::keep_alive<1, 2>(),
+           "merge_min_similarity"_a, "dense_positions"_a, "high_compressor"_a,
+           nb::keep_alive<1, 2>(),
            "Every option is required: their defaults live in x2l_edge.X2LOptions.")
         .def("add_sink", [](x2l::X2LPrefill& p, const std::vector<int32_t>& tokens) {
             x2l_bind::call_locked(p.session(), [&] { p.add_sink(tokens); });

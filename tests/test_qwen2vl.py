@@ -334,6 +334,12 @@ def test_qwen_pair_errors(vlm_llama_cpp):
     s = x2l_edge.Session(qwen_model, mmproj=qwen_mmproj, device="cpu")
     with pytest.raises(ValueError, match="beacon"):
         s.prefill(np.zeros((4, 56, 56, 3), np.uint8), compressor="beacon")
+    with pytest.raises(ValueError, match="dense_positions"):
+        s.prefill(np.zeros((4, 56, 56, 3), np.uint8), dense_positions=True)
+    from x2l_edge.x2l import prefill_chunks
+
+    with pytest.raises(x2l_edge.Error, match="dense_positions"):  # M-RoPE text: the C++ prefill refuses it
+        prefill_chunks(s, [s.tokenize("a few words", special=False)], sink_ids=s.tokenize("x"), dense_positions=True)
     ctx = s.prefill(np.zeros((4, 56, 56, 3), np.uint8), chunk_frames=2, min_pixels=28 * 28 * 4,
                     max_pixels=28 * 28 * 4)
     with pytest.raises(NotImplementedError, match="M-RoPE"):

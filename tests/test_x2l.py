@@ -385,14 +385,54 @@ def test_compressor_options_are_checked(tiny):
         _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "pool_scope": "x"}, repeat_prompt=[])
     with pytest.raises(RuntimeError, match="vocabulary"):
         prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), compressor="kvzip", repeat_prompt=[10 ** 7])
+    with pytest.raises(ValueError, match="high_compressor"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), high_compressor="beacon")
+    with pytest.raises(RuntimeError, match="two passes"):
+        prefill_chunks(tiny, chunks, sink_ids=tiny.tokenize(prefix), high_compressor="keydiff", two_pass=False)
+    with pytest.raises(RuntimeError, match="high_compressor"):  # the C++ check, past the Python options
+        _core.X2LPrefill(tiny._s, **{**x2l_edge.X2LOptions().prefill_kwargs(), "high_compressor": "h2o"},
+                         repeat_prompt=[])
 
 
-@pytest.mark.parametrize("two_pass", [True, False])
-def test_uncompressed_x2l_equals_full_forward(tiny, two_pass):
+def test_high_compressor_gives_the_h_tier_its_own_rule(tiny, tmp_path):
+    """high_compressor: the L tier is what `compressor` alone makes, the H tier what high_compressor alone
+    makes (in two passes the H pass sees only the sink and earlier H rows), byte for byte; the index
+    records both rules and loads back."""
+    chunks = _chunks(tiny, 3)
+    kw = dict(ratio_low=2, ratio_high=6, low_type="f32", high_type="f32")
+    both = _context(tiny, chunks, compressor="keydiff", high_compressor="snapkv", **kw)
+    keydiff_ctx = _context(tiny, chunks, compressor="keydiff", **kw)
+    keydiff = keydiff_ctx.index
+    snapkv = _context(tiny, chunks, compressor="snapkv", **kw).index
+    differ = False
+    for c in range(len(chunks)):
+        for layer in range(tiny.info["n_layer"]):
+            for head in range(tiny.info["n_head_kv"]):
+                for value in (False, True):
+                    assert both.index.low_rows(c, layer, head, value) == keydiff.low_rows(c, layer, head, value)
+                    assert both.index.high_rows(c, layer, head, value) == snapkv.high_rows(c, layer, head, value)
+                    differ |= keydiff.high_rows(c, layer, head, value) != snapkv.high_rows(c, layer, head, value)
+    assert differ  # the two rules keep different H entries
+    assert both.index.settings()["compressor"] == "keydiff/snapkv"
+    both.save(tmp_path / "both.x2l")
+    loaded = VideoContext.load(tiny, tmp_path / "both.x2l", system="be brief")
+    assert loaded.index.settings()["compressor"] == "keydiff/snapkv"
+    np.testing.assert_array_equal(loaded.logits("what matters?", [1]), both.logits("what matters?", [1]))
+    keydiff_ctx.save(tmp_path / "keydiff.x2l")  # every training-free rule's index loads (not only snapkv's)
+    loaded = VideoContext.load(tiny, tmp_path / "keydiff.x2l", system="be brief")
+    assert loaded.index.settings()["compressor"] == "keydiff"
+    np.testing.assert_array_equal(loaded.logits("what matters?", [2]), keydiff_ctx.logits("what matters?", [2]))
+
+
+@pytest.mark.parametrize("two_pass,dense", [(True, False), (False, False), (True, True)])
+def test_uncompressed_x2l_equals_full_forward(tiny, two_pass, dense):
     """Ratio 1 keeps every entry: the chunked prefill + mixed cache must reproduce the plain causal
-    forward over sink + chunks + question exactly (positions, causality, segment order, reload)."""
+    forward over sink + chunks + question exactly (positions, causality, segment order, reload). Dense
+    positions number an uncompressed tier's entries as the tokens are numbered: the same forward."""
     chunks = _chunks(tiny)
-    ctx = _context(tiny, chunks, ratio_low=1, ratio_high=1, low_type="f32", high_type="f32", two_pass=two_pass)
+    ctx = _context(tiny, chunks, ratio_low=1, ratio_high=1, low_type="f32", high_type="f32", two_pass=two_pass,
+                   dense_positions=dense)
+    assert ctx.index.settings()["dense_positions"] == dense
     q = "what does the cache keep?"
     ours_all = ctx.logits(q, range(len(chunks)))
     ours_none = ctx.logits(q, [])
@@ -401,6 +441,82 @@ def test_uncompressed_x2l_equals_full_forward(tiny, two_pass):
     ref = tiny.eval(ref_ids, all_logits=True)[-len(ctx.question_ids(q)):]
     np.testing.assert_allclose(ours_all, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
+
+
+def _rotate(k, delta, theta):
+    """NEOX RoPE by delta positions of keys [n, head_dim] (delta: [n])."""
+    hd = k.shape[-1]
+    ang = np.asarray(delta, np.float64)[:, None] * (theta ** (-np.arange(0, hd, 2) / hd))[None, :]
+    x1, x2 = k[:, :hd // 2], k[:, hd // 2:]
+    return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x1 * np.sin(ang) + x2 * np.cos(ang)], 1)
+
+
+def test_dense_positions_rotate_kept_rows_to_consecutive_entries(tiny):
+    """dense_positions (the official code's numbering): every tier's entries sit at consecutive positions
+    after the sink, chunk after chunk, and each kept row is the token's own key turned by the distance
+    it moved (recomputed here in numpy from the uncompressed index, per layer and KV head); values do not
+    move. Chunk 0 runs at the same positions either way, so its kept tokens are the non-dense index's."""
+    prefix, _ = split_template(tiny, "be brief")
+    sink = tiny.tokenize(prefix)
+    chunks = [_distinct_chunk(tiny), _distinct_chunk(tiny)[::-1]]
+    kw = dict(sink_ids=sink, ratio_high=8, low_type="f32", high_type="f32", compressor="keydiff")
+    dense, _ = prefill_chunks(tiny, chunks, ratio_low=2, dense_positions=True, **kw)
+    plain, _ = prefill_chunks(tiny, chunks, ratio_low=2, **kw)
+    full, _ = prefill_chunks(tiny, chunks[:1], ratio_low=1, **kw)
+    L, H, hd, n, S = tiny.info["n_layer"], tiny.info["n_head_kv"], tiny.info["head_dim"], len(chunks[0]), len(sink)
+    theta = float(tiny._s.metadata("qwen2.rope.freq_base") or 10000.0)
+    m_low, m_high = n // 2, n // 8
+    assert dense.settings()["dense_positions"] and not plain.settings()["dense_positions"]
+    assert dense.low_positions(0) == list(range(S, S + m_low)) * (L * H)
+    assert dense.low_positions(1) == list(range(S + m_low, S + 2 * m_low)) * (L * H)
+    kept = np.array(plain.low_positions(0)).reshape(L, H, m_low)
+    rows = lambda ix, c, layer, h, tier="low", value=False: np.frombuffer(  # noqa: E731
+        getattr(ix, tier + "_rows")(c, layer, h, value=value), np.float32).reshape(-1, hd).astype(np.float64)
+    for layer in range(L):
+        for h in range(H):
+            want = _rotate(rows(plain, 0, layer, h), np.arange(S, S + m_low) - kept[layer, h], theta)
+            np.testing.assert_allclose(rows(dense, 0, layer, h), want, rtol=1e-5, atol=1e-5)
+            assert rows(dense, 0, layer, h, value=True).tobytes() == rows(plain, 0, layer, h, value=True).tobytes()
+            # H rows: the tokens the non-dense H level kept (found in the full index), now at S + i
+            full_k = rows(full, 0, layer, h)
+            tok = [int(np.argmin(np.abs(full_k - r).sum(1))) for r in rows(plain, 0, layer, h, "high")]
+            assert len(tok) == m_high and tok == sorted(tok)
+            want = _rotate(full_k[tok], np.arange(m_high) - np.array(tok), theta)
+            np.testing.assert_allclose(rows(dense, 0, layer, h, "high"), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(rows(dense, 0, 1, 0), rows(plain, 0, 1, 0))  # something moved
+
+
+def test_dense_mixed_cache_moves_whole_chunks_and_roundtrips(tiny, tmp_path):
+    """A dense index's mixed cache: a reloaded chunk's L rows move to follow the H rows before it, and push
+    every later chunk back by its extra entries (keys turned by the distance moved, values unchanged),
+    the question follows the last
+    entry; the index saves and loads with identical answers."""
+    chunks = _chunks(tiny, 4)
+    ctx = _context(tiny, chunks, ratio_low=2, ratio_high=8, low_type="f32", high_type="f32", dense_positions=True)
+    info = tiny.info
+    hd = info["head_dim"]
+    theta = float(tiny._s.metadata("qwen2.rope.freq_base") or 10000.0)
+    extra = CHUNK // 2 - CHUNK // 8  # entries a reloaded chunk adds
+    ctx.reload([1])
+    assert ctx._dec.cache_entries == len(ctx.index.sink_tokens) + 3 * (CHUNK // 8) + CHUNK // 2
+    for c in range(4):
+        for head in range(info["n_head_kv"]):
+            got = np.frombuffer(ctx._dec.prefix_rows(1 + c, 1, head, False), np.float32).reshape(-1, hd)
+            src = (ctx.index.low_rows if c == 1 else ctx.index.high_rows)(c, 1, head)
+            k = np.frombuffer(src, np.float32).reshape(-1, hd).astype(np.float64)
+            # chunk 1's L rows sit after chunk 0's L rows in the L tier, after its H rows here
+            want = _rotate(k, np.full(len(k), {0: 0, 1: -extra}.get(c, extra)), theta)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+            assert ctx._dec.prefix_rows(1 + c, 1, head, True) == (
+                ctx.index.low_rows if c == 1 else ctx.index.high_rows)(c, 1, head, value=True)
+    q = "what matters?"
+    want = {sel: ctx.logits(q, list(sel)) for sel in ((), (1,), (0, 3))}
+    assert not np.allclose(want[()], want[(1,)])
+    ctx.save(tmp_path / "dense.x2l")
+    loaded = VideoContext.load(tiny, tmp_path / "dense.x2l", system="be brief")
+    assert loaded.index.settings()["dense_positions"]
+    for sel, logits in want.items():
+        np.testing.assert_array_equal(loaded.logits(q, list(sel)), logits)
 
 
 def test_topk0_is_h_only_and_all_is_l_only(tiny):

@@ -29,6 +29,7 @@ class X2LOptions:
     # "snapkv", "kvzip", "keydiff", "hybrid" (training-free, any model: cpp/x2l/x2l.h X2LOptions::compressor) or
     # "beacon" (Video-XL's learned VSTs)
     compressor: str = "snapkv"
+    high_compressor: str = ""       # the H tier's own training-free rule ("" = compressor; two passes)
     repeat_prompt: str | tuple | None = None  # kvzip: text (or token ids) between a chunk and its copy
     max_votes: bool = False         # snapkv: each entry's largest vote instead of its mean (pooled votes)
     # Which entries share one choice: "head" (each layer and KV head its own), "layers" (per KV head, the
@@ -36,6 +37,9 @@ class X2LOptions:
     pool_scope: str = "head"
     merge: bool = False             # training-free: a dropped entry's value merged into its more similar kept neighbour
     merge_min_similarity: float = 0.0  # merge: only where the keys' cosine is at least this (near-duplicates); 0: all
+    # Training-free: number each tier's entries densely as the official code does (the question follows the
+    # last entry, not the last token; 1-D RoPE models only). docs/x2l.md "Dense positions".
+    dense_positions: bool = False
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
@@ -61,7 +65,8 @@ class X2LOptions:
     # The fields _core.X2LPrefill takes.
     PREFILL = ("ratio_low", "ratio_high", "low_type", "high_type", "pin_ends", "two_pass", "obs_window",
                "pool_kernel", "max_host_bytes", "max_device_bytes", "compressor", "prefill_low_cache_bytes", "max_votes",
-               "pool_scope", "merge", "merge_min_similarity")
+               "pool_scope", "merge", "merge_min_similarity", "dense_positions",
+               "high_compressor")
 
     def prefill_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in self.PREFILL}

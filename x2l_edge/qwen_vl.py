@@ -194,8 +194,10 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     from .x2l import VideoContext
 
     opts = X2LOptions.for_model(session, video=True, **x2l_options)
-    if opts.compressor != "snapkv":
+    if opts.compressor != "snapkv" or opts.high_compressor not in ("", "snapkv"):
         raise ValueError("Qwen2-VL models use the snapkv compressor (beacon is Video-XL's)")
+    if opts.dense_positions:
+        raise ValueError("Qwen2-VL models keep their M-RoPE (t, h, w) positions: dense_positions is not supported")
     chunk_frames = int(chunk_frames or opts.chunk_frames)
     if chunk_frames < 1:
         raise ValueError("chunk_frames must be >= 1")

@@ -20,7 +20,8 @@ from .progress import scope as progress_scope
 
 SCORERS = X2LOptions.SCORERS
 SELECT_RULES = X2LOptions.SELECT_RULES
-COMPRESSORS = ("snapkv", "kvzip", "keydiff", "hybrid", "beacon")
+TRAINING_FREE = ("snapkv", "kvzip", "keydiff", "hybrid")
+COMPRESSORS = TRAINING_FREE + ("beacon",)
 # kvzip's prompt between a chunk and its copy (the wording the compressors were explored with).
 REPEAT_PROMPT_TEXT = "\n\nRepeat the text above exactly:\n"
 REPEAT_PROMPT_VIDEO = "\nRepeat the video above exactly:\n"
@@ -304,6 +305,9 @@ class ChunkedPrefill:
         self.options = (options or X2LOptions()).replace(**overrides)
         if self.options.compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS} (got {self.options.compressor!r})")
+        if self.options.high_compressor not in ("",) + TRAINING_FREE:
+            raise ValueError(f"high_compressor must be '' (the compressor's) or one of {TRAINING_FREE} "
+                             f"(got {self.options.high_compressor!r})")
         self.sink_ids = [int(t) for t in sink_ids]
         self.frames_per_chunk = frames_per_chunk
         self.n_chunks = 0
@@ -317,7 +321,7 @@ class ChunkedPrefill:
     def _start(self, first) -> None:
         opts = self.options
         repeat_ids: list[int] = []
-        if opts.compressor == "kvzip":
+        if "kvzip" in (opts.compressor, opts.high_compressor):
             prompt = opts.repeat_prompt
             if prompt is None:
                 prompt = REPEAT_PROMPT_VIDEO if self._is_embd(first) else REPEAT_PROMPT_TEXT

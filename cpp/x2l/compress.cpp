@@ -121,12 +121,12 @@ std::vector<float> key_distinctiveness(const KVSegment& seg, int64_t n, const Ro
 }
 
 std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begin, const std::vector<int32_t>& keep,
-                                          int64_t m, DType out_type) {
+                                          int64_t m, DType out_type, const RopeSpec* dense_rope, int32_t dense_base) {
     const int L = src.n_layer(), H = src.n_head_kv(), hd = src.head_dim();
     if (keep.size() != static_cast<size_t>(L) * H * m) throw Error("gather_segment: bad selection size");
     auto out = std::make_unique<KVSegment>(out_type, L, H, hd, m);
     std::vector<int32_t> pos(m);
-    for (int64_t i = 0; i < m; ++i) pos[i] = src.pos(src_begin + keep[i]);
+    for (int64_t i = 0; i < m; ++i) pos[i] = dense_rope ? dense_base + static_cast<int32_t>(i) : src.pos(src_begin + keep[i]);
     out->append(pos.data(), m);
     std::vector<float> tmp(hd);
     const bool same = src.type() == out_type;
@@ -138,7 +138,13 @@ std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begi
                 for (int part = 0; part < 2; ++part) {
                     const uint8_t* row = part == 0 ? src.k_row(l, h, e) : src.v_row(l, h, e);
                     uint8_t* dst = part == 0 ? out->k_row_mut(l, h, i) : out->v_row_mut(l, h, i);
-                    if (same) {
+                    if (part == 0 && dense_rope) {
+                        // R(new) = R(new - old) R(old): one rotation by the distance the row moves.
+                        dequantize_row(src.type(), row, tmp.data(), hd);
+                        const int32_t moved = pos[i] - src.pos(e);
+                        if (moved != 0) rope(tmp.data(), 1, hd, dense_rope->rope_dim, moved, dense_rope->inv_freq, dense_rope->type);
+                        quantize_row(out_type, tmp.data(), dst, hd);
+                    } else if (same) {
                         std::copy(row, row + src.row_bytes(), dst);
                     } else {
                         dequantize_row(src.type(), row, tmp.data(), hd);

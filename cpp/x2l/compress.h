@@ -47,9 +47,12 @@ void key_pre_rope(const KVSegment& seg, int layer, int head, int64_t e, int32_t 
 std::vector<float> key_distinctiveness(const KVSegment& seg, int64_t n, const RopeSpec& rope);
 
 // Builds a segment of type out_type holding, per (layer, head), rows keep[l][h][0..m) of src
-// (entries [src_begin, src_begin + w) of src). Positions are those of head 0's kept entries.
+// (entries [src_begin, src_begin + w) of src). Positions are those of head 0's kept entries; with
+// dense_rope, kept row i of every layer and head is re-rotated from its own position to dense_base + i
+// (before any quantization) and the positions are dense_base + [0, m).
 std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begin, const std::vector<int32_t>& keep,
-                                          int64_t m, DType out_type);
+                                          int64_t m, DType out_type, const RopeSpec* dense_rope = nullptr,
+                                          int32_t dense_base = 0);
 
 // KV merging instead of dropping (in the spirit of D2O, Wan et al. 2024, arXiv 2406.13035, and CaM, Zhang
 // et al. 2024): every entry of src's [src_begin, src_begin + w) that keep drops gives its value to the

@@ -298,11 +298,17 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     const uint32_t clen = r.pod<uint32_t>();
     if (clen > kMaxCompressorName) throw FormatError("corrupt video index header: compressor name too long");
     x.compressor.assign(reinterpret_cast<const char*>(r.take(clen)), clen);
-    if (x.compressor != "snapkv" && x.compressor != "beacon") {
+    // "rule" or "L rule/H rule" (X2LOptions::high_compressor)
+    const size_t slash = x.compressor.find('/');
+    if (x.compressor != "beacon" &&
+        !(slash == std::string::npos ? is_training_free_rule(x.compressor)
+                                     : is_training_free_rule(x.compressor.substr(0, slash)) &&
+                                           is_training_free_rule(x.compressor.substr(slash + 1)))) {
         throw FormatError("corrupt video index header: unknown compressor");
     }
-    // Beacon indexes number entries densely and run two passes; SnapKV ones keep token positions.
-    if (x.dense_positions != (x.compressor == "beacon") || (x.compressor == "beacon" && !x.two_pass)) {
+    // Beacon indexes number entries densely and run two passes; training-free ones keep token
+    // positions unless they were built with dense_positions.
+    if ((x.compressor == "beacon" && (!x.dense_positions || !x.two_pass))) {
         throw FormatError("corrupt video index header: settings contradict the compressor");
     }
     const uint64_t nsink = r.pod<uint64_t>();

@@ -33,6 +33,11 @@ struct ChunkKV {
     }
 };
 
+// The training-free compressors' names (X2LOptions::compressor, high_compressor; an index records them).
+inline bool is_training_free_rule(const std::string& r) {
+    return r == "snapkv" || r == "kvzip" || r == "keydiff" || r == "hybrid";
+}
+
 struct TierBytes {
     size_t sink = 0, low = 0, high = 0, signatures = 0;
 };

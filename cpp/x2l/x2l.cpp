@@ -51,9 +51,17 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
     ix_->ratio_high = o.ratio_high;
     ix_->pin_ends = o.pin_ends;
     ix_->two_pass = o.two_pass;
-    if (o.compressor != "snapkv" && o.compressor != "kvzip" && o.compressor != "keydiff" && o.compressor != "hybrid" &&
-        o.compressor != "beacon") {
+    if (!is_training_free_rule(o.compressor) && o.compressor != "beacon") {
         throw Error("compressor must be 'snapkv', 'kvzip', 'keydiff', 'hybrid' or 'beacon' (got '" + o.compressor + "')");
+    }
+    if (!o.high_compressor.empty()) {
+        if (!is_training_free_rule(o.high_compressor)) {
+            throw Error("high_compressor must be '', 'snapkv', 'kvzip', 'keydiff' or 'hybrid' (got '" + o.high_compressor + "')");
+        }
+        if (o.compressor == "beacon") throw Error("high_compressor is for the training-free compressors (beacon: leave it '')");
+        if (!o.two_pass && o.high_compressor != o.compressor) {
+            throw Error("a high_compressor other than the compressor needs two passes (two_pass=True)");
+        }
     }
     pool_scope_from_name(o.pool_scope);  // throws for an unknown name
     if (o.merge && o.compressor == "beacon") throw Error("merge is for the training-free compressors (beacon keeps VST rows)");
@@ -69,8 +77,13 @@ X2LPrefill::X2LPrefill(LlmSession& s, const X2LOptions& o) : s_(s), o_(o) {
         }
         if (!o.two_pass) throw Error("beacon compression runs one pass per level: use two_pass=True");
     }
+    // Saved in the index: "keydiff", or "keydiff/snapkv" when the H tier has its own rule.
     ix_->compressor = o.compressor;
-    ix_->dense_positions = o.compressor == "beacon";
+    if (!o.high_compressor.empty() && o.high_compressor != o.compressor) ix_->compressor += "/" + o.high_compressor;
+    if (o.dense_positions && s.model().config().n_pos_axes > 1) {
+        throw Error("dense_positions: M-RoPE models keep their 3-D positions (use dense_positions=False)");
+    }
+    ix_->dense_positions = o.compressor == "beacon" || o.dense_positions;
     ix_->model_fingerprint = s.model().fingerprint();
     ix_->sink.reset(new KVSegment(o.low_type, c.n_layer, c.n_head_kv, c.head_dim, 0));
     runner_ = s.executor().new_prefill(o.prefill_low_cache_bytes);
@@ -196,7 +209,7 @@ void X2LPrefill::set_text_position(int32_t pos) {
 void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool is_last, const int32_t* pos) {
     if (!ix_) throw Error("prefill already finished");
     if (pos && s_.model().config().n_pos_axes == 1) throw Error("explicit chunk positions are only for M-RoPE models");
-    if (pos && o_.compressor == "beacon") throw Error("beacon compression numbers entries densely: no explicit positions");
+    if (pos && ix_->dense_positions) throw Error("dense positions number entries densely: no explicit positions");
     if (done_last_) throw Error("a chunk was added after the one marked last");
     if (n <= 0) throw Error("empty chunk");
     if (n_frames < 1 || n_frames > n) throw Error("n_frames must be in [1, chunk tokens]");
@@ -245,21 +258,23 @@ void X2LPrefill::add_chunk_embd(const float* embd, int64_t n, int n_frames, bool
 void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* pos, int level,
                                   std::vector<float>& importance) {
     const LlmConfig& c = s_.model().config();
-    const int32_t pos0 = ix_->next_pos;  // the chunk keeps its tokens' positions
-    if (o_.compressor == "snapkv" || o_.compressor == "hybrid") {
+    const std::string& rule = level == 1 && !o_.high_compressor.empty() ? o_.high_compressor : o_.compressor;
+    // The chunk keeps its tokens' positions, or (dense) follows the entries of the level it attends to.
+    const int32_t pos0 = ix_->dense_positions ? plan_level(*ix_, level).dense_pos : ix_->next_pos;
+    if (rule == "snapkv" || rule == "hybrid") {
         PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
         run.pos = pos;
         run.votes = &importance;
         run.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
         run.votes_max = o_.max_votes;
         run_level(std::move(run));
-        if (o_.compressor == "hybrid") {
+        if (rule == "hybrid") {
             const std::vector<float> votes = importance_ranks(importance.data(), c.n_layer, c.n_head_kv, n);
             const std::vector<float> distinct = key_distinctiveness(cache_->tail(), n, s_.model().rope_spec());
             const std::vector<float> keys = importance_ranks(distinct.data(), c.n_layer, c.n_head_kv, n);
             for (size_t i = 0; i < importance.size(); ++i) importance[i] = votes[i] + keys[i];
         }
-    } else if (o_.compressor == "kvzip") {
+    } else if (rule == "kvzip") {
         if (pos) throw Error("compressor kvzip: M-RoPE positions are not supported yet (use snapkv or keydiff)");
         // [chunk; repeat_prompt; chunk] at consecutive positions: the prompt's and the copy's queries
         // find, layer by layer, what of the original they need to reproduce it. Only the original's rows
@@ -304,20 +319,25 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
     const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV (rows [0, n))
     ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
                                         kKeySignatureEntries);
+    // Dense positions: a tier's rows continue that tier's entries (sink, then the earlier chunks' rows).
+    const RopeSpec rope_spec = s_.model().rope_spec();
+    const RopeSpec* dense = ix_->dense_positions ? &rope_spec : nullptr;
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
-    ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type);
+    ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type, dense, plan_level(*ix_, 0).dense_pos);
     if (o_.merge) {
         merge_dropped_values(cache_->tail(), 0, n, keep, m_low, s_.model().rope_spec(), o_.merge_min_similarity, *ch.low);
     }
-    ch.low_pos.resize(keep.size());
-    for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
+    if (!dense) {  // dense rows of every head sit at the same positions: low->pos()
+        ch.low_pos.resize(keep.size());
+        for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
+    }
     if (o_.two_pass) {
         // H level, as the official code: the chunk on top of the sink and the earlier H-KVs.
         chunk_importance(embd, n, pos, 1, importance);
         pool_importance(importance, c.n_layer, c.n_head_kv, n, scope);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
-    ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type);
+    ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type, dense, plan_level(*ix_, 1).dense_pos);
     if (o_.merge) {
         merge_dropped_values(cache_->tail(), 0, n, keep, m_high, s_.model().rope_spec(), o_.merge_min_similarity,
                              *ch.high);

@@ -67,6 +67,9 @@ struct X2LOptions {
     // `ratio` raw tokens, VST rows through their own q/k/v projections, only the VSTs' K/V kept, dense
     // positions.
     std::string compressor = "snapkv";
+    // The H tier's training-free rule when it differs from the L tier's ("" = compressor): each level's
+    // pass scores the chunk with its own rule (two passes only).
+    std::string high_compressor;
     std::vector<int32_t> repeat_prompt;  // kvzip: the tokens between the chunk and its copy (may be empty)
     bool max_votes = false;  // snapkv: each entry's largest vote (over the voting queries and the KV head's
                              // query heads) instead of its mean
@@ -80,6 +83,12 @@ struct X2LOptions {
     // merge: only dropped entries whose pre-RoPE key has at least this cosine with the chosen kept
     // neighbour's are merged (near-duplicates); the rest are dropped. 0 merges every positive match.
     float merge_min_similarity = 0.0f;
+    // Training-free compressors: number every tier's entries densely, as the official code does
+    // (X2L_SPEC.md "Position handling"): each level's pass runs a chunk right after the entries it
+    // attends to, and its kept rows are re-rotated to consecutive positions, so a mixed cache moves
+    // whole chunks (plan.h) and the question follows the last entry instead of the last token.
+    // 1-D RoPE only (M-RoPE keeps its 3-D positions); beacon is always dense.
+    bool dense_positions = false;
 };
 
 struct PrefillStats {
