@@ -1391,6 +1391,31 @@ def test_cuda_x2l_decoder_matches_cpu(tiny_hd32, arch):
     assert dctx.memory()["resident_bytes"] > 0
 
 
+@gpu
+def test_cuda_dense_positions_match_cpu(tiny_hd32):
+    """dense_positions with a KeyDiff L tier and a SnapKV H tier, prefilled and decoded on the device: each
+    level's pass runs at its tier's dense position (the device prefill) and the mixed cache re-rotates every
+    chunk a reload moves (the device cache), as the CPU backend does; logits to the f16/q8_0 rounding."""
+    from x2l_edge import Session
+    from x2l_edge.x2l import VideoContext
+
+    kw = dict(dense_positions=True, compressor="keydiff", high_compressor="snapkv", merge=True)
+    cctx = _x2l_pair(tiny_hd32["qwen2"], "cpu", **kw)
+    pctx = _x2l_pair(tiny_hd32["qwen2"], "cuda:0", **kw)  # prefilled on the device
+    assert pctx.prefill_stats["on_device"] and not cctx._dec.on_device
+    assert pctx.index.settings()["dense_positions"] and pctx.index.settings()["compressor"] == "keydiff/snapkv"
+    n = cctx.n_chunks
+    assert pctx.index.low_positions(n - 1) == cctx.index.low_positions(n - 1)  # the same dense numbering
+    # The CPU's index decoded on the device: the moved chunks' keys turned there.
+    dctx = VideoContext(Session(tiny_hd32["qwen2"], device="cuda:0", n_threads=2), cctx.index,
+                        question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix)
+    assert dctx._dec.on_device
+    q = "Which colour is item 7?"
+    for chunks in ([], [1], [0, 2, 3]):
+        assert _rel_err(dctx.logits(q, chunks), cctx.logits(q, chunks)) < 3e-2, chunks
+    assert not np.allclose(cctx.logits(q, [1]), cctx.logits(q, []))
+
+
 _MMAP_DECODE = """
 import sys
 import numpy as np

@@ -36,6 +36,7 @@ Xxh64::Xxh64(uint64_t seed) : seed_(seed) {
 }
 
 void Xxh64::update(const void* data, size_t n) {
+    if (n == 0) return;  // an empty section's data() may be null, which memcpy must not see
     const uint8_t* p = static_cast<const uint8_t*>(data);
     total_ += n;
     if (buf_len_ > 0) {
