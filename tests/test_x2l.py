@@ -424,7 +424,7 @@ def test_high_compressor_gives_the_h_tier_its_own_rule(tiny, tmp_path):
     np.testing.assert_array_equal(loaded.logits("what matters?", [2]), keydiff_ctx.logits("what matters?", [2]))
 
 
-@pytest.mark.parametrize("two_pass,dense", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("two_pass,dense", [(True, False), (False, False), (True, True), (False, True)])
 def test_uncompressed_x2l_equals_full_forward(tiny, two_pass, dense):
     """Ratio 1 keeps every entry: the chunked prefill + mixed cache must reproduce the plain causal
     forward over sink + chunks + question exactly (positions, causality, segment order, reload). Dense
