@@ -138,11 +138,11 @@ std::unique_ptr<KVSegment> gather_segment(const KVSegment& src, int64_t src_begi
                 for (int part = 0; part < 2; ++part) {
                     const uint8_t* row = part == 0 ? src.k_row(l, h, e) : src.v_row(l, h, e);
                     uint8_t* dst = part == 0 ? out->k_row_mut(l, h, i) : out->v_row_mut(l, h, i);
-                    if (part == 0 && dense_rope) {
+                    const int32_t moved = dense_rope ? pos[i] - src.pos(e) : 0;
+                    if (part == 0 && moved != 0) {
                         // R(new) = R(new - old) R(old): one rotation by the distance the row moves.
                         dequantize_row(src.type(), row, tmp.data(), hd);
-                        const int32_t moved = pos[i] - src.pos(e);
-                        if (moved != 0) rope(tmp.data(), 1, hd, dense_rope->rope_dim, moved, dense_rope->inv_freq, dense_rope->type);
+                        rope(tmp.data(), 1, hd, dense_rope->rope_dim, moved, dense_rope->inv_freq, dense_rope->type);
                         quantize_row(out_type, tmp.data(), dst, hd);
                     } else if (same) {
                         std::copy(row, row + src.row_bytes(), dst);

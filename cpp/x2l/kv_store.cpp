@@ -308,7 +308,7 @@ std::unique_ptr<VideoIndex> VideoIndex::parse(std::unique_ptr<Backing> b, size_t
     }
     // Beacon indexes number entries densely and run two passes; training-free ones keep token
     // positions unless they were built with dense_positions.
-    if ((x.compressor == "beacon" && (!x.dense_positions || !x.two_pass))) {
+    if (x.compressor == "beacon" && (!x.dense_positions || !x.two_pass)) {
         throw FormatError("corrupt video index header: settings contradict the compressor");
     }
     const uint64_t nsink = r.pod<uint64_t>();

@@ -259,10 +259,11 @@ void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* p
                                   std::vector<float>& importance) {
     const LlmConfig& c = s_.model().config();
     const std::string& rule = level == 1 && !o_.high_compressor.empty() ? o_.high_compressor : o_.compressor;
+    const LevelPlan plan = plan_level(*ix_, level);  // the sink and the earlier chunks' rows of this level
     // The chunk keeps its tokens' positions, or (dense) follows the entries of the level it attends to.
-    const int32_t pos0 = ix_->dense_positions ? plan_level(*ix_, level).dense_pos : ix_->next_pos;
+    const int32_t pos0 = ix_->dense_positions ? plan.dense_pos : ix_->next_pos;
     if (rule == "snapkv" || rule == "hybrid") {
-        PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
+        PrefillLevel run = level_rows(embd, n, pos0, plan.prefix);
         run.pos = pos;
         run.votes = &importance;
         run.obs_start = o_.obs_window > 0 ? std::max<int64_t>(0, n - o_.obs_window) : 0;
@@ -287,7 +288,7 @@ void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* p
         std::vector<int32_t> original(static_cast<size_t>(n));
         std::iota(original.begin(), original.end(), 0);
         std::vector<float> votes;  // [n_layer][n_head_kv][total]
-        PrefillLevel run = level_rows(rows.data(), total, pos0, plan_level(*ix_, level).prefix);
+        PrefillLevel run = level_rows(rows.data(), total, pos0, plan.prefix);
         run.votes = &votes;
         run.obs_start = n;
         run.votes_max = true;
@@ -298,7 +299,7 @@ void X2LPrefill::chunk_importance(const float* embd, int64_t n, const int32_t* p
             std::copy_n(votes.data() + lh * total, n, importance.data() + lh * n);
         }
     } else {  // keydiff
-        PrefillLevel run = level_rows(embd, n, pos0, plan_level(*ix_, level).prefix);
+        PrefillLevel run = level_rows(embd, n, pos0, plan.prefix);
         run.pos = pos;
         run_level(std::move(run));
         importance = key_distinctiveness(cache_->tail(), n, s_.model().rope_spec());
@@ -317,16 +318,15 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
     chunk_importance(embd, n, pos, 0, importance);
     pool_importance(importance, c.n_layer, c.n_head_kv, n, scope);
     const KVSegment& full = cache_->tail();  // the chunk's uncompressed KV (rows [0, n))
-    ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, s_.model().rope_spec(),
+    const RopeSpec rope_spec = s_.model().rope_spec();
+    ch.key_sig = distinct_pre_rope_keys(full, n, [&](int, int, int64_t e) { return full.pos(e); }, rope_spec,
                                         kKeySignatureEntries);
     // Dense positions: a tier's rows continue that tier's entries (sink, then the earlier chunks' rows).
-    const RopeSpec rope_spec = s_.model().rope_spec();
     const RopeSpec* dense = ix_->dense_positions ? &rope_spec : nullptr;
+    auto tier_base = [&](int level) { return dense ? plan_level(*ix_, level).dense_pos : 0; };
     auto keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_low, o_.pool_kernel);
-    ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type, dense, plan_level(*ix_, 0).dense_pos);
-    if (o_.merge) {
-        merge_dropped_values(cache_->tail(), 0, n, keep, m_low, s_.model().rope_spec(), o_.merge_min_similarity, *ch.low);
-    }
+    ch.low = gather_segment(cache_->tail(), 0, keep, m_low, o_.low_type, dense, tier_base(0));
+    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_low, rope_spec, o_.merge_min_similarity, *ch.low);
     if (!dense) {  // dense rows of every head sit at the same positions: low->pos()
         ch.low_pos.resize(keep.size());
         for (size_t i = 0; i < keep.size(); ++i) ch.low_pos[i] = cache_->tail().pos(keep[i]);
@@ -337,11 +337,8 @@ void X2LPrefill::add_chunk_training_free(ChunkKV& ch, const float* embd, int64_t
         pool_importance(importance, c.n_layer, c.n_head_kv, n, scope);
     }
     keep = select_entries(importance.data(), c.n_layer, c.n_head_kv, n, m_high, o_.pool_kernel);
-    ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type, dense, plan_level(*ix_, 1).dense_pos);
-    if (o_.merge) {
-        merge_dropped_values(cache_->tail(), 0, n, keep, m_high, s_.model().rope_spec(), o_.merge_min_similarity,
-                             *ch.high);
-    }
+    ch.high = gather_segment(cache_->tail(), 0, keep, m_high, o_.high_type, dense, tier_base(1));
+    if (o_.merge) merge_dropped_values(cache_->tail(), 0, n, keep, m_high, rope_spec, o_.merge_min_similarity, *ch.high);
     cache_->clear();
 }
 
