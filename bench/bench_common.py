@@ -190,3 +190,27 @@ class Mtmd:
             M.mtmd_bitmap_free(bm)
         M.mtmd_free(self.ctx)
         self.llama_cpp.llama_model_free(self.model)
+
+
+class SharedPrefill:
+    """Settings that differ only in question-time options (X2LOptions.QUESTION, e.g. question_gap) share
+    one bi-level prefill: the first such setting's index is reused with the other's question defaults."""
+
+    def __init__(self):
+        self._ctx = {}
+
+    def context(self, overrides: dict, prefill, options):
+        """(context, base): overrides: the setting's X2LOptions fields; prefill(): its VideoContext, made
+        when no earlier setting shares its prefill; options: the setting's resolved X2LOptions. base: the
+        context whose prefill this one shares (itself for a new prefill)."""
+        from x2l_edge.options import X2LOptions
+        from x2l_edge.x2l import VideoContext
+
+        key = tuple(sorted((k, repr(v)) for k, v in overrides.items() if k not in X2LOptions.QUESTION))
+        base = self._ctx.get(key)
+        if base is None:
+            self._ctx[key] = base = prefill()
+            return base, base
+        return VideoContext(base.session, base.index, question_prefix=base.question_prefix,
+                            question_suffix=base.question_suffix, answer_prefix=base.answer_prefix,
+                            max_answer_tokens=base.max_answer_tokens, **options.question_kwargs()), base

@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import x2l_edge  # noqa: E402
 from x2l_edge import tiny_vlm as T  # noqa: E402
-from bench_common import cpu_name, isa_info  # noqa: E402
+from bench_common import SharedPrefill, cpu_name, isa_info  # noqa: E402
+from x2l_edge.options import X2LOptions  # noqa: E402
 from eval_tiny_vlm import parse_options, wilson  # noqa: E402
 
 MODES = ("x2l", "oracle1", "h_only")
@@ -44,7 +45,7 @@ def run(a, configs: dict) -> dict:
     full_session = x2l_edge.Session(path, n_threads=a.threads, n_ctx=max(4096, a.length * T.TOKENS_PER_FRAME + 512))
     q = T.QUESTIONS["word"]
     isa = isa_info()
-    res = {"bench": "tiny_vlm_sweep", "seed": a.seed, "length": a.length, "configs": configs, "threads": a.threads,
+    res = {"bench": "tiny_vlm_sweep", "seed": a.seed, "seed_note": a.seed_note, "length": a.length, "configs": configs, "threads": a.threads,
            "machine": f"{cpu_name()}, ISA {isa['build']}", "isa": isa, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load_start": os.getloadavg()[0], "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
            "items": []}
@@ -54,8 +55,11 @@ def run(a, configs: dict) -> dict:
                                max_tokens=24).strip()
         item = {"i": i, "word": vid.word, "needle_chunk": vid.needle_chunk,
                 "full": {"answer": ans, "correct": T.answer_ok(ans, vid.word, "word")}, "configs": {}}
+        shared = SharedPrefill()  # settings that differ only at question time (question_gap...) share a prefill
         for name, kw in configs.items():
-            ctx = s.prefill(vid.frames, system=T.SYSTEM, max_frames=len(vid.frames), progress=False, **kw)
+            ctx, _ = shared.context(kw, lambda: s.prefill(vid.frames, system=T.SYSTEM, max_frames=len(vid.frames),
+                                                          progress=False, **kw),
+                                    X2LOptions.for_model(s, video=True, **kw))
             chosen = [int(c) for c in ctx.select(question=q)]
             r = {"chunks": chosen, "selected": vid.needle_chunk in chosen}
             for mode, chunks in (("x2l", chosen), ("oracle1", [vid.needle_chunk]), ("h_only", [])):
@@ -63,6 +67,7 @@ def run(a, configs: dict) -> dict:
                 r[mode] = {"answer": out, "correct": T.answer_ok(out, vid.word, "word")}
             item["configs"][name] = r
             del ctx
+        del shared
         res["items"].append(item)
         print(f"{i:3d} {vid.word:8s} chunk {vid.needle_chunk:2d} full {'+' if item['full']['correct'] else '-'}  " +
               "  ".join(f"{n}=" + "".join("+" if r[m]["correct"] else "-" for m in MODES)
@@ -91,7 +96,7 @@ def markdown(res: dict) -> str:
     L = [f"# Tiny VLM: X²L settings side by side on {res['length']} s needle videos", "",
          f"`{res['command']}` — {res['machine']}, {res['threads']} thread(s), {res['time']}, load average "
          f"{res['load_start']:.1f} at the start, {res.get('load_now', res['load_start']):.1f} at the last write. "
-         f"Seed {res['seed']} (an exploration seed: not the held-out 777, not a training stream).", "",
+         f"Seed {res['seed']}" + (f" ({res['seed_note']})" if res.get("seed_note") else "") + ".", "",
          *([res["note"], ""] if res.get("note") else []),
          "Cells: correct/n (95 % Wilson interval). full KV: the whole video in the cache (one answer per video, "
          "shared by every setting). x2l: the model's default scorer and top_k reload; oracle1: only the card's chunk "
@@ -116,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", nargs="+", action="append", required=True, metavar=("NAME", "OPTION=VALUE"),
                     help="a setting: its name, then X2LOptions fields as NAME=VALUE (repeat --config per setting)")
     ap.add_argument("--seed", type=int, default=555)
+    ap.add_argument("--seed-note", default="", help="how the seed was used before (e.g. 'fresh: first use'), for the table")
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--length", type=int, default=240, help="video seconds (1 fps)")
     ap.add_argument("--threads", type=int, default=1)

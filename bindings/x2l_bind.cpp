@@ -225,9 +225,11 @@ void bind_x2l(nb::module_& m) {
           "The attention/keys scorers' chunk score from per-token masses [n_tokens, n_chunks] (float64).");
 
     nb::class_<x2l::X2LDecoder>(m, "X2LDecoder")
-        .def("__init__", [](x2l::X2LDecoder* self, x2l::LlmSession& s, const x2l::VideoIndex& ix, int64_t max_tail) {
-            x2l_bind::call_locked(s, [&] { new (self) x2l::X2LDecoder(s, ix, max_tail); });
-        }, "session"_a, "index"_a, "max_tail_tokens"_a = 1024, nb::keep_alive<1, 2>(), nb::keep_alive<1, 3>())
+        .def("__init__", [](x2l::X2LDecoder* self, x2l::LlmSession& s, const x2l::VideoIndex& ix, int64_t max_tail,
+                            int32_t question_gap) {
+            x2l_bind::call_locked(s, [&] { new (self) x2l::X2LDecoder(s, ix, max_tail, question_gap); });
+        }, "session"_a, "index"_a, "max_tail_tokens"_a = 1024, "question_gap"_a = 0, nb::keep_alive<1, 2>(),
+           nb::keep_alive<1, 3>())
         .def("scores", [](x2l::X2LDecoder& d, const std::vector<int32_t>& q, const std::string& scorer,
                           int64_t content_begin, int64_t content_end) {
             x2l::Scorer sc = x2l::scorer_from_name(scorer);
@@ -289,6 +291,7 @@ void bind_x2l(nb::module_& m) {
         })
         .def_prop_ro("n_ctx", &x2l::X2LDecoder::n_ctx)
         .def_prop_ro("cache_entries", &x2l::X2LDecoder::cache_entries)
+        .def_prop_ro("question_position", &x2l::X2LDecoder::question_position)
         .def_prop_ro("on_device", &x2l::X2LDecoder::on_device)
         .def_prop_ro("device_note", &x2l::X2LDecoder::device_note)
         .def("prefix_rows", [](x2l::X2LDecoder& d, size_t i, int layer, int head, bool value) {

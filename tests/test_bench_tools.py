@@ -249,6 +249,33 @@ def test_tiny_vlm_eval_takes_any_prefill_option():
         TV.parse_options(["merge_min_similarity=2"])
 
 
+def test_settings_that_differ_only_at_question_time_share_one_prefill(tiny_llama):
+    """bench_common.SharedPrefill: a setting that changes only question-time options (question_gap) reuses
+    the earlier index with its own question defaults; any prefill option makes a new prefill."""
+    import x2l_edge
+    from bench_common import SharedPrefill
+    from x2l_edge.options import X2LOptions
+
+    s = x2l_edge.Session(tiny_llama, n_threads=1)
+    text = " ".join(f"word{i}" for i in range(300))
+    shared, made = SharedPrefill(), []
+
+    def ctx_for(**kw):
+        def prefill():
+            made.append(kw)
+            return s.prefill_text(text, chunk_tokens=96, **kw)
+        return shared.context(kw, prefill, X2LOptions.for_model(s, video=False, **kw))
+
+    a, base_a = ctx_for(dense_positions=True)
+    b, base_b = ctx_for(dense_positions=True, question_gap=100)
+    c, _ = ctx_for(dense_positions=True, ratio_high=8, question_gap=100)
+    assert len(made) == 2 and base_a is a and base_b is a and b.index is a.index and c.index is not a.index
+    assert a._dec.question_position == a._dec.cache_entries  # dense: the question follows the last entry
+    assert b._dec.question_position == a._dec.cache_entries + 100
+    assert c._dec.question_position == c._dec.cache_entries + 100
+    assert (b.question_prefix, b.question_suffix) == (a.question_prefix, a.question_suffix)
+
+
 def test_tiny_vlm_sweep_report(tmp_path):
     """bench/tiny_vlm_sweep.py: per-setting counts from the items, Wilson intervals, the options in the table."""
     import tiny_vlm_sweep as S

@@ -1414,6 +1414,15 @@ def test_cuda_dense_positions_match_cpu(tiny_hd32):
     for chunks in ([], [1], [0, 2, 3]):
         assert _rel_err(dctx.logits(q, chunks), cctx.logits(q, chunks)) < 3e-2, chunks
     assert not np.allclose(cctx.logits(q, [1]), cctx.logits(q, []))
+    # a question gap on both backends: the device's question and scorer pass start at the same position
+    gap = dict(question_prefix=cctx.question_prefix, question_suffix=cctx.question_suffix, question_gap=300)
+    cgap = VideoContext(cctx.session, cctx.index, **gap)
+    dgap = VideoContext(dctx.session, cctx.index, **gap)
+    assert dgap._dec.on_device and dgap._dec.question_position == cgap._dec.question_position
+    for chunks in ([], [0, 2]):
+        assert _rel_err(dgap.logits(q, chunks), cgap.logits(q, chunks)) < 3e-2, chunks
+    assert not np.allclose(cgap.logits(q, [0, 2]), cctx.logits(q, [0, 2]))
+    np.testing.assert_allclose(dgap.scores(q), cgap.scores(q), rtol=3e-2, atol=3e-2)
 
 
 _MMAP_DECODE = """

@@ -443,6 +443,45 @@ def test_uncompressed_x2l_equals_full_forward(tiny, two_pass, dense):
     np.testing.assert_allclose(ours_none, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_question_gap_puts_the_question_after_empty_positions(tiny, tiny_hf):
+    """question_gap on a dense index: the question's first token sits question_gap positions after the last
+    entry. At ratio 1 that is transformers' own forward over sink + chunks + question with the question's
+    position_ids moved by the gap, reloaded or not; an index that keeps token positions ignores it."""
+    import torch
+    import transformers
+
+    chunks, gap, q = _chunks(tiny), 37, "what does the cache keep?"
+    prefix, suffix = split_template(tiny, "be brief")
+    kw = dict(sink_ids=tiny.tokenize(prefix), ratio_low=1, ratio_high=1, low_type="f32", high_type="f32")
+    dense, _ = prefill_chunks(tiny, chunks, dense_positions=True, **kw)
+    ctx = VideoContext(tiny, dense, question_suffix=suffix, question_gap=gap)
+    n_cache = len(dense.sink_tokens) + sum(map(len, chunks))
+    assert ctx._dec.question_position == n_cache + gap
+    q_ids = ctx.question_ids(q)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf[0], dtype=torch.float32,
+                                                              attn_implementation="eager")
+    ids = list(dense.sink_tokens) + [t for c in chunks for t in c] + q_ids
+    pos = list(range(n_cache)) + list(range(n_cache + gap, n_cache + gap + len(q_ids)))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), position_ids=torch.tensor([pos])).logits[0, -len(q_ids):].numpy()
+    np.testing.assert_allclose(ctx.logits(q, range(len(chunks))), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ctx.logits(q, []), ref, rtol=1e-4, atol=1e-4)
+    no_gap = VideoContext(tiny, dense, question_suffix=suffix).logits(q, [])
+    assert np.abs(no_gap - ref).max() > 1e-3  # the gap changed the answer's logits
+    # token positions: the question already continues at the next token's position, with or without a gap
+    plain, _ = prefill_chunks(tiny, chunks, **kw)
+    with_gap = VideoContext(tiny, plain, question_suffix=suffix, question_gap=gap)
+    assert with_gap._dec.question_position == n_cache
+    np.testing.assert_array_equal(with_gap.logits(q, [1]), VideoContext(tiny, plain, question_suffix=suffix).logits(q, [1]))
+    for bad, err in ((-1, ValueError), ((1 << 20) + 1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="question_gap"):
+            VideoContext(tiny, dense, question_suffix=suffix, question_gap=bad)
+        with pytest.raises(err, match="question_gap"):
+            x2l_edge.X2LOptions(question_gap=bad)
+    with pytest.raises(x2l_edge.Error, match="question_gap"):  # the C++ layer checks it too
+        _core.X2LDecoder(tiny._s, dense, question_gap=-5)
+
+
 def _rotate(k, delta, theta):
     """NEOX RoPE by delta positions of keys [n, head_dim] (delta: [n])."""
     hd = k.shape[-1]

@@ -42,6 +42,9 @@ class X2LOptions:
     dense_positions: bool = False
     prefill_low_cache_bytes: int = -1  # CUDA, discrete GPUs: L bytes kept in device memory (-1: half the free)
     # Questions
+    # Positions left empty between a dense training-free cache (dense_positions) and the question; other
+    # indexes ignore it (docs/x2l.md "Question gap").
+    question_gap: int = 0
     top_k: int = 3                  # chunks whose L-KVs a question reloads (select="top_k")
     # "attention" (the question's queries over every chunk's L keys; reads the whole L tier), or the
     # resident "maxsim" (question tokens vs each chunk's distinctive input rows: no model pass, no H or L
@@ -79,6 +82,14 @@ class X2LOptions:
         """The question-time selection defaults a VideoContext takes."""
         return {"rule": self.select, "max_k": self.max_k, "mass_p": self.mass_p}
 
+    # The fields that act only when a question is asked (an index made with any of them serves every value).
+    QUESTION = ("question_gap", "top_k", "scorer", "select", "max_k", "mass_p")
+
+    def question_kwargs(self) -> dict:
+        """Every question-time default a VideoContext takes from these options (QUESTION)."""
+        return {"default_top_k": self.top_k, "default_scorer": self.scorer,
+                "default_selection": self.selection_kwargs(), "question_gap": self.question_gap}
+
     def replace(self, **overrides) -> "X2LOptions":
         """A copy with these fields changed (TypeError naming an unknown option)."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -91,7 +102,8 @@ class X2LOptions:
     _RANGES = {"ratio_low": (1, 2**31 - 1), "ratio_high": (1, 2**31 - 1), "obs_window": (0, 2**31 - 1),
                "pool_kernel": (1, 2**31 - 1), "max_host_bytes": (0, 2**64 - 1), "max_device_bytes": (0, 2**64 - 1),
                "prefill_low_cache_bytes": (-1, 2**63 - 1), "top_k": (0, 2**31 - 1), "chunk_frames": (1, 2**31 - 1),
-               "frames_default": (1, 2**31 - 1), "max_k": (1, 2**31 - 1)}
+               "frames_default": (1, 2**31 - 1), "max_k": (1, 2**31 - 1),
+               "question_gap": (0, 1 << 20)}
 
     def __post_init__(self) -> None:
         """Every field checked by type and range (TypeError / ValueError naming it; no coercion)."""

@@ -257,7 +257,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
     p.set_text_position(int(text_pos))
     stats = p.stats()
     ctx = VideoContext(session, p.finish(), **context_kwargs(session, system),
-                       default_top_k=opts.top_k, default_scorer=opts.scorer,
-                       default_selection=opts.selection_kwargs())
+                       **opts.question_kwargs())
     ctx.prefill_stats = stats
     return ctx

@@ -221,8 +221,7 @@ class Session:
         with self._lock.op(cancel), _progress_scope(progress) as prog:
             index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix), n_chunks=len(chunks),
                                           progress=prog, options=opts)
-        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
-                           default_scorer=opts.scorer, default_selection=opts.selection_kwargs())
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, **opts.question_kwargs())
         ctx.prefill_stats = stats
         return ctx
 
@@ -393,8 +392,7 @@ class Session:
             index, stats = prefill_chunks(self, chunks, sink_ids=self.tokenize(prefix),
                                           frames_per_chunk=chunk_frames, options=opts, progress=prog,
                                           n_chunks=self._n_chunks(vid, chunk_frames))
-        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, default_top_k=opts.top_k,
-                           default_scorer=opts.scorer, default_selection=opts.selection_kwargs())
+        ctx = VideoContext(self, index, question_prefix="\n", question_suffix=suffix, **opts.question_kwargs())
         ctx.prefill_stats = stats
         return ctx
 

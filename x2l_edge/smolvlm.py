@@ -358,6 +358,6 @@ def prefill_video(session, video, *, system=None, chunk_frames=None, max_frames=
 
         index, stats = prefill_chunks(session, chunks(), sink_ids=sink, n_chunks=-(-n_frames // chunk_frames),
                                       frames_per_chunk=chunk_frames, options=opts, progress=prog)
-    ctx = VideoContext(session, index, **context_kwargs(session), default_top_k=opts.top_k, default_scorer=opts.scorer)
+    ctx = VideoContext(session, index, **context_kwargs(session), **opts.question_kwargs())
     ctx.prefill_stats = stats
     return ctx

@@ -44,7 +44,8 @@ class VideoContext:
 
     def __init__(self, session, index, *, question_prefix: str = "\n", question_suffix: str = "",
                  answer_prefix: str = "", max_answer_tokens: int = 512, default_top_k: int = X2LOptions.top_k,
-                 default_scorer: str = X2LOptions.scorer, default_selection: dict | None = None):
+                 default_scorer: str = X2LOptions.scorer, default_selection: dict | None = None,
+                 question_gap: int = X2LOptions.question_gap):
         self.session = session
         self.index = index
         self.question_prefix = question_prefix
@@ -53,6 +54,7 @@ class VideoContext:
         # of every decode but not of scoring: its tokens often name what the question asks about.
         self.answer_prefix = answer_prefix
         self.default_top_k = default_top_k
+        self.max_answer_tokens = max_answer_tokens
         self.default_scorer = default_scorer
         if default_scorer == "maxsim" and any(index.chunk_info(c)["signature_rows"] == 0 for c in range(index.n_chunks)):
             # an index saved before the row signatures (formats 3 and 4)
@@ -63,7 +65,9 @@ class VideoContext:
         # rule ("top_k", "gap", "mass"), max_k, mass_p: X2LOptions.selection_kwargs()
         self.default_selection = dict(X2LOptions().selection_kwargs(), **(default_selection or {}))
         with session._lock.op():
-            self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512)
+            # question_gap: empty positions before the question on a dense training-free index (X2LOptions)
+            self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512,
+                                         question_gap=checks.integer("question_gap", question_gap, lo=0, hi=1 << 20))
         if getattr(session, "device", "cpu") != "cpu" and not self._dec.on_device:
             warnings.warn(f"x2l-edge: {self._dec.device_note}", RuntimeWarning, stacklevel=2)
 

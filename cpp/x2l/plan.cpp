@@ -19,7 +19,9 @@ LevelPlan plan_level(const VideoIndex& ix, int level) {
     return p;
 }
 
-MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& selected) {
+bool takes_question_gap(const VideoIndex& ix) { return ix.dense_positions && ix.compressor != "beacon"; }
+
+MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& selected, int32_t question_gap) {
     const int n = static_cast<int>(ix.chunks.size());
     MixedCachePlan plan;
     plan.selected = selected;
@@ -39,7 +41,9 @@ MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& se
         if (ix.dense_positions && rows.size() > 0) L.delta[c] = next - rows.pos(0);
         next += static_cast<int32_t>(rows.size());
     }
-    L.tail_pos = ix.dense_positions ? next : ix.text_pos >= 0 ? ix.text_pos : ix.next_pos;
+    L.tail_pos = ix.dense_positions ? next + (takes_question_gap(ix) ? question_gap : 0)
+                 : ix.text_pos >= 0  ? ix.text_pos
+                                     : ix.next_pos;
     plan.entries = next;
     return plan;
 }

@@ -25,8 +25,14 @@ struct MixedCachePlan {
     MixedCacheLayout layout;
     int64_t entries = 0;        // cache entries before the question: the sink and each chunk's chosen rows
 };
-// Error for a selection with duplicates or chunks out of range.
-MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& selected);
+// Positions left empty between a dense training-free cache and the question: the question then sits as
+// far from the cache as a token-position index would put it, which keeps several reloaded chunks from
+// crowding it (docs/x2l.md "Question gap"). Beacon indexes (trained on dense numbering) and indexes that
+// keep token positions take no gap.
+bool takes_question_gap(const VideoIndex& ix);
+// Error for a selection with duplicates or chunks out of range. question_gap: applied where
+// takes_question_gap(ix).
+MixedCachePlan plan_mixed_cache(const VideoIndex& ix, const std::vector<int>& selected, int32_t question_gap = 0);
 
 // The index's rows as the executor sees them: sink, H rows (compact), L rows (full).
 TieredRows tiered_rows(const VideoIndex& ix);

@@ -391,8 +391,8 @@ std::unique_ptr<VideoIndex> X2LPrefill::finish() {
 
 // ---------------------------------------------------------------------------------------- decode
 
-X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens)
-    : s_(s), ix_(ix), max_tail_(max_tail_tokens) {
+X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens, int32_t question_gap)
+    : s_(s), ix_(ix), max_tail_(max_tail_tokens), question_gap_(question_gap) {
     const LlmConfig& c = s.model().config();
     if (ix.n_layer != c.n_layer || ix.n_head_kv != c.n_head_kv || ix.head_dim != c.head_dim || ix.n_embd != c.n_embd) {
         throw Error("this video index was built with a different model");
@@ -409,7 +409,10 @@ X2LDecoder::X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tok
     }
     ix.check_file();
     if (max_tail_tokens <= 0) throw Error("max_tail_tokens must be > 0");
-    compact_only_ = plan_mixed_cache(ix, {});
+    if (question_gap < 0 || question_gap > kMaxQuestionGap) {
+        throw Error("question_gap must be in [0, " + std::to_string(kMaxQuestionGap) + "]");
+    }
+    compact_only_ = plan_mixed_cache(ix, {}, question_gap_);
     // A device that cannot hold this index gives a CPU cache and says why in device_note_.
     cache_ = s.executor().new_mixed_cache(tiered_rows(ix), compact_only_.layout, max_tail_tokens, device_note_);
     prepare({});
@@ -477,7 +480,7 @@ std::vector<float> X2LDecoder::scores(const std::vector<int32_t>& question, Scor
 }
 
 void X2LDecoder::prepare(const std::vector<int>& selected) {
-    MixedCachePlan plan = plan_mixed_cache(ix_, selected);  // throws for a bad selection, before anything changes
+    MixedCachePlan plan = plan_mixed_cache(ix_, selected, question_gap_);  // throws for a bad selection, before anything changes
     for (int c : plan.selected) ix_.check_low(static_cast<size_t>(c));  // mapped indexes: file unchanged, rows verified
     history_.clear();
     plan_ = compact_only_;

@@ -170,7 +170,10 @@ struct ScoreStats {
 class X2LDecoder {
   public:
     LlmSession& session() const { return s_; }  // whose mutex() callers hold around each call
-    X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens);
+    // question_gap: positions between a dense training-free cache and the question (plan.h
+    // takes_question_gap; other indexes ignore it), in [0, kMaxQuestionGap].
+    X2LDecoder(LlmSession& s, const VideoIndex& ix, int64_t max_tail_tokens, int32_t question_gap = 0);
+    static constexpr int32_t kMaxQuestionGap = 1 << 20;
 
     // Relevance of each chunk to the question. tokens: the question as the model will see it (with
     // its template); only tokens [content_begin, content_end) vote, so the template's own tokens
@@ -189,6 +192,7 @@ class X2LDecoder {
     const std::vector<int32_t>& history() const { return history_; }
     int64_t n_past() const { return static_cast<int64_t>(history_.size()); }
     int64_t n_ctx() const { return max_tail_; }
+    int32_t question_position() const { return plan_.layout.tail_pos; }  // where the question's first token sits
     void truncate(int64_t n);
     int64_t cache_entries() const { return plan_.entries; }  // entries before the tail
     // The mixed cache's segments before the tail, as host rows: sink, then one per chunk (on the CPU its
@@ -212,6 +216,7 @@ class X2LDecoder {
     LlmSession& s_;
     const VideoIndex& ix_;
     int64_t max_tail_;
+    int32_t question_gap_;
     MixedCachePlan compact_only_;  // the H-only cache (no chunk selected)
     MixedCachePlan plan_;          // the current selection's (selected: sorted chunk indices)
     std::unique_ptr<MixedCache> cache_;

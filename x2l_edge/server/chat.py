@@ -272,7 +272,7 @@ def _temporary_context(server, req: ChatRequest, kind, value):
         times, frame_s = _plan_times(video, max_frames, fps)
         chunks = s.video_chunks(video, chunk_frames=cf, max_frames=max_frames, fps=fps)
         index = yield from prefill_job(s, chunks, prefix, cf, opts)
-        ctx = VideoContext(s, index, question_suffix=suffix, default_top_k=opts.top_k, default_scorer=opts.scorer)
+        ctx = VideoContext(s, index, question_suffix=suffix, **opts.question_kwargs())
         ranges = chunk_ranges(times, cf, ctx.n_chunks, frame_s) if times is not None else None
         return ctx, {"index": None, "ranges": ranges}
     finally:

@@ -379,7 +379,7 @@ class IndexStore:
         s = self.session
         if ctx is None:
             ctx = VideoContext(s, index, question_suffix=split_template(s, rec.system)[1],
-                               default_top_k=opts.top_k, default_scorer=opts.scorer)
+                               **opts.question_kwargs())
         path, _ = self._paths(rec.id)
         family = media_module(s)
         if family is None or family.SAVES_INDEX:
@@ -440,7 +440,7 @@ class IndexStore:
             s = self.session
             opts = X2LOptions.for_model(s, video=True)
             live.ctx = live.run.snapshot(question_suffix=split_template(s, rec.system)[1],
-                                         default_top_k=opts.top_k, default_scorer=opts.scorer)
+                                         **opts.question_kwargs())
         return rec, live.ctx, True
 
     def context(self, index_id: str) -> tuple[IndexRecord, VideoContext]:
@@ -469,8 +469,7 @@ class IndexStore:
         opts = X2LOptions.for_model(self.session, video=True)
         family = media_module(self.session)
         kw = {} if family is None else family.context_kwargs(self.session, rec.system)
-        return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, default_top_k=opts.top_k,
-                                 default_scorer=opts.scorer, **kw)
+        return VideoContext.load(self.session, path, system=rec.system, mmap=mmap, **opts.question_kwargs(), **kw)
 
     def _fit_budget(self) -> None:
         """Most recently used first: indexes whose L tiers fit max_host_bytes together stay resident,
