@@ -266,7 +266,7 @@ def test_settings_that_differ_only_at_question_time_share_one_prefill(tiny_llama
             return s.prefill_text(text, chunk_tokens=96, **kw)
         return shared.context(kw, prefill, X2LOptions.for_model(s, video=False, **kw))
 
-    a, base_a = ctx_for(dense_positions=True)
+    a, base_a = ctx_for(dense_positions=True, question_gap=0)
     b, base_b = ctx_for(dense_positions=True, question_gap=100)
     c, _ = ctx_for(dense_positions=True, ratio_high=8, question_gap=100)
     assert len(made) == 2 and base_a is a and base_b is a and b.index is a.index and c.index is not a.index
