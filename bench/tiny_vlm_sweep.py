@@ -45,7 +45,8 @@ def run(a, configs: dict) -> dict:
     full_session = x2l_edge.Session(path, n_threads=a.threads, n_ctx=max(4096, a.length * T.TOKENS_PER_FRAME + 512))
     q = T.QUESTIONS["word"]
     isa = isa_info()
-    res = {"bench": "tiny_vlm_sweep", "seed": a.seed, "seed_note": a.seed_note, "length": a.length, "configs": configs, "threads": a.threads,
+    res = {"bench": "tiny_vlm_sweep", "seed": a.seed, "seed_note": a.seed_note, "length": a.length, "configs": configs,
+           "threads": a.threads,
            "machine": f"{cpu_name()}, ISA {isa['build']}", "isa": isa, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
            "load_start": os.getloadavg()[0], "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
            "items": []}

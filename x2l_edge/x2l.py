@@ -53,8 +53,8 @@ class VideoContext:
         # Text the answer starts with (after the assistant header), e.g. "Best Option: (". It is part
         # of every decode but not of scoring: its tokens often name what the question asks about.
         self.answer_prefix = answer_prefix
-        self.default_top_k = default_top_k
         self.max_answer_tokens = max_answer_tokens
+        self.default_top_k = default_top_k
         self.default_scorer = default_scorer
         if default_scorer == "maxsim" and any(index.chunk_info(c)["signature_rows"] == 0 for c in range(index.n_chunks)):
             # an index saved before the row signatures (formats 3 and 4)
@@ -66,8 +66,9 @@ class VideoContext:
         self.default_selection = dict(X2LOptions().selection_kwargs(), **(default_selection or {}))
         with session._lock.op():
             # question_gap: empty positions before the question on a dense training-free index (X2LOptions)
+            lo, hi = X2LOptions._RANGES["question_gap"]
             self._dec = _core.X2LDecoder(session._s, index, max_tail_tokens=max_answer_tokens + 512,
-                                         question_gap=checks.integer("question_gap", question_gap, lo=0, hi=1 << 20))
+                                         question_gap=checks.integer("question_gap", question_gap, lo=lo, hi=hi))
         if getattr(session, "device", "cpu") != "cpu" and not self._dec.on_device:
             warnings.warn(f"x2l-edge: {self._dec.device_note}", RuntimeWarning, stacklevel=2)
 

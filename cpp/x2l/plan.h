@@ -25,10 +25,9 @@ struct MixedCachePlan {
     MixedCacheLayout layout;
     int64_t entries = 0;        // cache entries before the question: the sink and each chunk's chosen rows
 };
-// Positions left empty between a dense training-free cache and the question: the question then sits as
-// far from the cache as a token-position index would put it, which keeps several reloaded chunks from
-// crowding it (docs/x2l.md "Question gap"). Beacon indexes (trained on dense numbering) and indexes that
-// keep token positions take no gap.
+// Positions left empty between a dense training-free cache and the question, so the chunks it reloads
+// are not packed right against it (docs/x2l.md "Question gap"). Beacon indexes (trained on dense
+// numbering) and indexes that keep token positions take no gap.
 bool takes_question_gap(const VideoIndex& ix);
 // Error for a selection with duplicates or chunks out of range. question_gap: applied where
 // takes_question_gap(ix).
